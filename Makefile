@@ -1,0 +1,33 @@
+# Two entry points, each idempotent on a fresh machine:
+#   make train   set up, then train SimpleNet on Fashion-MNIST (python scripts/train.py)
+#   make test    set up, then run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Pinned to the release on this machine's disk; override for another platform.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup data train test lint bench
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[dev,jax]'
+	touch $@
+
+data:
+	@sh scripts/get_data.sh
+
+train: setup
+	$(BIN)/python scripts/train.py $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check fashion_func scripts tests
+
+bench: setup
+	$(BIN)/python scripts/bench.py $(ARGS)

@@ -1,0 +1,1 @@
+"""fashion_func: a functional, JAX-style training library on PyTorch."""
