@@ -1,0 +1,207 @@
+"""Models as pure functions over flat parameter dicts.
+
+A `Model` is data: a name, its hyperparameters, an `init(generator) -> Params` and an
+`apply(params, x, *, train=False, key=None) -> logits`. Parameter names and shapes are
+those of the equivalent `nn.Module`'s `state_dict`, so weights move between the two
+with `load_state_dict` / `state_dict()` and nothing else.
+
+Each model is also a list of named *stages* (pure `(params, x, train, key) -> x`); `apply`
+runs them in order and the trainer's summary runs them one at a time to report shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from fashion_func import nn
+
+__all__ = ["MODELS", "Model", "Params", "Stage", "get", "num_params"]
+
+Params = dict[str, Tensor]
+StageFn = Callable[[Params, Tensor, bool, "Tensor | None"], Tensor]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One named step of a model's forward pass."""
+
+    name: str
+    fn: StageFn
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model as two pure functions plus the data that describes it."""
+
+    name: str
+    hparams: dict[str, Any]
+    init_fn: Callable[..., Params] = field(repr=False)
+    stages: tuple[Stage, ...] = field(repr=False)
+    input_shape: tuple[int, ...] = (1, 28, 28)
+
+    def init(self, generator: torch.Generator, *, dtype: torch.dtype = torch.float32, device=None) -> Params:
+        """Fresh parameters, drawn from `generator` exactly as the `nn.Module` would draw them."""
+        return self.init_fn(generator, dtype=dtype, device=device)
+
+    def apply(self, params: Params, x: Tensor, *, train: bool = False, key: Tensor | None = None) -> Tensor:
+        """Logits `[B, classes]` for images `x` float `[B, 1, 28, 28]`."""
+        for stage in self.stages:
+            x = stage.fn(params, x, train, key)
+        return x
+
+    def __call__(self, params: Params, x: Tensor, *, train: bool = False, key: Tensor | None = None) -> Tensor:
+        return self.apply(params, x, train=train, key=key)
+
+
+def num_params(params: Params) -> int:
+    """Total number of scalar parameters."""
+    return sum(p.numel() for p in params.values())
+
+
+# -- small stage builders ------------------------------------------------------------
+
+
+def _conv(name: str, padding: int = 0) -> Stage:
+    return Stage(
+        name,
+        lambda p, x, train, key: nn.relu(
+            nn.conv2d(x, p[f"{name}.weight"], p[f"{name}.bias"], padding=padding)
+        ),
+    )
+
+
+def _dense(name: str, *, relu: bool) -> Stage:
+    def fn(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
+        y = nn.linear(x, p[f"{name}.weight"], p[f"{name}.bias"])
+        return nn.relu(y) if relu else y
+
+    return Stage(name, fn)
+
+
+def _pool(name: str, k: int = 2) -> Stage:
+    return Stage(name, lambda p, x, train, key: nn.max_pool(x, k))
+
+
+def _flatten(name: str = "flatten") -> Stage:
+    # [B, C, H, W] -> [B, C*H*W] in C-major order, as torch.flatten(x, 1) does
+    return Stage(name, lambda p, x, train, key: rearrange(x, "b ... -> b (...)"))
+
+
+def _dropout(name: str, rate: float, salt: int) -> Stage:
+    def fn(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
+        # each dropout layer draws from its own stream: key folded with a layer salt
+        sub = nn.fold_in(key, salt) if key is not None else None
+        return nn.dropout(x, rate, key=sub, train=train)
+
+    return Stage(name, fn)
+
+
+def _init_layers(layers: Sequence[tuple[str, str, tuple[int, ...]]]) -> Callable[..., Params]:
+    """An init drawing each layer in order, as `nn.Module.__init__` builds them."""
+
+    def init(generator: torch.Generator, *, dtype: torch.dtype = torch.float32, device=None) -> Params:
+        params: Params = {}
+        for name, kind, dims in layers:
+            if kind == "conv":
+                w, b = nn.init_conv2d(generator, *dims, dtype=dtype, device=device)
+            else:
+                w, b = nn.init_linear(generator, *dims, dtype=dtype, device=device)
+            params[f"{name}.weight"], params[f"{name}.bias"] = w, b
+        return params
+
+    return init
+
+
+# -- the models ----------------------------------------------------------------------
+
+
+def mlp(D_in: int = 784, H: int = 100, D_out: int = 10) -> Model:  # noqa: N803 - the tutorial's names
+    """The tutorial's TwoLayerNet: `linear1` (D_in->H), ReLU, `linear2` (H->D_out).
+
+    Images are flattened first, so it also takes `[B, 1, 28, 28]` with D_in=784.
+    """
+    stages = (_flatten(), _dense("linear1", relu=True), _dense("linear2", relu=False))
+    init = _init_layers([("linear1", "linear", (D_in, H)), ("linear2", "linear", (H, D_out))])
+    return Model("mlp", {"D_in": D_in, "H": H, "D_out": D_out}, init, stages, input_shape=(D_in,))
+
+
+def simplenet(num_classes: int = 10) -> Model:
+    """The reference network (DESIGN.md): 1,199,882 parameters for 10 classes.
+
+    conv1 3x3 1->32, ReLU [B,32,26,26]; conv2 3x3 32->64, ReLU [B,64,24,24];
+    max-pool 2 [B,64,12,12]; flatten [B,9216]; fc1 9216->128, ReLU; fc2 128->classes.
+    """
+    stages = (
+        _conv("conv1"),
+        _conv("conv2"),
+        _pool("pool"),
+        _flatten(),
+        _dense("fc1", relu=True),
+        _dense("fc2", relu=False),
+    )
+    init = _init_layers(
+        [
+            ("conv1", "conv", (1, 32, 3)),
+            ("conv2", "conv", (32, 64, 3)),
+            ("fc1", "linear", (9216, 128)),
+            ("fc2", "linear", (128, num_classes)),
+        ]
+    )
+    return Model("simplenet", {"num_classes": num_classes}, init, stages)
+
+
+def alexnet(num_classes: int = 10, dropout: float = 0.5) -> Model:
+    """AlexNet adapted to 28x28x1 inputs (3x3 kernels, padding 1, three 2x2 pools).
+
+    conv1 1->64, ReLU, pool [B,64,14,14]; conv2 64->192, ReLU, pool [B,192,7,7];
+    conv3 192->384, ReLU; conv4 384->256, ReLU; conv5 256->256, ReLU, pool [B,256,3,3];
+    flatten [B,2304]; dropout; fc1 2304->1024, ReLU; dropout; fc2 1024->1024, ReLU;
+    fc3 1024->classes.
+    """
+    stages = (
+        _conv("conv1", padding=1),
+        _pool("pool1"),
+        _conv("conv2", padding=1),
+        _pool("pool2"),
+        _conv("conv3", padding=1),
+        _conv("conv4", padding=1),
+        _conv("conv5", padding=1),
+        _pool("pool3"),
+        _flatten(),
+        _dropout("dropout1", dropout, salt=1),
+        _dense("fc1", relu=True),
+        _dropout("dropout2", dropout, salt=2),
+        _dense("fc2", relu=True),
+        _dense("fc3", relu=False),
+    )
+    init = _init_layers(
+        [
+            ("conv1", "conv", (1, 64, 3)),
+            ("conv2", "conv", (64, 192, 3)),
+            ("conv3", "conv", (192, 384, 3)),
+            ("conv4", "conv", (384, 256, 3)),
+            ("conv5", "conv", (256, 256, 3)),
+            ("fc1", "linear", (2304, 1024)),
+            ("fc2", "linear", (1024, 1024)),
+            ("fc3", "linear", (1024, num_classes)),
+        ]
+    )
+    return Model("alexnet", {"num_classes": num_classes, "dropout": dropout}, init, stages)
+
+
+MODELS: dict[str, Callable[..., Model]] = {"mlp": mlp, "simplenet": simplenet, "alexnet": alexnet}
+
+
+def get(name: str, **hparams: Any) -> Model:
+    """The model called `name` built with `hparams`; ValueError naming the choices otherwise."""
+    try:
+        builder = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}") from None
+    return builder(**hparams)

@@ -1,0 +1,126 @@
+"""Pure layers: functions of (inputs, parameters[, key]) with no hidden state.
+
+Initialisers take an explicit `torch.Generator` and reproduce `torch.nn`'s default
+initialisation (same distributions, same draw order), so a model initialised here
+with `Generator().manual_seed(s)` equals the `nn.Module` built after `torch.manual_seed(s)`.
+
+Randomness (dropout) is counter-based: a mask is a pure function of an integer key
+tensor, so a compiled step is deterministic given (seed, step), on any device, and
+the global RNG is never touched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "conv2d",
+    "dropout",
+    "fold_in",
+    "init_conv2d",
+    "init_linear",
+    "linear",
+    "max_pool",
+    "relu",
+    "uniform",
+]
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: Tensor) -> Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2**32).
+
+    int64 products may wrap past 2**63; masking keeps the exact low 32 bits, which is
+    all the finaliser needs, on CPU and CUDA alike.
+    """
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def fold_in(key: Tensor | int, data: Tensor | int) -> Tensor:
+    """A new key derived from `key` and an integer `data` (a step, a layer index)."""
+    key = torch.as_tensor(key, dtype=torch.int64)
+    data = torch.as_tensor(data, dtype=torch.int64, device=key.device)
+    return _mix32((key & _M32) ^ _mix32((data * 0x9E3779B1 + 0x7F4A7C15) & _M32))
+
+
+def uniform(key: Tensor, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Uniform [0, 1) draws, a pure function of `key` (0-d int64) and the element index."""
+    n = math.prod(shape)
+    idx = torch.arange(n, dtype=torch.int64, device=key.device)
+    h = _mix32(((idx * 0x9E3779B1) & _M32) ^ (key & _M32))
+    h = _mix32(h ^ ((key >> 7) & _M32))
+    # 24 random bits -> exactly representable in float32
+    return ((h >> 8).to(dtype) * (1.0 / (1 << 24))).reshape(shape)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`x @ weight.T + bias`; weight is [out, in] as in `nn.Linear`."""
+    return F.linear(x, weight, bias)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride: int = 1, padding: int = 0) -> Tensor:
+    """2-d convolution, weight OIHW as in `nn.Conv2d`."""
+    return F.conv2d(x, weight, bias, stride=stride, padding=padding)
+
+
+def max_pool(x: Tensor, kernel_size: int, stride: int | None = None) -> Tensor:
+    """Max pooling over the last two axes."""
+    return F.max_pool2d(x, kernel_size, stride)
+
+
+def relu(x: Tensor) -> Tensor:
+    """max(x, 0)."""
+    return F.relu(x)
+
+
+def dropout(x: Tensor, rate: float, *, key: Tensor | None, train: bool) -> Tensor:
+    """Inverted dropout: zero each element with probability `rate`, scale the rest.
+
+    Identity when not training or `rate == 0`; training with `rate > 0` needs a key.
+    """
+    if not train or rate == 0.0:
+        return x
+    if key is None:
+        raise ValueError("dropout in training mode needs a key")
+    keep = uniform(key, x.shape) >= rate
+    return torch.where(keep, x / (1.0 - rate), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _fan_in_uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator, dtype, device) -> Tensor:
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    t = torch.empty(shape, dtype=dtype, device=device)
+    return t.uniform_(-bound, bound, generator=generator)
+
+
+def init_linear(
+    generator: torch.Generator, in_features: int, out_features: int, *, dtype=torch.float32, device=None
+) -> tuple[Tensor, Tensor]:
+    """`nn.Linear`'s default init: kaiming_uniform(a=sqrt(5)) weight, then the bias.
+
+    kaiming_uniform with a=sqrt(5) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)); drawn on the
+    generator's device, in the order `nn.Linear.reset_parameters` draws.
+    """
+    gen_device = generator.device
+    w = _fan_in_uniform((out_features, in_features), in_features, generator, dtype, gen_device)
+    b = _fan_in_uniform((out_features,), in_features, generator, dtype, gen_device)
+    return w.to(device or gen_device), b.to(device or gen_device)
+
+
+def init_conv2d(
+    generator: torch.Generator, in_channels: int, out_channels: int, kernel_size: int, *, dtype=torch.float32, device=None
+) -> tuple[Tensor, Tensor]:
+    """`nn.Conv2d`'s default init (same rule as Linear, fan_in = in_channels * k * k)."""
+    fan_in = in_channels * kernel_size * kernel_size
+    gen_device = generator.device
+    w = _fan_in_uniform((out_channels, in_channels, kernel_size, kernel_size), fan_in, generator, dtype, gen_device)
+    b = _fan_in_uniform((out_channels,), fan_in, generator, dtype, gen_device)
+    return w.to(device or gen_device), b.to(device or gen_device)

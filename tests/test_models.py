@@ -1,0 +1,142 @@
+"""Models: same logits as the equivalent nn.Module (float64), same init, pinned sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn as tnn
+
+from fashion_func import models, nn
+
+
+class TwoLayerNet(tnn.Module):
+    def __init__(self, D_in: int, H: int, D_out: int) -> None:  # noqa: N803
+        super().__init__()
+        self.linear1 = tnn.Linear(D_in, H)
+        self.linear2 = tnn.Linear(H, D_out)
+
+    def forward(self, x):
+        return self.linear2(self.linear1(torch.flatten(x, 1)).clamp(min=0))
+
+
+class SimpleNet(tnn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = tnn.Conv2d(1, 32, 3)
+        self.conv2 = tnn.Conv2d(32, 64, 3)
+        self.fc1 = tnn.Linear(9216, 128)
+        self.fc2 = tnn.Linear(128, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.flatten(torch.max_pool2d(x, 2), 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class AlexNet(tnn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = tnn.Conv2d(1, 64, 3, padding=1)
+        self.conv2 = tnn.Conv2d(64, 192, 3, padding=1)
+        self.conv3 = tnn.Conv2d(192, 384, 3, padding=1)
+        self.conv4 = tnn.Conv2d(384, 256, 3, padding=1)
+        self.conv5 = tnn.Conv2d(256, 256, 3, padding=1)
+        self.fc1 = tnn.Linear(2304, 1024)
+        self.fc2 = tnn.Linear(1024, 1024)
+        self.fc3 = tnn.Linear(1024, 10)
+        self.drop = tnn.Dropout(0.5)
+
+    def forward(self, x):
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = torch.relu(self.conv3(x))
+        x = torch.relu(self.conv4(x))
+        x = torch.max_pool2d(torch.relu(self.conv5(x)), 2)
+        x = self.drop(torch.flatten(x, 1))
+        x = self.drop(torch.relu(self.fc1(x)))
+        return self.fc3(torch.relu(self.fc2(x)))
+
+
+CASES = [
+    ("mlp", {}, lambda: TwoLayerNet(784, 100, 10), 79_510),
+    ("simplenet", {}, SimpleNet, 1_199_882),
+    ("alexnet", {}, AlexNet, 5_670_602),
+]
+
+
+@pytest.mark.parametrize(("name", "hparams", "module_fn", "count"), CASES, ids=[c[0] for c in CASES])
+def test_logits_equal_nn_module_float64(name, hparams, module_fn, count):
+    model = models.get(name, **hparams)
+    params = model.init(torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert models.num_params(params) == count
+    module = module_fn().double().eval()
+    module.load_state_dict(params)  # same names and shapes, strict
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = module(x)
+    got = model.apply(params, x)
+    assert got.shape == (4, 10)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "hparams", "module_fn", "count"), CASES, ids=[c[0] for c in CASES])
+def test_init_draws_like_nn_module(name, hparams, module_fn, count):
+    # nn.Module draws from the global RNG; ours from an explicit generator with the same seed
+    torch.manual_seed(123)
+    module = module_fn()
+    params = models.get(name, **hparams).init(torch.Generator().manual_seed(123))
+    reference = module.state_dict()
+    assert list(params) == list(reference)
+    for k in params:
+        assert torch.equal(params[k], reference[k]), k
+
+
+def test_init_does_not_touch_global_rng():
+    before = torch.random.get_rng_state()
+    models.get("simplenet").init(torch.Generator().manual_seed(0))
+    assert torch.equal(before, torch.random.get_rng_state())
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(ValueError, match="alexnet, mlp, simplenet"):
+        models.get("resnet9000")
+
+
+def test_mlp_hparams_follow_the_tutorial():
+    model = models.get("mlp", D_in=1000, H=100, D_out=10)
+    params = model.init(torch.Generator().manual_seed(0))
+    assert params["linear1.weight"].shape == (100, 1000)
+    assert model.apply(params, torch.randn(64, 1000)).shape == (64, 10)
+
+
+def test_alexnet_dropout_is_a_pure_function_of_the_key():
+    model = models.get("alexnet")
+    params = model.init(torch.Generator().manual_seed(0))
+    x = torch.randn(3, 1, 28, 28)
+    a = model.apply(params, x, train=True, key=torch.tensor(7))
+    b = model.apply(params, x, train=True, key=torch.tensor(7))
+    c = model.apply(params, x, train=True, key=torch.tensor(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, model.apply(params, x))  # eval mode: no dropout
+    with pytest.raises(ValueError, match="needs a key"):
+        model.apply(params, x, train=True)
+
+
+def test_dropout_keeps_expected_fraction_and_scale():
+    x = torch.ones(200_000)
+    y = nn.dropout(x, 0.3, key=torch.tensor(5), train=True)
+    kept = (y != 0).double().mean().item()
+    assert abs(kept - 0.7) < 0.005
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
+
+
+def test_uniform_is_uniform_and_key_dependent():
+    u = nn.uniform(torch.tensor(11), (100_000,))
+    assert 0.0 <= u.min() and u.max() < 1.0
+    assert abs(u.mean().item() - 0.5) < 0.005
+    hist = torch.histc(u, bins=10, min=0, max=1) / u.numel()
+    assert torch.all((hist - 0.1).abs() < 0.005)
+    assert not torch.equal(u, nn.uniform(torch.tensor(12), (100_000,)))
+    assert not torch.equal(nn.fold_in(torch.tensor(1), 2), nn.fold_in(torch.tensor(2), 1))
