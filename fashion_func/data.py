@@ -1,0 +1,395 @@
+"""Fashion-MNIST: find it, parse it, keep it on the device as uint8, order batches purely.
+
+    split = load("train", device="cuda")            # Split(images uint8 [N,28,28], labels int64 [N], source)
+    for x, y in batches(split, 128, seed=0, epoch=3):
+        logits = model.apply(params, normalize(x))  # normalize runs inside the (compiled) step
+
+Where the files come from (`locate`), in this order:
+
+1. an explicit `data_dir` (`--data-dir`); if it lacks the files that is an error, never a fall-back;
+2. `$FASHION_MNIST_DIR`;
+3. `./dataset/fashion` under the current directory (also torchvision's `./dataset/fashion/FashionMNIST/raw`);
+4. `/usr/share/datasets/fashion-mnist` (Debian package `dataset-fashion-mnist`);
+5. with `download=True`, torchvision's downloader into `./dataset/fashion`.
+
+Each of the four IDX files may be plain or gzip-compressed. Files are parsed with `struct` and
+`numpy.frombuffer`; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import einops
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CLASS_NAMES",
+    "DEBIAN_DIR",
+    "DOWNLOAD_ROOT",
+    "ENV_VAR",
+    "FILES",
+    "MEAN",
+    "NUM_CLASSES",
+    "STD",
+    "TUTORIAL_MEAN",
+    "TUTORIAL_STD",
+    "DataError",
+    "Split",
+    "batch_order",
+    "batches",
+    "candidates",
+    "dataset_stats",
+    "fetch",
+    "load",
+    "locate",
+    "normalize",
+    "num_batches",
+    "read_idx",
+]
+
+CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SHAPE = (28, 28)
+
+# Pixel statistics of the 60,000 training images scaled to [0, 1] (checked by tests/test_data.py
+# against `dataset_stats` of the real files).
+MEAN = 0.2860
+STD = 0.3530
+# The tutorial normalised with transforms.Normalize((0.5,), (0.5,)).
+TUTORIAL_MEAN = 0.5
+TUTORIAL_STD = 0.5
+
+ENV_VAR = "FASHION_MNIST_DIR"
+# Module-level so tests can point them elsewhere with monkeypatch.
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+DOWNLOAD_ROOT = Path("dataset/fashion")  # relative to the current directory at call time
+TORCHVISION_SUBDIR = Path("FashionMNIST/raw")
+
+SplitName = Literal["train", "test"]
+# split -> (images file, labels file), without the optional ".gz"
+FILES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_ALL_FILES: tuple[str, ...] = (*FILES["train"], *FILES["test"])
+
+_MAGIC = {"images": 2051, "labels": 2049}  # 0x0803: ubyte, 3 dims; 0x0801: ubyte, 1 dim
+_KIND_OF_MAGIC = {v: k for k, v in _MAGIC.items()}
+
+_HOW_TO_GET = (
+    "get the data with `apt-get install dataset-fashion-mnist` (as root, on Debian), "
+    "or pass --data-dir DIR, or set FASHION_MNIST_DIR=DIR (a directory holding the four IDX files, "
+    "plain or .gz), or run once on a machine with internet access so torchvision can download it "
+    "into ./dataset/fashion"
+)
+
+
+class DataError(Exception):
+    """The data could not be found, read or trusted. The message is one line naming the file or places."""
+
+
+class Split(NamedTuple):
+    """One split, resident on a device."""
+
+    images: Tensor  # uint8 [N, 28, 28]
+    labels: Tensor  # int64 [N], values in 0..9
+    source: str  # where the files came from, for logs
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating the files
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _find(directory: Path, name: str) -> Path | None:
+    """`directory/name` or `directory/name.gz`; the plain file wins (no decompression needed)."""
+    for candidate in (directory / name, directory / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _missing(directory: Path) -> list[str]:
+    return [name for name in _ALL_FILES if _find(directory, name) is None]
+
+
+def candidates(data_dir: str | os.PathLike[str] | None = None) -> list[tuple[Path, str]]:
+    """The directories `locate` tries, in order, as (path, description) pairs.
+
+    With `data_dir` given only that directory (and torchvision's layout under it) is listed:
+    an explicit choice is never silently replaced by another place.
+    """
+    if data_dir is not None:
+        base = Path(data_dir).expanduser()
+        return [(base, "--data-dir"), (base / TORCHVISION_SUBDIR, "--data-dir, torchvision layout")]
+    found: list[tuple[Path, str]] = []
+    env = os.environ.get(ENV_VAR, "")
+    if env:
+        found.append((Path(env).expanduser(), f"${ENV_VAR}"))
+    local = Path.cwd() / DOWNLOAD_ROOT
+    found.append((local, "./dataset/fashion"))
+    found.append((local / TORCHVISION_SUBDIR, "./dataset/fashion, torchvision layout"))
+    found.append((Path(DEBIAN_DIR), "Debian package dataset-fashion-mnist"))
+    return found
+
+
+def fetch(root: Path) -> None:
+    """Download Fashion-MNIST with torchvision into `root/FashionMNIST/raw` (network needed).
+
+    Module-level so tests replace it and never touch the network.
+    """
+    from torchvision.datasets import FashionMNIST  # imported here: only the download needs it
+
+    # train=False: after downloading all four files torchvision parses one split; take the small one.
+    FashionMNIST(root=str(root), train=False, download=True)
+
+
+def locate(data_dir: str | os.PathLike[str] | None = None, *, download: bool = True) -> tuple[Path, str]:
+    """The directory holding the four Fashion-MNIST files, and a description of where it came from.
+
+    Raises DataError (one line) when an explicit `data_dir` lacks the files, or when no place has
+    them and downloading is disabled or fails; the message lists the places searched and how to
+    get the data.
+    """
+    places = candidates(data_dir)
+    for path, description in places:
+        if not _missing(path):
+            return path, f"{path} ({description})"
+    if data_dir is not None:
+        base = places[0][0]
+        if not base.is_dir():
+            raise DataError(f"--data-dir {base} does not exist or is not a directory; {_HOW_TO_GET}")
+        missing = ", ".join(f"{name}[.gz]" for name in _missing(base))
+        raise DataError(f"--data-dir {base} lacks {missing}; {_HOW_TO_GET}")
+
+    searched = "; ".join(f"{path} ({description})" for path, description in places)
+    if not download:
+        raise DataError(
+            f"Fashion-MNIST not found (searched {searched}) and download is disabled; {_HOW_TO_GET}"
+        )
+    root = Path.cwd() / DOWNLOAD_ROOT
+    try:
+        fetch(root)
+    except Exception as e:  # urllib/socket/torchvision errors: a missing network has many faces
+        reason = _one_line(f"{type(e).__name__}: {e}")[:300]
+        raise DataError(
+            f"Fashion-MNIST not found (searched {searched}) and the download into {root} failed ({reason}); "
+            f"{_HOW_TO_GET}"
+        ) from e
+    raw = root / TORCHVISION_SUBDIR
+    if _missing(raw):
+        missing = ", ".join(_missing(raw))
+        raise DataError(f"download into {root} finished but {raw} lacks {missing}; {_HOW_TO_GET}")
+    return raw, f"{raw} (downloaded by torchvision)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"file {path} is not a valid gzip file or is truncated ({_one_line(e)})") from e
+    except OSError as e:
+        raise DataError(f"file {path} cannot be read ({_one_line(e)})") from e
+
+
+def read_idx(path: str | os.PathLike[str], expect: Literal["images", "labels"] | None = None) -> Tensor:
+    """The uint8 tensor stored in an IDX file (plain or .gz): [N, 28, 28] images or [N] labels.
+
+    Checks the magic number (2051 images, 2049 labels; `expect` pins which), the dimensions, and
+    that the file is exactly as long as its header says. Raises DataError naming the file.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 8:
+        raise DataError(f"file {path} is truncated: expected at least 8 header bytes, got {len(data)}")
+    (magic,) = struct.unpack_from(">I", data, 0)
+    kind = _KIND_OF_MAGIC.get(magic)
+    if kind is None:
+        raise DataError(
+            f"file {path} is not a Fashion-MNIST IDX file: magic number {magic}, expected 2051 (images) "
+            f"or 2049 (labels)"
+        )
+    if expect is not None and kind != expect:
+        raise DataError(
+            f"file {path} holds {kind} (magic {magic}), expected {expect} (magic {_MAGIC[expect]})"
+        )
+    ndim = magic & 0xFF  # the low byte of the magic number is the number of dimensions
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"file {path} is truncated: expected at least {header} header bytes, got {len(data)}")
+    dims = struct.unpack_from(f">{ndim}I", data, 4)
+    if kind == "images" and tuple(dims[1:]) != IMAGE_SHAPE:
+        raise DataError(f"file {path} holds images of shape {tuple(dims[1:])}, expected {IMAGE_SHAPE}")
+    count = int(np.prod(dims, dtype=np.int64))
+    expected = header + count
+    if len(data) < expected:
+        raise DataError(f"file {path} is truncated: expected {expected} bytes, got {len(data)}")
+    if len(data) > expected:
+        raise DataError(f"file {path} is too long: expected {expected} bytes, got {len(data)}")
+    array = np.frombuffer(data, dtype=np.uint8, count=count, offset=header).reshape(dims)
+    # frombuffer over immutable bytes is read-only; the copy gives torch memory it owns.
+    return torch.from_numpy(array.copy())
+
+
+def load(
+    split: SplitName,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    limit: int | None = None,
+    download: bool = True,
+) -> Split:
+    """One split as uint8 images [N,28,28] and int64 labels [N] on `device` (the first `limit` examples).
+
+    Raises DataError when the files are missing or inconsistent (image/label counts differ, a label
+    outside 0..9) or when `limit` exceeds the examples available.
+    """
+    if split not in FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    directory, source = locate(data_dir, download=download)
+    images_name, labels_name = FILES[split]
+    images_path, labels_path = _find(directory, images_name), _find(directory, labels_name)
+    if images_path is None or labels_path is None:  # removed between locate and now
+        raise DataError(f"{directory} lacks {images_name}[.gz] or {labels_name}[.gz]")
+    images = read_idx(images_path, "images")
+    labels = read_idx(labels_path, "labels")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"file {images_path} holds {images.shape[0]} images but file {labels_path} holds "
+            f"{labels.shape[0]} labels"
+        )
+    if labels.numel() and int(labels.max()) >= NUM_CLASSES:
+        bad = int(torch.nonzero(labels >= NUM_CLASSES)[0, 0])
+        raise DataError(
+            f"file {labels_path} holds label {int(labels[bad])} at index {bad}; "
+            f"labels must be in 0..{NUM_CLASSES - 1}"
+        )
+    if limit is not None:
+        if limit > images.shape[0]:
+            raise DataError(
+                f"limit {limit} exceeds the {images.shape[0]} examples of the {split} split ({source})"
+            )
+        # clone so the slice does not keep the whole split's memory alive
+        images, labels = images[:limit].clone(), labels[:limit].clone()
+    return Split(images.to(device), labels.to(torch.int64).to(device), source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching and normalisation
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    # SplitMix64's finaliser: a bijection on 64-bit ints that scatters nearby inputs far apart.
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _order_seed(seed: int, epoch: int) -> int:
+    """The generator seed for (seed, epoch): splitmix64(splitmix64(seed) ^ epoch), both taken mod 2**64.
+
+    Mixing through a bijective hash (rather than, say, seed + epoch) keeps (seed=1, epoch=0) and
+    (seed=0, epoch=1) apart, and gives unrelated orders for consecutive epochs.
+    """
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (epoch & _MASK64))
+
+
+def batch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """A permutation of range(n) (int64, on the CPU) that is a pure function of (n, seed, epoch).
+
+    Drawn with a local torch.Generator seeded by `_order_seed(seed, epoch)`; the global RNG is
+    neither read nor advanced, so resuming at `epoch` reproduces the order exactly.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(_order_seed(int(seed), int(epoch)))
+    return torch.randperm(n, generator=generator, dtype=torch.int64)
+
+
+def num_batches(n: int, batch_size: int, *, drop_last: bool = False) -> int:
+    """How many batches `batches` yields for n examples."""
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def batches(
+    split: Split,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    drop_last: bool = False,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(uint8 images [B,28,28], int64 labels [B]) batches on the split's device, in `batch_order`.
+
+    With drop_last=False the final batch may be smaller (a compiled step sees one more shape).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = split.images.shape[0]
+    device = split.images.device
+    order = batch_order(n, seed, epoch) if shuffle else torch.arange(n, dtype=torch.int64)
+    order = order.to(device)  # one transfer per epoch; each batch is an on-device gather
+    for b in range(num_batches(n, batch_size, drop_last=drop_last)):
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        yield split.images[idx], split.labels[idx]
+
+
+def normalize(
+    images: Tensor, mean: float = MEAN, std: float = STD, *, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """uint8 images [B,28,28] -> `dtype` [B,1,28,28] with values (x/255 - mean)/std.
+
+    Pure tensor ops, so it runs inside a compiled step on the device.
+    """
+    x = einops.rearrange(images, "b h w -> b 1 h w")  # add the single channel axis conv layers expect
+    return (x.to(dtype) / 255.0 - mean) / std
+
+
+def dataset_stats(images: Tensor) -> tuple[float, float]:
+    """(mean, std) of uint8 images scaled to [0, 1], over all pixels (population std).
+
+    Exact and cheap: computed from the 256-bin histogram in float64, never a float copy of the data.
+    """
+    counts = torch.bincount(images.reshape(-1).cpu(), minlength=256).to(torch.float64)
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    total = counts.sum()
+    mean = (counts * values).sum() / total
+    var = (counts * (values - mean) ** 2).sum() / total
+    return float(mean), float(var.sqrt())
