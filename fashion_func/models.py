@@ -55,7 +55,9 @@ class Model:
             x = stage.fn(params, x, train, key)
         return x
 
-    def __call__(self, params: Params, x: Tensor, *, train: bool = False, key: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, params: Params, x: Tensor, *, train: bool = False, key: Tensor | None = None
+    ) -> Tensor:
         return self.apply(params, x, train=train, key=key)
 
 
@@ -121,7 +123,7 @@ def _init_layers(layers: Sequence[tuple[str, str, tuple[int, ...]]]) -> Callable
 # -- the models ----------------------------------------------------------------------
 
 
-def mlp(D_in: int = 784, H: int = 100, D_out: int = 10) -> Model:  # noqa: N803 - the tutorial's names
+def mlp(D_in: int = 784, H: int = 100, D_out: int = 10) -> Model:
     """The tutorial's TwoLayerNet: `linear1` (D_in->H), ReLU, `linear2` (H->D_out).
 
     Images are flattened first, so it also takes `[B, 1, 28, 28]` with D_in=784.

@@ -52,7 +52,9 @@ def fold_in(key: Tensor | int, data: Tensor | int) -> Tensor:
     return _mix32((key & _M32) ^ _mix32((data * 0x9E3779B1 + 0x7F4A7C15) & _M32))
 
 
-def uniform(key: Tensor, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32) -> Tensor:
+def uniform(
+    key: Tensor, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Uniform [0, 1) draws, a pure function of `key` (0-d int64) and the element index."""
     n = math.prod(shape)
     idx = torch.arange(n, dtype=torch.int64, device=key.device)
@@ -67,7 +69,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride: int = 1, padding: int = 0) -> Tensor:
+def conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride: int = 1, padding: int = 0
+) -> Tensor:
     """2-d convolution, weight OIHW as in `nn.Conv2d`."""
     return F.conv2d(x, weight, bias, stride=stride, padding=padding)
 
@@ -116,11 +120,19 @@ def init_linear(
 
 
 def init_conv2d(
-    generator: torch.Generator, in_channels: int, out_channels: int, kernel_size: int, *, dtype=torch.float32, device=None
+    generator: torch.Generator,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    dtype=torch.float32,
+    device=None,
 ) -> tuple[Tensor, Tensor]:
     """`nn.Conv2d`'s default init (same rule as Linear, fan_in = in_channels * k * k)."""
     fan_in = in_channels * kernel_size * kernel_size
     gen_device = generator.device
-    w = _fan_in_uniform((out_channels, in_channels, kernel_size, kernel_size), fan_in, generator, dtype, gen_device)
+    w = _fan_in_uniform(
+        (out_channels, in_channels, kernel_size, kernel_size), fan_in, generator, dtype, gen_device
+    )
     b = _fan_in_uniform((out_channels,), fan_in, generator, dtype, gen_device)
     return w.to(device or gen_device), b.to(device or gen_device)

@@ -10,7 +10,7 @@ from fashion_func import models, nn
 
 
 class TwoLayerNet(tnn.Module):
-    def __init__(self, D_in: int, H: int, D_out: int) -> None:  # noqa: N803
+    def __init__(self, D_in: int, H: int, D_out: int) -> None:
         super().__init__()
         self.linear1 = tnn.Linear(D_in, H)
         self.linear2 = tnn.Linear(H, D_out)

@@ -1,0 +1,141 @@
+"""Command-line front ends: argument parsing, validation and exit codes.
+
+Exit codes: 0 success; 2 usage or input error (bad flag, bad config, missing data,
+bad checkpoint); 130 / 143 interrupted by SIGINT / SIGTERM after saving.
+User mistakes print one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from fashion_func.config import (
+    DEVICES,
+    MODELS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    Config,
+    ConfigError,
+    load_file,
+)
+
+__all__ = ["UsageError", "build_train_parser", "main_train", "parse_train_args"]
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A mistake in how the program was called (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line and raises instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    """The parser of `scripts/train.py`; every option defaults to 'not given'."""
+    p = _Parser(
+        prog="train.py",
+        description="Train a model on Fashion-MNIST with fashion_func.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", help="JSON or TOML file of settings; flags override it")
+    p.add_argument("--model", help=f"one of {', '.join(MODELS)} (default simplenet)")
+    p.add_argument("--epochs", type=_int, help="total epochs (a resumed run trains what remains; default 4)")
+    p.add_argument("--batch-size", type=_int, help="default 128")
+    p.add_argument("--lr", type=_float, help="learning rate (default 1e-3)")
+    p.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default adam)")
+    p.add_argument("--weight-decay", type=_float, help="L2 for adam/sgd, decoupled for adamw (default 0)")
+    p.add_argument("--momentum", type=_float, help="sgd momentum (default 0.9)")
+    p.add_argument("--clip-norm", type=_float, help="clip gradients to this global norm")
+    p.add_argument("--label-smoothing", type=_float, help="cross-entropy label smoothing (default 0)")
+    p.add_argument("--seed", type=_int, help="seed for init, batch order and dropout (default 0)")
+    p.add_argument("--data-dir", help="folder holding the four Fashion-MNIST IDX files (.gz or raw)")
+    p.add_argument("--out", help="run directory (default output/<model>)")
+    p.add_argument("--device", help=f"one of {', '.join(DEVICES)} (default auto: CUDA if present)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="run the step eagerly")
+    p.add_argument("--precision", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
+    p.add_argument("--normalize", help="dataset (mean/std of the train set, default) or tutorial (0.5/0.5)")
+    p.add_argument("--limit-train", type=_int, help="use the first N training examples")
+    p.add_argument("--limit-val", type=_int, help="use the first N validation (test-set) examples")
+    p.add_argument("--eval-batch-size", type=_int, help="default 1000")
+    p.add_argument("--monitor", help="metric for best checkpoint / early stopping (default val_loss)")
+    p.add_argument("--mode", help="min or max: whether the monitored metric should fall or rise")
+    p.add_argument("--patience", type=_int, help="early-stopping patience in epochs (default: off)")
+    p.add_argument("--min-delta", type=_float, help="smallest change that counts as improvement")
+    p.add_argument("--save-best-only", type=_bool, metavar="{true,false}", help="keep only the best epoch")
+    p.add_argument("--topk", type=_int, help="keep the k best epoch checkpoints (-1: all; default 1)")
+    p.add_argument("--every-n-epochs", type=_int, help="epoch checkpoint interval (default 1)")
+    p.add_argument("--lr-schedule", help=f"one of {', '.join(SCHEDULES)} (default constant)")
+    p.add_argument(
+        "--lr-step-size", type=_int, help="StepLR: epochs between decays (sets --lr-schedule step)"
+    )
+    p.add_argument("--lr-gamma", type=_float, help="StepLR / plateau decay factor (default 0.1)")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip TensorBoard")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--resume", metavar="PATH|auto", help="continue from a last.safetensors (auto: <out>'s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    return p
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+RUN_FLAGS = ("config", "resume", "overwrite")
+
+
+def parse_train_args(argv: Sequence[str] | None = None) -> tuple[Config, dict[str, Any]]:
+    """(Config from defaults < config file < flags, run-control options {resume, overwrite})."""
+    args = vars(build_train_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    if "config" in args:
+        values.update(load_file(args["config"]))
+    flags = {k: v for k, v in args.items() if k not in RUN_FLAGS}
+    if "lr_step_size" in flags and "lr_schedule" not in flags:
+        flags["lr_schedule"] = "step"  # giving a step size means asking for StepLR
+    values.update(flags)
+    run = {"resume": args.get("resume"), "overwrite": args.get("overwrite", False)}
+    return Config.from_dict(values), run
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"train.py: error: {message}", file=sys.stderr)
+    return code
+
+
+def main_train(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `scripts/train.py`; returns the process exit code."""
+    try:
+        config, run = parse_train_args(argv)
+    except (UsageError, ConfigError) as exc:
+        return _fail(str(exc))
+    from fashion_func import loop  # heavy imports only once the arguments are known good
+
+    return loop.main(config, resume=run["resume"], overwrite=run["overwrite"])

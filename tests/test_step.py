@@ -1,0 +1,152 @@
+"""The pure train/eval steps: compiled == eager, inputs untouched, no recompiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+import torch._dynamo.testing
+
+from fashion_func import data, models, optim, step, tree
+from fashion_func import state as state_lib
+
+
+def _batch(seed: int, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g), torch.randint(
+        0, 10, (n,), generator=g
+    )
+
+
+def _fresh(model_name: str = "mlp", tx=None):
+    model = models.get(model_name)
+    tx = tx or optim.adam(1e-3)
+    st = state_lib.create(model.init(torch.Generator().manual_seed(0)), tx, seed=3)
+    return model, tx, st
+
+
+def _clone(t):
+    return tree.map(lambda x: x.clone(), t)
+
+
+def _assert_tree_equal(a, b) -> None:
+    fa, fb = tree.flatten_with_paths(a), tree.flatten_with_paths(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert torch.equal(fa[k], fb[k]), k
+
+
+def test_normalisation_constants_match_the_data_module():
+    assert (step.MEAN, step.STD) == (data.MEAN, data.STD)
+    images = _batch(0)[0]
+    torch.testing.assert_close(step.normalize_images(images), data.normalize(images))
+
+
+def test_input_state_is_unchanged_and_a_new_state_is_returned():
+    model, tx, st = _fresh()
+    before = _clone(st)
+    train_step = step.make_train_step(model, None, tx, compile=False)
+    new, metrics = train_step(st, _batch(1))
+    _assert_tree_equal(st, before)
+    assert int(new.step) == 1 and int(st.step) == 0
+    assert not torch.equal(new.params["linear1.weight"], st.params["linear1.weight"])
+    assert set(metrics) == {"loss_sum", "correct", "count"}
+    assert int(metrics["count"]) == 32
+
+
+def test_step_equals_a_plain_module_and_torch_optim_step():
+    model, tx, st = _fresh("simplenet")
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(9216, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 10),
+    )
+    names = dict(zip(["0", "2", "6", "8"], ["conv1", "conv2", "fc1", "fc2"], strict=True))
+    module.load_state_dict(
+        {
+            f"{i}.{k.split('.')[1]}": v
+            for i, n in names.items()
+            for k, v in st.params.items()
+            if k.startswith(n + ".")
+        }
+    )
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+    train_step = step.make_train_step(model, None, tx, compile=False)
+    for i in range(3):
+        images, labels = _batch(10 + i)
+        st, metrics = train_step(st, (images, labels))
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(module(data.normalize(images)), labels)
+        loss.backward()
+        opt.step()
+        torch.testing.assert_close(metrics["loss_sum"] / 32, loss.detach(), rtol=1e-5, atol=1e-6)
+    # fp32 Adam amplifies rounding where gradients are near zero (m / sqrt(v)); 1e-4 is a tenth of one update
+    torch.testing.assert_close(st.params["fc1.weight"], module[6].weight.detach(), rtol=0, atol=1e-4)
+
+
+def test_compiled_equals_eager_over_five_steps():
+    # alexnet has dropout, so the key stream must agree too. SGD, not Adam: Adam's
+    # m / sqrt(v) turns 1e-6 rounding differences in near-zero gradients into whole updates.
+    model, tx, st = _fresh("alexnet", optim.sgd(0.01, momentum=0.9))
+    eager = step.make_train_step(model, None, tx, compile=False)
+    compiled = step.make_train_step(model, None, tx, compile=True)
+    a = b = st
+    for i in range(5):
+        batch = _batch(20 + i, n=16)
+        a, ma = eager(a, batch)
+        b, mb = compiled(b, batch)
+        torch.testing.assert_close(ma["loss_sum"], mb["loss_sum"], rtol=1e-4, atol=1e-5)
+        assert int(ma["correct"]) == int(mb["correct"])
+    for k in a.params:
+        torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-4, atol=1e-5)
+    assert int(a.step) == int(b.step) == 5
+
+
+def test_changing_the_learning_rate_does_not_recompile():
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    model, tx, st = _fresh()
+    train_step = step.make_train_step(model, None, tx, compile=False)
+    compiled_core = torch.compile(lambda s, b: train_step(s, b), backend=counter)
+    batch = _batch(5)
+    st, _ = compiled_core(st, batch)
+    frames = counter.frame_count
+    assert frames >= 1
+    for lr in (1e-2, 3e-4, 5e-5):
+        st = st.replace(opt_state=optim.set_hyperparam(st.opt_state, "lr", lr))
+        st, _ = compiled_core(st, batch)
+    assert counter.frame_count == frames
+    assert float(optim.get_hyperparam(st.opt_state, "lr")) == pytest.approx(5e-5)
+
+
+def test_eval_step_gives_per_example_metrics():
+    model, _, st = _fresh()
+    images, labels = _batch(7, n=40)
+    out = step.make_eval_step(model, compile=False, topk=3)(st.params, (images, labels))
+    logits = model.apply(st.params, data.normalize(images))
+    torch.testing.assert_close(
+        out["loss"], torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    )
+    assert torch.equal(out["correct"], logits.argmax(-1) == labels)
+    top3 = logits.topk(3, -1).indices
+    assert torch.equal(out["topk_correct"], (top3 == labels[:, None]).any(-1))
+    assert out["loss"].shape == out["correct"].shape == (40,)
+
+
+def test_bf16_precision_runs_and_tracks_fp32():
+    model, tx, st = _fresh("simplenet")
+    fp32 = step.make_train_step(model, None, tx, compile=False)
+    bf16 = step.make_train_step(model, None, tx, compile=False, precision="bf16")
+    batch = _batch(9)
+    _, ma = fp32(st, batch)
+    b, mb = bf16(st, batch)
+    assert b.params["fc1.weight"].dtype == torch.float32  # master weights stay fp32
+    torch.testing.assert_close(ma["loss_sum"], mb["loss_sum"], rtol=2e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="unknown precision"):
+        step.make_train_step(model, None, tx, precision="fp8")
