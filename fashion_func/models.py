@@ -69,13 +69,22 @@ def num_params(params: Params) -> int:
 # -- small stage builders ------------------------------------------------------------
 
 
-def _conv(name: str, padding: int = 0) -> Stage:
-    return Stage(
-        name,
-        lambda p, x, train, key: nn.relu(
-            nn.conv2d(x, p[f"{name}.weight"], p[f"{name}.bias"], padding=padding)
-        ),
-    )
+def _conv(name: str, padding: int = 0, *, relu: bool = True) -> Stage:
+    def fn(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
+        y = nn.conv2d(x, p[f"{name}.weight"], p[f"{name}.bias"], padding=padding)
+        return nn.relu(y) if relu else y
+
+    return Stage(name, fn)
+
+
+def _relu(name: str) -> Stage:
+    return Stage(name, lambda p, x, train, key: nn.relu(x))
+
+
+def _conv_pool_relu(name: str, pool: str, padding: int = 0) -> tuple[Stage, ...]:
+    # relu(max_pool(x)) == max_pool(relu(x)) exactly (both are monotone), so pool first:
+    # the ReLU and its backward then touch a 4x smaller tensor.
+    return (_conv(name, padding, relu=False), _pool(pool), _relu(f"{name}.relu"))
 
 
 def _dense(name: str, *, relu: bool) -> Stage:
@@ -136,13 +145,13 @@ def mlp(D_in: int = 784, H: int = 100, D_out: int = 10) -> Model:
 def simplenet(num_classes: int = 10) -> Model:
     """The reference network (DESIGN.md): 1,199,882 parameters for 10 classes.
 
-    conv1 3x3 1->32, ReLU [B,32,26,26]; conv2 3x3 32->64, ReLU [B,64,24,24];
-    max-pool 2 [B,64,12,12]; flatten [B,9216]; fc1 9216->128, ReLU; fc2 128->classes.
+    conv1 3x3 1->32, ReLU [B,32,26,26]; conv2 3x3 32->64 [B,64,24,24]; max-pool 2,
+    ReLU [B,64,12,12] (pool and ReLU commute; this order is cheaper); flatten [B,9216];
+    fc1 9216->128, ReLU; fc2 128->classes.
     """
     stages = (
         _conv("conv1"),
-        _conv("conv2"),
-        _pool("pool"),
+        *_conv_pool_relu("conv2", "pool"),
         _flatten(),
         _dense("fc1", relu=True),
         _dense("fc2", relu=False),
@@ -167,14 +176,11 @@ def alexnet(num_classes: int = 10, dropout: float = 0.5) -> Model:
     fc3 1024->classes.
     """
     stages = (
-        _conv("conv1", padding=1),
-        _pool("pool1"),
-        _conv("conv2", padding=1),
-        _pool("pool2"),
+        *_conv_pool_relu("conv1", "pool1", padding=1),
+        *_conv_pool_relu("conv2", "pool2", padding=1),
         _conv("conv3", padding=1),
         _conv("conv4", padding=1),
-        _conv("conv5", padding=1),
-        _pool("pool3"),
+        *_conv_pool_relu("conv5", "pool3", padding=1),
         _flatten(),
         _dropout("dropout1", dropout, salt=1),
         _dense("fc1", relu=True),
