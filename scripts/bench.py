@@ -1,0 +1,345 @@
+#!/usr/bin/env python
+"""Benchmark: the reference SimpleNet trained four ways, on one device, in one call.
+
+    python scripts/bench.py [--device cpu|cuda] [--epochs 3] [--limit-train N] [--json]
+                            [--rows fashion_func,tutorial,eager,flax] [--precisions fp32,bf16]
+
+Rows (batch 128, Adam lr 1e-3, same data):
+  fashion_func  our training path exactly as scripts/train.py runs it (`loop.fit`)
+  tutorial      torchvision FashionMNIST + ToTensor/Normalize + DataLoader(shuffle) + nn.Module + torch.optim.Adam
+  eager         nn.Module + torch.optim.Adam on device-resident data
+  flax          Flax + Optax, jitted step in a Python loop (skipped when jax/flax/optax do not import)
+
+Each row runs in its own subprocess (clean peak memory, no shared thread pools). The
+first epoch is the warm-up (it absorbs compilation); seconds per epoch is the median of
+the rest. Prints a table with the ratio of each row's epoch time to the tutorial's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ROWS = ("fashion_func", "tutorial", "eager", "flax")
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_mb(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _torch_net():
+    import torch.nn as nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+
+
+def _numpy_data(args):
+    from fashion_func import data
+
+    train = data.load("train", args.data_dir, limit=args.limit_train)
+    test = data.load("test", args.data_dir)
+    return train.images.numpy(), train.labels.numpy(), test.images.numpy(), test.labels.numpy()
+
+
+def row_fashion_func(args) -> dict:
+    import torch
+
+    from fashion_func import data, loop
+    from fashion_func.config import Config
+    from fashion_func.step import make_eval_step
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Config(
+            model="simplenet", epochs=args.epochs, batch_size=128, lr=1e-3, seed=0, device=args.device,
+            precision=args.precision, compile=args.compile, data_dir=args.data_dir, limit_train=args.limit_train,
+            tensorboard=False, progress=False, out=str(Path(tmp) / "run"),
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = loop.fit(cfg)
+        total = time.perf_counter() - t0
+        times = [r["epoch_time_s"] for r in result.history]
+        # evaluation of the 10,000 test images with per-example metrics, after warm-up
+        test = data.load("test", args.data_dir, device=args.device)
+        ev = make_eval_step(loop.models.get("simplenet"), compile=cfg.compile, precision=cfg.precision)
+        loop.evaluate(ev, result.state.params, test, cfg.eval_batch_size)
+        _sync(args.device)
+        t = time.perf_counter()
+        loop.evaluate(ev, result.state.params, test, cfg.eval_batch_size)
+        _sync(args.device)
+        eval_s = time.perf_counter() - t
+        del torch
+    return {"times": times, "acc": result.history[-1]["val_acc"], "eval_s": eval_s, "total_s": total}
+
+
+def row_tutorial(args) -> dict:
+    import torch
+    import torchvision
+    from torchvision import transforms
+
+    from fashion_func import data
+
+    src, _ = data.locate(args.data_dir)
+    root = Path(tempfile.mkdtemp(prefix="fmroot"))
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            name = f"{split}-{kind}-ubyte"
+            if (src / name).exists():
+                shutil.copy(src / name, raw / name)
+            else:
+                with gzip.open(src / f"{name}.gz") as f:
+                    (raw / name).write_bytes(f.read())
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    tr = torchvision.datasets.FashionMNIST(str(root), train=True, download=False, transform=tf)
+    te = torchvision.datasets.FashionMNIST(str(root), train=False, download=False, transform=tf)
+    if args.limit_train:
+        tr = torch.utils.data.Subset(tr, range(args.limit_train))
+    tl = torch.utils.data.DataLoader(tr, batch_size=128, shuffle=True)
+    vl = torch.utils.data.DataLoader(te, batch_size=1000, shuffle=False)
+    torch.manual_seed(0)
+    dev = args.device
+    model = _torch_net().to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    times = []
+    for _ in range(args.epochs):
+        _sync(dev)
+        t = time.perf_counter()
+        model.train()
+        for x, y in tl:
+            x, y = x.to(dev), y.to(dev)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    model.eval()
+    correct = n = 0
+    with torch.no_grad():
+        for x, y in vl:
+            correct += (model(x.to(dev)).argmax(1).cpu() == y).sum().item()
+            n += len(y)
+    shutil.rmtree(root, ignore_errors=True)
+    return {"times": times, "acc": correct / n}
+
+
+def row_eager(args) -> dict:
+    import torch
+
+    xtr, ytr, xte, yte = _numpy_data(args)
+    dev = args.device
+    X, Y = torch.from_numpy(xtr).to(dev), torch.from_numpy(ytr).to(dev)
+    torch.manual_seed(0)
+    model = _torch_net().to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def prep(xb):
+        return ((xb.float() / 255 - 0.2860) / 0.3530).unsqueeze(1)
+
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(args.epochs):
+        perm = torch.randperm(len(X), generator=g).to(dev)
+        _sync(dev)
+        t = time.perf_counter()
+        for i in range(0, len(X), 128):
+            idx = perm[i : i + 128]
+            loss = torch.nn.functional.cross_entropy(model(prep(X[idx])), Y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    with torch.no_grad():
+        pred = torch.cat([model(prep(torch.from_numpy(xte[i : i + 1000]).to(dev))).argmax(1).cpu()
+                          for i in range(0, len(xte), 1000)])  # fmt: skip
+    return {"times": times, "acc": float((pred.numpy() == yte).mean())}
+
+
+def row_flax(args) -> dict:
+    try:
+        import flax.linen as nn
+        import jax
+        import jax.numpy as jnp
+        import optax
+    except ImportError as exc:
+        return {"skipped": f"jax/flax/optax not importable ({exc.name})"}
+    import numpy as np
+
+    xtr, ytr, xte, yte = _numpy_data(args)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x))
+            x = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x))
+            x = nn.max_pool(x, (2, 2), (2, 2))
+            x = x.reshape(x.shape[0], -1)
+            x = nn.relu(nn.Dense(128)(x))
+            return nn.Dense(10)(x)
+
+    net = Net()
+    key = jax.random.PRNGKey(0)
+    params = net.init(key, jnp.zeros((1, 28, 28, 1)))
+    tx = optax.adam(1e-3)
+    opt = tx.init(params)
+    X, Y = jnp.asarray(xtr), jnp.asarray(ytr.astype(np.int32))
+
+    def prep(xb):
+        return ((xb.astype(jnp.float32) / 255.0 - 0.2860) / 0.3530)[..., None]
+
+    def loss_fn(p, xb, yb):
+        return optax.softmax_cross_entropy_with_integer_labels(net.apply(p, prep(xb)), yb).mean()
+
+    @jax.jit
+    def step(p, o, xb, yb):
+        loss, g = jax.value_and_grad(loss_fn)(p, xb, yb)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(args.epochs):
+        perm = rng.permutation(len(xtr))
+        t = time.perf_counter()
+        for i in range(0, len(xtr), 128):
+            idx = perm[i : i + 128]
+            params, opt, loss = step(params, opt, X[idx], Y[idx])
+        loss.block_until_ready()
+        times.append(time.perf_counter() - t)
+    logits = jax.jit(lambda p, x: net.apply(p, prep(x)))(params, jnp.asarray(xte))
+    return {"times": times, "acc": float((np.asarray(logits).argmax(1) == yte).mean())}
+
+
+def run_row(args) -> dict:
+    """Runs in the child process: one row, one JSON line on stdout."""
+    fn = {"fashion_func": row_fashion_func, "tutorial": row_tutorial, "eager": row_eager, "flax": row_flax}
+    result = fn[args.row](args)
+    if "times" in result:
+        result["peak_mb"] = _peak_mb(args.device)
+    return result
+
+
+def _child_cmd(args, row: str, precision: str) -> list[str]:
+    cmd = [sys.executable, __file__, "--row", row, "--device", args.device, "--epochs", str(args.epochs),
+           "--precision", precision]  # fmt: skip
+    if args.limit_train:
+        cmd += ["--limit-train", str(args.limit_train)]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    cmd += ["--compile" if args.compile else "--no-compile"] if args.compile is not None else []
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per row; the first is warm-up (>= 3)")
+    ap.add_argument("--limit-train", type=int, default=None, help="train on the first N examples")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
+    ap.add_argument("--precisions", default="fp32", help="fashion_func precisions to time, e.g. fp32,bf16")
+    ap.add_argument("--compile", dest="compile", action="store_true", default=None)
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    ap.add_argument("--row", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.epochs < 3:
+        ap.error("--epochs must be at least 3 (one warm-up, two timed)")
+    if args.row:
+        print(json.dumps(run_row(args)), flush=True)
+        return 0
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        ap.error(f"unknown rows: {', '.join(sorted(unknown))}")
+    jobs = [(r, p) for r in rows for p in (args.precisions.split(",") if r == "fashion_func" else ["fp32"])]
+    results = []
+    for row, precision in jobs:
+        name = row if row != "fashion_func" else f"fashion_func ({precision})"
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        env = dict(os.environ, JAX_PLATFORMS="cuda" if args.device == "cuda" else "cpu")
+        proc = subprocess.run(_child_cmd(args, row, precision), capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
+            results.append({"row": name, "skipped": f"failed: {tail[0]}"})
+            continue
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        res["row"] = name
+        if "times" in res:
+            res["steady_s"] = statistics.median(res["times"][1:])
+            res["warmup_s"] = res["times"][0]
+        results.append(res)
+
+    base = next((r["steady_s"] for r in results if r["row"] == "tutorial" and "steady_s" in r), None)
+    import torch
+
+    dev_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
+    n = args.limit_train or 60000
+    print(f"\n{dev_name}, torch {torch.__version__}, {n} training images, {args.epochs} epochs "
+          f"({time.strftime('%Y-%m-%d')})")  # fmt: skip
+    header = f"{'row':<22}{'s/epoch':>9}{'vs tutorial':>13}{'warm-up s':>11}{'test acc':>10}{'peak MB':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        if "steady_s" not in r:
+            print(f"{r['row']:<22}  skipped: {r['skipped']}")
+            continue
+        ratio = f"{base / r['steady_s']:.2f}x" if base else "-"
+        print(f"{r['row']:<22}{r['steady_s']:>9.2f}{ratio:>13}{r['warmup_s']:>11.1f}{r['acc']:>10.4f}"
+              f"{r['peak_mb']:>9.0f}")  # fmt: skip
+    for r in results:
+        if "eval_s" in r:
+            print(f"{r['row']}: evaluating 10,000 test images takes {r['eval_s']:.2f} s "
+                  f"({100 * r['eval_s'] / r['steady_s']:.1f}% of a training epoch)")  # fmt: skip
+    if args.json:
+        print(json.dumps({"device": dev_name, "epochs": args.epochs, "train_images": n, "rows": results}))
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
