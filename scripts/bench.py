@@ -6,7 +6,8 @@
 
 Rows (batch 128, Adam lr 1e-3, same data):
   fashion_func  our training path exactly as scripts/train.py runs it (`loop.fit`)
-  tutorial      torchvision FashionMNIST + ToTensor/Normalize + DataLoader(shuffle) + nn.Module + torch.optim.Adam
+  tutorial      torchvision FashionMNIST + ToTensor/Normalize + DataLoader(shuffle),
+                nn.Module + torch.optim.Adam
   eager         nn.Module + torch.optim.Adam on device-resident data
   flax          Flax + Optax, jitted step in a Python loop (skipped when jax/flax/optax do not import)
 
@@ -78,8 +79,8 @@ def row_fashion_func(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Config(
             model="simplenet", epochs=args.epochs, batch_size=128, lr=1e-3, seed=0, device=args.device,
-            precision=args.precision, compile=args.compile, data_dir=args.data_dir, limit_train=args.limit_train,
-            tensorboard=False, progress=False, out=str(Path(tmp) / "run"),
+            precision=args.precision, compile=args.compile, data_dir=args.data_dir,
+            limit_train=args.limit_train, tensorboard=False, progress=False, out=str(Path(tmp) / "run"),
         )  # fmt: skip
         t0 = time.perf_counter()
         import contextlib
@@ -259,7 +260,7 @@ def _child_cmd(args, row: str, precision: str) -> list[str]:
         cmd += ["--limit-train", str(args.limit_train)]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
-    cmd += ["--compile" if args.compile else "--no-compile"] if args.compile is not None else []
+    cmd += ["--compile", args.compile]
     return cmd
 
 
@@ -271,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     ap.add_argument("--precisions", default="fp32", help="fashion_func precisions to time, e.g. fp32,bf16")
-    ap.add_argument("--compile", dest="compile", action="store_true", default=None)
-    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="fashion_func row's step")
+    ap.add_argument("--no-compile", dest="compile", action="store_const", const="off")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)

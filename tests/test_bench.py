@@ -1,0 +1,41 @@
+"""scripts/bench.py runs its rows in one call and reports ratios against the tutorial row."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(
+    not (DEBIAN / "train-images-idx3-ubyte.gz").exists(), reason="needs the Fashion-MNIST files"
+)
+def test_bench_quick_run_prints_table_and_json():
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--limit-train", "256", "--epochs", "3",
+           "--rows", "fashion_func,tutorial,eager", "--no-compile", "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    rows = {r["row"]: r for r in report["rows"]}
+    assert set(rows) == {"fashion_func (fp32)", "tutorial", "eager"}
+    for r in rows.values():
+        assert len(r["times"]) == 3 and all(t > 0 for t in r["times"])
+        assert min(r["times"][1:]) <= r["steady_s"] <= max(r["times"][1:])  # median of the timed epochs
+        assert 0.0 <= r["acc"] <= 1.0 and r["peak_mb"] > 0
+    table = "\n".join(lines)
+    assert "vs tutorial" in table and "1.00x" in table  # the tutorial row is the baseline
+    assert "evaluating 10,000 test images" in table
+
+
+def test_bench_rejects_too_few_epochs():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--epochs", "1"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2
+    assert "at least 3" in proc.stderr
