@@ -150,3 +150,19 @@ def test_bf16_precision_runs_and_tracks_fp32():
     torch.testing.assert_close(ma["loss_sum"], mb["loss_sum"], rtol=2e-2, atol=1e-2)
     with pytest.raises(ValueError, match="unknown precision"):
         step.make_train_step(model, None, tx, precision="fp8")
+
+
+def test_channels_last_gives_the_same_step():
+    model, tx, st = _fresh("simplenet", optim.sgd(0.05, momentum=0.9))
+    plain = step.make_train_step(model, None, tx, compile=False)
+    nhwc = step.make_train_step(model, None, tx, compile=False, channels_last=True)
+    a = b = st
+    for i in range(3):
+        a, ma = plain(a, _batch(30 + i))
+        b, mb = nhwc(b, _batch(30 + i))
+        torch.testing.assert_close(ma["loss_sum"], mb["loss_sum"], rtol=1e-5, atol=1e-5)
+    for k in a.params:
+        torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-4, atol=1e-6)
+    x = step.normalize_images(_batch(0)[0], channels_last=True)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, step.normalize_images(_batch(0)[0]))
