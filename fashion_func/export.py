@@ -1,0 +1,85 @@
+"""Export a weights file for use elsewhere: `python scripts/export.py --weights W --format F --out FILE`.
+
+Formats:
+
+- `torch`: safetensors with `nn.Module` names and layout (bf16 kept), for
+  `module.load_state_dict(safetensors.torch.load_file(FILE))` or `interop.to_module`.
+- `flax`: Flax layout and naming (`conv1.kernel` HWIO, dense kernels `[in, out]`) as
+  safetensors; `flax.traverse_util.unflatten_dict(safetensors.flax.load_file(FILE), sep=".")`
+  gives `{"conv1": {"kernel", "bias"}, ...}` for `interop.simplenet_jax` or a Flax module.
+- `numpy`: torch names and layout in dtypes plain numpy reads: safetensors for
+  `safetensors.numpy.load_file(FILE)`, or `numpy.savez` output when FILE ends in `.npz`.
+
+numpy has no bfloat16, so `--bf16-as` says what bf16 weights become in the flax and numpy
+formats: `float32` (exact upcast, the default), `uint16` (the raw bit patterns, half the size;
+the file's metadata lists the keys), or `bfloat16` (flax only; needs ml_dtypes to read).
+Exit code 2 with one line on stderr for a missing, bad or mismatched weights file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fashion_func import checkpoint, interop
+from fashion_func.cli import UsageError, _Parser
+
+__all__ = ["FORMATS", "build_parser", "export", "main"]
+
+FORMATS = ("torch", "flax", "numpy")
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `scripts/export.py`."""
+    p = _Parser(prog="export.py", description="Export fashion_func weights for PyTorch, JAX/Flax or numpy.")
+    p.add_argument("--weights", required=True, help="weights file (best.safetensors)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="torch, flax or numpy")
+    p.add_argument("--out", required=True, help="file to write (.safetensors; .npz also for numpy)")
+    p.add_argument("--model", help="model name, overriding the file's metadata")
+    p.add_argument(
+        "--bf16-as",
+        default="float32",
+        choices=interop.BF16_AS,
+        help="what bf16 weights become in flax/numpy files (default float32)",
+    )
+    return p
+
+
+def export(
+    weights: str | Path, fmt: str, out: str | Path, *, model: str | None = None, bf16_as: str = "float32"
+) -> dict[str, Any]:
+    """Write `weights` to `out` in format `fmt`; returns a summary (model, format, tensors, path).
+
+    Raises `checkpoint.CheckpointError` for a bad input file, ValueError for an impossible request
+    (bfloat16 into a numpy file).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    loaded, params, metadata = interop.load_weights_file(weights, model)
+    meta = {"model": loaded.name, "source": str(weights)}
+    for key in ("epoch", "config"):
+        if key in metadata:
+            meta[key] = metadata[key]
+    if fmt == "torch":
+        checkpoint.save_weights(out, params, metadata=meta)
+    elif fmt == "flax":
+        interop.save_flax(out, params, bf16_as=bf16_as, metadata=meta)
+    else:
+        interop.save_numpy(out, params, bf16_as=bf16_as, metadata=meta)
+    return {"model": loaded.name, "format": fmt, "tensors": len(params), "out": str(out)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `scripts/export.py`; returns the process exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        summary = export(args.weights, args.format, args.out, model=args.model, bf16_as=args.bf16_as)
+    except (UsageError, checkpoint.CheckpointError, ValueError, OSError) as e:
+        print(" ".join(f"export.py: error: {e}".split()), file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {summary['out']}: {summary['model']} weights ({summary['tensors']} tensors), {args.format}")
+    return 0

@@ -1,0 +1,542 @@
+"""The predictor: evaluate a weights file on the test set, or classify image files.
+
+`python scripts/predict.py --weights runs/a/checkpoints/best.safetensors [--out DIR] [--json]`
+reads the model name and config from the file's metadata (`--model` overrides), evaluates on
+the Fashion-MNIST test set and reports accuracy, top-k accuracy, per-class precision/recall and
+the confusion matrix. With `--out DIR` it also writes `confusion_matrix.png`, `samples.png` (a
+grid of test images with true and predicted classes), `most_confused.png` and
+`most_confused.json` (the test examples the model gets most confidently wrong: candidates for
+label noise), and `report.json`. With `--json` the last line on stdout is one JSON object.
+
+`--images FILE_OR_DIR ...` classifies PNG/JPEG files instead (see `prepare_image` for how a
+picture becomes a 28x28 Fashion-MNIST image) and prints each one's top-3 classes.
+
+Exit codes: 0 success; 2 usage or input error (missing or bad weights file, wrong model,
+missing data, unreadable image), reported in one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from fashion_func import checkpoint, data, interop, metrics
+from fashion_func.cli import UsageError, _int, _Parser
+from fashion_func.models import Model, Params
+from fashion_func.step import make_eval_step, normalize_images
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageError",
+    "build_parser",
+    "classify_images",
+    "evaluate",
+    "find_images",
+    "main",
+    "most_confident_mistakes",
+    "prepare_image",
+]
+
+EXIT_USAGE = 2
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SIZE = 28
+# Trim tolerance: pixels within 5% of full scale of the background colour count as background
+# (the threshold of step 2 of the Fashion-MNIST conversion, Xiao et al. 2017).
+TRIM_TOLERANCE = 0.05 * 255
+
+
+class ImageError(Exception):
+    """An image file could not be found or read (one line naming the file)."""
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `scripts/predict.py`."""
+    p = _Parser(
+        prog="predict.py", description="Evaluate fashion_func weights on Fashion-MNIST or classify images."
+    )
+    p.add_argument("--weights", required=True, help="weights file (best.safetensors or a torch export)")
+    p.add_argument("--model", help="model name, overriding the file's metadata")
+    p.add_argument("--data-dir", help="folder holding the Fashion-MNIST IDX files")
+    p.add_argument(
+        "--out",
+        help="test-set mode: write confusion_matrix.png, samples.png, most_confused.{png,json}, report.json",
+    )
+    p.add_argument("--json", action="store_true", help="end stdout with one line of JSON")
+    p.add_argument("--images", nargs="+", metavar="FILE_OR_DIR", help="classify these PNG/JPEG files instead")
+    p.add_argument("--invert", action="store_true", help="images are dark objects on a light background")
+    p.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto (CUDA if present)"
+    )
+    p.add_argument("--batch-size", type=_int, default=1000, help="evaluation batch size (default 1000)")
+    p.add_argument("--limit", type=_int, help="evaluate on the first N test examples")
+    p.add_argument("--topk", type=_int, default=5, help="k of the top-k accuracy (default 5)")
+    p.add_argument(
+        "--num-confused", type=_int, default=16, help="how many confident mistakes to show (default 16)"
+    )
+    p.add_argument("--num-samples", type=_int, default=32, help="test images in samples.png (default 32)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the evaluation step (slower to start)"
+    )
+    return p
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    for name in ("batch_size", "topk", "num_samples"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.num_confused < 0:
+        raise UsageError(f"--num-confused must not be negative, got {args.num_confused}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    return args
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def _normalization(metadata: dict[str, Any]) -> tuple[float, float]:
+    """(mean, std) the weights were trained with: the run config's `normalize`, else the dataset's."""
+    config = metadata.get("config")
+    if isinstance(config, dict) and config.get("normalize") == "tutorial":
+        return data.TUTORIAL_MEAN, data.TUTORIAL_STD
+    return data.MEAN, data.STD
+
+
+# -- images -------------------------------------------------------------------------------------
+
+
+def find_images(paths: Sequence[str]) -> list[Path]:
+    """The image files named, with directories expanded to their PNG/JPEG files (sorted)."""
+    found: list[Path] = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise ImageError(f"{path}: directory holds no {'/'.join(IMAGE_SUFFIXES)} files")
+            found.extend(inside)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ImageError(f"{path}: no such file or directory")
+    return found
+
+
+def _to_gray(image: Any, background: int) -> np.ndarray:
+    """8-bit grayscale as a uint8 array; transparency composited over `background`."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit/float grayscale: PIL's convert("L") would clip, so scale the full range instead
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode != "F" else max(float(arr.max()), 1.0)
+        return np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (background, background, background, 255))
+        image = Image.alpha_composite(canvas, rgba)
+    return np.asarray(image.convert("L"), dtype=np.uint8).copy()  # ITU-R 601-2 luma for colour
+
+
+def prepare_image(image: Any, *, invert: bool = False) -> Tensor:
+    """A PIL image as a Fashion-MNIST image: uint8 `[28, 28]`, a light object on a black background.
+
+    The steps follow the dataset's own conversion (Xiao et al. 2017: trim, resize the longest
+    edge to 28, extend the shorter edge to 28 with the object centred, negate, 8-bit grayscale):
+
+    1. orientation from EXIF applied; transparency composited over the background colour
+       (black, or white with `invert`, so that it ends up black either way);
+    2. 8-bit grayscale (ITU-R 601-2 luma for colour; 16-bit images scaled, not clipped);
+    3. with `invert`, x -> 255 - x: the dataset holds light garments on black, while product
+       photos are usually dark on white (the dataset's pipeline negates for the same reason);
+    4. an image that is now 28x28 is returned as it is: it is already in the dataset's frame,
+       so a test image saved as PNG comes back bit for bit;
+    5. trim: crop to the box of pixels that differ from the background (the median of the four
+       corner pixels) by more than 5% of full scale;
+    6. pad the shorter side on both sides with the background to a square, so the object is
+       centred and keeps its aspect ratio;
+    7. resize to 28x28: area averaging (box filter, antialiased) when shrinking, bilinear when
+       enlarging (no overshoot, which step 8 would turn into a darker object);
+    8. levels: subtract the background and stretch so the brightest pixel is 255, as the
+       dataset's images have a 0 background and full-scale highlights.
+    """
+    from PIL import Image
+
+    gray = _to_gray(image, 255 if invert else 0)
+    if invert:
+        gray = 255 - gray
+    if gray.shape == (SIZE, SIZE):
+        return torch.from_numpy(gray)
+    h, w = gray.shape
+    corners = np.array([gray[0, 0], gray[0, w - 1], gray[h - 1, 0], gray[h - 1, w - 1]], dtype=np.float64)
+    background = float(np.median(corners))
+    rows, cols = np.nonzero(np.abs(gray.astype(np.float64) - background) > TRIM_TOLERANCE)
+    if rows.size:  # a blank picture keeps its frame
+        gray = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    h, w = gray.shape
+    side = max(h, w)
+    square = np.full((side, side), round(background), dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top : top + h, left : left + w] = gray
+    resample = Image.Resampling.BOX if side >= SIZE else Image.Resampling.BILINEAR
+    small = np.asarray(Image.fromarray(square).resize((SIZE, SIZE), resample), dtype=np.float64)
+    small = np.clip(small - background, 0.0, None)
+    peak = small.max()
+    if peak > 0:
+        small = small * (255.0 / peak)
+    return torch.from_numpy(np.clip(np.rint(small), 0, 255).astype(np.uint8))
+
+
+def _read_image(path: Path, invert: bool) -> Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return prepare_image(image, invert=invert)
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image PIL can read (PNG or JPEG expected)") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
+        raise ImageError(" ".join(f"{path}: cannot read image: {e}".split())) from None
+
+
+def classify_images(
+    model: Model,
+    params: Params,
+    images: Tensor,
+    *,
+    mean: float = data.MEAN,
+    std: float = data.STD,
+    k: int = 3,
+) -> tuple[Tensor, Tensor]:
+    """(top-k probabilities [N, k], classes [N, k]) for uint8 images [N, 28, 28], best first."""
+    x = normalize_images(images, mean, std)
+    with torch.no_grad():
+        probs = torch.softmax(model.apply(params, x).float(), dim=-1)
+    top = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    return top.values, top.indices
+
+
+# -- test-set evaluation ---------------------------------------------------------------------
+
+
+def evaluate(
+    model: Model,
+    params: Params,
+    split: data.Split,
+    *,
+    batch_size: int = 1000,
+    topk: int = 5,
+    mean: float = data.MEAN,
+    std: float = data.STD,
+    compile: bool = False,
+) -> dict[str, Tensor]:
+    """Per-example `loss`, `correct`, `topk_correct`, `pred`, `logits` over the split, on its device."""
+    eval_step = make_eval_step(model, compile=compile, mean=mean, std=std, topk=topk)
+    parts: list[dict[str, Tensor]] = []
+    for start in range(0, split.labels.shape[0], batch_size):
+        batch = (split.images[start : start + batch_size], split.labels[start : start + batch_size])
+        parts.append(eval_step(params, batch))
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def _confidence_if_wrong(logits: Tensor, label: Tensor, pred: Tensor) -> tuple[Tensor, Tensor]:
+    # one example: logits [C], label and pred 0-d -> (softmax prob of the predicted class where
+    # the prediction is wrong, else -1; prob of the true class)
+    probs = torch.softmax(logits, dim=-1)
+    confidence = probs.gather(0, pred.reshape(1)).squeeze(0)
+    label_prob = probs.gather(0, label.reshape(1)).squeeze(0)
+    return torch.where(pred != label, confidence, torch.full_like(confidence, -1.0)), label_prob
+
+
+def most_confident_mistakes(logits: Tensor, labels: Tensor, preds: Tensor, n: int) -> list[dict[str, Any]]:
+    """The up to `n` wrongly predicted examples with the highest predicted-class probability.
+
+    Per-example scores come from `torch.func.vmap` over a single-example function; the results
+    come to the host once. Each entry: index, label, pred (with class names), confidence (the
+    softmax probability of the prediction) and label_prob (that of the true class).
+    """
+    scores, label_probs = vmap(_confidence_if_wrong)(logits, labels, preds)
+    k = min(n, scores.shape[0])
+    if k == 0:
+        return []
+    top = scores.topk(k)
+    rows = torch.stack(
+        [
+            top.indices.double(),
+            top.values.double(),
+            labels[top.indices].double(),
+            preds[top.indices].double(),
+            label_probs[top.indices].double(),
+        ],
+        dim=1,
+    ).tolist()  # the one host sync
+    out = []
+    for index, confidence, label, pred, label_prob in rows:
+        if confidence < 0:  # fewer mistakes than asked for
+            break
+        out.append(
+            {
+                "index": int(index),
+                "label": int(label),
+                "label_name": data.CLASS_NAMES[int(label)],
+                "pred": int(pred),
+                "pred_name": data.CLASS_NAMES[int(pred)],
+                "confidence": confidence,
+                "label_prob": label_prob,
+            }
+        )
+    return out
+
+
+def _report(out: dict[str, Tensor], labels: Tensor, topk: int) -> dict[str, Any]:
+    num_classes = out["logits"].shape[-1]
+    cm = metrics.confusion_matrix(out["pred"], labels, num_classes=num_classes)
+    precision, recall = metrics.precision_recall(cm)
+    n = labels.shape[0]
+    correct, topk_correct = int(out["correct"].sum()), int(out["topk_correct"].sum())
+    support = cm.sum(1)
+    per_class = [
+        {
+            "class": c,
+            "name": data.CLASS_NAMES[c],
+            "precision": float(precision[c]),
+            "recall": float(recall[c]),
+            "support": int(support[c]),
+        }
+        for c in range(num_classes)
+    ]
+    return {
+        "num_examples": n,
+        "correct": correct,
+        "accuracy": correct / n,
+        "topk": topk,
+        "topk_accuracy": topk_correct / n,
+        "loss": float(out["loss"].double().mean()),
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "class_names": list(data.CLASS_NAMES),
+    }
+
+
+def _format_report(r: dict[str, Any]) -> str:
+    n = r["num_examples"]
+    lines = [
+        f"accuracy {r['accuracy']:.4f} ({r['correct']}/{n}), "
+        f"top-{r['topk']} accuracy {r['topk_accuracy']:.4f}, loss {r['loss']:.4f}",
+        "",
+        f"{'class':<14}{'precision':>10}{'recall':>8}{'support':>9}",
+    ]
+    for c in r["per_class"]:
+        lines.append(f"{c['name']:<14}{c['precision']:>10.4f}{c['recall']:>8.4f}{c['support']:>9d}")
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class)"]
+    short = [name[:7] for name in r["class_names"]]
+    lines.append(" " * 12 + "".join(f"{s:>8}" for s in short))
+    for name, row in zip(r["class_names"], r["confusion_matrix"], strict=True):
+        lines.append(f"{name[:12]:<12}" + "".join(f"{v:>8d}" for v in row))
+    return "\n".join(lines)
+
+
+# -- pictures ------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    plt = _pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    checkpoint.atomic_write(path, buf.getvalue())
+
+
+def plot_confusion_matrix(cm: Sequence[Sequence[int]], path: Path) -> None:
+    """A heat map of the confusion matrix with counts and class names, as PNG."""
+    plt = _pyplot()
+    counts = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=100)
+    ax.imshow(counts, cmap="Blues")
+    names = data.CLASS_NAMES[: counts.shape[0]]
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("Confusion matrix")
+    half = counts.max() / 2 if counts.size else 0
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            ax.text(
+                j,
+                i,
+                str(counts[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if counts[i, j] > half else "black",
+            )
+    _save_figure(fig, path)
+
+
+def plot_grid(images: Tensor, captions: Sequence[str], colors: Sequence[str], path: Path, title: str) -> None:
+    """uint8 images [N, 28, 28] tiled with `torchvision.utils.make_grid`, a caption over each, as PNG."""
+    from torchvision.utils import make_grid
+
+    plt = _pyplot()
+    nrow, pad = 8, 2
+    grid = make_grid(
+        images.cpu()[:, None].float() / 255.0, nrow=nrow, padding=pad, pad_value=1.0
+    )  # [3, H, W]
+    rows = -(-images.shape[0] // nrow)
+    fig, ax = plt.subplots(figsize=(1.3 * nrow, 1.45 * rows + 0.4), dpi=150)
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    cell = SIZE + pad
+    for i, (caption, color) in enumerate(zip(captions, colors, strict=True)):
+        x, y = (i % nrow) * cell + pad, (i // nrow) * cell + pad
+        ax.text(
+            x + 0.5,
+            y + 0.5,
+            caption,
+            fontsize=5.5,
+            color=color,
+            va="top",
+            ha="left",
+            bbox={"facecolor": "white", "alpha": 0.75, "pad": 0.6, "linewidth": 0},
+        )
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    _save_figure(fig, path)
+
+
+def _write_outputs(
+    out_dir: Path, split: data.Split, result: dict[str, Tensor], report: dict[str, Any], num_samples: int
+) -> list[Path]:
+    """Write the report's pictures and JSON files into `out_dir`; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = data.CLASS_NAMES
+    written = [out_dir / "confusion_matrix.png", out_dir / "samples.png"]
+    plot_confusion_matrix(report["confusion_matrix"], written[0])
+
+    k = min(num_samples, split.labels.shape[0])
+    labels, preds = split.labels[:k].tolist(), result["pred"][:k].tolist()
+    plot_grid(
+        split.images[:k],
+        [f"true {names[t]}\npred {names[p]}" for t, p in zip(labels, preds, strict=True)],
+        ["green" if t == p else "red" for t, p in zip(labels, preds, strict=True)],
+        written[1],
+        f"First {k} test images: true and predicted class (red: wrong)",
+    )
+    confused = report["most_confused"]
+    if confused:  # a perfect model has no picture to show
+        index = torch.tensor([c["index"] for c in confused], device=split.images.device)
+        written.append(out_dir / "most_confused.png")
+        plot_grid(
+            split.images[index],
+            [
+                f"#{c['index']} true {c['label_name']}\npred {c['pred_name']} {c['confidence']:.2f}"
+                for c in confused
+            ],
+            ["red"] * len(confused),
+            written[-1],
+            "Most confidently wrong test examples (label-noise candidates)",
+        )
+    for name, obj in (("most_confused.json", confused), ("report.json", report)):
+        written.append(out_dir / name)
+        checkpoint.atomic_write(written[-1], (json.dumps(obj, indent=2) + "\n").encode())
+    return written
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+def _fail(message: str) -> int:
+    print(" ".join(f"predict.py: error: {message}".split()), file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _run_images(
+    args: argparse.Namespace, model: Model, params: Params, mean: float, std: float
+) -> dict[str, Any]:
+    files = find_images(args.images)
+    images = torch.stack([_read_image(f, args.invert) for f in files]).to(next(iter(params.values())).device)
+    probs, classes = classify_images(model, params, images, mean=mean, std=std, k=3)
+    results = []
+    for f, ps, cs in zip(files, probs.tolist(), classes.tolist(), strict=True):
+        top3 = [{"class": c, "name": data.CLASS_NAMES[c], "prob": p} for p, c in zip(ps, cs, strict=True)]
+        results.append({"path": str(f), "top3": top3})
+        print(f"{f}: " + ", ".join(f"{t['name']} {t['prob']:.3f}" for t in top3))
+    return {"images": results}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `scripts/predict.py`; returns the process exit code."""
+    try:
+        args = _parse(argv)
+        device = _device(args.device)
+        model, params, metadata = interop.load_weights_file(args.weights, args.model, device=device)
+        params = {k: v.float() for k, v in params.items()}  # bf16/fp16 files evaluate in fp32
+        mean, std = _normalization(metadata)
+        summary: dict[str, Any] = {"weights": str(args.weights), "model": model.name}
+        epoch = f", epoch {metadata['epoch']}" if "epoch" in metadata else ""
+        print(f"weights {args.weights} ({model.name}{epoch}), device {device}")
+        if args.images:
+            summary.update(_run_images(args, model, params, mean, std))
+        else:
+            split = data.load("test", args.data_dir, device=device, limit=args.limit)
+            print(f"test set: {split.labels.shape[0]} examples from {split.source}")
+            result = evaluate(
+                model,
+                params,
+                split,
+                batch_size=args.batch_size,
+                topk=args.topk,
+                mean=mean,
+                std=std,
+                compile=args.compile,
+            )
+            report = _report(result, split.labels, args.topk)
+            report["most_confused"] = most_confident_mistakes(
+                result["logits"], split.labels, result["pred"], args.num_confused
+            )
+            summary.update(report)
+            print(_format_report(report))
+            if report["most_confused"]:
+                print("\nmost confidently wrong (index: true -> predicted, confidence):")
+                for c in report["most_confused"][:5]:
+                    print(f"  {c['index']}: {c['label_name']} -> {c['pred_name']} ({c['confidence']:.3f})")
+            if args.out:
+                written = _write_outputs(Path(args.out), split, result, report, args.num_samples)
+                print("wrote " + ", ".join(str(p) for p in written))
+    except (UsageError, checkpoint.CheckpointError, data.DataError, ImageError) as e:
+        return _fail(str(e))
+    except OSError as e:  # --out not writable and the like
+        return _fail(f"{type(e).__name__}: {e}")
+    if args.json:
+        print(json.dumps(summary))
+    return 0

@@ -1,0 +1,283 @@
+"""The predictor: its numbers equal an independent plain-module evaluation, images round-trip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+from torch import nn as tnn
+
+from fashion_func import checkpoint, data, models, optim, predict, step
+from fashion_func import state as state_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+N_EVAL = 1000
+
+
+class PlainSimpleNet(tnn.Module):
+    """SimpleNet written out independently of the library (DESIGN.md's reference network)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = tnn.Conv2d(1, 32, 3)
+        self.conv2 = tnn.Conv2d(32, 64, 3)
+        self.fc1 = tnn.Linear(9216, 128)
+        self.fc2 = tnn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        x = torch.flatten(torch.max_pool2d(x, 2), 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _plain_logits(weights: Path, images_uint8: torch.Tensor) -> torch.Tensor:
+    module = PlainSimpleNet().eval()
+    module.load_state_dict(safetensors.torch.load_file(weights))
+    x = (images_uint8.float()[:, None] / 255.0 - 0.2860) / 0.3530  # Fashion-MNIST train statistics
+    with torch.no_grad():
+        return torch.cat([module(chunk) for chunk in x.split(500)])
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """SimpleNet trained for one epoch on 2000 training images, saved as fit saves best.safetensors."""
+    model = models.get("simplenet")
+    tx = optim.adam(1e-3)
+    st = state_lib.create(model.init(torch.Generator().manual_seed(0)), tx, seed=0)
+    train_step = step.make_train_step(model, None, tx, compile=False)
+    train = data.load("train", limit=2000)
+    for batch in data.batches(train, 128, seed=0, epoch=1):
+        st, _ = train_step(st, batch)
+    path = tmp_path_factory.mktemp("weights") / "best.safetensors"
+    meta = {"epoch": 1, "model": "simplenet", "config": {"model": "simplenet", "normalize": "dataset"}}
+    checkpoint.save_weights(path, st.params, metadata=meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def test_split() -> data.Split:
+    return data.load("test", limit=N_EVAL)
+
+
+@pytest.fixture(scope="module")
+def plain(weights, test_split) -> torch.Tensor:
+    """Logits of the first N_EVAL test images from the independent plain module."""
+    return _plain_logits(weights, test_split.images)
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = predict.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_reported_metrics_equal_an_independent_plain_module_evaluation(capsys, weights, test_split, plain):
+    code, out, err = _run(capsys, "--weights", weights, "--limit", N_EVAL, "--json", "--device", "cpu")
+    assert code == 0, err
+    report = _last_json(out)
+
+    logits = plain
+    labels = test_split.labels.numpy()
+    pred = logits.argmax(1).numpy()
+    correct = int((pred == labels).sum())
+    assert 0.6 < correct / N_EVAL < 0.95  # a briefly trained model: far from chance and from perfect
+    assert report["num_examples"] == N_EVAL
+    assert report["correct"] == correct
+    assert report["accuracy"] == correct / N_EVAL
+    top5 = (logits.topk(5, dim=1).indices == test_split.labels[:, None]).any(1).sum().item()
+    assert report["topk"] == 5 and report["topk_accuracy"] == top5 / N_EVAL
+
+    cm = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(cm, (labels, pred), 1)
+    assert report["confusion_matrix"] == cm.tolist()
+    assert [c["name"] for c in report["per_class"]] == list(data.CLASS_NAMES)
+    for c, row in enumerate(report["per_class"]):
+        assert row["support"] == int((labels == c).sum())
+        assert row["precision"] == pytest.approx(cm[c, c] / max(cm[:, c].sum(), 1), abs=1e-6)
+        assert row["recall"] == pytest.approx(cm[c, c] / cm[c].sum(), abs=1e-6)
+    loss = torch.nn.functional.cross_entropy(logits, test_split.labels).item()
+    assert report["loss"] == pytest.approx(loss, rel=1e-4)
+    # the human-readable part states the same accuracy
+    assert f"accuracy {correct / N_EVAL:.4f} ({correct}/{N_EVAL})" in out
+
+
+def test_out_writes_pictures_and_the_most_confident_mistakes(capsys, weights, test_split, plain, tmp_path):
+    n = 500
+    code, _, err = _run(capsys, "--weights", weights, "--limit", n, "--out", tmp_path, "--num-confused", 8)
+    assert code == 0, err
+    for name in ("confusion_matrix.png", "samples.png", "most_confused.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.width > 300 and im.height > 100
+    confused = json.loads((tmp_path / "most_confused.json").read_text())
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["most_confused"] == confused
+
+    # independent: softmax of the plain module; the 8 wrong predictions with the highest probability
+    probs = torch.softmax(plain[:n], 1).numpy()
+    labels = test_split.labels[:n].numpy()
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != labels)
+    expected = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:8]
+    assert [c["index"] for c in confused] == expected.tolist()
+    for c in confused:
+        i = c["index"]
+        assert c["label"] == labels[i] != c["pred"] == pred[i]
+        assert (c["label_name"], c["pred_name"]) == (data.CLASS_NAMES[labels[i]], data.CLASS_NAMES[pred[i]])
+        assert c["confidence"] == pytest.approx(probs[i, pred[i]], abs=1e-5)
+        assert c["label_prob"] == pytest.approx(probs[i, labels[i]], abs=1e-5)
+
+
+def test_exact_png_copies_of_test_images_classify_like_the_tensors(
+    capsys, weights, test_split, plain, tmp_path
+):
+    images = test_split.images[:12]
+    for i, img in enumerate(images):
+        Image.fromarray(img.numpy()).save(tmp_path / f"{i:02d}.png")
+        with Image.open(tmp_path / f"{i:02d}.png") as im:
+            assert torch.equal(predict.prepare_image(im), img)  # the conversion is the identity here
+    code, out, err = _run(capsys, "--weights", weights, "--images", tmp_path, "--json")
+    assert code == 0, err
+    results = _last_json(out)["images"]
+    assert [Path(r["path"]).name for r in results] == [f"{i:02d}.png" for i in range(12)]
+
+    probs = torch.softmax(plain[:12], 1)
+    top = probs.topk(3, dim=1)
+    for r, values, classes in zip(results, top.values, top.indices, strict=True):
+        assert [t["class"] for t in r["top3"]] == classes.tolist()
+        assert [t["name"] for t in r["top3"]] == [data.CLASS_NAMES[c] for c in classes]
+        np.testing.assert_allclose([t["prob"] for t in r["top3"]], values.numpy(), atol=1e-5)
+    assert f"{results[0]['path']}: {results[0]['top3'][0]['name']}" in out
+
+
+def _dark_on_light_photo(img: np.ndarray, margins: tuple[int, int, int, int]) -> Image.Image:
+    """A test image as a product photo: negated, 4x larger, off-centre on a white RGB canvas."""
+    big = np.kron(255 - img, np.ones((4, 4), dtype=np.uint8))
+    top, bottom, left, right = margins
+    canvas = np.full((big.shape[0] + top + bottom, big.shape[1] + left + right), 255, dtype=np.uint8)
+    canvas[top : top + big.shape[0], left : left + big.shape[1]] = big
+    return Image.fromarray(np.stack([canvas] * 3, axis=-1))
+
+
+def test_a_dark_on_light_photo_is_brought_back_to_the_dataset_frame(
+    capsys, weights, test_split, plain, tmp_path
+):
+    n = 24
+    originals = test_split.images[:n]
+    rng = np.random.default_rng(0)
+    for i, img in enumerate(originals):
+        photo = _dark_on_light_photo(img.numpy(), tuple(int(m) for m in rng.integers(0, 50, size=4)))
+        photo.save(tmp_path / f"photo{i:02d}.png")
+        converted = predict.prepare_image(photo, invert=True)
+        assert converted.shape == (28, 28) and converted.dtype == torch.uint8
+        # background black and highlights at full scale, like the dataset
+        assert converted[0, 0] == 0 and converted.max() == 255
+        # without --invert the white canvas is taken as the object: a different image
+        assert not torch.equal(predict.prepare_image(photo), converted)
+    converted = torch.stack(
+        [predict.prepare_image(Image.open(tmp_path / f"photo{i:02d}.png"), invert=True) for i in range(n)]
+    )
+    # re-centring moves objects by up to half a pixel, so pixels differ a little; classes mostly agree
+    assert (converted.float() - originals.float()).abs().mean() < 25
+    code, out, err = _run(
+        capsys, "--weights", weights, "--images", *sorted(tmp_path.iterdir()), "--invert", "--json"
+    )
+    assert code == 0, err
+    got = [r["top3"][0]["class"] for r in _last_json(out)["images"]]
+    expected = plain[:n].argmax(1).tolist()
+    assert np.mean(np.array(got) == np.array(expected)) >= 0.8
+
+
+def test_prepare_image_handles_transparency_and_16_bit(tmp_path):
+    rgba = np.zeros((40, 20, 4), dtype=np.uint8)
+    rgba[10:30, 5:15] = (200, 200, 200, 255)  # an opaque light box on a transparent background
+    out = predict.prepare_image(Image.fromarray(rgba))
+    # trimmed to the box, padded to a square (keeping 1:2) and stretched to full scale
+    assert (out[:, 8:20] == 255).all()  # full height, the middle half of the width
+    assert (out[:, :6] == 0).all() and (out[:, 22:] == 0).all()  # black (transparent) either side
+    gray16 = Image.fromarray(np.arange(28 * 28, dtype=np.uint16).reshape(28, 28) * 83)
+    expected = np.rint(np.arange(28 * 28).reshape(28, 28) * 83 / 65535 * 255)
+    assert np.array_equal(predict.prepare_image(gray16).numpy(), expected.astype(np.uint8))
+
+
+def _save_state_file(path: Path) -> None:
+    model = models.get("mlp")
+    st = state_lib.create(model.init(torch.Generator().manual_seed(0)), optim.adam(1e-3), seed=0)
+    checkpoint.save_state(path, st, metadata={"model": "mlp"})
+
+
+def test_user_errors_are_one_line_and_exit_2(capsys, weights, tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    state = tmp_path / "last.safetensors"
+    _save_state_file(state)
+    nameless = tmp_path / "nameless.safetensors"
+    safetensors.torch.save_file(safetensors.torch.load_file(weights), nameless)
+    not_png = tmp_path / "fake.png"
+    not_png.write_text("hello")
+    cases = [
+        (["--weights", tmp_path / "missing.safetensors"], "no such file"),
+        (["--weights", garbage], "garbage.safetensors"),
+        (["--weights", state], "train state"),
+        (["--weights", nameless, "--limit", "10"], "--model"),
+        (["--weights", weights, "--model", "mlp", "--limit", "10"], "weights do not match model"),
+        (["--weights", weights, "--model", "resnet99"], "unknown model"),
+        (["--weights", weights, "--data-dir", tmp_path / "nowhere"], "--data-dir"),
+        (["--weights", weights, "--images", tmp_path / "nope.png"], "no such file"),
+        (["--weights", weights, "--images", not_png], "not an image"),
+        (["--weights", weights, "--limit", "0"], "--limit"),
+        (["--weights", weights, "--bogus"], "unrecognized"),
+    ]
+    for argv, needle in cases:
+        code, out, err = _run(capsys, *argv)
+        assert code == 2, (argv, out, err)
+        assert err.startswith("predict.py: error: ") and err.count("\n") == 1, err
+        assert needle in err, (needle, err)
+        assert "Traceback" not in err
+
+
+def test_a_file_without_metadata_works_with_model_given(capsys, weights, test_split, plain):
+    no_meta = weights.parent / "no_metadata.safetensors"
+    safetensors.torch.save_file(safetensors.torch.load_file(weights), no_meta)  # e.g. a torch export
+    code, out, err = _run(capsys, "--weights", no_meta, "--model", "simplenet", "--limit", 300, "--json")
+    assert code == 0, err
+    expected = (plain[:300].argmax(1) == test_split.labels[:300]).sum()
+    assert _last_json(out)["correct"] == int(expected)
+
+
+def test_tutorial_normalisation_is_read_from_the_config():
+    assert predict._normalization({"config": {"normalize": "tutorial"}}) == (0.5, 0.5)
+    assert predict._normalization({"config": {"normalize": "dataset"}}) == (data.MEAN, data.STD)
+    assert predict._normalization({}) == (data.MEAN, data.STD)
+
+
+def test_the_script_runs_as_a_program(weights, test_split, plain, tmp_path):
+    Image.fromarray(test_split.images[0].numpy()).save(tmp_path / "x.png")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "predict.py"),
+            "--weights",
+            str(weights),
+            "--images",
+            str(tmp_path / "x.png"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    top = json.loads(proc.stdout.strip().splitlines()[-1])["images"][0]["top3"][0]["class"]
+    assert top == int(plain[0].argmax())
