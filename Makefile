@@ -6,6 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Pinned to the release on this machine's disk; override for another platform.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# A second `make train` continues the run in output/simplenet instead of refusing it.
+TRAIN_ARGS ?= --resume auto
 
 .PHONY: setup data train test lint bench
 setup: $(VENV)/.installed data
@@ -21,7 +23,7 @@ data:
 	@sh scripts/get_data.sh
 
 train: setup
-	$(BIN)/python scripts/train.py $(ARGS)
+	$(BIN)/python scripts/train.py $(TRAIN_ARGS) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -166,3 +166,20 @@ def test_channels_last_gives_the_same_step():
     x = step.normalize_images(_batch(0)[0], channels_last=True)
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(x, step.normalize_images(_batch(0)[0]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_cuda_compiled_step_matches_eager(precision):
+    model, tx, st = _fresh("simplenet", optim.sgd(0.05, momentum=0.9))
+    st = tree.map(lambda t: t.cuda(), st)
+    eager = step.make_train_step(model, None, tx, compile=False, precision=precision)
+    fast = step.make_train_step(model, None, tx, compile=True, precision=precision)
+    a = b = st
+    for i in range(5):
+        batch = tuple(t.cuda() for t in _batch(40 + i, n=128))
+        a, _ = eager(a, batch)
+        b, _ = fast(b, batch)
+    tol = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 3e-2}[precision]  # tf32/bf16 round products differently
+    for k in a.params:
+        torch.testing.assert_close(a.params[k], b.params[k], rtol=tol, atol=tol)
