@@ -1,13 +1,16 @@
 """Command-line front ends: argument parsing, validation and exit codes.
 
-Exit codes: 0 success; 2 usage or input error (bad flag, bad config, missing data,
-bad checkpoint); 130 / 143 interrupted by SIGINT / SIGTERM after saving.
+Exit codes: 0 success (also a run stopped early, e.g. by a non-finite loss); 2 usage
+or input error (bad flag, bad config, missing data, bad checkpoint, a run directory in
+use, a file that cannot be written: disk full, no permission); 130 / 143 interrupted by
+SIGINT / SIGTERM (after saving, when a training step was under way).
 User mistakes print one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -136,6 +139,15 @@ def main_train(argv: Sequence[str] | None = None) -> int:
         config, run = parse_train_args(argv)
     except (UsageError, ConfigError) as exc:
         return _fail(str(exc))
-    from fashion_func import loop  # heavy imports only once the arguments are known good
+    try:
+        from fashion_func import loop  # heavy imports only once the arguments are known good
 
-    return loop.main(config, resume=run["resume"], overwrite=run["overwrite"])
+        return loop.main(config, resume=run["resume"], overwrite=run["overwrite"])
+    except KeyboardInterrupt:
+        # SIGINT outside the loop's handler (importing, loading data): nothing half-done to save
+        print(
+            "train.py: interrupted by SIGINT outside a training step; the run directory keeps "
+            "its last saved checkpoint (continue with --resume auto)",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGINT

@@ -207,27 +207,44 @@ def _plot(records: Sequence[dict[str, Any]], out: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(out: Path) -> Iterator[None]:
+def run_lock(out: Path) -> Iterator[str | None]:
     """Hold `<out>/.lock` for the run; a second run into the same directory is refused.
 
     flock is released by the kernel when the holder dies, so a lock left by a killed
-    run is never mistaken for a live one.
+    run is never mistaken for a live one. Yields the pid a dead holder left in the file
+    (a stale lock, now taken over), or None.
     """
     path = out / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunError(f"cannot write to run directory {out}: {exc.strerror}") from None
+    try:
+        previous = os.pread(fd, 64, 0).decode(errors="replace").strip() or None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
             raise RunError(
-                f"run directory {out} is in use by process {holder}; wait for it or use another --out"
+                f"run directory {out} is in use by process {previous or '(unknown)'}; "
+                "wait for it to finish or use another --out"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
+        try:
+            yield previous
+        finally:
+            # a clean exit empties the file: a pid found in it later was left by a killed run
+            os.ftruncate(fd, 0)
     finally:
         os.close(fd)
+
+
+def _remove_stale_temps(out: Path) -> list[Path]:
+    """Delete temp files a killed run left mid-write (`.<name>.<pid>.tmp`); we hold the lock."""
+    stale = [p for d in (out, out / "checkpoints") for p in d.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 @contextlib.contextmanager
@@ -321,9 +338,21 @@ def fit(
         used by tests to cut a run mid-epoch as a crash would.
     """
     out = cfg.out_dir
-    prepare_out_dir(out, resume=resume, overwrite=overwrite)
-    with run_lock(out):
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot create run directory {out}: {exc.strerror}") from None
+    # Lock before looking inside: a refused second run must not touch, let alone
+    # --overwrite, the files of the run that holds the directory.
+    with run_lock(out) as stale_lock:
+        prepare_out_dir(out, resume=resume, overwrite=overwrite)
         log = _make_logger(out)
+        if stale_lock and stale_lock != str(os.getpid()):
+            log.info(f"process {stale_lock} died holding {out / '.lock'} (killed?); taking the lock over")
+        for p in _remove_stale_temps(out):
+            log.info(f"removed {p}, left by an interrupted write")
         try:
             return _fit_locked(cfg, out, log, resume=resume, callbacks=callbacks, max_steps=max_steps)
         finally:
@@ -464,13 +493,14 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
         cb_states, actions = cbs.dispatch(callbacks, cb_states, event)
         return actions
 
-    stop_reason_begin = carry_out(
-        dispatch(cbs.TrainBegin(start_epoch=start_epoch, total_epochs=cfg.epochs)), 0, True
-    )
-    if stop_reason_begin:
-        stop_reason = stop_reason_begin
-
     with _signals_to_flag() as flag:
+        # Handlers go in before TrainBegin logs "training epochs": from that line on, a
+        # signal is always honoured after the current step.
+        stop_reason_begin = carry_out(
+            dispatch(cbs.TrainBegin(start_epoch=start_epoch, total_epochs=cfg.epochs)), 0, True
+        )
+        if stop_reason_begin:
+            stop_reason = stop_reason_begin
         epoch = start_epoch
         while epoch <= cfg.epochs and stop_reason == "completed":
             order = data.batch_order(n, cfg.seed, epoch).to(device)
@@ -500,14 +530,23 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
                 cut = max_steps is not None and host_step >= max_steps
                 if flag["signum"] is not None or cut:
                     bar.close()
+                    bad_step = int(first_bad)
                     extra = {
                         "epoch": epoch,
                         "batch": b + 1,
                         **{k: v.item() for k, v in acc.items()},
-                        "first_bad": int(first_bad),
+                        "first_bad": bad_step,
                         "elapsed": elapsed_before + time.perf_counter() - t0,
                     }
-                    path = save_last(epoch - 1, extra)
+                    if bad_step >= 0 or not all(bool(torch.isfinite(p).all()) for p in st.params.values()):
+                        # never replace the last good resume point with a diverged state
+                        path = ckpt_dir / LAST
+                        log.error(
+                            f"loss became non-finite at step {bad_step} (epoch {epoch}); "
+                            f"not saving, {path} keeps the state from before it"
+                        )
+                    else:
+                        path = save_last(epoch - 1, extra)
                     if cut:
                         stop_reason = f"max_steps {max_steps} reached"
                         break
@@ -540,8 +579,10 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
                     log.error(f"loss became non-finite at step {int(bad)} (epoch {epoch}); stopping")
                 reason = carry_out(dispatch(cbs.EpochEnd(epoch=epoch, metrics=metrics)), epoch, finite)
                 epochs_run += 1
-                if not finite and reason is None:
-                    reason = f"non-finite loss at step {int(bad)}"
+                if bad >= 0:  # this reason names the step; TerminateOnNaN's names only the epoch
+                    reason = f"non-finite loss at step {int(bad)} (epoch {epoch})"
+                elif not finite and reason is None:
+                    reason = "non-finite parameters"
                 if reason:
                     stop_reason = reason
                     log.info(f"stopping: {reason}")
