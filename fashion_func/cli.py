@@ -26,7 +26,7 @@ from fashion_func.config import (
     load_file,
 )
 
-__all__ = ["UsageError", "build_train_parser", "main_train", "parse_train_args"]
+__all__ = ["UsageError", "build_train_parser", "explicit_train_args", "main_train", "parse_train_args"]
 
 EXIT_USAGE = 2
 
@@ -114,8 +114,12 @@ def _bool(text: str) -> bool:
 RUN_FLAGS = ("config", "resume", "overwrite")
 
 
-def parse_train_args(argv: Sequence[str] | None = None) -> tuple[Config, dict[str, Any]]:
-    """(Config from defaults < config file < flags, run-control options {resume, overwrite})."""
+def explicit_train_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(settings the user gave: `--config` file < flags, run-control options {resume, overwrite}).
+
+    Only what was given appears (the parser's default is SUPPRESS), so a resumed run can
+    tell a flag the user typed from a default.
+    """
     args = vars(build_train_parser().parse_args(argv))
     values: dict[str, Any] = {}
     if "config" in args:
@@ -125,7 +129,46 @@ def parse_train_args(argv: Sequence[str] | None = None) -> tuple[Config, dict[st
         flags["lr_schedule"] = "step"  # giving a step size means asking for StepLR
     values.update(flags)
     run = {"resume": args.get("resume"), "overwrite": args.get("overwrite", False)}
+    return values, run
+
+
+def parse_train_args(argv: Sequence[str] | None = None) -> tuple[Config, dict[str, Any]]:
+    """(Config, run-control options {resume, overwrite}).
+
+    Values come from, in rising priority: the defaults, the config saved in the checkpoint
+    being resumed (`--resume`; none for `auto` before the first checkpoint), a `--config`
+    file, the flags given. So `--resume auto --out X` continues X's run as it was set up,
+    and `--resume auto --out X --epochs 10` only raises its epoch count.
+    """
+    values, run = explicit_train_args(argv)
+    if run["resume"]:
+        values = _with_checkpoint_config(values, run["resume"])
     return Config.from_dict(values), run
+
+
+def _with_checkpoint_config(values: dict[str, Any], resume: str) -> dict[str, Any]:
+    """`values` laid over the config saved in the checkpoint that `resume` names."""
+    # heavy imports (torch) only on this path: reading a checkpoint needs them anyway
+    from fashion_func import checkpoint, loop
+
+    # where `auto` looks: the --out given, else the default for the model given
+    out = Config.from_dict({k: values[k] for k in ("out", "model") if k in values}).out_dir
+    try:
+        path = loop.resume_path(out, resume)
+        if path is None:  # `auto` before any checkpoint: a fresh run from the flags
+            return values
+        saved = loop.saved_config(path)
+    except (loop.RunError, checkpoint.CheckpointError) as exc:
+        raise UsageError(str(exc)) from None
+    if "model" in values and values["model"] != saved.get("model"):
+        raise UsageError(
+            f"--model {values['model']} does not match checkpoint {path}, which holds a "
+            f"{saved.get('model')} model; leave out --model to resume it"
+        )
+    merged = {**saved, **values}
+    if resume == "auto":
+        merged["out"] = str(out)  # the run goes on in the directory its checkpoint was found in
+    return merged
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:

@@ -1,7 +1,8 @@
 """The run configuration: one frozen dataclass, validated on construction.
 
-Values come from, in rising priority: the defaults here, a `--config FILE` (JSON or
-TOML), and command-line flags (`cli.parse_config`).
+Values come from, in rising priority: the defaults here, the config saved in a checkpoint
+being resumed, a `--config FILE` (JSON or TOML), and command-line flags
+(`cli.parse_train_args`).
 """
 
 from __future__ import annotations

@@ -186,6 +186,7 @@ def _plot(records: Sequence[dict[str, Any]], out: Path) -> None:
     import io
 
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in records]
     for name, ylabel in (("loss", "cross-entropy loss"), ("acc", "accuracy")):
@@ -196,6 +197,7 @@ def _plot(records: Sequence[dict[str, Any]], out: Path) -> None:
                 values = [cbs.decode_float(r.get(key)) for r in records]
                 ax.plot(epochs, [math.nan if v is None else v for v in values], marker="o", label=split)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5 ticks
         ax.set_ylabel(ylabel)
         ax.set_title(f"{'Loss' if name == 'loss' else 'Accuracy'} per epoch")
         ax.grid(True, alpha=0.3)
@@ -323,6 +325,18 @@ def resume_path(out: Path, resume: str | None) -> Path | None:
     return p
 
 
+def saved_config(path: Path) -> dict[str, Any]:
+    """The config values a checkpoint was written with (its metadata 'config').
+
+    Reads only the file's header. CheckpointError for a bad file, RunError when it has
+    no config (not written by `fit`).
+    """
+    values = checkpoint.read_metadata(path).get("config")
+    if not isinstance(values, dict):
+        raise RunError(f"checkpoint {path} holds no run config; it was not written by train.py")
+    return values
+
+
 def fit(
     cfg: Config,
     *,
@@ -373,10 +387,19 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
     callbacks = build_callbacks(cfg) if callbacks is None else callbacks
     cb_states = {cb.name: cb.init() for cb in callbacks}
     start_epoch, in_epoch = 1, None
+    # The lr as last set, exactly as the schedule gave it: it is what history and TensorBoard
+    # show (the optimizer state holds it as a float32 tensor, which would log 0.0010000000474974513).
+    lr_host = cfg.lr
 
     log.info(f"seed {cfg.seed}, device {device}, data {train.source}")
     log.info(f"train {len(train.labels)} examples, validation {len(val.labels)} (test set)")
     if from_path is not None:
+        saved_model = checkpoint.read_metadata(from_path).get("model")
+        if saved_model is not None and saved_model != cfg.model:
+            raise RunError(
+                f"checkpoint {from_path} holds a {saved_model} model, not {cfg.model}; "
+                f"resume it with --model {saved_model}"
+            )
         st, meta = checkpoint.load_state(from_path, st)
         saved = meta.get("callbacks", {})
         cb_states = {cb.name: saved.get(cb.name, cb.init()) for cb in callbacks}
@@ -384,6 +407,15 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
         in_epoch = meta.get("in_epoch")
         where = f"epoch {start_epoch}" + (f", batch {in_epoch['batch']}" if in_epoch else "")
         log.info(f"resumed from {from_path} at step {int(st.step)} ({where})")
+        lr_host = float(meta["lr"]) if "lr" in meta else float(optim.get_hyperparam(st.opt_state, "lr"))
+        saved_lr = meta.get("config", {}).get("lr")
+        if saved_lr is not None and cfg.lr != saved_lr:
+            # an --lr given on resume replaces the checkpoint's (schedules restart from it too)
+            st = st.replace(opt_state=optim.set_hyperparam(st.opt_state, "lr", cfg.lr))
+            lr_host = cfg.lr
+            log.info(f"lr set to {cfg.lr} (the checkpoint's run used {saved_lr})")
+        if start_epoch > cfg.epochs:
+            log.info(f"the checkpoint is past epoch {cfg.epochs} (--epochs); nothing to train")
     elif resume == "auto":
         log.info(f"no checkpoint in {ckpt_dir}; starting fresh")
 
@@ -405,18 +437,29 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
     if cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tensorboard"))
+        # purge_step: events at epochs >= start_epoch left by an earlier attempt (one that died
+        # after logging an epoch but before its last.safetensors) are dropped, not shown twice
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch)
 
     n = len(train.labels)
     bs = cfg.batch_size
     steps_per_epoch = math.ceil(n / bs)
-    history: list[dict[str, Any]] = []
+    # a resumed run that trains nothing still reports the history it continues
+    history: list[dict[str, Any]] = next(
+        (list(cb_states[cb.name]["history"]) for cb in callbacks if isinstance(cb, cbs.TrainingMonitor)), []
+    )
     best: dict[str, Any] | None = None
     stop_reason = "completed"
     epochs_run = 0
 
     def meta(epoch_done: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        m = {"epoch": epoch_done, "config": cfg.to_dict(), "callbacks": cb_states, "model": cfg.model}
+        m = {
+            "epoch": epoch_done,
+            "config": cfg.to_dict(),
+            "callbacks": cb_states,
+            "model": cfg.model,
+            "lr": lr_host,
+        }
         if extra:
             m["in_epoch"] = extra
         return m
@@ -437,22 +480,22 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
         }
 
     def carry_out(actions: list[Any], epoch: int, finite: bool) -> str | None:
-        """Apply actions in a safe order; returns a stop reason or None."""
-        nonlocal st, best, history
+        """Apply actions in list order, except hyperparameters first and Stop last.
+
+        Returns a stop reason or None. List order matters: ModelCheckpoint saves a newcomer
+        before deleting the file it evicts and writes "last" after everything else, so a
+        crash in between never loses a kept file nor records an unwritten one. Hyperparameters
+        go first so that a checkpoint written for this event holds the lr its callback states
+        already record.
+        """
+        nonlocal st, best, history, lr_host
         reason = None
-        order = {
-            cbs.SetHyperparam: 0,
-            cbs.LogMessage: 1,
-            cbs.LogScalars: 1,
-            cbs.WriteHistory: 1,
-            cbs.PlotHistory: 1,
-            cbs.DeleteCheckpoint: 2,
-            cbs.SaveCheckpoint: 3,
-            cbs.Stop: 4,
-        }
-        for a in sorted(actions, key=lambda a: order.get(type(a), 1)):
+        order = {cbs.SetHyperparam: 0, cbs.Stop: 2}
+        for a in sorted(actions, key=lambda a: order.get(type(a), 1)):  # stable: list order kept
             if isinstance(a, cbs.SetHyperparam):
                 st = st.replace(opt_state=optim.set_hyperparam(st.opt_state, a.name, a.value))
+                if a.name == "lr":
+                    lr_host = float(a.value)
             elif isinstance(a, cbs.LogMessage):
                 log.info(a.text)
             elif isinstance(a, cbs.LogScalars) and writer is not None:
@@ -515,7 +558,7 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
                 first_bad = torch.tensor(int(in_epoch["first_bad"]), dtype=torch.int64, device=device)
                 elapsed_before = float(in_epoch["elapsed"])
             in_epoch = None
-            lr_now = float(optim.get_hyperparam(st.opt_state, "lr"))
+            lr_now = lr_host
             t0 = time.perf_counter()
             bar = _progress(cfg, epoch, steps_per_epoch, first_batch)
             host_step = int(st.step)  # mirrors st.step on the host, so checking it costs no sync
