@@ -97,7 +97,12 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-gamma", type=_float, help="StepLR / plateau decay factor (default 0.1)")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip TensorBoard")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--resume", metavar="PATH|auto", help="continue from a last.safetensors (auto: <out>'s)")
+    p.add_argument(
+        "--resume",
+        metavar="PATH|auto",
+        help="continue from a last.safetensors (auto: <out>'s, if any) with the settings saved in it; "
+        "flags given override them (--epochs is the new total)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     return p
 
