@@ -61,29 +61,55 @@ RUN_ARGS = [
 ]  # fmt: skip
 # One thread: the same arithmetic in every process (and less contention on a shared CPU).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-START_MARK = re.compile(r"(training|resuming at) epochs")
 
-# Runs scripts/train.py in this process. With FF_TEST_STOP_AT_SAVE=N the process stops
-# itself (SIGSTOP) inside its N-th write of last.safetensors: the temp file is complete
-# and not yet renamed over the old one. The test then SIGKILLs it there, so "killed
-# during a checkpoint write" happens every time instead of by luck. Nothing in the
-# package knows about this hook.
+# Runs scripts/train.py in this process and can make it stop itself (SIGSTOP) at an exact
+# point, where the test then kills or signals it: a fast machine cannot outrun the kill.
+# FF_TEST_STOP_AT_SAVE=N: inside the N-th write of last.safetensors, the temp file complete
+# and not yet renamed over the old one. FF_TEST_STOP_AT_STEP=K: right after the K-th
+# training step of this process, before the loop sees its result. Nothing in the package
+# knows about these hooks.
 WRAPPER = """\
 import os, runpy, signal, sys
 
 train, *args = sys.argv[1:]
-stop_at = int(os.environ.get("FF_TEST_STOP_AT_SAVE", "0"))
-if stop_at:
-    real_fsync, seen = os.fsync, [0]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(train))))
+
+
+def stop_here():
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+stop_save = int(os.environ.get("FF_TEST_STOP_AT_SAVE", "0"))
+if stop_save:
+    real_fsync, saves = os.fsync, [0]
 
     def fsync(fd):
         if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".last.safetensors."):
-            seen[0] += 1
-            if seen[0] == stop_at:
-                os.kill(os.getpid(), signal.SIGSTOP)
+            saves[0] += 1
+            if saves[0] == stop_save:
+                stop_here()
         return real_fsync(fd)
 
     os.fsync = fsync
+stop_step = int(os.environ.get("FF_TEST_STOP_AT_STEP", "0"))
+if stop_step:
+    from fashion_func import step  # patched before fashion_func.loop imports the name
+
+    real_make, steps = step.make_train_step, [0]
+
+    def make_train_step(*a, **k):
+        fn = real_make(*a, **k)
+
+        def counted(*a, **k):
+            out = fn(*a, **k)
+            steps[0] += 1
+            if steps[0] == stop_step:
+                stop_here()
+            return out
+
+        return counted
+
+    step.make_train_step = make_train_step
 sys.argv = [train, *args]
 runpy.run_path(train, run_name="__main__")
 """
@@ -154,12 +180,6 @@ def poll(
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.005)
     return True
-
-
-def starts_logged(out: Path) -> int:
-    """How many runs have logged the start of their epoch loop into `out`/train.log."""
-    log = out / "train.log"
-    return len(START_MARK.findall(log.read_text(errors="replace"))) if log.exists() else 0
 
 
 def is_stopped(pid: int) -> bool:
@@ -237,6 +257,8 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(
     baseline: Path, procs: Procs, tmp_path: Path
 ) -> None:
+    """Seven SIGKILLs (during startup, after a random step, inside a last.safetensors write),
+    each followed by `--resume auto`; the result equals the uninterrupted run bitwise."""
     rng = random.Random(1729)  # fixed: the same kinds, delays and save numbers every run
     out = tmp_path / "victim"
     last = out / "checkpoints" / loop.LAST
@@ -246,47 +268,46 @@ def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(
     kills: list[tuple[str, int]] = []  # (kind, epochs in last.safetensors after the kill)
     epochs_done = 0
     for kind in kinds:
-        remaining = EPOCHS - epochs_done
-        if remaining == 1 and kind == "train":
-            kind = "save"  # a timed kill might come too late in a run with one epoch left
-        env = {}
-        if kind == "save":
-            # The N-th save of this launch: at least the second while two epochs remain, so
-            # killing at writes also makes progress; the first (and only) one when one remains.
-            env["FF_TEST_STOP_AT_SAVE"] = str(rng.randint(min(2, remaining), remaining))
-        starts = starts_logged(out)
+        remaining = EPOCHS - epochs_done  # never 0: no kill below lets the last epoch be saved
+        env, expect = {}, None
+        if kind == "train":
+            # mid-epoch at a random step of what remains (at most the last step of the run,
+            # before that epoch's save)
+            k = rng.randint(1, remaining * STEPS_PER_EPOCH)
+            env["FF_TEST_STOP_AT_STEP"] = str(k)
+            expect = epochs_done + (k - 1) // STEPS_PER_EPOCH
+        elif kind == "save":
+            # the N-th save of this launch: at least the second while two epochs remain, so
+            # killing at writes also makes progress; the first (and only) one when one remains
+            n = rng.randint(min(2, remaining), remaining)
+            env["FF_TEST_STOP_AT_SAVE"] = str(n)
+            expect = epochs_done + n - 1
         proc = procs.launch(out, "--resume", "auto", env=env)
         if kind == "startup":
-            delay = rng.uniform(0.2, 4.0)  # imports, data loading, config/summary writes
-        elif kind == "train":
-            alive = poll(lambda n=starts: starts_logged(out) > n, proc, "the epoch loop to start")
-            assert alive, procs.output(proc)
-            delay = rng.uniform(0.0, 0.3)
+            # imports, data loading, config/summary writes: well before the first step
+            # (importing torch alone takes longer than this)
+            time.sleep(rng.uniform(0.05, 1.0))
         else:
-            alive = poll(lambda p=proc: is_stopped(p.pid), proc, "a stop inside a checkpoint write")
+            alive = poll(lambda p=proc: is_stopped(p.pid), proc, f"the {kind} stop")
             assert alive, procs.output(proc)
-            delay = 0.0
+        if kind == "save":
             # stopped mid-write: the new file is complete under its temp name, not yet in place
             assert (out / "checkpoints" / f".{loop.LAST}.{proc.pid}.tmp").is_file()
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-        rc = proc.wait(timeout=30)
-        assert rc in (-signal.SIGKILL, 0), procs.output(proc)
-        if rc == 0:
-            break  # finished before the kill came; the comparison below still applies
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL, procs.output(proc)
         # whatever the moment, what is on disk is a complete, valid resume point ...
         if last.exists():
             st, meta = checkpoint.load_state(last, tmpl)
             assert int(st.step) == meta["epoch"] * STEPS_PER_EPOCH
-            # ... and progress once saved is never lost
-            assert meta["epoch"] >= epochs_done
+            # ... holding every epoch finished before the kill: progress is never lost
+            if expect is None:
+                assert meta["epoch"] >= epochs_done
+            else:
+                assert meta["epoch"] == expect, (kind, env)
             epochs_done = meta["epoch"]
         kills.append((kind, epochs_done))
 
-    assert len(kills) >= 5, kills
-    assert sum(k == "save" for k, _ in kills) >= 2, kills
+    assert len(kills) == 7 and sum(k == "save" for k, _ in kills) == 2, kills
     assert epochs_done >= 1, kills  # some relaunch resumed from a checkpoint, not from scratch
 
     rc, stdout, err = procs.finish(procs.launch(out, "--resume", "auto"))
@@ -305,11 +326,16 @@ def interrupt_and_resume(
     baseline: Path,
     while_running: Callable[[subprocess.Popen[bytes]], None] | None = None,
 ) -> None:
-    proc = procs.launch(out)
-    assert poll(lambda: starts_logged(out) > 0, proc, "the epoch loop to start"), procs.output(proc)
+    """Send `sig` to a run mid-epoch: it saves, exits 128 + sig, and `--resume auto` then
+    ends equal to the uninterrupted run. `while_running(proc)` runs before the signal."""
+    # Training is under way: the run stops itself after step 11 (epoch 2, batch 3); the
+    # signal is sent while it is stopped and handled as soon as it continues.
+    proc = procs.launch(out, env={"FF_TEST_STOP_AT_STEP": "11"})
+    assert poll(lambda: is_stopped(proc.pid), proc, "step 11"), procs.output(proc)
     if while_running is not None:
         while_running(proc)
     proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
     rc, stdout, err = procs.finish(proc)
     last = out / "checkpoints" / loop.LAST
     assert rc == 128 + sig, (stdout, err)
@@ -318,8 +344,7 @@ def interrupt_and_resume(
     # the current step finished and its state went to last.safetensors, mid-epoch
     st, meta = checkpoint.load_state(last, template())
     in_epoch = meta["in_epoch"]
-    assert in_epoch["epoch"] == meta["epoch"] + 1 and 1 <= in_epoch["batch"] <= STEPS_PER_EPOCH
-    assert int(st.step) == meta["epoch"] * STEPS_PER_EPOCH + in_epoch["batch"]
+    assert (meta["epoch"], in_epoch["epoch"], in_epoch["batch"], int(st.step)) == (1, 2, 3, 11)
 
     rc, stdout, err = procs.finish(procs.launch(out, "--resume", "auto"))
     assert rc == 0, err
@@ -353,7 +378,7 @@ def test_busy_run_dir_is_refused_then_sigterm_exits_143_and_resumes_bitwise(
             )
         # refused before touching anything: --overwrite did not delete the live run's files
         assert (out / "config.json").read_bytes() == config and (out / "train.log").exists()
-        assert proc.poll() is None  # still running, still ours to interrupt
+        assert proc.poll() is None  # still there (stopped), still ours to interrupt
 
     interrupt_and_resume(signal.SIGTERM, procs, out, baseline, while_running=second_run)
 
