@@ -77,7 +77,12 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder holding the four Fashion-MNIST IDX files (.gz or raw)")
     p.add_argument("--out", help="run directory (default output/<model>)")
     p.add_argument("--device", help=f"one of {', '.join(DEVICES)} (default auto: CUDA if present)")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="run the step eagerly")
+    p.add_argument(
+        "--compile", choices=("auto", "on", "off"), help="torch.compile the step (default auto: on CUDA)"
+    )
+    p.add_argument(
+        "--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off"
+    )
     p.add_argument("--precision", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
     p.add_argument("--normalize", help="dataset (mean/std of the train set, default) or tutorial (0.5/0.5)")
     p.add_argument("--limit-train", type=_int, help="use the first N training examples")

@@ -23,6 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16")
 SCHEDULES = ("constant", "step", "cosine", "plateau")
 NORMALIZE = ("dataset", "tutorial")
+COMPILE = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -46,7 +47,7 @@ class Config:
     data_dir: str | None = None
     out: str | None = None
     device: str = "auto"
-    compile: bool = True
+    compile: str = "auto"  # auto: compile where it measured faster (CUDA); on; off
     precision: str = "fp32"
     normalize: str = "dataset"
     limit_train: int | None = None
@@ -67,6 +68,8 @@ class Config:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):  # compile=True/False (API, JSON files) means on/off
+            object.__setattr__(self, "compile", "on" if self.compile else "off")
         errors = self.validate()
         if errors:
             raise ConfigError(errors[0])
@@ -85,6 +88,7 @@ class Config:
         choice("precision", self.precision, PRECISIONS)
         choice("lr_schedule", self.lr_schedule, SCHEDULES)
         choice("normalize", self.normalize, NORMALIZE)
+        choice("compile", self.compile, COMPILE)
         choice("mode", self.mode, ("min", "max"))
         for name in ("epochs", "batch_size", "eval_batch_size", "every_n_epochs", "lr_step_size"):
             if getattr(self, name) < 1:

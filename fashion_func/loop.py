@@ -149,6 +149,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_compile(setting: str, device: torch.device) -> bool | str:
+    """How to torch.compile the step: `auto` compiles all of it on CUDA, only the
+    optimizer update on CPU.
+
+    On CPU a fully compiled step measured several times slower than eager (inductor's
+    CPU convolution backward), while compiling just the update fuses its elementwise
+    passes (about 6x faster than eager) and takes a few seconds to build.
+    """
+    if setting == "auto":
+        return True if device.type == "cuda" else "update"
+    return setting == "on"
+
+
 def _stats(cfg: Config) -> tuple[float, float]:
     return (data.MEAN, data.STD) if cfg.normalize == "dataset" else (data.TUTORIAL_MEAN, data.TUTORIAL_STD)
 
@@ -425,13 +438,15 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
     log.info(text.rstrip())
 
     mean, std = _stats(cfg)
+    use_compile = resolve_compile(cfg.compile, device)
     if cfg.precision == "tf32" and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    train_step = make_train_step(
-        model, None, tx, compile=cfg.compile, precision=cfg.precision, mean=mean, std=std
-    )
-    eval_step = make_eval_step(model, compile=cfg.compile, precision=cfg.precision, mean=mean, std=std)
+    # NHWC activations: oneDNN's CPU convolutions and pooling run faster in that layout;
+    # on CUDA it measured no different (ANCHORS.md), so the plain layout stays there.
+    fast = {"precision": cfg.precision, "mean": mean, "std": std, "channels_last": device.type == "cpu"}
+    train_step = make_train_step(model, None, tx, compile=use_compile, **fast)
+    eval_step = make_eval_step(model, compile=use_compile is True, **fast)
 
     writer = None
     if cfg.tensorboard:

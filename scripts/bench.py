@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     ap.add_argument("--precisions", default="fp32", help="fashion_func precisions to time, e.g. fp32,bf16")
-    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="fashion_func row's step")
+    ap.add_argument(
+        "--compile", choices=("auto", "on", "off"), default="auto", help="fashion_func row's step"
+    )
     ap.add_argument("--no-compile", dest="compile", action="store_const", const="off")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     ap.add_argument("--row", help=argparse.SUPPRESS)
