@@ -99,6 +99,27 @@ def _pool(name: str, k: int = 2) -> Stage:
     return Stage(name, lambda p, x, train, key: nn.max_pool(x, k))
 
 
+def _flatten_dense(name: str, *, relu: bool) -> Stage:
+    """Flatten `[B, C, H, W]` in C-major order (as `torch.flatten(x, 1)`), then a dense layer.
+
+    One stage, so that NHWC activations never need a transposing copy: for a channels-last
+    input the weight's columns are reordered to (h w c) instead, a view of the activation
+    meets a small weight copy, and the gradient flows back NHWC as well.
+    """
+
+    def fn(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
+        weight, bias = p[f"{name}.weight"], p[f"{name}.bias"]
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            _, c, h, w = x.shape
+            weight = rearrange(weight, "o (c h w) -> o (h w c)", c=c, h=h, w=w)
+            y = nn.linear(rearrange(x, "b c h w -> b (h w c)"), weight, bias)
+        else:
+            y = nn.linear(rearrange(x, "b ... -> b (...)"), weight, bias)
+        return nn.relu(y) if relu else y
+
+    return Stage(name, fn)
+
+
 def _flatten(name: str = "flatten") -> Stage:
     # [B, C, H, W] -> [B, C*H*W] in C-major order, as torch.flatten(x, 1) does
     return Stage(name, lambda p, x, train, key: rearrange(x, "b ... -> b (...)"))
@@ -146,14 +167,13 @@ def simplenet(num_classes: int = 10) -> Model:
     """The reference network (DESIGN.md): 1,199,882 parameters for 10 classes.
 
     conv1 3x3 1->32, ReLU [B,32,26,26]; conv2 3x3 32->64 [B,64,24,24]; max-pool 2,
-    ReLU [B,64,12,12] (pool and ReLU commute; this order is cheaper); flatten [B,9216];
-    fc1 9216->128, ReLU; fc2 128->classes.
+    ReLU [B,64,12,12] (pool and ReLU commute; this order is cheaper); fc1: flatten [B,9216],
+    9216->128, ReLU; fc2 128->classes.
     """
     stages = (
         _conv("conv1"),
         *_conv_pool_relu("conv2", "pool"),
-        _flatten(),
-        _dense("fc1", relu=True),
+        _flatten_dense("fc1", relu=True),
         _dense("fc2", relu=False),
     )
     init = _init_layers(
@@ -181,9 +201,9 @@ def alexnet(num_classes: int = 10, dropout: float = 0.5) -> Model:
         _conv("conv3", padding=1),
         _conv("conv4", padding=1),
         *_conv_pool_relu("conv5", "pool3", padding=1),
-        _flatten(),
+        # dropout before the flatten is the same elementwise mask (logical index order)
         _dropout("dropout1", dropout, salt=1),
-        _dense("fc1", relu=True),
+        _flatten_dense("fc1", relu=True),
         _dropout("dropout2", dropout, salt=2),
         _dense("fc2", relu=True),
         _dense("fc3", relu=False),
