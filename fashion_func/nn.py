@@ -72,8 +72,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def conv2d(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride: int = 1, padding: int = 0
 ) -> Tensor:
-    """2-d convolution, weight OIHW as in `nn.Conv2d`."""
-    return F.conv2d(x, weight, bias, stride=stride, padding=padding)
+    """2-d convolution, weight OIHW as in `nn.Conv2d`; NHWC inputs give NHWC outputs."""
+    y = F.conv2d(x, weight, bias, stride=stride, padding=padding)
+    # A one-channel input is NCHW- and NHWC-contiguous at once and PyTorch then returns
+    # NCHW, turning an NHWC network NCHW after its first layer (copies in every backward).
+    # An input explicitly strided NHWC (stride 1 along C) asks for NHWC: keep it.
+    if x.dim() == 4 and x.shape[1] == 1 and x.stride(1) == 1 and x.shape[2] * x.shape[3] > 1:
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y
 
 
 def max_pool(x: Tensor, kernel_size: int, stride: int | None = None) -> Tensor:

@@ -46,9 +46,13 @@ def normalize_images(
     channels_last: lay the result out NHWC in memory (same shape and values); the
     convolutions then keep that layout, which oneDNN runs faster on CPU.
     """
-    x = rearrange(images, "b h w -> b 1 h w").to(torch.float32)
-    x = (x * (1.0 / 255.0) - mean) * (1.0 / std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    # NHWC: [B, H, W, 1] in memory viewed as [B, 1, H, W], stride 1 along C, which
+    # nn.conv2d reads as a request for NHWC outputs (one channel is otherwise ambiguous)
+    if channels_last:
+        x = rearrange(rearrange(images, "b h w -> b h w 1"), "b h w c -> b c h w")
+    else:
+        x = rearrange(images, "b h w -> b 1 h w")
+    return (x.to(torch.float32) * (1.0 / 255.0) - mean) * (1.0 / std)
 
 
 def _nhwc_weights(params: Params) -> Params:

@@ -140,3 +140,13 @@ def test_uniform_is_uniform_and_key_dependent():
     assert torch.all((hist - 0.1).abs() < 0.005)
     assert not torch.equal(u, nn.uniform(torch.tensor(12), (100_000,)))
     assert not torch.equal(nn.fold_in(torch.tensor(1), 2), nn.fold_in(torch.tensor(2), 1))
+
+
+def test_one_channel_nhwc_input_keeps_the_network_nhwc():
+    # [B, 1, H, W] is NCHW- and NHWC-contiguous at once; an explicit NHWC stride asks for NHWC
+    x = torch.randn(2, 28, 28, 1).permute(0, 3, 1, 2)
+    w, b = nn.init_conv2d(torch.Generator().manual_seed(0), 1, 4, 3)
+    y = nn.conv2d(x, w, b)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x.contiguous(), w, b))
+    assert nn.conv2d(x.contiguous(), w, b).is_contiguous()  # plain input, plain output
