@@ -227,9 +227,10 @@ def test_config_json_and_summary(straight):
         ("fc2.bias", [10], 10),
     ]:
         assert re.search(rf"^{re.escape(name)}\s+{re.escape(str(shape))}\s+{count:,}$", text, re.M), name
-    for stage, shape in [("conv1", [32, 26, 26]), ("conv2", [64, 24, 24]), ("pool", [64, 12, 12])]:
-        assert re.search(rf"^{stage}\s+{re.escape(str(['B', *shape]))}", text, re.M), stage
-    assert re.search(r"^flatten\s+\['B', 9216\]", text, re.M)
+    stages = [("conv1", [32, 26, 26]), ("conv2", [64, 24, 24]), ("pool", [64, 12, 12]),
+              ("conv2.relu", [64, 12, 12]), ("fc1", [128]), ("fc2", [10])]  # fmt: skip
+    for stage, shape in stages:  # fc1 flattens its input itself (no transposing copy for NHWC)
+        assert re.search(rf"^{re.escape(stage)}\s+{re.escape(str(['B', *shape]))}", text, re.M), stage
     assert "total parameters: 1,199,882" in text
     # conv1 26*26*32*9*2 + conv2 24*24*64*32*9*2 + fc1 9216*128*2 + fc2 128*10*2 (multiply-add = 2)
     assert f"forward FLOPs per example: {389_376 + 21_233_664 + 2_359_296 + 2_560:,}" in text
