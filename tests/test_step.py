@@ -199,3 +199,16 @@ def test_compiling_only_the_update_equals_eager():
     assert int(b.step) == 3
     with pytest.raises(ValueError, match="compile must be"):
         step.make_train_step(model, None, tx, compile="sometimes")
+
+
+def test_cpu_allocator_tuning_applies_on_glibc_linux():
+    import platform
+    import sys
+
+    from fashion_func import loop
+
+    applied = loop.keep_freed_memory_in_heap()
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert applied is True
+    else:
+        assert applied is False
