@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from torch import nn as tnn
+from reference import SimpleNet
 
 from fashion_func import checkpoint, cli, data, loop
 from fashion_func.config import Config, ConfigError
@@ -27,23 +27,6 @@ SMALL = [
     "--model", "mlp", "--epochs", "1", "--batch-size", "128", "--limit-train", "256",
     "--limit-val", "200", "--device", "cpu", "--no-compile", "--no-progress", "--no-tensorboard",
 ]  # fmt: skip
-
-
-class SimpleNet(tnn.Module):
-    """The reference network of DESIGN.md as a plain nn.Module."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = tnn.Conv2d(1, 32, 3)
-        self.conv2 = tnn.Conv2d(32, 64, 3)
-        self.fc1 = tnn.Linear(9216, 128)
-        self.fc2 = tnn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv1(x))
-        x = torch.relu(self.conv2(x))
-        x = torch.flatten(torch.max_pool2d(x, 2), 1)
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:

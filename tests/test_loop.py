@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from torch import nn as tnn
+from reference import SimpleNet
 
 from fashion_func import callbacks as cbs
 from fashion_func import checkpoint, data, loop, optim, tree
@@ -66,23 +66,6 @@ TB_TAGS = {
     "lr": "lr",
     "epoch_time_s": "epoch_time_s",
 }
-
-
-class SimpleNet(tnn.Module):
-    """The reference network of DESIGN.md as a plain nn.Module."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = tnn.Conv2d(1, 32, 3)
-        self.conv2 = tnn.Conv2d(32, 64, 3)
-        self.fc1 = tnn.Linear(9216, 128)
-        self.fc2 = tnn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv1(x))
-        x = torch.relu(self.conv2(x))
-        x = torch.flatten(torch.max_pool2d(x, 2), 1)
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
-from torch import nn as tnn
+from reference import SimpleNet
 
 from fashion_func import checkpoint, data, models, optim, predict, step
 from fashion_func import state as state_lib
@@ -21,24 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 N_EVAL = 1000
 
 
-class PlainSimpleNet(tnn.Module):
-    """SimpleNet written out independently of the library (DESIGN.md's reference network)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = tnn.Conv2d(1, 32, 3)
-        self.conv2 = tnn.Conv2d(32, 64, 3)
-        self.fc1 = tnn.Linear(9216, 128)
-        self.fc2 = tnn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        x = torch.flatten(torch.max_pool2d(x, 2), 1)
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def _plain_logits(weights: Path, images_uint8: torch.Tensor) -> torch.Tensor:
-    module = PlainSimpleNet().eval()
+    module = SimpleNet().eval()
     module.load_state_dict(safetensors.torch.load_file(weights))
     x = (images_uint8.float()[:, None] / 255.0 - 0.2860) / 0.3530  # Fashion-MNIST train statistics
     with torch.no_grad():

@@ -1,0 +1,59 @@
+"""Reference `nn.Module`s written out independently of the library, for the tests to compare with.
+
+SimpleNet is DESIGN.md's reference network; TwoLayerNet the tutorial's; AlexNet the
+28x28x1 adaptation documented in `fashion_func.models.alexnet`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn as tnn
+
+
+class TwoLayerNet(tnn.Module):
+    def __init__(self, D_in: int, H: int, D_out: int) -> None:
+        super().__init__()
+        self.linear1 = tnn.Linear(D_in, H)
+        self.linear2 = tnn.Linear(H, D_out)
+
+    def forward(self, x):
+        return self.linear2(self.linear1(torch.flatten(x, 1)).clamp(min=0))
+
+
+class SimpleNet(tnn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = tnn.Conv2d(1, 32, 3)
+        self.conv2 = tnn.Conv2d(32, 64, 3)
+        self.fc1 = tnn.Linear(9216, 128)
+        self.fc2 = tnn.Linear(128, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.flatten(torch.max_pool2d(x, 2), 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class AlexNet(tnn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = tnn.Conv2d(1, 64, 3, padding=1)
+        self.conv2 = tnn.Conv2d(64, 192, 3, padding=1)
+        self.conv3 = tnn.Conv2d(192, 384, 3, padding=1)
+        self.conv4 = tnn.Conv2d(384, 256, 3, padding=1)
+        self.conv5 = tnn.Conv2d(256, 256, 3, padding=1)
+        self.fc1 = tnn.Linear(2304, 1024)
+        self.fc2 = tnn.Linear(1024, 1024)
+        self.fc3 = tnn.Linear(1024, 10)
+        self.drop = tnn.Dropout(0.5)
+
+    def forward(self, x):
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = torch.relu(self.conv3(x))
+        x = torch.relu(self.conv4(x))
+        x = torch.max_pool2d(torch.relu(self.conv5(x)), 2)
+        x = self.drop(torch.flatten(x, 1))
+        x = self.drop(torch.relu(self.fc1(x)))
+        return self.fc3(torch.relu(self.fc2(x)))
