@@ -63,8 +63,13 @@ def scale(tree: Any, s: float | Tensor) -> Any:
 
 
 def global_norm(tree: Any) -> Tensor:
-    """The L2 norm of all leaves taken together, as a 0-d tensor (no host sync)."""
-    return torch.sqrt(sum((t.float() ** 2).sum() for t in leaves(tree)))
+    """The L2 norm of all leaves taken together, as a 0-d tensor (no host sync).
+
+    Computed in the widest leaf dtype, at least float32 (bf16 leaves are upcast).
+    """
+    ts = leaves(tree)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+    return torch.sqrt(sum((t.to(dtype) ** 2).sum() for t in ts))
 
 
 def cast(tree: Any, dtype: torch.dtype) -> Any:
