@@ -465,6 +465,9 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
     use_compile = resolve_compile(cfg.compile, device)
     if device.type == "cpu":
         keep_freed_memory_in_heap()
+        # inductor's CPU backend imports cpp_extension, which warns that there is no CUDA
+        # runtime on a CPU-only machine: true, expected, and noise in every run's output
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     if cfg.precision == "tf32" and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
