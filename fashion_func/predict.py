@@ -32,6 +32,7 @@ from torch.func import vmap
 
 from fashion_func import checkpoint, data, interop, metrics
 from fashion_func.cli import UsageError, _int, _Parser
+from fashion_func.loop import RunError, resolve_device
 from fashion_func.models import Model, Params
 from fashion_func.step import make_eval_step, normalize_images
 
@@ -103,14 +104,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
     return args
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 def _normalization(metadata: dict[str, Any]) -> tuple[float, float]:
@@ -498,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `scripts/predict.py`; returns the process exit code."""
     try:
         args = _parse(argv)
-        device = _device(args.device)
+        device = resolve_device(args.device)
         model, params, metadata = interop.load_weights_file(args.weights, args.model, device=device)
         params = {k: v.float() for k, v in params.items()}  # bf16/fp16 files evaluate in fp32
         mean, std = _normalization(metadata)
@@ -533,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.out:
                 written = _write_outputs(Path(args.out), split, result, report, args.num_samples)
                 print("wrote " + ", ".join(str(p) for p in written))
-    except (UsageError, checkpoint.CheckpointError, data.DataError, ImageError) as e:
+    except (UsageError, RunError, checkpoint.CheckpointError, data.DataError, ImageError) as e:
         return _fail(str(e))
     except OSError as e:  # --out not writable and the like
         return _fail(f"{type(e).__name__}: {e}")
