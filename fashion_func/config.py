@@ -24,6 +24,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 SCHEDULES = ("constant", "step", "cosine", "plateau")
 NORMALIZE = ("dataset", "tutorial")
 COMPILE = ("auto", "on", "off")
+MONITORS = ("val_loss", "val_acc", "val_top5", "train_loss", "train_acc")
 
 
 class ConfigError(ValueError):
@@ -47,7 +48,7 @@ class Config:
     data_dir: str | None = None
     out: str | None = None
     device: str = "auto"
-    compile: str = "auto"  # auto: compile where it measured faster (CUDA); on; off
+    compile: str = "auto"  # auto: the whole step on CUDA, the optimizer update on CPU; on; off
     precision: str = "fp32"
     normalize: str = "dataset"
     limit_train: int | None = None
@@ -76,7 +77,9 @@ class Config:
 
     def validate(self) -> list[str]:
         """Every problem with the values, as one-line messages (empty when valid)."""
-        e: list[str] = []
+        e = self._type_errors()
+        if e:  # ranges below assume the types are right
+            return e
 
         def choice(name: str, value: str, options: tuple[str, ...]) -> None:
             if value not in options:
@@ -102,6 +105,10 @@ class Config:
             e.append(f"--label-smoothing must be below 1, got {self.label_smoothing}")
         if not 0 < self.lr_gamma <= 1:
             e.append(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
+        elif self.lr_schedule == "plateau" and self.lr_gamma == 1:
+            e.append("--lr-gamma must be below 1 with --lr-schedule plateau")
+        if self.monitor not in MONITORS:
+            e.append(f"--monitor must be one of {', '.join(MONITORS)}, not {self.monitor!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             e.append(f"--clip-norm must be positive, got {self.clip_norm}")
         for name in ("limit_train", "limit_val"):
@@ -112,6 +119,28 @@ class Config:
             e.append(f"--patience must be at least 1, got {self.patience}")
         if self.topk < -1 or self.topk == 0:
             e.append(f"--topk must be -1 (keep all) or at least 1, got {self.topk}")
+        return e
+
+    def _type_errors(self) -> list[str]:
+        # values from JSON/TOML files arrive untyped: 64.0 is not a batch size
+        e: list[str] = []
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.type
+            flag = f"--{f.name.replace('_', '-')}"
+            optional = "None" in kind
+            if value is None and optional:
+                continue
+            if "int" in kind and "float" not in kind:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    e.append(f"{flag} must be an integer, got {value!r}")
+            elif "float" in kind:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    e.append(f"{flag} must be a number, got {value!r}")
+            elif "bool" in kind:
+                if not isinstance(value, bool):
+                    e.append(f"{flag} must be true or false, got {value!r}")
+            elif "str" in kind and not isinstance(value, str):
+                e.append(f"{flag} must be a string, got {value!r}")
         return e
 
     @property
@@ -146,6 +175,8 @@ def load_file(path: str | Path) -> dict[str, Any]:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not a text file") from None
     try:
         raw = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -66,11 +67,12 @@ class RunError(Exception):
 class Interrupted(Exception):
     """SIGINT / SIGTERM arrived; the state was saved. `code` is the exit status to use."""
 
-    def __init__(self, signum: int, path: Path) -> None:
+    def __init__(self, signum: int, path: Path, *, saved: bool = True) -> None:
         self.signum = signum
         self.path = path
         self.code = 128 + signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; state saved to {path}")
+        what = "state saved to" if saved else "diverged state not saved; the last good one is in"
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; {what} {path}")
 
 
 @dataclass
@@ -184,6 +186,23 @@ def resolve_compile(setting: str, device: torch.device) -> bool | str:
     if setting == "auto":
         return True if device.type == "cuda" else "update"
     return setting == "on"
+
+
+def _check_same_batches(in_epoch: dict[str, Any], *, n: int, batch_size: int, seed: int) -> None:
+    """A mid-epoch checkpoint continues only with the batches it was cut from."""
+    saved = in_epoch.get("batching")
+    now = {"n": n, "batch_size": batch_size, "seed": seed}
+    if saved is not None and saved != now:
+        diff = ", ".join(f"{k} {saved[k]} (now {now[k]})" for k in now if saved.get(k) != now[k])
+        raise RunError(
+            f"the checkpoint was cut mid-epoch with {diff}; resume with the same --batch-size, "
+            "--limit-train and --seed"
+        )
+
+
+def _smoothed_cross_entropy(logits: Tensor, labels: Tensor, *, smoothing: float) -> Tensor:
+    """Per-example cross-entropy with label smoothing (`--label-smoothing`)."""
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="none", label_smoothing=smoothing)
 
 
 def _stats(cfg: Config) -> tuple[float, float]:
@@ -450,6 +469,9 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
             # an --lr given on resume replaces the checkpoint's (schedules restart from it too)
             st = st.replace(opt_state=optim.set_hyperparam(st.opt_state, "lr", cfg.lr))
             lr_host = cfg.lr
+            for cb in callbacks:  # ReduceLROnPlateau carries its lr in its state: restart it there too
+                if isinstance(cb, cbs.ReduceLROnPlateau):
+                    cb_states[cb.name] = {**cb_states[cb.name], "lr": cbs.encode_float(cfg.lr)}
             log.info(f"lr set to {cfg.lr} (the checkpoint's run used {saved_lr})")
         if start_epoch > cfg.epochs:
             log.info(f"the checkpoint is past epoch {cfg.epochs} (--epochs); nothing to train")
@@ -468,13 +490,18 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
         # inductor's CPU backend imports cpp_extension, which warns that there is no CUDA
         # runtime on a CPU-only machine: true, expected, and noise in every run's output
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    if cfg.precision == "tf32" and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":
+        # TF32 exactly when asked for: cuDNN allows it by default, which would make
+        # "fp32" convolutions TF32 (process-wide flags: the run owns the process)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = cfg.precision == "tf32"
     # NHWC activations: oneDNN's CPU convolutions and pooling run faster in that layout;
     # on CUDA it measured no different (ANCHORS.md), so the plain layout stays there.
     fast = {"precision": cfg.precision, "mean": mean, "std": std, "channels_last": device.type == "cpu"}
-    train_step = make_train_step(model, None, tx, compile=use_compile, **fast)
+    train_loss = None
+    if cfg.label_smoothing > 0:  # training loss only: validation reports plain cross-entropy
+        train_loss = functools.partial(_smoothed_cross_entropy, smoothing=cfg.label_smoothing)
+    train_step = make_train_step(model, train_loss, tx, compile=use_compile, **fast)
     eval_step = make_eval_step(model, compile=use_compile is True, **fast)
 
     writer = None
@@ -597,6 +624,7 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
             first_bad = torch.full((), -1, dtype=torch.int64, device=device)
             elapsed_before = 0.0
             if in_epoch and int(in_epoch["epoch"]) == epoch:
+                _check_same_batches(in_epoch, n=n, batch_size=bs, seed=cfg.seed)
                 first_batch = int(in_epoch["batch"])
                 acc = {k: torch.tensor(in_epoch[k], dtype=v.dtype, device=device) for k, v in acc.items()}
                 first_bad = torch.tensor(int(in_epoch["first_bad"]), dtype=torch.int64, device=device)
@@ -621,15 +649,18 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
                     extra = {
                         "epoch": epoch,
                         "batch": b + 1,
+                        "batching": {"n": n, "batch_size": bs, "seed": cfg.seed},
                         **{k: v.item() for k, v in acc.items()},
                         "first_bad": bad_step,
                         "elapsed": elapsed_before + time.perf_counter() - t0,
                     }
+                    saved = True
                     if bad_step >= 0 or not all(bool(torch.isfinite(p).all()) for p in st.params.values()):
                         # never replace the last good resume point with a diverged state
-                        path = ckpt_dir / LAST
+                        path, saved = ckpt_dir / LAST, False
+                        where = f"at step {bad_step} " if bad_step >= 0 else ""
                         log.error(
-                            f"loss became non-finite at step {bad_step} (epoch {epoch}); "
+                            f"training became non-finite {where}(epoch {epoch}); "
                             f"not saving, {path} keeps the state from before it"
                         )
                     else:
@@ -640,7 +671,7 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
                     log.info(f"interrupted: resume with --resume auto --out {out} (or --resume {path})")
                     if writer is not None:
                         writer.close()
-                    raise Interrupted(flag["signum"], path)
+                    raise Interrupted(flag["signum"], path, saved=saved)
             else:
                 bar.close()
                 loss_sum, correct, count, bad = (

@@ -102,7 +102,8 @@ def dropout(x: Tensor, rate: float, *, key: Tensor | None, train: bool) -> Tenso
     if key is None:
         raise ValueError("dropout in training mode needs a key")
     keep = uniform(key, x.shape) >= rate
-    return torch.where(keep, x / (1.0 - rate), torch.zeros((), dtype=x.dtype, device=x.device))
+    # masked_fill keeps x's memory layout (an NCHW mask first in torch.where would not)
+    return (x / (1.0 - rate)).masked_fill(~keep, 0.0)
 
 
 def _fan_in_uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator, dtype, device) -> Tensor:

@@ -575,3 +575,28 @@ def test_no_tensorboard_and_non_finite_stop(tmp_path):
         assert last_meta(cfg.out_dir)["epoch"] < bad_epoch
     assert "parameters are not finite" in (cfg.out_dir / "train.log").read_text()
     assert not (cfg.out_dir / "tensorboard").exists()
+
+
+def test_label_smoothing_changes_the_training_loss_only(tmp_path):
+    plain = loop.fit(cfg_at(tmp_path / "plain", MLP, epochs=1))
+    smooth = loop.fit(cfg_at(tmp_path / "smooth", MLP, epochs=1, label_smoothing=0.2))
+    # same first batch, different objective: the smoothed loss is larger on a fresh model
+    assert smooth.history[0]["train_loss"] > plain.history[0]["train_loss"]
+    assert not torch.equal(smooth.state.params["linear1.weight"], plain.state.params["linear1.weight"])
+
+
+def test_mid_epoch_resume_refuses_other_batches(tmp_path):
+    out = tmp_path / "run"
+    loop.fit(cfg_at(out, MLP, batch_size=64, epochs=2), max_steps=2)  # cut inside epoch 1 (4 steps)
+    with pytest.raises(loop.RunError, match="batch_size 64 \\(now 32\\)"):
+        loop.fit(cfg_at(out, MLP, batch_size=32, epochs=2), resume="auto")
+    resumed = loop.fit(cfg_at(out, MLP, batch_size=64, epochs=2), resume="auto")
+    assert resumed.epochs_run == 2
+
+
+def test_plateau_lr_given_on_resume_is_the_lr_used(tmp_path):
+    out = tmp_path / "run"
+    base = {**MLP, "lr_schedule": "plateau", "epochs": 1}
+    loop.fit(cfg_at(out, base))
+    resumed = loop.fit(cfg_at(out, base, epochs=2, lr=5e-4), resume="auto")
+    assert resumed.history[-1]["lr"] == pytest.approx(5e-4)

@@ -100,3 +100,11 @@ def test_one_channel_nhwc_input_keeps_the_network_nhwc():
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
     torch.testing.assert_close(y, torch.nn.functional.conv2d(x.reshape(2, 1, 28, 28).clone(), w, b))
     assert nn.conv2d(torch.randn(2, 1, 28, 28), w, b).is_contiguous()  # plain input, plain output
+
+
+def test_dropout_keeps_the_memory_layout():
+    x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    y = nn.dropout(x, 0.5, key=torch.tensor(3), train=True)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.5)
