@@ -102,8 +102,16 @@ def dropout(x: Tensor, rate: float, *, key: Tensor | None, train: bool) -> Tenso
     if key is None:
         raise ValueError("dropout in training mode needs a key")
     keep = uniform(key, x.shape) >= rate
-    # masked_fill keeps x's memory layout (an NCHW mask first in torch.where would not)
-    return (x / (1.0 - rate)).masked_fill(~keep, 0.0)
+    # the mask is drawn in logical (NCHW) order; laid out like x, the result keeps x's
+    # memory layout (NHWC activations would otherwise turn NCHW here)
+    keep = keep.contiguous(memory_format=_layout_of(x))
+    return torch.where(keep, x / (1.0 - rate), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _layout_of(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _fan_in_uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator, dtype, device) -> Tensor:
