@@ -55,19 +55,6 @@ def normalize_images(
     return (x.to(torch.float32) * (1.0 / 255.0) - mean) * (1.0 / std)
 
 
-def _nhwc_weights(params: Params) -> Params:
-    """4-d (conv) weights laid out NHWC, so each convolution keeps activations NHWC.
-
-    With one input channel the first activation is both NCHW- and NHWC-contiguous, and
-    the convolution follows its weight's layout: NCHW weights would silently turn the
-    whole network back to NCHW. Copies are small (weights, not activations) and the
-    gradients flow back to the caller's NCHW tensors.
-    """
-    return {
-        k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in params.items()
-    }
-
-
 def _autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
@@ -118,7 +105,7 @@ def make_train_step(
 
         def loss_and_aux(p: Params):
             with _autocast(precision, dev):
-                logits = model.apply(_nhwc_weights(p) if channels_last else p, x, train=True, key=key)
+                logits = model.apply(p, x, train=True, key=key)
             losses = per_example(logits.float(), labels)  # [B]
             return losses.mean(), (losses, logits)
 
@@ -181,7 +168,7 @@ def make_eval_step(
     def core(params: Params, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         x = normalize_images(images, mean, std, channels_last=channels_last)
         with torch.no_grad(), _autocast(precision, images.device.type):
-            logits = model.apply(_nhwc_weights(params) if channels_last else params, x, train=False).float()
+            logits = model.apply(params, x, train=False).float()
         k = min(topk, logits.shape[-1])
         top = logits.topk(k, dim=-1).indices
         pred = top[:, 0]
