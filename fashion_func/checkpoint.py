@@ -498,24 +498,32 @@ def _decode_tensors(data: bytes, header: _Header, name: str) -> dict[str, Tensor
     return tensors
 
 
-def _read_file(path: str | os.PathLike[str]) -> tuple[bytes, str]:
+def _read(path: str | os.PathLike[str], *, header_only: bool) -> tuple[bytes, int, str]:
+    """(bytes, file size, name): the whole file, or only its length prefix and header.
+
+    The length prefix is checked before anything else is read: a multi-gigabyte file
+    that is not a safetensors file fails without being read.
+    """
     name = str(path)
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise _fail(name, "not a regular file")
-            # Check the length prefix before reading everything: a multi-gigabyte file that
-            # is not a safetensors file fails without being read.
-            _header_length(f.read(8), st.st_size, name)
-            f.seek(0)
-            data = f.read()
+            first = f.read(8)
+            n = _header_length(first, st.st_size, name)
+            data = first + (f.read(n) if header_only else f.read())
     except IsADirectoryError:
         raise _fail(name, "not a regular file (a directory)") from None
     except FileNotFoundError:
         raise _fail(name, "no such file") from None
     except OSError as e:
         raise _fail(name, f"cannot read: {_reason(e)}") from None
+    return data, st.st_size, name
+
+
+def _read_file(path: str | os.PathLike[str]) -> tuple[bytes, str]:
+    data, _, name = _read(path, header_only=False)
     return data, name
 
 
@@ -610,22 +618,8 @@ def load_weights(
 
 
 def _read_header(path: str | os.PathLike[str]) -> tuple[_Header, str]:
-    name = str(path)
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise _fail(name, "not a regular file")
-            first = f.read(8)
-            n = _header_length(first, st.st_size, name)
-            prefix = first + f.read(n)
-    except IsADirectoryError:
-        raise _fail(name, "not a regular file (a directory)") from None
-    except FileNotFoundError:
-        raise _fail(name, "no such file") from None
-    except OSError as e:
-        raise _fail(name, f"cannot read: {_reason(e)}") from None
-    return _parse_header(prefix, st.st_size, name), name
+    prefix, size, name = _read(path, header_only=True)
+    return _parse_header(prefix, size, name), name
 
 
 def _info(header: _Header, name: str) -> CheckpointInfo:
