@@ -9,6 +9,20 @@ from __future__ import annotations
 import torch
 from torch import nn as tnn
 
+from fashion_func import data, models, optim, step
+from fashion_func import state as state_lib
+
+
+def briefly_trained_simplenet(limit: int, lr: float) -> dict[str, torch.Tensor]:
+    """SimpleNet params after one epoch of Adam on the first `limit` training images."""
+    model = models.get("simplenet")
+    tx = optim.adam(lr)
+    st = state_lib.create(model.init(torch.Generator().manual_seed(0)), tx, seed=0)
+    train_step = step.make_train_step(model, None, tx, compile=False)
+    for batch in data.batches(data.load("train", limit=limit), 128, seed=0, epoch=1):
+        st, _ = train_step(st, batch)
+    return st.params
+
 
 class TwoLayerNet(tnn.Module):
     def __init__(self, D_in: int, H: int, D_out: int) -> None:

@@ -16,6 +16,8 @@ from torch import nn as tnn
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before any jax import: CPU unless told otherwise
 
+from reference import briefly_trained_simplenet
+
 from fashion_func import checkpoint, data, export, interop, models, optim, step
 from fashion_func import state as state_lib
 
@@ -23,14 +25,7 @@ from fashion_func import state as state_lib
 @pytest.fixture(scope="module")
 def trained() -> dict[str, torch.Tensor]:
     """SimpleNet after a few Adam steps on real images (logits of a few units, not init's ~0.1)."""
-    model = models.get("simplenet")
-    tx = optim.adam(3e-3)
-    st = state_lib.create(model.init(torch.Generator().manual_seed(0)), tx, seed=0)
-    train_step = step.make_train_step(model, None, tx, compile=False)
-    train = data.load("train", limit=768)
-    for batch in data.batches(train, 128, seed=0, epoch=1):
-        st, _ = train_step(st, batch)
-    return st.params
+    return briefly_trained_simplenet(limit=768, lr=3e-3)
 
 
 @pytest.fixture(scope="module")

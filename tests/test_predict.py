@@ -12,9 +12,9 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
-from reference import SimpleNet
+from reference import SimpleNet, briefly_trained_simplenet
 
-from fashion_func import checkpoint, data, models, optim, predict, step
+from fashion_func import checkpoint, data, models, optim, predict
 from fashion_func import state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,16 +32,10 @@ def _plain_logits(weights: Path, images_uint8: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     """SimpleNet trained for one epoch on 2000 training images, saved as fit saves best.safetensors."""
-    model = models.get("simplenet")
-    tx = optim.adam(1e-3)
-    st = state_lib.create(model.init(torch.Generator().manual_seed(0)), tx, seed=0)
-    train_step = step.make_train_step(model, None, tx, compile=False)
-    train = data.load("train", limit=2000)
-    for batch in data.batches(train, 128, seed=0, epoch=1):
-        st, _ = train_step(st, batch)
+    params = briefly_trained_simplenet(limit=2000, lr=1e-3)
     path = tmp_path_factory.mktemp("weights") / "best.safetensors"
     meta = {"epoch": 1, "model": "simplenet", "config": {"model": "simplenet", "normalize": "dataset"}}
-    checkpoint.save_weights(path, st.params, metadata=meta)
+    checkpoint.save_weights(path, params, metadata=meta)
     return path
 
 
