@@ -32,7 +32,7 @@ from fashion_func import callbacks as cbs
 from fashion_func import checkpoint, data, models, optim
 from fashion_func import state as state_lib
 from fashion_func.config import Config, ConfigError
-from fashion_func.step import make_eval_step, make_train_step
+from fashion_func.step import cross_entropy_per_example, make_eval_step, make_train_step
 from fashion_func.summary import summary
 
 __all__ = [
@@ -198,11 +198,6 @@ def _check_same_batches(in_epoch: dict[str, Any], *, n: int, batch_size: int, se
             f"the checkpoint was cut mid-epoch with {diff}; resume with the same --batch-size, "
             "--limit-train and --seed"
         )
-
-
-def _smoothed_cross_entropy(logits: Tensor, labels: Tensor, *, smoothing: float) -> Tensor:
-    """Per-example cross-entropy with label smoothing (`--label-smoothing`)."""
-    return torch.nn.functional.cross_entropy(logits, labels, reduction="none", label_smoothing=smoothing)
 
 
 def _stats(cfg: Config) -> tuple[float, float]:
@@ -500,7 +495,7 @@ def _fit_locked(cfg, out, log, *, resume, callbacks, max_steps) -> FitResult:
     fast = {"precision": cfg.precision, "mean": mean, "std": std, "channels_last": device.type == "cpu"}
     train_loss = None
     if cfg.label_smoothing > 0:  # training loss only: validation reports plain cross-entropy
-        train_loss = functools.partial(_smoothed_cross_entropy, smoothing=cfg.label_smoothing)
+        train_loss = functools.partial(cross_entropy_per_example, label_smoothing=cfg.label_smoothing)
     train_step = make_train_step(model, train_loss, tx, compile=use_compile, **fast)
     eval_step = make_eval_step(model, compile=use_compile is True, **fast)
 

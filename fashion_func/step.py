@@ -22,7 +22,7 @@ from fashion_func import nn
 from fashion_func.models import Model, Params
 from fashion_func.state import TrainState
 
-__all__ = ["PRECISIONS", "make_eval_step", "make_train_step", "normalize_images"]
+__all__ = ["PRECISIONS", "cross_entropy_per_example", "make_eval_step", "make_train_step", "normalize_images"]
 
 # Fashion-MNIST train-set statistics (equal to data.MEAN / data.STD; the step may not
 # import the data module, a test keeps the two in sync).
@@ -34,8 +34,9 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
 
 
-def _cross_entropy_per_example(logits: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy(logits.float(), labels, reduction="none")
+def cross_entropy_per_example(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
+    """The steps' default loss: per-example cross-entropy `[B]`, computed in float32."""
+    return F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
 
 
 def normalize_images(
@@ -95,7 +96,7 @@ def make_train_step(
     _check_precision(precision)
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be True, False or 'update', not {compile!r}")
-    per_example = loss_fn or _cross_entropy_per_example
+    per_example = loss_fn or cross_entropy_per_example
     from fashion_func import optim  # local: optim is a sibling, imported lazily to keep import cheap
 
     def gradients(params: Params, step: Tensor, rng: Tensor, images: Tensor, labels: Tensor):
@@ -163,7 +164,7 @@ def make_eval_step(
     the `topk` highest logits), `pred` [B] int64 and `logits` [B, C] float32.
     """
     _check_precision(precision)
-    per_example = loss_fn or _cross_entropy_per_example
+    per_example = loss_fn or cross_entropy_per_example
 
     def core(params: Params, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         x = normalize_images(images, mean, std, channels_last=channels_last)
