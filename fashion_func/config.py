@@ -17,7 +17,7 @@ import tomllib
 
 __all__ = ["Config", "ConfigError", "load_file"]
 
-MODELS = ("simplenet", "alexnet", "mlp")
+MODELS = ("simplenet", "simplenet_bn", "alexnet", "mlp")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16")

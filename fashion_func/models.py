@@ -5,8 +5,14 @@ A `Model` is data: a name, its hyperparameters, an `init(generator) -> Params` a
 those of the equivalent `nn.Module`'s `state_dict`, so weights move between the two
 with `load_state_dict` / `state_dict()` and nothing else.
 
-Each model is also a list of named *stages* (pure `(params, x, train, key) -> x`); `apply`
-runs them in order and the trainer's summary runs them one at a time to report shapes.
+A *stateful* model (batch norm) says so (`model.stateful`): `init_state()` gives its
+buffers under `nn.Module`'s buffer names (`bn1.running_mean`), and
+`apply(params, x, *, train, key, state) -> (logits, new_state)`. Nothing is written in
+place; in inference mode the state comes back unchanged.
+
+Each model is also a list of named *stages* (pure `(params, x, train, key) -> x`, or for a
+stateful stage `(params, state, x, train, key) -> (x, state updates)`); `apply` runs them
+in order and the trainer's summary runs them one at a time to report shapes.
 """
 
 from __future__ import annotations
@@ -21,18 +27,32 @@ from torch import Tensor
 
 from fashion_func import nn
 
-__all__ = ["MODELS", "Model", "Params", "Stage", "get", "num_params"]
+__all__ = ["MODELS", "Model", "ModelState", "Params", "Stage", "get", "num_params"]
 
 Params = dict[str, Tensor]
-StageFn = Callable[[Params, Tensor, bool, "Tensor | None"], Tensor]
+ModelState = dict[str, Tensor]
+StageFn = Callable[..., Any]
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One named step of a model's forward pass."""
+    """One named step of a model's forward pass.
+
+    fn: `(params, x, train, key) -> x`; with `stateful=True`
+    `(params, state, x, train, key) -> (x, {buffer name: new value})`.
+    """
 
     name: str
     fn: StageFn
+    stateful: bool = False
+
+    def run(
+        self, params: Params, state: ModelState, x: Tensor, train: bool, key: Tensor | None
+    ) -> tuple[Tensor, ModelState]:
+        """`(output, state updates)`, whatever kind of stage this is."""
+        if self.stateful:
+            return self.fn(params, state, x, train, key)
+        return self.fn(params, x, train, key), {}
 
 
 @dataclass(frozen=True)
@@ -44,21 +64,54 @@ class Model:
     init_fn: Callable[..., Params] = field(repr=False)
     stages: tuple[Stage, ...] = field(repr=False)
     input_shape: tuple[int, ...] = (1, 28, 28)
+    # `(dtype=, device=) -> ModelState` for a stateful model; None: the model has no state
+    init_state_fn: Callable[..., ModelState] | None = field(default=None, repr=False)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether `apply` takes `state=` and returns `(logits, new_state)`."""
+        return self.init_state_fn is not None
 
     def init(self, generator: torch.Generator, *, dtype: torch.dtype = torch.float32, device=None) -> Params:
         """Fresh parameters, drawn from `generator` exactly as the `nn.Module` would draw them."""
         return self.init_fn(generator, dtype=dtype, device=device)
 
-    def apply(self, params: Params, x: Tensor, *, train: bool = False, key: Tensor | None = None) -> Tensor:
-        """Logits `[B, classes]` for images `x` float `[B, 1, 28, 28]`."""
-        for stage in self.stages:
-            x = stage.fn(params, x, train, key)
-        return x
+    def init_state(self, *, dtype: torch.dtype = torch.float32, device=None) -> ModelState:
+        """The initial model state (the `nn.Module`'s buffers); `{}` for a stateless model."""
+        if self.init_state_fn is None:
+            return {}
+        return self.init_state_fn(dtype=dtype, device=device)
 
-    def __call__(
-        self, params: Params, x: Tensor, *, train: bool = False, key: Tensor | None = None
-    ) -> Tensor:
-        return self.apply(params, x, train=train, key=key)
+    def apply(
+        self,
+        params: Params,
+        x: Tensor,
+        *,
+        train: bool = False,
+        key: Tensor | None = None,
+        state: ModelState | None = None,
+    ) -> Any:
+        """Logits `[B, classes]` for inputs `x` (`[B, *input_shape]`).
+
+        A stateful model needs `state` and returns `(logits, new_state)`; `new_state` holds
+        every entry of `state`, the ones the forward pass changed (train mode) replaced.
+        """
+        if not self.stateful:
+            if state:
+                raise ValueError(f"model {self.name} is stateless; it takes no state")
+            for stage in self.stages:
+                x = stage.fn(params, x, train, key)
+            return x
+        if state is None:
+            raise ValueError(f"model {self.name} is stateful: pass state= (from model.init_state())")
+        new_state = dict(state)
+        for stage in self.stages:
+            x, updates = stage.run(params, new_state, x, train, key)
+            new_state.update(updates)
+        return x, new_state
+
+    def __call__(self, params: Params, x: Tensor, **kwargs: Any) -> Any:
+        return self.apply(params, x, **kwargs)
 
 
 def num_params(params: Params) -> int:
@@ -85,6 +138,20 @@ def _conv_pool_relu(name: str, pool: str, padding: int = 0) -> tuple[Stage, ...]
     # relu(max_pool(x)) == max_pool(relu(x)) exactly (both are monotone), so pool first:
     # the ReLU and its backward then touch a 4x smaller tensor.
     return (_conv(name, padding, relu=False), _pool(pool), _relu(f"{name}.relu"))
+
+
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _batch_norm(name: str, *, momentum: float = 0.1, eps: float = 1e-5) -> Stage:
+    def fn(p: Params, s: ModelState, x: Tensor, train: bool, key: Tensor | None):
+        buffers = nn.BatchNormState(*(s[f"{name}.{b}"] for b in BN_BUFFERS))
+        y, new = nn.batch_norm(
+            x, p[f"{name}.weight"], p[f"{name}.bias"], buffers, train=train, momentum=momentum, eps=eps
+        )
+        return y, {f"{name}.{b}": v for b, v in zip(BN_BUFFERS, new, strict=True)}
+
+    return Stage(name, fn, stateful=True)
 
 
 def _dense(name: str, *, relu: bool) -> Stage:
@@ -142,6 +209,8 @@ def _init_layers(layers: Sequence[tuple[str, str, tuple[int, ...]]]) -> Callable
         for name, kind, dims in layers:
             if kind == "conv":
                 w, b = nn.init_conv2d(generator, *dims, dtype=dtype, device=device)
+            elif kind == "bn":  # draws nothing, as nn.BatchNorm2d
+                w, b, _ = nn.init_batch_norm(*dims, dtype=dtype, device=device or generator.device)
             else:
                 w, b = nn.init_linear(generator, *dims, dtype=dtype, device=device)
             params[f"{name}.weight"], params[f"{name}.bias"] = w, b
@@ -187,6 +256,55 @@ def simplenet(num_classes: int = 10) -> Model:
     return Model("simplenet", {"num_classes": num_classes}, init, stages)
 
 
+def _init_bn_state(layers: Sequence[tuple[str, int]]) -> Callable[..., ModelState]:
+    def init_state(*, dtype: torch.dtype = torch.float32, device=None) -> ModelState:
+        out: ModelState = {}
+        for name, channels in layers:
+            _, _, buffers = nn.init_batch_norm(channels, dtype=dtype, device=device)
+            out.update({f"{name}.{b}": v for b, v in zip(BN_BUFFERS, buffers, strict=True)})
+        return out
+
+    return init_state
+
+
+def simplenet_bn(num_classes: int = 10) -> Model:
+    """SimpleNet with batch norm after each convolution, before its ReLU (stateful).
+
+    conv1 3x3 1->32, bn1, ReLU [B,32,26,26]; conv2 3x3 32->64, bn2 [B,64,24,24]; max-pool 2,
+    ReLU [B,64,12,12]; fc1 9216->128, ReLU; fc2 128->classes. 1,200,074 parameters plus the
+    buffers `bn{1,2}.running_mean`, `.running_var`, `.num_batches_tracked`.
+    Pool before ReLU is exact here too: ReLU and max-pool commute, and both come after bn2.
+    """
+    stages = (
+        _conv("conv1", relu=False),
+        _batch_norm("bn1"),
+        _relu("bn1.relu"),
+        _conv("conv2", relu=False),
+        _batch_norm("bn2"),
+        _pool("pool"),
+        _relu("pool.relu"),
+        _flatten_dense("fc1", relu=True),
+        _dense("fc2", relu=False),
+    )
+    init = _init_layers(
+        [
+            ("conv1", "conv", (1, 32, 3)),
+            ("bn1", "bn", (32,)),
+            ("conv2", "conv", (32, 64, 3)),
+            ("bn2", "bn", (64,)),
+            ("fc1", "linear", (9216, 128)),
+            ("fc2", "linear", (128, num_classes)),
+        ]
+    )
+    return Model(
+        "simplenet_bn",
+        {"num_classes": num_classes},
+        init,
+        stages,
+        init_state_fn=_init_bn_state([("bn1", 32), ("bn2", 64)]),
+    )
+
+
 def alexnet(num_classes: int = 10, dropout: float = 0.5) -> Model:
     """AlexNet adapted to 28x28x1 inputs (3x3 kernels, padding 1, three 2x2 pools).
 
@@ -223,7 +341,12 @@ def alexnet(num_classes: int = 10, dropout: float = 0.5) -> Model:
     return Model("alexnet", {"num_classes": num_classes, "dropout": dropout}, init, stages)
 
 
-MODELS: dict[str, Callable[..., Model]] = {"mlp": mlp, "simplenet": simplenet, "alexnet": alexnet}
+MODELS: dict[str, Callable[..., Model]] = {
+    "mlp": mlp,
+    "simplenet": simplenet,
+    "simplenet_bn": simplenet_bn,
+    "alexnet": alexnet,
+}
 
 
 def get(name: str, **hparams: Any) -> Model:

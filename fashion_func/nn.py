@@ -12,15 +12,19 @@ the global RNG is never touched.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "BatchNormState",
+    "batch_norm",
     "conv2d",
     "dropout",
     "fold_in",
+    "init_batch_norm",
     "init_conv2d",
     "init_linear",
     "linear",
@@ -90,6 +94,64 @@ def max_pool(x: Tensor, kernel_size: int, stride: int | None = None) -> Tensor:
 def relu(x: Tensor) -> Tensor:
     """max(x, 0)."""
     return F.relu(x)
+
+
+class BatchNormState(NamedTuple):
+    """A batch-norm layer's buffers, as `nn.BatchNorm2d` names them."""
+
+    running_mean: Tensor  # [C]
+    running_var: Tensor  # [C], unbiased
+    num_batches_tracked: Tensor  # 0-d int64
+
+
+def batch_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    state: BatchNormState,
+    *,
+    train: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[Tensor, BatchNormState]:
+    """Batch normalisation over all axes but the channel axis 1: `(y, new_state)`.
+
+    Training: normalise with the batch's mean and biased variance, and return running
+    statistics moved by `momentum` towards the batch's mean and *unbiased* variance, with
+    `num_batches_tracked + 1` (as `nn.BatchNorm2d` does in place). Inference: normalise with
+    the running statistics; the state comes back unchanged. Pure: nothing is written.
+    Statistics are computed in at least float32 (bf16 activations under autocast).
+    """
+    shape = (1, -1) + (1,) * (x.dim() - 2)  # broadcast [C] over [B, C, ...]
+    xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    if train:
+        dims = [0, *range(2, x.dim())]
+        mean = xf.mean(dims)
+        var = xf.var(dims, correction=0)
+        n = x.numel() // x.shape[1]
+        # the running statistics are data, not part of the differentiated computation
+        m, v = mean.detach(), var.detach() * (n / max(n - 1, 1))
+        new_state = BatchNormState(
+            ((1.0 - momentum) * state.running_mean + momentum * m).to(state.running_mean.dtype),
+            ((1.0 - momentum) * state.running_var + momentum * v).to(state.running_var.dtype),
+            state.num_batches_tracked + 1,
+        )
+    else:
+        mean, var = state.running_mean.to(xf.dtype), state.running_var.to(xf.dtype)
+        new_state = state
+    scale = weight.to(xf.dtype) * torch.rsqrt(var + eps)  # [C]
+    y = (xf - mean.reshape(shape)) * scale.reshape(shape) + bias.to(xf.dtype).reshape(shape)
+    return y.to(x.dtype), new_state
+
+
+def init_batch_norm(
+    num_features: int, *, dtype=torch.float32, device=None
+) -> tuple[Tensor, Tensor, BatchNormState]:
+    """`nn.BatchNorm2d`'s initial (weight 1, bias 0, running mean 0, var 1, count 0); no draws."""
+    ones = torch.ones(num_features, dtype=dtype, device=device)
+    zeros = torch.zeros(num_features, dtype=dtype, device=device)
+    state = BatchNormState(zeros.clone(), ones.clone(), torch.zeros((), dtype=torch.int64, device=device))
+    return ones, zeros, state
 
 
 def dropout(x: Tensor, rate: float, *, key: Tensor | None, train: bool) -> Tensor:
