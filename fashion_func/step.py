@@ -1,52 +1,65 @@
-"""The pure, compiled training and evaluation steps.
+"""The pure, compiled training and evaluation steps, and per-example research helpers.
 
-`train_step(state, batch) -> (state, metrics)`: batch is `(images uint8 [B, 28, 28],
-labels int64 [B])` already on the device; normalisation, the forward pass, the
+`train_step(state, batch) -> (state, metrics)`: `batch` is `(inputs, targets)` already on
+the device. Preprocessing (by default Fashion-MNIST's uint8 images normalised to float;
+`preprocess=None` takes the inputs as they are, any shape), the forward pass, the loss, the
 gradient (`torch.func.grad_and_value`) and the optimizer update all happen inside one
-compiled function. Metrics are 0-d device tensors (sums, not means) that the caller
-accumulates; nothing in here synchronises with the host.
+compiled function. A stateful model (batch norm) has its `TrainState.model_state` threaded
+through. Metrics are 0-d device tensors (sums, not means) that the caller accumulates;
+nothing in here synchronises with the host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from fashion_func import nn
-from fashion_func.models import Model, Params
+from fashion_func import losses, nn, optim
+from fashion_func.models import Model, ModelState, Params, Stage
 from fashion_func.state import TrainState
 
-__all__ = ["PRECISIONS", "cross_entropy_per_example", "make_eval_step", "make_train_step", "normalize_images"]
+__all__ = [
+    "COMPILE_MODES",
+    "FASHION_MNIST",
+    "PRECISIONS",
+    "NormalizeImages",
+    "as_model",
+    "make_eval_step",
+    "make_train_step",
+    "normalize_images",
+    "per_example_grad_norms",
+    "per_example_grads",
+]
 
 # Fashion-MNIST train-set statistics (equal to data.MEAN / data.STD; the step may not
 # import the data module, a test keeps the two in sync).
 MEAN = 0.2860
 STD = 0.3530
 PRECISIONS = ("fp32", "tf32", "bf16")
+COMPILE_MODES = (True, False, "update")
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+Preprocess = Callable[[Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
-
-
-def cross_entropy_per_example(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
-    """The steps' default loss: per-example cross-entropy `[B]`, computed in float32."""
-    return F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
 
 
 def normalize_images(
     images: Tensor, mean: float = MEAN, std: float = STD, *, channels_last: bool = False
 ) -> Tensor:
-    """uint8 `[B, 28, 28]` -> float32 `[B, 1, 28, 28]`, `(x / 255 - mean) / std`.
+    """uint8 `[B, 28, 28]` (or `[B, 1, H, W]`) -> float32 `[B, 1, H, W]`, `(x / 255 - mean) / std`.
 
     channels_last: lay the result out NHWC in memory (same shape and values); the
     convolutions then keep that layout, which oneDNN runs faster on CPU.
     """
+    if images.dim() == 4:  # already [B, 1, H, W]: drop the channel axis, add it back below
+        images = rearrange(images, "b 1 h w -> b h w")
     # NHWC: [B, H, W, 1] in memory viewed as [B, 1, H, W], stride 1 along C, which
     # nn.conv2d reads as a request for NHWC outputs (one channel is otherwise ambiguous)
     if channels_last:
@@ -54,6 +67,26 @@ def normalize_images(
     else:
         x = rearrange(images, "b h w -> b 1 h w")
     return (x.to(torch.float32) * (1.0 / 255.0) - mean) * (1.0 / std)
+
+
+@dataclass(frozen=True)
+class NormalizeImages:
+    """The default preprocess: uint8 grayscale images -> normalised float `[B, 1, H, W]`.
+
+    channels_last: None (auto) lays activations out NHWC when the images are on the CPU,
+    where oneDNN's convolutions run faster that way; on CUDA it measured no different.
+    """
+
+    mean: float = MEAN
+    std: float = STD
+    channels_last: bool | None = None
+
+    def __call__(self, images: Tensor) -> Tensor:
+        nhwc = images.device.type == "cpu" if self.channels_last is None else self.channels_last
+        return normalize_images(images, self.mean, self.std, channels_last=nhwc)
+
+
+FASHION_MNIST = NormalizeImages()
 
 
 def _autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
@@ -67,123 +100,229 @@ def _check_precision(precision: str) -> None:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
 
 
-COMPILE_MODES = (True, False, "update")
+def _check_per_example(values: Tensor, batch_size: int) -> None:
+    # shapes are static: this runs once per trace, never on tensor values
+    if tuple(values.shape) != (batch_size,):
+        raise ValueError(
+            f"loss must return per-example values of shape [B] = [{batch_size}], got "
+            f"{list(values.shape)}; use a per-example loss such as losses.cross_entropy_per_example"
+        )
+
+
+def as_model(model: Model | Callable[..., Tensor]) -> Model:
+    """`model` itself, or a plain function `f(params, x[, train=..., key=...]) -> logits` as a
+    stateless `Model` (it is given `train` / `key` only where its signature takes them)."""
+    if isinstance(model, Model):
+        return model
+    if not callable(model):
+        raise TypeError(f"expected a Model or a function (params, x) -> logits, got {type(model).__name__}")
+    try:
+        accepted = inspect.signature(model).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    wanted = [k for k in ("train", "key") if takes_all or k in accepted]
+
+    def stage(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
+        given = {"train": train, "key": key}
+        return model(p, x, **{k: given[k] for k in wanted})
+
+    def no_init(*args: Any, **kwargs: Any) -> Params:
+        raise TypeError("a model given as a function has no init: create its params yourself")
+
+    name = getattr(model, "__name__", type(model).__name__)
+    return Model(name, {}, no_init, (Stage(name, stage),), input_shape=())
+
+
+def _forward(
+    model: Model, params: Params, x: Tensor, model_state: ModelState, *, train: bool, key: Tensor | None
+) -> tuple[Tensor, ModelState]:
+    """(logits, new model state) for stateless and stateful models alike."""
+    if model.stateful:
+        return model.apply(params, x, train=train, key=key, state=model_state)
+    return model.apply(params, x, train=train, key=key), model_state
+
+
+def _is_classification(logits: Tensor, labels: Tensor) -> bool:
+    return logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point()
+
+
+def _preprocess(preprocess: Preprocess | None, x: Tensor) -> Tensor:
+    return x if preprocess is None else preprocess(x)
 
 
 def make_train_step(
-    model: Model,
-    loss_fn: LossFn | None,
-    optimizer: Any,
+    model: Model | Callable[..., Tensor],
+    optimizer: optim.GradientTransformation,
     *,
-    compile: bool | str = True,
+    loss: LossFn | None = None,
+    preprocess: Preprocess | None = FASHION_MNIST,
     precision: str = "fp32",
-    mean: float = MEAN,
-    std: float = STD,
-    channels_last: bool = False,
+    compile: bool | str = True,
     device_type: str | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
-    """A pure `train_step(state, batch) -> (new_state, metrics)`.
+    """A pure `train_step(state, (inputs, targets)) -> (new_state, metrics)`.
 
-    loss_fn: `(logits [B, C], labels [B]) -> per-example losses [B]`; cross-entropy if None.
+    model: a `Model`, or a plain function `(params, x[, train, key]) -> logits` (`as_model`).
     optimizer: a `GradientTransformation` (`init`, `update`).
+    loss: `(outputs [B, ...], targets [B, ...]) -> per-example losses [B]` (a ValueError
+        naming the shape on the first call otherwise); cross-entropy if None. The step
+        minimises its mean.
+    preprocess: a pure function of the input tensor, run inside the compiled step; the default
+        turns Fashion-MNIST uint8 `[B, 28, 28]` into normalised float (NHWC on CPU); None uses
+        the inputs as given (`[B, C, H, W]`, `[B, D]`, ...).
+    precision: "fp32"; "tf32" (the caller enables TF32 matmuls on CUDA); "bf16" autocast.
+        Master weights, the loss and the optimizer stay float32.
     compile: True compiles the whole step; "update" compiles only the optimizer update
         (forward and backward run eagerly: on CPU the convolutions are oneDNN's either
         way, while the update's dozen elementwise passes fuse into one); False: eager.
-    precision: "fp32"; "tf32" (the caller enables TF32 matmuls on CUDA); "bf16" autocast.
-    channels_last: NHWC activations (faster convolutions on CPU; parameters keep their layout).
-    metrics: `loss_sum`, `correct`, `count` as 0-d device tensors (sums over the batch).
+    metrics: `loss_sum` and `count` (and `correct` for class labels) as 0-d device tensors,
+        sums over the batch.
     """
     _check_precision(precision)
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be True, False or 'update', not {compile!r}")
-    per_example = loss_fn or cross_entropy_per_example
-    from fashion_func import optim  # local: optim is a sibling, imported lazily to keep import cheap
+    model = as_model(model)
+    per_example = loss or losses.cross_entropy_per_example
 
-    def gradients(params: Params, step: Tensor, rng: Tensor, images: Tensor, labels: Tensor):
+    def gradients(
+        params: Params, model_state: ModelState, step: Tensor, rng: Tensor, inputs: Tensor, y: Tensor
+    ):
         key = nn.fold_in(rng, step)
-        x = normalize_images(images, mean, std, channels_last=channels_last)
-        dev = device_type or images.device.type
+        x = _preprocess(preprocess, inputs)
+        dev = device_type or inputs.device.type
 
         def loss_and_aux(p: Params):
             with _autocast(precision, dev):
-                logits = model.apply(p, x, train=True, key=key)
-            losses = per_example(logits.float(), labels)  # [B]
-            return losses.mean(), (losses, logits)
+                logits, new_state = _forward(model, p, x, model_state, train=True, key=key)
+            values = per_example(logits.float(), y)  # [B]
+            _check_per_example(values, y.shape[0])
+            return values.mean(), (values, logits, new_state)
 
-        grads, (_, (losses, logits)) = torch.func.grad_and_value(loss_and_aux, has_aux=True)(params)
+        grads, (_, (values, logits, new_state)) = torch.func.grad_and_value(loss_and_aux, has_aux=True)(
+            params
+        )
         metrics = {
-            "loss_sum": losses.detach().sum(),
-            "correct": (logits.detach().argmax(-1) == labels).sum(),
-            "count": torch.full((), labels.shape[0], dtype=torch.int64, device=labels.device),
+            "loss_sum": values.detach().sum(),
+            "count": torch.full((), y.shape[0], dtype=torch.int64, device=y.device),
         }
-        return grads, metrics
+        if _is_classification(logits, y):
+            metrics["correct"] = (logits.detach().argmax(-1) == y).sum()
+        return grads, {k: v.detach() for k, v in new_state.items()}, metrics
 
     def update(params: Params, grads: Params, opt_state: Any, step: Tensor):
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         return optim.apply_updates(params, updates), new_opt_state, step + 1
 
-    def core(params: Params, opt_state: Any, step: Tensor, rng: Tensor, images: Tensor, labels: Tensor):
-        grads, metrics = gradients(params, step, rng, images, labels)
-        return (*update(params, grads, opt_state, step), metrics)
+    def core(params, model_state, opt_state, step, rng, inputs, y):
+        grads, new_model_state, metrics = gradients(params, model_state, step, rng, inputs, y)
+        return (*update(params, grads, opt_state, step), new_model_state, metrics)
 
     if compile is True:
         fn = torch.compile(core)
     elif compile == "update":
         fast_update = torch.compile(update)
 
-        def fn(params, opt_state, step, rng, images, labels):
-            grads, metrics = gradients(params, step, rng, images, labels)
-            return (*fast_update(params, grads, opt_state, step), metrics)
+        def fn(params, model_state, opt_state, step, rng, inputs, y):
+            grads, new_model_state, metrics = gradients(params, model_state, step, rng, inputs, y)
+            return (*fast_update(params, grads, opt_state, step), new_model_state, metrics)
     else:
         fn = core
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
-        images, labels = batch
-        params, opt_state, step, metrics = fn(
-            state.params, state.opt_state, state.step, state.rng, images, labels
+        inputs, y = batch
+        params, opt_state, step, model_state, metrics = fn(
+            state.params, state.model_state, state.opt_state, state.step, state.rng, inputs, y
         )
-        return state.replace(params=params, opt_state=opt_state, step=step), metrics
+        new = state.replace(params=params, opt_state=opt_state, step=step, model_state=model_state)
+        return new, metrics
 
     return train_step
 
 
 def make_eval_step(
-    model: Model,
-    loss_fn: LossFn | None = None,
+    model: Model | Callable[..., Tensor],
     *,
-    compile: bool = True,
+    loss: LossFn | None = None,
+    preprocess: Preprocess | None = FASHION_MNIST,
     precision: str = "fp32",
-    mean: float = MEAN,
-    std: float = STD,
-    channels_last: bool = False,
+    compile: bool = True,
     topk: int = 5,
-) -> Callable[[Params, Batch], dict[str, Tensor]]:
-    """A pure `eval_step(params, batch) -> per-example metrics`.
+) -> Callable[..., dict[str, Tensor]]:
+    """A pure `eval_step(params_or_state, batch, model_state=None) -> per-example metrics`.
 
-    Returns `loss` [B] float32, `correct` [B] bool, `topk_correct` [B] bool (label among
-    the `topk` highest logits), `pred` [B] int64 and `logits` [B, C] float32.
+    The first argument is a `TrainState` (its params and model state are used) or a params
+    dict; a stateful model then needs `model_state` and runs in inference mode (running
+    statistics). Returns `loss` [B] float32 and `logits` [B, C] float32; for class labels
+    also `correct` [B] bool, `topk_correct` [B] bool (label among the `topk` highest logits)
+    and `pred` [B] int64.
     """
     _check_precision(precision)
-    per_example = loss_fn or cross_entropy_per_example
+    model = as_model(model)
+    per_example = loss or losses.cross_entropy_per_example
 
-    def core(params: Params, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        x = normalize_images(images, mean, std, channels_last=channels_last)
-        with torch.no_grad(), _autocast(precision, images.device.type):
-            logits = model.apply(params, x, train=False).float()
-        k = min(topk, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        pred = top[:, 0]
-        return {
-            "loss": per_example(logits, labels),
-            "correct": pred == labels,
-            "topk_correct": (top == labels[:, None]).any(-1),
-            "pred": pred,
-            "logits": logits,
-        }
+    def core(params: Params, model_state: ModelState, inputs: Tensor, y: Tensor) -> dict[str, Tensor]:
+        x = _preprocess(preprocess, inputs)
+        with torch.no_grad(), _autocast(precision, inputs.device.type):
+            logits, _ = _forward(model, params, x, model_state, train=False, key=None)
+        logits = logits.float()
+        values = per_example(logits, y)
+        _check_per_example(values, y.shape[0])
+        out = {"loss": values, "logits": logits}
+        if _is_classification(logits, y):
+            k = min(topk, logits.shape[-1])
+            top = logits.topk(k, dim=-1).indices
+            pred = top[:, 0]
+            out.update(correct=pred == y, topk_correct=(top == y[:, None]).any(-1), pred=pred)
+        return out
 
     fn = torch.compile(core) if compile else core
 
-    def eval_step(params: Params, batch: Batch) -> dict[str, Tensor]:
-        return fn(params, *batch)
+    def eval_step(params: Params | TrainState, batch: Batch, model_state: ModelState | None = None):
+        if isinstance(params, TrainState):
+            params, model_state = params.params, params.model_state
+        if model.stateful and not model_state:
+            raise ValueError(f"model {model.name} is stateful: pass its model_state (or a TrainState)")
+        return fn(params, model_state or {}, *batch)
 
+    eval_step.topk = topk  # type: ignore[attr-defined]  # fit names the metric val_top{k}
     return eval_step
+
+
+# -- research helpers -------------------------------------------------------------------------
+
+
+def per_example_grads(
+    model: Model | Callable[..., Tensor],
+    loss: LossFn | None,
+    params: Params,
+    batch: Batch,
+    *,
+    preprocess: Preprocess | None = None,
+    model_state: ModelState | None = None,
+    train: bool = False,
+    key: Tensor | None = None,
+) -> Params:
+    """The gradient of each example's loss: `{name: [B, *param.shape]}`, by `vmap(grad(...))`.
+
+    Each example is run as a batch of one, so a stateful model in `train=True` mode would
+    normalise every example by itself; the default `train=False` differentiates the
+    inference-mode function (running statistics, no dropout).
+    """
+    model = as_model(model)
+    per_example = loss or losses.cross_entropy_per_example
+    inputs, targets = batch
+    x = _preprocess(preprocess, inputs)
+    state = dict(model_state or {})
+
+    def single(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
+        logits, _ = _forward(model, p, xi[None], state, train=train, key=key)  # a batch of one
+        return per_example(logits, yi[None])[0]
+
+    return torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0))(params, x, targets)
+
+
+def per_example_grad_norms(grads: Params) -> Tensor:
+    """The global L2 norm of each example's gradient `[B]`, over all parameters."""
+    squares = [rearrange(g, "b ... -> b (...)").pow(2).sum(-1) for g in grads.values()]
+    return torch.stack(squares).sum(0).sqrt()

@@ -18,7 +18,7 @@ def briefly_trained_simplenet(limit: int, lr: float) -> dict[str, torch.Tensor]:
     model = models.get("simplenet")
     tx = optim.adam(lr)
     st = state_lib.create(model.init(torch.Generator().manual_seed(0)), tx, seed=0)
-    train_step = step.make_train_step(model, None, tx, compile=False)
+    train_step = step.make_train_step(model, tx, compile=False)
     for batch in data.batches(data.load("train", limit=limit), 128, seed=0, epoch=1):
         st, _ = train_step(st, batch)
     return st.params

@@ -117,7 +117,7 @@ def test_functionalize_trains_a_research_module_like_torch_optim():
     assert set(params) == {"body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias"}  # no buffer
     tx = optim.adam(1e-2)
     st = state_lib.create(params, tx, seed=0)
-    train_step = step.make_train_step(model, None, tx, compile=False)
+    train_step = step.make_train_step(model, tx, compile=False)
     opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
     train = data.load("train", limit=96)
     for images, labels in data.batches(train, 32, seed=0, epoch=1):

@@ -45,7 +45,7 @@ def test_normalisation_constants_match_the_data_module():
 def test_input_state_is_unchanged_and_a_new_state_is_returned():
     model, tx, st = _fresh()
     before = _clone(st)
-    train_step = step.make_train_step(model, None, tx, compile=False)
+    train_step = step.make_train_step(model, tx, compile=False)
     new, metrics = train_step(st, _batch(1))
     _assert_tree_equal(st, before)
     assert int(new.step) == 1 and int(st.step) == 0
@@ -77,7 +77,7 @@ def test_step_equals_a_plain_module_and_torch_optim_step():
         }
     )
     opt = torch.optim.Adam(module.parameters(), lr=1e-3)
-    train_step = step.make_train_step(model, None, tx, compile=False)
+    train_step = step.make_train_step(model, tx, compile=False)
     for i in range(3):
         images, labels = _batch(10 + i)
         st, metrics = train_step(st, (images, labels))
@@ -94,8 +94,8 @@ def test_compiled_equals_eager_over_five_steps():
     # alexnet has dropout, so the key stream must agree too. SGD, not Adam: Adam's
     # m / sqrt(v) turns 1e-6 rounding differences in near-zero gradients into whole updates.
     model, tx, st = _fresh("alexnet", optim.sgd(0.01, momentum=0.9))
-    eager = step.make_train_step(model, None, tx, compile=False)
-    compiled = step.make_train_step(model, None, tx, compile=True)
+    eager = step.make_train_step(model, tx, compile=False)
+    compiled = step.make_train_step(model, tx, compile=True)
     a = b = st
     for i in range(5):
         batch = _batch(20 + i, n=16)
@@ -112,7 +112,7 @@ def test_changing_the_learning_rate_does_not_recompile():
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
     model, tx, st = _fresh()
-    train_step = step.make_train_step(model, None, tx, compile=False)
+    train_step = step.make_train_step(model, tx, compile=False)
     compiled_core = torch.compile(lambda s, b: train_step(s, b), backend=counter)
     batch = _batch(5)
     st, _ = compiled_core(st, batch)
@@ -141,21 +141,23 @@ def test_eval_step_gives_per_example_metrics():
 
 def test_bf16_precision_runs_and_tracks_fp32():
     model, tx, st = _fresh("simplenet")
-    fp32 = step.make_train_step(model, None, tx, compile=False)
-    bf16 = step.make_train_step(model, None, tx, compile=False, precision="bf16")
+    fp32 = step.make_train_step(model, tx, compile=False)
+    bf16 = step.make_train_step(model, tx, compile=False, precision="bf16")
     batch = _batch(9)
     _, ma = fp32(st, batch)
     b, mb = bf16(st, batch)
     assert b.params["fc1.weight"].dtype == torch.float32  # master weights stay fp32
     torch.testing.assert_close(ma["loss_sum"], mb["loss_sum"], rtol=2e-2, atol=1e-2)
     with pytest.raises(ValueError, match="unknown precision"):
-        step.make_train_step(model, None, tx, precision="fp8")
+        step.make_train_step(model, tx, precision="fp8")
 
 
 def test_channels_last_gives_the_same_step():
     model, tx, st = _fresh("simplenet", optim.sgd(0.05, momentum=0.9))
-    plain = step.make_train_step(model, None, tx, compile=False)
-    nhwc = step.make_train_step(model, None, tx, compile=False, channels_last=True)
+    plain = step.make_train_step(
+        model, tx, compile=False, preprocess=step.NormalizeImages(channels_last=False)
+    )
+    nhwc = step.make_train_step(model, tx, compile=False, preprocess=step.NormalizeImages(channels_last=True))
     a = b = st
     for i in range(3):
         a, ma = plain(a, _batch(30 + i))
@@ -173,8 +175,8 @@ def test_channels_last_gives_the_same_step():
 def test_cuda_compiled_step_matches_eager(precision):
     model, tx, st = _fresh("simplenet", optim.sgd(0.05, momentum=0.9))
     st = tree.map(lambda t: t.cuda(), st)
-    eager = step.make_train_step(model, None, tx, compile=False, precision=precision)
-    fast = step.make_train_step(model, None, tx, compile=True, precision=precision)
+    eager = step.make_train_step(model, tx, compile=False, precision=precision)
+    fast = step.make_train_step(model, tx, compile=True, precision=precision)
     a = b = st
     for i in range(5):
         batch = tuple(t.cuda() for t in _batch(40 + i, n=128))
@@ -187,8 +189,8 @@ def test_cuda_compiled_step_matches_eager(precision):
 
 def test_compiling_only_the_update_equals_eager():
     model, tx, st = _fresh("simplenet", optim.adam(1e-3, weight_decay=1e-4))
-    eager = step.make_train_step(model, None, tx, compile=False)
-    hybrid = step.make_train_step(model, None, tx, compile="update")
+    eager = step.make_train_step(model, tx, compile=False)
+    hybrid = step.make_train_step(model, tx, compile="update")
     a = b = st
     for i in range(3):
         a, ma = eager(a, _batch(50 + i))
@@ -198,7 +200,7 @@ def test_compiling_only_the_update_equals_eager():
         torch.testing.assert_close(a.params[k], b.params[k], rtol=0, atol=1e-4)
     assert int(b.step) == 3
     with pytest.raises(ValueError, match="compile must be"):
-        step.make_train_step(model, None, tx, compile="sometimes")
+        step.make_train_step(model, tx, compile="sometimes")
 
 
 def test_cpu_allocator_tuning_applies_on_glibc_linux():
