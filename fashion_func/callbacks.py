@@ -74,6 +74,7 @@ __all__ = [
     "dispatch",
     "encode_float",
     "fold",
+    "history_record",
     "improved",
     "init_states",
     "scan",
@@ -719,7 +720,7 @@ class ReduceLROnPlateau(Callback):
         return state, actions
 
 
-def _record(epoch: int, metrics: Mapping[str, float]) -> dict[str, Any]:
+def history_record(epoch: int, metrics: Mapping[str, float]) -> dict[str, Any]:
     """One history row: epoch first, then the metrics in the order given, JSON-safe."""
     rec: dict[str, Any] = {"epoch": epoch}
     for k, v in metrics.items():
@@ -752,7 +753,7 @@ class TrainingMonitor(Callback):
         if not isinstance(event, EpochEnd):
             return cb_state, []
         history = [r for r in cb_state["history"] if r["epoch"] < event.epoch]
-        history.append(_record(event.epoch, event.metrics))
+        history.append(history_record(event.epoch, event.metrics))
         # the actions get copies: whatever the loop does with them cannot reach the state
         return {**cb_state, "history": history}, [
             WriteHistory(tuple(dict(r) for r in history)),

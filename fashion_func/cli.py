@@ -193,9 +193,9 @@ def main_train(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigError) as exc:
         return _fail(str(exc))
     try:
-        from fashion_func import loop  # heavy imports only once the arguments are known good
+        from fashion_func import app  # heavy imports only once the arguments are known good
 
-        return loop.main(config, resume=run["resume"], overwrite=run["overwrite"])
+        return app.main(config, resume=run["resume"], overwrite=run["overwrite"])
     except KeyboardInterrupt:
         # SIGINT outside the loop's handler (importing, loading data): nothing half-done to save
         print(

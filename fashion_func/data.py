@@ -23,6 +23,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -43,6 +44,7 @@ __all__ = [
     "TUTORIAL_MEAN",
     "TUTORIAL_STD",
     "DataError",
+    "EpochBatches",
     "Split",
     "batch_order",
     "batches",
@@ -355,10 +357,12 @@ def batches(
     epoch: int,
     shuffle: bool = True,
     drop_last: bool = False,
+    start: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """(uint8 images [B,28,28], int64 labels [B]) batches on the split's device, in `batch_order`.
 
     With drop_last=False the final batch may be smaller (a compiled step sees one more shape).
+    start: the first batch to yield (a run resumed mid-epoch continues where it was cut).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -366,9 +370,44 @@ def batches(
     device = split.images.device
     order = batch_order(n, seed, epoch) if shuffle else torch.arange(n, dtype=torch.int64)
     order = order.to(device)  # one transfer per epoch; each batch is an on-device gather
-    for b in range(num_batches(n, batch_size, drop_last=drop_last)):
+    for b in range(start, num_batches(n, batch_size, drop_last=drop_last)):
         idx = order[b * batch_size : (b + 1) * batch_size]
         yield split.images[idx], split.labels[idx]
+
+
+@dataclass(frozen=True)
+class EpochBatches:
+    """A split's batches for `fit`: called as `(epoch, start=0)` it yields that epoch's
+    batches from batch `start` on (`batches` in `batch_order(seed, epoch)`).
+
+    `len()` is the number of batches per epoch; `batching` identifies the order, so that a
+    checkpoint cut mid-epoch is only continued with the same batches.
+    """
+
+    split: Split
+    batch_size: int
+    seed: int = 0
+    shuffle: bool = True
+    drop_last: bool = False
+
+    def __call__(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        return batches(
+            self.split,
+            self.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+            start=start,
+        )
+
+    def __len__(self) -> int:
+        return num_batches(self.split.labels.shape[0], self.batch_size, drop_last=self.drop_last)
+
+    @property
+    def batching(self) -> dict[str, int]:
+        """What fixes the batches: example count, batch size and seed."""
+        return {"n": int(self.split.labels.shape[0]), "batch_size": self.batch_size, "seed": self.seed}
 
 
 def normalize(

@@ -33,8 +33,8 @@ from torch.func import vmap
 from fashion_func import checkpoint, data, interop, metrics
 from fashion_func.cli import UsageError, _int, _Parser
 from fashion_func.loop import RunError, resolve_device
-from fashion_func.models import Model, Params
-from fashion_func.step import make_eval_step, normalize_images
+from fashion_func.models import Model, ModelState, Params
+from fashion_func.step import NormalizeImages, make_eval_step
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -221,11 +221,12 @@ def classify_images(
     mean: float = data.MEAN,
     std: float = data.STD,
     k: int = 3,
+    model_state: ModelState | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(top-k probabilities [N, k], classes [N, k]) for uint8 images [N, 28, 28], best first."""
-    x = normalize_images(images, mean, std)
-    with torch.no_grad():
-        probs = torch.softmax(model.apply(params, x).float(), dim=-1)
+    eval_step = make_eval_step(model, compile=False, preprocess=NormalizeImages(mean, std))
+    labels = torch.zeros(images.shape[0], dtype=torch.int64, device=images.device)  # unused
+    probs = torch.softmax(eval_step(params, (images, labels), model_state)["logits"], dim=-1)
     top = probs.topk(min(k, probs.shape[-1]), dim=-1)
     return top.values, top.indices
 
@@ -243,13 +244,17 @@ def evaluate(
     mean: float = data.MEAN,
     std: float = data.STD,
     compile: bool = False,
+    model_state: ModelState | None = None,
 ) -> dict[str, Tensor]:
-    """Per-example `loss`, `correct`, `topk_correct`, `pred`, `logits` over the split, on its device."""
-    eval_step = make_eval_step(model, compile=compile, mean=mean, std=std, topk=topk)
+    """Per-example `loss`, `correct`, `topk_correct`, `pred`, `logits` over the split, on its device.
+
+    A stateful model (batch norm) needs its `model_state` (inference mode: running statistics).
+    """
+    eval_step = make_eval_step(model, compile=compile, preprocess=NormalizeImages(mean, std), topk=topk)
     parts: list[dict[str, Tensor]] = []
     for start in range(0, split.labels.shape[0], batch_size):
         batch = (split.images[start : start + batch_size], split.labels[start : start + batch_size])
-        parts.append(eval_step(params, batch))
+        parts.append(eval_step(params, batch, model_state))
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 

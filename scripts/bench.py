@@ -5,7 +5,7 @@
                             [--rows fashion_func,tutorial,eager,flax] [--precisions fp32,bf16]
 
 Rows (batch 128, Adam lr 1e-3, same data):
-  fashion_func  our training path exactly as scripts/train.py runs it (`loop.fit`)
+  fashion_func  our training path exactly as scripts/train.py runs it (`app.train` -> `fit`)
   tutorial      torchvision FashionMNIST + ToTensor/Normalize + DataLoader(shuffle),
                 nn.Module + torch.optim.Adam
   eager         nn.Module + torch.optim.Adam on device-resident data
@@ -72,7 +72,7 @@ def _numpy_data(args):
 def row_fashion_func(args) -> dict:
     import torch
 
-    from fashion_func import data, loop
+    from fashion_func import app, data, loop, models
     from fashion_func.config import Config
     from fashion_func.step import make_eval_step
 
@@ -87,16 +87,18 @@ def row_fashion_func(args) -> dict:
         import io
 
         with contextlib.redirect_stdout(io.StringIO()):
-            result = loop.fit(cfg)
+            result = app.train(cfg)
         total = time.perf_counter() - t0
         times = [r["epoch_time_s"] for r in result.history]
         # evaluation of the 10,000 test images with per-example metrics, after warm-up
         test = data.load("test", args.data_dir, device=args.device)
-        ev = make_eval_step(loop.models.get("simplenet"), compile=cfg.compile, precision=cfg.precision)
-        loop.evaluate(ev, result.state.params, test, cfg.eval_batch_size)
+        compiled = loop.resolve_compile(cfg.compile, test.images.device) is True
+        ev = make_eval_step(models.get("simplenet"), compile=compiled, precision=cfg.precision)
+        batches = data.EpochBatches(test, cfg.eval_batch_size, shuffle=False)
+        loop.evaluate(ev, result.state, batches(1))
         _sync(args.device)
         t = time.perf_counter()
-        loop.evaluate(ev, result.state.params, test, cfg.eval_batch_size)
+        loop.evaluate(ev, result.state, batches(1))
         _sync(args.device)
         eval_s = time.perf_counter() - t
         del torch

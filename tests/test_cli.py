@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 from reference import SimpleNet
 
-from fashion_func import checkpoint, cli, data, loop
+from fashion_func import app, checkpoint, cli, data
 from fashion_func.config import Config, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_resume_auto_continues_the_run_as_it_was_set_up(tmp_path, capsys):
     assert [r["lr"] for r in history] == [1e-3, 5e-4, 2.5e-4]  # StepLR carried on
     assert json.loads((out / "config.json").read_text()) == {**saved, "epochs": 3}
 
-    straight = loop.fit(Config.from_dict({**saved, "epochs": 3, "out": str(tmp_path / "straight")}))
+    straight = app.train(Config.from_dict({**saved, "epochs": 3, "out": str(tmp_path / "straight")}))
     resumed, _ = checkpoint.load_state(out / "checkpoints" / "last.safetensors", straight.state)
     assert all(torch.equal(resumed.params[k], straight.state.params[k]) for k in straight.state.params)
     assert [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in history] == [

@@ -20,8 +20,8 @@ import safetensors.torch
 import torch
 from reference import SimpleNet
 
+from fashion_func import app, checkpoint, data, loop, models, optim, tree
 from fashion_func import callbacks as cbs
-from fashion_func import checkpoint, data, loop, optim, tree
 from fashion_func.config import Config
 from fashion_func.step import make_eval_step
 
@@ -137,7 +137,7 @@ def png_pixels(path: Path) -> Any:
 def straight(tmp_path_factory) -> tuple[Config, loop.FitResult]:
     """SimpleNet trained 4 epochs in one go: the reference the other runs are compared to."""
     cfg = cfg_at(tmp_path_factory.mktemp("straight") / "run", SIMPLE)
-    return cfg, loop.fit(cfg)
+    return cfg, app.train(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def resumed(tmp_path_factory) -> tuple[Config, loop.FitResult, dict[str, Any]]:
     Also returns what the directory held after the first part, for before/after checks.
     """
     cfg2 = cfg_at(tmp_path_factory.mktemp("resumed") / "run", SIMPLE, epochs=2)
-    first = loop.fit(cfg2)
+    first = app.train(cfg2)
     out = cfg2.out_dir
     after_first = {
         "loss.png": (out / "loss.png").read_bytes(),
@@ -156,7 +156,7 @@ def resumed(tmp_path_factory) -> tuple[Config, loop.FitResult, dict[str, Any]]:
         "epoch_files": epoch_files(out),
     }
     cfg4 = dataclasses.replace(cfg2, epochs=4)
-    return cfg4, loop.fit(cfg4, resume="auto"), after_first
+    return cfg4, app.train(cfg4, resume="auto"), after_first
 
 
 # -- the run directory -----------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_metric_values_match_an_independent_evaluation(straight):
     """val_loss / val_acc in the history are what the final parameters give on the validation set."""
     cfg, result = straight
     val = data.load("test", device="cpu", limit=cfg.limit_val)
-    ev = make_eval_step(loop.models.get("simplenet"), compile=False)
+    ev = make_eval_step(models.get("simplenet"), compile=False)
     out = ev(result.state.params, (val.images, val.labels))
     assert result.history[-1]["val_acc"] == out["correct"].double().mean().item()
     assert result.history[-1]["val_loss"] == pytest.approx(out["loss"].double().mean().item(), rel=1e-6)
@@ -295,7 +295,7 @@ def test_same_seed_gives_identical_history(tmp_path):
     """Two runs with one seed: the same history.json metric values and parameters; another seed
     gives other values (so the comparison can fail)."""
     runs = [
-        loop.fit(cfg_at(tmp_path / name, MLP, seed=seed, epochs=2))
+        app.train(cfg_at(tmp_path / name, MLP, seed=seed, epochs=2))
         for name, seed in (("a", 3), ("b", 3), ("c", 4))
     ]
     a, b, c = (metrics_only(read_history(tmp_path / name)) for name in "abc")
@@ -350,14 +350,14 @@ def test_resume_mid_epoch_is_exact(straight, tmp_path):
     in_epoch metadata; resuming from it gives the straight run bitwise."""
     cfg, ref = straight
     cut_cfg = dataclasses.replace(cfg, out=str(tmp_path / "run"))
-    cut = loop.fit(cut_cfg, max_steps=5)
+    cut = app.train(cut_cfg, max_steps=5)
     assert int(cut.state.step) == 5 and cut.stop_reason == "max_steps 5 reached"
     meta = last_meta(cut_cfg.out_dir)
     assert meta["epoch"] == 1
     assert meta["in_epoch"]["epoch"] == 2 and meta["in_epoch"]["batch"] == 2
     assert [r["epoch"] for r in read_history(cut_cfg.out_dir)] == [1]
 
-    res = loop.fit(cut_cfg, resume="auto")
+    res = app.train(cut_cfg, resume="auto")
     assert int(res.state.step) == 12
     assert_states_equal(res.state, ref.state)
     assert metrics_only(res.history) == metrics_only(ref.history)
@@ -370,13 +370,13 @@ def test_resume_with_compile_is_exact(tmp_path):
     """The same with the compiled step (mlp, to keep compile time down): 2 epochs straight ==
     1 + resume to 2 == cut in epoch 2 + resume."""
     base = {**MLP, "compile": True, "epochs": 2, "limit_train": 384}  # 3 steps an epoch
-    ref = loop.fit(cfg_at(tmp_path / "straight", base))
+    ref = app.train(cfg_at(tmp_path / "straight", base))
     one = cfg_at(tmp_path / "one", base, epochs=1)
-    loop.fit(one)
-    by_epoch = loop.fit(dataclasses.replace(one, epochs=2), resume="auto")
+    app.train(one)
+    by_epoch = app.train(dataclasses.replace(one, epochs=2), resume="auto")
     mid = cfg_at(tmp_path / "mid", base)
-    loop.fit(mid, max_steps=4)
-    by_step = loop.fit(mid, resume="auto")
+    app.train(mid, max_steps=4)
+    by_step = app.train(mid, resume="auto")
     for res in (by_epoch, by_step):
         assert_states_equal(res.state, ref.state)
         assert metrics_only(res.history) == metrics_only(ref.history)
@@ -388,7 +388,7 @@ def test_cosine_schedule_in_history(tmp_path):
     (Cosine's period is --epochs, so raising --epochs on resume changes the schedule from
     there on; the exact-resume tests use StepLR or a constant lr.)
     """
-    res = loop.fit(cfg_at(tmp_path / "run", MLP, lr_schedule="cosine", epochs=3))
+    res = app.train(cfg_at(tmp_path / "run", MLP, lr_schedule="cosine", epochs=3))
     sched = cbs.CosineLR(base_lr=1e-3, t_max=3)
     assert [r["lr"] for r in res.history] == [sched.lr_at(e) for e in (1, 2, 3)]
     assert len({r["lr"] for r in res.history}) == 3
@@ -401,12 +401,12 @@ def test_resume_keeps_early_stopping_patience(tmp_path):
     patience 2 the run stops after epoch 3, whether or not it was restarted after epoch 2.
     """
     base = {**MLP, "monitor": "train_loss", "mode": "max", "patience": 2, "epochs": 10}
-    ref = loop.fit(cfg_at(tmp_path / "straight", base))
+    ref = app.train(cfg_at(tmp_path / "straight", base))
     assert ref.epochs_run == 3 and "did not improve for 2 epochs" in ref.stop_reason
     cut = cfg_at(tmp_path / "cut", base, epochs=2)
-    loop.fit(cut)
+    app.train(cut)
     assert last_meta(cut.out_dir)["callbacks"]["EarlyStopping"]["wait"] == 1
-    res = loop.fit(dataclasses.replace(cut, epochs=10), resume="auto")
+    res = app.train(dataclasses.replace(cut, epochs=10), resume="auto")
     assert res.epochs_run == 1 and res.stop_reason == ref.stop_reason
     assert [r["epoch"] for r in res.history] == [1, 2, 3]
     assert_states_equal(res.state, ref.state)
@@ -417,21 +417,21 @@ def test_resume_auto_fresh_then_nothing_left_then_other_model_then_new_lr(tmp_pa
     nothing (and still reports the history); another model is refused; an --lr given on
     resume replaces the checkpoint's."""
     cfg = cfg_at(tmp_path / "run", MLP, epochs=1)
-    first = loop.fit(cfg, resume="auto")
+    first = app.train(cfg, resume="auto")
     assert first.epochs_run == 1 and int(first.state.step) == 2
     log = cfg.out_dir / "train.log"
     assert "starting fresh" in log.read_text()
 
-    again = loop.fit(cfg, resume="auto")
+    again = app.train(cfg, resume="auto")
     assert again.epochs_run == 0
     assert_states_equal(again.state, first.state)
     assert again.history == first.history  # reported from the checkpoint, not lost
     assert "nothing to train" in log.read_text()
 
     with pytest.raises(loop.RunError, match=r"holds a mlp model, not simplenet"):
-        loop.fit(dataclasses.replace(cfg, model="simplenet", epochs=2), resume="auto")
+        app.train(dataclasses.replace(cfg, model="simplenet", epochs=2), resume="auto")
 
-    res = loop.fit(dataclasses.replace(cfg, epochs=2, lr=1e-4), resume="auto")
+    res = app.train(dataclasses.replace(cfg, epochs=2, lr=1e-4), resume="auto")
     assert [r["lr"] for r in res.history] == [1e-3, 1e-4]
     assert optim.get_hyperparam(res.state.opt_state, "lr").item() == pytest.approx(1e-4, rel=1e-7)
     assert "lr set to 0.0001" in log.read_text()
@@ -441,12 +441,12 @@ def test_tensorboard_after_a_replayed_epoch_shows_it_once(tmp_path):
     """A run that died after logging epoch 2 but before its last.safetensors is resumed from
     epoch 1's checkpoint: TensorBoard must not show epoch 2 twice."""
     cfg = cfg_at(tmp_path / "run", MLP, epochs=1, tensorboard=True)
-    loop.fit(cfg)
+    app.train(cfg)
     last = cfg.out_dir / "checkpoints" / "last.safetensors"
     shutil.copy(last, tmp_path / "epoch1.safetensors")
-    loop.fit(dataclasses.replace(cfg, epochs=2), resume="auto")
+    app.train(dataclasses.replace(cfg, epochs=2), resume="auto")
     shutil.copy(tmp_path / "epoch1.safetensors", last)  # as if epoch 2's save never happened
-    res = loop.fit(dataclasses.replace(cfg, epochs=2), resume="auto")
+    res = app.train(dataclasses.replace(cfg, epochs=2), resume="auto")
     scalars = tb_scalars(cfg.out_dir)
     assert [s for s, _ in scalars["val/loss"]] == [1, 2]
     assert scalars["val/loss"][-1][1] == pytest.approx(res.history[-1]["val_loss"], rel=1e-6)
@@ -480,7 +480,7 @@ def test_set_hyperparam_changes_the_lr_the_step_uses(tmp_path):
     """lr set to 0 after epoch 1: epoch 2 leaves the parameters exactly where they were."""
     cfg = cfg_at(tmp_path / "run", MLP, epochs=2)
     callbacks = [Scripted(script={1: (cbs.SetHyperparam("lr", 0.0),)}), cbs.TrainingMonitor(), keep_all()]
-    res = loop.fit(cfg, callbacks=callbacks)
+    res = app.train(cfg, callbacks=callbacks)
     assert [r["lr"] for r in res.history] == [1e-3, 0.0]
     ckpt = cfg.out_dir / "checkpoints"
     p1, _ = checkpoint.load_weights(ckpt / "epoch-001.safetensors")
@@ -497,10 +497,12 @@ def test_stop_comes_after_the_epochs_checkpoints(tmp_path, monkeypatch):
     the plots are redrawn every epoch."""
     cfg = cfg_at(tmp_path / "run", MLP, epochs=5)
     drawn: list[list[int]] = []
-    real_plot = loop._plot
+    from fashion_func.loop import rundir
+
+    real_plot = rundir.plot_history
     monkeypatch.setattr(
-        loop,
-        "_plot",
+        rundir,
+        "plot_history",
         lambda records, out: (drawn.append([r["epoch"] for r in records]), real_plot(records, out)),
     )
     callbacks = [
@@ -508,7 +510,7 @@ def test_stop_comes_after_the_epochs_checkpoints(tmp_path, monkeypatch):
         cbs.TrainingMonitor(),
         keep_all(),
     ]
-    res = loop.fit(cfg, callbacks=callbacks)
+    res = app.train(cfg, callbacks=callbacks)
     assert res.epochs_run == 2 and res.stop_reason == "scripted stop"
     assert drawn == [[1], [1, 2]]
     assert [r["epoch"] for r in read_history(cfg.out_dir)] == [1, 2]
@@ -535,8 +537,8 @@ def test_new_epoch_file_is_written_before_the_evicted_one_is_deleted(tmp_path, m
         present_at_save.append(epoch_files(cfg.out_dir))
         real_save(path, params, metadata=metadata)
 
-    monkeypatch.setattr(loop.checkpoint, "save_weights", spy)
-    loop.fit(cfg, callbacks=[Scripted(script=script)])
+    monkeypatch.setattr(checkpoint, "save_weights", spy)
+    app.train(cfg, callbacks=[Scripted(script=script)])
     assert present_at_save == [[], ["epoch-001.safetensors"], ["epoch-002.safetensors"]]
     assert epoch_files(cfg.out_dir) == ["epoch-003.safetensors"]
 
@@ -545,14 +547,14 @@ def test_reduce_lr_on_plateau_from_the_config(tmp_path):
     """--lr-schedule plateau: the lr each epoch ran with is what ReduceLROnPlateau decided,
     replayed over the run's own history; train_loss in mode max never improves, so it drops."""
     cfg = cfg_at(tmp_path / "run", MLP, epochs=5, lr_schedule="plateau", monitor="train_loss", mode="max")
-    plateau = next(cb for cb in loop.build_callbacks(cfg) if isinstance(cb, cbs.ReduceLROnPlateau))
+    plateau = next(cb for cb in app.build_callbacks(cfg) if isinstance(cb, cbs.ReduceLROnPlateau))
     assert (plateau.monitor, plateau.mode, plateau.factor, plateau.base_lr) == (
         "train_loss",
         "max",
         0.1,
         1e-3,
     )
-    res = loop.fit(cfg)
+    res = app.train(cfg)
     state, expected = plateau.init(), []
     for r in res.history:
         expected.append(cbs.decode_float(state["lr"]))
@@ -566,7 +568,7 @@ def test_no_tensorboard_and_non_finite_stop(tmp_path):
     writes no checkpoint of that epoch's non-finite weights; with tensorboard off there is
     no tensorboard/."""
     cfg = cfg_at(tmp_path / "run", MLP, optimizer="sgd", lr=1e6, momentum=0.0, epochs=5)
-    res = loop.fit(cfg)
+    res = app.train(cfg)
     bad_epoch = res.epochs_run
     assert bad_epoch < 5 and res.stop_reason.startswith("non-finite loss at step")
     assert res.history[-1]["epoch"] == bad_epoch and "first_nonfinite_step" in res.history[-1]
@@ -578,8 +580,8 @@ def test_no_tensorboard_and_non_finite_stop(tmp_path):
 
 
 def test_label_smoothing_changes_the_training_loss_only(tmp_path):
-    plain = loop.fit(cfg_at(tmp_path / "plain", MLP, epochs=1))
-    smooth = loop.fit(cfg_at(tmp_path / "smooth", MLP, epochs=1, label_smoothing=0.2))
+    plain = app.train(cfg_at(tmp_path / "plain", MLP, epochs=1))
+    smooth = app.train(cfg_at(tmp_path / "smooth", MLP, epochs=1, label_smoothing=0.2))
     # same first batch, different objective: the smoothed loss is larger on a fresh model
     assert smooth.history[0]["train_loss"] > plain.history[0]["train_loss"]
     assert not torch.equal(smooth.state.params["linear1.weight"], plain.state.params["linear1.weight"])
@@ -587,16 +589,16 @@ def test_label_smoothing_changes_the_training_loss_only(tmp_path):
 
 def test_mid_epoch_resume_refuses_other_batches(tmp_path):
     out = tmp_path / "run"
-    loop.fit(cfg_at(out, MLP, batch_size=64, epochs=2), max_steps=2)  # cut inside epoch 1 (4 steps)
+    app.train(cfg_at(out, MLP, batch_size=64, epochs=2), max_steps=2)  # cut inside epoch 1 (4 steps)
     with pytest.raises(loop.RunError, match="batch_size 64 \\(now 32\\)"):
-        loop.fit(cfg_at(out, MLP, batch_size=32, epochs=2), resume="auto")
-    resumed = loop.fit(cfg_at(out, MLP, batch_size=64, epochs=2), resume="auto")
+        app.train(cfg_at(out, MLP, batch_size=32, epochs=2), resume="auto")
+    resumed = app.train(cfg_at(out, MLP, batch_size=64, epochs=2), resume="auto")
     assert resumed.epochs_run == 2
 
 
 def test_plateau_lr_given_on_resume_is_the_lr_used(tmp_path):
     out = tmp_path / "run"
     base = {**MLP, "lr_schedule": "plateau", "epochs": 1}
-    loop.fit(cfg_at(out, base))
-    resumed = loop.fit(cfg_at(out, base, epochs=2, lr=5e-4), resume="auto")
+    app.train(cfg_at(out, base))
+    resumed = app.train(cfg_at(out, base, epochs=2, lr=5e-4), resume="auto")
     assert resumed.history[-1]["lr"] == pytest.approx(5e-4)

@@ -35,8 +35,8 @@ import safetensors.torch
 import torch
 from test_data import make_dataset, write_idx  # tests/ is on sys.path under pytest
 
+from fashion_func import app, checkpoint, data, loop, models, optim
 from fashion_func import callbacks as cbs
-from fashion_func import checkpoint, data, loop, models, optim
 from fashion_func import state as state_lib
 from fashion_func.cli import main_train
 from fashion_func.config import Config
@@ -198,7 +198,7 @@ def template() -> state_lib.TrainState:
     """A fresh TrainState shaped like the runs' (mlp, adam): what load_state validates against."""
     cfg = Config(model="mlp", optimizer="adam", lr=1e-3)
     params = models.get("mlp").init(torch.Generator().manual_seed(0))
-    return state_lib.create(params, loop.build_optimizer(cfg), seed=0)
+    return state_lib.create(params, app.build_optimizer(cfg), seed=0)
 
 
 def assert_same_tensors(a: Path, b: Path) -> None:
@@ -397,7 +397,7 @@ def test_stale_lock_of_a_dead_process_does_not_block(
         model="mlp", epochs=1, batch_size=32, data_dir=str(synthetic), out=str(out), device="cpu",
         compile=False, tensorboard=False, progress=False,
     )  # fmt: skip
-    assert loop.main(cfg) == 0
+    assert app.main(cfg) == 0
     assert f"process {dead.pid} died holding {out / '.lock'}" in capsys.readouterr().out
     assert (out / ".lock").read_text() == ""  # released cleanly: no pid left to look stale
 
@@ -431,7 +431,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model="mlp", epochs=1, batch_size=32, data_dir=str(tmp / "data"), out=str(tmp / "run"),
         device="cpu", compile=False, tensorboard=False, progress=False,
     )  # fmt: skip
-    loop.fit(cfg)
+    app.train(cfg)
     return tmp
 
 
@@ -512,7 +512,7 @@ def test_resume_from_a_pickle_in_a_real_process_exits_2(procs: Procs, tmp_path: 
         (["--epochs", "-1"], "--epochs must be at least 1, got -1"),
         (["--lr", "0"], "--lr must be positive, got 0.0"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-        (["--model", "resnet900"], "--model must be one of simplenet, alexnet, mlp, not 'resnet900'"),
+        (["--model", "resnet900"], "--model must be one of simplenet, simplenet_bn, alexnet, mlp, not 'resnet900'"),
         (["--optimizer", "lion"], "--optimizer must be one of adam, adamw, sgd, not 'lion'"),
         (["--epochs", "three"], "argument --epochs: expected an integer, got 'three'"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
@@ -614,11 +614,11 @@ def _tiny_cfg(tmp: Path, **changes: Any) -> Config:
 
 def _first_nonfinite_step(cfg: Config, state_path: Path, epoch: int, lr: float) -> int:
     """Reference: replay `epoch` eagerly from the saved state with `lr`; the first non-finite loss's step."""
-    model, tx = models.get(cfg.model), loop.build_optimizer(cfg)
+    model, tx = models.get(cfg.model), app.build_optimizer(cfg)
     params = model.init(torch.Generator().manual_seed(cfg.seed))
     st, _ = checkpoint.load_state(state_path, state_lib.create(params, tx, seed=cfg.seed))
     st = st.replace(opt_state=optim.set_hyperparam(st.opt_state, "lr", lr))
-    step = make_train_step(model, None, tx, compile=False, mean=data.MEAN, std=data.STD)
+    step = make_train_step(model, tx, compile=False)
     train = data.load("train", cfg.data_dir)
     for batch in data.batches(train, cfg.batch_size, seed=cfg.seed, epoch=epoch):
         st, m = step(st, batch)
@@ -631,7 +631,7 @@ def test_nan_loss_stops_that_epoch_naming_the_step_and_keeps_good_checkpoints(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg = _tiny_cfg(tmp_path, epochs=1)
-    loop.fit(cfg)  # one good epoch
+    app.train(cfg)  # one good epoch
     ckpts = tmp_path / "run" / "checkpoints"
     good = {name: (ckpts / name).read_bytes() for name in (loop.LAST, loop.BEST)}
     capsys.readouterr()
@@ -639,7 +639,7 @@ def test_nan_loss_stops_that_epoch_naming_the_step_and_keeps_good_checkpoints(
     assert 4 < expected <= 8  # inside epoch 2 (4 steps per epoch)
 
     cfg = _tiny_cfg(tmp_path, epochs=3)
-    result = loop.fit(cfg, resume="auto", callbacks=[*loop.build_callbacks(cfg), BlowUp()])
+    result = app.train(cfg, resume="auto", callbacks=[*app.build_callbacks(cfg), BlowUp()])
     stdout = capsys.readouterr().out
     assert f"loss became non-finite at step {expected} (epoch 2); stopping" in stdout
     assert result.stop_reason == f"non-finite loss at step {expected} (epoch 2)"
@@ -649,7 +649,7 @@ def test_nan_loss_stops_that_epoch_naming_the_step_and_keeps_good_checkpoints(
         assert (ckpts / name).read_bytes() == content, name
 
     # an interruption after the divergence (here: the max_steps cut) does not save it either
-    loop.fit(cfg, resume="auto", callbacks=[*loop.build_callbacks(cfg), BlowUp()], max_steps=expected)
+    app.train(cfg, resume="auto", callbacks=[*app.build_callbacks(cfg), BlowUp()], max_steps=expected)
     assert f"not saving, {ckpts / loop.LAST} keeps the state from before it" in capsys.readouterr().out
     for name, content in good.items():
         assert (ckpts / name).read_bytes() == content, name
@@ -691,7 +691,7 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_file(
 
         monkeypatch.setattr(checkpoint, "open", fake_open, raising=False)
 
-    assert loop.main(cfg) == 2
+    assert app.main(cfg) == 2
     line = one_error_line(capsys.readouterr().err)
     assert line == f"train.py: error: cannot write checkpoint {last}: {os.strerror(code)}"
     assert last.read_bytes() == seen["before"]  # epoch 1's resume point, intact
@@ -724,6 +724,6 @@ def test_unwritable_output_directory_is_one_line_exit_2(
 
         monkeypatch.setattr(os, "open", denied)
     cfg = _tiny_cfg(tmp_path, out=str(out))
-    assert loop.main(cfg) == 2
+    assert app.main(cfg) == 2
     assert one_error_line(capsys.readouterr().err) == f"train.py: error: {expected}"
     assert blocker.read_text() == "not a directory"

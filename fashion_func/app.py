@@ -1,0 +1,194 @@
+"""The command line's training job: a `Config` turned into library objects, then `fit`.
+
+`train(cfg)` builds the data (`data.EpochBatches`), the model and its state, the optimizer,
+the compiled steps and the tutorial's callbacks from the config, opens the run directory,
+resumes from a checkpoint when asked, and hands everything to `fashion_func.fit`. It is one
+client of the library; research code builds the same objects itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fashion_func import callbacks as cbs
+from fashion_func import checkpoint, data, losses, models, optim
+from fashion_func import state as state_lib
+from fashion_func.config import Config, ConfigError
+from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunDir, RunError, fit
+from fashion_func.loop import device as device_lib
+from fashion_func.loop import resume as resume_lib
+from fashion_func.step import NormalizeImages, make_eval_step, make_train_step
+from fashion_func.summary import summary
+
+__all__ = ["build_callbacks", "build_optimizer", "main", "train"]
+
+
+def build_optimizer(cfg: Config) -> optim.GradientTransformation:
+    """The optimizer the config names, with optional gradient clipping in front."""
+    if cfg.optimizer == "adam":
+        tx = optim.adam(cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        tx = optim.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        tx = optim.sgd(cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.clip_norm is not None:
+        tx = optim.chain(optim.clip_by_global_norm(cfg.clip_norm), tx)
+    return tx
+
+
+def build_callbacks(cfg: Config) -> list[Any]:
+    """The tutorial's callbacks, configured from `cfg`, in the order they run."""
+    out: list[Any] = [cbs.TerminateOnNaN(), cbs.TrainingMonitor(), cbs.LogEpoch()]
+    if cfg.tensorboard:
+        out.append(cbs.TensorBoardLogger())
+    if cfg.lr_schedule == "step":
+        out.append(cbs.StepLR(base_lr=cfg.lr, step_size=cfg.lr_step_size, gamma=cfg.lr_gamma))
+    elif cfg.lr_schedule == "cosine":
+        out.append(cbs.CosineLR(base_lr=cfg.lr, t_max=cfg.epochs))
+    elif cfg.lr_schedule == "plateau":
+        out.append(
+            cbs.ReduceLROnPlateau(
+                monitor=cfg.monitor,
+                mode=cfg.mode,
+                factor=cfg.lr_gamma,
+                patience=max(1, (cfg.patience or 4) // 2),
+                base_lr=cfg.lr,
+            )
+        )
+    out.append(
+        cbs.ModelCheckpoint(
+            monitor=cfg.monitor,
+            mode=cfg.mode,
+            save_best_only=cfg.save_best_only,
+            every_n_epochs=cfg.every_n_epochs,
+            save_top_k=cfg.topk,
+            save_last=True,
+        )
+    )
+    if cfg.patience is not None:
+        out.append(
+            cbs.EarlyStopping(
+                monitor=cfg.monitor, mode=cfg.mode, patience=cfg.patience, min_delta=cfg.min_delta
+            )
+        )
+    return out
+
+
+def _preprocess(cfg: Config) -> NormalizeImages:
+    if cfg.normalize == "dataset":
+        return NormalizeImages(data.MEAN, data.STD)
+    return NormalizeImages(data.TUTORIAL_MEAN, data.TUTORIAL_STD)
+
+
+def _initial_state(cfg: Config, model: models.Model, tx: Any, device: torch.device) -> state_lib.TrainState:
+    params = model.init(torch.Generator().manual_seed(cfg.seed), device=device)
+    return state_lib.create(params, tx, seed=cfg.seed, model_state=model.init_state(device=device))
+
+
+def _resume_point(
+    cfg: Config, path: Path, st: state_lib.TrainState, callbacks: list[Any], log: Any
+) -> ResumePoint:
+    """The checkpoint's resume point, refused for another model, with an --lr given again applied."""
+    saved_model = checkpoint.read_metadata(path).get("model")
+    if saved_model is not None and saved_model != cfg.model:
+        raise RunError(
+            f"checkpoint {path} holds a {saved_model} model, not {cfg.model}; "
+            f"resume it with --model {saved_model}"
+        )
+    point = resume_lib.load(path, st, callbacks)
+    saved_lr = point.metadata.get("config", {}).get("lr")
+    if saved_lr is not None and cfg.lr != saved_lr:
+        # an --lr given on resume replaces the checkpoint's (schedules restart from it too)
+        point = point.replace_lr(cfg.lr, callbacks)
+        log.info(f"lr set to {cfg.lr} (the checkpoint's run used {saved_lr})")
+    return point
+
+
+def _steps(cfg: Config, model: models.Model, tx: Any, device: torch.device) -> tuple[Any, Any]:
+    use_compile = device_lib.resolve_compile(cfg.compile, device)
+    pre = _preprocess(cfg)
+    train_loss = None
+    if cfg.label_smoothing > 0:  # training loss only: validation reports plain cross-entropy
+        train_loss = functools.partial(losses.cross_entropy_per_example, label_smoothing=cfg.label_smoothing)
+    train_step = make_train_step(
+        model, tx, loss=train_loss, preprocess=pre, precision=cfg.precision, compile=use_compile
+    )
+    eval_step = make_eval_step(model, preprocess=pre, precision=cfg.precision, compile=use_compile is True)
+    return train_step, eval_step
+
+
+def train(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    callbacks: list[Any] | None = None,
+    max_steps: int | None = None,
+) -> FitResult:
+    """Train as `cfg` says, writing its run directory; returns the final state and history.
+
+    resume: None, "auto" (continue `<out>/checkpoints/last.safetensors` if present) or a path.
+    callbacks: replace the config's callbacks. max_steps: stop (after saving last.safetensors)
+    once the state reaches this step; used by tests to cut a run mid-epoch as a crash would.
+    """
+    with RunDir.open(cfg.out_dir, resume=resume, overwrite=overwrite) as run:
+        device = device_lib.resolve_device(cfg.device)
+        from_path = resume_lib.resume_path(run.path, resume)
+        train_split = data.load("train", cfg.data_dir, device=device, limit=cfg.limit_train)
+        val_split = data.load("test", cfg.data_dir, device=device, limit=cfg.limit_val)
+        model, tx = models.get(cfg.model), build_optimizer(cfg)
+        st = _initial_state(cfg, model, tx, device)
+        callbacks = build_callbacks(cfg) if callbacks is None else callbacks
+        run.log.info(f"seed {cfg.seed}, device {device}, data {train_split.source}")
+        run.log.info(
+            f"train {len(train_split.labels)} examples, validation {len(val_split.labels)} (test set)"
+        )
+        point = None
+        if from_path is not None:
+            point = _resume_point(cfg, from_path, st, callbacks, run.log)
+        elif resume == "auto":
+            run.log.info(f"no checkpoint in {run.checkpoints}; starting fresh")
+        run.write_json("config.json", cfg.to_dict())
+        text = summary(model, st.params, st.model_state)
+        run.write_bytes("summary.txt", text.encode())
+        run.log.info(text.rstrip())
+        device_lib.configure(device, cfg.precision)
+        train_step, eval_step = _steps(cfg, model, tx, device)
+        return fit(
+            st,
+            train_step,
+            data.EpochBatches(train_split, cfg.batch_size, seed=cfg.seed),
+            epochs=cfg.epochs,
+            eval_step=eval_step,
+            val_data=data.EpochBatches(val_split, cfg.eval_batch_size, shuffle=False),
+            callbacks=callbacks,
+            run_dir=run,
+            resume=point,
+            metadata={"config": cfg.to_dict(), "model": cfg.model},
+            max_steps=max_steps,
+            progress=cfg.progress,
+        )
+
+
+def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> int:
+    """Run `train` for the CLI: user-facing failures become one line and exit code 2."""
+    try:
+        result = train(cfg, resume=resume, overwrite=overwrite)
+    except Interrupted as exc:
+        print(f"train.py: {exc}", file=sys.stderr)
+        return exc.code
+    except (RunError, data.DataError, checkpoint.CheckpointError, ConfigError) as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
+    tail = (
+        f"; best {result.best['monitor']} {result.best['value']:.4f} at epoch {result.best['epoch']}"
+        if result.best
+        else ""
+    )
+    print(f"done: {result.epochs_run} epoch(s), {result.stop_reason}{tail}; run directory {result.out_dir}")
+    return 0

@@ -1,0 +1,521 @@
+"""`fit`: the only impure driver, a library function over the user's own objects.
+
+It runs the user's `train_step` over each epoch's batches, evaluates, sends events to the
+callbacks and carries out the actions they return (save a checkpoint, set the learning
+rate, write history and plots, log, stop). With a run directory, everything needed to
+continue after a restart goes into `checkpoints/last.safetensors`; without one it writes
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fashion_func import callbacks as cbs
+from fashion_func import checkpoint, optim
+from fashion_func.loop import resume as resume_lib
+from fashion_func.loop.rundir import BEST, LAST, RunDir, RunError
+from fashion_func.state import TrainState
+
+__all__ = ["FitResult", "Interrupted", "epoch_batches", "evaluate", "fit"]
+
+Data = Iterable[Any] | Callable[..., Iterable[Any]]
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM arrived; the state was saved. `code` is the exit status to use."""
+
+    def __init__(self, signum: int, path: Path, *, saved: bool = True) -> None:
+        self.signum = signum
+        self.path = path
+        self.code = 128 + signum
+        what = "state saved to" if saved else "diverged state not saved; the last good one is in"
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; {what} {path}")
+
+
+@dataclass
+class FitResult:
+    """What a finished run leaves: the final state, its history and why it ended."""
+
+    state: TrainState
+    history: list[dict[str, Any]]
+    epochs_run: int
+    stop_reason: str
+    out_dir: Path | None
+    best: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def _accepts_start(fn: Callable[..., Any]) -> bool:
+    try:
+        return "start" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def epoch_batches(source: Data, epoch: int, start: int = 0) -> Iterator[Any]:
+    """The batches of `epoch` from batch `start` on.
+
+    `source` is a function `epoch -> iterable` (given `start=` too when it takes it, as
+    `data.EpochBatches` does; otherwise the first `start` batches are drawn and dropped),
+    or an iterable run through once per epoch (a `DataLoader`, a list of batches).
+    """
+    skip = start
+    if callable(source) and not hasattr(source, "__iter__"):
+        if _accepts_start(source):
+            it, skip = source(epoch, start=start), 0
+        else:
+            it = source(epoch)
+    else:
+        it = source
+    it = iter(it)
+    return itertools.islice(it, skip, None) if skip else it
+
+
+def _num_batches(source: Data) -> int | None:
+    try:
+        return len(source)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def evaluate(
+    eval_step: Callable[..., Mapping[str, Tensor]], state: Any, batches: Iterable[Any]
+) -> dict[str, float]:
+    """Validation metrics over `batches`, one host sync at the end.
+
+    `eval_step(state, batch)` returns per-example tensors (as `make_eval_step`'s): the mean
+    of `loss` is `val_loss`, of `correct` `val_acc`, of `topk_correct` `val_top{k}` (k from
+    `eval_step.topk`, default 5). `state` is a TrainState or what the eval step takes.
+    """
+    names = {
+        "loss": "val_loss",
+        "correct": "val_acc",
+        "topk_correct": f"val_top{getattr(eval_step, 'topk', 5)}",
+    }
+    sums: dict[str, Tensor] = {}
+    count = 0
+    for batch in batches:
+        out = eval_step(state, batch)
+        count += int(out["loss"].shape[0])  # a shape: no sync
+        for key in names:
+            if key in out:
+                part = out[key].double().sum()
+                sums[key] = part if key not in sums else sums[key] + part
+    if not sums:
+        return {}
+    values = torch.stack(list(sums.values())).tolist()  # the one sync
+    return {names[k]: v / count for k, v in zip(sums, values, strict=True)}
+
+
+# -- the driver --------------------------------------------------------------------------------
+
+
+def _train_metrics(sums: Mapping[str, float], steps: int) -> dict[str, float]:
+    """Epoch means from summed step metrics: `loss_sum` -> train_loss, `correct` -> train_acc,
+    `x_sum` -> train_x, anything else -> train_<key>; per example when `count` is given."""
+    denom = sums.get("count", steps) or 1
+    out: dict[str, float] = {}
+    for k, v in sums.items():
+        if k in ("count", "first_bad"):
+            continue
+        name = "acc" if k == "correct" else k.removesuffix("_sum")
+        out[f"train_{name}"] = v / denom
+    order = {"train_loss": 0, "train_acc": 1}
+    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], 2)))
+
+
+@contextlib.contextmanager
+def _signals_to_flag(enabled: bool) -> Iterator[dict[str, int | None]]:
+    """SIGINT/SIGTERM set a flag the loop checks after each step (the step finishes first)."""
+    flag: dict[str, int | None] = {"signum": None}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        flag["signum"] = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Epoch:
+    """The running sums of the epoch in progress (device tensors) and where it started."""
+
+    epoch: int
+    first_batch: int
+    sums: dict[str, Tensor]
+    first_bad: Tensor
+    elapsed_before: float
+    t0: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+
+class _Driver:
+    """One call of `fit`: the mutable run (state, callback states, lr, history) and the
+    methods that move it on. Small methods over shared fields instead of nested closures."""
+
+    def __init__(self, state, train_step, train_data, *, epochs, eval_step, val_data, callbacks,
+                 run, metadata, max_steps, progress, log) -> None:  # fmt: skip
+        self.state: TrainState = state
+        self.train_step, self.train_data = train_step, train_data
+        self.epochs, self.eval_step, self.val_data = epochs, eval_step, val_data
+        self.callbacks = list(callbacks)
+        self.run: RunDir | None = run
+        self.metadata = dict(metadata or {})
+        self.max_steps, self.progress = max_steps, progress
+        self.log = log
+        self.cb_states = cbs.init_states(self.callbacks)
+        self.start_epoch, self.in_epoch = 1, None
+        self.lr = resume_lib.host_lr(state.opt_state)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.stop_reason = "completed"
+        self.epochs_run = 0
+        self.flag: dict[str, int | None] = {"signum": None}
+
+    # -- resume and files ----------------------------------------------------------------------
+
+    def resume_from(self, point: resume_lib.ResumePoint) -> None:
+        self.state = point.state
+        self.cb_states = {cb.name: point.cb_states.get(cb.name, cb.init()) for cb in self.callbacks}
+        self.start_epoch, self.in_epoch = point.start_epoch, point.in_epoch
+        self.lr = point.lr
+        self.history = [r for r in point.history if r["epoch"] < point.start_epoch]
+        where = f"epoch {point.start_epoch}" + (
+            f", batch {point.in_epoch['batch']}" if point.in_epoch else ""
+        )
+        self.log.info(f"resumed from {point.path} at step {int(point.state.step)} ({where})")
+        if point.start_epoch > self.epochs:
+            self.log.info(f"the checkpoint is past epoch {self.epochs} (epochs); nothing to train")
+
+    def _meta(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
+        m = {**self.metadata, "epoch": epoch_done, "callbacks": self.cb_states, "history": self.history}
+        if self.lr is not None:
+            m["lr"] = self.lr
+        if in_epoch:
+            m["in_epoch"] = in_epoch
+        return m
+
+    def save_last(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> Path | None:
+        if self.run is None:
+            return None
+        path = self.run.checkpoints / LAST
+        checkpoint.save_state(path, self.state, metadata=self._meta(epoch_done, in_epoch))
+        self.log.info(f"saved {path} (step {int(self.state.step)})")
+        return path
+
+    def _save_weights(self, a: cbs.SaveCheckpoint) -> None:
+        name = BEST if a.kind == "best" else f"epoch-{a.epoch:03d}.safetensors"
+        path = self.run.checkpoints / name if self.run else None
+        if a.kind == "best":
+            self.best = {
+                "epoch": a.epoch,
+                "monitor": a.monitor,
+                "value": a.value,
+                "path": str(path) if path else None,
+            }
+        if path is None:
+            return
+        # a stateful model's buffers travel with its weights, under nn.Module's names
+        weights = {**self.state.params, **self.state.model_state}
+        meta = {**self.metadata, "epoch": a.epoch, "monitor": a.monitor, "value": a.value}
+        checkpoint.save_weights(path, weights, metadata=meta)
+        self.log.info(f"saved {path} ({a.monitor} {a.value})")
+
+    # -- events and actions --------------------------------------------------------------------
+
+    def dispatch(self, event: Any, epoch: int, finite: bool = True) -> str | None:
+        """Send `event` to the callbacks, then carry out their actions; a stop reason or None.
+
+        With a run directory every finished epoch ends in last.safetensors (exact resume
+        whatever the callbacks): written here when no callback asked for it.
+        """
+        self.cb_states, actions = cbs.dispatch(self.callbacks, self.cb_states, event)
+        if self.run is not None and isinstance(event, cbs.EpochEnd):
+            if not any(isinstance(a, cbs.SaveCheckpoint) and a.kind == "last" for a in actions):
+                actions = [*actions, cbs.SaveCheckpoint("last", event.epoch)]
+        return self.carry_out(actions, epoch, finite)
+
+    def carry_out(self, actions: list[Any], epoch: int, finite: bool) -> str | None:
+        """Apply actions in list order, except hyperparameters first and Stop last.
+
+        List order matters: ModelCheckpoint saves a newcomer before deleting the file it
+        evicts and writes "last" after everything else, so a crash in between never loses a
+        kept file nor records an unwritten one. Hyperparameters go first so that a checkpoint
+        written for this event holds the lr its callback states already record.
+        """
+        reason = None
+        order = {cbs.SetHyperparam: 0, cbs.Stop: 2}
+        for a in sorted(actions, key=lambda a: order.get(type(a), 1)):  # stable: list order kept
+            if isinstance(a, cbs.Stop):
+                reason = a.reason
+            elif isinstance(a, cbs.SetHyperparam):
+                self.state = self.state.replace(
+                    opt_state=optim.set_hyperparam(self.state.opt_state, a.name, a.value)
+                )
+                if a.name == "lr":
+                    self.lr = float(a.value)
+            elif isinstance(a, cbs.LogMessage):
+                self.log.info(a.text)
+            elif isinstance(a, cbs.SaveCheckpoint):
+                if not finite:
+                    self.log.warning(
+                        f"not saving {a.kind} checkpoint for epoch {epoch}: parameters are not finite"
+                    )
+                elif a.kind == "last":
+                    self.save_last(epoch)
+                else:
+                    self._save_weights(a)
+            elif self.run is not None:
+                self._write(a)
+        return reason
+
+    def _write(self, a: Any) -> None:
+        """The actions that only write files (skipped without a run directory)."""
+        run = self.run
+        if isinstance(a, cbs.LogScalars):
+            writer = run.tensorboard(purge_step=self.start_epoch)
+            for tag, value in a.scalars.items():
+                writer.add_scalar(tag, value, a.step)
+            writer.flush()
+        elif isinstance(a, cbs.WriteHistory):
+            run.write_json("history.json", [dict(r) for r in a.records])
+        elif isinstance(a, cbs.PlotHistory):
+            from fashion_func.loop.rundir import plot_history
+
+            plot_history(a.records, run.path)
+        elif isinstance(a, cbs.DeleteCheckpoint):
+            (run.checkpoints / f"epoch-{a.epoch:03d}.safetensors").unlink(missing_ok=True)
+
+    # -- epochs --------------------------------------------------------------------------------
+
+    def _begin_epoch(self, epoch: int) -> _Epoch:
+        device = self.state.step.device
+        ep = _Epoch(epoch, 0, {}, torch.full((), -1, dtype=torch.int64, device=device), 0.0)
+        saved, self.in_epoch = self.in_epoch, None
+        if saved and int(saved["epoch"]) == epoch:
+            resume_lib.check_same_batches(saved, getattr(self.train_data, "batching", None))
+            if "sums" not in saved:  # written before fit took any step's metrics
+                saved = {**saved, "sums": {k: saved[k] for k in ("loss_sum", "correct", "count")},
+                         "dtypes": {"loss_sum": "float32", "correct": "int64", "count": "int64"}}  # fmt: skip
+            ep.first_batch = int(saved["batch"])
+            ep.sums = {
+                k: torch.tensor(v, dtype=getattr(torch, saved["dtypes"][k]), device=device)
+                for k, v in saved["sums"].items()
+            }
+            ep.first_bad = torch.tensor(int(saved["first_bad"]), dtype=torch.int64, device=device)
+            ep.elapsed_before = float(saved["elapsed"])
+        return ep
+
+    def _bar(self, ep: _Epoch) -> Any:
+        if not self.progress:
+            return _NoBar()
+        from tqdm import tqdm
+
+        return tqdm(total=_num_batches(self.train_data), initial=ep.first_batch, leave=False, unit="step",
+                    desc=f"epoch {ep.epoch}/{self.epochs}", file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+
+    def train_epoch(self, epoch: int) -> bool:
+        """Run one epoch; False when it was cut short by `max_steps` (a signal raises)."""
+        ep = self._begin_epoch(epoch)
+        bar = self._bar(ep)
+        host_step = int(self.state.step)  # mirrors state.step on the host, so checking it costs no sync
+        ep.t0 = time.perf_counter()
+        b = ep.first_batch - 1
+        for b, batch in enumerate(epoch_batches(self.train_data, epoch, ep.first_batch), ep.first_batch):
+            self.state, m = self.train_step(self.state, batch)
+            ep.sums = {k: ep.sums[k] + v if k in ep.sums else v for k, v in m.items()}
+            if "loss_sum" in m:  # first step whose loss was not finite, tracked on the device (no sync)
+                bad = (ep.first_bad < 0) & ~torch.isfinite(m["loss_sum"])
+                ep.first_bad = torch.where(bad, self.state.step, ep.first_bad)
+            bar.update(1)
+            host_step += 1
+            cut = self.max_steps is not None and host_step >= self.max_steps
+            if self.flag["signum"] is not None or cut:
+                bar.close()
+                self._stop_mid_epoch(ep, b + 1, cut)
+                return False
+        bar.close()
+        self._end_epoch(ep, steps=b + 1)
+        return True
+
+    def _params_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.state.params.values())
+
+    def _stop_mid_epoch(self, ep: _Epoch, next_batch: int, cut: bool) -> None:
+        """Save the state cut inside epoch `ep` (unless it diverged); raise Interrupted on a signal."""
+        bad_step = int(ep.first_bad)
+        in_epoch = {
+            "epoch": ep.epoch,
+            "batch": next_batch,
+            "batching": getattr(self.train_data, "batching", None),
+            "sums": {k: v.item() for k, v in ep.sums.items()},
+            "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in ep.sums.items()},
+            "first_bad": bad_step,
+            "elapsed": ep.elapsed(),
+        }
+        saved, path = True, (self.run.checkpoints / LAST if self.run else None)
+        if bad_step >= 0 or not self._params_finite():
+            saved = False  # never replace the last good resume point with a diverged state
+            where = f"at step {bad_step} " if bad_step >= 0 else ""
+            self.log.error(f"training became non-finite {where}(epoch {ep.epoch}); "
+                           f"not saving, {path} keeps the state from before it")  # fmt: skip
+        else:
+            path = self.save_last(ep.epoch - 1, in_epoch)
+        if cut:
+            self.stop_reason = f"max_steps {self.max_steps} reached"
+            return
+        if self.run is not None:
+            self.log.info(
+                f"interrupted: resume with --resume auto --out {self.run.path} (or --resume {path})"
+            )
+            self.run.close_tensorboard()
+        raise Interrupted(self.flag["signum"], path or Path("."), saved=saved)
+
+    def _end_epoch(self, ep: _Epoch, steps: int) -> None:
+        keys = list(ep.sums)
+        values = torch.stack(
+            [ep.sums[k].double() for k in keys] + [ep.first_bad.double()]
+        ).tolist()  # one sync
+        sums, bad = dict(zip(keys, values[:-1], strict=True)), int(values[-1])
+        train_time = ep.elapsed()
+        finite = bad < 0 and self._params_finite()
+        metrics: dict[str, Any] = _train_metrics(sums, max(steps, 1))
+        if self.eval_step is not None and self.val_data is not None:
+            metrics.update(evaluate(self.eval_step, self.state, epoch_batches(self.val_data, ep.epoch)))
+        if self.lr is not None:
+            metrics["lr"] = self.lr
+        metrics["epoch_time_s"] = train_time
+        if bad >= 0:
+            metrics["first_nonfinite_step"] = bad
+            self.log.error(f"loss became non-finite at step {bad} (epoch {ep.epoch}); stopping")
+        self.history = [r for r in self.history if r["epoch"] < ep.epoch] + [
+            cbs.history_record(ep.epoch, metrics)
+        ]
+        reason = self.dispatch(cbs.EpochEnd(epoch=ep.epoch, metrics=metrics), ep.epoch, finite)
+        self.epochs_run += 1
+        if bad >= 0:  # this reason names the step; TerminateOnNaN's names only the epoch
+            reason = f"non-finite loss at step {bad} (epoch {ep.epoch})"
+        elif not finite and reason is None:
+            reason = "non-finite parameters"
+        if reason:
+            self.stop_reason = reason
+            self.log.info(f"stopping: {reason}")
+
+    def run_epochs(self) -> FitResult:
+        # Handlers go in before TrainBegin logs "training epochs": from that line on, a
+        # signal is always honoured after the current step.
+        with _signals_to_flag(self.run is not None) as self.flag:
+            reason = self.dispatch(cbs.TrainBegin(start_epoch=self.start_epoch, total_epochs=self.epochs), 0)
+            if reason:
+                self.stop_reason = reason
+            epoch = self.start_epoch
+            while epoch <= self.epochs and self.stop_reason == "completed":
+                if not self.train_epoch(epoch):
+                    break
+                epoch += 1
+        self.dispatch(cbs.TrainEnd(epoch=epoch - 1, reason=self.stop_reason), epoch - 1)
+        out = self.run.path if self.run else None
+        return FitResult(self.state, self.history, self.epochs_run, self.stop_reason, out, self.best)
+
+
+def fit(
+    state: TrainState,
+    train_step: Callable[[TrainState, Any], tuple[TrainState, Mapping[str, Tensor]]],
+    train_data: Data,
+    *,
+    epochs: int,
+    eval_step: Callable[..., Mapping[str, Tensor]] | None = None,
+    val_data: Data | None = None,
+    callbacks: Sequence[cbs.CallbackLike] = (),
+    run_dir: str | Path | RunDir | None = None,
+    resume: str | Path | resume_lib.ResumePoint | None = None,
+    overwrite: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+    max_steps: int | None = None,
+    progress: bool = False,
+    log: logging.Logger | None = None,
+) -> FitResult:
+    """Train `state` with `train_step` for `epochs` epochs; returns the final state and history.
+
+    train_data, val_data: a function `epoch -> iterable of batches` (e.g. `data.EpochBatches`)
+        or an iterable run through once per epoch (a `DataLoader`, a list of batches).
+    train_step: `(state, batch) -> (state, metrics)`; metrics are 0-d device tensors summed
+        over the epoch (`loss_sum`, `correct`, `count` give train_loss / train_acc).
+    eval_step: `(state, batch) -> per-example tensors` (`make_eval_step`), run on `val_data`
+        after each epoch (val_loss, val_acc, val_top5).
+    callbacks: pure event handlers (`fashion_func.callbacks`); `fit` carries out their actions.
+    run_dir: None writes nothing. A path (or an opened `RunDir`) is locked for the run and
+        receives train.log, history.json, the plots, tensorboard/ and checkpoints/
+        (`last.safetensors` for exact resume, `best.safetensors` weights); SIGINT/SIGTERM
+        then save mid-epoch and raise `Interrupted`.
+    resume: "auto" (the run directory's last.safetensors, if any), a checkpoint path, or a
+        `ResumePoint` already loaded; the run continues exactly where it stopped.
+    overwrite: start afresh in a run directory that already holds a run.
+    metadata: JSON-serialisable values stored in every checkpoint (e.g. a config, a model name).
+    max_steps: stop (after saving last.safetensors) once the state reaches this step.
+    log: where messages go (default: the run's train.log and stdout, else `fashion_func`'s logger).
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+    if isinstance(run_dir, RunDir) or run_dir is None:
+        ctx: contextlib.AbstractContextManager[RunDir | None] = contextlib.nullcontext(run_dir)
+    else:
+        ctx = RunDir.open(run_dir, resume=resume, overwrite=overwrite)
+    with ctx as run:
+        logger = log or (run.log if run else logging.getLogger("fashion_func"))
+        driver = _Driver(state, train_step, train_data, epochs=epochs, eval_step=eval_step, val_data=val_data,
+                         callbacks=callbacks, run=run, metadata=metadata, max_steps=max_steps,
+                         progress=progress, log=logger)  # fmt: skip
+        point = _resume_point(resume, run, state, driver.callbacks, logger)
+        if point is not None:
+            driver.resume_from(point)
+        return driver.run_epochs()
+
+
+def _resume_point(
+    resume: Any, run: RunDir | None, state: TrainState, callbacks: Sequence[Any], log: logging.Logger
+) -> resume_lib.ResumePoint | None:
+    if resume is None or isinstance(resume, resume_lib.ResumePoint):
+        return resume
+    if resume == "auto" and run is None:
+        raise RunError("resume='auto' needs a run_dir to look in")
+    path = resume_lib.resume_path(run.path if run else Path("."), resume)
+    if path is None:
+        log.info(f"no checkpoint in {run.checkpoints if run else '.'}; starting fresh")
+        return None
+    return resume_lib.load(path, state, callbacks)
