@@ -1,1 +1,69 @@
-"""fashion_func: a functional, JAX-style training library on PyTorch."""
+"""fashion_func: a functional, JAX-style training library on PyTorch.
+
+    import fashion_func as ff
+
+    model = ff.models.get("simplenet")                    # pure init/apply over a dict of tensors
+    tx = ff.optim.adam(1e-3)                              # (init, update) pure functions
+    st = ff.state.create(model.init(torch.Generator().manual_seed(0)), tx)
+    train_step = ff.make_train_step(model, tx)            # (state, batch) -> (state, metrics)
+    result = ff.fit(st, train_step, batches, epochs=3)    # the one impure driver
+
+Submodules and names load on first use (PEP 562), so `import fashion_func` stays cheap for
+the command line until something needs torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "FitResult",
+    "TrainState",
+    "callbacks",
+    "checkpoint",
+    "data",
+    "fit",
+    "losses",
+    "make_eval_step",
+    "make_train_step",
+    "metrics",
+    "models",
+    "nn",
+    "optim",
+    "per_example_grad_norms",
+    "per_example_grads",
+    "state",
+    "tree",
+]
+
+_SUBMODULES = {
+    "callbacks", "checkpoint", "data", "losses", "metrics", "models", "nn", "optim", "state", "tree",
+}  # fmt: skip
+_NAMES = {
+    "FitResult": "fashion_func.loop",
+    "TrainState": "fashion_func.state",
+    "fit": "fashion_func.loop",
+    "make_eval_step": "fashion_func.step",
+    "make_train_step": "fashion_func.step",
+    "per_example_grad_norms": "fashion_func.step",
+    "per_example_grads": "fashion_func.step",
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these
+    from fashion_func import callbacks, checkpoint, data, losses, metrics, models, nn, optim, state, tree
+    from fashion_func.loop import FitResult, fit
+    from fashion_func.state import TrainState
+    from fashion_func.step import make_eval_step, make_train_step, per_example_grad_norms, per_example_grads
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fashion_func.{name}")
+    if name in _NAMES:
+        return getattr(importlib.import_module(_NAMES[name]), name)
+    raise AttributeError(f"module 'fashion_func' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
