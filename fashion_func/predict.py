@@ -479,11 +479,11 @@ def _fail(message: str) -> int:
 
 
 def _run_images(
-    args: argparse.Namespace, model: Model, params: Params, mean: float, std: float
+    args: argparse.Namespace, model: Model, params: Params, mean: float, std: float, model_state: ModelState
 ) -> dict[str, Any]:
     files = find_images(args.images)
     images = torch.stack([_read_image(f, args.invert) for f in files]).to(next(iter(params.values())).device)
-    probs, classes = classify_images(model, params, images, mean=mean, std=std, k=3)
+    probs, classes = classify_images(model, params, images, mean=mean, std=std, k=3, model_state=model_state)
     results = []
     for f, ps, cs in zip(files, probs.tolist(), classes.tolist(), strict=True):
         top3 = [{"class": c, "name": data.CLASS_NAMES[c], "prob": p} for p, c in zip(ps, cs, strict=True)]
@@ -497,14 +497,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parse(argv)
         device = resolve_device(args.device)
-        model, params, metadata = interop.load_weights_file(args.weights, args.model, device=device)
-        params = {k: v.float() for k, v in params.items()}  # bf16/fp16 files evaluate in fp32
+        model, weights, metadata = interop.load_weights_file(args.weights, args.model, device=device)
+        # bf16/fp16 files evaluate in fp32; a batch count stays an integer
+        weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+        params, model_state = interop.split_state(model, weights)  # batch-norm buffers, if any
         mean, std = _normalization(metadata)
         summary: dict[str, Any] = {"weights": str(args.weights), "model": model.name}
         epoch = f", epoch {metadata['epoch']}" if "epoch" in metadata else ""
         print(f"weights {args.weights} ({model.name}{epoch}), device {device}")
         if args.images:
-            summary.update(_run_images(args, model, params, mean, std))
+            summary.update(_run_images(args, model, params, mean, std, model_state))
         else:
             split = data.load("test", args.data_dir, device=device, limit=args.limit)
             print(f"test set: {split.labels.shape[0]} examples from {split.source}")
@@ -517,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mean=mean,
                 std=std,
                 compile=args.compile,
+                model_state=model_state,
             )
             report = _report(result, split.labels, args.topk)
             report["most_confused"] = most_confident_mistakes(
