@@ -7,8 +7,14 @@ Formats:
 - `flax`: Flax layout and naming (`conv1.kernel` HWIO, dense kernels `[in, out]`) as
   safetensors; `flax.traverse_util.unflatten_dict(safetensors.flax.load_file(FILE), sep=".")`
   gives `{"conv1": {"kernel", "bias"}, ...}` for `interop.simplenet_jax` or a Flax module.
+  Batch norm becomes `bn1.scale`, `bn1.bias`, `bn1.mean`, `bn1.var` (`interop.flax_variables`
+  splits them into Flax's `params` and `batch_stats`); `num_batches_tracked` is left out of the
+  arrays (Flax has none) and kept in the metadata.
 - `numpy`: torch names and layout in dtypes plain numpy reads: safetensors for
   `safetensors.numpy.load_file(FILE)`, or `numpy.savez` output when FILE ends in `.npz`.
+
+A stateful model's weights file (simplenet_bn) holds its buffers beside its parameters; every
+format carries them (the running statistics decide the model's eval-mode output).
 
 numpy has no bfloat16, so `--bf16-as` says what bf16 weights become in the flax and numpy
 formats: `float32` (exact upcast, the default), `uint16` (the raw bit patterns, half the size;

@@ -2,11 +2,18 @@
 
 - `to_module(name, params)` / `from_module(module)`: our params <-> a plain PyTorch module of a
   known architecture (same `state_dict` keys, forward equal to `Model.apply`).
+- Stateful models (batch norm: `simplenet_bn`): their *weights* are params and buffers in one
+  flat dict under the module's `state_dict` names (`bn1.weight`, `bn1.running_mean`,
+  `bn1.num_batches_tracked`), as `best.safetensors` holds them, so
+  `module.load_state_dict(safetensors.torch.load_file(p), strict=True)` works. `split_state` /
+  `merge_state` go between that dict and `(params, model_state)` for `Model.apply`.
 - `functionalize(module)`: any research `nn.Module` as a `Model` (through
   `torch.func.functional_call`), so `make_train_step` / `make_eval_step` drive it.
 - `to_flax` / `from_flax` / `save_flax` / `load_flax`: Flax layout and naming
-  (`{"conv1": {"kernel": HWIO, "bias"}}`, dense kernels `[in, out]`), stored as safetensors with
-  dotted keys (`conv1.kernel`) that `safetensors.flax` and `safetensors.numpy` read.
+  (`{"conv1": {"kernel": HWIO, "bias"}}`, dense kernels `[in, out]`, batch norm `scale`, `bias`,
+  `mean`, `var`), stored as safetensors with dotted keys (`conv1.kernel`) that `safetensors.flax`
+  and `safetensors.numpy` read; `flax_variables` splits a tree into Flax's `params` and
+  `batch_stats` collections.
 - `simplenet_jax`: a pure-JAX SimpleNet forward that runs on the exported weights.
 - `to_jax` / `from_jax`: zero-copy tensor exchange through DLPack where both sides allow.
 - `load_weights_file`: a validated weights file plus the model its metadata names.
@@ -30,7 +37,7 @@ from torch import Tensor
 from torch import nn as tnn
 
 from fashion_func import checkpoint, models
-from fashion_func.models import Model, Params, Stage
+from fashion_func.models import Model, ModelState, Params, Stage
 
 __all__ = [
     "BF16_AS",
@@ -38,6 +45,8 @@ __all__ = [
     "MLP",
     "AlexNet",
     "SimpleNet",
+    "SimpleNetBN",
+    "flax_variables",
     "from_flax",
     "from_jax",
     "from_module",
@@ -45,9 +54,11 @@ __all__ = [
     "identify",
     "load_flax",
     "load_weights_file",
+    "merge_state",
     "save_flax",
     "save_numpy",
     "simplenet_jax",
+    "split_state",
     "to_flax",
     "to_jax",
     "to_module",
@@ -91,6 +102,25 @@ class SimpleNet(tnn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+class SimpleNetBN(tnn.Module):
+    """SimpleNet with batch norm after each convolution, before its ReLU, as `models.simplenet_bn`."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = tnn.Conv2d(1, 32, 3)
+        self.bn1 = tnn.BatchNorm2d(32)
+        self.conv2 = tnn.Conv2d(32, 64, 3)
+        self.bn2 = tnn.BatchNorm2d(64)
+        self.fc1 = tnn.Linear(9216, 128)
+        self.fc2 = tnn.Linear(128, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))  # [B, 32, 26, 26]
+        x = F.relu(self.bn2(self.conv2(x)))  # [B, 64, 24, 24]
+        x = torch.flatten(F.max_pool2d(x, 2), 1)  # [B, 64*12*12], (c h w) order
+        return self.fc2(F.relu(self.fc1(x)))
+
+
 class AlexNet(tnn.Module):
     """AlexNet for 28x28x1 inputs, as `models.alexnet` (dropout before fc1 and fc2)."""
 
@@ -117,7 +147,12 @@ class AlexNet(tnn.Module):
         return self.fc3(F.relu(self.fc2(x)))
 
 
-_MODULES: dict[str, type[tnn.Module]] = {"mlp": MLP, "simplenet": SimpleNet, "alexnet": AlexNet}
+_MODULES: dict[str, type[tnn.Module]] = {
+    "mlp": MLP,
+    "simplenet": SimpleNet,
+    "simplenet_bn": SimpleNetBN,
+    "alexnet": AlexNet,
+}
 
 
 def _hparams_from_params(name: str, params: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -126,7 +161,7 @@ def _hparams_from_params(name: str, params: Mapping[str, Tensor]) -> dict[str, A
         if name == "mlp":
             h, d_in = params["linear1.weight"].shape
             return {"D_in": d_in, "H": h, "D_out": params["linear2.weight"].shape[0]}
-        if name == "simplenet":
+        if name in ("simplenet", "simplenet_bn"):
             return {"num_classes": params["fc2.weight"].shape[0]}
         if name == "alexnet":
             return {"num_classes": params["fc3.weight"].shape[0]}
@@ -144,32 +179,91 @@ def _build(name: str, hparams: Mapping[str, Any]) -> tnn.Module:
 
 
 def _check_shapes(name: str, module: tnn.Module, params: Mapping[str, Tensor]) -> None:
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    """ValueError unless `params` has exactly the module's `state_dict` names, shapes and kinds."""
+    expected = module.state_dict()
     missing = [k for k in expected if k not in params]
     unexpected = sorted(set(params) - set(expected))
     if missing or unexpected:
-        raise ValueError(
-            f"params do not match {name}: missing keys {missing[:5]}, unexpected {unexpected[:5]}"
+        buffers = {k for k, _ in module.named_buffers()}
+        hint = (
+            "; a stateful model's weights hold its buffers too: pass interop.merge_state(params, model_state)"
+            if missing and set(missing) <= buffers
+            else ""
         )
-    for k, shape in expected.items():
-        if tuple(params[k].shape) != shape:
+        raise ValueError(
+            f"params do not match {name}: missing keys {missing[:5]}, unexpected {unexpected[:5]}{hint}"
+        )
+    for k, v in expected.items():
+        if tuple(params[k].shape) != tuple(v.shape):
             raise ValueError(
-                f"params do not match {name}: {k!r} has shape {list(params[k].shape)}, not {list(shape)}"
+                f"params do not match {name}: {k!r} has shape {list(params[k].shape)}, not {list(v.shape)}"
             )
+        # a float counter would load (assign=True takes the given tensor) and then count in floats
+        if params[k].is_floating_point() != v.is_floating_point():
+            raise ValueError(f"params do not match {name}: {k!r} has dtype {params[k].dtype}, not {v.dtype}")
 
 
-def _template(name: str, hparams: Mapping[str, Any], dtype: torch.dtype = torch.float32) -> Params:
-    """Meta tensors with the names, order and shapes of the model's parameters (nothing drawn)."""
+def _template(
+    name: str,
+    hparams: Mapping[str, Any],
+    dtype: torch.dtype = torch.float32,
+    buffer_dtype: torch.dtype | None = None,
+) -> Params:
+    """Meta tensors with the names, order, shapes and dtypes of the model's weights (nothing drawn).
+
+    Weights are the module's `state_dict`: parameters, then for a stateful model its buffers too.
+    Floating parameters get `dtype`, floating buffers (running statistics) `buffer_dtype`
+    (default `dtype`); integer buffers (`num_batches_tracked`, int64) keep their own dtype.
+    """
+    module = _build(name, hparams)
+    buffers = {k for k, _ in module.named_buffers()}
+
+    def dtype_of(k: str, v: Tensor) -> torch.dtype:
+        if not v.is_floating_point():
+            return v.dtype
+        return (buffer_dtype or dtype) if k in buffers else dtype
+
     return {
-        k: torch.empty(v.shape, dtype=dtype, device="meta")
-        for k, v in _build(name, hparams).state_dict().items()
+        k: torch.empty(v.shape, dtype=dtype_of(k, v), device="meta") for k, v in module.state_dict().items()
     }
 
 
-def identify(params: Mapping[str, Tensor]) -> str:
-    """The name of the known architecture whose parameter names and shapes `params` has.
+def split_state(model: Model, weights: Mapping[str, Tensor]) -> tuple[Params, ModelState]:
+    """`(params, model_state)` of a weights dict holding both (a stateful model's weights file).
 
-    Raises ValueError when no model in `models.MODELS` matches.
+    The state is the entries named like `model.init_state()`'s keys (`bn1.running_mean`, ...),
+    the params everything else, each in `weights`' order; nothing is copied. A stateless model
+    gives `(dict(weights), {})`. ValueError when a buffer of a stateful model is missing.
+    """
+    state_keys = model.init_state(device="meta").keys()  # names only: nothing allocated
+    missing = [k for k in state_keys if k not in weights]
+    if missing:
+        raise ValueError(
+            f"weights of {model.name} lack its buffers {missing[:5]}: a stateful model's weights hold "
+            "params and buffers together ({**params, **model_state})"
+        )
+    params = {k: v for k, v in weights.items() if k not in state_keys}
+    return params, {k: v for k, v in weights.items() if k in state_keys}
+
+
+def merge_state(params: Mapping[str, Tensor], model_state: Mapping[str, Tensor]) -> Params:
+    """One weights dict `{**params, **model_state}`, as a weights file holds it.
+
+    The inverse of `split_state`. ValueError when a name is in both (a buffer would silently
+    replace a param).
+    """
+    both = sorted(set(params) & set(model_state))
+    if both:
+        raise ValueError(f"names both in params and model_state: {both[:5]}")
+    return {**params, **model_state}
+
+
+def identify(params: Mapping[str, Tensor]) -> str:
+    """The name of the known architecture whose weight names and shapes `params` has.
+
+    For a stateful model `params` are its weights, buffers included (`bn1.running_mean`, as the
+    module's `state_dict`), which also tells `simplenet_bn` from `simplenet`. Raises ValueError
+    when no model in `models.MODELS` matches.
     """
     for name in _MODULES:
         try:
@@ -187,6 +281,8 @@ def identify(params: Mapping[str, Tensor]) -> str:
 def to_module(model_name: str, params: Mapping[str, Tensor], **hparams: Any) -> tnn.Module:
     """A plain PyTorch module (eval mode) holding copies of `params`, whose forward equals `apply`.
 
+    For a stateful model `params` are its weights: params and buffers in one dict (`merge_state`),
+    loaded strictly, so the module's eval-mode forward equals `apply(..., state=)`.
     Hyperparameters (class count, widths) are read off the parameter shapes unless given.
     The module owns its tensors: training it never changes `params`.
     """
@@ -200,35 +296,64 @@ def to_module(model_name: str, params: Mapping[str, Tensor], **hparams: Any) -> 
 
 
 def from_module(module: tnn.Module, *, check: bool = True) -> Params:
-    """Params (detached copies) of a module whose architecture is known (see `identify`).
+    """Weights (detached copies) of a module whose architecture is known (see `identify`).
 
-    The architecture is recognised by parameter names and shapes; with `check` the module's
-    forward is also compared with `Model.apply` on a fixed input (in eval mode), so a module
-    with the same names but a different computation is refused (ValueError).
+    For a stateless model these are its params; for a stateful one (batch norm) params and
+    buffers together, under the module's `state_dict` names (`split_state` separates them).
+    The architecture is recognised by weight names and shapes; with `check` the module's
+    forward is also compared with `Model.apply` on a fixed input (in eval mode, so with the
+    running statistics), and a module with the same names but another computation is refused
+    (ValueError).
     """
     sd = module.state_dict()
     name = identify(sd)
     hparams = _hparams_from_params(name, sd)
     model = models.get(name, **hparams)
-    params = {k: sd[k].detach().clone() for k in _template(name, hparams)}
+    weights = {k: sd[k].detach().clone() for k in _template(name, hparams)}
     if check:
-        p0 = next(iter(params.values()))
-        shape = (2, *model.input_shape)
-        x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(p0.device, p0.dtype)
-        was_training = module.training
-        module.eval()
-        try:
+        _check_forward(module, name, model, weights)
+    return weights
+
+
+def _check_forward(module: tnn.Module, name: str, model: Model, weights: Params) -> None:
+    """ValueError unless the module's eval-mode forward equals `model.apply` on a fixed input.
+
+    A stateful model is compared with its own buffers and again with perturbed running statistics
+    (through `functional_call`, so the module is not written): freshly initialised statistics
+    (mean 0, var 1) make eval-mode batch norm nearly the identity, which would hide a module that
+    normalises in another place.
+    """
+    params, state = split_state(model, weights)
+    p0 = next(iter(params.values()))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((2, *model.input_shape), generator=g).to(p0.device, p0.dtype)
+    trials = [state]
+    if state:
+        perturbed = dict(state)
+        for k, v in state.items():
+            if k.endswith(".running_mean"):
+                perturbed[k] = v + torch.randn(v.shape, generator=g).to(v)
+            elif k.endswith(".running_var"):  # stays positive: scaled by U(0.5, 2)
+                perturbed[k] = v * (0.5 + 1.5 * torch.rand(v.shape, generator=g).to(v))
+        trials.append(perturbed)
+    tol = 1e-3 if p0.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    was_training = module.training
+    module.eval()
+    try:
+        for buffers in trials:
             with torch.no_grad():
-                got, expected = module(x), model.apply(params, x)
-        finally:
-            module.train(was_training)
-        tol = 1e-3 if p0.dtype in (torch.float16, torch.bfloat16) else 1e-5
-        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=tol, atol=tol):
-            raise ValueError(
-                f"{type(module).__name__} has the parameters of {name} but computes something else; "
-                "use interop.functionalize(module) to run it as it is"
-            )
-    return params
+                if model.stateful:
+                    got = torch.func.functional_call(module, buffers, (x,))
+                    expected, _ = model.apply(params, x, state=buffers)
+                else:
+                    got, expected = module(x), model.apply(params, x)
+            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=tol, atol=tol):
+                raise ValueError(
+                    f"{type(module).__name__} has the parameters of {name} but computes something else; "
+                    "use interop.functionalize(module) to run it as it is"
+                )
+    finally:
+        module.train(was_training)
 
 
 def functionalize(module: tnn.Module, *, name: str | None = None) -> tuple[Model, Params]:
@@ -269,11 +394,14 @@ def functionalize(module: tnn.Module, *, name: str | None = None) -> tuple[Model
 def load_weights_file(
     path: str | os.PathLike[str], model_name: str | None = None, *, device: torch.device | str = "cpu"
 ) -> tuple[Model, Params, dict[str, Any]]:
-    """(model, params, metadata) of a weights file, validated against the model's parameters.
+    """(model, weights, metadata) of a weights file, validated against the model's weights.
 
     The model is `model_name` if given, else the `model` entry of the file's metadata (as
-    `fit` writes into best.safetensors). Weights stored in another floating dtype (bf16, fp16)
-    are accepted and returned as stored. Raises `checkpoint.CheckpointError` (one line) for a
+    `fit` writes into best.safetensors). The weights are the model's params, and for a stateful
+    model its buffers too (one dict, as the file holds them; `split_state` separates them).
+    Weights stored in another floating dtype (bf16, fp16) are accepted and returned as stored;
+    a stateful model's floating buffers may be stored in a dtype of their own (float32 running
+    statistics beside bf16 params). Raises `checkpoint.CheckpointError` (one line) for a
     missing or bad file, a train-state file, an unknown model or weights of another model.
     """
     info = checkpoint.inspect(path)  # validates the header; CheckpointError if missing or bad
@@ -289,9 +417,18 @@ def load_weights_file(
         model = models.get(name)
     except ValueError as e:
         raise checkpoint.CheckpointError(f"{path}: {e}") from None
-    float_dtypes = {dt for dt, _ in info.tensors.values() if dt.is_floating_point}
-    dtype = float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32
-    template = _template(model.name, model.hparams, dtype)
+    state_keys = model.init_state(device="meta").keys()
+
+    def stored_dtype(buffers: bool) -> torch.dtype:
+        # Only floating tensors say what the weights were saved in: num_batches_tracked is int64
+        # whatever the precision. A file of mixed float dtypes is checked against float32 and
+        # refused with a message naming the first mismatch.
+        found = {
+            dt for k, (dt, _) in info.tensors.items() if dt.is_floating_point and (k in state_keys) == buffers
+        }
+        return found.pop() if len(found) == 1 else torch.float32
+
+    template = _template(model.name, model.hparams, stored_dtype(False), stored_dtype(True))
     params, metadata = checkpoint.load_weights(path, template=template, device=device)
     return model, params, metadata
 
@@ -341,11 +478,28 @@ def to_numpy(params: Mapping[str, Tensor], *, bf16_as: Bf16As = "float32") -> di
     return {k: _tensor_to_numpy(v, bf16_as) for k, v in params.items()}
 
 
-def _flax_leaf(key: str, t: Tensor) -> tuple[list[str], Tensor]:
-    """(Flax path, array) of one torch parameter: `conv1.weight` -> (["conv1", "kernel"], HWIO)."""
+# torch buffer / Flax leaf names of a batch-norm layer's running statistics (Flax keeps them in
+# the `batch_stats` collection, the affine `scale` and `bias` in `params`)
+_BN_STATS = {"running_mean": "mean", "running_var": "var"}
+_BN_STATS_BACK = {v: k for k, v in _BN_STATS.items()}
+_COUNTER = "num_batches_tracked"  # nn.BatchNorm's step counter: no Flax counterpart
+
+
+def _flax_leaf(key: str, t: Tensor) -> tuple[list[str], Tensor] | None:
+    """(Flax path, array) of one torch tensor: `conv1.weight` -> (["conv1", "kernel"], HWIO).
+
+    None for `num_batches_tracked`, which Flax's BatchNorm does not have.
+    """
     *path, leaf = key.split(".")
+    if leaf == _COUNTER and t.ndim == 0:
+        return None
     if leaf == "bias" and t.ndim == 1:
         return [*path, "bias"], t
+    if leaf == "weight" and t.ndim == 1:
+        # a norm layer's affine weight: flax.linen.BatchNorm / LayerNorm call it `scale`
+        return [*path, "scale"], t
+    if leaf in _BN_STATS and t.ndim == 1:
+        return [*path, _BN_STATS[leaf]], t
     if leaf == "weight" and t.ndim == 4:
         # nn.Conv2d's OIHW -> Flax/lax HWIO (used with dimension_numbers NHWC, HWIO, NHWC)
         return [*path, "kernel"], rearrange(t, "o i h w -> h w i o")
@@ -356,13 +510,26 @@ def _flax_leaf(key: str, t: Tensor) -> tuple[list[str], Tensor]:
 
 
 def to_flax(params: Mapping[str, Tensor], *, bf16_as: Bf16As = "float32") -> dict[str, Any]:
-    """Params in Flax layout and naming, as nested dicts of numpy arrays.
+    """Weights in Flax layout and naming, as nested dicts of numpy arrays.
 
     `conv1.weight` OIHW -> `{"conv1": {"kernel": HWIO}}`, `fc1.weight` [out, in] ->
     `{"fc1": {"kernel": [in, out]}}`, biases unchanged. The first dense layer after a conv stack
     keeps torch's flatten order: its input rows are indexed (c h w), so NHWC features must be
     flattened with `rearrange(x, "b h w c -> b (c h w)")` (as `simplenet_jax` does), not with
     `x.reshape(B, -1)`.
+
+    Batch norm (a stateful model's weights, buffers included) maps to `flax.linen.BatchNorm`'s
+    names, all under the layer's key in this one tree:
+
+        bn1.weight -> bn1.scale    bn1.running_mean -> bn1.mean    bn1.num_batches_tracked: dropped
+        bn1.bias   -> bn1.bias     bn1.running_var  -> bn1.var     (Flax has no step counter)
+
+    Flax keeps `scale`/`bias` in the `params` collection and `mean`/`var` in `batch_stats`;
+    `flax_variables(tree)` makes that split. In eval mode (`use_running_average=True`, epsilon
+    1e-5 as torch) the layer then computes what `nn.BatchNorm2d.eval()` does. To keep training
+    in Flax as torch did, use `momentum=0.9` (Flax's is the weight of the old statistics, torch's
+    0.1 that of the new batch); Flax updates `var` with the biased batch variance, torch with the
+    unbiased one.
 
     numpy has no bfloat16, so bf16 tensors become, by `bf16_as`: "float32" (exact upcast, loads
     everywhere; the default), "uint16" (the raw bit patterns, half the size; reinterpret with
@@ -372,12 +539,33 @@ def to_flax(params: Mapping[str, Tensor], *, bf16_as: Bf16As = "float32") -> dic
     _check_bf16_as(bf16_as)
     tree: dict[str, Any] = {}
     for key, t in params.items():
-        path, arr = _flax_leaf(key, t)
+        leaf = _flax_leaf(key, t)
+        if leaf is None:
+            continue
+        path, arr = leaf
         node = tree
         for p in path[:-1]:
             node = node.setdefault(p, {})
         node[path[-1]] = _tensor_to_numpy(arr, bf16_as)
     return tree
+
+
+def flax_variables(tree: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Flax's variable collections from a `to_flax` tree: `{"params": ..., "batch_stats": ...}`.
+
+    `tree` is nested or flat with dotted keys (as `safetensors.flax.load_file` returns). Batch-norm
+    statistics (`mean`, `var` leaves) go to `batch_stats`, everything else to `params`; a model
+    without batch norm gets `{"params": ...}` only. The result is what `module.apply(variables, x)`
+    of the matching `flax.linen` module takes. The arrays are not copied.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key, a in _flatten_dotted(tree).items():
+        *path, leaf = key.split(".")
+        node = out.setdefault("batch_stats" if leaf in _BN_STATS_BACK else "params", {})
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = a
+    return {k: out[k] for k in ("params", "batch_stats") if k in out}
 
 
 def _flatten_dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -390,19 +578,36 @@ def _flatten_dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
     return flat
 
 
-def from_flax(tree: Mapping[str, Any], *, bf16_keys: tuple[str, ...] | list[str] = ()) -> Params:
-    """Torch-layout params from Flax-layout arrays (numpy or JAX), the inverse of `to_flax`.
+def from_flax(
+    tree: Mapping[str, Any],
+    *,
+    bf16_keys: tuple[str, ...] | list[str] = (),
+    num_batches_tracked: Mapping[str, int] | None = None,
+) -> Params:
+    """Torch-layout weights from Flax-layout arrays (numpy or JAX), the inverse of `to_flax`.
 
     `tree` is nested (`{"conv1": {"kernel": ...}}`) or flat with dotted keys (`conv1.kernel`, as
-    `safetensors.flax.load_file` returns). `bf16_keys` lists dotted keys holding bf16 bit
+    `safetensors.flax.load_file` returns); not split into collections (merge `params` and
+    `batch_stats` of a Flax model first). `bf16_keys` lists dotted keys holding bf16 bit
     patterns as uint16 (`bf16_as="uint16"`); they come back as bfloat16.
+
+    A batch-norm layer (`scale`, `bias`, `mean`, `var`) comes back as `weight`, `bias`,
+    `running_mean`, `running_var` plus `num_batches_tracked` (0-d int64, right after
+    `running_var`), so the result loads strictly into the `nn.Module`. Flax does not count
+    batches: the count is `num_batches_tracked[layer]` if given (`load_flax` reads it from the
+    file's metadata), else 0. It matters only to `nn.BatchNorm2d(momentum=None)`.
     """
+    counts = dict(num_batches_tracked or {})
     params: Params = {}
     for key, a in _flatten_dotted(tree).items():
         *path, leaf = key.split(".")
         t = _numpy_to_tensor(a, bf16_bits=key in bf16_keys)
         if leaf == "bias" and t.ndim == 1:
             name = "bias"
+        elif leaf == "scale" and t.ndim == 1:
+            name = "weight"
+        elif leaf in _BN_STATS_BACK and t.ndim == 1:
+            name = _BN_STATS_BACK[leaf]
         elif leaf == "kernel" and t.ndim == 4:
             name, t = "weight", rearrange(t, "h w i o -> o i h w")
         elif leaf == "kernel" and t.ndim == 2:
@@ -410,11 +615,15 @@ def from_flax(tree: Mapping[str, Any], *, bf16_keys: tuple[str, ...] | list[str]
         else:
             raise ValueError(f"no torch equivalent known for Flax parameter {key!r} of shape {list(t.shape)}")
         params[".".join([*path, name])] = t.contiguous()
+        if leaf == "var":  # var is the last of a Flax BatchNorm's leaves in to_flax's and sorted order
+            layer = ".".join(path)
+            params[f"{layer}.{_COUNTER}"] = torch.tensor(int(counts.get(layer, 0)), dtype=torch.int64)
     return params
 
 
-def _bf16_keys(arrays: Mapping[str, Tensor], rename: Callable[[str, Tensor], str]) -> list[str]:
-    return [rename(k, t) for k, t in arrays.items() if t.dtype == torch.bfloat16]
+def _bf16_keys(arrays: Mapping[str, Tensor], rename: Callable[[str, Tensor], str | None]) -> list[str]:
+    names = (rename(k, t) for k, t in arrays.items() if t.dtype == torch.bfloat16)
+    return [n for n in names if n is not None]
 
 
 def _save_numpy_arrays(
@@ -434,18 +643,23 @@ def save_flax(
 ) -> None:
     """Write `to_flax(params)` as safetensors with dotted keys (`conv1.kernel`), atomically.
 
-    Read it with `flax.traverse_util.unflatten_dict(safetensors.flax.load_file(p), sep=".")`,
-    with `safetensors.numpy.load_file(p)`, or back into torch layout with `load_flax`. The
-    metadata (strings) records `layout`, `bf16_as` and which keys were bf16 (`bf16_keys`, JSON),
-    plus `metadata`'s entries JSON-encoded.
+    Read it with `flax.traverse_util.unflatten_dict(safetensors.flax.load_file(p), sep=".")`
+    (then `flax_variables(...)` for a model with batch norm), with `safetensors.numpy.load_file(p)`,
+    or back into torch layout with `load_flax`. The metadata (strings) records `layout`,
+    `bf16_as` and which keys were bf16 (`bf16_keys`, JSON), for batch norm the dropped
+    `num_batches_tracked` counts (JSON `{layer: count}`), plus `metadata`'s entries JSON-encoded.
     """
     flat = _flatten_dotted(to_flax(params, bf16_as=bf16_as))
 
-    def dotted(k: str, t: Tensor) -> str:
-        return ".".join(_flax_leaf(k, t)[0])
+    def dotted(k: str, t: Tensor) -> str | None:
+        leaf = _flax_leaf(k, t)
+        return None if leaf is None else ".".join(leaf[0])
 
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     meta.update(layout=FLAX_LAYOUT, bf16_as=bf16_as, bf16_keys=json.dumps(_bf16_keys(params, dotted)))
+    counts = {k.rsplit(".", 1)[0]: int(t) for k, t in params.items() if k.rsplit(".", 1)[-1] == _COUNTER}
+    if counts:  # the file is for Flax, which has no counter: keep it beside, not in, the arrays
+        meta["num_batches_tracked"] = json.dumps(counts)
     _save_numpy_arrays(path, flat, meta)
 
 
@@ -456,11 +670,12 @@ def save_numpy(
     bf16_as: Literal["float32", "uint16"] = "float32",
     metadata: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write params with torch names and layout in dtypes plain numpy reads, atomically.
+    """Write weights with torch names and layout in dtypes plain numpy reads, atomically.
 
     A `.npz` path gives `numpy.savez` output (read with `numpy.load(p)`, no pickle needed);
     anything else a safetensors file for `safetensors.numpy.load_file(p)`. bf16 tensors become
     float32 or their uint16 bit patterns (`bf16_as`); bfloat16 itself is refused, as numpy has none.
+    A stateful model's buffers are kept as they are (`bn1.num_batches_tracked` stays int64).
     """
     if bf16_as not in ("float32", "uint16"):
         raise ValueError(f"numpy has no bfloat16: bf16_as must be float32 or uint16, not {bf16_as!r}")
@@ -478,7 +693,11 @@ def save_numpy(
 
 
 def load_flax(path: str | os.PathLike[str]) -> Params:
-    """Torch-layout params from a file written by `save_flax` (uint16 bf16 bits restored)."""
+    """Torch-layout weights from a file written by `save_flax` (uint16 bf16 bits restored).
+
+    Batch-norm layers get back their `num_batches_tracked` from the file's metadata (0 where
+    the file has none, e.g. one written by Flax code), so the result equals what was saved.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -489,13 +708,14 @@ def load_flax(path: str | os.PathLike[str]) -> Params:
             f"{path}: not a Flax-layout file written by save_flax (layout {meta.get('layout')!r})"
         )
     bf16_keys = json.loads(meta.get("bf16_keys", "[]")) if meta.get("bf16_as") == "uint16" else []
+    counts = json.loads(meta.get("num_batches_tracked", "{}"))
     tensors = load_file(str(path))
     # torch uint16 has few kernels; go through numpy so the bit reinterpretation is plain
     arrays = {
         k: v.view(torch.int16).numpy().view(np.uint16) if k in bf16_keys else v.numpy()
         for k, v in tensors.items()
     }
-    return from_flax(arrays, bf16_keys=bf16_keys)
+    return from_flax(arrays, bf16_keys=bf16_keys, num_batches_tracked=counts)
 
 
 # -- JAX ------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Reference `nn.Module`s written out independently of the library, for the tests to compare with.
 
-SimpleNet is DESIGN.md's reference network; TwoLayerNet the tutorial's; AlexNet the
+SimpleNet is DESIGN.md's reference network; SimpleNetBN the same with `nn.BatchNorm2d` after
+each convolution (before its ReLU); TwoLayerNet the tutorial's; AlexNet the
 28x28x1 adaptation documented in `fashion_func.models.alexnet`.
 """
 
@@ -71,3 +72,20 @@ class AlexNet(tnn.Module):
         x = self.drop(torch.flatten(x, 1))
         x = self.drop(torch.relu(self.fc1(x)))
         return self.fc3(torch.relu(self.fc2(x)))
+
+
+class SimpleNetBN(tnn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = tnn.Conv2d(1, 32, 3)
+        self.bn1 = tnn.BatchNorm2d(32)
+        self.conv2 = tnn.Conv2d(32, 64, 3)
+        self.bn2 = tnn.BatchNorm2d(64)
+        self.fc1 = tnn.Linear(9216, 128)
+        self.fc2 = tnn.Linear(128, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.flatten(torch.max_pool2d(x, 2), 1)
+        return self.fc2(torch.relu(self.fc1(x)))

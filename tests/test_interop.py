@@ -302,3 +302,254 @@ def test_export_cli_errors_are_one_line(capsys, weights_file, tmp_path):
         err = capsys.readouterr().err
         assert err.startswith("export.py: error: ") and err.count("\n") == 1 and needle in err, err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+# -- stateful models (batch norm): weights are params and buffers together ---------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_bn() -> dict[str, torch.Tensor]:
+    """simplenet_bn weights (params + buffers) after a few Adam steps: running statistics moved."""
+    model = models.get("simplenet_bn")
+    tx = optim.adam(3e-3)
+    st = state_lib.create(
+        model.init(torch.Generator().manual_seed(0)), tx, seed=0, model_state=model.init_state()
+    )
+    train_step = step.make_train_step(model, tx, compile=False)
+    for batch in data.batches(data.load("train", limit=768), 128, seed=0, epoch=1):
+        st, _ = train_step(st, batch)
+    assert int(st.model_state["bn1.num_batches_tracked"]) == 6
+    return interop.merge_state(st.params, st.model_state)
+
+
+@pytest.fixture(scope="module")
+def bn_weights_file(trained_bn, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bn") / "best.safetensors"
+    checkpoint.save_weights(path, trained_bn, metadata={"model": "simplenet_bn", "epoch": 2})
+    return path
+
+
+def _bn_logits(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode logits of simplenet_bn weights (running statistics), through `Model.apply`."""
+    model = models.get("simplenet_bn")
+    params, state = interop.split_state(model, weights)
+    with torch.no_grad():
+        logits, _ = model.apply(params, x, state=state)
+    return logits
+
+
+def test_split_and_merge_state():
+    model = models.get("simplenet_bn")
+    params, state = model.init(torch.Generator().manual_seed(0)), model.init_state()
+    weights = interop.merge_state(params, state)
+    assert list(weights) == [*params, *state]
+    p, s = interop.split_state(model, weights)
+    assert list(p) == list(params) and list(s) == list(state)
+    assert all(p[k] is params[k] for k in p) and all(s[k] is state[k] for k in s)  # no copies
+    plain = models.get("simplenet")
+    plain_params = plain.init(torch.Generator().manual_seed(0))
+    assert interop.split_state(plain, plain_params) == (plain_params, {})
+    with pytest.raises(ValueError, match="lack its buffers"):
+        interop.split_state(model, params)
+    with pytest.raises(ValueError, match="both in params and model_state"):
+        interop.merge_state(params, {"bn1.weight": torch.ones(32)})
+
+
+def test_identify_tells_simplenet_from_simplenet_bn(trained, trained_bn):
+    assert interop.identify(trained) == "simplenet"
+    assert interop.identify(trained_bn) == "simplenet_bn"
+    assert interop.identify(interop.SimpleNetBN().state_dict()) == "simplenet_bn"
+    params, _ = interop.split_state(models.get("simplenet_bn"), trained_bn)
+    with pytest.raises(ValueError, match="match none"):  # buffers belong to the weights
+        interop.identify(params)
+
+
+def test_simplenet_bn_weights_load_strictly_into_plain_modules(trained_bn, bn_weights_file, test_x):
+    from reference import SimpleNetBN as ReferenceBN
+
+    expected = _bn_logits(trained_bn, test_x)
+    assert expected.abs().max() > 2.0  # trained logits
+    module = interop.to_module("simplenet_bn", trained_bn)
+    assert isinstance(module, interop.SimpleNetBN) and not module.training
+    assert list(module.state_dict()) == list(interop.from_module(module))
+    assert module.bn1.num_batches_tracked.dtype == torch.int64 and int(module.bn1.num_batches_tracked) == 6
+    # a weights file needs nothing but safetensors and the module, strict load included
+    for cls in (interop.SimpleNetBN, ReferenceBN):
+        plain = cls().eval()
+        plain.load_state_dict(safetensors.torch.load_file(bn_weights_file), strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(test_x), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(module(test_x), expected, rtol=1e-5, atol=1e-5)
+        module.bn1.running_mean.add_(1.0)  # the module owns its buffers
+    assert not torch.equal(trained_bn["bn1.running_mean"], module.bn1.running_mean)
+    params, _ = interop.split_state(models.get("simplenet_bn"), trained_bn)
+    with pytest.raises(ValueError, match="merge_state"):  # params alone: the buffers are missing
+        interop.to_module("simplenet_bn", params)
+    float_count = {**trained_bn, "bn1.num_batches_tracked": torch.tensor(6.0)}
+    with pytest.raises(ValueError, match="dtype"):
+        interop.to_module("simplenet_bn", float_count)
+
+
+def test_from_module_of_a_torch_trained_simplenet_bn():
+    torch.manual_seed(0)  # the module's own init, drawn by torch
+    module = interop.SimpleNetBN()
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):  # train mode: the running statistics move, the counter counts
+        x, y = torch.randn(8, 1, 28, 28, generator=g) * 2 + 1, torch.randint(0, 10, (8,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(module(x), y).backward()
+        opt.step()
+    weights = interop.from_module(module)
+    assert module.training  # the eval-mode check restored the mode
+    sd = module.state_dict()
+    assert list(weights) == list(sd)
+    assert all(torch.equal(weights[k], sd[k]) and weights[k].dtype == sd[k].dtype for k in sd)
+    assert all(not w.requires_grad for w in weights.values())
+    assert int(weights["bn2.num_batches_tracked"]) == 3
+    x = torch.randn(4, 1, 28, 28, generator=g)
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_bn_logits(weights, x), module(x), rtol=1e-5, atol=1e-5)
+    weights["bn1.running_var"].mul_(2.0)  # detached copies: the module is untouched
+    assert not torch.equal(weights["bn1.running_var"], module.bn1.running_var)
+
+    class NormAfterRelu(interop.SimpleNetBN):  # SimpleNetBN's names and shapes, another computation
+        def forward(self, x):
+            x = self.bn2(F.relu(self.conv2(self.bn1(F.relu(self.conv1(x))))))
+            return self.fc2(F.relu(self.fc1(torch.flatten(F.max_pool2d(x, 2), 1))))
+
+    with pytest.raises(ValueError, match="computes something else"):
+        interop.from_module(NormAfterRelu())
+
+
+def test_load_weights_file_of_simplenet_bn(trained_bn, bn_weights_file, tmp_path):
+    model, weights, meta = interop.load_weights_file(bn_weights_file)
+    assert model.name == "simplenet_bn" and meta["epoch"] == 2
+    assert list(weights) == list(interop.SimpleNetBN().state_dict())
+    assert all(torch.equal(weights[k], trained_bn[k]) for k in trained_bn)
+    assert weights["bn1.num_batches_tracked"].dtype == torch.int64
+    # bf16 params beside float32 running statistics (and the int64 counter): accepted as stored
+    mixed = {
+        k: v.bfloat16() if k in interop.split_state(model, weights)[0] else v for k, v in weights.items()
+    }
+    path = tmp_path / "bf16.safetensors"
+    checkpoint.save_weights(path, mixed, metadata={"model": "simplenet_bn"})
+    _, w16, _ = interop.load_weights_file(path)
+    assert w16["fc1.weight"].dtype == torch.bfloat16 and w16["bn1.running_var"].dtype == torch.float32
+    # a file without the buffers, or simplenet weights named simplenet_bn, is refused
+    no_buffers = tmp_path / "no_buffers.safetensors"
+    checkpoint.save_weights(
+        no_buffers, interop.split_state(model, weights)[0], metadata={"model": "simplenet_bn"}
+    )
+    with pytest.raises(checkpoint.CheckpointError, match="missing 6 keys"):
+        interop.load_weights_file(no_buffers)
+    with pytest.raises(checkpoint.CheckpointError, match="weights do not match"):
+        interop.load_weights_file(bn_weights_file, "simplenet")
+
+
+def test_flax_layout_of_batch_norm_and_round_trip(trained_bn, tmp_path):
+    tree = interop.to_flax(trained_bn)
+    assert {k: {kk: v.shape for kk, v in d.items()} for k, d in tree.items() if k.startswith("bn")} == {
+        "bn1": {"scale": (32,), "bias": (32,), "mean": (32,), "var": (32,)},
+        "bn2": {"scale": (64,), "bias": (64,), "mean": (64,), "var": (64,)},
+    }
+    assert np.array_equal(tree["bn2"]["var"], trained_bn["bn2.running_var"].numpy())
+    variables = interop.flax_variables(tree)
+    assert set(variables) == {"params", "batch_stats"}
+    assert set(variables["params"]["bn1"]) == {"scale", "bias"}
+    assert {k: set(v) for k, v in variables["batch_stats"].items()} == {
+        "bn1": {"mean", "var"},
+        "bn2": {"mean", "var"},
+    }
+    assert set(interop.flax_variables(interop.to_flax({"fc.weight": torch.ones(2, 3)}))) == {"params"}
+    # from_flax: the counter is not in the Flax tree; it comes back as 0 (or as given)
+    back = interop.from_flax(tree)
+    module_order = list(interop.SimpleNetBN().state_dict())  # counters right after running_var
+    assert list(back) == module_order
+    assert int(back["bn1.num_batches_tracked"]) == 0 and back["bn1.num_batches_tracked"].dtype == torch.int64
+    assert all(
+        torch.equal(back[k], trained_bn[k]) for k in trained_bn if not k.endswith("num_batches_tracked")
+    )
+    counted = interop.from_flax(tree, num_batches_tracked={"bn1": 6, "bn2": 6})
+    assert all(torch.equal(counted[k], trained_bn[k]) for k in trained_bn)
+    # save_flax keeps the counts in the metadata, so load_flax is exact
+    path = tmp_path / "bn_flax.safetensors"
+    interop.save_flax(path, trained_bn)
+    flat = safetensors.numpy.load_file(path)
+    assert not any("num_batches_tracked" in k for k in flat) and "bn1.mean" in flat
+    assert json.loads(checkpoint.read_metadata(path)["num_batches_tracked"]) == {"bn1": 6, "bn2": 6}
+    loaded = interop.load_flax(path)
+    assert loaded.keys() == trained_bn.keys()  # in the file's (sorted) order
+    assert all(torch.equal(loaded[k], trained_bn[k]) for k in trained_bn)
+    bits = tmp_path / "bn_bits.safetensors"  # bf16 keys skip the dropped counter
+    interop.save_flax(bits, {k: v.bfloat16() if v.is_floating_point() else v for k, v in trained_bn.items()},
+                      bf16_as="uint16")  # fmt: skip
+    assert "bn1.mean" in json.loads(checkpoint.read_metadata(bits)["bf16_keys"])
+
+
+def test_export_cli_writes_simplenet_bn_in_each_format(capsys, trained_bn, bn_weights_file, test_x, tmp_path):
+    out = {f: tmp_path / f"bn_{f}.safetensors" for f in export.FORMATS}
+    for fmt, path in out.items():
+        assert export.main(["--weights", str(bn_weights_file), "--format", fmt, "--out", str(path)]) == 0
+        assert f"wrote {path}: simplenet_bn weights (18 tensors)" in capsys.readouterr().out
+    expected = _bn_logits(trained_bn, test_x[:16])
+    module = interop.SimpleNetBN().eval()
+    module.load_state_dict(safetensors.torch.load_file(out["torch"]), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(module(test_x[:16]), expected)
+    as_np = safetensors.numpy.load_file(out["numpy"])
+    assert as_np.keys() == trained_bn.keys()
+    assert as_np["bn2.num_batches_tracked"].dtype == np.int64 and as_np["bn2.num_batches_tracked"].shape == ()
+    assert all(np.array_equal(as_np[k], v.numpy()) for k, v in trained_bn.items())
+    npz = tmp_path / "bn.npz"
+    assert export.main(["--weights", str(bn_weights_file), "--format", "numpy", "--out", str(npz)]) == 0
+    with np.load(npz, allow_pickle=False) as z:
+        assert all(np.array_equal(z[k], v.numpy()) for k, v in trained_bn.items())
+    flax_flat = safetensors.numpy.load_file(out["flax"])
+    assert {k for k in flax_flat if k.startswith("bn1.")} == {"bn1.scale", "bn1.bias", "bn1.mean", "bn1.var"}
+    loaded = interop.load_flax(out["flax"])
+    assert all(torch.equal(loaded[k], trained_bn[k]) for k in trained_bn)
+    capsys.readouterr()
+
+
+def test_flax_linen_simplenet_bn_matches_eval_logits(trained_bn, test_x, tmp_path):
+    pytest.importorskip("flax", reason="the jax extra (jax, flax) is not installed")
+    import flax.linen as fnn
+    import jax
+    import jax.numpy as jnp
+    from einops import rearrange
+    from flax.traverse_util import unflatten_dict
+    from safetensors.flax import load_file as flax_load
+
+    class FlaxSimpleNetBN(fnn.Module):
+        """simplenet_bn written the Flax way: NHWC, nn.Conv / nn.BatchNorm / nn.Dense."""
+
+        num_classes: int = 10
+
+        @fnn.compact
+        def __call__(self, x):  # [B, 28, 28, 1]
+            norm = lambda name: fnn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=1e-5, name=name)
+            x = fnn.relu(norm("bn1")(fnn.Conv(32, (3, 3), padding="VALID", name="conv1")(x)))
+            x = fnn.relu(norm("bn2")(fnn.Conv(64, (3, 3), padding="VALID", name="conv2")(x)))
+            x = fnn.max_pool(x, (2, 2), strides=(2, 2))  # [B, 12, 12, 64]
+            x = rearrange(x, "b h w c -> b (c h w)")  # fc1's rows follow torch's (c h w) flatten
+            x = fnn.relu(fnn.Dense(128, name="fc1")(x))
+            return fnn.Dense(self.num_classes, name="fc2")(x)
+
+    path = tmp_path / "bn_flax.safetensors"
+    interop.save_flax(path, trained_bn)
+    variables = interop.flax_variables(unflatten_dict(flax_load(path), sep="."))
+    x_nhwc = jnp.asarray(rearrange(test_x, "b c h w -> b h w c").numpy())
+    net = FlaxSimpleNetBN()
+    # the file's names and shapes are exactly the variables Flax itself would create
+    shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0), x_nhwc[:1])
+    assert jax.tree_util.tree_map(lambda a: a.shape, shapes) == jax.tree_util.tree_map(
+        lambda a: a.shape, variables
+    )
+    got = np.asarray(net.apply(variables, x_nhwc))
+    expected = _bn_logits(trained_bn, test_x).numpy()
+    assert got.shape == expected.shape == (256, 10)
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.array_equal(got.argmax(1), expected.argmax(1))
