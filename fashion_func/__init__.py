@@ -15,11 +15,13 @@ the command line until something needs torch.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "FitResult",
     "TrainState",
+    "__version__",
     "callbacks",
     "checkpoint",
     "data",
@@ -49,6 +51,11 @@ _NAMES = {
     "per_example_grad_norms": "fashion_func.step",
     "per_example_grads": "fashion_func.step",
 }
+
+try:  # the installed distribution's version (a checkout run without installing has none)
+    __version__: str = _metadata.version("fashion_func")
+except _metadata.PackageNotFoundError:
+    __version__ = "0+unknown"
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these
     from fashion_func import callbacks, checkpoint, data, losses, metrics, models, nn, optim, state, tree

@@ -26,7 +26,14 @@ from fashion_func.config import (
     load_file,
 )
 
-__all__ = ["UsageError", "build_train_parser", "explicit_train_args", "main_train", "parse_train_args"]
+__all__ = [
+    "UsageError",
+    "add_version",
+    "build_train_parser",
+    "explicit_train_args",
+    "main_train",
+    "parse_train_args",
+]
 
 EXIT_USAGE = 2
 
@@ -40,6 +47,13 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """`--version`: print the installed fashion_func version and exit 0."""
+    from fashion_func import __version__
+
+    parser.add_argument("--version", action="version", version=f"fashion_func {__version__}")
 
 
 def _int(text: str) -> int:
@@ -63,6 +77,7 @@ def build_train_parser() -> argparse.ArgumentParser:
         description="Train a model on Fashion-MNIST with fashion_func.",
         argument_default=argparse.SUPPRESS,
     )
+    add_version(p)
     p.add_argument("--config", help="JSON or TOML file of settings; flags override it")
     p.add_argument("--model", help=f"one of {', '.join(MODELS)} (default simplenet)")
     p.add_argument("--epochs", type=_int, help="total epochs (a resumed run trains what remains; default 4)")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fashion_func import checkpoint, interop
-from fashion_func.cli import UsageError, _Parser
+from fashion_func.cli import UsageError, _Parser, add_version
 
 __all__ = ["FORMATS", "build_parser", "export", "main"]
 
@@ -42,6 +42,7 @@ EXIT_USAGE = 2
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `scripts/export.py`."""
     p = _Parser(prog="export.py", description="Export fashion_func weights for PyTorch, JAX/Flax or numpy.")
+    add_version(p)
     p.add_argument("--weights", required=True, help="weights file (best.safetensors)")
     p.add_argument("--format", required=True, choices=FORMATS, help="torch, flax or numpy")
     p.add_argument("--out", required=True, help="file to write (.safetensors; .npz also for numpy)")

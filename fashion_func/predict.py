@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from fashion_func import checkpoint, data, interop, metrics
-from fashion_func.cli import UsageError, _int, _Parser
+from fashion_func.cli import UsageError, _int, _Parser, add_version
 from fashion_func.loop import RunError, resolve_device
 from fashion_func.models import Model, ModelState, Params
 from fashion_func.step import NormalizeImages, make_eval_step
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="predict.py", description="Evaluate fashion_func weights on Fashion-MNIST or classify images."
     )
+    add_version(p)
     p.add_argument("--weights", required=True, help="weights file (best.safetensors or a torch export)")
     p.add_argument("--model", help="model name, overriding the file's metadata")
     p.add_argument("--data-dir", help="folder holding the Fashion-MNIST IDX files")

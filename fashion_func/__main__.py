@@ -1,0 +1,64 @@
+"""The installed command: `fashion-func train|predict|export ...` (also `python -m fashion_func`).
+
+Each subcommand is the same parser and entry point as the repository's `scripts/*.py`;
+`fashion-func COMMAND --help` lists its flags. Exit codes are those of the command.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["COMMANDS", "main"]
+
+
+def _train(argv: Sequence[str]) -> int:
+    from fashion_func.cli import main_train
+
+    return main_train(argv)
+
+
+def _predict(argv: Sequence[str]) -> int:
+    from fashion_func.predict import main as predict_main
+
+    return predict_main(argv)
+
+
+def _export(argv: Sequence[str]) -> int:
+    from fashion_func.export import main as export_main
+
+    return export_main(argv)
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "train": (_train, "train a model on Fashion-MNIST (scripts/train.py)"),
+    "predict": (_predict, "evaluate a weights file or classify images (scripts/predict.py)"),
+    "export": (_export, "export weights for PyTorch, JAX/Flax or numpy (scripts/export.py)"),
+}
+
+USAGE = "usage: fashion-func {train,predict,export} [--help] ...\n       fashion-func --version"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the subcommand named by the first argument; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        lines = [USAGE, "", "commands:"] + [f"  {name:<9}{text}" for name, (_, text) in COMMANDS.items()]
+        print("\n".join(lines), file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    if args[0] == "--version":
+        from fashion_func import __version__
+
+        print(f"fashion-func {__version__}")
+        return 0
+    if args[0] not in COMMANDS:
+        print(
+            f"fashion-func: error: unknown command {args[0]!r}; choose from {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
+        return 2
+    return COMMANDS[args[0]][0](args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
