@@ -66,7 +66,7 @@ def build_callbacks(cfg: Config) -> list[Any]:
             mode=cfg.mode,
             save_best_only=cfg.save_best_only,
             every_n_epochs=cfg.every_n_epochs,
-            save_top_k=cfg.topk,
+            save_top_k=cfg.save_top_k,
             save_last=True,
         )
     )
@@ -116,9 +116,17 @@ def _steps(cfg: Config, model: models.Model, tx: Any, device: torch.device) -> t
     if cfg.label_smoothing > 0:  # training loss only: validation reports plain cross-entropy
         train_loss = functools.partial(losses.cross_entropy_per_example, label_smoothing=cfg.label_smoothing)
     train_step = make_train_step(
-        model, tx, loss=train_loss, preprocess=pre, precision=cfg.precision, compile=use_compile
+        model,
+        tx,
+        loss=train_loss,
+        preprocess=pre,
+        precision=cfg.precision,
+        compile=use_compile,
+        topk=cfg.topk,
     )
-    eval_step = make_eval_step(model, preprocess=pre, precision=cfg.precision, compile=use_compile is True)
+    eval_step = make_eval_step(
+        model, preprocess=pre, precision=cfg.precision, compile=use_compile is True, topk=cfg.topk
+    )
     return train_step, eval_step
 
 

@@ -24,6 +24,7 @@ from fashion_func.config import (
     Config,
     ConfigError,
     load_file,
+    load_preset,
 )
 
 __all__ = [
@@ -78,6 +79,9 @@ def build_train_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     add_version(p)
+    p.add_argument(
+        "--preset", help="a config shipped with the package (tutorial); --config and flags override it"
+    )
     p.add_argument("--config", help="JSON or TOML file of settings; flags override it")
     p.add_argument("--model", help=f"one of {', '.join(MODELS)} (default simplenet)")
     p.add_argument("--epochs", type=_int, help="total epochs (a resumed run trains what remains; default 4)")
@@ -103,13 +107,34 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-train", type=_int, help="use the first N training examples")
     p.add_argument("--limit-val", type=_int, help="use the first N validation (test-set) examples")
     p.add_argument("--eval-batch-size", type=_int, help="default 1000")
-    p.add_argument("--monitor", help="metric for best checkpoint / early stopping (default val_loss)")
-    p.add_argument("--mode", help="min or max: whether the monitored metric should fall or rise")
+    p.add_argument(
+        "--monitor",
+        help="metric for best checkpoint / early stopping: val_loss (default), val_acc, val_topK, ...",
+    )
+    p.add_argument("--mode", help="min or max (default: inferred, min for *_loss, max for accuracies)")
     p.add_argument("--patience", type=_int, help="early-stopping patience in epochs (default: off)")
     p.add_argument("--min-delta", type=_float, help="smallest change that counts as improvement")
-    p.add_argument("--save-best-only", type=_bool, metavar="{true,false}", help="keep only the best epoch")
-    p.add_argument("--topk", type=_int, help="keep the k best epoch checkpoints (-1: all; default 1)")
-    p.add_argument("--every-n-epochs", type=_int, help="epoch checkpoint interval (default 1)")
+    p.add_argument(
+        "--save-best-only",
+        type=_bool,
+        metavar="{true,false}",
+        help="true (default): only best.safetensors; false: a checkpoint every epoch (or every --save-every)",
+    )
+    p.add_argument(
+        "--topk", type=_int, help="K of the top-K accuracy reported as train_topK/val_topK (default 5)"
+    )
+    p.add_argument(
+        "--save-top-k",
+        type=_int,
+        help="epoch checkpoints kept, best first (-1: all; default 1, all without best-only)",
+    )
+    p.add_argument(
+        "--save-every",
+        "--every-n-epochs",
+        dest="every_n_epochs",
+        type=_int,
+        help="epoch checkpoint interval (default 1)",
+    )
     p.add_argument("--lr-schedule", help=f"one of {', '.join(SCHEDULES)} (default constant)")
     p.add_argument(
         "--lr-step-size", type=_int, help="StepLR: epochs between decays (sets --lr-schedule step)"
@@ -136,17 +161,19 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-RUN_FLAGS = ("config", "resume", "overwrite")
+RUN_FLAGS = ("preset", "config", "resume", "overwrite")
 
 
 def explicit_train_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(settings the user gave: `--config` file < flags, run-control options {resume, overwrite}).
+    """(settings the user gave: `--preset` < `--config` file < flags, run-control options).
 
     Only what was given appears (the parser's default is SUPPRESS), so a resumed run can
     tell a flag the user typed from a default.
     """
     args = vars(build_train_parser().parse_args(argv))
     values: dict[str, Any] = {}
+    if "preset" in args:
+        values.update(load_preset(args["preset"]))
     if "config" in args:
         values.update(load_file(args["config"]))
     flags = {k: v for k, v in args.items() if k not in RUN_FLAGS}
@@ -190,6 +217,8 @@ def _with_checkpoint_config(values: dict[str, Any], resume: str) -> dict[str, An
             f"--model {values['model']} does not match checkpoint {path}, which holds a "
             f"{saved.get('model')} model; leave out --model to resume it"
         )
+    if "monitor" in values and "mode" not in values:
+        saved = {k: v for k, v in saved.items() if k != "mode"}  # inferred again for the new metric
     merged = {**saved, **values}
     if resume == "auto":
         merged["out"] = str(out)  # the run goes on in the directory its checkpoint was found in

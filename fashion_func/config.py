@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-__all__ = ["Config", "ConfigError", "load_file"]
+__all__ = ["Config", "ConfigError", "infer_mode", "load_file", "load_preset", "presets"]
 
 MODELS = ("simplenet", "simplenet_bn", "alexnet", "mlp")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -24,7 +25,16 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 SCHEDULES = ("constant", "step", "cosine", "plateau")
 NORMALIZE = ("dataset", "tutorial")
 COMPILE = ("auto", "on", "off")
-MONITORS = ("val_loss", "val_acc", "val_top5", "train_loss", "train_acc")
+MONITORS = ("val_loss", "val_acc", "train_loss", "train_acc")  # and val_top{K} / train_top{K}
+
+
+def infer_mode(monitor: str) -> str | None:
+    """The direction a metric should move: `*_loss` falls (min), accuracies rise (max)."""
+    if monitor.endswith("_loss"):
+        return "min"
+    if monitor.endswith("_acc") or "_top" in monitor:
+        return "max"
+    return None
 
 
 class ConfigError(ValueError):
@@ -56,12 +66,13 @@ class Config:
     eval_batch_size: int = 1000
     # callbacks (the tutorial's config items)
     monitor: str = "val_loss"
-    mode: str = "min"
+    mode: str | None = None  # None: inferred from the monitor (min for *_loss, max for accuracies)
     patience: int | None = None
     min_delta: float = 0.0
     save_best_only: bool = True
-    topk: int = 1
-    every_n_epochs: int = 1
+    topk: int = 5  # the tutorial's Accuracy(topK): train_top{K} / val_top{K} in the history
+    save_top_k: int | None = None  # epoch files kept; None: 1 with save_best_only, else all (-1)
+    every_n_epochs: int = 1  # --save-every
     lr_schedule: str = "constant"
     lr_step_size: int = 30
     lr_gamma: float = 0.1
@@ -74,6 +85,11 @@ class Config:
         errors = self.validate()
         if errors:
             raise ConfigError(errors[0])
+        # frozen dataclass: the sanctioned way to fill derived defaults, recorded in config.json
+        if self.mode is None:
+            object.__setattr__(self, "mode", infer_mode(self.monitor) or "min")
+        if self.save_top_k is None:
+            object.__setattr__(self, "save_top_k", 1 if self.save_best_only else -1)
 
     def validate(self) -> list[str]:
         """Every problem with the values, as one-line messages (empty when valid)."""
@@ -92,7 +108,8 @@ class Config:
         choice("lr_schedule", self.lr_schedule, SCHEDULES)
         choice("normalize", self.normalize, NORMALIZE)
         choice("compile", self.compile, COMPILE)
-        choice("mode", self.mode, ("min", "max"))
+        if self.mode is not None:
+            choice("mode", self.mode, ("min", "max"))
         for name in ("epochs", "batch_size", "eval_batch_size", "every_n_epochs", "lr_step_size"):
             if getattr(self, name) < 1:
                 e.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -107,8 +124,14 @@ class Config:
             e.append(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
         elif self.lr_schedule == "plateau" and self.lr_gamma == 1:
             e.append("--lr-gamma must be below 1 with --lr-schedule plateau")
-        if self.monitor not in MONITORS:
-            e.append(f"--monitor must be one of {', '.join(MONITORS)}, not {self.monitor!r}")
+        monitors = (*MONITORS, f"val_top{self.topk}", f"train_top{self.topk}")
+        if self.monitor not in monitors:
+            e.append(f"--monitor must be one of {', '.join(monitors)}, not {self.monitor!r}")
+        elif self.mode in ("min", "max") and infer_mode(self.monitor) not in (None, self.mode):
+            e.append(
+                f"--mode {self.mode} contradicts --monitor {self.monitor}, which should "
+                f"{'fall' if infer_mode(self.monitor) == 'min' else 'rise'}; leave --mode out to infer it"
+            )
         if self.clip_norm is not None and not self.clip_norm > 0:
             e.append(f"--clip-norm must be positive, got {self.clip_norm}")
         for name in ("limit_train", "limit_val"):
@@ -117,8 +140,10 @@ class Config:
                 e.append(f"--{name.replace('_', '-')} must be at least 1, got {v}")
         if self.patience is not None and self.patience < 1:
             e.append(f"--patience must be at least 1, got {self.patience}")
-        if self.topk < -1 or self.topk == 0:
-            e.append(f"--topk must be -1 (keep all) or at least 1, got {self.topk}")
+        if self.topk < 1:
+            e.append(f"--topk must be at least 1, got {self.topk}")
+        if self.save_top_k is not None and (self.save_top_k < -1 or self.save_top_k == 0):
+            e.append(f"--save-top-k must be -1 (keep all) or at least 1, got {self.save_top_k}")
         return e
 
     def _type_errors(self) -> list[str]:
@@ -166,6 +191,24 @@ class Config:
             return cls(**values)
         except TypeError as exc:  # a wrong type compared in validate()
             raise ConfigError(f"invalid config value: {exc}") from None
+
+
+def presets() -> list[str]:
+    """The names of the presets shipped in the package (`fashion_func/presets/*.toml`)."""
+    folder = resources.files("fashion_func") / "presets"
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The settings of the preset `name`, read as package data (works from an installed wheel)."""
+    if name not in presets():
+        raise ConfigError(f"--preset must be one of {', '.join(presets())}, not {name!r}")
+    text = (resources.files("fashion_func") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
+    values = {k.replace("-", "_"): v for k, v in tomllib.loads(text).items()}
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:  # a packaging mistake, caught by the tests
+        raise ConfigError(f"preset {name} has unknown keys: {', '.join(unknown)}")
+    return values
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

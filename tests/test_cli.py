@@ -45,7 +45,8 @@ def test_help_lists_every_flag_of_the_issues():
         "--model", "--epochs", "--batch-size", "--lr", "--optimizer", "--weight-decay", "--seed",
         "--data-dir", "--out", "--device", "--no-compile", "--limit-train", "--limit-val",
         "--monitor", "--mode", "--patience", "--save-best-only", "--topk", "--lr-step-size",
-        "--lr-gamma", "--resume", "--config", "--overwrite", "--no-tensorboard",
+        "--lr-gamma", "--resume", "--config", "--overwrite", "--no-tensorboard", "--preset",
+        "--save-top-k", "--save-every", "--version",
     ):  # fmt: skip
         assert re.search(rf"(^|\s){re.escape(flag)}\b", text), flag
 
@@ -58,12 +59,14 @@ def test_flags_become_the_config():
             "--device", "cpu", "--no-compile", "--limit-train", "100", "--limit-val", "50",
             "--monitor", "val_acc", "--mode", "max", "--patience", "3", "--save-best-only", "false",
             "--topk", "3", "--lr-step-size", "2", "--lr-gamma", "0.5", "--no-tensorboard",
+            "--save-top-k", "2", "--save-every", "2",
         ]
     )  # fmt: skip
     expected = Config(
         model="alexnet", epochs=2, batch_size=64, lr=0.01, optimizer="sgd", weight_decay=1e-4,
         seed=3, data_dir="/d", device="cpu", compile=False, limit_train=100, limit_val=50,
-        monitor="val_acc", mode="max", patience=3, save_best_only=False, topk=3,
+        monitor="val_acc", mode="max", patience=3, save_best_only=False, topk=3, save_top_k=2,
+        every_n_epochs=2,
         lr_schedule="step", lr_step_size=2, lr_gamma=0.5, tensorboard=False,
     )  # fmt: skip
     assert cfg == expected

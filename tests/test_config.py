@@ -38,3 +38,50 @@ def test_binary_config_file_is_a_config_error(tmp_path):
     p.write_bytes(b"\xff\xfe\x00\x01")
     with pytest.raises(ConfigError, match="not a text file"):
         load_file(p)
+
+
+@pytest.mark.parametrize(
+    ("monitor", "mode"),
+    [
+        ("val_loss", "min"),
+        ("train_loss", "min"),
+        ("val_acc", "max"),
+        ("train_acc", "max"),
+        ("val_top3", "max"),
+    ],
+)
+def test_mode_follows_the_monitored_metric_unless_given(monitor, mode):
+    assert Config(monitor=monitor, topk=3).mode == mode
+
+
+@pytest.mark.parametrize(("monitor", "mode"), [("val_acc", "min"), ("val_loss", "max"), ("val_top5", "min")])
+def test_a_mode_contradicting_the_metric_is_a_usage_error(monitor, mode):
+    with pytest.raises(ConfigError, match=f"--mode {mode} contradicts --monitor {monitor}"):
+        Config(monitor=monitor, mode=mode)
+
+
+def test_topk_is_the_accuracy_k_and_retention_is_save_top_k():
+    assert Config().topk == 5 and Config().save_top_k == 1  # best only: one kept
+    assert Config(save_best_only=False).save_top_k == -1  # the tutorial's: every epoch kept
+    assert Config(save_best_only=False, save_top_k=3).save_top_k == 3
+    with pytest.raises(ConfigError, match="--topk must be at least 1"):
+        Config(topk=0)
+    with pytest.raises(ConfigError, match="--save-top-k must be -1"):
+        Config(save_top_k=0)
+    with pytest.raises(ConfigError, match="--monitor must be one of"):
+        Config(monitor="val_top5", topk=3)  # only the K being measured can be monitored
+
+
+def test_the_tutorial_preset_is_package_data_and_flags_override_it():
+    from fashion_func import cli
+    from fashion_func.config import load_preset, presets
+
+    assert "tutorial" in presets()
+    values = load_preset("tutorial")
+    assert values["seed"] == 1024 and values["normalize"] == "tutorial"
+    cfg, _ = cli.parse_train_args(["--preset", "tutorial", "--topk", "3", "--epochs", "2"])
+    assert (cfg.seed, cfg.normalize, cfg.topk, cfg.epochs) == (1024, "tutorial", 3, 2)
+    assert (cfg.patience, cfg.lr_schedule, cfg.save_best_only) == (values["patience"], "step", True)
+    assert cfg.weight_decay == values["weight_decay"] > 0
+    with pytest.raises(ConfigError, match="--preset must be one of tutorial"):
+        load_preset("nope")

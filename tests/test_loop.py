@@ -42,7 +42,7 @@ SIMPLE = dict(
     lr_step_size=1,
     lr_gamma=0.5,
     save_best_only=False,
-    topk=2,
+    save_top_k=2,
     patience=10,
 )
 # the mlp: a few milliseconds per step, for tests about the loop's mechanics
@@ -258,7 +258,7 @@ def test_tensorboard_scalars_equal_history(straight):
 
 def test_checkpoints_best_last_and_top_k(straight):
     """best.safetensors: the weights of the best epoch with epoch/monitor/value/model/config;
-    --topk 2 --save-best-only false keeps exactly the two best epoch files."""
+    --save-top-k 2 --save-best-only false keeps exactly the two best epoch files."""
     cfg, result = straight
     ckpt = cfg.out_dir / "checkpoints"
     losses = {r["epoch"]: r["val_loss"] for r in result.history}
@@ -397,10 +397,10 @@ def test_cosine_schedule_in_history(tmp_path):
 def test_resume_keeps_early_stopping_patience(tmp_path):
     """The patience counter survives a resume: stopping happens at the same epoch either way.
 
-    Monitoring train_loss in mode max never improves after epoch 1 (the loss falls), so with
-    patience 2 the run stops after epoch 3, whether or not it was restarted after epoch 2.
+    Monitoring train_loss with a min_delta larger than the loss never improves after epoch 1,
+    so with patience 2 the run stops after epoch 3, whether or not it was restarted after epoch 2.
     """
-    base = {**MLP, "monitor": "train_loss", "mode": "max", "patience": 2, "epochs": 10}
+    base = {**MLP, "monitor": "train_loss", "min_delta": 100.0, "patience": 2, "epochs": 10}
     ref = app.train(cfg_at(tmp_path / "straight", base))
     assert ref.epochs_run == 3 and "did not improve for 2 epochs" in ref.stop_reason
     cut = cfg_at(tmp_path / "cut", base, epochs=2)
@@ -545,14 +545,15 @@ def test_new_epoch_file_is_written_before_the_evicted_one_is_deleted(tmp_path, m
 
 def test_reduce_lr_on_plateau_from_the_config(tmp_path):
     """--lr-schedule plateau: the lr each epoch ran with is what ReduceLROnPlateau decided,
-    replayed over the run's own history; train_loss in mode max never improves, so it drops."""
-    cfg = cfg_at(tmp_path / "run", MLP, epochs=5, lr_schedule="plateau", monitor="train_loss", mode="max")
+    replayed over the run's own history; at lr 1e-7 train_loss moves by far less than the
+    plateau threshold (1e-4 relative), so it does not improve and the lr drops."""
+    cfg = cfg_at(tmp_path / "run", MLP, epochs=5, lr=1e-7, lr_schedule="plateau", monitor="train_loss")
     plateau = next(cb for cb in app.build_callbacks(cfg) if isinstance(cb, cbs.ReduceLROnPlateau))
     assert (plateau.monitor, plateau.mode, plateau.factor, plateau.base_lr) == (
         "train_loss",
-        "max",
+        "min",
         0.1,
-        1e-3,
+        1e-7,
     )
     res = app.train(cfg)
     state, expected = plateau.init(), []
