@@ -47,7 +47,7 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str], Path]:
 def test_wheel_holds_the_package_its_license_and_type_marker(installed):
     _, _, wheel = installed
     names = zipfile.ZipFile(wheel).namelist()
-    assert "fashion_func/py.typed" in names
+    assert "fashion_func/py.typed" in names and "fashion_func/presets/tutorial.toml" in names
     assert "fashion_func/loop/fit.py" in names and "fashion_func/__main__.py" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
@@ -68,10 +68,13 @@ def test_installed_command_trains_predicts_and_exports_outside_the_repository(in
     for sub in ("train", "predict", "export"):
         assert _run([*command, sub, "--version"], work, env).stdout.strip() == "fashion_func 0.1.0"
 
-    _run([*command, "train", "--model", "mlp", "--epochs", "1", "--limit-train", "512", "--limit-val", "200",
-          "--device", "cpu", "--compile", "off", "--no-progress", "--out", "run"], work, env)  # fmt: skip
+    train = ["train", "--preset", "tutorial", "--model", "mlp", "--epochs", "1", "--limit-train", "512",
+             "--limit-val", "200", "--device", "cpu", "--compile", "off", "--no-progress", "--out", "run"]
+    _run([*command, *train], work, env)  # fmt: skip
     best = work / "run" / "checkpoints" / "best.safetensors"
     history = json.loads((work / "run" / "history.json").read_text())
+    config = json.loads((work / "run" / "config.json").read_text())
+    assert config["seed"] == 1024  # the preset, read as package data of the installed copy
     assert [r["epoch"] for r in history] == [1] and history[0]["val_acc"] > 0.3
 
     out = _run([*command, "predict", "--weights", str(best), "--limit", "200", "--json", "--device", "cpu"],
