@@ -143,6 +143,11 @@ def _forward(
     return model.apply(params, x, train=train, key=key), model_state
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    # bf16/fp16 outputs (autocast) are raised to float32 for the loss; float64 stays float64
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def _is_classification(logits: Tensor, labels: Tensor) -> bool:
     return logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point()
 
@@ -198,7 +203,7 @@ def make_train_step(
         def loss_and_aux(p: Params):
             with _autocast(precision, dev):
                 logits, new_state = _forward(model, p, x, model_state, train=True, key=key)
-            values = per_example(logits.float(), y)  # [B]
+            values = per_example(_at_least_float32(logits), y)  # [B]
             _check_per_example(values, y.shape[0])
             return values.mean(), (values, logits, new_state)
 
@@ -272,7 +277,7 @@ def make_eval_step(
         x = _preprocess(preprocess, inputs)
         with torch.no_grad(), _autocast(precision, inputs.device.type):
             logits, _ = _forward(model, params, x, model_state, train=False, key=None)
-        logits = logits.float()
+        logits = _at_least_float32(logits)
         values = per_example(logits, y)
         _check_per_example(values, y.shape[0])
         out = {"loss": values, "logits": logits}

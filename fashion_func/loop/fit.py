@@ -354,13 +354,18 @@ class _Driver:
                     desc=f"epoch {ep.epoch}/{self.epochs}", file=sys.stderr, dynamic_ncols=True)  # fmt: skip
 
     def train_epoch(self, epoch: int) -> bool:
-        """Run one epoch; False when it was cut short by `max_steps` (a signal raises)."""
+        """Run one epoch; False when it was cut short by `max_steps` (a signal raises).
+
+        A cut that falls on the epoch's last batch still ends the epoch (evaluation, history,
+        callbacks), so it is never left finished but unrecorded.
+        """
         ep = self._begin_epoch(epoch)
         bar = self._bar(ep)
         host_step = int(self.state.step)  # mirrors state.step on the host, so checking it costs no sync
         ep.t0 = time.perf_counter()
+        batches = enumerate(epoch_batches(self.train_data, epoch, ep.first_batch), ep.first_batch)
         b = ep.first_batch - 1
-        for b, batch in enumerate(epoch_batches(self.train_data, epoch, ep.first_batch), ep.first_batch):
+        for b, batch in batches:
             self.state, m = self.train_step(self.state, batch)
             ep.sums = {k: ep.sums[k] + v if k in ep.sums else v for k, v in m.items()}
             if "loss_sum" in m:  # first step whose loss was not finite, tracked on the device (no sync)
@@ -369,12 +374,17 @@ class _Driver:
             bar.update(1)
             host_step += 1
             cut = self.max_steps is not None and host_step >= self.max_steps
+            if cut and self.flag["signum"] is None and next(batches, None) is None:
+                break  # the cut fell on the last batch: end the epoch below
             if self.flag["signum"] is not None or cut:
                 bar.close()
                 self._stop_mid_epoch(ep, b + 1, cut)
                 return False
         bar.close()
         self._end_epoch(ep, steps=b + 1)
+        if self.max_steps is not None and host_step >= self.max_steps and self.stop_reason == "completed":
+            self.stop_reason = f"max_steps {self.max_steps} reached"
+            return False
         return True
 
     def _params_finite(self) -> bool:
@@ -448,6 +458,8 @@ class _Driver:
             if reason:
                 self.stop_reason = reason
             epoch = self.start_epoch
+            if self.max_steps is not None and int(self.state.step) >= self.max_steps:
+                self.stop_reason = f"max_steps {self.max_steps} reached"  # already there: no step taken
             while epoch <= self.epochs and self.stop_reason == "completed":
                 if not self.train_epoch(epoch):
                     break
