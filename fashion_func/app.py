@@ -177,7 +177,13 @@ def train(
             callbacks=callbacks,
             run_dir=run,
             resume=point,
-            metadata={"config": cfg.to_dict(), "model": cfg.model},
+            # the normalisation as numbers: a client in any language can preprocess from them
+            metadata={
+                "config": cfg.to_dict(),
+                "model": cfg.model,
+                "normalize_mean": _preprocess(cfg).mean,
+                "normalize_std": _preprocess(cfg).std,
+            },
             max_steps=max_steps,
             progress=cfg.progress,
         )

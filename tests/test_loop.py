@@ -273,6 +273,8 @@ def test_checkpoints_best_last_and_top_k(straight):
         "value": losses[best_epoch],
         "model": "simplenet",
         "config": cfg.to_dict(),
+        "normalize_mean": data.MEAN,
+        "normalize_std": data.STD,
     }
     same_epoch, _ = checkpoint.load_weights(ckpt / f"epoch-{best_epoch:03d}.safetensors")
     assert params.keys() == same_epoch.keys()
