@@ -322,6 +322,8 @@ def per_example_grads(
     inference-mode function (running statistics, no dropout).
     """
     model = as_model(model)
+    if model.stateful and not model_state:
+        raise ValueError(f"model {model.name} is stateful: pass its model_state")
     per_example = loss or losses.cross_entropy_per_example
     inputs, targets = batch
     x = _preprocess(preprocess, inputs)

@@ -381,6 +381,11 @@ class _Driver:
                 self._stop_mid_epoch(ep, b + 1, cut)
                 return False
         bar.close()
+        if b < 0:  # not even one batch (resuming at an epoch's very end has b >= first_batch - 1 >= 0)
+            raise ValueError(
+                f"train_data gave no batches for epoch {epoch}; an iterator is used up after one epoch: "
+                "pass a list, a DataLoader or a function epoch -> batches"
+            )
         self._end_epoch(ep, steps=b + 1)
         if self.max_steps is not None and host_step >= self.max_steps and self.stop_reason == "completed":
             self.stop_reason = f"max_steps {self.max_steps} reached"
@@ -496,9 +501,10 @@ def fit(
         after each epoch (val_loss, val_acc, val_top5).
     callbacks: pure event handlers (`fashion_func.callbacks`); `fit` carries out their actions.
     run_dir: None writes nothing. A path (or an opened `RunDir`) is locked for the run and
-        receives train.log, history.json, the plots, tensorboard/ and checkpoints/
-        (`last.safetensors` for exact resume, `best.safetensors` weights); SIGINT/SIGTERM
-        then save mid-epoch and raise `Interrupted`.
+        receives train.log and checkpoints/last.safetensors (exact resume, every epoch), and
+        what the callbacks ask for: history.json and the plots (TrainingMonitor),
+        tensorboard/ (TensorBoardLogger), best and per-epoch weights (ModelCheckpoint);
+        SIGINT/SIGTERM then save mid-epoch and raise `Interrupted`.
     resume: "auto" (the run directory's last.safetensors, if any), a checkpoint path, or a
         `ResumePoint` already loaded; the run continues exactly where it stopped.
     overwrite: start afresh in a run directory that already holds a run.
