@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import SimpleNet
-from torch import nn as tnn
+from reference import SimpleNet, SimpleNetBN
 
 import fashion_func
 from fashion_func import data, losses, models, optim, step, tree
@@ -335,25 +334,6 @@ def test_per_example_grads_with_the_default_preprocess_on_uint8():
 # -- 5. a stateful model (batch norm) --------------------------------------------------------------
 
 
-class _RefSimpleNetBN(tnn.Module):
-    """conv1, bn1, relu, conv2, bn2, relu, max-pool 2, flatten, fc1, relu, fc2."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = tnn.Conv2d(1, 32, 3)
-        self.bn1 = tnn.BatchNorm2d(32)
-        self.conv2 = tnn.Conv2d(32, 64, 3)
-        self.bn2 = tnn.BatchNorm2d(64)
-        self.fc1 = tnn.Linear(9216, 128)
-        self.fc2 = tnn.Linear(128, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        x = torch.flatten(F.max_pool2d(x, 2), 1)
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def _bn_state(seed: int = 0, tx=None):
     model = models.get("simplenet_bn")
     tx = tx or optim.adam(1e-3)
@@ -368,7 +348,7 @@ def test_stateful_train_steps_match_a_batchnorm_module_and_torch_optim(opt_name)
     else:
         model, tx, st = _bn_state(tx=optim.sgd(0.05, momentum=0.9))
     assert model.stateful
-    module = _RefSimpleNetBN()
+    module = SimpleNetBN()
     module.load_state_dict({**st.params, **st.model_state})  # strict: names of params and buffers
     module.train()
     if opt_name == "adam":
