@@ -9,8 +9,14 @@ Two kinds of file, told apart by the ``format`` key of the safetensors metadata:
 - ``fashion_func.weights``: a flat ``dict[str, Tensor]`` with plain ``nn.Module`` names, so
   ``module.load_state_dict(safetensors.torch.load_file(p))`` works without this library.
 
-User metadata is a ``dict[str, Any]``; each value is stored JSON-encoded (safetensors
-metadata is ``dict[str, str]``) and decoded on load.
+User metadata is a ``dict[str, Any]``; safetensors metadata is ``dict[str, str]``, so
+(format version 2) a string value is stored as it is (``"model": "simplenet"``, readable by
+any safetensors client), every other value JSON-encoded (numbers as their decimal text,
+``"epoch": "3"``; dicts and lists as JSON), and the reserved key ``__json__`` holds the JSON
+list of the keys that are JSON, so decoding is unambiguous (``"3"`` the string vs 3 the
+number). Files of format version 1 (every value JSON, no ``__json__``) still load, decoded as
+before. `encode_metadata` / `decode_metadata` are the two directions, for other writers
+(`interop`'s Flax and numpy files follow the same convention).
 
 Files are written to a temp file in the same directory, fsynced and ``os.replace``d, so a
 crash or a full disk leaves either the old file or the new one, never a torn one. Loading
@@ -41,12 +47,15 @@ __all__ = [
     "FORMAT_KEY",
     "FORMAT_VERSION",
     "FORMAT_VERSION_KEY",
+    "JSON_KEYS_KEY",
     "STATE_FORMAT",
     "WEIGHTS_FORMAT",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointWriteError",
     "atomic_write",
+    "decode_metadata",
+    "encode_metadata",
     "inspect",
     "load_state",
     "load_weights",
@@ -55,13 +64,16 @@ __all__ = [
     "save_weights",
 ]
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 FORMAT_KEY = "format"
 FORMAT_VERSION_KEY = "format_version"
+JSON_KEYS_KEY = "__json__"  # metadata key: JSON list of the keys whose values are JSON-encoded
 STATE_FORMAT = "fashion_func.train_state"
 WEIGHTS_FORMAT = "fashion_func.weights"
-_RESERVED = frozenset({FORMAT_KEY, FORMAT_VERSION_KEY})
-_SUPPORTED_VERSIONS = frozenset({FORMAT_VERSION})
+_RESERVED = frozenset({FORMAT_KEY, FORMAT_VERSION_KEY, JSON_KEYS_KEY})
+# version 1 stored every metadata value JSON-encoded; version 2 strings as they are (see above)
+_ALL_JSON_VERSIONS = frozenset({"1"})
+_SUPPORTED_VERSIONS = frozenset({"1", FORMAT_VERSION})
 
 # The safetensors reference implementation refuses headers above 100 MB; so do we, before
 # allocating anything, so a text or pickle file read as a length prefix fails fast.
@@ -211,17 +223,36 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _encode_metadata(metadata: Mapping[str, Any] | None, fmt: str) -> dict[str, str]:
+def encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    """User metadata as safetensors metadata strings (format version 2's convention).
+
+    A `str` value is stored as it is; any other value (numbers, booleans, None, dicts, lists)
+    JSON-encoded, and ``__json__`` lists those keys as a JSON array (always present, ``[]``
+    when none), so `decode_metadata` gives back exactly `metadata`. TypeError for a non-str
+    key or a value JSON cannot encode; ValueError for a reserved key (``format``,
+    ``format_version``, ``__json__``).
+    """
     out: dict[str, str] = {}
+    json_keys: list[str] = []
     for key, value in (metadata or {}).items():
         if not isinstance(key, str):
             raise TypeError(f"metadata keys must be str, got {key!r}")
         if key in _RESERVED:
             raise ValueError(f"metadata key {key!r} is reserved by fashion_func.checkpoint")
+        if isinstance(value, str):
+            out[key] = str(value)  # a str subclass (an enum) is stored, and read back, as its text
+            continue
         try:
             out[key] = json.dumps(value)
         except (TypeError, ValueError) as e:
             raise TypeError(f"metadata value for {key!r} is not JSON-serialisable: {e}") from e
+        json_keys.append(key)
+    out[JSON_KEYS_KEY] = json.dumps(json_keys)
+    return out
+
+
+def _encode_metadata(metadata: Mapping[str, Any] | None, fmt: str) -> dict[str, str]:
+    out = encode_metadata(metadata)
     out[FORMAT_KEY] = fmt
     out[FORMAT_VERSION_KEY] = FORMAT_VERSION
     return out
@@ -417,7 +448,7 @@ def _parse_header(prefix: bytes, file_size: int, name: str) -> _Header:
 
 
 def _check_format(header: _Header, name: str, expected: str, *, allow_foreign: bool) -> bool:
-    """Check the ``format`` metadata; returns whether the file is one of ours (JSON metadata)."""
+    """Check the ``format`` metadata (and our files' version); returns whether the file is one of ours."""
     fmt = header.metadata.get(FORMAT_KEY)
     ours = fmt in (STATE_FORMAT, WEIGHTS_FORMAT)
     if fmt != expected:
@@ -439,19 +470,61 @@ def _check_format(header: _Header, name: str, expected: str, *, allow_foreign: b
     return ours
 
 
-def _decode_metadata(header: _Header, name: str, ours: bool) -> dict[str, Any]:
-    if not ours:
+def _json_value(key: str, value: str, name: str) -> Any:
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError) as e:
+        raise _fail(name, f"metadata value for {key!r} is not valid JSON: {e}") from None
+
+
+def _json_keys(raw: Mapping[str, str], name: str) -> set[str]:
+    """The keys ``__json__`` names, checked: a JSON list of strings naming user metadata keys."""
+    keys = _json_value(JSON_KEYS_KEY, raw[JSON_KEYS_KEY], name)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise _fail(name, f"metadata {JSON_KEYS_KEY!r} is not a JSON list of key names")
+    bad = sorted({k for k in keys if k not in raw or k in _RESERVED})
+    if bad:
+        raise _fail(name, f"metadata {JSON_KEYS_KEY!r} names keys {_names(bad)} that hold no user value")
+    return set(keys)
+
+
+def _decode_raw(raw: Mapping[str, str], name: str) -> dict[str, Any]:
+    fmt = raw.get(FORMAT_KEY)
+    ours = fmt in (STATE_FORMAT, WEIGHTS_FORMAT)
+    version = raw.get(FORMAT_VERSION_KEY)
+    if ours and version not in _SUPPORTED_VERSIONS:
+        raise _fail(name, f"format_version {version!r} is not supported")
+    if ours and version in _ALL_JSON_VERSIONS:
+        # version 1: every value JSON-encoded, no __json__ (a user key of that name is data)
+        return {
+            k: _json_value(k, v, name) for k, v in raw.items() if k not in (FORMAT_KEY, FORMAT_VERSION_KEY)
+        }
+    if JSON_KEYS_KEY not in raw:
+        if ours:
+            raise _fail(
+                name, f"metadata lacks {JSON_KEYS_KEY!r}, which format_version {FORMAT_VERSION} requires"
+            )
         # Files from other tools carry free-form strings ("format": "pt"); pass them through.
-        return dict(header.metadata)
-    out: dict[str, Any] = {}
-    for key, value in header.metadata.items():
-        if key in _RESERVED:
-            continue
-        try:
-            out[key] = json.loads(value)
-        except (ValueError, RecursionError) as e:
-            raise _fail(name, f"metadata value for {key!r} is not valid JSON: {e}") from None
-    return out
+        return dict(raw)
+    json_keys = _json_keys(raw, name)
+    # the format keys are ours only in our files; a foreign file's "format" is its own data
+    reserved = _RESERVED if ours else {JSON_KEYS_KEY}
+    return {k: _json_value(k, v, name) if k in json_keys else v for k, v in raw.items() if k not in reserved}
+
+
+def decode_metadata(raw: Mapping[str, str], *, name: str = "<metadata>") -> dict[str, Any]:
+    """User metadata from a safetensors file's raw metadata strings (`safe_open(p).metadata()`).
+
+    The inverse of `encode_metadata`: keys listed in ``__json__`` are JSON-decoded, the others
+    are the strings they are. Our files of format version 1 (every value JSON) are decoded as
+    they were written; a file with neither our ``format`` nor ``__json__`` (another tool's) is
+    returned as it is. The reserved keys are left out. `CheckpointError` (naming `name`) for
+    malformed metadata.
+    """
+    for k, v in raw.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise _fail(name, f"metadata entry {k!r} is not a string")
+    return _decode_raw(raw, name)
 
 
 def _check_template(header: _Header, template: Mapping[str, Tensor], name: str, what: str) -> None:
@@ -537,8 +610,8 @@ def _decode(
     what: str,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     header = _parse_header(data, len(data), name)
-    ours = _check_format(header, name, expected, allow_foreign=allow_foreign)
-    metadata = _decode_metadata(header, name, ours)
+    _check_format(header, name, expected, allow_foreign=allow_foreign)
+    metadata = _decode_raw(header.metadata, name)
     if template is not None:
         _check_template(header, template, name, what)
     return _decode_tensors(data, header, name), metadata
@@ -575,7 +648,7 @@ def load_state(
     `template` is a pytree of the same structure (e.g. a freshly initialised ``TrainState``);
     keys, shapes and dtypes must match it exactly and floating tensors must be finite.
     Leaves go to `device`, by default each template leaf's device. Returns
-    ``(state, metadata)`` with the user metadata JSON-decoded. Raises `CheckpointError`.
+    ``(state, metadata)`` with the user metadata decoded (`decode_metadata`). Raises `CheckpointError`.
     """
     data, name = _read_file(path)
     return _load_state_bytes(data, template, device=device, name=name)
@@ -610,7 +683,8 @@ def load_weights(
     """Load flat params from a weights file, validated (against `template` when given).
 
     Plain safetensors files from other tools (no fashion_func ``format``) are accepted and
-    their metadata is returned as the raw strings; a train state file is refused. Returns
+    their metadata is returned as the raw strings (decoded where the file has ``__json__``,
+    as `interop`'s files do); a train state file is refused. Returns
     ``(params, metadata)``; params are in the template's key order, else sorted by name.
     """
     data, name = _read_file(path)
@@ -631,15 +705,16 @@ def _info(header: _Header, name: str) -> CheckpointInfo:
         format=fmt if ours else None,
         format_version=header.metadata.get(FORMAT_VERSION_KEY) if ours else None,
         tensors={k: (e.dtype, e.shape) for k, e in header.entries.items()},
-        metadata=_decode_metadata(header, name, ours),
+        metadata=_decode_raw(header.metadata, name),
     )
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The user metadata of a checkpoint or weights file, reading and validating only its header.
 
-    JSON-decoded and without the reserved keys for fashion_func files; raw strings for
-    safetensors files from other tools. Tensor data is neither read nor checked.
+    Decoded (`decode_metadata`) and without the reserved keys for fashion_func files (and files
+    following their convention, with ``__json__``); raw strings for safetensors files from other
+    tools. Tensor data is neither read nor checked.
     """
     header, name = _read_header(path)
     return _info(header, name).metadata

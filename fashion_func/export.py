@@ -6,12 +6,27 @@ Formats:
   `module.load_state_dict(safetensors.torch.load_file(FILE))` or `interop.to_module`.
 - `flax`: Flax layout and naming (`conv1.kernel` HWIO, dense kernels `[in, out]`) as
   safetensors; `flax.traverse_util.unflatten_dict(safetensors.flax.load_file(FILE), sep=".")`
-  gives `{"conv1": {"kernel", "bias"}, ...}` for `interop.simplenet_jax` or a Flax module.
-  Batch norm becomes `bn1.scale`, `bn1.bias`, `bn1.mean`, `bn1.var` (`interop.flax_variables`
-  splits them into Flax's `params` and `batch_stats`); `num_batches_tracked` is left out of the
-  arrays (Flax has none) and kept in the metadata.
+  gives `{"conv1": {"kernel", "bias"}, ...}` for `interop.flax_module(name)` (or your own
+  `flax.linen` module with the same layer names), or `interop.simplenet_jax`. The dense layer
+  after the conv stack (fc1) has its rows in the (h w c) order of an NHWC `x.reshape((B, -1))`
+  (metadata `flatten: "hwc"`). Batch norm becomes `bn1.scale`, `bn1.bias`, `bn1.mean`,
+  `bn1.var` (`interop.flax_variables` splits them into Flax's `params` and `batch_stats`);
+  `num_batches_tracked` is left out of the arrays (Flax has none) and kept in the metadata.
 - `numpy`: torch names and layout in dtypes plain numpy reads: safetensors for
   `safetensors.numpy.load_file(FILE)`, or `numpy.savez` output when FILE ends in `.npz`.
+- `onnx`: an ONNX model for `onnxruntime.InferenceSession(FILE)`. Input `images`: **uint8
+  `[B, 28, 28]`**, raw pixels, any batch size; the normalisation `(x / 255 - mean) / std` is
+  inside the graph, with the mean/std the weights were trained with (the weights file's
+  `normalize_mean`/`normalize_std`, else its config's `normalize`: "dataset" 0.2860/0.3530,
+  "tutorial" 0.5/0.5; the dataset's when the file says nothing). Output `logits`: float32
+  `[B, classes]`, eval mode (batch norm's running statistics, no dropout), float32 weights.
+  The model's `metadata_props` record `model`, `input` ("uint8 [B,28,28]"), `normalize_mean`,
+  `normalize_std`, `classes`. Needs the onnx extra (`pip install 'fashion_func[onnx]'`).
+
+Metadata: safetensors outputs record `model`, `source`, the input's `epoch` and `config`, and,
+where the weights file says how inputs were normalised, `normalize_mean` / `normalize_std` as
+numbers. String values are stored as they are (`"model": "simplenet"`), others as JSON, with
+`__json__` naming those keys (`checkpoint.encode_metadata`).
 
 A stateful model's weights file (simplenet_bn) holds its buffers beside its parameters; every
 format carries them (the running statistics decide the model's eval-mode output).
@@ -35,17 +50,21 @@ from fashion_func.cli import UsageError, _Parser, add_version
 
 __all__ = ["FORMATS", "build_parser", "export", "main"]
 
-FORMATS = ("torch", "flax", "numpy")
+FORMATS = ("torch", "flax", "numpy", "onnx")
 EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `scripts/export.py`."""
-    p = _Parser(prog="export.py", description="Export fashion_func weights for PyTorch, JAX/Flax or numpy.")
+    p = _Parser(
+        prog="export.py", description="Export fashion_func weights for PyTorch, JAX/Flax, numpy or ONNX."
+    )
     add_version(p)
     p.add_argument("--weights", required=True, help="weights file (best.safetensors)")
-    p.add_argument("--format", required=True, choices=FORMATS, help="torch, flax or numpy")
-    p.add_argument("--out", required=True, help="file to write (.safetensors; .npz also for numpy)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="torch, flax, numpy or onnx")
+    p.add_argument(
+        "--out", required=True, help="file to write (.safetensors; .npz also for numpy; .onnx for onnx)"
+    )
     p.add_argument("--model", help="model name, overriding the file's metadata")
     p.add_argument(
         "--bf16-as",
@@ -62,16 +81,22 @@ def export(
     """Write `weights` to `out` in format `fmt`; returns a summary (model, format, tensors, path).
 
     Raises `checkpoint.CheckpointError` for a bad input file, ValueError for an impossible request
-    (bfloat16 into a numpy file).
+    (bfloat16 into a numpy file), ImportError for onnx without the onnx extra.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     loaded, params, metadata = interop.load_weights_file(weights, model)
-    meta = {"model": loaded.name, "source": str(weights)}
+    meta: dict[str, Any] = {"model": loaded.name, "source": str(weights)}
     for key in ("epoch", "config"):
         if key in metadata:
             meta[key] = metadata[key]
-    if fmt == "torch":
+    known = interop.known_normalization(metadata)
+    if known is not None:
+        meta["normalize_mean"], meta["normalize_std"] = known
+    if fmt == "onnx":
+        mean, std = interop.normalization(metadata)
+        interop.save_onnx(out, loaded.name, params, mean=mean, std=std, metadata=meta)
+    elif fmt == "torch":
         checkpoint.save_weights(out, params, metadata=meta)
     elif fmt == "flax":
         interop.save_flax(out, params, bf16_as=bf16_as, metadata=meta)
@@ -85,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         summary = export(args.weights, args.format, args.out, model=args.model, bf16_as=args.bf16_as)
-    except (UsageError, checkpoint.CheckpointError, ValueError, OSError) as e:
+    except (UsageError, checkpoint.CheckpointError, ValueError, OSError, ImportError) as e:
         print(" ".join(f"export.py: error: {e}".split()), file=sys.stderr)
         return EXIT_USAGE
     print(f"wrote {summary['out']}: {summary['model']} weights ({summary['tensors']} tensors), {args.format}")

@@ -13,18 +13,24 @@
   (`{"conv1": {"kernel": HWIO, "bias"}}`, dense kernels `[in, out]`, batch norm `scale`, `bias`,
   `mean`, `var`), stored as safetensors with dotted keys (`conv1.kernel`) that `safetensors.flax`
   and `safetensors.numpy` read; `flax_variables` splits a tree into Flax's `params` and
-  `batch_stats` collections.
+  `batch_stats` collections. The dense layer after a conv stack gets its rows in the (h w c)
+  order of an NHWC `x.reshape((B, -1))` (metadata `flatten: "hwc"`; older files: torch's "chw").
+- `flax_module(name)`: our models as idiomatic `flax.linen` modules for those weights.
 - `simplenet_jax`: a pure-JAX SimpleNet forward that runs on the exported weights.
+- `save_onnx`: an ONNX model (uint8 images in, normalisation inside, logits out) for ONNX
+  Runtime; `normalization(metadata)`: the (mean, std) a weights file's model was trained with.
 - `to_jax` / `from_jax`: zero-copy tensor exchange through DLPack where both sides allow.
 - `load_weights_file`: a validated weights file plus the model its metadata names.
 
-JAX is an optional extra (`pip install fashion_func[jax]`): it is imported only inside the
-functions that need it. Nothing in the core imports this module.
+JAX/Flax and ONNX are optional extras (`pip install fashion_func[jax]`, `fashion_func[onnx]`):
+they are imported only inside the functions that need them. Nothing in the core imports this module.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -36,27 +42,34 @@ from einops import rearrange
 from torch import Tensor
 from torch import nn as tnn
 
-from fashion_func import checkpoint, models
+from fashion_func import checkpoint, data, models
 from fashion_func.models import Model, ModelState, Params, Stage
 
 __all__ = [
     "BF16_AS",
+    "FLATTEN_ORDERS",
     "FLAX_LAYOUT",
     "MLP",
+    "ONNX_INPUT",
+    "ONNX_OUTPUT",
     "AlexNet",
     "SimpleNet",
     "SimpleNetBN",
+    "flax_module",
     "flax_variables",
     "from_flax",
     "from_jax",
     "from_module",
     "functionalize",
     "identify",
+    "known_normalization",
     "load_flax",
     "load_weights_file",
     "merge_state",
+    "normalization",
     "save_flax",
     "save_numpy",
+    "save_onnx",
     "simplenet_jax",
     "split_state",
     "to_flax",
@@ -67,6 +80,10 @@ __all__ = [
 
 Bf16As = Literal["float32", "uint16", "bfloat16"]
 BF16_AS: tuple[str, ...] = ("float32", "uint16", "bfloat16")
+# row order of the dense layer after a conv stack in Flax layout: (h w c) as an NHWC reshape
+# gives (the default, recorded as `flatten: "hwc"`), or torch's (c h w) of files written before
+Flatten = Literal["hwc", "chw"]
+FLATTEN_ORDERS: tuple[str, ...] = ("hwc", "chw")
 FLAX_LAYOUT = "flax"  # the `layout` metadata value of files written by `save_flax`
 
 
@@ -509,14 +526,67 @@ def _flax_leaf(key: str, t: Tensor) -> tuple[list[str], Tensor] | None:
     raise ValueError(f"no Flax equivalent known for parameter {key!r} of shape {list(t.shape)}")
 
 
-def to_flax(params: Mapping[str, Tensor], *, bf16_as: Bf16As = "float32") -> dict[str, Any]:
+def _check_flatten(flatten: str) -> None:
+    if flatten not in FLATTEN_ORDERS:
+        raise ValueError(f"flatten must be one of {', '.join(FLATTEN_ORDERS)}, not {flatten!r}")
+
+
+@functools.lru_cache(maxsize=32)
+def _flatten_inputs(name: str, hparams: tuple[tuple[str, Any], ...]) -> dict[str, tuple[int, int, int]]:
+    """`{dense layer: (c, h, w)}` of the model's dense layers that take a flattened conv feature map.
+
+    Read off the model itself: its stages run on meta tensors (shapes only, nothing computed),
+    and a stage named like a dense layer (`fc1.weight` 2-D) that receives a `[B, C, H, W]`
+    input flattens it. simplenet and simplenet_bn: `{"fc1": (64, 12, 12)}`; alexnet:
+    `{"fc1": (256, 3, 3)}`; mlp: `{}` (no conv).
+    """
+    model = models.get(name, **dict(hparams))
+    weights = _template(name, dict(hparams))
+    state = model.init_state(device="meta")
+    x = torch.empty((1, *model.input_shape), device="meta")
+    found: dict[str, tuple[int, int, int]] = {}
+    for stage in model.stages:
+        w = weights.get(f"{stage.name}.weight")
+        if x.dim() == 4 and w is not None and w.dim() == 2:
+            c, h, w_ = x.shape[1:]
+            found[stage.name] = (int(c), int(h), int(w_))
+        x, _ = stage.run(weights, state, x, False, None)
+    return found
+
+
+def _flatten_layers(params: Mapping[str, Tensor], model: str | None) -> dict[str, tuple[int, int, int]]:
+    """The flatten-then-dense layers of `params`' architecture (`model`, else `identify`d); {} if unknown."""
+    if model is None:
+        try:
+            model = identify(params)
+        except ValueError:
+            return {}  # not a known architecture: no layer is known to follow a flatten
+    hparams = _hparams_from_params(model, params)
+    _check_shapes(model, _build(model, hparams), params)
+    return _flatten_inputs(model, tuple(sorted(models.get(model, **hparams).hparams.items())))
+
+
+def to_flax(
+    params: Mapping[str, Tensor],
+    *,
+    bf16_as: Bf16As = "float32",
+    flatten: Flatten = "hwc",
+    model: str | None = None,
+) -> dict[str, Any]:
     """Weights in Flax layout and naming, as nested dicts of numpy arrays.
 
     `conv1.weight` OIHW -> `{"conv1": {"kernel": HWIO}}`, `fc1.weight` [out, in] ->
-    `{"fc1": {"kernel": [in, out]}}`, biases unchanged. The first dense layer after a conv stack
-    keeps torch's flatten order: its input rows are indexed (c h w), so NHWC features must be
-    flattened with `rearrange(x, "b h w c -> b (c h w)")` (as `simplenet_jax` does), not with
-    `x.reshape(B, -1)`.
+    `{"fc1": {"kernel": [in, out]}}`, biases unchanged.
+
+    The first dense layer after a conv stack (fc1 of simplenet, simplenet_bn, alexnet) takes a
+    flattened feature map. Torch flattens `[B, C, H, W]` channel-major, (c h w); a Flax module
+    flattens NHWC with `x.reshape((B, -1))`, (h w c). With `flatten="hwc"` (the default) that
+    kernel's rows are written in (h w c) order, so the idiomatic Flax module (`flax_module`)
+    computes the torch logits; `flatten="chw"` keeps torch's order (files written before this
+    option), for code that flattens with `rearrange(x, "b h w c -> b (c h w)")`. The feature
+    map's (c, h, w) comes from the architecture, `model` or else recognised from the names and
+    shapes (`identify`); weights of an unknown architecture are converted layer by layer with
+    no row reordering.
 
     Batch norm (a stateful model's weights, buffers included) maps to `flax.linen.BatchNorm`'s
     names, all under the layer's key in this one tree:
@@ -537,12 +607,19 @@ def to_flax(params: Mapping[str, Tensor], *, bf16_as: Bf16As = "float32") -> dic
     "bfloat16" (ml_dtypes' numpy bfloat16, which needs ml_dtypes wherever it is read).
     """
     _check_bf16_as(bf16_as)
+    _check_flatten(flatten)
+    permute = _flatten_layers(params, model) if flatten == "hwc" else {}
     tree: dict[str, Any] = {}
     for key, t in params.items():
         leaf = _flax_leaf(key, t)
         if leaf is None:
             continue
         path, arr = leaf
+        layer = key.rsplit(".", 1)[0]
+        if layer in permute and key.endswith(".weight"):
+            c, h, w = permute[layer]
+            # torch's [out, (c h w)] -> Flax's [(h w c), out]: rows in the order of an NHWC reshape
+            arr = rearrange(t, "o (c h w) -> (h w c) o", c=c, h=h, w=w)
         node = tree
         for p in path[:-1]:
             node = node.setdefault(p, {})
@@ -583,6 +660,8 @@ def from_flax(
     *,
     bf16_keys: tuple[str, ...] | list[str] = (),
     num_batches_tracked: Mapping[str, int] | None = None,
+    flatten: Flatten = "hwc",
+    model: str | None = None,
 ) -> Params:
     """Torch-layout weights from Flax-layout arrays (numpy or JAX), the inverse of `to_flax`.
 
@@ -590,6 +669,11 @@ def from_flax(
     `safetensors.flax.load_file` returns); not split into collections (merge `params` and
     `batch_stats` of a Flax model first). `bf16_keys` lists dotted keys holding bf16 bit
     patterns as uint16 (`bf16_as="uint16"`); they come back as bfloat16.
+
+    `flatten` is the row order of the dense layer after the conv stack in `tree`: "hwc" (what
+    `to_flax` writes and a Flax module's `x.reshape((B, -1))` implies; the default) is put back
+    into torch's (c h w); "chw" is taken as it is. The architecture is `model` or recognised
+    from the result's names and shapes, as in `to_flax`.
 
     A batch-norm layer (`scale`, `bias`, `mean`, `var`) comes back as `weight`, `bias`,
     `running_mean`, `running_var` plus `num_batches_tracked` (0-d int64, right after
@@ -618,6 +702,11 @@ def from_flax(
         if leaf == "var":  # var is the last of a Flax BatchNorm's leaves in to_flax's and sorted order
             layer = ".".join(path)
             params[f"{layer}.{_COUNTER}"] = torch.tensor(int(counts.get(layer, 0)), dtype=torch.int64)
+    _check_flatten(flatten)
+    if flatten == "hwc":
+        for layer, (c, h, w) in _flatten_layers(params, model).items():
+            key = f"{layer}.weight"  # [out, (h w c)] after the transpose above -> torch's (c h w)
+            params[key] = rearrange(params[key], "o (h w c) -> o (c h w)", c=c, h=h, w=w).contiguous()
     return params
 
 
@@ -627,11 +716,12 @@ def _bf16_keys(arrays: Mapping[str, Tensor], rename: Callable[[str, Tensor], str
 
 
 def _save_numpy_arrays(
-    path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], meta: dict[str, str]
+    path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
 ) -> None:
+    """Arrays as safetensors, atomically; metadata in `checkpoint`'s convention (strings plain)."""
     from safetensors.numpy import save as st_save
 
-    checkpoint.atomic_write(path, st_save(dict(arrays), metadata=meta))
+    checkpoint.atomic_write(path, st_save(dict(arrays), metadata=checkpoint.encode_metadata(meta)))
 
 
 def save_flax(
@@ -639,27 +729,32 @@ def save_flax(
     params: Mapping[str, Tensor],
     *,
     bf16_as: Bf16As = "float32",
+    flatten: Flatten = "hwc",
+    model: str | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> None:
     """Write `to_flax(params)` as safetensors with dotted keys (`conv1.kernel`), atomically.
 
     Read it with `flax.traverse_util.unflatten_dict(safetensors.flax.load_file(p), sep=".")`
-    (then `flax_variables(...)` for a model with batch norm), with `safetensors.numpy.load_file(p)`,
-    or back into torch layout with `load_flax`. The metadata (strings) records `layout`,
-    `bf16_as` and which keys were bf16 (`bf16_keys`, JSON), for batch norm the dropped
-    `num_batches_tracked` counts (JSON `{layer: count}`), plus `metadata`'s entries JSON-encoded.
+    (then `flax_variables(...)` for a model with batch norm) and run it with `flax_module(name)`,
+    with `safetensors.numpy.load_file(p)`, or back into torch layout with `load_flax`. The
+    metadata records `layout` ("flax"), `flatten` (the dense-after-conv row order, "hwc" unless
+    asked otherwise; see `to_flax`), `bf16_as` and which keys were bf16 (`bf16_keys`), for batch
+    norm the dropped `num_batches_tracked` counts (`{layer: count}`), plus `metadata`'s entries.
+    Strings are stored as they are, other values as JSON, as `checkpoint.encode_metadata` does
+    (`checkpoint.read_metadata(p)` decodes them).
     """
-    flat = _flatten_dotted(to_flax(params, bf16_as=bf16_as))
+    flat = _flatten_dotted(to_flax(params, bf16_as=bf16_as, flatten=flatten, model=model))
 
     def dotted(k: str, t: Tensor) -> str | None:
         leaf = _flax_leaf(k, t)
         return None if leaf is None else ".".join(leaf[0])
 
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    meta.update(layout=FLAX_LAYOUT, bf16_as=bf16_as, bf16_keys=json.dumps(_bf16_keys(params, dotted)))
+    meta: dict[str, Any] = dict(metadata or {})
+    meta.update(layout=FLAX_LAYOUT, flatten=flatten, bf16_as=bf16_as, bf16_keys=_bf16_keys(params, dotted))
     counts = {k.rsplit(".", 1)[0]: int(t) for k, t in params.items() if k.rsplit(".", 1)[-1] == _COUNTER}
     if counts:  # the file is for Flax, which has no counter: keep it beside, not in, the arrays
-        meta["num_batches_tracked"] = json.dumps(counts)
+        meta["num_batches_tracked"] = counts
     _save_numpy_arrays(path, flat, meta)
 
 
@@ -676,6 +771,8 @@ def save_numpy(
     anything else a safetensors file for `safetensors.numpy.load_file(p)`. bf16 tensors become
     float32 or their uint16 bit patterns (`bf16_as`); bfloat16 itself is refused, as numpy has none.
     A stateful model's buffers are kept as they are (`bn1.num_batches_tracked` stays int64).
+    The metadata (safetensors only) records `layout` ("torch"), `bf16_as`, `bf16_keys` and
+    `metadata`'s entries, strings as they are and other values as JSON (`checkpoint.encode_metadata`).
     """
     if bf16_as not in ("float32", "uint16"):
         raise ValueError(f"numpy has no bfloat16: bf16_as must be float32 or uint16, not {bf16_as!r}")
@@ -687,8 +784,8 @@ def save_numpy(
         np.savez(buf, **arrays)
         checkpoint.atomic_write(path, buf.getvalue())
         return
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    meta.update(layout="torch", bf16_as=bf16_as, bf16_keys=json.dumps(_bf16_keys(params, lambda k, t: k)))
+    meta: dict[str, Any] = dict(metadata or {})
+    meta.update(layout="torch", bf16_as=bf16_as, bf16_keys=_bf16_keys(params, lambda k, t: k))
     _save_numpy_arrays(path, arrays, meta)
 
 
@@ -697,6 +794,8 @@ def load_flax(path: str | os.PathLike[str]) -> Params:
 
     Batch-norm layers get back their `num_batches_tracked` from the file's metadata (0 where
     the file has none, e.g. one written by Flax code), so the result equals what was saved.
+    The dense-after-conv row order is the file's `flatten` metadata; files written before it
+    was recorded have none and hold torch's (c h w) order, so a missing `flatten` means "chw".
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -707,15 +806,121 @@ def load_flax(path: str | os.PathLike[str]) -> Params:
         raise ValueError(
             f"{path}: not a Flax-layout file written by save_flax (layout {meta.get('layout')!r})"
         )
+    # bf16_keys and num_batches_tracked are JSON in files of either metadata convention (old
+    # files JSON-encoded every value; new ones all but strings), layout and bf16_as plain in both
     bf16_keys = json.loads(meta.get("bf16_keys", "[]")) if meta.get("bf16_as") == "uint16" else []
     counts = json.loads(meta.get("num_batches_tracked", "{}"))
+    flatten = meta.get("flatten", "chw")
+    if flatten not in FLATTEN_ORDERS:
+        raise ValueError(f"{path}: unknown flatten order {flatten!r} in the metadata")
     tensors = load_file(str(path))
     # torch uint16 has few kernels; go through numpy so the bit reinterpretation is plain
     arrays = {
         k: v.view(torch.int16).numpy().view(np.uint16) if k in bf16_keys else v.numpy()
         for k, v in tensors.items()
     }
-    return from_flax(arrays, bf16_keys=bf16_keys, num_batches_tracked=counts)
+    return from_flax(arrays, bf16_keys=bf16_keys, num_batches_tracked=counts, flatten=flatten)
+
+
+# -- Flax modules ---------------------------------------------------------------------------
+
+
+@functools.cache
+def _flax_classes() -> dict[str, Any]:
+    """The `flax.linen` modules of our models (defined on first use: flax is an optional extra)."""
+    import flax.linen as fnn
+
+    def flat(x: Any) -> Any:
+        return x.reshape((x.shape[0], -1))  # NHWC flattened as it lies: (h w c), as to_flax writes
+
+    def pool(x: Any) -> Any:
+        return fnn.max_pool(x, (2, 2), strides=(2, 2))  # floor, as torch's max_pool2d(x, 2)
+
+    class MLP(fnn.Module):
+        """The tutorial's TwoLayerNet: flatten, `linear1`, ReLU, `linear2`."""
+
+        D_in: int = 784
+        H: int = 100
+        D_out: int = 10
+
+        @fnn.compact
+        def __call__(self, x: Any, train: bool = False) -> Any:  # [B, 28, 28, 1] or [B, D_in]
+            x = flat(x)
+            if x.shape[-1] != self.D_in:
+                raise ValueError(f"MLP expects {self.D_in} features per example, got {x.shape[-1]}")
+            x = fnn.relu(fnn.Dense(self.H, name="linear1")(x))
+            return fnn.Dense(self.D_out, name="linear2")(x)
+
+    class SimpleNet(fnn.Module):
+        """The reference network, NHWC: conv 1->32, conv 32->64, max-pool 2, fc 9216->128, fc."""
+
+        num_classes: int = 10
+
+        @fnn.compact
+        def __call__(self, x: Any, train: bool = False) -> Any:  # [B, 28, 28, 1]
+            x = fnn.relu(fnn.Conv(32, (3, 3), padding="VALID", name="conv1")(x))  # [B, 26, 26, 32]
+            x = fnn.relu(fnn.Conv(64, (3, 3), padding="VALID", name="conv2")(x))  # [B, 24, 24, 64]
+            x = flat(pool(x))  # [B, 9216]
+            x = fnn.relu(fnn.Dense(128, name="fc1")(x))
+            return fnn.Dense(self.num_classes, name="fc2")(x)
+
+    class SimpleNetBN(fnn.Module):
+        """SimpleNet with batch norm after each convolution, before its ReLU (`batch_stats`)."""
+
+        num_classes: int = 10
+
+        @fnn.compact
+        def __call__(self, x: Any, train: bool = False) -> Any:  # [B, 28, 28, 1]
+            # Flax's momentum is the weight of the old statistics: torch's 0.1 of the new is 0.9 here
+            def norm(name: str) -> Any:
+                return fnn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+            x = fnn.relu(norm("bn1")(fnn.Conv(32, (3, 3), padding="VALID", name="conv1")(x)))
+            x = fnn.relu(norm("bn2")(fnn.Conv(64, (3, 3), padding="VALID", name="conv2")(x)))
+            x = flat(pool(x))  # [B, 9216]
+            x = fnn.relu(fnn.Dense(128, name="fc1")(x))
+            return fnn.Dense(self.num_classes, name="fc2")(x)
+
+    class AlexNet(fnn.Module):
+        """AlexNet for 28x28x1 inputs (3x3 kernels, padding 1), dropout before fc1 and fc2."""
+
+        num_classes: int = 10
+        dropout: float = 0.5
+
+        @fnn.compact
+        def __call__(self, x: Any, train: bool = False) -> Any:  # [B, 28, 28, 1]
+            def conv(features: int, name: str) -> Any:
+                return fnn.Conv(features, (3, 3), padding=1, name=name)
+
+            x = pool(fnn.relu(conv(64, "conv1")(x)))  # [B, 14, 14, 64]
+            x = pool(fnn.relu(conv(192, "conv2")(x)))  # [B, 7, 7, 192]
+            x = fnn.relu(conv(384, "conv3")(x))
+            x = fnn.relu(conv(256, "conv4")(x))
+            x = pool(fnn.relu(conv(256, "conv5")(x)))  # [B, 3, 3, 256]
+            x = fnn.Dropout(self.dropout, deterministic=not train)(flat(x))  # [B, 2304]
+            x = fnn.Dropout(self.dropout, deterministic=not train)(fnn.relu(fnn.Dense(1024, name="fc1")(x)))
+            x = fnn.relu(fnn.Dense(1024, name="fc2")(x))
+            return fnn.Dense(self.num_classes, name="fc3")(x)
+
+    return {"mlp": MLP, "simplenet": SimpleNet, "simplenet_bn": SimpleNetBN, "alexnet": AlexNet}
+
+
+def flax_module(name: str, **hparams: Any) -> Any:
+    """The `flax.linen.Module` of model `name`, written the Flax way, for weights from `to_flax`.
+
+    NHWC inputs (`[B, 28, 28, 1]`, normalised as for `Model.apply`; mlp also takes `[B, 784]`),
+    `nn.Conv` / `nn.Dense` / `nn.BatchNorm` under our layer names, the conv features flattened
+    with `x.reshape((B, -1))`; called as `module.apply(variables, x, train=False)`, where
+    `variables = flax_variables(unflatten_dict(safetensors.flax.load_file(p), sep="."))` for a
+    file from `save_flax` (or `flax_variables(to_flax(weights))`). Its eval-mode logits equal
+    `models.get(name).apply`'s. simplenet_bn keeps its running statistics in Flax's
+    `batch_stats` collection: `nn.BatchNorm(use_running_average=not train, momentum=0.9,
+    epsilon=1e-5)`, so train with `mutable=["batch_stats"]`; alexnet's dropout is active when
+    `train=True` and then needs `rngs={"dropout": key}`. `hparams` are the model's
+    (`num_classes`; mlp `D_in`, `H`, `D_out`; alexnet `dropout`). Needs the optional `jax` extra.
+    """
+    model = models.get(name, **hparams)  # ValueError naming the choices, TypeError for a bad hparam
+    return _flax_classes()[model.name](**model.hparams)
 
 
 # -- JAX ------------------------------------------------------------------------------------
@@ -742,9 +947,8 @@ def _simplenet_forward(params: Mapping[str, Any], x: Any) -> Any:
     x = jax.nn.relu(conv(x, params["conv1"]))  # [B, 26, 26, 32]
     x = jax.nn.relu(conv(x, params["conv2"]))  # [B, 24, 24, 64]
     x = lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")  # [B, 12, 12, 64]
-    # fc1's input rows follow torch's flatten of [B, C, H, W]: channel-major (c h w), so reorder
-    # the NHWC features before flattening rather than reshaping them as they lie.
-    x = rearrange(x, "b h w c -> b (c h w)")  # [B, 9216]
+    # the features flattened as they lie, (h w c): fc1's kernel rows are in that order (to_flax)
+    x = x.reshape((x.shape[0], -1))  # [B, 9216]
     x = jax.nn.relu(dense(x, params["fc1"]))  # [B, 128]
     return dense(x, params["fc2"])  # [B, classes]
 
@@ -752,7 +956,9 @@ def _simplenet_forward(params: Mapping[str, Any], x: Any) -> Any:
 def simplenet_jax(params: Mapping[str, Any], x: Any) -> Any:
     """SimpleNet logits [B, classes] in pure JAX (jitted) from Flax-layout params (`to_flax`).
 
-    `x` is float32 NHWC `[B, 28, 28, 1]`, normalised as for `Model.apply`; from our NCHW input use
+    `params` have fc1's rows in (h w c) order (`to_flax`'s default, files with `flatten: "hwc"`);
+    a file written with the old (c h w) order converts with `to_flax(load_flax(p))`. `x` is
+    float32 NHWC `[B, 28, 28, 1]`, normalised as for `Model.apply`; from our NCHW input use
     `rearrange(x, "b c h w -> b h w c")`. Needs the optional `jax` extra.
     """
     global _SIMPLENET_JIT  # a cache of the compiled function, not state that changes results
@@ -796,3 +1002,126 @@ def from_jax(array: Any) -> Tensor:
         return torch.from_dlpack(array)
     except (BufferError, RuntimeError, TypeError, ValueError):
         return _numpy_to_tensor(np.asarray(array))
+
+
+# -- normalisation and ONNX -------------------------------------------------------------------
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def known_normalization(metadata: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(mean, std) a weights file's (decoded) metadata says its model was trained with, or None.
+
+    The numbers `normalize_mean` / `normalize_std` where the file records them; else the run
+    config's `normalize` ("tutorial": `data.TUTORIAL_MEAN/STD`, "dataset": `data.MEAN/STD`);
+    None when the metadata says nothing (no numbers, no config).
+    """
+    mean, std = metadata.get("normalize_mean"), metadata.get("normalize_std")
+    if _number(mean) and _number(std) and std > 0:
+        return float(mean), float(std)
+    config = metadata.get("config")
+    if isinstance(config, Mapping):
+        if config.get("normalize") == "tutorial":
+            return data.TUTORIAL_MEAN, data.TUTORIAL_STD
+        return data.MEAN, data.STD  # "dataset", the config's default
+    return None
+
+
+def normalization(metadata: Mapping[str, Any]) -> tuple[float, float]:
+    """(mean, std) to normalise inputs with for a weights file: `known_normalization`, else the dataset's."""
+    return known_normalization(metadata) or (data.MEAN, data.STD)
+
+
+class _ImagesToLogits(tnn.Module):
+    """uint8 images `[B, 28, 28]` -> logits `[B, classes]`, normalising inside as `data.normalize`."""
+
+    def __init__(self, module: tnn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.module = module
+        self.mean, self.std = float(mean), float(std)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.module(data.normalize(images, self.mean, self.std))  # [B, 1, 28, 28] float32
+
+
+ONNX_INPUT = "images"  # uint8 [B, 28, 28], raw pixel values 0..255
+ONNX_OUTPUT = "logits"  # float32 [B, classes]
+
+
+def save_onnx(
+    path: str | os.PathLike[str],
+    model_name: str,
+    weights: Mapping[str, Tensor],
+    *,
+    mean: float = data.MEAN,
+    std: float = data.STD,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Write the model with `weights` as an ONNX file that ONNX Runtime runs, atomically.
+
+    Input `images`: uint8 `[B, 28, 28]`, raw Fashion-MNIST pixels (batch size free); the graph
+    normalises them itself, `(x / 255 - mean) / std` as `data.normalize` (pass the `mean`, `std`
+    the weights were trained with: `normalization(metadata)`). Output `logits`: float32
+    `[B, classes]`. The model is `to_module(model_name, weights)` in eval mode (batch norm with
+    its running statistics, dropout off), exported by `torch.onnx.export(dynamo=True)`; weights
+    in bf16/fp16 are upcast to float32 (exact). The ONNX model's `metadata_props` say so:
+    `model`, `input` ("uint8 [B,28,28]"), `output`, `normalize_mean`, `normalize_std`,
+    `normalization`, `classes` (JSON list of class names, for 10 classes), plus `metadata`'s
+    entries (strings as they are, others JSON, as `checkpoint.encode_metadata`). Needs the
+    optional `onnx` extra (onnx, onnxscript; onnxruntime to run it): ImportError otherwise.
+
+        session = onnxruntime.InferenceSession(path)
+        logits = session.run(None, {"images": uint8_images})[0]
+    """
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it; fail here with the fix)
+    except ImportError as e:
+        raise ImportError(
+            f"ONNX export needs the onnx extra: pip install 'fashion_func[onnx]' ({e})"
+        ) from None
+    if not (_number(mean) and _number(std) and std > 0):
+        raise ValueError(f"normalisation mean {mean!r} and std {std!r} must be finite numbers, std > 0")
+    cpu32 = {
+        k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+        for k, v in weights.items()
+    }
+    module = to_module(model_name, cpu32)
+    model = models.get(model_name, **_hparams_from_params(model_name, cpu32))
+    if model.input_shape not in ((1, 28, 28), (28 * 28,)):
+        raise ValueError(f"{model_name} takes inputs {list(model.input_shape)}, not 28x28 images")
+    wrapped = _ImagesToLogits(module, mean, std).eval()
+    example = torch.zeros((2, 28, 28), dtype=torch.uint8)  # 2, not 1: export would fix a size-1 axis
+    with torch.no_grad():
+        num_classes = int(wrapped(example).shape[-1])
+        program = torch.onnx.export(
+            wrapped,
+            (example,),
+            input_names=[ONNX_INPUT],
+            output_names=[ONNX_OUTPUT],
+            dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+            dynamo=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    props = {
+        "model": model_name,
+        "input": "uint8 [B,28,28]",
+        "input_name": ONNX_INPUT,
+        "output": f"float32 logits [B,{num_classes}]",
+        "output_name": ONNX_OUTPUT,
+        "normalize_mean": repr(float(mean)),
+        "normalize_std": repr(float(std)),
+        "normalization": "in the graph: x = (images / 255 - normalize_mean) / normalize_std, [B,1,28,28]",
+    }
+    if num_classes == len(data.CLASS_NAMES):
+        props["classes"] = json.dumps(list(data.CLASS_NAMES))
+    user = checkpoint.encode_metadata({k: v for k, v in (metadata or {}).items() if k not in props})
+    existing = {p.key: p.value for p in proto.metadata_props}
+    onnx.helper.set_model_props(proto, {**existing, **user, **props})
+    proto.doc_string = (
+        f"fashion_func {model_name}: uint8 Fashion-MNIST images [B,28,28] -> logits [B,{num_classes}]"
+    )
+    checkpoint.atomic_write(path, proto.SerializeToString())

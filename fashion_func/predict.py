@@ -108,11 +108,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _normalization(metadata: dict[str, Any]) -> tuple[float, float]:
-    """(mean, std) the weights were trained with: the run config's `normalize`, else the dataset's."""
-    config = metadata.get("config")
-    if isinstance(config, dict) and config.get("normalize") == "tutorial":
-        return data.TUTORIAL_MEAN, data.TUTORIAL_STD
-    return data.MEAN, data.STD
+    """(mean, std) the weights were trained with: the recorded numbers, else the run config's
+    `normalize`, else the dataset's (`interop.normalization`)."""
+    return interop.normalization(metadata)
 
 
 # -- images -------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 """Export weights for PyTorch, JAX/Flax or numpy.
 
 `python scripts/export.py --weights runs/a/checkpoints/best.safetensors --format flax --out w.safetensors`
-`--format torch|flax|numpy`, `--bf16-as float32|uint16|bfloat16`; `--help` lists every option.
+`--format torch|flax|numpy|onnx`, `--bf16-as float32|uint16|bfloat16`; `--help` lists every option.
 Exit code 2 means a usage or input error.
 """
 

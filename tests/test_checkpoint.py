@@ -153,7 +153,12 @@ def test_file_keys_are_tree_paths(ckpt: Path) -> None:
     assert "opt_state/0/mu/conv1.weight" in info.tensors
     assert info.tensors["opt_state/0/count"] == (torch.int64, ())
     raw = safetensors.safe_open(str(ckpt), "pt").metadata()
-    assert raw == {"epoch": "3", "format": ck.STATE_FORMAT, "format_version": ck.FORMAT_VERSION}
+    assert raw == {
+        "epoch": "3",
+        "__json__": '["epoch"]',
+        "format": ck.STATE_FORMAT,
+        "format_version": ck.FORMAT_VERSION,
+    }
 
 
 def test_save_copies_non_contiguous_and_shared_leaves(tmp_path: Path) -> None:
@@ -283,10 +288,12 @@ def test_state_and_weights_files_are_not_interchangeable(tmp_path: Path, ckpt: P
 
 def test_unsupported_format_version(tmp_path: Path) -> None:
     path = tmp_path / "future.safetensors"
-    meta = {"format": ck.STATE_FORMAT, "format_version": "2"}
+    meta = {"format": ck.STATE_FORMAT, "format_version": "3", "__json__": "[]"}
     path.write_bytes(safetensors.torch.save({"a": torch.zeros(2)}, metadata=meta))
-    expect_error(ck.load_state, path, {"a": torch.zeros(2)}, match="format_version '2' is not supported")
-    expect_error(ck.read_metadata, path, match="format_version '2'")
+    expect_error(ck.load_state, path, {"a": torch.zeros(2)}, match="format_version '3' is not supported")
+    expect_error(ck.read_metadata, path, match="format_version '3'")
+    with pytest.raises(CheckpointError, match="format_version '3'"):
+        ck.decode_metadata(meta)
 
 
 def test_metadata_value_that_is_not_json(tmp_path: Path) -> None:
@@ -294,6 +301,110 @@ def test_metadata_value_that_is_not_json(tmp_path: Path) -> None:
     meta = {"format": ck.WEIGHTS_FORMAT, "format_version": "1", "epoch": "{not json"}
     path.write_bytes(safetensors.torch.save({"a": torch.zeros(2)}, metadata=meta))
     expect_error(ck.load_weights, path, match="metadata value for 'epoch' is not valid JSON")
+    v2 = {"format": ck.WEIGHTS_FORMAT, "format_version": "2", "epoch": "{not json", "__json__": '["epoch"]'}
+    path.write_bytes(safetensors.torch.save({"a": torch.zeros(2)}, metadata=v2))
+    expect_error(ck.load_weights, path, match="metadata value for 'epoch' is not valid JSON")
+
+
+# --------------------------------------------------------------------------- metadata encoding
+
+METADATA = {
+    "model": "simplenet",
+    "source": "",
+    "looks_like_json": '{"a": 1}',  # a string that parses as JSON stays a string
+    "number_text": "3",
+    "epoch": 3,
+    "value": 0.8125,
+    "normalize_mean": 0.286,
+    "flag": True,
+    "nothing": None,
+    "config": {"lr": 0.001, "normalize": "dataset", "layers": [1, 2]},
+    "history": [{"loss": 1.5}],
+}
+
+
+def test_metadata_strings_are_plain_and_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "best.safetensors"
+    ck.save_weights(path, {"w": torch.zeros(2)}, metadata=METADATA)
+    raw = safetensors.safe_open(str(path), "pt").metadata()
+    # any safetensors reader sees the strings as they are, numbers as decimal text
+    assert raw["model"] == "simplenet" and raw["looks_like_json"] == '{"a": 1}' and raw["number_text"] == "3"
+    assert raw["epoch"] == "3" and raw["value"] == "0.8125" and raw["normalize_mean"] == "0.286"
+    assert json.loads(raw["config"]) == METADATA["config"]
+    assert set(json.loads(raw["__json__"])) == {"epoch", "value", "normalize_mean", "flag", "nothing",
+                                                 "config", "history"}  # fmt: skip
+    assert raw["format_version"] == ck.FORMAT_VERSION == "2"
+    assert ck.read_metadata(path) == METADATA
+    assert ck.load_weights(path)[1] == METADATA
+    assert ck.decode_metadata(raw) == METADATA
+    assert type(ck.read_metadata(path)["number_text"]) is str
+    st_path = tmp_path / "last.safetensors"
+    ck.save_state(st_path, {"a": torch.ones(1)}, metadata=METADATA)
+    assert ck.load_state(st_path, {"a": torch.zeros(1)})[1] == METADATA
+    # the encoder on its own (as interop's Flax/numpy writers use it) round-trips too
+    assert ck.decode_metadata(ck.encode_metadata(METADATA)) == METADATA
+    with pytest.raises(ValueError, match="reserved"):
+        ck.save_weights(path, {"w": torch.zeros(2)}, metadata={"__json__": "[]"})
+
+
+def _old_style_file(path: Path, fmt: str, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
+    """A file as format version 1 wrote it: every metadata value JSON-encoded, no __json__."""
+    raw = {k: json.dumps(v) for k, v in metadata.items()}
+    raw.update(format=fmt, format_version="1")
+    path.write_bytes(safetensors.torch.save(tensors, metadata=raw))
+
+
+def test_format_version_1_files_still_load(tmp_path: Path) -> None:
+    weights = {"w": torch.arange(3.0)}
+    old = tmp_path / "old_best.safetensors"
+    _old_style_file(old, ck.WEIGHTS_FORMAT, weights, {**METADATA, "__json__": "user data in version 1"})
+    expected = {**METADATA, "__json__": "user data in version 1"}
+    assert safetensors.safe_open(str(old), "pt").metadata()["model"] == '"simplenet"'
+    assert ck.read_metadata(old) == expected
+    loaded, meta = ck.load_weights(old, template={"w": torch.zeros(3)})
+    assert meta == expected and torch.equal(loaded["w"], weights["w"])
+    info = ck.inspect(old)
+    assert info.format_version == "1" and info.metadata == expected
+    old_state = tmp_path / "old_last.safetensors"
+    _old_style_file(old_state, ck.STATE_FORMAT, {"a": torch.ones(1)}, {"epoch": 2, "model": "mlp"})
+    assert ck.load_state(old_state, {"a": torch.zeros(1)})[1] == {"epoch": 2, "model": "mlp"}
+    # the same values written now read back the same
+    new = tmp_path / "new.safetensors"
+    ck.save_weights(new, weights, metadata=METADATA)
+    assert (
+        ck.read_metadata(new)
+        == METADATA
+        == {k: v for k, v in ck.read_metadata(old).items() if k != "__json__"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("json_keys", "match"),
+    [
+        (None, "lacks '__json__'"),
+        ("{bad", "'__json__' is not valid JSON"),
+        ('{"epoch": 1}', "not a JSON list of key names"),
+        ("[1]", "not a JSON list of key names"),
+        ('["missing"]', "names keys \\['missing'\\] that hold no user value"),
+        ('["format"]', "names keys \\['format'\\]"),
+    ],
+)
+def test_bad_json_keys_are_checkpoint_errors(tmp_path: Path, json_keys: str | None, match: str) -> None:
+    raw = {"format": ck.WEIGHTS_FORMAT, "format_version": "2", "epoch": "3"}
+    if json_keys is not None:
+        raw["__json__"] = json_keys
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(safetensors.torch.save({"a": torch.zeros(2)}, metadata=raw))
+    expect_error(ck.load_weights, path, match=match)
+    expect_error(ck.read_metadata, path, match=match)
+
+
+def test_foreign_metadata_passes_through_unless_it_follows_the_convention() -> None:
+    assert ck.decode_metadata({"format": "pt", "epoch": "3"}) == {"format": "pt", "epoch": "3"}
+    # a file that follows the convention without being ours (interop's Flax files) is decoded,
+    # and its own "format" key is data
+    raw = {"layout": "flax", "format": "x", "bf16_keys": "[]", "__json__": '["bf16_keys"]'}
+    assert ck.decode_metadata(raw) == {"layout": "flax", "format": "x", "bf16_keys": []}
 
 
 # --------------------------------------------------------------------------- template mismatch

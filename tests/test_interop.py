@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -151,10 +152,37 @@ def test_flax_layout_names_and_round_trip(trained):
     }
     w = trained["conv2.weight"].numpy()  # OIHW
     assert np.array_equal(tree["conv2"]["kernel"], w.transpose(2, 3, 1, 0))  # HWIO
-    assert np.array_equal(tree["fc1"]["kernel"], trained["fc1.weight"].numpy().T)
+    assert np.array_equal(tree["fc2"]["kernel"], trained["fc2.weight"].numpy().T)
+    # fc1 follows the flatten of the [64, 12, 12] feature map: its rows in NHWC (h w c) order
+    fc1 = trained["fc1.weight"].numpy().reshape(128, 64, 12, 12)  # [out, c, h, w]
+    assert np.array_equal(tree["fc1"]["kernel"], fc1.transpose(2, 3, 1, 0).reshape(9216, 128))
     assert all(a.flags.c_contiguous for d in tree.values() for a in d.values())
     back = interop.from_flax(tree)
     assert list(back) == list(trained) and all(torch.equal(back[k], trained[k]) for k in trained)
+    # the old layout on request: torch's (c h w) rows, a plain transpose
+    chw = interop.to_flax(trained, flatten="chw")
+    assert np.array_equal(chw["fc1"]["kernel"], trained["fc1.weight"].numpy().T)
+    assert all(torch.equal(interop.from_flax(chw, flatten="chw")[k], trained[k]) for k in trained)
+    with pytest.raises(ValueError, match="flatten must be one of"):
+        interop.to_flax(trained, flatten="whc")
+
+
+def test_flatten_shapes_come_from_the_models():
+    assert interop._flatten_inputs("simplenet", (("num_classes", 10),)) == {"fc1": (64, 12, 12)}
+    assert interop._flatten_inputs("simplenet_bn", (("num_classes", 10),)) == {"fc1": (64, 12, 12)}
+    assert interop._flatten_inputs("alexnet", (("dropout", 0.5), ("num_classes", 10))) == {"fc1": (256, 3, 3)}
+    assert interop._flatten_inputs("mlp", (("D_in", 784), ("D_out", 10), ("H", 100))) == {}
+    # mlp: no conv, its dense kernels are plain transposes; alexnet: fc1 only
+    mlp = models.get("mlp", H=16).init(torch.Generator().manual_seed(0))
+    assert np.array_equal(interop.to_flax(mlp)["linear1"]["kernel"], mlp["linear1.weight"].numpy().T)
+    alex = models.get("alexnet").init(torch.Generator().manual_seed(0))
+    tree = interop.to_flax(alex)
+    w = alex["fc1.weight"].numpy().reshape(1024, 256, 3, 3)
+    assert np.array_equal(tree["fc1"]["kernel"], w.transpose(2, 3, 1, 0).reshape(2304, 1024))
+    assert np.array_equal(tree["fc2"]["kernel"], alex["fc2.weight"].numpy().T)
+    assert all(torch.equal(interop.from_flax(tree)[k], v) for k, v in alex.items())
+    # weights of no known architecture: layer by layer, nothing reordered
+    assert np.array_equal(interop.to_flax({"fc.weight": torch.ones(2, 3)})["fc"]["kernel"], np.ones((3, 2)))
 
 
 def test_flax_file_loads_with_safetensors_flax_and_numpy(trained, tmp_path):
@@ -163,7 +191,10 @@ def test_flax_file_loads_with_safetensors_flax_and_numpy(trained, tmp_path):
     from safetensors.flax import load_file as flax_load
 
     path = tmp_path / "flax.safetensors"
-    interop.save_flax(path, trained, metadata={"model": "simplenet"})
+    interop.save_flax(path, trained, metadata={"model": "simplenet", "epoch": 2})
+    raw = safetensors.safe_open(str(path), "np").metadata()
+    assert raw["model"] == "simplenet" and raw["flatten"] == "hwc" and raw["layout"] == "flax"
+    assert checkpoint.read_metadata(path)["epoch"] == 2
     expected = interop.to_flax(trained)
     loaded = unflatten_dict(flax_load(path), sep=".")
     assert set(loaded) == set(expected)
@@ -175,6 +206,22 @@ def test_flax_file_loads_with_safetensors_flax_and_numpy(trained, tmp_path):
     assert np.array_equal(flat_np["fc1.kernel"], expected["fc1"]["kernel"])
     back = interop.load_flax(path)
     assert all(torch.equal(back[k], trained[k]) for k in trained)
+
+
+def test_flax_files_written_before_the_flatten_order_still_load(trained, tmp_path):
+    """A file as save_flax wrote it before: fc1 rows (c h w), no `flatten`, metadata all JSON."""
+    tree = interop.to_flax(trained, flatten="chw")
+    flat = {f"{a}.{b}": v for a, d in tree.items() for b, v in d.items()}
+    meta = {"model": json.dumps("simplenet"), "layout": "flax", "bf16_as": "float32", "bf16_keys": "[]"}
+    old = tmp_path / "old_flax.safetensors"
+    old.write_bytes(safetensors.numpy.save(flat, metadata=meta))
+    back = interop.load_flax(old)
+    assert all(torch.equal(back[k], trained[k]) for k in trained)
+    # and a file written now in the old order on request says so
+    chw = tmp_path / "chw.safetensors"
+    interop.save_flax(chw, trained, flatten="chw")
+    assert checkpoint.read_metadata(chw)["flatten"] == "chw"
+    assert all(torch.equal(interop.load_flax(chw)[k], trained[k]) for k in trained)
 
 
 def test_bf16_weights_become_float32_or_bits_and_come_back(trained, tmp_path):
@@ -214,6 +261,12 @@ def test_jax_simplenet_matches_apply_on_real_test_images(trained, test_x, tmp_pa
     path = tmp_path / "simplenet_flax.safetensors"
     interop.save_flax(path, trained)
     params = unflatten_dict(flax_load(path), sep=".")  # what a JAX user does with the file
+    old = tmp_path / "old.safetensors"  # an old (c h w) file converts with to_flax(load_flax(p))
+    interop.save_flax(old, trained, flatten="chw")
+    converted = interop.to_flax(interop.load_flax(old))
+    assert all(
+        np.array_equal(converted[a][b], np.asarray(params[a][b])) for a in converted for b in converted[a]
+    )
     x_nhwc = jnp.asarray(rearrange(test_x, "b c h w -> b h w c").numpy())
     got = np.asarray(interop.simplenet_jax(params, x_nhwc))
     with torch.no_grad():
@@ -262,8 +315,11 @@ def test_load_weights_file_uses_metadata_and_accepts_bf16(weights_file, tmp_path
         interop.load_weights_file(weights_file, "alexnet")
 
 
+SAFETENSORS_FORMATS = ("torch", "flax", "numpy")  # onnx: tests/test_onnx.py
+
+
 def test_export_cli_writes_each_format(capsys, weights_file, trained, test_x, tmp_path):
-    out = {f: tmp_path / f"w_{f}.safetensors" for f in export.FORMATS}
+    out = {f: tmp_path / f"w_{f}.safetensors" for f in SAFETENSORS_FORMATS}
     for fmt, path in out.items():
         assert export.main(["--weights", str(weights_file), "--format", fmt, "--out", str(path)]) == 0
         assert f"wrote {path}: simplenet" in capsys.readouterr().out
@@ -273,8 +329,12 @@ def test_export_cli_writes_each_format(capsys, weights_file, trained, test_x, tm
     with torch.no_grad():
         torch.testing.assert_close(module(test_x[:8]), models.get("simplenet").apply(trained, test_x[:8]))
     assert checkpoint.read_metadata(out["torch"])["model"] == "simplenet"
+    for path in out.values():  # any safetensors reader sees the model name as it is
+        assert safetensors.safe_open(str(path), "np").metadata()["model"] == "simplenet"
+    # the source file has no config: how inputs were normalised is unknown, so not written
+    assert "normalize_mean" not in checkpoint.read_metadata(out["torch"])
     # flax: layout recorded; numpy: torch layout, plain numpy dtypes
-    assert json.loads(checkpoint.read_metadata(out["flax"])["model"]) == "simplenet"
+    assert checkpoint.read_metadata(out["flax"])["model"] == "simplenet"
     assert np.array_equal(safetensors.numpy.load_file(out["flax"])["conv1.kernel"],
                           trained["conv1.weight"].numpy().transpose(2, 3, 1, 0))  # fmt: skip
     as_np = safetensors.numpy.load_file(out["numpy"])
@@ -286,6 +346,43 @@ def test_export_cli_writes_each_format(capsys, weights_file, trained, test_x, tm
     capsys.readouterr()
 
 
+def test_normalization_comes_from_the_weights_metadata():
+    assert interop.known_normalization({"model": "simplenet"}) is None
+    assert interop.normalization({}) == (data.MEAN, data.STD)
+    assert interop.normalization({"config": {"normalize": "tutorial"}}) == (0.5, 0.5)
+    assert interop.normalization({"config": {"normalize": "dataset"}}) == (data.MEAN, data.STD)
+    assert interop.known_normalization({"config": {"lr": 1.0}}) == (data.MEAN, data.STD)  # config default
+    # recorded numbers win over the config's name; nonsense numbers are ignored
+    meta = {"normalize_mean": 0.25, "normalize_std": 0.5, "config": {"normalize": "tutorial"}}
+    assert interop.normalization(meta) == (0.25, 0.5)
+    assert interop.normalization({"normalize_mean": 0.2, "normalize_std": 0.0}) == (data.MEAN, data.STD)
+    assert interop.normalization({"normalize_mean": True, "normalize_std": 1}) == (data.MEAN, data.STD)
+
+
+def test_export_records_the_normalisation_as_numbers(capsys, trained, tmp_path):
+    src = tmp_path / "best.safetensors"
+    checkpoint.save_weights(
+        src, trained, metadata={"model": "simplenet", "config": {"normalize": "tutorial"}}
+    )
+    for fmt in SAFETENSORS_FORMATS:
+        out = tmp_path / f"{fmt}.safetensors"
+        assert export.main(["--weights", str(src), "--format", fmt, "--out", str(out)]) == 0
+        meta = checkpoint.read_metadata(out)
+        assert (meta["normalize_mean"], meta["normalize_std"]) == (0.5, 0.5), fmt
+        raw = safetensors.safe_open(str(out), "np").metadata()
+        assert (raw["normalize_mean"], raw["normalize_std"], raw["model"]) == ("0.5", "0.5", "simplenet")
+    capsys.readouterr()
+
+
+def test_onnx_export_without_the_extra_says_what_to_install(capsys, weights_file, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
+    out = tmp_path / "m.onnx"
+    assert export.main(["--weights", str(weights_file), "--format", "onnx", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'fashion_func[onnx]'" in err, err
+    assert not out.exists()
+
+
 def test_export_cli_errors_are_one_line(capsys, weights_file, tmp_path):
     state = tmp_path / "last.safetensors"
     st = state_lib.create(models.get("mlp").init(torch.Generator()), optim.sgd(0.1), seed=0)
@@ -294,7 +391,7 @@ def test_export_cli_errors_are_one_line(capsys, weights_file, tmp_path):
         (["--weights", str(tmp_path / "none.safetensors"), "--format", "torch"], "no such file"),
         (["--weights", str(state), "--format", "flax"], "train state"),
         (["--weights", str(weights_file), "--format", "numpy", "--bf16-as", "bfloat16"], "no bfloat16"),
-        (["--weights", str(weights_file), "--format", "onnx"], "invalid choice"),
+        (["--weights", str(weights_file), "--format", "tflite"], "invalid choice"),
         (["--weights", str(weights_file), "--format", "torch", "--model", "mlp"], "do not match"),
     ]
     for argv, needle in cases:
@@ -479,18 +576,18 @@ def test_flax_layout_of_batch_norm_and_round_trip(trained_bn, tmp_path):
     interop.save_flax(path, trained_bn)
     flat = safetensors.numpy.load_file(path)
     assert not any("num_batches_tracked" in k for k in flat) and "bn1.mean" in flat
-    assert json.loads(checkpoint.read_metadata(path)["num_batches_tracked"]) == {"bn1": 6, "bn2": 6}
+    assert checkpoint.read_metadata(path)["num_batches_tracked"] == {"bn1": 6, "bn2": 6}
     loaded = interop.load_flax(path)
     assert loaded.keys() == trained_bn.keys()  # in the file's (sorted) order
     assert all(torch.equal(loaded[k], trained_bn[k]) for k in trained_bn)
     bits = tmp_path / "bn_bits.safetensors"  # bf16 keys skip the dropped counter
     interop.save_flax(bits, {k: v.bfloat16() if v.is_floating_point() else v for k, v in trained_bn.items()},
                       bf16_as="uint16")  # fmt: skip
-    assert "bn1.mean" in json.loads(checkpoint.read_metadata(bits)["bf16_keys"])
+    assert "bn1.mean" in checkpoint.read_metadata(bits)["bf16_keys"]
 
 
 def test_export_cli_writes_simplenet_bn_in_each_format(capsys, trained_bn, bn_weights_file, test_x, tmp_path):
-    out = {f: tmp_path / f"bn_{f}.safetensors" for f in export.FORMATS}
+    out = {f: tmp_path / f"bn_{f}.safetensors" for f in SAFETENSORS_FORMATS}
     for fmt, path in out.items():
         assert export.main(["--weights", str(bn_weights_file), "--format", fmt, "--out", str(path)]) == 0
         assert f"wrote {path}: simplenet_bn weights (18 tensors)" in capsys.readouterr().out
@@ -534,7 +631,7 @@ def test_flax_linen_simplenet_bn_matches_eval_logits(trained_bn, test_x, tmp_pat
             x = fnn.relu(norm("bn1")(fnn.Conv(32, (3, 3), padding="VALID", name="conv1")(x)))
             x = fnn.relu(norm("bn2")(fnn.Conv(64, (3, 3), padding="VALID", name="conv2")(x)))
             x = fnn.max_pool(x, (2, 2), strides=(2, 2))  # [B, 12, 12, 64]
-            x = rearrange(x, "b h w c -> b (c h w)")  # fc1's rows follow torch's (c h w) flatten
+            x = x.reshape((x.shape[0], -1))  # flattened as Flax code does: (h w c), as the file's fc1
             x = fnn.relu(fnn.Dense(128, name="fc1")(x))
             return fnn.Dense(self.num_classes, name="fc2")(x)
 
