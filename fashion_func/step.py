@@ -182,9 +182,9 @@ def make_train_step(
     compile: True compiles the whole step; "update" compiles only the optimizer update
         (forward and backward run eagerly: on CPU the convolutions are oneDNN's either
         way, while the update's dozen elementwise passes fuse into one); False: eager.
-    topk: also count `topk_correct` (label among the `topk` highest logits; `fit` reports
+    topk: also count `top{k}_correct` (label among the `topk` highest logits; `fit` reports
         it as train_top{k}).
-    metrics: `loss_sum` and `count` (and `correct`, `topk_correct` for class labels) as 0-d
+    metrics: `loss_sum` and `count` (and `correct`, `top{k}_correct` for class labels) as 0-d
         device tensors, sums over the batch.
     """
     _check_precision(precision)
@@ -218,7 +218,7 @@ def make_train_step(
             metrics["correct"] = (logits.detach().argmax(-1) == y).sum()
             if topk is not None:
                 top = logits.detach().topk(min(topk, logits.shape[-1]), dim=-1).indices
-                metrics["topk_correct"] = (top == y[:, None]).any(-1).sum()
+                metrics[f"top{topk}_correct"] = (top == y[:, None]).any(-1).sum()
         return grads, {k: v.detach() for k, v in new_state.items()}, metrics
 
     def update(params: Params, grads: Params, opt_state: Any, step: Tensor):
@@ -248,7 +248,6 @@ def make_train_step(
         new = state.replace(params=params, opt_state=opt_state, step=step, model_state=model_state)
         return new, metrics
 
-    train_step.topk = topk  # type: ignore[attr-defined]  # fit names the metric train_top{k}
     return train_step
 
 

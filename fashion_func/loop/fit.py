@@ -128,19 +128,16 @@ def evaluate(
 # -- the driver --------------------------------------------------------------------------------
 
 
-def _train_metrics(sums: Mapping[str, float], steps: int, topk: int | None) -> dict[str, float]:
+def _train_metrics(sums: Mapping[str, float], steps: int) -> dict[str, float]:
     """Epoch means from summed step metrics: `loss_sum` -> train_loss, `correct` -> train_acc,
-    `topk_correct` -> train_top{k}, `x_sum` -> train_x, anything else -> train_<key>; per
+    `top5_correct` -> train_top5, `x_sum` -> train_x, anything else -> train_<key>; per
     example when `count` is given."""
     denom = sums.get("count", steps) or 1
     out: dict[str, float] = {}
     for k, v in sums.items():
         if k in ("count", "first_bad"):
             continue
-        if k == "topk_correct":
-            name = f"top{topk}" if topk else "topk"
-        else:
-            name = "acc" if k == "correct" else k.removesuffix("_sum")
+        name = "acc" if k == "correct" else k.removesuffix("_sum").removesuffix("_correct")
         out[f"train_{name}"] = v / denom
     order = {"train_loss": 0, "train_acc": 1}
     return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], 2)))
@@ -433,7 +430,7 @@ class _Driver:
         sums, bad = dict(zip(keys, values[:-1], strict=True)), int(values[-1])
         train_time = ep.elapsed()
         finite = bad < 0 and self._params_finite()
-        metrics: dict[str, Any] = _train_metrics(sums, max(steps, 1), getattr(self.train_step, "topk", None))
+        metrics: dict[str, Any] = _train_metrics(sums, max(steps, 1))
         if self.eval_step is not None and self.val_data is not None:
             metrics.update(evaluate(self.eval_step, self.state, epoch_batches(self.val_data, ep.epoch)))
         if self.lr is not None:
