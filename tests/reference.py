@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn as tnn
 
-from fashion_func import data, models, optim, step
+from fashion_func import data, models, optim, step, tree
 from fashion_func import state as state_lib
 
 
@@ -23,6 +23,27 @@ def briefly_trained_simplenet(limit: int, lr: float) -> dict[str, torch.Tensor]:
     for batch in data.batches(data.load("train", limit=limit), 128, seed=0, epoch=1):
         st, _ = train_step(st, batch)
     return st.params
+
+
+def clone_tree(t):
+    """A deep copy of a tree of tensors (to check that a step left its input untouched)."""
+    return tree.map(lambda x: x.clone(), t)
+
+
+def assert_tree_equal(a, b) -> None:
+    """Same paths, bitwise-equal leaves."""
+    fa, fb = tree.flatten_with_paths(a), tree.flatten_with_paths(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert torch.equal(fa[k], fb[k]), k
+
+
+def assert_tree_close(a, b, **tol) -> None:
+    """Same paths, leaves equal within `tol` (torch.testing.assert_close), naming the leaf."""
+    fa, fb = tree.flatten_with_paths(a), tree.flatten_with_paths(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        torch.testing.assert_close(fa[k], fb[k], msg=lambda m, k=k: f"{k}: {m}", **tol)
 
 
 class TwoLayerNet(tnn.Module):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import SimpleNet, SimpleNetBN
+from reference import SimpleNet, SimpleNetBN, assert_tree_close, assert_tree_equal, clone_tree
 
 import fashion_func
-from fashion_func import data, losses, models, optim, step, tree
+from fashion_func import data, losses, models, optim, step
 from fashion_func import state as state_lib
 
 
@@ -23,24 +23,6 @@ def _float_batch(seed: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised float images [n, 1, 28, 28] and int64 labels [n]."""
     images, labels = _uint8_batch(seed, n)
     return data.normalize(images), labels
-
-
-def _clone(t):
-    return tree.map(lambda x: x.clone(), t)
-
-
-def _assert_tree_equal(a, b) -> None:
-    fa, fb = tree.flatten_with_paths(a), tree.flatten_with_paths(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        assert torch.equal(fa[k], fb[k]), k
-
-
-def _assert_tree_close(a, b, **tol) -> None:
-    fa, fb = tree.flatten_with_paths(a), tree.flatten_with_paths(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        torch.testing.assert_close(fa[k], fb[k], msg=lambda m, k=k: f"{k}: {m}", **tol)
 
 
 # -- 1. float [B, 1, 28, 28] inputs with preprocess=None ------------------------------------------
@@ -91,7 +73,7 @@ def test_default_preprocess_on_uint8_equals_preprocess_none_on_normalized_images
         b, mb = on_float(b, (data.normalize(images), labels))
         torch.testing.assert_close(ma["loss_sum"], mb["loss_sum"], rtol=1e-6, atol=1e-6)
         assert int(ma["correct"]) == int(mb["correct"])
-    _assert_tree_close(a.params, b.params, rtol=1e-5, atol=1e-6)
+    assert_tree_close(a.params, b.params, rtol=1e-5, atol=1e-6)
 
     images, labels = _uint8_batch(30)
     ea = step.make_eval_step(model, compile=False)(a, (images, labels))
@@ -139,7 +121,7 @@ def test_function_model_on_feature_vectors_equals_a_hand_sgd_step():
     assert set(metrics) == {"loss_sum", "count", "correct"}
     torch.testing.assert_close(metrics["loss_sum"] / 12, loss, rtol=1e-6, atol=1e-7)
     assert int(metrics["correct"]) == int((two_layer(params, x).argmax(-1) == y).sum())
-    _assert_tree_close(new.params, expect, rtol=1e-6, atol=1e-7)
+    assert_tree_close(new.params, expect, rtol=1e-6, atol=1e-7)
 
     out = step.make_eval_step(two_layer, preprocess=None, compile=False, topk=2)(new.params, (x, y))
     torch.testing.assert_close(out["logits"], two_layer(new.params, x))
@@ -177,12 +159,12 @@ def test_regression_with_mse_per_example_equals_a_hand_sgd_step():
     assert set(metrics) == {"loss_sum", "count"}  # float targets: no `correct`
     assert int(metrics["count"]) == 10
     torch.testing.assert_close(metrics["loss_sum"] / 10, loss, rtol=1e-6, atol=1e-7)
-    _assert_tree_close(a.params, expect, rtol=1e-6, atol=1e-7)
+    assert_tree_close(a.params, expect, rtol=1e-6, atol=1e-7)
 
     # a second step from there agrees too (the state carries on)
     a, _ = train_step(a, (x, targets))
     expect, _ = _hand_sgd(expect, x, targets, F.mse_loss, 0.05)
-    _assert_tree_close(a.params, expect, rtol=1e-6, atol=1e-7)
+    assert_tree_close(a.params, expect, rtol=1e-6, atol=1e-7)
 
     out = step.make_eval_step(two_layer, loss=losses.mse_per_example, preprocess=None, compile=False)(
         a.params, (x, targets)
@@ -205,7 +187,7 @@ def test_a_float64_function_model_trains_in_float64():
     assert metrics["loss_sum"].dtype == torch.float64
     assert out["logits"].dtype == torch.float64
     torch.testing.assert_close(metrics["loss_sum"] / 12, loss, rtol=1e-12, atol=1e-14)
-    _assert_tree_close(new.params, expect, rtol=1e-12, atol=1e-14)
+    assert_tree_close(new.params, expect, rtol=1e-12, atol=1e-14)
 
 
 # -- 3. the [B] loss contract --------------------------------------------------------------------
@@ -231,11 +213,11 @@ def test_a_loss_that_is_not_per_example_is_a_valueerror_naming_B_on_the_first_ca
         x, y = torch.randn(4, 784), torch.randint(0, 10, (4,))
     tx = optim.sgd(0.1)
     st = state_lib.create(params, tx)
-    before = _clone(st)
+    before = clone_tree(st)
     train_step = step.make_train_step(model, tx, loss=bad_loss, preprocess=None, compile=compile)
     with pytest.raises(ValueError, match=r"\[B\]"):
         train_step(st, (x, y))
-    _assert_tree_equal(st, before)
+    assert_tree_equal(st, before)
 
 
 def test_eval_step_checks_the_loss_shape_too():
@@ -307,7 +289,7 @@ def test_per_example_grads_of_simplenet_bn_in_inference_mode_with_its_state():
         ms[f"{name}.num_batches_tracked"] = torch.tensor(7)
     x = torch.randn(3, 1, 28, 28, generator=g, dtype=torch.float64)
     y = torch.randint(0, 10, (3,), generator=g)
-    before = _clone(ms)
+    before = clone_tree(ms)
 
     grads = step.per_example_grads(model, losses.cross_entropy_per_example, params, (x, y), model_state=ms)
     expect = _loop_grads(model, params, x, y, model_state=ms)
@@ -318,7 +300,7 @@ def test_per_example_grads_of_simplenet_bn_in_inference_mode_with_its_state():
     torch.testing.assert_close(
         step.per_example_grad_norms(grads), _loop_norms(expect), rtol=1e-10, atol=1e-13
     )
-    _assert_tree_equal(ms, before)  # inference mode: the state is read, never written
+    assert_tree_equal(ms, before)  # inference mode: the state is read, never written
 
 
 def test_per_example_grads_with_the_default_preprocess_on_uint8():
@@ -355,7 +337,7 @@ def test_stateful_train_steps_match_a_batchnorm_module_and_torch_optim(opt_name)
         opt = torch.optim.Adam(module.parameters(), lr=1e-3)
     else:
         opt = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
-    before = _clone(st)
+    before = clone_tree(st)
 
     train_step = step.make_train_step(model, tx, preprocess=None, compile=False)
     batches = [_float_batch(40 + i) for i in range(3)]
@@ -368,7 +350,7 @@ def test_stateful_train_steps_match_a_batchnorm_module_and_torch_optim(opt_name)
         opt.step()
         torch.testing.assert_close(metrics["loss_sum"] / 16, loss.detach(), rtol=1e-5, atol=1e-6)
 
-    _assert_tree_equal(st, before)  # the input state is untouched
+    assert_tree_equal(st, before)  # the input state is untouched
     assert int(s.step) == 3
     ref = module.state_dict()
     pre_bn_bias = ("conv1.bias", "conv2.bias")
@@ -417,17 +399,17 @@ def test_stateful_compile_update_equals_eager():
     model, tx, st = _bn_state(tx=optim.sgd(0.05, momentum=0.9))
     eager = step.make_train_step(model, tx, preprocess=None, compile=False)
     fast = step.make_train_step(model, tx, preprocess=None, compile="update")
-    before = _clone(st)
+    before = clone_tree(st)
     a = b = st
     for i in range(3):
         batch = _float_batch(60 + i)
         a, ma = eager(a, batch)
         b, mb = fast(b, batch)
         torch.testing.assert_close(ma["loss_sum"], mb["loss_sum"], rtol=1e-5, atol=1e-6)
-    _assert_tree_equal(st, before)
-    _assert_tree_close(a.params, b.params, rtol=1e-5, atol=1e-6)
-    _assert_tree_close(a.opt_state, b.opt_state, rtol=1e-5, atol=1e-6)
-    _assert_tree_close(a.model_state, b.model_state, rtol=1e-5, atol=1e-6)
+    assert_tree_equal(st, before)
+    assert_tree_close(a.params, b.params, rtol=1e-5, atol=1e-6)
+    assert_tree_close(a.opt_state, b.opt_state, rtol=1e-5, atol=1e-6)
+    assert_tree_close(a.model_state, b.model_state, rtol=1e-5, atol=1e-6)
     assert int(b.model_state["bn1.num_batches_tracked"]) == int(b.step) == 3
 
 
@@ -448,7 +430,7 @@ def test_vmap_over_two_stacked_stateful_members_equals_two_runs():
         assert ms["correct"].tolist() == [int(ma["correct"]), int(mb["correct"])]
     for i, single in enumerate((a, b)):
         member = fashion_func.tree.map(lambda t, i=i: t[i], s)
-        _assert_tree_close(member.params, single.params, rtol=1e-5, atol=1e-6)
-        _assert_tree_close(member.opt_state, single.opt_state, rtol=1e-5, atol=1e-6)
-        _assert_tree_close(member.model_state, single.model_state, rtol=1e-5, atol=1e-6)
+        assert_tree_close(member.params, single.params, rtol=1e-5, atol=1e-6)
+        assert_tree_close(member.opt_state, single.opt_state, rtol=1e-5, atol=1e-6)
+        assert_tree_close(member.model_state, single.model_state, rtol=1e-5, atol=1e-6)
         assert int(member.step) == 2

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.testing
+from reference import assert_tree_equal, clone_tree
 
 from fashion_func import data, models, optim, step, tree
 from fashion_func import state as state_lib
@@ -25,17 +26,6 @@ def _fresh(model_name: str = "mlp", tx=None):
     return model, tx, st
 
 
-def _clone(t):
-    return tree.map(lambda x: x.clone(), t)
-
-
-def _assert_tree_equal(a, b) -> None:
-    fa, fb = tree.flatten_with_paths(a), tree.flatten_with_paths(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        assert torch.equal(fa[k], fb[k]), k
-
-
 def test_normalisation_constants_match_the_data_module():
     assert (step.MEAN, step.STD) == (data.MEAN, data.STD)
     images = _batch(0)[0]
@@ -44,10 +34,10 @@ def test_normalisation_constants_match_the_data_module():
 
 def test_input_state_is_unchanged_and_a_new_state_is_returned():
     model, tx, st = _fresh()
-    before = _clone(st)
+    before = clone_tree(st)
     train_step = step.make_train_step(model, tx, compile=False)
     new, metrics = train_step(st, _batch(1))
-    _assert_tree_equal(st, before)
+    assert_tree_equal(st, before)
     assert int(new.step) == 1 and int(st.step) == 0
     assert not torch.equal(new.params["linear1.weight"], st.params["linear1.weight"])
     assert set(metrics) == {"loss_sum", "correct", "count"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import SimpleNet, SimpleNetBN
+from reference import SimpleNet, SimpleNetBN, assert_tree_close, assert_tree_equal, clone_tree
 from torch import nn as tnn
 
 from fashion_func import data, interop, losses, models, nn, optim, step, tree
@@ -36,24 +36,6 @@ def _float_images(seed: int, n: int = 8, dtype: torch.dtype = torch.float32):
 def _features(seed: int, n: int = 8, d: int = 6, classes: int = 3):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
-
-
-def _clone(t):
-    return tree.map(lambda x: x.clone(), t)
-
-
-def _assert_tree_equal(a, b) -> None:
-    fa, fb = tree.flatten_with_paths(a), tree.flatten_with_paths(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        assert torch.equal(fa[k], fb[k]), k
-
-
-def _assert_tree_close(a, b, **tol) -> None:
-    fa, fb = tree.flatten_with_paths(a), tree.flatten_with_paths(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        torch.testing.assert_close(fa[k], fb[k], msg=lambda m, k=k: f"{k}: {m}", **tol)
 
 
 def _module_params(module: tnn.Module) -> dict[str, torch.Tensor]:
@@ -85,7 +67,7 @@ def test_float_images_train_simplenet_as_a_module_and_torch_adam_do():
     assert int(metrics["count"]) == 8 and int(new.step) == 1
     assert int(metrics["correct"]) == int((logits.argmax(-1) == y).sum())
     # Adam's first move is about lr = 1e-3 per weight: 1e-6 is a thousandth of it
-    _assert_tree_close(new.params, _module_params(module), rtol=0, atol=1e-6)
+    assert_tree_close(new.params, _module_params(module), rtol=0, atol=1e-6)
     adam = new.opt_state[1]
     for k, p in module.named_parameters():
         torch.testing.assert_close(adam.mu[k], opt.state[p]["exp_avg"], rtol=1e-5, atol=1e-9)
@@ -112,7 +94,7 @@ def test_a_float64_model_trains_in_float64_like_torch_adam():
         torch.testing.assert_close(metrics["loss_sum"] / 8, loss.detach(), rtol=1e-12, atol=1e-12)
     # float64 all the way (the loss too): agreement to rounding, 1e-14 measured; with a float32
     # loss fc1.weight was 2e-6 off (Adam turns the loss's rounding into moves where |grad| ~ eps)
-    _assert_tree_close(st.params, _module_params(module), rtol=0, atol=1e-10)
+    assert_tree_close(st.params, _module_params(module), rtol=0, atol=1e-10)
     out = step.make_eval_step(model, preprocess=None, compile=False)(st, (x, y))
     assert out["loss"].dtype == out["logits"].dtype == torch.float64
 
@@ -130,7 +112,7 @@ def test_default_preprocess_on_uint8_equals_preprocess_none_on_normalized_images
         b, mb = plain(b, (data.normalize(images), labels))
         torch.testing.assert_close(ma["loss_sum"], mb["loss_sum"], rtol=1e-5, atol=1e-5)
         assert int(ma["correct"]) == int(mb["correct"])
-    _assert_tree_close(a.params, b.params, rtol=1e-4, atol=1e-6)
+    assert_tree_close(a.params, b.params, rtol=1e-4, atol=1e-6)
 
     images, labels = _uint8_images(5)
     ea = step.make_eval_step(model, compile=False)(a, (images, labels))
@@ -197,7 +179,7 @@ def test_user_model_on_feature_vectors_trains_like_the_module(kind):
     else:
         model, params = interop.functionalize(_sequential())
         assert params.keys() == module.state_dict().keys()
-    given = _clone(params)
+    given = clone_tree(params)
     tx = optim.adam(1e-2)
     st = state_lib.create(params, tx, seed=0)
     train_step = step.make_train_step(model, tx, preprocess=None, compile=False)
@@ -208,9 +190,9 @@ def test_user_model_on_feature_vectors_trains_like_the_module(kind):
 
     assert int(st.step) == 3 and set(metrics) == {"loss_sum", "count", "correct"}
     torch.testing.assert_close(metrics["loss_sum"] / 8, ref_losses[-1], rtol=1e-5, atol=1e-6)
-    _assert_tree_close(st.params, ref_params, rtol=1e-5, atol=1e-6)
+    assert_tree_close(st.params, ref_params, rtol=1e-5, atol=1e-6)
     # the caller's params are untouched
-    _assert_tree_equal(params, given)
+    assert_tree_equal(params, given)
     out = step.make_eval_step(model, preprocess=None, compile=False)(st, batches[0])
     with torch.no_grad():
         torch.testing.assert_close(out["logits"], module(batches[0][0]), rtol=1e-5, atol=1e-6)
@@ -232,7 +214,7 @@ def test_regression_with_mse_per_example_and_float_targets():
 
     assert set(metrics) == {"loss_sum", "count"}  # no `correct` without class labels
     torch.testing.assert_close(metrics["loss_sum"] / 8, ref_losses[-1], rtol=1e-5, atol=1e-6)
-    _assert_tree_close(st.params, ref_params, rtol=1e-5, atol=1e-6)
+    assert_tree_close(st.params, ref_params, rtol=1e-5, atol=1e-6)
 
     x, t = batches[0]
     out = step.make_eval_step(_sequential_as_function, loss=losses.mse_per_example, preprocess=None,
@@ -294,14 +276,14 @@ def test_per_example_grads_of_the_mlp_equal_a_loop_of_single_example_grads():
     grads = step.per_example_grads(model, None, params, (x, y))
     expected = _loop_of_single_grads(module, params, {}, x, y)
     assert {k: v.shape for k, v in grads.items()} == {k: (5, *p.shape) for k, p in params.items()}
-    _assert_tree_close(grads, expected, rtol=1e-10, atol=1e-12)
+    assert_tree_close(grads, expected, rtol=1e-10, atol=1e-12)
 
     norms = step.per_example_grad_norms(grads)
     by_hand = torch.stack([torch.sqrt(sum((expected[k][i] ** 2).sum() for k in params)) for i in range(5)])
     torch.testing.assert_close(norms, by_hand, rtol=1e-10, atol=1e-12)
     # the mean of the per-example gradients is the batch gradient
     batch_grad = torch.func.grad(lambda p: F.cross_entropy(model.apply(p, x), y))(params)
-    _assert_tree_close(tree.map(lambda t: t.mean(0), grads), batch_grad, rtol=1e-10, atol=1e-12)
+    assert_tree_close(tree.map(lambda t: t.mean(0), grads), batch_grad, rtol=1e-10, atol=1e-12)
 
 
 def test_per_example_grads_of_simplenet_bn_in_inference_mode_use_the_running_stats():
@@ -315,17 +297,17 @@ def test_per_example_grads_of_simplenet_bn_in_inference_mode_use_the_running_sta
             else v + 7)
         for k, v in ms.items()
     }  # fmt: skip
-    before = _clone(ms)
+    before = clone_tree(ms)
     x, y = _float_images(3, n=3, dtype=torch.float64)
     module = SimpleNetBN().double().eval()
 
     grads = step.per_example_grads(model, losses.cross_entropy_per_example, params, (x, y), model_state=ms)
     expected = _loop_of_single_grads(module, params, ms, x, y)
-    _assert_tree_close(grads, expected, rtol=1e-9, atol=1e-12)
+    assert_tree_close(grads, expected, rtol=1e-9, atol=1e-12)
     norms = step.per_example_grad_norms(grads)
     by_hand = torch.stack([torch.sqrt(sum((expected[k][i] ** 2).sum() for k in params)) for i in range(3)])
     torch.testing.assert_close(norms, by_hand, rtol=1e-10, atol=1e-12)
-    _assert_tree_equal(ms, before)  # inference mode: the state is read, never written
+    assert_tree_equal(ms, before)  # inference mode: the state is read, never written
 
 
 def test_per_example_grads_of_a_stateful_model_without_its_state_is_a_clear_valueerror():
@@ -353,7 +335,7 @@ def test_simplenet_bn_steps_thread_the_running_stats_like_batchnorm2d_and_torch_
     module = SimpleNetBN().double().train()
     module.load_state_dict({**st.params, **st.model_state}, strict=True)  # params and buffers by name
     opt = torch.optim.Adam(module.parameters(), lr=1e-3)
-    before = _clone(st)
+    before = clone_tree(st)
 
     train_step = step.make_train_step(model, tx, preprocess=None, compile=False)
     s = st
@@ -367,7 +349,7 @@ def test_simplenet_bn_steps_thread_the_running_stats_like_batchnorm2d_and_torch_
         assert metrics["loss_sum"].dtype == torch.float64
         torch.testing.assert_close(metrics["loss_sum"] / 8, loss.detach(), rtol=1e-12, atol=1e-12)
 
-    _assert_tree_equal(st, before)  # the input state is not modified
+    assert_tree_equal(st, before)  # the input state is not modified
     assert int(s.step) == 3
     ref = module.state_dict()
     # params: 1e-8 is a hundred-thousandth of one Adam move (measured: 3e-10, the pre-BN conv
@@ -441,7 +423,7 @@ def test_compiled_stateful_steps_equal_eager_and_batchnorm1d():
     tx = optim.adam(1e-2)
     st = state_lib.create(model.init(torch.Generator().manual_seed(0)), tx, seed=0,
                           model_state=model.init_state())  # fmt: skip
-    before = _clone(st)
+    before = clone_tree(st)
     module = _tiny_bn_module().train()
     module.load_state_dict({**st.params, **st.model_state}, strict=True)
     batches = [_features(40 + i) for i in range(3)]
@@ -455,15 +437,15 @@ def test_compiled_stateful_steps_equal_eager_and_batchnorm1d():
         for batch in batches:
             s, _ = train_step(s, batch)
         results[mode] = s
-        _assert_tree_equal(st, before)  # compiled or not, the input state is left alone
-        _assert_tree_close(s.params, ref_params, rtol=1e-5, atol=1e-6)
+        assert_tree_equal(st, before)  # compiled or not, the input state is left alone
+        assert_tree_close(s.params, ref_params, rtol=1e-5, atol=1e-6)
         for k, v in s.model_state.items():
             torch.testing.assert_close(
                 v, ref[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k, mode=mode: f"{mode} {k}: {m}"
             )
         assert int(s.model_state["1.num_batches_tracked"]) == 3
     for mode in ("update", True):
-        _assert_tree_close(results[mode], results[False], rtol=1e-5, atol=1e-6)
+        assert_tree_close(results[mode], results[False], rtol=1e-5, atol=1e-6)
 
     module.eval()
     x, y = _features(49)
@@ -492,6 +474,6 @@ def test_vmap_of_the_train_step_over_two_stacked_stateful_states_equals_two_runs
         member = tree.map(lambda t, i=i: t[i], s)
         assert int(member.step) == 2 and int(member.rng) == int(single.rng)
         # float64; measured 2e-11 (params: pre-BN conv biases through Adam), 1e-12 (statistics)
-        _assert_tree_close(member.params, single.params, rtol=0, atol=1e-8)
-        _assert_tree_close(member.opt_state, single.opt_state, rtol=1e-10, atol=1e-12)
-        _assert_tree_close(member.model_state, single.model_state, rtol=0, atol=1e-9)
+        assert_tree_close(member.params, single.params, rtol=0, atol=1e-8)
+        assert_tree_close(member.opt_state, single.opt_state, rtol=1e-10, atol=1e-12)
+        assert_tree_close(member.model_state, single.model_state, rtol=0, atol=1e-9)
