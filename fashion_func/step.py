@@ -190,8 +190,50 @@ def make_train_step(
     _check_precision(precision)
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be True, False or 'update', not {compile!r}")
-    model = as_model(model)
-    per_example = loss or losses.cross_entropy_per_example
+    gradients = _gradients_fn(
+        as_model(model), loss or losses.cross_entropy_per_example, preprocess, precision, device_type, topk
+    )
+
+    def update(params: Params, grads: Params, opt_state: Any, step: Tensor):
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        return optim.apply_updates(params, updates), new_opt_state, step + 1
+
+    # "update": forward and backward eager, the optimizer's elementwise passes fused
+    fast_update = torch.compile(update) if compile == "update" else update
+
+    def core(params, model_state, opt_state, step, rng, inputs, y):
+        grads, new_model_state, metrics = gradients(params, model_state, step, rng, inputs, y)
+        return (*fast_update(params, grads, opt_state, step), new_model_state, metrics)
+
+    fn = torch.compile(core) if compile is True else core
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
+        inputs, y = batch
+        params, opt_state, step, model_state, metrics = fn(
+            state.params, state.model_state, state.opt_state, state.step, state.rng, inputs, y
+        )
+        new = state.replace(params=params, opt_state=opt_state, step=step, model_state=model_state)
+        return new, metrics
+
+    return train_step
+
+
+def _in_topk(logits: Tensor, y: Tensor, k: int) -> Tensor:
+    """[B] bool: the label is among the `k` highest logits (`k` capped at the class count)."""
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+    return (top == y[:, None]).any(-1)
+
+
+def _gradients_fn(
+    model: Model,
+    per_example: LossFn,
+    preprocess: Preprocess | None,
+    precision: str,
+    device_type: str | None,
+    topk: int | None,
+) -> Callable[..., tuple[Params, ModelState, dict[str, Tensor]]]:
+    """`(params, model_state, step, rng, inputs, y) -> (grads, new model state, metric sums)`:
+    the part of the train step before the optimizer update."""
 
     def gradients(
         params: Params, model_state: ModelState, step: Tensor, rng: Tensor, inputs: Tensor, y: Tensor
@@ -210,45 +252,18 @@ def make_train_step(
         grads, (_, (values, logits, new_state)) = torch.func.grad_and_value(loss_and_aux, has_aux=True)(
             params
         )
+        logits = logits.detach()
         metrics = {
             "loss_sum": values.detach().sum(),
             "count": torch.full((), y.shape[0], dtype=torch.int64, device=y.device),
         }
         if _is_classification(logits, y):
-            metrics["correct"] = (logits.detach().argmax(-1) == y).sum()
+            metrics["correct"] = (logits.argmax(-1) == y).sum()
             if topk is not None:
-                top = logits.detach().topk(min(topk, logits.shape[-1]), dim=-1).indices
-                metrics[f"top{topk}_correct"] = (top == y[:, None]).any(-1).sum()
+                metrics[f"top{topk}_correct"] = _in_topk(logits, y, topk).sum()
         return grads, {k: v.detach() for k, v in new_state.items()}, metrics
 
-    def update(params: Params, grads: Params, opt_state: Any, step: Tensor):
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        return optim.apply_updates(params, updates), new_opt_state, step + 1
-
-    def core(params, model_state, opt_state, step, rng, inputs, y):
-        grads, new_model_state, metrics = gradients(params, model_state, step, rng, inputs, y)
-        return (*update(params, grads, opt_state, step), new_model_state, metrics)
-
-    if compile is True:
-        fn = torch.compile(core)
-    elif compile == "update":
-        fast_update = torch.compile(update)
-
-        def fn(params, model_state, opt_state, step, rng, inputs, y):
-            grads, new_model_state, metrics = gradients(params, model_state, step, rng, inputs, y)
-            return (*fast_update(params, grads, opt_state, step), new_model_state, metrics)
-    else:
-        fn = core
-
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
-        inputs, y = batch
-        params, opt_state, step, model_state, metrics = fn(
-            state.params, state.model_state, state.opt_state, state.step, state.rng, inputs, y
-        )
-        new = state.replace(params=params, opt_state=opt_state, step=step, model_state=model_state)
-        return new, metrics
-
-    return train_step
+    return gradients
 
 
 def make_eval_step(
@@ -281,10 +296,8 @@ def make_eval_step(
         _check_per_example(values, y.shape[0])
         out = {"loss": values, "logits": logits}
         if _is_classification(logits, y):
-            k = min(topk, logits.shape[-1])
-            top = logits.topk(k, dim=-1).indices
-            pred = top[:, 0]
-            out.update(correct=pred == y, topk_correct=(top == y[:, None]).any(-1), pred=pred)
+            pred = logits.argmax(-1)
+            out.update(correct=pred == y, topk_correct=_in_topk(logits, y, topk), pred=pred)
         return out
 
     fn = torch.compile(core) if compile else core

@@ -28,6 +28,7 @@ from torch import Tensor
 from fashion_func import callbacks as cbs
 from fashion_func import checkpoint, optim
 from fashion_func.loop import resume as resume_lib
+from fashion_func.loop import rundir
 from fashion_func.loop.rundir import BEST, LAST, RunDir, RunError
 from fashion_func.state import TrainState
 
@@ -316,9 +317,7 @@ class _Driver:
         elif isinstance(a, cbs.WriteHistory):
             run.write_json("history.json", [dict(r) for r in a.records])
         elif isinstance(a, cbs.PlotHistory):
-            from fashion_func.loop.rundir import plot_history
-
-            plot_history(a.records, run.path)
+            rundir.plot_history(a.records, run.path)
         elif isinstance(a, cbs.DeleteCheckpoint):
             (run.checkpoints / f"epoch-{a.epoch:03d}.safetensors").unlink(missing_ok=True)
 
