@@ -166,6 +166,7 @@ def make_train_step(
     compile: bool | str = True,
     device_type: str | None = None,
     topk: int | None = None,
+    reduce_grads: Callable[[Params], Params] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
     """A pure `train_step(state, (inputs, targets)) -> (new_state, metrics)`.
 
@@ -184,38 +185,72 @@ def make_train_step(
         way, while the update's dozen elementwise passes fuse into one); False: eager.
     topk: also count `top{k}_correct` (label among the `topk` highest logits; `fit` reports
         it as train_top{k}).
+    reduce_grads: a pure stage between the gradient and the update, `grads -> grads` (the
+        data-parallel all-reduce, `fashion_func.distributed`); compiled with the step.
     metrics: `loss_sum` and `count` (and `correct`, `top{k}_correct` for class labels) as 0-d
         device tensors, sums over the batch.
     """
-    _check_precision(precision)
-    if compile not in COMPILE_MODES:
-        raise ValueError(f"compile must be True, False or 'update', not {compile!r}")
-    gradients = _gradients_fn(
-        as_model(model), loss or losses.cross_entropy_per_example, preprocess, precision, device_type, topk
-    )
-
-    def update(params: Params, grads: Params, opt_state: Any, step: Tensor):
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        return optim.apply_updates(params, updates), new_opt_state, step + 1
-
-    # "update": forward and backward eager, the optimizer's elementwise passes fused
-    fast_update = torch.compile(update) if compile == "update" else update
-
-    def core(params, model_state, opt_state, step, rng, inputs, y):
-        grads, new_model_state, metrics = gradients(params, model_state, step, rng, inputs, y)
-        return (*fast_update(params, grads, opt_state, step), new_model_state, metrics)
-
-    fn = torch.compile(core) if compile is True else core
+    core = _train_core(
+        as_model(model), optimizer, loss=loss, preprocess=preprocess, precision=precision,
+        compile=compile, device_type=device_type, topk=topk, reduce_grads=reduce_grads,
+    )  # fmt: skip
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
         inputs, y = batch
-        params, opt_state, step, model_state, metrics = fn(
+        params, opt_state, step, model_state, metrics = core(
             state.params, state.model_state, state.opt_state, state.step, state.rng, inputs, y
         )
         new = state.replace(params=params, opt_state=opt_state, step=step, model_state=model_state)
         return new, metrics
 
     return train_step
+
+
+def _train_core(
+    model: Model,
+    optimizer: optim.GradientTransformation,
+    *,
+    loss: LossFn | None,
+    preprocess: Preprocess | None,
+    precision: str,
+    compile: bool | str,
+    device_type: str | None,
+    topk: int | None,
+    reduce_grads: Callable[[Params], Params] | None = None,
+    members: bool = False,
+) -> Callable[..., tuple[Any, ...]]:
+    """The pure, compiled `(params, model_state, opt_state, step, rng, inputs, y) ->
+    (params, opt_state, step, model_state, metrics)` behind a train step.
+
+    Three stages: gradients, `reduce_grads` (e.g. a data-parallel all-reduce), the optimizer
+    update. members: the state carries a leading member axis (an ensemble): the gradient and
+    update stages are vmapped over it, the batch is shared, and `reduce_grads` sees the
+    stacked gradients.
+    """
+    _check_precision(precision)
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be True, False or 'update', not {compile!r}")
+    gradients = _gradients_fn(
+        model, loss or losses.cross_entropy_per_example, preprocess, precision, device_type, topk
+    )
+
+    def update(params: Params, grads: Params, opt_state: Any, step: Tensor):
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        return optim.apply_updates(params, updates), new_opt_state, step + 1
+
+    if members:
+        gradients = torch.func.vmap(gradients, in_dims=(0, 0, 0, 0, None, None))
+        update = torch.func.vmap(update)
+    # "update": forward and backward eager, the optimizer's elementwise passes fused
+    fast_update = torch.compile(update) if compile == "update" else update
+
+    def core(params, model_state, opt_state, step, rng, inputs, y):
+        grads, new_model_state, metrics = gradients(params, model_state, step, rng, inputs, y)
+        if reduce_grads is not None:
+            grads = reduce_grads(grads)
+        return (*fast_update(params, grads, opt_state, step), new_model_state, metrics)
+
+    return torch.compile(core) if compile is True else core
 
 
 def _in_topk(logits: Tensor, y: Tensor, k: int) -> Tensor:
