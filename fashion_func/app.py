@@ -16,16 +16,16 @@ from typing import Any
 import torch
 
 from fashion_func import callbacks as cbs
-from fashion_func import checkpoint, data, losses, models, optim
+from fashion_func import checkpoint, data, ensemble, losses, models, optim
 from fashion_func import state as state_lib
-from fashion_func.config import Config, ConfigError
+from fashion_func.config import SWEEPABLE, Config, ConfigError, parse_sweep
 from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunDir, RunError, fit
 from fashion_func.loop import device as device_lib
 from fashion_func.loop import resume as resume_lib
 from fashion_func.step import NormalizeImages, make_eval_step, make_train_step
 from fashion_func.summary import summary
 
-__all__ = ["build_callbacks", "build_optimizer", "main", "train"]
+__all__ = ["build_callbacks", "build_optimizer", "main", "members_table", "train"]
 
 
 def build_optimizer(cfg: Config) -> optim.GradientTransformation:
@@ -60,23 +60,33 @@ def build_callbacks(cfg: Config) -> list[Any]:
                 base_lr=cfg.lr,
             )
         )
-    out.append(
-        cbs.ModelCheckpoint(
-            monitor=cfg.monitor,
-            mode=cfg.mode,
-            save_best_only=cfg.save_best_only,
-            every_n_epochs=cfg.every_n_epochs,
-            save_top_k=cfg.save_top_k,
-            save_last=True,
-        )
-    )
-    if cfg.patience is not None:
-        out.append(
-            cbs.EarlyStopping(
-                monitor=cfg.monitor, mode=cfg.mode, patience=cfg.patience, min_delta=cfg.min_delta
+    keep = {
+        "mode": cfg.mode,
+        "save_best_only": cfg.save_best_only,
+        "every_n_epochs": cfg.every_n_epochs,
+        "save_top_k": cfg.save_top_k,
+    }
+    if not _stacked(cfg):
+        out.append(cbs.ModelCheckpoint(monitor=cfg.monitor, save_last=True, **keep))
+    else:  # each member's weights kept by its own metric, as plain single-model files
+        out += [
+            cbs.ModelCheckpoint(
+                monitor=f"{cfg.monitor}_m{k}", save_last=False, member=k, name=f"ModelCheckpoint_m{k}", **keep
             )
+            for k in range(cfg.members)
+        ]
+    if cfg.patience is not None:
+        # an ensemble stops on its own metric; a sweep's members are no ensemble: on their mean
+        monitor = f"{cfg.monitor}_mean" if cfg.sweep else cfg.monitor
+        out.append(
+            cbs.EarlyStopping(monitor=monitor, mode=cfg.mode, patience=cfg.patience, min_delta=cfg.min_delta)
         )
     return out
+
+
+def _stacked(cfg: Config) -> bool:
+    """Whether the run trains a stack of members (an ensemble or a sweep) in one step."""
+    return cfg.ensemble > 1 or cfg.sweep is not None
 
 
 def _preprocess(cfg: Config) -> NormalizeImages:
@@ -86,6 +96,17 @@ def _preprocess(cfg: Config) -> NormalizeImages:
 
 
 def _initial_state(cfg: Config, model: models.Model, tx: Any, device: torch.device) -> state_lib.TrainState:
+    if _stacked(cfg):  # a sweep's members share one init: only the hyperparameters differ
+        grid = parse_sweep(cfg.sweep) if cfg.sweep else None
+        return ensemble.init(
+            model,
+            tx,
+            members=cfg.members,
+            seed=cfg.seed,
+            hyperparams=grid,
+            same_init=grid is not None,
+            device=device,
+        )
     params = model.init(torch.Generator().manual_seed(cfg.seed), device=device)
     return state_lib.create(params, tx, seed=cfg.seed, model_state=model.init_state(device=device))
 
@@ -94,11 +115,22 @@ def _resume_point(
     cfg: Config, path: Path, st: state_lib.TrainState, callbacks: list[Any], log: Any
 ) -> ResumePoint:
     """The checkpoint's resume point, refused for another model, with an --lr given again applied."""
-    saved_model = checkpoint.read_metadata(path).get("model")
+    meta = checkpoint.read_metadata(path)
+    saved_model = meta.get("model")
     if saved_model is not None and saved_model != cfg.model:
         raise RunError(
             f"checkpoint {path} holds a {saved_model} model, not {cfg.model}; "
             f"resume it with --model {saved_model}"
+        )
+    saved = meta.get("config", {})
+    if isinstance(saved, dict) and (saved.get("ensemble", 1), saved.get("sweep")) != (
+        cfg.ensemble,
+        cfg.sweep,
+    ):
+        raise RunError(
+            f"checkpoint {path} was trained with --ensemble {saved.get('ensemble', 1)} "
+            f"--sweep {saved.get('sweep')}, not --ensemble {cfg.ensemble} --sweep {cfg.sweep}; "
+            "resume it with the same members"
         )
     point = resume_lib.load(path, st, callbacks)
     saved_lr = point.metadata.get("config", {}).get("lr")
@@ -115,7 +147,12 @@ def _steps(cfg: Config, model: models.Model, tx: Any, device: torch.device) -> t
     train_loss = None
     if cfg.label_smoothing > 0:  # training loss only: validation reports plain cross-entropy
         train_loss = functools.partial(losses.cross_entropy_per_example, label_smoothing=cfg.label_smoothing)
-    train_step = make_train_step(
+    make_train, make_eval = (
+        (ensemble.make_train_step, ensemble.make_eval_step)
+        if _stacked(cfg)
+        else (make_train_step, make_eval_step)
+    )
+    train_step = make_train(
         model,
         tx,
         loss=train_loss,
@@ -124,7 +161,7 @@ def _steps(cfg: Config, model: models.Model, tx: Any, device: torch.device) -> t
         compile=use_compile,
         topk=cfg.topk,
     )
-    eval_step = make_eval_step(
+    eval_step = make_eval(
         model, preprocess=pre, precision=cfg.precision, compile=use_compile is True, topk=cfg.topk
     )
     return train_step, eval_step
@@ -153,6 +190,8 @@ def train(
         st = _initial_state(cfg, model, tx, device)
         callbacks = build_callbacks(cfg) if callbacks is None else callbacks
         run.log.info(f"seed {cfg.seed}, device {device}, data {train_split.source}")
+        if _stacked(cfg):
+            run.log.info(_members_line(cfg))
         run.log.info(
             f"train {len(train_split.labels)} examples, validation {len(val_split.labels)} (test set)"
         )
@@ -162,12 +201,13 @@ def train(
         elif resume == "auto":
             run.log.info(f"no checkpoint in {run.checkpoints}; starting fresh")
         run.write_json("config.json", cfg.to_dict())
-        text = summary(model, st.params, st.model_state)
+        one = ensemble.member(st, 0) if _stacked(cfg) else st
+        text = summary(model, one.params, one.model_state)
         run.write_bytes("summary.txt", text.encode())
         run.log.info(text.rstrip())
         device_lib.configure(device, cfg.precision)
         train_step, eval_step = _steps(cfg, model, tx, device)
-        return fit(
+        result = fit(
             st,
             train_step,
             data.EpochBatches(train_split, cfg.batch_size, seed=cfg.seed),
@@ -187,6 +227,45 @@ def train(
             max_steps=max_steps,
             progress=cfg.progress,
         )
+        if _stacked(cfg):
+            _write_members_table(cfg, result, run)
+        return result
+
+
+def _members_line(cfg: Config) -> str:
+    if cfg.sweep:
+        grid = parse_sweep(cfg.sweep)
+        return f"sweep of {len(grid)} members (one init, seed {cfg.seed}): " + "; ".join(
+            f"m{k} " + " ".join(f"{n}={v:g}" for n, v in h.items()) for k, h in enumerate(grid)
+        )
+    seeds = ", ".join(f"m{k} {ensemble.member_seed(cfg.seed, k)}" for k in range(cfg.members))
+    return f"ensemble of {cfg.members} members, seeds {seeds}; batch order from seed {cfg.seed}"
+
+
+def members_table(cfg: Config, result: FitResult) -> list[dict[str, Any]]:
+    """One row per member of an ensemble or sweep: its hyperparameters (a sweep) or seed, and
+    its best `cfg.monitor` with the epoch and the file holding those weights."""
+    grid = parse_sweep(cfg.sweep) if cfg.sweep else [{} for _ in range(cfg.members)]
+    best = result.extra.get("member_best", {})
+    rows = []
+    for k, hyper in enumerate(grid):
+        row: dict[str, Any] = {"member": k, **hyper}
+        if not cfg.sweep:
+            row["seed"] = ensemble.member_seed(cfg.seed, k)
+        b = best.get(k)
+        row.update(monitor=cfg.monitor, best=b["value"] if b else None, epoch=b["epoch"] if b else None)
+        row["weights"] = b["path"] if b else None
+        rows.append(row)
+    return rows
+
+
+def _write_members_table(cfg: Config, result: FitResult, run: RunDir) -> None:
+    rows = members_table(cfg, result)
+    run.write_json("members.json", rows)
+    for r in rows:
+        what = " ".join(f"{n}={r[n]:g}" for n in SWEEPABLE if n in r) or f"seed {r['seed']}"
+        value = "n/a" if r["best"] is None else f"{r['best']:.4f} at epoch {r['epoch']}"
+        run.log.info(f"member {r['member']} ({what}): best {cfg.monitor} {value}")
 
 
 def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> int:
@@ -204,5 +283,10 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> 
         if result.best
         else ""
     )
+    members = result.extra.get("member_best")
+    if members:
+        tail += (
+            f"; each member's best weights in {result.out_dir}/checkpoints/member-*/, table in members.json"
+        )
     print(f"done: {result.epochs_run} epoch(s), {result.stop_reason}{tail}; run directory {result.out_dir}")
     return 0

@@ -144,12 +144,15 @@ class SaveCheckpoint:
     kind "last": last.safetensors (full TrainState + callback states, the resume point);
     kind "best": best.safetensors (weights only, metadata epoch/monitor/value);
     kind "epoch": a per-epoch file kept by `ModelCheckpoint`'s top-k retention.
+    member: for "best" and "epoch" in an ensemble, the member whose weights to write (as a
+    plain single-model file under `checkpoints/member-<k>/`); None: the whole state.
     """
 
     kind: Literal["last", "best", "epoch"]
     epoch: int
     monitor: str | None = None
     value: float | None = None
+    member: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("last", "best", "epoch"):
@@ -158,10 +161,12 @@ class SaveCheckpoint:
 
 @dataclass(frozen=True)
 class DeleteCheckpoint:
-    """Delete the per-epoch checkpoint of `epoch` (a missing file is not an error)."""
+    """Delete the per-epoch checkpoint of `epoch` (of ensemble `member`, if given; a missing
+    file is not an error)."""
 
     kind: Literal["epoch"]
     epoch: int
+    member: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind != "epoch":
@@ -496,6 +501,10 @@ class ModelCheckpoint(Callback):
     the same files (a replayed deletion of a file already gone is a no-op for the loop).
     The other order could leave a "last" claiming a best.safetensors that was never written.
 
+    member: in an ensemble, keep member k's weights (monitor its own metric, e.g.
+    `val_loss_m{k}`, and give each member's callback its own name); its files go to
+    `checkpoints/member-<k>/` as plain single-model weights.
+
     State: {"best": encoded float | None, "best_epoch": int | None,
     "kept": [[epoch, encoded value], ...]} (the per-epoch files on disk).
     """
@@ -506,6 +515,7 @@ class ModelCheckpoint(Callback):
     every_n_epochs: int = 1
     save_top_k: int = 1
     save_last: bool = True
+    member: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -542,14 +552,14 @@ class ModelCheckpoint(Callback):
         if improved(value, decode_float(cb_state["best"]), self.mode):
             state["best"] = encode_float(value)
             state["best_epoch"] = epoch
-            actions.append(SaveCheckpoint("best", epoch, self.monitor, value))
+            actions.append(SaveCheckpoint("best", epoch, self.monitor, value, self.member))
 
         if self.saves_epoch_files and epoch % self.every_n_epochs == 0:
             # a re-run epoch (resume after a crash) replaces its own entry
             kept = [list(e) for e in cb_state["kept"] if e[0] != epoch]
             if self.save_top_k == -1 or len(kept) < self.save_top_k:
                 kept.append([epoch, encode_float(value)])
-                actions.append(SaveCheckpoint("epoch", epoch, self.monitor, value))
+                actions.append(SaveCheckpoint("epoch", epoch, self.monitor, value, self.member))
             else:
                 # worst = largest rank key; ties -> the older epoch (smaller number) goes
                 worst = max(kept, key=lambda e: (self._rank_key(decode_float(e[1])), -e[0]))
@@ -557,8 +567,8 @@ class ModelCheckpoint(Callback):
                     kept = [e for e in kept if e is not worst]
                     kept.append([epoch, encode_float(value)])
                     # save the newcomer before deleting, so a crash leaves k + 1 files, never k - 1
-                    actions.append(SaveCheckpoint("epoch", epoch, self.monitor, value))
-                    actions.append(DeleteCheckpoint("epoch", worst[0]))
+                    actions.append(SaveCheckpoint("epoch", epoch, self.monitor, value, self.member))
+                    actions.append(DeleteCheckpoint("epoch", worst[0], self.member))
             state["kept"] = kept
 
         if self.save_last:

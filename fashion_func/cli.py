@@ -140,6 +140,16 @@ def build_train_parser() -> argparse.ArgumentParser:
         "--lr-step-size", type=_int, help="StepLR: epochs between decays (sets --lr-schedule step)"
     )
     p.add_argument("--lr-gamma", type=_float, help="StepLR / plateau decay factor (default 0.1)")
+    p.add_argument(
+        "--ensemble",
+        type=_int,
+        help="train K independently initialised models in one vmapped step (default 1)",
+    )
+    p.add_argument(
+        "--sweep",
+        help="train one model per hyperparameter combination in one vmapped step, "
+        "e.g. 'lr=1e-3,3e-4,1e-4' or 'lr=1e-3,3e-4 weight_decay=0,5e-4'",
+    )
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip TensorBoard")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument(

@@ -8,7 +8,9 @@ being resumed, a `--config FILE` (JSON or TOML), and command-line flags
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 
 import tomllib
 
-__all__ = ["Config", "ConfigError", "infer_mode", "load_file", "load_preset", "presets"]
+__all__ = ["Config", "ConfigError", "infer_mode", "load_file", "load_preset", "parse_sweep", "presets"]
 
 MODELS = ("simplenet", "simplenet_bn", "alexnet", "mlp")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -78,6 +80,9 @@ class Config:
     lr_gamma: float = 0.1
     tensorboard: bool = True
     progress: bool = True
+    # many models in one vmapped step (fashion_func.ensemble)
+    ensemble: int = 1  # K independently initialised members
+    sweep: str | None = None  # "lr=1e-3,3e-4 weight_decay=0,5e-4": one member per combination
 
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):  # compile=True/False (API, JSON files) means on/off
@@ -144,7 +149,30 @@ class Config:
             e.append(f"--topk must be at least 1, got {self.topk}")
         if self.save_top_k is not None and (self.save_top_k < -1 or self.save_top_k == 0):
             e.append(f"--save-top-k must be -1 (keep all) or at least 1, got {self.save_top_k}")
+        e += self._member_errors()
         return e
+
+    def _member_errors(self) -> list[str]:
+        if self.ensemble < 1:
+            return [f"--ensemble must be at least 1, got {self.ensemble}"]
+        if self.sweep is None:
+            return []
+        if self.ensemble > 1:
+            return ["--sweep and --ensemble are exclusive: a sweep's members differ only in hyperparameters"]
+        try:
+            grid = parse_sweep(self.sweep)
+        except ConfigError as exc:
+            return [str(exc)]
+        if "lr" in grid[0] and self.lr_schedule != "constant":
+            return [
+                f"--sweep lr needs --lr-schedule constant (a {self.lr_schedule} schedule sets one lr for all)"
+            ]
+        return []
+
+    @property
+    def members(self) -> int:
+        """How many models one step trains: the ensemble's size or the sweep's combinations."""
+        return len(parse_sweep(self.sweep)) if self.sweep else self.ensemble
 
     def _type_errors(self) -> list[str]:
         # values from JSON/TOML files arrive untyped: 64.0 is not a batch size
@@ -191,6 +219,35 @@ class Config:
             return cls(**values)
         except TypeError as exc:  # a wrong type compared in validate()
             raise ConfigError(f"invalid config value: {exc}") from None
+
+
+SWEEPABLE = ("lr", "weight_decay")
+
+
+def parse_sweep(text: str) -> list[dict[str, float]]:
+    """The members of a sweep, one dict of hyperparameters each, in grid order (the last name
+    varies fastest): `"lr=1e-3,3e-4 weight_decay=0,5e-4"` gives four members."""
+    axes: dict[str, list[float]] = {}
+    for part in text.replace(";", " ").split():
+        name, eq, values = part.partition("=")
+        name = name.replace("-", "_")
+        if not eq or name not in SWEEPABLE:
+            raise ConfigError(
+                f"--sweep takes NAME=V1,V2,... with NAME one of {', '.join(SWEEPABLE)}, not {part!r}"
+            )
+        if name in axes:
+            raise ConfigError(f"--sweep names {name} twice")
+        try:
+            floats = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise ConfigError(f"--sweep {name}: values must be numbers, got {values!r}") from None
+        low = 0.0 if name == "weight_decay" else math.nextafter(0.0, 1.0)
+        if not all(math.isfinite(v) and v >= low for v in floats):
+            raise ConfigError(f"--sweep {name}: values must be finite and {'>= 0' if low == 0 else '> 0'}")
+        axes[name] = floats
+    if not axes:
+        raise ConfigError("--sweep is empty; give NAME=V1,V2,... (e.g. lr=1e-3,3e-4)")
+    return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
 
 
 def presets() -> list[str]:

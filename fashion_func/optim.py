@@ -353,7 +353,8 @@ def adamw(
 
 
 def _is_hyper(value: Any) -> bool:
-    return isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point()
+    # 0-d, or [K] in a stacked (ensemble) state: one value per member
+    return isinstance(value, Tensor) and value.dim() <= 1 and value.is_floating_point()
 
 
 def _walk(state: Any, fn: Callable[[Any, str, Tensor], Any]) -> Any:
@@ -401,7 +402,8 @@ def get_hyperparam(opt_state: State, name: str) -> Tensor:
 def set_hyperparam(opt_state: State, name: str, value: float | Tensor) -> State:
     """A new state with every hyperparameter `name` set to `value`, keeping its dtype,
     device and shape (so compiled steps do not recompile). The old state is untouched.
-    KeyError if `name` is absent."""
+    In a stacked state (`[K]` per member) a float sets every member and a `[K]` tensor
+    each its own. KeyError if `name` is absent."""
     hits = 0
 
     def replace(owner: Any, field: str, old: Tensor) -> Tensor:
@@ -410,7 +412,7 @@ def set_hyperparam(opt_state: State, name: str, value: float | Tensor) -> State:
             return old
         hits += 1
         if isinstance(value, Tensor):
-            return value.detach().to(dtype=old.dtype, device=old.device).reshape(()).clone()
+            return value.detach().to(dtype=old.dtype, device=old.device).reshape(old.shape).clone()
         return torch.full_like(old, float(value))
 
     new_state = _walk(opt_state, replace)

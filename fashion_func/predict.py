@@ -22,6 +22,7 @@ import io
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from fashion_func import checkpoint, data, interop, metrics
+from fashion_func import checkpoint, data, ensemble, interop, losses, metrics
 from fashion_func.cli import UsageError, _int, _Parser, add_version
 from fashion_func.loop import RunError, resolve_device
 from fashion_func.models import Model, ModelState, Params
@@ -69,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="predict.py", description="Evaluate fashion_func weights on Fashion-MNIST or classify images."
     )
     add_version(p)
-    p.add_argument("--weights", required=True, help="weights file (best.safetensors or a torch export)")
+    p.add_argument(
+        "--weights",
+        required=True,
+        nargs="+",
+        help="weights file (best.safetensors or a torch export); several: evaluate their ensemble "
+        "(mean of probabilities) and report each member too",
+    )
     p.add_argument("--model", help="model name, overriding the file's metadata")
     p.add_argument("--data-dir", help="folder holding the Fashion-MNIST IDX files")
     p.add_argument(
@@ -221,11 +228,15 @@ def classify_images(
     std: float = data.STD,
     k: int = 3,
     model_state: ModelState | None = None,
+    sort: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """(top-k probabilities [N, k], classes [N, k]) for uint8 images [N, 28, 28], best first."""
+    """(top-k probabilities [N, k], classes [N, k]) for uint8 images [N, 28, 28], best first;
+    `sort=False`: all probabilities [N, C] in class order (and the class indices)."""
     eval_step = make_eval_step(model, compile=False, preprocess=NormalizeImages(mean, std))
     labels = torch.zeros(images.shape[0], dtype=torch.int64, device=images.device)  # unused
     probs = torch.softmax(eval_step(params, (images, labels), model_state)["logits"], dim=-1)
+    if not sort:
+        return probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
     top = probs.topk(min(k, probs.shape[-1]), dim=-1)
     return top.values, top.indices
 
@@ -477,12 +488,58 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def _run_images(
-    args: argparse.Namespace, model: Model, params: Params, mean: float, std: float, model_state: ModelState
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Member:
+    """One weights file loaded for prediction: its model, weights and normalisation."""
+
+    path: str
+    model: Model
+    params: Params
+    model_state: ModelState
+    mean: float
+    std: float
+    metadata: dict[str, Any]
+
+
+def load_member(path: str, model_name: str | None, device: torch.device) -> Member:
+    """A weights file ready to predict with (CheckpointError, one line, for a bad file)."""
+    model, weights, metadata = interop.load_weights_file(path, model_name, device=device)
+    # bf16/fp16 files evaluate in fp32; a batch count stays an integer
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    params, model_state = interop.split_state(model, weights)  # batch-norm buffers, if any
+    mean, std = _normalization(metadata)
+    return Member(str(path), model, params, model_state, mean, std, metadata)
+
+
+def ensemble_outputs(outs: Sequence[dict[str, Tensor]], labels: Tensor, topk: int) -> dict[str, Tensor]:
+    """The per-example outputs of the ensemble of several models' outputs (`evaluate`'s), its
+    prediction the mean of their probabilities, beside each one's (`member_*`, `[K, N]`)."""
+    stacked = {
+        k: torch.stack([o[k] for o in outs]) for k in ("loss", "logits", "correct", "topk_correct", "pred")
+    }
+    return ensemble.combine(stacked, labels, losses.cross_entropy_per_example, topk)
+
+
+def _member_report(path: str, out: dict[str, Tensor]) -> dict[str, Any]:
+    return {
+        "weights": path,
+        "accuracy": float(out["correct"].double().mean()),
+        "topk_accuracy": float(out["topk_correct"].double().mean()),
+        "loss": float(out["loss"].double().mean()),
+    }
+
+
+def _run_images(args: argparse.Namespace, members: Sequence[Member]) -> dict[str, Any]:
     files = find_images(args.images)
-    images = torch.stack([_read_image(f, args.invert) for f in files]).to(next(iter(params.values())).device)
-    probs, classes = classify_images(model, params, images, mean=mean, std=std, k=3, model_state=model_state)
+    device = next(iter(members[0].params.values())).device
+    images = torch.stack([_read_image(f, args.invert) for f in files]).to(device)
+    probs = torch.stack([
+        classify_images(m.model, m.params, images, mean=m.mean, std=m.std, k=1,
+                        model_state=m.model_state, sort=False)[0]
+        for m in members
+    ]).mean(0)  # fmt: skip
+    top = probs.topk(min(3, probs.shape[-1]), dim=-1)
+    probs, classes = top.values, top.indices
     results = []
     for f, ps, cs in zip(files, probs.tolist(), classes.tolist(), strict=True):
         top3 = [{"class": c, "name": data.CLASS_NAMES[c], "prob": p} for p, c in zip(ps, cs, strict=True)]
@@ -496,35 +553,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parse(argv)
         device = resolve_device(args.device)
-        model, weights, metadata = interop.load_weights_file(args.weights, args.model, device=device)
-        # bf16/fp16 files evaluate in fp32; a batch count stays an integer
-        weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
-        params, model_state = interop.split_state(model, weights)  # batch-norm buffers, if any
-        mean, std = _normalization(metadata)
-        summary: dict[str, Any] = {"weights": str(args.weights), "model": model.name}
-        epoch = f", epoch {metadata['epoch']}" if "epoch" in metadata else ""
-        print(f"weights {args.weights} ({model.name}{epoch}), device {device}")
+        members = [load_member(w, args.model, device) for w in args.weights]
+        names = ", ".join(sorted({m.model.name for m in members}))
+        summary: dict[str, Any] = {
+            "weights": args.weights[0] if len(members) == 1 else args.weights,
+            "model": names,
+        }
+        for m in members:
+            epoch = f", epoch {m.metadata['epoch']}" if "epoch" in m.metadata else ""
+            print(f"weights {m.path} ({m.model.name}{epoch}), device {device}")
         if args.images:
-            summary.update(_run_images(args, model, params, mean, std, model_state))
+            summary.update(_run_images(args, members))
         else:
             split = data.load("test", args.data_dir, device=device, limit=args.limit)
             print(f"test set: {split.labels.shape[0]} examples from {split.source}")
-            result = evaluate(
-                model,
-                params,
-                split,
-                batch_size=args.batch_size,
-                topk=args.topk,
-                mean=mean,
-                std=std,
-                compile=args.compile,
-                model_state=model_state,
-            )
+            outs = [
+                evaluate(m.model, m.params, split, batch_size=args.batch_size, topk=args.topk, mean=m.mean,
+                         std=m.std, compile=args.compile, model_state=m.model_state)
+                for m in members
+            ]  # fmt: skip
+            result = outs[0] if len(outs) == 1 else ensemble_outputs(outs, split.labels, args.topk)
             report = _report(result, split.labels, args.topk)
             report["most_confused"] = most_confident_mistakes(
                 result["logits"], split.labels, result["pred"], args.num_confused
             )
             summary.update(report)
+            if len(members) > 1:
+                summary["members"] = [_member_report(m.path, o) for m, o in zip(members, outs, strict=True)]
+                for r in summary["members"]:
+                    print(f"member {r['weights']}: accuracy {r['accuracy']:.4f}, loss {r['loss']:.4f}")
+                print(f"ensemble of {len(members)} (mean of probabilities):")
             print(_format_report(report))
             if report["most_confused"]:
                 print("\nmost confidently wrong (index: true -> predicted, confidence):")

@@ -31,11 +31,15 @@ __all__ = [
     "PRECISIONS",
     "NormalizeImages",
     "as_model",
+    "check_per_example",
+    "eval_core",
+    "in_topk",
     "make_eval_step",
     "make_train_step",
     "normalize_images",
     "per_example_grad_norms",
     "per_example_grads",
+    "train_core",
 ]
 
 # Fashion-MNIST train-set statistics (equal to data.MEAN / data.STD; the step may not
@@ -100,7 +104,7 @@ def _check_precision(precision: str) -> None:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
 
 
-def _check_per_example(values: Tensor, batch_size: int) -> None:
+def check_per_example(values: Tensor, batch_size: int) -> None:
     # shapes are static: this runs once per trace, never on tensor values
     if tuple(values.shape) != (batch_size,):
         raise ValueError(
@@ -190,7 +194,7 @@ def make_train_step(
     metrics: `loss_sum` and `count` (and `correct`, `top{k}_correct` for class labels) as 0-d
         device tensors, sums over the batch.
     """
-    core = _train_core(
+    core = train_core(
         as_model(model), optimizer, loss=loss, preprocess=preprocess, precision=precision,
         compile=compile, device_type=device_type, topk=topk, reduce_grads=reduce_grads,
     )  # fmt: skip
@@ -206,7 +210,7 @@ def make_train_step(
     return train_step
 
 
-def _train_core(
+def train_core(
     model: Model,
     optimizer: optim.GradientTransformation,
     *,
@@ -253,7 +257,7 @@ def _train_core(
     return torch.compile(core) if compile is True else core
 
 
-def _in_topk(logits: Tensor, y: Tensor, k: int) -> Tensor:
+def in_topk(logits: Tensor, y: Tensor, k: int) -> Tensor:
     """[B] bool: the label is among the `k` highest logits (`k` capped at the class count)."""
     top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
     return (top == y[:, None]).any(-1)
@@ -281,7 +285,7 @@ def _gradients_fn(
             with _autocast(precision, dev):
                 logits, new_state = _forward(model, p, x, model_state, train=True, key=key)
             values = per_example(_at_least_float32(logits), y)  # [B]
-            _check_per_example(values, y.shape[0])
+            check_per_example(values, y.shape[0])
             return values.mean(), (values, logits, new_state)
 
         grads, (_, (values, logits, new_state)) = torch.func.grad_and_value(loss_and_aux, has_aux=True)(
@@ -295,10 +299,33 @@ def _gradients_fn(
         if _is_classification(logits, y):
             metrics["correct"] = (logits.argmax(-1) == y).sum()
             if topk is not None:
-                metrics[f"top{topk}_correct"] = _in_topk(logits, y, topk).sum()
+                metrics[f"top{topk}_correct"] = in_topk(logits, y, topk).sum()
         return grads, {k: v.detach() for k, v in new_state.items()}, metrics
 
     return gradients
+
+
+def eval_core(
+    model: Model, per_example: LossFn, preprocess: Preprocess | None, precision: str, topk: int
+) -> Callable[[Params, ModelState, Tensor, Tensor], dict[str, Tensor]]:
+    """The pure `(params, model_state, inputs, y) -> per-example metrics` behind an eval step
+    (uncompiled, so that it can be vmapped over ensemble members first)."""
+    _check_precision(precision)
+
+    def core(params: Params, model_state: ModelState, inputs: Tensor, y: Tensor) -> dict[str, Tensor]:
+        x = _preprocess(preprocess, inputs)
+        with torch.no_grad(), _autocast(precision, inputs.device.type):
+            logits, _ = _forward(model, params, x, model_state, train=False, key=None)
+        logits = _at_least_float32(logits)
+        values = per_example(logits, y)
+        check_per_example(values, y.shape[0])
+        out = {"loss": values, "logits": logits}
+        if _is_classification(logits, y):
+            pred = logits.argmax(-1)
+            out.update(correct=pred == y, topk_correct=in_topk(logits, y, topk), pred=pred)
+        return out
+
+    return core
 
 
 def make_eval_step(
@@ -318,23 +345,8 @@ def make_eval_step(
     also `correct` [B] bool, `topk_correct` [B] bool (label among the `topk` highest logits)
     and `pred` [B] int64.
     """
-    _check_precision(precision)
     model = as_model(model)
-    per_example = loss or losses.cross_entropy_per_example
-
-    def core(params: Params, model_state: ModelState, inputs: Tensor, y: Tensor) -> dict[str, Tensor]:
-        x = _preprocess(preprocess, inputs)
-        with torch.no_grad(), _autocast(precision, inputs.device.type):
-            logits, _ = _forward(model, params, x, model_state, train=False, key=None)
-        logits = _at_least_float32(logits)
-        values = per_example(logits, y)
-        _check_per_example(values, y.shape[0])
-        out = {"loss": values, "logits": logits}
-        if _is_classification(logits, y):
-            pred = logits.argmax(-1)
-            out.update(correct=pred == y, topk_correct=_in_topk(logits, y, topk), pred=pred)
-        return out
-
+    core = eval_core(model, loss or losses.cross_entropy_per_example, preprocess, precision, topk)
     fn = torch.compile(core) if compile else core
 
     def eval_step(params: Params | TrainState, batch: Batch, model_state: ModelState | None = None):

@@ -14,6 +14,7 @@ import inspect
 import itertools
 import logging
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -32,7 +33,7 @@ from fashion_func.loop import rundir
 from fashion_func.loop.rundir import BEST, LAST, RunDir, RunError
 from fashion_func.state import TrainState
 
-__all__ = ["FitResult", "Interrupted", "epoch_batches", "evaluate", "fit"]
+__all__ = ["FitResult", "Interrupted", "epoch_batches", "evaluate", "expand_members", "fit"]
 
 Data = Iterable[Any] | Callable[..., Iterable[Any]]
 
@@ -106,42 +107,88 @@ def evaluate(
     of `loss` is `val_loss`, of `correct` `val_acc`, of `topk_correct` `val_top{k}` (k from
     `eval_step.topk`, default 5). `state` is a TrainState or what the eval step takes.
     """
-    names = {
+    own = {
         "loss": "val_loss",
         "correct": "val_acc",
         "topk_correct": f"val_top{getattr(eval_step, 'topk', 5)}",
     }
+    names = {**own, **{f"member_{k}": v for k, v in own.items()}}  # an ensemble's members: [K, B]
     sums: dict[str, Tensor] = {}
     count = 0
     for batch in batches:
         out = eval_step(state, batch)
-        count += int(out["loss"].shape[0])  # a shape: no sync
+        count += int(out["loss"].shape[-1])  # a shape: no sync
         for key in names:
             if key in out:
-                part = out[key].double().sum()
+                part = out[key].double().sum(-1)
                 sums[key] = part if key not in sums else sums[key] + part
-    if not sums:
+    values = _to_host(sums)  # the one sync
+    scalars = {names[k]: v / count for k, v in values.items() if k in own}
+    members = {names[k]: [x / count for x in v] for k, v in values.items() if k not in own}
+    return expand_members(members, scalars)
+
+
+def _to_host(tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Floats (0-d tensors) and lists of floats (one per member, [K]) in one host sync."""
+    if not tensors:
         return {}
-    values = torch.stack(list(sums.values())).tolist()  # the one sync
-    return {names[k]: v / count for k, v in zip(sums, values, strict=True)}
+    flat = torch.cat([t.double().reshape(-1) for t in tensors.values()]).tolist()
+    out: dict[str, Any] = {}
+    i = 0
+    for k, t in tensors.items():
+        n = t.numel()
+        out[k] = flat[i] if t.dim() == 0 else flat[i : i + n]
+        i += n
+    return out
+
+
+def expand_members(
+    members: Mapping[str, Sequence[float]], own: Mapping[str, float] | None = None
+) -> dict[str, float]:
+    """Flat metrics from per-member lists: `x` -> `x_m0, x_m1, ...`, `x_mean`, `x_std` (sample
+    standard deviation over members, 0 for one member), and `x` itself: the ensemble's own
+    value where `own` has it (validation of the averaged prediction), else the members' mean."""
+    out = dict(own or {})
+    for name, values in members.items():
+        vals = list(values)
+        out.setdefault(name, statistics.fmean(vals))
+    for name, values in members.items():
+        vals = list(values)
+        out[f"{name}_mean"] = statistics.fmean(vals)
+        out[f"{name}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.update({f"{name}_m{k}": v for k, v in enumerate(vals)})
+    return out
+
+
+def _host_step(step: Tensor) -> int:
+    """The step as an int; an ensemble's members all stand at the same step."""
+    return int(step.reshape(-1)[0])
 
 
 # -- the driver --------------------------------------------------------------------------------
 
 
-def _train_metrics(sums: Mapping[str, float], steps: int) -> dict[str, float]:
+def _train_metrics(sums: Mapping[str, Any], steps: int) -> dict[str, float]:
     """Epoch means from summed step metrics: `loss_sum` -> train_loss, `correct` -> train_acc,
     `top5_correct` -> train_top5, `x_sum` -> train_x, anything else -> train_<key>; per
-    example when `count` is given."""
-    denom = sums.get("count", steps) or 1
-    out: dict[str, float] = {}
+    example when `count` is given. Per-member sums (lists, from an ensemble step) become
+    per-member means, expanded by `expand_members`."""
+    count = sums.get("count", steps) or 1
+    denom = count[0] if isinstance(count, list) else count  # members see the same batches
+    scalars: dict[str, float] = {}
+    members: dict[str, list[float]] = {}
     for k, v in sums.items():
         if k in ("count", "first_bad"):
             continue
-        name = "acc" if k == "correct" else k.removesuffix("_sum").removesuffix("_correct")
-        out[f"train_{name}"] = v / denom
+        name = "train_" + ("acc" if k == "correct" else k.removesuffix("_sum").removesuffix("_correct"))
+        if isinstance(v, list):
+            members[name] = [x / denom for x in v]
+        else:
+            scalars[name] = v / denom
     order = {"train_loss": 0, "train_acc": 1}
-    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], 2)))
+    scalars = dict(sorted(scalars.items(), key=lambda kv: order.get(kv[0], 2)))
+    members = dict(sorted(members.items(), key=lambda kv: order.get(kv[0], 2)))
+    return expand_members(members, scalars)
 
 
 @contextlib.contextmanager
@@ -205,6 +252,7 @@ class _Driver:
         self.lr = resume_lib.host_lr(state.opt_state)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
+        self.member_best: dict[int, dict[str, Any]] = {}
         self.stop_reason = "completed"
         self.epochs_run = 0
         self.flag: dict[str, int | None] = {"signum": None}
@@ -220,7 +268,7 @@ class _Driver:
         where = f"epoch {point.start_epoch}" + (
             f", batch {point.in_epoch['batch']}" if point.in_epoch else ""
         )
-        self.log.info(f"resumed from {point.path} at step {int(point.state.step)} ({where})")
+        self.log.info(f"resumed from {point.path} at step {_host_step(point.state.step)} ({where})")
         if point.start_epoch > self.epochs:
             self.log.info(f"the checkpoint is past epoch {self.epochs} (epochs); nothing to train")
 
@@ -237,24 +285,37 @@ class _Driver:
             return None
         path = self.run.checkpoints / LAST
         checkpoint.save_state(path, self.state, metadata=self._meta(epoch_done, in_epoch))
-        self.log.info(f"saved {path} (step {int(self.state.step)})")
+        self.log.info(f"saved {path} (step {_host_step(self.state.step)})")
         return path
 
+    def _weights_path(self, kind: str, epoch: int, member: int | None) -> Path | None:
+        if self.run is None:
+            return None
+        folder = self.run.checkpoints if member is None else self.run.checkpoints / f"member-{member:02d}"
+        return folder / (BEST if kind == "best" else f"epoch-{epoch:03d}.safetensors")
+
     def _save_weights(self, a: cbs.SaveCheckpoint) -> None:
-        name = BEST if a.kind == "best" else f"epoch-{a.epoch:03d}.safetensors"
-        path = self.run.checkpoints / name if self.run else None
+        path = self._weights_path(a.kind, a.epoch, a.member)
         if a.kind == "best":
-            self.best = {
+            record = {
                 "epoch": a.epoch,
                 "monitor": a.monitor,
                 "value": a.value,
                 "path": str(path) if path else None,
             }
+            if a.member is None:
+                self.best = record
+            else:
+                self.member_best[a.member] = record
         if path is None:
             return
         # a stateful model's buffers travel with its weights, under nn.Module's names
         weights = {**self.state.params, **self.state.model_state}
         meta = {**self.metadata, "epoch": a.epoch, "monitor": a.monitor, "value": a.value}
+        if a.member is not None:  # one member of an ensemble: a plain single-model file
+            path.parent.mkdir(exist_ok=True)
+            weights = {k: v[a.member] for k, v in weights.items()}
+            meta["member"] = a.member
         checkpoint.save_weights(path, weights, metadata=meta)
         self.log.info(f"saved {path} ({a.monitor} {a.value})")
 
@@ -319,7 +380,7 @@ class _Driver:
         elif isinstance(a, cbs.PlotHistory):
             rundir.plot_history(a.records, run.path)
         elif isinstance(a, cbs.DeleteCheckpoint):
-            (run.checkpoints / f"epoch-{a.epoch:03d}.safetensors").unlink(missing_ok=True)
+            self._weights_path("epoch", a.epoch, a.member).unlink(missing_ok=True)
 
     # -- epochs --------------------------------------------------------------------------------
 
@@ -357,7 +418,9 @@ class _Driver:
         """
         ep = self._begin_epoch(epoch)
         bar = self._bar(ep)
-        host_step = int(self.state.step)  # mirrors state.step on the host, so checking it costs no sync
+        host_step = _host_step(
+            self.state.step
+        )  # mirrors state.step on the host, so checking it costs no sync
         ep.t0 = time.perf_counter()
         batches = enumerate(epoch_batches(self.train_data, epoch, ep.first_batch), ep.first_batch)
         b = ep.first_batch - 1
@@ -365,8 +428,9 @@ class _Driver:
             self.state, m = self.train_step(self.state, batch)
             ep.sums = {k: ep.sums[k] + v if k in ep.sums else v for k, v in m.items()}
             if "loss_sum" in m:  # first step whose loss was not finite, tracked on the device (no sync)
-                bad = (ep.first_bad < 0) & ~torch.isfinite(m["loss_sum"])
-                ep.first_bad = torch.where(bad, self.state.step, ep.first_bad)
+                # (any member's, in an ensemble: every member is at the same step)
+                bad = (ep.first_bad < 0) & ~torch.isfinite(m["loss_sum"]).all()
+                ep.first_bad = torch.where(bad, self.state.step.reshape(-1)[0], ep.first_bad)
             bar.update(1)
             host_step += 1
             cut = self.max_steps is not None and host_step >= self.max_steps
@@ -398,7 +462,7 @@ class _Driver:
             "epoch": ep.epoch,
             "batch": next_batch,
             "batching": getattr(self.train_data, "batching", None),
-            "sums": {k: v.item() for k, v in ep.sums.items()},
+            "sums": {k: v.tolist() for k, v in ep.sums.items()},
             "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in ep.sums.items()},
             "first_bad": bad_step,
             "elapsed": ep.elapsed(),
@@ -422,17 +486,16 @@ class _Driver:
         raise Interrupted(self.flag["signum"], path or Path("."), saved=saved)
 
     def _end_epoch(self, ep: _Epoch, steps: int) -> None:
-        keys = list(ep.sums)
-        values = torch.stack(
-            [ep.sums[k].double() for k in keys] + [ep.first_bad.double()]
-        ).tolist()  # one sync
-        sums, bad = dict(zip(keys, values[:-1], strict=True)), int(values[-1])
+        sums = _to_host({**ep.sums, "first_bad": ep.first_bad})  # one sync
+        bad = int(sums.pop("first_bad"))
         train_time = ep.elapsed()
         finite = bad < 0 and self._params_finite()
         metrics: dict[str, Any] = _train_metrics(sums, max(steps, 1))
         if self.eval_step is not None and self.val_data is not None:
             metrics.update(evaluate(self.eval_step, self.state, epoch_batches(self.val_data, ep.epoch)))
-        if self.lr is not None:
+        if isinstance(self.lr, list):  # a sweep's members each have their own
+            metrics.update(expand_members({"lr": self.lr}))
+        elif self.lr is not None:
             metrics["lr"] = self.lr
         metrics["epoch_time_s"] = train_time
         if bad >= 0:
@@ -459,7 +522,7 @@ class _Driver:
             if reason:
                 self.stop_reason = reason
             epoch = self.start_epoch
-            if self.max_steps is not None and int(self.state.step) >= self.max_steps:
+            if self.max_steps is not None and _host_step(self.state.step) >= self.max_steps:
                 self.stop_reason = f"max_steps {self.max_steps} reached"  # already there: no step taken
             while epoch <= self.epochs and self.stop_reason == "completed":
                 if not self.train_epoch(epoch):
@@ -467,7 +530,8 @@ class _Driver:
                 epoch += 1
         self.dispatch(cbs.TrainEnd(epoch=epoch - 1, reason=self.stop_reason), epoch - 1)
         out = self.run.path if self.run else None
-        return FitResult(self.state, self.history, self.epochs_run, self.stop_reason, out, self.best)
+        extra = {"member_best": dict(sorted(self.member_best.items()))} if self.member_best else {}
+        return FitResult(self.state, self.history, self.epochs_run, self.stop_reason, out, self.best, extra)
 
 
 def fit(

@@ -32,7 +32,7 @@ class ResumePoint:
     cb_states: dict[str, Any]
     start_epoch: int
     in_epoch: dict[str, Any] | None
-    lr: float | None
+    lr: float | list[float] | None
     history: list[dict[str, Any]]
     metadata: dict[str, Any] = field(repr=False)
 
@@ -91,7 +91,9 @@ def load(path: str | Path, template: TrainState, callbacks: Sequence[Any] = ()) 
     saved = meta.get("callbacks", {})
     cb_states = {cb.name: saved.get(cb.name, cb.init()) for cb in callbacks}
     if "lr" in meta:
-        lr: float | None = float(meta["lr"])
+        lr: float | list[float] | None = (
+            [float(x) for x in meta["lr"]] if isinstance(meta["lr"], list) else float(meta["lr"])
+        )
     else:
         lr = host_lr(st.opt_state)
     return ResumePoint(
@@ -106,19 +108,23 @@ def load(path: str | Path, template: TrainState, callbacks: Sequence[Any] = ()) 
     )
 
 
-def host_lr(opt_state: Any) -> float | None:
+def host_lr(opt_state: Any) -> float | list[float] | None:
     """The optimizer's learning rate as the float it was set from, or None if it has none.
 
     The state holds it as a float32 tensor (0.0010000000474974513); its shortest float32
-    repr is what the user wrote (0.001), which is what logs and history should show.
+    repr is what the user wrote (0.001), which is what logs and history should show. A
+    stacked state (ensemble, sweep) gives one float when all members share it, else a list.
     """
     try:
         value = optim.get_hyperparam(opt_state, "lr")
     except KeyError:
         return None
+    floats = value.reshape(-1).tolist()
     if value.dtype == torch.float32:
-        return float(str(np.float32(float(value))))
-    return float(value)
+        floats = [float(str(np.float32(x))) for x in floats]
+    if value.dim() == 0 or len(set(floats)) == 1:
+        return floats[0]
+    return floats
 
 
 def check_same_batches(in_epoch: Mapping[str, Any], batching: Mapping[str, Any] | None) -> None:

@@ -1,0 +1,224 @@
+"""Many models in one step: ensembles and hyperparameter sweeps over a stacked `TrainState`.
+
+A stacked state is an ordinary `TrainState` whose every tensor has a leading member axis of
+size K: `params[name]` is `[K, *shape]`, the optimizer's hyperparameters are `[K]` (so
+members may differ in learning rate or weight decay), `step` and `rng` are `[K]`. The train
+step built here is the ordinary step's pure core vmapped over that axis with the batch
+shared, compiled once: K models cost one step's dispatch, and member k's trajectory is the
+solo run of `member(state, k)` on the same batches (its own init, its own dropout keys).
+
+    states = [state.create(model.init(torch.Generator().manual_seed(member_seed(0, k))), tx,
+                           seed=member_seed(0, k)) for k in range(4)]
+    ens = stack(states)
+    step = make_train_step(model, tx)            # metrics: [K] sums, one per member
+    ens, metrics = step(ens, (images, labels))
+    evaluate = make_eval_step(model)             # the ensemble's own metrics + each member's
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from fashion_func import losses, nn, optim
+from fashion_func.models import Model, ModelState, Params
+from fashion_func.state import TrainState
+from fashion_func.state import create as create_state
+from fashion_func.step import (
+    FASHION_MNIST,
+    Batch,
+    LossFn,
+    NormalizeImages,
+    Preprocess,
+    as_model,
+    check_per_example,
+    eval_core,
+    in_topk,
+    train_core,
+)
+
+__all__ = [
+    "combine",
+    "init",
+    "make_eval_step",
+    "make_train_step",
+    "member",
+    "member_seed",
+    "size",
+    "stack",
+    "unstack",
+]
+
+
+def stack(states: Sequence[TrainState]) -> TrainState:
+    """One state with a leading member axis from `states` (all of one structure)."""
+    if not states:
+        raise ValueError("stack needs at least one state")
+    leaves = [pytree.tree_flatten(s) for s in states]
+    spec = leaves[0][1]
+    for i, (_, other) in enumerate(leaves[1:], 1):
+        if other != spec:
+            raise ValueError(f"state {i} differs in structure from state 0; members must be alike")
+    stacked = [torch.stack(group) for group in zip(*(flat for flat, _ in leaves), strict=True)]
+    return pytree.tree_unflatten(stacked, spec)
+
+
+def size(state: TrainState) -> int:
+    """The number of members of a stacked state (its step has one entry per member)."""
+    if state.step.dim() != 1:
+        raise ValueError(f"not a stacked state: step has shape {list(state.step.shape)}, expected [K]")
+    return int(state.step.shape[0])
+
+
+def member(state: TrainState, k: int) -> TrainState:
+    """Member `k` of a stacked state, as the solo `TrainState` it would be."""
+    n = size(state)
+    if not 0 <= k < n:
+        raise IndexError(f"member {k} out of range for an ensemble of {n}")
+    return pytree.tree_map(lambda t: t[k], state)
+
+
+def unstack(state: TrainState) -> list[TrainState]:
+    """The members of a stacked state, in order."""
+    return [member(state, k) for k in range(size(state))]
+
+
+def member_seed(seed: int, k: int) -> int:
+    """The seed of member `k` of an ensemble seeded `seed`: member 0 is the solo run's seed,
+    the others are hashed from (seed, k) so that runs with nearby seeds share no member."""
+    if k == 0:
+        return seed
+    return int(nn.fold_in(seed, k))
+
+
+def init(
+    model: Model,
+    optimizer: optim.GradientTransformation,
+    *,
+    members: int,
+    seed: int = 0,
+    hyperparams: Sequence[Mapping[str, float]] | None = None,
+    same_init: bool = False,
+    device: torch.device | str | None = None,
+) -> TrainState:
+    """A stacked state of `members` fresh members.
+
+    Member k is initialised, and draws its dropout keys, from `member_seed(seed, k)`, or from
+    `seed` for every member when `same_init` (a sweep, where only the hyperparameters should
+    differ). hyperparams: one mapping per member, e.g. `[{"lr": 1e-3}, {"lr": 3e-4}]`, set
+    in that member's optimizer state (names as `optim.hyperparams` lists them).
+    """
+    if members < 1:
+        raise ValueError(f"an ensemble needs at least one member, got {members}")
+    if hyperparams is not None and len(hyperparams) != members:
+        raise ValueError(f"hyperparams has {len(hyperparams)} entries for {members} members")
+    states = []
+    for k in range(members):
+        s = seed if same_init else member_seed(seed, k)
+        params = model.init(torch.Generator().manual_seed(s), device=device)
+        st = create_state(params, optimizer, seed=s, model_state=model.init_state(device=device))
+        for name, value in (hyperparams[k] if hyperparams else {}).items():
+            st = st.replace(opt_state=optim.set_hyperparam(st.opt_state, name, value))
+        states.append(st)
+    return stack(states)
+
+
+def _nchw(preprocess: Preprocess | None) -> Preprocess | None:
+    # vmap cannot carry a channels-last memory format through its batched convolutions
+    # (PyTorch raises NYI), so the ensemble's images are laid out NCHW
+    if isinstance(preprocess, NormalizeImages) and preprocess.channels_last is not False:
+        return dataclasses.replace(preprocess, channels_last=False)
+    return preprocess
+
+
+def make_train_step(
+    model: Model | Callable[..., Tensor],
+    optimizer: optim.GradientTransformation,
+    *,
+    loss: LossFn | None = None,
+    preprocess: Preprocess | None = FASHION_MNIST,
+    precision: str = "fp32",
+    compile: bool | str = True,
+    device_type: str | None = None,
+    topk: int | None = None,
+    reduce_grads: Callable[[Params], Params] | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
+    """`step(stacked_state, batch) -> (stacked_state, metrics)`: `step.make_train_step` vmapped
+    over the members, the batch shared. Arguments as there; each metric is `[K]`, one sum per
+    member (`fit` reports them per member, with their mean and standard deviation)."""
+    core = train_core(
+        as_model(model), optimizer, loss=loss, preprocess=_nchw(preprocess), precision=precision,
+        compile=compile, device_type=device_type, topk=topk, reduce_grads=reduce_grads,
+        members=True,
+    )  # fmt: skip
+
+    def ensemble_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
+        size(state)
+        inputs, y = batch
+        params, opt_state, step, model_state, metrics = core(
+            state.params, state.model_state, state.opt_state, state.step, state.rng, inputs, y
+        )
+        new = state.replace(params=params, opt_state=opt_state, step=step, model_state=model_state)
+        return new, metrics
+
+    return ensemble_step
+
+
+def combine(member_out: Mapping[str, Tensor], y: Tensor, per_example: LossFn, topk: int) -> dict[str, Tensor]:
+    """The ensemble's own per-example metrics (mean of the members' probabilities) beside each
+    member's (`member_<name>`, `[K, B]`)."""
+    # log of the mean probability, computed stably: logsumexp of log-probs minus log K
+    log_probs = torch.log_softmax(member_out["logits"], dim=-1)
+    k = log_probs.shape[0]
+    logits = torch.logsumexp(log_probs, dim=0) - torch.log(torch.tensor(float(k), device=y.device))
+    values = per_example(logits, y)
+    check_per_example(values, y.shape[0])
+    out = {"loss": values, "logits": logits}
+    if "correct" in member_out:
+        pred = logits.argmax(-1)
+        out.update(correct=pred == y, topk_correct=in_topk(logits, y, topk), pred=pred)
+    out.update({f"member_{name}": v for name, v in member_out.items() if name != "logits"})
+    out["member_logits"] = member_out["logits"]
+    return out
+
+
+def make_eval_step(
+    model: Model | Callable[..., Tensor],
+    *,
+    loss: LossFn | None = None,
+    preprocess: Preprocess | None = FASHION_MNIST,
+    precision: str = "fp32",
+    compile: bool = True,
+    topk: int = 5,
+) -> Callable[..., dict[str, Tensor]]:
+    """`eval_step(stacked_state_or_params, batch, model_state=None) -> per-example metrics`.
+
+    The ensemble's prediction is the mean of its members' probabilities: `loss`, `logits`
+    (log of that mean), `correct`, `topk_correct`, `pred` are the ensemble's, `[B]` as from
+    `step.make_eval_step`; `member_loss`, `member_correct`, ... are each member's, `[K, B]`.
+    """
+    model = as_model(model)
+    per_example = loss or losses.cross_entropy_per_example
+    member_core = torch.func.vmap(
+        eval_core(model, per_example, _nchw(preprocess), precision, topk), in_dims=(0, 0, None, None)
+    )
+
+    def core(params: Params, model_state: ModelState, inputs: Tensor, y: Tensor) -> dict[str, Tensor]:
+        return combine(member_core(params, model_state, inputs, y), y, per_example, topk)
+
+    fn = torch.compile(core) if compile else core
+
+    def eval_step(params: Any, batch: Batch, model_state: ModelState | None = None) -> dict[str, Tensor]:
+        if isinstance(params, TrainState):
+            params, model_state = params.params, params.model_state
+        if model.stateful and not model_state:
+            raise ValueError(f"model {model.name} is stateful: pass its model_state (or a TrainState)")
+        return fn(params, model_state or {}, *batch)
+
+    eval_step.topk = topk  # type: ignore[attr-defined]
+    return eval_step
