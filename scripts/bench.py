@@ -3,6 +3,7 @@
 
     python scripts/bench.py [--device cpu|cuda] [--epochs 3] [--limit-train N] [--json]
                             [--rows fashion_func,tutorial,eager,flax] [--precisions fp32,bf16]
+                            [--ensemble K]
 
 Rows (batch 128, Adam lr 1e-3, same data):
   fashion_func  our training path exactly as scripts/train.py runs it (`app.train` -> `fit`)
@@ -10,6 +11,9 @@ Rows (batch 128, Adam lr 1e-3, same data):
                 nn.Module + torch.optim.Adam
   eager         nn.Module + torch.optim.Adam on device-resident data
   flax          Flax + Optax, jitted step in a Python loop (skipped when jax/flax/optax do not import)
+  ensemble K    (with --ensemble K) `train.py --ensemble K`: K SimpleNets in one vmapped step;
+                reported as per-model throughput against the solo fashion_func row of the same
+                call: K x solo epoch time / ensemble epoch time (1.0x: no faster than K solo runs)
 
 Each row runs in its own subprocess (clean peak memory, no shared thread pools). The
 first epoch is the warm-up (it absorbs compilation); seconds per epoch is the median of
@@ -81,6 +85,7 @@ def row_fashion_func(args) -> dict:
             model="simplenet", epochs=args.epochs, batch_size=128, lr=1e-3, seed=0, device=args.device,
             precision=args.precision, compile=args.compile, data_dir=args.data_dir,
             limit_train=args.limit_train, tensorboard=False, progress=False, out=str(Path(tmp) / "run"),
+            ensemble=args.members,
         )  # fmt: skip
         t0 = time.perf_counter()
         import contextlib
@@ -90,6 +95,13 @@ def row_fashion_func(args) -> dict:
             result = app.train(cfg)
         total = time.perf_counter() - t0
         times = [r["epoch_time_s"] for r in result.history]
+        if args.members > 1:  # the ensemble's own accuracy; evaluation is timed for solo rows
+            return {
+                "times": times,
+                "acc": result.history[-1]["val_acc"],
+                "total_s": total,
+                "members": args.members,
+            }
         # evaluation of the 10,000 test images with per-example metrics, after warm-up
         test = data.load("test", args.data_dir, device=args.device)
         compiled = loop.resolve_compile(cfg.compile, test.images.device) is True
@@ -248,7 +260,8 @@ def row_flax(args) -> dict:
 
 def run_row(args) -> dict:
     """Runs in the child process: one row, one JSON line on stdout."""
-    fn = {"fashion_func": row_fashion_func, "tutorial": row_tutorial, "eager": row_eager, "flax": row_flax}
+    fn = {"fashion_func": row_fashion_func, "tutorial": row_tutorial, "eager": row_eager, "flax": row_flax,
+          "ensemble": row_fashion_func}  # fmt: skip
     result = fn[args.row](args)
     if "times" in result:
         result["peak_mb"] = _peak_mb(args.device)
@@ -262,7 +275,7 @@ def _child_cmd(args, row: str, precision: str) -> list[str]:
         cmd += ["--limit-train", str(args.limit_train)]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
-    cmd += ["--compile", args.compile]
+    cmd += ["--compile", args.compile, "--members", str(args.ensemble if row == "ensemble" else 1)]
     return cmd
 
 
@@ -279,7 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-compile", dest="compile", action="store_const", const="off")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    ap.add_argument(
+        "--ensemble",
+        type=int,
+        default=0,
+        help="also time K SimpleNets in one vmapped step against the solo row",
+    )
     ap.add_argument("--row", help=argparse.SUPPRESS)
+    ap.add_argument("--members", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.epochs < 3:
@@ -292,10 +312,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(rows) - set(ROWS)
     if unknown:
         ap.error(f"unknown rows: {', '.join(sorted(unknown))}")
-    jobs = [(r, p) for r in rows for p in (args.precisions.split(",") if r == "fashion_func" else ["fp32"])]
+    if args.ensemble == 1 or args.ensemble < 0:
+        ap.error("--ensemble must be at least 2")
+    if args.ensemble:  # the solo row is the ensemble's baseline: always run it
+        rows = [*dict.fromkeys(["fashion_func", *rows]), "ensemble"]
+    ours = ("fashion_func", "ensemble")
+    jobs = [(r, p) for r in rows for p in (args.precisions.split(",") if r in ours else ["fp32"])]
     results = []
     for row, precision in jobs:
-        name = row if row != "fashion_func" else f"fashion_func ({precision})"
+        name = {
+            "fashion_func": f"fashion_func ({precision})",
+            "ensemble": f"ensemble {args.ensemble} ({precision})",
+        }
+        name = name.get(row, row)
         print(f"running {name} ...", file=sys.stderr, flush=True)
         env = dict(os.environ, JAX_PLATFORMS="cuda" if args.device == "cuda" else "cpu")
         proc = subprocess.run(_child_cmd(args, row, precision), capture_output=True, text=True, env=env)
@@ -331,9 +360,25 @@ def main(argv: list[str] | None = None) -> int:
         if "eval_s" in r:
             print(f"{r['row']}: evaluating 10,000 test images takes {r['eval_s']:.2f} s "
                   f"({100 * r['eval_s'] / r['steady_s']:.1f}% of a training epoch)")  # fmt: skip
+    _print_ensemble_throughput(results)
     if args.json:
         print(json.dumps({"device": dev_name, "epochs": args.epochs, "train_images": n, "rows": results}))
     return 0
+
+
+def _print_ensemble_throughput(results: list[dict]) -> None:
+    """Per-model throughput of each ensemble row against the solo row of its precision."""
+    by_row = {r["row"]: r for r in results}
+    for r in results:
+        if "members" not in r or "steady_s" not in r:
+            continue
+        k = r["members"]
+        solo = by_row.get(r["row"].replace(f"ensemble {k}", "fashion_func"), {})
+        if "steady_s" not in solo:
+            continue
+        ratio = r["per_model_throughput"] = k * solo["steady_s"] / r["steady_s"]
+        print(f"{r['row']}: {r['steady_s']:.2f} s/epoch for {k} models against {k} x "
+              f"{solo['steady_s']:.2f} s solo: per-model throughput {ratio:.2f}x a solo run")  # fmt: skip
 
 
 def _cpu_name() -> str:

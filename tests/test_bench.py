@@ -18,13 +18,13 @@ DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 )
 def test_bench_quick_run_prints_table_and_json():
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--limit-train", "256", "--epochs", "3",
-           "--rows", "fashion_func,tutorial,eager", "--no-compile", "--json"]  # fmt: skip
+           "--rows", "fashion_func,tutorial,eager", "--no-compile", "--json", "--ensemble", "2"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     report = json.loads(lines[-1])
     rows = {r["row"]: r for r in report["rows"]}
-    assert set(rows) == {"fashion_func (fp32)", "tutorial", "eager"}
+    assert set(rows) == {"fashion_func (fp32)", "tutorial", "eager", "ensemble 2 (fp32)"}
     for r in rows.values():
         assert len(r["times"]) == 3 and all(t > 0 for t in r["times"])
         assert min(r["times"][1:]) <= r["steady_s"] <= max(r["times"][1:])  # median of the timed epochs
@@ -32,6 +32,11 @@ def test_bench_quick_run_prints_table_and_json():
     table = "\n".join(lines)
     assert "vs tutorial" in table and "1.00x" in table  # the tutorial row is the baseline
     assert "evaluating 10,000 test images" in table
+    # the ensemble row is measured against the solo row of the same call
+    ens, solo = rows["ensemble 2 (fp32)"], rows["fashion_func (fp32)"]
+    assert ens["members"] == 2
+    assert ens["per_model_throughput"] == pytest.approx(2 * solo["steady_s"] / ens["steady_s"])
+    assert "per-model throughput" in table
 
 
 def test_bench_rejects_too_few_epochs():
