@@ -25,6 +25,7 @@ __all__ = [
     "callbacks",
     "checkpoint",
     "data",
+    "ensemble",
     "fit",
     "losses",
     "make_eval_step",
@@ -40,7 +41,8 @@ __all__ = [
 ]
 
 _SUBMODULES = {
-    "callbacks", "checkpoint", "data", "losses", "metrics", "models", "nn", "optim", "state", "tree",
+    "callbacks", "checkpoint", "data", "ensemble", "losses", "metrics", "models", "nn", "optim", "state",
+    "tree",
 }  # fmt: skip
 _NAMES = {
     "FitResult": "fashion_func.loop",
@@ -58,7 +60,19 @@ except _metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these
-    from fashion_func import callbacks, checkpoint, data, losses, metrics, models, nn, optim, state, tree
+    from fashion_func import (
+        callbacks,
+        checkpoint,
+        data,
+        ensemble,
+        losses,
+        metrics,
+        models,
+        nn,
+        optim,
+        state,
+        tree,
+    )  # fmt: skip
     from fashion_func.loop import FitResult, fit
     from fashion_func.state import TrainState
     from fashion_func.step import make_eval_step, make_train_step, per_example_grad_norms, per_example_grads
