@@ -18,6 +18,7 @@ solo run of `member(state, k)` on the same batches (its own init, its own dropou
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -172,10 +173,10 @@ def make_train_step(
 def combine(member_out: Mapping[str, Tensor], y: Tensor, per_example: LossFn, topk: int) -> dict[str, Tensor]:
     """The ensemble's own per-example metrics (mean of the members' probabilities) beside each
     member's (`member_<name>`, `[K, B]`)."""
-    # log of the mean probability, computed stably: logsumexp of log-probs minus log K
+    # log of the mean probability, computed stably: logsumexp of log-probs minus log K (a
+    # Python float, so that it takes the logits' dtype: a float32 log K put 4e-9 into float64)
     log_probs = torch.log_softmax(member_out["logits"], dim=-1)
-    k = log_probs.shape[0]
-    logits = torch.logsumexp(log_probs, dim=0) - torch.log(torch.tensor(float(k), device=y.device))
+    logits = torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
     values = per_example(logits, y)
     check_per_example(values, y.shape[0])
     out = {"loss": values, "logits": logits}
