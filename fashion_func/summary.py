@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fashion_func.models import Model, ModelState, Params, num_params
 
-__all__ = ["flops_per_example", "summary"]
+__all__ = ["flops_per_example", "summary", "train_flops_per_example"]
 
 
 def flops_per_example(model: Model, params: Params, model_state: ModelState | None = None) -> int:
@@ -17,6 +17,27 @@ def flops_per_example(model: Model, params: Params, model_state: ModelState | No
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.apply(params, x, **kwargs)
     return int(counter.get_total_flops())
+
+
+def train_flops_per_example(
+    model: Model, params: Params, model_state: ModelState | None = None, *, batch_size: int = 8
+) -> float:
+    """FLOPs of one training step per example: the forward pass and the backward pass that
+    `torch.func.grad` runs (no input gradient for the first layer), counted by
+    `torch.utils.flop_counter` on a batch of `batch_size` and divided by it."""
+    x = torch.zeros((batch_size, *model.input_shape), device=next(iter(params.values())).device)
+    y = torch.zeros(batch_size, dtype=torch.int64, device=x.device)
+    state = model_state or model.init_state(device=x.device)
+
+    def loss(p: Params) -> torch.Tensor:
+        kwargs = {"state": state} if model.stateful else {}
+        out = model.apply(p, x, train=True, key=torch.zeros((), dtype=torch.int64), **kwargs)
+        logits = out[0] if model.stateful else out
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    with FlopCounterMode(display=False) as counter:
+        torch.func.grad(loss)(params)
+    return counter.get_total_flops() / batch_size
 
 
 def summary(model: Model, params: Params, model_state: ModelState | None = None) -> str:

@@ -18,6 +18,13 @@ Rows (batch 128, Adam lr 1e-3, same data):
 Each row runs in its own subprocess (clean peak memory, no shared thread pools). The
 first epoch is the warm-up (it absorbs compilation); seconds per epoch is the median of
 the rest. Prints a table with the ratio of each row's epoch time to the tutorial's.
+
+The roofline columns: in the same call, a fixed-size GEMM (2048x2048 on CPU, 8192x8192 on
+CUDA, median of 7 runs after warm-up, in a subprocess of its own) measures the device's
+matmul rate at each precision timed; a row's achieved rate is the training FLOPs of an
+epoch (`summary.train_flops_per_example`, the flop counter over forward and backward,
+times the images) over its steady epoch time, and "% GEMM" is that as a share of the
+matmul rate at the row's precision: how much of the hardware's own limit is left.
 """
 
 from __future__ import annotations
@@ -115,6 +122,38 @@ def row_fashion_func(args) -> dict:
         eval_s = time.perf_counter() - t
         del torch
     return {"times": times, "acc": result.history[-1]["val_acc"], "eval_s": eval_s, "total_s": total}
+
+
+def row_gemm(args) -> dict:
+    """The device's matmul rate at `args.precision` (GFLOP/s): one square GEMM, median of 7."""
+    import torch
+
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+    n = 8192 if args.device == "cuda" else 2048
+    g = torch.Generator(device=args.device).manual_seed(0)
+    a = torch.randn(n, n, generator=g, device=args.device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=args.device).to(dtype)
+    times = []
+    for i in range(10):
+        _sync(args.device)
+        t = time.perf_counter()
+        a @ b
+        _sync(args.device)
+        if i >= 3:  # the first runs warm up the library's kernels and caches
+            times.append(time.perf_counter() - t)
+    return {"gemm_gflops": 2 * n**3 / statistics.median(times) / 1e9}
+
+
+def train_flops_per_image() -> float:
+    """Training FLOPs (forward + backward) of one SimpleNet image, by the flop counter."""
+    import torch
+
+    from fashion_func import models, summary
+
+    model = models.get("simplenet")
+    return summary.train_flops_per_example(model, model.init(torch.Generator().manual_seed(0)))
 
 
 def row_tutorial(args) -> dict:
@@ -261,7 +300,7 @@ def row_flax(args) -> dict:
 def run_row(args) -> dict:
     """Runs in the child process: one row, one JSON line on stdout."""
     fn = {"fashion_func": row_fashion_func, "tutorial": row_tutorial, "eager": row_eager, "flax": row_flax,
-          "ensemble": row_fashion_func}  # fmt: skip
+          "ensemble": row_fashion_func, "gemm": row_gemm}  # fmt: skip
     result = fn[args.row](args)
     if "times" in result:
         result["peak_mb"] = _peak_mb(args.device)
@@ -318,11 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = [*dict.fromkeys(["fashion_func", *rows]), "ensemble"]
     ours = ("fashion_func", "ensemble")
     jobs = [(r, p) for r in rows for p in (args.precisions.split(",") if r in ours else ["fp32"])]
+    jobs += [("gemm", p) for p in dict.fromkeys(p for _, p in jobs)]  # the roofline of each precision
     results = []
     for row, precision in jobs:
         name = {
             "fashion_func": f"fashion_func ({precision})",
             "ensemble": f"ensemble {args.ensemble} ({precision})",
+            "gemm": f"gemm ({precision})",
         }
         name = name.get(row, row)
         print(f"running {name} ...", file=sys.stderr, flush=True)
@@ -333,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"row": name, "skipped": f"failed: {tail[0]}"})
             continue
         res = json.loads(proc.stdout.strip().splitlines()[-1])
-        res["row"] = name
+        res["row"], res["precision"] = name, precision
         if "times" in res:
             res["steady_s"] = statistics.median(res["times"][1:])
             res["warmup_s"] = res["times"][0]
@@ -344,9 +385,13 @@ def main(argv: list[str] | None = None) -> int:
 
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     n = args.limit_train or 60000
+    _add_roofline(results, n * train_flops_per_image())
+    gemm = {r["precision"]: r for r in results if "gemm_gflops" in r}
+    results = [r for r in results if "gemm_gflops" not in r and not r["row"].startswith("gemm")]
     print(f"\n{dev_name}, torch {torch.__version__}, {n} training images, {args.epochs} epochs "
           f"({time.strftime('%Y-%m-%d')})")  # fmt: skip
-    header = f"{'row':<22}{'s/epoch':>9}{'vs tutorial':>13}{'warm-up s':>11}{'test acc':>10}{'peak MB':>9}"
+    header = (f"{'row':<22}{'s/epoch':>9}{'vs tutorial':>13}{'warm-up s':>11}{'test acc':>10}{'peak MB':>9}"
+              f"{'GFLOP/s':>9}{'% GEMM':>8}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for r in results:
@@ -354,16 +399,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['row']:<22}  skipped: {r['skipped']}")
             continue
         ratio = f"{base / r['steady_s']:.2f}x" if base else "-"
+        roof = f"{r['gflops']:>9.1f}" + (f"{r['pct_gemm']:>7.0f}%" if "pct_gemm" in r else f"{'-':>8}")
         print(f"{r['row']:<22}{r['steady_s']:>9.2f}{ratio:>13}{r['warmup_s']:>11.1f}{r['acc']:>10.4f}"
-              f"{r['peak_mb']:>9.0f}")  # fmt: skip
+              f"{r['peak_mb']:>9.0f}{roof}")  # fmt: skip
+    for p, g in gemm.items():
+        print(
+            f"GEMM {p}: {g['gemm_gflops']:.0f} GFLOP/s" if "gemm_gflops" in g else f"GEMM {p}: {g['skipped']}"
+        )
+    print(f"training FLOPs per image (forward + backward): {train_flops_per_image() / 1e6:.1f} MFLOP")
     for r in results:
         if "eval_s" in r:
             print(f"{r['row']}: evaluating 10,000 test images takes {r['eval_s']:.2f} s "
                   f"({100 * r['eval_s'] / r['steady_s']:.1f}% of a training epoch)")  # fmt: skip
     _print_ensemble_throughput(results)
     if args.json:
-        print(json.dumps({"device": dev_name, "epochs": args.epochs, "train_images": n, "rows": results}))
+        rates = {p: g.get("gemm_gflops") for p, g in gemm.items()}
+        flops = train_flops_per_image()
+        print(json.dumps({"device": dev_name, "epochs": args.epochs, "train_images": n, "rows": results,
+                          "gemm_gflops": rates, "train_flops_per_image": flops}))  # fmt: skip
     return 0
+
+
+def _add_roofline(results: list[dict], epoch_flops: float) -> None:
+    """Each timed row's achieved GFLOP/s (models x epoch FLOPs / steady time) and its share of
+    the GEMM rate measured at the row's precision in the same call (tf32 rows on CPU: fp32)."""
+    rates = {r["precision"]: r["gemm_gflops"] for r in results if "gemm_gflops" in r}
+    for r in results:
+        if "steady_s" not in r:
+            continue
+        r["gflops"] = r.get("members", 1) * epoch_flops / r["steady_s"] / 1e9
+        rate = rates.get(r["precision"])
+        if rate:
+            r["pct_gemm"] = 100 * r["gflops"] / rate
 
 
 def _print_ensemble_throughput(results: list[dict]) -> None:

@@ -37,6 +37,13 @@ def test_bench_quick_run_prints_table_and_json():
     assert ens["members"] == 2
     assert ens["per_model_throughput"] == pytest.approx(2 * solo["steady_s"] / ens["steady_s"])
     assert "per-model throughput" in table
+    # the roofline: the GEMM rate measured in the same call, each row's share of it
+    flops, rate = report["train_flops_per_image"], report["gemm_gflops"]["fp32"]
+    assert 6e7 < flops < 8e7  # SimpleNet: about 24 MFLOP forward, x3 with the backward
+    for r in rows.values():
+        assert r["gflops"] == pytest.approx(r.get("members", 1) * 256 * flops / r["steady_s"] / 1e9)
+        assert r["pct_gemm"] == pytest.approx(100 * r["gflops"] / rate)
+    assert "% GEMM" in table and "GEMM fp32:" in table
 
 
 def test_bench_rejects_too_few_epochs():
