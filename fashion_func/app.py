@@ -206,6 +206,9 @@ def train(
         run.write_bytes("summary.txt", text.encode())
         run.log.info(text.rstrip())
         device_lib.configure(device, cfg.precision)
+        warning = device_lib.precision_warning(device, cfg.precision)
+        if warning:
+            run.log.warning(warning)
         train_step, eval_step = _steps(cfg, model, tx, device)
         result = fit(
             st,

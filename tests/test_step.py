@@ -204,3 +204,32 @@ def test_cpu_allocator_tuning_applies_on_glibc_linux():
         assert applied is True
     else:
         assert applied is False
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch):
+    """bf16 convolutions without oneDNN's bf16 (AVX512-BF16/AMX) run PyTorch's slow reference
+    kernels: the run says so, in one line, and only then."""
+    from fashion_func.loop import device as device_lib
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(device_lib, "cpu_bf16_supported", lambda: False)
+    warning = device_lib.precision_warning(cpu, "bf16")
+    assert warning is not None and "\n" not in warning and "fp32 is faster" in warning
+    assert device_lib.precision_warning(cpu, "fp32") is None
+    assert device_lib.precision_warning(cuda, "bf16") is None
+    monkeypatch.setattr(device_lib, "cpu_bf16_supported", lambda: True)
+    assert device_lib.precision_warning(cpu, "bf16") is None
+
+
+def test_cpu_bf16_support_matches_the_convolution_backend_pytorch_picks():
+    """The check agrees with what a bf16 convolution actually dispatches to on this CPU."""
+    from torch.profiler import profile
+
+    from fashion_func.loop import device as device_lib
+
+    x = torch.randn(8, 32, 14, 14, dtype=torch.bfloat16)  # SimpleNet's second convolution
+    w = torch.randn(64, 32, 3, 3, dtype=torch.bfloat16)
+    with profile() as prof:
+        torch.nn.functional.conv2d(x, w)
+    names = {e.key for e in prof.key_averages()}
+    assert ("aten::mkldnn_convolution" in names) == device_lib.cpu_bf16_supported()
