@@ -27,6 +27,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from fashion_func import losses, nn, optim
+from fashion_func.augment import Augment
 from fashion_func.models import Model, ModelState, Params
 from fashion_func.state import TrainState
 from fashion_func.state import create as create_state
@@ -134,6 +135,8 @@ def _nchw(preprocess: Preprocess | None) -> Preprocess | None:
     # (PyTorch raises NYI), so the ensemble's images are laid out NCHW
     if isinstance(preprocess, NormalizeImages) and preprocess.channels_last is not False:
         return dataclasses.replace(preprocess, channels_last=False)
+    if isinstance(preprocess, Augment):
+        return dataclasses.replace(preprocess, base=_nchw(preprocess.base))
     return preprocess
 
 

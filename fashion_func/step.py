@@ -156,8 +156,23 @@ def _is_classification(logits: Tensor, labels: Tensor) -> bool:
     return logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point()
 
 
-def _preprocess(preprocess: Preprocess | None, x: Tensor) -> Tensor:
-    return x if preprocess is None else preprocess(x)
+def _preprocess(preprocess: Preprocess | None, x: Tensor, key: Tensor | None = None) -> Tensor:
+    """`preprocess(x)`; a preprocess that takes a `key` (augmentation) gets the step's in training."""
+    if preprocess is None:
+        return x
+    if key is not None and _takes_key(preprocess):
+        return preprocess(x, key=nn.fold_in(key, _AUGMENT_SALT))
+    return preprocess(x)
+
+
+_AUGMENT_SALT = 0xA116  # augmentation draws from its own stream of the step's key
+
+
+def _takes_key(fn: Callable[..., Any]) -> bool:
+    try:
+        return "key" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def make_train_step(
@@ -181,7 +196,9 @@ def make_train_step(
         minimises its mean.
     preprocess: a pure function of the input tensor, run inside the compiled step; the default
         turns Fashion-MNIST uint8 `[B, 28, 28]` into normalised float (NHWC on CPU); None uses
-        the inputs as given (`[B, C, H, W]`, `[B, D]`, ...).
+        the inputs as given (`[B, C, H, W]`, `[B, D]`, ...). One that takes a `key` keyword
+        (`augment.Augment`) is given a key derived from (rng, step): augmentation is then a
+        pure function of the seed and the step, and resume stays exact.
     precision: "fp32"; "tf32" (the caller enables TF32 matmuls on CUDA); "bf16" autocast.
         Master weights, the loss and the optimizer stay float32.
     compile: True compiles the whole step; "update" compiles only the optimizer update
@@ -278,7 +295,7 @@ def _gradients_fn(
         params: Params, model_state: ModelState, step: Tensor, rng: Tensor, inputs: Tensor, y: Tensor
     ):
         key = nn.fold_in(rng, step)
-        x = _preprocess(preprocess, inputs)
+        x = _preprocess(preprocess, inputs, key)
         dev = device_type or inputs.device.type
 
         def loss_and_aux(p: Params):
