@@ -37,6 +37,7 @@ from fashion_func import tree
 __all__ = [
     "AddDecayedWeightsState",
     "ClipByGlobalNormState",
+    "EmaState",
     "EmptyState",
     "GradientTransformation",
     "ScaleByAdamState",
@@ -52,6 +53,8 @@ __all__ = [
     "clip_by_global_norm",
     "constant",
     "cosine",
+    "ema",
+    "ema_params",
     "get_hyperparam",
     "hyperparams",
     "linear_warmup",
@@ -99,6 +102,12 @@ class ScaleByAdamState(NamedTuple):
     count: Tensor  # 0-d int64
     mu: Params  # first moment (torch: exp_avg)
     nu: Params  # second moment (torch: exp_avg_sq)
+
+
+class EmaState(NamedTuple):
+    decay: Tensor  # 0-d float (settable with set_hyperparam)
+    count: Tensor  # 0-d int64, updates averaged so far
+    ema: Params  # the moving average of the parameters
 
 
 class ScaleByLearningRateState(NamedTuple):
@@ -307,6 +316,54 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return tree.map(lambda t: t * coef.to(t.dtype), updates), state
 
     return GradientTransformation(init, update)
+
+
+def ema(decay: float = 0.999) -> GradientTransformation:
+    """Keep an exponential moving average of the parameters in the optimizer state; the
+    updates pass through unchanged. Put it last in a `chain`, so it averages the parameters
+    each step produces: the first step copies them, then `ema.lerp_(new, 1 - decay)`, as
+    `torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))`
+    with `update_parameters` after every step. `ema_params(opt_state)` reads it; it is saved
+    with the state, so resume stays exact.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"ema decay must be in [0, 1], got {decay}")
+
+    def init(params: Params) -> EmaState:
+        return EmaState(
+            _hyper(decay, params), _counter(params), tree.map(lambda p: p.detach().clone(), params)
+        )
+
+    def update(updates: Params, state: EmaState, params: Params | None = None) -> tuple[Params, EmaState]:
+        params = _need_params(params, "ema")
+        first = state.count == 0
+
+        def average(avg: Tensor, p: Tensor, u: Tensor) -> Tensor:
+            new = (p + u).to(p.dtype)  # the parameters after this step, as apply_updates makes them
+            weight = (1 - state.decay).to(avg.dtype)
+            return torch.where(first, new, torch.lerp(avg, new, weight))
+
+        averaged = {k: average(state.ema[k], params[k], updates[k]) for k in state.ema}
+        return updates, EmaState(state.decay, state.count + 1, averaged)
+
+    return GradientTransformation(init, update)
+
+
+def ema_params(opt_state: State) -> Params:
+    """The moving average kept by an `ema` transform in `opt_state` (KeyError if none)."""
+    found: list[Params] = []
+
+    def visit(state: Any) -> None:
+        if isinstance(state, EmaState):
+            found.append(state.ema)
+        elif isinstance(state, (tuple, list)) and not hasattr(state, "_fields"):
+            for s in state:
+                visit(s)
+
+    visit(opt_state)
+    if not found:
+        raise KeyError("no ema transform in the optimizer state; chain optim.ema(decay) after the optimizer")
+    return found[0]
 
 
 # ---------------------------------------------------------------------------

@@ -233,12 +233,17 @@ class _Epoch:
         return self.elapsed_before + time.perf_counter() - self.t0
 
 
+def _params_and_buffers(state: TrainState) -> dict[str, Tensor]:
+    # a stateful model's buffers travel with its weights, under nn.Module's names
+    return {**state.params, **state.model_state}
+
+
 class _Driver:
     """One call of `fit`: the mutable run (state, callback states, lr, history) and the
     methods that move it on. Small methods over shared fields instead of nested closures."""
 
     def __init__(self, state, train_step, train_data, *, epochs, eval_step, val_data, callbacks,
-                 run, metadata, max_steps, progress, log) -> None:  # fmt: skip
+                 run, metadata, max_steps, progress, log, weights=None) -> None:  # fmt: skip
         self.state: TrainState = state
         self.train_step, self.train_data = train_step, train_data
         self.epochs, self.eval_step, self.val_data = epochs, eval_step, val_data
@@ -246,6 +251,7 @@ class _Driver:
         self.run: RunDir | None = run
         self.metadata = dict(metadata or {})
         self.max_steps, self.progress = max_steps, progress
+        self.weights_of: Callable[[TrainState], dict[str, Tensor]] = weights or _params_and_buffers
         self.log = log
         self.cb_states = cbs.init_states(self.callbacks)
         self.start_epoch, self.in_epoch = 1, None
@@ -309,8 +315,7 @@ class _Driver:
                 self.member_best[a.member] = record
         if path is None:
             return
-        # a stateful model's buffers travel with its weights, under nn.Module's names
-        weights = {**self.state.params, **self.state.model_state}
+        weights = self.weights_of(self.state)
         meta = {**self.metadata, "epoch": a.epoch, "monitor": a.monitor, "value": a.value}
         if a.member is not None:  # one member of an ensemble: a plain single-model file
             path.parent.mkdir(exist_ok=True)
@@ -550,6 +555,7 @@ def fit(
     max_steps: int | None = None,
     progress: bool = False,
     log: logging.Logger | None = None,
+    weights: Callable[[TrainState], Mapping[str, Tensor]] | None = None,
 ) -> FitResult:
     """Train `state` with `train_step` for `epochs` epochs; returns the final state and history.
 
@@ -571,6 +577,9 @@ def fit(
     metadata: JSON-serialisable values stored in every checkpoint (e.g. a config, a model name).
     max_steps: stop (after saving last.safetensors) once the state reaches this step.
     log: where messages go (default: the run's train.log and stdout, else `fashion_func`'s logger).
+    weights: what best and per-epoch files hold, from the state (default: params and model
+        state); e.g. `lambda st: {**optim.ema_params(st.opt_state), **st.model_state}` keeps
+        the moving average of an `optim.ema` transform.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -582,7 +591,7 @@ def fit(
         logger = log or (run.log if run else logging.getLogger("fashion_func"))
         driver = _Driver(state, train_step, train_data, epochs=epochs, eval_step=eval_step, val_data=val_data,
                          callbacks=callbacks, run=run, metadata=metadata, max_steps=max_steps,
-                         progress=progress, log=logger)  # fmt: skip
+                         progress=progress, log=logger, weights=weights)  # fmt: skip
         point = _resume_point(resume, run, state, driver.callbacks, logger)
         if point is not None:
             driver.resume_from(point)
