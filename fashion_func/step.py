@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -323,17 +324,29 @@ def _gradients_fn(
 
 
 def eval_core(
-    model: Model, per_example: LossFn, preprocess: Preprocess | None, precision: str, topk: int
+    model: Model,
+    per_example: LossFn,
+    preprocess: Preprocess | None,
+    precision: str,
+    topk: int,
+    tta: bool = False,
 ) -> Callable[[Params, ModelState, Tensor, Tensor], dict[str, Tensor]]:
     """The pure `(params, model_state, inputs, y) -> per-example metrics` behind an eval step
     (uncompiled, so that it can be vmapped over ensemble members first)."""
     _check_precision(precision)
 
+    def forward(params: Params, model_state: ModelState, x: Tensor) -> Tensor:
+        with torch.no_grad(), _autocast(precision, x.device.type):
+            logits, _ = _forward(model, params, x, model_state, train=False, key=None)
+        return _at_least_float32(logits)
+
     def core(params: Params, model_state: ModelState, inputs: Tensor, y: Tensor) -> dict[str, Tensor]:
         x = _preprocess(preprocess, inputs)
-        with torch.no_grad(), _autocast(precision, inputs.device.type):
-            logits, _ = _forward(model, params, x, model_state, train=False, key=None)
-        logits = _at_least_float32(logits)
+        logits = forward(params, model_state, x)
+        if tta:  # the mean of the probabilities of the image and its mirror image
+            mirrored = forward(params, model_state, x.flip(-1))
+            both = torch.stack([logits.log_softmax(-1), mirrored.log_softmax(-1)])
+            logits = torch.logsumexp(both, dim=0) - math.log(2.0)
         values = per_example(logits, y)
         check_per_example(values, y.shape[0])
         out = {"loss": values, "logits": logits}
@@ -353,8 +366,12 @@ def make_eval_step(
     precision: str = "fp32",
     compile: bool = True,
     topk: int = 5,
+    tta: bool = False,
 ) -> Callable[..., dict[str, Tensor]]:
     """A pure `eval_step(params_or_state, batch, model_state=None) -> per-example metrics`.
+
+    tta: test-time augmentation, the prediction is the mean of the probabilities of each
+    image and its left-right mirror image (`logits` is then the log of that mean).
 
     The first argument is a `TrainState` (its params and model state are used) or a params
     dict; a stateful model then needs `model_state` and runs in inference mode (running
@@ -363,7 +380,7 @@ def make_eval_step(
     and `pred` [B] int64.
     """
     model = as_model(model)
-    core = eval_core(model, loss or losses.cross_entropy_per_example, preprocess, precision, topk)
+    core = eval_core(model, loss or losses.cross_entropy_per_example, preprocess, precision, topk, tta)
     fn = torch.compile(core) if compile else core
 
     def eval_step(params: Params | TrainState, batch: Batch, model_state: ModelState | None = None):

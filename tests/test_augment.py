@@ -122,3 +122,19 @@ def test_ensemble_members_draw_their_own_augmentation():
     )
     s1, _ = solo(one.replace(rng=torch.tensor(2)), (_images(8), torch.zeros(8, dtype=torch.int64)))
     torch.testing.assert_close(m1.params["linear1.weight"], s1.params["linear1.weight"], atol=1e-6, rtol=0)
+
+
+def test_tta_eval_averages_the_probabilities_of_each_image_and_its_mirror():
+    from fashion_func.step import make_eval_step
+
+    model = models.get("simplenet")
+    params = model.init(torch.Generator().manual_seed(0))
+    x, y = _images(12), torch.randint(0, 10, (12,), generator=torch.Generator().manual_seed(1))
+    plain = make_eval_step(model, compile=False)
+    tta = make_eval_step(model, compile=False, tta=True)(params, (x, y))
+    p = plain(params, (x, y))["logits"].softmax(-1)
+    q = plain(params, (x.flip(-1), y))["logits"].softmax(-1)
+    mean = (p + q) / 2
+    torch.testing.assert_close(tta["logits"].exp(), mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(tta["loss"], -mean[torch.arange(12), y].log(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(tta["pred"], mean.argmax(-1))
