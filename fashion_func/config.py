@@ -20,7 +20,7 @@ import tomllib
 
 __all__ = ["Config", "ConfigError", "infer_mode", "load_file", "load_preset", "parse_sweep", "presets"]
 
-MODELS = ("simplenet", "simplenet_bn", "alexnet", "mlp")
+MODELS = ("simplenet", "simplenet_bn", "alexnet", "mlp", "resnet")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16")

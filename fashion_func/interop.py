@@ -53,6 +53,7 @@ __all__ = [
     "ONNX_INPUT",
     "ONNX_OUTPUT",
     "AlexNet",
+    "ResNet",
     "SimpleNet",
     "SimpleNetBN",
     "flax_module",
@@ -164,11 +165,58 @@ class AlexNet(tnn.Module):
         return self.fc3(F.relu(self.fc2(x)))
 
 
+class _ConvBN(tnn.Module):
+    """conv 3x3 (padding 1), optional max-pool 2, batch norm, ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, pool: bool = False) -> None:
+        super().__init__()
+        self.conv = tnn.Conv2d(c_in, c_out, 3, padding=1)
+        self.bn = tnn.BatchNorm2d(c_out)
+        self.pool = pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        return F.relu(self.bn(F.max_pool2d(x, 2) if self.pool else x))
+
+
+class _Layer(tnn.Module):
+    """A pooled conv-bn-ReLU, then `x + res2(res1(x))` when `residual`."""
+
+    def __init__(self, c_in: int, c_out: int, residual: bool) -> None:
+        super().__init__()
+        self.conv = tnn.Conv2d(c_in, c_out, 3, padding=1)
+        self.bn = tnn.BatchNorm2d(c_out)
+        self.res1 = _ConvBN(c_out, c_out) if residual else None
+        self.res2 = _ConvBN(c_out, c_out) if residual else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn(F.max_pool2d(self.conv(x), 2)))
+        return x if self.res1 is None else x + self.res2(self.res1(x))
+
+
+class ResNet(tnn.Module):
+    """The ResNet-9-style network of `models.resnet(width)`, as a plain module."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.prep = _ConvBN(1, w)
+        self.layer1 = _Layer(w, 2 * w, residual=True)
+        self.layer2 = _Layer(2 * w, 4 * w, residual=False)
+        self.layer3 = _Layer(4 * w, 8 * w, residual=True)
+        self.fc = tnn.Linear(8 * w, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.prep(x))))
+        return self.fc(torch.amax(x, dim=(-2, -1)))
+
+
 _MODULES: dict[str, type[tnn.Module]] = {
     "mlp": MLP,
     "simplenet": SimpleNet,
     "simplenet_bn": SimpleNetBN,
     "alexnet": AlexNet,
+    "resnet": ResNet,
 }
 
 
@@ -182,6 +230,8 @@ def _hparams_from_params(name: str, params: Mapping[str, Tensor]) -> dict[str, A
             return {"num_classes": params["fc2.weight"].shape[0]}
         if name == "alexnet":
             return {"num_classes": params["fc3.weight"].shape[0]}
+        if name == "resnet":
+            return {"num_classes": params["fc.weight"].shape[0], "width": params["prep.conv.weight"].shape[0]}
     except (KeyError, ValueError):
         pass  # wrong keys or ranks: the shape check in _build names the problem
     return {}

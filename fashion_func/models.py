@@ -341,11 +341,69 @@ def alexnet(num_classes: int = 10, dropout: float = 0.5) -> Model:
     return Model("alexnet", {"num_classes": num_classes, "dropout": dropout}, init, stages)
 
 
+def _residual(name: str, blocks: Sequence[Stage]) -> Stage:
+    """`x + blocks(x)`: the blocks run in order on the branch, their state updates collected."""
+
+    def fn(p: Params, s: ModelState, x: Tensor, train: bool, key: Tensor | None):
+        y, changed = x, {}
+        for block in blocks:
+            y, updates = block.run(p, s, y, train, key)
+            changed.update(updates)
+        return x + y, changed
+
+    return Stage(name, fn, stateful=True)
+
+
+def _conv_bn_relu(name: str, *, pool: bool = False) -> tuple[Stage, ...]:
+    """conv 3x3 (padding 1), [max-pool 2], batch norm, ReLU; named `<name>.conv`, `<name>.bn`."""
+    pooled = (_pool(f"{name}.pool"),) if pool else ()
+    return (_conv(f"{name}.conv", 1, relu=False), *pooled, _batch_norm(f"{name}.bn"), _relu(f"{name}.relu"))
+
+
+def _global_max_pool(name: str) -> Stage:
+    return Stage(name, lambda p, x, train, key: x.amax(dim=(-2, -1)))
+
+
+def resnet(num_classes: int = 10, width: int = 16) -> Model:
+    """A ResNet-9-style network with batch norm for 28x28x1 images (stateful).
+
+    prep: conv 1->w, bn, ReLU [B,w,28,28]; layer1: conv w->2w, pool, bn, ReLU [B,2w,14,14],
+    plus a residual branch of two conv-bn-ReLU (`layer1.res1`, `layer1.res2`); layer2: conv
+    2w->4w, pool, bn, ReLU [B,4w,7,7]; layer3: conv 4w->8w, pool, bn, ReLU [B,8w,3,3], plus
+    a residual branch; global max-pool [B,8w]; fc 8w->classes. Parameter names are those of
+    the plain module `interop.ResNet(width)`.
+    """
+    w = width
+    convs = [("prep", 1, w), ("layer1", w, 2 * w), ("layer1.res1", 2 * w, 2 * w),
+             ("layer1.res2", 2 * w, 2 * w), ("layer2", 2 * w, 4 * w), ("layer3", 4 * w, 8 * w),
+             ("layer3.res1", 8 * w, 8 * w), ("layer3.res2", 8 * w, 8 * w)]  # fmt: skip
+    stages = (
+        *_conv_bn_relu("prep"),
+        *_conv_bn_relu("layer1", pool=True),
+        _residual("layer1.res", (*_conv_bn_relu("layer1.res1"), *_conv_bn_relu("layer1.res2"))),
+        *_conv_bn_relu("layer2", pool=True),
+        *_conv_bn_relu("layer3", pool=True),
+        _residual("layer3.res", (*_conv_bn_relu("layer3.res1"), *_conv_bn_relu("layer3.res2"))),
+        _global_max_pool("pool"),
+        _dense("fc", relu=False),
+    )
+    layers: list[tuple[str, str, tuple[int, ...]]] = []
+    for name, c_in, c_out in convs:  # as the module builds them: each conv, then its bn
+        layers += [(f"{name}.conv", "conv", (c_in, c_out, 3)), (f"{name}.bn", "bn", (c_out,))]
+    layers.append(("fc", "linear", (8 * w, num_classes)))
+    bns = [(f"{name}.bn", c_out) for name, _, c_out in convs]
+    return Model(
+        "resnet", {"num_classes": num_classes, "width": width}, _init_layers(layers), stages,
+        init_state_fn=_init_bn_state(bns),
+    )  # fmt: skip
+
+
 MODELS: dict[str, Callable[..., Model]] = {
     "mlp": mlp,
     "simplenet": simplenet,
     "simplenet_bn": simplenet_bn,
     "alexnet": alexnet,
+    "resnet": resnet,
 }
 
 

@@ -110,3 +110,43 @@ class SimpleNetBN(tnn.Module):
         x = torch.relu(self.bn2(self.conv2(x)))
         x = torch.flatten(torch.max_pool2d(x, 2), 1)
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+class ResNet(tnn.Module):
+    """Written from models.resnet's docstring, independently of interop.ResNet: conv-bn-ReLU
+    blocks (pool between conv and bn in layer1-3), residual branches after layer1 and layer3."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        w = width
+        names = [("prep", 1, w), ("layer1", w, 2 * w), ("layer1.res1", 2 * w, 2 * w),
+                 ("layer1.res2", 2 * w, 2 * w), ("layer2", 2 * w, 4 * w), ("layer3", 4 * w, 8 * w),
+                 ("layer3.res1", 8 * w, 8 * w), ("layer3.res2", 8 * w, 8 * w)]  # fmt: skip
+        self.blocks = tnn.ModuleDict()
+        for name, c_in, c_out in names:
+            self.blocks[name.replace(".", "_")] = tnn.Sequential(
+                tnn.Conv2d(c_in, c_out, 3, padding=1), tnn.BatchNorm2d(c_out)
+            )
+        self.fc = tnn.Linear(8 * w, num_classes)
+
+    def _block(self, name, x, pool=False):
+        conv, bn = self.blocks[name]
+        x = conv(x)
+        return torch.relu(bn(torch.max_pool2d(x, 2) if pool else x))
+
+    def forward(self, x):
+        x = self._block("prep", x)
+        x = self._block("layer1", x, pool=True)
+        x = x + self._block("layer1_res2", self._block("layer1_res1", x))
+        x = self._block("layer2", x, pool=True)
+        x = self._block("layer3", x, pool=True)
+        x = x + self._block("layer3_res2", self._block("layer3_res1", x))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_max_pool2d(x, 1), 1))
+
+    @staticmethod
+    def key(name: str) -> str:
+        """Our parameter name -> this module's state_dict name."""
+        if name.startswith("fc."):
+            return name
+        layer, kind, leaf = name.rsplit(".", 2)
+        return f"blocks.{layer.replace('.', '_')}.{0 if kind == 'conv' else 1}.{leaf}"
