@@ -43,6 +43,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from fashion_func import schedules
+
 __all__ = [
     "TB_TAGS",
     "Action",
@@ -53,6 +55,7 @@ __all__ = [
     "EarlyStopping",
     "EpochEnd",
     "Event",
+    "LRSchedule",
     "LogEpoch",
     "LogMessage",
     "LogScalars",
@@ -282,29 +285,6 @@ def _metric(cb: Any, metrics: Mapping[str, float], key: str) -> float:
 def _check_mode(mode: str) -> None:
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-
-
-# Learning-rate formulas, host side, per 1-based epoch. They equal what torch's schedulers
-# give for the optimizer's lr during the epoch: epoch e runs with torch's `last_epoch = e - 1`.
-# Closed forms rather than torch's recursive updates, so that a value depends on the epoch
-# alone (exact resume) and not on the float history of earlier epochs; they agree with
-# torch to rounding (a few ulp). fashion_func.optim has public equivalents; these stay
-# private so that this module does not depend on it.
-
-
-def _step_lr(base_lr: float, step_size: int, gamma: float, epoch: int) -> float:
-    """torch.optim.lr_scheduler.StepLR: base_lr * gamma ** ((epoch - 1) // step_size)."""
-    return base_lr * gamma ** ((epoch - 1) // step_size)
-
-
-def _cosine_lr(base_lr: float, t_max: int, eta_min: float, epoch: int) -> float:
-    """torch.optim.lr_scheduler.CosineAnnealingLR's closed form at last_epoch = epoch - 1.
-
-    Like torch's, the curve does not stop at t_max: past it the cosine rises again
-    (period 2 * t_max).
-    """
-    t = epoch - 1
-    return eta_min + (base_lr - eta_min) * (1.0 + math.cos(math.pi * t / t_max)) / 2.0
 
 
 # --------------------------------------------------------------------------------------
@@ -577,13 +557,46 @@ class ModelCheckpoint(Callback):
 
 
 @dataclass(frozen=True)
-class StepLR(Callback):
-    """The tutorial's StepLr: lr = base_lr * gamma ** ((epoch - 1) // step_size), per epoch.
+class LRSchedule(Callback):
+    """Drive the learning rate from a schedule (`fashion_func.schedules`, also in `optim`),
+    once per epoch: epoch e (1-based) runs with `schedule(e - 1)`, as a torch scheduler
+    stepped once per epoch gives.
 
-    Equals torch.optim.lr_scheduler.StepLR stepped once per epoch. Emits
-    `SetHyperparam("lr", ...)` at `TrainBegin` for the start epoch (so a resumed run gets
-    its lr back) and at `EpochEnd(e)` for epoch e + 1. State: {"lr": last value set}.
+    Emits `SetHyperparam("lr", ...)` at `TrainBegin` for the start epoch (so a resumed run
+    gets its lr back) and at `EpochEnd(e)` for epoch e + 1. The value depends on the epoch
+    alone (closed forms, not torch's recursive updates), so resume is exact.
+    State: {"lr": last value set}.
     """
+
+    schedule: schedules.Schedule | None = field(default=None, kw_only=True)
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate epoch `epoch` (1-based) runs with."""
+        return float(self.make_schedule()(epoch - 1))
+
+    def make_schedule(self) -> schedules.Schedule:
+        """The schedule of this callback (subclasses build theirs from their fields)."""
+        if self.schedule is None:
+            raise ValueError("LRSchedule needs a schedule, e.g. schedules.cosine(1e-3, t_max=30)")
+        return self.schedule
+
+    def init(self) -> CbState:
+        return {"lr": encode_float(self.lr_at(1))}
+
+    def on_event(self, cb_state: CbState, event: Event) -> tuple[CbState, list[Action]]:
+        if isinstance(event, TrainBegin):
+            lr = self.lr_at(event.start_epoch)
+        elif isinstance(event, EpochEnd):
+            lr = self.lr_at(event.epoch + 1)
+        else:
+            return cb_state, []
+        return {**cb_state, "lr": encode_float(lr)}, [SetHyperparam("lr", lr)]
+
+
+@dataclass(frozen=True)
+class StepLR(LRSchedule):
+    """The tutorial's StepLr: lr = base_lr * gamma ** ((epoch - 1) // step_size), per epoch
+    (`schedules.step_lr`); equals torch.optim.lr_scheduler.StepLR stepped once per epoch."""
 
     base_lr: float
     step_size: int
@@ -594,24 +607,15 @@ class StepLR(Callback):
         if self.step_size < 1:
             raise ValueError(f"step_size must be >= 1, got {self.step_size}")
 
-    def lr_at(self, epoch: int) -> float:
-        """The learning rate epoch `epoch` (1-based) runs with."""
-        return _step_lr(self.base_lr, self.step_size, self.gamma, epoch)
-
-    def init(self) -> CbState:
-        return {"lr": encode_float(self.base_lr)}
-
-    def on_event(self, cb_state: CbState, event: Event) -> tuple[CbState, list[Action]]:
-        return _schedule_event(self.lr_at, cb_state, event)
+    def make_schedule(self) -> schedules.Schedule:
+        return schedules.step_lr(self.base_lr, self.step_size, self.gamma)
 
 
 @dataclass(frozen=True)
-class CosineLR(Callback):
-    """lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * (epoch - 1) / t_max)) / 2, per epoch.
-
-    Equals torch.optim.lr_scheduler.CosineAnnealingLR(T_max=t_max) stepped once per epoch
-    (including its rise again after t_max). Emits like `StepLR`. State: {"lr": last value set}.
-    """
+class CosineLR(LRSchedule):
+    """lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * (epoch - 1) / t_max)) / 2, per epoch
+    (`schedules.cosine`); equals torch.optim.lr_scheduler.CosineAnnealingLR(T_max=t_max) stepped
+    once per epoch (including its rise again after t_max)."""
 
     base_lr: float
     t_max: int
@@ -622,26 +626,8 @@ class CosineLR(Callback):
         if self.t_max < 1:
             raise ValueError(f"t_max must be >= 1, got {self.t_max}")
 
-    def lr_at(self, epoch: int) -> float:
-        """The learning rate epoch `epoch` (1-based) runs with."""
-        return _cosine_lr(self.base_lr, self.t_max, self.eta_min, epoch)
-
-    def init(self) -> CbState:
-        return {"lr": encode_float(self.base_lr)}
-
-    def on_event(self, cb_state: CbState, event: Event) -> tuple[CbState, list[Action]]:
-        return _schedule_event(self.lr_at, cb_state, event)
-
-
-def _schedule_event(lr_at: Any, cb_state: CbState, event: Event) -> tuple[CbState, list[Action]]:
-    """Shared by the epoch schedules: set the lr of the epoch about to run."""
-    if isinstance(event, TrainBegin):
-        lr = lr_at(event.start_epoch)
-    elif isinstance(event, EpochEnd):
-        lr = lr_at(event.epoch + 1)
-    else:
-        return cb_state, []
-    return {**cb_state, "lr": encode_float(lr)}, [SetHyperparam("lr", lr)]
+    def make_schedule(self) -> schedules.Schedule:
+        return schedules.cosine(self.base_lr, self.t_max, self.eta_min)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from fashion_func import losses, nn, optim
+from fashion_func import metrics as metrics_lib
 from fashion_func.augment import Augment
 from fashion_func.models import Model, ModelState, Params
 from fashion_func.state import TrainState
@@ -40,7 +41,6 @@ from fashion_func.step import (
     as_model,
     check_per_example,
     eval_core,
-    in_topk,
     train_core,
 )
 
@@ -185,7 +185,7 @@ def combine(member_out: Mapping[str, Tensor], y: Tensor, per_example: LossFn, to
     out = {"loss": values, "logits": logits}
     if "correct" in member_out:
         pred = logits.argmax(-1)
-        out.update(correct=pred == y, topk_correct=in_topk(logits, y, topk), pred=pred)
+        out.update(correct=pred == y, topk_correct=metrics_lib.topk_correct(logits, y, topk), pred=pred)
     out.update({f"member_{name}": v for name, v in member_out.items() if name != "logits"})
     out["member_logits"] = member_out["logits"]
     return out

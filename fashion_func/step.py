@@ -23,6 +23,7 @@ from einops import rearrange
 from torch import Tensor
 
 from fashion_func import losses, nn, optim
+from fashion_func import metrics as metrics_lib
 from fashion_func.models import Model, ModelState, Params, Stage
 from fashion_func.state import TrainState
 
@@ -34,7 +35,6 @@ __all__ = [
     "as_model",
     "check_per_example",
     "eval_core",
-    "in_topk",
     "make_eval_step",
     "make_train_step",
     "normalize_images",
@@ -275,12 +275,6 @@ def train_core(
     return torch.compile(core) if compile is True else core
 
 
-def in_topk(logits: Tensor, y: Tensor, k: int) -> Tensor:
-    """[B] bool: the label is among the `k` highest logits (`k` capped at the class count)."""
-    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
-    return (top == y[:, None]).any(-1)
-
-
 def _gradients_fn(
     model: Model,
     per_example: LossFn,
@@ -317,7 +311,7 @@ def _gradients_fn(
         if _is_classification(logits, y):
             metrics["correct"] = (logits.argmax(-1) == y).sum()
             if topk is not None:
-                metrics[f"top{topk}_correct"] = in_topk(logits, y, topk).sum()
+                metrics[f"top{topk}_correct"] = metrics_lib.topk_correct(logits, y, topk).sum()
         return grads, {k: v.detach() for k, v in new_state.items()}, metrics
 
     return gradients
@@ -352,7 +346,7 @@ def eval_core(
         out = {"loss": values, "logits": logits}
         if _is_classification(logits, y):
             pred = logits.argmax(-1)
-            out.update(correct=pred == y, topk_correct=in_topk(logits, y, topk), pred=pred)
+            out.update(correct=pred == y, topk_correct=metrics_lib.topk_correct(logits, y, topk), pred=pred)
         return out
 
     return core

@@ -131,7 +131,8 @@ def test_encode_decode_float_roundtrip(x):
 
 
 def test_module_imports_only_stdlib():
-    """callbacks must not import checkpoint, loop, torch or anything doing I/O or timing."""
+    """callbacks must not import checkpoint, loop, torch or anything doing I/O or timing; of
+    the package only `schedules`, itself plain Python."""
     tree = ast.parse(Path(cbm.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
@@ -139,7 +140,16 @@ def test_module_imports_only_stdlib():
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0] if node.level == 0 else "." + (node.module or ""))
-    assert imported <= {"__future__", "math", "collections", "dataclasses", "typing"}, imported
+    assert imported <= {"__future__", "math", "collections", "dataclasses", "typing", "fashion_func"}, (
+        imported
+    )
+    package = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "fashion_func"
+               for a in n.names}  # fmt: skip
+    assert package <= {"schedules"}, package
+    sched = ast.parse((Path(cbm.__file__).parent / "schedules.py").read_text())
+    roots = {a.name.split(".")[0] for n in ast.walk(sched) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {(n.module or "").split(".")[0] for n in ast.walk(sched) if isinstance(n, ast.ImportFrom)}
+    assert roots <= {"__future__", "math", "collections"}, roots
 
 
 # --------------------------------------------------------------------------------------
@@ -847,3 +857,28 @@ def test_actions_and_events_are_frozen():
         SaveCheckpoint("sometimes", 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         DeleteCheckpoint("best", 1)  # type: ignore[arg-type]
+
+
+def test_lr_schedule_drives_any_schedule_per_epoch_like_torch_onecycle_stepped_per_epoch():
+    """One callback for every schedule: epoch e runs with schedule(e - 1), as a torch scheduler
+    stepped once per epoch; StepLR and CosineLR are it with their schedule."""
+    import torch
+
+    from fashion_func import schedules
+
+    cb = cbm.LRSchedule(schedule=schedules.onecycle(0.1, total_steps=10), name="onecycle")
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    torch_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    state, actions = cb.on_event(cb.init(), cbm.TrainBegin(start_epoch=1, total_epochs=9))
+    for epoch in range(1, 10):
+        assert actions == [cbm.SetHyperparam("lr", cb.lr_at(epoch))]
+        assert cb.lr_at(epoch) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        opt.step()
+        torch_sched.step()
+        state, actions = cb.on_event(state, cbm.EpochEnd(epoch=epoch, metrics={}))
+    assert isinstance(cbm.StepLR(base_lr=0.1, step_size=2), cbm.LRSchedule)
+    assert cbm.StepLR(base_lr=0.1, step_size=2).lr_at(3) == schedules.step_lr(0.1, 2)(2)
+    assert cbm.CosineLR(base_lr=0.1, t_max=4).lr_at(2) == schedules.cosine(0.1, 4)(1)
+    with pytest.raises(ValueError, match="needs a schedule"):
+        cbm.LRSchedule().lr_at(1)
