@@ -8,15 +8,19 @@ touched. The property-based fuzz of the three commands is in tests/test_fuzz_cli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 from test_data import make_dataset  # tests/ is on sys.path under pytest
 
-from fashion_func import cli
+from fashion_func import app, cli
+from fashion_func import callbacks as cbs
 from fashion_func.cli import main_train
 from fashion_func.config import Config, ConfigError, load_file
 
@@ -68,7 +72,11 @@ def tiny_argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
     ],
 )
 def test_out_of_range_flags_are_one_line_usage_errors(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str], match: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    match: str,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     # a missing --data-dir: were a value let through, the run would fail fast, not train
@@ -89,7 +97,7 @@ def test_out_of_range_flags_are_one_line_usage_errors(
         ("seed = " + "9" * 5000, ".toml", "integer of more than 4300 digits"),
         ("[" * 100_000 + "]" * 100_000, ".json", "nested too deeply"),
         ("a = " + "[" * 100_000 + "]" * 100_000, ".toml", "nested too deeply"),
-        ("{\"optimizer\": " + "[" * 500 + "]" * 500 + "}", ".json", "--optimizer must be a string, got a list"),
+        ('{"optimizer": ' + "[" * 500 + "]" * 500 + "}", ".json", "--optimizer must be a string, got a list"),
         ('{"out": ""}', ".json", "--out must not be empty"),
     ],
 )
@@ -137,3 +145,190 @@ def test_config_values_are_checked_in_the_library_too() -> None:
     with pytest.raises(ConfigError, match="--seed must be in"):
         Config(seed=2**64)
     assert Config(seed=2**63 - 1).seed == 2**63 - 1
+
+
+# --------------------------------------------------------------------------- 0, 1, 3, 9: the run directory
+
+
+def tree_bytes(root: Path) -> dict[str, bytes | str]:
+    """Every entry under `root` (links as their target text, files as bytes), for before/after."""
+    found: dict[str, bytes | str] = {}
+    for p in sorted(root.rglob("*")):
+        key = str(p.relative_to(root))
+        if p.is_symlink():
+            found[key] = f"-> {os.readlink(p)}"
+        elif p.is_file():
+            found[key] = p.read_bytes()
+        else:
+            found[key] = "dir"
+    return found
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main_train(argv)
+    return code, capsys.readouterr().err
+
+
+def test_resume_from_a_copied_runs_checkpoint_never_writes_into_another_run(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's recipe: train A, copy it to B, train A on, then resume B's checkpoint."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert run_cli(tiny_argv(tiny_data, a), capsys)[0] == 0
+    shutil.copytree(a, b, symlinks=True)
+    assert run_cli(tiny_argv(tiny_data, a, "--epochs", "2", "--resume", "auto"), capsys)[0] == 0
+    a_before = tree_bytes(a)
+    b_last = b / "checkpoints" / "last.safetensors"
+    # no --out: the run goes on in the checkpoint's own directory, B (its saved config says A)
+    data_flags = ["--data-dir", str(tiny_data), "--no-progress"]
+    assert run_cli(["--resume", str(b_last), "--epochs", "2", *data_flags], capsys)[0] == 0
+    assert [r["epoch"] for r in json.loads((b / "history.json").read_text())] == [1, 2]
+    assert tree_bytes(a) == a_before
+    # pointing --out at A, which holds another run: refused, A untouched
+    code, err = run_cli(["--resume", str(b_last), "--out", str(a), "--epochs", "3", *data_flags], capsys)
+    assert code == 2 and "already holds another run" in one_error_line(err)
+    assert tree_bytes(a) == a_before
+    # a checkpoint outside any run directory needs --out
+    loose = tmp_path / "loose.safetensors"
+    shutil.copy(b_last, loose)
+    code, err = run_cli(["--resume", str(loose), "--epochs", "3", *data_flags], capsys)
+    assert code == 2 and "pass --out" in one_error_line(err)
+    # ... and into a new directory it is fine
+    assert (
+        run_cli(["--resume", str(loose), "--out", str(tmp_path / "C"), "--epochs", "3", *data_flags], capsys)[
+            0
+        ]
+        == 0
+    )
+    assert tree_bytes(a) == a_before
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "hardlink", "directory"])
+def test_a_lock_that_is_not_our_regular_file_is_refused_and_nothing_is_truncated(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    out = tmp_path / "run"
+    assert run_cli(tiny_argv(tiny_data, out), capsys)[0] == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    lock = out / ".lock"
+    lock.unlink()
+    if kind == "symlink":
+        lock.symlink_to(victim)
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    elif kind == "hardlink":
+        os.link(victim, lock)
+    else:
+        lock.mkdir()
+    before = tree_bytes(out)
+    code, err = run_cli(tiny_argv(tiny_data, out, "--epochs", "2", "--resume", "auto"), capsys)
+    assert code == 2
+    line = one_error_line(err)
+    assert str(lock) in line and "remove it" in line, line
+    assert victim.read_text() == "precious"
+    assert tree_bytes(out) == before
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run_and_deletes_nothing(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mine = tmp_path / "thesis"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "checkpoints" / "chapter1.pt").write_bytes(b"years of work")
+    (mine / "train.log").write_text("my own log")
+    before = tree_bytes(mine)
+    for extra in ([], ["--overwrite"], ["--resume", "auto"]):
+        code, err = run_cli(tiny_argv(tiny_data, mine, *extra), capsys)
+        assert code == 2 and "not a fashion_func run" in one_error_line(err), (extra, err)
+        assert tree_bytes(mine) == before
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "tensorboard", "train.log"])
+def test_overwrite_never_follows_a_link_out_of_the_run_directory(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    out = tmp_path / "run"
+    assert run_cli(tiny_argv(tiny_data, out), capsys)[0] == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "last.safetensors").write_bytes(b"someone else's")
+    (elsewhere / "events.out.tfevents.1").write_bytes(b"someone else's")
+    target = out / name
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink(missing_ok=True)
+    target.symlink_to(elsewhere if name != "train.log" else elsewhere / "last.safetensors")
+    before, outside = tree_bytes(out), tree_bytes(elsewhere)
+    for extra in (["--overwrite"], ["--resume", "auto", "--epochs", "2"]):
+        code, err = run_cli(tiny_argv(tiny_data, out, *extra), capsys)
+        line = one_error_line(err)
+        assert code == 2 and ("symbolic link" in line or "--resume" in extra), line
+        assert tree_bytes(out) == before and tree_bytes(elsewhere) == outside
+
+
+def test_overwrite_removes_only_what_a_run_wrote(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert run_cli(tiny_argv(tiny_data, out, "--save-best-only", "false"), capsys)[0] == 0
+    (out / "notes.md").write_text("mine")
+    (out / "checkpoints" / "notes.md").write_text("mine too")
+    assert run_cli(tiny_argv(tiny_data, out, "--overwrite"), capsys)[0] == 0
+    assert (out / "notes.md").read_text() == "mine"
+    assert (out / "checkpoints" / "notes.md").read_text() == "mine too"
+    assert not (out / "checkpoints" / "epoch-001.safetensors").exists()  # the old run's, removed
+
+
+def test_stale_temp_cleanup_removes_only_our_temp_names(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert run_cli(tiny_argv(tiny_data, out), capsys)[0] == 0
+    users = [out / ".thesis.tmp", out / "checkpoints" / ".notes.tmp", out / ".draft.1234.tmp"]
+    for p in users:
+        p.write_text("the user's")
+    ours = [out / ".history.json.99999.tmp", out / "checkpoints" / ".last.safetensors.99999.tmp"]
+    for p in ours:
+        p.write_bytes(b"half written")
+    assert run_cli(tiny_argv(tiny_data, out, "--epochs", "2", "--resume", "auto"), capsys)[0] == 0
+    assert all(p.read_text() == "the user's" for p in users)
+    assert not any(p.exists() for p in ours)
+
+
+def test_a_run_that_fails_validation_leaves_nothing_behind(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "deep" / "run"
+    code, err = run_cli(tiny_argv(tiny_data, out, "--limit-train", "100000"), capsys)
+    assert code == 2 and "exceeds" in one_error_line(err)
+    assert not (tmp_path / "deep").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli(tiny_argv(tiny_data, empty, "--limit-train", "100000"), capsys)[0] == 2
+    assert list(empty.iterdir()) == []
+    assert run_cli(tiny_argv(tiny_data, out), capsys)[0] == 0  # nothing left to refuse the next run
+
+
+def test_an_inherited_sigint_ignore_is_kept(tiny_data: Path, tmp_path: Path) -> None:
+    """`cmd &` in a script starts with SIGINT ignored; training must not start honouring it."""
+
+    @dataclasses.dataclass(frozen=True)
+    class SendSigint(cbs.Callback):
+        def on_event(self, cb_state: cbs.CbState, event: cbs.Event) -> tuple[cbs.CbState, list[cbs.Action]]:
+            if isinstance(event, cbs.EpochEnd):
+                os.kill(os.getpid(), signal.SIGINT)
+            return cb_state, []
+
+    cfg = Config(
+        model="mlp", epochs=2, batch_size=32, data_dir=str(tiny_data), out=str(tmp_path / "run"),
+        device="cpu", compile=False, tensorboard=False, progress=False,
+    )  # fmt: skip
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = app.train(cfg, callbacks=[*app.build_callbacks(cfg), SendSigint()])
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert result.epochs_run == 2 and result.stop_reason == "completed"

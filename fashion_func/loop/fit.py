@@ -155,7 +155,9 @@ def _signals_to_flag(enabled: bool) -> Iterator[dict[str, int | None]]:
     def handler(signum: int, frame: Any) -> None:
         flag["signum"] = signum
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    # an inherited ignore (`cmd &` in a script starts with SIGINT ignored) is the caller's choice: keep it
+    kept = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    old = {s: signal.signal(s, handler) for s in kept}
     try:
         yield flag
     finally:
