@@ -9,6 +9,7 @@ touched. The property-based fuzz of the three commands is in tests/test_fuzz_cli
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_data import make_dataset  # tests/ is on sys.path under pytest
 
@@ -332,3 +334,37 @@ def test_an_inherited_sigint_ignore_is_kept(tiny_data: Path, tmp_path: Path) -> 
     finally:
         signal.signal(signal.SIGINT, old)
     assert result.epochs_run == 2 and result.stop_reason == "completed"
+
+
+# --------------------------------------------------------------------------- 4, 5, 6: data files
+
+
+def test_idx_sizes_are_checked_against_the_header_while_streaming(tmp_path: Path) -> None:
+    from test_data import idx_bytes
+
+    from fashion_func import data
+
+    images = np.zeros((64, 28, 28), np.uint8)
+    bomb = tmp_path / "bomb.gz"  # a valid header and 64 images, then 64 MB more of zeros
+    with gzip.open(bomb, "wb", compresslevel=1) as f:
+        f.write(idx_bytes(images))
+        for _ in range(64):
+            f.write(bytes(1 << 20))
+    with pytest.raises(data.DataError, match="too long"):
+        data.read_idx(bomb, "images")
+    huge = tmp_path / "huge"  # a header that declares 4 billion images
+    huge.write_bytes(b"\0\0\x08\x03" + (2**32 - 1).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2)
+    with pytest.raises(data.DataError, match="declares 4294967295 examples, more than the 60000 allowed"):
+        data.read_idx(huge, "images")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(data.DataError, match=r"not a regular file \(a named pipe"):
+        data.read_idx(fifo)  # would block forever in open() if opened blindly
+
+
+def test_idx_files_with_no_examples_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "data"
+    make_dataset(d, n_train=0, n_test=0)
+    code, err = run_cli(tiny_argv(d, tmp_path / "run"), capsys)
+    assert code == 2 and "holds no examples" in one_error_line(err)
+    assert not (tmp_path / "run").exists()

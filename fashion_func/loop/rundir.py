@@ -327,7 +327,8 @@ def prepare_out_dir(out: Path, *, resume: Any, overwrite: bool) -> None:
             raise RunError(f"--overwrite would delete {display(str(resume))}, the checkpoint being resumed")
     if existing and not resume and not overwrite:
         raise RunError(
-            f"run directory {display(out)} already holds a run; pass --resume auto to continue it or --overwrite"
+            f"run directory {display(out)} already holds a run; "
+            "pass --resume auto to continue it or --overwrite"
         )
     if overwrite and (not resume or elsewhere):
         _remove(_removable(out))
