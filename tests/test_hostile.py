@@ -9,19 +9,24 @@ touched. The property-based fuzz of the three commands is in tests/test_fuzz_cli
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
 import json
 import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from test_data import make_dataset  # tests/ is on sys.path under pytest
 
-from fashion_func import app, cli
+from fashion_func import app, checkpoint, cli, models, optim
+from fashion_func import state as state_lib
 from fashion_func import callbacks as cbs
 from fashion_func.cli import main_train
 from fashion_func.config import Config, ConfigError, load_file
@@ -368,3 +373,124 @@ def test_idx_files_with_no_examples_are_one_line(tmp_path: Path, capsys: pytest.
     code, err = run_cli(tiny_argv(d, tmp_path / "run"), capsys)
     assert code == 2 and "holds no examples" in one_error_line(err)
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- 5, 6, 7: checkpoints
+
+
+def mlp_template() -> Any:
+    cfg = Config(model="mlp")
+    params = models.get("mlp").init(torch.Generator().manual_seed(0))
+    return state_lib.create(params, app.build_optimizer(cfg), seed=0)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch run (mlp, adam) whose last.safetensors the tests below spoil."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    cfg = Config(
+        model="mlp", epochs=1, batch_size=32, data_dir=str(tiny_data), out=str(out), device="cpu",
+        compile=False, tensorboard=False, progress=False, patience=3, lr_schedule="plateau",
+    )  # fmt: skip
+    app.train(cfg)
+    return out
+
+
+def spoiled_copy(
+    run: Path, dest: Path, change: Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
+) -> Path:
+    shutil.copytree(run, dest, symlinks=True)
+    last = dest / "checkpoints" / "last.safetensors"
+    st, meta = checkpoint.load_state(last, mlp_template())
+    st, meta = change(st, meta)
+    checkpoint.save_state(last, st, metadata=meta)
+    return last
+
+
+CRAFTED: dict[str, Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]] = {
+    "epoch a string": lambda st, m: (st, {**m, "epoch": "x"}),
+    "epoch negative": lambda st, m: (st, {**m, "epoch": -3}),
+    "lr a string": lambda st, m: (st, {**m, "lr": "fast"}),
+    "lr negative": lambda st, m: (st, {**m, "lr": -0.001}),
+    "in_epoch a string": lambda st, m: (st, {**m, "in_epoch": "x"}),
+    "in_epoch missing keys": lambda st, m: (st, {**m, "in_epoch": {"epoch": 2}}),
+    "callbacks a list": lambda st, m: (st, {**m, "callbacks": [1, 2]}),
+    "callback state wrong": lambda st, m: (
+        st,
+        {**m, "callbacks": {**m["callbacks"], "EarlyStopping": {"best": "x"}}},
+    ),
+    "history malformed": lambda st, m: (st, {**m, "history": [{"epoch": "one"}]}),
+    "step negative": lambda st, m: (st.replace(step=torch.tensor(-5)), m),
+    "optimizer lr negative": lambda st, m: (
+        st.replace(opt_state=optim.set_hyperparam(st.opt_state, "lr", -1.0)),
+        m,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_a_valid_checkpoint_with_crafted_metadata_is_one_line(
+    finished_run: Path, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    out = tmp_path / "run"
+    last = spoiled_copy(finished_run, out, CRAFTED[case])
+    before = tree_bytes(out)
+    for resume in ("auto", str(last)):
+        code, err = run_cli(tiny_argv(tiny_data, out, "--epochs", "3", "--resume", resume), capsys)
+        line = one_error_line(err)
+        assert code == 2 and str(last) in line, line
+        after, expected = tree_bytes(out), dict(before)
+        assert after.pop("train.log").startswith(expected.pop("train.log"))  # the attempt is logged, no more
+        assert after == expected
+
+
+@pytest.mark.parametrize("how", ["auto", "path"])
+def test_a_fifo_as_the_checkpoint_is_refused_without_hanging(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    last = out / "checkpoints" / "last.safetensors"
+    os.mkfifo(last)
+    code, err = run_cli(tiny_argv(tiny_data, out, "--resume", "auto" if how == "auto" else str(last)), capsys)
+    assert code == 2 and "not a regular file (a named pipe (FIFO))" in one_error_line(err)
+
+
+def test_writes_never_replace_a_device_or_follow_a_link(tmp_path: Path) -> None:
+    target = tmp_path / "link.safetensors"
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    target.symlink_to(victim)
+    for path in (Path("/dev/null"), target, tmp_path):
+        with pytest.raises(checkpoint.CheckpointWriteError, match="not a regular file"):
+            checkpoint.atomic_write(path, b"data")
+    assert victim.read_text() == "precious" and target.is_symlink()
+    assert Path("/dev/null").is_char_device()
+
+
+def test_disk_full_when_tensorboard_opens_its_event_file_is_one_line(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorboard.summary.writer import event_file_writer
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(event_file_writer.tf.io.gfile, "GFile", full)
+    argv = [a for a in tiny_argv(tiny_data, tmp_path / "run") if a != "--no-tensorboard"]
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    assert one_error_line(err).endswith("No space left on device")
+
+
+# --------------------------------------------------------------------------- 10: a diverged run
+
+
+def test_a_diverged_run_exits_with_its_own_status(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = run_cli(tiny_argv(tiny_data, tmp_path / "run", "--lr", "1e30", "--epochs", "3"), capsys)
+    assert code == app.EXIT_DIVERGED == 3
+    assert "training diverged (non-finite loss at step" in one_error_line(err)
+    # early stopping and completion stay 0
+    assert run_cli(tiny_argv(tiny_data, tmp_path / "ok", "--epochs", "3", "--patience", "1"), capsys)[0] == 0

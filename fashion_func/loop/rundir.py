@@ -531,11 +531,30 @@ class RunDir:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.path / "tensorboard"), purge_step=purge_step)
+            folder = self.path / "tensorboard"
+            try:
+                self._writer = SummaryWriter(str(folder), purge_step=purge_step)
+            except OSError as exc:  # disk full, a file in the folder's place, ...
+                raise RunError(f"cannot write TensorBoard events to {display(folder)}: {_why(exc)}") from None
         return self._writer
+
+    def log_scalars(self, scalars: dict[str, float], step: int, purge_step: int) -> None:
+        """Write `scalars` at `step` to TensorBoard and flush; RunError when that fails."""
+        writer = self.tensorboard(purge_step)
+        try:
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, step)
+            writer.flush()
+        except OSError as exc:
+            raise RunError(f"cannot write TensorBoard events to {display(self.path)}: {_why(exc)}") from None
 
     def close_tensorboard(self) -> None:
         """Flush and close the TensorBoard writer, if one was opened."""
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            with contextlib.suppress(OSError):  # closing after a failure: the error is already told
+                writer.close()
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
