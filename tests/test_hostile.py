@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +27,8 @@ import torch
 from test_data import make_dataset  # tests/ is on sys.path under pytest
 
 from fashion_func import app, checkpoint, cli, models, optim
-from fashion_func import state as state_lib
 from fashion_func import callbacks as cbs
+from fashion_func import state as state_lib
 from fashion_func.cli import main_train
 from fashion_func.config import Config, ConfigError, load_file
 
@@ -494,3 +495,169 @@ def test_a_diverged_run_exits_with_its_own_status(
     assert "training diverged (non-finite loss at step" in one_error_line(err)
     # early stopping and completion stay 0
     assert run_cli(tiny_argv(tiny_data, tmp_path / "ok", "--epochs", "3", "--patience", "1"), capsys)[0] == 0
+
+
+# --------------------------------------------------------------------------- 2, 4, 6, 11: predict and export
+
+
+@pytest.fixture(scope="module")
+def best_weights(finished_run: Path) -> Path:
+    return finished_run / "checkpoints" / "best.safetensors"
+
+
+def run_main(
+    main: Callable[[list[str]], int], argv: list[Any], capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_export_out_refuses_devices_its_input_wrong_suffixes_and_existing_files(
+    best_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fashion_func import export
+
+    copy = tmp_path / "w.safetensors"
+    shutil.copy(best_weights, copy)
+    before = copy.read_bytes()
+    fifo = tmp_path / "f.safetensors"
+    os.mkfifo(fifo)
+    cases = [
+        ("/dev/full", "torch", "must end in .safetensors"),
+        (tmp_path / "dev.safetensors", "torch", "exists and is a character device"),
+        (copy, "torch", "is the input file"),
+        (tmp_path / "x.txt", "torch", "must end in .safetensors"),
+        (tmp_path / "x.npz", "flax", "must end in .safetensors"),
+        (fifo, "flax", "exists and is a named pipe"),
+        (tmp_path, "torch", "must end in .safetensors"),
+    ]
+    os.symlink("/dev/full", tmp_path / "dev.safetensors")
+    cases[1] = (tmp_path / "dev.safetensors", "torch", "exists and is a symbolic link")
+    for out, fmt, match in cases:
+        code, _, err = run_main(export.main, ["--weights", copy, "--format", fmt, "--out", out], capsys)
+        assert code == 2 and match in one_error_line(err), (out, err)
+    assert copy.read_bytes() == before and Path("/dev/full").is_char_device() and fifo.is_fifo()
+    out = tmp_path / "e.safetensors"
+    assert run_main(export.main, ["--weights", copy, "--format", "torch", "--out", out], capsys)[0] == 0
+    code, _, err = run_main(export.main, ["--weights", copy, "--format", "torch", "--out", out], capsys)
+    assert code == 2 and "pass --overwrite" in one_error_line(err)
+    assert (
+        run_main(export.main, ["--weights", copy, "--format", "torch", "--out", out, "--overwrite"], capsys)[
+            0
+        ]
+        == 0
+    )
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_predict_and_export_refuse_a_fifo_or_directory_as_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    from fashion_func import export, predict
+
+    w = tmp_path / "w.safetensors"
+    os.mkfifo(w) if kind == "fifo" else w.mkdir()
+    for main, extra in (
+        (predict.main, []),
+        (export.main, ["--format", "torch", "--out", tmp_path / "o.safetensors"]),
+    ):
+        code, _, err = run_main(main, ["--weights", w, *extra], capsys)
+        assert code == 2 and "not a regular file" in one_error_line(err), err
+
+
+def _png(path: Path, w: int, h: int) -> Path:
+    from PIL import Image
+
+    Image.new("L", (w, h)).save(path)
+    return path
+
+
+def test_one_bad_image_is_one_line_and_the_others_are_classified(
+    best_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fashion_func import predict
+
+    good = _png(tmp_path / "good.png", 28, 28)
+    big = _png(tmp_path / "big.png", 6000, 6000)  # 36 M pixels: over the default limit, a small file
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    weird = tmp_path / os.fsdecode(b"caf\xe9\x1b[31m.png")  # not UTF-8, and an ANSI escape
+    shutil.copy(good, weird)
+    argv = ["--weights", best_weights, "--images", good, big, fifo, "/dev/zero", weird, "--json"]
+    code, out, err = run_main(predict.main, argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 3, err
+    for needle in (
+        "big.png: 6000x6000 pixels, more than --max-image-pixels",
+        "pipe.png: not a regular file (a named pipe (FIFO))",
+        "/dev/zero: not a regular file (a character device)",
+    ):
+        assert sum(needle in line for line in lines) == 1, (needle, err)
+    assert "\x1b" not in out and "caf\\xe9\\x1b[31m.png" in out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert [Path(r["path"]).name for r in report["images"]] == ["good.png", "caf\\xe9\\x1b[31m.png"]
+    out.encode("utf-8")  # strict: no lone surrogates anywhere
+    code, out, err = run_main(predict.main, [*argv[:3], big, "--max-image-pixels", 40_000_000], capsys)
+    assert code == 0, err
+
+
+def test_a_huge_png_is_one_line_not_a_decompression_bomb_traceback(
+    best_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fashion_func import predict
+
+    bomb = _png(tmp_path / "bomb.png", 20000, 20000)  # PIL's own DecompressionBombError territory
+    code, _, err = run_main(
+        predict.main, ["--weights", best_weights, "--images", bomb, "--max-image-pixels", 10**9], capsys
+    )
+    assert code == 2 and "bomb.png: too many pixels" in one_error_line(err)
+
+
+def test_predict_json_is_strict_even_for_huge_weights_and_escapes_metadata(
+    best_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fashion_func import predict
+
+    weights, meta = checkpoint.load_weights(best_weights)
+    huge = {k: v * 1e30 for k, v in weights.items()}
+    path = tmp_path / "huge.safetensors"
+    checkpoint.save_weights(path, huge, metadata={**meta, "epoch": "\x1b]0;pwned\x07"})
+    img = _png(tmp_path / "a.png", 28, 28)
+    code, out, err = run_main(predict.main, ["--weights", path, "--images", img, "--json"], capsys)
+    assert code == 0, err
+    assert "\x1b" not in out and "\x07" not in out
+    json.loads(out.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+
+
+def test_predict_out_refuses_to_replace_report_files_without_overwrite(
+    best_weights: Path, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fashion_func import predict
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.json").write_text("the user's")
+    argv = ["--weights", best_weights, "--data-dir", tiny_data, "--out", out]
+    code, _, err = run_main(predict.main, argv, capsys)
+    assert code == 2 and "pass --overwrite" in one_error_line(err)
+    assert (out / "report.json").read_text() == "the user's"
+    assert run_main(predict.main, [*argv, "--overwrite"], capsys)[0] == 0
+    (out / "samples.png").unlink()
+    (out / "samples.png").symlink_to("/dev/null")
+    code, _, err = run_main(predict.main, [*argv, "--overwrite"], capsys)
+    assert code == 2 and "is a symbolic link" in one_error_line(err)
+
+
+def test_broken_pipe_under_head_is_a_normal_end(best_weights: Path, tmp_path: Path) -> None:
+    img = _png(tmp_path / "a.png", 28, 28)
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for i in range(1000):  # more output than a pipe buffers, so the writer meets the closed pipe
+        (shots / f"{i:04d}-a-long-name-for-a-long-line.png").symlink_to(img)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "predict.py"
+    cmd = f"{sys.executable} {script} --weights {best_weights} --images {shots} | head -1"
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and len(proc.stdout.splitlines()) == 1
