@@ -1,6 +1,7 @@
 """Command-line front ends: argument parsing, validation and exit codes.
 
-Exit codes: 0 success (also a run stopped early, e.g. by a non-finite loss); 2 usage
+Exit codes: 0 success (also a run stopped early by early stopping); 3 a run stopped by a
+non-finite loss (diverged); 2 usage
 or input error (bad flag, bad config, missing data, bad checkpoint, a run directory in
 use, a file that cannot be written: disk full, no permission); 130 / 143 interrupted by
 SIGINT / SIGTERM (after saving, when a training step was under way).

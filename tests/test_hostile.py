@@ -661,3 +661,23 @@ def test_broken_pipe_under_head_is_a_normal_end(best_weights: Path, tmp_path: Pa
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "" and len(proc.stdout.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- 8: the best checkpoint
+
+
+def test_best_checkpoint_of_a_run_monitoring_accuracy_is_its_most_accurate_epoch(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = tiny_argv(tiny_data, out, "--epochs", "4", "--monitor", "val_acc", "--lr", "0.05")
+    assert run_cli([*argv, "--save-best-only", "false", "--save-top-k", "-1"], capsys)[0] == 0
+    history = json.loads((out / "history.json").read_text())
+    accs = [r["val_acc"] for r in history]
+    best_epoch = accs.index(max(accs)) + 1  # the first epoch reaching the highest accuracy
+    ckpts = out / "checkpoints"
+    meta = checkpoint.read_metadata(ckpts / "best.safetensors")
+    assert (meta["epoch"], meta["monitor"], meta["value"]) == (best_epoch, "val_acc", max(accs))
+    best, _ = checkpoint.load_weights(ckpts / "best.safetensors")
+    same, _ = checkpoint.load_weights(ckpts / f"epoch-{best_epoch:03d}.safetensors")
+    assert all(torch.equal(best[k], same[k]) for k in best)
