@@ -8,6 +8,7 @@ client of the library; research code builds the same objects itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -22,10 +23,13 @@ from fashion_func.config import SWEEPABLE, Config, ConfigError, parse_sweep
 from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunDir, RunError, fit
 from fashion_func.loop import device as device_lib
 from fashion_func.loop import resume as resume_lib
+from fashion_func.safeio import display
 from fashion_func.step import NormalizeImages, make_eval_step, make_train_step
 from fashion_func.summary import summary
 
-__all__ = ["build_callbacks", "build_optimizer", "main", "members_table", "train"]
+__all__ = ["EXIT_DIVERGED", "build_callbacks", "build_optimizer", "main", "members_table", "train"]
+
+EXIT_DIVERGED = 3  # a run stopped by a non-finite loss: a script or scheduler must see it failed
 
 
 def build_optimizer(cfg: Config) -> optim.GradientTransformation:
@@ -133,7 +137,8 @@ def _resume_point(
             "resume it with the same members"
         )
     point = resume_lib.load(path, st, callbacks)
-    saved_lr = point.metadata.get("config", {}).get("lr")
+    saved_config = point.metadata.get("config")
+    saved_lr = saved_config.get("lr") if isinstance(saved_config, dict) else None
     if saved_lr is not None and cfg.lr != saved_lr:
         # an --lr given on resume replaces the checkpoint's (schedules restart from it too)
         point = point.replace_lr(cfg.lr, callbacks)
@@ -279,7 +284,7 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> 
         print(f"train.py: {exc}", file=sys.stderr)
         return exc.code
     except (RunError, data.DataError, checkpoint.CheckpointError, ConfigError) as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
+        print(f"train.py: error: {display(str(exc))}", file=sys.stderr)
         return 2
     tail = (
         f"; best {result.best['monitor']} {result.best['value']:.4f} at epoch {result.best['epoch']}"
@@ -291,5 +296,17 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> 
         tail += (
             f"; each member's best weights in {result.out_dir}/checkpoints/member-*/, table in members.json"
         )
-    print(f"done: {result.epochs_run} epoch(s), {result.stop_reason}{tail}; run directory {result.out_dir}")
+    _print(f"done: {result.epochs_run} epoch(s), {result.stop_reason}{tail}; run directory {result.out_dir}")
+    if result.diverged:
+        print(
+            f"train.py: error: training diverged ({result.stop_reason}); exit {EXIT_DIVERGED}",
+            file=sys.stderr,
+        )
+        return EXIT_DIVERGED
     return 0
+
+
+def _print(line: str) -> None:
+    """A line on stdout, escaped; a reader that went away (`| head`) is no error."""
+    with contextlib.suppress(BrokenPipeError):
+        print(display(line), flush=True)

@@ -27,6 +27,7 @@ a `CheckpointError` with a one-line message naming the file. Nothing here unpick
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -42,6 +43,7 @@ from safetensors.torch import save as _st_save
 from torch import Tensor
 
 from fashion_func import tree
+from fashion_func.safeio import FileError, describe, open_regular
 
 __all__ = [
     "FORMAT_KEY",
@@ -175,7 +177,19 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        target = os.lstat(path)
+    except OSError:
+        target = None
+    if target is not None and not stat.S_ISREG(target.st_mode):
+        # os.replace would put a regular file in place of a device, FIFO or link: never
+        raise CheckpointWriteError(
+            _one_line(f"cannot write checkpoint {path}: it is {describe(target.st_mode)}, not a regular file")
+        )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # our own name, left by a killed process of the same pid
+    try:
+        # "x" (O_EXCL) and O_NOFOLLOW: a link planted under the temp name is never written through
+        with open(tmp, "xb", opener=_nofollow) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -190,6 +204,10 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
             raise CheckpointWriteError(_one_line(f"cannot write checkpoint {path}: {_reason(e)}")) from e
         raise
     _fsync_dir(path.parent)
+
+
+def _nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
 
 
 def _reason(e: OSError) -> str:
@@ -579,17 +597,16 @@ def _read(path: str | os.PathLike[str], *, header_only: bool) -> tuple[bytes, in
     """
     name = str(path)
     try:
-        with open(path, "rb") as f:
+        # a regular file only, checked before opening and opened without blocking: a FIFO
+        # named as a checkpoint must not hang the process
+        with open_regular(path, what="checkpoint") as f:
             st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise _fail(name, "not a regular file")
             first = f.read(8)
             n = _header_length(first, st.st_size, name)
             data = first + (f.read(n) if header_only else f.read())
-    except IsADirectoryError:
-        raise _fail(name, "not a regular file (a directory)") from None
-    except FileNotFoundError:
-        raise _fail(name, "no such file") from None
+    except FileError as e:
+        reason = str(e).split(": ", 1)[-1]
+        raise _fail(name, reason) from None
     except OSError as e:
         raise _fail(name, f"cannot read: {_reason(e)}") from None
     return data, st.st_size, name

@@ -1,6 +1,7 @@
 """Command-line front ends: argument parsing, validation and exit codes.
 
-Exit codes: 0 success (also a run stopped early, e.g. by a non-finite loss); 2 usage
+Exit codes: 0 success (also a run stopped early by early stopping); 3 a run stopped by a
+non-finite loss (diverged); 2 usage
 or input error (bad flag, bad config, missing data, bad checkpoint, a run directory in
 use, a file that cannot be written: disk full, no permission); 130 / 143 interrupted by
 SIGINT / SIGTERM (after saving, when a training step was under way).
@@ -13,6 +14,7 @@ import argparse
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from fashion_func.config import (
@@ -26,6 +28,7 @@ from fashion_func.config import (
     load_file,
     load_preset,
 )
+from fashion_func.safeio import display, short_repr
 
 __all__ = [
     "UsageError",
@@ -58,17 +61,20 @@ def add_version(parser: argparse.ArgumentParser) -> None:
 
 
 def _int(text: str) -> int:
+    digits = sys.get_int_max_str_digits()
+    if len(text) > digits:  # int() refuses these anyway, with a message about sys settings
+        raise argparse.ArgumentTypeError(f"expected an integer of at most {digits} digits")
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer, got {short_repr(text)}") from None
 
 
 def _float(text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {short_repr(text)}") from None
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -184,12 +190,11 @@ def explicit_train_args(argv: Sequence[str] | None = None) -> tuple[dict[str, An
     values: dict[str, Any] = {}
     if "preset" in args:
         values.update(load_preset(args["preset"]))
-    if "config" in args:
-        values.update(load_file(args["config"]))
-    flags = {k: v for k, v in args.items() if k not in RUN_FLAGS}
-    if "lr_step_size" in flags and "lr_schedule" not in flags:
-        flags["lr_schedule"] = "step"  # giving a step size means asking for StepLR
-    values.update(flags)
+    given = load_file(args["config"]) if "config" in args else {}
+    given.update({k: v for k, v in args.items() if k not in RUN_FLAGS})
+    if "lr_step_size" in given and "lr_schedule" not in given:
+        given["lr_schedule"] = "step"  # giving a step size (file or flag) means asking for StepLR
+    values.update(given)
     run = {"resume": args.get("resume"), "overwrite": args.get("overwrite", False)}
     return values, run
 
@@ -225,18 +230,30 @@ def _with_checkpoint_config(values: dict[str, Any], resume: str) -> dict[str, An
     if "model" in values and values["model"] != saved.get("model"):
         raise UsageError(
             f"--model {values['model']} does not match checkpoint {path}, which holds a "
-            f"{saved.get('model')} model; leave out --model to resume it"
+            f"{short_repr(saved.get('model'))} model; leave out --model to resume it"
         )
     if "monitor" in values and "mode" not in values:
         saved = {k: v for k, v in saved.items() if k != "mode"}  # inferred again for the new metric
     merged = {**saved, **values}
-    if resume == "auto":
-        merged["out"] = str(out)  # the run goes on in the directory its checkpoint was found in
+    # A run writes only where the user pointed, never where a checkpoint's saved config says
+    # (a copied run's checkpoint names the original's directory).
+    merged["out"] = str(out) if resume == "auto" or "out" in values else _run_dir_of(path)
     return merged
 
 
+def _run_dir_of(checkpoint_path: Path) -> str:
+    """The run directory a `<run>/checkpoints/<file>` belongs to; UsageError for another place."""
+    folder = checkpoint_path.absolute().parent
+    if folder.name != "checkpoints":
+        raise UsageError(
+            f"--resume {display(str(checkpoint_path))} is not in a run's checkpoints/ folder; "
+            "pass --out, the run directory to continue in"
+        )
+    return str(checkpoint_path.parent.parent)
+
+
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"train.py: error: {message}", file=sys.stderr)
+    print(f"train.py: error: {display(message)}", file=sys.stderr)
     return code
 
 

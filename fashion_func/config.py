@@ -11,12 +11,15 @@ import dataclasses
 import itertools
 import json
 import math
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import tomllib
+
+from fashion_func.safeio import FileError, display, read_regular, short_repr
 
 __all__ = ["Config", "ConfigError", "infer_mode", "load_file", "load_preset", "parse_sweep", "presets"]
 
@@ -28,6 +31,8 @@ SCHEDULES = ("constant", "step", "cosine", "plateau")
 NORMALIZE = ("dataset", "tutorial")
 COMPILE = ("auto", "on", "off")
 MONITORS = ("val_loss", "val_acc", "train_loss", "train_acc")  # and val_top{K} / train_top{K}
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; /dev/zero must not fill memory
+MAX_SEED = 2**63 - 1  # seeds travel as int64 tensors and torch.Generator seeds
 
 
 def infer_mode(monitor: str) -> str | None:
@@ -118,17 +123,14 @@ class Config:
         for name in ("epochs", "batch_size", "eval_batch_size", "every_n_epochs", "lr_step_size"):
             if getattr(self, name) < 1:
                 e.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            e.append(f"--lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "momentum", "min_delta", "label_smoothing"):
-            if getattr(self, name) < 0:
-                e.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if self.label_smoothing >= 1:
-            e.append(f"--label-smoothing must be below 1, got {self.label_smoothing}")
-        if not 0 < self.lr_gamma <= 1:
-            e.append(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
-        elif self.lr_schedule == "plateau" and self.lr_gamma == 1:
-            e.append("--lr-gamma must be below 1 with --lr-schedule plateau")
+        e.extend(self._float_errors())
+        if not 0 <= self.seed <= MAX_SEED:
+            e.append(f"--seed must be in [0, 2**63 - 1], got {short_repr(self.seed)}")
+        for name in ("out", "data_dir"):
+            if getattr(self, name) == "":
+                e.append(f"--{name.replace('_', '-')} must not be empty (leave it out for the default)")
+        if self.out is not None and self.out.strip("/") == "" and self.out:
+            e.append("--out / is the root directory; give a run directory of its own")
         monitors = (*MONITORS, f"val_top{self.topk}", f"train_top{self.topk}")
         if self.monitor not in monitors:
             e.append(f"--monitor must be one of {', '.join(monitors)}, not {self.monitor!r}")
@@ -137,8 +139,6 @@ class Config:
                 f"--mode {self.mode} contradicts --monitor {self.monitor}, which should "
                 f"{'fall' if infer_mode(self.monitor) == 'min' else 'rise'}; leave --mode out to infer it"
             )
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            e.append(f"--clip-norm must be positive, got {self.clip_norm}")
         for name in ("limit_train", "limit_val"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -174,6 +174,27 @@ class Config:
         """How many models one step trains: the ensemble's size or the sweep's combinations."""
         return len(parse_sweep(self.sweep)) if self.sweep else self.ensemble
 
+    def _float_errors(self) -> list[str]:
+        # `not x > 0` style tests: NaN compares false with everything, so it fails each range
+        e: list[str] = []
+        for name in ("lr", "clip_norm"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                e.append(f"--{name.replace('_', '-')} must be a finite positive number, got {v}")
+        for name in ("weight_decay", "min_delta"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                e.append(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+        for name in ("momentum", "label_smoothing"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                e.append(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
+        if not 0 < self.lr_gamma <= 1:
+            e.append(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
+        elif self.lr_schedule == "plateau" and self.lr_gamma == 1:
+            e.append("--lr-gamma must be below 1 with --lr-schedule plateau")
+        return e
+
     def _type_errors(self) -> list[str]:
         # values from JSON/TOML files arrive untyped: 64.0 is not a batch size
         e: list[str] = []
@@ -185,15 +206,15 @@ class Config:
                 continue
             if "int" in kind and "float" not in kind:
                 if isinstance(value, bool) or not isinstance(value, int):
-                    e.append(f"{flag} must be an integer, got {value!r}")
+                    e.append(f"{flag} must be an integer, got {short_repr(value)}")
             elif "float" in kind:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    e.append(f"{flag} must be a number, got {value!r}")
+                    e.append(f"{flag} must be a number, got {short_repr(value)}")
             elif "bool" in kind:
                 if not isinstance(value, bool):
-                    e.append(f"{flag} must be true or false, got {value!r}")
+                    e.append(f"{flag} must be true or false, got {short_repr(value)}")
             elif "str" in kind and not isinstance(value, str):
-                e.append(f"{flag} must be a string, got {value!r}")
+                e.append(f"{flag} must be a string, got {short_repr(value)}")
         return e
 
     @property
@@ -271,18 +292,24 @@ def load_preset(name: str) -> dict[str, Any]:
 def load_file(path: str | Path) -> dict[str, Any]:
     """The key/value pairs of a JSON or TOML config file (keys may use - or _)."""
     p = Path(path)
+    kind = "TOML" if p.suffix == ".toml" else "JSON"
     try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+        text = read_regular(p, limit=MAX_CONFIG_BYTES, what="config file").decode()
+    except FileError as exc:
+        raise ConfigError(str(exc)) from None
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {p} is not a text file") from None
+        raise ConfigError(f"config file {display(p)} is not a text file") from None
     try:
         raw = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {display(p)} is not valid {kind}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {display(p)} is not valid {kind}: nested too deeply") from None
+    except ValueError:  # Python's limit on int() of huge digit strings
         raise ConfigError(
-            f"config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}"
+            f"config file {display(p)} is not valid {kind}: an integer of more than "
+            f"{sys.get_int_max_str_digits()} digits"
         ) from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {p} must hold a table/object of settings")
+        raise ConfigError(f"config file {display(p)} must hold a table/object of settings")
     return {k.replace("-", "_"): v for k, v in raw.items()}

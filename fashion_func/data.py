@@ -18,6 +18,7 @@ Each of the four IDX files may be plain or gzip-compressed. Files are parsed wit
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import struct
@@ -25,12 +26,14 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import BinaryIO, Literal, NamedTuple
 
 import einops
 import numpy as np
 import torch
 from torch import Tensor
+
+from fashion_func.safeio import FileError, open_regular
 
 __all__ = [
     "CLASS_NAMES",
@@ -38,6 +41,7 @@ __all__ = [
     "DOWNLOAD_ROOT",
     "ENV_VAR",
     "FILES",
+    "MAX_EXAMPLES",
     "MEAN",
     "NUM_CLASSES",
     "STD",
@@ -212,29 +216,85 @@ def locate(data_dir: str | os.PathLike[str] | None = None, *, download: bool = T
 # Parsing
 
 
-def _read_bytes(path: Path) -> bytes:
+# The most examples a split may declare: Fashion-MNIST's own counts (MNIST-format sets share them).
+MAX_EXAMPLES = {"train": 60_000, "test": 10_000}
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    """Up to `n` bytes from `f` (fewer only at the end of the stream); never more memory than n."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = f.readinto(view[got:])  # type: ignore[attr-defined]
+        if not k:
+            break
+        got += k
+    return bytes(view[:got])
+
+
+@contextlib.contextmanager
+def _open_idx(path: Path) -> Iterator[BinaryIO]:
+    """The file's (decompressed) byte stream: a regular file only, gzip streamed, never read whole."""
     try:
+        raw = open_regular(path, what="file")
+    except FileError as e:
+        raise DataError(str(e)) from None
+    with raw:
         if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+            with gzip.GzipFile(fileobj=raw, mode="rb") as unpacked:
+                yield unpacked  # type: ignore[misc]
+        else:
+            yield raw
+
+
+def _idx_stream(path: Path, max_count: int) -> tuple[bytes, bytes]:
+    """(header, body) of an IDX file, the body read only up to what the header declares.
+
+    The declared size is checked against `max_count` examples before anything else is read,
+    and a stream that goes on past it is refused after one byte more: a gzip bomb costs no
+    more memory than a valid file.
+    """
+    with _open_idx(path) as f:
+        head = _read_exact(f, 4)
+        if len(head) < 4:
+            raise DataError(f"file {path} is truncated: expected at least 8 header bytes, got {len(head)}")
+        ndim = head[3]
+        head += _read_exact(f, 4 * ndim)
+        if len(head) < 4 + 4 * ndim or len(head) < 8:
+            raise DataError(
+                f"file {path} is truncated: expected at least {4 + 4 * ndim} header bytes, got {len(head)}"
+            )
+        dims = struct.unpack_from(f">{ndim}I", head, 4)
+        if dims and dims[0] > max_count:
+            raise DataError(f"file {path} declares {dims[0]} examples, more than the {max_count} allowed")
+        count = int(np.prod(dims, dtype=np.int64)) if len(dims) <= 3 else -1
+        if count < 0 or count > max_count * IMAGE_SHAPE[0] * IMAGE_SHAPE[1]:
+            raise DataError(f"file {path} declares dimensions {dims}, more data than a split holds")
+        body = _read_exact(f, count)
+        extra = len(_read_exact(f, 1)) if len(body) == count else 0
+    return head, body + b"\0" * extra
+
+
+def read_idx(
+    path: str | os.PathLike[str],
+    expect: Literal["images", "labels"] | None = None,
+    *,
+    max_count: int = MAX_EXAMPLES["train"],
+) -> Tensor:
+    """The uint8 tensor stored in an IDX file (plain or .gz): [N, 28, 28] images or [N] labels.
+
+    Checks the magic number (2051 images, 2049 labels; `expect` pins which), the dimensions, and
+    that the file is exactly as long as its header says, at most `max_count` examples, reading
+    no more than that. Raises DataError naming the file.
+    """
+    path = Path(path)
+    try:
+        head, body = _idx_stream(path, max_count)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"file {path} is not a valid gzip file or is truncated ({_one_line(e)})") from e
     except OSError as e:
         raise DataError(f"file {path} cannot be read ({_one_line(e)})") from e
-
-
-def read_idx(path: str | os.PathLike[str], expect: Literal["images", "labels"] | None = None) -> Tensor:
-    """The uint8 tensor stored in an IDX file (plain or .gz): [N, 28, 28] images or [N] labels.
-
-    Checks the magic number (2051 images, 2049 labels; `expect` pins which), the dimensions, and
-    that the file is exactly as long as its header says. Raises DataError naming the file.
-    """
-    path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 8:
-        raise DataError(f"file {path} is truncated: expected at least 8 header bytes, got {len(data)}")
-    (magic,) = struct.unpack_from(">I", data, 0)
+    (magic,) = struct.unpack_from(">I", head, 0)
     kind = _KIND_OF_MAGIC.get(magic)
     if kind is None:
         raise DataError(
@@ -246,19 +306,16 @@ def read_idx(path: str | os.PathLike[str], expect: Literal["images", "labels"] |
             f"file {path} holds {kind} (magic {magic}), expected {expect} (magic {_MAGIC[expect]})"
         )
     ndim = magic & 0xFF  # the low byte of the magic number is the number of dimensions
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"file {path} is truncated: expected at least {header} header bytes, got {len(data)}")
-    dims = struct.unpack_from(f">{ndim}I", data, 4)
+    dims = struct.unpack_from(f">{ndim}I", head, 4)
     if kind == "images" and tuple(dims[1:]) != IMAGE_SHAPE:
         raise DataError(f"file {path} holds images of shape {tuple(dims[1:])}, expected {IMAGE_SHAPE}")
     count = int(np.prod(dims, dtype=np.int64))
-    expected = header + count
-    if len(data) < expected:
-        raise DataError(f"file {path} is truncated: expected {expected} bytes, got {len(data)}")
-    if len(data) > expected:
-        raise DataError(f"file {path} is too long: expected {expected} bytes, got {len(data)}")
-    array = np.frombuffer(data, dtype=np.uint8, count=count, offset=header).reshape(dims)
+    expected = len(head) + count
+    if len(body) < count:
+        raise DataError(f"file {path} is truncated: expected {expected} bytes, got {len(head) + len(body)}")
+    if len(body) > count:
+        raise DataError(f"file {path} is too long: expected {expected} bytes, got more")
+    array = np.frombuffer(body, dtype=np.uint8, count=count).reshape(dims)
     # frombuffer over immutable bytes is read-only; the copy gives torch memory it owns.
     return torch.from_numpy(array.copy())
 
@@ -285,8 +342,10 @@ def load(
     images_path, labels_path = _find(directory, images_name), _find(directory, labels_name)
     if images_path is None or labels_path is None:  # removed between locate and now
         raise DataError(f"{directory} lacks {images_name}[.gz] or {labels_name}[.gz]")
-    images = read_idx(images_path, "images")
-    labels = read_idx(labels_path, "labels")
+    images = read_idx(images_path, "images", max_count=MAX_EXAMPLES[split])
+    labels = read_idx(labels_path, "labels", max_count=MAX_EXAMPLES[split])
+    if images.shape[0] == 0:
+        raise DataError(f"file {images_path} holds no examples")
     if images.shape[0] != labels.shape[0]:
         raise DataError(
             f"file {images_path} holds {images.shape[0]} images but file {labels_path} holds "

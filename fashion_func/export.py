@@ -40,6 +40,7 @@ Exit code 2 with one line on stderr for a missing, bad or mismatched weights fil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,7 @@ from typing import Any
 
 from fashion_func import checkpoint, interop
 from fashion_func.cli import UsageError, _Parser, add_version
+from fashion_func.safeio import FileError, check_output, display
 
 __all__ = ["FORMATS", "build_parser", "export", "main"]
 
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="file to write (.safetensors; .npz also for numpy; .onnx for onnx)"
     )
     p.add_argument("--model", help="model name, overriding the file's metadata")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing regular file at --out")
     p.add_argument(
         "--bf16-as",
         default="float32",
@@ -75,16 +78,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SUFFIXES = {"torch": (".safetensors",), "flax": (".safetensors",), "numpy": (".safetensors", ".npz"),
+            "onnx": (".onnx",)}  # fmt: skip
+
+
 def export(
-    weights: str | Path, fmt: str, out: str | Path, *, model: str | None = None, bf16_as: str = "float32"
+    weights: str | Path,
+    fmt: str,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    bf16_as: str = "float32",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write `weights` to `out` in format `fmt`; returns a summary (model, format, tensors, path).
 
+    `out` must end in the format's suffix, must not be the input, and an existing file there is
+    replaced only with `overwrite` (never a device, FIFO, directory or link: `safeio.check_output`).
     Raises `checkpoint.CheckpointError` for a bad input file, ValueError for an impossible request
-    (bfloat16 into a numpy file), ImportError for onnx without the onnx extra.
+    (bfloat16 into a numpy file, an unsafe `out`), ImportError for onnx without the onnx extra.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    try:
+        check_output(out, overwrite=overwrite, inputs=[weights], suffixes=SUFFIXES[fmt])
+    except FileError as e:
+        raise ValueError(str(e)) from None
     loaded, params, metadata = interop.load_weights_file(weights, model)
     meta: dict[str, Any] = {"model": loaded.name, "source": str(weights)}
     for key in ("epoch", "config"):
@@ -109,9 +128,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `scripts/export.py`; returns the process exit code."""
     try:
         args = build_parser().parse_args(argv)
-        summary = export(args.weights, args.format, args.out, model=args.model, bf16_as=args.bf16_as)
+        summary = export(
+            args.weights,
+            args.format,
+            args.out,
+            model=args.model,
+            bf16_as=args.bf16_as,
+            overwrite=args.overwrite,
+        )
     except (UsageError, checkpoint.CheckpointError, ValueError, OSError, ImportError) as e:
-        print(" ".join(f"export.py: error: {e}".split()), file=sys.stderr)
+        print(display(" ".join(f"export.py: error: {e}".split())), file=sys.stderr)
         return EXIT_USAGE
-    print(f"wrote {summary['out']}: {summary['model']} weights ({summary['tensors']} tensors), {args.format}")
+    line = f"wrote {summary['out']}: {summary['model']} weights ({summary['tensors']} tensors), {args.format}"
+    with contextlib.suppress(BrokenPipeError):
+        print(display(line), flush=True)
     return 0

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
+import os
+import stat
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,15 @@ from fashion_func import checkpoint, data, ensemble, interop, losses, metrics
 from fashion_func.cli import UsageError, _int, _Parser, add_version
 from fashion_func.loop import RunError, resolve_device
 from fashion_func.models import Model, ModelState, Params
+from fashion_func.safeio import (
+    FileError,
+    check_output,
+    describe,
+    display,
+    open_regular,
+    short_repr,
+    strict_json,
+)
 from fashion_func.step import NormalizeImages, make_eval_step
 
 __all__ = [
@@ -55,6 +66,16 @@ SIZE = 28
 # Trim tolerance: pixels within 5% of full scale of the background colour count as background
 # (the threshold of step 2 of the Fashion-MNIST conversion, Xiao et al. 2017).
 TRIM_TOLERANCE = 0.05 * 255
+# 25 megapixels (a 5000x5000 photo, ~100 MB as RGBA while converting); a small PNG can declare
+# far more, and decoding it would take gigabytes. PIL refuses above ~179 M pixels in any case.
+MAX_IMAGE_PIXELS = 25_000_000
+REPORT_FILES = (
+    "confusion_matrix.png",
+    "samples.png",
+    "most_confused.png",
+    "most_confused.json",
+    "report.json",
+)
 
 
 class ImageError(Exception):
@@ -87,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="+", metavar="FILE_OR_DIR", help="classify these PNG/JPEG files instead")
     p.add_argument("--invert", action="store_true", help="images are dark objects on a light background")
     p.add_argument(
+        "--max-image-pixels",
+        type=_int,
+        default=MAX_IMAGE_PIXELS,
+        help=f"refuse images with more pixels than this before decoding them (default {MAX_IMAGE_PIXELS})",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace report files already in --out")
+    p.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto (CUDA if present)"
     )
     p.add_argument("--batch-size", type=_int, default=1000, help="evaluation batch size (default 1000)")
@@ -111,7 +139,24 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UsageError(f"--num-confused must not be negative, got {args.num_confused}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    if args.max_image_pixels < 1:
+        raise UsageError(f"--max-image-pixels must be at least 1, got {args.max_image_pixels}")
+    if args.out is not None:
+        _check_out_dir(Path(args.out), args)
     return args
+
+
+def _check_out_dir(out: Path, args: argparse.Namespace) -> None:
+    """--out must be (or become) a directory, and each report file in it a safe target."""
+    if not str(out):
+        raise UsageError("--out must not be empty")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UsageError(f"--out {out} exists and is not a directory")
+    for name in REPORT_FILES:
+        try:
+            check_output(out / name, overwrite=args.overwrite, inputs=args.weights, what="--out file")
+        except FileError as e:
+            raise UsageError(str(e)) from None
 
 
 def _normalization(metadata: dict[str, Any]) -> tuple[float, float]:
@@ -123,21 +168,37 @@ def _normalization(metadata: dict[str, Any]) -> tuple[float, float]:
 # -- images -------------------------------------------------------------------------------------
 
 
-def find_images(paths: Sequence[str]) -> list[Path]:
-    """The image files named, with directories expanded to their PNG/JPEG files (sorted)."""
+def find_images(paths: Sequence[str], errors: list[str] | None = None) -> list[Path]:
+    """The image files named, with directories expanded to their PNG/JPEG files (sorted).
+
+    A path that cannot be used (missing, a device, a FIFO, an empty directory) raises
+    ImageError, or, with `errors` given, is described there and skipped.
+    """
     found: list[Path] = []
     for text in paths:
         path = Path(text)
-        if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not inside:
-                raise ImageError(f"{path}: directory holds no {'/'.join(IMAGE_SUFFIXES)} files")
-            found.extend(inside)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise ImageError(f"{path}: no such file or directory")
+        try:
+            found.extend(_images_at(path))
+        except ImageError as e:
+            if errors is None:
+                raise
+            errors.append(str(e))
     return found
+
+
+def _images_at(path: Path) -> list[Path]:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise ImageError(f"{path}: no such file or directory") from None
+    if stat.S_ISDIR(mode):
+        inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not inside:
+            raise ImageError(f"{path}: directory holds no {'/'.join(IMAGE_SUFFIXES)} files")
+        return inside
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"{path}: not a regular file ({describe(mode)})")
+    return [path]
 
 
 def _to_gray(image: Any, background: int) -> np.ndarray:
@@ -206,17 +267,38 @@ def prepare_image(image: Any, *, invert: bool = False) -> Tensor:
     return torch.from_numpy(np.clip(np.rint(small), 0, 255).astype(np.uint8))
 
 
-def _read_image(path: Path, invert: bool) -> Tensor:
+def _read_image(path: Path, invert: bool, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
+    """The image file as a Fashion-MNIST image; ImageError (one line naming it) when it cannot be.
+
+    Only a regular file is opened, and its pixel count is checked from the header before
+    anything is decoded: a 164 KB PNG can declare 13000x13000 pixels.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.load()
-            return prepare_image(image, invert=invert)
+        with open_regular(path, what="image") as f, warnings.catch_warnings():
+            # our own limit is checked below; PIL's warning for large images would be an error under -W error
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(f) as image:
+                if image.width * image.height > max_pixels:
+                    raise ImageError(
+                        f"{path}: {image.width}x{image.height} pixels, "
+                        f"more than --max-image-pixels {max_pixels}"
+                    )
+                image.load()
+                return prepare_image(image, invert=invert)
+    except FileError as e:
+        raise ImageError(str(e).removeprefix("image ")) from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: too many pixels to decode safely ({_one_line(e)})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image PIL can read (PNG or JPEG expected)") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
-        raise ImageError(" ".join(f"{path}: cannot read image: {e}".split())) from None
+    except (OSError, ValueError, SyntaxError, MemoryError) as e:  # truncated or corrupt files
+        raise ImageError(f"{path}: cannot read image: {_one_line(e)}") from None
+
+
+def _one_line(e: object) -> str:
+    return " ".join(str(e).split())[:300]
 
 
 def classify_images(
@@ -476,7 +558,7 @@ def _write_outputs(
         )
     for name, obj in (("most_confused.json", confused), ("report.json", report)):
         written.append(out_dir / name)
-        checkpoint.atomic_write(written[-1], (json.dumps(obj, indent=2) + "\n").encode())
+        checkpoint.atomic_write(written[-1], (strict_json(obj, indent=2) + "\n").encode())
     return written
 
 
@@ -484,8 +566,12 @@ def _write_outputs(
 
 
 def _fail(message: str) -> int:
-    print(" ".join(f"predict.py: error: {message}".split()), file=sys.stderr)
+    _err(f"predict.py: error: {message}")
     return EXIT_USAGE
+
+
+def _err(line: str) -> None:
+    print(display(" ".join(line.split())), file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -514,9 +600,8 @@ def load_member(path: str, model_name: str | None, device: torch.device) -> Memb
 def ensemble_outputs(outs: Sequence[dict[str, Tensor]], labels: Tensor, topk: int) -> dict[str, Tensor]:
     """The per-example outputs of the ensemble of several models' outputs (`evaluate`'s), its
     prediction the mean of their probabilities, beside each one's (`member_*`, `[K, N]`)."""
-    stacked = {
-        k: torch.stack([o[k] for o in outs]) for k in ("loss", "logits", "correct", "topk_correct", "pred")
-    }
+    keys = ("loss", "logits", "correct", "topk_correct", "pred")
+    stacked = {k: torch.stack([o[k] for o in outs]) for k in keys}
     return ensemble.combine(stacked, labels, losses.cross_entropy_per_example, topk)
 
 
@@ -529,72 +614,106 @@ def _member_report(path: str, out: dict[str, Tensor]) -> dict[str, Any]:
     }
 
 
+def _err(line: str) -> None:
+    print(display(" ".join(line.split())), file=sys.stderr)
+
+
 def _run_images(args: argparse.Namespace, members: Sequence[Member]) -> dict[str, Any]:
-    files = find_images(args.images)
-    device = next(iter(members[0].params.values())).device
-    images = torch.stack([_read_image(f, args.invert) for f in files]).to(device)
-    probs = torch.stack([
-        classify_images(m.model, m.params, images, mean=m.mean, std=m.std, k=1,
-                        model_state=m.model_state, sort=False)[0]
-        for m in members
-    ]).mean(0)  # fmt: skip
-    top = probs.topk(min(3, probs.shape[-1]), dim=-1)
-    probs, classes = top.values, top.indices
+    """Classify every readable image (the members' mean probabilities); each one that cannot
+    be read is one line on stderr."""
+    errors: list[str] = []
+    files = find_images(args.images, errors)
+    images, readable = [], []
+    for f in files:
+        try:
+            images.append(_read_image(f, args.invert, args.max_image_pixels))
+            readable.append(f)
+        except ImageError as e:
+            errors.append(str(e))
+    for e in errors:
+        _err(f"predict.py: error: {e}")
     results = []
-    for f, ps, cs in zip(files, probs.tolist(), classes.tolist(), strict=True):
-        top3 = [{"class": c, "name": data.CLASS_NAMES[c], "prob": p} for p, c in zip(ps, cs, strict=True)]
-        results.append({"path": str(f), "top3": top3})
-        print(f"{f}: " + ", ".join(f"{t['name']} {t['prob']:.3f}" for t in top3))
-    return {"images": results}
+    if images:
+        batch = torch.stack(images).to(params_device(members[0].params))
+        probs = torch.stack([
+            classify_images(m.model, m.params, batch, mean=m.mean, std=m.std, model_state=m.model_state,
+                            sort=False)[0]
+            for m in members
+        ]).mean(0)  # fmt: skip
+        top = probs.topk(min(3, probs.shape[-1]), dim=-1)
+        for f, ps, cs in zip(readable, top.values.tolist(), top.indices.tolist(), strict=True):
+            top3 = [{"class": c, "name": data.CLASS_NAMES[c], "prob": p} for p, c in zip(ps, cs, strict=True)]
+            results.append({"path": str(f), "top3": top3})
+            print(display(f"{f}: " + ", ".join(f"{t['name']} {t['prob']:.3f}" for t in top3)))
+    return {"images": results, "errors": errors}
+
+
+def _evaluate_test_set(args: argparse.Namespace, members: Sequence[Member]) -> dict[str, Any]:
+    split = data.load("test", args.data_dir, device=params_device(members[0].params), limit=args.limit)
+    print(display(f"test set: {split.labels.shape[0]} examples from {split.source}"))
+    outs = [
+        evaluate(m.model, m.params, split, batch_size=args.batch_size, topk=args.topk, mean=m.mean, std=m.std,
+                 compile=args.compile, model_state=m.model_state)
+        for m in members
+    ]  # fmt: skip
+    result = outs[0] if len(outs) == 1 else ensemble_outputs(outs, split.labels, args.topk)
+    report = _report(result, split.labels, args.topk)
+    report["most_confused"] = most_confident_mistakes(
+        result["logits"], split.labels, result["pred"], args.num_confused
+    )
+    if len(members) > 1:
+        report["members"] = [_member_report(m.path, o) for m, o in zip(members, outs, strict=True)]
+        for r in report["members"]:
+            print(display(f"member {r['weights']}: accuracy {r['accuracy']:.4f}, loss {r['loss']:.4f}"))
+        print(f"ensemble of {len(members)} (mean of probabilities):")
+    print(_format_report(report))
+    if report["most_confused"]:
+        print("\nmost confidently wrong (index: true -> predicted, confidence):")
+        for c in report["most_confused"][:5]:
+            print(f"  {c['index']}: {c['label_name']} -> {c['pred_name']} ({c['confidence']:.3f})")
+    if args.out:
+        written = _write_outputs(Path(args.out), split, result, report, args.num_samples)
+        print(display("wrote " + ", ".join(str(p) for p in written)))
+    return report
+
+
+def params_device(params: Params) -> torch.device:
+    """The device the weights are on."""
+    return next(iter(params.values())).device
+
+
+def _predict(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    device = resolve_device(args.device)
+    members = [load_member(w, args.model, device) for w in args.weights]
+    names = ", ".join(sorted({m.model.name for m in members}))
+    summary: dict[str, Any] = {"weights": args.weights[0] if len(members) == 1 else list(args.weights),
+                               "model": names}  # fmt: skip
+    for m in members:
+        epoch = f", epoch {short_repr(m.metadata['epoch'])}" if "epoch" in m.metadata else ""
+        print(display(f"weights {m.path} ({m.model.name}{epoch}), device {device}"))
+    if args.images:
+        summary.update(_run_images(args, members))
+        return summary, EXIT_USAGE if summary["errors"] else 0
+    summary.update(_evaluate_test_set(args, members))
+    return summary, 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `scripts/predict.py`; returns the process exit code."""
     try:
         args = _parse(argv)
-        device = resolve_device(args.device)
-        members = [load_member(w, args.model, device) for w in args.weights]
-        names = ", ".join(sorted({m.model.name for m in members}))
-        summary: dict[str, Any] = {
-            "weights": args.weights[0] if len(members) == 1 else args.weights,
-            "model": names,
-        }
-        for m in members:
-            epoch = f", epoch {m.metadata['epoch']}" if "epoch" in m.metadata else ""
-            print(f"weights {m.path} ({m.model.name}{epoch}), device {device}")
-        if args.images:
-            summary.update(_run_images(args, members))
-        else:
-            split = data.load("test", args.data_dir, device=device, limit=args.limit)
-            print(f"test set: {split.labels.shape[0]} examples from {split.source}")
-            outs = [
-                evaluate(m.model, m.params, split, batch_size=args.batch_size, topk=args.topk, mean=m.mean,
-                         std=m.std, compile=args.compile, model_state=m.model_state)
-                for m in members
-            ]  # fmt: skip
-            result = outs[0] if len(outs) == 1 else ensemble_outputs(outs, split.labels, args.topk)
-            report = _report(result, split.labels, args.topk)
-            report["most_confused"] = most_confident_mistakes(
-                result["logits"], split.labels, result["pred"], args.num_confused
-            )
-            summary.update(report)
-            if len(members) > 1:
-                summary["members"] = [_member_report(m.path, o) for m, o in zip(members, outs, strict=True)]
-                for r in summary["members"]:
-                    print(f"member {r['weights']}: accuracy {r['accuracy']:.4f}, loss {r['loss']:.4f}")
-                print(f"ensemble of {len(members)} (mean of probabilities):")
-            print(_format_report(report))
-            if report["most_confused"]:
-                print("\nmost confidently wrong (index: true -> predicted, confidence):")
-                for c in report["most_confused"][:5]:
-                    print(f"  {c['index']}: {c['label_name']} -> {c['pred_name']} ({c['confidence']:.3f})")
-            if args.out:
-                written = _write_outputs(Path(args.out), split, result, report, args.num_samples)
-                print("wrote " + ", ".join(str(p) for p in written))
+        summary, code = _predict(args)
+        if args.json:
+            print(strict_json(summary), flush=True)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (`| head -1`): a normal end; stop Python's exit flush from complaining
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
     except (UsageError, RunError, checkpoint.CheckpointError, data.DataError, ImageError) as e:
         return _fail(str(e))
     except OSError as e:  # --out not writable and the like
         return _fail(f"{type(e).__name__}: {e}")
-    if args.json:
-        print(json.dumps(summary))
-    return 0
+    return code

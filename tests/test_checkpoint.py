@@ -609,7 +609,7 @@ def test_disk_full_mid_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.
             super().write(bytes(b)[: len(b) // 2])  # a partial temp file really exists on disk
             raise OSError(errno.ENOSPC)  # no strerror: the message must still say why
 
-    monkeypatch.setattr(ck, "open", lambda p, mode: HalfFile(p, "w"), raising=False)
+    monkeypatch.setattr(ck, "open", lambda p, mode, **kw: HalfFile(p, "w"), raising=False)
     with pytest.raises(CheckpointWriteError, match="No space left on device"):
         ck.atomic_write(path, b"new contents that do not fit")
     assert path.read_bytes() == b"old contents"

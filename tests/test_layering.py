@@ -29,6 +29,9 @@ FORBIDDEN = {
     "app": {"interop"},
     "cli": {"interop"},
     "config": {"interop", "loop", "app"},
+    # the shared file-safety helpers sit below everything that reads or writes a user's file
+    "safeio": {"tree", "nn", "models", "optim", "losses", "metrics", "data", "state", "step", "callbacks",
+               "checkpoint", "loop", "interop", "cli", "config", "predict", "export", "app"},
 }  # fmt: skip
 
 

@@ -510,7 +510,7 @@ def test_resume_from_a_pickle_in_a_real_process_exits_2(procs: Procs, tmp_path: 
     ("argv", "match"),
     [
         (["--epochs", "-1"], "--epochs must be at least 1, got -1"),
-        (["--lr", "0"], "--lr must be positive, got 0.0"),
+        (["--lr", "0"], "--lr must be a finite positive number, got 0.0"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (
             ["--model", "resnet900"],

@@ -60,6 +60,7 @@ class FitResult:
     out_dir: Path | None
     best: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    diverged: bool = False  # stopped by a non-finite loss or non-finite parameters
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -202,7 +203,9 @@ def _signals_to_flag(enabled: bool) -> Iterator[dict[str, int | None]]:
     def handler(signum: int, frame: Any) -> None:
         flag["signum"] = signum
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    # an inherited ignore (`cmd &` in a script starts with SIGINT ignored) is the caller's choice: keep it
+    kept = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    old = {s: signal.signal(s, handler) for s in kept}
     try:
         yield flag
     finally:
@@ -260,6 +263,7 @@ class _Driver:
         self.best: dict[str, Any] | None = None
         self.member_best: dict[int, dict[str, Any]] = {}
         self.stop_reason = "completed"
+        self.diverged = False
         self.epochs_run = 0
         self.flag: dict[str, int | None] = {"signum": None}
 
@@ -376,10 +380,7 @@ class _Driver:
         """The actions that only write files (skipped without a run directory)."""
         run = self.run
         if isinstance(a, cbs.LogScalars):
-            writer = run.tensorboard(purge_step=self.start_epoch)
-            for tag, value in a.scalars.items():
-                writer.add_scalar(tag, value, a.step)
-            writer.flush()
+            run.log_scalars(dict(a.scalars), a.step, purge_step=self.start_epoch)
         elif isinstance(a, cbs.WriteHistory):
             run.write_json("history.json", [dict(r) for r in a.records])
         elif isinstance(a, cbs.PlotHistory):
@@ -474,7 +475,7 @@ class _Driver:
         }
         saved, path = True, (self.run.checkpoints / LAST if self.run else None)
         if bad_step >= 0 or not self._params_finite():
-            saved = False  # never replace the last good resume point with a diverged state
+            saved, self.diverged = False, True  # never replace the last good resume point with it
             where = f"at step {bad_step} " if bad_step >= 0 else ""
             self.log.error(f"training became non-finite {where}(epoch {ep.epoch}); "
                            f"not saving, {path} keeps the state from before it")  # fmt: skip
@@ -515,6 +516,7 @@ class _Driver:
             reason = f"non-finite loss at step {bad} (epoch {ep.epoch})"
         elif not finite and reason is None:
             reason = "non-finite parameters"
+        self.diverged = self.diverged or not finite
         if reason:
             self.stop_reason = reason
             self.log.info(f"stopping: {reason}")
@@ -536,7 +538,16 @@ class _Driver:
         self.dispatch(cbs.TrainEnd(epoch=epoch - 1, reason=self.stop_reason), epoch - 1)
         out = self.run.path if self.run else None
         extra = {"member_best": dict(sorted(self.member_best.items()))} if self.member_best else {}
-        return FitResult(self.state, self.history, self.epochs_run, self.stop_reason, out, self.best, extra)
+        return FitResult(
+            self.state,
+            self.history,
+            self.epochs_run,
+            self.stop_reason,
+            out,
+            self.best,
+            extra,
+            diverged=self.diverged,
+        )
 
 
 def fit(

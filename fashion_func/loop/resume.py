@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+import os
+import stat
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ import torch
 from fashion_func import callbacks as cbs
 from fashion_func import checkpoint, optim
 from fashion_func.loop.rundir import LAST, RunError
+from fashion_func.safeio import describe, display, short_repr
 from fashion_func.state import TrainState
 
 __all__ = ["ResumePoint", "check_same_batches", "host_lr", "load", "resume_path", "saved_config"]
@@ -54,8 +58,12 @@ def resume_path(out: Path, resume: str | Path | None) -> Path | None:
         p = out / "checkpoints" / LAST
         return p if p.exists() else None
     p = Path(resume)
-    if not p.is_file():
-        raise RunError(f"--resume {resume}: no such checkpoint file")
+    try:
+        mode = os.stat(p).st_mode
+    except OSError:
+        raise RunError(f"--resume {display(str(resume))}: no such checkpoint file") from None
+    if not stat.S_ISREG(mode):
+        raise RunError(f"--resume {display(str(resume))}: not a regular file ({describe(mode)})")
     return p
 
 
@@ -81,13 +89,141 @@ def _history(meta: Mapping[str, Any], cb_states: Mapping[str, Any]) -> list[dict
     return []
 
 
+def _is_int(x: Any, low: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_nums(x: Any) -> bool:
+    """A number, or a non-empty list of them (an ensemble's, one per member)."""
+    return _is_num(x) or (isinstance(x, list) and bool(x) and all(_is_num(v) for v in x))
+
+
+def _is_lr(x: Any) -> bool:
+    return _is_nums(x) and all(v > 0 for v in (x if isinstance(x, list) else [x]))
+
+
+def _is_encoded_float(x: Any) -> bool:  # callbacks.encode_float's forms
+    return x is None or _is_num(x) or x in ("nan", "inf", "-inf")
+
+
+# Callback state keys with a known meaning, whatever the callback: what each must hold.
+_CB_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "best": _is_encoded_float,
+    "lr": lambda x: _is_num(x) and x > 0,
+    "best_epoch": lambda x: x is None or _is_int(x, 0),
+    "total_epochs": lambda x: x is None or _is_int(x, 0),
+    "wait": lambda x: _is_int(x, 0),
+    "num_bad_epochs": lambda x: _is_int(x, 0),
+    "cooldown_counter": lambda x: _is_int(x, 0),
+    "kept": lambda x: (
+        isinstance(x, list)
+        and all(
+            isinstance(e, list) and len(e) == 2 and _is_int(e[0], 1) and _is_encoded_float(e[1]) for e in x
+        )
+    ),
+    "history": lambda x: _is_history(x),
+}
+_SUM_DTYPES = frozenset({"float32", "float64", "float16", "bfloat16", "int64", "int32"})
+
+
+def _is_history(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(r, dict) and _is_int(r.get("epoch"), 1) for r in x)
+
+
+def _in_epoch_problem(x: Any) -> str | None:
+    if not isinstance(x, dict):
+        return "is not an object"
+    if "sums" not in x:  # written before fit took any step's metrics: the three sums inline
+        if not all(_is_num(x.get(k)) for k in ("loss_sum", "correct", "count")):
+            return "lacks loss_sum, correct or count"
+    elif not (
+        isinstance(x["sums"], dict)
+        and all(_is_nums(v) for v in x["sums"].values())
+        and isinstance(x.get("dtypes"), dict)
+        and set(x["dtypes"]) == set(x["sums"])
+        and all(v in _SUM_DTYPES for v in x["dtypes"].values())
+    ):
+        return "has malformed sums or dtypes"
+    checks = {
+        "epoch": _is_int(x.get("epoch"), 1),
+        "batch": _is_int(x.get("batch"), 0),
+        "first_bad": _is_int(x.get("first_bad"), -1),
+        "elapsed": _is_num(x.get("elapsed")) and x["elapsed"] >= 0,
+        "batching": x.get("batching") is None or isinstance(x.get("batching"), dict),
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    return f"has a missing or malformed {', '.join(bad)}" if bad else None
+
+
+def _check_metadata(meta: Mapping[str, Any], callbacks: Sequence[Any]) -> str | None:
+    """What is wrong with a resume point's metadata (types and ranges of every field), or None."""
+    if "epoch" in meta and not _is_int(meta["epoch"], 0):
+        return f"epoch must be an integer >= 0, not {short_repr(meta['epoch'])}"
+    if meta.get("lr") is not None and not _is_lr(meta["lr"]):
+        return f"lr must be a finite number > 0, not {short_repr(meta['lr'])}"
+    if meta.get("in_epoch") is not None:
+        problem = _in_epoch_problem(meta["in_epoch"])
+        if problem:
+            return f"in_epoch {problem}"
+        if "epoch" in meta and meta["in_epoch"]["epoch"] != meta["epoch"] + 1:
+            return "in_epoch.epoch must be the epoch after the last finished one"
+    if "history" in meta and not _is_history(meta["history"]):
+        return "history must be a list of records with an epoch >= 1"
+    saved = meta.get("callbacks", {})
+    if not isinstance(saved, dict):
+        return f"callbacks must be an object of callback states, not {short_repr(saved)}"
+    for cb in callbacks:
+        if cb.name not in saved:
+            continue
+        state, fresh = saved[cb.name], cb.init()
+        if not isinstance(state, dict) or (isinstance(fresh, dict) and set(fresh) - set(state)):
+            return f"the state of callback {cb.name} does not have the keys {sorted(fresh)}"
+        bad = [k for k, ok in _CB_FIELDS.items() if k in state and k in fresh and not ok(state[k])]
+        if bad:
+            return f"the state of callback {cb.name} has a malformed {', '.join(bad)}"
+    return None
+
+
+# optimizer hyperparameters a loaded state may hold, and the range each must be in
+_HYPER_RANGES: dict[str, Callable[[float], bool]] = {
+    "lr": lambda v: v > 0,
+    "weight_decay": lambda v: v >= 0,
+    "momentum": lambda v: 0 <= v < 1,
+    "dampening": lambda v: 0 <= v <= 1,
+    "max_norm": lambda v: v > 0,
+}
+
+
+def _check_state(st: TrainState) -> str | None:
+    """What is out of range in a loaded state's scalars (finiteness was checked on load), or None."""
+    # an ensemble's scalars are [K], one per member: each must be in range
+    if int(st.step.min()) < 0:
+        return f"step must be >= 0, not {int(st.step.min())}"
+    for name, value in optim.hyperparams(st.opt_state).items():
+        ok = _HYPER_RANGES.get(name)
+        bad = [v for v in value.reshape(-1).tolist() if ok is not None and not ok(v)]
+        if bad:
+            return f"the optimizer's {name} {bad[0]} is out of range"
+    return None
+
+
 def load(path: str | Path, template: TrainState, callbacks: Sequence[Any] = ()) -> ResumePoint:
     """The resume point stored in `path`, its state validated against `template`.
 
-    Callbacks with no saved state start from `init()`. CheckpointError for a bad file.
+    Beyond the file's own validation, every metadata field is checked for its type and
+    range (epoch, lr, in_epoch, history, the callbacks' states) and the state's scalars for
+    theirs (step >= 0, optimizer hyperparameters). Callbacks with no saved state start from
+    `init()`. CheckpointError (one line naming the file) for a bad file.
     """
     path = Path(path)
     st, meta = checkpoint.load_state(path, template)
+    problem = _check_metadata(meta, callbacks) or _check_state(st)
+    if problem:
+        raise checkpoint.CheckpointError(f"{display(path)}: not a valid resume point: {problem}")
     saved = meta.get("callbacks", {})
     cb_states = {cb.name: saved.get(cb.name, cb.init()) for cb in callbacks}
     if "lr" in meta:
