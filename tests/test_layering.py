@@ -23,7 +23,11 @@ FORBIDDEN = {
     "step": {"data", "callbacks", "checkpoint", "loop", "interop"},
     "callbacks": {"checkpoint", "loop", "interop", "data", "step"},
     "checkpoint": {"models", "data", "loop", "interop", "step"},
-    "loop": {"interop", "app", "cli", "config", "data", "models", "step"},
+    "loop": {"interop", "app", "cli", "config", "data", "models", "step", "distributed", "launch"},
+    # the data-parallel stage and helpers: torch.distributed only, no driver, no files
+    "distributed": {"nn", "models", "optim", "data", "step", "state", "callbacks", "checkpoint",
+                    "loop", "interop", "app", "cli", "config", "launch"},
+    "launch": {"interop", "app", "cli"},
     "app": {"interop"},
     "cli": {"interop"},
     "config": {"interop", "loop", "app"},

@@ -27,8 +27,10 @@ from torch import Tensor
 
 from fashion_func import callbacks as cbs
 from fashion_func import checkpoint, optim
+from fashion_func.loop import collective as coll
 from fashion_func.loop import resume as resume_lib
 from fashion_func.loop import rundir
+from fashion_func.loop.collective import Collective
 from fashion_func.loop.rundir import BEST, LAST, RunDir, RunError
 from fashion_func.state import TrainState
 
@@ -98,13 +100,19 @@ def _num_batches(source: Data) -> int | None:
 
 
 def evaluate(
-    eval_step: Callable[..., Mapping[str, Tensor]], state: Any, batches: Iterable[Any]
+    eval_step: Callable[..., Mapping[str, Tensor]],
+    state: Any,
+    batches: Iterable[Any],
+    *,
+    group: Collective | None = None,
 ) -> dict[str, float]:
     """Validation metrics over `batches`, one host sync at the end.
 
     `eval_step(state, batch)` returns per-example tensors (as `make_eval_step`'s): the mean
     of `loss` is `val_loss`, of `correct` `val_acc`, of `topk_correct` `val_top{k}` (k from
     `eval_step.topk`, default 5). `state` is a TrainState or what the eval step takes.
+    group: each rank evaluated its own part of the data; the sums and counts are added
+    over the ranks, so every rank gets the same numbers (every rank needs a batch).
     """
     names = {
         "loss": "val_loss",
@@ -122,7 +130,11 @@ def evaluate(
                 sums[key] = part if key not in sums else sums[key] + part
     if not sums:
         return {}
-    values = torch.stack(list(sums.values())).tolist()  # the one sync
+    stacked = torch.stack(list(sums.values()))
+    if group is not None:  # [sums..., count] added over the ranks
+        total = group.sum(torch.cat([stacked, stacked.new_tensor([count])]))
+        stacked, count = total[:-1], int(total[-1])
+    values = stacked.tolist()  # the one sync
     return {names[k]: v / count for k, v in zip(sums, values, strict=True)}
 
 
@@ -191,7 +203,7 @@ class _Driver:
     methods that move it on. Small methods over shared fields instead of nested closures."""
 
     def __init__(self, state, train_step, train_data, *, epochs, eval_step, val_data, callbacks,
-                 run, metadata, max_steps, progress, log) -> None:  # fmt: skip
+                 run, metadata, max_steps, progress, log, group=None) -> None:  # fmt: skip
         self.state: TrainState = state
         self.train_step, self.train_data = train_step, train_data
         self.epochs, self.eval_step, self.val_data = epochs, eval_step, val_data
@@ -208,6 +220,7 @@ class _Driver:
         self.stop_reason = "completed"
         self.epochs_run = 0
         self.flag: dict[str, int | None] = {"signum": None}
+        self.group: Collective | None = group
 
     # -- resume and files ----------------------------------------------------------------------
 
@@ -333,6 +346,7 @@ class _Driver:
                 saved = {**saved, "sums": {k: saved[k] for k in ("loss_sum", "correct", "count")},
                          "dtypes": {"loss_sum": "float32", "correct": "int64", "count": "int64"}}  # fmt: skip
             ep.first_batch = int(saved["batch"])
+            saved = coll.sums_for_rank(self.group, saved)
             ep.sums = {
                 k: torch.tensor(v, dtype=getattr(torch, saved["dtypes"][k]), device=device)
                 for k, v in saved["sums"].items()
@@ -370,9 +384,10 @@ class _Driver:
             bar.update(1)
             host_step += 1
             cut = self.max_steps is not None and host_step >= self.max_steps
-            if cut and self.flag["signum"] is None and next(batches, None) is None:
+            signum = self._stop_signal(host_step)
+            if cut and signum is None and next(batches, None) is None:
                 break  # the cut fell on the last batch: end the epoch below
-            if self.flag["signum"] is not None or cut:
+            if signum is not None or cut:
                 bar.close()
                 self._stop_mid_epoch(ep, b + 1, cut)
                 return False
@@ -393,13 +408,12 @@ class _Driver:
 
     def _stop_mid_epoch(self, ep: _Epoch, next_batch: int, cut: bool) -> None:
         """Save the state cut inside epoch `ep` (unless it diverged); raise Interrupted on a signal."""
-        bad_step = int(ep.first_bad)
+        bad_step = int(self._first_bad(ep))
         in_epoch = {
             "epoch": ep.epoch,
             "batch": next_batch,
             "batching": getattr(self.train_data, "batching", None),
-            "sums": {k: v.item() for k, v in ep.sums.items()},
-            "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in ep.sums.items()},
+            **self._partial_sums(ep),
             "first_bad": bad_step,
             "elapsed": ep.elapsed(),
         }
@@ -423,15 +437,17 @@ class _Driver:
 
     def _end_epoch(self, ep: _Epoch, steps: int) -> None:
         keys = list(ep.sums)
-        values = torch.stack(
-            [ep.sums[k].double() for k in keys] + [ep.first_bad.double()]
-        ).tolist()  # one sync
+        stacked = torch.stack([ep.sums[k].double() for k in keys] + [ep.first_bad.double()])
+        if self.group is not None:  # the epoch's sums over all ranks, once per epoch
+            stacked = torch.cat([self.group.sum(stacked[:-1]), self._first_bad(ep)])
+        values = stacked.tolist()  # one sync
         sums, bad = dict(zip(keys, values[:-1], strict=True)), int(values[-1])
         train_time = ep.elapsed()
         finite = bad < 0 and self._params_finite()
         metrics: dict[str, Any] = _train_metrics(sums, max(steps, 1))
         if self.eval_step is not None and self.val_data is not None:
-            metrics.update(evaluate(self.eval_step, self.state, epoch_batches(self.val_data, ep.epoch)))
+            batches = epoch_batches(self.val_data, ep.epoch)
+            metrics.update(evaluate(self.eval_step, self.state, batches, group=self.group))
         if self.lr is not None:
             metrics["lr"] = self.lr
         metrics["epoch_time_s"] = train_time
@@ -451,10 +467,36 @@ class _Driver:
             self.stop_reason = reason
             self.log.info(f"stopping: {reason}")
 
+    # -- data parallel: the host-side collectives (none without a group) ----------------------
+
+    def _stop_signal(self, host_step: int) -> int | None:
+        """The signal to stop on after this step: this process's, or the one the ranks agreed."""
+        if self.group is None:
+            return self.flag["signum"]
+        signum = coll.agreed_signal(self.group, self.flag["signum"], host_step)
+        if signum is not None:  # a rank that got no signal raises Interrupted like the one that did
+            self.flag["signum"] = signum
+        return signum
+
+    def _first_bad(self, ep: _Epoch) -> Tensor:
+        """The epoch's first non-finite step (-1: none) over all ranks, as float64 `[1]`."""
+        if self.group is None:
+            return ep.first_bad.double().reshape(1)
+        return coll.first_bad_over_ranks(self.group, ep.first_bad)
+
+    def _partial_sums(self, ep: _Epoch) -> dict[str, Any]:
+        """A cut epoch's sums for the checkpoint: global, and with a group each rank's own."""
+        dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in ep.sums.items()}
+        if self.group is None:
+            return {"sums": {k: v.item() for k, v in ep.sums.items()}, "dtypes": dtypes}
+        per_rank = coll.rank_sums(self.group, ep.sums)
+        total = {k: sum(r[k] for r in per_rank) for k in ep.sums}
+        return {"sums": total, "rank_sums": per_rank, "dtypes": dtypes}
+
     def run_epochs(self) -> FitResult:
         # Handlers go in before TrainBegin logs "training epochs": from that line on, a
         # signal is always honoured after the current step.
-        with _signals_to_flag(self.run is not None) as self.flag:
+        with _signals_to_flag(self.run is not None or self.group is not None) as self.flag:
             reason = self.dispatch(cbs.TrainBegin(start_epoch=self.start_epoch, total_epochs=self.epochs), 0)
             if reason:
                 self.stop_reason = reason
@@ -486,6 +528,7 @@ def fit(
     max_steps: int | None = None,
     progress: bool = False,
     log: logging.Logger | None = None,
+    group: Collective | None = None,
 ) -> FitResult:
     """Train `state` with `train_step` for `epochs` epochs; returns the final state and history.
 
@@ -507,6 +550,12 @@ def fit(
     metadata: JSON-serialisable values stored in every checkpoint (e.g. a config, a model name).
     max_steps: stop (after saving last.safetensors) once the state reaches this step.
     log: where messages go (default: the run's train.log and stdout, else `fashion_func`'s logger).
+    group: data parallel (`fashion_func.distributed.Group`): this process is one of the ranks
+        training one model; `train_step` all-reduces the gradients and `train_data` /
+        `val_data` give this rank's part. The epoch's metric sums are added over the ranks
+        once per epoch, a signal on any rank stops all of them after the same step (checked
+        every `group.stop_check_every` steps), and only the rank given a `run_dir` (rank 0)
+        writes: the others pass None.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -518,7 +567,7 @@ def fit(
         logger = log or (run.log if run else logging.getLogger("fashion_func"))
         driver = _Driver(state, train_step, train_data, epochs=epochs, eval_step=eval_step, val_data=val_data,
                          callbacks=callbacks, run=run, metadata=metadata, max_steps=max_steps,
-                         progress=progress, log=logger)  # fmt: skip
+                         progress=progress, log=logger, group=group)  # fmt: skip
         point = _resume_point(resume, run, state, driver.callbacks, logger)
         if point is not None:
             driver.resume_from(point)
