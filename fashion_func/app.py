@@ -230,6 +230,15 @@ def _interrupted(exc: Interrupted, group: distributed.Group | None) -> str:
     return f"rank {group.rank} stopped with the job ({name} on some rank); rank 0 saved the state"
 
 
+# what gloo and NCCL say when a peer closed its connections (died) or did not answer in time;
+# a gloo collective raises a plain RuntimeError, not torch.distributed.DistError
+_PEER_FAILURES = ("gloo/transport", "Connection reset", "Connection closed", "Timed out", "timed out", "NCCL")
+
+
+def _peer_failure(exc: RuntimeError) -> bool:
+    return isinstance(exc, torch.distributed.DistError) or any(m in str(exc) for m in _PEER_FAILURES)
+
+
 def _lost_peer(exc: Exception, group: distributed.Group | None) -> str:
     rank = f"rank {group.rank}" if group is not None else "this process"
     timeout = group.timeout_s if group is not None else distributed.DEFAULT_TIMEOUT_S
@@ -252,7 +261,9 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> 
     except (RunError, data.DataError, checkpoint.CheckpointError, ConfigError, distributed.WorldError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
-    except torch.distributed.DistError as exc:  # a peer died, or hung past the timeout
+    except RuntimeError as exc:
+        if group is None or not _peer_failure(exc):
+            raise
         print(f"train.py: error: {_lost_peer(exc, group)}", file=sys.stderr)
         return 1
     if group is not None and not group.is_main:
