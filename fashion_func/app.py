@@ -180,6 +180,9 @@ def train(
         train_split = data.load("train", cfg.data_dir, device=device, limit=cfg.limit_train)
         val_split = data.load("test", cfg.data_dir, device=device, limit=cfg.limit_val)
         model, tx = models.get(cfg.model), build_optimizer(cfg)
+        if group is not None and model.stateful:  # each rank would keep its own statistics
+            raise RunError(f"--model {cfg.model} keeps batch-norm statistics, which data parallel "
+                           "does not synchronise yet; use a model without batch norm")  # fmt: skip
         st = _initial_state(cfg, model, tx, device)
         callbacks = build_callbacks(cfg) if callbacks is None else callbacks
         run.log.info(f"seed {cfg.seed}, device {device}, data {train_split.source}")
