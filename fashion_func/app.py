@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,10 @@ from typing import Any
 import torch
 
 from fashion_func import callbacks as cbs
-from fashion_func import checkpoint, data, ensemble, losses, models, optim
+from fashion_func import checkpoint, data, distributed, ensemble, launch, losses, models, optim
 from fashion_func import state as state_lib
 from fashion_func.config import SWEEPABLE, Config, ConfigError, parse_sweep
-from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunDir, RunError, fit
+from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, fit
 from fashion_func.loop import device as device_lib
 from fashion_func.loop import resume as resume_lib
 from fashion_func.safeio import display
@@ -146,7 +147,9 @@ def _resume_point(
     return point
 
 
-def _steps(cfg: Config, model: models.Model, tx: Any, device: torch.device) -> tuple[Any, Any]:
+def _steps(
+    cfg: Config, model: models.Model, tx: Any, device: torch.device, group: distributed.Group | None = None
+) -> tuple[Any, Any]:
     use_compile = device_lib.resolve_compile(cfg.compile, device)
     pre = _preprocess(cfg)
     train_loss = None
@@ -165,11 +168,35 @@ def _steps(cfg: Config, model: models.Model, tx: Any, device: torch.device) -> t
         precision=cfg.precision,
         compile=use_compile,
         topk=cfg.topk,
+        reduce_grads=group.all_reduce_mean if group is not None else None,
     )
     eval_step = make_eval(
         model, preprocess=pre, precision=cfg.precision, compile=use_compile is True, topk=cfg.topk
     )
     return train_step, eval_step
+
+
+def _batches(
+    cfg: Config, train: data.Split, val: data.Split, group: distributed.Group | None, log: Any
+) -> tuple[Any, Any]:
+    """The train and validation batches this process runs: with a group, its slice of every
+    global train batch (the same order for any number of processes) and its contiguous part
+    of the validation set (the sums are added over the ranks)."""
+    n = len(train.labels)
+    drop_last = False
+    if group is not None and n % cfg.batch_size % group.size:
+        drop_last = True  # the short last batch cannot split evenly: leave it out, say so
+        log.warning(f"the last batch of each epoch ({n % cfg.batch_size} examples) does not split "
+                    f"over {group.size} processes; it is left out")  # fmt: skip
+    train_data: Any = data.EpochBatches(train, cfg.batch_size, seed=cfg.seed, drop_last=drop_last)
+    if group is None:
+        return train_data, data.EpochBatches(val, cfg.eval_batch_size, shuffle=False)
+    if len(val.labels) < group.size:
+        raise RunError(f"--limit-val {len(val.labels)} leaves some of the {group.size} processes nothing")
+    lo, hi = distributed.shard_range(len(val.labels), group.rank, group.size)
+    part = data.Split(val.images[lo:hi], val.labels[lo:hi], val.source)
+    val_data = data.EpochBatches(part, cfg.eval_batch_size, shuffle=False)
+    return distributed.ShardedBatches(train_data, group), val_data
 
 
 def train(
@@ -179,19 +206,27 @@ def train(
     overwrite: bool = False,
     callbacks: list[Any] | None = None,
     max_steps: int | None = None,
+    group: distributed.Group | None = None,
 ) -> FitResult:
     """Train as `cfg` says, writing its run directory; returns the final state and history.
 
     resume: None, "auto" (continue `<out>/checkpoints/last.safetensors` if present) or a path.
     callbacks: replace the config's callbacks. max_steps: stop (after saving last.safetensors)
     once the state reaches this step; used by tests to cut a run mid-epoch as a crash would.
+    group: data parallel under torchrun (`launch.process_group`): rank 0 writes the run
+    directory, every rank trains on its slice of each global batch.
     """
-    with RunDir.open(cfg.out_dir, resume=resume, overwrite=overwrite) as run:
-        device = device_lib.resolve_device(cfg.device)
+    with launch.open_run(cfg.out_dir, resume=resume, overwrite=overwrite, group=group) as run:
+        device = group.device if group is not None else device_lib.resolve_device(cfg.device)
         from_path = resume_lib.resume_path(run.path, resume)
         train_split = data.load("train", cfg.data_dir, device=device, limit=cfg.limit_train)
         val_split = data.load("test", cfg.data_dir, device=device, limit=cfg.limit_val)
         model, tx = models.get(cfg.model), build_optimizer(cfg)
+        if group is not None and _stacked(cfg):
+            raise RunError("--ensemble and --sweep do not run under torchrun yet; train them in one process")
+        if group is not None and model.stateful:  # each rank would keep its own statistics
+            raise RunError(f"--model {cfg.model} keeps batch-norm statistics, which data parallel "
+                           "does not synchronise yet; use a model without batch norm")  # fmt: skip
         st = _initial_state(cfg, model, tx, device)
         callbacks = build_callbacks(cfg) if callbacks is None else callbacks
         run.log.info(f"seed {cfg.seed}, device {device}, data {train_split.source}")
@@ -214,16 +249,20 @@ def train(
         warning = device_lib.precision_warning(device, cfg.precision)
         if warning:
             run.log.warning(warning)
-        train_step, eval_step = _steps(cfg, model, tx, device)
+        train_step, eval_step = _steps(cfg, model, tx, device, group)
+        train_data, val_data = _batches(cfg, train_split, val_split, group, run.log)
+        run.ready(int(point.state.step.reshape(-1)[0]) if point else 0, cfg.to_dict())
         result = fit(
             st,
             train_step,
-            data.EpochBatches(train_split, cfg.batch_size, seed=cfg.seed),
+            train_data,
             epochs=cfg.epochs,
             eval_step=eval_step,
-            val_data=data.EpochBatches(val_split, cfg.eval_batch_size, shuffle=False),
+            val_data=val_data,
             callbacks=callbacks,
-            run_dir=run,
+            run_dir=run.run_dir,
+            log=run.log,
+            group=group,
             resume=point,
             # the normalisation as numbers: a client in any language can preprocess from them
             metadata={
@@ -267,7 +306,7 @@ def members_table(cfg: Config, result: FitResult) -> list[dict[str, Any]]:
     return rows
 
 
-def _write_members_table(cfg: Config, result: FitResult, run: RunDir) -> None:
+def _write_members_table(cfg: Config, result: FitResult, run: launch.RankRun) -> None:
     rows = members_table(cfg, result)
     run.write_json("members.json", rows)
     for r in rows:
@@ -276,16 +315,51 @@ def _write_members_table(cfg: Config, result: FitResult, run: RunDir) -> None:
         run.log.info(f"member {r['member']} ({what}): best {cfg.monitor} {value}")
 
 
+def _interrupted(exc: Interrupted, group: distributed.Group | None) -> str:
+    if group is None or group.is_main:
+        return str(exc)
+    name = signal.Signals(exc.signum).name
+    return f"rank {group.rank} stopped with the job ({name} on some rank); rank 0 saved the state"
+
+
+# what gloo and NCCL say when a peer closed its connections (died) or did not answer in time;
+# a gloo collective raises a plain RuntimeError, not torch.distributed.DistError
+_PEER_FAILURES = ("gloo/transport", "Connection reset", "Connection closed", "Timed out", "timed out", "NCCL")
+
+
+def _peer_failure(exc: RuntimeError) -> bool:
+    return isinstance(exc, torch.distributed.DistError) or any(m in str(exc) for m in _PEER_FAILURES)
+
+
+def _lost_peer(exc: Exception, group: distributed.Group | None) -> str:
+    rank = f"rank {group.rank}" if group is not None else "this process"
+    timeout = group.timeout_s if group is not None else distributed.DEFAULT_TIMEOUT_S
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"{rank} lost the other processes of the job (one died, or did not answer within "
+        f"{timeout:g} s): {first}; the run directory keeps its last checkpoint (--resume auto)"
+    )
+
+
 def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> int:
     """Run `train` for the CLI: user-facing failures become one line and exit code 2."""
+    group: distributed.Group | None = None
     try:
-        result = train(cfg, resume=resume, overwrite=overwrite)
+        with launch.process_group(cfg.batch_size, cfg.device) as group:
+            result = train(cfg, resume=resume, overwrite=overwrite, group=group)
     except Interrupted as exc:
-        print(f"train.py: {exc}", file=sys.stderr)
+        print(f"train.py: {_interrupted(exc, group)}", file=sys.stderr)
         return exc.code
-    except (RunError, data.DataError, checkpoint.CheckpointError, ConfigError) as exc:
+    except (RunError, data.DataError, checkpoint.CheckpointError, ConfigError, distributed.WorldError) as exc:
         print(f"train.py: error: {display(str(exc))}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if group is None or not _peer_failure(exc):
+            raise
+        print(f"train.py: error: {_lost_peer(exc, group)}", file=sys.stderr)
+        return 1
+    if group is not None and not group.is_main:
+        return 0  # rank 0 reports the run
     tail = (
         f"; best {result.best['monitor']} {result.best['value']:.4f} at epoch {result.best['epoch']}"
         if result.best

@@ -68,8 +68,26 @@ def test_installed_command_trains_predicts_and_exports_outside_the_repository(in
     for sub in ("train", "predict", "export"):
         assert _run([*command, sub, "--version"], work, env).stdout.strip() == "fashion_func 0.1.0"
 
-    train = ["train", "--preset", "tutorial", "--model", "mlp", "--epochs", "1", "--limit-train", "512",
-             "--limit-val", "200", "--device", "cpu", "--compile", "off", "--no-progress", "--out", "run"]
+    train = [
+        "train",
+        "--preset",
+        "tutorial",
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--limit-train",
+        "512",
+        "--limit-val",
+        "200",
+        "--device",
+        "cpu",
+        "--compile",
+        "off",
+        "--no-progress",
+        "--out",
+        "run",
+    ]
     _run([*command, *train], work, env)  # fmt: skip
     best = work / "run" / "checkpoints" / "best.safetensors"
     history = json.loads((work / "run" / "history.json").read_text())

@@ -25,7 +25,12 @@ FORBIDDEN = {
     "ensemble": {"data", "callbacks", "checkpoint", "loop", "interop", "app", "cli", "config"},
     "callbacks": {"checkpoint", "loop", "interop", "data", "step"},
     "checkpoint": {"models", "data", "loop", "interop", "step"},
-    "loop": {"interop", "app", "cli", "config", "data", "models", "step", "ensemble"},
+    "loop": {"interop", "app", "cli", "config", "data", "models", "step", "ensemble", "distributed",
+             "launch"},
+    # the data-parallel stage and helpers: torch.distributed only, no driver, no files
+    "distributed": {"nn", "models", "optim", "data", "step", "state", "callbacks", "checkpoint",
+                    "loop", "interop", "app", "cli", "config", "launch", "ensemble"},
+    "launch": {"interop", "app", "cli"},
     "app": {"interop"},
     "cli": {"interop"},
     "config": {"interop", "loop", "app"},

@@ -28,8 +28,10 @@ from torch import Tensor
 
 from fashion_func import callbacks as cbs
 from fashion_func import checkpoint, optim
+from fashion_func.loop import collective as coll
 from fashion_func.loop import resume as resume_lib
 from fashion_func.loop import rundir
+from fashion_func.loop.collective import Collective
 from fashion_func.loop.rundir import BEST, LAST, RunDir, RunError
 from fashion_func.state import TrainState
 
@@ -100,13 +102,19 @@ def _num_batches(source: Data) -> int | None:
 
 
 def evaluate(
-    eval_step: Callable[..., Mapping[str, Tensor]], state: Any, batches: Iterable[Any]
+    eval_step: Callable[..., Mapping[str, Tensor]],
+    state: Any,
+    batches: Iterable[Any],
+    *,
+    group: Collective | None = None,
 ) -> dict[str, float]:
     """Validation metrics over `batches`, one host sync at the end.
 
     `eval_step(state, batch)` returns per-example tensors (as `make_eval_step`'s): the mean
     of `loss` is `val_loss`, of `correct` `val_acc`, of `topk_correct` `val_top{k}` (k from
     `eval_step.topk`, default 5). `state` is a TrainState or what the eval step takes.
+    group: each rank evaluated its own part of the data; the sums and counts are added
+    over the ranks, so every rank gets the same numbers (every rank needs a batch).
     """
     own = {
         "loss": "val_loss",
@@ -123,7 +131,11 @@ def evaluate(
             if key in out:
                 part = out[key].double().sum(-1)
                 sums[key] = part if key not in sums else sums[key] + part
+    if group is not None and sums:  # this rank's part: the sums and the count added over the ranks
+        anchor = next(iter(sums.values()))
+        sums = _sum_over_ranks(group, {**sums, "_count": anchor.new_tensor(float(count))})
     values = _to_host(sums)  # the one sync
+    count = int(values.pop("_count", count))
     scalars = {names[k]: v / count for k, v in values.items() if k in own}
     members = {names[k]: [x / count for x in v] for k, v in values.items() if k not in own}
     return expand_members(members, scalars)
@@ -140,6 +152,18 @@ def _to_host(tensors: Mapping[str, Tensor]) -> dict[str, Any]:
         n = t.numel()
         out[k] = flat[i] if t.dim() == 0 else flat[i : i + n]
         i += n
+    return out
+
+
+def _sum_over_ranks(group: Collective | None, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`tensors` added over the ranks in one collective (unchanged without a group)."""
+    if group is None or not tensors:
+        return dict(tensors)
+    total = group.sum(torch.cat([t.double().reshape(-1) for t in tensors.values()]))
+    out, i = {}, 0
+    for k, t in tensors.items():
+        out[k] = total[i : i + t.numel()].reshape(t.shape)
+        i += t.numel()
     return out
 
 
@@ -246,7 +270,7 @@ class _Driver:
     methods that move it on. Small methods over shared fields instead of nested closures."""
 
     def __init__(self, state, train_step, train_data, *, epochs, eval_step, val_data, callbacks,
-                 run, metadata, max_steps, progress, log, weights=None) -> None:  # fmt: skip
+                 run, metadata, max_steps, progress, log, weights=None, group=None) -> None:  # fmt: skip
         self.state: TrainState = state
         self.train_step, self.train_data = train_step, train_data
         self.epochs, self.eval_step, self.val_data = epochs, eval_step, val_data
@@ -266,6 +290,7 @@ class _Driver:
         self.diverged = False
         self.epochs_run = 0
         self.flag: dict[str, int | None] = {"signum": None}
+        self.group: Collective | None = group
 
     # -- resume and files ----------------------------------------------------------------------
 
@@ -400,6 +425,7 @@ class _Driver:
                 saved = {**saved, "sums": {k: saved[k] for k in ("loss_sum", "correct", "count")},
                          "dtypes": {"loss_sum": "float32", "correct": "int64", "count": "int64"}}  # fmt: skip
             ep.first_batch = int(saved["batch"])
+            saved = coll.sums_for_rank(self.group, saved)
             ep.sums = {
                 k: torch.tensor(v, dtype=getattr(torch, saved["dtypes"][k]), device=device)
                 for k, v in saved["sums"].items()
@@ -440,9 +466,10 @@ class _Driver:
             bar.update(1)
             host_step += 1
             cut = self.max_steps is not None and host_step >= self.max_steps
-            if cut and self.flag["signum"] is None and next(batches, None) is None:
+            signum = self._stop_signal(host_step)
+            if cut and signum is None and next(batches, None) is None:
                 break  # the cut fell on the last batch: end the epoch below
-            if self.flag["signum"] is not None or cut:
+            if signum is not None or cut:
                 bar.close()
                 self._stop_mid_epoch(ep, b + 1, cut)
                 return False
@@ -463,13 +490,12 @@ class _Driver:
 
     def _stop_mid_epoch(self, ep: _Epoch, next_batch: int, cut: bool) -> None:
         """Save the state cut inside epoch `ep` (unless it diverged); raise Interrupted on a signal."""
-        bad_step = int(ep.first_bad)
+        bad_step = int(self._first_bad(ep))
         in_epoch = {
             "epoch": ep.epoch,
             "batch": next_batch,
             "batching": getattr(self.train_data, "batching", None),
-            "sums": {k: v.tolist() for k, v in ep.sums.items()},
-            "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in ep.sums.items()},
+            **self._partial_sums(ep),
             "first_bad": bad_step,
             "elapsed": ep.elapsed(),
         }
@@ -492,13 +518,18 @@ class _Driver:
         raise Interrupted(self.flag["signum"], path or Path("."), saved=saved)
 
     def _end_epoch(self, ep: _Epoch, steps: int) -> None:
-        sums = _to_host({**ep.sums, "first_bad": ep.first_bad})  # one sync
-        bad = int(sums.pop("first_bad"))
+        sums = {**ep.sums, "first_bad": ep.first_bad}
+        if self.group is not None:  # the epoch's sums over all ranks, once per epoch
+            sums = {**_sum_over_ranks(self.group, ep.sums), "first_bad": self._first_bad(ep)}
+        sums = _to_host(sums)  # one sync
+        first_bad = sums.pop("first_bad")
+        bad = int(first_bad[0] if isinstance(first_bad, list) else first_bad)
         train_time = ep.elapsed()
         finite = bad < 0 and self._params_finite()
         metrics: dict[str, Any] = _train_metrics(sums, max(steps, 1))
         if self.eval_step is not None and self.val_data is not None:
-            metrics.update(evaluate(self.eval_step, self.state, epoch_batches(self.val_data, ep.epoch)))
+            batches = epoch_batches(self.val_data, ep.epoch)
+            metrics.update(evaluate(self.eval_step, self.state, batches, group=self.group))
         if isinstance(self.lr, list):  # a sweep's members each have their own
             metrics.update(expand_members({"lr": self.lr}))
         elif self.lr is not None:
@@ -521,10 +552,36 @@ class _Driver:
             self.stop_reason = reason
             self.log.info(f"stopping: {reason}")
 
+    # -- data parallel: the host-side collectives (none without a group) ----------------------
+
+    def _stop_signal(self, host_step: int) -> int | None:
+        """The signal to stop on after this step: this process's, or the one the ranks agreed."""
+        if self.group is None:
+            return self.flag["signum"]
+        signum = coll.agreed_signal(self.group, self.flag["signum"], host_step)
+        if signum is not None:  # a rank that got no signal raises Interrupted like the one that did
+            self.flag["signum"] = signum
+        return signum
+
+    def _first_bad(self, ep: _Epoch) -> Tensor:
+        """The epoch's first non-finite step (-1: none) over all ranks, as float64 `[1]`."""
+        if self.group is None:
+            return ep.first_bad.double().reshape(1)
+        return coll.first_bad_over_ranks(self.group, ep.first_bad)
+
+    def _partial_sums(self, ep: _Epoch) -> dict[str, Any]:
+        """A cut epoch's sums for the checkpoint: global, and with a group each rank's own."""
+        dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in ep.sums.items()}
+        if self.group is None:
+            return {"sums": {k: v.tolist() for k, v in ep.sums.items()}, "dtypes": dtypes}
+        per_rank = coll.rank_sums(self.group, ep.sums)
+        total = {k: sum(r[k] for r in per_rank) for k in ep.sums}
+        return {"sums": total, "rank_sums": per_rank, "dtypes": dtypes}
+
     def run_epochs(self) -> FitResult:
         # Handlers go in before TrainBegin logs "training epochs": from that line on, a
         # signal is always honoured after the current step.
-        with _signals_to_flag(self.run is not None) as self.flag:
+        with _signals_to_flag(self.run is not None or self.group is not None) as self.flag:
             reason = self.dispatch(cbs.TrainBegin(start_epoch=self.start_epoch, total_epochs=self.epochs), 0)
             if reason:
                 self.stop_reason = reason
@@ -567,6 +624,7 @@ def fit(
     progress: bool = False,
     log: logging.Logger | None = None,
     weights: Callable[[TrainState], Mapping[str, Tensor]] | None = None,
+    group: Collective | None = None,
 ) -> FitResult:
     """Train `state` with `train_step` for `epochs` epochs; returns the final state and history.
 
@@ -591,6 +649,12 @@ def fit(
     weights: what best and per-epoch files hold, from the state (default: params and model
         state); e.g. `lambda st: {**optim.ema_params(st.opt_state), **st.model_state}` keeps
         the moving average of an `optim.ema` transform.
+    group: data parallel (`fashion_func.distributed.Group`): this process is one of the ranks
+        training one model; `train_step` all-reduces the gradients and `train_data` /
+        `val_data` give this rank's part. The epoch's metric sums are added over the ranks
+        once per epoch, a signal on any rank stops all of them after the same step (checked
+        every `group.stop_check_every` steps), and only the rank given a `run_dir` (rank 0)
+        writes: the others pass None.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -602,7 +666,7 @@ def fit(
         logger = log or (run.log if run else logging.getLogger("fashion_func"))
         driver = _Driver(state, train_step, train_data, epochs=epochs, eval_step=eval_step, val_data=val_data,
                          callbacks=callbacks, run=run, metadata=metadata, max_steps=max_steps,
-                         progress=progress, log=logger, weights=weights)  # fmt: skip
+                         progress=progress, log=logger, weights=weights, group=group)  # fmt: skip
         point = _resume_point(resume, run, state, driver.callbacks, logger)
         if point is not None:
             driver.resume_from(point)
