@@ -970,7 +970,12 @@ def flax_module(name: str, **hparams: Any) -> Any:
     (`num_classes`; mlp `D_in`, `H`, `D_out`; alexnet `dropout`). Needs the optional `jax` extra.
     """
     model = models.get(name, **hparams)  # ValueError naming the choices, TypeError for a bad hparam
-    return _flax_classes()[model.name](**model.hparams)
+    classes = _flax_classes()
+    if model.name not in classes:
+        raise ValueError(
+            f"no Flax module for model {model.name!r} yet; Flax modules: {', '.join(sorted(classes))}"
+        )
+    return classes[model.name](**model.hparams)
 
 
 # -- JAX ------------------------------------------------------------------------------------

@@ -142,7 +142,9 @@ def test_flax_module_hparams_and_errors():
     flat_in = mlp.apply(params, jnp.ones((2, 784)))
     assert np.array_equal(np.asarray(flat_in), np.asarray(mlp.apply(params, jnp.ones((2, 28, 28, 1)))))
     assert interop.flax_module("simplenet", num_classes=5).num_classes == 5
-    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        interop.flax_module("nope")
+    with pytest.raises(ValueError, match="no Flax module for model 'resnet'"):
         interop.flax_module("resnet")
     with pytest.raises(TypeError):
         interop.flax_module("simplenet", width=3)
