@@ -49,8 +49,15 @@ def test_init_does_not_touch_global_rng():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ValueError, match="alexnet, mlp, simplenet"):
+    with pytest.raises(ValueError, match="alexnet, mlp, resnet, simplenet"):
         models.get("resnet9000")
+
+
+def test_the_config_offers_exactly_the_registered_models():
+    """config.MODELS is a copy (the command line parses without importing torch): kept in sync."""
+    from fashion_func import config
+
+    assert sorted(config.MODELS) == sorted(models.MODELS)
 
 
 def test_mlp_hparams_follow_the_tutorial():

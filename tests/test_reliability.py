@@ -514,7 +514,7 @@ def test_resume_from_a_pickle_in_a_real_process_exits_2(procs: Procs, tmp_path: 
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (
             ["--model", "resnet900"],
-            "--model must be one of simplenet, simplenet_bn, alexnet, mlp, not 'resnet900'",
+            "--model must be one of simplenet, simplenet_bn, alexnet, mlp, resnet, not 'resnet900'",
         ),
         (["--optimizer", "lion"], "--optimizer must be one of adam, adamw, sgd, not 'lion'"),
         (["--epochs", "three"], "argument --epochs: expected an integer, got 'three'"),
