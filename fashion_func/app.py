@@ -58,7 +58,7 @@ def build_callbacks(cfg: Config) -> list[Any]:
     elif cfg.lr_schedule == "plateau":
         out.append(
             cbs.ReduceLROnPlateau(
-                monitor=cfg.monitor,
+                monitor=_watched(cfg),
                 mode=cfg.mode,
                 factor=cfg.lr_gamma,
                 patience=max(1, (cfg.patience or 4) // 2),
@@ -81,12 +81,17 @@ def build_callbacks(cfg: Config) -> list[Any]:
             for k in range(cfg.members)
         ]
     if cfg.patience is not None:
-        # an ensemble stops on its own metric; a sweep's members are no ensemble: on their mean
-        monitor = f"{cfg.monitor}_mean" if cfg.sweep else cfg.monitor
+        monitor = _watched(cfg)
         out.append(
             cbs.EarlyStopping(monitor=monitor, mode=cfg.mode, patience=cfg.patience, min_delta=cfg.min_delta)
         )
     return out
+
+
+def _watched(cfg: Config) -> str:
+    """The metric early stopping and the plateau schedule watch: an ensemble's own; a sweep's
+    members are no ensemble, so their mean."""
+    return f"{cfg.monitor}_mean" if cfg.sweep else cfg.monitor
 
 
 def _stacked(cfg: Config) -> bool:

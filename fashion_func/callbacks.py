@@ -570,6 +570,11 @@ class LRSchedule(Callback):
 
     schedule: schedules.Schedule | None = field(default=None, kw_only=True)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if type(self) is LRSchedule and self.schedule is None:
+            raise ValueError("LRSchedule needs a schedule, e.g. schedules.cosine(1e-3, t_max=30)")
+
     def lr_at(self, epoch: int) -> float:
         """The learning rate epoch `epoch` (1-based) runs with."""
         return float(self.make_schedule()(epoch - 1))

@@ -249,7 +249,7 @@ def _run_dir_of(checkpoint_path: Path) -> str:
             f"--resume {display(str(checkpoint_path))} is not in a run's checkpoints/ folder; "
             "pass --out, the run directory to continue in"
         )
-    return str(checkpoint_path.parent.parent)
+    return str(folder.parent)
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:

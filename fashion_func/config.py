@@ -163,6 +163,8 @@ class Config:
             grid = parse_sweep(self.sweep)
         except ConfigError as exc:
             return [str(exc)]
+        if "lr" in grid[0] and self.lr != Config.lr:
+            return ["--lr and --sweep lr=... contradict each other: the sweep sets each member's lr"]
         if "lr" in grid[0] and self.lr_schedule != "constant":
             return [
                 f"--sweep lr needs --lr-schedule constant (a {self.lr_schedule} schedule sets one lr for all)"

@@ -614,10 +614,6 @@ def _member_report(path: str, out: dict[str, Tensor]) -> dict[str, Any]:
     }
 
 
-def _err(line: str) -> None:
-    print(display(" ".join(line.split())), file=sys.stderr)
-
-
 def _run_images(args: argparse.Namespace, members: Sequence[Member]) -> dict[str, Any]:
     """Classify every readable image (the members' mean probabilities); each one that cannot
     be read is one line on stderr."""

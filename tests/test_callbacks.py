@@ -881,4 +881,4 @@ def test_lr_schedule_drives_any_schedule_per_epoch_like_torch_onecycle_stepped_p
     assert cbm.StepLR(base_lr=0.1, step_size=2).lr_at(3) == schedules.step_lr(0.1, 2)(2)
     assert cbm.CosineLR(base_lr=0.1, t_max=4).lr_at(2) == schedules.cosine(0.1, 4)(1)
     with pytest.raises(ValueError, match="needs a schedule"):
-        cbm.LRSchedule().lr_at(1)
+        cbm.LRSchedule()

@@ -213,3 +213,13 @@ def test_train_py_one_epoch_acceptance(tmp_path):
     assert acc == pytest.approx(record["val_acc"], abs=0.002)  # at most 2 of 1000 flip
     assert loss == pytest.approx(record["val_loss"], rel=1e-4)
     assert (out / "checkpoints" / "last.safetensors").exists()
+
+
+def test_resume_path_typed_inside_checkpoints_names_the_run_directory(tmp_path, monkeypatch):
+    """`--resume last.safetensors` typed inside <run>/checkpoints continues <run>, not '.'."""
+    from fashion_func import cli
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    monkeypatch.chdir(folder)
+    assert Path(cli._run_dir_of(Path("last.safetensors"))) == tmp_path / "run"

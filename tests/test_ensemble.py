@@ -521,6 +521,7 @@ def test_cli_sweep_rows_carry_their_lr(tmp_path, capsys):
         (["--sweep", "lr=x"], "--sweep lr: values must be numbers"),
         (["--sweep", "lr=1e-3", "--ensemble", "2"], "--sweep and --ensemble are exclusive"),
         (["--sweep", "lr=1e-3,1e-4", "--lr-schedule", "step"], "--sweep lr needs --lr-schedule constant"),
+        (["--sweep", "lr=1e-3,1e-4", "--lr", "0.01"], "--lr and --sweep lr=... contradict"),
     ],
 )
 def test_cli_bad_member_flags_are_one_line_usage_errors(tmp_path, capsys, flags, says):
@@ -538,6 +539,34 @@ def test_cli_resume_with_other_members_is_refused(cli_run, capsys):
         assert code == 2
         assert err.count("\n") == 1 and "resume it with the same members" in err, err
     assert last.read_bytes() == before
+
+
+def test_a_resume_that_finds_no_better_epoch_still_reports_every_members_best(tmp_path):
+    first = _fit(tmp_path / "run", "mlp", 2, epochs=1)
+    again = _fit(tmp_path / "run", "mlp", 2, epochs=1, resume="auto")  # nothing left to train
+    assert first.extra["member_best"] and again.epochs_run == 0
+    assert again.extra["member_best"] == first.extra["member_best"]
+
+
+def test_overwrite_removes_the_members_files_and_a_linked_member_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli([*TINY, "--ensemble", "2", "--out", out], capsys)[0] == 0
+    code, err = run_cli([*TINY, "--out", out, "--overwrite"], capsys)  # a solo run in its place
+    assert code == 0, err
+    assert not (out / "members.json").exists()
+    assert not any((out / "checkpoints").glob("member-*"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    other = tmp_path / "run2"
+    assert run_cli([*TINY, "--ensemble", "2", "--out", other], capsys)[0] == 0
+    target = other / "checkpoints" / "member-01"
+    for f in target.iterdir():
+        f.unlink()
+    target.rmdir()
+    target.symlink_to(elsewhere, target_is_directory=True)
+    code, err = run_cli(["--resume", "auto", "--out", other, "--epochs", "2"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "symbolic link" in err, err
+    assert not any(elsewhere.iterdir())  # nothing written through the link
 
 
 # -- 7. predict.py --weights A B -----------------------------------------------------------------

@@ -300,12 +300,32 @@ class _Driver:
         self.start_epoch, self.in_epoch = point.start_epoch, point.in_epoch
         self.lr = point.lr
         self.history = [r for r in point.history if r["epoch"] < point.start_epoch]
+        self._restore_bests()
         where = f"epoch {point.start_epoch}" + (
             f", batch {point.in_epoch['batch']}" if point.in_epoch else ""
         )
         self.log.info(f"resumed from {point.path} at step {_host_step(point.state.step)} ({where})")
         if point.start_epoch > self.epochs:
             self.log.info(f"the checkpoint is past epoch {self.epochs} (epochs); nothing to train")
+
+    def _restore_bests(self) -> None:
+        """The best files recorded before the restart, from the checkpoint callbacks' states, so
+        a resumed run reports them (FitResult.best, member_best) even when it finds no better."""
+        for cb in self.callbacks:
+            st = self.cb_states.get(cb.name)
+            if (
+                not isinstance(cb, cbs.ModelCheckpoint)
+                or not isinstance(st, dict)
+                or st.get("best_epoch") is None
+            ):
+                continue
+            path = self._weights_path("best", st["best_epoch"], cb.member)
+            record = {"epoch": st["best_epoch"], "monitor": cb.monitor, "value": cbs.decode_float(st["best"]),
+                      "path": str(path) if path else None}  # fmt: skip
+            if cb.member is None:
+                self.best = record
+            else:
+                self.member_best[cb.member] = record
 
     def _meta(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
         m = {**self.metadata, "epoch": epoch_done, "callbacks": self.cb_states, "history": self.history}
@@ -347,7 +367,7 @@ class _Driver:
         weights = self.weights_of(self.state)
         meta = {**self.metadata, "epoch": a.epoch, "monitor": a.monitor, "value": a.value}
         if a.member is not None:  # one member of an ensemble: a plain single-model file
-            path.parent.mkdir(exist_ok=True)
+            rundir.member_folder(path.parent.parent, a.member)
             weights = {k: v[a.member] for k, v in weights.items()}
             meta["member"] = a.member
         checkpoint.save_weights(path, weights, metadata=meta)
@@ -631,7 +651,8 @@ def fit(
     train_data, val_data: a function `epoch -> iterable of batches` (e.g. `data.EpochBatches`)
         or an iterable run through once per epoch (a `DataLoader`, a list of batches).
     train_step: `(state, batch) -> (state, metrics)`; metrics are 0-d device tensors summed
-        over the epoch (`loss_sum`, `correct`, `count` give train_loss / train_acc).
+        over the epoch (`loss_sum`, `correct`, `count` give train_loss / train_acc), or `[K]`
+        tensors from an ensemble step (reported per member, with their mean and std).
     eval_step: `(state, batch) -> per-example tensors` (`make_eval_step`), run on `val_data`
         after each epoch (val_loss, val_acc, val_top5).
     callbacks: pure event handlers (`fashion_func.callbacks`); `fit` carries out their actions.

@@ -195,6 +195,7 @@ _HYPER_RANGES: dict[str, Callable[[float], bool]] = {
     "momentum": lambda v: 0 <= v < 1,
     "dampening": lambda v: 0 <= v <= 1,
     "max_norm": lambda v: v > 0,
+    "decay": lambda v: 0 <= v <= 1,
 }
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "RUN_ARTIFACTS",
     "RunDir",
     "RunError",
+    "member_folder",
     "plot_history",
     "prepare_out_dir",
     "run_lock",
@@ -51,6 +52,7 @@ RUN_ARTIFACTS = (
     "accuracy.png",
     "tensorboard",
     "checkpoints",
+    "members.json",
 )
 
 
@@ -95,6 +97,7 @@ MARKER = ".fashion-func-run"  # JSON {"run_id": ..., "created": ...}: this direc
 LOCK = ".lock"
 _WEIGHT_FILE = re.compile(r"(last|best|epoch-\d+)\.safetensors")
 _EVENTS_FILE = re.compile(r"events\.out\.tfevents\..+")
+_MEMBER_DIR = re.compile(r"member-\d+")  # checkpoints/member-<k>/: an ensemble member's weights
 _TEMP = re.compile(r"\.(?P<name>.+)\.\d+\.tmp")  # atomic_write's temp names: .<name>.<pid>.tmp
 _OPEN_FLAGS = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC
 
@@ -178,7 +181,7 @@ def _our_temp(directory: Path, name: str) -> bool:
     if m is None:
         return False
     inner = m.group("name")
-    if directory.name == "checkpoints":
+    if directory.name == "checkpoints" or _MEMBER_DIR.fullmatch(directory.name):
         return bool(_WEIGHT_FILE.fullmatch(inner))
     return inner in RUN_ARTIFACTS or inner == MARKER
 
@@ -190,7 +193,7 @@ def remove_stale_temps(out: Path) -> list[Path]:
     regular files: a user's own `.notes.tmp` is not ours to delete.
     """
     stale = []
-    for d in (out, out / "checkpoints"):
+    for d in (out, out / "checkpoints", *_member_dirs(out / "checkpoints")):
         if not d.is_dir() or d.is_symlink():
             continue
         for p in d.iterdir():
@@ -198,6 +201,29 @@ def remove_stale_temps(out: Path) -> list[Path]:
                 p.unlink(missing_ok=True)
                 stale.append(p)
     return stale
+
+
+def _member_dirs(checkpoints: Path) -> list[Path]:
+    """The ensemble members' folders in `checkpoints` that are real folders (links excluded)."""
+    if not checkpoints.is_dir() or checkpoints.is_symlink():
+        return []
+    return sorted(
+        p
+        for p in checkpoints.iterdir()
+        if _MEMBER_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+    )
+
+
+def member_folder(checkpoints: Path, member: int) -> Path:
+    """`checkpoints/member-<kk>/`, created if missing; RunError (one line) for a link or a file
+    of another kind there: a run's files are never reached through a link."""
+    folder = checkpoints / f"member-{member:02d}"
+    st = _lstat(folder)
+    if st is None:
+        folder.mkdir()
+    elif not stat.S_ISDIR(st.st_mode):
+        raise RunError(f"{display(folder)} is {describe(st.st_mode)}, not the member's folder; remove it")
+    return folder
 
 
 def _lstat(path: Path) -> os.stat_result | None:
@@ -225,6 +251,8 @@ def _removable(out: Path) -> list[Path]:
                     f"--overwrite: {display(p)} is {describe(st.st_mode)}, not the run's folder; remove it"
                 )
             pattern = _WEIGHT_FILE if name == "checkpoints" else _EVENTS_FILE
+            if name == "checkpoints":
+                found += _removable_members(p)
             for child in sorted(p.iterdir()):
                 if pattern.fullmatch(child.name) or _our_temp(p, child.name):
                     cst = child.lstat()
@@ -241,6 +269,26 @@ def _removable(out: Path) -> list[Path]:
     return found
 
 
+def _removable_members(checkpoints: Path) -> list[Path]:
+    """The ensemble members' weight files and folders under `checkpoints` (never through a link)."""
+    found: list[Path] = []
+    for folder in sorted(checkpoints.iterdir()):
+        if not _MEMBER_DIR.fullmatch(folder.name):
+            continue
+        st = folder.lstat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise RunError(f"--overwrite: {display(folder)} is {describe(st.st_mode)}; remove it")
+        for child in sorted(folder.iterdir()):
+            if _WEIGHT_FILE.fullmatch(child.name) or _our_temp(folder, child.name):
+                if not stat.S_ISREG(child.lstat().st_mode):
+                    raise RunError(
+                        f"--overwrite: {display(child)} is {describe(child.lstat().st_mode)}; remove it"
+                    )
+                found.append(child)
+        found.append(folder)  # removed if nothing of the user's is left in it
+    return found
+
+
 def _remove(paths: Sequence[Path]) -> None:
     for p in paths:
         if p.is_dir() and not p.is_symlink():
@@ -252,11 +300,15 @@ def _remove(paths: Sequence[Path]) -> None:
 
 def _refuse_links(out: Path) -> None:
     """A run's files are never reached through a symbolic link (it could lead out of `out`)."""
-    for name in RUN_ARTIFACTS:
-        st = _lstat(out / name)
+    checkpoints = out / "checkpoints"
+    members = [] if _lstat(checkpoints) is None or checkpoints.is_symlink() or not checkpoints.is_dir() else [
+        p for p in checkpoints.iterdir() if _MEMBER_DIR.fullmatch(p.name)
+    ]  # fmt: skip
+    for path in [*(out / name for name in RUN_ARTIFACTS), *members]:
+        st = _lstat(path)
         if st is not None and stat.S_ISLNK(st.st_mode):
             raise RunError(
-                f"{display(out / name)} is a symbolic link; a run never follows links out of its "
+                f"{display(path)} is a symbolic link; a run never follows links out of its "
                 "directory: remove it or use another --out"
             )
 
