@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -41,6 +40,8 @@ from fashion_func.step import (
     as_model,
     check_per_example,
     eval_core,
+    eval_step_from_core,
+    step_from_core,
     train_core,
 )
 
@@ -161,16 +162,7 @@ def make_train_step(
         members=True,
     )  # fmt: skip
 
-    def ensemble_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
-        size(state)
-        inputs, y = batch
-        params, opt_state, step, model_state, metrics = core(
-            state.params, state.model_state, state.opt_state, state.step, state.rng, inputs, y
-        )
-        new = state.replace(params=params, opt_state=opt_state, step=step, model_state=model_state)
-        return new, metrics
-
-    return ensemble_step
+    return step_from_core(core, check=size)  # size(): a clear error for an unstacked state
 
 
 def combine(member_out: Mapping[str, Tensor], y: Tensor, per_example: LossFn, topk: int) -> dict[str, Tensor]:
@@ -215,14 +207,4 @@ def make_eval_step(
     def core(params: Params, model_state: ModelState, inputs: Tensor, y: Tensor) -> dict[str, Tensor]:
         return combine(member_core(params, model_state, inputs, y), y, per_example, topk)
 
-    fn = torch.compile(core) if compile else core
-
-    def eval_step(params: Any, batch: Batch, model_state: ModelState | None = None) -> dict[str, Tensor]:
-        if isinstance(params, TrainState):
-            params, model_state = params.params, params.model_state
-        if model.stateful and not model_state:
-            raise ValueError(f"model {model.name} is stateful: pass its model_state (or a TrainState)")
-        return fn(params, model_state or {}, *batch)
-
-    eval_step.topk = topk  # type: ignore[attr-defined]
-    return eval_step
+    return eval_step_from_core(model, torch.compile(core) if compile else core, topk)

@@ -35,11 +35,13 @@ __all__ = [
     "as_model",
     "check_per_example",
     "eval_core",
+    "eval_step_from_core",
     "make_eval_step",
     "make_train_step",
     "normalize_images",
     "per_example_grad_norms",
     "per_example_grads",
+    "step_from_core",
     "train_core",
 ]
 
@@ -216,8 +218,17 @@ def make_train_step(
         as_model(model), optimizer, loss=loss, preprocess=preprocess, precision=precision,
         compile=compile, device_type=device_type, topk=topk, reduce_grads=reduce_grads,
     )  # fmt: skip
+    return step_from_core(core)
+
+
+def step_from_core(
+    core: Callable[..., tuple[Any, ...]], check: Callable[[TrainState], Any] | None = None
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
+    """`train_step(state, batch)` around a `train_core` (`check(state)` first, if given)."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
+        if check is not None:
+            check(state)
         inputs, y = batch
         params, opt_state, step, model_state, metrics = core(
             state.params, state.model_state, state.opt_state, state.step, state.rng, inputs, y
@@ -375,7 +386,13 @@ def make_eval_step(
     """
     model = as_model(model)
     core = eval_core(model, loss or losses.cross_entropy_per_example, preprocess, precision, topk, tta)
-    fn = torch.compile(core) if compile else core
+    return eval_step_from_core(model, torch.compile(core) if compile else core, topk)
+
+
+def eval_step_from_core(
+    model: Model, fn: Callable[..., dict[str, Tensor]], topk: int
+) -> Callable[..., dict[str, Tensor]]:
+    """`eval_step(params_or_state, batch, model_state=None)` around an `eval_core`."""
 
     def eval_step(params: Params | TrainState, batch: Batch, model_state: ModelState | None = None):
         if isinstance(params, TrainState):

@@ -539,6 +539,8 @@ def test_cli_resume_with_other_members_is_refused(cli_run, capsys):
         assert code == 2
         assert err.count("\n") == 1 and "resume it with the same members" in err, err
     assert last.read_bytes() == before
+    # a refused resume undoes only what it added: the members' best files stay
+    assert all((cli_run / "checkpoints" / f"member-{k:02d}" / "best.safetensors").is_file() for k in (0, 1))
 
 
 def test_a_resume_that_finds_no_better_epoch_still_reports_every_members_best(tmp_path):
@@ -574,8 +576,10 @@ def test_overwrite_removes_the_members_files_and_a_linked_member_folder_is_refus
 
 def _predict(capsys, *argv) -> dict:
     capsys.readouterr()
-    assert predict.main([str(a) for a in argv]) == 0
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    code = predict.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_predict_of_the_members_is_the_ensemble_training_validated(cli_run, capsys):

@@ -449,7 +449,7 @@ def _close_logger(log: logging.Logger) -> None:
 class _Snapshot:
     """What a run directory held when a run opened it, to undo a run that fails to start."""
 
-    names: frozenset[str]  # in out and (as checkpoints/<name>) in out/checkpoints
+    names: frozenset[str]  # in out, out/checkpoints and its member-<k> folders, relative to out
     last: tuple[int, int] | None  # last.safetensors' (inode, mtime): a new save changes it
 
     @classmethod
@@ -458,6 +458,8 @@ class _Snapshot:
         ck = out / "checkpoints"
         if ck.is_dir() and not ck.is_symlink():
             names |= {f"checkpoints/{p.name}" for p in ck.iterdir()}
+        for folder in _member_dirs(ck):  # an ensemble's per-member weights
+            names |= {f"checkpoints/{folder.name}/{p.name}" for p in folder.iterdir()}
         return cls(frozenset(names), _identity(ck / LAST))
 
     def undo(self, out: Path) -> None:
