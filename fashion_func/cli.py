@@ -85,6 +85,24 @@ def build_train_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     add_version(p)
+    _add_training_args(p)
+    _add_run_args(p)
+    _add_checkpoint_args(p)
+    _add_schedule_and_member_args(p)
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip TensorBoard")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument(
+        "--resume",
+        metavar="PATH|auto",
+        help="continue from a last.safetensors (auto: <out>'s, if any) with the settings saved in it; "
+        "flags given override them (--epochs is the new total)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    return p
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    """Where the settings come from, the model and the optimizer."""
     p.add_argument(
         "--preset", help="a config shipped with the package (tutorial); --config and flags override it"
     )
@@ -99,6 +117,10 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=_float, help="clip gradients to this global norm")
     p.add_argument("--label-smoothing", type=_float, help="cross-entropy label smoothing (default 0)")
     p.add_argument("--seed", type=_int, help="seed for init, batch order and dropout (default 0)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Data, output, device and speed."""
     p.add_argument("--data-dir", help="folder holding the four Fashion-MNIST IDX files (.gz or raw)")
     p.add_argument("--out", help="run directory (default output/<model>)")
     p.add_argument("--device", help=f"one of {', '.join(DEVICES)} (default auto: CUDA if present)")
@@ -113,6 +135,10 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-train", type=_int, help="use the first N training examples")
     p.add_argument("--limit-val", type=_int, help="use the first N validation (test-set) examples")
     p.add_argument("--eval-batch-size", type=_int, help="default 1000")
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """The tutorial's monitor, early stopping, metrics and checkpoint retention."""
     p.add_argument(
         "--monitor",
         help="metric for best checkpoint / early stopping: val_loss (default), val_acc, val_topK, ...",
@@ -141,6 +167,10 @@ def build_train_parser() -> argparse.ArgumentParser:
         type=_int,
         help="epoch checkpoint interval (default 1)",
     )
+
+
+def _add_schedule_and_member_args(p: argparse.ArgumentParser) -> None:
+    """The learning-rate schedule, and many models in one step (ensembles, sweeps)."""
     p.add_argument("--lr-schedule", help=f"one of {', '.join(SCHEDULES)} (default constant)")
     p.add_argument(
         "--lr-step-size", type=_int, help="StepLR: epochs between decays (sets --lr-schedule step)"
@@ -156,16 +186,6 @@ def build_train_parser() -> argparse.ArgumentParser:
         help="train one model per hyperparameter combination in one vmapped step, "
         "e.g. 'lr=1e-3,3e-4,1e-4' or 'lr=1e-3,3e-4 weight_decay=0,5e-4'",
     )
-    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip TensorBoard")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument(
-        "--resume",
-        metavar="PATH|auto",
-        help="continue from a last.safetensors (auto: <out>'s, if any) with the settings saved in it; "
-        "flags given override them (--epochs is the new total)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    return p
 
 
 def _bool(text: str) -> bool:
