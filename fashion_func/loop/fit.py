@@ -538,12 +538,11 @@ class _Driver:
         raise Interrupted(self.flag["signum"], path or Path("."), saved=saved)
 
     def _end_epoch(self, ep: _Epoch, steps: int) -> None:
-        sums = {**ep.sums, "first_bad": ep.first_bad}
-        if self.group is not None:  # the epoch's sums over all ranks, once per epoch
-            sums = {**_sum_over_ranks(self.group, ep.sums), "first_bad": self._first_bad(ep)}
-        sums = _to_host(sums)  # one sync
-        first_bad = sums.pop("first_bad")
-        bad = int(first_bad[0] if isinstance(first_bad, list) else first_bad)
+        # the epoch's sums (over all ranks, once per epoch, with a group), in one sync
+        sums = _to_host(
+            {**_sum_over_ranks(self.group, ep.sums), "first_bad": self._first_bad(ep).reshape(())}
+        )
+        bad = int(sums.pop("first_bad"))
         train_time = ep.elapsed()
         finite = bad < 0 and self._params_finite()
         metrics: dict[str, Any] = _train_metrics(sums, max(steps, 1))
