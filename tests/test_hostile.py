@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from test_data import make_dataset  # tests/ is on sys.path under pytest
+from test_reliability import one_error_line
 
 from fashion_func import app, checkpoint, cli, models, optim
 from fashion_func import callbacks as cbs
@@ -33,14 +34,6 @@ from fashion_func.cli import main_train
 from fashion_func.config import Config, ConfigError, load_file
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="FIFOs, devices, O_NOFOLLOW")
-
-
-def one_error_line(err: str) -> str:
-    """stderr must be exactly one line, no traceback; returns it."""
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
