@@ -257,6 +257,7 @@ def train(
         train_step, eval_step = _steps(cfg, model, tx, device, group)
         train_data, val_data = _batches(cfg, train_split, val_split, group, run.log)
         run.ready(int(point.state.step.reshape(-1)[0]) if point else 0, cfg.to_dict())
+        pre = _preprocess(cfg)
         result = fit(
             st,
             train_step,
@@ -273,8 +274,8 @@ def train(
             metadata={
                 "config": cfg.to_dict(),
                 "model": cfg.model,
-                "normalize_mean": _preprocess(cfg).mean,
-                "normalize_std": _preprocess(cfg).std,
+                "normalize_mean": pre.mean,
+                "normalize_std": pre.std,
             },
             max_steps=max_steps,
             progress=cfg.progress,
