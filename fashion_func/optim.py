@@ -32,7 +32,17 @@ import torch
 from torch import Tensor
 
 from fashion_func import tree
-from fashion_func.schedules import Schedule, constant, cosine, linear_warmup, onecycle, step_lr, warmup_cosine
+from fashion_func.schedules import (
+    Schedule,
+    constant,
+    cosine,
+    linear_warmup,
+    onecycle,
+    piecewise_linear,
+    step_lr,
+    triangle,
+    warmup_cosine,
+)
 
 __all__ = [
     "AddDecayedWeightsState",
@@ -42,6 +52,7 @@ __all__ = [
     "GradientTransformation",
     "ScaleByAdamState",
     "ScaleByLearningRateState",
+    "ScaleByScheduleState",
     "Schedule",
     "TraceState",
     "adam",
@@ -59,12 +70,15 @@ __all__ = [
     "hyperparams",
     "linear_warmup",
     "onecycle",
+    "piecewise_linear",
     "scale_by_adam",
     "scale_by_learning_rate",
+    "scale_by_schedule",
     "set_hyperparam",
     "sgd",
     "step_lr",
     "trace",
+    "triangle",
     "warmup_cosine",
 ]
 
@@ -111,6 +125,10 @@ class EmaState(NamedTuple):
 
 class ScaleByLearningRateState(NamedTuple):
     lr: Tensor  # 0-d, float
+
+
+class ScaleByScheduleState(NamedTuple):
+    count: Tensor  # 0-d int64, updates scaled so far
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -287,6 +305,33 @@ def scale_by_learning_rate(lr: float) -> GradientTransformation:
         del params
         neg_lr = -state.lr
         return tree.map(lambda u: u * neg_lr, updates), state
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransformation:
+    """`updates * schedule(count)`, count the updates done before this one (0 first).
+
+    A per-step learning-rate multiplier computed inside the step from the state's counter
+    (optax's `scale_by_schedule`): no host work per step, exact on resume, and the base lr
+    stays a settable hyperparameter (sweeps). `schedule` takes a 0-d float tensor and
+    returns one built without branching on its value, e.g. `schedules.triangle(total, warm)`.
+    Put it after the optimizer in a `chain` (before `ema`).
+    """
+
+    def init(params: Params) -> ScaleByScheduleState:
+        return ScaleByScheduleState(_counter(params))
+
+    def update(
+        updates: Params, state: ScaleByScheduleState, params: Params | None = None
+    ) -> tuple[Params, ScaleByScheduleState]:
+        del params
+        leaves = tree.leaves(updates)
+        if not leaves:
+            return updates, ScaleByScheduleState(state.count + 1)
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
+        factor = schedule(state.count.to(dtype))
+        return tree.map(lambda u: u * factor.to(u.dtype), updates), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)
 

@@ -6,10 +6,22 @@ learning rate from one.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-__all__ = ["Schedule", "constant", "cosine", "linear_warmup", "onecycle", "step_lr", "warmup_cosine"]
+__all__ = [
+    "Schedule",
+    "constant",
+    "cosine",
+    "linear_warmup",
+    "onecycle",
+    "piecewise_linear",
+    "step_lr",
+    "triangle",
+    "warmup_cosine",
+]
 
 Schedule = Callable[[int], float]
 
@@ -119,3 +131,50 @@ def warmup_cosine(lr: float, warmup_steps: int, total_steps: int, eta_min: float
         return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * frac)) / 2
 
     return schedule
+
+
+def _clamp01(v: Any) -> Any:
+    """`v` clamped to [0, 1]: a float, or a tensor (elementwise, no host sync)."""
+    return v.clamp(0.0, 1.0) if hasattr(v, "clamp") else min(max(v, 0.0), 1.0)
+
+
+def piecewise_linear(knots: Sequence[tuple[float, float]]) -> Callable[[Any], Any]:
+    """Linear interpolation through `knots` `[(step, value), ...]` (steps increasing), held
+    at the end values outside them.
+
+    Unlike the schedules above, the function also takes a tensor step (e.g. an optimizer's
+    0-d count) and then returns a tensor built from clamps alone, so it runs inside a
+    compiled step (`optim.scale_by_schedule`) with no branch on a tensor value.
+    """
+    if not knots:
+        raise ValueError("piecewise_linear needs at least one knot")
+    xs = [float(x) for x, _ in knots]
+    ys = [float(y) for _, y in knots]
+    if any(b <= a for a, b in itertools.pairwise(xs)):
+        raise ValueError(f"piecewise_linear knots must have increasing steps, got {xs}")
+
+    def schedule(t: Any) -> Any:
+        # y0 plus each segment's rise times how far along it t is: the same formula for
+        # floats and tensors
+        value: Any = ys[0] + 0.0 * t
+        for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:], strict=False):
+            value = value + _clamp01((t - x0) / (x1 - x0)) * (y1 - y0)
+        return value
+
+    return schedule
+
+
+def triangle(
+    total_steps: int, warmup_steps: int, start: float = 0.1, end: float = 0.0
+) -> Callable[[Any], Any]:
+    """A one-cycle multiplier: linear from `start` to 1 over `warmup_steps`, then linear to
+    `end` at `total_steps` (the triangular schedule of fast CIFAR-10 recipes). A
+    `piecewise_linear`, so it also takes a tensor step."""
+    if total_steps <= 0 or not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps}, {total_steps}")
+    knots = (
+        [(0, start), (warmup_steps, 1.0), (total_steps, end)]
+        if warmup_steps
+        else [(0, 1.0), (total_steps, end)]
+    )
+    return piecewise_linear(knots)
