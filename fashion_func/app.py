@@ -18,32 +18,70 @@ from typing import Any
 import torch
 
 from fashion_func import callbacks as cbs
-from fashion_func import checkpoint, data, distributed, ensemble, launch, losses, models, optim
+from fashion_func import checkpoint, data, distributed, ensemble, launch, losses, models, optim, schedules
 from fashion_func import state as state_lib
+from fashion_func.augment import Augment
 from fashion_func.config import SWEEPABLE, Config, ConfigError, parse_sweep
-from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, fit
+from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, evaluate, fit
 from fashion_func.loop import device as device_lib
 from fashion_func.loop import resume as resume_lib
 from fashion_func.safeio import display
 from fashion_func.step import NormalizeImages, make_eval_step, make_train_step
 from fashion_func.summary import summary
 
-__all__ = ["EXIT_DIVERGED", "build_callbacks", "build_optimizer", "main", "members_table", "train"]
+__all__ = [
+    "EXIT_DIVERGED",
+    "build_callbacks",
+    "build_model",
+    "build_optimizer",
+    "build_steps",
+    "ema_view",
+    "evaluated",
+    "initial_state",
+    "main",
+    "members_table",
+    "train",
+]
 
 EXIT_DIVERGED = 3  # a run stopped by a non-finite loss: a script or scheduler must see it failed
 
 
-def build_optimizer(cfg: Config) -> optim.GradientTransformation:
-    """The optimizer the config names, with optional gradient clipping in front."""
+def build_optimizer(cfg: Config, steps_per_epoch: int | None = None) -> optim.GradientTransformation:
+    """The optimizer the config names: optional gradient clipping in front; behind it the
+    onecycle multiplier (needs `steps_per_epoch`) and the moving average of the weights."""
     if cfg.optimizer == "adam":
         tx = optim.adam(cfg.lr, weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "adamw":
         tx = optim.adamw(cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        tx = optim.sgd(cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        tx = optim.sgd(cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    parts = [tx]
     if cfg.clip_norm is not None:
-        tx = optim.chain(optim.clip_by_global_norm(cfg.clip_norm), tx)
-    return tx
+        parts.insert(0, optim.clip_by_global_norm(cfg.clip_norm))
+    if cfg.lr_schedule == "onecycle":
+        if steps_per_epoch is None:
+            raise ValueError("--lr-schedule onecycle needs the number of steps per epoch")
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+        parts.append(optim.scale_by_schedule(schedules.triangle(cfg.epochs * steps_per_epoch, warmup)))
+    if cfg.ema is not None:
+        parts.append(optim.ema(cfg.ema))
+    # one transform stays unwrapped: the state's layout (and old checkpoints) unchanged
+    return parts[0] if len(parts) == 1 else optim.chain(*parts)
+
+
+def build_model(cfg: Config) -> models.Model:
+    """The model the config names, with its width when given."""
+    return models.get(cfg.model, **({"width": cfg.width} if cfg.width is not None else {}))
+
+
+def ema_view(state: state_lib.TrainState) -> state_lib.TrainState:
+    """`state` with the moving average of the weights (`optim.ema`) as its params."""
+    return state.replace(params=optim.ema_params(state.opt_state))
+
+
+def _ema_weights(state: state_lib.TrainState) -> dict[str, torch.Tensor]:
+    # best.safetensors holds what is evaluated: the averaged weights and the buffers
+    return {**optim.ema_params(state.opt_state), **state.model_state}
 
 
 def build_callbacks(cfg: Config) -> list[Any]:
@@ -105,7 +143,16 @@ def _preprocess(cfg: Config) -> NormalizeImages:
     return NormalizeImages(data.TUTORIAL_MEAN, data.TUTORIAL_STD)
 
 
-def _initial_state(cfg: Config, model: models.Model, tx: Any, device: torch.device) -> state_lib.TrainState:
+def _train_preprocess(cfg: Config) -> NormalizeImages | Augment:
+    """The train step's preprocess: the normalisation, behind the augmentation when asked."""
+    pre = _preprocess(cfg)
+    if cfg.crop_padding or cfg.flip or cfg.cutout:
+        return Augment(pre, crop_padding=cfg.crop_padding, flip=cfg.flip, cutout=cfg.cutout)
+    return pre
+
+
+def initial_state(cfg: Config, model: models.Model, tx: Any, device: torch.device) -> state_lib.TrainState:
+    """The state at step 0: `cfg.seed`'s init, or an ensemble's / sweep's stacked members."""
     if _stacked(cfg):  # a sweep's members share one init: only the hyperparameters differ
         grid = parse_sweep(cfg.sweep) if cfg.sweep else None
         return ensemble.init(
@@ -152,9 +199,11 @@ def _resume_point(
     return point
 
 
-def _steps(
+def build_steps(
     cfg: Config, model: models.Model, tx: Any, device: torch.device, group: distributed.Group | None = None
 ) -> tuple[Any, Any]:
+    """(train_step, eval_step) as the config says: the augmentation in the train step, flip
+    averaging in the eval step (which evaluates the params it is given: see `evaluated`)."""
     use_compile = device_lib.resolve_compile(cfg.compile, device)
     pre = _preprocess(cfg)
     train_loss = None
@@ -169,16 +218,33 @@ def _steps(
         model,
         tx,
         loss=train_loss,
-        preprocess=pre,
+        preprocess=_train_preprocess(cfg),
         precision=cfg.precision,
         compile=use_compile,
         topk=cfg.topk,
         reduce_grads=group.all_reduce_mean if group is not None else None,
     )
     eval_step = make_eval(
-        model, preprocess=pre, precision=cfg.precision, compile=use_compile is True, topk=cfg.topk
+        model,
+        preprocess=pre,
+        precision=cfg.precision,
+        compile=use_compile is True,
+        topk=cfg.topk,
+        tta=cfg.tta,
     )
     return train_step, eval_step
+
+
+def evaluated(cfg: Config, eval_step: Any) -> Any:
+    """The eval step fit runs: on the moving average of the weights when there is one."""
+    if cfg.ema is None:
+        return eval_step
+
+    def on_ema(state: state_lib.TrainState, batch: Any) -> Any:
+        return eval_step(ema_view(state), batch)
+
+    on_ema.topk = eval_step.topk  # type: ignore[attr-defined]
+    return on_ema
 
 
 def _batches(
@@ -224,22 +290,20 @@ def train(
     with launch.open_run(cfg.out_dir, resume=resume, overwrite=overwrite, group=group) as run:
         device = group.device if group is not None else device_lib.resolve_device(cfg.device)
         from_path = resume_lib.resume_path(run.path, resume)
-        train_split = data.load("train", cfg.data_dir, device=device, limit=cfg.limit_train)
-        val_split = data.load("test", cfg.data_dir, device=device, limit=cfg.limit_val)
-        model, tx = models.get(cfg.model), build_optimizer(cfg)
+        train_split, val_split, test_split = _splits(cfg, device)
+        steps_per_epoch = data.num_batches(len(train_split.labels), cfg.batch_size)
+        model, tx = build_model(cfg), build_optimizer(cfg, steps_per_epoch)
         if group is not None and _stacked(cfg):
             raise RunError("--ensemble and --sweep do not run under torchrun yet; train them in one process")
         if group is not None and model.stateful:  # each rank would keep its own statistics
             raise RunError(f"--model {cfg.model} keeps batch-norm statistics, which data parallel "
                            "does not synchronise yet; use a model without batch norm")  # fmt: skip
-        st = _initial_state(cfg, model, tx, device)
+        st = initial_state(cfg, model, tx, device)
         callbacks = build_callbacks(cfg) if callbacks is None else callbacks
         run.log.info(f"seed {cfg.seed}, device {device}, data {train_split.source}")
         if _stacked(cfg):
             run.log.info(_members_line(cfg))
-        run.log.info(
-            f"train {len(train_split.labels)} examples, validation {len(val_split.labels)} (test set)"
-        )
+        run.log.info(_sizes_line(train_split, val_split, test_split))
         point = None
         if from_path is not None:
             point = _resume_point(cfg, from_path, st, callbacks, run.log)
@@ -249,12 +313,14 @@ def train(
         one = ensemble.member(st, 0) if _stacked(cfg) else st
         text = summary(model, one.params, one.model_state)
         run.write_bytes("summary.txt", text.encode())
-        run.log.info(text.rstrip())
+        for line in text.rstrip().splitlines():  # the log escapes control characters, newlines too
+            run.log.info(line)
         device_lib.configure(device, cfg.precision)
         warning = device_lib.precision_warning(device, cfg.precision)
         if warning:
             run.log.warning(warning)
-        train_step, eval_step = _steps(cfg, model, tx, device, group)
+        train_step, plain_eval = build_steps(cfg, model, tx, device, group)
+        eval_step = evaluated(cfg, plain_eval)
         train_data, val_data = _batches(cfg, train_split, val_split, group, run.log)
         run.ready(int(point.state.step.reshape(-1)[0]) if point else 0, cfg.to_dict())
         pre = _preprocess(cfg)
@@ -266,6 +332,7 @@ def train(
             eval_step=eval_step,
             val_data=val_data,
             callbacks=callbacks,
+            weights=_ema_weights if cfg.ema is not None else None,
             run_dir=run.run_dir,
             log=run.log,
             group=group,
@@ -282,7 +349,63 @@ def train(
         )
         if _stacked(cfg):
             _write_members_table(cfg, result, run)
+        if test_split is not None and not result.diverged:
+            result.extra["test"] = _final_test(cfg, result, eval_step, plain_eval, test_split, run)
         return result
+
+
+def _splits(cfg: Config, device: torch.device) -> tuple[data.Split, data.Split, data.Split | None]:
+    """(train, validation, test): the validation set is the test set, as in the tutorial,
+    unless `--val-split N` holds out the last N training images; the test set is then kept
+    for one measurement at the end."""
+    train = data.load("train", cfg.data_dir, device=device, limit=cfg.limit_train)
+    test = data.load("test", cfg.data_dir, device=device, limit=cfg.limit_val)
+    if not cfg.val_split:
+        return train, test, None
+    n = len(train.labels)
+    if cfg.val_split >= n:
+        raise RunError(f"--val-split {cfg.val_split} leaves no training images (the train split has {n})")
+    cut = n - cfg.val_split
+    return (
+        data.Split(train.images[:cut], train.labels[:cut], train.source),
+        data.Split(train.images[cut:], train.labels[cut:], train.source),
+        test,
+    )
+
+
+def _sizes_line(train: data.Split, val: data.Split, test: data.Split | None) -> str:
+    if test is None:
+        return f"train {len(train.labels)} examples, validation {len(val.labels)} (test set)"
+    return (
+        f"train {len(train.labels)} examples, validation {len(val.labels)} (held out of the train "
+        f"split), test {len(test.labels)} (measured once, at the end)"
+    )
+
+
+def _final_test(
+    cfg: Config, result: FitResult, eval_step: Any, plain_eval: Any, test: data.Split, run: launch.RankRun
+) -> dict[str, Any]:
+    """The test set measured once, with the weights model selection chose (best.safetensors,
+    which holds the averaged weights under --ema), or the final ones where no best file was
+    written (an ensemble or sweep: the final ensemble); written to test.json and the log."""
+    batches = data.batches(test, cfg.eval_batch_size, seed=0, epoch=1, shuffle=False)
+    best = result.best if result.best and result.best.get("path") and not _stacked(cfg) else None
+    if best is not None:
+        template = {**result.state.params, **result.state.model_state}
+        weights, _ = checkpoint.load_weights(best["path"], template=template, device=result.state.step.device)
+        chosen = result.state.replace(
+            params={k: weights[k] for k in result.state.params},
+            model_state={k: weights[k] for k in result.state.model_state},
+        )
+        metrics, source = evaluate(plain_eval, chosen, batches), f"best weights (epoch {best['epoch']})"
+    else:
+        metrics, source = evaluate(eval_step, result.state, batches), "final weights"
+    out = {k.replace("val_", "test_", 1): v for k, v in metrics.items() if not k.startswith("val_member")}
+    report = {"weights": source, "path": best["path"] if best else None, "examples": len(test.labels), **out}
+    run.write_json("test.json", report)
+    run.log.info(f"test set ({len(test.labels)} images, {source}): "
+                 + " ".join(f"{k} {v:.4f}" for k, v in out.items()))  # fmt: skip
+    return report
 
 
 def _members_line(cfg: Config) -> str:
@@ -376,6 +499,8 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> 
         tail += (
             f"; each member's best weights in {result.out_dir}/checkpoints/member-*/, table in members.json"
         )
+    if "test" in result.extra:
+        tail += f"; test_acc {result.extra['test']['test_acc']:.4f} ({result.extra['test']['weights']})"
     _print(f"done: {result.epochs_run} epoch(s), {result.stop_reason}{tail}; run directory {result.out_dir}")
     if result.diverged:
         print(

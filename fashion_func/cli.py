@@ -89,6 +89,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     _add_checkpoint_args(p)
     _add_schedule_and_member_args(p)
+    _add_quality_args(p)
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip TensorBoard")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument(
@@ -108,12 +109,16 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--config", help="JSON or TOML file of settings; flags override it")
     p.add_argument("--model", help=f"one of {', '.join(MODELS)} (default simplenet)")
+    p.add_argument(
+        "--width", type=_int, help="resnet's base width, the channels of its first conv (default 16)"
+    )
     p.add_argument("--epochs", type=_int, help="total epochs (a resumed run trains what remains; default 4)")
     p.add_argument("--batch-size", type=_int, help="default 128")
     p.add_argument("--lr", type=_float, help="learning rate (default 1e-3)")
     p.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default adam)")
     p.add_argument("--weight-decay", type=_float, help="L2 for adam/sgd, decoupled for adamw (default 0)")
     p.add_argument("--momentum", type=_float, help="sgd momentum (default 0.9)")
+    _switch(p, "--nesterov", "sgd with Nesterov momentum")
     p.add_argument("--clip-norm", type=_float, help="clip gradients to this global norm")
     p.add_argument("--label-smoothing", type=_float, help="cross-entropy label smoothing (default 0)")
     p.add_argument("--seed", type=_int, help="seed for init, batch order and dropout (default 0)")
@@ -125,7 +130,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory (default output/<model>)")
     p.add_argument("--device", help=f"one of {', '.join(DEVICES)} (default auto: CUDA if present)")
     p.add_argument(
-        "--compile", choices=("auto", "on", "off"), help="torch.compile the step (default auto: on CUDA)"
+        "--compile",
+        choices=("auto", "on", "off", "update"),
+        help="torch.compile the step: on, off, update (only the optimizer update; forward and backward "
+        "eager); default auto: on with CUDA, update on the CPU",
     )
     p.add_argument(
         "--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off"
@@ -177,6 +185,12 @@ def _add_schedule_and_member_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lr-gamma", type=_float, help="StepLR / plateau decay factor (default 0.1)")
     p.add_argument(
+        "--warmup-epochs",
+        type=_float,
+        help="onecycle: epochs (may be fractional) of linear warm-up from lr/10 to lr, then linear to 0 "
+        "at the last step (default 0)",
+    )
+    p.add_argument(
         "--ensemble",
         type=_int,
         help="train K independently initialised models in one vmapped step (default 1)",
@@ -185,6 +199,34 @@ def _add_schedule_and_member_args(p: argparse.ArgumentParser) -> None:
         "--sweep",
         help="train one model per hyperparameter combination in one vmapped step, "
         "e.g. 'lr=1e-3,3e-4,1e-4' or 'lr=1e-3,3e-4 weight_decay=0,5e-4'",
+    )
+
+
+def _add_quality_args(p: argparse.ArgumentParser) -> None:
+    """Model selection on held-out data, augmentation, weight averaging, test-time flips."""
+    p.add_argument(
+        "--val-split",
+        type=_int,
+        help="hold out the last N training images for validation (model selection, early stopping); "
+        "the test set is then measured once, at the end, as test_acc (default 0: validate on the test set)",
+    )
+    p.add_argument(
+        "--crop-padding", type=_int, help="random crops after zero padding by N pixels (default 0)"
+    )
+    _switch(p, "--flip", "random horizontal flips in training")
+    p.add_argument("--cutout", type=_int, help="blank a random NxN square of each training image (default 0)")
+    p.add_argument(
+        "--ema",
+        type=_float,
+        help="evaluate and save a moving average of the weights with this decay, e.g. 0.99",
+    )
+    _switch(p, "--tta", "evaluate on the mean of each image's and its mirror image's probabilities")
+
+
+def _switch(p: argparse.ArgumentParser, flag: str, what: str) -> None:
+    """`--flag` (on) or `--flag true|false`: a preset's setting can be turned off again."""
+    p.add_argument(
+        flag, type=_bool, nargs="?", const=True, metavar="{true,false}", help=f"{what} (default off)"
     )
 
 

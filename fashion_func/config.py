@@ -27,9 +27,9 @@ MODELS = ("simplenet", "simplenet_bn", "alexnet", "mlp", "resnet")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16")
-SCHEDULES = ("constant", "step", "cosine", "plateau")
+SCHEDULES = ("constant", "step", "cosine", "plateau", "onecycle")
 NORMALIZE = ("dataset", "tutorial")
-COMPILE = ("auto", "on", "off")
+COMPILE = ("auto", "on", "off", "update")
 MONITORS = ("val_loss", "val_acc", "train_loss", "train_acc")  # and val_top{K} / train_top{K}
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; /dev/zero must not fill memory
 MAX_SEED = 2**63 - 1  # seeds travel as int64 tensors and torch.Generator seeds
@@ -53,23 +53,26 @@ class Config:
     """Everything that defines a training run (written to `<out>/config.json`)."""
 
     model: str = "simplenet"
+    width: int | None = None  # resnet's base width (channels of its first conv; default 16)
     epochs: int = 4
     batch_size: int = 128
     lr: float = 1e-3
     optimizer: str = "adam"
     weight_decay: float = 0.0
     momentum: float = 0.9
+    nesterov: bool = False  # sgd only
     clip_norm: float | None = None
     label_smoothing: float = 0.0
     seed: int = 0
     data_dir: str | None = None
     out: str | None = None
     device: str = "auto"
-    compile: str = "auto"  # auto: the whole step on CUDA, the optimizer update on CPU; on; off
+    compile: str = "auto"  # auto: the whole step on CUDA, the update on CPU; on; off; update
     precision: str = "fp32"
     normalize: str = "dataset"
     limit_train: int | None = None
     limit_val: int | None = None
+    val_split: int = 0  # >0: hold out the last N training images for validation; test once at the end
     eval_batch_size: int = 1000
     # callbacks (the tutorial's config items)
     monitor: str = "val_loss"
@@ -83,6 +86,13 @@ class Config:
     lr_schedule: str = "constant"
     lr_step_size: int = 30
     lr_gamma: float = 0.1
+    warmup_epochs: float = 0.0  # onecycle: epochs of linear warm-up from lr/10 (then linear to 0)
+    # quality: augmentation in the train step, a moving average of the weights, flip-averaged eval
+    crop_padding: int = 0  # random crop after zero padding by this many pixels
+    flip: bool = False  # random horizontal flips
+    cutout: int = 0  # a random square of this side blanked (Cutout / random erasing)
+    ema: float | None = None  # decay of a moving average of the weights, evaluated and saved
+    tta: bool = False  # evaluation averages the image's and its mirror image's probabilities
     tensorboard: bool = True
     progress: bool = True
     # many models in one vmapped step (fashion_func.ensemble)
@@ -150,6 +160,30 @@ class Config:
         if self.save_top_k is not None and (self.save_top_k < -1 or self.save_top_k == 0):
             e.append(f"--save-top-k must be -1 (keep all) or at least 1, got {self.save_top_k}")
         e += self._member_errors()
+        e += self._quality_errors()
+        return e
+
+    def _quality_errors(self) -> list[str]:
+        e: list[str] = []
+        if self.width is not None and (self.model != "resnet" or self.width < 1):
+            e.append(
+                "--width sets resnet's width (at least 1)"
+                if self.model == "resnet"
+                else f"--width applies to --model resnet, not {self.model}"
+            )
+        for name in ("val_split", "crop_padding", "cutout"):
+            if getattr(self, name) < 0:
+                e.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.crop_padding > 14 or self.cutout > 28:
+            e.append("--crop-padding must be at most 14 and --cutout at most 28 (images are 28x28)")
+        if self.ema is not None and not 0 < self.ema < 1:
+            e.append(f"--ema is a decay in (0, 1), got {self.ema}")
+        if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs):
+            e.append(f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}")
+        elif self.warmup_epochs and self.lr_schedule != "onecycle":
+            e.append("--warmup-epochs needs --lr-schedule onecycle")
+        if self.nesterov and self.optimizer != "sgd":
+            e.append("--nesterov applies to --optimizer sgd")
         return e
 
     def _member_errors(self) -> list[str]:
@@ -165,9 +199,11 @@ class Config:
             return [str(exc)]
         if "lr" in grid[0] and self.lr != Config.lr:
             return ["--lr and --sweep lr=... contradict each other: the sweep sets each member's lr"]
-        if "lr" in grid[0] and self.lr_schedule != "constant":
+        if "lr" in grid[0] and self.lr_schedule not in ("constant", "onecycle"):
+            # onecycle multiplies each member's own lr; the others set one lr for all
             return [
-                f"--sweep lr needs --lr-schedule constant (a {self.lr_schedule} schedule sets one lr for all)"
+                f"--sweep lr needs --lr-schedule constant or onecycle "
+                f"(a {self.lr_schedule} schedule sets one lr for all)"
             ]
         return []
 

@@ -191,8 +191,11 @@ def make_eval_step(
     precision: str = "fp32",
     compile: bool = True,
     topk: int = 5,
+    tta: bool = False,
 ) -> Callable[..., dict[str, Tensor]]:
     """`eval_step(stacked_state_or_params, batch, model_state=None) -> per-example metrics`.
+
+    tta: each member's prediction averages the image and its mirror image (`step.eval_core`).
 
     The ensemble's prediction is the mean of its members' probabilities: `loss`, `logits`
     (log of that mean), `correct`, `topk_correct`, `pred` are the ensemble's, `[B]` as from
@@ -201,7 +204,7 @@ def make_eval_step(
     model = as_model(model)
     per_example = loss or losses.cross_entropy_per_example
     member_core = torch.func.vmap(
-        eval_core(model, per_example, _nchw(preprocess), precision, topk), in_dims=(0, 0, None, None)
+        eval_core(model, per_example, _nchw(preprocess), precision, topk, tta), in_dims=(0, 0, None, None)
     )
 
     def core(params: Params, model_state: ModelState, inputs: Tensor, y: Tensor) -> dict[str, Tensor]:

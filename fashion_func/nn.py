@@ -61,7 +61,9 @@ def uniform(
 ) -> Tensor:
     """Uniform [0, 1) draws, a pure function of `key` (0-d int64) and the element index."""
     n = math.prod(shape)
-    idx = torch.arange(n, dtype=torch.int64, device=key.device)
+    # `+ (key & 0)`: an int64 tensor value, not a bare arange, which inductor would turn into
+    # its int32 index variable on CUDA and then fail to multiply by a constant above 2**31
+    idx = torch.arange(n, dtype=torch.int64, device=key.device) + (key & 0)
     h = _mix32(((idx * 0x9E3779B1) & _M32) ^ (key & _M32))
     h = _mix32(h ^ ((key >> 7) & _M32))
     # 24 random bits -> exactly representable in float32

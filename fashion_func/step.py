@@ -160,10 +160,11 @@ def _is_classification(logits: Tensor, labels: Tensor) -> bool:
 
 
 def _preprocess(preprocess: Preprocess | None, x: Tensor, key: Tensor | None = None) -> Tensor:
-    """`preprocess(x)`; a preprocess that takes a `key` (augmentation) gets the step's in training."""
+    """`preprocess(x)`; given a `key` (the caller checked `_takes_key`), `preprocess(x, key=...)`
+    with the augmentation's own stream of it."""
     if preprocess is None:
         return x
-    if key is not None and _takes_key(preprocess):
+    if key is not None:
         return preprocess(x, key=nn.fold_in(key, _AUGMENT_SALT))
     return preprocess(x)
 
@@ -296,12 +297,13 @@ def _gradients_fn(
 ) -> Callable[..., tuple[Params, ModelState, dict[str, Tensor]]]:
     """`(params, model_state, step, rng, inputs, y) -> (grads, new model state, metric sums)`:
     the part of the train step before the optimizer update."""
+    keyed = preprocess is not None and _takes_key(preprocess)  # here: inspect is not traceable
 
     def gradients(
         params: Params, model_state: ModelState, step: Tensor, rng: Tensor, inputs: Tensor, y: Tensor
     ):
         key = nn.fold_in(rng, step)
-        x = _preprocess(preprocess, inputs, key)
+        x = _preprocess(preprocess, inputs, key if keyed else None)
         dev = device_type or inputs.device.type
 
         def loss_and_aux(p: Params):

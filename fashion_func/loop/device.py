@@ -62,7 +62,7 @@ def resolve_compile(setting: str, device: torch.device) -> bool | str:
     """
     if setting == "auto":
         return True if device.type == "cuda" else "update"
-    return setting == "on"
+    return "update" if setting == "update" else setting == "on"
 
 
 def cpu_bf16_supported() -> bool:
