@@ -293,11 +293,7 @@ def train(
         train_split, val_split, test_split = _splits(cfg, device)
         steps_per_epoch = data.num_batches(len(train_split.labels), cfg.batch_size)
         model, tx = build_model(cfg), build_optimizer(cfg, steps_per_epoch)
-        if group is not None and _stacked(cfg):
-            raise RunError("--ensemble and --sweep do not run under torchrun yet; train them in one process")
-        if group is not None and model.stateful:  # each rank would keep its own statistics
-            raise RunError(f"--model {cfg.model} keeps batch-norm statistics, which data parallel "
-                           "does not synchronise yet; use a model without batch norm")  # fmt: skip
+        _refuse_under_group(cfg, model, group)
         st = initial_state(cfg, model, tx, device)
         callbacks = build_callbacks(cfg) if callbacks is None else callbacks
         run.log.info(f"seed {cfg.seed}, device {device}, data {train_split.source}")
@@ -310,11 +306,7 @@ def train(
         elif resume == "auto":
             run.log.info(f"no checkpoint in {run.checkpoints}; starting fresh")
         run.write_json("config.json", cfg.to_dict())
-        one = ensemble.member(st, 0) if _stacked(cfg) else st
-        text = summary(model, one.params, one.model_state)
-        run.write_bytes("summary.txt", text.encode())
-        for line in text.rstrip().splitlines():  # the log escapes control characters, newlines too
-            run.log.info(line)
+        _write_summary(cfg, run, model, st)
         device_lib.configure(device, cfg.precision)
         warning = device_lib.precision_warning(device, cfg.precision)
         if warning:
@@ -323,7 +315,6 @@ def train(
         eval_step = evaluated(cfg, plain_eval)
         train_data, val_data = _batches(cfg, train_split, val_split, group, run.log)
         run.ready(int(point.state.step.reshape(-1)[0]) if point else 0, cfg.to_dict())
-        pre = _preprocess(cfg)
         result = fit(
             st,
             train_step,
@@ -337,13 +328,7 @@ def train(
             log=run.log,
             group=group,
             resume=point,
-            # the normalisation as numbers: a client in any language can preprocess from them
-            metadata={
-                "config": cfg.to_dict(),
-                "model": cfg.model,
-                "normalize_mean": pre.mean,
-                "normalize_std": pre.std,
-            },
+            metadata=_metadata(cfg),
             max_steps=max_steps,
             progress=cfg.progress,
         )
@@ -352,6 +337,30 @@ def train(
         if test_split is not None and not result.diverged:
             result.extra["test"] = _final_test(cfg, result, eval_step, plain_eval, test_split, run)
         return result
+
+
+def _refuse_under_group(cfg: Config, model: models.Model, group: distributed.Group | None) -> None:
+    if group is not None and _stacked(cfg):
+        raise RunError("--ensemble and --sweep do not run under torchrun yet; train them in one process")
+    if group is not None and model.stateful:  # each rank would keep its own statistics
+        raise RunError(f"--model {cfg.model} keeps batch-norm statistics, which data parallel "
+                       "does not synchronise yet; use a model without batch norm")  # fmt: skip
+
+
+def _write_summary(cfg: Config, run: launch.RankRun, model: models.Model, st: state_lib.TrainState) -> None:
+    """summary.txt, and the same lines in the log (one model: an ensemble's first member)."""
+    one = ensemble.member(st, 0) if _stacked(cfg) else st
+    text = summary(model, one.params, one.model_state)
+    run.write_bytes("summary.txt", text.encode())
+    for line in text.rstrip().splitlines():  # the log escapes control characters, newlines too
+        run.log.info(line)
+
+
+def _metadata(cfg: Config) -> dict[str, Any]:
+    """What every checkpoint and weights file of the run records beside its tensors."""
+    pre = _preprocess(cfg)
+    # the normalisation as numbers: a client in any language can preprocess from them
+    return {"config": cfg.to_dict(), "model": cfg.model, "normalize_mean": pre.mean, "normalize_std": pre.std}
 
 
 def _splits(cfg: Config, device: torch.device) -> tuple[data.Split, data.Split, data.Split | None]:

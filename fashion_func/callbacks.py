@@ -9,10 +9,12 @@ no clock, no device and no tensors, and it imports neither `checkpoint` nor `loo
 
 Protocol
 --------
-* Events: `TrainBegin`, `EpochEnd`, `StepEnd`, `TrainEnd` (frozen dataclasses). Epochs are
-  1-based; `TrainBegin.start_epoch` is the first epoch about to run (> 1 after a resume).
-* Actions: `Stop`, `SaveCheckpoint`, `DeleteCheckpoint`, `SetHyperparam`, `LogScalars`,
-  `WriteHistory`, `PlotHistory`, `LogMessage` (frozen dataclasses).
+* Events: `TrainBegin`, `EpochEnd`, `TrainEnd` (frozen dataclasses). Epochs are 1-based;
+  `TrainBegin.start_epoch` is the first epoch about to run (> 1 after a resume). There is no
+  per-step event: the step runs compiled on the device with no host sync, and a non-finite
+  loss is caught there, at its step, by the loop itself.
+* Actions: `Stop`, `SaveCheckpoint`, `DeleteCheckpoint`, `KeptBest`, `SetHyperparam`,
+  `LogScalars`, `WriteHistory`, `PlotHistory`, `LogMessage` (frozen dataclasses).
 * A callback is a frozen dataclass whose fields are its hyperparameters, with
   `init() -> cb_state` and `on_event(cb_state, event) -> (cb_state, list[Action])`.
   `cb_state` is a JSON-serialisable dict (finite floats only, so
@@ -55,6 +57,7 @@ __all__ = [
     "EarlyStopping",
     "EpochEnd",
     "Event",
+    "KeptBest",
     "LRSchedule",
     "LogEpoch",
     "LogMessage",
@@ -64,7 +67,6 @@ __all__ = [
     "ReduceLROnPlateau",
     "SaveCheckpoint",
     "SetHyperparam",
-    "StepEnd",
     "StepLR",
     "Stop",
     "TensorBoardLogger",
@@ -110,14 +112,6 @@ class EpochEnd:
 
 
 @dataclass(frozen=True)
-class StepEnd:
-    """Optional: optimizer step `step` finished (sent every k steps); `metrics` as host floats."""
-
-    step: int
-    metrics: Mapping[str, float]
-
-
-@dataclass(frozen=True)
 class TrainEnd:
     """Training ended after epoch `epoch` (0 if none ran) because of `reason`."""
 
@@ -125,7 +119,7 @@ class TrainEnd:
     reason: str
 
 
-Event = TrainBegin | EpochEnd | StepEnd | TrainEnd
+Event = TrainBegin | EpochEnd | TrainEnd
 
 
 # --------------------------------------------------------------------------------------
@@ -177,6 +171,18 @@ class DeleteCheckpoint:
 
 
 @dataclass(frozen=True)
+class KeptBest:
+    """The best weights already on disk (from before a resume) are those of `epoch`, where
+    `monitor` was `value`: the loop reports them as the run's best until a better one comes.
+    Writes nothing."""
+
+    epoch: int
+    monitor: str
+    value: float
+    member: int | None = None
+
+
+@dataclass(frozen=True)
 class SetHyperparam:
     """Set an optimizer hyperparameter (e.g. "lr") to `value` from now on."""
 
@@ -218,6 +224,7 @@ Action = (
     Stop
     | SaveCheckpoint
     | DeleteCheckpoint
+    | KeptBest
     | SetHyperparam
     | LogScalars
     | WriteHistory
@@ -481,6 +488,9 @@ class ModelCheckpoint(Callback):
     the same files (a replayed deletion of a file already gone is a no-op for the loop).
     The other order could leave a "last" claiming a best.safetensors that was never written.
 
+    On `TrainBegin` of a resumed run whose state records a best epoch: `KeptBest`, so the
+    loop reports the best file already on disk.
+
     member: in an ensemble, keep member k's weights (monitor its own metric, e.g.
     `val_loss_m{k}`, and give each member's callback its own name); its files go to
     `checkpoints/member-<k>/` as plain single-model weights.
@@ -522,6 +532,10 @@ class ModelCheckpoint(Callback):
         return value if self.mode == "min" else -value
 
     def on_event(self, cb_state: CbState, event: Event) -> tuple[CbState, list[Action]]:
+        if isinstance(event, TrainBegin) and cb_state["best_epoch"] is not None:
+            # a resumed run: its best file is on disk already, and is the best until beaten
+            best = decode_float(cb_state["best"])
+            return cb_state, [KeptBest(cb_state["best_epoch"], self.monitor, best, self.member)]
         if not isinstance(event, EpochEnd):
             return cb_state, []
         epoch = event.epoch
@@ -804,21 +818,17 @@ class TensorBoardLogger(Callback):
 class TerminateOnNaN(Callback):
     """Stop as soon as `monitor` is NaN or infinite.
 
-    Checked on `EpochEnd` (the message names the epoch; a missing key is an error) and on
-    `StepEnd` when its metrics carry `monitor` (the message names the step). Stateless.
+    Checked on `EpochEnd` (the message names the epoch; a missing key is an error). The
+    loop itself stops at a non-finite step loss and names the step. Stateless.
     """
 
     monitor: str = "train_loss"
 
     def on_event(self, cb_state: CbState, event: Event) -> tuple[CbState, list[Action]]:
-        if isinstance(event, EpochEnd):
-            value = _metric(self, event.metrics, self.monitor)
-            where = f"epoch {event.epoch}"
-        elif isinstance(event, StepEnd) and self.monitor in event.metrics:
-            value = float(event.metrics[self.monitor])
-            where = f"step {event.step}"
-        else:
+        if not isinstance(event, EpochEnd):
             return cb_state, []
+        value = _metric(self, event.metrics, self.monitor)
+        where = f"epoch {event.epoch}"
         if math.isfinite(value):
             return cb_state, []
         return cb_state, [Stop(f"{self.monitor} is {value} at {where}")]

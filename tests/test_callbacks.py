@@ -20,6 +20,7 @@ from fashion_func.callbacks import (
     DeleteCheckpoint,
     EarlyStopping,
     EpochEnd,
+    KeptBest,
     LogEpoch,
     LogMessage,
     LogScalars,
@@ -28,7 +29,6 @@ from fashion_func.callbacks import (
     ReduceLROnPlateau,
     SaveCheckpoint,
     SetHyperparam,
-    StepEnd,
     StepLR,
     Stop,
     TensorBoardLogger,
@@ -149,7 +149,7 @@ def test_module_imports_only_stdlib():
     sched = ast.parse((Path(cbm.__file__).parent / "schedules.py").read_text())
     roots = {a.name.split(".")[0] for n in ast.walk(sched) if isinstance(n, ast.Import) for a in n.names}
     roots |= {(n.module or "").split(".")[0] for n in ast.walk(sched) if isinstance(n, ast.ImportFrom)}
-    assert roots <= {"__future__", "math", "collections"}, roots
+    assert roots <= {"__future__", "math", "collections", "itertools", "typing"}, roots
 
 
 # --------------------------------------------------------------------------------------
@@ -494,7 +494,7 @@ def test_schedule_resume_sets_lr_of_start_epoch(cb):
     # the lr a resumed run sets equals the one the uninterrupted run set after epoch 6
     _, per_event = scan(cb, [TrainBegin(1, 20), *epochs([0.0] * 6)])
     assert per_event[-1] == acts
-    assert fold(cb, [StepEnd(3, {"train_loss": 1.0}), TrainEnd(3, "done")])[1] == []
+    assert fold(cb, [TrainEnd(3, "done")])[1] == []
 
 
 def rop_configs():
@@ -637,7 +637,7 @@ def test_training_monitor_non_finite_is_json_safe():
 
 def test_tensorboard_tags():
     metrics = {**full_metrics(2, 0.4), "val_top5_acc": 0.99, "grad_norm": 3.0, "test_acc": 0.8}
-    _, acts = fold(TensorBoardLogger(), [TrainBegin(1, 3), EpochEnd(2, metrics), StepEnd(100, {"x": 1.0})])
+    _, acts = fold(TensorBoardLogger(), [TrainBegin(1, 3), EpochEnd(2, metrics), TrainEnd(2, "done")])
     assert acts == [
         LogScalars(
             2,
@@ -659,18 +659,25 @@ def test_tensorboard_tags():
 def test_terminate_on_nan():
     cb = TerminateOnNaN()
     events = [
-        StepEnd(10, {"train_loss": 1.0}),
+        TrainBegin(1, 3),
         EpochEnd(1, {"train_loss": 1.0}),
-        StepEnd(20, {"lr": 0.1}),  # monitor absent in a step event: ignored
-        StepEnd(30, {"train_loss": NAN}),
-        EpochEnd(2, {"train_loss": INF}),
+        EpochEnd(2, {"train_loss": NAN}),
+        EpochEnd(3, {"train_loss": INF}),
     ]
     _, per_event = scan(cb, events)
-    assert per_event[:3] == [[], [], []]
-    assert per_event[3] == [Stop("train_loss is nan at step 30")]
-    assert per_event[4] == [Stop("train_loss is inf at epoch 2")]
+    assert per_event[:2] == [[], []]
+    assert per_event[2] == [Stop("train_loss is nan at epoch 2")]
+    assert per_event[3] == [Stop("train_loss is inf at epoch 3")]
     with pytest.raises(KeyError):
         fold(cb, [EpochEnd(1, {"val_loss": 1.0})])
+
+
+def test_model_checkpoint_reports_the_kept_best_on_a_resumed_start():
+    cb = ModelCheckpoint(monitor="val_loss", member=2)
+    st, _ = fold(cb, [TrainBegin(1, 5), *epochs([0.9, 0.5, 0.7])])
+    assert fold(cb, [TrainBegin(1, 5)])[1] == []  # a fresh run has no best yet
+    _, acts = cb.on_event(st, TrainBegin(4, 5))
+    assert acts == [KeptBest(2, "val_loss", 0.5, 2)]
 
 
 def test_log_epoch_lines():
@@ -717,8 +724,6 @@ def run_events(val_losses) -> list:
     n = len(val_losses)
     events = [TrainBegin(1, n)]
     for e, v in enumerate(val_losses, start=1):
-        if e % 2 == 0:
-            events.append(StepEnd(e * 100, {"train_loss": 1.0 / e}))
         events.append(EpochEnd(e, full_metrics(e, v)))
     events.append(TrainEnd(n, "finished"))
     return events

@@ -265,6 +265,18 @@ def _params_and_buffers(state: TrainState) -> dict[str, Tensor]:
     return {**state.params, **state.model_state}
 
 
+_FILE_ACTIONS = (cbs.LogScalars, cbs.WriteHistory, cbs.PlotHistory, cbs.DeleteCheckpoint)
+
+
+def _no_reason(write: Callable[[Any], Any]) -> Callable[[Any, int, bool], None]:
+    """A handler that carries out an action and never stops the run, whatever `write` returns."""
+
+    def handler(a: Any, epoch: int, finite: bool) -> None:
+        write(a)
+
+    return handler
+
+
 class _Driver:
     """One call of `fit`: the mutable run (state, callback states, lr, history) and the
     methods that move it on. Small methods over shared fields instead of nested closures."""
@@ -300,32 +312,12 @@ class _Driver:
         self.start_epoch, self.in_epoch = point.start_epoch, point.in_epoch
         self.lr = point.lr
         self.history = [r for r in point.history if r["epoch"] < point.start_epoch]
-        self._restore_bests()
         where = f"epoch {point.start_epoch}" + (
             f", batch {point.in_epoch['batch']}" if point.in_epoch else ""
         )
         self.log.info(f"resumed from {point.path} at step {_host_step(point.state.step)} ({where})")
         if point.start_epoch > self.epochs:
             self.log.info(f"the checkpoint is past epoch {self.epochs} (epochs); nothing to train")
-
-    def _restore_bests(self) -> None:
-        """The best files recorded before the restart, from the checkpoint callbacks' states, so
-        a resumed run reports them (FitResult.best, member_best) even when it finds no better."""
-        for cb in self.callbacks:
-            st = self.cb_states.get(cb.name)
-            if (
-                not isinstance(cb, cbs.ModelCheckpoint)
-                or not isinstance(st, dict)
-                or st.get("best_epoch") is None
-            ):
-                continue
-            path = self._weights_path("best", st["best_epoch"], cb.member)
-            record = {"epoch": st["best_epoch"], "monitor": cb.monitor, "value": cbs.decode_float(st["best"]),
-                      "path": str(path) if path else None}  # fmt: skip
-            if cb.member is None:
-                self.best = record
-            else:
-                self.member_best[cb.member] = record
 
     def _meta(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
         m = {**self.metadata, "epoch": epoch_done, "callbacks": self.cb_states, "history": self.history}
@@ -349,19 +341,18 @@ class _Driver:
         folder = self.run.checkpoints if member is None else self.run.checkpoints / f"member-{member:02d}"
         return folder / (BEST if kind == "best" else f"epoch-{epoch:03d}.safetensors")
 
+    def _record_best(self, epoch: int, monitor: str | None, value: float | None, member: int | None) -> None:
+        path = self._weights_path("best", epoch, member)
+        record = {"epoch": epoch, "monitor": monitor, "value": value, "path": str(path) if path else None}
+        if member is None:
+            self.best = record
+        else:
+            self.member_best[member] = record
+
     def _save_weights(self, a: cbs.SaveCheckpoint) -> None:
-        path = self._weights_path(a.kind, a.epoch, a.member)
         if a.kind == "best":
-            record = {
-                "epoch": a.epoch,
-                "monitor": a.monitor,
-                "value": a.value,
-                "path": str(path) if path else None,
-            }
-            if a.member is None:
-                self.best = record
-            else:
-                self.member_best[a.member] = record
+            self._record_best(a.epoch, a.monitor, a.value, a.member)
+        path = self._weights_path(a.kind, a.epoch, a.member)
         if path is None:
             return
         weights = self.weights_of(self.state)
@@ -388,50 +379,61 @@ class _Driver:
         return self.carry_out(actions, epoch, finite)
 
     def carry_out(self, actions: list[Any], epoch: int, finite: bool) -> str | None:
-        """Apply actions in list order, except hyperparameters first and Stop last.
+        """Apply actions in list order, except hyperparameters first and Stop last; each
+        action type has one handler (`_handlers`), and file-writing ones run only with a
+        run directory.
 
         List order matters: ModelCheckpoint saves a newcomer before deleting the file it
         evicts and writes "last" after everything else, so a crash in between never loses a
         kept file nor records an unwritten one. Hyperparameters go first so that a checkpoint
         written for this event holds the lr its callback states already record.
         """
-        reason = None
         order = {cbs.SetHyperparam: 0, cbs.Stop: 2}
+        reason = None
         for a in sorted(actions, key=lambda a: order.get(type(a), 1)):  # stable: list order kept
-            if isinstance(a, cbs.Stop):
-                reason = a.reason
-            elif isinstance(a, cbs.SetHyperparam):
-                self.state = self.state.replace(
-                    opt_state=optim.set_hyperparam(self.state.opt_state, a.name, a.value)
+            handler = self._handlers.get(type(a))
+            if handler is None:
+                raise TypeError(
+                    f"fit cannot carry out {a!r}: not one of the actions of fashion_func.callbacks"
                 )
-                if a.name == "lr":
-                    self.lr = float(a.value)
-            elif isinstance(a, cbs.LogMessage):
-                self.log.info(a.text)
-            elif isinstance(a, cbs.SaveCheckpoint):
-                if not finite:
-                    self.log.warning(
-                        f"not saving {a.kind} checkpoint for epoch {epoch}: parameters are not finite"
-                    )
-                elif a.kind == "last":
-                    self.save_last(epoch)
-                else:
-                    self._save_weights(a)
-            elif self.run is not None:
-                self._write(a)
+            reason = handler(a, epoch, finite) or reason
         return reason
 
-    def _write(self, a: Any) -> None:
-        """The actions that only write files (skipped without a run directory)."""
+    @property
+    def _handlers(self) -> dict[type, Callable[[Any, int, bool], str | None]]:
+        """One handler per action type: `(action, epoch, finite) -> stop reason or None`."""
+        handlers: dict[type, Callable[[Any, int, bool], str | None]] = {
+            cbs.Stop: lambda a, epoch, finite: a.reason,
+            cbs.SetHyperparam: _no_reason(self._set_hyperparam),
+            cbs.LogMessage: _no_reason(lambda a: self.log.info(a.text)),
+            cbs.SaveCheckpoint: self._save,
+            cbs.KeptBest: _no_reason(lambda a: self._record_best(a.epoch, a.monitor, a.value, a.member)),
+        }
         run = self.run
-        if isinstance(a, cbs.LogScalars):
-            run.log_scalars(dict(a.scalars), a.step, purge_step=self.start_epoch)
-        elif isinstance(a, cbs.WriteHistory):
-            run.write_json("history.json", [dict(r) for r in a.records])
-        elif isinstance(a, cbs.PlotHistory):
-            rundir.plot_history(a.records, run.path)
-        elif isinstance(a, cbs.DeleteCheckpoint):
-            self._weights_path("epoch", a.epoch, a.member).unlink(missing_ok=True)
+        if run is None:  # the actions that only write files: nothing to do without a run directory
+            return {**handlers, **dict.fromkeys(_FILE_ACTIONS, lambda a, epoch, finite: None)}
+        writers: dict[type, Callable[[Any], Any]] = {
+            cbs.LogScalars: lambda a: run.log_scalars(dict(a.scalars), a.step, purge_step=self.start_epoch),
+            cbs.WriteHistory: lambda a: run.write_json("history.json", [dict(r) for r in a.records]),
+            cbs.PlotHistory: lambda a: rundir.plot_history(a.records, run.path),
+            cbs.DeleteCheckpoint: lambda a: self._weights_path("epoch", a.epoch, a.member).unlink(
+                missing_ok=True
+            ),
+        }
+        return {**handlers, **{t: _no_reason(w) for t, w in writers.items()}}
+
+    def _set_hyperparam(self, a: cbs.SetHyperparam) -> None:
+        self.state = self.state.replace(opt_state=optim.set_hyperparam(self.state.opt_state, a.name, a.value))
+        if a.name == "lr":
+            self.lr = float(a.value)
+
+    def _save(self, a: cbs.SaveCheckpoint, epoch: int, finite: bool) -> None:
+        if not finite:
+            self.log.warning(f"not saving {a.kind} checkpoint for epoch {epoch}: parameters are not finite")
+        elif a.kind == "last":
+            self.save_last(epoch)
+        else:
+            self._save_weights(a)
 
     # -- epochs --------------------------------------------------------------------------------
 
