@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from fashion_func import checkpoint, data, ensemble, interop, losses, metrics
-from fashion_func.cli import UsageError, _int, _Parser, add_version
+from fashion_func.cli import Parser, UsageError, add_version, int_arg
 from fashion_func.loop import RunError, resolve_device
 from fashion_func.models import Model, ModelState, Params
 from fashion_func.safeio import (
@@ -87,7 +87,7 @@ class ImageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `scripts/predict.py`."""
-    p = _Parser(
+    p = Parser(
         prog="predict.py", description="Evaluate fashion_func weights on Fashion-MNIST or classify images."
     )
     add_version(p)
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invert", action="store_true", help="images are dark objects on a light background")
     p.add_argument(
         "--max-image-pixels",
-        type=_int,
+        type=int_arg,
         default=MAX_IMAGE_PIXELS,
         help=f"refuse images with more pixels than this before decoding them (default {MAX_IMAGE_PIXELS})",
     )
@@ -117,13 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto (CUDA if present)"
     )
-    p.add_argument("--batch-size", type=_int, default=1000, help="evaluation batch size (default 1000)")
-    p.add_argument("--limit", type=_int, help="evaluate on the first N test examples")
-    p.add_argument("--topk", type=_int, default=5, help="k of the top-k accuracy (default 5)")
+    p.add_argument("--batch-size", type=int_arg, default=1000, help="evaluation batch size (default 1000)")
+    p.add_argument("--limit", type=int_arg, help="evaluate on the first N test examples")
+    p.add_argument("--topk", type=int_arg, default=5, help="k of the top-k accuracy (default 5)")
     p.add_argument(
-        "--num-confused", type=_int, default=16, help="how many confident mistakes to show (default 16)"
+        "--num-confused", type=int_arg, default=16, help="how many confident mistakes to show (default 16)"
     )
-    p.add_argument("--num-samples", type=_int, default=32, help="test images in samples.png (default 32)")
+    p.add_argument("--num-samples", type=int_arg, default=32, help="test images in samples.png (default 32)")
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the evaluation step (slower to start)"
     )
