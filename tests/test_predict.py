@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from reference import SimpleNet, briefly_trained_simplenet
 
-from fashion_func import checkpoint, data, models, optim, predict
+from fashion_func import checkpoint, data, interop, models, optim, predict
 from fashion_func import state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,9 +234,9 @@ def test_a_file_without_metadata_works_with_model_given(capsys, weights, test_sp
 
 
 def test_tutorial_normalisation_is_read_from_the_config():
-    assert predict._normalization({"config": {"normalize": "tutorial"}}) == (0.5, 0.5)
-    assert predict._normalization({"config": {"normalize": "dataset"}}) == (data.MEAN, data.STD)
-    assert predict._normalization({}) == (data.MEAN, data.STD)
+    assert interop.normalization({"config": {"normalize": "tutorial"}}) == (0.5, 0.5)
+    assert interop.normalization({"config": {"normalize": "dataset"}}) == (data.MEAN, data.STD)
+    assert interop.normalization({}) == (data.MEAN, data.STD)
 
 
 def test_the_script_runs_as_a_program(weights, test_split, plain, tmp_path):
