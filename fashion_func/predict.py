@@ -7,6 +7,8 @@ the confusion matrix. With `--out DIR` it also writes `confusion_matrix.png`, `s
 grid of test images with true and predicted classes), `most_confused.png` and
 `most_confused.json` (the test examples the model gets most confidently wrong: candidates for
 label noise), and `report.json`. With `--json` the last line on stdout is one JSON object.
+`--tta` predicts from the mean of the probabilities of each image and its mirror image (for
+several weights files, within each member before the ensemble's mean).
 
 `--images FILE_OR_DIR ...` classifies PNG/JPEG files instead (see `images.prepare_image` for how
 a picture becomes a 28x28 Fashion-MNIST image) and prints each one's top-3 classes.
@@ -125,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the evaluation step (slower to start)"
     )
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average the probabilities of each image and its mirror image "
+        "(each ensemble member's)",
+    )
     return p
 
 
@@ -170,10 +178,14 @@ def classify_images(
     k: int = 3,
     model_state: ModelState | None = None,
     sort: bool = True,
+    tta: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(top-k probabilities [N, k], classes [N, k]) for uint8 images [N, 28, 28], best first;
-    `sort=False`: all probabilities [N, C] in class order (and the class indices)."""
-    eval_step = make_eval_step(model, compile=False, preprocess=NormalizeImages(mean, std))
+    `sort=False`: all probabilities [N, C] in class order (and the class indices).
+
+    `tta`: each image's probabilities are the mean of its own and its mirror image's.
+    """
+    eval_step = make_eval_step(model, compile=False, preprocess=NormalizeImages(mean, std), tta=tta)
     labels = torch.zeros(images.shape[0], dtype=torch.int64, device=images.device)  # unused
     probs = torch.softmax(eval_step(params, (images, labels), model_state)["logits"], dim=-1)
     if not sort:
@@ -193,12 +205,16 @@ def evaluate(
     std: float = data.STD,
     compile: bool = False,
     model_state: ModelState | None = None,
+    tta: bool = False,
 ) -> dict[str, Tensor]:
     """Per-example `loss`, `correct`, `topk_correct`, `pred`, `logits` over the split, on its device.
 
     A stateful model (batch norm) needs its `model_state` (inference mode: running statistics).
+    `tta`: test-time augmentation, each prediction the mean of the probabilities of the image
+    and its left-right mirror image (`logits` the log of that mean; `step.make_eval_step`).
     """
-    eval_step = make_eval_step(model, compile=compile, preprocess=NormalizeImages(mean, std), topk=topk)
+    preprocess = NormalizeImages(mean, std)
+    eval_step = make_eval_step(model, compile=compile, preprocess=preprocess, topk=topk, tta=tta)
     parts: list[dict[str, Tensor]] = []
     for start in range(0, split.labels.shape[0], batch_size):
         batch = (split.images[start : start + batch_size], split.labels[start : start + batch_size])
@@ -268,7 +284,7 @@ def _run_images(args: argparse.Namespace, members: Sequence[Member]) -> dict[str
         batch = torch.stack(images).to(params_device(members[0].params))
         probs = torch.stack([
             classify_images(m.model, m.params, batch, mean=m.mean, std=m.std, model_state=m.model_state,
-                            sort=False)[0]
+                            sort=False, tta=args.tta)[0]
             for m in members
         ]).mean(0)  # fmt: skip
         top = probs.topk(min(3, probs.shape[-1]), dim=-1)
@@ -284,11 +300,11 @@ def _evaluate_test_set(args: argparse.Namespace, members: Sequence[Member]) -> d
     print(display(f"test set: {split.labels.shape[0]} examples from {split.source}"))
     outs = [
         evaluate(m.model, m.params, split, batch_size=args.batch_size, topk=args.topk, mean=m.mean, std=m.std,
-                 compile=args.compile, model_state=m.model_state)
+                 compile=args.compile, model_state=m.model_state, tta=args.tta)
         for m in members
     ]  # fmt: skip
     result = outs[0] if len(outs) == 1 else ensemble_outputs(outs, split.labels, args.topk)
-    report = build_report(result, split.labels, args.topk)
+    report = {**build_report(result, split.labels, args.topk), "tta": args.tta}
     report["most_confused"] = most_confident_mistakes(
         result["logits"], split.labels, result["pred"], args.num_confused
     )
@@ -297,6 +313,8 @@ def _evaluate_test_set(args: argparse.Namespace, members: Sequence[Member]) -> d
         for r in report["members"]:
             print(display(f"member {r['weights']}: accuracy {r['accuracy']:.4f}, loss {r['loss']:.4f}"))
         print(f"ensemble of {len(members)} (mean of probabilities):")
+    if args.tta:
+        print("test-time augmentation: each image and its mirror image, probabilities averaged")
     print(format_report(report))
     if report["most_confused"]:
         print("\nmost confidently wrong (index: true -> predicted, confidence):")
@@ -318,7 +336,7 @@ def _predict(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     members = [load_member(w, args.model, device) for w in args.weights]
     names = ", ".join(sorted({m.model.name for m in members}))
     summary: dict[str, Any] = {"weights": args.weights[0] if len(members) == 1 else list(args.weights),
-                               "model": names}  # fmt: skip
+                               "model": names, "tta": args.tta}  # fmt: skip
     for m in members:
         epoch = f", epoch {short_repr(m.metadata['epoch'])}" if "epoch" in m.metadata else ""
         print(display(f"weights {m.path} ({m.model.name}{epoch}), device {device}"))
