@@ -71,17 +71,7 @@ def save_onnx(
         raise ImportError(
             f"ONNX export needs the onnx extra: pip install 'fashion_func[onnx]' ({e})"
         ) from None
-    if not (finite_number(mean) and finite_number(std) and std > 0):
-        raise ValueError(f"normalisation mean {mean!r} and std {std!r} must be finite numbers, std > 0")
-    cpu32 = {
-        k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
-        for k, v in weights.items()
-    }
-    module = to_module(model_name, cpu32)
-    model = models.get(model_name, **hparams_from_params(model_name, cpu32))
-    if model.input_shape not in ((1, 28, 28), (28 * 28,)):
-        raise ValueError(f"{model_name} takes inputs {list(model.input_shape)}, not 28x28 images")
-    wrapped = _ImagesToLogits(module, mean, std).eval()
+    wrapped = _images_to_logits(model_name, weights, mean, std)
     example = torch.zeros((2, 28, 28), dtype=torch.uint8)  # 2, not 1: export would fix a size-1 axis
     with torch.no_grad():
         num_classes = int(wrapped(example).shape[-1])
@@ -103,6 +93,21 @@ def save_onnx(
         f"fashion_func {model_name}: uint8 Fashion-MNIST images [B,28,28] -> logits [B,{num_classes}]"
     )
     checkpoint.atomic_write(path, proto.SerializeToString())
+
+
+def _images_to_logits(model_name: str, weights: Mapping[str, Tensor], mean: float, std: float) -> tnn.Module:
+    """The eval-mode module to export: float32 CPU weights, images normalised inside."""
+    if not (finite_number(mean) and finite_number(std) and std > 0):
+        raise ValueError(f"normalisation mean {mean!r} and std {std!r} must be finite numbers, std > 0")
+    cpu32 = {
+        k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+        for k, v in weights.items()
+    }
+    module = to_module(model_name, cpu32)
+    model = models.get(model_name, **hparams_from_params(model_name, cpu32))
+    if model.input_shape not in ((1, 28, 28), (28 * 28,)):
+        raise ValueError(f"{model_name} takes inputs {list(model.input_shape)}, not 28x28 images")
+    return _ImagesToLogits(module, mean, std).eval()
 
 
 def _props(model_name: str, num_classes: int, mean: float, std: float) -> dict[str, str]:
