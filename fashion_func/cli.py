@@ -31,10 +31,13 @@ from fashion_func.config import (
 from fashion_func.safeio import display, short_repr
 
 __all__ = [
+    "Parser",
     "UsageError",
     "add_version",
     "build_train_parser",
     "explicit_train_args",
+    "float_arg",
+    "int_arg",
     "main_train",
     "parse_train_args",
 ]
@@ -46,7 +49,7 @@ class UsageError(Exception):
     """A mistake in how the program was called (exit 2)."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that reports errors in one line and raises instead of exiting."""
 
     def error(self, message: str) -> NoReturn:
@@ -60,7 +63,8 @@ def add_version(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"fashion_func {__version__}")
 
 
-def _int(text: str) -> int:
+def int_arg(text: str) -> int:
+    """An argparse `type=` for integers: a one-line error naming the text (and a bound on its digits)."""
     digits = sys.get_int_max_str_digits()
     if len(text) > digits:  # int() refuses these anyway, with a message about sys settings
         raise argparse.ArgumentTypeError(f"expected an integer of at most {digits} digits")
@@ -70,7 +74,8 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {short_repr(text)}") from None
 
 
-def _float(text: str) -> float:
+def float_arg(text: str) -> float:
+    """An argparse `type=` for numbers: a one-line error naming the text."""
     try:
         return float(text)
     except ValueError:
@@ -79,7 +84,7 @@ def _float(text: str) -> float:
 
 def build_train_parser() -> argparse.ArgumentParser:
     """The parser of `scripts/train.py`; every option defaults to 'not given'."""
-    p = _Parser(
+    p = Parser(
         prog="train.py",
         description="Train a model on Fashion-MNIST with fashion_func.",
         argument_default=argparse.SUPPRESS,
@@ -110,18 +115,20 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON or TOML file of settings; flags override it")
     p.add_argument("--model", help=f"one of {', '.join(MODELS)} (default simplenet)")
     p.add_argument(
-        "--width", type=_int, help="resnet's base width, the channels of its first conv (default 16)"
+        "--width", type=int_arg, help="resnet's base width, the channels of its first conv (default 16)"
     )
-    p.add_argument("--epochs", type=_int, help="total epochs (a resumed run trains what remains; default 4)")
-    p.add_argument("--batch-size", type=_int, help="default 128")
-    p.add_argument("--lr", type=_float, help="learning rate (default 1e-3)")
+    p.add_argument(
+        "--epochs", type=int_arg, help="total epochs (a resumed run trains what remains; default 4)"
+    )
+    p.add_argument("--batch-size", type=int_arg, help="default 128")
+    p.add_argument("--lr", type=float_arg, help="learning rate (default 1e-3)")
     p.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default adam)")
-    p.add_argument("--weight-decay", type=_float, help="L2 for adam/sgd, decoupled for adamw (default 0)")
-    p.add_argument("--momentum", type=_float, help="sgd momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float_arg, help="L2 for adam/sgd, decoupled for adamw (default 0)")
+    p.add_argument("--momentum", type=float_arg, help="sgd momentum (default 0.9)")
     _switch(p, "--nesterov", "sgd with Nesterov momentum")
-    p.add_argument("--clip-norm", type=_float, help="clip gradients to this global norm")
-    p.add_argument("--label-smoothing", type=_float, help="cross-entropy label smoothing (default 0)")
-    p.add_argument("--seed", type=_int, help="seed for init, batch order and dropout (default 0)")
+    p.add_argument("--clip-norm", type=float_arg, help="clip gradients to this global norm")
+    p.add_argument("--label-smoothing", type=float_arg, help="cross-entropy label smoothing (default 0)")
+    p.add_argument("--seed", type=int_arg, help="seed for init, batch order and dropout (default 0)")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -140,9 +147,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--precision", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
     p.add_argument("--normalize", help="dataset (mean/std of the train set, default) or tutorial (0.5/0.5)")
-    p.add_argument("--limit-train", type=_int, help="use the first N training examples")
-    p.add_argument("--limit-val", type=_int, help="use the first N validation (test-set) examples")
-    p.add_argument("--eval-batch-size", type=_int, help="default 1000")
+    p.add_argument("--limit-train", type=int_arg, help="use the first N training examples")
+    p.add_argument("--limit-val", type=int_arg, help="use the first N validation (test-set) examples")
+    p.add_argument("--eval-batch-size", type=int_arg, help="default 1000")
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -152,8 +159,8 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
         help="metric for best checkpoint / early stopping: val_loss (default), val_acc, val_topK, ...",
     )
     p.add_argument("--mode", help="min or max (default: inferred, min for *_loss, max for accuracies)")
-    p.add_argument("--patience", type=_int, help="early-stopping patience in epochs (default: off)")
-    p.add_argument("--min-delta", type=_float, help="smallest change that counts as improvement")
+    p.add_argument("--patience", type=int_arg, help="early-stopping patience in epochs (default: off)")
+    p.add_argument("--min-delta", type=float_arg, help="smallest change that counts as improvement")
     p.add_argument(
         "--save-best-only",
         type=_bool,
@@ -161,18 +168,18 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
         help="true (default): only best.safetensors; false: a checkpoint every epoch (or every --save-every)",
     )
     p.add_argument(
-        "--topk", type=_int, help="K of the top-K accuracy reported as train_topK/val_topK (default 5)"
+        "--topk", type=int_arg, help="K of the top-K accuracy reported as train_topK/val_topK (default 5)"
     )
     p.add_argument(
         "--save-top-k",
-        type=_int,
+        type=int_arg,
         help="epoch checkpoints kept, best first (-1: all; default 1, all without best-only)",
     )
     p.add_argument(
         "--save-every",
         "--every-n-epochs",
         dest="every_n_epochs",
-        type=_int,
+        type=int_arg,
         help="epoch checkpoint interval (default 1)",
     )
 
@@ -181,18 +188,18 @@ def _add_schedule_and_member_args(p: argparse.ArgumentParser) -> None:
     """The learning-rate schedule, and many models in one step (ensembles, sweeps)."""
     p.add_argument("--lr-schedule", help=f"one of {', '.join(SCHEDULES)} (default constant)")
     p.add_argument(
-        "--lr-step-size", type=_int, help="StepLR: epochs between decays (sets --lr-schedule step)"
+        "--lr-step-size", type=int_arg, help="StepLR: epochs between decays (sets --lr-schedule step)"
     )
-    p.add_argument("--lr-gamma", type=_float, help="StepLR / plateau decay factor (default 0.1)")
+    p.add_argument("--lr-gamma", type=float_arg, help="StepLR / plateau decay factor (default 0.1)")
     p.add_argument(
         "--warmup-epochs",
-        type=_float,
+        type=float_arg,
         help="onecycle: epochs (may be fractional) of linear warm-up from lr/10 to lr, then linear to 0 "
         "at the last step (default 0)",
     )
     p.add_argument(
         "--ensemble",
-        type=_int,
+        type=int_arg,
         help="train K independently initialised models in one vmapped step (default 1)",
     )
     p.add_argument(
@@ -206,18 +213,20 @@ def _add_quality_args(p: argparse.ArgumentParser) -> None:
     """Model selection on held-out data, augmentation, weight averaging, test-time flips."""
     p.add_argument(
         "--val-split",
-        type=_int,
+        type=int_arg,
         help="hold out the last N training images for validation (model selection, early stopping); "
         "the test set is then measured once, at the end, as test_acc (default 0: validate on the test set)",
     )
     p.add_argument(
-        "--crop-padding", type=_int, help="random crops after zero padding by N pixels (default 0)"
+        "--crop-padding", type=int_arg, help="random crops after zero padding by N pixels (default 0)"
     )
     _switch(p, "--flip", "random horizontal flips in training")
-    p.add_argument("--cutout", type=_int, help="blank a random NxN square of each training image (default 0)")
+    p.add_argument(
+        "--cutout", type=int_arg, help="blank a random NxN square of each training image (default 0)"
+    )
     p.add_argument(
         "--ema",
-        type=_float,
+        type=float_arg,
         help="evaluate and save a moving average of the weights with this decay, e.g. 0.99",
     )
     _switch(p, "--tta", "evaluate on the mean of each image's and its mirror image's probabilities")

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from fashion_func import checkpoint, interop
-from fashion_func.cli import UsageError, _Parser, add_version
+from fashion_func.cli import Parser, UsageError, add_version
 from fashion_func.safeio import FileError, check_output, display
 
 __all__ = ["FORMATS", "build_parser", "export", "main"]
@@ -58,7 +58,7 @@ EXIT_USAGE = 2
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `scripts/export.py`."""
-    p = _Parser(
+    p = Parser(
         prog="export.py", description="Export fashion_func weights for PyTorch, JAX/Flax, numpy or ONNX."
     )
     add_version(p)

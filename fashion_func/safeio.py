@@ -11,7 +11,8 @@ replaced only when the caller says so (`overwrite`).
 
 Text: `display` makes a path or metadata string safe to print (terminal control characters and
 undecodable bytes escaped, so it can neither drive the terminal nor fail on a strict encoding);
-`strict_json` makes a value strict JSON (no NaN/Infinity, no lone surrogates).
+`strict_json` makes a value strict JSON (no NaN/Infinity, no lone surrogates); `one_line` and
+`os_reason` make an error message one bounded line that says why.
 
 This module imports nothing from the package, so every layer may use it.
 """
@@ -31,7 +32,9 @@ __all__ = [
     "check_output",
     "describe",
     "display",
+    "one_line",
     "open_regular",
+    "os_reason",
     "read_regular",
     "short_repr",
     "strict_json",
@@ -82,6 +85,24 @@ def display(text: str | os.PathLike[str]) -> str:
         else:
             out.append(c)
     return "".join(out)
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """`text` with its whitespace runs (newlines too) made single spaces, cut to `limit` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def os_reason(e: OSError) -> str:
+    """Why an OSError happened, in words (`strerror`; the errno's text when only a number was given)."""
+    if e.strerror:
+        return e.strerror
+    code = e.errno
+    if code is None and len(e.args) == 1 and isinstance(e.args[0], int):
+        code = e.args[0]  # OSError(errno.ENOSPC) with one argument leaves .errno unset
+    if code:
+        return os.strerror(code)
+    return str(e) or type(e).__name__
 
 
 def short_repr(value: Any, limit: int = 80) -> str:

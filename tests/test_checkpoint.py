@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from fashion_func import atomic, safetensors_io, tree
 from fashion_func import checkpoint as ck
-from fashion_func import tree
 from fashion_func.checkpoint import CheckpointError, CheckpointWriteError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -560,7 +560,7 @@ def test_safetensors_decoder_failure_becomes_checkpoint_error(monkeypatch: pytes
     def boom(data: bytes) -> dict:
         raise RuntimeError("decoder\nexploded")
 
-    monkeypatch.setattr(ck, "_st_load", boom)
+    monkeypatch.setattr(safetensors_io, "_st_load", boom)
     with pytest.raises(
         CheckpointError, match="safetensors cannot decode the file: RuntimeError: decoder exploded"
     ):
@@ -609,7 +609,7 @@ def test_disk_full_mid_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.
             super().write(bytes(b)[: len(b) // 2])  # a partial temp file really exists on disk
             raise OSError(errno.ENOSPC)  # no strerror: the message must still say why
 
-    monkeypatch.setattr(ck, "open", lambda p, mode, **kw: HalfFile(p, "w"), raising=False)
+    monkeypatch.setattr(atomic, "open", lambda p, mode, **kw: HalfFile(p, "w"), raising=False)
     with pytest.raises(CheckpointWriteError, match="No space left on device"):
         ck.atomic_write(path, b"new contents that do not fit")
     assert path.read_bytes() == b"old contents"
@@ -697,7 +697,7 @@ json_values = st.recursive(
     max_leaves=6,
 )
 field_values = {
-    "dtype": st.sampled_from([*ck._DTYPES, "F4", "F8_E8M0", "f32", "", "I128"]) | json_values,
+    "dtype": st.sampled_from([*safetensors_io.DTYPES, "F4", "F8_E8M0", "f32", "", "I128"]) | json_values,
     "shape": st.lists(st.integers(-2, 40) | st.integers(0, 2**65), max_size=4) | json_values,
     "data_offsets": st.lists(st.integers(-8, 200) | st.integers(0, 2**66), max_size=3) | json_values,
 }
@@ -809,7 +809,7 @@ def test_fuzz_mutated_files_raise_only_checkpoint_error(blob: bytes) -> None:
         ("state", lambda: ck._load_state_bytes(blob, FUZZ_TEMPLATE, name=name)),
         ("weights", lambda: ck._load_weights_bytes(blob, template=FUZZ_WEIGHTS_TEMPLATE, name=name)),
         ("weights-free", lambda: ck._load_weights_bytes(blob, name=name)),
-        ("header", lambda: ck._info(ck._parse_header(blob, len(blob), name), name)),
+        ("header", lambda: ck._info(safetensors_io.parse_header(blob, len(blob), name), name)),
     ]
     for kind, read in readers:
         try:

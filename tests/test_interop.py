@@ -21,6 +21,7 @@ from reference import briefly_trained_simplenet
 
 from fashion_func import checkpoint, data, export, interop, models, optim, step
 from fashion_func import state as state_lib
+from fashion_func.interop import flax_io
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +169,10 @@ def test_flax_layout_names_and_round_trip(trained):
 
 
 def test_flatten_shapes_come_from_the_models():
-    assert interop._flatten_inputs("simplenet", (("num_classes", 10),)) == {"fc1": (64, 12, 12)}
-    assert interop._flatten_inputs("simplenet_bn", (("num_classes", 10),)) == {"fc1": (64, 12, 12)}
-    assert interop._flatten_inputs("alexnet", (("dropout", 0.5), ("num_classes", 10))) == {"fc1": (256, 3, 3)}
-    assert interop._flatten_inputs("mlp", (("D_in", 784), ("D_out", 10), ("H", 100))) == {}
+    assert flax_io._flatten_inputs("simplenet", (("num_classes", 10),)) == {"fc1": (64, 12, 12)}
+    assert flax_io._flatten_inputs("simplenet_bn", (("num_classes", 10),)) == {"fc1": (64, 12, 12)}
+    assert flax_io._flatten_inputs("alexnet", (("dropout", 0.5), ("num_classes", 10))) == {"fc1": (256, 3, 3)}
+    assert flax_io._flatten_inputs("mlp", (("D_in", 784), ("D_out", 10), ("H", 100))) == {}
     # mlp: no conv, its dense kernels are plain transposes; alexnet: fc1 only
     mlp = models.get("mlp", H=16).init(torch.Generator().manual_seed(0))
     assert np.array_equal(interop.to_flax(mlp)["linear1"]["kernel"], mlp["linear1.weight"].numpy().T)

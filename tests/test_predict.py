@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from reference import SimpleNet, briefly_trained_simplenet
 
-from fashion_func import checkpoint, data, models, optim, predict
+from fashion_func import checkpoint, data, interop, models, optim, predict
 from fashion_func import state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +138,78 @@ def test_exact_png_copies_of_test_images_classify_like_the_tensors(
     assert f"{results[0]['path']}: {results[0]['top3'][0]['name']}" in out
 
 
+def _plain_tta_probs(weights: Path, images_uint8: torch.Tensor) -> torch.Tensor:
+    """A plain loop, independent of make_eval_step: the mean of softmax(module(x)) and
+    softmax(module(flip(x))), the flip left-right (the last axis of [B, 1, H, W])."""
+    module = SimpleNet().eval()
+    module.load_state_dict(safetensors.torch.load_file(weights))
+    x = (images_uint8.float()[:, None] / 255.0 - 0.2860) / 0.3530  # Fashion-MNIST train statistics
+    probs = []
+    with torch.no_grad():
+        for chunk in x.split(100):
+            plain_p = torch.softmax(module(chunk), dim=1)
+            mirror_p = torch.softmax(module(torch.flip(chunk, dims=[3])), dim=1)
+            probs.append((plain_p + mirror_p) / 2)
+    return torch.cat(probs)
+
+
+@pytest.fixture(scope="module")
+def second_weights(tmp_path_factory) -> Path:
+    """Another briefly trained SimpleNet (other data, other lr): a second ensemble member."""
+    path = tmp_path_factory.mktemp("weights2") / "best.safetensors"
+    meta = {"epoch": 1, "model": "simplenet", "config": {"model": "simplenet", "normalize": "dataset"}}
+    checkpoint.save_weights(path, briefly_trained_simplenet(limit=768, lr=2e-3), metadata=meta)
+    return path
+
+
+def test_tta_accuracy_equals_a_plain_flip_averaging_loop(capsys, weights, test_split, plain):
+    n = 300
+    code, out, err = _run(capsys, "--weights", weights, "--limit", n, "--tta", "--json", "--device", "cpu")
+    assert code == 0, err
+    report = _last_json(out)
+    probs = _plain_tta_probs(weights, test_split.images[:n])
+    labels = test_split.labels[:n]
+    correct = int((probs.argmax(1) == labels).sum())
+    assert report["tta"] is True and report["num_examples"] == n
+    assert report["correct"] == correct and report["accuracy"] == correct / n
+    # the loss is that of the averaged probabilities, not of the plain logits
+    loss = torch.nn.functional.nll_loss(probs.log(), labels).item()
+    assert report["loss"] == pytest.approx(loss, rel=1e-4)
+    assert report["loss"] != pytest.approx(
+        torch.nn.functional.cross_entropy(plain[:n], labels).item(), rel=1e-3
+    )
+    assert "test-time augmentation" in out
+
+
+def test_tta_of_an_ensemble_flip_averages_each_member(capsys, weights, second_weights, test_split):
+    n = 300
+    code, out, err = _run(
+        capsys, "--weights", weights, second_weights, "--limit", n, "--tta", "--json", "--device", "cpu"
+    )
+    assert code == 0, err
+    report = _last_json(out)
+    labels = test_split.labels[:n]
+    member_probs = [_plain_tta_probs(w, test_split.images[:n]) for w in (weights, second_weights)]
+    for r, probs in zip(report["members"], member_probs, strict=True):
+        assert r["accuracy"] == pytest.approx(float((probs.argmax(1) == labels).double().mean()), abs=1e-12)
+    ensemble_probs = torch.stack(member_probs).mean(0)  # the ensemble: the mean of the members' probabilities
+    assert report["correct"] == int((ensemble_probs.argmax(1) == labels).sum())
+
+
+def test_tta_classifies_image_files_by_the_mean_with_their_mirror_images(
+    capsys, weights, test_split, tmp_path
+):
+    images = test_split.images[:6]
+    for i, img in enumerate(images):
+        Image.fromarray(img.numpy()).save(tmp_path / f"{i:02d}.png")
+    code, out, err = _run(capsys, "--weights", weights, "--images", tmp_path, "--tta", "--json")
+    assert code == 0, err
+    top = _plain_tta_probs(weights, images).topk(3, dim=1)
+    for r, values, classes in zip(_last_json(out)["images"], top.values, top.indices, strict=True):
+        assert [t["class"] for t in r["top3"]] == classes.tolist()
+        np.testing.assert_allclose([t["prob"] for t in r["top3"]], values.numpy(), atol=1e-5)
+
+
 def _dark_on_light_photo(img: np.ndarray, margins: tuple[int, int, int, int]) -> Image.Image:
     """A test image as a product photo: negated, 4x larger, off-centre on a white RGB canvas."""
     big = np.kron(255 - img, np.ones((4, 4), dtype=np.uint8))
@@ -234,9 +306,9 @@ def test_a_file_without_metadata_works_with_model_given(capsys, weights, test_sp
 
 
 def test_tutorial_normalisation_is_read_from_the_config():
-    assert predict._normalization({"config": {"normalize": "tutorial"}}) == (0.5, 0.5)
-    assert predict._normalization({"config": {"normalize": "dataset"}}) == (data.MEAN, data.STD)
-    assert predict._normalization({}) == (data.MEAN, data.STD)
+    assert interop.normalization({"config": {"normalize": "tutorial"}}) == (0.5, 0.5)
+    assert interop.normalization({"config": {"normalize": "dataset"}}) == (data.MEAN, data.STD)
+    assert interop.normalization({}) == (data.MEAN, data.STD)
 
 
 def test_the_script_runs_as_a_program(weights, test_split, plain, tmp_path):

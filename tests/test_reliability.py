@@ -35,7 +35,7 @@ import safetensors.torch
 import torch
 from test_data import make_dataset, write_idx  # tests/ is on sys.path under pytest
 
-from fashion_func import app, checkpoint, data, loop, models, optim
+from fashion_func import app, atomic, checkpoint, data, loop, models, optim
 from fashion_func import callbacks as cbs
 from fashion_func import state as state_lib
 from fashion_func.cli import main_train
@@ -692,7 +692,7 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_file(
                 raise OSError(code, os.strerror(code), str(file))
             return open(file, *args, **kwargs)
 
-        monkeypatch.setattr(checkpoint, "open", fake_open, raising=False)
+        monkeypatch.setattr(atomic, "open", fake_open, raising=False)
 
     assert app.main(cfg) == 2
     line = one_error_line(capsys.readouterr().err)
@@ -700,6 +700,25 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_file(
     assert last.read_bytes() == seen["before"]  # epoch 1's resume point, intact
     st, meta = checkpoint.load_state(last, template())
     assert meta["epoch"] == 1 and int(st.step) == 4
+    assert temp_files(tmp_path / "run") == []
+
+
+def test_failed_plot_write_is_one_line_that_names_the_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _tiny_cfg(tmp_path, epochs=1)
+    plot = tmp_path / "run" / "loss.png"
+
+    def fake_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(file).name.startswith(".loss.png."):  # the plot's temp file: a full disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(atomic, "open", fake_open, raising=False)
+    assert app.main(cfg) == 2
+    line = one_error_line(capsys.readouterr().err)
+    # a plot, not a checkpoint: the message names the file and why
+    assert line == f"train.py: error: cannot write plot {plot}: {os.strerror(errno.ENOSPC)}"
     assert temp_files(tmp_path / "run") == []
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import io
-import json
 import logging
 import math
 import os
@@ -23,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fashion_func import atomic, checkpoint
 from fashion_func import callbacks as cbs
-from fashion_func import checkpoint
 from fashion_func.safeio import describe, display
 
 __all__ = [
@@ -60,13 +58,24 @@ class RunError(Exception):
     """The run cannot start or go on (a user-facing problem: exit code 2)."""
 
 
+@contextlib.contextmanager
+def _writing() -> Iterator[None]:
+    """A run file that cannot be written stops the run: `atomic.WriteError` becomes `RunError`."""
+    try:
+        yield
+    except atomic.WriteError as e:
+        raise RunError(str(e)) from e
+
+
 def write_json(path: Path, obj: Any) -> None:
-    """`obj` as indented JSON, written atomically."""
-    checkpoint.atomic_write(path, (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode())
+    """`obj` as indented JSON, written atomically (RunError when it cannot be)."""
+    with _writing():
+        atomic.write_json(path, obj, what="run file")
 
 
 def plot_history(records: Sequence[dict[str, Any]], out: Path) -> None:
-    """loss.png and accuracy.png (train and validation curves per epoch) into `out`."""
+    """loss.png and accuracy.png (train and validation curves per epoch) into `out` (RunError when
+    they cannot be written)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,10 +96,8 @@ def plot_history(records: Sequence[dict[str, Any]], out: Path) -> None:
         ax.set_title(f"{'Loss' if name == 'loss' else 'Accuracy'} per epoch")
         ax.grid(True, alpha=0.3)
         ax.legend()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        checkpoint.atomic_write(out / ("loss.png" if name == "loss" else "accuracy.png"), buf.getvalue())
+        with _writing():
+            atomic.write_figure(out / ("loss.png" if name == "loss" else "accuracy.png"), fig, what="plot")
 
 
 MARKER = ".fashion-func-run"  # JSON {"run_id": ..., "created": ...}: this directory is a run's
@@ -98,7 +105,7 @@ LOCK = ".lock"
 _WEIGHT_FILE = re.compile(r"(last|best|epoch-\d+)\.safetensors")
 _EVENTS_FILE = re.compile(r"events\.out\.tfevents\..+")
 _MEMBER_DIR = re.compile(r"member-\d+")  # checkpoints/member-<k>/: an ensemble member's weights
-_TEMP = re.compile(r"\.(?P<name>.+)\.\d+\.tmp")  # atomic_write's temp names: .<name>.<pid>.tmp
+_TEMP = re.compile(r"\.(?P<name>.+)\.\d+\.tmp")  # atomic.write_bytes' temp names: .<name>.<pid>.tmp
 _OPEN_FLAGS = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC
 
 
@@ -573,8 +580,9 @@ class RunDir:
         write_json(self.path / name, obj)
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        """`<run>/<name>`, atomically."""
-        checkpoint.atomic_write(self.path / name, data)
+        """`<run>/<name>`, atomically (RunError when it cannot be)."""
+        with _writing():
+            atomic.write_bytes(self.path / name, data, what="run file")
 
     def tensorboard(self, purge_step: int) -> Any:
         """The run's TensorBoard `SummaryWriter` (`<run>/tensorboard`), made on first use.

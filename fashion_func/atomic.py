@@ -1,0 +1,118 @@
+"""Files written whole or not at all: bytes, JSON and figures, each to a temp file that is
+fsynced and `os.replace`d over the target, so a crash or a full disk leaves either the old file
+or the new one, never a torn one.
+
+Every failure is a `WriteError` whose one-line message names what was being written
+("cannot write plot runs/x/loss.png: No space left on device"); `checkpoint` raises its own
+subclass for checkpoints. This module imports only `safeio`, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from fashion_func.safeio import describe, one_line, os_reason, strict_json
+
+__all__ = ["WriteError", "write_bytes", "write_figure", "write_json"]
+
+
+class WriteError(Exception):
+    """A file could not be written (disk full, not writable, ...); the previous file is untouched."""
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes, *, what: str = "file") -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one.
+
+    The bytes go to `.{name}.{pid}.tmp` in the same directory (same filesystem, so the rename is
+    atomic), are flushed and fsynced, then `os.replace`d over `path`, and the directory is
+    fsynced so the rename itself survives a power cut. On any OSError the temp file is
+    removed, the old file is left as it was, and `WriteError` ("cannot write {what} {path}:
+    reason") is raised. An existing target that is not a regular file (a device, FIFO or
+    link) is never replaced.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        target = os.lstat(path)
+    except OSError:
+        target = None
+    if target is not None and not stat.S_ISREG(target.st_mode):
+        # os.replace would put a regular file in place of a device, FIFO or link: never
+        raise WriteError(
+            one_line(f"cannot write {what} {path}: it is {describe(target.st_mode)}, not a regular file")
+        )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # our own name, left by a killed process of the same pid
+    try:
+        # "x" (O_EXCL) and O_NOFOLLOW: a link planted under the temp name is never written through
+        with open(tmp, "xb", opener=_nofollow) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        # Also on KeyboardInterrupt: never leave a half-written temp file behind.
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise WriteError(one_line(f"cannot write {what} {path}: {os_reason(e)}")) from e
+        raise
+    _fsync_dir(path.parent, what)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, *, what: str = "file", strict: bool = False) -> None:
+    """`obj` as indented JSON plus a newline, written atomically (`write_bytes`).
+
+    `strict`: strict JSON (`safeio.strict_json`: NaN and infinities become null) for files
+    other programs read; otherwise Python's JSON, which writes them as `NaN` / `Infinity`.
+    """
+    text = strict_json(obj, indent=2) if strict else json.dumps(obj, indent=2, allow_nan=True)
+    write_bytes(path, (text + "\n").encode(), what=what)
+
+
+def write_figure(path: str | os.PathLike[str], fig: Any, *, what: str = "plot", **savefig: Any) -> None:
+    """A matplotlib figure as PNG, written atomically (`write_bytes`); the figure is closed.
+
+    `savefig` goes to `fig.savefig` (e.g. `bbox_inches="tight"`).
+    """
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", **savefig)
+    finally:
+        plt.close(fig)
+    write_bytes(path, buf.getvalue(), what=what)
+
+
+def _nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
+
+
+def _fsync_dir(directory: Path, what: str) -> None:
+    flag = getattr(os, "O_DIRECTORY", None)
+    if flag is None:  # Windows: directories cannot be opened; the rename is as durable as it gets
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | flag)
+    except OSError as e:
+        raise WriteError(one_line(f"cannot sync directory {directory}: {os_reason(e)}")) from e
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some filesystems cannot fsync a directory; the file itself is already in place.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise WriteError(
+                one_line(f"{what} in {directory}: renamed but cannot sync directory: {os_reason(e)}")
+            ) from e
+    finally:
+        os.close(fd)

@@ -1,0 +1,86 @@
+"""Weights that load anywhere: plain `torch.nn.Module`s, JAX/Flax, numpy, DLPack, ONNX.
+
+One module per ecosystem, every public name re-exported here (`interop.to_module`, ...):
+
+- `torch_modules`: the plain modules (`SimpleNet`, `SimpleNetBN`, `ResNet`, ...) whose
+  `state_dict` names, shapes and eval-mode forward equal our weights and `Model.apply`.
+- `torch_io`: `to_module(name, params)` / `from_module(module)` between our params and those
+  modules; `identify(params)`; `split_state` / `merge_state` between a stateful model's weights
+  (params and buffers in one flat dict under the module's `state_dict` names, as
+  `best.safetensors` holds them) and `(params, model_state)`; `functionalize(module)`: any
+  research `nn.Module` as a `Model` (through `torch.func.functional_call`).
+- `weights_file`: `load_weights_file`, a validated weights file plus the model its metadata
+  names; `normalization(metadata)`: the (mean, std) its model was trained with.
+- `numpy_io`: `to_numpy` / `save_numpy`, torch names and layout in dtypes numpy has.
+- `flax_io`: `to_flax` / `from_flax` / `save_flax` / `load_flax` / `flax_variables`, Flax layout
+  and naming (`{"conv1": {"kernel": HWIO, "bias"}}`, dense kernels `[in, out]`, batch norm
+  `scale`, `bias`, `mean`, `var`), stored as safetensors with dotted keys.
+- `flax_modules`: `flax_module(name)`, our models as idiomatic `flax.linen` modules.
+- `jax_io`: `simplenet_jax`, a pure-JAX SimpleNet forward on the exported weights.
+- `dlpack_io`: `to_jax` / `from_jax`, zero-copy tensor exchange where both sides allow.
+- `onnx_io`: `save_onnx`, an ONNX model (uint8 images in, normalisation inside, logits out).
+
+JAX/Flax and ONNX are optional extras (`pip install fashion_func[jax]`, `fashion_func[onnx]`):
+they are imported only inside the functions that need them. Nothing in the core imports this package.
+"""
+
+from __future__ import annotations
+
+from fashion_func.interop.dlpack_io import from_jax, to_jax
+from fashion_func.interop.flax_io import (
+    FLATTEN_ORDERS,
+    FLAX_LAYOUT,
+    flax_variables,
+    from_flax,
+    load_flax,
+    save_flax,
+    to_flax,
+)
+from fashion_func.interop.flax_modules import flax_module
+from fashion_func.interop.jax_io import simplenet_jax
+from fashion_func.interop.numpy_io import BF16_AS, save_numpy, to_numpy
+from fashion_func.interop.onnx_io import ONNX_INPUT, ONNX_OUTPUT, save_onnx
+from fashion_func.interop.torch_io import (
+    from_module,
+    functionalize,
+    identify,
+    merge_state,
+    split_state,
+    to_module,
+)
+from fashion_func.interop.torch_modules import MLP, AlexNet, ResNet, SimpleNet, SimpleNetBN
+from fashion_func.interop.weights_file import known_normalization, load_weights_file, normalization
+
+__all__ = [
+    "BF16_AS",
+    "FLATTEN_ORDERS",
+    "FLAX_LAYOUT",
+    "MLP",
+    "ONNX_INPUT",
+    "ONNX_OUTPUT",
+    "AlexNet",
+    "ResNet",
+    "SimpleNet",
+    "SimpleNetBN",
+    "flax_module",
+    "flax_variables",
+    "from_flax",
+    "from_jax",
+    "from_module",
+    "functionalize",
+    "identify",
+    "known_normalization",
+    "load_flax",
+    "load_weights_file",
+    "merge_state",
+    "normalization",
+    "save_flax",
+    "save_numpy",
+    "save_onnx",
+    "simplenet_jax",
+    "split_state",
+    "to_flax",
+    "to_jax",
+    "to_module",
+    "to_numpy",
+]

@@ -1,0 +1,329 @@
+"""Weights in Flax layout and naming, and safetensors files of them.
+
+`to_flax` / `from_flax` / `save_flax` / `load_flax`: `{"conv1": {"kernel": HWIO, "bias"}}`,
+dense kernels `[in, out]`, batch norm `scale`, `bias`, `mean`, `var`, stored as safetensors with
+dotted keys (`conv1.kernel`) that `safetensors.flax` and `safetensors.numpy` read;
+`flax_variables` splits a tree into Flax's `params` and `batch_stats` collections. The dense
+layer after a conv stack gets its rows in the (h w c) order of an NHWC `x.reshape((B, -1))`
+(metadata `flatten: "hwc"`; older files: torch's "chw").
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from fashion_func import models
+from fashion_func.interop import numpy_io
+from fashion_func.interop.numpy_io import Bf16As, check_bf16_as, numpy_to_tensor, tensor_to_numpy
+from fashion_func.interop.torch_io import check_shapes, identify, template
+from fashion_func.interop.torch_modules import build, hparams_from_params
+from fashion_func.models import Params
+
+__all__ = [
+    "FLATTEN_ORDERS",
+    "FLAX_LAYOUT",
+    "Flatten",
+    "flax_variables",
+    "from_flax",
+    "load_flax",
+    "save_flax",
+    "to_flax",
+]
+
+# row order of the dense layer after a conv stack in Flax layout: (h w c) as an NHWC reshape
+# gives (the default, recorded as `flatten: "hwc"`), or torch's (c h w) of files written before
+Flatten = Literal["hwc", "chw"]
+FLATTEN_ORDERS: tuple[str, ...] = ("hwc", "chw")
+FLAX_LAYOUT = "flax"  # the `layout` metadata value of files written by `save_flax`
+
+# torch buffer / Flax leaf names of a batch-norm layer's running statistics (Flax keeps them in
+# the `batch_stats` collection, the affine `scale` and `bias` in `params`)
+_BN_STATS = {"running_mean": "mean", "running_var": "var"}
+_BN_STATS_BACK = {v: k for k, v in _BN_STATS.items()}
+_COUNTER = "num_batches_tracked"  # nn.BatchNorm's step counter: no Flax counterpart
+
+
+def _flax_leaf(key: str, t: Tensor) -> tuple[list[str], Tensor] | None:
+    """(Flax path, array) of one torch tensor: `conv1.weight` -> (["conv1", "kernel"], HWIO).
+
+    None for `num_batches_tracked`, which Flax's BatchNorm does not have.
+    """
+    *path, leaf = key.split(".")
+    if leaf == _COUNTER and t.ndim == 0:
+        return None
+    if leaf == "bias" and t.ndim == 1:
+        return [*path, "bias"], t
+    if leaf == "weight" and t.ndim == 1:
+        # a norm layer's affine weight: flax.linen.BatchNorm / LayerNorm call it `scale`
+        return [*path, "scale"], t
+    if leaf in _BN_STATS and t.ndim == 1:
+        return [*path, _BN_STATS[leaf]], t
+    if leaf == "weight" and t.ndim == 4:
+        # nn.Conv2d's OIHW -> Flax/lax HWIO (used with dimension_numbers NHWC, HWIO, NHWC)
+        return [*path, "kernel"], rearrange(t, "o i h w -> h w i o")
+    if leaf == "weight" and t.ndim == 2:
+        # nn.Linear computes x @ W.T with W [out, in]; flax.linen.Dense computes x @ kernel, [in, out]
+        return [*path, "kernel"], rearrange(t, "o i -> i o")
+    raise ValueError(f"no Flax equivalent known for parameter {key!r} of shape {list(t.shape)}")
+
+
+def _check_flatten(flatten: str) -> None:
+    if flatten not in FLATTEN_ORDERS:
+        raise ValueError(f"flatten must be one of {', '.join(FLATTEN_ORDERS)}, not {flatten!r}")
+
+
+@functools.lru_cache(maxsize=32)
+def _flatten_inputs(name: str, hparams: tuple[tuple[str, Any], ...]) -> dict[str, tuple[int, int, int]]:
+    """`{dense layer: (c, h, w)}` of the model's dense layers that take a flattened conv feature map.
+
+    Read off the model itself: its stages run on meta tensors (shapes only, nothing computed),
+    and a stage named like a dense layer (`fc1.weight` 2-D) that receives a `[B, C, H, W]`
+    input flattens it. simplenet and simplenet_bn: `{"fc1": (64, 12, 12)}`; alexnet:
+    `{"fc1": (256, 3, 3)}`; mlp: `{}` (no conv).
+    """
+    model = models.get(name, **dict(hparams))
+    weights = template(name, dict(hparams))
+    state = model.init_state(device="meta")
+    x = torch.empty((1, *model.input_shape), device="meta")
+    found: dict[str, tuple[int, int, int]] = {}
+    for stage in model.stages:
+        w = weights.get(f"{stage.name}.weight")
+        if x.dim() == 4 and w is not None and w.dim() == 2:
+            c, h, w_ = x.shape[1:]
+            found[stage.name] = (int(c), int(h), int(w_))
+        x, _ = stage.run(weights, state, x, False, None)
+    return found
+
+
+def _flatten_layers(params: Mapping[str, Tensor], model: str | None) -> dict[str, tuple[int, int, int]]:
+    """The flatten-then-dense layers of `params`' architecture (`model`, else `identify`d); {} if unknown."""
+    if model is None:
+        try:
+            model = identify(params)
+        except ValueError:
+            return {}  # not a known architecture: no layer is known to follow a flatten
+    hparams = hparams_from_params(model, params)
+    check_shapes(model, build(model, hparams), params)
+    return _flatten_inputs(model, tuple(sorted(models.get(model, **hparams).hparams.items())))
+
+
+def to_flax(
+    params: Mapping[str, Tensor],
+    *,
+    bf16_as: Bf16As = "float32",
+    flatten: Flatten = "hwc",
+    model: str | None = None,
+) -> dict[str, Any]:
+    """Weights in Flax layout and naming, as nested dicts of numpy arrays.
+
+    `conv1.weight` OIHW -> `{"conv1": {"kernel": HWIO}}`, `fc1.weight` [out, in] ->
+    `{"fc1": {"kernel": [in, out]}}`, biases unchanged.
+
+    The first dense layer after a conv stack (fc1 of simplenet, simplenet_bn, alexnet) takes a
+    flattened feature map. Torch flattens `[B, C, H, W]` channel-major, (c h w); a Flax module
+    flattens NHWC with `x.reshape((B, -1))`, (h w c). With `flatten="hwc"` (the default) that
+    kernel's rows are written in (h w c) order, so the idiomatic Flax module (`flax_module`)
+    computes the torch logits; `flatten="chw"` keeps torch's order (files written before this
+    option), for code that flattens with `rearrange(x, "b h w c -> b (c h w)")`. The feature
+    map's (c, h, w) comes from the architecture, `model` or else recognised from the names and
+    shapes (`identify`); weights of an unknown architecture are converted layer by layer with
+    no row reordering.
+
+    Batch norm (a stateful model's weights, buffers included) maps to `flax.linen.BatchNorm`'s
+    names, all under the layer's key in this one tree:
+
+        bn1.weight -> bn1.scale    bn1.running_mean -> bn1.mean    bn1.num_batches_tracked: dropped
+        bn1.bias   -> bn1.bias     bn1.running_var  -> bn1.var     (Flax has no step counter)
+
+    Flax keeps `scale`/`bias` in the `params` collection and `mean`/`var` in `batch_stats`;
+    `flax_variables(tree)` makes that split. In eval mode (`use_running_average=True`, epsilon
+    1e-5 as torch) the layer then computes what `nn.BatchNorm2d.eval()` does. To keep training
+    in Flax as torch did, use `momentum=0.9` (Flax's is the weight of the old statistics, torch's
+    0.1 that of the new batch); Flax updates `var` with the biased batch variance, torch with the
+    unbiased one.
+
+    numpy has no bfloat16, so bf16 tensors become, by `bf16_as`: "float32" (exact upcast, loads
+    everywhere; the default), "uint16" (the raw bit patterns, half the size; reinterpret with
+    `a.view(ml_dtypes.bfloat16)` or `jax.lax.bitcast_convert_type(a, jnp.bfloat16)`), or
+    "bfloat16" (ml_dtypes' numpy bfloat16, which needs ml_dtypes wherever it is read).
+    """
+    check_bf16_as(bf16_as)
+    _check_flatten(flatten)
+    permute = _flatten_layers(params, model) if flatten == "hwc" else {}
+    tree: dict[str, Any] = {}
+    for key, t in params.items():
+        leaf = _flax_leaf(key, t)
+        if leaf is None:
+            continue
+        path, arr = leaf
+        layer = key.rsplit(".", 1)[0]
+        if layer in permute and key.endswith(".weight"):
+            c, h, w = permute[layer]
+            # torch's [out, (c h w)] -> Flax's [(h w c), out]: rows in the order of an NHWC reshape
+            arr = rearrange(t, "o (c h w) -> (h w c) o", c=c, h=h, w=w)
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = tensor_to_numpy(arr, bf16_as)
+    return tree
+
+
+def flax_variables(tree: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Flax's variable collections from a `to_flax` tree: `{"params": ..., "batch_stats": ...}`.
+
+    `tree` is nested or flat with dotted keys (as `safetensors.flax.load_file` returns). Batch-norm
+    statistics (`mean`, `var` leaves) go to `batch_stats`, everything else to `params`; a model
+    without batch norm gets `{"params": ...}` only. The result is what `module.apply(variables, x)`
+    of the matching `flax.linen` module takes. The arrays are not copied.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key, a in _flatten_dotted(tree).items():
+        *path, leaf = key.split(".")
+        node = out.setdefault("batch_stats" if leaf in _BN_STATS_BACK else "params", {})
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = a
+    return {k: out[k] for k in ("params", "batch_stats") if k in out}
+
+
+def _flatten_dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            flat.update(_flatten_dotted(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def from_flax(
+    tree: Mapping[str, Any],
+    *,
+    bf16_keys: tuple[str, ...] | list[str] = (),
+    num_batches_tracked: Mapping[str, int] | None = None,
+    flatten: Flatten = "hwc",
+    model: str | None = None,
+) -> Params:
+    """Torch-layout weights from Flax-layout arrays (numpy or JAX), the inverse of `to_flax`.
+
+    `tree` is nested (`{"conv1": {"kernel": ...}}`) or flat with dotted keys (`conv1.kernel`, as
+    `safetensors.flax.load_file` returns); not split into collections (merge `params` and
+    `batch_stats` of a Flax model first). `bf16_keys` lists dotted keys holding bf16 bit
+    patterns as uint16 (`bf16_as="uint16"`); they come back as bfloat16.
+
+    `flatten` is the row order of the dense layer after the conv stack in `tree`: "hwc" (what
+    `to_flax` writes and a Flax module's `x.reshape((B, -1))` implies; the default) is put back
+    into torch's (c h w); "chw" is taken as it is. The architecture is `model` or recognised
+    from the result's names and shapes, as in `to_flax`.
+
+    A batch-norm layer (`scale`, `bias`, `mean`, `var`) comes back as `weight`, `bias`,
+    `running_mean`, `running_var` plus `num_batches_tracked` (0-d int64, right after
+    `running_var`), so the result loads strictly into the `nn.Module`. Flax does not count
+    batches: the count is `num_batches_tracked[layer]` if given (`load_flax` reads it from the
+    file's metadata), else 0. It matters only to `nn.BatchNorm2d(momentum=None)`.
+    """
+    counts = dict(num_batches_tracked or {})
+    params: Params = {}
+    for key, a in _flatten_dotted(tree).items():
+        *path, leaf = key.split(".")
+        t = numpy_to_tensor(a, bf16_bits=key in bf16_keys)
+        if leaf == "bias" and t.ndim == 1:
+            name = "bias"
+        elif leaf == "scale" and t.ndim == 1:
+            name = "weight"
+        elif leaf in _BN_STATS_BACK and t.ndim == 1:
+            name = _BN_STATS_BACK[leaf]
+        elif leaf == "kernel" and t.ndim == 4:
+            name, t = "weight", rearrange(t, "h w i o -> o i h w")
+        elif leaf == "kernel" and t.ndim == 2:
+            name, t = "weight", rearrange(t, "i o -> o i")
+        else:
+            raise ValueError(f"no torch equivalent known for Flax parameter {key!r} of shape {list(t.shape)}")
+        params[".".join([*path, name])] = t.contiguous()
+        if leaf == "var":  # var is the last of a Flax BatchNorm's leaves in to_flax's and sorted order
+            layer = ".".join(path)
+            params[f"{layer}.{_COUNTER}"] = torch.tensor(int(counts.get(layer, 0)), dtype=torch.int64)
+    _check_flatten(flatten)
+    if flatten == "hwc":
+        for layer, (c, h, w) in _flatten_layers(params, model).items():
+            key = f"{layer}.weight"  # [out, (h w c)] after the transpose above -> torch's (c h w)
+            params[key] = rearrange(params[key], "o (h w c) -> o (c h w)", c=c, h=h, w=w).contiguous()
+    return params
+
+
+def save_flax(
+    path: str | os.PathLike[str],
+    params: Mapping[str, Tensor],
+    *,
+    bf16_as: Bf16As = "float32",
+    flatten: Flatten = "hwc",
+    model: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Write `to_flax(params)` as safetensors with dotted keys (`conv1.kernel`), atomically.
+
+    Read it with `flax.traverse_util.unflatten_dict(safetensors.flax.load_file(p), sep=".")`
+    (then `flax_variables(...)` for a model with batch norm) and run it with `flax_module(name)`,
+    with `safetensors.numpy.load_file(p)`, or back into torch layout with `load_flax`. The
+    metadata records `layout` ("flax"), `flatten` (the dense-after-conv row order, "hwc" unless
+    asked otherwise; see `to_flax`), `bf16_as` and which keys were bf16 (`bf16_keys`), for batch
+    norm the dropped `num_batches_tracked` counts (`{layer: count}`), plus `metadata`'s entries.
+    Strings are stored as they are, other values as JSON, as `checkpoint.encode_metadata` does
+    (`checkpoint.read_metadata(p)` decodes them).
+    """
+    flat = _flatten_dotted(to_flax(params, bf16_as=bf16_as, flatten=flatten, model=model))
+
+    def dotted(k: str, t: Tensor) -> str | None:
+        leaf = _flax_leaf(k, t)
+        return None if leaf is None else ".".join(leaf[0])
+
+    meta: dict[str, Any] = dict(metadata or {})
+    meta.update(
+        layout=FLAX_LAYOUT, flatten=flatten, bf16_as=bf16_as, bf16_keys=numpy_io.bf16_keys(params, dotted)
+    )
+    counts = {k.rsplit(".", 1)[0]: int(t) for k, t in params.items() if k.rsplit(".", 1)[-1] == _COUNTER}
+    if counts:  # the file is for Flax, which has no counter: keep it beside, not in, the arrays
+        meta["num_batches_tracked"] = counts
+    numpy_io.save_arrays(path, flat, meta)
+
+
+def load_flax(path: str | os.PathLike[str]) -> Params:
+    """Torch-layout weights from a file written by `save_flax` (uint16 bf16 bits restored).
+
+    Batch-norm layers get back their `num_batches_tracked` from the file's metadata (0 where
+    the file has none, e.g. one written by Flax code), so the result equals what was saved.
+    The dense-after-conv row order is the file's `flatten` metadata; files written before it
+    was recorded have none and hold torch's (c h w) order, so a missing `flatten` means "chw".
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("layout") != FLAX_LAYOUT:
+        raise ValueError(
+            f"{path}: not a Flax-layout file written by save_flax (layout {meta.get('layout')!r})"
+        )
+    # bf16_keys and num_batches_tracked are JSON in files of either metadata convention (old
+    # files JSON-encoded every value; new ones all but strings), layout and bf16_as plain in both
+    bf16_keys = json.loads(meta.get("bf16_keys", "[]")) if meta.get("bf16_as") == "uint16" else []
+    counts = json.loads(meta.get("num_batches_tracked", "{}"))
+    flatten = meta.get("flatten", "chw")
+    if flatten not in FLATTEN_ORDERS:
+        raise ValueError(f"{path}: unknown flatten order {flatten!r} in the metadata")
+    tensors = load_file(str(path))
+    # torch uint16 has few kernels; go through numpy so the bit reinterpretation is plain
+    arrays = {
+        k: v.view(torch.int16).numpy().view(np.uint16) if k in bf16_keys else v.numpy()
+        for k, v in tensors.items()
+    }
+    return from_flax(arrays, bf16_keys=bf16_keys, num_batches_tracked=counts, flatten=flatten)

@@ -1,0 +1,246 @@
+"""Our params <-> plain PyTorch modules, and any research `nn.Module` as a `Model`.
+
+- `to_module(name, params)` / `from_module(module)`: our params <-> a plain module of a known
+  architecture (`torch_modules`: same `state_dict` keys, forward equal to `Model.apply`).
+- Stateful models (batch norm: `simplenet_bn`): their *weights* are params and buffers in one
+  flat dict under the module's `state_dict` names (`bn1.weight`, `bn1.running_mean`,
+  `bn1.num_batches_tracked`), as `best.safetensors` holds them. `split_state` / `merge_state`
+  go between that dict and `(params, model_state)` for `Model.apply`.
+- `identify(params)`: the known architecture whose names and shapes the weights have.
+- `functionalize(module)`: any `nn.Module` as a `Model` (through `torch.func.functional_call`),
+  so `make_train_step` / `make_eval_step` drive it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch import nn as tnn
+
+from fashion_func import models
+from fashion_func.interop.torch_modules import NAMES, build, hparams_from_params
+from fashion_func.models import Model, ModelState, Params, Stage
+
+__all__ = [
+    "check_shapes",
+    "from_module",
+    "functionalize",
+    "identify",
+    "merge_state",
+    "split_state",
+    "template",
+    "to_module",
+]
+
+
+def check_shapes(name: str, module: tnn.Module, params: Mapping[str, Tensor]) -> None:
+    """ValueError unless `params` has exactly the module's `state_dict` names, shapes and kinds."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in params]
+    unexpected = sorted(set(params) - set(expected))
+    if missing or unexpected:
+        buffers = {k for k, _ in module.named_buffers()}
+        hint = (
+            "; a stateful model's weights hold its buffers too: pass interop.merge_state(params, model_state)"
+            if missing and set(missing) <= buffers
+            else ""
+        )
+        raise ValueError(
+            f"params do not match {name}: missing keys {missing[:5]}, unexpected {unexpected[:5]}{hint}"
+        )
+    for k, v in expected.items():
+        if tuple(params[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"params do not match {name}: {k!r} has shape {list(params[k].shape)}, not {list(v.shape)}"
+            )
+        # a float counter would load (assign=True takes the given tensor) and then count in floats
+        if params[k].is_floating_point() != v.is_floating_point():
+            raise ValueError(f"params do not match {name}: {k!r} has dtype {params[k].dtype}, not {v.dtype}")
+
+
+def template(
+    name: str,
+    hparams: Mapping[str, Any],
+    dtype: torch.dtype = torch.float32,
+    buffer_dtype: torch.dtype | None = None,
+) -> Params:
+    """Meta tensors with the names, order, shapes and dtypes of the model's weights (nothing drawn).
+
+    Weights are the module's `state_dict`: parameters, then for a stateful model its buffers too.
+    Floating parameters get `dtype`, floating buffers (running statistics) `buffer_dtype`
+    (default `dtype`); integer buffers (`num_batches_tracked`, int64) keep their own dtype.
+    """
+    module = build(name, hparams)
+    buffers = {k for k, _ in module.named_buffers()}
+
+    def dtype_of(k: str, v: Tensor) -> torch.dtype:
+        if not v.is_floating_point():
+            return v.dtype
+        return (buffer_dtype or dtype) if k in buffers else dtype
+
+    return {
+        k: torch.empty(v.shape, dtype=dtype_of(k, v), device="meta") for k, v in module.state_dict().items()
+    }
+
+
+def split_state(model: Model, weights: Mapping[str, Tensor]) -> tuple[Params, ModelState]:
+    """`(params, model_state)` of a weights dict holding both (a stateful model's weights file).
+
+    The state is the entries named like `model.init_state()`'s keys (`bn1.running_mean`, ...),
+    the params everything else, each in `weights`' order; nothing is copied. A stateless model
+    gives `(dict(weights), {})`. ValueError when a buffer of a stateful model is missing.
+    """
+    state_keys = model.init_state(device="meta").keys()  # names only: nothing allocated
+    missing = [k for k in state_keys if k not in weights]
+    if missing:
+        raise ValueError(
+            f"weights of {model.name} lack its buffers {missing[:5]}: a stateful model's weights hold "
+            "params and buffers together ({**params, **model_state})"
+        )
+    params = {k: v for k, v in weights.items() if k not in state_keys}
+    return params, {k: v for k, v in weights.items() if k in state_keys}
+
+
+def merge_state(params: Mapping[str, Tensor], model_state: Mapping[str, Tensor]) -> Params:
+    """One weights dict `{**params, **model_state}`, as a weights file holds it.
+
+    The inverse of `split_state`. ValueError when a name is in both (a buffer would silently
+    replace a param).
+    """
+    both = sorted(set(params) & set(model_state))
+    if both:
+        raise ValueError(f"names both in params and model_state: {both[:5]}")
+    return {**params, **model_state}
+
+
+def identify(params: Mapping[str, Tensor]) -> str:
+    """The name of the known architecture whose weight names and shapes `params` has.
+
+    For a stateful model `params` are its weights, buffers included (`bn1.running_mean`, as the
+    module's `state_dict`), which also tells `simplenet_bn` from `simplenet`. Raises ValueError
+    when no model in `models.MODELS` matches.
+    """
+    for name in NAMES:
+        try:
+            check_shapes(name, build(name, hparams_from_params(name, params)), params)
+        except (ValueError, TypeError):
+            continue
+        return name
+    shown = ", ".join(list(params)[:6])
+    raise ValueError(
+        f"parameters [{shown}] match none of the known models ({', '.join(NAMES)}); "
+        "use interop.functionalize(module) for other architectures"
+    )
+
+
+def to_module(model_name: str, params: Mapping[str, Tensor], **hparams: Any) -> tnn.Module:
+    """A plain PyTorch module (eval mode) holding copies of `params`, whose forward equals `apply`.
+
+    For a stateful model `params` are its weights: params and buffers in one dict (`merge_state`),
+    loaded strictly, so the module's eval-mode forward equals `apply(..., state=)`.
+    Hyperparameters (class count, widths) are read off the parameter shapes unless given.
+    The module owns its tensors: training it never changes `params`.
+    """
+    hp = {**hparams_from_params(model_name, params), **hparams}
+    module = build(model_name, hp)
+    check_shapes(model_name, module, params)
+    # assign=True swaps the meta tensors for real ones; the clones keep the caller's params out
+    # of reach of in-place optimizers working on the module.
+    module.load_state_dict({k: v.detach().clone() for k, v in params.items()}, strict=True, assign=True)
+    return module.eval()
+
+
+def from_module(module: tnn.Module, *, check: bool = True) -> Params:
+    """Weights (detached copies) of a module whose architecture is known (see `identify`).
+
+    For a stateless model these are its params; for a stateful one (batch norm) params and
+    buffers together, under the module's `state_dict` names (`split_state` separates them).
+    The architecture is recognised by weight names and shapes; with `check` the module's
+    forward is also compared with `Model.apply` on a fixed input (in eval mode, so with the
+    running statistics), and a module with the same names but another computation is refused
+    (ValueError).
+    """
+    sd = module.state_dict()
+    name = identify(sd)
+    hparams = hparams_from_params(name, sd)
+    model = models.get(name, **hparams)
+    weights = {k: sd[k].detach().clone() for k in template(name, hparams)}
+    if check:
+        _check_forward(module, name, model, weights)
+    return weights
+
+
+def _check_forward(module: tnn.Module, name: str, model: Model, weights: Params) -> None:
+    """ValueError unless the module's eval-mode forward equals `model.apply` on a fixed input.
+
+    A stateful model is compared with its own buffers and again with perturbed running statistics
+    (through `functional_call`, so the module is not written): freshly initialised statistics
+    (mean 0, var 1) make eval-mode batch norm nearly the identity, which would hide a module that
+    normalises in another place.
+    """
+    params, state = split_state(model, weights)
+    p0 = next(iter(params.values()))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((2, *model.input_shape), generator=g).to(p0.device, p0.dtype)
+    trials = [state]
+    if state:
+        perturbed = dict(state)
+        for k, v in state.items():
+            if k.endswith(".running_mean"):
+                perturbed[k] = v + torch.randn(v.shape, generator=g).to(v)
+            elif k.endswith(".running_var"):  # stays positive: scaled by U(0.5, 2)
+                perturbed[k] = v * (0.5 + 1.5 * torch.rand(v.shape, generator=g).to(v))
+        trials.append(perturbed)
+    tol = 1e-3 if p0.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    was_training = module.training
+    module.eval()
+    try:
+        for buffers in trials:
+            with torch.no_grad():
+                if model.stateful:
+                    got = torch.func.functional_call(module, buffers, (x,))
+                    expected, _ = model.apply(params, x, state=buffers)
+                else:
+                    got, expected = module(x), model.apply(params, x)
+            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=tol, atol=tol):
+                raise ValueError(
+                    f"{type(module).__name__} has the parameters of {name} but computes something else; "
+                    "use interop.functionalize(module) to run it as it is"
+                )
+    finally:
+        module.train(was_training)
+
+
+def functionalize(module: tnn.Module, *, name: str | None = None) -> tuple[Model, Params]:
+    """Any `nn.Module` as a `Model` plus copies of its parameters, via `torch.func.functional_call`.
+
+    For research code that keeps its own module: `make_train_step(model, ...)` then trains the
+    returned params functionally. `apply(params, x, train=...)` runs the module's own forward
+    with `params` swapped in and the module in train/eval mode for the call. Buffers are read from
+    the module as constants (not trained); a module that writes its buffers in training (batch
+    norm's running statistics) writes into its own, so use eval mode or a `models` model for those.
+    Randomness inside the module (dropout) draws from torch's global RNG, not from `key`.
+    `init` ignores its generator and returns copies of the module's current parameters.
+    """
+    params = {k: p.detach().clone() for k, p in module.named_parameters()}
+    buffers = dict(module.named_buffers())
+
+    def forward(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
+        was_training = module.training
+        module.train(train)
+        try:
+            return torch.func.functional_call(module, (p, buffers), (x,), strict=True)
+        finally:
+            module.train(was_training)
+
+    def init(generator: torch.Generator, *, dtype: torch.dtype = torch.float32, device: Any = None) -> Params:
+        return {
+            k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype).clone()
+            for k, v in params.items()
+        }
+
+    model = Model(name or type(module).__name__, {}, init, (Stage("module", forward),))
+    return model, {k: v.clone() for k, v in params.items()}

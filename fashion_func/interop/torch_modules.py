@@ -1,0 +1,182 @@
+"""Plain `torch.nn.Module`s with our parameter names, one per architecture of `models`.
+
+Their `state_dict` keys, shapes and eval-mode forward equal our weights and `Model.apply`, so a
+weights file loads with `module.load_state_dict(safetensors.torch.load_file(p))`. `build` makes
+one on the meta device, `hparams_from_params` reads its constructor arguments off a weights dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch import nn as tnn
+
+__all__ = [
+    "MLP",
+    "NAMES",
+    "AlexNet",
+    "ResNet",
+    "SimpleNet",
+    "SimpleNetBN",
+    "build",
+    "hparams_from_params",
+]
+
+
+class MLP(tnn.Module):
+    """The tutorial's TwoLayerNet: flatten, `linear1`, ReLU, `linear2`."""
+
+    def __init__(self, D_in: int = 784, H: int = 100, D_out: int = 10) -> None:
+        super().__init__()
+        self.linear1 = tnn.Linear(D_in, H)
+        self.linear2 = tnn.Linear(H, D_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(F.relu(self.linear1(torch.flatten(x, 1))))
+
+
+class SimpleNet(tnn.Module):
+    """The reference network: conv 1->32, conv 32->64, max-pool 2, fc 9216->128, fc 128->classes."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = tnn.Conv2d(1, 32, 3)
+        self.conv2 = tnn.Conv2d(32, 64, 3)
+        self.fc1 = tnn.Linear(9216, 128)
+        self.fc2 = tnn.Linear(128, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.conv1(x))  # [B, 32, 26, 26]
+        x = F.relu(self.conv2(x))  # [B, 64, 24, 24]
+        x = torch.flatten(F.max_pool2d(x, 2), 1)  # [B, 64*12*12], (c h w) order
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class SimpleNetBN(tnn.Module):
+    """SimpleNet with batch norm after each convolution, before its ReLU, as `models.simplenet_bn`."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = tnn.Conv2d(1, 32, 3)
+        self.bn1 = tnn.BatchNorm2d(32)
+        self.conv2 = tnn.Conv2d(32, 64, 3)
+        self.bn2 = tnn.BatchNorm2d(64)
+        self.fc1 = tnn.Linear(9216, 128)
+        self.fc2 = tnn.Linear(128, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))  # [B, 32, 26, 26]
+        x = F.relu(self.bn2(self.conv2(x)))  # [B, 64, 24, 24]
+        x = torch.flatten(F.max_pool2d(x, 2), 1)  # [B, 64*12*12], (c h w) order
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class AlexNet(tnn.Module):
+    """AlexNet for 28x28x1 inputs, as `models.alexnet` (dropout before fc1 and fc2)."""
+
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.conv1 = tnn.Conv2d(1, 64, 3, padding=1)
+        self.conv2 = tnn.Conv2d(64, 192, 3, padding=1)
+        self.conv3 = tnn.Conv2d(192, 384, 3, padding=1)
+        self.conv4 = tnn.Conv2d(384, 256, 3, padding=1)
+        self.conv5 = tnn.Conv2d(256, 256, 3, padding=1)
+        self.fc1 = tnn.Linear(2304, 1024)
+        self.fc2 = tnn.Linear(1024, 1024)
+        self.fc3 = tnn.Linear(1024, num_classes)
+        self.drop = tnn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # [B, 64, 14, 14]
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # [B, 192, 7, 7]
+        x = F.relu(self.conv3(x))
+        x = F.relu(self.conv4(x))
+        x = F.max_pool2d(F.relu(self.conv5(x)), 2)  # [B, 256, 3, 3]
+        x = self.drop(torch.flatten(x, 1))
+        x = self.drop(F.relu(self.fc1(x)))
+        return self.fc3(F.relu(self.fc2(x)))
+
+
+class _ConvBN(tnn.Module):
+    """conv 3x3 (padding 1), optional max-pool 2, batch norm, ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, pool: bool = False) -> None:
+        super().__init__()
+        self.conv = tnn.Conv2d(c_in, c_out, 3, padding=1)
+        self.bn = tnn.BatchNorm2d(c_out)
+        self.pool = pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        return F.relu(self.bn(F.max_pool2d(x, 2) if self.pool else x))
+
+
+class _Layer(tnn.Module):
+    """A pooled conv-bn-ReLU, then `x + res2(res1(x))` when `residual`."""
+
+    def __init__(self, c_in: int, c_out: int, residual: bool) -> None:
+        super().__init__()
+        self.conv = tnn.Conv2d(c_in, c_out, 3, padding=1)
+        self.bn = tnn.BatchNorm2d(c_out)
+        self.res1 = _ConvBN(c_out, c_out) if residual else None
+        self.res2 = _ConvBN(c_out, c_out) if residual else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn(F.max_pool2d(self.conv(x), 2)))
+        return x if self.res1 is None else x + self.res2(self.res1(x))
+
+
+class ResNet(tnn.Module):
+    """The ResNet-9-style network of `models.resnet(width)`, as a plain module."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.prep = _ConvBN(1, w)
+        self.layer1 = _Layer(w, 2 * w, residual=True)
+        self.layer2 = _Layer(2 * w, 4 * w, residual=False)
+        self.layer3 = _Layer(4 * w, 8 * w, residual=True)
+        self.fc = tnn.Linear(8 * w, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.prep(x))))
+        return self.fc(torch.amax(x, dim=(-2, -1)))
+
+
+_MODULES: dict[str, type[tnn.Module]] = {
+    "mlp": MLP,
+    "simplenet": SimpleNet,
+    "simplenet_bn": SimpleNetBN,
+    "alexnet": AlexNet,
+    "resnet": ResNet,
+}
+NAMES: tuple[str, ...] = tuple(_MODULES)  # the architectures with a plain module, in matching order
+
+
+def hparams_from_params(name: str, params: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The constructor arguments a params dict implies (class counts, widths), read off its shapes."""
+    try:
+        if name == "mlp":
+            h, d_in = params["linear1.weight"].shape
+            return {"D_in": d_in, "H": h, "D_out": params["linear2.weight"].shape[0]}
+        if name in ("simplenet", "simplenet_bn"):
+            return {"num_classes": params["fc2.weight"].shape[0]}
+        if name == "alexnet":
+            return {"num_classes": params["fc3.weight"].shape[0]}
+        if name == "resnet":
+            return {"num_classes": params["fc.weight"].shape[0], "width": params["prep.conv.weight"].shape[0]}
+    except (KeyError, ValueError):
+        pass  # wrong keys or ranks: the shape check (`torch_io.check_shapes`) names the problem
+    return {}
+
+
+def build(name: str, hparams: Mapping[str, Any]) -> tnn.Module:
+    """An un-initialised module (meta device: no memory, no draws from the global RNG)."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(sorted(_MODULES))}")
+    with torch.device("meta"):
+        return _MODULES[name](**hparams)

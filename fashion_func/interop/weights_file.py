@@ -1,0 +1,87 @@
+"""A weights file read for use elsewhere: validated weights, the model its metadata names, and
+the input normalisation that model was trained with."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fashion_func import checkpoint, data, models
+from fashion_func.interop import torch_io
+from fashion_func.models import Model, Params
+
+__all__ = ["finite_number", "known_normalization", "load_weights_file", "normalization"]
+
+
+def load_weights_file(
+    path: str | os.PathLike[str], model_name: str | None = None, *, device: torch.device | str = "cpu"
+) -> tuple[Model, Params, dict[str, Any]]:
+    """(model, weights, metadata) of a weights file, validated against the model's weights.
+
+    The model is `model_name` if given, else the `model` entry of the file's metadata (as
+    `fit` writes into best.safetensors). The weights are the model's params, and for a stateful
+    model its buffers too (one dict, as the file holds them; `split_state` separates them).
+    Weights stored in another floating dtype (bf16, fp16) are accepted and returned as stored;
+    a stateful model's floating buffers may be stored in a dtype of their own (float32 running
+    statistics beside bf16 params). Raises `checkpoint.CheckpointError` (one line) for a
+    missing or bad file, a train-state file, an unknown model or weights of another model.
+    """
+    info = checkpoint.inspect(path)  # validates the header; CheckpointError if missing or bad
+    if info.format == checkpoint.STATE_FORMAT:
+        raise checkpoint.CheckpointError(
+            f"{path}: is a whole train state (last.safetensors), not a weights file; "
+            "pass a weights file such as checkpoints/best.safetensors"
+        )
+    name = model_name or info.metadata.get("model")
+    if not isinstance(name, str) or not name:
+        raise checkpoint.CheckpointError(f"{path}: no model name in the file's metadata; pass --model NAME")
+    try:
+        model = models.get(name)
+    except ValueError as e:
+        raise checkpoint.CheckpointError(f"{path}: {e}") from None
+    state_keys = model.init_state(device="meta").keys()
+
+    def stored_dtype(buffers: bool) -> torch.dtype:
+        # Only floating tensors say what the weights were saved in: num_batches_tracked is int64
+        # whatever the precision. A file of mixed float dtypes is checked against float32 and
+        # refused with a message naming the first mismatch.
+        found = {
+            dt for k, (dt, _) in info.tensors.items() if dt.is_floating_point and (k in state_keys) == buffers
+        }
+        return found.pop() if len(found) == 1 else torch.float32
+
+    template = torch_io.template(model.name, model.hparams, stored_dtype(False), stored_dtype(True))
+    params, metadata = checkpoint.load_weights(path, template=template, device=device)
+    return model, params, metadata
+
+
+def finite_number(v: Any) -> bool:
+    """Whether `v` is a finite int or float (not a bool), as metadata numbers must be."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def known_normalization(metadata: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(mean, std) a weights file's (decoded) metadata says its model was trained with, or None.
+
+    The numbers `normalize_mean` / `normalize_std` where the file records them; else the run
+    config's `normalize` ("tutorial": `data.TUTORIAL_MEAN/STD`, "dataset": `data.MEAN/STD`);
+    None when the metadata says nothing (no numbers, no config).
+    """
+    mean, std = metadata.get("normalize_mean"), metadata.get("normalize_std")
+    if finite_number(mean) and finite_number(std) and std > 0:
+        return float(mean), float(std)
+    config = metadata.get("config")
+    if isinstance(config, Mapping):
+        if config.get("normalize") == "tutorial":
+            return data.TUTORIAL_MEAN, data.TUTORIAL_STD
+        return data.MEAN, data.STD  # "dataset", the config's default
+    return None
+
+
+def normalization(metadata: Mapping[str, Any]) -> tuple[float, float]:
+    """(mean, std) to normalise inputs with for a weights file: `known_normalization`, else the dataset's."""
+    return known_normalization(metadata) or (data.MEAN, data.STD)

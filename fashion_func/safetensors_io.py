@@ -1,0 +1,372 @@
+"""safetensors files read defensively and written from tensors; nothing here knows a TrainState.
+
+Reading: `read` takes a regular file only, its 8-byte length prefix checked before anything
+else is read (a multi-gigabyte file that is not safetensors fails without being read);
+`parse_header` validates the header the way the safetensors reference implementation requires
+(a JSON object without duplicate keys, string metadata, known dtypes, shapes, offsets that
+match the shapes and tile the data region exactly) before any tensor is decoded;
+`decode_tensors` decodes the data and checks it against the header and for non-finite values;
+`check_template` compares a header with the names, shapes and dtypes expected.
+
+Writing: `host_copies` copies tensors to fresh contiguous CPU buffers, `to_bytes` makes the file's bytes.
+
+Every problem with a file is a `CheckpointError` with a one-line message naming the file.
+Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+from torch import Tensor
+
+from fashion_func.safeio import FileError, one_line, open_regular, os_reason
+
+__all__ = [
+    "DTYPES",
+    "METADATA",
+    "CheckpointError",
+    "Entry",
+    "Header",
+    "check_template",
+    "decode_tensors",
+    "fail",
+    "host_copies",
+    "name_list",
+    "parse_header",
+    "read",
+    "read_header",
+    "to_bytes",
+]
+
+# The safetensors reference implementation refuses headers above 100 MB; so do we, before
+# allocating anything, so a text or pickle file read as a length prefix fails fast.
+_MAX_HEADER = 100_000_000
+METADATA = "__metadata__"  # the header's metadata entry (never a tensor name)
+_TENSOR_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
+
+# safetensors dtype names that safetensors.torch can decode on this torch build.
+DTYPES: dict[str, torch.dtype] = {
+    name: dtype
+    for name, dtype in {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "C64": torch.complex64,
+        "U64": getattr(torch, "uint64", None),
+        "U32": getattr(torch, "uint32", None),
+        "U16": getattr(torch, "uint16", None),
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
+    }.items()
+    if dtype is not None
+}
+_SAVABLE = frozenset(DTYPES.values())
+
+
+class CheckpointError(Exception):
+    """A checkpoint file could not be read, validated or written; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a validated header."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # offsets relative to the start of the data region
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated header: the tensors, the raw metadata strings, where the data begins."""
+
+    entries: dict[str, Entry]
+    metadata: dict[str, str]
+    data_start: int  # 8 + header length
+
+
+def fail(name: str, what: str) -> CheckpointError:
+    """The one-line `CheckpointError` "{name}: {what}" (to raise)."""
+    return CheckpointError(one_line(f"{name}: {what}"))
+
+
+def name_list(keys: list[str], limit: int = 5) -> str:
+    """The first `limit` keys, quoted, and how many more, for a message."""
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"[{shown}{more}]"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _to_host(name: str, leaf: Any) -> Tensor:
+    if not isinstance(leaf, Tensor):
+        raise TypeError(f"cannot save {name!r}: leaves must be tensors, got {type(leaf).__name__}")
+    if leaf.layout != torch.strided:
+        raise TypeError(f"cannot save {name!r}: only dense tensors are supported, got {leaf.layout}")
+    if leaf.dtype not in _SAVABLE:
+        raise TypeError(f"cannot save {name!r}: dtype {leaf.dtype} has no safetensors encoding")
+    if leaf.is_meta:
+        raise ValueError(f"cannot save {name!r}: it is a meta tensor without data")
+    # A fresh contiguous CPU buffer in one copy: never the caller's storage, never shared
+    # between entries (safetensors refuses shared storage).
+    return torch.empty(leaf.shape, dtype=leaf.dtype, device="cpu").copy_(leaf.detach())
+
+
+def host_copies(flat: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Fresh contiguous CPU copies of the tensors `flat`, checked to be savable.
+
+    TypeError for a leaf that is not a dense tensor of a dtype safetensors encodes, ValueError
+    for a meta tensor or a tensor named `__metadata__`.
+    """
+    if METADATA in flat:
+        raise ValueError(f"{METADATA!r} cannot be a tensor name")
+    return {name: _to_host(name, leaf) for name, leaf in flat.items()}
+
+
+def to_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The bytes of a safetensors file of `host_copies` and the metadata strings."""
+    return _st_save(dict(tensors), metadata=dict(metadata))
+
+
+# --------------------------------------------------------------------------- the header
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _nbytes(shape: list[int], itemsize: int, limit: int) -> int:
+    # Stop multiplying once past `limit`: a header with many huge dims must not make us
+    # compute an enormous integer (the reference implementation rejects usize overflow).
+    if 0 in shape:
+        return 0
+    total = itemsize
+    for d in shape:
+        total *= d
+        if total > limit:
+            return total
+    return total
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _header_length(prefix: bytes, file_size: int, name: str) -> int:
+    if file_size == 0:
+        raise fail(name, "not a safetensors file: the file is empty")
+    if file_size < 8:
+        raise fail(name, f"not a safetensors file: only {file_size} bytes, too short for a header")
+    n = int.from_bytes(prefix[:8], "little")
+    if n > _MAX_HEADER or n > file_size - 8:
+        hint = ""
+        if prefix[:4] == b"PK\x03\x04":
+            hint = " (it looks like a zip archive, e.g. a torch.save file; only safetensors files are read)"
+        elif prefix[:1] == b"\x80" and prefix[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            hint = " (it looks like a pickle file; fashion_func never unpickles)"
+        raise fail(
+            name, f"not a safetensors file: header length {n} exceeds the file size {file_size} bytes{hint}"
+        )
+    if n < 2:
+        raise fail(name, f"not a safetensors file: header length {n} is too small for a JSON object")
+    return n
+
+
+def _header_object(raw: bytes, n: int, name: str) -> dict[str, Any]:
+    """The header's JSON object: strict JSON, no duplicate keys, no NaN/Infinity constants."""
+    if len(raw) != n:
+        raise fail(name, f"truncated: header of {n} bytes but only {len(raw)} present")
+    if raw[:1] != b"{":
+        raise fail(name, "not a safetensors file: header does not start with '{'")
+    try:
+        text = raw.decode("utf-8")
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise fail(name, f"header is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise fail(name, f"header is not a JSON object but {type(obj).__name__}")
+    return obj
+
+
+def _header_metadata(obj: dict[str, Any], name: str) -> dict[str, str]:
+    """The `__metadata__` entry, taken out of `obj`: an object of strings ({} when absent)."""
+    metadata = obj.pop(METADATA, {})
+    if not isinstance(metadata, dict):
+        raise fail(name, f"header {METADATA} is not an object but {type(metadata).__name__}")
+    for k, v in metadata.items():
+        if not isinstance(v, str):
+            raise fail(name, f"metadata value for {k!r} is not a string but {type(v).__name__}")
+    return metadata
+
+
+def _int_pair(offsets: Any) -> bool:
+    return isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+
+
+def _entry(key: str, info: Any, data_size: int, name: str) -> Entry:
+    """One tensor's header entry, checked: its fields, dtype, shape, and offsets that fit both."""
+    if not isinstance(info, dict):
+        raise fail(name, f"tensor {key!r}: entry is not an object")
+    if set(info) != _TENSOR_FIELDS:
+        missing = sorted(_TENSOR_FIELDS - set(info))
+        extra = sorted(set(info) - _TENSOR_FIELDS)
+        raise fail(name, f"tensor {key!r}: fields missing {missing}, unexpected {extra}")
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise fail(name, f"tensor {key!r}: unknown dtype {dtype_name!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
+        raise fail(name, f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers")
+    if not (_int_pair(offsets) and 0 <= offsets[0] <= offsets[1] <= data_size):
+        # a start inside the data region and an end past it: most likely a cut-off file
+        truncated = _int_pair(offsets) and 0 <= offsets[0] <= data_size < offsets[1]
+        hint = " (truncated file?)" if truncated else ""
+        raise fail(
+            name,
+            f"tensor {key!r}: data_offsets {offsets!r} outside the data region of {data_size} bytes{hint}",
+        )
+    dtype = DTYPES[dtype_name]
+    nbytes = _nbytes(shape, dtype.itemsize, data_size)
+    if offsets[1] - offsets[0] != nbytes:
+        raise fail(
+            name,
+            f"tensor {key!r}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes "
+            f"but {dtype_name} {shape} needs {nbytes}",
+        )
+    return Entry(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_tiling(entries: Mapping[str, Entry], data_size: int, name: str) -> None:
+    """The entries tile the data region exactly: no overlap (two tensors aliasing the same
+    bytes), no gaps, nothing after the last tensor."""
+    end = 0
+    for key, e in sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if e.start != end:
+            what = "overlaps the previous tensor" if e.start < end else f"leaves a gap at byte {end}"
+            raise fail(name, f"tensor {key!r}: data_offsets [{e.start}, {e.end}] {what}")
+        end = e.end
+    if end != data_size:
+        raise fail(name, f"data region is {data_size} bytes but the tensors cover {end}")
+
+
+def parse_header(prefix: bytes, file_size: int, name: str) -> Header:
+    """Validate the header at the start of `prefix` against a file of `file_size` bytes.
+
+    Checks layout only (it needs the header bytes, not the data): JSON object, metadata
+    str->str, known dtypes, shapes, offsets consistent with shapes and covering the data
+    region exactly, in the way the safetensors reference implementation requires.
+    """
+    n = _header_length(prefix, file_size, name)
+    obj = _header_object(prefix[8 : 8 + n], n, name)
+    metadata = _header_metadata(obj, name)
+    data_size = file_size - 8 - n
+    entries = {key: _entry(key, info, data_size, name) for key, info in obj.items()}
+    _check_tiling(entries, data_size, name)
+    return Header(entries, metadata, 8 + n)
+
+
+def check_template(header: Header, template: Mapping[str, Tensor], name: str, what: str) -> None:
+    """CheckpointError ("{name}: {what}: ...") unless the header has exactly the template's
+    names, shapes and dtypes; TypeError for a template leaf that is not a tensor."""
+    names = list(template)
+    missing = [k for k in names if k not in header.entries]
+    unexpected = sorted(set(header.entries) - set(names))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys {name_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys {name_list(unexpected)}")
+        raise fail(name, f"{what}: {', '.join(parts)}")
+    for key, leaf in template.items():
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"template leaf {key!r} is {type(leaf).__name__}, not a tensor")
+        e = header.entries[key]
+        if e.shape != tuple(leaf.shape):
+            raise fail(
+                name, f"{what}: {key!r} has shape {list(e.shape)} in the file, {list(leaf.shape)} expected"
+            )
+        if e.dtype != leaf.dtype:
+            raise fail(name, f"{what}: {key!r} has dtype {e.dtype} in the file, {leaf.dtype} expected")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def decode_tensors(data: bytes, header: Header, name: str) -> dict[str, Tensor]:
+    """The tensors of the whole file `data`, as its validated `header` promised, all finite."""
+    try:
+        tensors = _st_load(data)
+    except Exception as e:  # the decoder is a foreign library: any failure is a bad file
+        raise fail(name, f"safetensors cannot decode the file: {type(e).__name__}: {e}") from None
+    # Belt and braces: what was decoded is exactly what the validated header promised.
+    if set(tensors) != set(header.entries):
+        raise fail(name, "decoded tensors differ from the header")
+    for key, t in tensors.items():
+        e = header.entries[key]
+        if t.dtype != e.dtype or tuple(t.shape) != e.shape:
+            raise fail(name, f"tensor {key!r} decoded as {t.dtype} {list(t.shape)}, header says otherwise")
+        if t.is_floating_point() or t.is_complex():
+            # isfinite is not implemented for float8 types; widening is exact
+            check = t.float() if t.element_size() == 1 else t
+            if not bool(torch.isfinite(check).all()):
+                bad = int((~torch.isfinite(check)).sum())
+                raise fail(name, f"tensor {key!r} has {bad} non-finite values (NaN or inf)")
+    return tensors
+
+
+def read(path: str | os.PathLike[str], *, header_only: bool) -> tuple[bytes, int, str]:
+    """(bytes, file size, name): the whole file, or only its length prefix and header.
+
+    The length prefix is checked before anything else is read: a multi-gigabyte file
+    that is not a safetensors file fails without being read.
+    """
+    name = str(path)
+    try:
+        # a regular file only, checked before opening and opened without blocking: a FIFO
+        # named as a checkpoint must not hang the process
+        with open_regular(path, what="checkpoint") as f:
+            st = os.fstat(f.fileno())
+            first = f.read(8)
+            n = _header_length(first, st.st_size, name)
+            data = first + (f.read(n) if header_only else f.read())
+    except FileError as e:
+        reason = str(e).split(": ", 1)[-1]
+        raise fail(name, reason) from None
+    except OSError as e:
+        raise fail(name, f"cannot read: {os_reason(e)}") from None
+    return data, st.st_size, name
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[Header, str]:
+    """(validated header, name) of a file, reading only its length prefix and header."""
+    prefix, size, name = read(path, header_only=True)
+    return parse_header(prefix, size, name), name
