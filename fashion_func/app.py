@@ -61,8 +61,10 @@ def build_optimizer(cfg: Config, steps_per_epoch: int | None = None) -> optim.Gr
     if cfg.lr_schedule == "onecycle":
         if steps_per_epoch is None:
             raise ValueError("--lr-schedule onecycle needs the number of steps per epoch")
-        warmup = round(cfg.warmup_epochs * steps_per_epoch)
-        parts.append(optim.scale_by_schedule(schedules.triangle(cfg.epochs * steps_per_epoch, warmup)))
+        total = max(1, cfg.epochs * steps_per_epoch)
+        # a warm-up of nearly every epoch can round up to every step: the peak comes at the last
+        warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+        parts.append(optim.scale_by_schedule(schedules.triangle(total, warmup)))
     if cfg.ema is not None:
         parts.append(optim.ema(cfg.ema))
     # one transform stays unwrapped: the state's layout (and old checkpoints) unchanged
@@ -193,8 +195,14 @@ def _resume_point(
     saved_config = point.metadata.get("config")
     saved_lr = saved_config.get("lr") if isinstance(saved_config, dict) else None
     if saved_lr is not None and cfg.lr != saved_lr:
-        # an --lr given on resume replaces the checkpoint's (schedules restart from it too)
-        point = point.replace_lr(cfg.lr, callbacks)
+        # an --lr given on resume replaces the checkpoint's; the plateau schedule this app
+        # built keeps its lr in its state, so it restarts from the new one too
+        plateaus = {cb.name for cb in callbacks if isinstance(cb, cbs.ReduceLROnPlateau)}
+        states = {
+            name: {**st, "lr": cbs.encode_float(cfg.lr)} if name in plateaus else st
+            for name, st in point.cb_states.items()
+        }
+        point = point.replace_lr(cfg.lr, states)
         log.info(f"lr set to {cfg.lr} (the checkpoint's run used {saved_lr})")
     return point
 
@@ -334,7 +342,8 @@ def train(
         )
         if _stacked(cfg):
             _write_members_table(cfg, result, run)
-        if test_split is not None and not result.diverged:
+        # a run cut by max_steps is not finished: its test measurement waits for the resumed run
+        if test_split is not None and not result.diverged and not result.stop_reason.startswith("max_steps"):
             result.extra["test"] = _final_test(cfg, result, eval_step, plain_eval, test_split, run)
         return result
 
@@ -360,7 +369,9 @@ def _metadata(cfg: Config) -> dict[str, Any]:
     """What every checkpoint and weights file of the run records beside its tensors."""
     pre = _preprocess(cfg)
     # the normalisation as numbers: a client in any language can preprocess from them
-    return {"config": cfg.to_dict(), "model": cfg.model, "normalize_mean": pre.mean, "normalize_std": pre.std}
+    # and the model's constructor arguments: a reader builds it without guessing from shapes
+    return {"config": cfg.to_dict(), "model": cfg.model, "model_hparams": build_model(cfg).hparams,
+            "normalize_mean": pre.mean, "normalize_std": pre.std}  # fmt: skip
 
 
 def _splits(cfg: Config, device: torch.device) -> tuple[data.Split, data.Split, data.Split | None]:

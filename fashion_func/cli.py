@@ -31,6 +31,7 @@ from fashion_func.config import (
 from fashion_func.safeio import display, short_repr
 
 __all__ = [
+    "EXIT_USAGE",
     "Parser",
     "UsageError",
     "add_version",

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from fashion_func import atomic, checkpoint, data, ensemble, interop, losses
-from fashion_func.cli import Parser, UsageError, add_version, int_arg
+from fashion_func.cli import EXIT_USAGE, Parser, UsageError, add_version, int_arg
 from fashion_func.images import (
     IMAGE_SUFFIXES,
     MAX_IMAGE_PIXELS,
@@ -70,16 +70,14 @@ __all__ = [
     "ImageError",
     "build_parser",
     "classify_images",
-    "evaluate",
     "find_images",
     "main",
     "most_confident_mistakes",
+    "per_example_outputs",
     "plot_confusion_matrix",
     "plot_grid",
     "prepare_image",
 ]
-
-EXIT_USAGE = 2
 
 
 # -- arguments ---------------------------------------------------------------------------------
@@ -194,7 +192,7 @@ def classify_images(
     return top.values, top.indices
 
 
-def evaluate(
+def per_example_outputs(
     model: Model,
     params: Params,
     split: data.Split,
@@ -299,8 +297,9 @@ def _evaluate_test_set(args: argparse.Namespace, members: Sequence[Member]) -> d
     split = data.load("test", args.data_dir, device=params_device(members[0].params), limit=args.limit)
     print(display(f"test set: {split.labels.shape[0]} examples from {split.source}"))
     outs = [
-        evaluate(m.model, m.params, split, batch_size=args.batch_size, topk=args.topk, mean=m.mean, std=m.std,
-                 compile=args.compile, model_state=m.model_state, tta=args.tta)
+        per_example_outputs(m.model, m.params, split, batch_size=args.batch_size, topk=args.topk,
+                            mean=m.mean, std=m.std, compile=args.compile, model_state=m.model_state,
+                            tta=args.tta)
         for m in members
     ]  # fmt: skip
     result = outs[0] if len(outs) == 1 else ensemble_outputs(outs, split.labels, args.topk)

@@ -85,7 +85,7 @@ def most_confident_mistakes(logits: Tensor, labels: Tensor, preds: Tensor, n: in
 
 
 def build_report(out: dict[str, Tensor], labels: Tensor, topk: int) -> dict[str, Any]:
-    """The report of per-example outputs (`predict.evaluate`'s) against the labels: counts,
+    """The report of per-example outputs (`predict.per_example_outputs`'s) against the labels: counts,
     accuracy, top-k accuracy, mean loss, per-class precision/recall/support, confusion matrix."""
     num_classes = out["logits"].shape[-1]
     cm = metrics.confusion_matrix(out["pred"], labels, num_classes=num_classes)

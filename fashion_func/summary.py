@@ -45,24 +45,27 @@ def summary(model: Model, params: Params, model_state: ModelState | None = None)
 
     A stateful model's buffers are listed after the parameters (not counted as parameters).
     """
-    lines = [f"Model: {model.name} {model.hparams}", "", f"{'parameter':<20}{'shape':<24}{'count':>12}"]
-    lines.append("-" * 56)
-    for name, p in params.items():
-        lines.append(f"{name:<20}{list(p.shape)!s:<24}{p.numel():>12,}")
     x = torch.zeros((1, *model.input_shape), device=next(iter(params.values())).device)
     state = dict(model_state or model.init_state(device=x.device))
+    # the name column fits the longest name (resnet's run past 20 characters)
+    w = max(20, *(len(n) + 2 for n in (*params, *state, *(st.name for st in model.stages))))
+    rule = "-" * (w + 36)
+    header = f"{'parameter':<{w}}{'shape':<24}{'count':>12}"
+    lines = [f"Model: {model.name} {model.hparams}", "", header, rule]
+    for name, p in params.items():
+        lines.append(f"{name:<{w}}{list(p.shape)!s:<24}{p.numel():>12,}")
     if state:
-        lines += ["", f"{'buffer':<20}{'shape':<24}", "-" * 56]
-        lines += [f"{name:<20}{list(b.shape)!s:<24}" for name, b in state.items()]
-    lines += ["", f"{'stage':<20}{'output shape':<36}", "-" * 56]
+        lines += ["", f"{'buffer':<{w}}{'shape':<24}", rule]
+        lines += [f"{name:<{w}}{list(b.shape)!s:<24}" for name, b in state.items()]
+    lines += ["", f"{'stage':<{w}}{'output shape':<36}", rule]
     with torch.no_grad():
-        lines.append(f"{'input':<20}{['B', *x.shape[1:]]!s:<36}")
+        lines.append(f"{'input':<{w}}{['B', *x.shape[1:]]!s:<36}")
         for stage in model.stages:
             x, _ = stage.run(params, state, x, False, None)
-            lines.append(f"{stage.name:<20}{['B', *x.shape[1:]]!s:<36}")
+            lines.append(f"{stage.name:<{w}}{['B', *x.shape[1:]]!s:<36}")
     flops = flops_per_example(model, params, state)
     lines += [
-        "-" * 56,
+        rule,
         f"total parameters: {num_params(params):,}",
         f"forward FLOPs per example: {flops:,} ({flops / 1e6:.1f} MFLOP)",
     ]

@@ -30,12 +30,12 @@ from fashion_func.safeio import display
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="speedrun.py",
         description="Train a preset N times; print test accuracy mean ± std and the training time.",
         epilog="Every other flag is train.py's (e.g. --epochs, --width, --lr, --device).",
     )
-    p.add_argument("--runs", type=int, default=10, help="timed runs, seeds --seed .. --seed + N - 1")
+    p.add_argument("--runs", type=cli.int_arg, default=10, help="timed runs, seeds --seed .. --seed + N - 1")
     p.add_argument("--preset", default="speedrun", help="the recipe (default speedrun)")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     return p
@@ -54,10 +54,18 @@ class Recipe:
         self.device = device_lib.resolve_device(cfg.device)
         device_lib.configure(self.device, cfg.precision)
         train = data.load("train", cfg.data_dir, device=self.device, limit=cfg.limit_train)
-        if cfg.val_split:
-            cut = len(train.labels) - cfg.val_split
-            train = data.Split(train.images[:cut], train.labels[:cut], train.source)
-        self.train = train
+        cut = len(train.labels) - cfg.val_split
+        if cut <= 0:
+            raise cli.UsageError(
+                f"--val-split {cfg.val_split} leaves no training images "
+                f"(the train split has {len(train.labels)})"
+            )
+        if cut < cfg.batch_size:  # drop_last below: not one whole batch would be left to train on
+            raise cli.UsageError(
+                f"{cut} training images (after --val-split {cfg.val_split}) make no whole batch of "
+                f"--batch-size {cfg.batch_size}"
+            )
+        self.train = data.Split(train.images[:cut], train.labels[:cut], train.source)
         self.test = data.load("test", cfg.data_dir, device=self.device, limit=cfg.limit_val)
         # drop_last: every step has one shape, so the compiled step (and its CUDA graphs) is reused
         steps = data.num_batches(len(train.labels), cfg.batch_size, drop_last=True)
@@ -83,8 +91,8 @@ class Recipe:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, rest = _parser().parse_known_args(argv)
     try:
+        args, rest = _parser().parse_known_args(argv)
         cfg, _ = cli.parse_train_args(["--preset", args.preset, *rest])
         if args.runs < 1:
             raise cli.UsageError(f"--runs must be at least 1, got {args.runs}")

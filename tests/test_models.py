@@ -60,6 +60,13 @@ def test_the_config_offers_exactly_the_registered_models():
     assert sorted(config.MODELS) == sorted(models.MODELS)
 
 
+def test_the_config_offers_exactly_the_steps_precisions():
+    """config.PRECISIONS is a copy for the same reason (config must not import the step)."""
+    from fashion_func import config, step
+
+    assert config.PRECISIONS == step.PRECISIONS
+
+
 def test_mlp_hparams_follow_the_tutorial():
     model = models.get("mlp", D_in=1000, H=100, D_out=10)
     params = model.init(torch.Generator().manual_seed(0))

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from fashion_func import checkpoint, data, models
-from fashion_func.interop import torch_io
+from fashion_func.interop import torch_io, torch_modules
 from fashion_func.models import Model, Params
 
 __all__ = ["finite_number", "known_normalization", "load_weights_file", "normalization"]
@@ -40,8 +40,8 @@ def load_weights_file(
     if not isinstance(name, str) or not name:
         raise checkpoint.CheckpointError(f"{path}: no model name in the file's metadata; pass --model NAME")
     try:
-        model = models.get(name)
-    except ValueError as e:
+        model = models.get(name, **_file_hparams(info, name))
+    except (ValueError, TypeError) as e:
         raise checkpoint.CheckpointError(f"{path}: {e}") from None
     state_keys = model.init_state(device="meta").keys()
 
@@ -57,6 +57,27 @@ def load_weights_file(
     template = torch_io.template(model.name, model.hparams, stored_dtype(False), stored_dtype(True))
     params, metadata = checkpoint.load_weights(path, template=template, device=device)
     return model, params, metadata
+
+
+MAX_HPARAM = 1 << 16  # a width or class count beyond any model of ours: refused, never allocated
+
+
+def _file_hparams(info: checkpoint.CheckpointInfo, name: str) -> dict[str, int]:
+    """The model's constructor arguments: the `model_hparams` a file of this model records
+    (sizes and rates only), else what its tensor shapes imply (older files)."""
+    recorded = info.metadata.get("model_hparams")
+    if info.metadata.get("model") == name and isinstance(recorded, dict):
+        if not all(_small_int(v) or (finite_number(v) and 0 <= v <= 1) for v in recorded.values()):
+            raise ValueError(
+                f"model_hparams must be sizes up to {MAX_HPARAM} or rates in [0, 1], got {recorded}"
+            )
+        return {str(k): v for k, v in recorded.items()}
+    shapes = {k: torch.empty(shape, device="meta") for k, (_, shape) in info.tensors.items()}
+    return torch_modules.hparams_from_params(name, shapes)
+
+
+def _small_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_HPARAM
 
 
 def finite_number(v: Any) -> bool:

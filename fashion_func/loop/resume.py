@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from fashion_func import callbacks as cbs
 from fashion_func import checkpoint, optim
 from fashion_func.loop.rundir import LAST, RunError
 from fashion_func.safeio import describe, display, short_repr
@@ -40,13 +39,11 @@ class ResumePoint:
     history: list[dict[str, Any]]
     metadata: dict[str, Any] = field(repr=False)
 
-    def replace_lr(self, lr: float, callbacks: Sequence[Any] = ()) -> ResumePoint:
-        """This point with the learning rate set to `lr` (schedules restart from it too)."""
-        states = dict(self.cb_states)
-        for cb in callbacks:  # ReduceLROnPlateau carries its lr in its state: restart it there too
-            if isinstance(cb, cbs.ReduceLROnPlateau) and cb.name in states:
-                states[cb.name] = {**states[cb.name], "lr": cbs.encode_float(lr)}
+    def replace_lr(self, lr: float, cb_states: Mapping[str, Any] | None = None) -> ResumePoint:
+        """This point with the optimizer's learning rate set to `lr`, and with `cb_states`
+        (the callbacks' states, which a client may restart from that lr) if given."""
         st = self.state.replace(opt_state=optim.set_hyperparam(self.state.opt_state, "lr", lr))
+        states = dict(self.cb_states if cb_states is None else cb_states)
         return replace(self, state=st, cb_states=states, lr=lr)
 
 
