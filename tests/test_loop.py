@@ -272,6 +272,7 @@ def test_checkpoints_best_last_and_top_k(straight):
         "monitor": "val_loss",
         "value": losses[best_epoch],
         "model": "simplenet",
+        "model_hparams": {"num_classes": 10},
         "config": cfg.to_dict(),
         "normalize_mean": data.MEAN,
         "normalize_std": data.STD,

@@ -118,6 +118,10 @@ runpy.run_path(train, run_name="__main__")
 # --------------------------------------------------------------------------- helpers
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Procs:
     """Launches train.py processes and kills any still running when the test ends."""
 
@@ -140,6 +144,9 @@ class Procs:
                 stderr=se,
                 env={**ENV, **(env or {})},
                 cwd=self.tmp,
+                # SIGINT as a terminal delivers it: a test runner started by a shell's `&`
+                # inherits it ignored, and train.py rightly keeps an inherited ignore
+                preexec_fn=_default_sigint,
             )
         self.number[proc.pid] = n
         self.running.append(proc)
