@@ -73,6 +73,9 @@ import os, runpy, signal, sys
 
 train, *args = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(train))))
+# SIGINT as in a process started from a terminal (Python's KeyboardInterrupt handler): a test
+# runner started by a shell's `&` passes it on ignored, and train.py rightly keeps that
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def stop_here():
@@ -118,10 +121,6 @@ runpy.run_path(train, run_name="__main__")
 # --------------------------------------------------------------------------- helpers
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 class Procs:
     """Launches train.py processes and kills any still running when the test ends."""
 
@@ -144,9 +143,6 @@ class Procs:
                 stderr=se,
                 env={**ENV, **(env or {})},
                 cwd=self.tmp,
-                # SIGINT as a terminal delivers it: a test runner started by a shell's `&`
-                # inherits it ignored, and train.py rightly keeps an inherited ignore
-                preexec_fn=_default_sigint,
             )
         self.number[proc.pid] = n
         self.running.append(proc)
