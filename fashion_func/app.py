@@ -336,7 +336,7 @@ def train(
             log=run.log,
             group=group,
             resume=point,
-            metadata=_metadata(cfg),
+            metadata=_metadata(cfg, model),
             max_steps=max_steps,
             progress=cfg.progress,
         )
@@ -365,12 +365,12 @@ def _write_summary(cfg: Config, run: launch.RankRun, model: models.Model, st: st
         run.log.info(line)
 
 
-def _metadata(cfg: Config) -> dict[str, Any]:
+def _metadata(cfg: Config, model: models.Model) -> dict[str, Any]:
     """What every checkpoint and weights file of the run records beside its tensors."""
     pre = _preprocess(cfg)
     # the normalisation as numbers: a client in any language can preprocess from them
     # and the model's constructor arguments: a reader builds it without guessing from shapes
-    return {"config": cfg.to_dict(), "model": cfg.model, "model_hparams": build_model(cfg).hparams,
+    return {"config": cfg.to_dict(), "model": cfg.model, "model_hparams": model.hparams,
             "normalize_mean": pre.mean, "normalize_std": pre.std}  # fmt: skip
 
 
@@ -385,12 +385,7 @@ def _splits(cfg: Config, device: torch.device) -> tuple[data.Split, data.Split, 
     n = len(train.labels)
     if cfg.val_split >= n:
         raise RunError(f"--val-split {cfg.val_split} leaves no training images (the train split has {n})")
-    cut = n - cfg.val_split
-    return (
-        data.Split(train.images[:cut], train.labels[:cut], train.source),
-        data.Split(train.images[cut:], train.labels[cut:], train.source),
-        test,
-    )
+    return (*data.hold_out(train, cfg.val_split), test)
 
 
 def _sizes_line(train: data.Split, val: data.Split, test: data.Split | None) -> str:

@@ -55,6 +55,7 @@ __all__ = [
     "candidates",
     "dataset_stats",
     "fetch",
+    "hold_out",
     "load",
     "locate",
     "normalize",
@@ -120,6 +121,15 @@ class Split(NamedTuple):
     images: Tensor  # uint8 [N, 28, 28]
     labels: Tensor  # int64 [N], values in 0..9
     source: str  # where the files came from, for logs
+
+
+def hold_out(split: Split, n: int) -> tuple[Split, Split]:
+    """(the first len - n examples, the last n): a validation split held out of `split`."""
+    cut = len(split.labels) - n
+    return (
+        Split(split.images[:cut], split.labels[:cut], split.source),
+        Split(split.images[cut:], split.labels[cut:], split.source),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

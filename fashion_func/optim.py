@@ -145,8 +145,13 @@ def _hyper_spec(params: Params) -> tuple[torch.dtype, torch.device]:
     floats = [t for t in tree.leaves(params) if isinstance(t, Tensor) and t.is_floating_point()]
     if not floats:
         return torch.float32, torch.device("cpu")
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in floats) else torch.float32
+    dtype = _widest_float(floats)
     return dtype, floats[0].device
+
+
+def _widest_float(leaves: list[Tensor]) -> torch.dtype:
+    """float64 if any leaf is, else float32: the dtype scalar factors over `leaves` use."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
 
 
 def _hyper(value: float, params: Params) -> Tensor:
@@ -329,8 +334,7 @@ def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransform
         leaves = tree.leaves(updates)
         if not leaves:
             return updates, ScaleByScheduleState(state.count + 1)
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
-        factor = schedule(state.count.to(dtype))
+        factor = schedule(state.count.to(_widest_float(leaves)))
         return tree.map(lambda u: u * factor.to(u.dtype), updates), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)
@@ -353,7 +357,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         leaves = tree.leaves(updates)
         if not leaves:
             return updates, state
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
+        dtype = _widest_float(leaves)
         norms = torch.stack([torch.linalg.vector_norm(t).to(dtype) for t in leaves])
         total = torch.linalg.vector_norm(norms)
         coef = torch.clamp(state.max_norm.to(dtype) / (total + 1e-6), max=1.0)

@@ -65,7 +65,7 @@ class Recipe:
                 f"{cut} training images (after --val-split {cfg.val_split}) make no whole batch of "
                 f"--batch-size {cfg.batch_size}"
             )
-        self.train = data.Split(train.images[:cut], train.labels[:cut], train.source)
+        self.train, _ = data.hold_out(train, cfg.val_split)
         self.test = data.load("test", cfg.data_dir, device=self.device, limit=cfg.limit_val)
         # drop_last: every step has one shape, so the compiled step (and its CUDA graphs) is reused
         steps = data.num_batches(len(train.labels), cfg.batch_size, drop_last=True)

@@ -10,6 +10,7 @@ nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
@@ -399,7 +400,7 @@ class _Driver:
             reason = handler(a, epoch, finite) or reason
         return reason
 
-    @property
+    @functools.cached_property
     def _handlers(self) -> dict[type, Callable[[Any, int, bool], str | None]]:
         """One handler per action type: `(action, epoch, finite) -> stop reason or None`."""
         handlers: dict[type, Callable[[Any, int, bool], str | None]] = {
