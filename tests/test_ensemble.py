@@ -163,9 +163,20 @@ def test_float64_stateful_members_equal_their_solo_runs():
     for k, solo in enumerate(solos):
         got = ensemble.member(out, k)
         assert int(got.step) == 3
-        # measured: params 2.9e-11 (Adam on pre-BN conv biases, whose gradient is rounding
-        # noise), statistics 2e-12, optimizer state 1e-15 (batched vs plain convolutions)
-        assert_tree_close(got.params, solo.params, rtol=0, atol=1e-10)
+        # measured: params 2e-15 but for the conv biases before a batch norm: their gradient
+        # is 0 in exact arithmetic, so it is rounding noise that Adam scales up to
+        # lr * |g| / eps (1.5e-10 here; the batched and plain batch-norm kernels round apart);
+        # statistics 2e-12, optimizer state 1e-15 (batched vs plain convolutions)
+        pre_bn = {"conv1.bias", "conv2.bias"}
+        assert_tree_close(
+            {k: v for k, v in got.params.items() if k not in pre_bn},
+            {k: v for k, v in solo.params.items() if k not in pre_bn},
+            rtol=0,
+            atol=1e-12,
+        )
+        assert_tree_close(
+            {k: got.params[k] for k in pre_bn}, {k: solo.params[k] for k in pre_bn}, rtol=0, atol=1e-9
+        )
         assert_tree_close(got.opt_state, solo.opt_state, rtol=1e-8, atol=1e-12)
         assert_tree_close(got.model_state, solo.model_state, rtol=0, atol=1e-10)
     # the members really differ (else the comparison above would prove little)
@@ -414,7 +425,9 @@ def test_fit_train_metrics_are_each_members_solo_run(fitted):
                 count + int(m["count"]),
             )
         assert count == 128
-        assert first[f"train_loss_m{k}"] == pytest.approx(loss / count, abs=1e-5)
+        # float32: the batched batch-norm kernel rounds apart from the plain one, and Adam's
+        # first step (about lr * sign(g)) amplifies that: measured 5.5e-5 on a loss of 2.3
+        assert first[f"train_loss_m{k}"] == pytest.approx(loss / count, abs=3e-4)
         assert first[f"train_acc_m{k}"] == correct / count
 
 
