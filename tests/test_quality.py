@@ -416,7 +416,7 @@ def test_the_quality_presets_load_validate_and_build(name):
     expected = {
         "quality": {
             "width": 12,
-            "epochs": 14,
+            "epochs": 18,
             "val_split": 5000,
             "ema": None,
             "cutout": 0,
