@@ -68,7 +68,7 @@ class Recipe:
         self.train, _ = data.hold_out(train, cfg.val_split)
         self.test = data.load("test", cfg.data_dir, device=self.device, limit=cfg.limit_val)
         # drop_last: every step has one shape, so the compiled step (and its CUDA graphs) is reused
-        steps = data.num_batches(len(train.labels), cfg.batch_size, drop_last=True)
+        steps = data.num_batches(len(self.train.labels), cfg.batch_size, drop_last=True)
         self.model, self.tx = app.build_model(cfg), app.build_optimizer(cfg, steps)
         train_step, eval_step = app.build_steps(cfg, self.model, self.tx, self.device)
         self.train_step, self.eval_step = train_step, app.evaluated(cfg, eval_step)

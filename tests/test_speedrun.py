@@ -22,7 +22,7 @@ import torch
 from reference import ResNet
 
 from fashion_func import app, data
-from fashion_func.config import Config
+from fashion_func.config import Config, load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,3 +197,18 @@ def test_fewer_training_images_than_one_batch_is_refused_or_still_trains():
         assert json.loads(out.strip().splitlines()[-1])["runs"][0]["steps"] >= 1
     else:
         assert code == 2 and err.count("\n") == 1 and err.startswith("speedrun.py: error: "), err[-3000:]
+
+
+def test_the_schedule_counts_the_steps_of_the_images_left_after_the_held_out_ones(monkeypatch):
+    """--val-split 128 of 512 images, batch 256, drop_last: onecycle's total is 1 step an epoch,
+    counted from the 384 training images, not the 512 loaded."""
+    seen = []
+    build = app.build_optimizer
+    monkeypatch.setattr(
+        speedrun.app, "build_optimizer", lambda cfg, steps: seen.append(steps) or build(cfg, steps)
+    )
+    small = {"device": "cpu", "width": 4, "epochs": 1, "warmup_epochs": 0.0, "limit_train": 512,
+             "val_split": 128, "compile": "off"}  # fmt: skip
+    cfg = Config.from_dict({**load_preset("quality"), **small})
+    recipe = speedrun.Recipe(cfg)
+    assert len(recipe.train.labels) == 384 and seen == [1]
