@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fashion_func.safeio import FileError, open_regular
+from fashion_func.safeio import FileError, one_line, open_regular
 
 __all__ = [
     "CLASS_NAMES",
@@ -136,10 +136,6 @@ def hold_out(split: Split, n: int) -> tuple[Split, Split]:
 # Locating the files
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def _find(directory: Path, name: str) -> Path | None:
     """`directory/name` or `directory/name.gz`; the plain file wins (no decompression needed)."""
     for candidate in (directory / name, directory / f"{name}.gz"):
@@ -210,7 +206,7 @@ def locate(data_dir: str | os.PathLike[str] | None = None, *, download: bool = T
     try:
         fetch(root)
     except Exception as e:  # urllib/socket/torchvision errors: a missing network has many faces
-        reason = _one_line(f"{type(e).__name__}: {e}")[:300]
+        reason = one_line(f"{type(e).__name__}: {e}")
         raise DataError(
             f"Fashion-MNIST not found (searched {searched}) and the download into {root} failed ({reason}); "
             f"{_HOW_TO_GET}"
@@ -301,9 +297,9 @@ def read_idx(
     try:
         head, body = _idx_stream(path, max_count)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"file {path} is not a valid gzip file or is truncated ({_one_line(e)})") from e
+        raise DataError(f"file {path} is not a valid gzip file or is truncated ({one_line(e)})") from e
     except OSError as e:
-        raise DataError(f"file {path} cannot be read ({_one_line(e)})") from e
+        raise DataError(f"file {path} cannot be read ({one_line(e)})") from e
     (magic,) = struct.unpack_from(">I", head, 0)
     kind = _KIND_OF_MAGIC.get(magic)
     if kind is None:

@@ -96,11 +96,10 @@ class Entry:
 
 @dataclass(frozen=True)
 class Header:
-    """A validated header: the tensors, the raw metadata strings, where the data begins."""
+    """A validated header: the tensors and the raw metadata strings."""
 
     entries: dict[str, Entry]
     metadata: dict[str, str]
-    data_start: int  # 8 + header length
 
 
 def fail(name: str, what: str) -> CheckpointError:
@@ -290,7 +289,7 @@ def parse_header(prefix: bytes, file_size: int, name: str) -> Header:
     data_size = file_size - 8 - n
     entries = {key: _entry(key, info, data_size, name) for key, info in obj.items()}
     _check_tiling(entries, data_size, name)
-    return Header(entries, metadata, 8 + n)
+    return Header(entries, metadata)
 
 
 def check_template(header: Header, template: Mapping[str, Tensor], name: str, what: str) -> None:

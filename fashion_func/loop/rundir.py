@@ -23,7 +23,7 @@ from typing import Any
 
 from fashion_func import atomic, checkpoint
 from fashion_func import callbacks as cbs
-from fashion_func.safeio import describe, display
+from fashion_func.safeio import describe, display, os_reason
 
 __all__ = [
     "BEST",
@@ -135,7 +135,7 @@ class _Lock:
                 raise RunError(
                     f"{display(self.path)} is a symbolic link; remove it (it is never followed)"
                 ) from None
-            raise RunError(f"cannot write to run directory {display(out)}: {exc.strerror}") from None
+            raise RunError(f"cannot write to run directory {display(out)}: {os_reason(exc)}") from None
         st = os.fstat(self.fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             os.close(self.fd)
@@ -397,7 +397,7 @@ def prepare_out_dir(out: Path, *, resume: Any, overwrite: bool) -> None:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644))
         probe.unlink()
     except OSError as exc:
-        raise RunError(f"cannot write to run directory {display(out)}: {exc.strerror}") from None
+        raise RunError(f"cannot write to run directory {display(out)}: {os_reason(exc)}") from None
 
 
 class _Escaped(logging.Formatter):
@@ -437,7 +437,7 @@ def _make_logger(out: Path) -> logging.Logger:
     try:
         fh = logging.FileHandler(log_path, encoding="utf-8", errors="backslashreplace")
     except OSError as exc:
-        raise RunError(f"cannot write {display(log_path)}: {exc.strerror}") from None
+        raise RunError(f"cannot write {display(log_path)}: {os_reason(exc)}") from None
     fh.setFormatter(_Escaped("%(asctime)s %(levelname)s %(message)s"))
     ch = _Stdout()
     ch.setFormatter(_Escaped("%(message)s"))
@@ -534,7 +534,7 @@ class RunDir:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RunError(f"cannot create run directory {display(out)}: {exc.strerror}") from None
+            raise RunError(f"cannot create run directory {display(out)}: {os_reason(exc)}") from None
         failed = True
         try:
             # Lock before looking inside: a refused second run must not touch, let alone
@@ -597,7 +597,8 @@ class RunDir:
             try:
                 self._writer = SummaryWriter(str(folder), purge_step=purge_step)
             except OSError as exc:  # disk full, a file in the folder's place, ...
-                raise RunError(f"cannot write TensorBoard events to {display(folder)}: {_why(exc)}") from None
+                why = os_reason(exc)
+                raise RunError(f"cannot write TensorBoard events to {display(folder)}: {why}") from None
         return self._writer
 
     def log_scalars(self, scalars: dict[str, float], step: int, purge_step: int) -> None:
@@ -608,7 +609,8 @@ class RunDir:
                 writer.add_scalar(tag, value, step)
             writer.flush()
         except OSError as exc:
-            raise RunError(f"cannot write TensorBoard events to {display(self.path)}: {_why(exc)}") from None
+            why = os_reason(exc)
+            raise RunError(f"cannot write TensorBoard events to {display(self.path)}: {why}") from None
 
     def close_tensorboard(self) -> None:
         """Flush and close the TensorBoard writer, if one was opened."""
@@ -616,7 +618,3 @@ class RunDir:
             writer, self._writer = self._writer, None
             with contextlib.suppress(OSError):  # closing after a failure: the error is already told
                 writer.close()
-
-
-def _why(exc: OSError) -> str:
-    return exc.strerror or str(exc) or type(exc).__name__
