@@ -1,4 +1,4 @@
-"""The installed command: `fashion-func train|predict|export ...` (also `python -m fashion_func`).
+"""The installed command: `fashion-func train|predict|export|speedrun ...` (also `python -m fashion_func`).
 
 Each subcommand is the same parser and entry point as the repository's `scripts/*.py`;
 `fashion-func COMMAND --help` lists its flags. Exit codes are those of the command.
@@ -13,30 +13,37 @@ __all__ = ["COMMANDS", "main"]
 
 
 def _train(argv: Sequence[str]) -> int:
-    from fashion_func.cli import main_train
+    from fashion_func.cli.train import main_train
 
     return main_train(argv)
 
 
 def _predict(argv: Sequence[str]) -> int:
-    from fashion_func.predict import main as predict_main
+    from fashion_func.cli.predict import main as predict_main
 
     return predict_main(argv)
 
 
 def _export(argv: Sequence[str]) -> int:
-    from fashion_func.export import main as export_main
+    from fashion_func.cli.export import main as export_main
 
     return export_main(argv)
+
+
+def _speedrun(argv: Sequence[str]) -> int:
+    from fashion_func.cli.speedrun import main as speedrun_main
+
+    return speedrun_main(argv)
 
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "train": (_train, "train a model on Fashion-MNIST (scripts/train.py)"),
     "predict": (_predict, "evaluate a weights file or classify images (scripts/predict.py)"),
     "export": (_export, "export weights for PyTorch, JAX/Flax or numpy (scripts/export.py)"),
+    "speedrun": (_speedrun, "train a preset N times, report accuracy mean ± std (scripts/speedrun.py)"),
 }
 
-USAGE = "usage: fashion-func {train,predict,export} [--help] ...\n       fashion-func --version"
+USAGE = "usage: fashion-func {train,predict,export,speedrun} [--help] ...\n       fashion-func --version"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

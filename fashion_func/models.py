@@ -233,7 +233,7 @@ def mlp(D_in: int = 784, H: int = 100, D_out: int = 10) -> Model:
 
 
 def simplenet(num_classes: int = 10) -> Model:
-    """The reference network (DESIGN.md): 1,199,882 parameters for 10 classes.
+    """The reference network (README, Architecture): 1,199,882 parameters for 10 classes.
 
     conv1 3x3 1->32, ReLU [B,32,26,26]; conv2 3x3 32->64 [B,64,24,24]; max-pool 2,
     ReLU [B,64,12,12] (pool and ReLU commute; this order is cheaper); fc1: flatten [B,9216],

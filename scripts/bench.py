@@ -83,8 +83,10 @@ def _numpy_data(args):
 def row_fashion_func(args) -> dict:
     import torch
 
-    from fashion_func import app, data, loop, models
-    from fashion_func.config import Config
+    from fashion_func import data, loop, models
+    from fashion_func.cli import app
+    from fashion_func.cli import device as device_lib
+    from fashion_func.cli.config import Config
     from fashion_func.step import make_eval_step
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +113,7 @@ def row_fashion_func(args) -> dict:
             }
         # evaluation of the 10,000 test images with per-example metrics, after warm-up
         test = data.load("test", args.data_dir, device=args.device)
-        compiled = loop.resolve_compile(cfg.compile, test.images.device) is True
+        compiled = device_lib.resolve_compile(cfg.compile, test.images.device) is True
         ev = make_eval_step(models.get("simplenet"), compile=compiled, precision=cfg.precision)
         batches = data.EpochBatches(test, cfg.eval_batch_size, shuffle=False)
         loop.evaluate(ev, result.state, batches(1))
@@ -150,7 +152,8 @@ def train_flops_per_image() -> float:
     """Training FLOPs (forward + backward) of one SimpleNet image, by the flop counter."""
     import torch
 
-    from fashion_func import models, summary
+    from fashion_func import models
+    from fashion_func.cli import summary
 
     model = models.get("simplenet")
     return summary.train_flops_per_example(model, model.init(torch.Generator().manual_seed(0)))

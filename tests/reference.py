@@ -1,6 +1,6 @@
 """Reference `nn.Module`s written out independently of the library, for the tests to compare with.
 
-SimpleNet is DESIGN.md's reference network; SimpleNetBN the same with `nn.BatchNorm2d` after
+SimpleNet is the README's reference network; SimpleNetBN the same with `nn.BatchNorm2d` after
 each convolution (before its ReLU); TwoLayerNet the tutorial's; AlexNet the
 28x28x1 adaptation documented in `fashion_func.models.alexnet`.
 """

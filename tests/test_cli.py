@@ -19,8 +19,10 @@ import safetensors.torch
 import torch
 from reference import SimpleNet
 
-from fashion_func import app, checkpoint, cli, data
-from fashion_func.config import Config, ConfigError
+from fashion_func import checkpoint, data
+from fashion_func.cli import app
+from fashion_func.cli import train as cli
+from fashion_func.cli.config import Config, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -217,7 +219,7 @@ def test_train_py_one_epoch_acceptance(tmp_path):
 
 def test_resume_path_typed_inside_checkpoints_names_the_run_directory(tmp_path, monkeypatch):
     """`--resume last.safetensors` typed inside <run>/checkpoints continues <run>, not '.'."""
-    from fashion_func import cli
+    from fashion_func.cli import train as cli
 
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)

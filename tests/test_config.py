@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fashion_func.config import Config, ConfigError, load_file
+from fashion_func.cli.config import Config, ConfigError, load_file
 
 
 @pytest.mark.parametrize(
@@ -73,8 +73,8 @@ def test_topk_is_the_accuracy_k_and_retention_is_save_top_k():
 
 
 def test_the_tutorial_preset_is_package_data_and_flags_override_it():
-    from fashion_func import cli
-    from fashion_func.config import load_preset, presets
+    from fashion_func.cli import train as cli
+    from fashion_func.cli.config import load_preset, presets
 
     assert "tutorial" in presets()
     values = load_preset("tutorial")

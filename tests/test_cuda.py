@@ -9,10 +9,12 @@ import json
 import pytest
 import torch
 
-from fashion_func import app, cli, ensemble, models, optim, schedules, step, tree
+from fashion_func import ensemble, models, optim, schedules, step, tree
 from fashion_func import state as state_lib
 from fashion_func.augment import Augment
-from fashion_func.config import Config
+from fashion_func.cli import app
+from fashion_func.cli import train as cli
+from fashion_func.cli.config import Config
 
 pytestmark = pytest.mark.cuda
 

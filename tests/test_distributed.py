@@ -29,7 +29,7 @@ import torch
 from test_reliability import WRAPPER, is_stopped, poll  # tests/ is on sys.path under pytest
 
 from fashion_func import checkpoint, data
-from fashion_func.cli import main_train
+from fashion_func.cli.train import main_train
 
 pytestmark = [
     pytest.mark.distributed,

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from reference import SimpleNetBN, TwoLayerNet, assert_tree_close, assert_tree_equal, clone_tree
 
 from fashion_func import callbacks as cbs
-from fashion_func import checkpoint, cli, data, ensemble, loop, losses, models, nn, optim, predict, step
+from fashion_func import checkpoint, data, ensemble, loop, losses, models, nn, optim, step
 from fashion_func import state as state_lib
+from fashion_func.cli import predict
+from fashion_func.cli import train as cli
 from fashion_func.loop import resume as resume_lib
 
 # -- helpers -----------------------------------------------------------------------------------

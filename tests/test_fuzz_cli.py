@@ -25,10 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_data import make_dataset  # tests/ is on sys.path under pytest
 
-from fashion_func import app, checkpoint, export, models, predict
+from fashion_func import checkpoint, models
 from fashion_func import state as state_lib
-from fashion_func.cli import main_train
-from fashion_func.config import Config
+from fashion_func.cli import app, export, predict
+from fashion_func.cli.config import Config
+from fashion_func.cli.train import main_train
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="FIFOs and devices")
 

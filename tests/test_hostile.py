@@ -27,11 +27,13 @@ import torch
 from test_data import make_dataset  # tests/ is on sys.path under pytest
 from test_reliability import one_error_line
 
-from fashion_func import app, checkpoint, cli, models, optim
 from fashion_func import callbacks as cbs
+from fashion_func import checkpoint, models, optim
 from fashion_func import state as state_lib
-from fashion_func.cli import main_train
-from fashion_func.config import Config, ConfigError, load_file
+from fashion_func.cli import app
+from fashion_func.cli import train as cli
+from fashion_func.cli.config import Config, ConfigError, load_file
+from fashion_func.cli.train import main_train
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="FIFOs, devices, O_NOFOLLOW")
 
@@ -509,7 +511,7 @@ def run_main(
 def test_export_out_refuses_devices_its_input_wrong_suffixes_and_existing_files(
     best_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fashion_func import export
+    from fashion_func.cli import export
 
     copy = tmp_path / "w.safetensors"
     shutil.copy(best_weights, copy)
@@ -547,7 +549,7 @@ def test_export_out_refuses_devices_its_input_wrong_suffixes_and_existing_files(
 def test_predict_and_export_refuse_a_fifo_or_directory_as_weights(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
 ) -> None:
-    from fashion_func import export, predict
+    from fashion_func.cli import export, predict
 
     w = tmp_path / "w.safetensors"
     os.mkfifo(w) if kind == "fifo" else w.mkdir()
@@ -569,7 +571,7 @@ def _png(path: Path, w: int, h: int) -> Path:
 def test_one_bad_image_is_one_line_and_the_others_are_classified(
     best_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fashion_func import predict
+    from fashion_func.cli import predict
 
     good = _png(tmp_path / "good.png", 28, 28)
     big = _png(tmp_path / "big.png", 6000, 6000)  # 36 M pixels: over the default limit, a small file
@@ -599,7 +601,7 @@ def test_one_bad_image_is_one_line_and_the_others_are_classified(
 def test_a_huge_png_is_one_line_not_a_decompression_bomb_traceback(
     best_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fashion_func import predict
+    from fashion_func.cli import predict
 
     bomb = _png(tmp_path / "bomb.png", 20000, 20000)  # PIL's own DecompressionBombError territory
     code, _, err = run_main(
@@ -611,7 +613,7 @@ def test_a_huge_png_is_one_line_not_a_decompression_bomb_traceback(
 def test_predict_json_is_strict_even_for_huge_weights_and_escapes_metadata(
     best_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fashion_func import predict
+    from fashion_func.cli import predict
 
     weights, meta = checkpoint.load_weights(best_weights)
     huge = {k: v * 1e30 for k, v in weights.items()}
@@ -627,7 +629,7 @@ def test_predict_json_is_strict_even_for_huge_weights_and_escapes_metadata(
 def test_predict_out_refuses_to_replace_report_files_without_overwrite(
     best_weights: Path, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fashion_func import predict
+    from fashion_func.cli import predict
 
     out = tmp_path / "report"
     out.mkdir()

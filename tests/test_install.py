@@ -47,7 +47,7 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str], Path]:
 def test_wheel_holds_the_package_its_license_and_type_marker(installed):
     _, _, wheel = installed
     names = zipfile.ZipFile(wheel).namelist()
-    assert "fashion_func/py.typed" in names and "fashion_func/presets/tutorial.toml" in names
+    assert "fashion_func/py.typed" in names and "fashion_func/cli/presets/tutorial.toml" in names
     assert "fashion_func/loop/fit.py" in names and "fashion_func/__main__.py" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

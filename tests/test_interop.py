@@ -19,8 +19,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before any jax import: CPU unle
 
 from reference import briefly_trained_simplenet
 
-from fashion_func import checkpoint, data, export, interop, models, optim, step
+from fashion_func import checkpoint, data, interop, models, optim, step
 from fashion_func import state as state_lib
+from fashion_func.cli import export
 from fashion_func.interop import flax_io
 
 

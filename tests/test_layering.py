@@ -1,4 +1,4 @@
-"""Dependencies point one way (DESIGN.md): each module imports only modules in lower layers."""
+"""Dependencies point one way (README, Architecture): each module imports only lower layers."""
 
 from __future__ import annotations
 
@@ -9,44 +9,49 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "fashion_func"
 
-# Every module of the package, in layers, lowest first: the order of DESIGN.md's layout table
-# ("a module never imports one listed after it"), with the modules it does not name put where
-# their imports place them. A module may import modules of lower layers only; within its own
-# layer only what SAME_LAYER allows (DESIGN.md's "state, step" row, optim with its schedules).
-# This list is the one source of the rule: when a row of the table moves, move it here, and a
-# new module fails `test_every_module_has_a_layer` until it is given a layer.
+# Every module of the package, in layers, lowest first; the README's Architecture section is
+# written from this list. A module may import modules of lower layers only; within its own
+# layer only what SAME_LAYER allows (state beside step, optim with its schedules). This list is
+# the one source of the rule: a new module fails `test_every_module_has_a_layer` until it is
+# given a layer, and the core (up to `__init__`) never imports the app (`cli.*`).
 LAYERS: tuple[tuple[str, ...], ...] = (
+    # -- the library core: knows no command-line flag ------------------------------------------
     ("tree", "safeio", "distributed"),  # nothing from the package: helpers, torch.distributed only
     ("atomic", "safetensors_io"),  # writing files whole, reading safetensors defensively
     ("nn",),
     ("models", "augment"),
     ("losses", "metrics"),
     ("schedules", "optim"),
-    # data and the step are siblings: neither imports the other (DESIGN.md: nothing about
-    # Fashion-MNIST is hard-wired below data; state and step must not import it)
+    # data and the step are siblings: neither imports the other (nothing about Fashion-MNIST
+    # is hard-wired below data; state and step must not import it)
     ("data", "state", "step"),
     ("ensemble",),  # stacks states and vmaps the step's stages: beside step, below the driver
     ("callbacks",),
     ("checkpoint",),
     ("loop",),  # the only impure driver
+    ("interop",),  # the weights' other ecosystems (torch modules, Flax, numpy, ONNX, JAX)
     ("__init__",),  # the library's face: the core re-exported, not the command line
-    ("launch", "summary"),
-    ("config",),
-    ("app",),
-    ("cli",),
-    ("interop", "images", "report"),  # nothing in the core or the command line imports these
-    ("predict", "export"),
+    # -- the command-line app (fashion_func/cli/): composes the core, owns every flag -----------
+    ("cli.__init__", "cli.args", "cli.device", "cli.summary"),
+    ("cli.config", "cli.launch", "cli.images", "cli.report"),
+    ("cli.app", "cli.export"),
+    ("cli.train", "cli.predict"),
+    ("cli.speedrun",),
     ("__main__",),
 )
+CORE_TOP = LAYERS.index(("__init__",))  # layers up to this one are the library core
 SAME_LAYER: dict[str, set[str]] = {"step": {"state"}, "optim": {"schedules"}}
+APP = "cli"  # the one subpackage whose modules are layered one by one
 
 LAYER_OF = {module: i for i, layer in enumerate(LAYERS) for module in layer}
 
 
 def _package_modules() -> set[str]:
-    """The package's modules: each .py file at the top, each subpackage (a folder with __init__.py)."""
+    """The package's modules: each .py file at the top, each subpackage (a folder with
+    __init__.py) as one module, except the app's, whose files are `cli.<name>` each."""
     files = {p.stem for p in PKG.glob("*.py")}
-    return files | {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
+    packages = {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()} - {APP}
+    return files | packages | {f"{APP}.{p.stem}" for p in (PKG / APP).glob("*.py")}
 
 
 def forbidden(module: str) -> set[str]:
@@ -60,11 +65,13 @@ def _top_module(parts: list[str], names: list[str]) -> set[str]:
     """The package modules an import names: `parts` is the absolute module path imported from."""
     if parts[:1] != ["fashion_func"]:
         return set()
+    if parts[1:2] == [APP]:  # the app's modules count one by one
+        return {f"{APP}.{parts[2]}"} if len(parts) > 2 else {f"{APP}.{n}" for n in names}
     return {parts[1]} if len(parts) > 1 else set(names)
 
 
 def _imports_in(source: str, package: list[str]) -> set[str]:
-    """The package's top-level names that `source`, a file of `package` (["fashion_func"],
+    """The package's modules that `source`, a file of `package` (["fashion_func"],
     ["fashion_func", "loop"]), imports at any depth, relative imports resolved."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
@@ -87,6 +94,8 @@ def _imported_package_modules(path: Path) -> set[str]:
 
 def _imports_of(module: str) -> set[str]:
     """Package modules imported by `module` (a file, or every file of a subpackage)."""
+    if module.startswith(f"{APP}."):
+        return _imported_package_modules(PKG / APP / f"{module.split('.', 1)[1]}.py") - {module}
     if (PKG / module).is_dir():
         found: set[str] = set()
         for path in (PKG / module).rglob("*.py"):
@@ -119,6 +128,24 @@ def test_imports_are_found_in_subpackages_and_relative_forms():
     assert _imports_in(source, ["fashion_func", "loop"]) == {"data", "loop", "step", "nn"}
     source = "from . import tree\nfrom fashion_func import models as m\n"
     assert _imports_in(source, ["fashion_func"]) == {"tree", "models"}
+    source = "from fashion_func.cli import app\nfrom fashion_func.cli.config import Config\n"
+    source += "from . import args\n"
+    assert _imports_in(source, ["fashion_func", "cli"]) == {"cli.app", "cli.config", "cli.args"}
+
+
+def test_the_core_imports_nothing_of_the_app():
+    core = [m for layer in LAYERS[: CORE_TOP + 1] for m in layer]
+    for module in core:
+        app = sorted(m for m in _imports_of(module) if m.startswith(f"{APP}."))
+        assert not app, f"core module {module} imports the command line's {app}"
+
+
+def test_no_module_cites_a_document_the_repository_lacks():
+    root = PKG.parent
+    for path in PKG.rglob("*.py"):
+        for doc in ("DESIGN.md", "EXAMPLES.md", "ANCHORS.md"):
+            if doc in path.read_text():
+                assert (root / doc).is_file(), f"{path.relative_to(root)} cites {doc}, not in the repository"
 
 
 def test_torch_func_not_functorch():

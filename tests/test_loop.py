@@ -20,9 +20,10 @@ import safetensors.torch
 import torch
 from reference import SimpleNet
 
-from fashion_func import app, checkpoint, data, loop, models, optim, tree
 from fashion_func import callbacks as cbs
-from fashion_func.config import Config
+from fashion_func import checkpoint, data, loop, models, optim, tree
+from fashion_func.cli import app
+from fashion_func.cli.config import Config
 from fashion_func.step import make_eval_step
 
 # SimpleNet, eager: 3 steps of 64 per epoch; StepLR halving the lr each epoch, top-2 epoch

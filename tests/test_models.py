@@ -55,14 +55,15 @@ def test_unknown_model_names_the_choices():
 
 def test_the_config_offers_exactly_the_registered_models():
     """config.MODELS is a copy (the command line parses without importing torch): kept in sync."""
-    from fashion_func import config
+    from fashion_func.cli import config
 
     assert sorted(config.MODELS) == sorted(models.MODELS)
 
 
 def test_the_config_offers_exactly_the_steps_precisions():
     """config.PRECISIONS is a copy for the same reason (config must not import the step)."""
-    from fashion_func import config, step
+    from fashion_func import step
+    from fashion_func.cli import config
 
     assert config.PRECISIONS == step.PRECISIONS
 

@@ -10,8 +10,9 @@ ort = pytest.importorskip(
     "onnxruntime", reason="onnxruntime is not installed (the onnx extra: pip install 'fashion_func[onnx]')"
 )
 
-from fashion_func import checkpoint, data, export, interop, models, optim, step  # noqa: E402
+from fashion_func import checkpoint, data, interop, models, optim, step  # noqa: E402
 from fashion_func import state as state_lib  # noqa: E402
+from fashion_func.cli import export  # noqa: E402
 
 
 def trained_weights(name: str) -> dict[str, torch.Tensor]:

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from reference import SimpleNet, briefly_trained_simplenet
 
-from fashion_func import checkpoint, data, interop, models, optim, predict
+from fashion_func import checkpoint, data, interop, models, optim
 from fashion_func import state as state_lib
+from fashion_func.cli import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 N_EVAL = 1000

@@ -10,7 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fashion_func import checkpoint
-from fashion_func.cli import main_train
+from fashion_func.cli.train import main_train
 
 SMALL = ["--limit-train", "384", "--limit-val", "300", "--device", "cpu", "--compile", "off", "--no-progress"]
 

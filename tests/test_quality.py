@@ -24,8 +24,10 @@ import safetensors.torch
 import torch
 from reference import ResNet
 
-from fashion_func import app, checkpoint, cli, data, ensemble, optim, schedules, tree
-from fashion_func.config import Config, ConfigError, load_preset, presets
+from fashion_func import checkpoint, data, ensemble, optim, schedules, tree
+from fashion_func.cli import app
+from fashion_func.cli import train as cli
+from fashion_func.cli.config import Config, ConfigError, load_preset, presets
 
 WIDTH = 4
 # resnet width 4 on the CPU, eager; --limit-train 320 --val-split 64: 256 training images,

@@ -35,11 +35,12 @@ import safetensors.torch
 import torch
 from test_data import make_dataset, write_idx  # tests/ is on sys.path under pytest
 
-from fashion_func import app, atomic, checkpoint, data, loop, models, optim
+from fashion_func import atomic, checkpoint, data, loop, models, optim
 from fashion_func import callbacks as cbs
 from fashion_func import state as state_lib
-from fashion_func.cli import main_train
-from fashion_func.config import Config
+from fashion_func.cli import app
+from fashion_func.cli.config import Config
+from fashion_func.cli.train import main_train
 from fashion_func.step import make_train_step
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and POSIX signals")

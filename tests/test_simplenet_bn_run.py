@@ -14,8 +14,9 @@ import safetensors.torch
 import torch
 from reference import SimpleNetBN
 
-from fashion_func import checkpoint, data, predict
-from fashion_func.cli import main_train
+from fashion_func import checkpoint, data
+from fashion_func.cli import predict
+from fashion_func.cli.train import main_train
 
 ARGS = [
     "--model", "simplenet_bn", "--device", "cpu", "--compile", "off", "--no-progress", "--no-tensorboard",

@@ -9,7 +9,6 @@ script's drop_last), measured on 256 test images, eager.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import re
@@ -21,21 +20,12 @@ import pytest
 import torch
 from reference import ResNet
 
-from fashion_func import app, data
-from fashion_func.config import Config, load_preset
+from fashion_func import data
+from fashion_func.cli import app, speedrun
+from fashion_func.cli.config import Config, load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load_script() -> Any:
-    spec = importlib.util.spec_from_file_location("speedrun_script", ROOT / "scripts" / "speedrun.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-speedrun = _load_script()
 
 BASE = [
     "--preset", "quality", "--device", "cpu", "--width", "4", "--epochs", "1", "--warmup-epochs", "0",

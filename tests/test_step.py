@@ -197,9 +197,9 @@ def test_cpu_allocator_tuning_applies_on_glibc_linux():
     import platform
     import sys
 
-    from fashion_func import loop
+    from fashion_func.cli import device as device_lib
 
-    applied = loop.keep_freed_memory_in_heap()
+    applied = device_lib.keep_freed_memory_in_heap()
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert applied is True
     else:
@@ -209,7 +209,7 @@ def test_cpu_allocator_tuning_applies_on_glibc_linux():
 def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch):
     """bf16 convolutions without oneDNN's bf16 (AVX512-BF16/AMX) run PyTorch's slow reference
     kernels: the run says so, in one line, and only then."""
-    from fashion_func.loop import device as device_lib
+    from fashion_func.cli import device as device_lib
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(device_lib, "cpu_bf16_supported", lambda: False)
@@ -225,7 +225,7 @@ def test_cpu_bf16_support_matches_the_convolution_backend_pytorch_picks():
     """The check agrees with what a bf16 convolution actually dispatches to on this CPU."""
     from torch.profiler import profile
 
-    from fashion_func.loop import device as device_lib
+    from fashion_func.cli import device as device_lib
 
     x = torch.randn(8, 32, 14, 14, dtype=torch.bfloat16)  # SimpleNet's second convolution
     w = torch.randn(64, 32, 3, 3, dtype=torch.bfloat16)

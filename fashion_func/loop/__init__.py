@@ -1,13 +1,12 @@
 """The impure driver: `fit` over the user's state, step, data and callbacks.
 
 Split by what changes together: `fit` (event dispatch, action execution, epochs),
-`rundir` (lock, temp cleanup, logger, files), `resume` (reading a resume point) and
-`device` (device, compilation and process settings).
+`rundir` (lock, temp cleanup, logger, files), `resume` (reading a resume point). Device and
+process settings belong to the command line (`fashion_func.cli.device`).
 """
 
 from __future__ import annotations
 
-from fashion_func.loop.device import configure, keep_freed_memory_in_heap, resolve_compile, resolve_device
 from fashion_func.loop.fit import FitResult, Interrupted, epoch_batches, evaluate, fit
 from fashion_func.loop.resume import ResumePoint, resume_path, saved_config
 from fashion_func.loop.rundir import BEST, LAST, RUN_ARTIFACTS, RunDir, RunError, prepare_out_dir, run_lock
@@ -21,14 +20,10 @@ __all__ = [
     "ResumePoint",
     "RunDir",
     "RunError",
-    "configure",
     "epoch_batches",
     "evaluate",
     "fit",
-    "keep_freed_memory_in_heap",
     "prepare_out_dir",
-    "resolve_compile",
-    "resolve_device",
     "resume_path",
     "run_lock",
     "saved_config",

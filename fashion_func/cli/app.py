@@ -18,16 +18,17 @@ from typing import Any
 import torch
 
 from fashion_func import callbacks as cbs
-from fashion_func import checkpoint, data, distributed, ensemble, launch, losses, models, optim, schedules
+from fashion_func import checkpoint, data, distributed, ensemble, losses, models, optim, schedules
 from fashion_func import state as state_lib
 from fashion_func.augment import Augment
-from fashion_func.config import SWEEPABLE, Config, ConfigError, parse_sweep
+from fashion_func.cli import device as device_lib
+from fashion_func.cli import launch
+from fashion_func.cli.config import SWEEPABLE, Config, ConfigError, parse_sweep
+from fashion_func.cli.summary import summary
 from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, evaluate, fit
-from fashion_func.loop import device as device_lib
 from fashion_func.loop import resume as resume_lib
 from fashion_func.safeio import display
 from fashion_func.step import NormalizeImages, make_eval_step, make_train_step
-from fashion_func.summary import summary
 
 __all__ = [
     "EXIT_DIVERGED",

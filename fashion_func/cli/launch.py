@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from fashion_func import distributed
+from fashion_func.cli import device as device_lib
 from fashion_func.loop import RunDir, RunError
-from fashion_func.loop import device as device_lib
 
 __all__ = ["TIMEOUT_ENV", "RankRun", "open_run", "process_group"]
 

@@ -310,8 +310,8 @@ def parse_sweep(text: str) -> list[dict[str, float]]:
 
 
 def presets() -> list[str]:
-    """The names of the presets shipped in the package (`fashion_func/presets/*.toml`)."""
-    folder = resources.files("fashion_func") / "presets"
+    """The names of the presets shipped in the package (`fashion_func/cli/presets/*.toml`)."""
+    folder = resources.files("fashion_func.cli") / "presets"
     return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
@@ -319,7 +319,7 @@ def load_preset(name: str) -> dict[str, Any]:
     """The settings of the preset `name`, read as package data (works from an installed wheel)."""
     if name not in presets():
         raise ConfigError(f"--preset must be one of {', '.join(presets())}, not {name!r}")
-    text = (resources.files("fashion_func") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
+    text = (resources.files("fashion_func.cli") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
     values = {k.replace("-", "_"): v for k, v in tomllib.loads(text).items()}
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(Config)})
     if unknown:  # a packaging mistake, caught by the tests

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from fashion_func import checkpoint, interop
-from fashion_func.cli import EXIT_USAGE, Parser, UsageError, add_version
+from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version
 from fashion_func.safeio import FileError, check_output, display
 
 __all__ = ["FORMATS", "build_parser", "export", "main"]

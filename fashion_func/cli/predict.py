@@ -34,8 +34,9 @@ import torch
 from torch import Tensor
 
 from fashion_func import atomic, checkpoint, data, ensemble, interop, losses
-from fashion_func.cli import EXIT_USAGE, Parser, UsageError, add_version, int_arg
-from fashion_func.images import (
+from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, int_arg
+from fashion_func.cli.device import resolve_device
+from fashion_func.cli.images import (
     IMAGE_SUFFIXES,
     MAX_IMAGE_PIXELS,
     SIZE,
@@ -45,9 +46,7 @@ from fashion_func.images import (
     prepare_image,
     read_image,
 )
-from fashion_func.loop import RunError, resolve_device
-from fashion_func.models import Model, ModelState, Params
-from fashion_func.report import (
+from fashion_func.cli.report import (
     REPORT_FILES,
     build_report,
     format_report,
@@ -57,6 +56,8 @@ from fashion_func.report import (
     plot_grid,
     write_outputs,
 )
+from fashion_func.loop import RunError
+from fashion_func.models import Model, ModelState, Params
 from fashion_func.safeio import FileError, check_output, display, short_repr, strict_json
 from fashion_func.step import NormalizeImages, make_eval_step
 
