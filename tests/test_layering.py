@@ -152,3 +152,13 @@ def test_torch_func_not_functorch():
     for path in PKG.rglob("*.py"):
         text = path.read_text()
         assert "import functorch" not in text and "from functorch" not in text, path.name
+
+
+def test_readme_architecture_matches_the_layers():
+    """The README's Architecture table is this file's LAYERS, row by row."""
+    text = (PKG.parent / "README.md").read_text()
+    table = text.split("<!-- layers: begin -->", 1)[1].split("<!-- layers: end -->", 1)[0]
+    rows = [line.split("|") for line in table.strip().splitlines()[2:]]
+    documented = [tuple(m.strip().strip("`") for m in row[2].split(",")) for row in rows]
+    assert documented == list(LAYERS), "README's Architecture table differs from LAYERS"
+    assert [int(row[1]) for row in rows] == list(range(1, len(LAYERS) + 1))
