@@ -30,9 +30,9 @@ __all__ = ["CosineLR", "LRSchedule", "ReduceLROnPlateau", "StepLR"]
 
 @dataclass(frozen=True)
 class LRSchedule(Callback):
-    """Drive the learning rate from a schedule (`fashion_func.schedules`, also in `optim`),
-    once per epoch: epoch e (1-based) runs with `schedule(e - 1)`, as a torch scheduler
-    stepped once per epoch gives.
+    """Drive the learning rate from any schedule of `fashion_func.schedules`, once per epoch:
+    epoch e (1-based) runs with `schedule(e - 1)`, as a torch scheduler stepped once per
+    epoch gives (`LRSchedule(schedule=schedules.onecycle(0.1, total_steps=epochs))`).
 
     Emits `SetHyperparam("lr", ...)` at `TrainBegin` for the start epoch (so a resumed run
     gets its lr back) and at `EpochEnd(e)` for epoch e + 1. The value depends on the epoch
@@ -44,15 +44,14 @@ class LRSchedule(Callback):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if type(self) is LRSchedule and self.schedule is None:
-            raise ValueError("LRSchedule needs a schedule, e.g. schedules.cosine(1e-3, t_max=30)")
+        self.make_schedule()  # a bad argument fails here, not at the first epoch
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate epoch `epoch` (1-based) runs with."""
         return float(self.make_schedule()(epoch - 1))
 
     def make_schedule(self) -> schedules.Schedule:
-        """The schedule of this callback (subclasses build theirs from their fields)."""
+        """The schedule this callback follows (a named convenience builds it from its fields)."""
         if self.schedule is None:
             raise ValueError("LRSchedule needs a schedule, e.g. schedules.cosine(1e-3, t_max=30)")
         return self.schedule
@@ -72,17 +71,13 @@ class LRSchedule(Callback):
 
 @dataclass(frozen=True)
 class StepLR(LRSchedule):
-    """The tutorial's StepLr: lr = base_lr * gamma ** ((epoch - 1) // step_size), per epoch
-    (`schedules.step_lr`); equals torch.optim.lr_scheduler.StepLR stepped once per epoch."""
+    """The tutorial's StepLr, a named `LRSchedule(schedule=schedules.step_lr(base_lr,
+    step_size, gamma))`: lr = base_lr * gamma ** ((epoch - 1) // step_size), equal to
+    torch.optim.lr_scheduler.StepLR stepped once per epoch."""
 
     base_lr: float
     step_size: int
     gamma: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.step_size < 1:
-            raise ValueError(f"step_size must be >= 1, got {self.step_size}")
 
     def make_schedule(self) -> schedules.Schedule:
         return schedules.step_lr(self.base_lr, self.step_size, self.gamma)
@@ -90,18 +85,14 @@ class StepLR(LRSchedule):
 
 @dataclass(frozen=True)
 class CosineLR(LRSchedule):
-    """lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * (epoch - 1) / t_max)) / 2, per epoch
-    (`schedules.cosine`); equals torch.optim.lr_scheduler.CosineAnnealingLR(T_max=t_max) stepped
-    once per epoch (including its rise again after t_max)."""
+    """A named `LRSchedule(schedule=schedules.cosine(base_lr, t_max, eta_min))`: lr = eta_min +
+    (base_lr - eta_min) * (1 + cos(pi * (epoch - 1) / t_max)) / 2, equal to
+    torch.optim.lr_scheduler.CosineAnnealingLR(T_max=t_max) stepped once per epoch (including
+    its rise again after t_max)."""
 
     base_lr: float
     t_max: int
     eta_min: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.t_max < 1:
-            raise ValueError(f"t_max must be >= 1, got {self.t_max}")
 
     def make_schedule(self) -> schedules.Schedule:
         return schedules.cosine(self.base_lr, self.t_max, self.eta_min)
