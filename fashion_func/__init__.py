@@ -36,13 +36,14 @@ __all__ = [
     "optim",
     "per_example_grad_norms",
     "per_example_grads",
+    "schedules",
     "state",
     "tree",
 ]
 
 _SUBMODULES = {
-    "callbacks", "checkpoint", "data", "ensemble", "losses", "metrics", "models", "nn", "optim", "state",
-    "tree",
+    "callbacks", "checkpoint", "data", "ensemble", "losses", "metrics", "models", "nn", "optim",
+    "schedules", "state", "tree",
 }  # fmt: skip
 _NAMES = {
     "FitResult": "fashion_func.loop",
@@ -70,6 +71,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
         models,
         nn,
         optim,
+        schedules,
         state,
         tree,
     )  # fmt: skip

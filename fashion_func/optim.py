@@ -19,8 +19,9 @@ momentum, clipping norm) are 0-d tensors inside the optimizer state, created by
 because of a schedule. Counters are 0-d int64 tensors. `update` never calls
 `.item()` or branches on tensor values, so it traces with `fullgraph=True`.
 
-Schedules are host-side pure functions `step_or_epoch -> lr`; the loop feeds
-their value to `set_hyperparam(opt_state, "lr", value)`.
+Schedules live in `fashion_func.schedules`: per epoch a callback feeds their value
+to `set_hyperparam(opt_state, "lr", value)`; per step `scale_by_schedule` runs one inside
+the update.
 """
 
 from __future__ import annotations
@@ -32,17 +33,6 @@ import torch
 from torch import Tensor
 
 from fashion_func import tree
-from fashion_func.schedules import (
-    Schedule,
-    constant,
-    cosine,
-    linear_warmup,
-    onecycle,
-    piecewise_linear,
-    step_lr,
-    triangle,
-    warmup_cosine,
-)
 
 __all__ = [
     "AddDecayedWeightsState",
@@ -53,7 +43,6 @@ __all__ = [
     "ScaleByAdamState",
     "ScaleByLearningRateState",
     "ScaleByScheduleState",
-    "Schedule",
     "TraceState",
     "adam",
     "adamw",
@@ -62,24 +51,16 @@ __all__ = [
     "apply_updates",
     "chain",
     "clip_by_global_norm",
-    "constant",
-    "cosine",
     "ema",
     "ema_params",
     "get_hyperparam",
     "hyperparams",
-    "linear_warmup",
-    "onecycle",
-    "piecewise_linear",
     "scale_by_adam",
     "scale_by_learning_rate",
     "scale_by_schedule",
     "set_hyperparam",
     "sgd",
-    "step_lr",
     "trace",
-    "triangle",
-    "warmup_cosine",
 ]
 
 Params = Any  # a tree of tensors; in this library a flat dict[str, Tensor]
@@ -319,8 +300,9 @@ def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransform
 
     A per-step learning-rate multiplier computed inside the step from the state's counter
     (optax's `scale_by_schedule`): no host work per step, exact on resume, and the base lr
-    stays a settable hyperparameter (sweeps). `schedule` takes a 0-d float tensor and
-    returns one built without branching on its value, e.g. `schedules.triangle(total, warm)`.
+    stays a settable hyperparameter (sweeps). `schedule`: any of `fashion_func.schedules`
+    (they take the 0-d float counter and never branch on its value), e.g.
+    `schedules.triangle(total, warm)` or `schedules.warmup_cosine(1.0, warm, total)`.
     Put it after the optimizer in a `chain` (before `ema`).
     """
 

@@ -1,7 +1,16 @@
-"""Learning-rate schedules: host-side pure functions `step_or_epoch -> lr` (plain Python,
-no torch), the values of torch's schedulers in closed form, so a value depends on the step
-alone (exact resume). `optim` re-exports them; `callbacks.LRSchedule` drives the optimizer's
-learning rate from one.
+"""Learning-rate schedules: pure functions `step -> lr`, each usable two ways.
+
+* On a Python int (an epoch or a step) a schedule returns a Python float:
+  `callbacks.LRSchedule` calls it once per epoch and sets the optimizer's lr to the value.
+* On a 0-d float tensor (an optimizer's step counter) it returns a 0-d tensor of that dtype,
+  built from arithmetic, `cos`, clamps and selections alone: no branch on the tensor's value,
+  no host sync, so it runs inside a compiled step (`optim.scale_by_schedule`).
+
+Both ways compute one formula, the closed form of torch's scheduler where there is one, so a
+value depends on the step alone (exact resume). A negative step (and for `onecycle` a step
+past its end) is a ValueError on ints; tensors are not checked (that would sync the host).
+The module is plain Python: tensors are handled through their own methods (`cos`, `clamp`,
+`where`), never by importing torch.
 """
 
 from __future__ import annotations
@@ -23,23 +32,46 @@ __all__ = [
     "warmup_cosine",
 ]
 
-Schedule = Callable[[int], float]
+Step = Any  # a Python int (an epoch or a step), or a 0-d float tensor (an optimizer's counter)
+Schedule = Callable[[Step], Any]  # int -> float; 0-d tensor -> 0-d tensor of its dtype
 
 
-def _check_step(t: int) -> int:
-    if t < 0:
+def _is_tensor(x: Any) -> bool:
+    return hasattr(x, "clamp")
+
+
+def _check_step(t: Step) -> Step:
+    """`t`, after a ValueError if it is a negative int (a tensor passes unchecked: no sync)."""
+    if not _is_tensor(t) and t < 0:
         raise ValueError(f"schedule step must be >= 0, got {t}")
     return t
 
 
+def _cos(x: Any) -> Any:
+    return x.cos() if _is_tensor(x) else math.cos(x)
+
+
+def _clamp(x: Any, lo: float | None = None, hi: float | None = None) -> Any:
+    """`x` clamped to [lo, hi] (either bound may be None): a float, or a tensor elementwise."""
+    if _is_tensor(x):
+        return x.clamp(lo, hi)
+    if lo is not None:
+        x = max(x, lo)
+    return min(x, hi) if hi is not None else x
+
+
+def _where(cond: Any, a: Any, b: Any) -> Any:
+    """`a` if `cond` else `b`: a Python choice for a bool; for a bool tensor an elementwise
+    selection (no branch), where `a` or `b` is a tensor."""
+    if not _is_tensor(cond):
+        return a if cond else b
+    return a.where(cond, b) if _is_tensor(a) else b.where(~cond, a)
+
+
 def constant(lr: float) -> Schedule:
     """`lr` at every step."""
-
-    def schedule(t: int) -> float:
-        _check_step(t)
-        return float(lr)
-
-    return schedule
+    lr = float(lr)
+    return lambda t: _check_step(t) * 0.0 + lr
 
 
 def step_lr(lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
@@ -54,7 +86,25 @@ def cosine(lr: float, t_max: int, eta_min: float = 0.0) -> Schedule:
     `torch.optim.lr_scheduler.CosineAnnealingLR` (which, past `t_max`, rises again likewise)."""
     if t_max <= 0:
         raise ValueError(f"t_max must be positive, got {t_max}")
-    return lambda t: eta_min + (lr - eta_min) * (1 + math.cos(math.pi * _check_step(t) / t_max)) / 2
+    return lambda t: eta_min + (lr - eta_min) * (1 + _cos(math.pi * _check_step(t) / t_max)) / 2
+
+
+def _onecycle_phases(
+    max_lr: float, total_steps: int, pct_start: float, div_factor: float, final_div_factor: float, three: bool
+) -> list[tuple[float, float, float, float]]:
+    """torch's OneCycleLR phase table as (start_step, end_step, start_lr, end_lr)."""
+    initial_lr = max_lr / div_factor
+    min_lr = initial_lr / final_div_factor
+    if three:
+        ends = [
+            (float(pct_start * total_steps) - 1, initial_lr, max_lr),
+            (float(2 * pct_start * total_steps) - 2, max_lr, initial_lr),
+            (total_steps - 1, initial_lr, min_lr),
+        ]
+    else:
+        ends = [(float(pct_start * total_steps) - 1, initial_lr, max_lr), (total_steps - 1, max_lr, min_lr)]
+    starts = [0.0] + [end for end, _, _ in ends[:-1]]
+    return [(s, e, a, b) for s, (e, a, b) in zip(starts, ends, strict=True)]
 
 
 def onecycle(
@@ -69,7 +119,8 @@ def onecycle(
     """The learning rates of `torch.optim.lr_scheduler.OneCycleLR` (per step, 0..total_steps).
 
     Warm up from `max_lr / div_factor` to `max_lr` over `pct_start` of the steps, then anneal
-    to `max_lr / div_factor / final_div_factor` (`three_phase`: back to the start first).
+    to `max_lr / div_factor / final_div_factor` (`three_phase`: back to the start first). A
+    phase of no steps (where torch divides by zero) counts as done.
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
@@ -77,43 +128,35 @@ def onecycle(
         raise ValueError(f"pct_start must be in [0, 1], got {pct_start}")
     if anneal_strategy not in ("cos", "linear"):
         raise ValueError(f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}")
-    initial_lr = max_lr / div_factor
-    min_lr = initial_lr / final_div_factor
-    # (end_step, start_lr, end_lr), exactly torch's phase table
-    if three_phase:
-        phases = [
-            (float(pct_start * total_steps) - 1, initial_lr, max_lr),
-            (float(2 * pct_start * total_steps) - 2, max_lr, initial_lr),
-            (total_steps - 1, initial_lr, min_lr),
-        ]
-    else:
-        phases = [(float(pct_start * total_steps) - 1, initial_lr, max_lr), (total_steps - 1, max_lr, min_lr)]
+    phases = _onecycle_phases(max_lr, total_steps, pct_start, div_factor, final_div_factor, three_phase)
 
-    def anneal(start: float, end: float, pct: float) -> float:
+    def phase_value(t: Step, start_step: float, end_step: float, start: float, end: float) -> Any:
+        span = end_step - start_step
+        pct = (t - start_step) / span if span else t * 0.0 + 1.0
         if anneal_strategy == "cos":
-            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+            return end + (start - end) / 2.0 * (_cos(math.pi * pct) + 1)
         return (end - start) * pct + start
 
-    def schedule(t: int) -> float:
-        _check_step(t)
-        if t > total_steps:
+    def schedule(t: Step) -> Any:
+        if not _is_tensor(_check_step(t)) and t > total_steps:
             raise ValueError(f"onecycle schedule has {total_steps} steps, asked for step {t}")
-        start_step = 0.0
-        for i, (end_step, start, end) in enumerate(phases):
-            if t <= end_step or i == len(phases) - 1:
-                return anneal(start, end, (t - start_step) / (end_step - start_step))
-            start_step = end_step
-        raise AssertionError("unreachable")
+        # torch takes the first phase whose end is not before t (the last one otherwise):
+        # every phase's value, selected from the last back to the first, without a branch
+        value = phase_value(t, *phases[-1])
+        for phase in reversed(phases[:-1]):
+            value = _where(t <= phase[1], phase_value(t, *phase), value)
+        return value
 
     return schedule
 
 
 def linear_warmup(lr: float, warmup_steps: int) -> Schedule:
     """`lr * min(1, (t + 1) / warmup_steps)`: step 0 already moves (at `lr / warmup_steps`),
-    full `lr` from step `warmup_steps - 1` on."""
+    full `lr` from step `warmup_steps - 1` on; `torch.optim.lr_scheduler.LinearLR` from
+    `1 / warmup_steps` over `warmup_steps - 1` steps."""
     if warmup_steps <= 0:
         raise ValueError(f"warmup_steps must be positive, got {warmup_steps}")
-    return lambda t: lr * min(1.0, (_check_step(t) + 1) / warmup_steps)
+    return lambda t: lr * _clamp((_check_step(t) + 1) / warmup_steps, hi=1.0)
 
 
 def warmup_cosine(lr: float, warmup_steps: int, total_steps: int, eta_min: float = 0.0) -> Schedule:
@@ -124,28 +167,17 @@ def warmup_cosine(lr: float, warmup_steps: int, total_steps: int, eta_min: float
     warm = linear_warmup(lr, warmup_steps)
     decay = total_steps - warmup_steps
 
-    def schedule(t: int) -> float:
-        if _check_step(t) < warmup_steps:
-            return warm(t)
-        frac = min(1.0, (t - warmup_steps) / decay)
-        return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * frac)) / 2
+    def schedule(t: Step) -> Any:
+        frac = _clamp((_check_step(t) - warmup_steps) / decay, 0.0, 1.0)
+        annealed = eta_min + (lr - eta_min) * (1 + _cos(math.pi * frac)) / 2
+        return _where(t < warmup_steps, warm(t), annealed)
 
     return schedule
 
 
-def _clamp01(v: Any) -> Any:
-    """`v` clamped to [0, 1]: a float, or a tensor (elementwise, no host sync)."""
-    return v.clamp(0.0, 1.0) if hasattr(v, "clamp") else min(max(v, 0.0), 1.0)
-
-
-def piecewise_linear(knots: Sequence[tuple[float, float]]) -> Callable[[Any], Any]:
+def piecewise_linear(knots: Sequence[tuple[float, float]]) -> Schedule:
     """Linear interpolation through `knots` `[(step, value), ...]` (steps increasing), held
-    at the end values outside them.
-
-    Unlike the schedules above, the function also takes a tensor step (e.g. an optimizer's
-    0-d count) and then returns a tensor built from clamps alone, so it runs inside a
-    compiled step (`optim.scale_by_schedule`) with no branch on a tensor value.
-    """
+    at the end values outside them (any real step, negative ones too)."""
     if not knots:
         raise ValueError("piecewise_linear needs at least one knot")
     xs = [float(x) for x, _ in knots]
@@ -153,23 +185,20 @@ def piecewise_linear(knots: Sequence[tuple[float, float]]) -> Callable[[Any], An
     if any(b <= a for a, b in itertools.pairwise(xs)):
         raise ValueError(f"piecewise_linear knots must have increasing steps, got {xs}")
 
-    def schedule(t: Any) -> Any:
-        # y0 plus each segment's rise times how far along it t is: the same formula for
-        # floats and tensors
+    def schedule(t: Step) -> Any:
+        # y0 plus each segment's rise times how far along it t is
         value: Any = ys[0] + 0.0 * t
         for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:], strict=False):
-            value = value + _clamp01((t - x0) / (x1 - x0)) * (y1 - y0)
+            value = value + _clamp((t - x0) / (x1 - x0), 0.0, 1.0) * (y1 - y0)
         return value
 
     return schedule
 
 
-def triangle(
-    total_steps: int, warmup_steps: int, start: float = 0.1, end: float = 0.0
-) -> Callable[[Any], Any]:
+def triangle(total_steps: int, warmup_steps: int, start: float = 0.1, end: float = 0.0) -> Schedule:
     """A one-cycle multiplier: linear from `start` to 1 over `warmup_steps`, then linear to
-    `end` at `total_steps` (the triangular schedule of fast CIFAR-10 recipes). A
-    `piecewise_linear`, so it also takes a tensor step."""
+    `end` at `total_steps` (the triangular schedule of fast CIFAR-10 recipes): a
+    `piecewise_linear`."""
     if total_steps <= 0 or not 0 <= warmup_steps < total_steps:
         raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps}, {total_steps}")
     knots = (

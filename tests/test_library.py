@@ -378,7 +378,7 @@ def test_every_public_name_resolves_to_the_module_that_defines_it():
     assert ff.per_example_grad_norms is step.per_example_grad_norms
     assert ff.TrainState is ff.state.TrainState
     assert ff.optim is optim and ff.data is data and ff.checkpoint is checkpoint
-    for module in ("callbacks", "losses", "metrics", "models", "nn", "tree"):
+    for module in ("callbacks", "losses", "metrics", "models", "nn", "schedules", "tree"):
         assert getattr(ff, module).__name__ == f"fashion_func.{module}"
     assert isinstance(ff.__version__, str)
     with pytest.raises(AttributeError, match="no_such_name"):

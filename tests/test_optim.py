@@ -11,7 +11,7 @@ import torch._dynamo
 import torch._dynamo.testing
 from torch import Tensor
 
-from fashion_func import optim, tree
+from fashion_func import optim, schedules, tree
 
 STEPS = 50
 TOL = {"rtol": 1e-12, "atol": 1e-14}
@@ -341,7 +341,7 @@ def torch_lrs(make_sched: Callable[[torch.optim.Optimizer], object], n: int, lr:
     return out
 
 
-def assert_schedule(ours: optim.Schedule, ref: list[float]) -> None:
+def assert_schedule(ours: schedules.Schedule, ref: list[float]) -> None:
     got = [ours(t) for t in range(len(ref))]
     assert all(isinstance(v, float) for v in got)
     assert len(set(ref)) > 2  # the reference really varies
@@ -352,7 +352,7 @@ def assert_schedule(ours: optim.Schedule, ref: list[float]) -> None:
 @pytest.mark.parametrize(("step_size", "gamma"), [(3, 0.1), (10, 0.5), (1, 0.9)])
 def test_step_lr_matches_torch(step_size: int, gamma: float) -> None:
     ref = torch_lrs(lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=step_size, gamma=gamma), 40)
-    assert_schedule(optim.step_lr(0.1, step_size, gamma), ref)
+    assert_schedule(schedules.step_lr(0.1, step_size, gamma), ref)
 
 
 @pytest.mark.parametrize(("t_max", "eta_min"), [(10, 0.0), (25, 1e-3)])
@@ -361,7 +361,7 @@ def test_cosine_matches_torch(t_max: int, eta_min: float) -> None:
     ref = torch_lrs(
         lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=t_max, eta_min=eta_min), 3 * t_max
     )
-    assert_schedule(optim.cosine(0.1, t_max, eta_min), ref)
+    assert_schedule(schedules.cosine(0.1, t_max, eta_min), ref)
 
 
 @pytest.mark.parametrize(
@@ -378,30 +378,30 @@ def test_onecycle_matches_torch(kw: dict) -> None:
     ref = torch_lrs(
         lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.5, total_steps=total, **kw), total
     )
-    sched = optim.onecycle(0.5, total, **kw)
+    sched = schedules.onecycle(0.5, total, **kw)
     assert_schedule(sched, ref)
     with pytest.raises(ValueError, match="steps"):
         sched(total + 1)
 
 
 def test_simple_schedules() -> None:
-    assert [optim.constant(0.3)(t) for t in (0, 5, 1000)] == [0.3, 0.3, 0.3]
-    warm = optim.linear_warmup(1.0, 4)
+    assert [schedules.constant(0.3)(t) for t in (0, 5, 1000)] == [0.3, 0.3, 0.3]
+    warm = schedules.linear_warmup(1.0, 4)
     assert [warm(t) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    wc = optim.warmup_cosine(1.0, 2, 12)
+    wc = schedules.warmup_cosine(1.0, 2, 12)
     assert wc(0) == 0.5 and wc(1) == 1.0 and wc(2) == 1.0
     assert wc(7) == pytest.approx(0.5) and wc(12) == pytest.approx(0.0) and wc(50) == pytest.approx(0.0)
     assert all(wc(t) >= wc(t + 1) for t in range(2, 12))
     with pytest.raises(ValueError):
-        optim.step_lr(0.1, 3)(-1)
+        schedules.step_lr(0.1, 3)(-1)
     with pytest.raises(ValueError):
-        optim.cosine(0.1, 0)
+        schedules.cosine(0.1, 0)
 
 
 def test_schedule_drives_set_hyperparam_like_torch_steplr() -> None:
     # the loop's pattern: set lr from the schedule at each epoch start, vs torch StepLR
     params = make_params()
-    sched = optim.step_lr(0.05, step_size=2, gamma=0.5)
+    sched = schedules.step_lr(0.05, step_size=2, gamma=0.5)
     tx = optim.sgd(0.05, momentum=0.9)
     state = tx.init(params)
     p = params
@@ -430,4 +430,4 @@ def test_invalid_arguments() -> None:
     state = tx.init(make_params())
     with pytest.raises(ValueError, match="params"):
         tx.update(make_params(), state)
-    assert math.isfinite(optim.onecycle(0.1, 10)(10))
+    assert math.isfinite(schedules.onecycle(0.1, 10)(10))
