@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fashion_func import env
 from fashion_func.safeio import FileError, one_line, open_regular
 
 __all__ = [
@@ -157,15 +158,23 @@ def candidates(data_dir: str | os.PathLike[str] | None = None) -> list[tuple[Pat
     if data_dir is not None:
         base = Path(data_dir).expanduser()
         return [(base, "--data-dir"), (base / TORCHVISION_SUBDIR, "--data-dir, torchvision layout")]
+    env_dir = _env_dir()
+    if env_dir is not None:  # an explicit choice too: never silently replaced by another place
+        return [(env_dir, f"${ENV_VAR}"), (env_dir / TORCHVISION_SUBDIR, f"${ENV_VAR}, torchvision layout")]
     found: list[tuple[Path, str]] = []
-    env = os.environ.get(ENV_VAR, "")
-    if env:
-        found.append((Path(env).expanduser(), f"${ENV_VAR}"))
     local = Path.cwd() / DOWNLOAD_ROOT
     found.append((local, "./dataset/fashion"))
     found.append((local / TORCHVISION_SUBDIR, "./dataset/fashion, torchvision layout"))
     found.append((Path(DEBIAN_DIR), "Debian package dataset-fashion-mnist"))
     return found
+
+
+def _env_dir() -> Path | None:
+    """$FASHION_MNIST_DIR as a path (None when unset or empty), checked like --data-dir."""
+    try:
+        return env.directory(ENV_VAR)
+    except ValueError as exc:
+        raise DataError(f"{exc}; {_HOW_TO_GET}") from None
 
 
 def fetch(root: Path) -> None:
@@ -190,12 +199,12 @@ def locate(data_dir: str | os.PathLike[str] | None = None, *, download: bool = T
     for path, description in places:
         if not _missing(path):
             return path, f"{path} ({description})"
-    if data_dir is not None:
-        base = places[0][0]
+    if data_dir is not None or places[0][1] == f"${ENV_VAR}":
+        base, what = places[0][0], ("--data-dir" if data_dir is not None else f"${ENV_VAR}")
         if not base.is_dir():
-            raise DataError(f"--data-dir {base} does not exist or is not a directory; {_HOW_TO_GET}")
+            raise DataError(f"{what} {base} does not exist or is not a directory; {_HOW_TO_GET}")
         missing = ", ".join(f"{name}[.gz]" for name in _missing(base))
-        raise DataError(f"--data-dir {base} lacks {missing}; {_HOW_TO_GET}")
+        raise DataError(f"{what} {base} lacks {missing}; {_HOW_TO_GET}")
 
     searched = "; ".join(f"{path} ({description})" for path, description in places)
     if not download:

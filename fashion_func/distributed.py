@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fashion_func import env
+
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "STOP_CHECK_EVERY",
@@ -49,6 +51,7 @@ DEFAULT_TIMEOUT_S = 300
 # The ranks agree on a stop (SIGINT/SIGTERM on any of them) every this many steps: one
 # all-reduce of one integer, and on CUDA one host sync, per check.
 STOP_CHECK_EVERY = 8
+MAX_WORLD_SIZE = 1 << 20  # more processes than any job runs: a larger WORLD_SIZE is a typo
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -66,12 +69,16 @@ def env_world() -> tuple[int, int, int]:
     missing = [k for k in _ENV if k not in os.environ]
     if missing:
         raise WorldError(f"torchrun environment incomplete: {', '.join(missing)} not set")
-    try:
-        r, local, size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    except ValueError:
-        raise WorldError("RANK, LOCAL_RANK and WORLD_SIZE must be integers") from None
-    if not (size >= 1 and 0 <= r < size and local >= 0):
-        raise WorldError(f"bad torchrun environment: RANK {r}, LOCAL_RANK {local}, WORLD_SIZE {size}")
+    try:  # each value parsed and range-checked like a flag (fashion_func.env)
+        size = env.integer("WORLD_SIZE", lo=1, hi=MAX_WORLD_SIZE)
+        r = env.integer("RANK", lo=0, hi=max(0, (size or 1) - 1))
+        local = env.integer("LOCAL_RANK", lo=0, hi=max(0, (size or 1) - 1))
+        env.text("MASTER_ADDR")
+        env.integer("MASTER_PORT", lo=1, hi=65535)
+    except ValueError as exc:
+        raise WorldError(f"bad torchrun environment: {exc}") from None
+    if size is None or r is None or local is None:  # set but empty
+        raise WorldError("torchrun environment incomplete: RANK, LOCAL_RANK and WORLD_SIZE must not be empty")
     return r, local, size
 
 

@@ -17,7 +17,7 @@ in order and the trainer's summary runs them one at a time to report shapes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from einops import rearrange
 from torch import Tensor
 
 from fashion_func import nn
+from fashion_func.safeio import short_repr
 
 __all__ = ["MODELS", "Model", "ModelState", "Params", "Stage", "get", "num_params"]
 
@@ -407,10 +408,53 @@ MODELS: dict[str, Callable[..., Model]] = {
 }
 
 
+# Each model's hyperparameters by name and kind: "size" an integer from 1 to MAX_SIZE,
+# "classes" an integer from 2 to MAX_SIZE (one class is no classifier), "rate" a number in
+# [0, 1) (a dropout of 1 drops everything). What a file or a caller passes is checked here.
+HPARAMS: dict[str, dict[str, str]] = {
+    "mlp": {"D_in": "size", "H": "size", "D_out": "classes"},
+    "simplenet": {"num_classes": "classes"},
+    "simplenet_bn": {"num_classes": "classes"},
+    "alexnet": {"num_classes": "classes", "dropout": "rate"},
+    "resnet": {"num_classes": "classes", "width": "size"},
+}
+MAX_SIZE = 1 << 16  # a width or class count beyond any model of ours: refused, never allocated
+NUM_CLASSES = {"mlp": "D_out"}  # the hparam that counts the classes, where it is not num_classes
+
+
+def check_hparams(name: str, hparams: Mapping[str, Any]) -> None:
+    """ValueError (one line, naming the hparam) unless every hparam of `hparams` is of its kind
+    (`HPARAMS`); TypeError, as for any unknown keyword, for one model `name` does not take."""
+    kinds = HPARAMS.get(name)
+    if kinds is None:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
+    for key, value in hparams.items():
+        kind = kinds.get(key)
+        if kind is None:
+            takes = ", ".join(kinds)
+            raise TypeError(f"model {name} has no hyperparameter {short_repr(key)} (it takes {takes})")
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if kind == "rate":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+            want = "a number in [0, 1)"
+        else:
+            lo = 2 if kind == "classes" else 1
+            ok, want = is_int and lo <= value <= MAX_SIZE, f"an integer from {lo} to {MAX_SIZE}"
+        if not ok:
+            raise ValueError(f"model {name}: {key} must be {want}, got {short_repr(value)}")
+
+
+def num_classes(model: Model) -> int:
+    """The number of classes `model` predicts."""
+    return int(model.hparams[NUM_CLASSES.get(model.name, "num_classes")])
+
+
 def get(name: str, **hparams: Any) -> Model:
-    """The model called `name` built with `hparams`; ValueError naming the choices otherwise."""
+    """The model called `name` built with `hparams`; ValueError naming the choices, or the
+    hyperparameter that is not of its kind (`check_hparams`), otherwise."""
     try:
         builder = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}") from None
+    check_hparams(name, hparams)
     return builder(**hparams)

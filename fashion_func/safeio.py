@@ -189,9 +189,15 @@ def check_output(
     device, FIFO, socket, directory or symbolic link: never replaced, never followed); an
     existing file that is one of `inputs`; an existing regular file without `overwrite`.
     """
+    if not os.fspath(path):  # Path("") is "."
+        raise FileError(f"{what} is empty; give a file name")
     p = Path(path)
     if not p.name or p.name in (".", ".."):
         raise FileError(f"{what} {display(p)!r} does not name a file")
+    if suffixes is not None and p.name.lower() in suffixes:  # ".safetensors": a suffix, no name
+        raise FileError(
+            f"{what} {display(p)} has an empty name before {p.name}; give a name such as w{p.name}"
+        )
     if suffixes is not None and p.suffix.lower() not in suffixes:
         raise FileError(f"{what} {display(p)} must end in {' or '.join(suffixes)}")
     try:

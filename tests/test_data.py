@@ -225,7 +225,7 @@ def test_search_order(isolated, monkeypatch):
     assert data.locate(explicit)[0] == explicit
     path, source = data.locate()
     assert path == env_dir and "$FASHION_MNIST_DIR" in source
-    monkeypatch.setenv(data.ENV_VAR, str(isolated / "empty-env"))  # set but empty: skipped
+    monkeypatch.setenv(data.ENV_VAR, "")  # set but empty: unset
     assert data.locate()[0] == cwd_dir
     monkeypatch.delenv(data.ENV_VAR)
     assert data.locate()[0] == cwd_dir
@@ -236,11 +236,12 @@ def test_search_order(isolated, monkeypatch):
 
 
 def test_candidates_list(isolated, monkeypatch):
-    monkeypatch.setenv(data.ENV_VAR, "/some/where")
+    monkeypatch.setenv(data.ENV_VAR, str(isolated))  # an explicit choice: only it is searched
+    assert [p for p, _ in data.candidates()] == [isolated, isolated / "FashionMNIST/raw"]
+    monkeypatch.delenv(data.ENV_VAR)
     places = [p for p, _ in data.candidates()]
     cwd = Path.cwd()
     assert places == [
-        Path("/some/where"),
         cwd / "dataset/fashion",
         cwd / "dataset/fashion/FashionMNIST/raw",
         isolated / "no-debian",
@@ -271,13 +272,12 @@ def test_plain_and_gz_mixed(isolated):
 def test_nothing_found_download_disabled_lists_places(isolated, monkeypatch):
     called = []
     monkeypatch.setattr(data, "fetch", lambda root: called.append(root))
-    monkeypatch.setenv(data.ENV_VAR, str(isolated / "envdir"))
     with pytest.raises(data.DataError) as info:
         data.load("train", download=False)
     msg = str(info.value)
     assert called == []
     assert "\n" not in msg and "download is disabled" in msg
-    for place in (isolated / "envdir", Path.cwd() / "dataset/fashion", isolated / "no-debian"):
+    for place in (Path.cwd() / "dataset/fashion", isolated / "no-debian"):
         assert str(place) in msg
     for hint in ("apt-get install dataset-fashion-mnist", "--data-dir", "FASHION_MNIST_DIR", "internet"):
         assert hint in msg
@@ -429,3 +429,22 @@ def test_normalize_against_torchvision_style_reference():
     edges = data.normalize(torch.tensor([[[0, 255]]], dtype=torch.uint8), 0.5, 0.5)
     assert edges.flatten().tolist() == [-1.0, 1.0]
     assert torch.equal(half[:, 0], x.double() / 255 * 2 - 1)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "file", "partial"])
+def test_fashion_mnist_dir_is_an_explicit_choice_never_a_silent_fall_back(isolated, monkeypatch, kind):
+    """$FASHION_MNIST_DIR that lacks the files is an error naming it, like --data-dir, even
+    when another place (here ./dataset/fashion) holds the data."""
+    make_dataset(Path.cwd() / "dataset" / "fashion")
+    target = isolated / "env"
+    if kind == "empty":
+        target.mkdir()
+    elif kind == "file":
+        target.write_bytes(b"x")
+    elif kind == "partial":
+        make_dataset(target)
+        (target / "t10k-labels-idx1-ubyte").unlink()
+    monkeypatch.setenv(data.ENV_VAR, str(target))
+    with pytest.raises(data.DataError, match=r"^\$?FASHION_MNIST_DIR") as info:
+        data.locate()
+    assert "\n" not in str(info.value) and str(target) in str(info.value)

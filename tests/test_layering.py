@@ -16,7 +16,9 @@ PKG = Path(__file__).resolve().parents[1] / "fashion_func"
 # given a layer, and the core (up to `__init__`) never imports the app (`cli.*`).
 LAYERS: tuple[tuple[str, ...], ...] = (
     # -- the library core: knows no command-line flag ------------------------------------------
-    ("tree", "safeio", "distributed"),  # nothing from the package: helpers, torch.distributed only
+    ("tree", "safeio"),  # nothing from the package: helpers
+    ("env",),  # environment values parsed like flags
+    ("distributed",),  # torch.distributed; its torchrun environment through env
     ("atomic", "safetensors_io"),  # writing files whole, reading safetensors defensively
     ("nn",),
     ("models", "augment"),

@@ -415,7 +415,10 @@ def _final_test(
         )
         metrics, source = evaluate(plain_eval, chosen, batches), f"best weights (epoch {best['epoch']})"
     else:
-        metrics, source = evaluate(eval_step, result.state, batches), "final weights"
+        dead = result.extra.get("diverged_members") or {}
+        live = [k for k in range(cfg.members) if k not in dead] if dead else None
+        metrics = evaluate(eval_step, result.state, batches, live=live)
+        source = "final weights" + (f" of the {len(live)} members that did not diverge" if live else "")
     out = {k.replace("val_", "test_", 1): v for k, v in metrics.items() if not k.startswith("val_member")}
     report = {"weights": source, "path": best["path"] if best else None, "examples": len(test.labels), **out}
     run.write_json("test.json", report)
@@ -435,10 +438,12 @@ def _members_line(cfg: Config) -> str:
 
 
 def members_table(cfg: Config, result: FitResult) -> list[dict[str, Any]]:
-    """One row per member of an ensemble or sweep: its hyperparameters (a sweep) or seed, and
-    its best `cfg.monitor` with the epoch and the file holding those weights."""
+    """One row per member of an ensemble or sweep: its hyperparameters (a sweep) or seed, its
+    best `cfg.monitor` with the epoch and the file holding those weights, and whether it
+    diverged (`diverged`: null, or the epoch and first non-finite step, -1 for parameters)."""
     grid = parse_sweep(cfg.sweep) if cfg.sweep else [{} for _ in range(cfg.members)]
     best = result.extra.get("member_best", {})
+    dead = result.extra.get("diverged_members", {})
     rows = []
     for k, hyper in enumerate(grid):
         row: dict[str, Any] = {"member": k, **hyper}
@@ -447,6 +452,7 @@ def members_table(cfg: Config, result: FitResult) -> list[dict[str, Any]]:
         b = best.get(k)
         row.update(monitor=cfg.monitor, best=b["value"] if b else None, epoch=b["epoch"] if b else None)
         row["weights"] = b["path"] if b else None
+        row["diverged"] = {"epoch": dead[k]["epoch"], "step": dead[k]["step"]} if k in dead else None
         rows.append(row)
     return rows
 
@@ -457,7 +463,8 @@ def _write_members_table(cfg: Config, result: FitResult, run: launch.RankRun) ->
     for r in rows:
         what = " ".join(f"{n}={r[n]:g}" for n in SWEEPABLE if n in r) or f"seed {r['seed']}"
         value = "n/a" if r["best"] is None else f"{r['best']:.4f} at epoch {r['epoch']}"
-        run.log.info(f"member {r['member']} ({what}): best {cfg.monitor} {value}")
+        gone = f"; diverged at epoch {r['diverged']['epoch']}" if r["diverged"] else ""
+        run.log.info(f"member {r['member']} ({what}): best {cfg.monitor} {value}{gone}")
 
 
 def _interrupted(exc: Interrupted, group: distributed.Group | None) -> str:
@@ -515,6 +522,9 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> 
         tail += (
             f"; each member's best weights in {result.out_dir}/checkpoints/member-*/, table in members.json"
         )
+    dead = result.extra.get("diverged_members")
+    if dead and not result.diverged:
+        tail += f"; {len(dead)} member(s) diverged and left out ({', '.join(f'm{k}' for k in dead)})"
     if "test" in result.extra:
         tail += f"; test_acc {result.extra['test']['test_acc']:.4f} ({result.extra['test']['weights']})"
     _print(f"done: {result.epochs_run} epoch(s), {result.stop_reason}{tail}; run directory {result.out_dir}")

@@ -48,6 +48,7 @@ from typing import Any
 
 from fashion_func import checkpoint, interop
 from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version
+from fashion_func.interop.flax_modules import FLAX_MODELS
 from fashion_func.safeio import FileError, check_output, display
 
 __all__ = ["FORMATS", "build_parser", "export", "main"]
@@ -99,11 +100,18 @@ def export(
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if not str(out):  # Path("") reads as ".", which would name the wrong thing
+        raise ValueError("--out is empty; give a file name")
     try:
         check_output(out, overwrite=overwrite, inputs=[weights], suffixes=SUFFIXES[fmt])
     except FileError as e:
         raise ValueError(str(e)) from None
     loaded, params, metadata = interop.load_weights_file(weights, model)
+    if fmt == "flax" and loaded.name not in FLAX_MODELS:  # a file no `interop.flax_module` would read
+        raise ValueError(
+            f"--format flax: no Flax module reads a {loaded.name} yet (those of {', '.join(FLAX_MODELS)}); "
+            "export it as torch, numpy or onnx"
+        )
     meta: dict[str, Any] = {"model": loaded.name, "source": str(weights)}
     for key in ("epoch", "config"):
         if key in metadata:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 import zlib
 from collections.abc import Iterator, Mapping
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fashion_func import distributed
+from fashion_func import distributed, env
 from fashion_func.cli import device as device_lib
 from fashion_func.loop import RunDir, RunError
 
@@ -30,17 +29,17 @@ __all__ = ["TIMEOUT_ENV", "RankRun", "open_run", "process_group"]
 TIMEOUT_ENV = "FASHION_FUNC_DIST_TIMEOUT"
 
 
+# below a second gloo's own timeout fires inside its C++ code (a frame dump, not our message);
+# a week is longer than any collective should wait, and datetime.timedelta takes it
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 7 * 24 * 3600.0
+
+
 def _timeout_s() -> float:
-    text = os.environ.get(TIMEOUT_ENV, "")
-    if not text:
-        return distributed.DEFAULT_TIMEOUT_S
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise RunError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
-    return value
+        value = env.number(TIMEOUT_ENV, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S)
+    except ValueError as exc:
+        raise RunError(f"{exc} (seconds)") from None
+    return distributed.DEFAULT_TIMEOUT_S if value is None else value
 
 
 @contextlib.contextmanager

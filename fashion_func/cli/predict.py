@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fashion_func import atomic, checkpoint, data, ensemble, interop, losses
+from fashion_func import atomic, checkpoint, data, ensemble, interop, losses, models
 from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, int_arg
 from fashion_func.cli.device import resolve_device
 from fashion_func.cli.images import (
@@ -249,6 +249,13 @@ class Member:
 def load_member(path: str, model_name: str | None, device: torch.device) -> Member:
     """A weights file ready to predict with (CheckpointError, one line, for a bad file)."""
     model, weights, metadata = interop.load_weights_file(path, model_name, device=device)
+    classes = models.num_classes(model)
+    if classes != len(data.CLASS_NAMES) or model.input_shape not in ((1, 28, 28), (28 * 28,)):
+        shape = "x".join(map(str, model.input_shape))
+        raise checkpoint.CheckpointError(
+            f"{path}: a {model.name} of {classes} classes over inputs of {shape}; predict takes a "
+            f"{len(data.CLASS_NAMES)}-class classifier of 28x28 images (Fashion-MNIST)"
+        )
     # bf16/fp16 files evaluate in fp32; a batch count stays an integer
     weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     params, model_state = interop.split_state(model, weights)  # batch-norm buffers, if any

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch import nn as tnn
 
+from fashion_func import models
+
 __all__ = [
     "MLP",
     "NAMES",
@@ -178,5 +180,6 @@ def build(name: str, hparams: Mapping[str, Any]) -> tnn.Module:
     """An un-initialised module (meta device: no memory, no draws from the global RNG)."""
     if name not in _MODULES:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(sorted(_MODULES))}")
+    models.check_hparams(name, hparams)  # by name and kind: a width of 0.5 is no width
     with torch.device("meta"):
         return _MODULES[name](**hparams)

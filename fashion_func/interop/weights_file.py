@@ -59,25 +59,24 @@ def load_weights_file(
     return model, params, metadata
 
 
-MAX_HPARAM = 1 << 16  # a width or class count beyond any model of ours: refused, never allocated
+MAX_HPARAM = models.MAX_SIZE  # a width or class count beyond any model of ours: refused, never allocated
 
 
 def _file_hparams(info: checkpoint.CheckpointInfo, name: str) -> dict[str, int]:
     """The model's constructor arguments: the `model_hparams` a file of this model records
-    (sizes and rates only), else what its tensor shapes imply (older files)."""
+    (each checked by name and kind, `models.check_hparams`), else what its tensor shapes
+    imply (older files; `models.get` checks those)."""
     recorded = info.metadata.get("model_hparams")
-    if info.metadata.get("model") == name and isinstance(recorded, dict):
-        if not all(_small_int(v) or (finite_number(v) and 0 <= v <= 1) for v in recorded.values()):
-            raise ValueError(
-                f"model_hparams must be sizes up to {MAX_HPARAM} or rates in [0, 1], got {recorded}"
-            )
+    if info.metadata.get("model") == name and recorded is not None:
+        if not isinstance(recorded, dict):
+            raise ValueError(f"model_hparams must be a mapping, got {type(recorded).__name__}")
+        try:
+            models.check_hparams(name, recorded)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"model_hparams: {e}") from None
         return {str(k): v for k, v in recorded.items()}
     shapes = {k: torch.empty(shape, device="meta") for k, (_, shape) in info.tensors.items()}
     return torch_modules.hparams_from_params(name, shapes)
-
-
-def _small_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_HPARAM
 
 
 def finite_number(v: Any) -> bool:

@@ -14,12 +14,12 @@ import functools
 import inspect
 import itertools
 import logging
+import math
 import signal
-import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from torch import Tensor
 from fashion_func import callbacks as cbs
 from fashion_func import checkpoint, optim
 from fashion_func.loop import collective as coll
+from fashion_func.loop import members as members_lib
 from fashion_func.loop import resume as resume_lib
 from fashion_func.loop import rundir
 from fashion_func.loop.collective import Collective
@@ -108,6 +109,7 @@ def evaluate(
     batches: Iterable[Any],
     *,
     group: Collective | None = None,
+    live: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Validation metrics over `batches`, one host sync at the end.
 
@@ -116,7 +118,12 @@ def evaluate(
     `eval_step.topk`, default 5). `state` is a TrainState or what the eval step takes.
     group: each rank evaluated its own part of the data; the sums and counts are added
     over the ranks, so every rank gets the same numbers (every rank needs a batch).
+    live: of a stacked state, the members to evaluate (the others diverged): the ensemble's
+    own metrics are those of these members, the others' per-member values are NaN.
     """
+    k = int(state.step.shape[0]) if live is not None else 0
+    if live is not None:
+        state = members_lib.live_state(state, live)
     own = {
         "loss": "val_loss",
         "correct": "val_acc",
@@ -138,7 +145,10 @@ def evaluate(
     values = _to_host(sums)  # the one sync
     count = int(values.pop("_count", count))
     scalars = {names[k]: v / count for k, v in values.items() if k in own}
-    members = {names[k]: [x / count for x in v] for k, v in values.items() if k not in own}
+    members = {names[n]: [x / count for x in v] for n, v in values.items() if n not in own}
+    if live is not None:
+        members = {n: members_lib.with_dead(v, live, k) for n, v in members.items()}
+        return expand_members(members, scalars, dead=[i for i in range(k) if i not in live])
     return expand_members(members, scalars)
 
 
@@ -169,20 +179,21 @@ def _sum_over_ranks(group: Collective | None, tensors: Mapping[str, Tensor]) -> 
 
 
 def expand_members(
-    members: Mapping[str, Sequence[float]], own: Mapping[str, float] | None = None
+    members: Mapping[str, Sequence[float]],
+    own: Mapping[str, float] | None = None,
+    *,
+    dead: Collection[int] = (),
 ) -> dict[str, float]:
     """Flat metrics from per-member lists: `x` -> `x_m0, x_m1, ...`, `x_mean`, `x_std` (sample
     standard deviation over members, 0 for one member), and `x` itself: the ensemble's own
-    value where `own` has it (validation of the averaged prediction), else the members' mean."""
+    value where `own` has it (validation of the averaged prediction), else the members' mean.
+    `dead`: diverged members, NaN in `x_m<k>` and left out of the mean and std."""
     out = dict(own or {})
     for name, values in members.items():
-        vals = list(values)
-        out.setdefault(name, statistics.fmean(vals))
+        out.setdefault(name, members_lib.mean_std(values, dead)[0])
     for name, values in members.items():
-        vals = list(values)
-        out[f"{name}_mean"] = statistics.fmean(vals)
-        out[f"{name}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        out.update({f"{name}_m{k}": v for k, v in enumerate(vals)})
+        out[f"{name}_mean"], out[f"{name}_std"] = members_lib.mean_std(values, dead)
+        out.update({f"{name}_m{k}": math.nan if k in dead else v for k, v in enumerate(values)})
     return out
 
 
@@ -194,7 +205,7 @@ def _host_step(step: Tensor) -> int:
 # -- the driver --------------------------------------------------------------------------------
 
 
-def _train_metrics(sums: Mapping[str, Any], steps: int) -> dict[str, float]:
+def _train_metrics(sums: Mapping[str, Any], steps: int, dead: Collection[int] = ()) -> dict[str, float]:
     """Epoch means from summed step metrics: `loss_sum` -> train_loss, `correct` -> train_acc,
     `top5_correct` -> train_top5, `x_sum` -> train_x, anything else -> train_<key>; per
     example when `count` is given. Per-member sums (lists, from an ensemble step) become
@@ -214,7 +225,7 @@ def _train_metrics(sums: Mapping[str, Any], steps: int) -> dict[str, float]:
     order = {"train_loss": 0, "train_acc": 1}
     scalars = dict(sorted(scalars.items(), key=lambda kv: order.get(kv[0], 2)))
     members = dict(sorted(members.items(), key=lambda kv: order.get(kv[0], 2)))
-    return expand_members(members, scalars)
+    return expand_members(members, scalars, dead=dead)
 
 
 @contextlib.contextmanager
@@ -304,6 +315,8 @@ class _Driver:
         self.epochs_run = 0
         self.flag: dict[str, int | None] = {"signum": None}
         self.group: Collective | None = group
+        # a stack's diverged members (None for one model)
+        self.div = members_lib.Diverged(int(state.step.shape[0])) if members_lib.stacked(state) else None
 
     # -- resume and files ----------------------------------------------------------------------
 
@@ -313,6 +326,13 @@ class _Driver:
         self.start_epoch, self.in_epoch = point.start_epoch, point.in_epoch
         self.lr = point.lr
         self.history = [r for r in point.history if r["epoch"] < point.start_epoch]
+        if self.div is not None:
+            try:
+                self.div = members_lib.Diverged.from_meta(
+                    point.metadata.get(members_lib.META_KEY), self.div.k
+                )
+            except ValueError as exc:
+                raise checkpoint.CheckpointError(f"{point.path}: {exc}") from None
         where = f"epoch {point.start_epoch}" + (
             f", batch {point.in_epoch['batch']}" if point.in_epoch else ""
         )
@@ -326,6 +346,8 @@ class _Driver:
             m["lr"] = self.lr
         if in_epoch:
             m["in_epoch"] = in_epoch
+        if self.div is not None and self.div.marks:
+            m[members_lib.META_KEY] = self.div.to_meta()
         return m
 
     def save_last(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> Path | None:
@@ -482,10 +504,8 @@ class _Driver:
         for b, batch in batches:
             self.state, m = self.train_step(self.state, batch)
             ep.sums = {k: ep.sums[k] + v if k in ep.sums else v for k, v in m.items()}
-            if "loss_sum" in m:  # first step whose loss was not finite, tracked on the device (no sync)
-                # (any member's, in an ensemble: every member is at the same step)
-                bad = (ep.first_bad < 0) & ~torch.isfinite(m["loss_sum"]).all()
-                ep.first_bad = torch.where(bad, self.state.step.reshape(-1)[0], ep.first_bad)
+            if "loss_sum" in m:  # first step whose loss was not finite, on the device (no sync)
+                ep.first_bad = members_lib.note_bad(ep.first_bad, m["loss_sum"], self.state.step)
             bar.update(1)
             host_step += 1
             cut = self.max_steps is not None and host_step >= self.max_steps
@@ -513,7 +533,11 @@ class _Driver:
 
     def _stop_mid_epoch(self, ep: _Epoch, next_batch: int, cut: bool) -> None:
         """Save the state cut inside epoch `ep` (unless it diverged); raise Interrupted on a signal."""
-        bad_step = int(self._first_bad(ep))
+        if self.div is None:
+            bad_step = int(self._first_bad(ep))
+        else:  # a stack: a member that went non-finite is marked now, the others are saved
+            bad_step, _ = self._member_verdict(ep.epoch, self._first_bad(ep).tolist())
+            ep.sums = members_lib.finite_sums(ep.sums)  # the marked members' NaN sums: never read
         in_epoch = {
             "epoch": ep.epoch,
             "batch": next_batch,
@@ -523,7 +547,11 @@ class _Driver:
             "elapsed": ep.elapsed(),
         }
         saved, path = True, (self.run.checkpoints / LAST if self.run else None)
-        if bad_step >= 0 or not self._params_finite():
+        if (
+            bad_step >= 0
+            or (self.div is None and not self._params_finite())
+            or (self.div and self.div.all_dead())
+        ):
             saved, self.diverged = False, True  # never replace the last good resume point with it
             where = f"at step {bad_step} " if bad_step >= 0 else ""
             self.log.error(f"training became non-finite {where}(epoch {ep.epoch}); "
@@ -540,23 +568,50 @@ class _Driver:
             self.run.close_tensorboard()
         raise Interrupted(self.flag["signum"], path or Path("."), saved=saved)
 
+    def _member_verdict(self, epoch: int, bad_steps: list[float]) -> tuple[int, bool]:
+        """A stack's members whose loss or parameters went non-finite marked diverged (logged)
+        and quieted (`members.quiet`); (first non-finite step, finite) of the stack as a whole:
+        (-1, True) while any member is left."""
+        assert self.div is not None
+        steps = (
+            [int(x) for x in bad_steps] if len(bad_steps) == self.div.k else [int(bad_steps[0])] * self.div.k
+        )
+        finite = members_lib.finite_members(self.state.params, self.div.k)
+        for i in self.div.mark(epoch, steps, finite):
+            self.log.error(self.div.message(i))
+        if self.div.all_dead():  # kept as it is, like one model's diverged state: never saved
+            return self.div.first_step(), False
+        self.state = members_lib.quiet(self.state, self.div.dead)
+        return -1, True
+
     def _end_epoch(self, ep: _Epoch, steps: int) -> None:
         # the epoch's sums (over all ranks, once per epoch, with a group), in one sync
+        first_bad = self._first_bad(ep)
         sums = _to_host(
-            {**_sum_over_ranks(self.group, ep.sums), "first_bad": self._first_bad(ep).reshape(())}
+            {
+                **_sum_over_ranks(self.group, ep.sums),
+                "first_bad": first_bad.reshape(() if self.div is None else -1),
+            }
         )
-        bad = int(sums.pop("first_bad"))
         train_time = ep.elapsed()
-        finite = bad < 0 and self._params_finite()
-        metrics: dict[str, Any] = _train_metrics(sums, max(steps, 1))
+        if self.div is None:
+            bad = int(sums.pop("first_bad"))
+            finite = bad < 0 and self._params_finite()
+        else:  # a stack: members that diverged are marked and left out; it stops when all have
+            bad, finite = self._member_verdict(ep.epoch, sums.pop("first_bad"))
+        dead = self.div.dead if self.div is not None else ()
+        metrics: dict[str, Any] = _train_metrics(sums, max(steps, 1), dead)
         if self.eval_step is not None and self.val_data is not None:
             batches = epoch_batches(self.val_data, ep.epoch)
-            metrics.update(evaluate(self.eval_step, self.state, batches, group=self.group))
+            live = self.div.live if self.div is not None and dead and finite else None
+            metrics.update(evaluate(self.eval_step, self.state, batches, group=self.group, live=live))
         if isinstance(self.lr, list):  # a sweep's members each have their own
             metrics.update(expand_members({"lr": self.lr}))
         elif self.lr is not None:
             metrics["lr"] = self.lr
         metrics["epoch_time_s"] = train_time
+        if self.div is not None:
+            metrics["members_diverged"] = len(dead)
         if bad >= 0:
             metrics["first_nonfinite_step"] = bad
             self.log.error(f"loss became non-finite at step {bad} (epoch {ep.epoch}); stopping")
@@ -565,7 +620,9 @@ class _Driver:
         ]
         reason = self.dispatch(cbs.EpochEnd(epoch=ep.epoch, metrics=metrics), ep.epoch, finite)
         self.epochs_run += 1
-        if bad >= 0:  # this reason names the step; TerminateOnNaN's names only the epoch
+        if self.div is not None and not finite:
+            reason = f"every member diverged by epoch {ep.epoch} (the first at step {bad})"
+        elif bad >= 0:  # this reason names the step; TerminateOnNaN's names only the epoch
             reason = f"non-finite loss at step {bad} (epoch {ep.epoch})"
         elif not finite and reason is None:
             reason = "non-finite parameters"
@@ -588,7 +645,7 @@ class _Driver:
     def _first_bad(self, ep: _Epoch) -> Tensor:
         """The epoch's first non-finite step (-1: none) over all ranks, as float64 `[1]`."""
         if self.group is None:
-            return ep.first_bad.double().reshape(1)
+            return ep.first_bad.double().reshape(-1)  # [1], or [K] for a stack
         return coll.first_bad_over_ranks(self.group, ep.first_bad)
 
     def _partial_sums(self, ep: _Epoch) -> dict[str, Any]:
@@ -617,6 +674,8 @@ class _Driver:
         self.dispatch(cbs.TrainEnd(epoch=epoch - 1, reason=self.stop_reason), epoch - 1)
         out = self.run.path if self.run else None
         extra = {"member_best": dict(sorted(self.member_best.items()))} if self.member_best else {}
+        if self.div is not None:
+            extra["diverged_members"] = {m["member"]: m for m in self.div.to_meta()}
         return FitResult(
             self.state,
             self.history,

@@ -1,0 +1,180 @@
+"""The members of an ensemble or sweep that diverge: marked, left out of what is reduced, quieted.
+
+Rule: in a stacked run (a state whose step is `[K]`), a member whose loss becomes non-finite
+(or whose parameters do) is marked diverged; from then on its per-member metrics read NaN,
+it leaves the means, the standard deviations and the ensemble's own validation (evaluated
+over the other members), and the others go on. The run counts as diverged (exit 3 on the
+command line) only when every member has. The marks travel in the checkpoint's metadata
+(`diverged_members`), so a resumed run leaves out the same members.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fashion_func import tree
+from fashion_func.state import TrainState
+
+__all__ = ["Diverged", "live_state", "mean_std", "note_bad", "quiet", "stacked", "with_dead"]
+
+META_KEY = "diverged_members"
+
+
+def stacked(state: TrainState) -> bool:
+    """Whether `state` holds a stack of members (its step is `[K]`)."""
+    return state.step.dim() == 1
+
+
+def note_bad(first_bad: Tensor, loss_sum: Tensor, step: Tensor) -> Tensor:
+    """The first step whose loss was not finite, on the device (no sync); -1: none yet.
+
+    One model: a 0-d tensor. A stack (`loss_sum` `[K]`): one entry per member, so that one
+    member's divergence says nothing about the others."""
+    bad = (first_bad < 0) & ~torch.isfinite(loss_sum)
+    return torch.where(bad, step.reshape(-1)[0], first_bad)
+
+
+def finite_members(params: Mapping[str, Tensor], k: int) -> list[bool]:
+    """Per member of a stack: whether all its parameters are finite (one host sync)."""
+    flags = [torch.isfinite(p).reshape(k, -1).all(1) for p in params.values()]
+    return torch.stack(flags).all(0).tolist() if flags else [True] * k
+
+
+def mean_std(values: Sequence[float], dead: Collection[int] = ()) -> tuple[float, float]:
+    """Mean and sample standard deviation of the members not in `dead` (NaN when none is
+    left; std 0 for one; NaN when a value is not finite, where `statistics.stdev` raises)."""
+    vals = [float(v) for k, v in enumerate(values) if k not in dead]
+    if not vals:
+        return math.nan, math.nan
+    if not all(math.isfinite(v) for v in vals):  # nan, inf or -inf: what plain arithmetic gives
+        return sum(v / len(vals) for v in vals), math.nan if len(vals) > 1 else 0.0
+    try:
+        mean = statistics.fmean(vals)
+    except OverflowError:  # an intermediate sum past float range
+        mean = sum(v / len(vals) for v in vals)
+    if len(vals) == 1:
+        return mean, 0.0
+    try:
+        return mean, statistics.stdev(vals)
+    except OverflowError:
+        return mean, math.inf
+
+
+def with_dead(values: Sequence[float], live: Sequence[int], k: int) -> list[float]:
+    """`values` (one per live member) spread back over all `k` members, NaN for the others."""
+    out = [math.nan] * k
+    for i, v in zip(live, values, strict=True):
+        out[i] = v
+    return out
+
+
+def finite_sums(sums: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Running metric sums with non-finite entries (a diverged member's) set to 0, so that a
+    checkpoint's in-epoch sums are plain JSON numbers; the marked members' are never read."""
+    return {n: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) if v.is_floating_point() else v
+            for n, v in sums.items()}  # fmt: skip
+
+
+def live_state(state: TrainState, live: Sequence[int]) -> TrainState:
+    """The stack cut down to the `live` members (every per-member tensor: weights, optimizer
+    state such as a moving average of them, model state, step, rng)."""
+    k = int(state.step.shape[0])
+    idx = torch.tensor(list(live), dtype=torch.long, device=state.step.device)
+
+    def cut(x: Any) -> Any:
+        return x.index_select(0, idx) if isinstance(x, Tensor) and x.dim() and x.shape[0] == k else x
+
+    return tree.map(cut, state)
+
+
+def quiet(state: TrainState, dead: Collection[int]) -> TrainState:
+    """The dead members' non-finite numbers set to 0 (in parameters, optimizer and model
+    state), so that the state can be checkpointed (loading refuses non-finite tensors) and a
+    resumed run holds the very same numbers. The live members are untouched."""
+    if not dead:
+        return state
+    k = int(state.step.shape[0])
+    mask = torch.zeros(k, dtype=torch.bool, device=state.step.device)
+    mask[list(dead)] = True
+
+    def fix(x: Any) -> Any:
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0 or x.shape[0] != k:
+            return x
+        m = mask.reshape(k, *([1] * (x.dim() - 1)))
+        return torch.where(m, torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), x)
+
+    return state.replace(
+        params=tree.map(fix, state.params),
+        opt_state=tree.map(fix, state.opt_state),
+        model_state=tree.map(fix, state.model_state),
+    )
+
+
+@dataclass
+class Diverged:
+    """The diverged members of a `k`-member stack: member -> {"epoch": e, "step": s} (step -1:
+    the loss stayed finite but the parameters did not)."""
+
+    k: int
+    marks: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def dead(self) -> list[int]:
+        return sorted(self.marks)
+
+    @property
+    def live(self) -> list[int]:
+        return [i for i in range(self.k) if i not in self.marks]
+
+    def all_dead(self) -> bool:
+        return len(self.marks) == self.k
+
+    def mark(self, epoch: int, bad_steps: Sequence[int], finite: Sequence[bool]) -> list[int]:
+        """Mark the members whose loss (`bad_steps[i] >= 0`) or parameters went non-finite;
+        returns the newly marked ones."""
+        new = [i for i in self.live if bad_steps[i] >= 0 or not finite[i]]
+        for i in new:
+            self.marks[i] = {"epoch": epoch, "step": int(bad_steps[i])}
+        return new
+
+    def message(self, i: int) -> str:
+        m = self.marks[i]
+        what = f"non-finite loss at step {m['step']}" if m["step"] >= 0 else "non-finite parameters"
+        left = len(self.live)
+        tail = f"{left} of {self.k} go on" if left else "no member is left"
+        return (
+            f"member {i} diverged: {what} (epoch {m['epoch']}); left out of the means and the monitor, {tail}"
+        )
+
+    def first_step(self) -> int:
+        """The earliest step at which a member's loss went non-finite (-1: none did)."""
+        steps = [m["step"] for m in self.marks.values() if m["step"] >= 0]
+        return min(steps) if steps else -1
+
+    def to_meta(self) -> list[dict[str, int]]:
+        return [{"member": i, **self.marks[i]} for i in self.dead]
+
+    @classmethod
+    def from_meta(cls, value: Any, k: int) -> Diverged:
+        """The marks a checkpoint saved; ValueError naming what is wrong with them."""
+        out = cls(k)
+        if value is None:
+            return out
+        if not isinstance(value, list):
+            raise ValueError(f"{META_KEY} must be a list, not {type(value).__name__}")
+        for row in value:
+            ok = isinstance(row, dict) and set(row) == {"member", "epoch", "step"}
+            ok = ok and all(isinstance(row[n], int) and not isinstance(row[n], bool) for n in row)
+            if not ok or not 0 <= row["member"] < k or row["epoch"] < 1 or row["step"] < -1:
+                raise ValueError(f"{META_KEY}: {row!r} is not {{member: 0..{k - 1}, epoch >= 1, step >= -1}}")
+            if row["member"] in out.marks:
+                raise ValueError(f"{META_KEY}: member {row['member']} is listed twice")
+            out.marks[row["member"]] = {"epoch": row["epoch"], "step": row["step"]}
+        return out
