@@ -220,8 +220,9 @@ def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransform
 
     A per-step learning-rate multiplier computed inside the step from the state's counter
     (optax's `scale_by_schedule`): no host work per step, exact on resume, and the base lr
-    stays a settable hyperparameter (sweeps). `schedule` takes a 0-d float tensor and
-    returns one built without branching on its value, e.g. `schedules.triangle(total, warm)`.
+    stays a settable hyperparameter (sweeps). `schedule`: any of `fashion_func.schedules`
+    (they take the 0-d float counter and never branch on its value), e.g.
+    `schedules.triangle(total, warm)` or `schedules.warmup_cosine(1.0, warm, total)`.
     Put it after the optimizer in a `chain` (before `ema`).
     """
 
