@@ -22,7 +22,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from fashion_func import losses, nn, optim
+from fashion_func import losses, nn, optim, tree
 from fashion_func import metrics as metrics_lib
 from fashion_func.models import Model, ModelState, Params, Stage
 from fashion_func.state import TrainState
@@ -443,6 +443,6 @@ def per_example_grads(
 
 
 def per_example_grad_norms(grads: Params) -> Tensor:
-    """The global L2 norm of each example's gradient `[B]`, over all parameters."""
-    squares = [rearrange(g, "b ... -> b (...)").pow(2).sum(-1) for g in grads.values()]
-    return torch.stack(squares).sum(0).sqrt()
+    """The global L2 norm of each example's gradient `[B]`, over all parameters: `tree.global_norm`
+    of each example's slice."""
+    return torch.func.vmap(tree.global_norm)(grads)

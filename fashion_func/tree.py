@@ -65,11 +65,16 @@ def scale(tree: Any, s: float | Tensor) -> Any:
 def global_norm(tree: Any) -> Tensor:
     """The L2 norm of all leaves taken together, as a 0-d tensor (no host sync).
 
-    Computed in the widest leaf dtype, at least float32 (bf16 leaves are upcast).
+    The norm of the per-leaf norms (as `torch.nn.utils.clip_grad_norm_` takes it), computed in
+    the widest leaf dtype, at least float32 (bf16 leaves are upcast first); 0 for no leaves.
+    The library's one global norm: `optim.clip_by_global_norm` and, vmapped over the batch,
+    `step.per_example_grad_norms` use it.
     """
     ts = leaves(tree)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
-    return torch.sqrt(sum((t.to(dtype) ** 2).sum() for t in ts))
+    if not ts:
+        return torch.zeros((), dtype=dtype)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.to(dtype)) for t in ts]))
 
 
 def cast(tree: Any, dtype: torch.dtype) -> Any:

@@ -1,0 +1,93 @@
+"""The optimizer's contract: `GradientTransformation(init, update)`, `chain`, `apply_updates`,
+and the helpers every transform uses to build its state (hyperparameters as 0-d tensors)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from fashion_func import tree
+
+__all__ = ["GradientTransformation", "Params", "State", "apply_updates", "chain"]
+
+Params = Any  # a tree of tensors; in this library a flat dict[str, Tensor]
+State = Any  # a NamedTuple of tensors / trees, or a tuple of such (chain)
+
+
+class GradientTransformation(NamedTuple):
+    """A pair of pure functions.
+
+    `init(params) -> state`; `update(grads, state, params=None) -> (updates, state)`.
+    """
+
+    init: Callable[[Params], State]
+    update: Callable[..., tuple[Params, State]]
+
+
+# ---------------------------------------------------------------------------
+# helpers for the transforms' states
+
+
+def hyper_spec(params: Params) -> tuple[torch.dtype, torch.device]:
+    """Dtype and device for hyperparameter tensors: the params' device, float64 if
+    any param is float64 else float32 (half-precision params still get a float32 lr)."""
+    floats = [t for t in tree.leaves(params) if isinstance(t, Tensor) and t.is_floating_point()]
+    if not floats:
+        return torch.float32, torch.device("cpu")
+    dtype = widest_float(floats)
+    return dtype, floats[0].device
+
+
+def widest_float(leaves: list[Tensor]) -> torch.dtype:
+    """float64 if any leaf is, else float32: the dtype scalar factors over `leaves` use."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
+
+
+def hyper(value: float, params: Params) -> Tensor:
+    """A settable hyperparameter: a 0-d float tensor on the params' device (`hyper_spec`)."""
+    dtype, device = hyper_spec(params)
+    return torch.tensor(float(value), dtype=dtype, device=device)
+
+
+def counter(params: Params, start: int = 0) -> Tensor:
+    """A 0-d int64 tensor on the params' device."""
+    _, device = hyper_spec(params)
+    return torch.full((), start, dtype=torch.int64, device=device)
+
+
+def need_params(params: Params | None, who: str) -> Params:
+    """`params`, or a ValueError saying that transform `who` needs them."""
+    if params is None:
+        raise ValueError(f"{who} needs `params`: call update(grads, state, params)")
+    return params
+
+
+# ---------------------------------------------------------------------------
+# composition
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply `transforms` one after the other; the state is the tuple of their states."""
+    txs = tuple(transforms)
+
+    def init(params: Params) -> tuple[State, ...]:
+        return tuple(tx.init(params) for tx in txs)
+
+    def update(grads: Params, state: tuple[State, ...], params: Params | None = None) -> tuple[Params, State]:
+        if len(state) != len(txs):
+            raise ValueError(f"chain of {len(txs)} transforms got a state of length {len(state)}")
+        new_states = []
+        for tx, s in zip(txs, state, strict=True):
+            grads, s = tx.update(grads, s, params)
+            new_states.append(s)
+        return grads, tuple(new_states)
+
+    return GradientTransformation(init, update)
+
+
+def apply_updates(params: Params, updates: Params) -> Params:
+    """A new tree `params + updates`, each leaf kept in its param's dtype."""
+    return tree.map(lambda p, u: (p + u).to(p.dtype), params, updates)

@@ -1,0 +1,408 @@
+"""Small gradient transforms, each a `GradientTransformation` with a NamedTuple state: weight
+decay, momentum, Adam's preconditioner, learning rate and schedule, clipping, gradient noise,
+zeroing, and the parameters' moving average."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from fashion_func import nn, tree
+from fashion_func.optim.base import (
+    GradientTransformation,
+    Params,
+    State,
+    counter,
+    hyper,
+    need_params,
+    widest_float,
+)
+from fashion_func.optim.wrappers import Mask, masked
+
+__all__ = [
+    "AddDecayedWeightsState",
+    "AddNoiseState",
+    "ClipByGlobalNormState",
+    "EmaState",
+    "ScaleByAdamState",
+    "ScaleByLearningRateState",
+    "ScaleByScheduleState",
+    "TraceState",
+    "add_decayed_weights",
+    "add_l2_to_grads",
+    "add_noise",
+    "clip_by_global_norm",
+    "ema",
+    "ema_params",
+    "scale_by_adam",
+    "scale_by_learning_rate",
+    "scale_by_schedule",
+    "set_noise_key",
+    "set_to_zero",
+    "trace",
+]
+
+
+class AddDecayedWeightsState(NamedTuple):
+    weight_decay: Tensor  # 0-d, float
+
+
+class TraceState(NamedTuple):
+    count: Tensor  # 0-d int64, number of updates done
+    trace: Params  # momentum buffer, like params
+    momentum: Tensor  # 0-d, float
+    dampening: Tensor  # 0-d, float
+
+
+class ScaleByAdamState(NamedTuple):
+    count: Tensor  # 0-d int64
+    mu: Params  # first moment (torch: exp_avg)
+    nu: Params  # second moment (torch: exp_avg_sq)
+
+
+class EmaState(NamedTuple):
+    decay: Tensor  # 0-d float (settable with set_hyperparam)
+    count: Tensor  # 0-d int64, updates averaged so far
+    ema: Params  # the moving average of the parameters
+
+
+class ScaleByLearningRateState(NamedTuple):
+    lr: Tensor  # 0-d, float
+
+
+class ScaleByScheduleState(NamedTuple):
+    count: Tensor  # 0-d int64, updates scaled so far
+
+
+class ClipByGlobalNormState(NamedTuple):
+    max_norm: Tensor  # 0-d, float
+
+
+class AddNoiseState(NamedTuple):
+    count: Tensor  # 0-d int64, updates noised so far
+    key: Tensor  # 0-d int64, the noise's key (optax: rng_key); [K] in a stacked state
+
+
+# ---------------------------------------------------------------------------
+# weight decay
+
+
+def _weight_decay_transform(weight_decay: float, who: str) -> GradientTransformation:
+    def init(params: Params) -> AddDecayedWeightsState:
+        return AddDecayedWeightsState(hyper(weight_decay, params))
+
+    def update(
+        updates: Params, state: AddDecayedWeightsState, params: Params | None = None
+    ) -> tuple[Params, AddDecayedWeightsState]:
+        params = need_params(params, who)
+        wd = state.weight_decay
+        # torch: grad.add(param, alpha=weight_decay)
+        return tree.map(lambda u, p: u + wd * p, updates, params), state
+
+    return GradientTransformation(init, update)
+
+
+def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> GradientTransformation:
+    """`updates + weight_decay * params`, placed after the preconditioner (decoupled, AdamW-style).
+
+    The state holds `weight_decay` as a 0-d tensor (settable with `set_hyperparam`). `mask`
+    (optax's): decay only the parameters it marks True (a dict of bools like the params, or a
+    function `params -> dict`); the state is then a `MaskedState`.
+    """
+    tx = _weight_decay_transform(weight_decay, "add_decayed_weights")
+    return tx if mask is None else masked(tx, mask)
+
+
+def add_l2_to_grads(weight_decay: float = 0.0) -> GradientTransformation:
+    """`grads + weight_decay * params`, placed first in a chain: the L2 form used by
+    `torch.optim.SGD` and `torch.optim.Adam`'s `weight_decay`.
+
+    The arithmetic is that of `add_decayed_weights`; the name records where it sits.
+    """
+    return _weight_decay_transform(weight_decay, "add_l2_to_grads")
+
+
+# ---------------------------------------------------------------------------
+# momentum and preconditioners
+
+
+def trace(momentum: float = 0.9, nesterov: bool = False, dampening: float = 0.0) -> GradientTransformation:
+    """Momentum as in `torch.optim.SGD`: the first buffer is the gradient itself, then
+    `buf = momentum * buf + (1 - dampening) * g`; the update is `buf`, or
+    `g + momentum * buf` with `nesterov=True`."""
+    if nesterov and dampening != 0:
+        raise ValueError("nesterov momentum requires dampening=0 (as torch.optim.SGD)")
+
+    def init(params: Params) -> TraceState:
+        return TraceState(
+            count=counter(params),
+            trace=tree.zeros_like(params),
+            momentum=hyper(momentum, params),
+            dampening=hyper(dampening, params),
+        )
+
+    def update(grads: Params, state: TraceState, params: Params | None = None) -> tuple[Params, TraceState]:
+        del params
+        m, d = state.momentum, state.dampening
+        # torch special-cases the first step (buffer = clone(grad)); a where keeps it branch-free
+        first = state.count == 0
+        buf = tree.map(lambda b, g: torch.where(first, g, b * m + (1 - d) * g), state.trace, grads)
+        if nesterov:
+            updates = tree.map(lambda g, b: g + m * b, grads, buf)
+        else:
+            updates = buf
+        return updates, TraceState(state.count + 1, buf, m, d)
+
+    return GradientTransformation(init, update)
+
+
+def _scalar_dtype(device: torch.device) -> torch.dtype:
+    # Bias corrections are scalars; torch.optim computes them in Python doubles.
+    # float64 everywhere it exists (MPS has none) keeps float32 runs close to torch too.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """Adam's preconditioner, `m_hat / (sqrt(v_hat) + eps)`, with torch.optim.Adam's
+    bias correction: `(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)`."""
+
+    def init(params: Params) -> ScaleByAdamState:
+        return ScaleByAdamState(counter(params), tree.zeros_like(params), tree.zeros_like(params))
+
+    def update(
+        grads: Params, state: ScaleByAdamState, params: Params | None = None
+    ) -> tuple[Params, ScaleByAdamState]:
+        del params
+        count = state.count + 1
+        # torch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        mu = tree.map(lambda m, g: torch.lerp(m, g, 1 - b1), state.mu, grads)
+        nu = tree.map(lambda v, g: v * b2 + (1 - b2) * g * g, state.nu, grads)
+        t = count.to(_scalar_dtype(count.device))
+        bc1 = 1 - b1**t
+        bc2_sqrt = (1 - b2**t).sqrt()
+
+        def precondition(m: Tensor, v: Tensor) -> Tensor:
+            denom = v.sqrt() / bc2_sqrt.to(v.dtype) + eps
+            return (m / bc1.to(m.dtype)) / denom
+
+        return tree.map(precondition, mu, nu), ScaleByAdamState(count, mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+# ---------------------------------------------------------------------------
+# scaling
+
+
+def scale_by_learning_rate(lr: float) -> GradientTransformation:
+    """`updates * -lr` (descent); `lr` lives in the state as a 0-d tensor."""
+
+    def init(params: Params) -> ScaleByLearningRateState:
+        return ScaleByLearningRateState(hyper(lr, params))
+
+    def update(
+        updates: Params, state: ScaleByLearningRateState, params: Params | None = None
+    ) -> tuple[Params, ScaleByLearningRateState]:
+        del params
+        neg_lr = -state.lr
+        return tree.map(lambda u: u * neg_lr, updates), state
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransformation:
+    """`updates * schedule(count)`, count the updates done before this one (0 first).
+
+    A per-step learning-rate multiplier computed inside the step from the state's counter
+    (optax's `scale_by_schedule`): no host work per step, exact on resume, and the base lr
+    stays a settable hyperparameter (sweeps). `schedule`: any of `fashion_func.schedules`
+    (they take the 0-d float counter and never branch on its value), e.g.
+    `schedules.triangle(total, warm)` or `schedules.warmup_cosine(1.0, warm, total)`.
+    Put it after the optimizer in a `chain` (before `ema`).
+    """
+
+    def init(params: Params) -> ScaleByScheduleState:
+        return ScaleByScheduleState(counter(params))
+
+    def update(
+        updates: Params, state: ScaleByScheduleState, params: Params | None = None
+    ) -> tuple[Params, ScaleByScheduleState]:
+        del params
+        leaves = tree.leaves(updates)
+        if not leaves:
+            return updates, ScaleByScheduleState(state.count + 1)
+        factor = schedule(state.count.to(widest_float(leaves)))
+        return tree.map(lambda u: u * factor.to(u.dtype), updates), ScaleByScheduleState(state.count + 1)
+
+    return GradientTransformation(init, update)
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Scale all updates by `min(1, max_norm / (norm + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`.
+
+    The norm is `tree.global_norm` (that of the per-leaf L2 norms, in the widest leaf dtype,
+    at least float32); the scaling is a clamp, never a branch, so nothing syncs the host.
+    """
+
+    def init(params: Params) -> ClipByGlobalNormState:
+        return ClipByGlobalNormState(hyper(max_norm, params))
+
+    def update(
+        updates: Params, state: ClipByGlobalNormState, params: Params | None = None
+    ) -> tuple[Params, ClipByGlobalNormState]:
+        del params
+        if not tree.leaves(updates):
+            return updates, state
+        total = tree.global_norm(updates)
+        coef = torch.clamp(state.max_norm.to(total.dtype) / (total + 1e-6), max=1.0)
+        return tree.map(lambda t: t * coef.to(t.dtype), updates), state
+
+    return GradientTransformation(init, update)
+
+
+def set_to_zero() -> GradientTransformation:
+    """Updates of zeros (optax's `set_to_zero`): with `masked` or `multi_transform`, the
+    parameters it gets stay bitwise unchanged, weight decay and momentum included. Its state
+    is the empty tuple."""
+
+    def init(params: Params) -> tuple[()]:
+        del params
+        return ()
+
+    def update(updates: Params, state: tuple[()], params: Params | None = None) -> tuple[Params, tuple[()]]:
+        del params
+        return tree.zeros_like(updates), state
+
+    return GradientTransformation(init, update)
+
+
+# ---------------------------------------------------------------------------
+# gradient noise
+
+
+def normal(key: Tensor, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> Tensor:
+    """Standard normal draws, a pure function of `key` (0-d int64) and the element index.
+
+    Box-Muller over two `nn.uniform` streams of 24-bit uniforms (computed in float64 for
+    float64, else float32, then cast to `dtype`); the tails end near 5.8 sigma.
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    u1 = nn.uniform(nn.fold_in(key, 0), shape, dtype=work)
+    u2 = nn.uniform(nn.fold_in(key, 1), shape, dtype=work)
+    radius = torch.sqrt(-2.0 * torch.log1p(-u1))  # 1 - u1 is in (0, 1]: always finite
+    return (radius * torch.cos((2 * math.pi) * u2)).to(dtype)
+
+
+def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation:
+    """`updates + std * N(0, 1)` with optax's schedule `std = sqrt(eta / (1 + count)**gamma)`,
+    count the updates noised before this one (Neelakantan et al., 2015).
+
+    The draws are a pure function of the state's `key` (`seed` at init), the count and the
+    leaf's position (`normal(fold_in(fold_in(key, count), i), ...)`): a resumed run draws the
+    same noise bitwise, and the members of a stacked (ensemble) state each draw from their own
+    key (give them distinct keys with `set_noise_key`). They cannot equal JAX's PRNG draws.
+    """
+    if eta < 0:
+        raise ValueError(f"add_noise eta (the noise's variance) must be >= 0, got {eta}")
+
+    def init(params: Params) -> AddNoiseState:
+        return AddNoiseState(counter(params), counter(params, seed & 0xFFFFFFFF))
+
+    def update(
+        updates: Params, state: AddNoiseState, params: Params | None = None
+    ) -> tuple[Params, AddNoiseState]:
+        del params
+        leaves = tree.leaves(updates)
+        next_state = AddNoiseState(state.count + 1, state.key)
+        if not leaves:
+            return updates, next_state
+        dtype = widest_float(leaves)
+        std = torch.sqrt(eta / (state.count.to(dtype) + 1) ** gamma)
+        step_key = nn.fold_in(state.key, state.count)
+        flat, spec = pytree.tree_flatten(updates)
+        noised = [
+            u + std.to(u.dtype) * normal(nn.fold_in(step_key, i), u.shape, u.dtype)
+            for i, u in enumerate(flat)
+        ]
+        return pytree.tree_unflatten(noised, spec), next_state
+
+    return GradientTransformation(init, update)
+
+
+def set_noise_key(opt_state: State, key: int | Tensor) -> State:
+    """A new state with the key of every `add_noise` in `opt_state` set to `key`: an int, or in
+    a stacked state a `[K]` int64 tensor of one key per member (so ensemble members draw
+    independent noise)."""
+
+    def visit(state: Any) -> Any:
+        if isinstance(state, AddNoiseState):
+            new = torch.as_tensor(key, dtype=torch.int64).to(state.key.device)
+            return AddNoiseState(state.count, (new & 0xFFFFFFFF).expand(state.key.shape).clone())
+        if isinstance(state, tuple) and hasattr(state, "_fields"):
+            return type(state)(*(visit(v) for v in state))
+        if isinstance(state, (tuple, list)):
+            return type(state)(visit(v) for v in state)
+        if isinstance(state, dict):
+            return {k: visit(v) for k, v in state.items()}
+        return state
+
+    return visit(opt_state)
+
+
+# ---------------------------------------------------------------------------
+# moving average of the parameters
+
+
+def ema(decay: float = 0.999) -> GradientTransformation:
+    """Keep an exponential moving average of the parameters in the optimizer state; the
+    updates pass through unchanged. Put it last in a `chain`, so it averages the parameters
+    each step produces: the first step copies them, then `ema.lerp_(new, 1 - decay)`, as
+    `torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))`
+    with `update_parameters` after every step. `ema_params(opt_state)` reads it; it is saved
+    with the state, so resume stays exact.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"ema decay must be in [0, 1], got {decay}")
+
+    def init(params: Params) -> EmaState:
+        return EmaState(hyper(decay, params), counter(params), tree.map(lambda p: p.detach().clone(), params))
+
+    def update(updates: Params, state: EmaState, params: Params | None = None) -> tuple[Params, EmaState]:
+        params = need_params(params, "ema")
+        first = state.count == 0
+
+        def average(avg: Tensor, p: Tensor, u: Tensor) -> Tensor:
+            new = (p + u).to(p.dtype)  # the parameters after this step, as apply_updates makes them
+            weight = (1 - state.decay).to(avg.dtype)
+            return torch.where(first, new, torch.lerp(avg, new, weight))
+
+        averaged = {k: average(state.ema[k], params[k], updates[k]) for k in state.ema}
+        return updates, EmaState(state.decay, state.count + 1, averaged)
+
+    return GradientTransformation(init, update)
+
+
+def ema_params(opt_state: State) -> Params:
+    """The moving average kept by an `ema` transform in `opt_state` (KeyError if none)."""
+    found: list[Params] = []
+
+    def visit(state: Any) -> None:
+        # through chains' tuples and wrappers' states (masked, MultiSteps, multi_transform's dict)
+        if isinstance(state, EmaState):
+            found.append(state.ema)
+        elif isinstance(state, (tuple, list)):
+            for s in state:
+                visit(s)
+        elif isinstance(state, dict):
+            for s in state.values():
+                visit(s)
+
+    visit(opt_state)
+    if not found:
+        raise KeyError("no ema transform in the optimizer state; chain optim.ema(decay) after the optimizer")
+    return found[0]
