@@ -36,12 +36,9 @@ __all__ = [
     "check_divisible",
     "env_world",
     "init",
-    "is_distributed",
     "launched",
-    "rank",
     "shard",
     "shard_range",
-    "world_size",
 ]
 
 # How long a collective waits for a peer before the process group gives up. A killed
@@ -89,21 +86,6 @@ def check_divisible(batch_size: int, size: int, what: str = "--batch-size") -> N
             f"{what} {batch_size} (the global batch) must be divisible by the {size} processes; "
             f"use a multiple of {size}"
         )
-
-
-def is_distributed() -> bool:
-    """True inside an initialised process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    """This process's rank (0 outside a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    """The number of processes (1 outside a process group)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def init(*, device: torch.device | str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Group:

@@ -45,6 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fashion_func.cli.config import COMPILE  # noqa: E402  (the config's words; stdlib-only import)
+
 ROWS = ("fashion_func", "tutorial", "eager", "flax")
 
 
@@ -330,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     ap.add_argument("--precisions", default="fp32", help="fashion_func precisions to time, e.g. fp32,bf16")
     ap.add_argument(
-        "--compile", choices=("auto", "on", "off"), default="auto", help="fashion_func row's step"
+        "--compile",
+        choices=COMPILE,
+        default="auto",
+        help="fashion_func row's step, as train.py's --compile (cli.device.resolve_compile): on, off, "
+        "update (only the optimizer update); auto: on with CUDA, update on the CPU",
     )
     ap.add_argument("--no-compile", dest="compile", action="store_const", const="off")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")

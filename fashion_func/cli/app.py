@@ -9,12 +9,15 @@ client of the library; research code builds the same objects itself.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import hashlib
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fashion_func import callbacks as cbs
@@ -23,7 +26,7 @@ from fashion_func import state as state_lib
 from fashion_func.augment import Augment
 from fashion_func.cli import device as device_lib
 from fashion_func.cli import launch
-from fashion_func.cli.config import SWEEPABLE, Config, ConfigError, parse_sweep
+from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError, parse_sweep
 from fashion_func.cli.summary import summary
 from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, evaluate, fit
 from fashion_func.loop import resume as resume_lib
@@ -41,6 +44,7 @@ __all__ = [
     "initial_state",
     "main",
     "members_table",
+    "split_identity",
     "train",
 ]
 
@@ -172,9 +176,10 @@ def initial_state(cfg: Config, model: models.Model, tx: Any, device: torch.devic
 
 
 def _resume_point(
-    cfg: Config, path: Path, st: state_lib.TrainState, callbacks: list[Any], log: Any
+    cfg: Config, path: Path, st: state_lib.TrainState, callbacks: list[Any], log: Any, splits: dict[str, Any]
 ) -> ResumePoint:
-    """The checkpoint's resume point, refused for another model, with an --lr given again applied."""
+    """The checkpoint's resume point, refused for another model, members or splits, with the
+    optimizer hyperparameters given again applied."""
     meta = checkpoint.read_metadata(path)
     saved_model = meta.get("model")
     if saved_model is not None and saved_model != cfg.model:
@@ -192,20 +197,64 @@ def _resume_point(
             f"--sweep {saved.get('sweep')}, not --ensemble {cfg.ensemble} --sweep {cfg.sweep}; "
             "resume it with the same members"
         )
+    _check_same_splits(path, meta.get("splits"), splits)
     point = resume_lib.load(path, st, callbacks)
     saved_config = point.metadata.get("config")
-    saved_lr = saved_config.get("lr") if isinstance(saved_config, dict) else None
-    if saved_lr is not None and cfg.lr != saved_lr:
-        # an --lr given on resume replaces the checkpoint's; the plateau schedule this app
-        # built keeps its lr in its state, so it restarts from the new one too
-        plateaus = {cb.name for cb in callbacks if isinstance(cb, cbs.ReduceLROnPlateau)}
-        states = {
-            name: {**st, "lr": cbs.encode_float(cfg.lr)} if name in plateaus else st
-            for name, st in point.cb_states.items()
-        }
-        point = point.replace_lr(cfg.lr, states)
-        log.info(f"lr set to {cfg.lr} (the checkpoint's run used {saved_lr})")
+    return _given_again(cfg, point, saved_config if isinstance(saved_config, dict) else {}, callbacks, log)
+
+
+def _given_again(
+    cfg: Config, point: ResumePoint, saved: dict[str, Any], callbacks: list[Any], log: Any
+) -> ResumePoint:
+    """`point` with each optimizer hyperparameter the config changes written into its state
+    (`Key.hyper`: lr, weight_decay, momentum, clip_norm, ema), so config.json records what runs.
+    A hyperparameter the state has no part for (adam's momentum) does nothing, as in a new run."""
+    held = optim.hyperparams(point.state.opt_state)
+    for name, key in KEYS.items():
+        old, new = saved.get(name), getattr(cfg, name)
+        if key.hyper is None or old is None or new == old or key.hyper not in held:
+            continue
+        if name == "lr":
+            # the plateau schedule this app built keeps its lr in its state: it restarts from the new one
+            plateaus = {cb.name for cb in callbacks if isinstance(cb, cbs.ReduceLROnPlateau)}
+            states = {
+                n: {**s, "lr": cbs.encode_float(new)} if n in plateaus else s
+                for n, s in point.cb_states.items()
+            }
+            point = point.replace_lr(new, states)
+        else:
+            opt_state = optim.set_hyperparam(point.state.opt_state, key.hyper, new)
+            point = dataclasses.replace(point, state=point.state.replace(opt_state=opt_state))
+        log.info(f"{name} set to {new} (the checkpoint's run used {old})")
     return point
+
+
+def split_identity(train: data.Split, val: data.Split, test: data.Split | None) -> dict[str, Any]:
+    """Which images a run trains on, selects its model on and tests on: the counts, and a
+    digest of the indices into the dataset's train and test files of each part (the first N
+    train images, the held-out last `--val-split` of them, the first N test images)."""
+    n_train, n_val = len(train.labels), len(val.labels)
+    if test is None:  # validation on the test set
+        parts = {"train": (0, n_train), "held_out": (n_train, n_train), "test": (0, n_val)}
+    else:
+        parts = {"train": (0, n_train), "held_out": (n_train, n_train + n_val), "test": (0, len(test.labels))}
+    digest = hashlib.sha256()
+    for name, (lo, hi) in parts.items():
+        digest.update(name.encode() + b"\0" + np.arange(lo, hi, dtype="<i8").tobytes())
+    counts = {name: hi - lo for name, (lo, hi) in parts.items()}
+    return {**counts, "digest": digest.hexdigest()[:16]}
+
+
+def _check_same_splits(path: Path, saved: Any, now: dict[str, Any]) -> None:
+    """A resume continues on the images its run trained on: another split is a RunError."""
+    if not isinstance(saved, dict) or saved == now:  # checkpoints written before splits were recorded
+        return
+    was = ", ".join(f"{k} {saved.get(k)}" for k in ("train", "held_out", "test"))
+    new = ", ".join(f"{k} {now[k]}" for k in ("train", "held_out", "test"))
+    raise RunError(
+        f"checkpoint {path} was trained on other images ({was}; now {new}); resume with the "
+        "same --data-dir, --limit-train, --limit-val and --val-split"
+    )
 
 
 def build_steps(
@@ -310,8 +359,9 @@ def train(
             run.log.info(_members_line(cfg))
         run.log.info(_sizes_line(train_split, val_split, test_split))
         point = None
+        splits = split_identity(train_split, val_split, test_split)
         if from_path is not None:
-            point = _resume_point(cfg, from_path, st, callbacks, run.log)
+            point = _resume_point(cfg, from_path, st, callbacks, run.log, splits)
         elif resume == "auto":
             run.log.info(f"no checkpoint in {run.checkpoints}; starting fresh")
         run.write_json("config.json", cfg.to_dict())
@@ -337,7 +387,7 @@ def train(
             log=run.log,
             group=group,
             resume=point,
-            metadata=_metadata(cfg, model),
+            metadata={**_metadata(cfg, model), "splits": splits},
             max_steps=max_steps,
             progress=cfg.progress,
         )

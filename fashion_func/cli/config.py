@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,24 @@ import tomllib
 
 from fashion_func.safeio import FileError, display, read_regular, short_repr
 
-__all__ = ["Config", "ConfigError", "infer_mode", "load_file", "load_preset", "parse_sweep", "presets"]
+__all__ = [
+    "APPLIED",
+    "KEYS",
+    "REFUSED",
+    "RUN",
+    "SPLIT",
+    "Config",
+    "ConfigError",
+    "Key",
+    "flag",
+    "infer_mode",
+    "layered",
+    "load_file",
+    "load_preset",
+    "parse_sweep",
+    "presets",
+    "resume_problem",
+]
 
 MODELS = ("simplenet", "simplenet_bn", "alexnet", "mlp", "resnet")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -50,7 +68,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Config:
-    """Everything that defines a training run (written to `<out>/config.json`)."""
+    """Everything that defines a training run (written to `<out>/config.json`).
+
+    Each field's type, allowed values, the keys it depends on and what it does on `--resume`
+    are in `KEYS`, the one table `validate` walks.
+    """
 
     model: str = "simplenet"
     width: int | None = None  # resnet's base width (channels of its first conv; default 16)
@@ -112,148 +134,22 @@ class Config:
             object.__setattr__(self, "save_top_k", 1 if self.save_best_only else -1)
 
     def validate(self) -> list[str]:
-        """Every problem with the values, as one-line messages (empty when valid)."""
-        e = self._type_errors()
-        if e:  # ranges below assume the types are right
-            return e
+        """Every problem with the values, as one-line messages (empty when valid).
 
-        def choice(name: str, value: str, options: tuple[str, ...]) -> None:
-            if value not in options:
-                e.append(f"--{name.replace('_', '-')} must be one of {', '.join(options)}, not {value!r}")
-
-        choice("model", self.model, MODELS)
-        choice("optimizer", self.optimizer, OPTIMIZERS)
-        choice("device", self.device, DEVICES)
-        choice("precision", self.precision, PRECISIONS)
-        choice("lr_schedule", self.lr_schedule, SCHEDULES)
-        choice("normalize", self.normalize, NORMALIZE)
-        choice("compile", self.compile, COMPILE)
-        if self.mode is not None:
-            choice("mode", self.mode, ("min", "max"))
-        for name in ("epochs", "batch_size", "eval_batch_size", "every_n_epochs", "lr_step_size"):
-            if getattr(self, name) < 1:
-                e.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        e.extend(self._float_errors())
-        if not 0 <= self.seed <= MAX_SEED:
-            e.append(f"--seed must be in [0, 2**63 - 1], got {short_repr(self.seed)}")
-        for name in ("out", "data_dir"):
-            if getattr(self, name) == "":
-                e.append(f"--{name.replace('_', '-')} must not be empty (leave it out for the default)")
-        if self.out is not None and self.out.strip("/") == "" and self.out:
-            e.append("--out / is the root directory; give a run directory of its own")
-        monitors = (*MONITORS, f"val_top{self.topk}", f"train_top{self.topk}")
-        if self.monitor not in monitors:
-            e.append(f"--monitor must be one of {', '.join(monitors)}, not {self.monitor!r}")
-        elif self.mode in ("min", "max") and infer_mode(self.monitor) not in (None, self.mode):
-            e.append(
-                f"--mode {self.mode} contradicts --monitor {self.monitor}, which should "
-                f"{'fall' if infer_mode(self.monitor) == 'min' else 'rise'}; leave --mode out to infer it"
-            )
-        for name in ("limit_train", "limit_val"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                e.append(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-        if self.patience is not None and self.patience < 1:
-            e.append(f"--patience must be at least 1, got {self.patience}")
-        if self.topk < 1:
-            e.append(f"--topk must be at least 1, got {self.topk}")
-        if self.save_top_k is not None and (self.save_top_k < -1 or self.save_top_k == 0):
-            e.append(f"--save-top-k must be -1 (keep all) or at least 1, got {self.save_top_k}")
-        e += self._member_errors()
-        e += self._quality_errors()
-        return e
-
-    def _quality_errors(self) -> list[str]:
-        e: list[str] = []
-        if self.width is not None and (self.model != "resnet" or self.width < 1):
-            e.append(
-                "--width sets resnet's width (at least 1)"
-                if self.model == "resnet"
-                else f"--width applies to --model resnet, not {self.model}"
-            )
-        for name in ("val_split", "crop_padding", "cutout"):
-            if getattr(self, name) < 0:
-                e.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.crop_padding > 14 or self.cutout > 28:
-            e.append("--crop-padding must be at most 14 and --cutout at most 28 (images are 28x28)")
-        if self.ema is not None and not 0 < self.ema < 1:
-            e.append(f"--ema is a decay in (0, 1), got {self.ema}")
-        if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs):
-            e.append(f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}")
-        elif self.warmup_epochs and self.lr_schedule != "onecycle":
-            e.append("--warmup-epochs needs --lr-schedule onecycle")
-        if self.nesterov and self.optimizer != "sgd":
-            e.append("--nesterov applies to --optimizer sgd")
-        return e
-
-    def _member_errors(self) -> list[str]:
-        if self.ensemble < 1:
-            return [f"--ensemble must be at least 1, got {self.ensemble}"]
-        if self.sweep is None:
-            return []
-        if self.ensemble > 1:
-            return ["--sweep and --ensemble are exclusive: a sweep's members differ only in hyperparameters"]
-        try:
-            grid = parse_sweep(self.sweep)
-        except ConfigError as exc:
-            return [str(exc)]
-        if "lr" in grid[0] and self.lr != Config.lr:
-            return ["--lr and --sweep lr=... contradict each other: the sweep sets each member's lr"]
-        if "lr" in grid[0] and self.lr_schedule not in ("constant", "onecycle"):
-            # onecycle multiplies each member's own lr; the others set one lr for all
-            return [
-                f"--sweep lr needs --lr-schedule constant or onecycle "
-                f"(a {self.lr_schedule} schedule sets one lr for all)"
-            ]
-        return []
+        Types first (the ranges assume them), then each key's own range or choices, then
+        the rules that involve other keys, each in `KEYS` order.
+        """
+        values = {name: getattr(self, name) for name in KEYS}
+        errors = [f"{flag(n)} {p}" for n, key in KEYS.items() if (p := key.type_problem(values[n]))]
+        if errors:
+            return errors
+        errors = [f"{flag(n)} {p}" for n, key in KEYS.items() if (p := key.value_problem(values[n]))]
+        return errors + [p for key in KEYS.values() if key.needs and (p := key.needs(self))]
 
     @property
     def members(self) -> int:
         """How many models one step trains: the ensemble's size or the sweep's combinations."""
         return len(parse_sweep(self.sweep)) if self.sweep else self.ensemble
-
-    def _float_errors(self) -> list[str]:
-        # `not x > 0` style tests: NaN compares false with everything, so it fails each range
-        e: list[str] = []
-        for name in ("lr", "clip_norm"):
-            v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v > 0):
-                e.append(f"--{name.replace('_', '-')} must be a finite positive number, got {v}")
-        for name in ("weight_decay", "min_delta"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                e.append(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-        for name in ("momentum", "label_smoothing"):
-            v = getattr(self, name)
-            if not 0 <= v < 1:
-                e.append(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
-        if not 0 < self.lr_gamma <= 1:
-            e.append(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
-        elif self.lr_schedule == "plateau" and self.lr_gamma == 1:
-            e.append("--lr-gamma must be below 1 with --lr-schedule plateau")
-        return e
-
-    def _type_errors(self) -> list[str]:
-        # values from JSON/TOML files arrive untyped: 64.0 is not a batch size
-        e: list[str] = []
-        for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), f.type
-            flag = f"--{f.name.replace('_', '-')}"
-            optional = "None" in kind
-            if value is None and optional:
-                continue
-            if "int" in kind and "float" not in kind:
-                if isinstance(value, bool) or not isinstance(value, int):
-                    e.append(f"{flag} must be an integer, got {short_repr(value)}")
-            elif "float" in kind:
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    e.append(f"{flag} must be a number, got {short_repr(value)}")
-            elif "bool" in kind:
-                if not isinstance(value, bool):
-                    e.append(f"{flag} must be true or false, got {short_repr(value)}")
-            elif "str" in kind and not isinstance(value, str):
-                e.append(f"{flag} must be a string, got {short_repr(value)}")
-        return e
 
     @property
     def out_dir(self) -> Path:
@@ -264,20 +160,325 @@ class Config:
         """Plain JSON-serialisable values."""
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
         """A Config from a dict; unknown keys are a ConfigError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(set(values) - set(KEYS))
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-        try:
-            return cls(**values)
-        except TypeError as exc:  # a wrong type compared in validate()
-            raise ConfigError(f"invalid config value: {exc}") from None
+        return cls(**values)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of config key `name`: `batch_size` -> `--batch-size`."""
+    return f"--{name.replace('_', '-')}"
+
+
+# --------------------------------------------------------------------------- the key table
+
+# What a key given again on `--resume` does (KEYS[name].resume):
+RUN = "run"  # run control: where and how this process runs (out, device, epochs, ...); takes effect
+APPLIED = "applied"  # built again from the config on every start, or written into the state (Key.hyper)
+REFUSED = "refused"  # fixed by what was trained (model, optimizer, seed, ...): another value is refused
+SPLIT = "split"  # chooses the images: refused when it would change the split identity
+
+Problem = Callable[[Any], "str | None"]
+DROP = object()  # Key.derived's answer for "back to the default"
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its type, its own range or choices, the rule it shares with other keys
+    (`needs`, which names `follows`), and what giving it again on `--resume` does."""
+
+    kind: type  # int, float, bool or str; None is allowed where the field's default is None
+    optional: bool
+    check: Problem | None = None  # the value's own rule: what is wrong with it, or None
+    needs: Callable[[Config], str | None] | None = None  # a rule involving the keys in `follows`
+    follows: tuple[str, ...] = ()  # a lower source's value is derived again when these are given
+    derived: Callable[[Mapping[str, Any]], Any] | None = None  # the value then, from the others
+    # (None, or DROP returned: the field's default, or what __post_init__ infers from the others)
+    resume: str = APPLIED
+    hyper: str | None = None  # the optimizer state's hyperparameter an APPLIED key is written to
+
+    def type_problem(self, value: Any) -> str | None:
+        """What is wrong with the type of `value` (files arrive untyped: 64.0 is no batch size)."""
+        if value is None and self.optional:
+            return None
+        if self.kind is bool:
+            ok, what = isinstance(value, bool), "true or false"
+        elif self.kind is int:
+            ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif self.kind is float:
+            ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            ok, what = isinstance(value, str), "a string"
+        return None if ok else f"must be {what}, got {short_repr(value)}"
+
+    def value_problem(self, value: Any) -> str | None:
+        """What is wrong with `value` on its own (type already right), or None."""
+        if value is None or self.check is None:
+            return None
+        return self.check(value)
+
+
+def _rule(ok: Callable[[Any], bool], says: str) -> Problem:
+    """A check: `ok(value)` or "{says}, got {value}". NaN fails every `ok` written as a
+    positive test (`x > 0`), since it compares false with everything."""
+    return lambda v: None if ok(v) else f"{says}, got {short_repr(v)}"
+
+
+def _choice(options: tuple[str, ...]) -> Problem:
+    return lambda v: None if v in options else f"must be one of {', '.join(options)}, not {v!r}"
+
+
+def _finite(ok: Callable[[float], bool]) -> Callable[[float], bool]:
+    return lambda v: math.isfinite(v) and ok(v)
+
+
+AT_LEAST_1 = _rule(lambda v: v >= 1, "must be at least 1")
+NOT_NEGATIVE = _rule(lambda v: v >= 0, "must be >= 0")
+POSITIVE = _rule(_finite(lambda v: v > 0), "must be a finite positive number")
+FINITE_NOT_NEGATIVE = _rule(_finite(lambda v: v >= 0), "must be a finite number >= 0")
+FRACTION = _rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def _pixels(limit: int) -> Problem:
+    """A size in pixels of a 28x28 image: >= 0 and at most `limit`."""
+    return lambda v: (
+        NOT_NEGATIVE(v) or (None if v <= limit else f"must be at most {limit} (images are 28x28), got {v}")
+    )
+
+
+def _path(v: str) -> str | None:
+    return "must not be empty (leave it out for the default)" if v == "" else None
+
+
+def _out(v: str) -> str | None:
+    if v and v.strip("/") == "":
+        return "/ is the root directory; give a run directory of its own"
+    return _path(v)
+
+
+def _monitor(c: Config) -> str | None:
+    monitors = (*MONITORS, f"val_top{c.topk}", f"train_top{c.topk}")
+    if c.monitor not in monitors:
+        return f"--monitor must be one of {', '.join(monitors)}, not {c.monitor!r}"
+    return None
+
+
+def _mode(c: Config) -> str | None:
+    want = infer_mode(c.monitor)
+    if c.mode is None or want in (None, c.mode) or _monitor(c):
+        return None
+    return (
+        f"--mode {c.mode} contradicts --monitor {c.monitor}, which should "
+        f"{'fall' if want == 'min' else 'rise'}; leave --mode out to infer it"
+    )
+
+
+def _width(c: Config) -> str | None:
+    if c.width is None:
+        return None
+    if c.model != "resnet":
+        return f"--width applies to --model resnet, not {c.model}"
+    return None if c.width >= 1 else "--width sets resnet's width (at least 1)"
+
+
+def _warmup(c: Config) -> str | None:
+    if not (math.isfinite(c.warmup_epochs) and 0 <= c.warmup_epochs < c.epochs):
+        return f"--warmup-epochs must be in [0, --epochs), got {c.warmup_epochs}"
+    if c.warmup_epochs and c.lr_schedule != "onecycle":
+        return "--warmup-epochs needs --lr-schedule onecycle"
+    return None
+
+
+def _nesterov(c: Config) -> str | None:
+    if c.nesterov and c.optimizer != "sgd":
+        return "--nesterov applies to --optimizer sgd"
+    if c.nesterov and c.momentum == 0:  # torch.optim.SGD refuses it too
+        return "--nesterov needs a --momentum above 0"
+    return None
+
+
+def _plateau_gamma(c: Config) -> str | None:
+    if c.lr_schedule == "plateau" and c.lr_gamma == 1:
+        return "--lr-gamma must be below 1 with --lr-schedule plateau"
+    return None
+
+
+def _sweep(c: Config) -> str | None:
+    if c.sweep is None:
+        return None
+    if c.ensemble > 1:
+        return "--sweep and --ensemble are exclusive: a sweep's members differ only in hyperparameters"
+    try:
+        grid = parse_sweep(c.sweep)
+    except ConfigError as exc:
+        return str(exc)
+    given = [n for n in SWEEPABLE if n in grid[0] and getattr(c, n) != getattr(Config, n)]
+    if given:
+        name = given[0]
+        return (
+            f"{flag(name)} and --sweep {name}=... contradict each other: the sweep sets each member's {name}"
+        )
+    if "lr" in grid[0] and c.lr_schedule not in ("constant", "onecycle"):
+        # onecycle multiplies each member's own lr; the others set one lr for all
+        return (
+            f"--sweep lr needs --lr-schedule constant or onecycle "
+            f"(a {c.lr_schedule} schedule sets one lr for all)"
+        )
+    return None
+
+
+def _keep_if_resnet(v: Mapping[str, Any]) -> Any:
+    return v.get("width", DROP) if v.get("model", Config.model) == "resnet" else DROP
+
+
+def _keep_if_momentum(v: Mapping[str, Any]) -> Any:
+    sgd = v.get("optimizer", Config.optimizer) == "sgd" and v.get("momentum", Config.momentum) != 0
+    return v.get("nesterov", DROP) if sgd else DROP
+
+
+def _keep_if_onecycle(v: Mapping[str, Any]) -> Any:
+    warmup, epochs = v.get("warmup_epochs", DROP), v.get("epochs", Config.epochs)
+    fits = v.get("lr_schedule", Config.lr_schedule) == "onecycle" and _is_below(warmup, epochs)
+    return warmup if fits else DROP
+
+
+def _is_below(a: Any, b: Any) -> bool:
+    try:
+        return bool(a < b)
+    except TypeError:  # untyped file values (or DROP): validation names them
+        return True
+
+
+_SEED = _rule(lambda v: 0 <= v <= MAX_SEED, "must be in [0, 2**63 - 1]")
+_SAVE_TOP_K = _rule(lambda v: v == -1 or v >= 1, "must be -1 (keep all) or at least 1")
+_GAMMA = _rule(lambda v: 0 < v <= 1, "must be in (0, 1]")
+_EMA = _rule(lambda v: 0 < v < 1, "is a decay in (0, 1)")
+
+
+def _keys() -> dict[str, Key]:
+    """The table: one `Key` per `Config` field, in field order."""
+    k: dict[str, dict[str, Any]] = {
+        "model": dict(check=_choice(MODELS), resume=REFUSED),
+        "width": dict(needs=_width, follows=("model",), derived=_keep_if_resnet, resume=REFUSED),
+        "epochs": dict(check=AT_LEAST_1, resume=RUN),
+        "batch_size": dict(check=AT_LEAST_1),
+        "lr": dict(check=POSITIVE, hyper="lr"),
+        "optimizer": dict(check=_choice(OPTIMIZERS), resume=REFUSED),
+        "weight_decay": dict(check=FINITE_NOT_NEGATIVE, hyper="weight_decay"),
+        "momentum": dict(check=FRACTION, hyper="momentum"),
+        "nesterov": dict(
+            needs=_nesterov, follows=("optimizer", "momentum"), derived=_keep_if_momentum, resume=REFUSED
+        ),
+        "clip_norm": dict(check=POSITIVE, hyper="max_norm"),
+        "label_smoothing": dict(check=FRACTION),
+        "seed": dict(check=_SEED, resume=REFUSED),
+        "data_dir": dict(check=_path, resume=RUN),
+        "out": dict(check=_out, resume=RUN),
+        "device": dict(check=_choice(DEVICES), resume=RUN),
+        "compile": dict(check=_choice(COMPILE), resume=RUN),
+        "precision": dict(check=_choice(PRECISIONS), resume=RUN),
+        "normalize": dict(check=_choice(NORMALIZE)),
+        "limit_train": dict(check=AT_LEAST_1, resume=SPLIT),
+        "limit_val": dict(check=AT_LEAST_1, resume=SPLIT),
+        "val_split": dict(check=NOT_NEGATIVE, resume=SPLIT),
+        "eval_batch_size": dict(check=AT_LEAST_1, resume=RUN),
+        "monitor": dict(needs=_monitor, resume=REFUSED),
+        "mode": dict(check=_choice(("min", "max")), needs=_mode, follows=("monitor",), resume=REFUSED),
+        "patience": dict(check=AT_LEAST_1),
+        "min_delta": dict(check=FINITE_NOT_NEGATIVE),
+        "save_best_only": dict(),
+        "topk": dict(check=AT_LEAST_1),
+        "save_top_k": dict(check=_SAVE_TOP_K, follows=("save_best_only",)),
+        "every_n_epochs": dict(check=AT_LEAST_1),
+        "lr_schedule": dict(
+            check=_choice(SCHEDULES), follows=("lr_step_size",), derived=lambda v: "step", resume=REFUSED
+        ),
+        "lr_step_size": dict(check=AT_LEAST_1),
+        "lr_gamma": dict(check=_GAMMA, needs=_plateau_gamma),
+        "warmup_epochs": dict(needs=_warmup, follows=("lr_schedule", "epochs"), derived=_keep_if_onecycle),
+        "crop_padding": dict(check=_pixels(14)),
+        "flip": dict(),
+        "cutout": dict(check=_pixels(28)),
+        "ema": dict(check=_EMA, hyper="decay"),
+        "tta": dict(),
+        "tensorboard": dict(resume=RUN),
+        "progress": dict(resume=RUN),
+        "ensemble": dict(check=AT_LEAST_1, resume=REFUSED),
+        "sweep": dict(needs=_sweep, resume=REFUSED),
+    }
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    assert list(k) == list(fields), "KEYS must list every Config field, in order"
+    kinds = {"int": int, "float": float, "bool": bool, "str": str}
+    return {
+        name: Key(
+            kind=kinds[fields[name].type.split(" | ")[0]], optional=fields[name].default is None, **spec
+        )
+        for name, spec in k.items()
+    }
+
+
+KEYS: dict[str, Key] = _keys()
+
+
+def layered(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The values of `layers`, lowest priority first (a saved checkpoint's config < preset <
+    config file < flags), a later layer's value winning.
+
+    A key that depends on another (`Key.follows`: mode on monitor, lr_schedule on
+    lr_step_size, width on model, ...) and comes from a lower layer than the key it depends on
+    is derived again (`Key.derived`, or its default / inferred value): a preset's `mode = "min"`
+    gives way to `--monitor val_acc`, which the user gave, instead of contradicting it.
+    """
+    values: dict[str, Any] = {}
+    source: dict[str, int] = {}
+    for rank, layer in enumerate(layers):
+        for name, value in layer.items():
+            values[name], source[name] = value, rank
+    for name, key in KEYS.items():  # in table order: a key follows only keys listed before it
+        top = max((source[d] for d in key.follows if d in source), default=None)
+        if top is None or source.get(name, -1) >= top:
+            continue
+        value = DROP if key.derived is None else key.derived(values)
+        if value is DROP:
+            values.pop(name, None)
+        else:
+            values[name] = value
+        source[name] = top
+    return values
+
+
+def resume_problem(saved: Mapping[str, Any], cfg: Config) -> str | None:
+    """Why `cfg` cannot continue a run saved with config `saved`, in one line, or None.
+
+    A REFUSED key must keep its saved value; an APPLIED key written into the optimizer
+    state (`Key.hyper`) cannot add or remove the state's part for it (a moving average, a
+    clipping stage, sgd's momentum buffer), only change its value. Split keys are checked
+    against the data by `split_identity`.
+    """
+    for name, key in KEYS.items():
+        if name not in saved:  # a checkpoint older than the key
+            continue
+        old, new = saved[name], getattr(cfg, name)
+        if key.resume == REFUSED and old != new:
+            same = "members" if name in ("ensemble", "sweep") else f"{flag(name)} (or leave it out)"
+            return (
+                f"{flag(name)} {short_repr(new)} differs from the resumed run's {short_repr(old)}, "
+                f"which it was trained with; resume it with the same {same}"
+            )
+        absent = (lambda v: v is None) if name in ("clip_norm", "ema") else None
+        if name == "momentum" and cfg.optimizer == "sgd":
+            absent = lambda v: v == 0  # sgd keeps no momentum buffer then
+        if key.hyper and absent is not None and absent(old) != absent(new):
+            return (
+                f"{flag(name)} {short_repr(new)} cannot replace the resumed run's {short_repr(old)}: "
+                f"the optimizer state {'has no' if absent(old) else 'holds a'} part for it; "
+                "start a new run for that"
+            )
+    return None
 
 
 SWEEPABLE = ("lr", "weight_decay")

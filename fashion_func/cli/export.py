@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fashion_func import checkpoint, interop
+from fashion_func import atomic, checkpoint, interop
 from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version
 from fashion_func.interop.flax_modules import FLAX_MODELS
 from fashion_func.safeio import FileError, check_output, display
@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bf16_as=args.bf16_as,
             overwrite=args.overwrite,
         )
-    except (UsageError, checkpoint.CheckpointError, ValueError, OSError, ImportError) as e:
+    except (UsageError, checkpoint.CheckpointError, atomic.WriteError, ValueError, OSError, ImportError) as e:
         print(display(" ".join(f"export.py: error: {e}".split())), file=sys.stderr)
         return EXIT_USAGE
     line = f"wrote {summary['out']}: {summary['model']} weights ({summary['tensors']} tensors), {args.format}"

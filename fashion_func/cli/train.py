@@ -18,8 +18,10 @@ from fashion_func.cli.config import (
     SCHEDULES,
     Config,
     ConfigError,
+    layered,
     load_file,
     load_preset,
+    resume_problem,
 )
 from fashion_func.safeio import display, short_repr
 
@@ -201,35 +203,47 @@ def explicit_train_args(argv: Sequence[str] | None = None) -> tuple[dict[str, An
     Only what was given appears (the parser's default is SUPPRESS), so a resumed run can
     tell a flag the user typed from a default.
     """
+    layers, run = _given_layers(argv)
+    return layered(layers), run
+
+
+def _given_layers(argv: Sequence[str] | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """([preset values, config file values, flags], run-control options), lowest priority first."""
     args = vars(build_train_parser().parse_args(argv))
-    values: dict[str, Any] = {}
-    if "preset" in args:
-        values.update(load_preset(args["preset"]))
+    preset = load_preset(args["preset"]) if "preset" in args else {}
     given = load_file(args["config"]) if "config" in args else {}
-    given.update({k: v for k, v in args.items() if k not in RUN_FLAGS})
-    if "lr_step_size" in given and "lr_schedule" not in given:
-        given["lr_schedule"] = "step"  # giving a step size (file or flag) means asking for StepLR
-    values.update(given)
+    flags = {k: v for k, v in args.items() if k not in RUN_FLAGS}
     run = {"resume": args.get("resume"), "overwrite": args.get("overwrite", False)}
-    return values, run
+    return [preset, given, flags], run
 
 
 def parse_train_args(argv: Sequence[str] | None = None) -> tuple[Config, dict[str, Any]]:
     """(Config, run-control options {resume, overwrite}).
 
     Values come from, in rising priority: the defaults, the config saved in the checkpoint
-    being resumed (`--resume`; none for `auto` before the first checkpoint), a `--config`
-    file, the flags given. So `--resume auto --out X` continues X's run as it was set up,
-    and `--resume auto --out X --epochs 10` only raises its epoch count.
+    being resumed (`--resume`; none for `auto` before the first checkpoint), a `--preset`, a
+    `--config` file, the flags given (`config.layered`: a value that depends on a key given
+    by a higher source is derived again). So `--resume auto --out X` continues X's run as it
+    was set up, and `--resume auto --out X --epochs 10` only raises its epoch count. A key
+    given on resume that cannot take effect (`config.resume_problem`) is a UsageError.
     """
-    values, run = explicit_train_args(argv)
-    if run["resume"]:
-        values = _with_checkpoint_config(values, run["resume"])
-    return Config.from_dict(values), run
+    layers, run = _given_layers(argv)
+    saved = _checkpoint_config(layered(layers), run["resume"]) if run["resume"] else None
+    if saved is None:
+        return Config.from_dict(layered(layers)), run
+    config, out = saved
+    values = layered([config, *layers])
+    values["out"] = out
+    cfg = Config.from_dict(values)
+    problem = resume_problem(config, cfg)
+    if problem:
+        raise UsageError(problem)
+    return cfg, run
 
 
-def _with_checkpoint_config(values: dict[str, Any], resume: str) -> dict[str, Any]:
-    """`values` laid over the config saved in the checkpoint that `resume` names."""
+def _checkpoint_config(values: dict[str, Any], resume: str) -> tuple[dict[str, Any], str] | None:
+    """(the config saved in the checkpoint `resume` names, the run directory to write), or None
+    for `auto` before the first checkpoint."""
     # heavy imports (torch) only on this path: reading a checkpoint needs them anyway
     from fashion_func import checkpoint, loop
 
@@ -238,7 +252,7 @@ def _with_checkpoint_config(values: dict[str, Any], resume: str) -> dict[str, An
     try:
         path = loop.resume_path(out, resume)
         if path is None:  # `auto` before any checkpoint: a fresh run from the flags
-            return values
+            return None
         saved = loop.saved_config(path)
     except (loop.RunError, checkpoint.CheckpointError) as exc:
         raise UsageError(str(exc)) from None
@@ -247,13 +261,9 @@ def _with_checkpoint_config(values: dict[str, Any], resume: str) -> dict[str, An
             f"--model {values['model']} does not match checkpoint {path}, which holds a "
             f"{short_repr(saved.get('model'))} model; leave out --model to resume it"
         )
-    if "monitor" in values and "mode" not in values:
-        saved = {k: v for k, v in saved.items() if k != "mode"}  # inferred again for the new metric
-    merged = {**saved, **values}
     # A run writes only where the user pointed, never where a checkpoint's saved config says
     # (a copied run's checkpoint names the original's directory).
-    merged["out"] = str(out) if resume == "auto" or "out" in values else _run_dir_of(path)
-    return merged
+    return saved, str(out) if resume == "auto" or "out" in values else _run_dir_of(path)
 
 
 def _run_dir_of(checkpoint_path: Path) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fashion_func import checkpoint
+from fashion_func import atomic, checkpoint
 
 __all__ = [
     "BF16_AS",
@@ -89,7 +89,9 @@ def save_arrays(
     """Arrays as safetensors, atomically; metadata in `checkpoint`'s convention (strings plain)."""
     from safetensors.numpy import save as st_save
 
-    checkpoint.atomic_write(path, st_save(dict(arrays), metadata=checkpoint.encode_metadata(meta)))
+    atomic.write_bytes(
+        path, st_save(dict(arrays), metadata=checkpoint.encode_metadata(meta)), what="weights file"
+    )
 
 
 def save_numpy(
@@ -107,6 +109,7 @@ def save_numpy(
     A stateful model's buffers are kept as they are (`bn1.num_batches_tracked` stays int64).
     The metadata (safetensors only) records `layout` ("torch"), `bf16_as`, `bf16_keys` and
     `metadata`'s entries, strings as they are and other values as JSON (`checkpoint.encode_metadata`).
+    A failed write is `atomic.WriteError` ("cannot write weights file PATH: reason").
     """
     if bf16_as not in ("float32", "uint16"):
         raise ValueError(f"numpy has no bfloat16: bf16_as must be float32 or uint16, not {bf16_as!r}")
@@ -114,7 +117,7 @@ def save_numpy(
     if str(path).endswith(".npz"):
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        checkpoint.atomic_write(path, buf.getvalue())
+        atomic.write_bytes(path, buf.getvalue(), what="weights file")
         return
     meta: dict[str, Any] = dict(metadata or {})
     meta.update(layout="torch", bf16_as=bf16_as, bf16_keys=bf16_keys(params, lambda k, t: k))

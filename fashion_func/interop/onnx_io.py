@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch import nn as tnn
 
-from fashion_func import checkpoint, data, models
+from fashion_func import atomic, checkpoint, data, models
 from fashion_func.interop.torch_io import to_module
 from fashion_func.interop.torch_modules import hparams_from_params
 from fashion_func.interop.weights_file import finite_number
@@ -60,6 +60,7 @@ def save_onnx(
     `normalization`, `classes` (JSON list of class names, for 10 classes), plus `metadata`'s
     entries (strings as they are, others JSON, as `checkpoint.encode_metadata`). Needs the
     optional `onnx` extra (onnx, onnxscript; onnxruntime to run it): ImportError otherwise.
+    A failed write is `atomic.WriteError` ("cannot write ONNX model PATH: reason").
 
         session = onnxruntime.InferenceSession(path)
         logits = session.run(None, {"images": uint8_images})[0]
@@ -92,7 +93,7 @@ def save_onnx(
     proto.doc_string = (
         f"fashion_func {model_name}: uint8 Fashion-MNIST images [B,28,28] -> logits [B,{num_classes}]"
     )
-    checkpoint.atomic_write(path, proto.SerializeToString())
+    atomic.write_bytes(path, proto.SerializeToString(), what="ONNX model")
 
 
 def _images_to_logits(model_name: str, weights: Mapping[str, Tensor], mean: float, std: float) -> tnn.Module:

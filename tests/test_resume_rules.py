@@ -1,0 +1,266 @@
+"""What a config key given again on `--resume` does, for EVERY key of the config's own table.
+
+Each key of `config.KEYS` is classified there (`Key.resume`): run control and applied keys
+take effect (config.json, the new checkpoint's metadata and, for an optimizer hyperparameter,
+the state all hold the new value); refused keys and keys that would change the split identity
+end in one line and exit 2, leaving the run as it was. A key added to the config without a
+case here fails `test_every_key_has_a_case`. Also: dependent values re-derived when a higher
+source gives what they depend on, and the split identity recorded in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_data import make_dataset  # tests/ is on sys.path under pytest
+
+from fashion_func import checkpoint, data, optim
+from fashion_func.cli import app
+from fashion_func.cli.config import APPLIED, KEYS, REFUSED, RUN, SPLIT, Config, flag, layered
+from fashion_func.cli.train import main_train, parse_train_args
+from fashion_func.loop import resume as resume_lib
+
+# the first run: small, but with every optional part present, so each key has something to change
+BASE: dict[str, Any] = {
+    "model": "mlp", "epochs": 1, "batch_size": 16, "lr": 0.01, "optimizer": "sgd", "momentum": 0.5,
+    "clip_norm": 1.0, "ema": 0.9, "patience": 3, "limit_train": 48, "limit_val": 16, "device": "cpu",
+    "compile": "off", "tensorboard": False, "progress": False,
+}  # fmt: skip
+ONECYCLE = {"lr_schedule": "onecycle"}  # first runs for the keys that need them
+STEP = {"lr_schedule": "step", "lr_step_size": 1, "lr_gamma": 0.5}
+
+# key: (the first run's extra settings, the value given on resume)
+CASES: dict[str, tuple[dict[str, Any], Any]] = {
+    "model": ({}, "simplenet"),
+    "width": ({}, 8),  # only resnet has a width: refused for the mlp run
+    "epochs": ({}, 3),
+    "batch_size": ({}, 8),
+    "lr": ({}, 0.02),
+    "optimizer": ({}, "adam"),
+    "weight_decay": ({}, 1e-4),
+    "momentum": ({}, 0.7),
+    "nesterov": ({}, True),
+    "clip_norm": ({}, 2.0),
+    "label_smoothing": ({}, 0.1),
+    "seed": ({}, 1),
+    "data_dir": ({}, "COPY"),  # the same files in another folder
+    "out": ({}, "OTHER"),
+    "device": ({}, "auto"),
+    "compile": ({}, "update"),
+    "precision": ({}, "bf16"),
+    "normalize": ({}, "tutorial"),
+    "limit_train": ({}, 32),
+    "limit_val": ({}, 8),
+    "val_split": ({}, 8),
+    "eval_batch_size": ({}, 4),
+    "monitor": ({}, "val_acc"),
+    "mode": ({}, "max"),
+    "patience": ({}, 5),
+    "min_delta": ({}, 0.01),
+    "save_best_only": ({}, False),
+    "topk": ({}, 3),
+    "save_top_k": ({}, 2),
+    "every_n_epochs": ({}, 2),
+    "lr_schedule": ({}, "cosine"),
+    "lr_step_size": (STEP, 2),
+    "lr_gamma": (STEP, 0.3),
+    "warmup_epochs": (ONECYCLE, 0.5),
+    "crop_padding": ({}, 2),
+    "flip": ({}, True),
+    "cutout": ({}, 4),
+    "ema": ({}, 0.8),
+    "tta": ({}, True),
+    "tensorboard": ({}, True),
+    "progress": ({}, True),
+    "ensemble": ({}, 2),
+    "sweep": ({}, "lr=0.1,0.01"),
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("resume-rules")
+    make_dataset(root / "data", n_train=64, n_test=24)
+    shutil.copytree(root / "data", root / "data-copy")
+    return {"root": root, "firsts": {}}
+
+
+def first_run(world: dict[str, Any], extra: dict[str, Any]) -> Path:
+    """The finished first run with BASE + `extra` (one per distinct `extra`, reused)."""
+    name = json.dumps(extra, sort_keys=True)
+    if name not in world["firsts"]:
+        out = world["root"] / f"first-{len(world['firsts'])}"
+        app.train(Config(**{**BASE, **extra, "data_dir": str(world["root"] / "data"), "out": str(out)}))
+        world["firsts"][name] = out
+    return world["firsts"][name]
+
+
+def resume_with(
+    world: dict[str, Any], first: Path, case: str, values: dict[str, Any]
+) -> tuple[Path, list[str]]:
+    """A copy of `first` and the argv resuming it with `values` given in a --config file."""
+    out = world["root"] / f"case-{case}"
+    shutil.copytree(first, out)
+    (world["root"] / f"{case}.json").write_text(json.dumps({"out": str(out), **values}))
+    argv = [
+        "--resume",
+        str(out / "checkpoints" / "last.safetensors"),
+        "--config",
+        str(world["root"] / f"{case}.json"),
+    ]
+    return out, argv
+
+
+def state_of(run: Path) -> Any:
+    """The TrainState in `run`'s last.safetensors, read with its own config.json."""
+    cfg = Config.from_dict(json.loads((run / "config.json").read_text()))
+    train = data.load("train", cfg.data_dir, limit=cfg.limit_train)
+    steps = data.num_batches(len(train.labels) - cfg.val_split, cfg.batch_size)
+    model, tx = app.build_model(cfg), app.build_optimizer(cfg, steps)
+    template = app.initial_state(cfg, model, tx, data.load("test", cfg.data_dir, limit=1).images.device)
+    return resume_lib.load(run / "checkpoints" / "last.safetensors", template).state
+
+
+def test_every_key_has_a_case() -> None:
+    assert list(CASES) == list(KEYS), "give each new config key a case here (and a resume class in KEYS)"
+    assert {k.resume for k in KEYS.values()} == {RUN, APPLIED, REFUSED, SPLIT}
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_a_key_given_on_resume_takes_effect_or_is_refused(
+    world: dict[str, Any], key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra, value = CASES[key]
+    first = first_run(world, extra)
+    if value == "COPY":
+        value = str(world["root"] / "data-copy")
+    if value == "OTHER":
+        value = str(world["root"] / f"other-{key}")
+    out, argv = resume_with(world, first, key, {"epochs": 2, key: value} if key != "epochs" else {key: value})
+    out = Path(value) if key == "out" else out
+    before = (first / "checkpoints" / "last.safetensors").read_bytes()
+    code = main_train(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if KEYS[key].resume in (REFUSED, SPLIT):
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("train.py: error: "), err
+        names = [flag(key)] + (["--sweep"] if key == "sweep" else [])
+        assert any(n in lines[0] for n in names), lines[0]
+        assert (out / "checkpoints" / "last.safetensors").read_bytes() == before  # the run as it was
+        assert (
+            json.loads((out / "config.json").read_text())[key]
+            == json.loads((first / "config.json").read_text())[key]
+        )
+        return
+    assert code == 0, err
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded[key] == value
+    meta = checkpoint.read_metadata(out / "checkpoints" / "last.safetensors")
+    assert meta["config"][key] == value
+    assert meta["epoch"] == (3 if key == "epochs" else 2)
+    hyper = KEYS[key].hyper
+    if hyper is not None and hyper in optim.hyperparams(state_of(out).opt_state):
+        held = optim.get_hyperparam(state_of(out).opt_state, hyper)
+        assert held.item() == pytest.approx(value, rel=1e-6)
+    assert meta["splits"] == checkpoint.read_metadata(first / "checkpoints" / "last.safetensors")["splits"]
+
+
+def test_a_data_dir_with_other_images_is_refused(
+    world: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run on all of its dataset resumed over a smaller one trains on other images: the split
+    identity says so (a --limit-train larger than the dataset is an error of its own)."""
+    make_dataset(world["root"] / "data-small", n_train=40, n_test=24)
+    _, argv = resume_with(
+        world,
+        first_run(world, {"limit_train": None, "limit_val": None}),
+        "small",
+        {"epochs": 2, "data_dir": str(world["root"] / "data-small")},
+    )
+    assert main_train(argv) == 2
+    line = capsys.readouterr().err.strip()
+    assert (
+        "\n" not in line
+        and "was trained on other images (train 64, held_out 0, test 24; now train 40" in line
+    )
+    assert "--limit-train" in line
+
+
+def test_split_identity_names_counts_and_indices() -> None:
+    import torch
+
+    def split(n: int) -> data.Split:
+        return data.Split(torch.zeros(n, 28, 28, dtype=torch.uint8), torch.zeros(n, dtype=torch.int64), "x")
+
+    whole = app.split_identity(split(48), split(16), None)
+    held = app.split_identity(*data.hold_out(split(48), 8), split(16))
+    assert {k: whole[k] for k in ("train", "held_out", "test")} == {"train": 48, "held_out": 0, "test": 16}
+    assert {k: held[k] for k in ("train", "held_out", "test")} == {"train": 40, "held_out": 8, "test": 16}
+    # the same counts over other indices differ in the digest: 40 + 8 held out vs 40 + 8 more test
+    assert whole["digest"] != held["digest"]
+    assert app.split_identity(split(48), split(16), None) == whole
+
+
+# (key, the key it depends on): argv where a lower source (preset, config file, saved run) gave
+# the key and a flag gives what it depends on, and the value the key then has
+DEPENDENT = [
+    ("mode", "monitor", ["--preset", "tutorial", "--monitor", "val_acc"], "max"),
+    ("width", "model", ["--preset", "quality", "--model", "mlp"], None),
+    ("nesterov", "optimizer", ["--preset", "quality", "--optimizer", "adam"], False),
+    ("nesterov", "momentum", ["--preset", "quality", "--momentum", "0"], False),
+    ("save_top_k", "save_best_only", ["--config", "SAVE.json", "--save-best-only", "false"], -1),
+    ("lr_schedule", "lr_step_size", ["--preset", "quality", "--lr-step-size", "5"], "step"),
+    ("warmup_epochs", "lr_schedule", ["--preset", "quality", "--lr-schedule", "cosine"], 0.0),
+    ("warmup_epochs", "epochs", ["--preset", "quality", "--epochs", "2"], 0.0),
+]
+# the same with the dependent value still consistent: it is kept
+KEPT = [
+    ("nesterov", ["--preset", "quality", "--momentum", "0.8"], True),
+    ("warmup_epochs", ["--preset", "quality", "--epochs", "3"], 2.0),
+    ("width", ["--preset", "quality", "--model", "resnet"], 12),
+]
+
+
+def test_every_dependent_pair_has_a_case() -> None:
+    pairs = {(name, dep) for name, key in KEYS.items() for dep in key.follows}
+    assert {(k, d) for k, d, _, _ in DEPENDENT} == pairs
+
+
+def _argv(argv: list[str], tmp_path: Path) -> list[str]:
+    (tmp_path / "SAVE.json").write_text(json.dumps({"save_best_only": True, "save_top_k": 3}))
+    return [str(tmp_path / a) if a == "SAVE.json" else a for a in argv]
+
+
+@pytest.mark.parametrize(("key", "dep", "argv", "want"), DEPENDENT)
+def test_a_dependent_value_is_derived_again(
+    tmp_path: Path, key: str, dep: str, argv: list[str], want: Any
+) -> None:
+    cfg, _ = parse_train_args(_argv(argv, tmp_path))
+    assert getattr(cfg, key) == want
+
+
+@pytest.mark.parametrize(("key", "argv", "want"), KEPT)
+def test_a_dependent_value_still_consistent_is_kept(
+    tmp_path: Path, key: str, argv: list[str], want: Any
+) -> None:
+    cfg, _ = parse_train_args(_argv(argv, tmp_path))
+    assert getattr(cfg, key) == want
+
+
+def test_both_values_from_one_source_still_contradict(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main_train(["--monitor", "val_acc", "--mode", "min", "--out", "never"]) == 2
+    assert "--mode min contradicts --monitor val_acc" in capsys.readouterr().err
+    # a saved run's config < flags: --monitor on resume re-derives the saved mode
+    assert layered([{"monitor": "val_loss", "mode": "min"}, {"monitor": "val_acc"}]) == {"monitor": "val_acc"}
+
+
+def test_nesterov_without_momentum_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main_train(["--optimizer", "sgd", "--nesterov", "--momentum", "0", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "train.py: error: --nesterov needs a --momentum above 0\n"
+    assert not (tmp_path / "x").exists()
