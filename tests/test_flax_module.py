@@ -144,7 +144,8 @@ def test_flax_module_hparams_and_errors():
     assert interop.flax_module("simplenet", num_classes=5).num_classes == 5
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         interop.flax_module("nope")
-    with pytest.raises(ValueError, match="no Flax module for model 'resnet'"):
-        interop.flax_module("resnet")
+    assert interop.flax_module("resnet", width=4).width == 4  # its training: tests/test_optax_interop.py
+    with pytest.raises(ValueError, match="torch_bn applies to models with batch norm"):
+        interop.flax_module("simplenet", torch_bn=True)
     with pytest.raises(TypeError):
         interop.flax_module("simplenet", width=3)

@@ -18,6 +18,11 @@ One module per ecosystem, every public name re-exported here (`interop.to_module
 - `flax_modules`: `flax_module(name)`, our models as idiomatic `flax.linen` modules.
 - `jax_io`: `simplenet_jax`, a pure-JAX SimpleNet forward on the exported weights.
 - `dlpack_io`: `to_jax` / `from_jax`, zero-copy tensor exchange where both sides allow.
+- `optax_io`: a run continued in optax / Flax and back: `to_optax(state_or_path, tx)` ->
+  `(params, opt_state)` as optax's NamedTuples, `optax_optimizer(tx)` the optax chain computing
+  our update, `flax_train_state`, `from_optax` / `from_flax_train_state`, and `save_resume`, a
+  `last.safetensors` that `--resume` continues.
+- `orbax_io`: `save_orbax` / `load_orbax`, that state as an Orbax checkpoint directory.
 - `onnx_io`: `save_onnx`, an ONNX model (uint8 images in, normalisation inside, logits out).
 
 JAX/Flax and ONNX are optional extras (`pip install fashion_func[jax]`, `fashion_func[onnx]`):
@@ -40,6 +45,16 @@ from fashion_func.interop.flax_modules import flax_module
 from fashion_func.interop.jax_io import simplenet_jax
 from fashion_func.interop.numpy_io import BF16_AS, save_numpy, to_numpy
 from fashion_func.interop.onnx_io import ONNX_INPUT, ONNX_OUTPUT, save_onnx
+from fashion_func.interop.optax_io import (
+    flax_train_state,
+    from_flax_train_state,
+    from_optax,
+    load_for_optax,
+    optax_optimizer,
+    save_resume,
+    to_optax,
+)
+from fashion_func.interop.orbax_io import load_orbax, save_orbax
 from fashion_func.interop.torch_io import (
     from_module,
     functionalize,
@@ -63,24 +78,33 @@ __all__ = [
     "SimpleNet",
     "SimpleNetBN",
     "flax_module",
+    "flax_train_state",
     "flax_variables",
     "from_flax",
+    "from_flax_train_state",
     "from_jax",
     "from_module",
+    "from_optax",
     "functionalize",
     "identify",
     "known_normalization",
     "load_flax",
+    "load_for_optax",
+    "load_orbax",
     "load_weights_file",
     "merge_state",
     "normalization",
+    "optax_optimizer",
     "save_flax",
     "save_numpy",
     "save_onnx",
+    "save_orbax",
+    "save_resume",
     "simplenet_jax",
     "split_state",
     "to_flax",
     "to_jax",
     "to_module",
     "to_numpy",
+    "to_optax",
 ]

@@ -21,8 +21,53 @@ def _flax_classes() -> dict[str, Any]:
     """The `flax.linen` modules of our models (defined on first use: flax is an optional extra)."""
     import flax.linen as fnn
 
-    return {"mlp": _mlp(fnn), "simplenet": _simplenet(fnn), "simplenet_bn": _simplenet_bn(fnn),
-            "alexnet": _alexnet(fnn)}  # fmt: skip
+    norm = _torch_batch_norm(fnn)
+    return {"mlp": _mlp(fnn), "simplenet": _simplenet(fnn), "simplenet_bn": _simplenet_bn(fnn, norm),
+            "alexnet": _alexnet(fnn), "resnet": _resnet(fnn, norm)}  # fmt: skip
+
+
+def _torch_batch_norm(fnn: Any) -> type:
+    """`flax.linen.BatchNorm`'s variables (`scale`, `bias`; `batch_stats` `mean`, `var`), with
+    the running variance moved towards the *unbiased* batch variance, as `nn.BatchNorm2d` does
+    (Flax's own layer uses the biased one), so training continued in Flax keeps torch's statistics."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    class TorchBatchNorm(fnn.Module):
+        use_running_average: bool = True
+        momentum: float = 0.9  # Flax's convention: the weight of the old statistics
+        epsilon: float = 1e-5
+
+        @fnn.compact
+        def __call__(self, x: Any) -> Any:
+            c = x.shape[-1]
+            scale = self.param("scale", fnn.initializers.ones, (c,))
+            bias = self.param("bias", fnn.initializers.zeros, (c,))
+            ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), x.dtype))
+            ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), x.dtype))
+            if self.use_running_average:
+                mean, var = ra_mean.value, ra_var.value
+            else:
+                axes = tuple(range(x.ndim - 1))
+                mean = x.mean(axes)
+                var = ((x - mean) ** 2).mean(axes)  # biased: what the batch is normalised with
+                if not self.is_initializing():
+                    n = x.size // c
+                    m = self.momentum
+                    ra_mean.value = m * ra_mean.value + (1 - m) * mean
+                    ra_var.value = m * ra_var.value + (1 - m) * var * (n / max(n - 1, 1))
+            return (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
+
+    return TorchBatchNorm
+
+
+def _norm(fnn: Any, torch_norm: type, torch_bn: bool, train: bool, name: str) -> Any:
+    """A batch-norm layer as torch's defaults (momentum 0.1 of the new batch, epsilon 1e-5):
+    Flax's own, or with `torch_bn` the one whose running variance follows torch's."""
+    if torch_bn:
+        return torch_norm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+    # Flax's momentum is the weight of the old statistics: torch's 0.1 of the new is 0.9 here
+    return fnn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def _flat(x: Any) -> Any:
@@ -69,17 +114,17 @@ def _simplenet(fnn: Any) -> type:
     return SimpleNet
 
 
-def _simplenet_bn(fnn: Any) -> type:
+def _simplenet_bn(fnn: Any, torch_norm: type) -> type:
     class SimpleNetBN(fnn.Module):
         """SimpleNet with batch norm after each convolution, before its ReLU (`batch_stats`)."""
 
         num_classes: int = 10
+        torch_bn: bool = False
 
         @fnn.compact
         def __call__(self, x: Any, train: bool = False) -> Any:  # [B, 28, 28, 1]
-            # Flax's momentum is the weight of the old statistics: torch's 0.1 of the new is 0.9 here
             def norm(name: str) -> Any:
-                return fnn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+                return _norm(fnn, torch_norm, self.torch_bn, train, name)
 
             x = fnn.relu(norm("bn1")(fnn.Conv(32, (3, 3), padding="VALID", name="conv1")(x)))
             x = fnn.relu(norm("bn2")(fnn.Conv(64, (3, 3), padding="VALID", name="conv2")(x)))
@@ -115,7 +160,47 @@ def _alexnet(fnn: Any) -> type:
     return AlexNet
 
 
-def flax_module(name: str, **hparams: Any) -> Any:
+def _resnet(fnn: Any, torch_norm: type) -> type:
+    class ConvBN(fnn.Module):
+        """conv 3x3 (padding 1), optional max-pool 2, batch norm, ReLU; then, with `residual`,
+        `x + res2(res1(x))` (`layer1`, `layer3`)."""
+
+        features: int
+        pool: bool = False
+        residual: bool = False
+        torch_bn: bool = False
+
+        @fnn.compact
+        def __call__(self, x: Any, train: bool) -> Any:
+            x = fnn.Conv(self.features, (3, 3), padding=1, name="conv")(x)
+            x = _pool(fnn, x) if self.pool else x
+            x = fnn.relu(_norm(fnn, torch_norm, self.torch_bn, train, "bn")(x))
+            if self.residual:
+                y = ConvBN(self.features, torch_bn=self.torch_bn, name="res1")(x, train)
+                x = x + ConvBN(self.features, torch_bn=self.torch_bn, name="res2")(y, train)
+            return x
+
+    class ResNet(fnn.Module):
+        """The ResNet-9-style network, NHWC: prep, layer1 (+ residual), layer2, layer3 (+ residual),
+        global max-pool, fc."""
+
+        num_classes: int = 10
+        width: int = 16
+        torch_bn: bool = False
+
+        @fnn.compact
+        def __call__(self, x: Any, train: bool = False) -> Any:  # [B, 28, 28, 1]
+            w, bn = self.width, self.torch_bn
+            x = ConvBN(w, torch_bn=bn, name="prep")(x, train)  # [B, 28, 28, w]
+            x = ConvBN(2 * w, pool=True, residual=True, torch_bn=bn, name="layer1")(x, train)  # 14x14
+            x = ConvBN(4 * w, pool=True, torch_bn=bn, name="layer2")(x, train)  # [B, 7, 7, 4w]
+            x = ConvBN(8 * w, pool=True, residual=True, torch_bn=bn, name="layer3")(x, train)  # 3x3
+            return fnn.Dense(self.num_classes, name="fc")(x.max(axis=(1, 2)))
+
+    return ResNet
+
+
+def flax_module(name: str, *, torch_bn: bool = False, **hparams: Any) -> Any:
     """The `flax.linen.Module` of model `name`, written the Flax way, for weights from `to_flax`.
 
     NHWC inputs (`[B, 28, 28, 1]`, normalised as for `Model.apply`; mlp also takes `[B, 784]`),
@@ -127,7 +212,12 @@ def flax_module(name: str, **hparams: Any) -> Any:
     `batch_stats` collection: `nn.BatchNorm(use_running_average=not train, momentum=0.9,
     epsilon=1e-5)`, so train with `mutable=["batch_stats"]`; alexnet's dropout is active when
     `train=True` and then needs `rngs={"dropout": key}`. `hparams` are the model's
-    (`num_classes`; mlp `D_in`, `H`, `D_out`; alexnet `dropout`). Needs the optional `jax` extra.
+    (`num_classes`; mlp `D_in`, `H`, `D_out`; alexnet `dropout`; resnet `width`).
+
+    `torch_bn=True` (simplenet_bn, resnet): training moves the running variance towards the
+    unbiased batch variance, as `nn.BatchNorm2d` and our models do (Flax's `BatchNorm` uses the
+    biased one), with the same variables; for a run continued in Flax and resumed here
+    (`interop.flax_train_state`). Needs the optional `jax` extra.
     """
     model = models.get(name, **hparams)  # ValueError naming the choices, TypeError for a bad hparam
     classes = _flax_classes()
@@ -135,4 +225,6 @@ def flax_module(name: str, **hparams: Any) -> Any:
         raise ValueError(
             f"no Flax module for model {model.name!r} yet; Flax modules: {', '.join(sorted(classes))}"
         )
-    return classes[model.name](**model.hparams)
+    if torch_bn and not model.stateful:
+        raise ValueError(f"torch_bn applies to models with batch norm; {model.name} has none")
+    return classes[model.name](**model.hparams, **({"torch_bn": True} if torch_bn else {}))
