@@ -34,8 +34,8 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, what: str = "file"
     atomic), are flushed and fsynced, then `os.replace`d over `path`, and the directory is
     fsynced so the rename itself survives a power cut. On any OSError the temp file is
     removed, the old file is left as it was, and `WriteError` ("cannot write {what} {path}:
-    reason") is raised. An existing target that is not a regular file (a device, FIFO or
-    link) is never replaced.
+    reason") is raised: it names `path`, never the temp name, whichever step failed. An
+    existing target that is not a regular file (a device, FIFO or link) is never replaced.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -48,9 +48,9 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, what: str = "file"
         raise WriteError(
             one_line(f"cannot write {what} {path}: it is {describe(target.st_mode)}, not a regular file")
         )
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # our own name, left by a killed process of the same pid
     try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # our own name, left by a killed process of the same pid (EROFS: read-only)
         # "x" (O_EXCL) and O_NOFOLLOW: a link planted under the temp name is never written through
         with open(tmp, "xb", opener=_nofollow) as f:
             f.write(data)
@@ -64,9 +64,10 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, what: str = "file"
         except OSError:
             pass
         if isinstance(e, OSError):
-            raise WriteError(one_line(f"cannot write {what} {path}: {os_reason(e)}")) from e
+            reason = os_reason(e).replace(str(tmp), str(path))  # an OSError without strerror names it
+            raise WriteError(one_line(f"cannot write {what} {path}: {reason}")) from e
         raise
-    _fsync_dir(path.parent, what)
+    _fsync_dir(path, what)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any, *, what: str = "file", strict: bool = False) -> None:
@@ -98,21 +99,25 @@ def _nofollow(path: str, flags: int) -> int:
     return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
 
 
-def _fsync_dir(directory: Path, what: str) -> None:
+def _fsync_dir(path: Path, what: str) -> None:
+    """fsync the directory holding `path` (just renamed into place); errors name `path`."""
+    directory = path.parent
     flag = getattr(os, "O_DIRECTORY", None)
     if flag is None:  # Windows: directories cannot be opened; the rename is as durable as it gets
         return
     try:
         fd = os.open(directory, os.O_RDONLY | flag)
     except OSError as e:
-        raise WriteError(one_line(f"cannot sync directory {directory}: {os_reason(e)}")) from e
+        raise WriteError(
+            one_line(f"cannot write {what} {path}: cannot sync its directory: {os_reason(e)}")
+        ) from e
     try:
         os.fsync(fd)
     except OSError as e:
         # Some filesystems cannot fsync a directory; the file itself is already in place.
         if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise WriteError(
-                one_line(f"{what} in {directory}: renamed but cannot sync directory: {os_reason(e)}")
+                one_line(f"{what} {path}: renamed into place but cannot sync its directory: {os_reason(e)}")
             ) from e
     finally:
         os.close(fd)

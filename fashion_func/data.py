@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import shutil
 import struct
 import zlib
 from collections.abc import Iterator
@@ -188,6 +189,17 @@ def fetch(root: Path) -> None:
     FashionMNIST(root=str(root), train=False, download=True)
 
 
+def _first_missing(base: Path, relative: Path) -> Path | None:
+    """The outermost folder of `base / relative` that does not exist yet (None: all do), so a
+    failed download removes only the folders it created (`./dataset` of a user stays)."""
+    path = base
+    for part in relative.parts:
+        path = path / part
+        if not os.path.lexists(path):
+            return path
+    return None
+
+
 def locate(data_dir: str | os.PathLike[str] | None = None, *, download: bool = True) -> tuple[Path, str]:
     """The directory holding the four Fashion-MNIST files, and a description of where it came from.
 
@@ -212,9 +224,12 @@ def locate(data_dir: str | os.PathLike[str] | None = None, *, download: bool = T
             f"Fashion-MNIST not found (searched {searched}) and download is disabled; {_HOW_TO_GET}"
         )
     root = Path.cwd() / DOWNLOAD_ROOT
+    created = _first_missing(Path.cwd(), DOWNLOAD_ROOT / TORCHVISION_SUBDIR)
     try:
         fetch(root)
     except Exception as e:  # urllib/socket/torchvision errors: a missing network has many faces
+        if created is not None:  # what this download made, and nothing that was there before
+            shutil.rmtree(created, ignore_errors=True)
         reason = one_line(f"{type(e).__name__}: {e}")
         raise DataError(
             f"Fashion-MNIST not found (searched {searched}) and the download into {root} failed ({reason}); "

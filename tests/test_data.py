@@ -448,3 +448,40 @@ def test_fashion_mnist_dir_is_an_explicit_choice_never_a_silent_fall_back(isolat
     with pytest.raises(data.DataError, match=r"^\$?FASHION_MNIST_DIR") as info:
         data.locate()
     assert "\n" not in str(info.value) and str(target) in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# a failed download removes the folders it created, and only those
+
+REAL_FETCH = data.fetch
+
+
+@pytest.mark.parametrize(
+    "before",
+    [(), ("dataset",), ("dataset/fashion",), ("dataset/fashion/FashionMNIST",)],
+    ids=["nothing", "dataset", "dataset-fashion", "FashionMNIST"],
+)
+def test_a_failed_download_removes_only_the_folders_it_created(isolated, monkeypatch, before):
+    """torchvision's real downloader without a network (urlopen refused): it creates
+    ./dataset/fashion/FashionMNIST/raw, fails, and that tree goes again down to what existed
+    before, which keeps its own files."""
+    import urllib.request
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("network unreachable (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(data, "fetch", REAL_FETCH)
+    cwd = Path.cwd()
+    for folder in before:
+        (cwd / folder).mkdir(parents=True)
+        (cwd / folder / "mine.txt").write_text("kept")
+    with pytest.raises(data.DataError, match=r"download into .* failed"):
+        data.locate()
+    left = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
+    kept = {f"{folder}/mine.txt" for folder in before}
+    for folder in before:  # the folder and its parents existed before
+        kept |= {str(p) for p in (Path(folder), *Path(folder).parents) if str(p) != "."}
+    assert left == sorted(kept)
+    assert not (cwd / "dataset/fashion/FashionMNIST/raw").exists()

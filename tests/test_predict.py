@@ -332,3 +332,58 @@ def test_the_script_runs_as_a_program(weights, test_split, plain, tmp_path):
     assert proc.returncode == 0, proc.stderr
     top = json.loads(proc.stdout.strip().splitlines()[-1])["images"][0]["top3"][0]["class"]
     assert top == int(plain[0].argmax())
+
+
+# -- --out is checked before the test set is evaluated (reliability round three) -------------
+
+
+def _unwritable(folder: Path):
+    """os.access as a non-root user sees a read-only `folder` (the tests run as root)."""
+    import os
+
+    real = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if Path(path) == folder and mode & os.W_OK:
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    return access
+
+
+@pytest.mark.parametrize(
+    ("layout", "out", "message"),
+    [
+        ("file", "afile/report", "is not a directory"),
+        ("file", "afile/deeper/report", "is not a directory"),
+        ("readonly", "ro/report", "cannot be written: no permission to write in"),
+        ("readonly", "ro/new/deeper", "cannot be written: no permission to write in"),
+        ("readonly", "ro", "cannot be written: no permission to write in"),
+    ],
+    ids=[
+        "parent-is-a-file",
+        "grandparent-is-a-file",
+        "read-only-parent",
+        "read-only-ancestor",
+        "read-only-out",
+    ],
+)
+def test_an_out_that_cannot_be_written_is_refused_before_evaluating(
+    tmp_path, monkeypatch, capsys, layout, out, message
+):
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr("os.access", _unwritable(tmp_path / "ro"))
+    monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("the test set was loaded"))
+    monkeypatch.setattr(predict, "load_member", lambda *a, **k: pytest.fail("the weights were loaded"))
+    code = predict.main(["--weights", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / out).exists() or out == "ro"
+
+
+def test_a_writable_out_passes_the_check(tmp_path, monkeypatch):
+    predict._check_creatable(tmp_path / "new" / "deeper")  # nothing raised, nothing created
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setattr("os.access", _unwritable(tmp_path / "other"))
+    predict._check_creatable(tmp_path / "x")

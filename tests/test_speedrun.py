@@ -202,3 +202,116 @@ def test_the_schedule_counts_the_steps_of_the_images_left_after_the_held_out_one
     cfg = Config.from_dict({**load_preset("quality"), **small})
     recipe = speedrun.Recipe(cfg)
     assert len(recipe.train.labels) == 384 and seen == [1]
+
+
+# -- train.py's promises: one line for what the machine cannot run, strict JSON, diverged runs
+# reported as such (reliability round three) ------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["speedrun", "best"])
+def test_a_cuda_recipe_without_cuda_is_one_line_exit_2(monkeypatch, preset):
+    """The speedrun and best presets say --device cuda: without CUDA that is refused (never a
+    traceback, never silently moved to the CPU) before any data is loaded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("data loaded"))
+    code, out, err = run_script(["--preset", preset, "--runs", "1"])
+    assert code == 2 and err.count("\n") == 1, err[-3000:]
+    assert err.startswith("speedrun.py: error: --device cuda asked for, but no CUDA device")
+    assert "pass --device cpu (or auto)" in err and out == ""
+
+
+class Reached(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("seed", "runs", "refused"),
+    [(2**63 - 1, 1, False), (2**63 - 1, 2, True), (2**63 - 2, 2, False), (2**63 - 2, 3, True),
+     (2**63 - 10, 11, True), (2**63 - 10, 10, False), (0, 10, False)],
+)  # fmt: skip
+def test_every_seed_of_the_runs_stays_in_the_seed_range(monkeypatch, seed, runs, refused):
+    """Run k trains from --seed + k: the last must be at most 2**63 - 1, checked before training."""
+
+    def reached(cfg):
+        raise Reached(cfg.seed)
+
+    monkeypatch.setattr(speedrun, "Recipe", reached)
+    if refused:
+        code, out, err = run_script([*BASE, "--seed", str(seed), "--runs", str(runs)])
+        assert code == 2 and err.count("\n") == 1 and out == "", err
+        assert f"--seed {seed} with --runs {runs} runs seeds up to {seed + runs - 1}, beyond 2**63 - 1" in err
+    else:
+        with pytest.raises(Reached):
+            speedrun.main([*BASE, "--seed", str(seed), "--runs", str(runs)])
+
+
+def strict(line: str) -> dict[str, Any]:
+    """`line` parsed as strict JSON: NaN, Infinity and -Infinity are refused."""
+    return json.loads(line, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+
+
+def test_runs_that_diverge_are_reported_left_out_exit_3_and_the_json_stays_strict():
+    """A learning rate of 1e30 sends the weights to non-finite values in one step: each run is
+    marked diverged (its test loss null, not NaN), the mean has nothing left, exit 3."""
+    code, out, err = run_script([*BASE, "--runs", "2", "--lr", "1e30", "--json"])
+    assert code == 3, err[-3000:]
+    lines = out.strip().splitlines()
+    report = strict(lines[-1])
+    assert [r["diverged"] for r in report["runs"]] == [True, True]
+    assert all(r["test_loss"] is None for r in report["runs"])
+    assert report["test_acc_mean"] is None and report["test_acc_std"] is None and report["diverged"] == 2
+    assert [line for line in lines if line.startswith("run ")] == [
+        f"run {k}: seed {k} diverged ({report['runs'][k]['stop']}) train {report['runs'][k]['train_s']:.2f} s"
+        for k in range(2)
+    ]
+    assert lines[-2].startswith("test_acc n/a: all 2 runs diverged")
+    assert err.strip().splitlines()[-1] == "speedrun.py: error: 2 of 2 runs diverged (seeds 0, 1); exit 3"
+
+
+def test_a_diverged_run_among_good_ones_is_left_out_of_the_mean(monkeypatch):
+    """The second timed run's fit reports a non-finite loss: the mean and std are those of the
+    other runs, the run is listed as diverged, the exit status is 3."""
+    import dataclasses
+
+    real_fit, calls = speedrun.fit, []
+
+    def fit(*args, **kwargs):
+        result = real_fit(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # the warm-up, run 0, then run 1
+            return dataclasses.replace(
+                result, diverged=True, stop_reason="non-finite loss at step 1 (epoch 1)"
+            )
+        return result
+
+    monkeypatch.setattr(speedrun, "fit", fit)
+    code, out, err = run_script([*BASE, "--runs", "3", "--json"])
+    assert code == 3, err[-3000:]
+    lines = out.strip().splitlines()
+    report = strict(lines[-1])
+    assert [r["diverged"] for r in report["runs"]] == [False, True, False]
+    live = [report["runs"][0]["test_acc"], report["runs"][2]["test_acc"]]
+    assert report["test_acc_mean"] == statistics.mean(live) and report["test_acc_std"] == statistics.stdev(
+        live
+    )
+    assert report["diverged"] == 1
+    mean = MEAN_LINE.match(lines[-2].replace(" (1 diverged, left out)", ""))
+    assert mean and mean.group(1) == f"{statistics.mean(live):.4f}" and mean.group(3) == "2", lines[-2]
+    assert "run 1: seed 1 diverged (non-finite loss at step 1 (epoch 1))" in out
+    assert err.strip().splitlines()[-1] == "speedrun.py: error: 1 of 3 runs diverged (seeds 1); exit 3"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--ensemble", "1000"], "--ensemble 1000 needs about "),
+     (["--width", "100000"], "--width must be at most"),
+     (["--sweep", "lr=" + ",".join(["1e-3"] * 2000)], "--sweep has 2000 combinations")],
+    ids=["ensemble", "width-cap", "sweep-cap"],
+)  # fmt: skip
+def test_a_recipe_too_large_for_the_memory_is_one_line_exit_2(monkeypatch, argv, message):
+    from fashion_func.cli import budget
+
+    monkeypatch.setattr(budget, "available", lambda device: 24 << 30)
+    code, out, err = run_script([*BASE, "--runs", "1", *argv])
+    assert code == 2 and err.count("\n") == 1 and message in err, err[-3000:]
+    assert out == ""

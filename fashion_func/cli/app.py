@@ -24,8 +24,8 @@ from fashion_func import callbacks as cbs
 from fashion_func import checkpoint, data, distributed, ensemble, losses, models, optim, schedules
 from fashion_func import state as state_lib
 from fashion_func.augment import Augment
+from fashion_func.cli import budget, launch
 from fashion_func.cli import device as device_lib
-from fashion_func.cli import launch
 from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError, parse_sweep
 from fashion_func.cli.summary import summary
 from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, evaluate, fit
@@ -345,8 +345,12 @@ def train(
     group: data parallel under torchrun (`launch.process_group`): rank 0 writes the run
     directory, every rank trains on its slice of each global batch.
     """
+    device = group.device if group is not None else device_lib.resolve_device(cfg.device)
+    if group is None:  # before anything is allocated or written: caps, then the estimate
+        budget.check(cfg, device)
     with launch.open_run(cfg.out_dir, resume=resume, overwrite=overwrite, group=group) as run:
-        device = group.device if group is not None else device_lib.resolve_device(cfg.device)
+        if group is not None:  # here a refusal on one rank is announced to the others
+            budget.check(cfg, device)
         from_path = resume_lib.resume_path(run.path, resume)
         train_split, val_split, test_split = _splits(cfg, device)
         steps_per_epoch = data.num_batches(len(train_split.labels), cfg.batch_size)

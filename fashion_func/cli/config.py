@@ -25,6 +25,7 @@ from fashion_func.safeio import FileError, display, read_regular, short_repr
 __all__ = [
     "APPLIED",
     "KEYS",
+    "MAX_MEMBERS",
     "REFUSED",
     "RUN",
     "SPLIT",
@@ -51,6 +52,7 @@ COMPILE = ("auto", "on", "off", "update")
 MONITORS = ("val_loss", "val_acc", "train_loss", "train_acc")  # and val_top{K} / train_top{K}
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; /dev/zero must not fill memory
 MAX_SEED = 2**63 - 1  # seeds travel as int64 tensors and torch.Generator seeds
+MAX_MEMBERS = 1024  # models in one step (--ensemble, a sweep's combinations); memory is checked too
 
 
 def infer_mode(monitor: str) -> str | None:
@@ -507,6 +509,13 @@ def parse_sweep(text: str) -> list[dict[str, float]]:
         axes[name] = floats
     if not axes:
         raise ConfigError("--sweep is empty; give NAME=V1,V2,... (e.g. lr=1e-3,3e-4)")
+    # counted before the grid is built: 30,000 values on each of two axes are 9x10^8 members
+    count = math.prod(len(v) for v in axes.values())
+    if count > MAX_MEMBERS:
+        sizes = " x ".join(str(len(v)) for v in axes.values())
+        raise ConfigError(
+            f"--sweep has {count} combinations ({sizes}); at most {MAX_MEMBERS} members train at once"
+        )
     return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
 
 

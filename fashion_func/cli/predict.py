@@ -157,11 +157,26 @@ def _check_out_dir(out: Path, args: argparse.Namespace) -> None:
         raise UsageError("--out must not be empty")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise UsageError(f"--out {out} exists and is not a directory")
+    _check_creatable(out)
     for name in REPORT_FILES:
         try:
             check_output(out / name, overwrite=args.overwrite, inputs=args.weights, what="--out file")
         except FileError as e:
             raise UsageError(str(e)) from None
+
+
+def _check_creatable(out: Path) -> None:
+    """UsageError unless `out` can be created (or written): its nearest existing folder must be
+    a directory this process may write in. Checked before the test set is evaluated."""
+    existing = next(p for p in (out, *out.absolute().parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise UsageError(
+            f"--out {display(str(out))} cannot be created: {display(str(existing))} is not a directory"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"--out {display(str(out))} cannot be written: no permission to write in {display(str(existing))}"
+        )
 
 
 # -- evaluation ----------------------------------------------------------------------------------

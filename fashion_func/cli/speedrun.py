@@ -9,13 +9,18 @@ warm-up run whose time is reported separately; then run k trains from seed `--se
 own init, batch order and augmentation) on the training set and is measured once, at the end,
 on the test set. Training time excludes that measurement. Nothing is written to disk. With
 `--val-split N` the held-out images are left out of training (and not used: a speedrun has no
-model selection). Exit 2 with one line on a usage error.
+model selection). Exit 2 with one line on a usage error: a bad flag, a run too large for the
+device's memory (`cli.budget`), seeds `--seed .. --seed + N - 1` beyond 2**63 - 1, or
+`--device cuda` (the speedrun and best presets' setting) without a CUDA device: such a recipe is
+refused, never moved to the CPU behind the user's back; pass `--device cpu` (or `auto`) to run
+it here. A run whose loss or test measurement is not finite is reported as diverged, left out
+of the mean and std, and makes the exit status 3; `--json` is strict JSON (null, never NaN).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import statistics
 import sys
 import time
@@ -25,13 +30,13 @@ from typing import Any
 import torch
 
 from fashion_func import data
-from fashion_func.cli import app
+from fashion_func.cli import app, budget
 from fashion_func.cli import args as cli
 from fashion_func.cli import device as device_lib
-from fashion_func.cli.config import Config, ConfigError
+from fashion_func.cli.config import MAX_SEED, Config, ConfigError
 from fashion_func.cli.train import parse_train_args
-from fashion_func.loop import evaluate, fit
-from fashion_func.safeio import display
+from fashion_func.loop import RunError, evaluate, fit
+from fashion_func.safeio import display, strict_json
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +61,11 @@ class Recipe:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.device = device_lib.resolve_device(cfg.device)
+        try:
+            self.device = device_lib.resolve_device(cfg.device)
+        except RunError as exc:
+            raise cli.UsageError(f"{exc}; pass --device cpu (or auto) to run this recipe here") from None
+        budget.check(cfg, self.device)  # before the data and the model take any memory
         device_lib.configure(self.device, cfg.precision)
         train = data.load("train", cfg.data_dir, device=self.device, limit=cfg.limit_train)
         cut = len(train.labels) - cfg.val_split
@@ -91,8 +100,14 @@ class Recipe:
         test = data.batches(self.test, cfg.eval_batch_size, seed=0, epoch=1, shuffle=False)
         metrics = evaluate(self.eval_step, result.state, test)
         steps = int(result.state.step.reshape(-1)[0])
+        # a loss that went non-finite in training (fit stops), or weights that measure as NaN
+        finite = all(math.isfinite(metrics[k]) for k in ("val_acc", "val_loss"))
+        stop = (
+            result.stop_reason if finite or result.diverged else "non-finite test loss of the final weights"
+        )
         return {"seed": seed, "train_s": train_s, "test_acc": metrics["val_acc"],
-                "test_loss": metrics["val_loss"], "steps": steps, "stop": result.stop_reason}  # fmt: skip
+                "test_loss": metrics["val_loss"], "steps": steps, "stop": stop,
+                "diverged": result.diverged or not finite}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,6 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, _ = parse_train_args(["--preset", args.preset, *rest])
         if args.runs < 1:
             raise cli.UsageError(f"--runs must be at least 1, got {args.runs}")
+        if cfg.seed + args.runs - 1 > MAX_SEED:  # run k trains from seed + k
+            raise cli.UsageError(
+                f"--seed {cfg.seed} with --runs {args.runs} runs seeds up to {cfg.seed + args.runs - 1}, "
+                f"beyond 2**63 - 1; lower --seed to at most {MAX_SEED - args.runs + 1}"
+            )
         recipe = Recipe(cfg)
     except (cli.UsageError, ConfigError, data.DataError) as exc:
         print(f"speedrun.py: error: {display(str(exc))}", file=sys.stderr)
@@ -116,20 +136,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k in range(args.runs):
         r = recipe.run(cfg.seed + k)
         runs.append(r)
-        print(  # one line per run, as it finishes
-            f"run {k}: seed {r['seed']} test_acc {r['test_acc']:.4f} train {r['train_s']:.2f} s", flush=True
-        )
-    accs, times = [r["test_acc"] for r in runs], [r["train_s"] for r in runs]
-    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    print(f"test_acc {statistics.mean(accs):.4f} ± {std:.4f} over {len(runs)} runs; "
-          f"train {statistics.mean(times):.2f} s per run (max {max(times):.2f}); "
-          f"warm-up {warmup_s:.1f} s")  # fmt: skip
+        what = f"diverged ({r['stop']})" if r["diverged"] else f"test_acc {r['test_acc']:.4f}"
+        print(f"run {k}: seed {r['seed']} {what} train {r['train_s']:.2f} s", flush=True)  # as it ends
+    summary = _summary(runs)
+    print(_summary_line(summary, len(runs), warmup_s))
     if args.json:
-        summary = {"preset": args.preset, "device": _device_name(recipe.device), "warmup_s": warmup_s,
-                   "config": cfg.to_dict(), "runs": runs, "test_acc_mean": statistics.mean(accs),
-                   "test_acc_std": std, "train_s_mean": statistics.mean(times)}  # fmt: skip
-        print(json.dumps(summary))
+        print(strict_json({"preset": args.preset, "device": _device_name(recipe.device), "warmup_s": warmup_s,
+                           "config": cfg.to_dict(), "runs": runs, **summary}))  # fmt: skip
+    if summary["diverged"]:
+        print(f"speedrun.py: error: {summary['diverged']} of {len(runs)} runs diverged (seeds "
+              f"{', '.join(str(r['seed']) for r in runs if r['diverged'])}); exit {app.EXIT_DIVERGED}",
+              file=sys.stderr)  # fmt: skip
+        return app.EXIT_DIVERGED
     return 0
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean and std of the runs that did not diverge (None when none is left)."""
+    live = [r for r in runs if not r["diverged"]]
+    accs, times = [r["test_acc"] for r in live], [r["train_s"] for r in live]
+    return {
+        "test_acc_mean": statistics.mean(accs) if accs else None,
+        "test_acc_std": (statistics.stdev(accs) if len(accs) > 1 else 0.0) if accs else None,
+        "train_s_mean": statistics.mean(times) if times else None,
+        "train_s_max": max(times) if times else None,
+        "diverged": len(runs) - len(live),
+    }
+
+
+def _summary_line(s: dict[str, Any], n: int, warmup_s: float) -> str:
+    gone = f" ({s['diverged']} diverged, left out)" if s["diverged"] else ""
+    if s["test_acc_mean"] is None:
+        return f"test_acc n/a: all {n} runs diverged; warm-up {warmup_s:.1f} s"
+    live = n - s["diverged"]
+    return (f"test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over {live} runs{gone}; "
+            f"train {s['train_s_mean']:.2f} s per run (max {s['train_s_max']:.2f}); "
+            f"warm-up {warmup_s:.1f} s")  # fmt: skip
 
 
 def _device_name(device: torch.device) -> str:
