@@ -501,11 +501,11 @@ def test_stop_comes_after_the_epochs_checkpoints(tmp_path, monkeypatch):
     the plots are redrawn every epoch."""
     cfg = cfg_at(tmp_path / "run", MLP, epochs=5)
     drawn: list[list[int]] = []
-    from fashion_func.loop import rundir
+    from fashion_func.loop import plots
 
-    real_plot = rundir.plot_history
+    real_plot = plots.plot_history
     monkeypatch.setattr(
-        rundir,
+        plots,
         "plot_history",
         lambda records, out: (drawn.append([r["epoch"] for r in records]), real_plot(records, out)),
     )

@@ -1,25 +1,18 @@
 """`fit`: the only impure driver, a library function over the user's own objects.
 
 It runs the user's `train_step` over each epoch's batches, evaluates, sends events to the
-callbacks and carries out the actions they return (save a checkpoint, set the learning
-rate, write history and plots, log, stop). With a run directory, everything needed to
-continue after a restart goes into `checkpoints/last.safetensors`; without one it writes
-nothing.
+callbacks and carries out the actions they return (`actions`). With a run directory,
+everything needed to continue after a restart goes into `checkpoints/last.safetensors`;
+without one it writes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
-import itertools
 import logging
-import signal
-import statistics
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,28 +21,20 @@ import torch
 from torch import Tensor
 
 from fashion_func import callbacks as cbs
-from fashion_func import checkpoint, optim
+from fashion_func import checkpoint
 from fashion_func.loop import collective as coll
 from fashion_func.loop import resume as resume_lib
-from fashion_func.loop import rundir
+from fashion_func.loop.actions import Actions
+from fashion_func.loop.artifacts import LAST
+from fashion_func.loop.batches import Data, epoch_batches, num_batches
 from fashion_func.loop.collective import Collective
-from fashion_func.loop.rundir import BEST, LAST, RunDir, RunError
+from fashion_func.loop.errors import RunError
+from fashion_func.loop.reduce import evaluate, expand_members, sum_over_ranks, to_host, train_metrics
+from fashion_func.loop.rundir import RunDir
+from fashion_func.loop.signals import Interrupted, signals_to_flag
 from fashion_func.state import TrainState
 
 __all__ = ["FitResult", "Interrupted", "epoch_batches", "evaluate", "expand_members", "fit"]
-
-Data = Iterable[Any] | Callable[..., Iterable[Any]]
-
-
-class Interrupted(Exception):
-    """SIGINT / SIGTERM arrived; the state was saved. `code` is the exit status to use."""
-
-    def __init__(self, signum: int, path: Path, *, saved: bool = True) -> None:
-        self.signum = signum
-        self.path = path
-        self.code = 128 + signum
-        what = "state saved to" if saved else "diverged state not saved; the last good one is in"
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; {what} {path}")
 
 
 @dataclass
@@ -66,176 +51,9 @@ class FitResult:
     diverged: bool = False  # stopped by a non-finite loss or non-finite parameters
 
 
-# -- data ------------------------------------------------------------------------------------
-
-
-def _accepts_start(fn: Callable[..., Any]) -> bool:
-    try:
-        return "start" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def epoch_batches(source: Data, epoch: int, start: int = 0) -> Iterator[Any]:
-    """The batches of `epoch` from batch `start` on.
-
-    `source` is a function `epoch -> iterable` (given `start=` too when it takes it, as
-    `data.EpochBatches` does; otherwise the first `start` batches are drawn and dropped),
-    or an iterable run through once per epoch (a `DataLoader`, a list of batches).
-    """
-    skip = start
-    if callable(source) and not hasattr(source, "__iter__"):
-        if _accepts_start(source):
-            it, skip = source(epoch, start=start), 0
-        else:
-            it = source(epoch)
-    else:
-        it = source
-    it = iter(it)
-    return itertools.islice(it, skip, None) if skip else it
-
-
-def _num_batches(source: Data) -> int | None:
-    try:
-        return len(source)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def evaluate(
-    eval_step: Callable[..., Mapping[str, Tensor]],
-    state: Any,
-    batches: Iterable[Any],
-    *,
-    group: Collective | None = None,
-) -> dict[str, float]:
-    """Validation metrics over `batches`, one host sync at the end.
-
-    `eval_step(state, batch)` returns per-example tensors (as `make_eval_step`'s): the mean
-    of `loss` is `val_loss`, of `correct` `val_acc`, of `topk_correct` `val_top{k}` (k from
-    `eval_step.topk`, default 5). `state` is a TrainState or what the eval step takes.
-    group: each rank evaluated its own part of the data; the sums and counts are added
-    over the ranks, so every rank gets the same numbers (every rank needs a batch).
-    """
-    own = {
-        "loss": "val_loss",
-        "correct": "val_acc",
-        "topk_correct": f"val_top{getattr(eval_step, 'topk', 5)}",
-    }
-    names = {**own, **{f"member_{k}": v for k, v in own.items()}}  # an ensemble's members: [K, B]
-    sums: dict[str, Tensor] = {}
-    count = 0
-    for batch in batches:
-        out = eval_step(state, batch)
-        count += int(out["loss"].shape[-1])  # a shape: no sync
-        for key in names:
-            if key in out:
-                part = out[key].double().sum(-1)
-                sums[key] = part if key not in sums else sums[key] + part
-    if group is not None and sums:  # this rank's part: the sums and the count added over the ranks
-        anchor = next(iter(sums.values()))
-        sums = _sum_over_ranks(group, {**sums, "_count": anchor.new_tensor(float(count))})
-    values = _to_host(sums)  # the one sync
-    count = int(values.pop("_count", count))
-    scalars = {names[k]: v / count for k, v in values.items() if k in own}
-    members = {names[k]: [x / count for x in v] for k, v in values.items() if k not in own}
-    return expand_members(members, scalars)
-
-
-def _to_host(tensors: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Floats (0-d tensors) and lists of floats (one per member, [K]) in one host sync."""
-    if not tensors:
-        return {}
-    flat = torch.cat([t.double().reshape(-1) for t in tensors.values()]).tolist()
-    out: dict[str, Any] = {}
-    i = 0
-    for k, t in tensors.items():
-        n = t.numel()
-        out[k] = flat[i] if t.dim() == 0 else flat[i : i + n]
-        i += n
-    return out
-
-
-def _sum_over_ranks(group: Collective | None, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """`tensors` added over the ranks in one collective (unchanged without a group)."""
-    if group is None or not tensors:
-        return dict(tensors)
-    total = group.sum(torch.cat([t.double().reshape(-1) for t in tensors.values()]))
-    out, i = {}, 0
-    for k, t in tensors.items():
-        out[k] = total[i : i + t.numel()].reshape(t.shape)
-        i += t.numel()
-    return out
-
-
-def expand_members(
-    members: Mapping[str, Sequence[float]], own: Mapping[str, float] | None = None
-) -> dict[str, float]:
-    """Flat metrics from per-member lists: `x` -> `x_m0, x_m1, ...`, `x_mean`, `x_std` (sample
-    standard deviation over members, 0 for one member), and `x` itself: the ensemble's own
-    value where `own` has it (validation of the averaged prediction), else the members' mean."""
-    out = dict(own or {})
-    for name, values in members.items():
-        vals = list(values)
-        out.setdefault(name, statistics.fmean(vals))
-    for name, values in members.items():
-        vals = list(values)
-        out[f"{name}_mean"] = statistics.fmean(vals)
-        out[f"{name}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        out.update({f"{name}_m{k}": v for k, v in enumerate(vals)})
-    return out
-
-
 def _host_step(step: Tensor) -> int:
     """The step as an int; an ensemble's members all stand at the same step."""
     return int(step.reshape(-1)[0])
-
-
-# -- the driver --------------------------------------------------------------------------------
-
-
-def _train_metrics(sums: Mapping[str, Any], steps: int) -> dict[str, float]:
-    """Epoch means from summed step metrics: `loss_sum` -> train_loss, `correct` -> train_acc,
-    `top5_correct` -> train_top5, `x_sum` -> train_x, anything else -> train_<key>; per
-    example when `count` is given. Per-member sums (lists, from an ensemble step) become
-    per-member means, expanded by `expand_members`."""
-    count = sums.get("count", steps) or 1
-    denom = count[0] if isinstance(count, list) else count  # members see the same batches
-    scalars: dict[str, float] = {}
-    members: dict[str, list[float]] = {}
-    for k, v in sums.items():
-        if k in ("count", "first_bad"):
-            continue
-        name = "train_" + ("acc" if k == "correct" else k.removesuffix("_sum").removesuffix("_correct"))
-        if isinstance(v, list):
-            members[name] = [x / denom for x in v]
-        else:
-            scalars[name] = v / denom
-    order = {"train_loss": 0, "train_acc": 1}
-    scalars = dict(sorted(scalars.items(), key=lambda kv: order.get(kv[0], 2)))
-    members = dict(sorted(members.items(), key=lambda kv: order.get(kv[0], 2)))
-    return expand_members(members, scalars)
-
-
-@contextlib.contextmanager
-def _signals_to_flag(enabled: bool) -> Iterator[dict[str, int | None]]:
-    """SIGINT/SIGTERM set a flag the loop checks after each step (the step finishes first)."""
-    flag: dict[str, int | None] = {"signum": None}
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        flag["signum"] = signum
-
-    # an inherited ignore (`cmd &` in a script starts with SIGINT ignored) is the caller's choice: keep it
-    kept = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
-    old = {s: signal.signal(s, handler) for s in kept}
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 class _NoBar:
@@ -266,19 +84,7 @@ def _params_and_buffers(state: TrainState) -> dict[str, Tensor]:
     return {**state.params, **state.model_state}
 
 
-_FILE_ACTIONS = (cbs.LogScalars, cbs.WriteHistory, cbs.PlotHistory, cbs.DeleteCheckpoint)
-
-
-def _no_reason(write: Callable[[Any], Any]) -> Callable[[Any, int, bool], None]:
-    """A handler that carries out an action and never stops the run, whatever `write` returns."""
-
-    def handler(a: Any, epoch: int, finite: bool) -> None:
-        write(a)
-
-    return handler
-
-
-class _Driver:
+class _Driver(Actions):
     """One call of `fit`: the mutable run (state, callback states, lr, history) and the
     methods that move it on. Small methods over shared fields instead of nested closures."""
 
@@ -336,106 +142,6 @@ class _Driver:
         self.log.info(f"saved {path} (step {_host_step(self.state.step)})")
         return path
 
-    def _weights_path(self, kind: str, epoch: int, member: int | None) -> Path | None:
-        if self.run is None:
-            return None
-        folder = self.run.checkpoints if member is None else self.run.checkpoints / f"member-{member:02d}"
-        return folder / (BEST if kind == "best" else f"epoch-{epoch:03d}.safetensors")
-
-    def _record_best(self, epoch: int, monitor: str | None, value: float | None, member: int | None) -> None:
-        path = self._weights_path("best", epoch, member)
-        record = {"epoch": epoch, "monitor": monitor, "value": value, "path": str(path) if path else None}
-        if member is None:
-            self.best = record
-        else:
-            self.member_best[member] = record
-
-    def _save_weights(self, a: cbs.SaveCheckpoint) -> None:
-        if a.kind == "best":
-            self._record_best(a.epoch, a.monitor, a.value, a.member)
-        path = self._weights_path(a.kind, a.epoch, a.member)
-        if path is None:
-            return
-        weights = self.weights_of(self.state)
-        meta = {**self.metadata, "epoch": a.epoch, "monitor": a.monitor, "value": a.value}
-        if a.member is not None:  # one member of an ensemble: a plain single-model file
-            rundir.member_folder(path.parent.parent, a.member)
-            weights = {k: v[a.member] for k, v in weights.items()}
-            meta["member"] = a.member
-        checkpoint.save_weights(path, weights, metadata=meta)
-        self.log.info(f"saved {path} ({a.monitor} {a.value})")
-
-    # -- events and actions --------------------------------------------------------------------
-
-    def dispatch(self, event: Any, epoch: int, finite: bool = True) -> str | None:
-        """Send `event` to the callbacks, then carry out their actions; a stop reason or None.
-
-        With a run directory every finished epoch ends in last.safetensors (exact resume
-        whatever the callbacks): written here when no callback asked for it.
-        """
-        self.cb_states, actions = cbs.dispatch(self.callbacks, self.cb_states, event)
-        if self.run is not None and isinstance(event, cbs.EpochEnd):
-            if not any(isinstance(a, cbs.SaveCheckpoint) and a.kind == "last" for a in actions):
-                actions = [*actions, cbs.SaveCheckpoint("last", event.epoch)]
-        return self.carry_out(actions, epoch, finite)
-
-    def carry_out(self, actions: list[Any], epoch: int, finite: bool) -> str | None:
-        """Apply actions in list order, except hyperparameters first and Stop last; each
-        action type has one handler (`_handlers`), and file-writing ones run only with a
-        run directory.
-
-        List order matters: ModelCheckpoint saves a newcomer before deleting the file it
-        evicts and writes "last" after everything else, so a crash in between never loses a
-        kept file nor records an unwritten one. Hyperparameters go first so that a checkpoint
-        written for this event holds the lr its callback states already record.
-        """
-        order = {cbs.SetHyperparam: 0, cbs.Stop: 2}
-        reason = None
-        for a in sorted(actions, key=lambda a: order.get(type(a), 1)):  # stable: list order kept
-            handler = self._handlers.get(type(a))
-            if handler is None:
-                raise TypeError(
-                    f"fit cannot carry out {a!r}: not one of the actions of fashion_func.callbacks"
-                )
-            reason = handler(a, epoch, finite) or reason
-        return reason
-
-    @functools.cached_property
-    def _handlers(self) -> dict[type, Callable[[Any, int, bool], str | None]]:
-        """One handler per action type: `(action, epoch, finite) -> stop reason or None`."""
-        handlers: dict[type, Callable[[Any, int, bool], str | None]] = {
-            cbs.Stop: lambda a, epoch, finite: a.reason,
-            cbs.SetHyperparam: _no_reason(self._set_hyperparam),
-            cbs.LogMessage: _no_reason(lambda a: self.log.info(a.text)),
-            cbs.SaveCheckpoint: self._save,
-            cbs.KeptBest: _no_reason(lambda a: self._record_best(a.epoch, a.monitor, a.value, a.member)),
-        }
-        run = self.run
-        if run is None:  # the actions that only write files: nothing to do without a run directory
-            return {**handlers, **dict.fromkeys(_FILE_ACTIONS, lambda a, epoch, finite: None)}
-        writers: dict[type, Callable[[Any], Any]] = {
-            cbs.LogScalars: lambda a: run.log_scalars(dict(a.scalars), a.step, purge_step=self.start_epoch),
-            cbs.WriteHistory: lambda a: run.write_json("history.json", [dict(r) for r in a.records]),
-            cbs.PlotHistory: lambda a: rundir.plot_history(a.records, run.path),
-            cbs.DeleteCheckpoint: lambda a: self._weights_path("epoch", a.epoch, a.member).unlink(
-                missing_ok=True
-            ),
-        }
-        return {**handlers, **{t: _no_reason(w) for t, w in writers.items()}}
-
-    def _set_hyperparam(self, a: cbs.SetHyperparam) -> None:
-        self.state = self.state.replace(opt_state=optim.set_hyperparam(self.state.opt_state, a.name, a.value))
-        if a.name == "lr":
-            self.lr = float(a.value)
-
-    def _save(self, a: cbs.SaveCheckpoint, epoch: int, finite: bool) -> None:
-        if not finite:
-            self.log.warning(f"not saving {a.kind} checkpoint for epoch {epoch}: parameters are not finite")
-        elif a.kind == "last":
-            self.save_last(epoch)
-        else:
-            self._save_weights(a)
-
     # -- epochs --------------------------------------------------------------------------------
 
     def _begin_epoch(self, epoch: int) -> _Epoch:
@@ -462,7 +168,7 @@ class _Driver:
             return _NoBar()
         from tqdm import tqdm
 
-        return tqdm(total=_num_batches(self.train_data), initial=ep.first_batch, leave=False, unit="step",
+        return tqdm(total=num_batches(self.train_data), initial=ep.first_batch, leave=False, unit="step",
                     desc=f"epoch {ep.epoch}/{self.epochs}", file=sys.stderr, dynamic_ncols=True)  # fmt: skip
 
     def train_epoch(self, epoch: int) -> bool:
@@ -542,13 +248,11 @@ class _Driver:
 
     def _end_epoch(self, ep: _Epoch, steps: int) -> None:
         # the epoch's sums (over all ranks, once per epoch, with a group), in one sync
-        sums = _to_host(
-            {**_sum_over_ranks(self.group, ep.sums), "first_bad": self._first_bad(ep).reshape(())}
-        )
+        sums = to_host({**sum_over_ranks(self.group, ep.sums), "first_bad": self._first_bad(ep).reshape(())})
         bad = int(sums.pop("first_bad"))
         train_time = ep.elapsed()
         finite = bad < 0 and self._params_finite()
-        metrics: dict[str, Any] = _train_metrics(sums, max(steps, 1))
+        metrics: dict[str, Any] = train_metrics(sums, max(steps, 1))
         if self.eval_step is not None and self.val_data is not None:
             batches = epoch_batches(self.val_data, ep.epoch)
             metrics.update(evaluate(self.eval_step, self.state, batches, group=self.group))
@@ -603,7 +307,7 @@ class _Driver:
     def run_epochs(self) -> FitResult:
         # Handlers go in before TrainBegin logs "training epochs": from that line on, a
         # signal is always honoured after the current step.
-        with _signals_to_flag(self.run is not None or self.group is not None) as self.flag:
+        with signals_to_flag(self.run is not None or self.group is not None) as self.flag:
             reason = self.dispatch(cbs.TrainBegin(start_epoch=self.start_epoch, total_epochs=self.epochs), 0)
             if reason:
                 self.stop_reason = reason
