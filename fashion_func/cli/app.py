@@ -22,7 +22,7 @@ from fashion_func import checkpoint, data, distributed, ensemble, losses, models
 from fashion_func import state as state_lib
 from fashion_func.augment import Augment
 from fashion_func.cli import device as device_lib
-from fashion_func.cli import launch
+from fashion_func.cli import launch, words
 from fashion_func.cli.config import SWEEPABLE, Config, ConfigError, parse_sweep
 from fashion_func.cli.summary import summary
 from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, evaluate, fit
@@ -496,7 +496,7 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> 
         print(f"train.py: {_interrupted(exc, group)}", file=sys.stderr)
         return exc.code
     except (RunError, data.DataError, checkpoint.CheckpointError, ConfigError, distributed.WorldError) as exc:
-        print(f"train.py: error: {display(str(exc))}", file=sys.stderr)
+        print(f"train.py: error: {display(words.message(exc))}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         if group is None or not _peer_failure(exc):

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from fashion_func import checkpoint, interop
+from fashion_func.cli import words
 from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version
 from fashion_func.safeio import FileError, check_output, display
 
@@ -100,9 +101,9 @@ def export(
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     try:
-        check_output(out, overwrite=overwrite, inputs=[weights], suffixes=SUFFIXES[fmt])
+        check_output(out, overwrite=overwrite, inputs=[weights], suffixes=SUFFIXES[fmt], what="--out")
     except FileError as e:
-        raise ValueError(str(e)) from None
+        raise ValueError(words.message(e)) from None
     loaded, params, metadata = interop.load_weights_file(weights, model)
     meta: dict[str, Any] = {"model": loaded.name, "source": str(weights)}
     for key in ("epoch", "config"):
@@ -136,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
     except (UsageError, checkpoint.CheckpointError, ValueError, OSError, ImportError) as e:
-        print(display(" ".join(f"export.py: error: {e}".split())), file=sys.stderr)
+        print(display(" ".join(f"export.py: error: {words.message(e)}".split())), file=sys.stderr)
         return EXIT_USAGE
     line = f"wrote {summary['out']}: {summary['model']} weights ({summary['tensors']} tensors), {args.format}"
     with contextlib.suppress(BrokenPipeError):

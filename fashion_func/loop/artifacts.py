@@ -109,7 +109,7 @@ def lstat(path: Path) -> os.stat_result | None:
 
 
 def removable(out: Path) -> list[Path]:
-    """What `--overwrite` deletes: the files a run writes, found without following any link.
+    """What `overwrite=True` deletes: the files a run writes, found without following any link.
 
     RunError, before anything is deleted, for a symbolic link or a file of another kind
     under a name a run writes.
@@ -123,7 +123,7 @@ def removable(out: Path) -> list[Path]:
         if name in ("checkpoints", "tensorboard"):
             if not stat.S_ISDIR(st.st_mode):
                 raise RunError(
-                    f"--overwrite: {display(p)} is {describe(st.st_mode)}, not the run's folder; remove it"
+                    kind="overwrite_refused", path=p, what=f"{describe(st.st_mode)}, not the run's folder"
                 )
             pattern = _WEIGHT_FILE if name == "checkpoints" else _EVENTS_FILE
             if name == "checkpoints":
@@ -132,15 +132,13 @@ def removable(out: Path) -> list[Path]:
                 if pattern.fullmatch(child.name) or our_temp(p, child.name):
                     cst = child.lstat()
                     if not stat.S_ISREG(cst.st_mode):
-                        raise RunError(f"--overwrite: {display(child)} is {describe(cst.st_mode)}; remove it")
+                        raise RunError(kind="overwrite_refused", path=child, what=describe(cst.st_mode))
                     found.append(child)
             found.append(p)  # removed at the end if nothing of the user's is left in it
         elif stat.S_ISREG(st.st_mode):
             found.append(p)
         else:
-            raise RunError(
-                f"--overwrite: {display(p)} is {describe(st.st_mode)}, not a run's file; remove it"
-            )
+            raise RunError(kind="overwrite_refused", path=p, what=f"{describe(st.st_mode)}, not a run's file")
     return found
 
 
@@ -152,13 +150,11 @@ def _removable_members(checkpoints: Path) -> list[Path]:
             continue
         st = folder.lstat()
         if not stat.S_ISDIR(st.st_mode):
-            raise RunError(f"--overwrite: {display(folder)} is {describe(st.st_mode)}; remove it")
+            raise RunError(kind="overwrite_refused", path=folder, what=describe(st.st_mode))
         for child in sorted(folder.iterdir()):
             if _WEIGHT_FILE.fullmatch(child.name) or our_temp(folder, child.name):
                 if not stat.S_ISREG(child.lstat().st_mode):
-                    raise RunError(
-                        f"--overwrite: {display(child)} is {describe(child.lstat().st_mode)}; remove it"
-                    )
+                    raise RunError(kind="overwrite_refused", path=child, what=describe(child.lstat().st_mode))
                 found.append(child)
         found.append(folder)  # removed if nothing of the user's is left in it
     return found
@@ -182,10 +178,7 @@ def refuse_links(out: Path) -> None:
     for path in [*(out / name for name in RUN_ARTIFACTS), *members]:
         st = lstat(path)
         if st is not None and stat.S_ISLNK(st.st_mode):
-            raise RunError(
-                f"{display(path)} is a symbolic link; a run never follows links out of its "
-                "directory: remove it or use another --out"
-            )
+            raise RunError(kind="link", path=path)
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,11 @@ from fashion_func.loop.actions import Actions
 from fashion_func.loop.artifacts import LAST
 from fashion_func.loop.batches import Data, epoch_batches, num_batches
 from fashion_func.loop.collective import Collective
-from fashion_func.loop.errors import RunError
+from fashion_func.loop.errors import NOTES, RunError
 from fashion_func.loop.reduce import evaluate, expand_members, sum_over_ranks, to_host, train_metrics
 from fashion_func.loop.rundir import RunDir
 from fashion_func.loop.signals import Interrupted, signals_to_flag
+from fashion_func.safeio import Note
 from fashion_func.state import TrainState
 
 __all__ = ["FitResult", "Interrupted", "epoch_batches", "evaluate", "expand_members", "fit"]
@@ -240,9 +241,7 @@ class _Driver(Actions):
             self.stop_reason = f"max_steps {self.max_steps} reached"
             return
         if self.run is not None:
-            self.log.info(
-                f"interrupted: resume with --resume auto --out {self.run.path} (or --resume {path})"
-            )
+            self.log.info(Note(NOTES, "interrupted", out=self.run.path, path=path))
             self.run.close_tensorboard()
         raise Interrupted(self.flag["signum"], path or Path("."), saved=saved)
 

@@ -56,10 +56,7 @@ class Lock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise RunError(
-                f"run directory {display(out)} is in use by process {self.previous or '(unknown)'}; "
-                "wait for it to finish or use another --out"
-            ) from None
+            raise RunError(kind="in_use", out=out, pid=self.previous or "(unknown)") from None
 
     def claim(self) -> None:
         """Record our pid (the directory was accepted as a run directory)."""

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from fashion_func import checkpoint, optim
-from fashion_func.loop.rundir import LAST, RunError
+from fashion_func.loop.artifacts import LAST
+from fashion_func.loop.errors import RunError
 from fashion_func.safeio import describe, display, short_repr
 from fashion_func.state import TrainState
 
@@ -58,9 +59,9 @@ def resume_path(out: Path, resume: str | Path | None) -> Path | None:
     try:
         mode = os.stat(p).st_mode
     except OSError:
-        raise RunError(f"--resume {display(str(resume))}: no such checkpoint file") from None
+        raise RunError(kind="no_checkpoint", resume=str(resume)) from None
     if not stat.S_ISREG(mode):
-        raise RunError(f"--resume {display(str(resume))}: not a regular file ({describe(mode)})")
+        raise RunError(kind="checkpoint_not_regular", resume=str(resume), what=describe(mode))
     return p
 
 
@@ -269,7 +270,4 @@ def check_same_batches(in_epoch: Mapping[str, Any], batching: Mapping[str, Any] 
     now = dict(batching)
     if saved != now:
         diff = ", ".join(f"{k} {saved.get(k)} (now {now.get(k)})" for k in now if saved.get(k) != now.get(k))
-        raise RunError(
-            f"the checkpoint was cut mid-epoch with {diff}; resume with the same batches "
-            "(--batch-size, --limit-train and --seed)"
-        )
+        raise RunError(kind="other_batches", diff=diff)

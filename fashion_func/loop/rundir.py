@@ -85,10 +85,7 @@ def _claim_directory(out: Path) -> None:
         return
     others = [p.name for p in out.iterdir() if p.name != LOCK and not our_temp(out, p.name)]
     if others and not _looks_like_legacy_run(out):
-        raise RunError(
-            f"--out {display(out)} holds files that are not a fashion_func run's (no {MARKER} marker); "
-            "use a new or empty directory"
-        )
+        raise RunError(kind="not_ours", out=out, marker=MARKER)
     identity = {"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(marker, identity)
 
@@ -117,17 +114,11 @@ def prepare_out_dir(out: Path, *, resume: Any, overwrite: bool) -> None:
     elsewhere = _resumes_elsewhere(out, resume)
     if existing and elsewhere:
         if not overwrite:
-            raise RunError(
-                f"run directory {display(out)} already holds another run; --resume {display(str(resume))} "
-                "continues only in its own run directory or a new --out (or pass --overwrite)"
-            )
+            raise RunError(kind="resumes_elsewhere", out=out, resume=str(resume))
         if Path(resume).resolve().is_relative_to(out.resolve()):
-            raise RunError(f"--overwrite would delete {display(str(resume))}, the checkpoint being resumed")
+            raise RunError(kind="overwrite_resumed", resume=str(resume))
     if existing and not resume and not overwrite:
-        raise RunError(
-            f"run directory {display(out)} already holds a run; "
-            "pass --resume auto to continue it or --overwrite"
-        )
+        raise RunError(kind="holds_run", out=out)
     if overwrite and (not resume or elsewhere):
         remove(removable(out))
     try:
@@ -178,9 +169,9 @@ class RunDir:
         """
         out = Path(path)
         if out.resolve() == Path(out.anchor or "/").resolve():
-            raise RunError(f"--out {display(out)} is the root directory; give a run directory of its own")
+            raise RunError(kind="root", out=out)
         if out.exists() and not out.is_dir():
-            raise RunError(f"--out {display(out)} exists and is not a directory")
+            raise RunError(kind="not_a_directory", out=out)
         created = _missing_parents(out)
         try:
             out.mkdir(parents=True, exist_ok=True)
