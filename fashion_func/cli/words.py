@@ -35,6 +35,7 @@ WORDS: dict[str, str] = {
     "in its own run directory or a new --out (or pass --overwrite)",
     "overwrite_resumed": "--overwrite would delete {resume}, the checkpoint being resumed",
     "holds_run": "run directory {out} already holds a run; pass --resume auto to continue it or --overwrite",
+    "wrong_kind": "{path} is {what}, not {expected} as a run writes there; remove it or use another --out",
     "root": "--out {out} is the root directory; give a run directory of its own",
     "not_a_directory": "--out {out} exists and is not a directory",
     "no_checkpoint": "--resume {resume}: no such checkpoint file",

@@ -15,6 +15,7 @@ from fashion_func.safeio import describe, display
 
 __all__ = [
     "BEST",
+    "FOLDERS",
     "LAST",
     "MARKER",
     "RUN_ARTIFACTS",
@@ -31,6 +32,8 @@ __all__ = [
 
 LAST = "last.safetensors"
 BEST = "best.safetensors"
+# Every file and folder a run writes into its directory (the library's and its clients'):
+# checked before training starts, removed by `overwrite`; `RunDir` writes no other name.
 RUN_ARTIFACTS = (
     "config.json",
     "train.log",
@@ -41,7 +44,9 @@ RUN_ARTIFACTS = (
     "tensorboard",
     "checkpoints",
     "members.json",
+    "test.json",
 )
+FOLDERS = frozenset({"tensorboard", "checkpoints"})  # the artifacts that are folders
 
 
 MARKER = ".fashion-func-run"  # JSON {"run_id": ..., "created": ...}: this directory is a run's
@@ -102,9 +107,11 @@ def member_folder(checkpoints: Path, member: int) -> Path:
 
 
 def lstat(path: Path) -> os.stat_result | None:
+    """`path`'s own status (a link not followed), or None when there is nothing there (also
+    when a parent is a file: `checkpoints` as a file has no `checkpoints/last.safetensors`)."""
     try:
         return os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
@@ -170,7 +177,8 @@ def remove(paths: Sequence[Path]) -> None:
 
 
 def refuse_links(out: Path) -> None:
-    """A run's files are never reached through a symbolic link (it could lead out of `out`)."""
+    """A run's files are never reached through a symbolic link (it could lead out of `out`), and
+    each is what a run writes there: a regular file, or a folder for `FOLDERS` (RunError)."""
     checkpoints = out / "checkpoints"
     members = [] if lstat(checkpoints) is None or checkpoints.is_symlink() or not checkpoints.is_dir() else [
         p for p in checkpoints.iterdir() if _MEMBER_DIR.fullmatch(p.name)
@@ -179,6 +187,10 @@ def refuse_links(out: Path) -> None:
         st = lstat(path)
         if st is not None and stat.S_ISLNK(st.st_mode):
             raise RunError(kind="link", path=path)
+        folder = path.name in FOLDERS or path.parent != out
+        if st is not None and not (stat.S_ISDIR if folder else stat.S_ISREG)(st.st_mode):
+            expected = "a folder" if folder else "a regular file"
+            raise RunError(kind="wrong_kind", path=path, what=describe(st.st_mode), expected=expected)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ class RunError(Worded):
         "overwrite_resumed": "overwrite=True would delete {resume}, the checkpoint being resumed",
         "holds_run": "run directory {out} already holds a run; "
         'pass resume="auto" to continue it or overwrite=True',
+        "wrong_kind": "{path} is {what}, not {expected} as a run writes there; "
+        "remove it or use another run_dir",
         "root": "run_dir {out} is the root directory; give a run directory of its own",
         "not_a_directory": "run_dir {out} exists and is not a directory",
         "no_checkpoint": "resume={resume}: no such checkpoint file",

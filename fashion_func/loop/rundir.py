@@ -20,6 +20,7 @@ from typing import Any
 from fashion_func import atomic, checkpoint
 from fashion_func.loop.artifacts import (
     BEST,
+    FOLDERS,
     LAST,
     MARKER,
     RUN_ARTIFACTS,
@@ -218,13 +219,19 @@ class RunDir:
             close_logger(run.log)
 
     def write_json(self, name: str, obj: Any) -> None:
-        """`<run>/<name>` as JSON, atomically."""
-        write_json(self.path / name, obj)
+        """`<run>/<name>` as JSON, atomically; `name` is one of `RUN_ARTIFACTS`."""
+        write_json(self._artifact(name), obj)
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        """`<run>/<name>`, atomically (RunError when it cannot be)."""
+        """`<run>/<name>`, atomically (RunError when it cannot be); `name` is one of `RUN_ARTIFACTS`."""
         with writing():
-            atomic.write_bytes(self.path / name, data, what="run file")
+            atomic.write_bytes(self._artifact(name), data, what="run file")
+
+    def _artifact(self, name: str) -> Path:
+        # a name outside the list would be neither checked at start nor removed by overwrite
+        if name not in RUN_ARTIFACTS or name in FOLDERS:
+            raise ValueError(f"{name!r} is not one of the files a run writes (loop.RUN_ARTIFACTS)")
+        return self.path / name
 
     def tensorboard(self, purge_step: int) -> Any:
         """The run's TensorBoard `SummaryWriter` (`<run>/tensorboard`), made on first use.
