@@ -59,17 +59,25 @@ def build_optimizer(cfg: Config, steps_per_epoch: int | None = None) -> optim.Gr
     parts = [tx]
     if cfg.clip_norm is not None:
         parts.insert(0, optim.clip_by_global_norm(cfg.clip_norm))
-    if cfg.lr_schedule == "onecycle":
-        if steps_per_epoch is None:
-            raise ValueError("--lr-schedule onecycle needs the number of steps per epoch")
-        total = max(1, cfg.epochs * steps_per_epoch)
-        # a warm-up of nearly every epoch can round up to every step: the peak comes at the last
-        warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
-        parts.append(optim.scale_by_schedule(schedules.triangle(total, warmup)))
+    schedule = lr_schedule(cfg, steps_per_epoch)
+    if schedule is not None:
+        parts.append(optim.scale_by_schedule(schedule))
     if cfg.ema is not None:
         parts.append(optim.ema(cfg.ema))
     # one transform stays unwrapped: the state's layout (and old checkpoints) unchanged
     return parts[0] if len(parts) == 1 else optim.chain(*parts)
+
+
+def lr_schedule(cfg: Config, steps_per_epoch: int | None) -> Any:
+    """The per-step lr multiplier the config asks for (onecycle's triangle), or None."""
+    if cfg.lr_schedule != "onecycle":
+        return None
+    if steps_per_epoch is None:
+        raise ValueError("--lr-schedule onecycle needs the number of steps per epoch")
+    total = max(1, cfg.epochs * steps_per_epoch)
+    # a warm-up of nearly every epoch can round up to every step: the peak comes at the last
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    return schedules.triangle(total, warmup)
 
 
 def build_model(cfg: Config) -> models.Model:
@@ -340,6 +348,7 @@ def train(
             metadata=_metadata(cfg, model),
             max_steps=max_steps,
             progress=cfg.progress,
+            lr_schedule=lr_schedule(cfg, steps_per_epoch),
         )
         if _stacked(cfg):
             _write_members_table(cfg, result, run)

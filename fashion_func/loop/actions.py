@@ -43,7 +43,6 @@ class Actions:
     best: dict[str, Any] | None
     member_best: dict[int, dict[str, Any]]
     weights_of: Callable[[Any], dict[str, Any]]
-    lr: Any
 
     def save_last(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> Path | None:
         raise NotImplementedError
@@ -137,8 +136,6 @@ class Actions:
 
     def _set_hyperparam(self, a: cbs.SetHyperparam) -> None:
         self.state = self.state.replace(opt_state=optim.set_hyperparam(self.state.opt_state, a.name, a.value))
-        if a.name == "lr":
-            self.lr = float(a.value)
 
     def _save(self, a: cbs.SaveCheckpoint, epoch: int, finite: bool) -> None:
         if not finite:

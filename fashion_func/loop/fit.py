@@ -29,6 +29,7 @@ from fashion_func.loop.artifacts import LAST
 from fashion_func.loop.batches import Data, epoch_batches, num_batches
 from fashion_func.loop.collective import Collective
 from fashion_func.loop.errors import NOTES, RunError
+from fashion_func.loop.lr import applied_lr
 from fashion_func.loop.reduce import evaluate, expand_members, sum_over_ranks, to_host, train_metrics
 from fashion_func.loop.rundir import RunDir
 from fashion_func.loop.signals import Interrupted, signals_to_flag
@@ -90,7 +91,8 @@ class _Driver(Actions):
     methods that move it on. Small methods over shared fields instead of nested closures."""
 
     def __init__(self, state, train_step, train_data, *, epochs, eval_step, val_data, callbacks,
-                 run, metadata, max_steps, progress, log, weights=None, group=None) -> None:  # fmt: skip
+                 run, metadata, max_steps, progress, log, weights=None, group=None,
+                 lr_schedule=None) -> None:  # fmt: skip
         self.state: TrainState = state
         self.train_step, self.train_data = train_step, train_data
         self.epochs, self.eval_step, self.val_data = epochs, eval_step, val_data
@@ -102,7 +104,6 @@ class _Driver(Actions):
         self.log = log
         self.cb_states = cbs.init_states(self.callbacks)
         self.start_epoch, self.in_epoch = 1, None
-        self.lr = resume_lib.host_lr(state.opt_state)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.member_best: dict[int, dict[str, Any]] = {}
@@ -111,6 +112,7 @@ class _Driver(Actions):
         self.epochs_run = 0
         self.flag: dict[str, int | None] = {"signum": None}
         self.group: Collective | None = group
+        self.lr_schedule: Callable[[Tensor], Tensor] | None = lr_schedule
 
     # -- resume and files ----------------------------------------------------------------------
 
@@ -118,7 +120,6 @@ class _Driver(Actions):
         self.state = point.state
         self.cb_states = {cb.name: point.cb_states.get(cb.name, cb.init()) for cb in self.callbacks}
         self.start_epoch, self.in_epoch = point.start_epoch, point.in_epoch
-        self.lr = point.lr
         self.history = [r for r in point.history if r["epoch"] < point.start_epoch]
         where = f"epoch {point.start_epoch}" + (
             f", batch {point.in_epoch['batch']}" if point.in_epoch else ""
@@ -129,8 +130,9 @@ class _Driver(Actions):
 
     def _meta(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
         m = {**self.metadata, "epoch": epoch_done, "callbacks": self.cb_states, "history": self.history}
-        if self.lr is not None:
-            m["lr"] = self.lr
+        lr = resume_lib.host_lr(self.state.opt_state)  # the base lr, as last set (not a copy)
+        if lr is not None:
+            m["lr"] = lr
         if in_epoch:
             m["in_epoch"] = in_epoch
         return m
@@ -255,10 +257,11 @@ class _Driver(Actions):
         if self.eval_step is not None and self.val_data is not None:
             batches = epoch_batches(self.val_data, ep.epoch)
             metrics.update(evaluate(self.eval_step, self.state, batches, group=self.group))
-        if isinstance(self.lr, list):  # a sweep's members each have their own
-            metrics.update(expand_members({"lr": self.lr}))
-        elif self.lr is not None:
-            metrics["lr"] = self.lr
+        lr = applied_lr(self.state.opt_state, self.lr_schedule)  # what the last step applied
+        if isinstance(lr, list):  # a sweep's members each have their own
+            metrics.update(expand_members({"lr": lr}))
+        elif lr is not None:
+            metrics["lr"] = lr
         metrics["epoch_time_s"] = train_time
         if bad >= 0:
             metrics["first_nonfinite_step"] = bad
@@ -350,6 +353,7 @@ def fit(
     log: logging.Logger | None = None,
     weights: Callable[[TrainState], Mapping[str, Tensor]] | None = None,
     group: Collective | None = None,
+    lr_schedule: Callable[[Tensor], Tensor] | None = None,
 ) -> FitResult:
     """Train `state` with `train_step` for `epochs` epochs; returns the final state and history.
 
@@ -381,6 +385,9 @@ def fit(
         once per epoch, a signal on any rank stops all of them after the same step (checked
         every `group.stop_check_every` steps), and only the rank given a `run_dir` (rank 0)
         writes: the others pass None.
+    lr_schedule: the schedule of a `optim.scale_by_schedule` in the optimizer's chain; the
+        history's `lr` is then the one the epoch's last step applied (the `lr` hyperparameter
+        times the schedule there), read from the state. Without it, the `lr` hyperparameter.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -392,7 +399,8 @@ def fit(
         logger = log or (run.log if run else logging.getLogger("fashion_func"))
         driver = _Driver(state, train_step, train_data, epochs=epochs, eval_step=eval_step, val_data=val_data,
                          callbacks=callbacks, run=run, metadata=metadata, max_steps=max_steps,
-                         progress=progress, log=logger, weights=weights, group=group)  # fmt: skip
+                         progress=progress, log=logger, weights=weights, group=group,
+                         lr_schedule=lr_schedule)  # fmt: skip
         point = _resume_point(resume, run, state, driver.callbacks, logger)
         if point is not None:
             driver.resume_from(point)

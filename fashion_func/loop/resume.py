@@ -28,7 +28,7 @@ class ResumePoint:
 
     start_epoch: the first epoch still to run (1-based). in_epoch: for a checkpoint cut
     mid-epoch, the batch to continue from and the epoch's partial sums; else None.
-    lr: the learning rate as last set (host float), if the optimizer has one.
+    lr: the learning rate as last set, read from the state's optimizer, if it has one.
     """
 
     path: Path
@@ -225,12 +225,7 @@ def load(path: str | Path, template: TrainState, callbacks: Sequence[Any] = ()) 
         raise checkpoint.CheckpointError(f"{display(path)}: not a valid resume point: {problem}")
     saved = meta.get("callbacks", {})
     cb_states = {cb.name: saved.get(cb.name, cb.init()) for cb in callbacks}
-    if "lr" in meta:
-        lr: float | list[float] | None = (
-            [float(x) for x in meta["lr"]] if isinstance(meta["lr"], list) else float(meta["lr"])
-        )
-    else:
-        lr = host_lr(st.opt_state)
+    lr = host_lr(st.opt_state)  # the state is the truth; the metadata's copy is for reading only
     return ResumePoint(
         path=path,
         state=st,
