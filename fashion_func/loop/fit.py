@@ -26,7 +26,7 @@ from fashion_func.loop import collective as coll
 from fashion_func.loop import resume as resume_lib
 from fashion_func.loop.actions import Actions
 from fashion_func.loop.artifacts import LAST
-from fashion_func.loop.batches import Data, epoch_batches, num_batches
+from fashion_func.loop.batches import Data, encode_state, epoch_batches, num_batches, resume_kind
 from fashion_func.loop.collective import Collective
 from fashion_func.loop.errors import NOTES, RunError
 from fashion_func.loop.lr import applied_lr
@@ -75,6 +75,7 @@ class _Epoch:
     sums: dict[str, Tensor]
     first_bad: Tensor
     elapsed_before: float
+    data_state: Any = None  # a stateful train_data's position at first_batch (resumed)
     t0: float = field(default_factory=time.perf_counter)
 
     def elapsed(self) -> float:
@@ -92,7 +93,7 @@ class _Driver(Actions):
 
     def __init__(self, state, train_step, train_data, *, epochs, eval_step, val_data, callbacks,
                  run, metadata, max_steps, progress, log, weights=None, group=None,
-                 lr_schedule=None) -> None:  # fmt: skip
+                 lr_schedule=None, allow_inexact_resume=False) -> None:  # fmt: skip
         self.state: TrainState = state
         self.train_step, self.train_data = train_step, train_data
         self.epochs, self.eval_step, self.val_data = epochs, eval_step, val_data
@@ -113,6 +114,7 @@ class _Driver(Actions):
         self.flag: dict[str, int | None] = {"signum": None}
         self.group: Collective | None = group
         self.lr_schedule: Callable[[Tensor], Tensor] | None = lr_schedule
+        self.allow_inexact_resume = allow_inexact_resume
 
     # -- resume and files ----------------------------------------------------------------------
 
@@ -125,8 +127,24 @@ class _Driver(Actions):
             f", batch {point.in_epoch['batch']}" if point.in_epoch else ""
         )
         self.log.info(f"resumed from {point.path} at step {_host_step(point.state.step)} ({where})")
+        if point.in_epoch and int(point.in_epoch["batch"]) > 0:
+            self._check_exact_resume(point.in_epoch)
         if point.start_epoch > self.epochs:
             self.log.info(f"the checkpoint is past epoch {self.epochs} (epochs); nothing to train")
+
+    def _check_exact_resume(self, in_epoch: Mapping[str, Any]) -> None:
+        """A mid-epoch resume continues exactly (`batches.resume_kind`), or is refused unless
+        `allow_inexact_resume` (then the batches already seen are drawn again and dropped)."""
+        kind = resume_kind(self.train_data)
+        if kind == "start" or (kind == "state" and in_epoch.get("data_state") is not None):
+            return
+        epoch, batch, data = int(in_epoch["epoch"]), int(in_epoch["batch"]), type(self.train_data).__name__
+        if not self.allow_inexact_resume:
+            raise RunError(kind="inexact_resume", epoch=epoch, batch=batch, data=data)
+        self.log.warning(
+            f"resuming epoch {epoch} at batch {batch} inexactly (allow_inexact_resume=True): the {data} "
+            f"gives no position to continue from, so its first {batch} batches are drawn again and dropped"
+        )
 
     def _meta(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
         m = {**self.metadata, "epoch": epoch_done, "callbacks": self.cb_states, "history": self.history}
@@ -164,6 +182,7 @@ class _Driver(Actions):
             }
             ep.first_bad = torch.tensor(int(saved["first_bad"]), dtype=torch.int64, device=device)
             ep.elapsed_before = float(saved["elapsed"])
+            ep.data_state = saved.get("data_state")
         return ep
 
     def _bar(self, ep: _Epoch) -> Any:
@@ -186,7 +205,8 @@ class _Driver(Actions):
             self.state.step
         )  # mirrors state.step on the host, so checking it costs no sync
         ep.t0 = time.perf_counter()
-        batches = enumerate(epoch_batches(self.train_data, epoch, ep.first_batch), ep.first_batch)
+        source = epoch_batches(self.train_data, epoch, ep.first_batch, ep.data_state)
+        batches = enumerate(source, ep.first_batch)
         b = ep.first_batch - 1
         for b, batch in batches:
             self.state, m = self.train_step(self.state, batch)
@@ -197,13 +217,10 @@ class _Driver(Actions):
                 ep.first_bad = torch.where(bad, self.state.step.reshape(-1)[0], ep.first_bad)
             bar.update(1)
             host_step += 1
-            cut = self.max_steps is not None and host_step >= self.max_steps
-            signum = self._stop_signal(host_step)
-            if cut and signum is None and next(batches, None) is None:
+            stop = self._check_stop(ep, batches, b, host_step, bar)
+            if stop == "end":
                 break  # the cut fell on the last batch: end the epoch below
-            if signum is not None or cut:
-                bar.close()
-                self._stop_mid_epoch(ep, b + 1, cut)
+            if stop == "cut":
                 return False
         bar.close()
         if b < 0:  # not even one batch (resuming at an epoch's very end has b >= first_batch - 1 >= 0)
@@ -217,10 +234,30 @@ class _Driver(Actions):
             return False
         return True
 
+    def _check_stop(self, ep: _Epoch, batches: Any, b: int, host_step: int, bar: Any) -> str | None:
+        """After batch `b`: None (go on), "end" (a cut on the epoch's last batch) or "cut" (the
+        state saved mid-epoch; on a signal `Interrupted` is raised instead)."""
+        cut = self.max_steps is not None and host_step >= self.max_steps
+        signum = self._stop_signal(host_step)
+        if not cut and signum is None:
+            return None
+        data_state = self._data_state()  # before the look-ahead below draws one more batch
+        if cut and signum is None and next(batches, None) is None:
+            return "end"
+        bar.close()
+        self._stop_mid_epoch(ep, b + 1, cut, data_state)
+        return "cut"
+
+    def _data_state(self) -> Any:
+        """A stateful `train_data`'s position (its `state_dict()`, as JSON values), else None."""
+        if resume_kind(self.train_data) != "state":
+            return None
+        return encode_state(self.train_data.state_dict())  # type: ignore[union-attr]
+
     def _params_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.state.params.values())
 
-    def _stop_mid_epoch(self, ep: _Epoch, next_batch: int, cut: bool) -> None:
+    def _stop_mid_epoch(self, ep: _Epoch, next_batch: int, cut: bool, data_state: Any = None) -> None:
         """Save the state cut inside epoch `ep` (unless it diverged); raise Interrupted on a signal."""
         bad_step = int(self._first_bad(ep))
         in_epoch = {
@@ -230,6 +267,7 @@ class _Driver(Actions):
             **self._partial_sums(ep),
             "first_bad": bad_step,
             "elapsed": ep.elapsed(),
+            **({"data_state": data_state} if data_state is not None else {}),
         }
         saved, path = True, (self.run.checkpoints / LAST if self.run else None)
         if bad_step >= 0 or not self._params_finite():
@@ -354,6 +392,7 @@ def fit(
     weights: Callable[[TrainState], Mapping[str, Tensor]] | None = None,
     group: Collective | None = None,
     lr_schedule: Callable[[Tensor], Tensor] | None = None,
+    allow_inexact_resume: bool = False,
 ) -> FitResult:
     """Train `state` with `train_step` for `epochs` epochs; returns the final state and history.
 
@@ -388,6 +427,12 @@ def fit(
     lr_schedule: the schedule of a `optim.scale_by_schedule` in the optimizer's chain; the
         history's `lr` is then the one the epoch's last step applied (the `lr` hyperparameter
         times the schedule there), read from the state. Without it, the `lr` hyperparameter.
+    allow_inexact_resume: a checkpoint cut mid-epoch continues exactly only with `train_data`
+        that can start there: `data.EpochBatches`, a function `epoch -> batches` taking
+        `start=`, or an object with `state_dict()` / `load_state_dict()` (torchdata's
+        `StatefulDataLoader`: its state is saved in last.safetensors). Anything else (a list, a
+        shuffled `DataLoader`) is refused (RunError) unless this is True: then a warning is
+        logged and the batches already seen are drawn again and dropped.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -400,7 +445,7 @@ def fit(
         driver = _Driver(state, train_step, train_data, epochs=epochs, eval_step=eval_step, val_data=val_data,
                          callbacks=callbacks, run=run, metadata=metadata, max_steps=max_steps,
                          progress=progress, log=logger, weights=weights, group=group,
-                         lr_schedule=lr_schedule)  # fmt: skip
+                         lr_schedule=lr_schedule, allow_inexact_resume=allow_inexact_resume)  # fmt: skip
         point = _resume_point(resume, run, state, driver.callbacks, logger)
         if point is not None:
             driver.resume_from(point)

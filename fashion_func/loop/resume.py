@@ -152,6 +152,7 @@ def _in_epoch_problem(x: Any) -> str | None:
         "first_bad": _is_int(x.get("first_bad"), -1),
         "elapsed": _is_num(x.get("elapsed")) and x["elapsed"] >= 0,
         "batching": x.get("batching") is None or isinstance(x.get("batching"), dict),
+        "data_state": x.get("data_state") is None or isinstance(x.get("data_state"), dict),
     }
     bad = [k for k, ok in checks.items() if not ok]
     return f"has a missing or malformed {', '.join(bad)}" if bad else None
