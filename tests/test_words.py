@@ -136,9 +136,8 @@ def test_the_cli_rewords_the_loops_notes_in_its_logs(caplog: pytest.LogCaptureFi
     assert log.filters.count(words.REWORD) == 1
     note = safeio.Note(NOTES, "interrupted", out=Path("r"), path=Path("r/checkpoints/last.safetensors"))
     assert (
-        str(note)
-        == 'interrupted: resume with fit(..., run_dir=r, resume="auto") '
-        '(or resume=r/checkpoints/last.safetensors)'
+        str(note) == 'interrupted: resume with fit(..., run_dir=r, resume="auto") '
+        "(or resume=r/checkpoints/last.safetensors)"
     )
     with caplog.at_level(logging.INFO, logger=log.name):
         log.info(note)

@@ -46,8 +46,8 @@ class RunError(Worded):
         "(the same train data, batch size and seed)",
         "inexact_resume": "the checkpoint was cut mid-epoch (epoch {epoch}, batch {batch}) and {data} cannot "
         "continue exactly there; pass data.EpochBatches, a function epoch -> batches that takes start=, or "
-        "an object with state_dict() / load_state_dict(), or allow_inexact_resume=True to skip the "
-        "batches already seen in a new order",
+        "an object with state_dict() / load_state_dict(), or allow_inexact_resume=True to draw the "
+        "batches already seen again and drop them (exact only if the order repeats)",
     }
 
 

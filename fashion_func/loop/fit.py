@@ -127,7 +127,9 @@ class _Driver(Actions):
             f", batch {point.in_epoch['batch']}" if point.in_epoch else ""
         )
         self.log.info(f"resumed from {point.path} at step {_host_step(point.state.step)} ({where})")
-        if point.in_epoch and int(point.in_epoch["batch"]) > 0:
+        done = self.max_steps is not None and _host_step(point.state.step) >= self.max_steps
+        done = done or point.start_epoch > self.epochs  # no step will be taken: nothing to continue
+        if point.in_epoch and int(point.in_epoch["batch"]) > 0 and not done:
             self._check_exact_resume(point.in_epoch)
         if point.start_epoch > self.epochs:
             self.log.info(f"the checkpoint is past epoch {self.epochs} (epochs); nothing to train")
