@@ -6,7 +6,7 @@
 
 Where the files come from (`locate`), in this order:
 
-1. an explicit `data_dir` (`--data-dir`); if it lacks the files that is an error, never a fall-back;
+1. an explicit `data_dir`; if it lacks the files that is an error, never a fall-back;
 2. `$FASHION_MNIST_DIR`;
 3. `./dataset/fashion` under the current directory (also torchvision's `./dataset/fashion/FashionMNIST/raw`);
 4. `/usr/share/datasets/fashion-mnist` (Debian package `dataset-fashion-mnist`);
@@ -24,10 +24,10 @@ import os
 import shutil
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, NamedTuple
+from typing import BinaryIO, ClassVar, Literal, NamedTuple
 
 import einops
 import numpy as np
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from fashion_func import env
-from fashion_func.safeio import FileError, one_line, open_regular
+from fashion_func.safeio import FileError, Worded, one_line, open_regular
 
 __all__ = [
     "CLASS_NAMES",
@@ -107,14 +107,28 @@ _KIND_OF_MAGIC = {v: k for k, v in _MAGIC.items()}
 
 _HOW_TO_GET = (
     "get the data with `apt-get install dataset-fashion-mnist` (as root, on Debian), "
-    "or pass --data-dir DIR, or set FASHION_MNIST_DIR=DIR (a directory holding the four IDX files, "
+    "or pass data_dir=DIR, or set FASHION_MNIST_DIR=DIR (a directory holding the four IDX files, "
     "plain or .gz), or run once on a machine with internet access so torchvision can download it "
     "into ./dataset/fashion"
 )
 
 
-class DataError(Exception):
-    """The data could not be found, read or trusted. The message is one line naming the file or places."""
+class DataError(Worded):
+    """The data could not be found, read or trusted. The message is one line naming the file or places.
+
+    Where the data was not found, `kind` says why (`WORDS`) for a client that words it itself."""
+
+    WORDS: ClassVar[Mapping[str, str]] = {
+        "data_dir_missing": "data_dir {dir} does not exist or is not a directory; " + _HOW_TO_GET,
+        "data_dir_lacks": "data_dir {dir} lacks {missing}; " + _HOW_TO_GET,
+        "env_dir_missing": f"${ENV_VAR} {{dir}} does not exist or is not a directory; " + _HOW_TO_GET,
+        "env_dir_lacks": f"${ENV_VAR} {{dir}} lacks {{missing}}; " + _HOW_TO_GET,
+        "data_not_found": "Fashion-MNIST not found (searched {searched}) and download is disabled; "
+        + _HOW_TO_GET,
+        "data_download_failed": "Fashion-MNIST not found (searched {searched}) and the download into {root} "
+        "failed ({reason}); " + _HOW_TO_GET,
+        "data_download_incomplete": "download into {root} finished but {raw} lacks {missing}; " + _HOW_TO_GET,
+    }
 
 
 class Split(NamedTuple):
@@ -158,7 +172,7 @@ def candidates(data_dir: str | os.PathLike[str] | None = None) -> list[tuple[Pat
     """
     if data_dir is not None:
         base = Path(data_dir).expanduser()
-        return [(base, "--data-dir"), (base / TORCHVISION_SUBDIR, "--data-dir, torchvision layout")]
+        return [(base, "data_dir"), (base / TORCHVISION_SUBDIR, "data_dir, torchvision layout")]
     env_dir = _env_dir()
     if env_dir is not None:  # an explicit choice too: never silently replaced by another place
         return [(env_dir, f"${ENV_VAR}"), (env_dir / TORCHVISION_SUBDIR, f"${ENV_VAR}, torchvision layout")]
@@ -212,17 +226,15 @@ def locate(data_dir: str | os.PathLike[str] | None = None, *, download: bool = T
         if not _missing(path):
             return path, f"{path} ({description})"
     if data_dir is not None or places[0][1] == f"${ENV_VAR}":
-        base, what = places[0][0], ("--data-dir" if data_dir is not None else f"${ENV_VAR}")
+        base, source = places[0][0], ("data_dir" if data_dir is not None else "env_dir")
         if not base.is_dir():
-            raise DataError(f"{what} {base} does not exist or is not a directory; {_HOW_TO_GET}")
+            raise DataError(kind=f"{source}_missing", dir=base)
         missing = ", ".join(f"{name}[.gz]" for name in _missing(base))
-        raise DataError(f"{what} {base} lacks {missing}; {_HOW_TO_GET}")
+        raise DataError(kind=f"{source}_lacks", dir=base, missing=missing)
 
     searched = "; ".join(f"{path} ({description})" for path, description in places)
     if not download:
-        raise DataError(
-            f"Fashion-MNIST not found (searched {searched}) and download is disabled; {_HOW_TO_GET}"
-        )
+        raise DataError(kind="data_not_found", searched=searched)
     root = Path.cwd() / DOWNLOAD_ROOT
     created = _first_missing(Path.cwd(), DOWNLOAD_ROOT / TORCHVISION_SUBDIR)
     try:
@@ -231,14 +243,11 @@ def locate(data_dir: str | os.PathLike[str] | None = None, *, download: bool = T
         if created is not None:  # what this download made, and nothing that was there before
             shutil.rmtree(created, ignore_errors=True)
         reason = one_line(f"{type(e).__name__}: {e}")
-        raise DataError(
-            f"Fashion-MNIST not found (searched {searched}) and the download into {root} failed ({reason}); "
-            f"{_HOW_TO_GET}"
-        ) from e
+        raise DataError(kind="data_download_failed", searched=searched, root=root, reason=reason) from e
     raw = root / TORCHVISION_SUBDIR
     if _missing(raw):
         missing = ", ".join(_missing(raw))
-        raise DataError(f"download into {root} finished but {raw} lacks {missing}; {_HOW_TO_GET}")
+        raise DataError(kind="data_download_incomplete", root=root, raw=raw, missing=missing)
     return raw, f"{raw} (downloaded by torchvision)"
 
 

@@ -79,7 +79,7 @@ def env_world() -> tuple[int, int, int]:
     return r, local, size
 
 
-def check_divisible(batch_size: int, size: int, what: str = "--batch-size") -> None:
+def check_divisible(batch_size: int, size: int, what: str = "batch_size") -> None:
     """The global batch splits into `size` equal slices, or WorldError (one line)."""
     if batch_size % size:
         raise WorldError(

@@ -5,7 +5,7 @@ Inputs: `open_regular` / `read_regular` refuse anything but a regular file befor
 open descriptor (the path may change in between), and bound how much is read.
 
 Outputs: `check_output` is the rule for a file a command writes on the user's behalf (export's
-and predict's `--out`): never a non-regular target (a device, a FIFO, a directory, a symbolic
+and predict's outputs): never a non-regular target (a device, a FIFO, a directory, a symbolic
 link), never one of the inputs, the suffix the format promises, and an existing regular file
 replaced only when the caller says so (`overwrite`).
 
@@ -23,12 +23,14 @@ import json
 import math
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
 __all__ = [
     "FileError",
+    "Note",
+    "Worded",
     "check_output",
     "describe",
     "display",
@@ -38,6 +40,7 @@ __all__ = [
     "read_regular",
     "short_repr",
     "strict_json",
+    "word",
 ]
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -45,8 +48,46 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
-class FileError(Exception):
+def word(template: str, fields: Mapping[str, Any]) -> str:
+    """`template` filled with `fields`; text and paths among them made safe to print (`display`)."""
+    safe = {k: display(v) if isinstance(v, (str, os.PathLike)) else v for k, v in fields.items()}
+    return template.format(**safe)
+
+
+class Worded(Exception):
+    """A user-facing error with a `kind` and the values it speaks of (`fields`).
+
+    `str()` words it in the library's terms (`WORDS[kind]`: `run_dir`, `overwrite=True`), for a
+    Python caller; a client with words of its own (the command line's flags) words each kind
+    from `kind` and `fields`. Raised with a plain message instead, it has no kind and reads the
+    same to every client. Kinds are unique across the library's errors.
+    """
+
+    WORDS: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, message: str | None = None, *, kind: str | None = None, **fields: Any) -> None:
+        if (message is None) == (kind is None):
+            raise TypeError(f"{type(self).__name__} takes a message or a kind, one of the two")
+        self.kind, self.fields = kind, fields
+        super().__init__(message if kind is None else word(self.WORDS[kind], fields))
+
+
+class Note:
+    """A log message with a kind and fields, worded like `Worded` (a client may reword it)."""
+
+    def __init__(self, words: Mapping[str, str], kind: str, **fields: Any) -> None:
+        self.words, self.kind, self.fields = words, kind, fields
+
+    def __str__(self) -> str:
+        return word(self.words[self.kind], self.fields)
+
+
+class FileError(Worded):
     """A user path cannot be used as asked; the message is one line naming it."""
+
+    WORDS: ClassVar[Mapping[str, str]] = {
+        "output_exists": "{what} {path} exists; pass overwrite=True to replace it",
+    }
 
 
 def describe(mode: int) -> str:
@@ -181,7 +222,7 @@ def check_output(
     overwrite: bool,
     inputs: Iterable[str | os.PathLike[str]] = (),
     suffixes: Sequence[str] | None = None,
-    what: str = "--out",
+    what: str = "output",
 ) -> None:
     """Refuse (`FileError`) to write `path` unless it is safe and what the user asked for.
 
@@ -215,7 +256,7 @@ def check_output(
         except OSError:
             continue
     if not overwrite:
-        raise FileError(f"{what} {display(p)} exists; pass --overwrite to replace it")
+        raise FileError(kind="output_exists", what=what, path=p)
 
 
 def _strict(value: Any) -> Any:

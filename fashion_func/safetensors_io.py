@@ -20,14 +20,14 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import Tensor
 
-from fashion_func.safeio import FileError, one_line, open_regular, os_reason
+from fashion_func.safeio import FileError, Worded, one_line, open_regular, os_reason
 
 __all__ = [
     "DTYPES",
@@ -80,8 +80,14 @@ DTYPES: dict[str, torch.dtype] = {
 _SAVABLE = frozenset(DTYPES.values())
 
 
-class CheckpointError(Exception):
-    """A checkpoint file could not be read, validated or written; the message is one line naming it."""
+class CheckpointError(Worded):
+    """A checkpoint file could not be read, validated or written; the message is one line naming it.
+
+    `kind` (most have none: a plain message) marks the ones a client words itself (`WORDS`)."""
+
+    WORDS: ClassVar[Mapping[str, str]] = {
+        "no_model_name": "{path}: no model name in the file's metadata; pass model_name=NAME",
+    }
 
 
 @dataclass(frozen=True)

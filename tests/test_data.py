@@ -154,7 +154,7 @@ def test_load_synthetic(isolated, gz):
     assert torch.equal(train.images, torch.from_numpy(arrays["train-images-idx3-ubyte"]))
     assert torch.equal(train.labels, torch.from_numpy(arrays["train-labels-idx1-ubyte"]).long())
     assert torch.equal(test.labels, torch.from_numpy(arrays["t10k-labels-idx1-ubyte"]).long())
-    assert str(d) in train.source and "--data-dir" in train.source
+    assert str(d) in train.source and "data_dir" in train.source
 
 
 def test_load_limit(isolated):
@@ -279,7 +279,7 @@ def test_nothing_found_download_disabled_lists_places(isolated, monkeypatch):
     assert "\n" not in msg and "download is disabled" in msg
     for place in (Path.cwd() / "dataset/fashion", isolated / "no-debian"):
         assert str(place) in msg
-    for hint in ("apt-get install dataset-fashion-mnist", "--data-dir", "FASHION_MNIST_DIR", "internet"):
+    for hint in ("apt-get install dataset-fashion-mnist", "data_dir=DIR", "FASHION_MNIST_DIR", "internet"):
         assert hint in msg
 
 
@@ -290,7 +290,7 @@ def test_download_failure_lists_places_and_reason(isolated):
     assert "\n" not in msg
     assert "network unreachable (test)" in msg and "URLError" in msg
     assert str(Path.cwd() / "dataset/fashion") in msg and str(isolated / "no-debian") in msg
-    assert "apt-get install dataset-fashion-mnist" in msg and "--data-dir" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "data_dir=DIR" in msg
 
 
 def test_download_multiline_error_becomes_one_line(isolated, monkeypatch):

@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("interop",),  # the weights' other ecosystems (torch modules, Flax, numpy, ONNX, JAX)
     ("__init__",),  # the library's face: the core re-exported, not the command line
     # -- the command-line app (fashion_func/cli/): composes the core, owns every flag -----------
-    ("cli.__init__", "cli.args", "cli.device", "cli.summary"),
+    ("cli.__init__", "cli.args", "cli.device", "cli.summary", "cli.words"),
     ("cli.config", "cli.launch", "cli.images", "cli.report"),
     ("cli.budget",),  # caps and the memory estimate, checked before a run allocates
     ("cli.app", "cli.export"),

@@ -24,7 +24,7 @@ from fashion_func import callbacks as cbs
 from fashion_func import checkpoint, data, distributed, ensemble, losses, models, optim, schedules
 from fashion_func import state as state_lib
 from fashion_func.augment import Augment
-from fashion_func.cli import budget, launch
+from fashion_func.cli import budget, launch, words
 from fashion_func.cli import device as device_lib
 from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError, parse_sweep
 from fashion_func.cli.summary import summary
@@ -63,17 +63,25 @@ def build_optimizer(cfg: Config, steps_per_epoch: int | None = None) -> optim.Gr
     parts = [tx]
     if cfg.clip_norm is not None:
         parts.insert(0, optim.clip_by_global_norm(cfg.clip_norm))
-    if cfg.lr_schedule == "onecycle":
-        if steps_per_epoch is None:
-            raise ValueError("--lr-schedule onecycle needs the number of steps per epoch")
-        total = max(1, cfg.epochs * steps_per_epoch)
-        # a warm-up of nearly every epoch can round up to every step: the peak comes at the last
-        warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
-        parts.append(optim.scale_by_schedule(schedules.triangle(total, warmup)))
+    schedule = lr_schedule(cfg, steps_per_epoch)
+    if schedule is not None:
+        parts.append(optim.scale_by_schedule(schedule))
     if cfg.ema is not None:
         parts.append(optim.ema(cfg.ema))
     # one transform stays unwrapped: the state's layout (and old checkpoints) unchanged
     return parts[0] if len(parts) == 1 else optim.chain(*parts)
+
+
+def lr_schedule(cfg: Config, steps_per_epoch: int | None) -> Any:
+    """The per-step lr multiplier the config asks for (onecycle's triangle), or None."""
+    if cfg.lr_schedule != "onecycle":
+        return None
+    if steps_per_epoch is None:
+        raise ValueError("--lr-schedule onecycle needs the number of steps per epoch")
+    total = max(1, cfg.epochs * steps_per_epoch)
+    # a warm-up of nearly every epoch can round up to every step: the peak comes at the last
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    return schedules.triangle(total, warmup)
 
 
 def build_model(cfg: Config) -> models.Model:
@@ -394,6 +402,7 @@ def train(
             metadata={**_metadata(cfg, model), "splits": splits},
             max_steps=max_steps,
             progress=cfg.progress,
+            lr_schedule=lr_schedule(cfg, steps_per_epoch),
         )
         if _stacked(cfg):
             _write_members_table(cfg, result, run)
@@ -557,7 +566,7 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> 
         print(f"train.py: {_interrupted(exc, group)}", file=sys.stderr)
         return exc.code
     except (RunError, data.DataError, checkpoint.CheckpointError, ConfigError, distributed.WorldError) as exc:
-        print(f"train.py: error: {display(str(exc))}", file=sys.stderr)
+        print(f"train.py: error: {display(words.message(exc))}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         if group is None or not _peer_failure(exc):

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from fashion_func import atomic, checkpoint, interop
+from fashion_func.cli import words
 from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version
 from fashion_func.interop.flax_modules import FLAX_MODELS
 from fashion_func.safeio import FileError, check_output, display
@@ -103,9 +104,9 @@ def export(
     if not str(out):  # Path("") reads as ".", which would name the wrong thing
         raise ValueError("--out is empty; give a file name")
     try:
-        check_output(out, overwrite=overwrite, inputs=[weights], suffixes=SUFFIXES[fmt])
+        check_output(out, overwrite=overwrite, inputs=[weights], suffixes=SUFFIXES[fmt], what="--out")
     except FileError as e:
-        raise ValueError(str(e)) from None
+        raise ValueError(words.message(e)) from None
     loaded, params, metadata = interop.load_weights_file(weights, model)
     if fmt == "flax" and loaded.name not in FLAX_MODELS:  # a file no `interop.flax_module` would read
         raise ValueError(
@@ -144,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
     except (UsageError, checkpoint.CheckpointError, atomic.WriteError, ValueError, OSError, ImportError) as e:
-        print(display(" ".join(f"export.py: error: {e}".split())), file=sys.stderr)
+        print(display(" ".join(f"export.py: error: {words.message(e)}".split())), file=sys.stderr)
         return EXIT_USAGE
     line = f"wrote {summary['out']}: {summary['model']} weights ({summary['tensors']} tensors), {args.format}"
     with contextlib.suppress(BrokenPipeError):

@@ -22,6 +22,7 @@ import torch
 
 from fashion_func import distributed, env
 from fashion_func.cli import device as device_lib
+from fashion_func.cli import words
 from fashion_func.loop import RunDir, RunError
 
 __all__ = ["TIMEOUT_ENV", "RankRun", "open_run", "process_group"]
@@ -53,7 +54,7 @@ def process_group(batch_size: int, device_name: str) -> Iterator[distributed.Gro
         yield None
         return
     _, _, size = distributed.env_world()
-    distributed.check_divisible(batch_size, size)
+    distributed.check_divisible(batch_size, size, what="--batch-size")
     device = device_lib.resolve_device(device_name)
     try:
         group = distributed.init(device=device, timeout_s=_timeout_s())
@@ -138,7 +139,7 @@ def open_run(
     """
     if group is None:
         with RunDir.open(path, resume=resume, overwrite=overwrite) as run:
-            yield RankRun(run.path, run.log, run)
+            yield RankRun(run.path, words.reword_log(run.log), run)
         return
     with contextlib.ExitStack() as stack:
         error: RunError | None = None
@@ -152,7 +153,7 @@ def open_run(
             group.first_failed(False)
             raise error
         _agree(group, True, f"could not open the run directory {path}")
-        log = run_dir.log if run_dir is not None else _follower_log(group.rank)
+        log = words.reword_log(run_dir.log if run_dir is not None else _follower_log(group.rank))
         rank_run = RankRun(Path(path), log, run_dir, group)
         try:
             yield rank_run

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from fashion_func import atomic, checkpoint, data, ensemble, interop, losses, models
+from fashion_func.cli import words
 from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, int_arg
 from fashion_func.cli.device import resolve_device
 from fashion_func.cli.images import (
@@ -162,7 +163,7 @@ def _check_out_dir(out: Path, args: argparse.Namespace) -> None:
         try:
             check_output(out / name, overwrite=args.overwrite, inputs=args.weights, what="--out file")
         except FileError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(words.message(e)) from None
 
 
 def _check_creatable(out: Path) -> None:
@@ -391,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ImageError,
         atomic.WriteError,
     ) as e:
-        return _fail(str(e))
+        return _fail(words.message(e))
     except OSError as e:  # --out not writable and the like
         return _fail(f"{type(e).__name__}: {e}")
     return code

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from fashion_func import data
-from fashion_func.cli import app, budget
+from fashion_func.cli import app, budget, words
 from fashion_func.cli import args as cli
 from fashion_func.cli import device as device_lib
 from fashion_func.cli.config import MAX_SEED, Config, ConfigError
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         recipe = Recipe(cfg)
     except (cli.UsageError, ConfigError, data.DataError) as exc:
-        print(f"speedrun.py: error: {display(str(exc))}", file=sys.stderr)
+        print(f"speedrun.py: error: {display(words.message(exc))}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     recipe.run(cfg.seed, max_steps=3)  # compiles the train step (3 steps) and the eval step

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fashion_func.cli import words
 from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, float_arg, int_arg
 from fashion_func.cli.config import (
     DEVICES,
@@ -255,7 +256,7 @@ def _checkpoint_config(values: dict[str, Any], resume: str) -> tuple[dict[str, A
             return None
         saved = loop.saved_config(path)
     except (loop.RunError, checkpoint.CheckpointError) as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(words.message(exc)) from None
     if "model" in values and values["model"] != saved.get("model"):
         raise UsageError(
             f"--model {values['model']} does not match checkpoint {path}, which holds a "

@@ -38,7 +38,7 @@ def load_weights_file(
         )
     name = model_name or info.metadata.get("model")
     if not isinstance(name, str) or not name:
-        raise checkpoint.CheckpointError(f"{path}: no model name in the file's metadata; pass --model NAME")
+        raise checkpoint.CheckpointError(kind="no_model_name", path=path)
     try:
         model = models.get(name, **_file_hparams(info, name))
     except (ValueError, TypeError) as e:

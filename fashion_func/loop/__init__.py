@@ -1,8 +1,11 @@
 """The impure driver: `fit` over the user's state, step, data and callbacks.
 
-Split by what changes together: `fit` (event dispatch, action execution, epochs),
-`rundir` (lock, temp cleanup, logger, files), `resume` (reading a resume point). Device and
-process settings belong to the command line (`fashion_func.cli.device`).
+One job per module: `fit` (the epoch driver), `actions` (the callbacks' actions carried
+out), `reduce` (metric sums -> epoch means over members and ranks), `batches` (an epoch's
+batches from the user's data), `signals`, `resume` (reading a resume point), `rundir` (the run
+directory and its overwrite policy), `artifacts` (the files a run writes), `lock`, `logger`,
+`plots`, `errors` and `collective`. Device and process settings belong to the command line
+(`fashion_func.cli.device`).
 """
 
 from __future__ import annotations

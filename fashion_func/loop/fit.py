@@ -1,25 +1,18 @@
 """`fit`: the only impure driver, a library function over the user's own objects.
 
 It runs the user's `train_step` over each epoch's batches, evaluates, sends events to the
-callbacks and carries out the actions they return (save a checkpoint, set the learning
-rate, write history and plots, log, stop). With a run directory, everything needed to
-continue after a restart goes into `checkpoints/last.safetensors`; without one it writes
-nothing.
+callbacks and carries out the actions they return (`actions`). With a run directory,
+everything needed to continue after a restart goes into `checkpoints/last.safetensors`;
+without one it writes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
-import itertools
 import logging
-import math
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,29 +21,23 @@ import torch
 from torch import Tensor
 
 from fashion_func import callbacks as cbs
-from fashion_func import checkpoint, optim
+from fashion_func import checkpoint
 from fashion_func.loop import collective as coll
 from fashion_func.loop import members as members_lib
 from fashion_func.loop import resume as resume_lib
-from fashion_func.loop import rundir
+from fashion_func.loop.actions import Actions
+from fashion_func.loop.artifacts import LAST
+from fashion_func.loop.batches import Data, encode_state, epoch_batches, num_batches, resume_kind
 from fashion_func.loop.collective import Collective
-from fashion_func.loop.rundir import BEST, LAST, RunDir, RunError
+from fashion_func.loop.errors import NOTES, RunError
+from fashion_func.loop.lr import applied_lr
+from fashion_func.loop.reduce import evaluate, expand_members, sum_over_ranks, to_host, train_metrics
+from fashion_func.loop.rundir import RunDir
+from fashion_func.loop.signals import Interrupted, signals_to_flag
+from fashion_func.safeio import Note
 from fashion_func.state import TrainState
 
 __all__ = ["FitResult", "Interrupted", "epoch_batches", "evaluate", "expand_members", "fit"]
-
-Data = Iterable[Any] | Callable[..., Iterable[Any]]
-
-
-class Interrupted(Exception):
-    """SIGINT / SIGTERM arrived; the state was saved. `code` is the exit status to use."""
-
-    def __init__(self, signum: int, path: Path, *, saved: bool = True) -> None:
-        self.signum = signum
-        self.path = path
-        self.code = 128 + signum
-        what = "state saved to" if saved else "diverged state not saved; the last good one is in"
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; {what} {path}")
 
 
 @dataclass
@@ -67,186 +54,9 @@ class FitResult:
     diverged: bool = False  # stopped by a non-finite loss or non-finite parameters
 
 
-# -- data ------------------------------------------------------------------------------------
-
-
-def _accepts_start(fn: Callable[..., Any]) -> bool:
-    try:
-        return "start" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def epoch_batches(source: Data, epoch: int, start: int = 0) -> Iterator[Any]:
-    """The batches of `epoch` from batch `start` on.
-
-    `source` is a function `epoch -> iterable` (given `start=` too when it takes it, as
-    `data.EpochBatches` does; otherwise the first `start` batches are drawn and dropped),
-    or an iterable run through once per epoch (a `DataLoader`, a list of batches).
-    """
-    skip = start
-    if callable(source) and not hasattr(source, "__iter__"):
-        if _accepts_start(source):
-            it, skip = source(epoch, start=start), 0
-        else:
-            it = source(epoch)
-    else:
-        it = source
-    it = iter(it)
-    return itertools.islice(it, skip, None) if skip else it
-
-
-def _num_batches(source: Data) -> int | None:
-    try:
-        return len(source)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def evaluate(
-    eval_step: Callable[..., Mapping[str, Tensor]],
-    state: Any,
-    batches: Iterable[Any],
-    *,
-    group: Collective | None = None,
-    live: Sequence[int] | None = None,
-) -> dict[str, float]:
-    """Validation metrics over `batches`, one host sync at the end.
-
-    `eval_step(state, batch)` returns per-example tensors (as `make_eval_step`'s): the mean
-    of `loss` is `val_loss`, of `correct` `val_acc`, of `topk_correct` `val_top{k}` (k from
-    `eval_step.topk`, default 5). `state` is a TrainState or what the eval step takes.
-    group: each rank evaluated its own part of the data; the sums and counts are added
-    over the ranks, so every rank gets the same numbers (every rank needs a batch).
-    live: of a stacked state, the members to evaluate (the others diverged): the ensemble's
-    own metrics are those of these members, the others' per-member values are NaN.
-    """
-    k = int(state.step.shape[0]) if live is not None else 0
-    if live is not None:
-        state = members_lib.live_state(state, live)
-    own = {
-        "loss": "val_loss",
-        "correct": "val_acc",
-        "topk_correct": f"val_top{getattr(eval_step, 'topk', 5)}",
-    }
-    names = {**own, **{f"member_{k}": v for k, v in own.items()}}  # an ensemble's members: [K, B]
-    sums: dict[str, Tensor] = {}
-    count = 0
-    for batch in batches:
-        out = eval_step(state, batch)
-        count += int(out["loss"].shape[-1])  # a shape: no sync
-        for key in names:
-            if key in out:
-                part = out[key].double().sum(-1)
-                sums[key] = part if key not in sums else sums[key] + part
-    if group is not None and sums:  # this rank's part: the sums and the count added over the ranks
-        anchor = next(iter(sums.values()))
-        sums = _sum_over_ranks(group, {**sums, "_count": anchor.new_tensor(float(count))})
-    values = _to_host(sums)  # the one sync
-    count = int(values.pop("_count", count))
-    scalars = {names[k]: v / count for k, v in values.items() if k in own}
-    members = {names[n]: [x / count for x in v] for n, v in values.items() if n not in own}
-    if live is not None:
-        members = {n: members_lib.with_dead(v, live, k) for n, v in members.items()}
-        return expand_members(members, scalars, dead=[i for i in range(k) if i not in live])
-    return expand_members(members, scalars)
-
-
-def _to_host(tensors: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Floats (0-d tensors) and lists of floats (one per member, [K]) in one host sync."""
-    if not tensors:
-        return {}
-    flat = torch.cat([t.double().reshape(-1) for t in tensors.values()]).tolist()
-    out: dict[str, Any] = {}
-    i = 0
-    for k, t in tensors.items():
-        n = t.numel()
-        out[k] = flat[i] if t.dim() == 0 else flat[i : i + n]
-        i += n
-    return out
-
-
-def _sum_over_ranks(group: Collective | None, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """`tensors` added over the ranks in one collective (unchanged without a group)."""
-    if group is None or not tensors:
-        return dict(tensors)
-    total = group.sum(torch.cat([t.double().reshape(-1) for t in tensors.values()]))
-    out, i = {}, 0
-    for k, t in tensors.items():
-        out[k] = total[i : i + t.numel()].reshape(t.shape)
-        i += t.numel()
-    return out
-
-
-def expand_members(
-    members: Mapping[str, Sequence[float]],
-    own: Mapping[str, float] | None = None,
-    *,
-    dead: Collection[int] = (),
-) -> dict[str, float]:
-    """Flat metrics from per-member lists: `x` -> `x_m0, x_m1, ...`, `x_mean`, `x_std` (sample
-    standard deviation over members, 0 for one member), and `x` itself: the ensemble's own
-    value where `own` has it (validation of the averaged prediction), else the members' mean.
-    `dead`: diverged members, NaN in `x_m<k>` and left out of the mean and std."""
-    out = dict(own or {})
-    for name, values in members.items():
-        out.setdefault(name, members_lib.mean_std(values, dead)[0])
-    for name, values in members.items():
-        out[f"{name}_mean"], out[f"{name}_std"] = members_lib.mean_std(values, dead)
-        out.update({f"{name}_m{k}": math.nan if k in dead else v for k, v in enumerate(values)})
-    return out
-
-
 def _host_step(step: Tensor) -> int:
     """The step as an int; an ensemble's members all stand at the same step."""
     return int(step.reshape(-1)[0])
-
-
-# -- the driver --------------------------------------------------------------------------------
-
-
-def _train_metrics(sums: Mapping[str, Any], steps: int, dead: Collection[int] = ()) -> dict[str, float]:
-    """Epoch means from summed step metrics: `loss_sum` -> train_loss, `correct` -> train_acc,
-    `top5_correct` -> train_top5, `x_sum` -> train_x, anything else -> train_<key>; per
-    example when `count` is given. Per-member sums (lists, from an ensemble step) become
-    per-member means, expanded by `expand_members`."""
-    count = sums.get("count", steps) or 1
-    denom = count[0] if isinstance(count, list) else count  # members see the same batches
-    scalars: dict[str, float] = {}
-    members: dict[str, list[float]] = {}
-    for k, v in sums.items():
-        if k in ("count", "first_bad"):
-            continue
-        name = "train_" + ("acc" if k == "correct" else k.removesuffix("_sum").removesuffix("_correct"))
-        if isinstance(v, list):
-            members[name] = [x / denom for x in v]
-        else:
-            scalars[name] = v / denom
-    order = {"train_loss": 0, "train_acc": 1}
-    scalars = dict(sorted(scalars.items(), key=lambda kv: order.get(kv[0], 2)))
-    members = dict(sorted(members.items(), key=lambda kv: order.get(kv[0], 2)))
-    return expand_members(members, scalars, dead=dead)
-
-
-@contextlib.contextmanager
-def _signals_to_flag(enabled: bool) -> Iterator[dict[str, int | None]]:
-    """SIGINT/SIGTERM set a flag the loop checks after each step (the step finishes first)."""
-    flag: dict[str, int | None] = {"signum": None}
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        flag["signum"] = signum
-
-    # an inherited ignore (`cmd &` in a script starts with SIGINT ignored) is the caller's choice: keep it
-    kept = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
-    old = {s: signal.signal(s, handler) for s in kept}
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 class _NoBar:
@@ -266,6 +76,7 @@ class _Epoch:
     sums: dict[str, Tensor]
     first_bad: Tensor
     elapsed_before: float
+    data_state: Any = None  # a stateful train_data's position at first_batch (resumed)
     t0: float = field(default_factory=time.perf_counter)
 
     def elapsed(self) -> float:
@@ -277,24 +88,13 @@ def _params_and_buffers(state: TrainState) -> dict[str, Tensor]:
     return {**state.params, **state.model_state}
 
 
-_FILE_ACTIONS = (cbs.LogScalars, cbs.WriteHistory, cbs.PlotHistory, cbs.DeleteCheckpoint)
-
-
-def _no_reason(write: Callable[[Any], Any]) -> Callable[[Any, int, bool], None]:
-    """A handler that carries out an action and never stops the run, whatever `write` returns."""
-
-    def handler(a: Any, epoch: int, finite: bool) -> None:
-        write(a)
-
-    return handler
-
-
-class _Driver:
+class _Driver(Actions):
     """One call of `fit`: the mutable run (state, callback states, lr, history) and the
     methods that move it on. Small methods over shared fields instead of nested closures."""
 
     def __init__(self, state, train_step, train_data, *, epochs, eval_step, val_data, callbacks,
-                 run, metadata, max_steps, progress, log, weights=None, group=None) -> None:  # fmt: skip
+                 run, metadata, max_steps, progress, log, weights=None, group=None,
+                 lr_schedule=None, allow_inexact_resume=False) -> None:  # fmt: skip
         self.state: TrainState = state
         self.train_step, self.train_data = train_step, train_data
         self.epochs, self.eval_step, self.val_data = epochs, eval_step, val_data
@@ -306,7 +106,6 @@ class _Driver:
         self.log = log
         self.cb_states = cbs.init_states(self.callbacks)
         self.start_epoch, self.in_epoch = 1, None
-        self.lr = resume_lib.host_lr(state.opt_state)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.member_best: dict[int, dict[str, Any]] = {}
@@ -315,6 +114,8 @@ class _Driver:
         self.epochs_run = 0
         self.flag: dict[str, int | None] = {"signum": None}
         self.group: Collective | None = group
+        self.lr_schedule: Callable[[Tensor], Tensor] | None = lr_schedule
+        self.allow_inexact_resume = allow_inexact_resume
         # a stack's diverged members (None for one model)
         self.div = members_lib.Diverged(int(state.step.shape[0])) if members_lib.stacked(state) else None
 
@@ -324,7 +125,6 @@ class _Driver:
         self.state = point.state
         self.cb_states = {cb.name: point.cb_states.get(cb.name, cb.init()) for cb in self.callbacks}
         self.start_epoch, self.in_epoch = point.start_epoch, point.in_epoch
-        self.lr = point.lr
         self.history = [r for r in point.history if r["epoch"] < point.start_epoch]
         if self.div is not None:
             try:
@@ -337,13 +137,32 @@ class _Driver:
             f", batch {point.in_epoch['batch']}" if point.in_epoch else ""
         )
         self.log.info(f"resumed from {point.path} at step {_host_step(point.state.step)} ({where})")
+        done = self.max_steps is not None and _host_step(point.state.step) >= self.max_steps
+        done = done or point.start_epoch > self.epochs  # no step will be taken: nothing to continue
+        if point.in_epoch and int(point.in_epoch["batch"]) > 0 and not done:
+            self._check_exact_resume(point.in_epoch)
         if point.start_epoch > self.epochs:
             self.log.info(f"the checkpoint is past epoch {self.epochs} (epochs); nothing to train")
 
+    def _check_exact_resume(self, in_epoch: Mapping[str, Any]) -> None:
+        """A mid-epoch resume continues exactly (`batches.resume_kind`), or is refused unless
+        `allow_inexact_resume` (then the batches already seen are drawn again and dropped)."""
+        kind = resume_kind(self.train_data)
+        if kind == "start" or (kind == "state" and in_epoch.get("data_state") is not None):
+            return
+        epoch, batch, data = int(in_epoch["epoch"]), int(in_epoch["batch"]), type(self.train_data).__name__
+        if not self.allow_inexact_resume:
+            raise RunError(kind="inexact_resume", epoch=epoch, batch=batch, data=data)
+        self.log.warning(
+            f"resuming epoch {epoch} at batch {batch} inexactly (allow_inexact_resume=True): the {data} "
+            f"gives no position to continue from, so its first {batch} batches are drawn again and dropped"
+        )
+
     def _meta(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
         m = {**self.metadata, "epoch": epoch_done, "callbacks": self.cb_states, "history": self.history}
-        if self.lr is not None:
-            m["lr"] = self.lr
+        lr = resume_lib.host_lr(self.state.opt_state)  # the base lr, as last set (not a copy)
+        if lr is not None:
+            m["lr"] = lr
         if in_epoch:
             m["in_epoch"] = in_epoch
         if self.div is not None and self.div.marks:
@@ -357,106 +176,6 @@ class _Driver:
         checkpoint.save_state(path, self.state, metadata=self._meta(epoch_done, in_epoch))
         self.log.info(f"saved {path} (step {_host_step(self.state.step)})")
         return path
-
-    def _weights_path(self, kind: str, epoch: int, member: int | None) -> Path | None:
-        if self.run is None:
-            return None
-        folder = self.run.checkpoints if member is None else self.run.checkpoints / f"member-{member:02d}"
-        return folder / (BEST if kind == "best" else f"epoch-{epoch:03d}.safetensors")
-
-    def _record_best(self, epoch: int, monitor: str | None, value: float | None, member: int | None) -> None:
-        path = self._weights_path("best", epoch, member)
-        record = {"epoch": epoch, "monitor": monitor, "value": value, "path": str(path) if path else None}
-        if member is None:
-            self.best = record
-        else:
-            self.member_best[member] = record
-
-    def _save_weights(self, a: cbs.SaveCheckpoint) -> None:
-        if a.kind == "best":
-            self._record_best(a.epoch, a.monitor, a.value, a.member)
-        path = self._weights_path(a.kind, a.epoch, a.member)
-        if path is None:
-            return
-        weights = self.weights_of(self.state)
-        meta = {**self.metadata, "epoch": a.epoch, "monitor": a.monitor, "value": a.value}
-        if a.member is not None:  # one member of an ensemble: a plain single-model file
-            rundir.member_folder(path.parent.parent, a.member)
-            weights = {k: v[a.member] for k, v in weights.items()}
-            meta["member"] = a.member
-        checkpoint.save_weights(path, weights, metadata=meta)
-        self.log.info(f"saved {path} ({a.monitor} {a.value})")
-
-    # -- events and actions --------------------------------------------------------------------
-
-    def dispatch(self, event: Any, epoch: int, finite: bool = True) -> str | None:
-        """Send `event` to the callbacks, then carry out their actions; a stop reason or None.
-
-        With a run directory every finished epoch ends in last.safetensors (exact resume
-        whatever the callbacks): written here when no callback asked for it.
-        """
-        self.cb_states, actions = cbs.dispatch(self.callbacks, self.cb_states, event)
-        if self.run is not None and isinstance(event, cbs.EpochEnd):
-            if not any(isinstance(a, cbs.SaveCheckpoint) and a.kind == "last" for a in actions):
-                actions = [*actions, cbs.SaveCheckpoint("last", event.epoch)]
-        return self.carry_out(actions, epoch, finite)
-
-    def carry_out(self, actions: list[Any], epoch: int, finite: bool) -> str | None:
-        """Apply actions in list order, except hyperparameters first and Stop last; each
-        action type has one handler (`_handlers`), and file-writing ones run only with a
-        run directory.
-
-        List order matters: ModelCheckpoint saves a newcomer before deleting the file it
-        evicts and writes "last" after everything else, so a crash in between never loses a
-        kept file nor records an unwritten one. Hyperparameters go first so that a checkpoint
-        written for this event holds the lr its callback states already record.
-        """
-        order = {cbs.SetHyperparam: 0, cbs.Stop: 2}
-        reason = None
-        for a in sorted(actions, key=lambda a: order.get(type(a), 1)):  # stable: list order kept
-            handler = self._handlers.get(type(a))
-            if handler is None:
-                raise TypeError(
-                    f"fit cannot carry out {a!r}: not one of the actions of fashion_func.callbacks"
-                )
-            reason = handler(a, epoch, finite) or reason
-        return reason
-
-    @functools.cached_property
-    def _handlers(self) -> dict[type, Callable[[Any, int, bool], str | None]]:
-        """One handler per action type: `(action, epoch, finite) -> stop reason or None`."""
-        handlers: dict[type, Callable[[Any, int, bool], str | None]] = {
-            cbs.Stop: lambda a, epoch, finite: a.reason,
-            cbs.SetHyperparam: _no_reason(self._set_hyperparam),
-            cbs.LogMessage: _no_reason(lambda a: self.log.info(a.text)),
-            cbs.SaveCheckpoint: self._save,
-            cbs.KeptBest: _no_reason(lambda a: self._record_best(a.epoch, a.monitor, a.value, a.member)),
-        }
-        run = self.run
-        if run is None:  # the actions that only write files: nothing to do without a run directory
-            return {**handlers, **dict.fromkeys(_FILE_ACTIONS, lambda a, epoch, finite: None)}
-        writers: dict[type, Callable[[Any], Any]] = {
-            cbs.LogScalars: lambda a: run.log_scalars(dict(a.scalars), a.step, purge_step=self.start_epoch),
-            cbs.WriteHistory: lambda a: run.write_json("history.json", [dict(r) for r in a.records]),
-            cbs.PlotHistory: lambda a: rundir.plot_history(a.records, run.path),
-            cbs.DeleteCheckpoint: lambda a: self._weights_path("epoch", a.epoch, a.member).unlink(
-                missing_ok=True
-            ),
-        }
-        return {**handlers, **{t: _no_reason(w) for t, w in writers.items()}}
-
-    def _set_hyperparam(self, a: cbs.SetHyperparam) -> None:
-        self.state = self.state.replace(opt_state=optim.set_hyperparam(self.state.opt_state, a.name, a.value))
-        if a.name == "lr":
-            self.lr = float(a.value)
-
-    def _save(self, a: cbs.SaveCheckpoint, epoch: int, finite: bool) -> None:
-        if not finite:
-            self.log.warning(f"not saving {a.kind} checkpoint for epoch {epoch}: parameters are not finite")
-        elif a.kind == "last":
-            self.save_last(epoch)
-        else:
-            self._save_weights(a)
 
     # -- epochs --------------------------------------------------------------------------------
 
@@ -477,6 +196,7 @@ class _Driver:
             }
             ep.first_bad = torch.tensor(int(saved["first_bad"]), dtype=torch.int64, device=device)
             ep.elapsed_before = float(saved["elapsed"])
+            ep.data_state = saved.get("data_state")
         return ep
 
     def _bar(self, ep: _Epoch) -> Any:
@@ -484,7 +204,7 @@ class _Driver:
             return _NoBar()
         from tqdm import tqdm
 
-        return tqdm(total=_num_batches(self.train_data), initial=ep.first_batch, leave=False, unit="step",
+        return tqdm(total=num_batches(self.train_data), initial=ep.first_batch, leave=False, unit="step",
                     desc=f"epoch {ep.epoch}/{self.epochs}", file=sys.stderr, dynamic_ncols=True)  # fmt: skip
 
     def train_epoch(self, epoch: int) -> bool:
@@ -499,7 +219,8 @@ class _Driver:
             self.state.step
         )  # mirrors state.step on the host, so checking it costs no sync
         ep.t0 = time.perf_counter()
-        batches = enumerate(epoch_batches(self.train_data, epoch, ep.first_batch), ep.first_batch)
+        source = epoch_batches(self.train_data, epoch, ep.first_batch, ep.data_state)
+        batches = enumerate(source, ep.first_batch)
         b = ep.first_batch - 1
         for b, batch in batches:
             self.state, m = self.train_step(self.state, batch)
@@ -508,13 +229,10 @@ class _Driver:
                 ep.first_bad = members_lib.note_bad(ep.first_bad, m["loss_sum"], self.state.step)
             bar.update(1)
             host_step += 1
-            cut = self.max_steps is not None and host_step >= self.max_steps
-            signum = self._stop_signal(host_step)
-            if cut and signum is None and next(batches, None) is None:
+            stop = self._check_stop(ep, batches, b, host_step, bar)
+            if stop == "end":
                 break  # the cut fell on the last batch: end the epoch below
-            if signum is not None or cut:
-                bar.close()
-                self._stop_mid_epoch(ep, b + 1, cut)
+            if stop == "cut":
                 return False
         bar.close()
         if b < 0:  # not even one batch (resuming at an epoch's very end has b >= first_batch - 1 >= 0)
@@ -528,10 +246,30 @@ class _Driver:
             return False
         return True
 
+    def _check_stop(self, ep: _Epoch, batches: Any, b: int, host_step: int, bar: Any) -> str | None:
+        """After batch `b`: None (go on), "end" (a cut on the epoch's last batch) or "cut" (the
+        state saved mid-epoch; on a signal `Interrupted` is raised instead)."""
+        cut = self.max_steps is not None and host_step >= self.max_steps
+        signum = self._stop_signal(host_step)
+        if not cut and signum is None:
+            return None
+        data_state = self._data_state()  # before the look-ahead below draws one more batch
+        if cut and signum is None and next(batches, None) is None:
+            return "end"
+        bar.close()
+        self._stop_mid_epoch(ep, b + 1, cut, data_state)
+        return "cut"
+
+    def _data_state(self) -> Any:
+        """A stateful `train_data`'s position (its `state_dict()`, as JSON values), else None."""
+        if resume_kind(self.train_data) != "state":
+            return None
+        return encode_state(self.train_data.state_dict())  # type: ignore[union-attr]
+
     def _params_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.state.params.values())
 
-    def _stop_mid_epoch(self, ep: _Epoch, next_batch: int, cut: bool) -> None:
+    def _stop_mid_epoch(self, ep: _Epoch, next_batch: int, cut: bool, data_state: Any = None) -> None:
         """Save the state cut inside epoch `ep` (unless it diverged); raise Interrupted on a signal."""
         if self.div is None:
             bad_step = int(self._first_bad(ep))
@@ -545,6 +283,7 @@ class _Driver:
             **self._partial_sums(ep),
             "first_bad": bad_step,
             "elapsed": ep.elapsed(),
+            **({"data_state": data_state} if data_state is not None else {}),
         }
         saved, path = True, (self.run.checkpoints / LAST if self.run else None)
         if (
@@ -562,9 +301,7 @@ class _Driver:
             self.stop_reason = f"max_steps {self.max_steps} reached"
             return
         if self.run is not None:
-            self.log.info(
-                f"interrupted: resume with --resume auto --out {self.run.path} (or --resume {path})"
-            )
+            self.log.info(Note(NOTES, "interrupted", out=self.run.path, path=path))
             self.run.close_tensorboard()
         raise Interrupted(self.flag["signum"], path or Path("."), saved=saved)
 
@@ -573,10 +310,9 @@ class _Driver:
         and quieted (`members.quiet`); (first non-finite step, finite) of the stack as a whole:
         (-1, True) while any member is left."""
         assert self.div is not None
-        steps = (
-            [int(x) for x in bad_steps] if len(bad_steps) == self.div.k else [int(bad_steps[0])] * self.div.k
-        )
-        finite = members_lib.finite_members(self.state.params, self.div.k)
+        k = self.div.k
+        steps = [int(x) for x in bad_steps] if len(bad_steps) == k else [int(bad_steps[0])] * k
+        finite = members_lib.finite_members(self.state.params, k)
         for i in self.div.mark(epoch, steps, finite):
             self.log.error(self.div.message(i))
         if self.div.all_dead():  # kept as it is, like one model's diverged state: never saved
@@ -586,13 +322,8 @@ class _Driver:
 
     def _end_epoch(self, ep: _Epoch, steps: int) -> None:
         # the epoch's sums (over all ranks, once per epoch, with a group), in one sync
-        first_bad = self._first_bad(ep)
-        sums = _to_host(
-            {
-                **_sum_over_ranks(self.group, ep.sums),
-                "first_bad": first_bad.reshape(() if self.div is None else -1),
-            }
-        )
+        first_bad = self._first_bad(ep).reshape(() if self.div is None else -1)
+        sums = to_host({**sum_over_ranks(self.group, ep.sums), "first_bad": first_bad})
         train_time = ep.elapsed()
         if self.div is None:
             bad = int(sums.pop("first_bad"))
@@ -600,15 +331,16 @@ class _Driver:
         else:  # a stack: members that diverged are marked and left out; it stops when all have
             bad, finite = self._member_verdict(ep.epoch, sums.pop("first_bad"))
         dead = self.div.dead if self.div is not None else ()
-        metrics: dict[str, Any] = _train_metrics(sums, max(steps, 1), dead)
+        metrics: dict[str, Any] = train_metrics(sums, max(steps, 1), dead)
         if self.eval_step is not None and self.val_data is not None:
             batches = epoch_batches(self.val_data, ep.epoch)
             live = self.div.live if self.div is not None and dead and finite else None
             metrics.update(evaluate(self.eval_step, self.state, batches, group=self.group, live=live))
-        if isinstance(self.lr, list):  # a sweep's members each have their own
-            metrics.update(expand_members({"lr": self.lr}))
-        elif self.lr is not None:
-            metrics["lr"] = self.lr
+        lr = applied_lr(self.state.opt_state, self.lr_schedule)  # what the last step applied
+        if isinstance(lr, list):  # a sweep's members each have their own
+            metrics.update(expand_members({"lr": lr}))
+        elif lr is not None:
+            metrics["lr"] = lr
         metrics["epoch_time_s"] = train_time
         if self.div is not None:
             metrics["members_diverged"] = len(dead)
@@ -660,7 +392,7 @@ class _Driver:
     def run_epochs(self) -> FitResult:
         # Handlers go in before TrainBegin logs "training epochs": from that line on, a
         # signal is always honoured after the current step.
-        with _signals_to_flag(self.run is not None or self.group is not None) as self.flag:
+        with signals_to_flag(self.run is not None or self.group is not None) as self.flag:
             reason = self.dispatch(cbs.TrainBegin(start_epoch=self.start_epoch, total_epochs=self.epochs), 0)
             if reason:
                 self.stop_reason = reason
@@ -706,6 +438,8 @@ def fit(
     log: logging.Logger | None = None,
     weights: Callable[[TrainState], Mapping[str, Tensor]] | None = None,
     group: Collective | None = None,
+    lr_schedule: Callable[[Tensor], Tensor] | None = None,
+    allow_inexact_resume: bool = False,
 ) -> FitResult:
     """Train `state` with `train_step` for `epochs` epochs; returns the final state and history.
 
@@ -737,6 +471,15 @@ def fit(
         once per epoch, a signal on any rank stops all of them after the same step (checked
         every `group.stop_check_every` steps), and only the rank given a `run_dir` (rank 0)
         writes: the others pass None.
+    lr_schedule: the schedule of a `optim.scale_by_schedule` in the optimizer's chain; the
+        history's `lr` is then the one the epoch's last step applied (the `lr` hyperparameter
+        times the schedule there), read from the state. Without it, the `lr` hyperparameter.
+    allow_inexact_resume: a checkpoint cut mid-epoch continues exactly only with `train_data`
+        that can start there: `data.EpochBatches`, a function `epoch -> batches` taking
+        `start=`, or an object with `state_dict()` / `load_state_dict()` (torchdata's
+        `StatefulDataLoader`: its state is saved in last.safetensors). Anything else (a list, a
+        shuffled `DataLoader`) is refused (RunError) unless this is True: then a warning is
+        logged and the batches already seen are drawn again and dropped.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -748,7 +491,8 @@ def fit(
         logger = log or (run.log if run else logging.getLogger("fashion_func"))
         driver = _Driver(state, train_step, train_data, epochs=epochs, eval_step=eval_step, val_data=val_data,
                          callbacks=callbacks, run=run, metadata=metadata, max_steps=max_steps,
-                         progress=progress, log=logger, weights=weights, group=group)  # fmt: skip
+                         progress=progress, log=logger, weights=weights, group=group,
+                         lr_schedule=lr_schedule, allow_inexact_resume=allow_inexact_resume)  # fmt: skip
         point = _resume_point(resume, run, state, driver.callbacks, logger)
         if point is not None:
             driver.resume_from(point)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from fashion_func import checkpoint, optim
-from fashion_func.loop.rundir import LAST, RunError
+from fashion_func.loop.artifacts import LAST
+from fashion_func.loop.errors import RunError
 from fashion_func.safeio import describe, display, short_repr
 from fashion_func.state import TrainState
 
@@ -27,7 +28,7 @@ class ResumePoint:
 
     start_epoch: the first epoch still to run (1-based). in_epoch: for a checkpoint cut
     mid-epoch, the batch to continue from and the epoch's partial sums; else None.
-    lr: the learning rate as last set (host float), if the optimizer has one.
+    lr: the learning rate as last set, read from the state's optimizer, if it has one.
     """
 
     path: Path
@@ -58,9 +59,9 @@ def resume_path(out: Path, resume: str | Path | None) -> Path | None:
     try:
         mode = os.stat(p).st_mode
     except OSError:
-        raise RunError(f"--resume {display(str(resume))}: no such checkpoint file") from None
+        raise RunError(kind="no_checkpoint", resume=str(resume)) from None
     if not stat.S_ISREG(mode):
-        raise RunError(f"--resume {display(str(resume))}: not a regular file ({describe(mode)})")
+        raise RunError(kind="checkpoint_not_regular", resume=str(resume), what=describe(mode))
     return p
 
 
@@ -151,6 +152,7 @@ def _in_epoch_problem(x: Any) -> str | None:
         "first_bad": _is_int(x.get("first_bad"), -1),
         "elapsed": _is_num(x.get("elapsed")) and x["elapsed"] >= 0,
         "batching": x.get("batching") is None or isinstance(x.get("batching"), dict),
+        "data_state": x.get("data_state") is None or isinstance(x.get("data_state"), dict),
     }
     bad = [k for k, ok in checks.items() if not ok]
     return f"has a missing or malformed {', '.join(bad)}" if bad else None
@@ -224,12 +226,7 @@ def load(path: str | Path, template: TrainState, callbacks: Sequence[Any] = ()) 
         raise checkpoint.CheckpointError(f"{display(path)}: not a valid resume point: {problem}")
     saved = meta.get("callbacks", {})
     cb_states = {cb.name: saved.get(cb.name, cb.init()) for cb in callbacks}
-    if "lr" in meta:
-        lr: float | list[float] | None = (
-            [float(x) for x in meta["lr"]] if isinstance(meta["lr"], list) else float(meta["lr"])
-        )
-    else:
-        lr = host_lr(st.opt_state)
+    lr = host_lr(st.opt_state)  # the state is the truth; the metadata's copy is for reading only
     return ResumePoint(
         path=path,
         state=st,
@@ -269,7 +266,4 @@ def check_same_batches(in_epoch: Mapping[str, Any], batching: Mapping[str, Any] 
     now = dict(batching)
     if saved != now:
         diff = ", ".join(f"{k} {saved.get(k)} (now {now.get(k)})" for k in now if saved.get(k) != now.get(k))
-        raise RunError(
-            f"the checkpoint was cut mid-epoch with {diff}; resume with the same batches "
-            "(--batch-size, --limit-train and --seed)"
-        )
+        raise RunError(kind="other_batches", diff=diff)

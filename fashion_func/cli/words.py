@@ -1,0 +1,91 @@
+"""The command line's words for the library's structured errors and notes: its flags.
+
+The core speaks its own API's words (`run_dir`, `overwrite=True`, `resume="auto"`, `data_dir`);
+each error or log note it raises with a `kind` is worded here, in the one table `WORDS`, with
+the flags a command-line user types. Anything without a kind (or with one not listed) reads as
+the library wrote it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fashion_func.safeio import word
+
+__all__ = ["REWORD", "WORDS", "message", "reword_log"]
+
+_HOW_TO_GET = (
+    "get the data with `apt-get install dataset-fashion-mnist` (as root, on Debian), "
+    "or pass --data-dir DIR, or set FASHION_MNIST_DIR=DIR (a directory holding the four IDX files, "
+    "plain or .gz), or run once on a machine with internet access so torchvision can download it "
+    "into ./dataset/fashion"
+)
+
+# kind -> the command line's wording (fields as in the library's error)
+WORDS: dict[str, str] = {
+    # loop.RunError
+    "in_use": "run directory {out} is in use by process {pid}; wait for it to finish or use another --out",
+    "overwrite_refused": "--overwrite: {path} is {what}; remove it",
+    "link": "{path} is a symbolic link; a run never follows links out of its directory: "
+    "remove it or use another --out",
+    "not_ours": "--out {out} holds files that are not a fashion_func run's (no {marker} marker); "
+    "use a new or empty directory",
+    "resumes_elsewhere": "run directory {out} already holds another run; --resume {resume} continues only "
+    "in its own run directory or a new --out (or pass --overwrite)",
+    "overwrite_resumed": "--overwrite would delete {resume}, the checkpoint being resumed",
+    "holds_run": "run directory {out} already holds a run; pass --resume auto to continue it or --overwrite",
+    "wrong_kind": "{path} is {what}, not {expected} as a run writes there; remove it or use another --out",
+    "root": "--out {out} is the root directory; give a run directory of its own",
+    "not_a_directory": "--out {out} exists and is not a directory",
+    "no_checkpoint": "--resume {resume}: no such checkpoint file",
+    "checkpoint_not_regular": "--resume {resume}: not a regular file ({what})",
+    "other_batches": "the checkpoint was cut mid-epoch with {diff}; resume with the same batches "
+    "(--batch-size, --limit-train and --seed)",
+    "inexact_resume": "the checkpoint was cut mid-epoch (epoch {epoch}, batch {batch}) and {data} cannot "
+    "continue exactly there",
+    # loop's notes (log lines)
+    "interrupted": "interrupted: resume with --resume auto --out {out} (or --resume {path})",
+    # data.DataError
+    "data_dir_missing": "--data-dir {dir} does not exist or is not a directory; " + _HOW_TO_GET,
+    "data_dir_lacks": "--data-dir {dir} lacks {missing}; " + _HOW_TO_GET,
+    "env_dir_missing": "$FASHION_MNIST_DIR {dir} does not exist or is not a directory; " + _HOW_TO_GET,
+    "env_dir_lacks": "$FASHION_MNIST_DIR {dir} lacks {missing}; " + _HOW_TO_GET,
+    "data_not_found": "Fashion-MNIST not found (searched {searched}) and download is disabled; "
+    + _HOW_TO_GET,
+    "data_download_failed": "Fashion-MNIST not found (searched {searched}) and the download into {root} "
+    "failed ({reason}); " + _HOW_TO_GET,
+    "data_download_incomplete": "download into {root} finished but {raw} lacks {missing}; " + _HOW_TO_GET,
+    # checkpoint.CheckpointError
+    "no_model_name": "{path}: no model name in the file's metadata; pass --model NAME",
+    # safeio.FileError
+    "output_exists": "{what} {path} exists; pass --overwrite to replace it",
+}
+
+
+def message(item: Any) -> str:
+    """`item` (an error or a log note) in the command line's words: by its kind from `WORDS`,
+    else as the library worded it."""
+    kind = getattr(item, "kind", None)
+    fields = getattr(item, "fields", None)
+    if isinstance(kind, str) and kind in WORDS and isinstance(fields, dict):
+        return word(WORDS[kind], fields)
+    return str(item)
+
+
+class _Reword(logging.Filter):
+    """Rewords a record whose message is a library note with a kind (`safeio.Note`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) and getattr(record.msg, "kind", None) in WORDS:
+            record.msg = message(record.msg)
+        return True
+
+
+REWORD = _Reword()
+
+
+def reword_log(log: logging.Logger) -> logging.Logger:
+    """`log`, its records of library notes worded with the command line's flags (idempotent)."""
+    log.addFilter(REWORD)
+    return log

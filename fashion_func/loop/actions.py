@@ -1,0 +1,146 @@
+"""The actions the callbacks return, carried out: save, set a hyperparameter, write, log, stop.
+
+`Actions` is the part of `fit`'s driver that executes them; it works on the driver's fields
+(state, run, log, metadata, callbacks and their states, best records).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fashion_func import callbacks as cbs
+from fashion_func import checkpoint, optim
+from fashion_func.loop import artifacts, plots
+from fashion_func.loop.artifacts import BEST
+
+__all__ = ["Actions"]
+
+_FILE_ACTIONS = (cbs.LogScalars, cbs.WriteHistory, cbs.PlotHistory, cbs.DeleteCheckpoint)
+
+
+def _no_reason(write: Callable[[Any], Any]) -> Callable[[Any, int, bool], None]:
+    """A handler that carries out an action and never stops the run, whatever `write` returns."""
+
+    def handler(a: Any, epoch: int, finite: bool) -> None:
+        write(a)
+
+    return handler
+
+
+class Actions:
+    """Carrying out the callbacks' actions, mixed into `fit`'s driver (which owns the fields)."""
+
+    state: Any
+    run: Any
+    log: Any
+    metadata: dict[str, Any]
+    callbacks: list[Any]
+    cb_states: dict[str, Any]
+    start_epoch: int
+    best: dict[str, Any] | None
+    member_best: dict[int, dict[str, Any]]
+    weights_of: Callable[[Any], dict[str, Any]]
+
+    def save_last(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> Path | None:
+        raise NotImplementedError
+
+    def _weights_path(self, kind: str, epoch: int, member: int | None) -> Path | None:
+        if self.run is None:
+            return None
+        folder = self.run.checkpoints if member is None else self.run.checkpoints / f"member-{member:02d}"
+        return folder / (BEST if kind == "best" else f"epoch-{epoch:03d}.safetensors")
+
+    def _record_best(self, epoch: int, monitor: str | None, value: float | None, member: int | None) -> None:
+        path = self._weights_path("best", epoch, member)
+        record = {"epoch": epoch, "monitor": monitor, "value": value, "path": str(path) if path else None}
+        if member is None:
+            self.best = record
+        else:
+            self.member_best[member] = record
+
+    def _save_weights(self, a: cbs.SaveCheckpoint) -> None:
+        if a.kind == "best":
+            self._record_best(a.epoch, a.monitor, a.value, a.member)
+        path = self._weights_path(a.kind, a.epoch, a.member)
+        if path is None:
+            return
+        weights = self.weights_of(self.state)
+        meta = {**self.metadata, "epoch": a.epoch, "monitor": a.monitor, "value": a.value}
+        if a.member is not None:  # one member of an ensemble: a plain single-model file
+            artifacts.member_folder(path.parent.parent, a.member)
+            weights = {k: v[a.member] for k, v in weights.items()}
+            meta["member"] = a.member
+        checkpoint.save_weights(path, weights, metadata=meta)
+        self.log.info(f"saved {path} ({a.monitor} {a.value})")
+
+    # -- events and actions --------------------------------------------------------------------
+
+    def dispatch(self, event: Any, epoch: int, finite: bool = True) -> str | None:
+        """Send `event` to the callbacks, then carry out their actions; a stop reason or None.
+
+        With a run directory every finished epoch ends in last.safetensors (exact resume
+        whatever the callbacks): written here when no callback asked for it.
+        """
+        self.cb_states, actions = cbs.dispatch(self.callbacks, self.cb_states, event)
+        if self.run is not None and isinstance(event, cbs.EpochEnd):
+            if not any(isinstance(a, cbs.SaveCheckpoint) and a.kind == "last" for a in actions):
+                actions = [*actions, cbs.SaveCheckpoint("last", event.epoch)]
+        return self.carry_out(actions, epoch, finite)
+
+    def carry_out(self, actions: list[Any], epoch: int, finite: bool) -> str | None:
+        """Apply actions in list order, except hyperparameters first and Stop last; each
+        action type has one handler (`_handlers`), and file-writing ones run only with a
+        run directory.
+
+        List order matters: ModelCheckpoint saves a newcomer before deleting the file it
+        evicts and writes "last" after everything else, so a crash in between never loses a
+        kept file nor records an unwritten one. Hyperparameters go first so that a checkpoint
+        written for this event holds the lr its callback states already record.
+        """
+        order = {cbs.SetHyperparam: 0, cbs.Stop: 2}
+        reason = None
+        for a in sorted(actions, key=lambda a: order.get(type(a), 1)):  # stable: list order kept
+            handler = self._handlers.get(type(a))
+            if handler is None:
+                raise TypeError(
+                    f"fit cannot carry out {a!r}: not one of the actions of fashion_func.callbacks"
+                )
+            reason = handler(a, epoch, finite) or reason
+        return reason
+
+    @functools.cached_property
+    def _handlers(self) -> dict[type, Callable[[Any, int, bool], str | None]]:
+        """One handler per action type: `(action, epoch, finite) -> stop reason or None`."""
+        handlers: dict[type, Callable[[Any, int, bool], str | None]] = {
+            cbs.Stop: lambda a, epoch, finite: a.reason,
+            cbs.SetHyperparam: _no_reason(self._set_hyperparam),
+            cbs.LogMessage: _no_reason(lambda a: self.log.info(a.text)),
+            cbs.SaveCheckpoint: self._save,
+            cbs.KeptBest: _no_reason(lambda a: self._record_best(a.epoch, a.monitor, a.value, a.member)),
+        }
+        run = self.run
+        if run is None:  # the actions that only write files: nothing to do without a run directory
+            return {**handlers, **dict.fromkeys(_FILE_ACTIONS, lambda a, epoch, finite: None)}
+        writers: dict[type, Callable[[Any], Any]] = {
+            cbs.LogScalars: lambda a: run.log_scalars(dict(a.scalars), a.step, purge_step=self.start_epoch),
+            cbs.WriteHistory: lambda a: run.write_json("history.json", [dict(r) for r in a.records]),
+            cbs.PlotHistory: lambda a: plots.plot_history(a.records, run.path),
+            cbs.DeleteCheckpoint: lambda a: self._weights_path("epoch", a.epoch, a.member).unlink(
+                missing_ok=True
+            ),
+        }
+        return {**handlers, **{t: _no_reason(w) for t, w in writers.items()}}
+
+    def _set_hyperparam(self, a: cbs.SetHyperparam) -> None:
+        self.state = self.state.replace(opt_state=optim.set_hyperparam(self.state.opt_state, a.name, a.value))
+
+    def _save(self, a: cbs.SaveCheckpoint, epoch: int, finite: bool) -> None:
+        if not finite:
+            self.log.warning(f"not saving {a.kind} checkpoint for epoch {epoch}: parameters are not finite")
+        elif a.kind == "last":
+            self.save_last(epoch)
+        else:
+            self._save_weights(a)

@@ -1,0 +1,52 @@
+"""The learning rate the optimizer applied, read from its state (never a host-side copy)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fashion_func import optim
+
+__all__ = ["applied_lr"]
+
+
+def _schedule_count(opt_state: Any) -> Tensor | None:
+    """The update counter of the first `scale_by_schedule` in `opt_state`, or None."""
+    if isinstance(opt_state, optim.ScaleByScheduleState):
+        return opt_state.count
+    if isinstance(opt_state, (tuple, list)):
+        for part in opt_state:
+            found = _schedule_count(part)
+            if found is not None:
+                return found
+    return None
+
+
+def applied_lr(
+    opt_state: Any, schedule: Callable[[Tensor], Tensor] | None = None
+) -> float | list[float] | None:
+    """The learning rate of the optimizer's last update, from its state; None if it has no `lr`.
+
+    The `lr` hyperparameter (as `optim.set_hyperparam` last set it), times `schedule` at the
+    last update's count when the chain holds a `scale_by_schedule(schedule)`. Computed in
+    float32 as the update is, and shown as the shortest float32 repr (0.001, not
+    0.0010000000474974513). A stacked state (ensemble, sweep) gives one float when all members
+    share it, else a list.
+    """
+    try:
+        lr = optim.get_hyperparam(opt_state, "lr").detach()
+    except KeyError:
+        return None
+    value = lr.float()
+    count = _schedule_count(opt_state) if schedule is not None else None
+    if schedule is not None and count is not None:
+        last = (count.reshape(-1)[0] - 1).clamp(min=0)  # the counter counts updates done
+        value = value * schedule(last.to(torch.float32)).to(torch.float32)
+    floats = [float(str(np.float32(x))) for x in value.reshape(-1).tolist()]
+    if value.dim() == 0 or len(set(floats)) == 1:
+        return floats[0]
+    return floats

@@ -1,0 +1,137 @@
+"""Metric sums -> epoch means, over an ensemble's members and a data-parallel group's ranks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fashion_func.loop import members as members_lib
+from fashion_func.loop.collective import Collective
+
+__all__ = ["evaluate", "expand_members", "sum_over_ranks", "to_host", "train_metrics"]
+
+
+def evaluate(
+    eval_step: Callable[..., Mapping[str, Tensor]],
+    state: Any,
+    batches: Iterable[Any],
+    *,
+    group: Collective | None = None,
+    live: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Validation metrics over `batches`, one host sync at the end.
+
+    `eval_step(state, batch)` returns per-example tensors (as `make_eval_step`'s): the mean
+    of `loss` is `val_loss`, of `correct` `val_acc`, of `topk_correct` `val_top{k}` (k from
+    `eval_step.topk`, default 5). `state` is a TrainState or what the eval step takes.
+    group: each rank evaluated its own part of the data; the sums and counts are added
+    over the ranks, so every rank gets the same numbers (every rank needs a batch).
+    live: of a stacked state, the members to evaluate (the others diverged): the ensemble's
+    own metrics are those of these members, the others' per-member values are NaN.
+    """
+    k = int(state.step.shape[0]) if live is not None else 0
+    if live is not None:
+        state = members_lib.live_state(state, live)
+    own = {
+        "loss": "val_loss",
+        "correct": "val_acc",
+        "topk_correct": f"val_top{getattr(eval_step, 'topk', 5)}",
+    }
+    names = {**own, **{f"member_{k}": v for k, v in own.items()}}  # an ensemble's members: [K, B]
+    sums: dict[str, Tensor] = {}
+    count = 0
+    for batch in batches:
+        out = eval_step(state, batch)
+        count += int(out["loss"].shape[-1])  # a shape: no sync
+        for key in names:
+            if key in out:
+                part = out[key].double().sum(-1)
+                sums[key] = part if key not in sums else sums[key] + part
+    if group is not None and sums:  # this rank's part: the sums and the count added over the ranks
+        anchor = next(iter(sums.values()))
+        sums = sum_over_ranks(group, {**sums, "_count": anchor.new_tensor(float(count))})
+    values = to_host(sums)  # the one sync
+    count = int(values.pop("_count", count))
+    scalars = {names[k]: v / count for k, v in values.items() if k in own}
+    members = {names[n]: [x / count for x in v] for n, v in values.items() if n not in own}
+    if live is not None:
+        members = {n: members_lib.with_dead(v, live, k) for n, v in members.items()}
+        return expand_members(members, scalars, dead=[i for i in range(k) if i not in live])
+    return expand_members(members, scalars)
+
+
+def to_host(tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Floats (0-d tensors) and lists of floats (one per member, [K]) in one host sync."""
+    if not tensors:
+        return {}
+    flat = torch.cat([t.double().reshape(-1) for t in tensors.values()]).tolist()
+    out: dict[str, Any] = {}
+    i = 0
+    for k, t in tensors.items():
+        n = t.numel()
+        out[k] = flat[i] if t.dim() == 0 else flat[i : i + n]
+        i += n
+    return out
+
+
+def sum_over_ranks(group: Collective | None, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`tensors` added over the ranks in one collective (unchanged without a group)."""
+    if group is None or not tensors:
+        return dict(tensors)
+    total = group.sum(torch.cat([t.double().reshape(-1) for t in tensors.values()]))
+    out, i = {}, 0
+    for k, t in tensors.items():
+        out[k] = total[i : i + t.numel()].reshape(t.shape)
+        i += t.numel()
+    return out
+
+
+def expand_members(
+    members: Mapping[str, Sequence[float]],
+    own: Mapping[str, float] | None = None,
+    *,
+    dead: Collection[int] = (),
+) -> dict[str, float]:
+    """Flat metrics from per-member lists: `x` -> `x_m0, x_m1, ...`, `x_mean`, `x_std` (sample
+    standard deviation over members, 0 for one member), and `x` itself: the ensemble's own
+    value where `own` has it (validation of the averaged prediction), else the members' mean.
+    `dead`: diverged members, NaN in `x_m<k>` and left out of the mean and std."""
+    out = dict(own or {})
+    for name, values in members.items():
+        out.setdefault(name, members_lib.mean_std(values, dead)[0])
+    for name, values in members.items():
+        out[f"{name}_mean"], out[f"{name}_std"] = members_lib.mean_std(values, dead)
+        out.update({f"{name}_m{k}": math.nan if k in dead else v for k, v in enumerate(values)})
+    return out
+
+
+def _host_step(step: Tensor) -> int:
+    """The step as an int; an ensemble's members all stand at the same step."""
+    return int(step.reshape(-1)[0])
+
+
+def train_metrics(sums: Mapping[str, Any], steps: int, dead: Collection[int] = ()) -> dict[str, float]:
+    """Epoch means from summed step metrics: `loss_sum` -> train_loss, `correct` -> train_acc,
+    `top5_correct` -> train_top5, `x_sum` -> train_x, anything else -> train_<key>; per
+    example when `count` is given. Per-member sums (lists, from an ensemble step) become
+    per-member means, expanded by `expand_members`."""
+    count = sums.get("count", steps) or 1
+    denom = count[0] if isinstance(count, list) else count  # members see the same batches
+    scalars: dict[str, float] = {}
+    members: dict[str, list[float]] = {}
+    for k, v in sums.items():
+        if k in ("count", "first_bad"):
+            continue
+        name = "train_" + ("acc" if k == "correct" else k.removesuffix("_sum").removesuffix("_correct"))
+        if isinstance(v, list):
+            members[name] = [x / denom for x in v]
+        else:
+            scalars[name] = v / denom
+    order = {"train_loss": 0, "train_acc": 1}
+    scalars = dict(sorted(scalars.items(), key=lambda kv: order.get(kv[0], 2)))
+    members = dict(sorted(members.items(), key=lambda kv: order.get(kv[0], 2)))
+    return expand_members(members, scalars, dead=dead)
