@@ -14,6 +14,7 @@ import functools
 import inspect
 import itertools
 import logging
+import re
 import signal
 import statistics
 import sys
@@ -111,35 +112,49 @@ def evaluate(
 ) -> dict[str, float]:
     """Validation metrics over `batches`, one host sync at the end.
 
-    `eval_step(state, batch)` returns per-example tensors (as `make_eval_step`'s): the mean
-    of `loss` is `val_loss`, of `correct` `val_acc`, of `topk_correct` `val_top{k}` (k from
-    `eval_step.topk`, default 5). `state` is a TrainState or what the eval step takes.
-    group: each rank evaluated its own part of the data; the sums and counts are added
-    over the ranks, so every rank gets the same numbers (every rank needs a batch).
+    `eval_step(state, batch)` returns per-example tensors (as `make_eval_step`'s). Every output
+    of the shape of `loss` (`[B]`) but `pred` is averaged over the examples: `loss` ->
+    val_loss, `correct` -> val_acc, `top{k}_correct` -> val_top{k}, any other `<name>` ->
+    val_<name>; an ensemble's `member_<name>` (`[K, B]`) the same per member. `logits`, `pred`
+    and outputs of other shapes are not reduced. `state` is a TrainState or what the eval
+    step takes. group: each rank evaluated its own part of the data; the sums and counts are
+    added over the ranks, so every rank gets the same numbers (every rank needs a batch).
     """
-    own = {
-        "loss": "val_loss",
-        "correct": "val_acc",
-        "topk_correct": f"val_top{getattr(eval_step, 'topk', 5)}",
-    }
-    names = {**own, **{f"member_{k}": v for k, v in own.items()}}  # an ensemble's members: [K, B]
     sums: dict[str, Tensor] = {}
     count = 0
     for batch in batches:
         out = eval_step(state, batch)
         count += int(out["loss"].shape[-1])  # a shape: no sync
-        for key in names:
-            if key in out:
-                part = out[key].double().sum(-1)
-                sums[key] = part if key not in sums else sums[key] + part
+        for key in _per_example_keys(out):
+            part = out[key].double().sum(-1)
+            sums[key] = part if key not in sums else sums[key] + part
     if group is not None and sums:  # this rank's part: the sums and the count added over the ranks
         anchor = next(iter(sums.values()))
         sums = _sum_over_ranks(group, {**sums, "_count": anchor.new_tensor(float(count))})
     values = _to_host(sums)  # the one sync
     count = int(values.pop("_count", count))
-    scalars = {names[k]: v / count for k, v in values.items() if k in own}
-    members = {names[k]: [x / count for x in v] for k, v in values.items() if k not in own}
+    own = {k: v for k, v in values.items() if not k.startswith("member_")}
+    scalars = {_val_name(k): v / count for k, v in own.items()}
+    members = {_val_name(k[7:]): [x / count for x in v] for k, v in values.items() if k not in own}
     return expand_members(members, scalars)
+
+
+def _per_example_keys(out: Mapping[str, Tensor]) -> list[str]:
+    """The outputs `evaluate` averages: the ones shaped like `loss` (`member_loss`), but `pred`."""
+    shapes = {"": out["loss"].shape, "member_": out["member_loss"].shape if "member_loss" in out else None}
+    keys = []
+    for key, value in out.items():
+        prefix = "member_" if key.startswith("member_") else ""
+        if key.removeprefix(prefix) not in ("pred", "logits") and value.shape == shapes[prefix]:
+            keys.append(key)
+    return keys
+
+
+def _val_name(key: str) -> str:
+    """`loss` -> val_loss, `correct` -> val_acc, `top5_correct` -> val_top5, `x` -> val_x."""
+    if key == "correct":
+        return "val_acc"
+    return "val_" + (key.removesuffix("_correct") if re.fullmatch(r"top\d+_correct", key) else key)
 
 
 def _to_host(tensors: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -652,11 +667,16 @@ def fit(
 
     train_data, val_data: a function `epoch -> iterable of batches` (e.g. `data.EpochBatches`)
         or an iterable run through once per epoch (a `DataLoader`, a list of batches).
-    train_step: `(state, batch) -> (state, metrics)`; metrics are 0-d device tensors summed
-        over the epoch (`loss_sum`, `correct`, `count` give train_loss / train_acc), or `[K]`
-        tensors from an ensemble step (reported per member, with their mean and std).
+    train_step: `(state, batch) -> (state, metrics)`; metrics are 0-d device tensors, sums
+        over the batch, added up over the epoch on the device (and over the ranks with a
+        group) and divided by the summed `count` (by the number of steps without one):
+        `loss_sum` -> train_loss, `correct` -> train_acc, `top{k}_correct` -> train_top{k},
+        `<name>_sum` -> train_<name>, any other key -> train_<key>. `[K]` tensors from an
+        ensemble step are reported per member (`_m0`, ...), with their mean and std.
     eval_step: `(state, batch) -> per-example tensors` (`make_eval_step`), run on `val_data`
-        after each epoch (val_loss, val_acc, val_top5).
+        after each epoch and averaged over it (`evaluate`): val_loss, val_acc, val_top{k},
+        val_<name> for each other `[B]` output. Every metric goes to the history, the log
+        and TensorBoard alike.
     callbacks: pure event handlers (`fashion_func.callbacks`); `fit` carries out their actions.
     run_dir: None writes nothing. A path (or an opened `RunDir`) is locked for the run and
         receives train.log and checkpoints/last.safetensors (exact resume, every epoch), and
