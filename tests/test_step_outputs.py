@@ -3,10 +3,12 @@ function models, and the default preprocess's dtype check (step, ensemble, fit).
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fashion_func as ff
 from fashion_func import data, ensemble, losses, models, optim, preprocess, step
@@ -44,10 +46,10 @@ def test_every_step_maker_takes_the_three_compile_modes(compile):
     model, tx, st = _mlp_state()
     batch = _uint8(0)
     want = step.make_eval_step(model, compile=False)(st, batch)
-    for make in (step.make_eval_step, ensemble.make_eval_step):
-        target = st if make is step.make_eval_step else ensemble.stack([st, st])
-        out = make(model, compile=compile)(target, batch)
-        assert torch.equal(out["loss"], want["loss"])  # "update": no update to compile, eager
+    out = step.make_eval_step(model, compile=compile)(st, batch)
+    assert torch.equal(out["loss"], want["loss"])  # "update": no update to compile, eager
+    out = ensemble.make_eval_step(model, compile=compile)(ensemble.stack([st, st]), batch)
+    torch.testing.assert_close(out["member_loss"], torch.stack([want["loss"]] * 2))  # vmapped: not bitwise
     for make in (
         step.make_train_step,
         step.make_eval_step,
@@ -142,7 +144,7 @@ def test_fit_reports_extra_outputs_as_train_and_val_means(tmp_path):
     train_step, eval_step = step.make_train_step(model, tx, **kw), step.make_eval_step(model, **kw)
     result = ff.fit(
         st, train_step, train, epochs=1, eval_step=eval_step, val_data=val, run_dir=tmp_path / "run",
-        callbacks=[ff.callbacks.TrainingMonitor()],
+        callbacks=[ff.callbacks.TrainingMonitor(), ff.callbacks.LogEpoch(), ff.callbacks.TensorBoardLogger()],
     )  # fmt: skip
     record = result.history[0]
     # by hand: the same steps, their sums over the epoch divided by the examples
@@ -162,6 +164,12 @@ def test_fit_reports_extra_outputs_as_train_and_val_means(tmp_path):
     assert "val_pred" not in record and "val_logits" not in record
     log = (tmp_path / "run" / "train.log").read_text()
     assert "train_margin" in log and "val_confident" in log
+    assert (
+        json.loads((tmp_path / "run" / "history.json").read_text())[0]["val_margin"] == record["val_margin"]
+    )
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"train/margin", "train/confident", "val/margin", "val/confident"} <= set(events.Tags()["scalars"])
 
 
 def test_evaluate_averages_every_per_example_output_of_a_users_eval_step():
