@@ -80,7 +80,7 @@ def test_the_onnx_graph_normalises_images_bitwise_as_training_does(tmp_path):
     from fashion_func.interop import onnx_io
 
     images = data.load("test", limit=64).images
-    all_values = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16).expand(2, 16, 16).contiguous()
+    all_values = (torch.arange(2 * 28 * 28) % 256).to(torch.uint8).reshape(2, 28, 28)  # every pixel value
     for mean, std in ((data.MEAN, data.STD), (data.TUTORIAL_MEAN, data.TUTORIAL_STD)):
         wrapper = onnx_io._ImagesToLogits(torch.nn.Identity(), mean, std).eval()
         path = tmp_path / f"normalise-{mean}.onnx"
