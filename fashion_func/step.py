@@ -626,7 +626,9 @@ def per_example_grads(
     forward = _forward_fn(model)
     per_example = loss or losses.cross_entropy_per_example
     inputs, targets = batch
-    x = _preprocess(preprocess, inputs)
+    # strided NCHW: vmap's batched convolutions cannot carry the default preprocess's NHWC on CPU
+    # (PyTorch NYI); a one-channel NHWC tensor is "contiguous" too, so .contiguous() would keep it
+    x = _preprocess(preprocess, inputs).clone(memory_format=torch.contiguous_format)
     state = dict(model_state or {})
 
     def single(p: Params, xi: Tensor, yi: Tensor) -> Tensor:

@@ -410,3 +410,15 @@ def test_one_normalisation_shared_by_data_step_and_onnx_constants():
         torch.compile(preprocess.normalize)(images), x
     )
     assert math.isclose(float(preprocess.normalize(images, 0.5, 0.5)[0, 0, 15, 15]), 1.0)
+
+
+def test_per_example_grads_of_a_convnet_with_the_default_preprocess_on_cpu():
+    """The default preprocess lays images out NHWC on CPU, which vmap's convolutions refuse:
+    per_example_grads takes them NCHW, and equals the float path."""
+    model = models.get("simplenet")
+    params = model.init(torch.Generator().manual_seed(0))
+    images, labels = _uint8(9, n=3)
+    got = step.per_example_grads(model, params, (images, labels))
+    want = step.per_example_grads(model, params, (data.normalize(images), labels), preprocess=None)
+    for k in params:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
