@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, ClassVar, Literal, NamedTuple
 
-import einops
 import numpy as np
 import torch
 from torch import Tensor
 
 from fashion_func import env
+from fashion_func.preprocess import MEAN, STD, TUTORIAL_MEAN, TUTORIAL_STD, normalize
 from fashion_func.safeio import FileError, Worded, one_line, open_regular
 
 __all__ = [
@@ -79,14 +79,8 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (28, 28)
-
-# Pixel statistics of the 60,000 training images scaled to [0, 1] (checked by tests/test_data.py
-# against `dataset_stats` of the real files).
-MEAN = 0.2860
-STD = 0.3530
-# The tutorial normalised with transforms.Normalize((0.5,), (0.5,)).
-TUTORIAL_MEAN = 0.5
-TUTORIAL_STD = 0.5
+# MEAN, STD (the training images' pixel statistics), TUTORIAL_MEAN/STD (0.5, 0.5) and
+# `normalize` are `fashion_func.preprocess`'s, re-exported here.
 
 ENV_VAR = "FASHION_MNIST_DIR"
 # Module-level so tests can point them elsewhere with monkeypatch.
@@ -506,17 +500,6 @@ class EpochBatches:
     def batching(self) -> dict[str, int]:
         """What fixes the batches: example count, batch size and seed."""
         return {"n": int(self.split.labels.shape[0]), "batch_size": self.batch_size, "seed": self.seed}
-
-
-def normalize(
-    images: Tensor, mean: float = MEAN, std: float = STD, *, dtype: torch.dtype = torch.float32
-) -> Tensor:
-    """uint8 images [B,28,28] -> `dtype` [B,1,28,28] with values (x/255 - mean)/std.
-
-    Pure tensor ops, so it runs inside a compiled step on the device.
-    """
-    x = einops.rearrange(images, "b h w -> b 1 h w")  # add the single channel axis conv layers expect
-    return (x.to(dtype) / 255.0 - mean) / std
 
 
 def dataset_stats(images: Tensor) -> tuple[float, float]:

@@ -20,30 +20,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from fashion_func import losses, nn, optim
-from fashion_func import metrics as metrics_lib
+from fashion_func import nn, optim
 from fashion_func.augment import Augment
 from fashion_func.models import Model, ModelState, Params
+from fashion_func.preprocess import FASHION_MNIST, NormalizeImages
 from fashion_func.state import TrainState
 from fashion_func.state import create as create_state
-from fashion_func.step import (
-    FASHION_MNIST,
-    Batch,
-    LossFn,
-    NormalizeImages,
-    Preprocess,
-    as_model,
-    check_per_example,
-    eval_core,
-    eval_step_from_core,
-    step_from_core,
-    train_core,
-)
+from fashion_func.step import CoreIn, EvalStep, LossFn, MetricsFn, Preprocess, TrainStep, stages
 
 __all__ = [
     "combine",
@@ -100,7 +89,7 @@ def member_seed(seed: int, k: int) -> int:
 
 
 def init(
-    model: Model,
+    model: Model | Callable[..., Any],
     optimizer: optim.GradientTransformation,
     *,
     members: int,
@@ -108,6 +97,8 @@ def init(
     hyperparams: Sequence[Mapping[str, float]] | None = None,
     same_init: bool = False,
     device: torch.device | str | None = None,
+    init: Callable[[torch.Generator], Params] | None = None,
+    init_state: ModelState | Callable[[], ModelState] | None = None,
 ) -> TrainState:
     """A stacked state of `members` fresh members.
 
@@ -115,20 +106,52 @@ def init(
     `seed` for every member when `same_init` (a sweep, where only the hyperparameters should
     differ). hyperparams: one mapping per member, e.g. `[{"lr": 1e-3}, {"lr": 3e-4}]`, set
     in that member's optimizer state (names as `optim.hyperparams` lists them).
+
+    model: a `Model` (its `init` and `init_state` are used), or a plain function as the steps
+    take it, with `init`: `generator -> params` (given each member's generator) and, for a
+    stateful function, `init_state`: its initial model state (a dict, or a function returning
+    one), the same for every member. `init` / `init_state` also override a `Model`'s.
     """
     if members < 1:
         raise ValueError(f"an ensemble needs at least one member, got {members}")
     if hyperparams is not None and len(hyperparams) != members:
         raise ValueError(f"hyperparams has {len(hyperparams)} entries for {members} members")
+    draw, first_state = _initialisers(model, init, init_state, device)
     states = []
     for k in range(members):
         s = seed if same_init else member_seed(seed, k)
-        params = model.init(torch.Generator().manual_seed(s), device=device)
-        st = create_state(params, optimizer, seed=s, model_state=model.init_state(device=device))
+        st = create_state(
+            draw(torch.Generator().manual_seed(s)), optimizer, seed=s, model_state=first_state()
+        )
         for name, value in (hyperparams[k] if hyperparams else {}).items():
             st = st.replace(opt_state=optim.set_hyperparam(st.opt_state, name, value))
         states.append(st)
     return stack(states)
+
+
+def _initialisers(
+    model: Any, init: Any, init_state: Any, device: torch.device | str | None
+) -> tuple[Callable[[torch.Generator], Params], Callable[[], ModelState]]:
+    """(generator -> params, () -> model state) for a Model or a plain function."""
+    if init is None and not isinstance(model, Model):
+        raise TypeError(
+            f"ensemble.init of a plain function ({getattr(model, '__name__', type(model).__name__)}) "
+            "needs init=, a function generator -> params (and init_state= for a stateful one)"
+        )
+
+    def draw(g: torch.Generator) -> Params:
+        if init is None:
+            return model.init(g, device=device)
+        params = init(g)
+        return {k: v.to(device) for k, v in params.items()} if device is not None else dict(params)
+
+    def first_state() -> ModelState:
+        if init_state is None:
+            return model.init_state(device=device) if isinstance(model, Model) else {}
+        st = init_state() if callable(init_state) else init_state
+        return {k: v.to(device) if device is not None else v.clone() for k, v in st.items()}
+
+    return draw, first_state
 
 
 def _nchw(preprocess: Preprocess | None) -> Preprocess | None:
@@ -142,72 +165,83 @@ def _nchw(preprocess: Preprocess | None) -> Preprocess | None:
 
 
 def make_train_step(
-    model: Model | Callable[..., Tensor],
+    model: Model | Callable[..., Any],
     optimizer: optim.GradientTransformation,
     *,
     loss: LossFn | None = None,
+    metrics: MetricsFn | None = None,
     preprocess: Preprocess | None = FASHION_MNIST,
     precision: str = "fp32",
     compile: bool | str = True,
     device_type: str | None = None,
     topk: int | None = None,
     reduce_grads: Callable[[Params], Params] | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
+) -> TrainStep:
     """`step(stacked_state, batch) -> (stacked_state, metrics)`: `step.make_train_step` vmapped
-    over the members, the batch shared. Arguments as there; each metric is `[K]`, one sum per
-    member (`fit` reports them per member, with their mean and standard deviation)."""
-    core = train_core(
-        as_model(model), optimizer, loss=loss, preprocess=_nchw(preprocess), precision=precision,
-        compile=compile, device_type=device_type, topk=topk, reduce_grads=reduce_grads,
-        members=True,
-    )  # fmt: skip
+    over the members, the batch shared. Arguments as there (a plain function model too); each
+    metric is `[K]`, one sum per member, extra outputs' `<name>_sum` included (`fit` reports
+    them per member, with their mean and standard deviation)."""
+    built = stages(model, optimizer, loss=loss, metrics=metrics, preprocess=_nchw(preprocess),
+                   precision=precision, device_type=device_type, topk=topk)  # fmt: skip
+    # each member its own params, model state, step and key; the batch and opt_state as given
+    # (the gradients ignore opt_state; vmapping it would need every leaf to be a tensor)
+    dims = CoreIn(params=0, model_state=0, opt_state=None, step=0, rng=0, inputs=None, targets=None)
+    built = built.replace(
+        gradients=torch.func.vmap(built.gradients, in_dims=(dims,)), update=torch.func.vmap(built.update)
+    )
+    # size(): a clear error for an unstacked state
+    return built.train_step(compile=compile, reduce_grads=reduce_grads, check=size)
 
-    return step_from_core(core, check=size)  # size(): a clear error for an unstacked state
+
+def _identity(params: Params, x: Tensor) -> Tensor:
+    return x
 
 
-def combine(member_out: Mapping[str, Tensor], y: Tensor, per_example: LossFn, topk: int) -> dict[str, Tensor]:
-    """The ensemble's own per-example metrics (mean of the members' probabilities) beside each
-    member's (`member_<name>`, `[K, B]`)."""
+def combine(
+    member_out: Mapping[str, Tensor],
+    y: Tensor,
+    per_example: LossFn | None = None,
+    topk: int = 5,
+    metrics: MetricsFn | None = None,
+) -> dict[str, Tensor]:
+    """The ensemble's own per-example outputs (its prediction the mean of the members'
+    probabilities; `loss`, `correct`, extra outputs... from the loss and `metrics` as in
+    `step.make_eval_step`) beside each member's (`member_<name>`, `[K, B]`)."""
     # log of the mean probability, computed stably: logsumexp of log-probs minus log K (a
     # Python float, so that it takes the logits' dtype: a float32 log K put 4e-9 into float64)
     log_probs = torch.log_softmax(member_out["logits"], dim=-1)
     logits = torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
-    values = per_example(logits, y)
-    check_per_example(values, y.shape[0])
-    out = {"loss": values, "logits": logits}
-    if "correct" in member_out:
-        pred = logits.argmax(-1)
-        out.update(correct=pred == y, topk_correct=metrics_lib.topk_correct(logits, y, topk), pred=pred)
+    own = stages(_identity, loss=per_example, metrics=metrics, preprocess=None, topk=topk).outputs
+    out = own(logits, y)
     out.update({f"member_{name}": v for name, v in member_out.items() if name != "logits"})
     out["member_logits"] = member_out["logits"]
     return out
 
 
 def make_eval_step(
-    model: Model | Callable[..., Tensor],
+    model: Model | Callable[..., Any],
     *,
     loss: LossFn | None = None,
+    metrics: MetricsFn | None = None,
     preprocess: Preprocess | None = FASHION_MNIST,
     precision: str = "fp32",
-    compile: bool = True,
+    compile: bool | str = True,
     topk: int = 5,
     tta: bool = False,
-) -> Callable[..., dict[str, Tensor]]:
-    """`eval_step(stacked_state_or_params, batch, model_state=None) -> per-example metrics`.
+) -> EvalStep:
+    """`eval_step(stacked_state_or_params, batch, model_state=None) -> per-example outputs`.
 
-    tta: each member's prediction averages the image and its mirror image (`step.eval_core`).
-
-    The ensemble's prediction is the mean of its members' probabilities: `loss`, `logits`
-    (log of that mean), `correct`, `topk_correct`, `pred` are the ensemble's, `[B]` as from
-    `step.make_eval_step`; `member_loss`, `member_correct`, ... are each member's, `[K, B]`.
+    Arguments as `step.make_eval_step`; tta: each member's prediction averages the image and
+    its mirror image. The ensemble's prediction is the mean of its members' probabilities:
+    `loss`, `logits` (log of that mean), `correct`, `top{k}_correct`, `pred` and the extra
+    outputs are the ensemble's, `[B]` as from `step.make_eval_step`; `member_loss`,
+    `member_correct`, `member_<name>`, ... are each member's, `[K, B]`.
     """
-    model = as_model(model)
-    per_example = loss or losses.cross_entropy_per_example
-    member_core = torch.func.vmap(
-        eval_core(model, per_example, _nchw(preprocess), precision, topk, tta), in_dims=(0, 0, None, None)
-    )
+    built = stages(model, loss=loss, metrics=metrics, preprocess=_nchw(preprocess), precision=precision,
+                   topk=topk, tta=tta)  # fmt: skip
+    members = torch.func.vmap(built.evaluate, in_dims=(0, 0, None, None))
 
-    def core(params: Params, model_state: ModelState, inputs: Tensor, y: Tensor) -> dict[str, Tensor]:
-        return combine(member_core(params, model_state, inputs, y), y, per_example, topk)
+    def evaluate(params: Params, model_state: ModelState, inputs: Tensor, y: Tensor) -> dict[str, Tensor]:
+        return combine(members(params, model_state, inputs, y), y, loss, topk, metrics)
 
-    return eval_step_from_core(model, torch.compile(core) if compile else core, topk)
+    return built.replace(evaluate=evaluate).eval_step(compile=compile)

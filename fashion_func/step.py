@@ -1,99 +1,108 @@
 """The pure, compiled training and evaluation steps, and per-example research helpers.
 
 `train_step(state, batch) -> (state, metrics)`: `batch` is `(inputs, targets)` already on
-the device. Preprocessing (by default Fashion-MNIST's uint8 images normalised to float;
-`preprocess=None` takes the inputs as they are, any shape), the forward pass, the loss, the
-gradient (`torch.func.grad_and_value`) and the optimizer update all happen inside one
-compiled function. A stateful model (batch norm) has its `TrainState.model_state` threaded
-through. Metrics are 0-d device tensors (sums, not means) that the caller accumulates;
-nothing in here synchronises with the host.
+the device. Preprocessing (by default Fashion-MNIST's uint8 images normalised to float by
+`preprocess.NormalizeImages`, which refuses other dtypes; `preprocess=None` takes the inputs
+as they are, any shape), the forward pass, the loss, the gradient
+(`torch.func.grad_and_value`) and the optimizer update all happen inside one compiled
+function. A stateful model (batch norm) has its `TrainState.model_state` threaded through.
+Nothing in here synchronises with the host.
+
+The model is a `models.Model` or a plain function: `fn(params, x[, train=, key=]) -> logits`,
+or, when the state carries a model state (`state.create(..., model_state=...)`), a stateful
+`fn(params, x, *, train, key, state) -> (logits, new_state)`.
+
+What a step returns (the sum/count convention, read by `loop.fit`):
+
+- the train step's metrics are 0-d device tensors, sums over the batch: `loss_sum` and
+  `count` (the batch size); for class labels `correct` and, with `topk`, `top{k}_correct`;
+  and `<name>_sum` for each extra per-example output of the loss or of `metrics`. `fit` adds
+  them up over the epoch and divides by `count`: `loss_sum` -> train_loss, `correct` ->
+  train_acc, `top{k}_correct` -> train_top{k}, `<name>_sum` -> train_<name>.
+- the eval step's outputs are per example, `[B]`: `loss`, `logits` `[B, C]`; for class labels
+  `correct`, `top{k}_correct`, `pred`; and `<name>` for each extra output. `fit` averages
+  every `[B]` output but `pred` over the validation set: `loss` -> val_loss, `correct` ->
+  val_acc, `top{k}_correct` -> val_top{k}, `<name>` -> val_<name>.
+
+Extra outputs come from a loss that returns `(per_example [B], {name: [B]})` instead of
+`per_example [B]`, and from `metrics=`, a function `(logits, targets) -> {name: [B]}`.
+
+Extension point: `stages(model, optimizer, ...)` returns the step's pure, uncompiled pieces
+(`Stages`: `gradients(CoreIn)`, `update`, `evaluate`, `outputs`); `Stages.train_step()` and
+`Stages.eval_step()` assemble and compile them. A caller may replace a piece first (e.g.
+`dataclasses.replace(s, gradients=torch.func.vmap(s.gradients, ...))`): that is how
+`fashion_func.ensemble` trains a stack of members in one step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 from fashion_func import losses, nn, optim, tree
 from fashion_func import metrics as metrics_lib
 from fashion_func.models import Model, ModelState, Params, Stage
+from fashion_func.preprocess import FASHION_MNIST, NormalizeImages
 from fashion_func.state import TrainState
 
 __all__ = [
     "COMPILE_MODES",
     "FASHION_MNIST",
     "PRECISIONS",
+    "CoreIn",
+    "CoreOut",
     "NormalizeImages",
+    "Stages",
     "as_model",
-    "check_per_example",
-    "eval_core",
-    "eval_step_from_core",
     "make_eval_step",
     "make_train_step",
-    "normalize_images",
     "per_example_grad_norms",
     "per_example_grads",
-    "step_from_core",
-    "train_core",
+    "stages",
 ]
 
-# Fashion-MNIST train-set statistics (equal to data.MEAN / data.STD; the step may not
-# import the data module, a test keeps the two in sync).
-MEAN = 0.2860
-STD = 0.3530
 PRECISIONS = ("fp32", "tf32", "bf16")
 COMPILE_MODES = (True, False, "update")
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+# a loss: (outputs, targets) -> per-example [B], or (per-example [B], {name: [B]})
+LossFn = Callable[[Tensor, Tensor], Any]
+MetricsFn = Callable[[Tensor, Tensor], Mapping[str, Tensor]]
 Preprocess = Callable[[Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
+TrainStep = Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]
+EvalStep = Callable[..., dict[str, Tensor]]
+# the names the steps give their own outputs; extra outputs may not take them
+_RESERVED = frozenset({"loss", "count", "correct", "logits", "pred", "first_bad"})
 
 
-def normalize_images(
-    images: Tensor, mean: float = MEAN, std: float = STD, *, channels_last: bool = False
-) -> Tensor:
-    """uint8 `[B, 28, 28]` (or `[B, 1, H, W]`) -> float32 `[B, 1, H, W]`, `(x / 255 - mean) / std`.
+class CoreIn(NamedTuple):
+    """What the compiled train core reads."""
 
-    channels_last: lay the result out NHWC in memory (same shape and values); the
-    convolutions then keep that layout, which oneDNN runs faster on CPU.
-    """
-    if images.dim() == 4:  # already [B, 1, H, W]: drop the channel axis, add it back below
-        images = rearrange(images, "b 1 h w -> b h w")
-    # NHWC: [B, H, W, 1] in memory viewed as [B, 1, H, W], stride 1 along C, which
-    # nn.conv2d reads as a request for NHWC outputs (one channel is otherwise ambiguous)
-    if channels_last:
-        x = rearrange(rearrange(images, "b h w -> b h w 1"), "b h w c -> b c h w")
-    else:
-        x = rearrange(images, "b h w -> b 1 h w")
-    return (x.to(torch.float32) * (1.0 / 255.0) - mean) * (1.0 / std)
+    params: Params
+    model_state: ModelState
+    opt_state: Any
+    step: Tensor
+    rng: Tensor
+    inputs: Tensor
+    targets: Tensor
 
 
-@dataclass(frozen=True)
-class NormalizeImages:
-    """The default preprocess: uint8 grayscale images -> normalised float `[B, 1, H, W]`.
+class CoreOut(NamedTuple):
+    """What the compiled train core returns."""
 
-    channels_last: None (auto) lays activations out NHWC when the images are on the CPU,
-    where oneDNN's convolutions run faster that way; on CUDA it measured no different.
-    """
-
-    mean: float = MEAN
-    std: float = STD
-    channels_last: bool | None = None
-
-    def __call__(self, images: Tensor) -> Tensor:
-        nhwc = images.device.type == "cpu" if self.channels_last is None else self.channels_last
-        return normalize_images(images, self.mean, self.std, channels_last=nhwc)
-
-
-FASHION_MNIST = NormalizeImages()
+    params: Params
+    model_state: ModelState
+    opt_state: Any
+    step: Tensor
+    metrics: dict[str, Tensor]
 
 
 def _autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
@@ -107,56 +116,206 @@ def _check_precision(precision: str) -> None:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
 
 
-def check_per_example(values: Tensor, batch_size: int) -> None:
-    # shapes are static: this runs once per trace, never on tensor values
-    if tuple(values.shape) != (batch_size,):
-        raise ValueError(
-            f"loss must return per-example values of shape [B] = [{batch_size}], got "
-            f"{list(values.shape)}; use a per-example loss such as losses.cross_entropy_per_example"
+def _check_compile(compile: Any) -> None:
+    if not any(compile is m or (isinstance(m, str) and compile == m) for m in COMPILE_MODES):
+        raise ValueError(f"compile must be True, False or 'update', not {compile!r}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
+    return f"a {type(value).__name__}"
+
+
+# -- what a loss and a metrics function may return (checked once per trace: shapes are static) ---
+
+
+def _is_topk_name(name: str) -> bool:
+    # `top{k}_correct`, without `re`, which torch.compile would not trace
+    return name.startswith("top") and name.endswith("_correct") and name[3:-8].isdigit()
+
+
+def _check_named(extra: Mapping[Any, Any], batch_size: int, source: str) -> dict[str, Tensor]:
+    """`extra` as a dict of per-example tensors `[B]` with names free to use, or a clear error."""
+    out: dict[str, Tensor] = {}
+    for name, value in extra.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"{source} output names must be identifiers, got {name!r}")
+        if name in _RESERVED or name.startswith("member_") or _is_topk_name(name):
+            raise ValueError(f"{source} output name {name!r} is taken by the step's own outputs; rename it")
+        if not isinstance(value, Tensor) or tuple(value.shape) != (batch_size,):
+            raise ValueError(
+                f"{source} output {name!r} must be per-example values of shape [B] = [{batch_size}], "
+                f"got {_describe(value)}"
+            )
+        out[name] = value
+    return out
+
+
+def _loss_parts(loss: LossFn, outputs: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """`loss(outputs, targets)` as (per-example values `[B]`, {name: `[B]`})."""
+    got, size = loss(outputs, targets), targets.shape[0]
+    if isinstance(got, Tensor):
+        values, extra = got, {}
+    elif isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], Mapping):
+        values, extra = got
+    else:
+        raise TypeError(
+            f"loss must return per-example values [B] or (values [B], {{name: [B]}}), got {_describe(got)}"
         )
+    if not isinstance(values, Tensor) or tuple(values.shape) != (size,):
+        raise ValueError(
+            f"loss must return per-example values of shape [B] = [{size}], got {_describe(values)}; "
+            "use a per-example loss such as losses.cross_entropy_per_example"
+        )
+    return values, _check_named(extra, size, "loss")
+
+
+def _metric_parts(
+    metrics: MetricsFn | None, logits: Tensor, targets: Tensor, taken: Any
+) -> dict[str, Tensor]:
+    """`metrics(logits, targets)` checked: per-example `[B]`, no name the loss already gave."""
+    if metrics is None:
+        return {}
+    got = metrics(logits, targets)
+    if not isinstance(got, Mapping):
+        raise TypeError(f"metrics must return {{name: per-example values [B]}}, got {_describe(got)}")
+    both = sorted(set(got) & set(taken))
+    if both:
+        raise ValueError(f"metrics and the loss both return {', '.join(map(repr, both))}; rename one")
+    return _check_named(got, targets.shape[0], "metrics")
+
+
+def _is_classification(logits: Tensor, labels: Tensor) -> bool:
+    return logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point()
+
+
+def _class_outputs(logits: Tensor, labels: Tensor, topk: int | None) -> dict[str, Tensor]:
+    """Per-example `correct`, `top{k}_correct` (bool) and `pred` for class labels; {} otherwise."""
+    if not _is_classification(logits, labels):
+        return {}
+    pred = logits.argmax(-1)
+    out = {"correct": pred == labels}
+    if topk is not None:
+        out[f"top{topk}_correct"] = metrics_lib.topk_correct(logits, labels, topk)
+    out["pred"] = pred
+    return out
+
+
+# -- models: a Model, or a plain function (stateless, or stateful given a model state) ----------
+
+Forward = Callable[..., tuple[Tensor, ModelState]]
 
 
 def as_model(model: Model | Callable[..., Tensor]) -> Model:
-    """`model` itself, or a plain function `f(params, x[, train=..., key=...]) -> logits` as a
-    stateless `Model` (it is given `train` / `key` only where its signature takes them)."""
+    """`model` itself, or a plain stateless function `f(params, x[, train=..., key=...]) -> logits`
+    as a `Model` (it is given `train` / `key` only where its signature takes them). A stateful
+    function needs no wrapping: the steps take it as it is."""
     if isinstance(model, Model):
         return model
-    if not callable(model):
-        raise TypeError(f"expected a Model or a function (params, x) -> logits, got {type(model).__name__}")
-    try:
-        accepted = inspect.signature(model).parameters
-    except (TypeError, ValueError):
-        accepted = {}
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    wanted = [k for k in ("train", "key") if takes_all or k in accepted]
+    wanted = _keywords(model)
 
     def stage(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
         given = {"train": train, "key": key}
-        return model(p, x, **{k: given[k] for k in wanted})
+        return model(p, x, **{k: given[k] for k in wanted if k != "state"})
 
     def no_init(*args: Any, **kwargs: Any) -> Params:
         raise TypeError("a model given as a function has no init: create its params yourself")
 
-    name = getattr(model, "__name__", type(model).__name__)
+    name = _name(model)
     return Model(name, {}, no_init, (Stage(name, stage),), input_shape=())
 
 
-def _forward(
-    model: Model, params: Params, x: Tensor, model_state: ModelState, *, train: bool, key: Tensor | None
-) -> tuple[Tensor, ModelState]:
-    """(logits, new model state) for stateless and stateful models alike."""
-    if model.stateful:
-        return model.apply(params, x, train=train, key=key, state=model_state)
-    return model.apply(params, x, train=train, key=key), model_state
+def _name(fn: Any) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _keywords(fn: Any) -> list[str]:
+    """Which of `train`, `key`, `state` the function `fn` takes (all of them with `**kwargs`)."""
+    if not callable(fn):
+        raise TypeError(f"expected a Model or a function (params, x) -> logits, got {type(fn).__name__}")
+    try:
+        accepted = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    return [k for k in ("train", "key", "state") if takes_all or k in accepted]
+
+
+def _forward_fn(model: Model | Callable[..., Any]) -> Forward:
+    """`forward(params, x, model_state, *, train, key) -> (logits, new model state)` for a Model or
+    a plain function; a plain function is called with `state=` exactly when there is a model state."""
+    if isinstance(model, Model):
+
+        def of_model(p: Params, x: Tensor, state: ModelState, *, train: bool, key: Tensor | None):
+            if model.stateful:
+                return model.apply(p, x, train=train, key=key, state=state)
+            return model.apply(p, x, train=train, key=key), state
+
+        return of_model
+    wanted, name = _keywords(model), _name(model)
+    needs_state = "state" in wanted and not _state_optional(model)  # here: inspect is not traceable
+    stateful_form = f"{name}(params, x, *, train, key, state) -> (logits, new_state)"
+
+    def of_function(p: Params, x: Tensor, state: ModelState, *, train: bool, key: Tensor | None):
+        given = {"train": train, "key": key}
+        kwargs = {k: given[k] for k in wanted if k != "state"}
+        if not state:  # the state's structure (its keys) is static: no branch on values
+            if needs_state:
+                raise TypeError(
+                    f"model {name} takes state=: give its initial model state "
+                    "(state.create(..., model_state=...), ensemble.init(..., init_state=...))"
+                )
+            return _check_logits(model(p, x, **kwargs), name), state
+        if "state" not in wanted:
+            raise TypeError(f"a model state was given but model {name} takes no state=; "
+                            f"a stateful function is {stateful_form}")  # fmt: skip
+        return _check_stateful(model(p, x, **kwargs, state=state), state, stateful_form)
+
+    return of_function
+
+
+def _state_optional(fn: Any) -> bool:
+    try:
+        param = inspect.signature(fn).parameters.get("state")
+    except (TypeError, ValueError):
+        return True
+    return param is None or param.default is not inspect.Parameter.empty
+
+
+def _check_logits(out: Any, name: str) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"model {name} must return logits (a tensor) without a model state, got {_describe(out)}"
+        )
+    return out
+
+
+def _check_stateful(out: Any, state: ModelState, form: str) -> tuple[Tensor, ModelState]:
+    if not (
+        isinstance(out, tuple)
+        and len(out) == 2
+        and isinstance(out[0], Tensor)
+        and isinstance(out[1], Mapping)
+    ):
+        raise TypeError(f"expected {form}, got {_describe(out)}")
+    logits, new_state = out
+    if sorted(new_state) != sorted(state):
+        missing = sorted(k for k in state if k not in new_state)
+        extra = sorted(k for k in new_state if k not in state)
+        raise TypeError(f"expected {form} with new_state keeping the state's keys; "
+                        f"missing {missing}, unexpected {extra}")  # fmt: skip
+    return logits, dict(new_state)
+
+
+# -- the stages --------------------------------------------------------------------------------
 
 
 def _at_least_float32(t: Tensor) -> Tensor:
     # bf16/fp16 outputs (autocast) are raised to float32 for the loss; float64 stays float64
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
-
-
-def _is_classification(logits: Tensor, labels: Tensor) -> bool:
-    return logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point()
 
 
 def _preprocess(preprocess: Preprocess | None, x: Tensor, key: Tensor | None = None) -> Tensor:
@@ -179,265 +338,301 @@ def _takes_key(fn: Callable[..., Any]) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Stages:
+    """The pure, uncompiled pieces a step is assembled from (the extension point: module docstring).
+
+    gradients: `CoreIn -> (grads, new model state, metric sums)`, everything before the update.
+    update: `(params, grads, opt_state, step) -> (params, opt_state, step)`; None without an optimizer.
+    evaluate: `(params, model_state, inputs, targets) -> per-example outputs` (the eval step's).
+    outputs: `(logits, targets) -> per-example outputs` of given logits (loss, extras, correct, ...).
+    name, needs_state: the model's name; whether it is a `Model` that must be given a model state.
+    """
+
+    gradients: Callable[[CoreIn], tuple[Params, ModelState, dict[str, Tensor]]]
+    update: Callable[[Params, Params, Any, Tensor], tuple[Params, Any, Tensor]] | None
+    evaluate: Callable[[Params, ModelState, Tensor, Tensor], dict[str, Tensor]]
+    outputs: Callable[[Tensor, Tensor], dict[str, Tensor]]
+    name: str
+    needs_state: bool
+
+    def replace(self, **changes: Any) -> Stages:
+        """A copy with `changes` applied (e.g. a vmapped `gradients`)."""
+        return dataclasses.replace(self, **changes)
+
+    def train_step(
+        self,
+        *,
+        compile: bool | str = True,
+        reduce_grads: Callable[[Params], Params] | None = None,
+        check: Callable[[TrainState], Any] | None = None,
+    ) -> TrainStep:
+        """`train_step(state, batch)`: gradients, `reduce_grads`, update, compiled as `compile` says;
+        `check(state)` runs first (outside the compiled part), if given."""
+        _check_compile(compile)
+        if self.update is None:
+            raise ValueError("these stages were built without an optimizer: pass one to stages()")
+        gradients, update = self.gradients, self.update
+        # "update": forward and backward eager, the optimizer's elementwise passes fused
+        fast_update = torch.compile(update) if compile == "update" else update
+
+        def core(inp: CoreIn) -> CoreOut:
+            grads, model_state, metrics = gradients(inp)
+            if reduce_grads is not None:
+                grads = reduce_grads(grads)
+            params, opt_state, step = fast_update(inp.params, grads, inp.opt_state, inp.step)
+            return CoreOut(params, model_state, opt_state, step, metrics)
+
+        compiled = torch.compile(core) if compile is True else core
+
+        def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
+            if check is not None:
+                check(state)
+            inputs, targets = batch
+            out = compiled(CoreIn(state.params, state.model_state, state.opt_state, state.step, state.rng,
+                                  inputs, targets))  # fmt: skip
+            new = state.replace(
+                params=out.params, opt_state=out.opt_state, step=out.step, model_state=out.model_state
+            )
+            return new, out.metrics
+
+        return train_step
+
+    def eval_step(self, *, compile: bool | str = True) -> EvalStep:
+        """`eval_step(params_or_state, batch, model_state=None)`; compiled when `compile is True`
+        ("update" has no update to compile here: eager, like False)."""
+        _check_compile(compile)
+        fn = torch.compile(self.evaluate) if compile is True else self.evaluate
+        name, needs_state = self.name, self.needs_state
+
+        def eval_step(params: Params | TrainState, batch: Batch, model_state: ModelState | None = None):
+            if isinstance(params, TrainState):
+                params, model_state = params.params, params.model_state
+            if needs_state and not model_state:
+                raise ValueError(f"model {name} is stateful: pass its model_state (or a TrainState)")
+            return fn(params, model_state or {}, *batch)
+
+        return eval_step
+
+
+def stages(
+    model: Model | Callable[..., Any],
+    optimizer: optim.GradientTransformation | None = None,
+    *,
+    loss: LossFn | None = None,
+    metrics: MetricsFn | None = None,
+    preprocess: Preprocess | None = FASHION_MNIST,
+    precision: str = "fp32",
+    device_type: str | None = None,
+    topk: int | None = None,
+    tta: bool = False,
+) -> Stages:
+    """The pure, uncompiled `Stages` of a step; arguments as `make_train_step` / `make_eval_step`
+    (`tta` for the eval stage only)."""
+    _check_precision(precision)
+    forward = _forward_fn(model)
+    per_example = loss or losses.cross_entropy_per_example
+
+    def outputs(logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        values, extra = _loss_parts(per_example, logits, targets)
+        extra.update(_metric_parts(metrics, logits, targets, extra))
+        return {"loss": values, "logits": logits, **_class_outputs(logits, targets, topk), **extra}
+
+    update = None
+    if optimizer is not None:
+
+        def update(params: Params, grads: Params, opt_state: Any, step: Tensor):
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
+            return optim.apply_updates(params, updates), new_opt_state, step + 1
+
+    return Stages(
+        gradients=_gradients_fn(forward, per_example, metrics, preprocess, precision, device_type, topk),
+        update=update,
+        evaluate=_evaluate_fn(forward, outputs, preprocess, precision, tta),
+        outputs=outputs,
+        name=model.name if isinstance(model, Model) else _name(model),
+        needs_state=isinstance(model, Model) and model.stateful,
+    )
+
+
+def _gradients_fn(
+    forward: Forward,
+    per_example: LossFn,
+    metrics: MetricsFn | None,
+    preprocess: Preprocess | None,
+    precision: str,
+    device_type: str | None,
+    topk: int | None,
+) -> Callable[[CoreIn], tuple[Params, ModelState, dict[str, Tensor]]]:
+    """`CoreIn -> (grads, new model state, metric sums)`: the train step before the update."""
+    keyed = preprocess is not None and _takes_key(preprocess)  # here: inspect is not traceable
+
+    def gradients(inp: CoreIn):
+        key = nn.fold_in(inp.rng, inp.step)
+        x = _preprocess(preprocess, inp.inputs, key if keyed else None)
+        y, dev = inp.targets, device_type or inp.inputs.device.type
+
+        def loss_and_aux(p: Params):
+            with _autocast(precision, dev):
+                logits, new_state = forward(p, x, inp.model_state, train=True, key=key)
+            values, extra = _loss_parts(per_example, _at_least_float32(logits), y)
+            return values.mean(), (values, extra, logits, new_state)
+
+        grads, (_, (values, extra, logits, new_state)) = torch.func.grad_and_value(
+            loss_and_aux, has_aux=True
+        )(inp.params)
+        logits = _at_least_float32(logits.detach())
+        extra = {k: v.detach() for k, v in extra.items()}
+        extra.update(_metric_parts(metrics, logits, y, extra))
+        sums = {
+            "loss_sum": values.detach().sum(),
+            "count": torch.full((), y.shape[0], dtype=torch.int64, device=y.device),
+        }
+        sums.update({k: v.sum() for k, v in _class_outputs(logits, y, topk).items() if k != "pred"})
+        sums.update({f"{k}_sum": v.sum() for k, v in extra.items()})
+        return grads, {k: v.detach() for k, v in new_state.items()}, sums
+
+    return gradients
+
+
+def _evaluate_fn(
+    forward: Forward,
+    outputs: Callable[[Tensor, Tensor], dict[str, Tensor]],
+    preprocess: Preprocess | None,
+    precision: str,
+    tta: bool,
+) -> Callable[[Params, ModelState, Tensor, Tensor], dict[str, Tensor]]:
+    """`(params, model_state, inputs, targets) -> per-example outputs`, in inference mode."""
+
+    def logits_of(params: Params, model_state: ModelState, x: Tensor) -> Tensor:
+        with torch.no_grad(), _autocast(precision, x.device.type):
+            logits, _ = forward(params, x, model_state, train=False, key=None)
+        return _at_least_float32(logits)
+
+    def evaluate(
+        params: Params, model_state: ModelState, inputs: Tensor, targets: Tensor
+    ) -> dict[str, Tensor]:
+        x = _preprocess(preprocess, inputs)
+        logits = logits_of(params, model_state, x)
+        if tta:  # the mean of the probabilities of the image and its mirror image
+            mirrored = logits_of(params, model_state, x.flip(-1))
+            both = torch.stack([logits.log_softmax(-1), mirrored.log_softmax(-1)])
+            logits = torch.logsumexp(both, dim=0) - math.log(2.0)
+        return outputs(logits, targets)
+
+    return evaluate
+
+
 def make_train_step(
-    model: Model | Callable[..., Tensor],
+    model: Model | Callable[..., Any],
     optimizer: optim.GradientTransformation,
     *,
     loss: LossFn | None = None,
+    metrics: MetricsFn | None = None,
     preprocess: Preprocess | None = FASHION_MNIST,
     precision: str = "fp32",
     compile: bool | str = True,
     device_type: str | None = None,
     topk: int | None = None,
     reduce_grads: Callable[[Params], Params] | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
+) -> TrainStep:
     """A pure `train_step(state, (inputs, targets)) -> (new_state, metrics)`.
 
-    model: a `Model`, or a plain function `(params, x[, train, key]) -> logits` (`as_model`).
+    model: a `Model`, or a plain function `(params, x[, train, key]) -> logits`; with a model
+        state in the `TrainState`, a plain `(params, x, *, train, key, state) -> (logits,
+        new_state)` (a TypeError naming the expected form at the first call otherwise).
     optimizer: a `GradientTransformation` (`init`, `update`).
-    loss: `(outputs [B, ...], targets [B, ...]) -> per-example losses [B]` (a ValueError
-        naming the shape on the first call otherwise); cross-entropy if None. The step
-        minimises its mean.
+    loss: `(outputs [B, ...], targets [B, ...]) -> per-example losses [B]`, or `(losses [B],
+        {name: [B]})` to report more; cross-entropy if None. The step minimises the mean.
+        Another return is a one-line ValueError/TypeError on the first call.
+    metrics: `(logits, targets) -> {name: per-example values [B]}`, computed on the batch.
     preprocess: a pure function of the input tensor, run inside the compiled step; the default
-        turns Fashion-MNIST uint8 `[B, 28, 28]` into normalised float (NHWC on CPU); None uses
-        the inputs as given (`[B, C, H, W]`, `[B, D]`, ...). One that takes a `key` keyword
-        (`augment.Augment`) is given a key derived from (rng, step): augmentation is then a
-        pure function of the seed and the step, and resume stays exact.
+        turns Fashion-MNIST uint8 `[B, 28, 28]` into normalised float (NHWC on CPU) and refuses
+        other dtypes; None uses the inputs as given (`[B, C, H, W]`, `[B, D]`, ...). One that
+        takes a `key` keyword (`augment.Augment`) is given a key derived from (rng, step):
+        augmentation is then a pure function of the seed and the step, and resume stays exact.
     precision: "fp32"; "tf32" (the caller enables TF32 matmuls on CUDA); "bf16" autocast.
         Master weights, the loss and the optimizer stay float32.
     compile: True compiles the whole step; "update" compiles only the optimizer update
         (forward and backward run eagerly: on CPU the convolutions are oneDNN's either
         way, while the update's dozen elementwise passes fuse into one); False: eager.
-    topk: also count `top{k}_correct` (label among the `topk` highest logits; `fit` reports
-        it as train_top{k}).
+    topk: also count `top{k}_correct` (label among the `topk` highest logits).
     reduce_grads: a pure stage between the gradient and the update, `grads -> grads` (the
         data-parallel all-reduce, `fashion_func.distributed`); compiled with the step.
-    metrics: `loss_sum` and `count` (and `correct`, `top{k}_correct` for class labels) as 0-d
-        device tensors, sums over the batch.
+
+    Returns metrics as 0-d device tensors, sums over the batch: `loss_sum`, `count`,
+    `correct` and `top{k}_correct` for class labels, `<name>_sum` for each extra output (the
+    convention in the module docstring; `fit` reports train_loss, train_acc, train_<name>).
     """
-    core = train_core(
-        as_model(model), optimizer, loss=loss, preprocess=preprocess, precision=precision,
-        compile=compile, device_type=device_type, topk=topk, reduce_grads=reduce_grads,
-    )  # fmt: skip
-    return step_from_core(core)
-
-
-def step_from_core(
-    core: Callable[..., tuple[Any, ...]], check: Callable[[TrainState], Any] | None = None
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
-    """`train_step(state, batch)` around a `train_core` (`check(state)` first, if given)."""
-
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
-        if check is not None:
-            check(state)
-        inputs, y = batch
-        params, opt_state, step, model_state, metrics = core(
-            state.params, state.model_state, state.opt_state, state.step, state.rng, inputs, y
-        )
-        new = state.replace(params=params, opt_state=opt_state, step=step, model_state=model_state)
-        return new, metrics
-
-    return train_step
-
-
-def train_core(
-    model: Model,
-    optimizer: optim.GradientTransformation,
-    *,
-    loss: LossFn | None,
-    preprocess: Preprocess | None,
-    precision: str,
-    compile: bool | str,
-    device_type: str | None,
-    topk: int | None,
-    reduce_grads: Callable[[Params], Params] | None = None,
-    members: bool = False,
-) -> Callable[..., tuple[Any, ...]]:
-    """The pure, compiled `(params, model_state, opt_state, step, rng, inputs, y) ->
-    (params, opt_state, step, model_state, metrics)` behind a train step.
-
-    Three stages: gradients, `reduce_grads` (e.g. a data-parallel all-reduce), the optimizer
-    update. members: the state carries a leading member axis (an ensemble): the gradient and
-    update stages are vmapped over it, the batch is shared, and `reduce_grads` sees the
-    stacked gradients.
-    """
-    _check_precision(precision)
-    if compile not in COMPILE_MODES:
-        raise ValueError(f"compile must be True, False or 'update', not {compile!r}")
-    gradients = _gradients_fn(
-        model, loss or losses.cross_entropy_per_example, preprocess, precision, device_type, topk
-    )
-
-    def update(params: Params, grads: Params, opt_state: Any, step: Tensor):
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        return optim.apply_updates(params, updates), new_opt_state, step + 1
-
-    if members:
-        gradients = torch.func.vmap(gradients, in_dims=(0, 0, 0, 0, None, None))
-        update = torch.func.vmap(update)
-    # "update": forward and backward eager, the optimizer's elementwise passes fused
-    fast_update = torch.compile(update) if compile == "update" else update
-
-    def core(params, model_state, opt_state, step, rng, inputs, y):
-        grads, new_model_state, metrics = gradients(params, model_state, step, rng, inputs, y)
-        if reduce_grads is not None:
-            grads = reduce_grads(grads)
-        return (*fast_update(params, grads, opt_state, step), new_model_state, metrics)
-
-    return torch.compile(core) if compile is True else core
-
-
-def _gradients_fn(
-    model: Model,
-    per_example: LossFn,
-    preprocess: Preprocess | None,
-    precision: str,
-    device_type: str | None,
-    topk: int | None,
-) -> Callable[..., tuple[Params, ModelState, dict[str, Tensor]]]:
-    """`(params, model_state, step, rng, inputs, y) -> (grads, new model state, metric sums)`:
-    the part of the train step before the optimizer update."""
-    keyed = preprocess is not None and _takes_key(preprocess)  # here: inspect is not traceable
-
-    def gradients(
-        params: Params, model_state: ModelState, step: Tensor, rng: Tensor, inputs: Tensor, y: Tensor
-    ):
-        key = nn.fold_in(rng, step)
-        x = _preprocess(preprocess, inputs, key if keyed else None)
-        dev = device_type or inputs.device.type
-
-        def loss_and_aux(p: Params):
-            with _autocast(precision, dev):
-                logits, new_state = _forward(model, p, x, model_state, train=True, key=key)
-            values = per_example(_at_least_float32(logits), y)  # [B]
-            check_per_example(values, y.shape[0])
-            return values.mean(), (values, logits, new_state)
-
-        grads, (_, (values, logits, new_state)) = torch.func.grad_and_value(loss_and_aux, has_aux=True)(
-            params
-        )
-        logits = logits.detach()
-        metrics = {
-            "loss_sum": values.detach().sum(),
-            "count": torch.full((), y.shape[0], dtype=torch.int64, device=y.device),
-        }
-        if _is_classification(logits, y):
-            metrics["correct"] = (logits.argmax(-1) == y).sum()
-            if topk is not None:
-                metrics[f"top{topk}_correct"] = metrics_lib.topk_correct(logits, y, topk).sum()
-        return grads, {k: v.detach() for k, v in new_state.items()}, metrics
-
-    return gradients
-
-
-def eval_core(
-    model: Model,
-    per_example: LossFn,
-    preprocess: Preprocess | None,
-    precision: str,
-    topk: int,
-    tta: bool = False,
-) -> Callable[[Params, ModelState, Tensor, Tensor], dict[str, Tensor]]:
-    """The pure `(params, model_state, inputs, y) -> per-example metrics` behind an eval step
-    (uncompiled, so that it can be vmapped over ensemble members first)."""
-    _check_precision(precision)
-
-    def forward(params: Params, model_state: ModelState, x: Tensor) -> Tensor:
-        with torch.no_grad(), _autocast(precision, x.device.type):
-            logits, _ = _forward(model, params, x, model_state, train=False, key=None)
-        return _at_least_float32(logits)
-
-    def core(params: Params, model_state: ModelState, inputs: Tensor, y: Tensor) -> dict[str, Tensor]:
-        x = _preprocess(preprocess, inputs)
-        logits = forward(params, model_state, x)
-        if tta:  # the mean of the probabilities of the image and its mirror image
-            mirrored = forward(params, model_state, x.flip(-1))
-            both = torch.stack([logits.log_softmax(-1), mirrored.log_softmax(-1)])
-            logits = torch.logsumexp(both, dim=0) - math.log(2.0)
-        values = per_example(logits, y)
-        check_per_example(values, y.shape[0])
-        out = {"loss": values, "logits": logits}
-        if _is_classification(logits, y):
-            pred = logits.argmax(-1)
-            out.update(correct=pred == y, topk_correct=metrics_lib.topk_correct(logits, y, topk), pred=pred)
-        return out
-
-    return core
+    built = stages(model, optimizer, loss=loss, metrics=metrics, preprocess=preprocess,
+                   precision=precision, device_type=device_type, topk=topk)  # fmt: skip
+    return built.train_step(compile=compile, reduce_grads=reduce_grads)
 
 
 def make_eval_step(
-    model: Model | Callable[..., Tensor],
+    model: Model | Callable[..., Any],
     *,
     loss: LossFn | None = None,
+    metrics: MetricsFn | None = None,
     preprocess: Preprocess | None = FASHION_MNIST,
     precision: str = "fp32",
-    compile: bool = True,
+    compile: bool | str = True,
     topk: int = 5,
     tta: bool = False,
-) -> Callable[..., dict[str, Tensor]]:
-    """A pure `eval_step(params_or_state, batch, model_state=None) -> per-example metrics`.
+) -> EvalStep:
+    """A pure `eval_step(params_or_state, batch, model_state=None) -> per-example outputs`.
 
-    tta: test-time augmentation, the prediction is the mean of the probabilities of each
-    image and its left-right mirror image (`logits` is then the log of that mean).
+    Arguments as `make_train_step`; compile: True compiles the step, False and "update" (no
+    update to compile) run it eagerly. tta: test-time augmentation, the prediction is the
+    mean of the probabilities of each image and its left-right mirror image (`logits` is then
+    the log of that mean).
 
     The first argument is a `TrainState` (its params and model state are used) or a params
     dict; a stateful model then needs `model_state` and runs in inference mode (running
     statistics). Returns `loss` [B] float32 and `logits` [B, C] float32; for class labels
-    also `correct` [B] bool, `topk_correct` [B] bool (label among the `topk` highest logits)
-    and `pred` [B] int64.
+    also `correct` [B] bool, `top{k}_correct` [B] bool (label among the `topk` highest
+    logits) and `pred` [B] int64; and `<name>` [B] for each extra output of the loss or
+    `metrics` (`fit` averages them into val_loss, val_acc, val_top{k}, val_<name>).
     """
-    model = as_model(model)
-    core = eval_core(model, loss or losses.cross_entropy_per_example, preprocess, precision, topk, tta)
-    return eval_step_from_core(model, torch.compile(core) if compile else core, topk)
-
-
-def eval_step_from_core(
-    model: Model, fn: Callable[..., dict[str, Tensor]], topk: int
-) -> Callable[..., dict[str, Tensor]]:
-    """`eval_step(params_or_state, batch, model_state=None)` around an `eval_core`."""
-
-    def eval_step(params: Params | TrainState, batch: Batch, model_state: ModelState | None = None):
-        if isinstance(params, TrainState):
-            params, model_state = params.params, params.model_state
-        if model.stateful and not model_state:
-            raise ValueError(f"model {model.name} is stateful: pass its model_state (or a TrainState)")
-        return fn(params, model_state or {}, *batch)
-
-    eval_step.topk = topk  # type: ignore[attr-defined]  # fit names the metric val_top{k}
-    return eval_step
+    built = stages(model, loss=loss, metrics=metrics, preprocess=preprocess, precision=precision,
+                   topk=topk, tta=tta)  # fmt: skip
+    return built.eval_step(compile=compile)
 
 
 # -- research helpers -------------------------------------------------------------------------
 
 
 def per_example_grads(
-    model: Model | Callable[..., Tensor],
-    loss: LossFn | None,
+    model: Model | Callable[..., Any],
     params: Params,
     batch: Batch,
     *,
-    preprocess: Preprocess | None = None,
+    loss: LossFn | None = None,
+    preprocess: Preprocess | None = FASHION_MNIST,
     model_state: ModelState | None = None,
     train: bool = False,
     key: Tensor | None = None,
 ) -> Params:
     """The gradient of each example's loss: `{name: [B, *param.shape]}`, by `vmap(grad(...))`.
 
-    Each example is run as a batch of one, so a stateful model in `train=True` mode would
-    normalise every example by itself; the default `train=False` differentiates the
-    inference-mode function (running statistics, no dropout).
+    loss, preprocess: as `make_train_step` (the default normalises uint8 Fashion-MNIST images;
+    None for inputs already prepared). Each example is run as a batch of one, so a stateful
+    model in `train=True` mode would normalise every example by itself; the default
+    `train=False` differentiates the inference-mode function (running statistics, no dropout).
     """
-    model = as_model(model)
-    if model.stateful and not model_state:
+    if isinstance(model, Model) and model.stateful and not model_state:
         raise ValueError(f"model {model.name} is stateful: pass its model_state")
+    forward = _forward_fn(model)
     per_example = loss or losses.cross_entropy_per_example
     inputs, targets = batch
-    x = _preprocess(preprocess, inputs)
+    # strided NCHW: vmap's batched convolutions cannot carry the default preprocess's NHWC on CPU
+    # (PyTorch NYI); a one-channel NHWC tensor is "contiguous" too, so .contiguous() would keep it
+    x = _preprocess(preprocess, inputs).clone(memory_format=torch.contiguous_format)
     state = dict(model_state or {})
 
     def single(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
-        logits, _ = _forward(model, p, xi[None], state, train=train, key=key)  # a batch of one
-        return per_example(logits, yi[None])[0]
+        logits, _ = forward(p, xi[None], state, train=train, key=key)  # a batch of one
+        return _loss_parts(per_example, logits, yi[None])[0][0]
 
     return torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0))(params, x, targets)
 

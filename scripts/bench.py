@@ -115,7 +115,7 @@ def row_fashion_func(args) -> dict:
             }
         # evaluation of the 10,000 test images with per-example metrics, after warm-up
         test = data.load("test", args.data_dir, device=args.device)
-        compiled = device_lib.resolve_compile(cfg.compile, test.images.device) is True
+        compiled = device_lib.resolve_compile(cfg.compile, test.images.device)
         ev = make_eval_step(models.get("simplenet"), compile=compiled, precision=cfg.precision)
         batches = data.EpochBatches(test, cfg.eval_batch_size, shuffle=False)
         loop.evaluate(ev, result.state, batches(1))

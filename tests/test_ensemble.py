@@ -304,7 +304,7 @@ def test_combine_is_the_log_of_the_mean_member_probability_float64():
     assert torch.equal(out["pred"], mean_prob.argmax(-1))
     assert torch.equal(out["correct"], mean_prob.argmax(-1) == y)
     top3 = mean_prob.topk(3, dim=-1).indices
-    assert torch.equal(out["topk_correct"], (top3 == y[:, None]).any(-1))
+    assert torch.equal(out["top3_correct"], (top3 == y[:, None]).any(-1))
     assert torch.equal(out["member_loss"], member_out["loss"])
     assert torch.equal(out["member_correct"], member_out["correct"])
     assert torch.equal(out["member_logits"], logits)
@@ -334,7 +334,7 @@ def test_ensemble_eval_step_equals_a_loop_over_the_members():
     for k, o in enumerate(solos):
         torch.testing.assert_close(out["member_logits"][k], o["logits"], rtol=0, atol=1e-5)
         torch.testing.assert_close(out["member_loss"][k], o["loss"], rtol=0, atol=1e-5)
-        for name in ("correct", "topk_correct", "pred"):
+        for name in ("correct", "top3_correct", "pred"):
             assert torch.equal(out[f"member_{name}"][k], o[name]), name
     # the members disagree somewhere, so the ensemble is not any one of them
     assert not torch.equal(out["member_pred"][0], out["member_pred"][1])

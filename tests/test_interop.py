@@ -19,7 +19,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before any jax import: CPU unle
 
 from reference import briefly_trained_simplenet
 
-from fashion_func import checkpoint, data, interop, models, optim, step
+from fashion_func import checkpoint, data, interop, models, optim, preprocess, step
 from fashion_func import state as state_lib
 from fashion_func.cli import export
 from fashion_func.interop import flax_io
@@ -34,7 +34,7 @@ def trained() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def test_x() -> torch.Tensor:
     """256 real test images, normalised, NCHW."""
-    return step.normalize_images(data.load("test", limit=256).images)
+    return preprocess.normalize(data.load("test", limit=256).images)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_functionalize_trains_a_research_module_like_torch_optim():
     for images, labels in data.batches(train, 32, seed=0, epoch=1):
         st, _ = train_step(st, (images, labels))
         opt.zero_grad()
-        F.cross_entropy(reference(step.normalize_images(images)), labels).backward()
+        F.cross_entropy(reference(preprocess.normalize(images)), labels).backward()
         opt.step()
     for k, v in reference.named_parameters():
         torch.testing.assert_close(st.params[k], v.detach(), rtol=1e-5, atol=1e-6)
@@ -135,7 +135,7 @@ def test_functionalize_trains_a_research_module_like_torch_optim():
     fresh = Research()
     assert module.state_dict().keys() == fresh.state_dict().keys()
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in module.state_dict().items())
-    x = step.normalize_images(train.images[:4])
+    x = preprocess.normalize(train.images[:4])
     with torch.no_grad():
         torch.testing.assert_close(model.apply(st.params, x), reference(x), rtol=1e-5, atol=1e-6)
     assert module.training  # apply(train=False) restored the mode

@@ -69,11 +69,11 @@ def _manual_epoch(state, train_step, batches):
 
 def _manual_eval(state, eval_step, batches):
     outs = [eval_step(state, b) for b in batches]
-    cat = {k: torch.cat([o[k] for o in outs]).double() for k in ("loss", "correct", "topk_correct")}
+    cat = {k: torch.cat([o[k] for o in outs]).double() for k in ("loss", "correct", "top5_correct")}
     return {
         "val_loss": float(cat["loss"].mean()),
         "val_acc": float(cat["correct"].mean()),
-        "val_top5": float(cat["topk_correct"].mean()),
+        "val_top5": float(cat["top5_correct"].mean()),
     }
 
 

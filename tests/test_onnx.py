@@ -71,3 +71,29 @@ def test_onnx_export_runs_in_onnxruntime_to_our_logits(capsys, tmp_path, name, c
         assert got.shape == (n, 10) and got.dtype == np.float32
         assert np.abs(got - expected[:n]).max() <= 1e-4
     assert np.abs(expected).max() > 0.5  # trained weights: the comparison is not of near-zero logits
+
+
+def test_the_onnx_graph_normalises_images_bitwise_as_training_does(tmp_path):
+    """The exported wrapper's normalisation (the model replaced by the identity) run by ONNX
+    Runtime gives exactly the float32 inputs the train and eval steps' preprocess gives."""
+    from fashion_func import preprocess
+    from fashion_func.interop import onnx_io
+
+    images = data.load("test", limit=64).images
+    all_values = (torch.arange(2 * 28 * 28) % 256).to(torch.uint8).reshape(2, 28, 28)  # every pixel value
+    for mean, std in ((data.MEAN, data.STD), (data.TUTORIAL_MEAN, data.TUTORIAL_STD)):
+        wrapper = onnx_io._ImagesToLogits(torch.nn.Identity(), mean, std).eval()
+        path = tmp_path / f"normalise-{mean}.onnx"
+        example = torch.zeros((2, 28, 28), dtype=torch.uint8)
+        program = torch.onnx.export(wrapper, (example,), input_names=["images"], output_names=["x"],
+                                    dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True,
+                                    verbose=False)  # fmt: skip
+        path.write_bytes(program.model_proto.SerializeToString())
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        training = step.NormalizeImages(mean, std)  # what the train and eval steps run
+        for x in (images, all_values):
+            (got,) = session.run(None, {"images": x.numpy()})
+            want = training(x).contiguous().numpy()
+            assert got.dtype == np.float32 and got.shape == want.shape
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32))  # bitwise
+            assert np.array_equal(want, preprocess.normalize(x, mean, std).numpy())

@@ -39,7 +39,7 @@ def _torchvision_raw(root: Path) -> None:
 @pytest.mark.slow
 def test_readme_python_api_runs_as_written(tmp_path: Path) -> None:
     blocks = _api_blocks()
-    assert len(blocks) == 2, "the README shows two research uses"
+    assert len(blocks) == 3, "the README shows two research uses and extra metrics"
     _torchvision_raw(tmp_path / "dataset" / "fashion")
     script = tmp_path / "readme_api.py"
     script.write_text("\n".join(blocks))
@@ -57,3 +57,7 @@ def test_readme_python_api_runs_as_written(tmp_path: Path) -> None:
     assert [r["lr"] for r in history] == pytest.approx([1e-3, 1e-3, 1e-4])  # StepLR(step_size=2)
     assert history[-1]["val_acc"] > 0.7
     assert (tmp_path / "runs" / "research" / "checkpoints" / "last.safetensors").is_file()
+    # the extra outputs of the loss and of metrics= reach the history as train_<name> / val_<name>
+    found = re.search(r"train_margin ([0-9.e+-]+) val_confident ([0-9.e+-]+)", out)
+    assert found is not None, out[-2000:]
+    assert float(found.group(1)) > 0 and 0 <= float(found.group(2)) <= 1

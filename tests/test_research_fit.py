@@ -112,7 +112,7 @@ def test_fit_over_user_batches_equals_calling_the_step_in_a_loop(source, tmp_pat
     last = result.history[-1]
     assert last["val_loss"] == pytest.approx(sum(float(o["loss"].double().sum()) for o in out) / n, rel=1e-9)
     assert last["val_acc"] == pytest.approx(sum(int(o["correct"].sum()) for o in out) / n)
-    assert last["val_top5"] == pytest.approx(sum(int(o["topk_correct"].sum()) for o in out) / n)
+    assert last["val_top5"] == pytest.approx(sum(int(o["top5_correct"].sum()) for o in out) / n)
 
     assert list(tmp_path.iterdir()) == []  # run_dir=None writes nothing
 

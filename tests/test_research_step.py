@@ -259,7 +259,7 @@ def test_per_example_grads_equal_a_loop_of_single_example_grads_mlp():
     x = torch.randn(6, 1, 28, 28, generator=g, dtype=torch.float64)
     y = torch.randint(0, 10, (6,), generator=g)
 
-    grads = fashion_func.per_example_grads(model, None, params, (x, y))
+    grads = fashion_func.per_example_grads(model, params, (x, y), preprocess=None)
     expect = _loop_grads(model, params, x, y)
     assert grads.keys() == params.keys()
     for k in params:
@@ -291,7 +291,9 @@ def test_per_example_grads_of_simplenet_bn_in_inference_mode_with_its_state():
     y = torch.randint(0, 10, (3,), generator=g)
     before = clone_tree(ms)
 
-    grads = step.per_example_grads(model, losses.cross_entropy_per_example, params, (x, y), model_state=ms)
+    grads = step.per_example_grads(
+        model, params, (x, y), loss=losses.cross_entropy_per_example, preprocess=None, model_state=ms
+    )
     expect = _loop_grads(model, params, x, y, model_state=ms)
     for k in params:
         torch.testing.assert_close(
@@ -307,7 +309,7 @@ def test_per_example_grads_with_the_default_preprocess_on_uint8():
     model = models.get("mlp")
     params = model.init(torch.Generator().manual_seed(0))
     images, labels = _uint8_batch(8, n=4)
-    grads = step.per_example_grads(model, None, params, (images, labels), preprocess=step.FASHION_MNIST)
+    grads = step.per_example_grads(model, params, (images, labels))  # default: step.FASHION_MNIST
     expect = _loop_grads(model, params, data.normalize(images), labels)
     for k in params:
         torch.testing.assert_close(grads[k], expect[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")

@@ -8,7 +8,7 @@ import torch._dynamo
 import torch._dynamo.testing
 from reference import assert_tree_equal, clone_tree
 
-from fashion_func import data, models, optim, step, tree
+from fashion_func import data, models, optim, preprocess, step, tree
 from fashion_func import state as state_lib
 
 
@@ -26,10 +26,11 @@ def _fresh(model_name: str = "mlp", tx=None):
     return model, tx, st
 
 
-def test_normalisation_constants_match_the_data_module():
-    assert (step.MEAN, step.STD) == (data.MEAN, data.STD)
+def test_the_step_data_and_preprocess_share_one_normalisation():
+    assert (data.MEAN, data.STD, data.normalize) == (preprocess.MEAN, preprocess.STD, preprocess.normalize)
+    assert step.NormalizeImages is preprocess.NormalizeImages and not hasattr(step, "normalize_images")
     images = _batch(0)[0]
-    torch.testing.assert_close(step.normalize_images(images), data.normalize(images))
+    assert torch.equal(step.FASHION_MNIST(images), data.normalize(images))
 
 
 def test_input_state_is_unchanged_and_a_new_state_is_returned():
@@ -125,7 +126,7 @@ def test_eval_step_gives_per_example_metrics():
     )
     assert torch.equal(out["correct"], logits.argmax(-1) == labels)
     top3 = logits.topk(3, -1).indices
-    assert torch.equal(out["topk_correct"], (top3 == labels[:, None]).any(-1))
+    assert torch.equal(out["top3_correct"], (top3 == labels[:, None]).any(-1))
     assert out["loss"].shape == out["correct"].shape == (40,)
 
 
@@ -155,9 +156,9 @@ def test_channels_last_gives_the_same_step():
         torch.testing.assert_close(ma["loss_sum"], mb["loss_sum"], rtol=1e-5, atol=1e-5)
     for k in a.params:
         torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-4, atol=1e-6)
-    x = step.normalize_images(_batch(0)[0], channels_last=True)
+    x = preprocess.normalize(_batch(0)[0], channels_last=True)
     assert x.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(x, step.normalize_images(_batch(0)[0]))
+    assert torch.equal(x, preprocess.normalize(_batch(0)[0]))
 
 
 @pytest.mark.cuda

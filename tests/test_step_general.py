@@ -273,7 +273,7 @@ def test_per_example_grads_of_the_mlp_equal_a_loop_of_single_example_grads():
     module.linear1, module.relu, module.linear2 = tnn.Linear(12, 7), tnn.ReLU(), tnn.Linear(7, 4)
     module = module.double()
 
-    grads = step.per_example_grads(model, None, params, (x, y))
+    grads = step.per_example_grads(model, params, (x, y), preprocess=None)
     expected = _loop_of_single_grads(module, params, {}, x, y)
     assert {k: v.shape for k, v in grads.items()} == {k: (5, *p.shape) for k, p in params.items()}
     assert_tree_close(grads, expected, rtol=1e-10, atol=1e-12)
@@ -301,7 +301,9 @@ def test_per_example_grads_of_simplenet_bn_in_inference_mode_use_the_running_sta
     x, y = _float_images(3, n=3, dtype=torch.float64)
     module = SimpleNetBN().double().eval()
 
-    grads = step.per_example_grads(model, losses.cross_entropy_per_example, params, (x, y), model_state=ms)
+    grads = step.per_example_grads(
+        model, params, (x, y), loss=losses.cross_entropy_per_example, preprocess=None, model_state=ms
+    )
     expected = _loop_of_single_grads(module, params, ms, x, y)
     assert_tree_close(grads, expected, rtol=1e-9, atol=1e-12)
     norms = step.per_example_grad_norms(grads)
@@ -314,7 +316,7 @@ def test_per_example_grads_of_a_stateful_model_without_its_state_is_a_clear_valu
     model = models.get("simplenet_bn")
     params = model.init(torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="stateful"):
-        step.per_example_grads(model, None, params, _float_images(4, n=2))
+        step.per_example_grads(model, params, _float_images(4, n=2), preprocess=None)
 
 
 # -- 5. stateful models ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 
 from fashion_func import callbacks as cbs
 from fashion_func import checkpoint, data, distributed, ensemble, losses, models, optim, schedules
+from fashion_func import preprocess as preprocess_lib
 from fashion_func import state as state_lib
 from fashion_func.augment import Augment
 from fashion_func.cli import budget, launch, words
@@ -154,8 +155,8 @@ def _stacked(cfg: Config) -> bool:
 
 def _preprocess(cfg: Config) -> NormalizeImages:
     if cfg.normalize == "dataset":
-        return NormalizeImages(data.MEAN, data.STD)
-    return NormalizeImages(data.TUTORIAL_MEAN, data.TUTORIAL_STD)
+        return NormalizeImages(preprocess_lib.MEAN, preprocess_lib.STD)
+    return NormalizeImages(preprocess_lib.TUTORIAL_MEAN, preprocess_lib.TUTORIAL_STD)
 
 
 def _train_preprocess(cfg: Config) -> NormalizeImages | Augment:
@@ -294,7 +295,7 @@ def build_steps(
         model,
         preprocess=pre,
         precision=cfg.precision,
-        compile=use_compile is True,
+        compile=use_compile,
         topk=cfg.topk,
         tta=cfg.tta,
     )
@@ -309,7 +310,6 @@ def evaluated(cfg: Config, eval_step: Any) -> Any:
     def on_ema(state: state_lib.TrainState, batch: Any) -> Any:
         return eval_step(ema_view(state), batch)
 
-    on_ema.topk = eval_step.topk  # type: ignore[attr-defined]
     return on_ema
 
 

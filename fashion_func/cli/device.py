@@ -54,7 +54,8 @@ def keep_freed_memory_in_heap(limit_bytes: int = 1 << 31) -> bool:
 
 def resolve_compile(setting: str, device: torch.device) -> bool | str:
     """How to torch.compile the step: `auto` compiles all of it on CUDA, only the
-    optimizer update on CPU.
+    optimizer update on CPU. The one place where the config's auto|on|off|update becomes
+    the library's True / "update" / False, which every step maker takes as it is.
 
     On CPU a fully compiled step measured several times slower than eager (inductor's
     CPU convolution backward), while compiling just the update fuses its elementwise

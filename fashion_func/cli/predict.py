@@ -222,7 +222,7 @@ def per_example_outputs(
     model_state: ModelState | None = None,
     tta: bool = False,
 ) -> dict[str, Tensor]:
-    """Per-example `loss`, `correct`, `topk_correct`, `pred`, `logits` over the split, on its device.
+    """Per-example `loss`, `correct`, `top{k}_correct`, `pred`, `logits` over the split, on its device.
 
     A stateful model (batch norm) needs its `model_state` (inference mode: running statistics).
     `tta`: test-time augmentation, each prediction the mean of the probabilities of the image
@@ -282,8 +282,7 @@ def load_member(path: str, model_name: str | None, device: torch.device) -> Memb
 def ensemble_outputs(outs: Sequence[dict[str, Tensor]], labels: Tensor, topk: int) -> dict[str, Tensor]:
     """The per-example outputs of the ensemble of several models' outputs (`evaluate`'s), its
     prediction the mean of their probabilities, beside each one's (`member_*`, `[K, N]`)."""
-    keys = ("loss", "logits", "correct", "topk_correct", "pred")
-    stacked = {k: torch.stack([o[k] for o in outs]) for k in keys}
+    stacked = {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
     return ensemble.combine(stacked, labels, losses.cross_entropy_per_example, topk)
 
 
@@ -332,7 +331,7 @@ def _evaluate_test_set(args: argparse.Namespace, members: Sequence[Member]) -> d
         result["logits"], split.labels, result["pred"], args.num_confused
     )
     if len(members) > 1:
-        report["members"] = [member_report(m.path, o) for m, o in zip(members, outs, strict=True)]
+        report["members"] = [member_report(m.path, o, args.topk) for m, o in zip(members, outs, strict=True)]
         for r in report["members"]:
             print(display(f"member {r['weights']}: accuracy {r['accuracy']:.4f}, loss {r['loss']:.4f}"))
         print(f"ensemble of {len(members)} (mean of probabilities):")

@@ -91,7 +91,7 @@ def build_report(out: dict[str, Tensor], labels: Tensor, topk: int) -> dict[str,
     cm = metrics.confusion_matrix(out["pred"], labels, num_classes=num_classes)
     precision, recall = metrics.precision_recall(cm)
     n = labels.shape[0]
-    correct, topk_correct = int(out["correct"].sum()), int(out["topk_correct"].sum())
+    correct, topk_correct = int(out["correct"].sum()), int(out[f"top{topk}_correct"].sum())
     support = cm.sum(1)
     per_class = [
         {
@@ -135,12 +135,12 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def member_report(path: str, out: dict[str, Tensor]) -> dict[str, Any]:
+def member_report(path: str, out: dict[str, Tensor], topk: int) -> dict[str, Any]:
     """One ensemble member's headline numbers (accuracy, top-k accuracy, loss)."""
     return {
         "weights": path,
         "accuracy": float(out["correct"].double().mean()),
-        "topk_accuracy": float(out["topk_correct"].double().mean()),
+        "topk_accuracy": float(out[f"top{topk}_correct"].double().mean()),
         "loss": float(out["loss"].double().mean()),
     }
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch import nn as tnn
 
-from fashion_func import atomic, checkpoint, data, models
+from fashion_func import atomic, checkpoint, data, models, preprocess
 from fashion_func.interop.torch_io import to_module
 from fashion_func.interop.torch_modules import hparams_from_params
 from fashion_func.interop.weights_file import finite_number
@@ -24,7 +24,8 @@ __all__ = ["ONNX_INPUT", "ONNX_OUTPUT", "save_onnx"]
 
 
 class _ImagesToLogits(tnn.Module):
-    """uint8 images `[B, 28, 28]` -> logits `[B, classes]`, normalising inside as `data.normalize`."""
+    """uint8 images `[B, 28, 28]` -> logits `[B, classes]`, normalising inside with `preprocess.normalize`,
+    the function training and evaluation use."""
 
     def __init__(self, module: tnn.Module, mean: float, std: float) -> None:
         super().__init__()
@@ -32,7 +33,7 @@ class _ImagesToLogits(tnn.Module):
         self.mean, self.std = float(mean), float(std)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.module(data.normalize(images, self.mean, self.std))  # [B, 1, 28, 28] float32
+        return self.module(preprocess.normalize(images, self.mean, self.std))  # [B, 1, 28, 28] float32
 
 
 ONNX_INPUT = "images"  # uint8 [B, 28, 28], raw pixel values 0..255
@@ -44,14 +45,14 @@ def save_onnx(
     model_name: str,
     weights: Mapping[str, Tensor],
     *,
-    mean: float = data.MEAN,
-    std: float = data.STD,
+    mean: float = preprocess.MEAN,
+    std: float = preprocess.STD,
     metadata: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the model with `weights` as an ONNX file that ONNX Runtime runs, atomically.
 
     Input `images`: uint8 `[B, 28, 28]`, raw Fashion-MNIST pixels (batch size free); the graph
-    normalises them itself, `(x / 255 - mean) / std` as `data.normalize` (pass the `mean`, `std`
+    normalises them itself, `(x / 255 - mean) / std` as `preprocess.normalize` (pass the `mean`, `std`
     the weights were trained with: `normalization(metadata)`). Output `logits`: float32
     `[B, classes]`. The model is `to_module(model_name, weights)` in eval mode (batch norm with
     its running statistics, dropout off), exported by `torch.onnx.export(dynamo=True)`; weights

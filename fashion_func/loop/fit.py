@@ -445,11 +445,16 @@ def fit(
 
     train_data, val_data: a function `epoch -> iterable of batches` (e.g. `data.EpochBatches`)
         or an iterable run through once per epoch (a `DataLoader`, a list of batches).
-    train_step: `(state, batch) -> (state, metrics)`; metrics are 0-d device tensors summed
-        over the epoch (`loss_sum`, `correct`, `count` give train_loss / train_acc), or `[K]`
-        tensors from an ensemble step (reported per member, with their mean and std).
+    train_step: `(state, batch) -> (state, metrics)`; metrics are 0-d device tensors, sums
+        over the batch, added up over the epoch on the device (and over the ranks with a
+        group) and divided by the summed `count` (by the number of steps without one):
+        `loss_sum` -> train_loss, `correct` -> train_acc, `top{k}_correct` -> train_top{k},
+        `<name>_sum` -> train_<name>, any other key -> train_<key>. `[K]` tensors from an
+        ensemble step are reported per member (`_m0`, ...), with their mean and std.
     eval_step: `(state, batch) -> per-example tensors` (`make_eval_step`), run on `val_data`
-        after each epoch (val_loss, val_acc, val_top5).
+        after each epoch and averaged over it (`evaluate`): val_loss, val_acc, val_top{k},
+        val_<name> for each other `[B]` output. Every metric goes to the history, the log
+        and TensorBoard alike.
     callbacks: pure event handlers (`fashion_func.callbacks`); `fit` carries out their actions.
     run_dir: None writes nothing. A path (or an opened `RunDir`) is locked for the run and
         receives train.log and checkpoints/last.safetensors (exact resume, every epoch), and

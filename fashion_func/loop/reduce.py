@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,43 +26,57 @@ def evaluate(
 ) -> dict[str, float]:
     """Validation metrics over `batches`, one host sync at the end.
 
-    `eval_step(state, batch)` returns per-example tensors (as `make_eval_step`'s): the mean
-    of `loss` is `val_loss`, of `correct` `val_acc`, of `topk_correct` `val_top{k}` (k from
-    `eval_step.topk`, default 5). `state` is a TrainState or what the eval step takes.
-    group: each rank evaluated its own part of the data; the sums and counts are added
-    over the ranks, so every rank gets the same numbers (every rank needs a batch).
+    `eval_step(state, batch)` returns per-example tensors (as `make_eval_step`'s). Every output
+    of the shape of `loss` (`[B]`) but `pred` is averaged over the examples: `loss` ->
+    val_loss, `correct` -> val_acc, `top{k}_correct` -> val_top{k}, any other `<name>` ->
+    val_<name>; an ensemble's `member_<name>` (`[K, B]`) the same per member. `logits`, `pred`
+    and outputs of other shapes are not reduced. `state` is a TrainState or what the eval
+    step takes. group: each rank evaluated its own part of the data; the sums and counts are
+    added over the ranks, so every rank gets the same numbers (every rank needs a batch).
     live: of a stacked state, the members to evaluate (the others diverged): the ensemble's
     own metrics are those of these members, the others' per-member values are NaN.
     """
     k = int(state.step.shape[0]) if live is not None else 0
     if live is not None:
         state = members_lib.live_state(state, live)
-    own = {
-        "loss": "val_loss",
-        "correct": "val_acc",
-        "topk_correct": f"val_top{getattr(eval_step, 'topk', 5)}",
-    }
-    names = {**own, **{f"member_{k}": v for k, v in own.items()}}  # an ensemble's members: [K, B]
     sums: dict[str, Tensor] = {}
     count = 0
     for batch in batches:
         out = eval_step(state, batch)
         count += int(out["loss"].shape[-1])  # a shape: no sync
-        for key in names:
-            if key in out:
-                part = out[key].double().sum(-1)
-                sums[key] = part if key not in sums else sums[key] + part
+        for key in _per_example_keys(out):
+            part = out[key].double().sum(-1)
+            sums[key] = part if key not in sums else sums[key] + part
     if group is not None and sums:  # this rank's part: the sums and the count added over the ranks
         anchor = next(iter(sums.values()))
         sums = sum_over_ranks(group, {**sums, "_count": anchor.new_tensor(float(count))})
     values = to_host(sums)  # the one sync
     count = int(values.pop("_count", count))
-    scalars = {names[k]: v / count for k, v in values.items() if k in own}
-    members = {names[n]: [x / count for x in v] for n, v in values.items() if n not in own}
+    own = {k: v for k, v in values.items() if not k.startswith("member_")}
+    scalars = {_val_name(k): v / count for k, v in own.items()}
+    members = {_val_name(n[7:]): [x / count for x in v] for n, v in values.items() if n not in own}
     if live is not None:
         members = {n: members_lib.with_dead(v, live, k) for n, v in members.items()}
         return expand_members(members, scalars, dead=[i for i in range(k) if i not in live])
     return expand_members(members, scalars)
+
+
+def _per_example_keys(out: Mapping[str, Tensor]) -> list[str]:
+    """The outputs `evaluate` averages: the ones shaped like `loss` (`member_loss`), but `pred`."""
+    shapes = {"": out["loss"].shape, "member_": out["member_loss"].shape if "member_loss" in out else None}
+    keys = []
+    for key, value in out.items():
+        prefix = "member_" if key.startswith("member_") else ""
+        if key.removeprefix(prefix) not in ("pred", "logits") and value.shape == shapes[prefix]:
+            keys.append(key)
+    return keys
+
+
+def _val_name(key: str) -> str:
+    """`loss` -> val_loss, `correct` -> val_acc, `top5_correct` -> val_top5, `x` -> val_x."""
+    if key == "correct":
+        return "val_acc"
+    return "val_" + (key.removesuffix("_correct") if re.fullmatch(r"top\d+_correct", key) else key)
 
 
 def to_host(tensors: Mapping[str, Tensor]) -> dict[str, Any]:
