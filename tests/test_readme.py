@@ -39,7 +39,7 @@ def _torchvision_raw(root: Path) -> None:
 @pytest.mark.slow
 def test_readme_python_api_runs_as_written(tmp_path: Path) -> None:
     blocks = _api_blocks()
-    assert len(blocks) == 3, "the README shows two research uses and extra metrics"
+    assert len(blocks) == 4, "the README shows two research uses, extra metrics and extending the step"
     _torchvision_raw(tmp_path / "dataset" / "fashion")
     script = tmp_path / "readme_api.py"
     script.write_text("\n".join(blocks))
@@ -61,3 +61,6 @@ def test_readme_python_api_runs_as_written(tmp_path: Path) -> None:
     found = re.search(r"train_margin ([0-9.e+-]+) val_confident ([0-9.e+-]+)", out)
     assert found is not None, out[-2000:]
     assert float(found.group(1)) > 0 and 0 <= float(found.group(2)) <= 1
+    # extending the step: frozen with masked, MultiSteps, warmup_cosine per step, a stateful function
+    assert "frozen layer unchanged: True" in out and "second layer trained: True" in out
+    assert "running mean: True" in out

@@ -41,8 +41,11 @@ __all__ = [
 
 # row order of the dense layer after a conv stack in Flax layout: (h w c) as an NHWC reshape
 # gives (the default, recorded as `flatten: "hwc"`), or torch's (c h w) of files written before
-Flatten = Literal["hwc", "chw"]
-FLATTEN_ORDERS: tuple[str, ...] = ("hwc", "chw")
+# torch's (c h w) of files written before; "none": no layer was known to follow a flatten (an
+# architecture we do not recognise, given no shapes), nothing was reordered. A mapping
+# `{layer: (c, h, w)}` names the layers to reorder for an architecture of the caller's own.
+Flatten = Literal["hwc", "chw"] | Mapping[str, tuple[int, int, int]]
+FLATTEN_ORDERS: tuple[str, ...] = ("hwc", "chw", "none")
 FLAX_LAYOUT = "flax"  # the `layout` metadata value of files written by `save_flax`
 
 # torch buffer / Flax leaf names of a batch-norm layer's running statistics (Flax keeps them in
@@ -76,9 +79,43 @@ def _flax_leaf(key: str, t: Tensor) -> tuple[list[str], Tensor] | None:
     raise ValueError(f"no Flax equivalent known for parameter {key!r} of shape {list(t.shape)}")
 
 
-def _check_flatten(flatten: str) -> None:
-    if flatten not in FLATTEN_ORDERS:
-        raise ValueError(f"flatten must be one of {', '.join(FLATTEN_ORDERS)}, not {flatten!r}")
+def _check_flatten(flatten: Any) -> None:
+    if isinstance(flatten, Mapping):
+        for layer, chw in flatten.items():
+            ok = isinstance(chw, (tuple, list)) and len(chw) == 3
+            if not (isinstance(layer, str) and ok and all(isinstance(n, int) and n >= 1 for n in chw)):
+                raise ValueError(
+                    f"flatten: expected {{layer: (c, h, w)}} of positive ints, got {layer!r}: {chw!r}"
+                )
+        return
+    if flatten not in ("hwc", "chw"):
+        raise ValueError(f"flatten must be 'hwc', 'chw' or {{layer: (c, h, w)}}, not {flatten!r}")
+
+
+def _permutation(
+    params: Mapping[str, Tensor], flatten: Flatten, model: str | None
+) -> dict[str, tuple[int, int, int]]:
+    """The dense layers whose rows go between torch's (c h w) and Flax's (h w c) order."""
+    _check_flatten(flatten)
+    if isinstance(flatten, Mapping):
+        for layer, (c, h, w) in flatten.items():
+            weight = params.get(f"{layer}.weight")
+            if weight is None or weight.dim() != 2 or weight.shape[1] != c * h * w:
+                raise ValueError(f"flatten: {layer}.weight is not a dense kernel over {c}*{h}*{w} inputs")
+        return {k: (int(c), int(h), int(w)) for k, (c, h, w) in flatten.items()}
+    return _flatten_layers(params, model) if flatten == "hwc" else {}
+
+
+def flatten_recorded(
+    params: Mapping[str, Tensor], flatten: Flatten, model: str | None = None
+) -> dict[str, Any]:
+    """What `save_flax` records of the row order: `flatten` ("hwc" when some layer was reordered,
+    "chw" when asked to keep torch's, "none" when no layer was known to need it) and, for "hwc",
+    `flatten_layers` `{layer: [c, h, w]}`, so the file says exactly what was done."""
+    permute = _permutation(params, flatten, model)
+    if permute:
+        return {"flatten": "hwc", "flatten_layers": {k: list(v) for k, v in permute.items()}}
+    return {"flatten": "chw" if flatten == "chw" else "none"}
 
 
 @functools.lru_cache(maxsize=32)
@@ -136,7 +173,8 @@ def to_flax(
     option), for code that flattens with `rearrange(x, "b h w c -> b (c h w)")`. The feature
     map's (c, h, w) comes from the architecture, `model` or else recognised from the names and
     shapes (`identify`); weights of an unknown architecture are converted layer by layer with
-    no row reordering.
+    no row reordering, unless `flatten={layer: (c, h, w)}` names the dense layers that follow a
+    flattened `[B, C, H, W]` map (their rows are then written in (h w c) order).
 
     Batch norm (a stateful model's weights, buffers included) maps to `flax.linen.BatchNorm`'s
     names, all under the layer's key in this one tree:
@@ -157,8 +195,7 @@ def to_flax(
     "bfloat16" (ml_dtypes' numpy bfloat16, which needs ml_dtypes wherever it is read).
     """
     check_bf16_as(bf16_as)
-    _check_flatten(flatten)
-    permute = _flatten_layers(params, model) if flatten == "hwc" else {}
+    permute = _permutation(params, flatten, model)
     tree: dict[str, Any] = {}
     for key, t in params.items():
         leaf = _flax_leaf(key, t)
@@ -253,8 +290,8 @@ def from_flax(
             layer = ".".join(path)
             params[f"{layer}.{_COUNTER}"] = torch.tensor(int(counts.get(layer, 0)), dtype=torch.int64)
     _check_flatten(flatten)
-    if flatten == "hwc":
-        for layer, (c, h, w) in _flatten_layers(params, model).items():
+    if flatten == "hwc" or isinstance(flatten, Mapping):
+        for layer, (c, h, w) in _permutation(params, flatten, model).items():
             key = f"{layer}.weight"  # [out, (h w c)] after the transpose above -> torch's (c h w)
             params[key] = rearrange(params[key], "o (h w c) -> o (c h w)", c=c, h=h, w=w).contiguous()
     return params
@@ -274,8 +311,10 @@ def save_flax(
     Read it with `flax.traverse_util.unflatten_dict(safetensors.flax.load_file(p), sep=".")`
     (then `flax_variables(...)` for a model with batch norm) and run it with `flax_module(name)`,
     with `safetensors.numpy.load_file(p)`, or back into torch layout with `load_flax`. The
-    metadata records `layout` ("flax"), `flatten` (the dense-after-conv row order, "hwc" unless
-    asked otherwise; see `to_flax`), `bf16_as` and which keys were bf16 (`bf16_keys`), for batch
+    metadata records `layout` ("flax"), `flatten` (the dense-after-conv row order: "hwc" with
+    `flatten_layers` `{layer: [c, h, w]}` naming the reordered layers, "chw" when asked to keep
+    torch's, "none" when no layer was known to follow a flatten; see `to_flax`), `bf16_as` and
+    which keys were bf16 (`bf16_keys`), for batch
     norm the dropped `num_batches_tracked` counts (`{layer: count}`), plus `metadata`'s entries.
     Strings are stored as they are, other values as JSON, as `checkpoint.encode_metadata` does
     (`checkpoint.read_metadata(p)` decodes them).
@@ -287,9 +326,8 @@ def save_flax(
         return None if leaf is None else ".".join(leaf[0])
 
     meta: dict[str, Any] = dict(metadata or {})
-    meta.update(
-        layout=FLAX_LAYOUT, flatten=flatten, bf16_as=bf16_as, bf16_keys=numpy_io.bf16_keys(params, dotted)
-    )
+    meta.update(layout=FLAX_LAYOUT, bf16_as=bf16_as, bf16_keys=numpy_io.bf16_keys(params, dotted))
+    meta.update(flatten_recorded(params, flatten, model))
     counts = {k.rsplit(".", 1)[0]: int(t) for k, t in params.items() if k.rsplit(".", 1)[-1] == _COUNTER}
     if counts:  # the file is for Flax, which has no counter: keep it beside, not in, the arrays
         meta["num_batches_tracked"] = counts
@@ -317,9 +355,16 @@ def load_flax(path: str | os.PathLike[str]) -> Params:
     # files JSON-encoded every value; new ones all but strings), layout and bf16_as plain in both
     bf16_keys = json.loads(meta.get("bf16_keys", "[]")) if meta.get("bf16_as") == "uint16" else []
     counts = json.loads(meta.get("num_batches_tracked", "{}"))
-    flatten = meta.get("flatten", "chw")
+    flatten: Any = meta.get("flatten", "chw")
     if flatten not in FLATTEN_ORDERS:
         raise ValueError(f"{path}: unknown flatten order {flatten!r} in the metadata")
+    if flatten == "none":
+        flatten = "chw"  # nothing was reordered: take the rows as they are
+    elif flatten == "hwc" and "flatten_layers" in meta:  # exactly the layers that were reordered
+        try:
+            flatten = {k: tuple(v) for k, v in json.loads(meta["flatten_layers"]).items()}
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"{path}: flatten_layers in the metadata is not {{layer: [c, h, w]}}") from None
     tensors = load_file(str(path))
     # torch uint16 has few kernels; go through numpy so the bit reinterpretation is plain
     arrays = {
