@@ -105,7 +105,9 @@ def init(
     Member k is initialised, and draws its dropout keys, from `member_seed(seed, k)`, or from
     `seed` for every member when `same_init` (a sweep, where only the hyperparameters should
     differ). hyperparams: one mapping per member, e.g. `[{"lr": 1e-3}, {"lr": 3e-4}]`, set
-    in that member's optimizer state (names as `optim.hyperparams` lists them).
+    in that member's optimizer state (names as `optim.hyperparams` lists them). An
+    `optim.add_noise` in the optimizer draws from the member's seed too (`optim.set_noise_key`),
+    so members get independent gradient noise (a sweep's, like its initialisation, the same).
 
     model: a `Model` (its `init` and `init_state` are used), or a plain function as the steps
     take it, with `init`: `generator -> params` (given each member's generator) and, for a
@@ -125,6 +127,8 @@ def init(
         )
         for name, value in (hyperparams[k] if hyperparams else {}).items():
             st = st.replace(opt_state=optim.set_hyperparam(st.opt_state, name, value))
+        if not same_init:  # gradient noise (`optim.add_noise`) from the member's own stream too
+            st = st.replace(opt_state=optim.set_noise_key(st.opt_state, s))
         states.append(st)
     return stack(states)
 

@@ -614,3 +614,18 @@ def test_predict_of_the_members_is_the_ensemble_training_validated(cli_run, caps
         assert m["accuracy"] == alone["accuracy"] == history[f"val_acc_m{k}"]
         assert m["loss"] == pytest.approx(alone["loss"], abs=1e-9)
         assert m["loss"] == pytest.approx(history[f"val_loss_m{k}"], abs=1e-5)
+
+
+def test_members_draw_independent_gradient_noise_and_a_sweeps_the_same():
+    """`add_noise` in an ensemble's optimizer: each member's key from its own seed."""
+    params = {"w": torch.zeros(64, dtype=torch.float64)}
+    tx = optim.chain(optim.add_noise(0.1, 0.0, seed=7), optim.sgd(1.0))
+    fn = lambda p, x: x @ p["w"][:, None].expand(64, 10)
+    ens = ensemble.init(fn, tx, members=3, seed=0, init=lambda g: dict(params))
+    same = ensemble.init(fn, tx, members=2, seed=0, init=lambda g: dict(params), same_init=True)
+    grads = {"w": torch.zeros(3, 64, dtype=torch.float64)}
+    upd, _ = torch.func.vmap(tx.update)(grads, ens.opt_state, ens.params)
+    assert not torch.equal(upd["w"][0], upd["w"][1]) and not torch.equal(upd["w"][1], upd["w"][2])
+    upd2, _ = torch.func.vmap(tx.update)({"w": grads["w"][:2]}, same.opt_state, same.params)
+    assert torch.equal(upd2["w"][0], upd2["w"][1])
+
