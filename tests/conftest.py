@@ -1,9 +1,18 @@
-"""Shared test settings: tests marked `cuda` run only where a CUDA device is present."""
+"""Shared test settings: tests marked `cuda` run only where a CUDA device is present; under
+pytest-xdist (`pytest -n N`, as `make test` runs) each worker computes on one thread."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # N workers on N cores: one intra-op thread each, or they oversubscribe the cores and each
+    # runs slower than alone. Subprocesses the tests start inherit OMP_NUM_THREADS.
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,4 +1,5 @@
-"""Tests for fashion_func.checkpoint: round trips, validation of bad files, atomic writes, fuzzing."""
+"""Tests for fashion_func.checkpoint: round trips, validation of bad files, atomic writes, fuzzing, and
+bad checkpoints given to `train.py --resume` (the one place for them)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import io
 import json
 import os
 import re
+import shutil
 import struct
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,11 +20,17 @@ import torch
 import torch.utils._pytree as pytree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_data import make_dataset  # tests/ is on sys.path under pytest
+from test_reliability import one_error_line
 from torch import Tensor, nn
 
-from fashion_func import atomic, safetensors_io, tree
+from fashion_func import atomic, models, optim, safetensors_io, tree
 from fashion_func import checkpoint as ck
+from fashion_func import state as state_lib
 from fashion_func.checkpoint import CheckpointError, CheckpointWriteError
+from fashion_func.cli import app
+from fashion_func.cli.config import Config
+from fashion_func.cli.train import main_train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -873,3 +881,132 @@ def test_no_pickle_or_torch_load_in_package_sources() -> None:
         FORBIDDEN[0], "safetensors.torch.load(b)"
     )
     assert re.search(FORBIDDEN[1], "import pickle") and re.search(FORBIDDEN[3], "pickle.loads(b)")
+
+
+# --------------------------------------------------------------------------- bad checkpoints, command line
+
+# A finished run's last.safetensors, spoiled in a copy of the run, then `train.py --resume auto` and
+# `--resume PATH`: exit 2, one line naming the file, and nothing in the run directory changed but
+# a line in train.log. Each entry: (spoil the copy's last file, a regex the line must match).
+
+
+def pickle_bytes() -> bytes:
+    """What torch.save writes (a zip of pickles): written here, never read back by pickle."""
+    buf = io.BytesIO()
+    torch.save({"linear1.weight": torch.zeros(3)}, buf)
+    return buf.getvalue()
+
+
+def _mlp_template() -> Any:
+    params = models.get("mlp").init(torch.Generator().manual_seed(0))
+    return state_lib.create(params, app.build_optimizer(Config(model="mlp")), seed=0)
+
+
+def _rewrite(change: Any) -> Any:
+    """A spoiler that loads the state and metadata, changes them and saves a valid file again."""
+
+    def spoil(last: Path) -> None:
+        st_, meta = change(*ck.load_state(last, _mlp_template()))
+        ck.save_state(last, st_, metadata=meta)
+
+    return spoil
+
+
+def _raw(change: Any) -> Any:
+    """A spoiler of the file's bytes."""
+    return lambda last: last.write_bytes(change(last.read_bytes(), last))
+
+
+def _bad_header_json(good: bytes, last: Path) -> bytes:
+    n = int.from_bytes(good[:8], "little")
+    return good[:8] + good[8 : 8 + n].replace(b'"dtype"', b"'dtype'", 1) + good[8 + n :]
+
+
+def _other_model(good: bytes, last: Path) -> bytes:
+    # a simplenet train state carrying the mlp run's metadata: only the tensors are wrong
+    params = models.get("simplenet").init(torch.Generator().manual_seed(0))
+    other = last.with_name("simplenet.safetensors")
+    ck.save_state(other, state_lib.create(params, optim.adam(1e-3), seed=0), metadata=ck.read_metadata(last))
+    blob = other.read_bytes()
+    other.unlink()
+    return blob
+
+
+def _fifo(last: Path) -> None:
+    last.unlink()
+    os.mkfifo(last)
+
+
+def _set_lr(st_: Any, lr: float) -> Any:
+    return st_.replace(opt_state=optim.set_hyperparam(st_.opt_state, "lr", lr))
+
+
+BAD_CHECKPOINTS: dict[str, tuple[Any, str]] = {
+    "truncated": (_raw(lambda good, last: good[: len(good) // 2]), "outside the data region"),
+    "header not JSON": (_raw(_bad_header_json), "header is not valid JSON"),
+    "other model": (_raw(_other_model), "checkpoint does not match the train state"),
+    "not safetensors": (_raw(lambda good, last: b"epoch=3\nlr=0.001\n" * 10), "not a safetensors file"),
+    "pickle renamed": (_raw(lambda good, last: pickle_bytes()), "only safetensors files are read"),
+    "a fifo": (_fifo, r"not a regular file \(a named pipe \(FIFO\)\)"),
+    "epoch a string": (_rewrite(lambda st_, m: (st_, {**m, "epoch": "x"})), ""),
+    "epoch negative": (_rewrite(lambda st_, m: (st_, {**m, "epoch": -3})), ""),
+    "lr a string": (_rewrite(lambda st_, m: (st_, {**m, "lr": "fast"})), ""),
+    "lr negative": (_rewrite(lambda st_, m: (st_, {**m, "lr": -0.001})), ""),
+    "in_epoch a string": (_rewrite(lambda st_, m: (st_, {**m, "in_epoch": "x"})), ""),
+    "in_epoch missing keys": (_rewrite(lambda st_, m: (st_, {**m, "in_epoch": {"epoch": 2}})), ""),
+    "callbacks a list": (_rewrite(lambda st_, m: (st_, {**m, "callbacks": [1, 2]})), ""),
+    "callback state wrong": (
+        _rewrite(
+            lambda st_, m: (st_, {**m, "callbacks": {**m["callbacks"], "EarlyStopping": {"best": "x"}}})
+        ),
+        "",
+    ),
+    "history malformed": (_rewrite(lambda st_, m: (st_, {**m, "history": [{"epoch": "one"}]})), ""),
+    "step negative": (_rewrite(lambda st_, m: (st_.replace(step=torch.tensor(-5)), m)), ""),
+    "optimizer lr negative": (_rewrite(lambda st_, m: (_set_lr(st_, -1.0), m)), ""),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch mlp run (adam, plateau schedule, early stopping) on 64 synthetic images."""
+    root = tmp_path_factory.mktemp("finished")
+    make_dataset(root / "data", n_train=64, n_test=16)
+    cfg = Config(
+        model="mlp", epochs=1, batch_size=32, data_dir=str(root / "data"), out=str(root / "run"),
+        device="cpu", compile=False, tensorboard=False, progress=False, patience=3, lr_schedule="plateau",
+    )  # fmt: skip
+    app.train(cfg)
+    return root
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes | str]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else "other" for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs")
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_resume_from_a_bad_checkpoint_is_one_line_exit_2_and_changes_nothing(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    spoil, match = BAD_CHECKPOINTS[case]
+    out = tmp_path / "run"
+    shutil.copytree(finished_run / "run", out, symlinks=True)
+    last = out / "checkpoints" / "last.safetensors"
+    spoil(last)
+    before = _tree_bytes(out)
+    argv = [
+        "--model", "mlp", "--epochs", "3", "--batch-size", "32", "--data-dir", str(finished_run / "data"),
+        "--out", str(out), "--device", "cpu", "--no-compile", "--no-tensorboard", "--no-progress",
+    ]  # fmt: skip
+    for resume in ("auto", str(last)):
+        assert main_train([*argv, "--resume", resume]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        # the file named first ("--resume PATH: " where the flag named a FIFO)
+        assert re.match(rf"train\.py: error: (--resume )?{re.escape(str(last))}: ", line), line
+        assert re.search(match, line), line
+        after, expected = _tree_bytes(out), dict(before)
+        assert after.pop("train.log").startswith(expected.pop("train.log"))  # the attempt is logged, no more
+        assert after == expected  # the evidence is left as it was

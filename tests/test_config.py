@@ -1,30 +1,11 @@
-"""Config validation: every bad value is one ConfigError naming the flag."""
+"""Config validation: good values, defaults that follow other values, config files and presets.
+The table of bad values (flags, config files, dicts) is tests/test_usage_errors.py."""
 
 from __future__ import annotations
 
 import pytest
 
 from fashion_func.cli.config import Config, ConfigError, load_file
-
-
-@pytest.mark.parametrize(
-    ("values", "message"),
-    [
-        ({"batch_size": 64.0}, "--batch-size must be an integer"),
-        ({"limit_train": 100.0}, "--limit-train must be an integer"),
-        ({"epochs": True}, "--epochs must be an integer"),
-        ({"lr": "fast"}, "--lr must be a number"),
-        ({"tensorboard": 1}, "--tensorboard must be true or false"),
-        ({"out": 3}, "--out must be a string"),
-        ({"monitor": "val_los"}, "--monitor must be one of"),
-        ({"lr_schedule": "plateau", "lr_gamma": 1.0}, "below 1 with --lr-schedule plateau"),
-        ({"compile": "maybe"}, "--compile must be one of"),
-        ({"colour": "red"}, "unknown config keys: colour"),
-    ],
-)
-def test_bad_values_are_config_errors(values, message):
-    with pytest.raises(ConfigError, match=message):
-        Config.from_dict(values)
 
 
 def test_good_values_pass_and_compile_booleans_mean_on_off():

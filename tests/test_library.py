@@ -232,6 +232,8 @@ def test_step_lr_sets_the_lr_each_epoch_like_torch_step_lr():
         sched.step()
     assert [r["lr"] for r in result.history] == pytest.approx(expected, rel=1e-12)
     assert [r["lr"] for r in result.history] == [1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3]
+    # no eval_step: the train metrics only
+    assert all(set(r) == {"epoch", "train_loss", "train_acc", "lr", "epoch_time_s"} for r in result.history)
 
     # and the steps really ran with those rates
     s = st
@@ -241,7 +243,8 @@ def test_step_lr_sets_the_lr_each_epoch_like_torch_step_lr():
     _assert_tree_equal(result.state.params, s.params)
     _assert_tree_equal(result.state.opt_state[1], s.opt_state[1])  # Adam's moments
     # at the last EpochEnd StepLR already set the lr of the epoch that would come next
-    assert float(optim.get_hyperparam(result.state.opt_state, "lr")) == pytest.approx(cb.lr_at(6), rel=1e-6)
+    final_lr = optim.get_hyperparam(result.state.opt_state, "lr")
+    assert final_lr.dtype == torch.float32 and float(final_lr) == pytest.approx(cb.lr_at(6), rel=1e-6)
     assert cb.lr_at(6) == 2.5e-3 and cb.lr_at(7) == 1.25e-3
 
 
@@ -271,6 +274,23 @@ def test_early_stopping_stops_on_a_scripted_val_loss(patience, script, stop_afte
     assert "val_loss" in result.stop_reason and "did not improve" in result.stop_reason
     s = st
     for _ in range(stop_after):
+        s, _ = _manual_epoch(s, train_step, train)
+    _assert_tree_equal(result.state, s)
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_early_stopping_on_the_train_loss_in_max_mode_waits_patience_epochs(patience):
+    train = _float_batches(5, 2)
+    st, train_step, _ = _mlp()
+    stopper = ff.callbacks.EarlyStopping(monitor="train_loss", mode="max", patience=patience)
+    result = ff.fit(st, train_step, train, epochs=5, callbacks=[stopper])
+    # training lowers the loss, which in "max" mode is no improvement
+    losses = [r["train_loss"] for r in result.history]
+    assert result.epochs_run == len(losses) == 1 + patience
+    assert losses == sorted(losses, reverse=True) and len(set(losses)) == len(losses)
+    assert "did not improve" in result.stop_reason and "train_loss" in result.stop_reason
+    s = st
+    for _ in range(1 + patience):
         s, _ = _manual_epoch(s, train_step, train)
     _assert_tree_equal(result.state, s)
 
@@ -363,6 +383,57 @@ def test_a_max_steps_cut_inside_an_epoch_then_resume_equals_straight_bitwise(bn_
     resumed = run(out, 4, resume="auto")
     _assert_same_run(resumed, four)
     assert "batch 1" in (out / "train.log").read_text()
+
+
+def _files(run: Path) -> set[str]:
+    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and not p.name.startswith(".")}
+
+
+@pytest.mark.parametrize("source", ["list", "dataloader"])
+@pytest.mark.parametrize("max_steps", [4, 6], ids=["mid-epoch", "epoch-end"])
+def test_max_steps_cut_then_resume_over_user_batches_is_bitwise_exact(source, max_steps, tmp_path):
+    fixed = _float_batches(6, 3, n=16)  # 3 batches per epoch
+    if source == "list":
+        train = fixed
+    else:
+        xs, ys = torch.cat([x for x, _ in fixed]), torch.cat([y for _, y in fixed])
+        train = DataLoader(TensorDataset(xs, ys), batch_size=16, shuffle=False)
+    _, train_step, eval_step = _mlp()
+    kw = {"eval_step": eval_step, "val_data": _float_batches(98, 1, n=16), "epochs": 3}
+    straight = ff.fit(_mlp()[0], train_step, train, run_dir=tmp_path / "a", **kw)
+    assert _files(tmp_path / "a") == {"checkpoints/last.safetensors", "train.log"}  # no callbacks
+    cut = ff.fit(_mlp()[0], train_step, train, run_dir=tmp_path / "b", max_steps=max_steps, **kw)
+    assert int(cut.state.step) == max_steps
+    assert cut.stop_reason == f"max_steps {max_steps} reached"
+    # neither a list nor a DataLoader gives a position: allowed, the seen batches are drawn again
+    # and dropped, exact here as the order repeats (unshuffled)
+    resumed = ff.fit(
+        _mlp()[0], train_step, train, run_dir=tmp_path / "b", resume="auto", allow_inexact_resume=True, **kw
+    )
+    _assert_same_run(straight, resumed)
+
+
+@pytest.mark.parametrize("start_at", [0, 4], ids=["max_steps-0", "rerun-of-a-cut-run"])
+def test_max_steps_already_reached_takes_no_step(start_at, tmp_path):
+    st, train_step, _ = _mlp()
+    batches = _float_batches(6, 3, n=16)
+    out = tmp_path / "run"
+    if start_at:  # a run cut at step 4, then the same command again (resume, same max_steps)
+        ff.fit(st, train_step, batches, epochs=3, run_dir=out, max_steps=start_at)
+        again = ff.fit(st, train_step, batches, epochs=3, run_dir=out, resume="auto", max_steps=start_at)
+    else:
+        again = ff.fit(st, train_step, batches, epochs=3, max_steps=0)
+    assert int(again.state.step) == start_at
+
+
+def test_max_steps_at_the_end_of_an_epoch_still_ends_that_epoch():
+    st, train_step, eval_step = _mlp()
+    batches = _float_batches(6, 3, n=16)  # 3 batches per epoch: step 6 ends epoch 2
+    result = ff.fit(st, train_step, batches, epochs=3, max_steps=6, eval_step=eval_step,
+                    val_data=_float_batches(98, 1, n=16))  # fmt: skip
+    assert int(result.state.step) == 6
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert result.epochs_run == 2 and "val_loss" in result.history[-1]
 
 
 # -- 9. the public surface ------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import io
 import json
 import os
 import random
@@ -426,112 +425,20 @@ def test_sigint_during_startup_exits_130_without_traceback(procs: Procs, tmp_pat
 # --------------------------------------------------------------------------- 2. checkpoints at the CLI
 
 
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished one-epoch mlp run on synthetic data: a valid last.safetensors to spoil."""
-    tmp = tmp_path_factory.mktemp("small")
-    make_dataset(tmp / "data", n_train=64, n_test=16)
-    cfg = Config(
-        model="mlp", epochs=1, batch_size=32, data_dir=str(tmp / "data"), out=str(tmp / "run"),
-        device="cpu", compile=False, tensorboard=False, progress=False,
-    )  # fmt: skip
-    app.train(cfg)
-    return tmp
-
-
-def small_argv(small: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--model", "mlp", "--epochs", "2", "--batch-size", "32", "--data-dir", str(small / "data"),
-        "--out", str(out), "--device", "cpu", "--no-compile", "--no-tensorboard", "--no-progress", *extra,
-    ]  # fmt: skip
-
-
-def _pickle_file() -> bytes:
-    # what torch.save writes (a zip of pickles), renamed: written here, never read back by pickle
-    buf = io.BytesIO()
-    torch.save({"linear1.weight": torch.zeros(3)}, buf)
-    return buf.getvalue()
-
-
-def _other_model(small: Path) -> bytes:
-    # a simplenet train state carrying the mlp run's metadata: only the tensors are wrong
-    meta = checkpoint.read_metadata(small / "run" / "checkpoints" / loop.LAST)
-    params = models.get("simplenet").init(torch.Generator().manual_seed(0))
-    st = state_lib.create(params, optim.adam(1e-3), seed=0)
-    path = small / "simplenet.safetensors"
-    checkpoint.save_state(path, st, metadata=meta)
-    return path.read_bytes()
-
-
-def _bad_header_json(good: bytes) -> bytes:
-    n = int.from_bytes(good[:8], "little")
-    return good[:8] + good[8 : 8 + n].replace(b'"dtype"', b"'dtype'", 1) + good[8 + n :]
-
-
-BAD_CHECKPOINTS: dict[str, tuple[Callable[[bytes, Path], bytes], str]] = {
-    "truncated": (lambda good, small: good[: len(good) // 2], "outside the data region"),
-    "header not JSON": (lambda good, small: _bad_header_json(good), "header is not valid JSON"),
-    "other model": (lambda good, small: _other_model(small), "checkpoint does not match the train state"),
-    "not safetensors": (lambda good, small: b"epoch=3\nlr=0.001\n" * 10, "not a safetensors file"),
-    "pickle renamed": (lambda good, small: _pickle_file(), "only safetensors files are read"),
-}
-
-
-@pytest.mark.parametrize("how", ["auto", "path"])
-@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
-def test_resume_from_a_bad_checkpoint_is_one_line_exit_2(
-    small_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, how: str
-) -> None:
-    spoil, match = BAD_CHECKPOINTS[case]
-    good = (small_run / "run" / "checkpoints" / loop.LAST).read_bytes()
-    bad = spoil(good, small_run)
-    out = tmp_path / "run"
-    path = out / "checkpoints" / loop.LAST
-    path.parent.mkdir(parents=True)
-    path.write_bytes(bad)
-    resume = "auto" if how == "auto" else str(path)
-    assert main_train(small_argv(small_run, out, "--resume", resume)) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert line.startswith(f"train.py: error: {path}: ") and re.search(match, line), line
-    assert path.read_bytes() == bad  # the evidence is left as it was
-
-
 @needs_data
 def test_resume_from_a_pickle_in_a_real_process_exits_2(procs: Procs, tmp_path: Path) -> None:
     out = tmp_path / "run"
     path = out / "checkpoints" / loop.LAST
     path.parent.mkdir(parents=True)
-    path.write_bytes(_pickle_file())
+    from test_checkpoint import pickle_bytes  # here: test_checkpoint imports this module
+
+    path.write_bytes(pickle_bytes())
     rc, _, err = procs.finish(procs.launch(out, "--resume", "auto"))
     assert rc == 2
     assert "only safetensors files are read" in one_error_line(err)
 
 
 # --------------------------------------------------------------------------- 3. data and arguments
-
-
-@pytest.mark.parametrize(
-    ("argv", "match"),
-    [
-        (["--epochs", "-1"], "--epochs must be at least 1, got -1"),
-        (["--lr", "0"], "--lr must be a finite positive number, got 0.0"),
-        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-        (
-            ["--model", "resnet900"],
-            "--model must be one of simplenet, simplenet_bn, alexnet, mlp, resnet, not 'resnet900'",
-        ),
-        (["--optimizer", "lion"], "--optimizer must be one of adam, adamw, sgd, not 'lion'"),
-        (["--epochs", "three"], "argument --epochs: expected an integer, got 'three'"),
-        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    ],
-)
-def test_invalid_arguments_are_usage_errors(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], match: str
-) -> None:
-    out = tmp_path / "run"
-    assert main_train(["--out", str(out), *argv]) == 2
-    assert one_error_line(capsys.readouterr().err) == f"train.py: error: {match}"
-    assert not out.exists()  # refused before anything was created
 
 
 @needs_data

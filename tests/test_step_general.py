@@ -193,9 +193,28 @@ def test_user_model_on_feature_vectors_trains_like_the_module(kind):
     assert_tree_close(st.params, ref_params, rtol=1e-5, atol=1e-6)
     # the caller's params are untouched
     assert_tree_equal(params, given)
-    out = step.make_eval_step(model, preprocess=None, compile=False)(st, batches[0])
+    out = step.make_eval_step(model, preprocess=None, compile=False, topk=2)(st, batches[0])
     with torch.no_grad():
-        torch.testing.assert_close(out["logits"], module(batches[0][0]), rtol=1e-5, atol=1e-6)
+        logits = module(batches[0][0])
+    torch.testing.assert_close(out["logits"], logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out["loss"], F.cross_entropy(logits, batches[0][1], reduction="none"), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_a_function_model_is_given_train_and_key_only_where_it_takes_them():
+    seen: list[tuple[bool, bool]] = []
+
+    def with_flags(params, x, train=False, key=None):
+        seen.append((train, key is not None))
+        return _sequential_as_function(params, x)
+
+    params = _module_params(_sequential())
+    tx = optim.sgd(0.1)
+    batch = _features(0, n=4)
+    step.make_train_step(with_flags, tx, preprocess=None, compile=False)(state_lib.create(params, tx), batch)
+    step.make_eval_step(with_flags, preprocess=None, compile=False)(params, batch)
+    assert seen == [(True, True), (False, False)]
 
 
 def test_regression_with_mse_per_example_and_float_targets():
@@ -241,12 +260,23 @@ def test_a_loss_that_is_not_per_example_is_a_valueerror_on_the_first_call(compil
     model = models.get("mlp", D_in=6, H=5, D_out=3)
     tx = optim.sgd(0.1)
     st = state_lib.create(model.init(torch.Generator().manual_seed(0)), tx)
+    before = clone_tree(st)
     train_step = step.make_train_step(
         model, tx, loss=bad_loss, preprocess=None, compile=compile
     )  # no error yet
     with pytest.raises(ValueError, match=r"\[B\]") as info:
         train_step(st, _features(0))
     assert shape in str(info.value)
+    assert_tree_equal(st, before)
+
+
+def test_the_eval_step_checks_the_loss_shape_too():
+    model = models.get("mlp", D_in=6, H=5, D_out=3)
+    params = model.init(torch.Generator().manual_seed(0))
+    bad = lambda logits, y: F.cross_entropy(logits, y, reduction="none")[:, None]
+    eval_step = step.make_eval_step(model, loss=bad, preprocess=None, compile=False)
+    with pytest.raises(ValueError, match=r"\[B\]"):
+        eval_step(params, _features(0))
 
 
 # -- 4. per-example gradients ---------------------------------------------------------------------
@@ -312,6 +342,20 @@ def test_per_example_grads_of_simplenet_bn_in_inference_mode_use_the_running_sta
     assert_tree_equal(ms, before)  # inference mode: the state is read, never written
 
 
+def test_per_example_grads_with_the_default_preprocess_on_uint8():
+    model = models.get("mlp")
+    params = model.init(torch.Generator().manual_seed(0))
+    images, labels = _uint8_images(8, n=4)
+    grads = step.per_example_grads(model, params, (images, labels))  # default: step.FASHION_MNIST
+    x = data.normalize(images)
+
+    def loss_of(p, i):
+        return F.cross_entropy(model.apply(p, x[i : i + 1]), labels[i : i + 1])
+
+    per = [torch.func.grad(loss_of)(params, i) for i in range(4)]
+    assert_tree_close(grads, {k: torch.stack([g[k] for g in per]) for k in params}, rtol=1e-4, atol=1e-6)
+
+
 def test_per_example_grads_of_a_stateful_model_without_its_state_is_a_clear_valueerror():
     model = models.get("simplenet_bn")
     params = model.init(torch.Generator().manual_seed(0))
@@ -329,14 +373,19 @@ def _bn_state(seed: int = 0, tx=None, dtype=torch.float64):
     return model, tx, state_lib.create(params, tx, seed=seed, model_state=model.init_state(dtype=dtype))
 
 
-def test_simplenet_bn_steps_thread_the_running_stats_like_batchnorm2d_and_torch_adam():
+@pytest.mark.parametrize("opt_name", ["adam", "sgd"])
+def test_simplenet_bn_steps_thread_the_running_stats_like_batchnorm2d_and_torch_optim(opt_name):
     # float64: a conv bias right before batch norm has a true gradient of 0, and in float32 its
     # rounding noise becomes whole +-lr Adam steps in arbitrary directions; in float64 it stays ~1e-12
-    model, tx, st = _bn_state()
+    tx = optim.adam(1e-3) if opt_name == "adam" else optim.sgd(0.05, momentum=0.9)
+    model, tx, st = _bn_state(tx=tx)
     assert model.stateful
     module = SimpleNetBN().double().train()
     module.load_state_dict({**st.params, **st.model_state}, strict=True)  # params and buffers by name
-    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+    if opt_name == "adam":
+        opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+    else:
+        opt = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
     before = clone_tree(st)
 
     train_step = step.make_train_step(model, tx, preprocess=None, compile=False)
