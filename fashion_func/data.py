@@ -179,7 +179,7 @@ def candidates(data_dir: str | os.PathLike[str] | None = None) -> list[tuple[Pat
 
 
 def _env_dir() -> Path | None:
-    """$FASHION_MNIST_DIR as a path (None when unset or empty), checked like --data-dir."""
+    """$FASHION_MNIST_DIR as a path (None when unset or empty), checked like `data_dir`."""
     try:
         return env.directory(ENV_VAR)
     except ValueError as exc:

@@ -97,9 +97,11 @@ def test_export_names_an_empty_out_as_empty(tmp_path, capsys, monkeypatch, out, 
     assert message in err and "'.'" not in err and "must end in" not in err
 
 
-def test_export_flax_refuses_a_model_no_flax_module_reads(tmp_path, capsys):
+def test_export_flax_refuses_a_model_no_flax_module_reads(tmp_path, capsys, monkeypatch):
     path = _file(tmp_path, "resnet", {"width": 2})
     out = tmp_path / "f.safetensors"
+    # every shipped model has a Flax module now; one without is refused, not written
+    monkeypatch.setattr(export, "FLAX_MODELS", ("mlp", "simplenet", "simplenet_bn", "alexnet"))
     assert export.main(["--weights", str(path), "--format", "flax", "--out", str(out)]) == 2
     assert "no Flax module reads a resnet" in capsys.readouterr().err and not out.exists()
 

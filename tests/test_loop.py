@@ -278,7 +278,9 @@ def test_checkpoints_best_last_and_top_k(straight):
         "config": cfg.to_dict(),
         "normalize_mean": data.MEAN,
         "normalize_std": data.STD,
+        "splits": meta["splits"],  # the data's identity (tests/test_resume_rules.py checks its values)
     }
+    assert set(meta["splits"]) == {"train", "held_out", "test", "digest"}
     same_epoch, _ = checkpoint.load_weights(ckpt / f"epoch-{best_epoch:03d}.safetensors")
     assert params.keys() == same_epoch.keys()
     assert all(torch.equal(params[k], same_epoch[k]) for k in params)

@@ -307,7 +307,7 @@ BAD = [
     (["--cutout", "-1"], "--cutout must be >= 0, got -1"),
     (["--crop-padding", "-2"], "--crop-padding must be >= 0, got -2"),
     (["--crop-padding", "15"], "--crop-padding must be at most 14"),
-    (["--cutout", "29"], "--cutout at most 28"),
+    (["--cutout", "29"], "--cutout must be at most 28"),
     (["--ema", "0"], "--ema is a decay in (0, 1), got 0.0"),
     (["--ema", "1"], "--ema is a decay in (0, 1), got 1.0"),
     (["--ema", "1.5"], "--ema is a decay in (0, 1)"),

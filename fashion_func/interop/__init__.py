@@ -21,7 +21,7 @@ One module per ecosystem, every public name re-exported here (`interop.to_module
 - `optax_io`: a run continued in optax / Flax and back: `to_optax(state_or_path, tx)` ->
   `(params, opt_state)` as optax's NamedTuples, `optax_optimizer(tx)` the optax chain computing
   our update, `flax_train_state`, `from_optax` / `from_flax_train_state`, and `save_resume`, a
-  `last.safetensors` that `--resume` continues.
+  `last.safetensors` that the command line's resume continues.
 - `orbax_io`: `save_orbax` / `load_orbax`, that state as an Orbax checkpoint directory.
 - `onnx_io`: `save_onnx`, an ONNX model (uint8 images in, normalisation inside, logits out).
 

@@ -13,7 +13,7 @@ from fashion_func import models
 __all__ = ["FLAX_MODELS", "flax_module"]
 
 # the models `flax_module` has a module for (the keys of `_flax_classes`, known without flax)
-FLAX_MODELS = ("mlp", "simplenet", "simplenet_bn", "alexnet")
+FLAX_MODELS = ("mlp", "simplenet", "simplenet_bn", "alexnet", "resnet")
 
 
 @functools.cache

@@ -13,7 +13,7 @@
   module (`flax_module(name, torch_bn=True)`) with `batch_stats` for batch norm.
 - `from_optax(params, opt_state, like, ...)` / `from_flax_train_state(ts, like)`: our
   `TrainState` again; `save_resume(path, state, like)`: a `last.safetensors` that
-  `scripts/train.py --resume` continues.
+  `scripts/train.py` resumes.
 
 Where optax and torch.optim differ, the chain is chosen to compute the same update: torch's L2
 weight decay (`optim.adam(weight_decay=)`, `optim.sgd`) is `optax.add_decayed_weights` placed
@@ -428,7 +428,7 @@ def from_flax_train_state(ts: Any, like: TrainState | str | os.PathLike[str], tx
 def save_resume(
     path: str | os.PathLike[str], state: TrainState, like: str | os.PathLike[str], *, epochs: int = 0
 ) -> None:
-    """Write `state` as a `last.safetensors` that `scripts/train.py --resume path` continues.
+    """Write `state` as a `last.safetensors` that `scripts/train.py` resumes from.
 
     `like` is the checkpoint the run was converted from: its metadata (config, callback states,
     history) is kept, with `epochs` more epochs counted as done (the whole epochs trained
