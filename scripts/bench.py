@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: the reference SimpleNet trained four ways, on one device, in one call.
 
-    python scripts/bench.py [--device cpu|cuda] [--epochs 3] [--limit-train N] [--json]
+    python scripts/bench.py [--device cpu|cuda] [--epochs 3] [--limit-train N] [--limit-val N] [--json]
                             [--rows fashion_func,tutorial,eager,flax] [--precisions fp32,bf16]
                             [--ensemble K]
 
@@ -78,7 +78,7 @@ def _numpy_data(args):
     from fashion_func import data
 
     train = data.load("train", args.data_dir, limit=args.limit_train)
-    test = data.load("test", args.data_dir)
+    test = data.load("test", args.data_dir, limit=args.limit_val)
     return train.images.numpy(), train.labels.numpy(), test.images.numpy(), test.labels.numpy()
 
 
@@ -95,7 +95,7 @@ def row_fashion_func(args) -> dict:
         cfg = Config(
             model="simplenet", epochs=args.epochs, batch_size=128, lr=1e-3, seed=0, device=args.device,
             precision=args.precision, compile=args.compile, data_dir=args.data_dir,
-            limit_train=args.limit_train, tensorboard=False, progress=False, out=str(Path(tmp) / "run"),
+            limit_train=args.limit_train, limit_val=args.limit_val, tensorboard=False, progress=False, out=str(Path(tmp) / "run"),
             ensemble=args.members,
         )  # fmt: skip
         t0 = time.perf_counter()
@@ -113,8 +113,9 @@ def row_fashion_func(args) -> dict:
                 "total_s": total,
                 "members": args.members,
             }
-        # evaluation of the 10,000 test images with per-example metrics, after warm-up
-        test = data.load("test", args.data_dir, device=args.device)
+        # evaluation of the test images (all 10,000 unless --limit-val) with per-example metrics,
+        # after warm-up
+        test = data.load("test", args.data_dir, device=args.device, limit=args.limit_val)
         compiled = device_lib.resolve_compile(cfg.compile, test.images.device)
         ev = make_eval_step(models.get("simplenet"), compile=compiled, precision=cfg.precision)
         batches = data.EpochBatches(test, cfg.eval_batch_size, shuffle=False)
@@ -185,6 +186,8 @@ def row_tutorial(args) -> dict:
     te = torchvision.datasets.FashionMNIST(str(root), train=False, download=False, transform=tf)
     if args.limit_train:
         tr = torch.utils.data.Subset(tr, range(args.limit_train))
+    if args.limit_val:
+        te = torch.utils.data.Subset(te, range(args.limit_val))
     tl = torch.utils.data.DataLoader(tr, batch_size=128, shuffle=True)
     vl = torch.utils.data.DataLoader(te, batch_size=1000, shuffle=False)
     torch.manual_seed(0)
@@ -317,6 +320,8 @@ def _child_cmd(args, row: str, precision: str) -> list[str]:
            "--precision", precision]  # fmt: skip
     if args.limit_train:
         cmd += ["--limit-train", str(args.limit_train)]
+    if args.limit_val:
+        cmd += ["--limit-val", str(args.limit_val)]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     cmd += ["--compile", args.compile, "--members", str(args.ensemble if row == "ensemble" else 1)]
@@ -328,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--epochs", type=int, default=3, help="epochs per row; the first is warm-up (>= 3)")
     ap.add_argument("--limit-train", type=int, default=None, help="train on the first N examples")
+    ap.add_argument(
+        "--limit-val", type=int, default=None, help="evaluate the first N test images (all 10,000)"
+    )
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     ap.add_argument("--precisions", default="fp32", help="fashion_func precisions to time, e.g. fp32,bf16")
@@ -419,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training FLOPs per image (forward + backward): {flops / 1e6:.1f} MFLOP")
     for r in results:
         if "eval_s" in r:
-            print(f"{r['row']}: evaluating 10,000 test images takes {r['eval_s']:.2f} s "
+            print(f"{r['row']}: evaluating {args.limit_val or 10_000:,} test images takes {r['eval_s']:.2f} s "
                   f"({100 * r['eval_s'] / r['steady_s']:.1f}% of a training epoch)")  # fmt: skip
     _print_ensemble_throughput(results)
     if args.json:
