@@ -95,7 +95,8 @@ def row_fashion_func(args) -> dict:
         cfg = Config(
             model="simplenet", epochs=args.epochs, batch_size=128, lr=1e-3, seed=0, device=args.device,
             precision=args.precision, compile=args.compile, data_dir=args.data_dir,
-            limit_train=args.limit_train, limit_val=args.limit_val, tensorboard=False, progress=False, out=str(Path(tmp) / "run"),
+            limit_train=args.limit_train, limit_val=args.limit_val, tensorboard=False, progress=False,
+            out=str(Path(tmp) / "run"),
             ensemble=args.members,
         )  # fmt: skip
         t0 = time.perf_counter()
@@ -427,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training FLOPs per image (forward + backward): {flops / 1e6:.1f} MFLOP")
     for r in results:
         if "eval_s" in r:
-            print(f"{r['row']}: evaluating {args.limit_val or 10_000:,} test images takes {r['eval_s']:.2f} s "
+            n_test = args.limit_val or 10_000
+            print(f"{r['row']}: evaluating {n_test:,} test images takes {r['eval_s']:.2f} s "
                   f"({100 * r['eval_s'] / r['steady_s']:.1f}% of a training epoch)")  # fmt: skip
     _print_ensemble_throughput(results)
     if args.json:
