@@ -25,11 +25,11 @@ data:
 train: setup
 	$(BIN)/python scripts/train.py $(TRAIN_ARGS) $(ARGS)
 
-# Two workers (pytest-xdist), one file each at a time, so module fixtures are built once; each
-# worker computes on one thread (tests/conftest.py). TEST_JOBS=0 runs the suite in one process.
+# Two workers (pytest-xdist) that steal tests from each other, so one long file cannot leave a
+# core idle; each computes on one thread (tests/conftest.py). TEST_JOBS=0: one process.
 TEST_JOBS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check fashion_func scripts tests
