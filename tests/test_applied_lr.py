@@ -72,3 +72,12 @@ def test_a_stacked_state_gives_one_lr_or_one_per_member(lrs):
     )
     got = loop.lr.applied_lr(stacked)
     assert got == (lrs[0] if lrs[0] == lrs[1] else lrs)
+
+
+def test_without_the_schedule_the_history_says_base_lr_never_lr():
+    """A chain that scales the lr per step, `fit` not told the schedule: `lr` would be a rate
+    the optimizer did not apply, so the history calls the hyperparameter `base_lr`."""
+    st, step, _ = sgd_run(optim.chain(optim.sgd(0.1), optim.scale_by_schedule(warm)))
+    res = loop.fit(st, step, [0, 1, 2], epochs=1)
+    assert "lr" not in res.history[0] and res.history[0]["base_lr"] == pytest.approx(0.1)
+

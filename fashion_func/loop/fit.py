@@ -30,7 +30,7 @@ from fashion_func.loop.artifacts import LAST
 from fashion_func.loop.batches import Data, encode_state, epoch_batches, num_batches, resume_kind
 from fashion_func.loop.collective import Collective
 from fashion_func.loop.errors import NOTES, RunError
-from fashion_func.loop.lr import applied_lr
+from fashion_func.loop.lr import applied_lr, lr_key
 from fashion_func.loop.reduce import evaluate, expand_members, sum_over_ranks, to_host, train_metrics
 from fashion_func.loop.rundir import RunDir
 from fashion_func.loop.signals import Interrupted, signals_to_flag
@@ -337,10 +337,11 @@ class _Driver(Actions):
             live = self.div.live if self.div is not None and dead and finite else None
             metrics.update(evaluate(self.eval_step, self.state, batches, group=self.group, live=live))
         lr = applied_lr(self.state.opt_state, self.lr_schedule)  # what the last step applied
+        key = lr_key(self.state.opt_state, self.lr_schedule)
         if isinstance(lr, list):  # a sweep's members each have their own
-            metrics.update(expand_members({"lr": lr}))
+            metrics.update(expand_members({key: lr}))
         elif lr is not None:
-            metrics["lr"] = lr
+            metrics[key] = lr
         metrics["epoch_time_s"] = train_time
         if self.div is not None:
             metrics["members_diverged"] = len(dead)
@@ -478,7 +479,8 @@ def fit(
         writes: the others pass None.
     lr_schedule: the schedule of a `optim.scale_by_schedule` in the optimizer's chain; the
         history's `lr` is then the one the epoch's last step applied (the `lr` hyperparameter
-        times the schedule there), read from the state. Without it, the `lr` hyperparameter.
+        times the schedule there), read from the state. Without it such a chain's `lr`
+        hyperparameter is logged as `base_lr` (never as `lr`: it is not the rate applied).
     allow_inexact_resume: a checkpoint cut mid-epoch continues exactly only with `train_data`
         that can start there: `data.EpochBatches`, a function `epoch -> batches` taking
         `start=`, or an object with `state_dict()` / `load_state_dict()` (torchdata's

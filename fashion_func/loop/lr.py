@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fashion_func import optim
 
-__all__ = ["applied_lr"]
+__all__ = ["applied_lr", "lr_key"]
 
 
 def _schedule_count(opt_state: Any) -> Tensor | None:
@@ -24,6 +24,13 @@ def _schedule_count(opt_state: Any) -> Tensor | None:
             if found is not None:
                 return found
     return None
+
+
+def lr_key(opt_state: Any, schedule: Callable[[Tensor], Tensor] | None) -> str:
+    """The history's name for `applied_lr`'s value: "lr" when it is the rate the last update
+    applied; "base_lr" when the chain scales it per step (`scale_by_schedule`) by a schedule
+    `fit` was not given (`lr_schedule=`), so "lr" never shows a rate that was not applied."""
+    return "base_lr" if schedule is None and _schedule_count(opt_state) is not None else "lr"
 
 
 def applied_lr(
