@@ -18,9 +18,18 @@ from fashion_func import state as state_lib
 from fashion_func.optim.transforms import normal
 
 jax = pytest.importorskip("jax")
-jax.config.update("jax_enable_x64", True)
 jnp = pytest.importorskip("jax.numpy")
 optax = pytest.importorskip("optax")
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    """JAX in 64-bit mode for each test here, restored after: other files in the same worker
+    run float32 JAX and may switch it off between this file's tests."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", before)
 
 STEPS = 20
 TOL = {"rtol": 1e-10, "atol": 1e-12}
