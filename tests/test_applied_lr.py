@@ -80,4 +80,3 @@ def test_without_the_schedule_the_history_says_base_lr_never_lr():
     st, step, _ = sgd_run(optim.chain(optim.sgd(0.1), optim.scale_by_schedule(warm)))
     res = loop.fit(st, step, [0, 1, 2], epochs=1)
     assert "lr" not in res.history[0] and res.history[0]["base_lr"] == pytest.approx(0.1)
-

@@ -94,7 +94,16 @@ def test_fit_can_keep_the_ema_weights_as_best_and_resumes_exactly(tmp_path):
         max_steps=6,
         weights=ema_weights,
     )
-    resumed = loop.fit(fresh(), step, batches, epochs=3, callbacks=cb, run_dir=tmp_path / "b", resume="auto",
-                       weights=ema_weights, allow_inexact_resume=True)  # fmt: skip  (a list: same order)
+    resumed = loop.fit(
+        fresh(),
+        step,
+        batches,
+        epochs=3,
+        callbacks=cb,
+        run_dir=tmp_path / "b",
+        resume="auto",
+        weights=ema_weights,
+        allow_inexact_resume=True,
+    )  # fmt: skip  (a list: same order)
     for k in final_ema:
         assert torch.equal(optim.ema_params(resumed.state.opt_state)[k], final_ema[k])

@@ -628,4 +628,3 @@ def test_members_draw_independent_gradient_noise_and_a_sweeps_the_same():
     assert not torch.equal(upd["w"][0], upd["w"][1]) and not torch.equal(upd["w"][1], upd["w"][2])
     upd2, _ = torch.func.vmap(tx.update)({"w": grads["w"][:2]}, same.opt_state, same.params)
     assert torch.equal(upd2["w"][0], upd2["w"][1])
-

@@ -31,6 +31,7 @@ def x64():
     yield
     jax.config.update("jax_enable_x64", before)
 
+
 STEPS = 20
 TOL = {"rtol": 1e-10, "atol": 1e-12}
 SHAPES = {"w1": (5, 4), "b1": (5,), "w2": (3, 5), "b2": (3,)}
