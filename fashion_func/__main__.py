@@ -13,9 +13,9 @@ __all__ = ["COMMANDS", "main"]
 
 
 def _train(argv: Sequence[str]) -> int:
-    from fashion_func.cli.train import main_train
+    from fashion_func.cli.train import finish_rank, main_train
 
-    return main_train(argv)
+    return finish_rank(main_train(argv))
 
 
 def _predict(argv: Sequence[str]) -> int:

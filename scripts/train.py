@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fashion_func.cli.train import main_train
+from fashion_func.cli.train import finish_rank, main_train
 
 if __name__ == "__main__":
-    sys.exit(main_train())
+    sys.exit(finish_rank(main_train()))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -26,7 +28,7 @@ from fashion_func.cli.config import (
 )
 from fashion_func.safeio import display, short_repr
 
-__all__ = ["build_train_parser", "explicit_train_args", "main_train", "parse_train_args"]
+__all__ = ["build_train_parser", "explicit_train_args", "finish_rank", "main_train", "parse_train_args"]
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -301,3 +303,21 @@ def main_train(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + signal.SIGINT
+
+
+def finish_rank(code: int) -> int:
+    """`code`, or, in a process torchrun started that trained, the end of the process with it.
+
+    A torchrun rank that has left its process group ends with `os._exit` after flushing its
+    logs and streams: in the interpreter's own teardown gloo's threads can abort the process
+    ("terminate called without an active exception", SIGABRT) after the exit code was decided,
+    and torchrun would then report a failed job.
+    """
+    distributed = sys.modules.get("fashion_func.distributed")  # imported only if training began
+    if distributed is None or not distributed.launched():
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
