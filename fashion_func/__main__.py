@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the subcommand named by the first argument; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        lines = [USAGE, "", "commands:"] + [f"  {name:<9}{text}" for name, (_, text) in COMMANDS.items()]
+        lines = [USAGE, "", "commands:"] + [f"  {name:<10}{text}" for name, (_, text) in COMMANDS.items()]
         print("\n".join(lines), file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
     if args[0] == "--version":
