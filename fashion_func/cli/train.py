@@ -320,4 +320,3 @@ def finish_rank(code: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-

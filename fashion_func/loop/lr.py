@@ -16,14 +16,8 @@ __all__ = ["applied_lr", "lr_key"]
 
 def _schedule_count(opt_state: Any) -> Tensor | None:
     """The update counter of the first `scale_by_schedule` in `opt_state`, or None."""
-    if isinstance(opt_state, optim.ScaleByScheduleState):
-        return opt_state.count
-    if isinstance(opt_state, (tuple, list)):
-        for part in opt_state:
-            found = _schedule_count(part)
-            if found is not None:
-                return found
-    return None
+    found = optim.find_states(opt_state, optim.ScaleByScheduleState)
+    return found[0].count if found else None
 
 
 def lr_key(opt_state: Any, schedule: Callable[[Tensor], Tensor] | None) -> str:

@@ -53,7 +53,15 @@ the update.
 from __future__ import annotations
 
 from fashion_func.optim.alias import adam, adamw, sgd
-from fashion_func.optim.base import GradientTransformation, Params, State, apply_updates, chain
+from fashion_func.optim.base import (
+    GradientTransformation,
+    Params,
+    State,
+    apply_updates,
+    chain,
+    find_states,
+    map_states,
+)
 from fashion_func.optim.hyper import get_hyperparam, hyperparams, set_hyperparam
 from fashion_func.optim.transforms import (
     AddDecayedWeightsState,
@@ -112,8 +120,10 @@ __all__ = [
     "clip_by_global_norm",
     "ema",
     "ema_params",
+    "find_states",
     "get_hyperparam",
     "hyperparams",
+    "map_states",
     "masked",
     "multi_transform",
     "scale_by_adam",

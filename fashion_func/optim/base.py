@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fashion_func import tree
 
-__all__ = ["GradientTransformation", "Params", "State", "apply_updates", "chain"]
+__all__ = ["GradientTransformation", "Params", "State", "apply_updates", "chain", "find_states", "map_states"]
 
 Params = Any  # a tree of tensors; in this library a flat dict[str, Tensor]
 State = Any  # a NamedTuple of tensors / trees, or a tuple of such (chain)
@@ -91,3 +91,24 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def apply_updates(params: Params, updates: Params) -> Params:
     """A new tree `params + updates`, each leaf kept in its param's dtype."""
     return tree.map(lambda p, u: (p + u).to(p.dtype), params, updates)
+
+
+def map_states(opt_state: State, cls: type, fn: Callable[[Any], Any]) -> State:
+    """`opt_state` rebuilt with `fn(s)` in place of each sub-state `s` of type `cls`, found
+    through chains' tuples and wrappers' states (NamedTuple fields, multi_transform's dict)."""
+    if isinstance(opt_state, cls):
+        return fn(opt_state)
+    if isinstance(opt_state, tuple) and hasattr(opt_state, "_fields"):
+        return type(opt_state)(*(map_states(v, cls, fn) for v in opt_state))
+    if isinstance(opt_state, (tuple, list)):
+        return type(opt_state)(map_states(v, cls, fn) for v in opt_state)
+    if isinstance(opt_state, dict):
+        return {k: map_states(v, cls, fn) for k, v in opt_state.items()}
+    return opt_state
+
+
+def find_states(opt_state: State, cls: type) -> list[Any]:
+    """Every sub-state of type `cls` in `opt_state`, outermost first, as `map_states` finds them."""
+    found: list[Any] = []
+    map_states(opt_state, cls, lambda s: found.append(s) or s)
+    return found

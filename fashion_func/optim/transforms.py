@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -18,7 +18,9 @@ from fashion_func.optim.base import (
     Params,
     State,
     counter,
+    find_states,
     hyper,
+    map_states,
     need_params,
     widest_float,
 )
@@ -339,19 +341,11 @@ def set_noise_key(opt_state: State, key: int | Tensor) -> State:
     a stacked state a `[K]` int64 tensor of one key per member (so ensemble members draw
     independent noise)."""
 
-    def visit(state: Any) -> Any:
-        if isinstance(state, AddNoiseState):
-            new = torch.as_tensor(key, dtype=torch.int64).to(state.key.device)
-            return AddNoiseState(state.count, (new & 0xFFFFFFFF).expand(state.key.shape).clone())
-        if isinstance(state, tuple) and hasattr(state, "_fields"):
-            return type(state)(*(visit(v) for v in state))
-        if isinstance(state, (tuple, list)):
-            return type(state)(visit(v) for v in state)
-        if isinstance(state, dict):
-            return {k: visit(v) for k, v in state.items()}
-        return state
+    def rekeyed(state: AddNoiseState) -> AddNoiseState:
+        new = torch.as_tensor(key, dtype=torch.int64).to(state.key.device)
+        return AddNoiseState(state.count, (new & 0xFFFFFFFF).expand(state.key.shape).clone())
 
-    return visit(opt_state)
+    return map_states(opt_state, AddNoiseState, rekeyed)
 
 
 # ---------------------------------------------------------------------------
@@ -389,20 +383,7 @@ def ema(decay: float = 0.999) -> GradientTransformation:
 
 def ema_params(opt_state: State) -> Params:
     """The moving average kept by an `ema` transform in `opt_state` (KeyError if none)."""
-    found: list[Params] = []
-
-    def visit(state: Any) -> None:
-        # through chains' tuples and wrappers' states (masked, MultiSteps, multi_transform's dict)
-        if isinstance(state, EmaState):
-            found.append(state.ema)
-        elif isinstance(state, (tuple, list)):
-            for s in state:
-                visit(s)
-        elif isinstance(state, dict):
-            for s in state.values():
-                visit(s)
-
-    visit(opt_state)
+    found = find_states(opt_state, EmaState)  # through chains and wrappers' states
     if not found:
         raise KeyError("no ema transform in the optimizer state; chain optim.ema(decay) after the optimizer")
-    return found[0]
+    return found[0].ema
