@@ -325,77 +325,7 @@ def test_compiled_update_equals_eager() -> None:
     torch._dynamo.reset()
 
 
-# -- schedules ----------------------------------------------------------------------
-
-
-def torch_lrs(make_sched: Callable[[torch.optim.Optimizer], object], n: int, lr: float = 0.1) -> list[float]:
-    """The lr a torch scheduler puts in the param group before each of `n` epochs/steps."""
-    p = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.SGD([p], lr=lr, momentum=0.9)
-    sched = make_sched(opt)
-    out = []
-    for _ in range(n):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()  # no grad: a no-op that keeps the scheduler's call-order check quiet
-        sched.step()
-    return out
-
-
-def assert_schedule(ours: schedules.Schedule, ref: list[float]) -> None:
-    got = [ours(t) for t in range(len(ref))]
-    assert all(isinstance(v, float) for v in got)
-    assert len(set(ref)) > 2  # the reference really varies
-    for t, (a, b) in enumerate(zip(got, ref, strict=True)):
-        assert a == pytest.approx(b, rel=1e-12, abs=1e-15), f"step {t}: {a} != {b}"
-
-
-@pytest.mark.parametrize(("step_size", "gamma"), [(3, 0.1), (10, 0.5), (1, 0.9)])
-def test_step_lr_matches_torch(step_size: int, gamma: float) -> None:
-    ref = torch_lrs(lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=step_size, gamma=gamma), 40)
-    assert_schedule(schedules.step_lr(0.1, step_size, gamma), ref)
-
-
-@pytest.mark.parametrize(("t_max", "eta_min"), [(10, 0.0), (25, 1e-3)])
-def test_cosine_matches_torch(t_max: int, eta_min: float) -> None:
-    # three periods: torch's recursive form rises again after t_max; so does ours
-    ref = torch_lrs(
-        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=t_max, eta_min=eta_min), 3 * t_max
-    )
-    assert_schedule(schedules.cosine(0.1, t_max, eta_min), ref)
-
-
-@pytest.mark.parametrize(
-    "kw",
-    [
-        {},
-        {"pct_start": 0.25, "anneal_strategy": "linear"},
-        {"three_phase": True, "div_factor": 10.0, "final_div_factor": 100.0},
-        {"pct_start": 0.1},
-    ],
-)
-def test_onecycle_matches_torch(kw: dict) -> None:
-    total = 97
-    ref = torch_lrs(
-        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.5, total_steps=total, **kw), total
-    )
-    sched = schedules.onecycle(0.5, total, **kw)
-    assert_schedule(sched, ref)
-    with pytest.raises(ValueError, match="steps"):
-        sched(total + 1)
-
-
-def test_simple_schedules() -> None:
-    assert [schedules.constant(0.3)(t) for t in (0, 5, 1000)] == [0.3, 0.3, 0.3]
-    warm = schedules.linear_warmup(1.0, 4)
-    assert [warm(t) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    wc = schedules.warmup_cosine(1.0, 2, 12)
-    assert wc(0) == 0.5 and wc(1) == 1.0 and wc(2) == 1.0
-    assert wc(7) == pytest.approx(0.5) and wc(12) == pytest.approx(0.0) and wc(50) == pytest.approx(0.0)
-    assert all(wc(t) >= wc(t + 1) for t in range(2, 12))
-    with pytest.raises(ValueError):
-        schedules.step_lr(0.1, 3)(-1)
-    with pytest.raises(ValueError):
-        schedules.cosine(0.1, 0)
+# -- a schedule driving the optimizer (the schedules themselves: tests/test_schedules.py) ---
 
 
 def test_schedule_drives_set_hyperparam_like_torch_steplr() -> None:
