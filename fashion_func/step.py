@@ -236,10 +236,7 @@ def _keywords(fn: Any) -> list[str]:
     """Which of `train`, `key`, `state` the function `fn` takes (all of them with `**kwargs`)."""
     if not callable(fn):
         raise TypeError(f"expected a Model or a function (params, x) -> logits, got {type(fn).__name__}")
-    try:
-        accepted = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        accepted = {}
+    accepted = _parameters(fn)
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     return [k for k in ("train", "key", "state") if takes_all or k in accepted]
 
@@ -277,11 +274,16 @@ def _forward_fn(model: Model | Callable[..., Any]) -> Forward:
     return of_function
 
 
-def _state_optional(fn: Any) -> bool:
+def _parameters(fn: Any) -> Mapping[str, inspect.Parameter]:
+    """`fn`'s parameters by name; none known for a callable without a signature (a builtin)."""
     try:
-        param = inspect.signature(fn).parameters.get("state")
+        return inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return True
+        return {}
+
+
+def _state_optional(fn: Any) -> bool:
+    param = _parameters(fn).get("state")
     return param is None or param.default is not inspect.Parameter.empty
 
 
@@ -332,10 +334,7 @@ _AUGMENT_SALT = 0xA116  # augmentation draws from its own stream of the step's k
 
 
 def _takes_key(fn: Callable[..., Any]) -> bool:
-    try:
-        return "key" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+    return "key" in _parameters(fn)
 
 
 @dataclass(frozen=True)
