@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fashion_func import callbacks as cbs
-from fashion_func import checkpoint
+from fashion_func import checkpoint, ensemble
 from fashion_func.loop import collective as coll
 from fashion_func.loop import members as members_lib
 from fashion_func.loop import resume as resume_lib
@@ -117,7 +117,7 @@ class _Driver(Actions):
         self.lr_schedule: Callable[[Tensor], Tensor] | None = lr_schedule
         self.allow_inexact_resume = allow_inexact_resume
         # a stack's diverged members (None for one model)
-        self.div = members_lib.Diverged(int(state.step.shape[0])) if members_lib.stacked(state) else None
+        self.div = members_lib.Diverged(ensemble.size(state)) if members_lib.stacked(state) else None
 
     # -- resume and files ----------------------------------------------------------------------
 

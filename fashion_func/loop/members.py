@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fashion_func import tree
+from fashion_func import ensemble, tree
 from fashion_func.state import TrainState
 
 __all__ = ["Diverged", "live_state", "mean_std", "note_bad", "quiet", "stacked", "with_dead"]
@@ -28,7 +28,7 @@ META_KEY = "diverged_members"
 
 
 def stacked(state: TrainState) -> bool:
-    """Whether `state` holds a stack of members (its step is `[K]`)."""
+    """Whether `state` holds a stack of members (its step is `[K]`, `ensemble.size` counts them)."""
     return state.step.dim() == 1
 
 
@@ -85,7 +85,7 @@ def finite_sums(sums: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def live_state(state: TrainState, live: Sequence[int]) -> TrainState:
     """The stack cut down to the `live` members (every per-member tensor: weights, optimizer
     state such as a moving average of them, model state, step, rng)."""
-    k = int(state.step.shape[0])
+    k = ensemble.size(state)
     idx = torch.tensor(list(live), dtype=torch.long, device=state.step.device)
 
     def cut(x: Any) -> Any:
@@ -100,7 +100,7 @@ def quiet(state: TrainState, dead: Collection[int]) -> TrainState:
     resumed run holds the very same numbers. The live members are untouched."""
     if not dead:
         return state
-    k = int(state.step.shape[0])
+    k = ensemble.size(state)
     mask = torch.zeros(k, dtype=torch.bool, device=state.step.device)
     mask[list(dead)] = True
 

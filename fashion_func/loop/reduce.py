@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fashion_func import ensemble
 from fashion_func.loop import members as members_lib
 from fashion_func.loop.collective import Collective
 
@@ -36,7 +37,7 @@ def evaluate(
     live: of a stacked state, the members to evaluate (the others diverged): the ensemble's
     own metrics are those of these members, the others' per-member values are NaN.
     """
-    k = int(state.step.shape[0]) if live is not None else 0
+    k = ensemble.size(state) if live is not None else 0
     if live is not None:
         state = members_lib.live_state(state, live)
     sums: dict[str, Tensor] = {}
@@ -122,11 +123,6 @@ def expand_members(
         out[f"{name}_mean"], out[f"{name}_std"] = members_lib.mean_std(values, dead)
         out.update({f"{name}_m{k}": math.nan if k in dead else v for k, v in enumerate(values)})
     return out
-
-
-def _host_step(step: Tensor) -> int:
-    """The step as an int; an ensemble's members all stand at the same step."""
-    return int(step.reshape(-1)[0])
 
 
 def train_metrics(sums: Mapping[str, Any], steps: int, dead: Collection[int] = ()) -> dict[str, float]:
