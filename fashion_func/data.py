@@ -117,6 +117,7 @@ class DataError(Worded):
         "data_dir_lacks": "data_dir {dir} lacks {missing}; " + _HOW_TO_GET,
         "env_dir_missing": f"${ENV_VAR} {{dir}} does not exist or is not a directory; " + _HOW_TO_GET,
         "env_dir_lacks": f"${ENV_VAR} {{dir}} lacks {{missing}}; " + _HOW_TO_GET,
+        "env_dir_invalid": "{reason}; " + _HOW_TO_GET,
         "data_not_found": "Fashion-MNIST not found (searched {searched}) and download is disabled; "
         + _HOW_TO_GET,
         "data_download_failed": "Fashion-MNIST not found (searched {searched}) and the download into {root} "
@@ -183,7 +184,7 @@ def _env_dir() -> Path | None:
     try:
         return env.directory(ENV_VAR)
     except ValueError as exc:
-        raise DataError(f"{exc}; {_HOW_TO_GET}") from None
+        raise DataError(kind="env_dir_invalid", reason=str(exc)) from None
 
 
 def fetch(root: Path) -> None:

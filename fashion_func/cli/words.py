@@ -51,6 +51,7 @@ WORDS: dict[str, str] = {
     "data_dir_lacks": "--data-dir {dir} lacks {missing}; " + _HOW_TO_GET,
     "env_dir_missing": "$FASHION_MNIST_DIR {dir} does not exist or is not a directory; " + _HOW_TO_GET,
     "env_dir_lacks": "$FASHION_MNIST_DIR {dir} lacks {missing}; " + _HOW_TO_GET,
+    "env_dir_invalid": "{reason}; " + _HOW_TO_GET,
     "data_not_found": "Fashion-MNIST not found (searched {searched}) and download is disabled; "
     + _HOW_TO_GET,
     "data_download_failed": "Fashion-MNIST not found (searched {searched}) and the download into {root} "
