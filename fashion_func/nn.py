@@ -29,6 +29,7 @@ __all__ = [
     "init_linear",
     "linear",
     "max_pool",
+    "normal",
     "relu",
     "uniform",
 ]
@@ -68,6 +69,23 @@ def uniform(
     h = _mix32(h ^ ((key >> 7) & _M32))
     # 24 random bits -> exactly representable in float32
     return ((h >> 8).to(dtype) * (1.0 / (1 << 24))).reshape(shape)
+
+
+def normal(
+    key: Tensor, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Standard normal draws, a pure function of `key` (0-d int64) and the element index.
+
+
+
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    n = math.prod(shape)
+    # one stream of 2n uniforms, split: two separate streams fused into one kernel made
+    # inductor's C++ code generation take minutes
+    u1, u2 = uniform(key, (2, n), dtype=work).unbind(0)
+    radius = torch.sqrt(-2.0 * torch.log1p(-u1))  # 1 - u1 is in (0, 1]: always finite
+    return (radius * torch.cos((2 * math.pi) * u2)).to(dtype).reshape(shape)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -51,6 +51,7 @@ from fashion_func import losses, nn, optim, tree
 from fashion_func import metrics as metrics_lib
 from fashion_func.models import Model, ModelState, Params, Stage
 from fashion_func.preprocess import FASHION_MNIST, NormalizeImages
+from fashion_func.privacy import NOISE_SALT, ClipAndNoise, add_noise, clipped_sum
 from fashion_func.state import TrainState
 
 __all__ = [
@@ -80,7 +81,7 @@ Batch = tuple[Tensor, Tensor]
 TrainStep = Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]
 EvalStep = Callable[..., dict[str, Tensor]]
 # the names the steps give their own outputs; extra outputs may not take them
-_RESERVED = frozenset({"loss", "count", "correct", "logits", "pred", "first_bad"})
+_RESERVED = frozenset({"loss", "count", "correct", "logits", "pred", "first_bad", "clipped"})
 
 
 class CoreIn(NamedTuple):
@@ -93,6 +94,10 @@ class CoreIn(NamedTuple):
     rng: Tensor
     inputs: Tensor
     targets: Tensor
+    # a Poisson batch's mask `[B]` (False: padding, contributes nothing); None: every example
+    mask: Tensor | None = None
+    # the per-example stage's `max_norm` / `noise_multiplier` (`privacy.ClipAndNoise.hyperparams`)
+    private: dict[str, Tensor] | None = None
 
 
 class CoreOut(NamedTuple):
@@ -354,6 +359,9 @@ class Stages:
     outputs: Callable[[Tensor, Tensor], dict[str, Tensor]]
     name: str
     needs_state: bool
+    # per-example (DP-SGD) steps: `noise(summed grads, CoreIn) -> grads` runs after `reduce_grads`
+    noise: Callable[[Params, CoreIn], Params] | None = None
+    per_example: ClipAndNoise | None = None
 
     def replace(self, **changes: Any) -> Stages:
         """A copy with `changes` applied (e.g. a vmapped `gradients`)."""
@@ -371,7 +379,8 @@ class Stages:
         _check_compile(compile)
         if self.update is None:
             raise ValueError("these stages were built without an optimizer: pass one to stages()")
-        gradients, update = self.gradients, self.update
+        gradients, update, noise, dp = self.gradients, self.update, self.noise, self.per_example
+        _check_sum_over_ranks(dp, reduce_grads)
         # "update": forward and backward eager, the optimizer's elementwise passes fused
         fast_update = torch.compile(update) if compile == "update" else update
 
@@ -379,6 +388,8 @@ class Stages:
             grads, model_state, metrics = gradients(inp)
             if reduce_grads is not None:
                 grads = reduce_grads(grads)
+            if noise is not None:  # after the sum over ranks: the noise is added once
+                grads = noise(grads, inp)
             params, opt_state, step = fast_update(inp.params, grads, inp.opt_state, inp.step)
             return CoreOut(params, model_state, opt_state, step, metrics)
 
@@ -387,9 +398,10 @@ class Stages:
         def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
             if check is not None:
                 check(state)
-            inputs, targets = batch
+            inputs, targets, mask = _unpack(batch, dp is not None)
+            private = dp.hyperparams(state.step) if dp is not None else None
             out = compiled(CoreIn(state.params, state.model_state, state.opt_state, state.step, state.rng,
-                                  inputs, targets))  # fmt: skip
+                                  inputs, targets, mask, private))  # fmt: skip
             new = state.replace(
                 params=out.params, opt_state=out.opt_state, step=out.step, model_state=out.model_state
             )
@@ -425,11 +437,13 @@ def stages(
     device_type: str | None = None,
     topk: int | None = None,
     tta: bool = False,
+    per_example: ClipAndNoise | None = None,
 ) -> Stages:
     """The pure, uncompiled `Stages` of a step; arguments as `make_train_step` / `make_eval_step`
     (`tta` for the eval stage only)."""
     _check_precision(precision)
     forward = _forward_fn(model)
+    private = _check_private(per_example, model)
     per_example = loss or losses.cross_entropy_per_example
 
     def outputs(logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
@@ -444,13 +458,20 @@ def stages(
             updates, new_opt_state = optimizer.update(grads, opt_state, params)
             return optim.apply_updates(params, updates), new_opt_state, step + 1
 
+    if private is not None:
+        gradients = _private_gradients_fn(forward, per_example, metrics, preprocess, precision,
+                                          device_type, topk, private)  # fmt: skip
+    else:
+        gradients = _gradients_fn(forward, per_example, metrics, preprocess, precision, device_type, topk)
     return Stages(
-        gradients=_gradients_fn(forward, per_example, metrics, preprocess, precision, device_type, topk),
+        gradients=gradients,
         update=update,
         evaluate=_evaluate_fn(forward, outputs, preprocess, precision, tta),
         outputs=outputs,
         name=model.name if isinstance(model, Model) else _name(model),
         needs_state=isinstance(model, Model) and model.stateful,
+        noise=_noise_fn(private) if private is not None else None,
+        per_example=private,
     )
 
 
@@ -494,6 +515,108 @@ def _gradients_fn(
     return gradients
 
 
+# -- per-example (DP-SGD) steps ------------------------------------------------------------------
+
+
+def _check_private(per_example: Any, model: Any) -> ClipAndNoise | None:
+    if per_example is None:
+        return None
+    if not isinstance(per_example, ClipAndNoise):
+        raise TypeError(
+            f"per_example must be a privacy.clip_and_noise(...) stage, got {type(per_example).__name__}"
+        )
+    if isinstance(model, Model) and model.stateful:
+        raise ValueError(
+            f"model {model.name} has batch norm, which mixes the examples of a batch: per-example "
+            "clipping (DP-SGD) needs a model without it (group norm: models.dpcnn(groups=...))"
+        )
+    return per_example
+
+
+def _check_sum_over_ranks(dp: ClipAndNoise | None, reduce_grads: Any) -> None:
+    # the clipped sums of the ranks must be added, not averaged: the noise is scaled to a sum
+    if dp is not None and getattr(reduce_grads, "__name__", "") == "all_reduce_mean":
+        raise ValueError("with per_example, reduce_grads must sum over the ranks: pass group.all_reduce_sum")
+
+
+def _unpack(batch: Any, private: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(inputs, targets, mask or None) of a batch `(inputs, targets[, mask])`."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 3:
+        if not private:
+            raise ValueError("a batch with a mask (inputs, targets, mask) is for a per-example (DP-SGD) "
+                             "step: pass per_example=privacy.clip_and_noise(...)")  # fmt: skip
+        return batch[0], batch[1], batch[2]
+    inputs, targets = batch
+    return inputs, targets, None
+
+
+def _private_gradients_fn(
+    forward: Forward,
+    per_example: LossFn,
+    metrics: MetricsFn | None,
+    preprocess: Preprocess | None,
+    precision: str,
+    device_type: str | None,
+    topk: int | None,
+    dp: ClipAndNoise,
+) -> Callable[[CoreIn], tuple[Params, ModelState, dict[str, Tensor]]]:
+    """`CoreIn -> (sum of the clipped per-example gradients, {}, metric sums over the kept examples)`."""
+    keyed = preprocess is not None and _takes_key(preprocess)  # here: inspect is not traceable
+
+    def single(p: Params, xi: Tensor, yi: Tensor, ki: Tensor, dev: str):
+        with _autocast(precision, dev):  # one example as a batch of one, its own dropout key
+            logits, _ = forward(p, xi[None], {}, train=True, key=ki)
+        values, extra = _loss_parts(per_example, _at_least_float32(logits), yi[None])
+        return values[0], (values[0], {k: v[0] for k, v in extra.items()}, logits[0])
+
+    def gradients(inp: CoreIn):
+        if inp.model_state:
+            raise ValueError("per-example clipping (DP-SGD) needs a model without a model state "
+                             "(batch norm mixes the examples of a batch)")  # fmt: skip
+        key = nn.fold_in(inp.rng, inp.step)
+        x = _preprocess(preprocess, inp.inputs, key if keyed else None)
+        # strided NCHW: vmap's batched convolutions cannot carry channels-last (PyTorch NYI)
+        x = x.clone(memory_format=torch.contiguous_format)
+        y, dev, size = inp.targets, device_type or inp.inputs.device.type, inp.targets.shape[0]
+        mask = inp.mask if inp.mask is not None else torch.ones_like(y, dtype=torch.bool)
+        keys = nn.fold_in(key, torch.arange(size, device=y.device))
+        grad = torch.func.vmap(torch.func.grad(single, has_aux=True), in_dims=(None, 0, 0, 0, None))
+        chunk = dp.chunk_size or size
+        total, clipped, values, extra, logits = None, [], [], [], []
+        for lo in range(0, size, chunk):  # chunks bound the [chunk, *param] gradients held at once
+            part = slice(lo, lo + chunk)
+            g, (v, e, lg) = grad(inp.params, x[part], y[part], keys[part], dev)
+            s, n = clipped_sum(g, inp.private["max_norm"], mask[part])
+            total = s if total is None else {k: total[k] + s[k] for k in s}
+            clipped.append(n)
+            values.append(v.detach())
+            extra.append({k: t.detach() for k, t in e.items()})
+            logits.append(lg.detach())
+        values_all, logits_all = torch.cat(values), torch.cat(logits)
+        extra_all = {k: torch.cat([e[k] for e in extra]) for k in extra[0]}
+        extra_all.update(_metric_parts(metrics, logits_all, y, extra_all))
+        keep = mask.to(values_all.dtype)
+        sums = {"loss_sum": (values_all * keep).sum(), "count": mask.sum(), "clipped_sum": sum(clipped)}
+        classes = _class_outputs(logits_all, y, topk)
+        sums.update({k: (v & mask).sum() for k, v in classes.items() if k != "pred"})
+        sums.update({f"{k}_sum": (v * keep.to(v.dtype)).sum() for k, v in extra_all.items()})
+        return total, {}, sums
+
+    return gradients
+
+
+def _noise_fn(dp: ClipAndNoise) -> Callable[[Params, CoreIn], Params]:
+    """`(summed clipped gradients, CoreIn) -> noised mean`: noise from (rng, step), its own stream."""
+
+    def noise(grads: Params, inp: CoreIn) -> Params:
+        key = nn.fold_in(nn.fold_in(inp.rng, inp.step), NOISE_SALT)
+        size = dp.expected_batch_size or inp.targets.shape[0]
+        assert inp.private is not None
+        return add_noise(grads, key, inp.private["max_norm"], inp.private["noise_multiplier"], size)
+
+    return noise
+
+
 def _evaluate_fn(
     forward: Forward,
     outputs: Callable[[Tensor, Tensor], dict[str, Tensor]],
@@ -534,6 +657,7 @@ def make_train_step(
     device_type: str | None = None,
     topk: int | None = None,
     reduce_grads: Callable[[Params], Params] | None = None,
+    per_example: ClipAndNoise | None = None,
 ) -> TrainStep:
     """A pure `train_step(state, (inputs, targets)) -> (new_state, metrics)`.
 
@@ -558,13 +682,22 @@ def make_train_step(
     topk: also count `top{k}_correct` (label among the `topk` highest logits).
     reduce_grads: a pure stage between the gradient and the update, `grads -> grads` (the
         data-parallel all-reduce, `fashion_func.distributed`); compiled with the step.
+    per_example: DP-SGD (`privacy.clip_and_noise`): each example's gradient is computed
+        (`vmap(grad)`, `chunk_size` examples at a time), clipped and summed over the examples
+        the batch keeps, `reduce_grads` (which must then sum: `group.all_reduce_sum`) adds the
+        ranks' sums, Gaussian noise drawn from (rng, step) is added and the sum divided by the
+        expected batch size; the optimizer applies that. A batch may then be `(inputs,
+        targets, mask)` (`data.PoissonBatches`): examples masked out contribute nothing, to the
+        gradient or the metrics. The metrics add `clipped_sum` (examples whose gradient norm
+        was above `max_norm`; `fit` reports the fraction as train_clipped). A model with a
+        model state (batch norm, which mixes examples) is refused.
 
     Returns metrics as 0-d device tensors, sums over the batch: `loss_sum`, `count`,
     `correct` and `top{k}_correct` for class labels, `<name>_sum` for each extra output (the
     convention in the module docstring; `fit` reports train_loss, train_acc, train_<name>).
     """
-    built = stages(model, optimizer, loss=loss, metrics=metrics, preprocess=preprocess,
-                   precision=precision, device_type=device_type, topk=topk)  # fmt: skip
+    built = stages(model, optimizer, loss=loss, metrics=metrics, preprocess=preprocess, precision=precision,
+                   device_type=device_type, topk=topk, per_example=per_example)  # fmt: skip
     return built.train_step(compile=compile, reduce_grads=reduce_grads)
 
 

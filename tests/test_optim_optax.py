@@ -15,7 +15,7 @@ from scipy import stats
 import fashion_func as ff
 from fashion_func import checkpoint, nn, optim, step, tree
 from fashion_func import state as state_lib
-from fashion_func.optim.transforms import normal
+from fashion_func.nn import normal
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -212,7 +212,7 @@ def test_add_noise_is_the_gradient_plus_std_times_its_keyed_normal_draws() -> No
         noised, state = tx.update(g, state)
         step_key = nn.fold_in(torch.tensor(seed), count)
         for i, (k, v) in enumerate(g.items()):
-            expect = v + _std(eta, gamma, count) * normal(nn.fold_in(step_key, i), v.shape, v.dtype)
+            expect = v + _std(eta, gamma, count) * normal(nn.fold_in(step_key, i), v.shape, dtype=v.dtype)
             torch.testing.assert_close(noised[k], expect, rtol=1e-15, atol=1e-15)
 
 

@@ -4,7 +4,6 @@ zeroing, and the parameters' moving average."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -287,25 +286,12 @@ def set_to_zero() -> GradientTransformation:
 # gradient noise
 
 
-def normal(key: Tensor, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> Tensor:
-    """Standard normal draws, a pure function of `key` (0-d int64) and the element index.
-
-    Box-Muller over two `nn.uniform` streams of 24-bit uniforms (computed in float64 for
-    float64, else float32, then cast to `dtype`); the tails end near 5.8 sigma.
-    """
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    u1 = nn.uniform(nn.fold_in(key, 0), shape, dtype=work)
-    u2 = nn.uniform(nn.fold_in(key, 1), shape, dtype=work)
-    radius = torch.sqrt(-2.0 * torch.log1p(-u1))  # 1 - u1 is in (0, 1]: always finite
-    return (radius * torch.cos((2 * math.pi) * u2)).to(dtype)
-
-
 def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation:
     """`updates + std * N(0, 1)` with optax's schedule `std = sqrt(eta / (1 + count)**gamma)`,
     count the updates noised before this one (Neelakantan et al., 2015).
 
     The draws are a pure function of the state's `key` (`seed` at init), the count and the
-    leaf's position (`normal(fold_in(fold_in(key, count), i), ...)`): a resumed run draws the
+    leaf's position (`nn.normal(fold_in(fold_in(key, count), i), ...)`): a resumed run draws the
     same noise bitwise, and the members of a stacked (ensemble) state each draw from their own
     key (give them distinct keys with `set_noise_key`). They cannot equal JAX's PRNG draws.
     """
@@ -328,7 +314,7 @@ def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation
         step_key = nn.fold_in(state.key, state.count)
         flat, spec = pytree.tree_flatten(updates)
         noised = [
-            u + std.to(u.dtype) * normal(nn.fold_in(step_key, i), u.shape, u.dtype)
+            u + std.to(u.dtype) * nn.normal(nn.fold_in(step_key, i), u.shape, dtype=u.dtype)
             for i, u in enumerate(flat)
         ]
         return pytree.tree_unflatten(noised, spec), next_state
