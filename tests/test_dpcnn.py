@@ -149,3 +149,18 @@ def test_flax_files_of_dpcnn_reorder_fc1_as_the_model_flattens(tmp_path, groups)
     assert meta["flatten"] == "hwc" and json.loads(meta["flatten_layers"]) == {"fc1": [32, 4, 4]}
     back = interop.load_flax(path)
     assert set(back) == set(params) and all(torch.equal(back[k], params[k]) for k in params)
+
+
+def test_export_keeps_the_group_count_that_the_shapes_do_not_say(tmp_path, capsys):
+    from fashion_func import checkpoint
+    from fashion_func.cli import export
+
+    model = models.get("dpcnn", width=8, groups=2)
+    params = model.init(torch.Generator().manual_seed(0))
+    src, out = tmp_path / "best.safetensors", tmp_path / "exported.safetensors"
+    checkpoint.save_weights(src, params, metadata={"model": "dpcnn", "model_hparams": model.hparams})
+    assert export.main(["--weights", str(src), "--format", "torch", "--out", str(out)]) == 0
+    capsys.readouterr()
+    loaded, weights, _ = interop.load_weights_file(out)
+    assert loaded.hparams == {"num_classes": 10, "width": 8, "groups": 2}
+    assert all(torch.equal(weights[k], params[k]) for k in params)
