@@ -164,3 +164,17 @@ def test_export_keeps_the_group_count_that_the_shapes_do_not_say(tmp_path, capsy
     loaded, weights, _ = interop.load_weights_file(out)
     assert loaded.hparams == {"num_classes": 10, "width": 8, "groups": 2}
     assert all(torch.equal(weights[k], params[k]) for k in params)
+
+
+@pytest.mark.parametrize("groups", [0, 1, 4])
+def test_from_module_reads_the_group_count_off_the_module(groups):
+    torch.manual_seed(0)
+    module = interop.DPCNN(groups=groups)
+    with torch.no_grad():  # a trained affine: group norm is then far from the identity
+        for name, p in module.named_parameters():
+            if name.startswith("gn"):
+                p.normal_()
+    params = interop.from_module(module)  # checks the forward against models.dpcnn(groups=...)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(models.get("dpcnn", groups=groups).apply(params, x), module(x))

@@ -26,6 +26,7 @@ __all__ = [
     "SimpleNet",
     "SimpleNetBN",
     "build",
+    "hparams_from_module",
     "hparams_from_params",
 ]
 
@@ -207,6 +208,16 @@ def hparams_from_params(name: str, params: Mapping[str, Tensor]) -> dict[str, An
     except (KeyError, ValueError):
         pass  # wrong keys or ranks: the shape check (`torch_io.check_shapes`) names the problem
     return {}
+
+
+def hparams_from_module(name: str, module: tnn.Module) -> dict[str, Any]:
+    """`hparams_from_params` of the module's `state_dict`, plus what only its layers say: the
+    group count of a dpcnn-shaped module's `gn1` (a `GroupNorm`)."""
+    hparams = hparams_from_params(name, module.state_dict())
+    gn1 = getattr(module, "gn1", None)
+    if name == "dpcnn" and isinstance(gn1, tnn.GroupNorm):
+        hparams["groups"] = gn1.num_groups
+    return hparams
 
 
 def build(name: str, hparams: Mapping[str, Any]) -> tnn.Module:
