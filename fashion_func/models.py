@@ -17,6 +17,7 @@ in order and the trainer's summary runs them one at a time to report shapes.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,7 +211,7 @@ def _init_layers(layers: Sequence[tuple[str, str, tuple[int, ...]]]) -> Callable
         for name, kind, dims in layers:
             if kind == "conv":
                 w, b = nn.init_conv2d(generator, *dims, dtype=dtype, device=device)
-            elif kind == "bn":  # draws nothing, as nn.BatchNorm2d
+            elif kind in ("bn", "gn"):  # weight 1, bias 0, no draws: nn.BatchNorm2d, nn.GroupNorm
                 w, b, _ = nn.init_batch_norm(*dims, dtype=dtype, device=device or generator.device)
             else:
                 w, b = nn.init_linear(generator, *dims, dtype=dtype, device=device)
@@ -399,24 +400,80 @@ def resnet(num_classes: int = 10, width: int = 16) -> Model:
     )  # fmt: skip
 
 
+def _strided_conv(name: str, stride: int, padding: int = 0) -> Stage:
+    def fn(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
+        return nn.conv2d(x, p[f"{name}.weight"], p[f"{name}.bias"], stride=stride, padding=padding)
+
+    return Stage(name, fn)
+
+
+def _group_norm(name: str, num_groups: int) -> Stage:
+    def fn(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
+        return nn.group_norm(x, num_groups, p[f"{name}.weight"], p[f"{name}.bias"])
+
+    return Stage(name, fn)
+
+
+def _tanh(name: str) -> Stage:
+    return Stage(name, lambda p, x, train, key: nn.tanh(x))
+
+
+def _strided_pool(name: str, k: int, stride: int) -> Stage:
+    return Stage(name, lambda p, x, train, key: nn.max_pool(x, k, stride))
+
+
+def dpcnn(num_classes: int = 10, width: int = 16, groups: int = 0) -> Model:
+    """The tempered-sigmoid CNN of differentially private training (Papernot et al. 2021: the
+    layers of Opacus's MNIST example with tanh) for 28x28x1 images. Stateless, so per-example
+    gradients are a `vmap` over single examples.
+
+    conv1 8x8 stride 2 padding 3, 1->w [B,w,14,14], [gn1], tanh, max-pool 2 stride 1
+    [B,w,13,13]; conv2 4x4 stride 2, w->2w [B,2w,5,5], [gn2], tanh, max-pool 2 stride 1
+    [B,2w,4,4]; fc1: flatten [B,32w], 32w->32, tanh; fc2 32->classes. 26,010 parameters for
+    w=16 and 10 classes. `groups` > 0 puts group norm (`groups` groups, each example
+    normalised by itself; weight 1, bias 0) after each conv; it must divide w. Parameter
+    names are those of the plain module `interop.DPCNN`.
+    """
+    w = width
+    gn1 = (_group_norm("gn1", groups),) if groups else ()
+    gn2 = (_group_norm("gn2", groups),) if groups else ()
+    stages = (
+        _strided_conv("conv1", stride=2, padding=3), *gn1, _tanh("conv1.tanh"), _strided_pool("pool1", 2, 1),
+        _strided_conv("conv2", stride=2), *gn2, _tanh("conv2.tanh"), _strided_pool("pool2", 2, 1),
+        _flatten_dense("fc1", relu=False), _tanh("fc1.tanh"),
+        _dense("fc2", relu=False),
+    )  # fmt: skip
+    layers: list[tuple[str, str, tuple[int, ...]]] = [("conv1", "conv", (1, w, 8))]
+    layers += [("gn1", "gn", (w,))] if groups else []
+    layers += [("conv2", "conv", (w, 2 * w, 4))]
+    layers += [("gn2", "gn", (2 * w,))] if groups else []
+    layers += [("fc1", "linear", (2 * w * 4 * 4, 32)), ("fc2", "linear", (32, num_classes))]
+    hparams = {"num_classes": num_classes, "width": width, "groups": groups}
+    return Model("dpcnn", hparams, _init_layers(layers), stages)
+
+
 MODELS: dict[str, Callable[..., Model]] = {
     "mlp": mlp,
     "simplenet": simplenet,
     "simplenet_bn": simplenet_bn,
     "alexnet": alexnet,
     "resnet": resnet,
+    "dpcnn": dpcnn,
 }
 
 
 # Each model's hyperparameters by name and kind: "size" an integer from 1 to MAX_SIZE,
 # "classes" an integer from 2 to MAX_SIZE (one class is no classifier), "rate" a number in
-# [0, 1) (a dropout of 1 drops everything). What a file or a caller passes is checked here.
+# [0, 1) (a dropout of 1 drops everything), "groups" an integer from 0 (none) to MAX_SIZE that
+# divides the model's width (group norm's group count). What a file or a caller passes is
+# checked here.
 HPARAMS: dict[str, dict[str, str]] = {
     "mlp": {"D_in": "size", "H": "size", "D_out": "classes"},
     "simplenet": {"num_classes": "classes"},
     "simplenet_bn": {"num_classes": "classes"},
     "alexnet": {"num_classes": "classes", "dropout": "rate"},
     "resnet": {"num_classes": "classes", "width": "size"},
+    "dpcnn": {"num_classes": "classes", "width": "size", "groups": "groups"},
 }
 MAX_SIZE = 1 << 16  # a width or class count beyond any model of ours: refused, never allocated
 NUM_CLASSES = {"mlp": "D_out"}  # the hparam that counts the classes, where it is not num_classes
@@ -438,10 +495,26 @@ def check_hparams(name: str, hparams: Mapping[str, Any]) -> None:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
             want = "a number in [0, 1)"
         else:
-            lo = 2 if kind == "classes" else 1
+            lo = {"classes": 2, "groups": 0}.get(kind, 1)
             ok, want = is_int and lo <= value <= MAX_SIZE, f"an integer from {lo} to {MAX_SIZE}"
+            want += " (0: no group norm)" if kind == "groups" else ""
         if not ok:
             raise ValueError(f"model {name}: {key} must be {want}, got {short_repr(value)}")
+    _check_groups(name, kinds, hparams)
+
+
+def _check_groups(name: str, kinds: Mapping[str, str], hparams: Mapping[str, Any]) -> None:
+    """ValueError unless a group count divides the width (and so 2*width: both convs' channels)."""
+    for key, kind in kinds.items():
+        if kind != "groups":
+            continue
+        defaults = inspect.signature(MODELS[name]).parameters
+        groups = hparams.get(key, defaults[key].default)
+        width = hparams.get("width", defaults["width"].default)
+        if groups and width % groups:
+            raise ValueError(
+                f"model {name}: {key} must divide width ({width}) and 2*width, got {short_repr(groups)}"
+            )
 
 
 def num_classes(model: Model) -> int:

@@ -24,6 +24,7 @@ __all__ = [
     "conv2d",
     "dropout",
     "fold_in",
+    "group_norm",
     "init_batch_norm",
     "init_conv2d",
     "init_linear",
@@ -31,6 +32,7 @@ __all__ = [
     "max_pool",
     "normal",
     "relu",
+    "tanh",
     "uniform",
 ]
 
@@ -107,13 +109,32 @@ def conv2d(
 
 
 def max_pool(x: Tensor, kernel_size: int, stride: int | None = None) -> Tensor:
-    """Max pooling over the last two axes."""
+    """Max pooling over the last two axes; `stride` defaults to `kernel_size`."""
     return F.max_pool2d(x, kernel_size, stride)
 
 
 def relu(x: Tensor) -> Tensor:
     """max(x, 0)."""
     return F.relu(x)
+
+
+def tanh(x: Tensor) -> Tensor:
+    """The hyperbolic tangent (the tempered sigmoid of differentially private CNNs)."""
+    return torch.tanh(x)
+
+
+def group_norm(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """Group normalisation of `[B, C, ...]`, as `F.group_norm` / `nn.GroupNorm`.
+
+    The C channels are split into `num_groups` consecutive groups; each example's group is
+    normalised by its own mean and biased variance, then scaled by `weight` and shifted by
+    `bias` (`[C]` each). No batch statistics and no state: an example's output does not depend
+    on the rest of the batch (what per-example gradients need). NHWC inputs give NHWC outputs.
+    Statistics are computed in at least float32 (bf16 activations under autocast).
+    """
+    xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    y = F.group_norm(xf, num_groups, weight.to(xf.dtype), bias.to(xf.dtype), eps)
+    return y.to(x.dtype)
 
 
 class BatchNormState(NamedTuple):

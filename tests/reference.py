@@ -150,3 +150,27 @@ class ResNet(tnn.Module):
             return name
         layer, kind, leaf = name.rsplit(".", 2)
         return f"blocks.{layer.replace('.', '_')}.{0 if kind == 'conv' else 1}.{leaf}"
+
+
+class DPCNN(tnn.Module):
+    """Written from models.dpcnn's docstring, independently of interop.DPCNN: Papernot et al.'s
+    tempered-sigmoid CNN (Opacus's MNIST SampleConvNet with tanh), group norm when `groups`."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16, groups: int = 0) -> None:
+        super().__init__()
+        self.conv1 = tnn.Conv2d(1, width, 8, 2, padding=3)
+        if groups:
+            self.gn1 = tnn.GroupNorm(groups, width)
+        self.conv2 = tnn.Conv2d(width, 2 * width, 4, 2)
+        if groups:
+            self.gn2 = tnn.GroupNorm(groups, 2 * width)
+        self.fc1 = tnn.Linear(2 * width * 4 * 4, 32)
+        self.fc2 = tnn.Linear(32, num_classes)
+        self.groups = groups
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = torch.max_pool2d(torch.tanh(self.gn1(x) if self.groups else x), 2, 1)
+        x = self.conv2(x)
+        x = torch.max_pool2d(torch.tanh(self.gn2(x) if self.groups else x), 2, 1)
+        return self.fc2(torch.tanh(self.fc1(x.flatten(1))))

@@ -24,7 +24,7 @@ from flax.traverse_util import unflatten_dict
 from fashion_func import data, interop, models, optim, step
 from fashion_func import state as state_lib
 
-NAMES = ("mlp", "simplenet", "simplenet_bn", "alexnet", "resnet")
+NAMES = ("mlp", "simplenet", "simplenet_bn", "alexnet", "resnet", "dpcnn")
 _TRAINED: dict[str, dict[str, torch.Tensor]] = {}
 
 
@@ -151,3 +151,35 @@ def test_flax_module_hparams_and_errors():
         interop.flax_module("simplenet", torch_bn=True)
     with pytest.raises(TypeError):
         interop.flax_module("simplenet", width=3)
+
+
+def test_export_flax_of_a_dpcnn_with_group_norm_runs_in_flax(test_x, tmp_path, capsys):
+    """`export --format flax` of a trained dpcnn whose file records groups=4: Flax's GroupNorm
+    (scale, bias from gn1, gn2) and the hwc-ordered fc1 reproduce our logits."""
+    from fashion_func import checkpoint
+    from fashion_func.cli import export
+
+    model = models.get("dpcnn", groups=4)
+    tx = optim.adam(1e-2)
+    st = state_lib.create(model.init(torch.Generator().manual_seed(0)), tx, seed=0)
+    train_step = step.make_train_step(model, tx, compile=False)
+    for b in data.batches(data.load("train", limit=192), 64, seed=0, epoch=1):
+        st, _ = train_step(st, b)
+    assert not torch.equal(st.params["gn2.weight"], torch.ones(32))  # the affine is trained
+    src, out = tmp_path / "best.safetensors", tmp_path / "dpcnn_flax.safetensors"
+    checkpoint.save_weights(src, st.params, metadata={"model": "dpcnn", "model_hparams": model.hparams})
+    assert export.main(["--weights", str(src), "--format", "flax", "--out", str(out)]) == 0
+    capsys.readouterr()
+    variables = interop.flax_variables(unflatten_dict(safetensors.flax.load_file(str(out)), sep="."))
+    assert set(variables["params"]["gn1"]) == {"scale", "bias"}
+    module = interop.flax_module("dpcnn", groups=4)
+    x = nhwc(test_x)
+    assert shapes(jax.eval_shape(module.init, jax.random.PRNGKey(0), x[:1])) == shapes(variables)
+    got = np.asarray(module.apply(variables, x))
+    with torch.no_grad():
+        expected = model.apply(st.params, test_x).numpy()
+    assert np.abs(expected).max() > 0.5
+    assert np.abs(got - expected).max() <= 1e-4
+    # the group count matters: the same file read with one group is off
+    other = np.asarray(interop.flax_module("dpcnn", groups=1).apply(variables, x))
+    assert np.abs(other - expected).max() > 1e-2

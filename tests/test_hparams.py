@@ -8,10 +8,17 @@ import torch
 
 from fashion_func import checkpoint, interop, models
 from fashion_func.cli import export, predict
+from fashion_func.interop import torch_modules
 
 # what each kind accepts and refuses
-GOOD = {"size": [1, 28, models.MAX_SIZE], "classes": [2, 10, models.MAX_SIZE], "rate": [0, 0.0, 0.5, 0.999]}
+GOOD = {
+    "size": [1, 28, models.MAX_SIZE],
+    "classes": [2, 10, models.MAX_SIZE],
+    "rate": [0, 0.0, 0.5, 0.999],
+    "groups": [0, 1, 4, 16],  # of dpcnn's default width 16: a group count must divide it
+}
 BAD = {
+    "groups": [-1, 0.5, 4.0, True, "4", None, models.MAX_SIZE + 1, 1 << 64, float("nan")],
     "size": [0, -1, 0.5, 1.0, True, "8", None, models.MAX_SIZE + 1, 1 << 64, float("nan")],
     "classes": [0, 1, -3, 2.0, False, "10", models.MAX_SIZE + 1, float("inf")],
     "rate": [1, 1.0, -0.1, 2, True, "0.5", None, float("nan"), float("inf")],
@@ -66,7 +73,8 @@ def test_a_file_recording_a_bad_hparam_is_refused_in_one_line_by_predict_and_exp
     ("name", "hparams"),
     [("mlp", {"D_out": 2}), ("mlp", {"D_out": 3}), ("mlp", {"D_in": 100}),
      ("simplenet", {"num_classes": 2}), ("simplenet_bn", {"num_classes": 1000}),
-     ("alexnet", {"num_classes": 3}), ("resnet", {"num_classes": 2, "width": 2})],
+     ("alexnet", {"num_classes": 3}), ("resnet", {"num_classes": 2, "width": 2}),
+     ("dpcnn", {"num_classes": 2, "groups": 2})],
 )  # fmt: skip
 def test_predict_refuses_what_is_not_a_10_class_classifier_of_28x28_images(tmp_path, capsys, name, hparams):
     path = _file(tmp_path, name, hparams)
@@ -110,3 +118,37 @@ def test_flax_models_constant_matches_the_modules():
     from fashion_func.interop import flax_modules
 
     assert set(flax_modules.FLAX_MODELS) == set(flax_modules._flax_classes())
+
+
+# -- dpcnn's group count: a kind of its own, and a divisor of the width -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("hparams", "width"),
+    [
+        ({"groups": 3}, 16),
+        ({"groups": 32}, 16),
+        ({"width": 6, "groups": 4}, 6),
+        ({"width": 1, "groups": 2}, 1),
+    ],
+)
+def test_dpcnn_groups_must_divide_the_width_in_one_line(hparams, width):
+    for build in (lambda: models.get("dpcnn", **hparams), lambda: torch_modules.build("dpcnn", hparams)):
+        with pytest.raises(ValueError, match=rf"model dpcnn: groups must divide width \({width}\)") as info:
+            build()
+        assert "\n" not in str(info.value)
+
+
+def test_dpcnn_groups_that_divide_the_width_build_group_norms():
+    models.check_hparams("dpcnn", {"width": models.MAX_SIZE, "groups": models.MAX_SIZE})
+    model = models.get("dpcnn", width=6, groups=3)
+    params = model.init(torch.Generator().manual_seed(0))
+    assert params["gn1.weight"].shape == (6,) and params["gn2.weight"].shape == (12,)
+    assert "gn1.weight" not in models.get("dpcnn", groups=0).init(torch.Generator().manual_seed(0))
+
+
+def test_a_file_recording_groups_that_do_not_divide_its_width_is_refused(tmp_path, capsys):
+    path = _file(tmp_path, "dpcnn", {"groups": 4}, {"num_classes": 10, "width": 16, "groups": 3})
+    assert predict.main(["--weights", str(path), "--limit", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "groups must divide width (16)" in err and "Traceback" not in err

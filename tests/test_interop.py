@@ -47,11 +47,21 @@ def weights_file(trained, tmp_path_factory):
 # -- nn.Module <-> params ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "hparams"), [("mlp", {"H": 32}), ("simplenet", {}), ("alexnet", {})])
+@pytest.mark.parametrize(
+    ("name", "hparams"),
+    [
+        ("mlp", {"H": 32}),
+        ("simplenet", {}),
+        ("alexnet", {}),
+        ("dpcnn", {"groups": 0}),
+        ("dpcnn", {"groups": 4}),
+    ],
+)
 def test_to_module_has_the_same_keys_and_forward(name, hparams):
     model = models.get(name, **hparams)
     params = model.init(torch.Generator().manual_seed(1))
-    module = interop.to_module(name, params)
+    # dpcnn's group count is not in its shapes: given (the others' hparams are read off the shapes)
+    module = interop.to_module(name, params, **({"groups": hparams["groups"]} if name == "dpcnn" else {}))
     assert isinstance(module, tnn.Module) and not module.training
     assert list(module.state_dict()) == list(params)
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(2))

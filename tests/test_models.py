@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import AlexNet, SimpleNet, TwoLayerNet
+from reference import DPCNN, AlexNet, SimpleNet, TwoLayerNet
 
 from fashion_func import models, nn
 
@@ -12,10 +12,14 @@ CASES = [
     ("mlp", {}, lambda: TwoLayerNet(784, 100, 10), 79_510),
     ("simplenet", {}, SimpleNet, 1_199_882),
     ("alexnet", {}, AlexNet, 5_670_602),
+    ("dpcnn", {}, DPCNN, 26_010),
+    ("dpcnn", {"groups": 4}, lambda: DPCNN(groups=4), 26_106),
+    ("dpcnn", {"num_classes": 3, "width": 6, "groups": 3}, lambda: DPCNN(3, 6, 3), 7_865),
 ]
+IDS = [c[0] + "".join(f"-{k}{v}" for k, v in c[1].items()) for c in CASES]
 
 
-@pytest.mark.parametrize(("name", "hparams", "module_fn", "count"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("name", "hparams", "module_fn", "count"), CASES, ids=IDS)
 def test_logits_equal_nn_module_float64(name, hparams, module_fn, count):
     model = models.get(name, **hparams)
     params = model.init(torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -26,11 +30,11 @@ def test_logits_equal_nn_module_float64(name, hparams, module_fn, count):
     with torch.no_grad():
         expected = module(x)
     got = model.apply(params, x)
-    assert got.shape == (4, 10)
+    assert got.shape == (4, models.num_classes(model))
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(("name", "hparams", "module_fn", "count"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("name", "hparams", "module_fn", "count"), CASES, ids=IDS)
 def test_init_draws_like_nn_module(name, hparams, module_fn, count):
     # nn.Module draws from the global RNG; ours from an explicit generator with the same seed
     torch.manual_seed(123)
@@ -49,7 +53,7 @@ def test_init_does_not_touch_global_rng():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ValueError, match="alexnet, mlp, resnet, simplenet"):
+    with pytest.raises(ValueError, match="alexnet, dpcnn, mlp, resnet, simplenet"):
         models.get("resnet9000")
 
 

@@ -41,6 +41,7 @@ CASES = [
     ("simplenet", {"normalize": "dataset", "lr": 0.001}, (data.MEAN, data.STD)),
     ("simplenet_bn", None, (data.MEAN, data.STD)),  # no config: the dataset's, as predict.py does
     ("mlp", {"normalize": "tutorial"}, (data.TUTORIAL_MEAN, data.TUTORIAL_STD)),
+    ("dpcnn", {"normalize": "dataset"}, (data.MEAN, data.STD)),
 ]
 
 
@@ -97,3 +98,27 @@ def test_the_onnx_graph_normalises_images_bitwise_as_training_does(tmp_path):
             assert got.dtype == np.float32 and got.shape == want.shape
             assert np.array_equal(got.view(np.uint32), want.view(np.uint32))  # bitwise
             assert np.array_equal(want, preprocess.normalize(x, mean, std).numpy())
+
+
+def test_onnx_export_of_a_dpcnn_with_group_norm_uses_the_recorded_group_count(capsys, tmp_path):
+    """dpcnn's `groups` is not in its weights' shapes: export takes it from the file's model_hparams."""
+    model = models.get("dpcnn", groups=4)
+    g = torch.Generator().manual_seed(0)
+    params = model.init(g)
+    params = {
+        k: v + 0.3 * torch.randn(v.shape, generator=g) if k.startswith("gn") else v for k, v in params.items()
+    }
+    src, out = tmp_path / "best.safetensors", tmp_path / "dpcnn.onnx"
+    checkpoint.save_weights(src, params, metadata={"model": "dpcnn", "model_hparams": model.hparams})
+    assert export.main(["--weights", str(src), "--format", "onnx", "--out", str(out)]) == 0
+    capsys.readouterr()
+    images = data.load("test", limit=32).images
+    x = data.normalize(images, data.MEAN, data.STD)
+    with torch.no_grad():
+        expected = model.apply(params, x).numpy()
+        one_group = models.get("dpcnn", groups=1).apply(params, x).numpy()
+    assert np.abs(one_group - expected).max() > 1e-2  # the group count changes the logits
+    (got,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+        None, {"images": images.numpy()}
+    )
+    assert np.abs(got - expected).max() <= 1e-4

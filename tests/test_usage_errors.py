@@ -19,7 +19,7 @@ from test_reliability import one_error_line  # tests/ is on sys.path under pytes
 from fashion_func.cli.config import Config, ConfigError
 from fashion_func.cli.train import main_train
 
-MODELS = "simplenet, simplenet_bn, alexnet, mlp, resnet"
+MODELS = "simplenet, simplenet_bn, alexnet, mlp, resnet, dpcnn"
 DEEP = "[" * 100_000 + "]" * 100_000
 
 # (kind, input, message): kind "argv" is a list of flags; "json" / "toml" the text of a config file;

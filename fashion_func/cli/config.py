@@ -42,7 +42,7 @@ __all__ = [
     "resume_problem",
 ]
 
-MODELS = ("simplenet", "simplenet_bn", "alexnet", "mlp", "resnet")
+MODELS = ("simplenet", "simplenet_bn", "alexnet", "mlp", "resnet", "dpcnn")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16")

@@ -113,7 +113,8 @@ def export(
             f"--format flax: no Flax module reads a {loaded.name} yet (those of {', '.join(FLAX_MODELS)}); "
             "export it as torch, numpy or onnx"
         )
-    meta: dict[str, Any] = {"model": loaded.name, "source": str(weights)}
+    # model_hparams: what the shapes do not say (dpcnn's group count) travels with the weights
+    meta: dict[str, Any] = {"model": loaded.name, "model_hparams": loaded.hparams, "source": str(weights)}
     for key in ("epoch", "config"):
         if key in metadata:
             meta[key] = metadata[key]
@@ -122,7 +123,7 @@ def export(
         meta["normalize_mean"], meta["normalize_std"] = known
     if fmt == "onnx":
         mean, std = interop.normalization(metadata)
-        interop.save_onnx(out, loaded.name, params, mean=mean, std=std, metadata=meta)
+        interop.save_onnx(out, loaded.name, params, mean=mean, std=std, metadata=meta, hparams=loaded.hparams)
     elif fmt == "torch":
         checkpoint.save_weights(out, params, metadata=meta)
     elif fmt == "flax":

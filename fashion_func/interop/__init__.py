@@ -63,11 +63,12 @@ from fashion_func.interop.torch_io import (
     split_state,
     to_module,
 )
-from fashion_func.interop.torch_modules import MLP, AlexNet, ResNet, SimpleNet, SimpleNetBN
+from fashion_func.interop.torch_modules import DPCNN, MLP, AlexNet, ResNet, SimpleNet, SimpleNetBN
 from fashion_func.interop.weights_file import known_normalization, load_weights_file, normalization
 
 __all__ = [
     "BF16_AS",
+    "DPCNN",
     "FLATTEN_ORDERS",
     "FLAX_LAYOUT",
     "MLP",

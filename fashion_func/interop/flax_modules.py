@@ -13,7 +13,7 @@ from fashion_func import models
 __all__ = ["FLAX_MODELS", "flax_module"]
 
 # the models `flax_module` has a module for (the keys of `_flax_classes`, known without flax)
-FLAX_MODELS = ("mlp", "simplenet", "simplenet_bn", "alexnet", "resnet")
+FLAX_MODELS = ("mlp", "simplenet", "simplenet_bn", "alexnet", "resnet", "dpcnn")
 
 
 @functools.cache
@@ -23,7 +23,7 @@ def _flax_classes() -> dict[str, Any]:
 
     norm = _torch_batch_norm(fnn)
     return {"mlp": _mlp(fnn), "simplenet": _simplenet(fnn), "simplenet_bn": _simplenet_bn(fnn, norm),
-            "alexnet": _alexnet(fnn), "resnet": _resnet(fnn, norm)}  # fmt: skip
+            "alexnet": _alexnet(fnn), "resnet": _resnet(fnn, norm), "dpcnn": _dpcnn(fnn)}  # fmt: skip
 
 
 def _torch_batch_norm(fnn: Any) -> type:
@@ -200,6 +200,32 @@ def _resnet(fnn: Any, torch_norm: type) -> type:
     return ResNet
 
 
+def _dpcnn(fnn: Any) -> type:
+    class DPCNN(fnn.Module):
+        """The tempered-sigmoid CNN of differentially private training, NHWC: conv 8x8 stride 2,
+        [group norm], tanh, max-pool 2 stride 1; conv 4x4 stride 2, [group norm], tanh, max-pool
+        2 stride 1; fc1 32w->32, tanh; fc2. Stateless (group norm has no running statistics)."""
+
+        num_classes: int = 10
+        width: int = 16
+        groups: int = 0  # 0: no group norm
+
+        @fnn.compact
+        def __call__(self, x: Any, train: bool = False) -> Any:  # [B, 28, 28, 1]
+            def block(x: Any, features: int, kernel: int, padding: int, i: int) -> Any:
+                x = fnn.Conv(features, (kernel, kernel), strides=(2, 2), padding=padding, name=f"conv{i}")(x)
+                if self.groups:  # torch's eps; the groups are runs of consecutive channels, as torch's
+                    x = fnn.GroupNorm(num_groups=self.groups, epsilon=1e-5, name=f"gn{i}")(x)
+                return fnn.max_pool(fnn.tanh(x), (2, 2), strides=(1, 1))
+
+            x = block(x, self.width, 8, 3, 1)  # [B, 13, 13, w]
+            x = block(x, 2 * self.width, 4, 0, 2)  # [B, 4, 4, 2w]
+            x = fnn.tanh(fnn.Dense(32, name="fc1")(_flat(x)))  # [B, 32]
+            return fnn.Dense(self.num_classes, name="fc2")(x)
+
+    return DPCNN
+
+
 def flax_module(name: str, *, torch_bn: bool = False, **hparams: Any) -> Any:
     """The `flax.linen.Module` of model `name`, written the Flax way, for weights from `to_flax`.
 
@@ -212,7 +238,8 @@ def flax_module(name: str, *, torch_bn: bool = False, **hparams: Any) -> Any:
     `batch_stats` collection: `nn.BatchNorm(use_running_average=not train, momentum=0.9,
     epsilon=1e-5)`, so train with `mutable=["batch_stats"]`; alexnet's dropout is active when
     `train=True` and then needs `rngs={"dropout": key}`. `hparams` are the model's
-    (`num_classes`; mlp `D_in`, `H`, `D_out`; alexnet `dropout`; resnet `width`).
+    (`num_classes`; mlp `D_in`, `H`, `D_out`; alexnet `dropout`; resnet `width`; dpcnn `width`,
+    `groups`, with group norm as `nn.GroupNorm(num_groups=groups, epsilon=1e-5)`).
 
     `torch_bn=True` (simplenet_bn, resnet): training moves the running variance towards the
     unbiased batch variance, as `nn.BatchNorm2d` and our models do (Flax's `BatchNorm` uses the

@@ -48,13 +48,15 @@ def save_onnx(
     mean: float = preprocess.MEAN,
     std: float = preprocess.STD,
     metadata: Mapping[str, Any] | None = None,
+    hparams: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the model with `weights` as an ONNX file that ONNX Runtime runs, atomically.
 
     Input `images`: uint8 `[B, 28, 28]`, raw Fashion-MNIST pixels (batch size free); the graph
     normalises them itself, `(x / 255 - mean) / std` as `preprocess.normalize` (pass the `mean`, `std`
     the weights were trained with: `normalization(metadata)`). Output `logits`: float32
-    `[B, classes]`. The model is `to_module(model_name, weights)` in eval mode (batch norm with
+    `[B, classes]`. The model is `to_module(model_name, weights, **hparams)` (`hparams`: what the
+    shapes do not say, dpcnn's `groups`; a file's `model_hparams`) in eval mode (batch norm with
     its running statistics, dropout off), exported by `torch.onnx.export(dynamo=True)`; weights
     in bf16/fp16 are upcast to float32 (exact). The ONNX model's `metadata_props` say so:
     `model`, `input` ("uint8 [B,28,28]"), `output`, `normalize_mean`, `normalize_std`,
@@ -73,7 +75,7 @@ def save_onnx(
         raise ImportError(
             f"ONNX export needs the onnx extra: pip install 'fashion_func[onnx]' ({e})"
         ) from None
-    wrapped = _images_to_logits(model_name, weights, mean, std)
+    wrapped = _images_to_logits(model_name, weights, mean, std, hparams or {})
     example = torch.zeros((2, 28, 28), dtype=torch.uint8)  # 2, not 1: export would fix a size-1 axis
     with torch.no_grad():
         num_classes = int(wrapped(example).shape[-1])
@@ -97,7 +99,9 @@ def save_onnx(
     atomic.write_bytes(path, proto.SerializeToString(), what="ONNX model")
 
 
-def _images_to_logits(model_name: str, weights: Mapping[str, Tensor], mean: float, std: float) -> tnn.Module:
+def _images_to_logits(
+    model_name: str, weights: Mapping[str, Tensor], mean: float, std: float, hparams: Mapping[str, Any]
+) -> tnn.Module:
     """The eval-mode module to export: float32 CPU weights, images normalised inside."""
     if not (finite_number(mean) and finite_number(std) and std > 0):
         raise ValueError(f"normalisation mean {mean!r} and std {std!r} must be finite numbers, std > 0")
@@ -105,8 +109,8 @@ def _images_to_logits(model_name: str, weights: Mapping[str, Tensor], mean: floa
         k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
         for k, v in weights.items()
     }
-    module = to_module(model_name, cpu32)
-    model = models.get(model_name, **hparams_from_params(model_name, cpu32))
+    module = to_module(model_name, cpu32, **hparams)
+    model = models.get(model_name, **{**hparams_from_params(model_name, cpu32), **hparams})
     if model.input_shape not in ((1, 28, 28), (28 * 28,)):
         raise ValueError(f"{model_name} takes inputs {list(model.input_shape)}, not 28x28 images")
     return _ImagesToLogits(module, mean, std).eval()

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch import nn as tnn
 
 from fashion_func import models
-from fashion_func.interop.torch_modules import NAMES, build, hparams_from_params
+from fashion_func.interop.torch_modules import NAMES, build, hparams_from_module, hparams_from_params
 from fashion_func.models import Model, ModelState, Params, Stage
 
 __all__ = [
@@ -165,7 +165,7 @@ def from_module(module: tnn.Module, *, check: bool = True) -> Params:
     """
     sd = module.state_dict()
     name = identify(sd)
-    hparams = hparams_from_params(name, sd)
+    hparams = hparams_from_module(name, module)  # the shapes', and a group count off the layers
     model = models.get(name, **hparams)
     weights = {k: sd[k].detach().clone() for k in template(name, hparams)}
     if check:

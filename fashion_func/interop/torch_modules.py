@@ -18,6 +18,7 @@ from torch import nn as tnn
 from fashion_func import models
 
 __all__ = [
+    "DPCNN",
     "MLP",
     "NAMES",
     "AlexNet",
@@ -25,6 +26,7 @@ __all__ = [
     "SimpleNet",
     "SimpleNetBN",
     "build",
+    "hparams_from_module",
     "hparams_from_params",
 ]
 
@@ -149,18 +151,46 @@ class ResNet(tnn.Module):
         return self.fc(torch.amax(x, dim=(-2, -1)))
 
 
+class DPCNN(tnn.Module):
+    """The tempered-sigmoid CNN of `models.dpcnn` (Opacus's MNIST `SampleConvNet` with tanh), with an
+    optional `nn.GroupNorm(groups, channels)` after each conv (`gn1`, `gn2`) when `groups` > 0."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16, groups: int = 0) -> None:
+        super().__init__()
+        w = width
+        self.conv1 = tnn.Conv2d(1, w, 8, stride=2, padding=3)
+        self.gn1 = tnn.GroupNorm(groups, w) if groups else None
+        self.conv2 = tnn.Conv2d(w, 2 * w, 4, stride=2)
+        self.gn2 = tnn.GroupNorm(groups, 2 * w) if groups else None
+        self.fc1 = tnn.Linear(2 * w * 4 * 4, 32)
+        self.fc2 = tnn.Linear(32, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)  # [B, w, 14, 14]
+        x = F.max_pool2d(torch.tanh(x if self.gn1 is None else self.gn1(x)), 2, 1)  # [B, w, 13, 13]
+        x = self.conv2(x)  # [B, 2w, 5, 5]
+        x = F.max_pool2d(torch.tanh(x if self.gn2 is None else self.gn2(x)), 2, 1)  # [B, 2w, 4, 4]
+        return self.fc2(torch.tanh(self.fc1(torch.flatten(x, 1))))  # (c h w) order
+
+
 _MODULES: dict[str, type[tnn.Module]] = {
     "mlp": MLP,
     "simplenet": SimpleNet,
     "simplenet_bn": SimpleNetBN,
     "alexnet": AlexNet,
     "resnet": ResNet,
+    "dpcnn": DPCNN,
 }
 NAMES: tuple[str, ...] = tuple(_MODULES)  # the architectures with a plain module, in matching order
 
 
 def hparams_from_params(name: str, params: Mapping[str, Tensor]) -> dict[str, Any]:
-    """The constructor arguments a params dict implies (class counts, widths), read off its shapes."""
+    """The constructor arguments a params dict implies (class counts, widths), read off its shapes.
+
+    dpcnn's group count is not in the shapes (`gn1.weight` is `[width]` for any count): weights
+    with group norm read as `groups=1`, which gives the right shapes; pass the recorded `groups`
+    (a weights file's `model_hparams`) wherever the forward matters (`to_module(..., groups=)`).
+    """
     try:
         if name == "mlp":
             h, d_in = params["linear1.weight"].shape
@@ -171,9 +201,23 @@ def hparams_from_params(name: str, params: Mapping[str, Tensor]) -> dict[str, An
             return {"num_classes": params["fc3.weight"].shape[0]}
         if name == "resnet":
             return {"num_classes": params["fc.weight"].shape[0], "width": params["prep.conv.weight"].shape[0]}
+        if name == "dpcnn":
+            groups = 1 if "gn1.weight" in params else 0  # 1: a stand-in, see above
+            width = params["conv1.weight"].shape[0]
+            return {"num_classes": params["fc2.weight"].shape[0], "width": width, "groups": groups}
     except (KeyError, ValueError):
         pass  # wrong keys or ranks: the shape check (`torch_io.check_shapes`) names the problem
     return {}
+
+
+def hparams_from_module(name: str, module: tnn.Module) -> dict[str, Any]:
+    """`hparams_from_params` of the module's `state_dict`, plus what only its layers say: the
+    group count of a dpcnn-shaped module's `gn1` (a `GroupNorm`)."""
+    hparams = hparams_from_params(name, module.state_dict())
+    gn1 = getattr(module, "gn1", None)
+    if name == "dpcnn" and isinstance(gn1, tnn.GroupNorm):
+        hparams["groups"] = gn1.num_groups
+    return hparams
 
 
 def build(name: str, hparams: Mapping[str, Any]) -> tnn.Module:
