@@ -30,6 +30,7 @@ from fashion_func import nn, optim
 from fashion_func.augment import Augment
 from fashion_func.models import Model, ModelState, Params
 from fashion_func.preprocess import FASHION_MNIST, NormalizeImages
+from fashion_func.privacy import ClipAndNoise
 from fashion_func.state import TrainState
 from fashion_func.state import create as create_state
 from fashion_func.step import CoreIn, EvalStep, LossFn, MetricsFn, Preprocess, TrainStep, stages
@@ -180,18 +181,25 @@ def make_train_step(
     device_type: str | None = None,
     topk: int | None = None,
     reduce_grads: Callable[[Params], Params] | None = None,
+    per_example: ClipAndNoise | None = None,
 ) -> TrainStep:
     """`step(stacked_state, batch) -> (stacked_state, metrics)`: `step.make_train_step` vmapped
     over the members, the batch shared. Arguments as there (a plain function model too); each
     metric is `[K]`, one sum per member, extra outputs' `<name>_sum` included (`fit` reports
-    them per member, with their mean and standard deviation)."""
-    built = stages(model, optimizer, loss=loss, metrics=metrics, preprocess=_nchw(preprocess),
-                   precision=precision, device_type=device_type, topk=topk)  # fmt: skip
-    # each member its own params, model state, step and key; the batch and opt_state as given
-    # (the gradients ignore opt_state; vmapping it would need every leaf to be a tensor)
-    dims = CoreIn(params=0, model_state=0, opt_state=None, step=0, rng=0, inputs=None, targets=None)
+    them per member, with their mean and standard deviation). per_example: DP-SGD as there;
+    its `max_norm` / `noise_multiplier` may give one value per member (a sweep over them),
+    and each member draws its noise from its own `rng` (a sweep's members share one)."""
+    built = stages(model, optimizer, loss=loss, metrics=metrics, preprocess=_nchw(preprocess), topk=topk,
+                   precision=precision, device_type=device_type, per_example=per_example)  # fmt: skip
+    # each member its own params, model state, step, key and DP hyperparameters; the batch (and
+    # its mask) and opt_state as given (the gradients ignore opt_state; vmapping it would need
+    # every leaf to be a tensor)
+    dims = CoreIn(params=0, model_state=0, opt_state=None, step=0, rng=0, inputs=None, targets=None,
+                  mask=None, private=0)  # fmt: skip
     built = built.replace(
-        gradients=torch.func.vmap(built.gradients, in_dims=(dims,)), update=torch.func.vmap(built.update)
+        gradients=torch.func.vmap(built.gradients, in_dims=(dims,)),
+        update=torch.func.vmap(built.update),
+        noise=torch.func.vmap(built.noise, in_dims=(0, dims)) if built.noise is not None else None,
     )
     # size(): a clear error for an unstacked state
     return built.train_step(compile=compile, reduce_grads=reduce_grads, check=size)
