@@ -36,6 +36,7 @@ __all__ = [
     "optim",
     "per_example_grad_norms",
     "per_example_grads",
+    "privacy",
     "schedules",
     "state",
     "tree",
@@ -43,7 +44,7 @@ __all__ = [
 
 _SUBMODULES = {
     "callbacks", "checkpoint", "data", "ensemble", "losses", "metrics", "models", "nn", "optim",
-    "schedules", "state", "tree",
+    "privacy", "schedules", "state", "tree",
 }  # fmt: skip
 _NAMES = {
     "FitResult": "fashion_func.loop",
@@ -71,6 +72,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
         models,
         nn,
         optim,
+        privacy,
         schedules,
         state,
         tree,

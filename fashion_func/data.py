@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import os
 import shutil
 import struct
@@ -27,7 +28,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, ClassVar, Literal, NamedTuple
+from typing import Any, BinaryIO, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -501,6 +502,118 @@ class EpochBatches:
     def batching(self) -> dict[str, int]:
         """What fixes the batches: example count, batch size and seed."""
         return {"n": int(self.split.labels.shape[0]), "batch_size": self.batch_size, "seed": self.seed}
+
+
+# ---------------------------------------------------------------------------------------------
+# Poisson sampling (private training)
+
+_POISSON_SALT = 0x50_4F_49_53  # the inclusion draws have their own stream, apart from batch_order
+
+
+def poisson_capacity(n: int, sample_rate: float, overflow: float = 1e-9) -> int:
+    """The smallest physical batch size P with P(Binomial(n, sample_rate) > P) <= `overflow`:
+    a Poisson batch larger than P (that rare) is cut to P (`poisson_batches`)."""
+    if n < 1 or not 0 < sample_rate <= 1:
+        raise ValueError(f"poisson_capacity needs n >= 1 and sample_rate in (0, 1], got {n}, {sample_rate}")
+    if sample_rate == 1:
+        return n
+    mean = n * sample_rate
+    log_p, log_q = math.log(sample_rate), math.log1p(-sample_rate)
+
+    def pmf(i: int) -> float:
+        return math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                        + i * log_p + (n - i) * log_q)  # fmt: skip
+
+    # P(X > k) summed from far in the tail (40 standard deviations: nothing beyond) down
+    hi = min(n, int(mean + 40 * math.sqrt(mean) + 40))
+    tail = 0.0
+    for k in range(hi - 1, int(mean) - 1, -1):
+        tail += pmf(k + 1)
+        if tail > overflow:
+            return k + 1
+    return max(int(mean), 1)
+
+
+def _step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(_splitmix64(_order_seed(int(seed) ^ _POISSON_SALT, int(epoch)) ^ (step & _MASK64)))
+    return generator
+
+
+def poisson_batches(
+    split: Split,
+    sample_rate: float,
+    *,
+    physical_batch_size: int,
+    seed: int,
+    epoch: int,
+    steps: int,
+    start: int = 0,
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """`steps` Poisson-sampled batches `(images [P, 28, 28], labels [P], mask [P] bool)`: each
+    example joins each batch independently with probability `sample_rate`, a pure function of
+    (seed, epoch, step). The batch is padded to the fixed `physical_batch_size` P (so a compiled
+    step sees one shape); padding has mask False. A batch of more than P examples (see
+    `poisson_capacity`) keeps the P whose draws were smallest, an unbiased choice among them.
+    """
+    n, device = split.images.shape[0], split.images.device
+    for b in range(start, steps):
+        u = torch.rand(n, generator=_step_generator(seed, epoch, b))
+        chosen = (u < sample_rate).nonzero().squeeze(1)
+        if chosen.numel() > physical_batch_size:
+            chosen = chosen[u[chosen].argsort()[:physical_batch_size]].sort().values
+        k = chosen.numel()
+        idx = torch.zeros(physical_batch_size, dtype=torch.int64)
+        idx[:k] = chosen
+        mask = torch.arange(physical_batch_size) < k
+        idx, mask = idx.to(device), mask.to(device)
+        yield split.images[idx], split.labels[idx], mask
+
+
+@dataclass(frozen=True)
+class PoissonBatches:
+    """A split's Poisson-sampled batches for `fit` (private training): called as `(epoch,
+    start=0)` it yields that epoch's `poisson_batches` from step `start` on, `len()` =
+    `round(1 / sample_rate)` steps per epoch (one pass in expectation, as Opacus counts).
+
+    physical_batch_size: the padded size P; None: `poisson_capacity(n, sample_rate)`, which a
+    batch exceeds with probability at most 1e-9 per step.
+    """
+
+    split: Split
+    sample_rate: float
+    seed: int = 0
+    physical_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.physical_batch_size is not None and self.physical_batch_size < 1:
+            raise ValueError(f"physical_batch_size must be >= 1, got {self.physical_batch_size}")
+
+    @property
+    def size(self) -> int:
+        """The physical (padded) batch size."""
+        n = int(self.split.labels.shape[0])
+        return self.physical_batch_size or poisson_capacity(n, self.sample_rate)
+
+    @property
+    def expected_batch_size(self) -> float:
+        """`sample_rate * n`: what the clipped sum is divided by (`privacy.clip_and_noise`)."""
+        return self.sample_rate * int(self.split.labels.shape[0])
+
+    def __call__(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        return poisson_batches(self.split, self.sample_rate, physical_batch_size=self.size, seed=self.seed,
+                               epoch=epoch, steps=len(self), start=start)  # fmt: skip
+
+    def __len__(self) -> int:
+        return max(1, round(1 / self.sample_rate))
+
+    @property
+    def batching(self) -> dict[str, Any]:
+        """What fixes the batches: example count, sample rate, physical size and seed."""
+        return {"n": int(self.split.labels.shape[0]), "sample_rate": self.sample_rate,
+                "physical_batch_size": self.size, "seed": self.seed}  # fmt: skip
 
 
 def dataset_stats(images: Tensor) -> tuple[float, float]:

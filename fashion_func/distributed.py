@@ -145,6 +145,12 @@ class Group:
         parts = flat.split([grads[k].numel() for k in names])
         return {k: p.view(grads[k].shape) for k, p in zip(names, parts, strict=True)}
 
+    def all_reduce_sum(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The sum of `grads` over all ranks: the `reduce_grads` of a per-example (DP-SGD) step,
+        whose ranks each give the sum of their clipped per-example gradients."""
+        mean = self.all_reduce_mean(grads)
+        return {k: v * self.size for k, v in mean.items()}
+
     def _reduce(self, values: Tensor, op: Any) -> Tensor:
         out = values.to(self.device).clone()  # never in place on the caller's tensor
         dist.all_reduce(out, op=op)

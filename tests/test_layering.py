@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("atomic", "safetensors_io"),  # writing files whole, reading safetensors defensively
     ("nn",),
     ("models", "augment", "preprocess"),  # preprocess: the one normalisation and its statistics
-    ("losses", "metrics"),
+    ("losses", "metrics", "privacy"),  # privacy: DP-SGD's clip-and-noise, the accountants
     ("schedules", "optim"),
     # data and the step are siblings: neither imports the other (nothing about Fashion-MNIST
     # is hard-wired below data; state and step must not import it)

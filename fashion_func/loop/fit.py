@@ -34,6 +34,7 @@ from fashion_func.loop.lr import applied_lr, lr_key
 from fashion_func.loop.reduce import evaluate, expand_members, sum_over_ranks, to_host, train_metrics
 from fashion_func.loop.rundir import RunDir
 from fashion_func.loop.signals import Interrupted, signals_to_flag
+from fashion_func.privacy import Accountant
 from fashion_func.safeio import Note
 from fashion_func.state import TrainState
 
@@ -94,7 +95,7 @@ class _Driver(Actions):
 
     def __init__(self, state, train_step, train_data, *, epochs, eval_step, val_data, callbacks,
                  run, metadata, max_steps, progress, log, weights=None, group=None,
-                 lr_schedule=None, allow_inexact_resume=False) -> None:  # fmt: skip
+                 lr_schedule=None, allow_inexact_resume=False, privacy=None) -> None:  # fmt: skip
         self.state: TrainState = state
         self.train_step, self.train_data = train_step, train_data
         self.epochs, self.eval_step, self.val_data = epochs, eval_step, val_data
@@ -116,6 +117,7 @@ class _Driver(Actions):
         self.group: Collective | None = group
         self.lr_schedule: Callable[[Tensor], Tensor] | None = lr_schedule
         self.allow_inexact_resume = allow_inexact_resume
+        self.privacy: Accountant | None = privacy
         # a stack's diverged members (None for one model)
         self.div = members_lib.Diverged(ensemble.size(state)) if members_lib.stacked(state) else None
 
@@ -342,6 +344,8 @@ class _Driver(Actions):
             metrics.update(expand_members({key: lr}))
         elif lr is not None:
             metrics[key] = lr
+        if self.privacy is not None:  # the guarantee after the steps taken so far
+            metrics.update(self._epsilon())
         metrics["epoch_time_s"] = train_time
         if self.div is not None:
             metrics["members_diverged"] = len(dead)
@@ -363,6 +367,31 @@ class _Driver(Actions):
         if reason:
             self.stop_reason = reason
             self.log.info(f"stopping: {reason}")
+
+    # -- privacy: epsilon after each epoch, and no epoch that would pass the budget ------------
+
+    def _epsilon(self) -> dict[str, float]:
+        assert self.privacy is not None
+        eps = self.privacy.epsilon(_host_step(self.state.step))
+        if isinstance(eps, list):  # a sweep over noise multipliers: `epsilon` is the largest
+            return expand_members({"epsilon": eps}, {"epsilon": max(eps)})
+        return {"epsilon": eps}
+
+    def _over_budget(self, epoch: int) -> bool:
+        """Whether epoch `epoch`'s steps would take epsilon past the privacy budget (then the
+        run stops before it, with that reason)."""
+        n = num_batches(self.train_data)
+        if self.privacy is None or self.privacy.target_epsilon is None or n is None:
+            return False
+        if self.in_epoch and int(self.in_epoch["epoch"]) == epoch:  # resumed inside it
+            n -= int(self.in_epoch["batch"])
+        after = self.privacy.exceeds(_host_step(self.state.step) + n)
+        if after is None:
+            return False
+        self.stop_reason = (f"privacy budget: epoch {epoch} would take epsilon to {after:.3f}, "
+                            f"past the target {self.privacy.target_epsilon}")  # fmt: skip
+        self.log.info(f"stopping: {self.stop_reason}")
+        return True
 
     # -- data parallel: the host-side collectives (none without a group) ----------------------
 
@@ -401,6 +430,8 @@ class _Driver(Actions):
             if self.max_steps is not None and _host_step(self.state.step) >= self.max_steps:
                 self.stop_reason = f"max_steps {self.max_steps} reached"  # already there: no step taken
             while epoch <= self.epochs and self.stop_reason == "completed":
+                if self._over_budget(epoch):
+                    break
                 if not self.train_epoch(epoch):
                     break
                 epoch += 1
@@ -441,6 +472,7 @@ def fit(
     group: Collective | None = None,
     lr_schedule: Callable[[Tensor], Tensor] | None = None,
     allow_inexact_resume: bool = False,
+    privacy: Accountant | None = None,
 ) -> FitResult:
     """Train `state` with `train_step` for `epochs` epochs; returns the final state and history.
 
@@ -487,6 +519,10 @@ def fit(
         `StatefulDataLoader`: its state is saved in last.safetensors). Anything else (a list, a
         shuffled `DataLoader`) is refused (RunError) unless this is True: then a warning is
         logged and the batches already seen are drawn again and dropped.
+    privacy: private training (`privacy.Accountant`): the history, the log and TensorBoard get
+        `epsilon`, the guarantee (at the accountant's delta) after the steps taken so far (a
+        sweep over noise multipliers: each member's `epsilon_m<k>`, `epsilon` the largest); with
+        a `target_epsilon`, the run stops before an epoch whose steps would pass it.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -499,7 +535,8 @@ def fit(
         driver = _Driver(state, train_step, train_data, epochs=epochs, eval_step=eval_step, val_data=val_data,
                          callbacks=callbacks, run=run, metadata=metadata, max_steps=max_steps,
                          progress=progress, log=logger, weights=weights, group=group,
-                         lr_schedule=lr_schedule, allow_inexact_resume=allow_inexact_resume)  # fmt: skip
+                         lr_schedule=lr_schedule, allow_inexact_resume=allow_inexact_resume,
+                         privacy=privacy)  # fmt: skip
         point = _resume_point(resume, run, state, driver.callbacks, logger)
         if point is not None:
             driver.resume_from(point)
