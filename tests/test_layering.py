@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # -- the command-line app (fashion_func/cli/): composes the core, owns every flag -----------
     ("cli.__init__", "cli.args", "cli.device", "cli.summary", "cli.words"),
     ("cli.config", "cli.launch", "cli.images", "cli.report"),
-    ("cli.budget",),  # caps and the memory estimate, checked before a run allocates
+    ("cli.budget", "cli.private"),  # caps and the memory estimate; private training's plan
     ("cli.app", "cli.export"),
     ("cli.train", "cli.predict"),
     ("cli.speedrun",),

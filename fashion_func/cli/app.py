@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from fashion_func import callbacks as cbs
-from fashion_func import checkpoint, data, distributed, ensemble, losses, models, optim, schedules
+from fashion_func import checkpoint, data, distributed, ensemble, losses, models, optim, privacy, schedules
 from fashion_func import preprocess as preprocess_lib
 from fashion_func import state as state_lib
 from fashion_func.augment import Augment
-from fashion_func.cli import budget, launch, words
+from fashion_func.cli import budget, launch, private, words
 from fashion_func.cli import device as device_lib
 from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError, parse_sweep
 from fashion_func.cli.summary import summary
@@ -170,7 +170,7 @@ def _train_preprocess(cfg: Config) -> NormalizeImages | Augment:
 def initial_state(cfg: Config, model: models.Model, tx: Any, device: torch.device) -> state_lib.TrainState:
     """The state at step 0: `cfg.seed`'s init, or an ensemble's / sweep's stacked members."""
     if _stacked(cfg):  # a sweep's members share one init: only the hyperparameters differ
-        grid = parse_sweep(cfg.sweep) if cfg.sweep else None
+        grid = private.optimizer_grid(cfg)
         return ensemble.init(
             model,
             tx,
@@ -267,10 +267,16 @@ def _check_same_splits(path: Path, saved: Any, now: dict[str, Any]) -> None:
 
 
 def build_steps(
-    cfg: Config, model: models.Model, tx: Any, device: torch.device, group: distributed.Group | None = None
+    cfg: Config,
+    model: models.Model,
+    tx: Any,
+    device: torch.device,
+    group: distributed.Group | None = None,
+    per_example: privacy.ClipAndNoise | None = None,
 ) -> tuple[Any, Any]:
     """(train_step, eval_step) as the config says: the augmentation in the train step, flip
-    averaging in the eval step (which evaluates the params it is given: see `evaluated`)."""
+    averaging in the eval step (which evaluates the params it is given: see `evaluated`);
+    private training's per-example stage (the ranks' clipped sums are added, not averaged)."""
     use_compile = device_lib.resolve_compile(cfg.compile, device)
     pre = _preprocess(cfg)
     train_loss = None
@@ -289,7 +295,8 @@ def build_steps(
         precision=cfg.precision,
         compile=use_compile,
         topk=cfg.topk,
-        reduce_grads=group.all_reduce_mean if group is not None else None,
+        reduce_grads=_reduce_grads(group, per_example),
+        per_example=per_example,
     )
     eval_step = make_eval(
         model,
@@ -300,6 +307,33 @@ def build_steps(
         tta=cfg.tta,
     )
     return train_step, eval_step
+
+
+def _per_example(
+    cfg: Config, dp: private.Plan, st: state_lib.TrainState, train_data: Any, n_train: int
+) -> privacy.ClipAndNoise:
+    """The private step's stage, its chunks sized to the model and this rank's batch."""
+    one = ensemble.member(st, 0) if _stacked(cfg) else st
+    poisson = getattr(train_data, "source", train_data)  # under torchrun: this rank's slice of it
+    ranks = train_data.group.size if poisson is not train_data else 1
+    return dp.per_example(n_train, models.num_params(one.params), poisson.size // ranks)
+
+
+def _private_line(dp: private.Plan, train_data: Any) -> str:
+    poisson = getattr(train_data, "source", train_data)
+    sigma = ", ".join(f"{s:.4g}" for s in dp.noise_multiplier)
+    norm = ", ".join(f"{c:.4g}" for c in dp.max_norm)
+    target = f", target epsilon {dp.target_epsilon}" if dp.target_epsilon is not None else ""
+    return (f"private training (DP-SGD): Poisson sampling rate {dp.sample_rate:.4g} "
+            f"({poisson.expected_batch_size:.0f} examples expected, batches padded to {poisson.size}), "
+            f"{dp.steps_per_epoch} steps per epoch, max grad norm {norm}, noise multiplier {sigma}, "
+            f"delta {dp.delta:g}, accountant {dp.kind}{target}")  # fmt: skip
+
+
+def _reduce_grads(group: distributed.Group | None, per_example: Any) -> Any:
+    if group is None:
+        return None
+    return group.all_reduce_sum if per_example is not None else group.all_reduce_mean
 
 
 def evaluated(cfg: Config, eval_step: Any) -> Any:
@@ -314,18 +348,27 @@ def evaluated(cfg: Config, eval_step: Any) -> Any:
 
 
 def _batches(
-    cfg: Config, train: data.Split, val: data.Split, group: distributed.Group | None, log: Any
+    cfg: Config,
+    train: data.Split,
+    val: data.Split,
+    group: distributed.Group | None,
+    log: Any,
+    dp: private.Plan | None = None,
 ) -> tuple[Any, Any]:
     """The train and validation batches this process runs: with a group, its slice of every
     global train batch (the same order for any number of processes) and its contiguous part
-    of the validation set (the sums are added over the ranks)."""
+    of the validation set (the sums are added over the ranks). Private training samples its
+    train batches by Poisson sampling (`dp.batches`)."""
     n = len(train.labels)
     drop_last = False
-    if group is not None and n % cfg.batch_size % group.size:
+    if dp is not None:
+        train_data: Any = dp.batches(train, cfg.seed, group)
+    elif group is not None and n % cfg.batch_size % group.size:
         drop_last = True  # the short last batch cannot split evenly: leave it out, say so
         log.warning(f"the last batch of each epoch ({n % cfg.batch_size} examples) does not split "
                     f"over {group.size} processes; it is left out")  # fmt: skip
-    train_data: Any = data.EpochBatches(train, cfg.batch_size, seed=cfg.seed, drop_last=drop_last)
+    if dp is None:
+        train_data = data.EpochBatches(train, cfg.batch_size, seed=cfg.seed, drop_last=drop_last)
     if group is None:
         return train_data, data.EpochBatches(val, cfg.eval_batch_size, shuffle=False)
     if len(val.labels) < group.size:
@@ -361,7 +404,10 @@ def train(
             budget.check(cfg, device)
         from_path = resume_lib.resume_path(run.path, resume)
         train_split, val_split, test_split = _splits(cfg, device)
-        steps_per_epoch = data.num_batches(len(train_split.labels), cfg.batch_size)
+        n_train = len(train_split.labels)
+        saved_dp = checkpoint.read_metadata(from_path).get("privacy") if from_path is not None else None
+        dp = private.plan(cfg, n_train, saved_dp)
+        steps_per_epoch = dp.steps_per_epoch if dp else data.num_batches(n_train, cfg.batch_size)
         model, tx = build_model(cfg), build_optimizer(cfg, steps_per_epoch)
         _refuse_under_group(cfg, model, group)
         st = initial_state(cfg, model, tx, device)
@@ -382,9 +428,13 @@ def train(
         warning = device_lib.precision_warning(device, cfg.precision)
         if warning:
             run.log.warning(warning)
-        train_step, plain_eval = build_steps(cfg, model, tx, device, group)
+        train_data, val_data = _batches(cfg, train_split, val_split, group, run.log, dp)
+        per_example = None
+        if dp is not None:
+            per_example = _per_example(cfg, dp, st, train_data, n_train)
+            run.log.info(_private_line(dp, train_data))
+        train_step, plain_eval = build_steps(cfg, model, tx, device, group, per_example)
         eval_step = evaluated(cfg, plain_eval)
-        train_data, val_data = _batches(cfg, train_split, val_split, group, run.log)
         run.ready(int(point.state.step.reshape(-1)[0]) if point else 0, cfg.to_dict())
         result = fit(
             st,
@@ -399,10 +449,11 @@ def train(
             log=run.log,
             group=group,
             resume=point,
-            metadata={**_metadata(cfg, model), "splits": splits},
+            metadata={**_metadata(cfg, model), "splits": splits, **({"privacy": dp.record()} if dp else {})},
             max_steps=max_steps,
             progress=cfg.progress,
             lr_schedule=lr_schedule(cfg, steps_per_epoch),
+            privacy=dp.accountant() if dp else None,
         )
         if _stacked(cfg):
             _write_members_table(cfg, result, run)

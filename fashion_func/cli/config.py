@@ -34,6 +34,7 @@ __all__ = [
     "Key",
     "flag",
     "infer_mode",
+    "is_private",
     "layered",
     "load_file",
     "load_preset",
@@ -49,6 +50,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 SCHEDULES = ("constant", "step", "cosine", "plateau", "onecycle")
 NORMALIZE = ("dataset", "tutorial")
 COMPILE = ("auto", "on", "off", "update")
+ACCOUNTANTS = ("rdp", "prv")  # privacy.ACCOUNTANTS (this module imports no torch)
 MONITORS = ("val_loss", "val_acc", "train_loss", "train_acc")  # and val_top{K} / train_top{K}
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; /dev/zero must not fill memory
 MAX_SEED = 2**63 - 1  # seeds travel as int64 tensors and torch.Generator seeds
@@ -77,7 +79,8 @@ class Config:
     """
 
     model: str = "simplenet"
-    width: int | None = None  # resnet's base width (channels of its first conv; default 16)
+    width: int | None = None  # resnet's / dpcnn's base width (channels of its first conv; default 16)
+    groups: int | None = None  # dpcnn's group norm: groups per conv (0 or None: no group norm)
     epochs: int = 4
     batch_size: int = 128
     lr: float = 1e-3
@@ -122,6 +125,13 @@ class Config:
     # many models in one vmapped step (fashion_func.ensemble)
     ensemble: int = 1  # K independently initialised members
     sweep: str | None = None  # "lr=1e-3,3e-4 weight_decay=0,5e-4": one member per combination
+    # private training (DP-SGD, fashion_func.privacy): on when a dp_ key below other than
+    # delta / accountant is given (or a sweep over one); Poisson sampling of --batch-size / N
+    dp_max_grad_norm: float | None = None  # C: each example's gradient clipped to it (default 1.0)
+    dp_noise_multiplier: float | None = None  # sigma: Gaussian noise of std sigma * C on the sum
+    dp_target_epsilon: float | None = None  # or sigma chosen so that --epochs end at this epsilon
+    dp_delta: float = 1e-5  # the delta epsilon is computed at (below 1 / training examples)
+    dp_accountant: str = "rdp"  # Opacus's accountant: rdp or prv
 
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):  # compile=True/False (API, JSON files) means on/off
@@ -279,12 +289,57 @@ def _mode(c: Config) -> str | None:
     )
 
 
+WIDE_MODELS = ("resnet", "dpcnn")  # the models with a width hparam
+BATCH_NORM_MODELS = ("simplenet_bn", "resnet")  # batch norm mixes the examples of a batch
+
+
 def _width(c: Config) -> str | None:
     if c.width is None:
         return None
-    if c.model != "resnet":
-        return f"--width applies to --model resnet, not {c.model}"
-    return None if c.width >= 1 else "--width sets resnet's width (at least 1)"
+    if c.model not in WIDE_MODELS:
+        return f"--width applies to --model {' or '.join(WIDE_MODELS)}, not {c.model}"
+    return None if c.width >= 1 else f"--width sets {c.model}'s width (at least 1)"
+
+
+def _groups(c: Config) -> str | None:
+    if c.groups is None:
+        return None
+    if c.model != "dpcnn":
+        return f"--groups applies to --model dpcnn, not {c.model}"
+    width = c.width or 16
+    if c.groups and (width % c.groups or _width(c)):
+        return f"--groups {c.groups} must divide dpcnn's width ({width})"
+    return None
+
+
+DP_KEYS = ("dp_max_grad_norm", "dp_noise_multiplier", "dp_target_epsilon")  # any given: private
+
+
+def is_private(values: Mapping[str, Any]) -> bool:
+    """Whether a config (a Config's or a saved config's values) trains privately."""
+    swept = str(values.get("sweep") or "")
+    return any(values.get(k) is not None for k in DP_KEYS) or "dp_" in swept.replace("-", "_")
+
+
+def _private(c: Config) -> str | None:
+    values = dataclasses.asdict(c)
+    if not is_private(values):
+        for name in ("dp_delta", "dp_accountant"):
+            if getattr(c, name) != getattr(Config, name):
+                return f"{flag(name)} needs private training (--dp-noise-multiplier or --dp-target-epsilon)"
+        return None
+    swept = parse_sweep(c.sweep)[0] if c.sweep and not _sweep(c) else {}
+    sigma_given = c.dp_noise_multiplier is not None or "dp_noise_multiplier" in swept
+    if sigma_given == (c.dp_target_epsilon is not None):
+        return ("private training takes --dp-noise-multiplier S or --dp-target-epsilon E "
+                "(which picks S for --epochs), one of them")  # fmt: skip
+    if c.model in BATCH_NORM_MODELS:
+        return (f"--model {c.model} has batch norm, which mixes the examples of a batch: private "
+                "training needs a model without it (--model dpcnn, --groups N for group norm)")  # fmt: skip
+    if c.clip_norm is not None:
+        return ("--clip-norm clips the batch's gradient; private training clips each example's "
+                "(--dp-max-grad-norm)")  # fmt: skip
+    return None
 
 
 def _warmup(c: Config) -> str | None:
@@ -333,8 +388,12 @@ def _sweep(c: Config) -> str | None:
     return None
 
 
-def _keep_if_resnet(v: Mapping[str, Any]) -> Any:
-    return v.get("width", DROP) if v.get("model", Config.model) == "resnet" else DROP
+def _keep_if_wide(v: Mapping[str, Any]) -> Any:
+    return v.get("width", DROP) if v.get("model", Config.model) in WIDE_MODELS else DROP
+
+
+def _keep_if_dpcnn(v: Mapping[str, Any]) -> Any:
+    return v.get("groups", DROP) if v.get("model", Config.model) == "dpcnn" else DROP
 
 
 def _keep_if_momentum(v: Mapping[str, Any]) -> Any:
@@ -359,13 +418,17 @@ _SEED = _rule(lambda v: 0 <= v <= MAX_SEED, "must be in [0, 2**63 - 1]")
 _SAVE_TOP_K = _rule(lambda v: v == -1 or v >= 1, "must be -1 (keep all) or at least 1")
 _GAMMA = _rule(lambda v: 0 < v <= 1, "must be in (0, 1]")
 _EMA = _rule(lambda v: 0 < v < 1, "is a decay in (0, 1)")
+_DELTA = _rule(lambda v: 0 < v < 1, "must be in (0, 1)")
 
 
 def _keys() -> dict[str, Key]:
     """The table: one `Key` per `Config` field, in field order."""
     k: dict[str, dict[str, Any]] = {
         "model": dict(check=_choice(MODELS), resume=REFUSED),
-        "width": dict(needs=_width, follows=("model",), derived=_keep_if_resnet, resume=REFUSED),
+        "width": dict(needs=_width, follows=("model",), derived=_keep_if_wide, resume=REFUSED),
+        "groups": dict(
+            check=NOT_NEGATIVE, needs=_groups, follows=("model",), derived=_keep_if_dpcnn, resume=REFUSED
+        ),
         "epochs": dict(check=AT_LEAST_1, resume=RUN),
         "batch_size": dict(check=AT_LEAST_1),
         "lr": dict(check=POSITIVE, hyper="lr"),
@@ -411,6 +474,12 @@ def _keys() -> dict[str, Key]:
         "progress": dict(resume=RUN),
         "ensemble": dict(check=AT_LEAST_1, resume=REFUSED),
         "sweep": dict(needs=_sweep, resume=REFUSED),
+        # the accountant assumes one sigma, C and sampling rate for the whole run: fixed on resume
+        "dp_max_grad_norm": dict(check=POSITIVE, needs=_private, resume=REFUSED),
+        "dp_noise_multiplier": dict(check=FINITE_NOT_NEGATIVE, resume=REFUSED),
+        "dp_target_epsilon": dict(check=POSITIVE, resume=REFUSED),
+        "dp_delta": dict(check=_DELTA, resume=REFUSED),
+        "dp_accountant": dict(check=_choice(ACCOUNTANTS), resume=REFUSED),
     }
     fields = {f.name: f for f in dataclasses.fields(Config)}
     assert list(k) == list(fields), "KEYS must list every Config field, in order"
@@ -461,6 +530,11 @@ def resume_problem(saved: Mapping[str, Any], cfg: Config) -> str | None:
     clipping stage, sgd's momentum buffer), only change its value. Split keys are checked
     against the data by `split_identity`.
     """
+    if is_private(saved) and saved.get("batch_size", cfg.batch_size) != cfg.batch_size:
+        return (
+            f"--batch-size {cfg.batch_size} differs from the resumed private run's {saved['batch_size']}: "
+            "its sampling rate is part of the privacy accounting; resume it with the same --batch-size"
+        )
     for name, key in KEYS.items():
         if name not in saved:  # a checkpoint older than the key
             continue
@@ -483,7 +557,8 @@ def resume_problem(saved: Mapping[str, Any], cfg: Config) -> str | None:
     return None
 
 
-SWEEPABLE = ("lr", "weight_decay")
+SWEEPABLE = ("lr", "weight_decay", "dp_noise_multiplier", "dp_max_grad_norm")
+_SWEEP_FLOOR = {"weight_decay": 0.0, "dp_noise_multiplier": 0.0}  # the others must be > 0
 
 
 def parse_sweep(text: str) -> list[dict[str, float]]:
@@ -503,7 +578,7 @@ def parse_sweep(text: str) -> list[dict[str, float]]:
             floats = [float(v) for v in values.split(",")]
         except ValueError:
             raise ConfigError(f"--sweep {name}: values must be numbers, got {values!r}") from None
-        low = 0.0 if name == "weight_decay" else math.nextafter(0.0, 1.0)
+        low = _SWEEP_FLOOR.get(name, math.nextafter(0.0, 1.0))
         if not all(math.isfinite(v) and v >= low for v in floats):
             raise ConfigError(f"--sweep {name}: values must be finite and {'>= 0' if low == 0 else '> 0'}")
         axes[name] = floats

@@ -44,6 +44,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     _add_checkpoint_args(p)
     _add_schedule_and_member_args(p)
     _add_quality_args(p)
+    _add_privacy_args(p)
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip TensorBoard")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument(
@@ -64,8 +65,11 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON or TOML file of settings; flags override it")
     p.add_argument("--model", help=f"one of {', '.join(MODELS)} (default simplenet)")
     p.add_argument(
-        "--width", type=int_arg, help="resnet's base width, the channels of its first conv (default 16)"
+        "--width",
+        type=int_arg,
+        help="resnet's / dpcnn's base width, its first conv's channels (default 16)",
     )
+    p.add_argument("--groups", type=int_arg, help="dpcnn: group norm, N groups (default 0: none)")
     p.add_argument(
         "--epochs", type=int_arg, help="total epochs (a resumed run trains what remains; default 4)"
     )
@@ -179,6 +183,32 @@ def _add_quality_args(p: argparse.ArgumentParser) -> None:
         help="evaluate and save a moving average of the weights with this decay, e.g. 0.99",
     )
     _switch(p, "--tta", "evaluate on the mean of each image's and its mirror image's probabilities")
+
+
+def _add_privacy_args(p: argparse.ArgumentParser) -> None:
+    """Private training (DP-SGD): per-example clipping, noise, Poisson sampling, accounting."""
+    p.add_argument(
+        "--dp-max-grad-norm",
+        type=float_arg,
+        metavar="C",
+        help="private training: clip each example's gradient to this L2 norm (default 1.0)",
+    )
+    p.add_argument(
+        "--dp-noise-multiplier",
+        type=float_arg,
+        metavar="S",
+        help="private training: Gaussian noise of std S*C on the summed clipped gradients",
+    )
+    p.add_argument(
+        "--dp-target-epsilon",
+        type=float_arg,
+        metavar="E",
+        help="private training: pick S so that --epochs end at epsilon E; stop before passing it",
+    )
+    p.add_argument(
+        "--dp-delta", type=float_arg, metavar="D", help="the delta epsilon is computed at (default 1e-5)"
+    )
+    p.add_argument("--dp-accountant", help="Opacus's accountant: rdp (default) or prv")
 
 
 def _switch(p: argparse.ArgumentParser, flag: str, what: str) -> None:

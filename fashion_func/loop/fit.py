@@ -161,7 +161,8 @@ class _Driver(Actions):
         )
 
     def _meta(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
-        m = {**self.metadata, "epoch": epoch_done, "callbacks": self.cb_states, "history": self.history}
+        m = {**self.metadata, **self.run_meta(), "epoch": epoch_done, "callbacks": self.cb_states,
+             "history": self.history}  # fmt: skip
         lr = resume_lib.host_lr(self.state.opt_state)  # the base lr, as last set (not a copy)
         if lr is not None:
             m["lr"] = lr
@@ -376,6 +377,14 @@ class _Driver(Actions):
         if isinstance(eps, list):  # a sweep over noise multipliers: `epsilon` is the largest
             return expand_members({"epsilon": eps}, {"epsilon": max(eps)})
         return {"epsilon": eps}
+
+    def run_meta(self) -> dict[str, Any]:
+        """With `privacy`: the guarantee of the steps taken so far (`Accountant.record`), over
+        what `metadata["privacy"]` already says (the clipping norm, a target)."""
+        if self.privacy is None:
+            return {}
+        record = self.privacy.record(_host_step(self.state.step))
+        return {"privacy": {**self.metadata.get("privacy", {}), **record}}
 
     def _over_budget(self, epoch: int) -> bool:
         """Whether epoch `epoch`'s steps would take epsilon past the privacy budget (then the
