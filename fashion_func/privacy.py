@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -220,8 +221,12 @@ def noise_multiplier_for(
     _accountant(accountant)
     from opacus.accountants.utils import get_noise_multiplier
 
-    sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                 steps=steps, accountant=accountant)  # fmt: skip
+    with warnings.catch_warnings():
+        # the search tries noise far above the answer (10 first), whose optimal RDP order is
+        # the largest: Opacus warns at every such candidate, which says nothing of the result
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                     sample_rate=sample_rate, steps=steps, accountant=accountant)  # fmt: skip
     return float(sigma)
 
 
