@@ -23,8 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("nn",),
     ("models", "augment", "preprocess"),  # preprocess: the one normalisation and its statistics
     ("losses", "metrics"),
-    ("schedules", "optim"),
-    ("privacy",),  # DP-SGD's clipping, noise and accounting (Opacus's, imported when asked)
+    ("schedules", "optim", "privacy"),  # privacy: DP-SGD's clipping, noise, accounting (the step's)
     # data and the step are siblings: neither imports the other (nothing about Fashion-MNIST
     # is hard-wired below data; state and step must not import it)
     ("data", "state", "step"),
