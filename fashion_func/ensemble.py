@@ -194,8 +194,9 @@ def make_train_step(
     # each member its own params, model state, step, key and DP hyperparameters; the batch (and
     # its mask) and opt_state as given (the gradients ignore opt_state; vmapping it would need
     # every leaf to be a tensor)
+    # (a non-private step's `private` is None: vmap takes no dimension of a None)
     dims = CoreIn(params=0, model_state=0, opt_state=None, step=0, rng=0, inputs=None, targets=None,
-                  mask=None, private=0)  # fmt: skip
+                  mask=None, private=0 if per_example is not None else None)  # fmt: skip
     built = built.replace(
         gradients=torch.func.vmap(built.gradients, in_dims=(dims,)),
         update=torch.func.vmap(built.update),

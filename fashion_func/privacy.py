@@ -225,8 +225,10 @@ def noise_multiplier_for(
     _accountant(accountant)
     from opacus.accountants.utils import get_noise_multiplier
 
-    with warnings.catch_warnings():  # as in `epsilon`: a valid, looser bound at the largest order
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    with warnings.catch_warnings():
+        # the search tries noise far above the answer (10 first), whose optimal RDP order is
+        # the largest: Opacus warns at every such candidate, which says nothing of the result
+        warnings.filterwarnings("ignore", message="Optimal order is the")
         sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                      sample_rate=sample_rate, steps=steps, accountant=accountant)  # fmt: skip
     return float(sigma)

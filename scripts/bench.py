@@ -4,6 +4,7 @@
     python scripts/bench.py [--device cpu|cuda] [--epochs 3] [--limit-train N] [--limit-val N] [--json]
                             [--rows fashion_func,tutorial,eager,flax] [--precisions fp32,bf16]
                             [--ensemble K]
+    python scripts/bench.py --dp [--dp-batch 256] [--dp-steps 20] [--rows private,opacus,...] [--json]
 
 Rows (batch 128, Adam lr 1e-3, same data):
   fashion_func  our training path exactly as scripts/train.py runs it (`app.train` -> `fit`)
@@ -14,6 +15,20 @@ Rows (batch 128, Adam lr 1e-3, same data):
   ensemble K    (with --ensemble K) `train.py --ensemble K`: K SimpleNets in one vmapped step;
                 reported as per-model throughput against the solo fashion_func row of the same
                 call: K x solo epoch time / ensemble epoch time (1.0x: no faster than K solo runs)
+
+--dp times differentially private training instead, one step on one fixed batch of
+Fashion-MNIST (--dp-batch 256, every example kept: a full mask; SGD lr 0.1, max_norm 1.0,
+noise multiplier 1.0 where private), all on dpcnn:
+  private            our DP-SGD step (`make_train_step(per_example=clip_and_noise(...))`,
+                     default chunking), compile="update"
+  private_compiled   the same, compile=True
+  opacus             Opacus: `PrivacyEngine().make_private` on `interop.DPCNN`, torch.optim.SGD,
+                     noise on (its hooks compute the per-example gradients)
+  nonprivate         our ordinary step on the same model and batch, compile="update"
+  nonprivate_compiled  the same, compile=True
+The first --dp-warmup steps are warm-up (they absorb compilation); a row's step time is the
+median of the next --dp-steps. Prints each row's examples/s and the ratios: our private
+step's throughput over Opacus's, and private over non-private (the cost of privacy).
 
 Each row runs in its own subprocess (clean peak memory, no shared thread pools). The
 first epoch is the warm-up (it absorbs compilation); seconds per epoch is the median of
@@ -48,6 +63,8 @@ sys.path.insert(0, str(ROOT))
 from fashion_func.cli.config import COMPILE  # noqa: E402  (the config's words; stdlib-only import)
 
 ROWS = ("fashion_func", "tutorial", "eager", "flax")
+DP_ROWS = ("private", "private_compiled", "opacus", "nonprivate", "nonprivate_compiled")
+DP_MAX_NORM, DP_NOISE, DP_LR = 1.0, 1.0, 0.1
 
 
 def _sync(device: str) -> None:
@@ -306,10 +323,86 @@ def row_flax(args) -> dict:
     return {"times": times, "acc": float((np.asarray(logits).argmax(1) == yte).mean())}
 
 
+def _dp_batch(args):
+    """The fixed batch: the first --dp-batch training images (uint8) and labels, on the device."""
+    from fashion_func import data
+
+    train = data.load("train", args.data_dir, device=args.device, limit=args.dp_batch)
+    return train.images, train.labels
+
+
+def _time_steps(args, run_step) -> dict:
+    """`run_step()` --dp-warmup + --dp-steps times, each timed (synchronised on CUDA)."""
+    times = []
+    for _ in range(args.dp_warmup + args.dp_steps):
+        _sync(args.device)
+        t = time.perf_counter()
+        run_step()
+        _sync(args.device)
+        times.append(time.perf_counter() - t)
+    warm, timed = times[: args.dp_warmup], times[args.dp_warmup :]
+    step_s = statistics.median(timed)
+    return {"times": timed, "warmup_s": sum(warm), "step_s": step_s, "examples_per_s": args.dp_batch / step_s}
+
+
+def row_dp_ours(args) -> dict:
+    """Our step on dpcnn: private (per_example=, a full mask) or not, compile as the row says."""
+    import torch
+
+    from fashion_func import models, optim, privacy, state, step
+
+    private, compiled = args.row.startswith("private"), args.row.endswith("_compiled")
+    images, labels = _dp_batch(args)
+    model, tx = models.get("dpcnn"), optim.sgd(DP_LR)
+    st = state.create(model.init(torch.Generator().manual_seed(0), device=args.device), tx, seed=0)
+    dp = privacy.clip_and_noise(DP_MAX_NORM, DP_NOISE, expected_batch_size=args.dp_batch) if private else None
+    train_step = step.make_train_step(model, tx, compile=True if compiled else "update", per_example=dp)
+    batch = (images, labels, torch.ones_like(labels, dtype=torch.bool)) if private else (images, labels)
+    holder = [st]
+
+    def run_step():
+        holder[0], metrics = train_step(holder[0], batch)
+        return metrics
+
+    return _time_steps(args, run_step)
+
+
+def row_dp_opacus(args) -> dict:
+    """Opacus's DP-SGD on the plain module `interop.DPCNN`, the same batch, noise on."""
+    import warnings
+
+    import torch
+    import torch.nn.functional as F
+    from opacus import PrivacyEngine
+
+    from fashion_func import interop, models, preprocess
+
+    images, labels = _dp_batch(args)
+    x = preprocess.normalize(images)  # float NCHW, as our step's preprocess computes it
+    module = interop.DPCNN().to(args.device)
+    module.load_state_dict(models.get("dpcnn").init(torch.Generator().manual_seed(0), device=args.device))
+    dataset = torch.utils.data.TensorDataset(x, labels)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.dp_batch, shuffle=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its secure-RNG advice, its hooks' notes
+        dp_module, opt, _ = PrivacyEngine().make_private(
+            module=module, optimizer=torch.optim.SGD(module.parameters(), lr=DP_LR), data_loader=loader,
+            noise_multiplier=DP_NOISE, max_grad_norm=DP_MAX_NORM, poisson_sampling=False,
+        )  # fmt: skip
+
+        def run_step():
+            opt.zero_grad()
+            F.cross_entropy(dp_module(x), labels).backward()
+            opt.step()
+
+        return _time_steps(args, run_step)
+
+
 def run_row(args) -> dict:
     """Runs in the child process: one row, one JSON line on stdout."""
     fn = {"fashion_func": row_fashion_func, "tutorial": row_tutorial, "eager": row_eager, "flax": row_flax,
-          "ensemble": row_fashion_func, "gemm": row_gemm}  # fmt: skip
+          "ensemble": row_fashion_func, "gemm": row_gemm, "opacus": row_dp_opacus,
+          **{r: row_dp_ours for r in DP_ROWS if r != "opacus"}}  # fmt: skip
     result = fn[args.row](args)
     if "times" in result:
         result["peak_mb"] = _peak_mb(args.device)
@@ -326,6 +419,14 @@ def _child_cmd(args, row: str, precision: str) -> list[str]:
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     cmd += ["--compile", args.compile, "--members", str(args.ensemble if row == "ensemble" else 1)]
+    cmd += [
+        "--dp-batch",
+        str(args.dp_batch),
+        "--dp-steps",
+        str(args.dp_steps),
+        "--dp-warmup",
+        str(args.dp_warmup),
+    ]
     return cmd
 
 
@@ -355,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="also time K SimpleNets in one vmapped step against the solo row",
     )
+    ap.add_argument("--dp", action="store_true", help="time DP-SGD: ours against Opacus and non-private")
+    ap.add_argument("--dp-batch", type=int, default=256, help="--dp: the fixed batch's size")
+    ap.add_argument("--dp-steps", type=int, default=20, help="--dp: timed steps per row (the median is kept)")
+    ap.add_argument("--dp-warmup", type=int, default=2, help="--dp: untimed steps first (compilation)")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--members", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -364,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.row:
         print(json.dumps(run_row(args)), flush=True)
         return 0
+    if args.dp:
+        return _main_dp(ap, args)
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = set(rows) - set(ROWS)
@@ -437,6 +544,61 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"device": dev_name, "epochs": args.epochs, "train_images": n, "rows": results,
                           "gemm_gflops": rates, "train_flops_per_image": flops}))  # fmt: skip
     return 0
+
+
+def _main_dp(ap: argparse.ArgumentParser, args) -> int:
+    """--dp: the DP rows (each in its own subprocess), their table and ratios."""
+    if args.dp_batch < 1 or args.dp_steps < 1 or args.dp_warmup < 1:
+        ap.error("--dp-batch, --dp-steps and --dp-warmup must be at least 1")
+    given = args.rows if args.rows != ",".join(ROWS) else ",".join(DP_ROWS)
+    rows = [r.strip() for r in given.split(",") if r.strip()]
+    unknown = set(rows) - set(DP_ROWS)
+    if unknown:
+        ap.error(f"unknown --dp rows: {', '.join(sorted(unknown))}; choose from {', '.join(DP_ROWS)}")
+    results = []
+    for row in rows:
+        print(f"running {row} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(_child_cmd(args, row, "fp32"), capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
+            results.append({"row": row, "skipped": f"failed: {tail[0]}"})
+            continue
+        results.append({"row": row, **json.loads(proc.stdout.strip().splitlines()[-1])})
+    import torch
+
+    dev_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
+    print(f"\n{dev_name}, torch {torch.__version__}, dpcnn, one batch of {args.dp_batch}, median of "
+          f"{args.dp_steps} steps after {args.dp_warmup} warm-up ({time.strftime('%Y-%m-%d')})")  # fmt: skip
+    header = f"{'row':<22}{'ms/step':>10}{'examples/s':>12}{'warm-up s':>11}{'peak MB':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        if "step_s" not in r:
+            print(f"{r['row']:<22}  skipped: {r['skipped']}")
+            continue
+        print(f"{r['row']:<22}{1000 * r['step_s']:>10.1f}{r['examples_per_s']:>12.0f}{r['warmup_s']:>11.1f}"
+              f"{r['peak_mb']:>9.0f}")  # fmt: skip
+    ratios = _dp_ratios(results)
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}x")
+    if args.json:
+        print(json.dumps({"device": dev_name, "batch": args.dp_batch, "steps": args.dp_steps,
+                          "rows": results, "ratios": ratios}))  # fmt: skip
+    return 0
+
+
+def _dp_ratios(results: list[dict]) -> dict[str, float]:
+    """Throughput ratios of the DP rows present: ours over Opacus's, private over non-private."""
+    rate = {r["row"]: r["examples_per_s"] for r in results if "examples_per_s" in r}
+    out = {}
+    for mode, suffix in (("update", ""), ("compiled", "_compiled")):
+        ours = rate.get(f"private{suffix}")
+        if ours and "opacus" in rate:
+            out[f"ours/opacus throughput (private, {mode})"] = ours / rate["opacus"]
+        plain = rate.get(f"nonprivate{suffix}")
+        if ours and plain:
+            out[f"private/non-private throughput ({mode})"] = ours / plain
+    return out
 
 
 def _add_roofline(results: list[dict], epoch_flops: float) -> None:

@@ -57,3 +57,46 @@ def test_bench_rejects_too_few_epochs(capsys):
         bench.main(["--epochs", "1"])
     assert info.value.code == 2
     assert "at least 3" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    not (DEBIAN / "train-images-idx3-ubyte.gz").exists(), reason="needs the Fashion-MNIST files"
+)
+def test_bench_dp_quick_run_prints_the_ratios():
+    # tiny settings and no fully compiled rows (a cold compile is a minute): the rows and the
+    # ratios are computed and printed, their speed is not asserted
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--dp", "--dp-batch", "16", "--dp-steps", "3",
+           "--dp-warmup", "1", "--rows", "private,opacus,nonprivate", "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    rows = {r["row"]: r for r in report["rows"]}
+    assert set(rows) == {"private", "opacus", "nonprivate"}
+    for r in rows.values():
+        assert len(r["times"]) == 3 and all(t > 0 for t in r["times"])
+        assert r["step_s"] == sorted(r["times"])[1]  # the median of the timed steps
+        assert r["examples_per_s"] == pytest.approx(16 / r["step_s"])
+        assert r["warmup_s"] > 0 and r["peak_mb"] > 0
+    rate = {name: r["examples_per_s"] for name, r in rows.items()}
+    assert report["ratios"] == pytest.approx({
+        "ours/opacus throughput (private, update)": rate["private"] / rate["opacus"],
+        "private/non-private throughput (update)": rate["private"] / rate["nonprivate"],
+    })  # fmt: skip
+    table = "\n".join(lines[:-1])
+    assert "ours/opacus throughput (private, update): " in table
+    assert "private/non-private throughput (update): " in table
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert report["device"] == bench._cpu_name() and bench._cpu_name() in table
+
+
+def test_bench_dp_rejects_unknown_rows(capsys):
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--dp", "--rows", "private,tutorial"])
+    assert info.value.code == 2
+    assert "unknown --dp rows: tutorial" in capsys.readouterr().err
