@@ -220,3 +220,28 @@ def test_two_processes_train_privately_like_one(straight, tmp_path) -> None:
             assert r2[k] == pytest.approx(r1[k], abs=1e-4), k
         for k in ("train_acc", "val_acc"):  # an example's near-tie may flip: one in ~2000 or 200
             assert r2[k] == pytest.approx(r1[k], abs=1.01 / 200), k
+
+
+def test_group_norm_and_the_prv_accountant(tmp_path) -> None:
+    """dpcnn with group norm (per example: private), sigma chosen by Opacus's PRV accountant for
+    a target at delta 1e-4; the epsilon reported is PRV's and ends within the target."""
+    out = tmp_path / "prv"
+    argv = ["--model", "dpcnn", "--width", "4", "--groups", "2", "--limit-train", "500", "--limit-val", "100",
+            "--batch-size", "100", "--dp-target-epsilon", "2", "--dp-accountant", "prv", "--dp-delta", "1e-4",
+            "--epochs", "2", "--device", "cpu", "--compile", "off", "--no-progress", "--no-tensorboard",
+            "--out", str(out)]  # fmt: skip
+    assert train(argv).stop_reason == "completed"
+    record = meta(out)["privacy"]
+    assert (record["accountant"], record["delta"], record["sample_rate"], record["steps"]) == (
+        "prv",
+        1e-4,
+        0.2,
+        10,
+    )
+    assert record["noise_multiplier"] == privacy.noise_multiplier_for(
+        2.0, delta=1e-4, sample_rate=0.2, steps=10, accountant="prv"
+    )
+    eps = [r["epsilon"] for r in history(out)]
+    assert eps == [recomputed(record, 5), recomputed(record, 10)] and eps[0] < eps[1] <= 2.0
+    assert meta(out)["model_hparams"] == {"num_classes": 10, "width": 4, "groups": 2}  # --groups reached it
+    assert "Model: dpcnn {'num_classes': 10, 'width': 4, 'groups': 2}" in (out / "train.log").read_text()
