@@ -132,6 +132,13 @@ BAD_INPUT: list[tuple[str, Any, str]] = [
         ["--model", "dpcnn", "--dp-noise-multiplier", "1", "--sweep", "dp_max_grad_norm=0,1"],
         "--sweep dp_max_grad_norm: values must be finite and > 0",
     ),
+    (
+        "argv",
+        ["--model", "dpcnn", "--sweep", "dp_noise_multiplier=0.5,1", "--dp-noise-multiplier", "2"],
+        "--dp-noise-multiplier and --sweep dp_noise_multiplier=... contradict each other: the sweep sets "
+        "each member's dp_noise_multiplier",
+    ),
+    ("argv", ["--model", "dpcnn", "--sweep", "dp_max_grad_norm=0.5,1"], ONE_OF_THEM),
     ("values", {"dp_delta": 0}, "--dp-delta must be in (0, 1), got 0"),
     ("values", {"dp_noise_multiplier": 1, "dp_target_epsilon": 3}, ONE_OF_THEM),
     ("values", {"dp_accountant": "moments"}, "--dp-accountant must be one of rdp, prv, not 'moments'"),
