@@ -556,8 +556,21 @@ def poisson_batches(
     step sees one shape); padding has mask False. A batch of more than P examples (see
     `poisson_capacity`) keeps the P whose draws were smallest, an unbiased choice among them.
     """
+    # checked here, not when the first batch is asked for (the batches are a generator)
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if physical_batch_size < 1:
+        raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size}")
+    if not 0 <= start <= steps:
+        raise ValueError(f"start must be in [0, steps], got {start} of {steps}")
+    return _poisson_batches(split, sample_rate, physical_batch_size, seed, epoch, range(start, steps))
+
+
+def _poisson_batches(
+    split: Split, sample_rate: float, physical_batch_size: int, seed: int, epoch: int, steps: range
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     n, device = split.images.shape[0], split.images.device
-    for b in range(start, steps):
+    for b in steps:
         u = torch.rand(n, generator=_step_generator(seed, epoch, b))
         chosen = (u < sample_rate).nonzero().squeeze(1)
         if chosen.numel() > physical_batch_size:

@@ -32,11 +32,16 @@ BASE: dict[str, Any] = {
 }  # fmt: skip
 ONECYCLE = {"lr_schedule": "onecycle"}  # first runs for the keys that need them
 STEP = {"lr_schedule": "step", "lr_step_size": 1, "lr_gamma": 0.5}
+DPCNN = {"model": "dpcnn", "groups": 0}
+# private first runs: no --clip-norm (the batch's clipping is refused with the examples')
+PRIVATE = {"dp_noise_multiplier": 1.0, "clip_norm": None}
+TARGET = {"dp_target_epsilon": 5.0, "clip_norm": None}
 
 # key: (the first run's extra settings, the value given on resume)
 CASES: dict[str, tuple[dict[str, Any], Any]] = {
     "model": ({}, "simplenet"),
-    "width": ({}, 8),  # only resnet has a width: refused for the mlp run
+    "width": ({}, 8),  # only resnet and dpcnn have a width: refused for the mlp run
+    "groups": (DPCNN, 4),
     "epochs": ({}, 3),
     "batch_size": ({}, 8),
     "lr": ({}, 0.02),
@@ -78,6 +83,12 @@ CASES: dict[str, tuple[dict[str, Any], Any]] = {
     "progress": ({}, True),
     "ensemble": ({}, 2),
     "sweep": ({}, "lr=0.1,0.01"),
+    # the accountant assumes one clipping norm, noise, delta for the whole run
+    "dp_max_grad_norm": (PRIVATE, 2.0),
+    "dp_noise_multiplier": (PRIVATE, 0.5),
+    "dp_target_epsilon": (TARGET, 8.0),
+    "dp_delta": (PRIVATE, 1e-6),
+    "dp_accountant": (PRIVATE, "prv"),
 }
 
 
@@ -211,6 +222,7 @@ def test_split_identity_names_counts_and_indices() -> None:
 DEPENDENT = [
     ("mode", "monitor", ["--preset", "tutorial", "--monitor", "val_acc"], "max"),
     ("width", "model", ["--preset", "quality", "--model", "mlp"], None),
+    ("groups", "model", ["--config", "DPCNN.json", "--model", "mlp"], None),
     ("nesterov", "optimizer", ["--preset", "quality", "--optimizer", "adam"], False),
     ("nesterov", "momentum", ["--preset", "quality", "--momentum", "0"], False),
     ("save_top_k", "save_best_only", ["--config", "SAVE.json", "--save-best-only", "false"], -1),
@@ -223,6 +235,7 @@ KEPT = [
     ("nesterov", ["--preset", "quality", "--momentum", "0.8"], True),
     ("warmup_epochs", ["--preset", "quality", "--epochs", "3"], 2.0),
     ("width", ["--preset", "quality", "--model", "resnet"], 12),
+    ("groups", ["--config", "DPCNN.json", "--model", "dpcnn"], 4),
 ]
 
 
@@ -233,7 +246,8 @@ def test_every_dependent_pair_has_a_case() -> None:
 
 def _argv(argv: list[str], tmp_path: Path) -> list[str]:
     (tmp_path / "SAVE.json").write_text(json.dumps({"save_best_only": True, "save_top_k": 3}))
-    return [str(tmp_path / a) if a == "SAVE.json" else a for a in argv]
+    (tmp_path / "DPCNN.json").write_text(json.dumps({"model": "dpcnn", "groups": 4}))
+    return [str(tmp_path / a) if a in ("SAVE.json", "DPCNN.json") else a for a in argv]
 
 
 @pytest.mark.parametrize(("key", "dep", "argv", "want"), DEPENDENT)
@@ -264,3 +278,24 @@ def test_nesterov_without_momentum_is_one_line(tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err
     assert code == 2 and err == "train.py: error: --nesterov needs a --momentum above 0\n"
     assert not (tmp_path / "x").exists()
+
+
+def test_a_private_run_keeps_its_batch_size_and_takes_its_default_norm_given(
+    world: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A private run's --batch-size is its sampling rate (accounted): a changed one is refused,
+    though batch_size is applied for other runs. Its clipping norm, left at the default, may
+    be given as that default on resume: the same run."""
+    first = first_run(world, PRIVATE)
+    out, argv = resume_with(world, first, "private-batch", {"epochs": 2, "batch_size": 8})
+    assert main_train(argv) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == (
+        "train.py: error: --batch-size 8 differs from the resumed private run's 16: its sampling rate "
+        "is part of the privacy accounting; resume it with the same --batch-size"
+    )
+    assert not (out / "checkpoints" / "epoch-002.safetensors").exists()
+    out, argv = resume_with(world, first, "private-norm", {"epochs": 2, "dp_max_grad_norm": 1.0})
+    assert main_train(argv) == 0, capsys.readouterr().err
+    meta = checkpoint.read_metadata(out / "checkpoints" / "last.safetensors")
+    assert meta["epoch"] == 2 and meta["privacy"]["max_grad_norm"] == 1.0

@@ -21,6 +21,10 @@ from fashion_func.cli.train import main_train
 
 MODELS = "simplenet, simplenet_bn, alexnet, mlp, resnet, dpcnn"
 DEEP = "[" * 100_000 + "]" * 100_000
+ONE_OF_THEM = ("private training takes --dp-noise-multiplier S or --dp-target-epsilon E (which picks S for "
+               "--epochs), one of them")  # fmt: skip
+BATCH_NORM = ("--model {} has batch norm, which mixes the examples of a batch: private training needs a "
+              "model without it (--model dpcnn, --groups N for group norm)")  # fmt: skip
 
 # (kind, input, message): kind "argv" is a list of flags; "json" / "toml" the text of a config file;
 # "values" a dict of config values
@@ -66,6 +70,78 @@ BAD_INPUT: list[tuple[str, Any, str]] = [
     ("values", {"lr_schedule": "plateau", "lr_gamma": 1.0}, "--lr-gamma must be below 1 with --lr-schedule"),
     ("values", {"compile": "maybe"}, "--compile must be one of auto, on, off, update, not 'maybe'"),
     ("values", {"colour": "red"}, "unknown config keys: colour"),
+    # private training (DP-SGD)
+    ("argv", ["--dp-max-grad-norm", "0"], "--dp-max-grad-norm must be a finite positive number, got 0.0"),
+    ("argv", ["--dp-max-grad-norm", "-1"], "--dp-max-grad-norm must be a finite positive number, got -1.0"),
+    ("argv", ["--dp-max-grad-norm", "nan"], "--dp-max-grad-norm must be a finite positive number, got nan"),
+    ("argv", ["--dp-noise-multiplier", "-1"], "--dp-noise-multiplier must be a finite number >= 0, got -1.0"),
+    ("argv", ["--dp-noise-multiplier", "inf"], "--dp-noise-multiplier must be a finite number >= 0, got inf"),
+    ("argv", ["--dp-target-epsilon", "0"], "--dp-target-epsilon must be a finite positive number, got 0.0"),
+    ("argv", ["--dp-delta", "0"], "--dp-delta must be in (0, 1), got 0.0"),
+    ("argv", ["--dp-delta", "1"], "--dp-delta must be in (0, 1), got 1.0"),
+    (
+        "argv",
+        ["--dp-noise-multiplier", "1", "--dp-accountant", "bogus"],
+        "--dp-accountant must be one of rdp, prv, not 'bogus'",
+    ),
+    ("argv", ["--dp-noise-multiplier", "1", "--dp-target-epsilon", "3"], ONE_OF_THEM),
+    ("argv", ["--dp-max-grad-norm", "1"], ONE_OF_THEM),  # a norm alone: no noise to speak of
+    (
+        "argv",
+        ["--dp-delta", "1e-6"],
+        "--dp-delta needs private training (--dp-noise-multiplier or --dp-target-epsilon)",
+    ),
+    (
+        "argv",
+        ["--dp-accountant", "prv"],
+        "--dp-accountant needs private training (--dp-noise-multiplier or --dp-target-epsilon)",
+    ),
+    ("argv", ["--model", "simplenet_bn", "--dp-noise-multiplier", "1"], BATCH_NORM.format("simplenet_bn")),
+    ("argv", ["--model", "resnet", "--dp-target-epsilon", "3"], BATCH_NORM.format("resnet")),
+    ("argv", ["--model", "resnet", "--sweep", "dp_noise_multiplier=1,2"], BATCH_NORM.format("resnet")),
+    (
+        "argv",
+        ["--dp-noise-multiplier", "1", "--clip-norm", "1"],
+        "--clip-norm clips the batch's gradient; private training clips each example's (--dp-max-grad-norm)",
+    ),
+    ("argv", ["--model", "simplenet", "--groups", "2"], "--groups applies to --model dpcnn, not simplenet"),
+    ("argv", ["--model", "dpcnn", "--groups", "3"], "--groups 3 must divide dpcnn's width (16)"),
+    (
+        "argv",
+        ["--model", "dpcnn", "--width", "8", "--groups", "16"],
+        "--groups 16 must divide dpcnn's width (8)",
+    ),
+    ("argv", ["--model", "dpcnn", "--groups", "-1"], "--groups must be >= 0, got -1"),
+    (
+        "argv",
+        ["--model", "simplenet", "--width", "8"],
+        "--width applies to --model resnet or dpcnn, not simplenet",
+    ),
+    (
+        "argv",
+        ["--model", "dpcnn", "--sweep", "dp_noise_multiplier=0.5,1", "--dp-target-epsilon", "3"],
+        ONE_OF_THEM,
+    ),
+    (
+        "argv",
+        ["--model", "dpcnn", "--sweep", "dp_noise_multiplier=-1,1"],
+        "--sweep dp_noise_multiplier: values must be finite and >= 0",
+    ),
+    (
+        "argv",
+        ["--model", "dpcnn", "--dp-noise-multiplier", "1", "--sweep", "dp_max_grad_norm=0,1"],
+        "--sweep dp_max_grad_norm: values must be finite and > 0",
+    ),
+    (
+        "argv",
+        ["--model", "dpcnn", "--sweep", "dp_noise_multiplier=0.5,1", "--dp-noise-multiplier", "2"],
+        "--dp-noise-multiplier and --sweep dp_noise_multiplier=... contradict each other: the sweep sets "
+        "each member's dp_noise_multiplier",
+    ),
+    ("argv", ["--model", "dpcnn", "--sweep", "dp_max_grad_norm=0.5,1"], ONE_OF_THEM),
+    ("values", {"dp_delta": 0}, "--dp-delta must be in (0, 1), got 0"),
+    ("values", {"dp_noise_multiplier": 1, "dp_target_epsilon": 3}, ONE_OF_THEM),
+    ("values", {"dp_accountant": "moments"}, "--dp-accountant must be one of rdp, prv, not 'moments'"),
 ]
 
 
@@ -104,3 +180,23 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(
     if kind == "argv":
         assert line == f"train.py: error: {message}"
     assert [p.name for p in tmp_path.iterdir()] == ([] if kind == "argv" else [f"c.{kind}"])
+
+
+def test_a_delta_of_at_least_one_over_n_is_one_line_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """delta >= 1/N (known once the data is loaded: N = 2000 here) would allow publishing an
+    example outright: refused at run time, one line, exit 2, no run directory."""
+    from fashion_func import data
+
+    try:
+        data.locate(download=False)
+    except data.DataError:
+        pytest.skip("Fashion-MNIST is not installed")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "dpcnn", "--dp-noise-multiplier", "1", "--dp-delta", "0.001", "--limit-train", "2000",
+            "--device", "cpu", "--no-compile", "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main_train(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == "train.py: error: --dp-delta 0.001 must be below 1/N = 0.0005 (N = 2000 training examples)"
+    assert list(tmp_path.iterdir()) == []

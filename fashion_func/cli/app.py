@@ -86,8 +86,9 @@ def lr_schedule(cfg: Config, steps_per_epoch: int | None) -> Any:
 
 
 def build_model(cfg: Config) -> models.Model:
-    """The model the config names, with its width when given."""
-    return models.get(cfg.model, **({"width": cfg.width} if cfg.width is not None else {}))
+    """The model the config names, with its width and (dpcnn) group count when given."""
+    hparams = {k: getattr(cfg, k) for k in ("width", "groups") if getattr(cfg, k) is not None}
+    return models.get(cfg.model, **hparams)
 
 
 def ema_view(state: state_lib.TrainState) -> state_lib.TrainState:

@@ -51,6 +51,7 @@ SCHEDULES = ("constant", "step", "cosine", "plateau", "onecycle")
 NORMALIZE = ("dataset", "tutorial")
 COMPILE = ("auto", "on", "off", "update")
 ACCOUNTANTS = ("rdp", "prv")  # privacy.ACCOUNTANTS (this module imports no torch)
+DP_MAX_GRAD_NORM = 1.0  # private training's clipping norm when --dp-max-grad-norm is not given
 MONITORS = ("val_loss", "val_acc", "train_loss", "train_acc")  # and val_top{K} / train_top{K}
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; /dev/zero must not fill memory
 MAX_SEED = 2**63 - 1  # seeds travel as int64 tensors and torch.Generator seeds
@@ -539,6 +540,8 @@ def resume_problem(saved: Mapping[str, Any], cfg: Config) -> str | None:
         if name not in saved:  # a checkpoint older than the key
             continue
         old, new = saved[name], getattr(cfg, name)
+        if name == "dp_max_grad_norm":  # left out is the default norm: giving that is no change
+            old, new = (DP_MAX_GRAD_NORM if v is None else v for v in (old, new))
         if key.resume == REFUSED and old != new:
             same = "members" if name in ("ensemble", "sweep") else f"{flag(name)} (or leave it out)"
             return (

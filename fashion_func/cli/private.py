@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fashion_func import data, distributed, privacy
-from fashion_func.cli.config import Config, is_private, parse_sweep
+from fashion_func.cli.config import DP_MAX_GRAD_NORM, Config, is_private, parse_sweep
 from fashion_func.loop import RunError
 
 __all__ = ["DEFAULT_MAX_GRAD_NORM", "Plan", "chunk_size", "optimizer_grid", "plan"]
 
-DEFAULT_MAX_GRAD_NORM = 1.0
+DEFAULT_MAX_GRAD_NORM = DP_MAX_GRAD_NORM
 CHUNK_BYTES = 256 << 20  # per-example gradients held at once: chunks of the batch bound them
 
 
