@@ -73,9 +73,7 @@ def uniform(
     return ((h >> 8).to(dtype) * (1.0 / (1 << 24))).reshape(shape)
 
 
-def normal(
-    key: Tensor, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32
-) -> Tensor:
+def normal(key: Tensor, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard normal draws, a pure function of `key` (0-d int64) and the element index.
 
     Box-Muller over the two halves of one `uniform` stream of 2n 24-bit uniforms (computed in

@@ -123,7 +123,7 @@ def clip_and_noise(
     right for fixed-size batches). Under torchrun it is the global expected size: each rank
     clips and sums its own examples, the sums are added over the ranks (`reduce_grads=
     group.all_reduce_sum`) and the same noise is added once. chunk_size: examples whose
-    gradients are held at once (memory); None: the whole batch."""
+    gradients are held at once; None: equal chunks of at most 512 examples and 256 MiB."""
     norms, sigmas = _values(max_norm, "max_norm"), _values(noise_multiplier, "noise_multiplier")
     if any(c <= 0 for c in norms):
         raise ValueError(f"max_norm must be > 0, got {max_norm}")

@@ -581,7 +581,7 @@ def _private_gradients_fn(
         mask = inp.mask if inp.mask is not None else torch.ones_like(y, dtype=torch.bool)
         keys = nn.fold_in(key, torch.arange(size, device=y.device))
         grad = torch.func.vmap(torch.func.grad(single, has_aux=True), in_dims=(None, 0, 0, 0, None))
-        chunk = dp.chunk_size or size
+        chunk = dp.chunk_size or _auto_chunk(size, inp.params)
         total, clipped, values, extra, logits = None, [], [], [], []
         for lo in range(0, size, chunk):  # chunks bound the [chunk, *param] gradients held at once
             part = slice(lo, lo + chunk)
@@ -603,6 +603,19 @@ def _private_gradients_fn(
         return total, {}, sums
 
     return gradients
+
+
+CHUNK_EXAMPLES = 512  # per-example gradients run in chunks of at most this many examples
+CHUNK_BYTES = 256 << 20  # and of at most this many bytes of gradients
+
+
+def _auto_chunk(size: int, params: Params) -> int:
+    """The default chunk: bounded in bytes (memory) and in examples. Chunks of a few hundred
+    examples ran the dpcnn step about twice as fast as one chunk of 2,320 on the CPU (the
+    gradients stay in cache); each chunk is traced again, so fewer keep compile times short."""
+    per_example = sum(p.numel() * p.element_size() for p in params.values())
+    fit = max(1, min(size, CHUNK_EXAMPLES, CHUNK_BYTES // max(1, per_example)))
+    return -(-size // -(-size // fit))  # equal chunks: one shape, no short last chunk
 
 
 def _noise_fn(dp: ClipAndNoise) -> Callable[[Params, CoreIn], Params]:

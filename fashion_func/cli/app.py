@@ -310,16 +310,6 @@ def build_steps(
     return train_step, eval_step
 
 
-def _per_example(
-    cfg: Config, dp: private.Plan, st: state_lib.TrainState, train_data: Any, n_train: int
-) -> privacy.ClipAndNoise:
-    """The private step's stage, its chunks sized to the model and this rank's batch."""
-    one = ensemble.member(st, 0) if _stacked(cfg) else st
-    poisson = getattr(train_data, "source", train_data)  # under torchrun: this rank's slice of it
-    ranks = train_data.group.size if poisson is not train_data else 1
-    return dp.per_example(n_train, models.num_params(one.params), poisson.size // ranks)
-
-
 def _private_line(dp: private.Plan, train_data: Any) -> str:
     poisson = getattr(train_data, "source", train_data)
     sigma = ", ".join(f"{s:.4g}" for s in dp.noise_multiplier)
@@ -432,7 +422,7 @@ def train(
         train_data, val_data = _batches(cfg, train_split, val_split, group, run.log, dp)
         per_example = None
         if dp is not None:
-            per_example = _per_example(cfg, dp, st, train_data, n_train)
+            per_example = dp.per_example(n_train)
             run.log.info(_private_line(dp, train_data))
         train_step, plain_eval = build_steps(cfg, model, tx, device, group, per_example)
         eval_step = evaluated(cfg, plain_eval)

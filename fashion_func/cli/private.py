@@ -13,10 +13,9 @@ from fashion_func import data, distributed, privacy
 from fashion_func.cli.config import DP_MAX_GRAD_NORM, Config, is_private, parse_sweep
 from fashion_func.loop import RunError
 
-__all__ = ["DEFAULT_MAX_GRAD_NORM", "Plan", "chunk_size", "optimizer_grid", "plan"]
+__all__ = ["DEFAULT_MAX_GRAD_NORM", "Plan", "optimizer_grid", "plan"]
 
 DEFAULT_MAX_GRAD_NORM = DP_MAX_GRAD_NORM
-CHUNK_BYTES = 256 << 20  # per-example gradients held at once: chunks of the batch bound them
 
 
 @dataclass(frozen=True)
@@ -40,13 +39,12 @@ class Plan:
             train, self.sample_rate, seed=seed, physical_batch_size=-(-size // ranks) * ranks
         )
 
-    def per_example(self, n_train: int, n_params: int, physical: int) -> privacy.ClipAndNoise:
+    def per_example(self, n_train: int) -> privacy.ClipAndNoise:
         """The step's clip-and-noise stage (one value per member where they differ)."""
         return privacy.clip_and_noise(
             list(self.max_norm) if len(self.max_norm) > 1 else self.max_norm[0],
             list(self.noise_multiplier) if len(self.noise_multiplier) > 1 else self.noise_multiplier[0],
             expected_batch_size=self.sample_rate * n_train,
-            chunk_size=chunk_size(n_params, physical),
         )
 
     def accountant(self) -> privacy.Accountant:
@@ -64,11 +62,6 @@ class Plan:
             "sample_rate": self.sample_rate, "delta": self.delta, "accountant": self.kind,
             "target_epsilon": self.target_epsilon, "sampling": "poisson",
         }  # fmt: skip
-
-
-def chunk_size(n_params: int, physical: int) -> int:
-    """Examples whose gradients the step holds at once: `CHUNK_BYTES` of float32 gradients."""
-    return max(1, min(physical, CHUNK_BYTES // max(1, 4 * n_params)))
 
 
 def optimizer_grid(cfg: Config) -> list[dict[str, float]] | None:
