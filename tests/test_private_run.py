@@ -245,3 +245,29 @@ def test_group_norm_and_the_prv_accountant(tmp_path) -> None:
     assert eps == [recomputed(record, 5), recomputed(record, 10)] and eps[0] < eps[1] <= 2.0
     assert meta(out)["model_hparams"] == {"num_classes": 10, "width": 4, "groups": 2}  # --groups reached it
     assert "Model: dpcnn {'num_classes': 10, 'width': 4, 'groups': 2}" in (out / "train.log").read_text()
+
+
+def test_the_readme_private_training_block_runs_as_written(tmp_path) -> None:
+    """The README's "Private training" Python block, run exactly as written in a fresh folder."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## Private training", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1
+    script = tmp_path / "private.py"
+    script.write_text(blocks[0])
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = re.search(r"epsilon ([0-9.]+) val_acc ([0-9.]+)", proc.stdout)
+    assert found, proc.stdout
+    eps, acc = float(found.group(1)), float(found.group(2))
+    q = 256 / 4096
+    assert eps == pytest.approx(
+        privacy.epsilon(2 * round(1 / q), sample_rate=q, noise_multiplier=1.0, delta=1e-5)
+    )
+    assert acc > 0.3  # two private epochs of 4096 images: well above chance (0.1)
