@@ -51,7 +51,9 @@ VALUES: dict[str, list[Any]] = {
     "lr_gamma": [0.1, 0.5],
     "warmup_epochs": [0.0, 0.5], "crop_padding": [0, 2], "flip": [False, True], "cutout": [0, 4],
     "ema": [None, 0.8, 0.9], "tta": [False, True], "tensorboard": [False, True], "progress": [False],
-    "ensemble": [1, 2], "sweep": [None, "lr=0.1,0.01"],
+    "ensemble": [1, 2], "sweep": [None, "lr=0.1,0.01"], "groups": [None, 2],
+    "dp_max_grad_norm": [None, 1.0], "dp_noise_multiplier": [None, 1.0], "dp_target_epsilon": [None, 3.0],
+    "dp_delta": [1e-5, 1e-3], "dp_accountant": ["rdp", "prv"],
 }  # fmt: skip
 FUZZ = dict(
     deadline=None,

@@ -297,8 +297,8 @@ def test_scale_by_schedule_counts_its_own_steps_and_resumes_from_the_count():
 ONECYCLE = ["--lr-schedule", "onecycle"]
 WARM_RANGE = "--warmup-epochs must be in [0, --epochs)"
 BAD = [
-    (["--width", "8"], "--width applies to --model resnet, not simplenet"),
-    (["--model", "mlp", "--width", "8"], "--width applies to --model resnet, not mlp"),
+    (["--width", "8"], "--width applies to --model resnet or dpcnn, not simplenet"),
+    (["--model", "mlp", "--width", "8"], "--width applies to --model resnet or dpcnn, not mlp"),
     (["--model", "resnet", "--width", "0"], "--width sets resnet's width (at least 1)"),
     (["--model", "resnet", "--width", "-3"], "--width sets resnet's width (at least 1)"),
     (["--nesterov"], "--nesterov applies to --optimizer sgd"),

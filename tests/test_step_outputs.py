@@ -113,7 +113,8 @@ def test_topk_has_one_name_in_the_train_and_eval_steps_and_in_fit():
 
 
 def test_the_step_core_is_a_named_tuple_and_private_helpers_are_gone():
-    assert step.CoreIn._fields == ("params", "model_state", "opt_state", "step", "rng", "inputs", "targets")
+    assert step.CoreIn._fields == ("params", "model_state", "opt_state", "step", "rng", "inputs", "targets",
+                                   "mask", "private")  # fmt: skip
     assert step.CoreOut._fields == ("params", "model_state", "opt_state", "step", "metrics")
     for gone in ("train_core", "eval_core", "step_from_core", "eval_step_from_core", "normalize_images"):
         assert not hasattr(step, gone), gone
