@@ -123,6 +123,17 @@ def test_every_weights_file_records_the_guarantee_of_its_steps(straight) -> None
         assert record["target_epsilon"] == TARGET and record["sampling"] == "poisson"
 
 
+
+def test_an_exported_weights_file_keeps_the_guarantee(straight, tmp_path) -> None:
+    from fashion_func.cli.export import main as export_main
+
+    out, _ = straight
+    exported = tmp_path / "shared.safetensors"
+    best = out / "checkpoints" / "best.safetensors"
+    assert export_main(["--weights", str(best), "--format", "torch", "--out", str(exported)]) == 0
+    assert checkpoint.read_metadata(exported)["privacy"] == meta(out, "best")["privacy"]
+
+
 def test_a_resume_past_the_budget_stops_before_the_epoch(straight, tmp_path, capsys) -> None:
     """--epochs 4 on a run that spent its epsilon in 2: epoch 3 would pass the target, so the
     run stops before it, no step taken, the weights as they were; sigma stays the one chosen."""

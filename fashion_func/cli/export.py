@@ -115,7 +115,7 @@ def export(
         )
     # model_hparams: what the shapes do not say (dpcnn's group count) travels with the weights
     meta: dict[str, Any] = {"model": loaded.name, "model_hparams": loaded.hparams, "source": str(weights)}
-    for key in ("epoch", "config"):
+    for key in ("epoch", "config", "privacy"):  # privacy: the guarantee travels with the weights
         if key in metadata:
             meta[key] = metadata[key]
     known = interop.known_normalization(metadata)
