@@ -1,6 +1,5 @@
 """Shared test settings: tests marked `cuda` run only where a CUDA device is present; under
-pytest-xdist (`pytest -n N`, as `make test` runs) each worker computes on one thread; tests
-marked `slow` run first."""
+pytest-xdist (`pytest -n N`, as `make test` runs) each worker computes on one thread."""
 
 from __future__ import annotations
 
@@ -17,9 +16,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # the long tests (marked slow) first: the workers share out the short ones at the end
-    # instead of one worker finishing a long test alone
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (run on the lent GPU machine)")

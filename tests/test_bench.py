@@ -17,7 +17,6 @@ DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 @pytest.mark.skipif(
     not (DEBIAN / "train-images-idx3-ubyte.gz").exists(), reason="needs the Fashion-MNIST files"
 )
-@pytest.mark.slow
 def test_bench_quick_run_prints_table_and_json():
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--limit-train", "256", "--limit-val", "500",
            "--epochs", "3",
@@ -63,7 +62,6 @@ def test_bench_rejects_too_few_epochs(capsys):
 @pytest.mark.skipif(
     not (DEBIAN / "train-images-idx3-ubyte.gz").exists(), reason="needs the Fashion-MNIST files"
 )
-@pytest.mark.slow
 def test_bench_dp_quick_run_prints_the_ratios():
     # tiny settings and no fully compiled rows (a cold compile is a minute): the rows and the
     # ratios are computed and printed, their speed is not asserted

@@ -170,7 +170,6 @@ def test_existing_run_directory_needs_resume_or_overwrite(tmp_path, capsys):
 # -- the acceptance run ----------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_train_py_one_epoch_acceptance(tmp_path):
     """The one-epoch command finishes with validation accuracy >= 75%, and best.safetensors loads
     into a plain SimpleNet nn.Module that reproduces that accuracy (speed: scripts/bench.py)."""

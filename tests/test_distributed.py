@@ -140,7 +140,6 @@ def test_only_rank_0_writes(two_ranks):
     assert len(history(two_ranks)) == EPOCHS
 
 
-@pytest.mark.slow
 def test_two_launchers_with_nnodes_2_train_as_one_job(two_ranks, tmp_path):
     port = free_port()
     launchers = [
@@ -173,7 +172,6 @@ def test_two_launchers_with_nnodes_2_train_as_one_job(two_ranks, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_both_and_the_resume_is_exact(two_ranks, tmp_path):
     # rank 1 stops itself after its 21st step (epoch 2), is sent SIGTERM and continued; the
     # ranks agree on the stop at the next check (step 24) and rank 0 saves mid-epoch
@@ -214,7 +212,6 @@ def test_a_killed_rank_ends_the_others_with_a_message(tmp_path):
     assert "Traceback" not in err
 
 
-@pytest.mark.slow
 def test_a_hung_rank_ends_the_others_after_the_timeout(tmp_path):
     procs = rank_processes([*ARGS, "--epochs", str(EPOCHS), "--out", "run"], tmp_path, stop_at={1: 5},
                            FASHION_FUNC_DIST_TIMEOUT="3")  # fmt: skip

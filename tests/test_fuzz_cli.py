@@ -177,7 +177,6 @@ FIXED = [
         st.sampled_from(["lr", "seed", "out", "lr_step_size", "model", "x"]), JSONISH, max_size=3
     ),
 )
-@pytest.mark.slow
 def test_fuzz_train_flags_and_config_files(
     world: dict[str, Path], capsys: pytest.CaptureFixture[str], flags: dict[str, str], switches: list[str],
     out_kind: str, config: dict[str, Any] | None,
@@ -228,7 +227,6 @@ def _weights_argv(box: Path, world: dict[str, Path], kind: str) -> Path:
         max_size=3,
     ),
 )
-@pytest.mark.slow
 def test_fuzz_predict_and_export(
     world: dict[str, Path], capsys: pytest.CaptureFixture[str], weights_kind: str, out_kind: str, fmt: str,
     suffix: str, extra: list[str], images: list[str], predict_flags: dict[str, str],
@@ -297,7 +295,6 @@ META_KEYS = [
     ),
     command=st.sampled_from(["resume-auto", "resume-path", "predict", "export"]),
 )
-@pytest.mark.slow
 def test_fuzz_metadata_of_valid_checkpoints(
     world: dict[str, Path], capsys: pytest.CaptureFixture[str], edits: dict[str, Any],
     config_edits: dict[str, Any], command: str,

@@ -116,7 +116,6 @@ def _check_applied(out: Path, first: Path, values: dict[str, Any]) -> None:
         lambda keys: st.fixed_dictionaries({k: st.sampled_from(VALUES[k]) for k in keys})
     ),
 )
-@pytest.mark.slow
 def test_fuzz_resume_pairs(
     world: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, a: int,
     b: dict[str, Any],

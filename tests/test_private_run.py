@@ -123,6 +123,7 @@ def test_every_weights_file_records_the_guarantee_of_its_steps(straight) -> None
         assert record["target_epsilon"] == TARGET and record["sampling"] == "poisson"
 
 
+
 def test_an_exported_weights_file_keeps_the_guarantee(straight, tmp_path) -> None:
     from fashion_func.cli.export import main as export_main
 
@@ -202,7 +203,6 @@ def test_an_ensemble_trains_privately(tmp_path) -> None:
     assert all(v.shape[0] == 2 and not bool((v[0] == v[1]).all()) for v in result.state.params.values())
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_train_privately_like_one(straight, tmp_path) -> None:
     """torchrun, 2 gloo ranks: each clips and sums its half of every Poisson batch, the sums are
@@ -258,7 +258,6 @@ def test_group_norm_and_the_prv_accountant(tmp_path) -> None:
     assert "Model: dpcnn {'num_classes': 10, 'width': 4, 'groups': 2}" in (out / "train.log").read_text()
 
 
-@pytest.mark.slow
 def test_the_readme_private_training_block_runs_as_written(tmp_path) -> None:
     """The README's "Private training" Python block, run exactly as written in a fresh folder."""
     import os

@@ -256,7 +256,6 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --------------------------------------------------------------------------- 1. crashes
 
 
-@pytest.mark.slow
 @needs_data
 def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(
     baseline: Path, procs: Procs, tmp_path: Path
@@ -356,7 +355,6 @@ def interrupt_and_resume(
     assert_matches_baseline(out, baseline)
 
 
-@pytest.mark.slow
 @needs_data
 def test_sigint_saves_mid_epoch_exits_130_and_resumes_bitwise(
     baseline: Path, procs: Procs, tmp_path: Path
@@ -364,7 +362,6 @@ def test_sigint_saves_mid_epoch_exits_130_and_resumes_bitwise(
     interrupt_and_resume(signal.SIGINT, procs, tmp_path / "run", baseline)
 
 
-@pytest.mark.slow
 @needs_data
 def test_busy_run_dir_is_refused_then_sigterm_exits_143_and_resumes_bitwise(
     baseline: Path, procs: Procs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
