@@ -21,6 +21,7 @@ probability `sample_rate`, independently.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import warnings
@@ -192,6 +193,7 @@ def _check_accounting(sample_rate: float, delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
+@functools.lru_cache(maxsize=1024)  # fit asks for the same steps at the epoch's end and each save
 def epsilon(
     steps: int, *, sample_rate: float, noise_multiplier: float, delta: float, accountant: str = "rdp"
 ) -> float:
