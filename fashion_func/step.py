@@ -394,12 +394,16 @@ class Stages:
             return CoreOut(params, model_state, opt_state, step, metrics)
 
         compiled = torch.compile(core) if compile is True else core
+        made: dict[Any, dict[str, Tensor]] = {}
 
         def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
             if check is not None:
                 check(state)
             inputs, targets, mask = _unpack(batch, dp is not None)
-            private = dp.hyperparams(state.step) if dp is not None else None
+            private = None
+            if dp is not None:  # host values made tensors once per shape and device, not each step
+                where = (tuple(state.step.shape), state.step.device)
+                private = made.get(where) or made.setdefault(where, dp.hyperparams(state.step))
             out = compiled(CoreIn(state.params, state.model_state, state.opt_state, state.step, state.rng,
                                   inputs, targets, mask, private))  # fmt: skip
             new = state.replace(
