@@ -128,8 +128,9 @@ class Group:
         """Rank 0: the one process that writes files and logs."""
         return self.rank == 0
 
-    def all_reduce_mean(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The mean of `grads` over all ranks: a pure `grads -> grads` stage.
+    def all_reduce_sum(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The sum of `grads` over all ranks: a pure `grads -> grads` stage (a per-example
+        DP-SGD step's, whose ranks each give the sum of their clipped gradients).
 
         One functional all-reduce (`torch.distributed._functional_collectives`) of all
         gradients flattened into one buffer, so `torch.compile` traces it into the step;
@@ -139,17 +140,15 @@ class Group:
 
         names = list(grads)
         if len({grads[k].dtype for k in names}) != 1:  # one buffer needs one dtype
-            return {k: funcol.all_reduce(grads[k], "sum", dist.group.WORLD) / self.size for k in names}
-        flat = torch.cat([grads[k].reshape(-1) for k in names])
-        flat = funcol.all_reduce(flat, "sum", dist.group.WORLD) / self.size
+            return {k: funcol.all_reduce(grads[k], "sum", dist.group.WORLD) for k in names}
+        flat = funcol.all_reduce(torch.cat([grads[k].reshape(-1) for k in names]), "sum", dist.group.WORLD)
         parts = flat.split([grads[k].numel() for k in names])
         return {k: p.view(grads[k].shape) for k, p in zip(names, parts, strict=True)}
 
-    def all_reduce_sum(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The sum of `grads` over all ranks: the `reduce_grads` of a per-example (DP-SGD) step,
-        whose ranks each give the sum of their clipped per-example gradients."""
-        mean = self.all_reduce_mean(grads)
-        return {k: v * self.size for k, v in mean.items()}
+    def all_reduce_mean(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The mean of `grads` over all ranks (`all_reduce_sum` over the ranks): the ordinary
+        step's `reduce_grads` stage."""
+        return {k: v / self.size for k, v in self.all_reduce_sum(grads).items()}
 
     def _reduce(self, values: Tensor, op: Any) -> Tensor:
         out = values.to(self.device).clone()  # never in place on the caller's tensor
