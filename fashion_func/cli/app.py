@@ -310,8 +310,7 @@ def build_steps(
     return train_step, eval_step
 
 
-def _private_line(dp: private.Plan, train_data: Any) -> str:
-    poisson = getattr(train_data, "source", train_data)
+def _private_line(dp: private.Plan, poisson: data.PoissonBatches) -> str:
     sigma = ", ".join(f"{s:.4g}" for s in dp.noise_multiplier)
     norm = ", ".join(f"{c:.4g}" for c in dp.max_norm)
     target = f", target epsilon {dp.target_epsilon}" if dp.target_epsilon is not None else ""
@@ -354,6 +353,7 @@ def _batches(
     drop_last = False
     if dp is not None:
         train_data: Any = dp.batches(train, cfg.seed, group)
+        log.info(_private_line(dp, train_data))
     elif group is not None and n % cfg.batch_size % group.size:
         drop_last = True  # the short last batch cannot split evenly: leave it out, say so
         log.warning(f"the last batch of each epoch ({n % cfg.batch_size} examples) does not split "
@@ -396,8 +396,7 @@ def train(
         from_path = resume_lib.resume_path(run.path, resume)
         train_split, val_split, test_split = _splits(cfg, device)
         n_train = len(train_split.labels)
-        saved_dp = checkpoint.read_metadata(from_path).get("privacy") if from_path is not None else None
-        dp = private.plan(cfg, n_train, saved_dp)
+        dp = private.plan(cfg, n_train, from_path)
         steps_per_epoch = dp.steps_per_epoch if dp else data.num_batches(n_train, cfg.batch_size)
         model, tx = build_model(cfg), build_optimizer(cfg, steps_per_epoch)
         _refuse_under_group(cfg, model, group)
@@ -420,10 +419,7 @@ def train(
         if warning:
             run.log.warning(warning)
         train_data, val_data = _batches(cfg, train_split, val_split, group, run.log, dp)
-        per_example = None
-        if dp is not None:
-            per_example = dp.per_example(n_train)
-            run.log.info(_private_line(dp, train_data))
+        per_example = dp.per_example(n_train) if dp else None
         train_step, plain_eval = build_steps(cfg, model, tx, device, group, per_example)
         eval_step = evaluated(cfg, plain_eval)
         run.ready(int(point.state.step.reshape(-1)[0]) if point else 0, cfg.to_dict())
@@ -440,7 +436,7 @@ def train(
             log=run.log,
             group=group,
             resume=point,
-            metadata={**_metadata(cfg, model), "splits": splits, **({"privacy": dp.record()} if dp else {})},
+            metadata={**_metadata(cfg, model, dp), "splits": splits},
             max_steps=max_steps,
             progress=cfg.progress,
             lr_schedule=lr_schedule(cfg, steps_per_epoch),
@@ -471,13 +467,15 @@ def _write_summary(cfg: Config, run: launch.RankRun, model: models.Model, st: st
         run.log.info(line)
 
 
-def _metadata(cfg: Config, model: models.Model) -> dict[str, Any]:
-    """What every checkpoint and weights file of the run records beside its tensors."""
+def _metadata(cfg: Config, model: models.Model, dp: private.Plan | None = None) -> dict[str, Any]:
+    """What every checkpoint and weights file of the run records beside its tensors (a private
+    run: its plan too; `fit` adds the epsilon spent)."""
     pre = _preprocess(cfg)
     # the normalisation as numbers: a client in any language can preprocess from them
     # and the model's constructor arguments: a reader builds it without guessing from shapes
-    return {"config": cfg.to_dict(), "model": cfg.model, "model_hparams": model.hparams,
-            "normalize_mean": pre.mean, "normalize_std": pre.std}  # fmt: skip
+    out = {"config": cfg.to_dict(), "model": cfg.model, "model_hparams": model.hparams,
+           "normalize_mean": pre.mean, "normalize_std": pre.std}  # fmt: skip
+    return {**out, "privacy": dp.record()} if dp is not None else out
 
 
 def _splits(cfg: Config, device: torch.device) -> tuple[data.Split, data.Split, data.Split | None]:

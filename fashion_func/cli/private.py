@@ -7,9 +7,10 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from fashion_func import data, distributed, privacy
+from fashion_func import checkpoint, data, distributed, privacy
 from fashion_func.cli.config import DP_MAX_GRAD_NORM, Config, is_private, parse_sweep
 from fashion_func.loop import RunError
 
@@ -42,26 +43,30 @@ class Plan:
     def per_example(self, n_train: int) -> privacy.ClipAndNoise:
         """The step's clip-and-noise stage (one value per member where they differ)."""
         return privacy.clip_and_noise(
-            list(self.max_norm) if len(self.max_norm) > 1 else self.max_norm[0],
-            list(self.noise_multiplier) if len(self.noise_multiplier) > 1 else self.noise_multiplier[0],
+            _one_or_each(self.max_norm), _one_or_each(self.noise_multiplier),
             expected_batch_size=self.sample_rate * n_train,
-        )
+        )  # fmt: skip
 
     def accountant(self) -> privacy.Accountant:
         """What `fit` computes epsilon with after each epoch (and stops before the target)."""
-        sigma = self.noise_multiplier if len(self.noise_multiplier) > 1 else self.noise_multiplier[0]
+        sigmas = self.noise_multiplier  # a tuple per member: the accountant reports each
+        sigma = sigmas[0] if len(sigmas) == 1 else sigmas
         return privacy.Accountant(self.sample_rate, sigma, self.delta, target_epsilon=self.target_epsilon,
                                   accountant=self.kind)  # fmt: skip
 
     def record(self) -> dict[str, Any]:
         """What the run's files record (`fit` adds epsilon and the steps taken)."""
-        one = len(self.max_norm) == 1 and len(self.noise_multiplier) == 1
         return {
-            "max_grad_norm": self.max_norm[0] if one else list(self.max_norm),
-            "noise_multiplier": self.noise_multiplier[0] if one else list(self.noise_multiplier),
+            "max_grad_norm": _one_or_each(self.max_norm),
+            "noise_multiplier": _one_or_each(self.noise_multiplier),
             "sample_rate": self.sample_rate, "delta": self.delta, "accountant": self.kind,
             "target_epsilon": self.target_epsilon, "sampling": "poisson",
         }  # fmt: skip
+
+
+def _one_or_each(values: tuple[float, ...]) -> float | list[float]:
+    """One value for all members, or a list of one per member of a sweep."""
+    return values[0] if len(values) == 1 else list(values)
 
 
 def optimizer_grid(cfg: Config) -> list[dict[str, float]] | None:
@@ -78,12 +83,12 @@ def _per_member(cfg: Config, name: str, value: float) -> tuple[float, ...]:
     return (float(value),)
 
 
-def plan(cfg: Config, n_train: int, saved: Any = None) -> Plan | None:
+def plan(cfg: Config, n_train: int, resumed: Path | None = None) -> Plan | None:
     """The private run `cfg` asks for on `n_train` examples, or None when it is not private.
 
     The sampling rate is `batch_size / n_train`, one epoch `round(1 / rate)` steps. With a
     target epsilon the noise multiplier is chosen for `epochs` epochs, once: a resumed run
-    keeps the one its checkpoint records (`saved`, its `metadata["privacy"]`).
+    keeps the one its checkpoint `resumed` records (`metadata["privacy"]`).
     """
     if not is_private(cfg.to_dict()):
         return None
@@ -95,6 +100,7 @@ def plan(cfg: Config, n_train: int, saved: Any = None) -> Plan | None:
     if cfg.batch_size > n_train:
         raise RunError(f"--batch-size {cfg.batch_size} is the expected Poisson batch: at most the "
                        f"{n_train} training examples")  # fmt: skip
+    saved = checkpoint.read_metadata(resumed).get("privacy") if resumed is not None else None
     rate = cfg.batch_size / n_train
     steps = max(1, round(1 / rate))
     sigma = cfg.dp_noise_multiplier
