@@ -479,6 +479,30 @@ def stages(
     )
 
 
+def _metric_sums(
+    values: Tensor,
+    extra: Mapping[str, Tensor],
+    logits: Tensor,
+    y: Tensor,
+    topk: int | None,
+    mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The train step's metric sums (module docstring) over the examples `mask` keeps (all
+    without one): loss_sum, count, correct / top{k}_correct, <name>_sum."""
+    classes = {k: v for k, v in _class_outputs(logits, y, topk).items() if k != "pred"}
+    if mask is None:
+        count = torch.full((), y.shape[0], dtype=torch.int64, device=y.device)
+        sums = {"loss_sum": values.sum(), "count": count, **{k: v.sum() for k, v in classes.items()}}
+        return {**sums, **{f"{k}_sum": v.sum() for k, v in extra.items()}}
+    keep = mask.to(values.dtype)
+    sums = {
+        "loss_sum": (values * keep).sum(),
+        "count": mask.sum(),
+        **{k: (v & mask).sum() for k, v in classes.items()},
+    }
+    return {**sums, **{f"{k}_sum": (v * keep.to(v.dtype)).sum() for k, v in extra.items()}}
+
+
 def _gradients_fn(
     forward: Forward,
     per_example: LossFn,
@@ -508,12 +532,7 @@ def _gradients_fn(
         logits = _at_least_float32(logits.detach())
         extra = {k: v.detach() for k, v in extra.items()}
         extra.update(_metric_parts(metrics, logits, y, extra))
-        sums = {
-            "loss_sum": values.detach().sum(),
-            "count": torch.full((), y.shape[0], dtype=torch.int64, device=y.device),
-        }
-        sums.update({k: v.sum() for k, v in _class_outputs(logits, y, topk).items() if k != "pred"})
-        sums.update({f"{k}_sum": v.sum() for k, v in extra.items()})
+        sums = _metric_sums(values.detach(), extra, logits, y, topk)
         return grads, {k: v.detach() for k, v in new_state.items()}, sums
 
     return gradients
@@ -599,12 +618,8 @@ def _private_gradients_fn(
         values_all, logits_all = torch.cat(values), torch.cat(logits)
         extra_all = {k: torch.cat([e[k] for e in extra]) for k in extra[0]}
         extra_all.update(_metric_parts(metrics, logits_all, y, extra_all))
-        keep = mask.to(values_all.dtype)
-        sums = {"loss_sum": (values_all * keep).sum(), "count": mask.sum(), "clipped_sum": sum(clipped)}
-        classes = _class_outputs(logits_all, y, topk)
-        sums.update({k: (v & mask).sum() for k, v in classes.items() if k != "pred"})
-        sums.update({f"{k}_sum": (v * keep.to(v.dtype)).sum() for k, v in extra_all.items()})
-        return total, {}, sums
+        sums = _metric_sums(values_all, extra_all, logits_all, y, topk, mask)
+        return total, {}, {**sums, "clipped_sum": sum(clipped)}
 
     return gradients
 
