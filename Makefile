@@ -1,6 +1,8 @@
 # Two entry points, each idempotent on a fresh machine:
-#   make train   set up, then train SimpleNet on Fashion-MNIST (python scripts/train.py)
-#   make test    set up, then run the whole test suite
+#   make train   set up what training needs, then train SimpleNet on Fashion-MNIST
+#                (python scripts/train.py): torch, the package, Opacus (--preset private)
+#   make test    add the test tools and the interop extras (JAX/Flax/Optax/Orbax, ONNX,
+#                dp-accounting, torchdata), then run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,20 +11,25 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # A second `make train` continues the run in output/simplenet instead of refusing it.
 TRAIN_ARGS ?= --resume auto
 
-.PHONY: setup data train test lint bench
-setup: $(VENV)/.installed data
+.PHONY: setup setup-train data train test lint bench
+setup-train: $(VENV)/.installed-train data
+setup: $(VENV)/.installed-test data
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-train: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[privacy]'
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-train
 	$(BIN)/python -m pip install -q -e '.[dev,jax,onnx,privacy]'
 	touch $@
 
 data:
 	@sh scripts/get_data.sh
 
-train: setup
+train: setup-train
 	$(BIN)/python scripts/train.py $(TRAIN_ARGS) $(ARGS)
 
 # Two workers (pytest-xdist) that steal tests from each other, so one long file cannot leave a
