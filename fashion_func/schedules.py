@@ -11,13 +11,20 @@ value depends on the step alone (exact resume). A negative step (and for `onecyc
 past its end) is a ValueError on ints; tensors are not checked (that would sync the host).
 The module is plain Python: tensors are handled through their own methods (`cos`, `clamp`,
 `where`), never by importing torch.
+
+Each schedule says what it is: it is a `DescribedSchedule` whose `description` (a
+`Description`: the function's name and the arguments it was built with) is data that an
+export reads (`interop.optax_optimizer`), never the closure. `Description` is also what
+`optim`'s transforms carry; it is defined here, the lower of the two modules, and public as
+`optim.Description`.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -34,6 +41,37 @@ __all__ = [
 
 Step = Any  # a Python int (an epoch or a step), or a 0-d float tensor (an optimizer's counter)
 Schedule = Callable[[Step], Any]  # int -> float; 0-d tensor -> 0-d tensor of its dtype
+
+
+@dataclass(frozen=True)
+class Description:
+    """What a schedule or an optimizer transform is, as data.
+
+    `name`: the public function that built it (`"piecewise_linear"`, `"scale_by_adam"`, `"adam"`);
+    `hyperparams`: the arguments it was built with, by parameter name (a transform's state may
+    hold later values of some: `optim.set_hyperparam`); `children`: the descriptions of the
+    transforms it wraps, by role (`"0"`, `"1"`, ... in a chain, `"inner"` in a wrapper, the
+    group's label in `multi_transform`), `None` for one written by hand without a description.
+    """
+
+    name: str
+    hyperparams: Mapping[str, Any] = field(default_factory=dict)
+    children: Mapping[str, Description | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class DescribedSchedule:
+    """A schedule that says what it is: called as `fn`, described by `description`."""
+
+    fn: Callable[[Step], Any]
+    description: Description
+
+    def __call__(self, t: Step) -> Any:
+        return self.fn(t)
+
+
+def _described(fn: Callable[[Step], Any], name: str, **hyperparams: Any) -> DescribedSchedule:
+    return DescribedSchedule(fn, Description(name, hyperparams))
 
 
 def _is_tensor(x: Any) -> bool:
@@ -71,14 +109,17 @@ def _where(cond: Any, a: Any, b: Any) -> Any:
 def constant(lr: float) -> Schedule:
     """`lr` at every step."""
     lr = float(lr)
-    return lambda t: _check_step(t) * 0.0 + lr
+    return _described(lambda t: _check_step(t) * 0.0 + lr, "constant", lr=lr)
 
 
 def step_lr(lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
     """`lr * gamma ** (epoch // step_size)`, the values of `torch.optim.lr_scheduler.StepLR`."""
     if step_size <= 0:
         raise ValueError(f"step_size must be positive, got {step_size}")
-    return lambda t: lr * gamma ** (_check_step(t) // step_size)
+    return _described(
+        lambda t: lr * gamma ** (_check_step(t) // step_size),
+        "step_lr", lr=lr, step_size=step_size, gamma=gamma,
+    )  # fmt: skip
 
 
 def cosine(lr: float, t_max: int, eta_min: float = 0.0) -> Schedule:
@@ -86,7 +127,10 @@ def cosine(lr: float, t_max: int, eta_min: float = 0.0) -> Schedule:
     `torch.optim.lr_scheduler.CosineAnnealingLR` (which, past `t_max`, rises again likewise)."""
     if t_max <= 0:
         raise ValueError(f"t_max must be positive, got {t_max}")
-    return lambda t: eta_min + (lr - eta_min) * (1 + _cos(math.pi * _check_step(t) / t_max)) / 2
+    return _described(
+        lambda t: eta_min + (lr - eta_min) * (1 + _cos(math.pi * _check_step(t) / t_max)) / 2,
+        "cosine", lr=lr, t_max=t_max, eta_min=eta_min,
+    )  # fmt: skip
 
 
 def _onecycle_phases(
@@ -147,7 +191,11 @@ def onecycle(
             value = _where(t <= phase[1], phase_value(t, *phase), value)
         return value
 
-    return schedule
+    return _described(
+        schedule, "onecycle", max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
+        anneal_strategy=anneal_strategy, div_factor=div_factor, final_div_factor=final_div_factor,
+        three_phase=three_phase,
+    )  # fmt: skip
 
 
 def linear_warmup(lr: float, warmup_steps: int) -> Schedule:
@@ -156,7 +204,10 @@ def linear_warmup(lr: float, warmup_steps: int) -> Schedule:
     `1 / warmup_steps` over `warmup_steps - 1` steps."""
     if warmup_steps <= 0:
         raise ValueError(f"warmup_steps must be positive, got {warmup_steps}")
-    return lambda t: lr * _clamp((_check_step(t) + 1) / warmup_steps, hi=1.0)
+    return _described(
+        lambda t: lr * _clamp((_check_step(t) + 1) / warmup_steps, hi=1.0),
+        "linear_warmup", lr=lr, warmup_steps=warmup_steps,
+    )  # fmt: skip
 
 
 def warmup_cosine(lr: float, warmup_steps: int, total_steps: int, eta_min: float = 0.0) -> Schedule:
@@ -172,7 +223,9 @@ def warmup_cosine(lr: float, warmup_steps: int, total_steps: int, eta_min: float
         annealed = eta_min + (lr - eta_min) * (1 + _cos(math.pi * frac)) / 2
         return _where(t < warmup_steps, warm(t), annealed)
 
-    return schedule
+    return _described(
+        schedule, "warmup_cosine", lr=lr, warmup_steps=warmup_steps, total_steps=total_steps, eta_min=eta_min
+    )
 
 
 def piecewise_linear(knots: Sequence[tuple[float, float]]) -> Schedule:
@@ -192,13 +245,13 @@ def piecewise_linear(knots: Sequence[tuple[float, float]]) -> Schedule:
             value = value + _clamp((t - x0) / (x1 - x0), 0.0, 1.0) * (y1 - y0)
         return value
 
-    return schedule
+    return _described(schedule, "piecewise_linear", knots=tuple(zip(xs, ys, strict=True)))
 
 
 def triangle(total_steps: int, warmup_steps: int, start: float = 0.1, end: float = 0.0) -> Schedule:
     """A one-cycle multiplier: linear from `start` to 1 over `warmup_steps`, then linear to
     `end` at `total_steps` (the triangular schedule of fast CIFAR-10 recipes): a
-    `piecewise_linear`."""
+    `piecewise_linear`, and described as the one it is (its knots)."""
     if total_steps <= 0 or not 0 <= warmup_steps < total_steps:
         raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps}, {total_steps}")
     knots = (

@@ -9,11 +9,19 @@ An optimizer is a `GradientTransformation(init, update)`:
 Nothing is modified in place: every call returns new trees. Named optimizers
 (`sgd`, `adam`, `adamw`) are `chain(...)`s of small transforms and follow
 `torch.optim.SGD` / `Adam` / `AdamW` step for step (same formulas, same order of
-operations where it matters for rounding).
+operations where it matters for rounding); `lion` is optax's.
+
+Every transform says what it is: `tx.description` is a `Description` (the function that
+built it, its arguments, the descriptions of the transforms it wraps), data that exports read
+(`interop.optax_optimizer`). Differentiable by default: `update` never detaches, and a
+tensor given to `set_hyperparam` (or as a hyperparameter to a constructor) keeps its
+autograd graph, so MAML-style meta-gradients and hypergradients flow through every public
+transform (`tests/test_differentiable.py` checks each against finite differences). Adam's
+`eps_root > 0` keeps them finite where a gradient entry is exactly 0.
 
 The package's rooms: `base` (GradientTransformation, chain, apply_updates), `transforms`
 (trace, scale_by_adam, clip_by_global_norm, add_noise, set_to_zero, ema, ...), `wrappers`
-(masked, multi_transform, MultiSteps), `alias` (sgd, adam, adamw), `hyper` (hyperparameters
+(masked, multi_transform, MultiSteps), `alias` (sgd, adam, adamw, lion), `hyper` (hyperparameters
 in the state); every public name is re-exported here, `optim.X`.
 
 Transforms with optax's semantics (tested against optax itself, float64):
@@ -52,8 +60,9 @@ the update.
 
 from __future__ import annotations
 
-from fashion_func.optim.alias import adam, adamw, sgd
+from fashion_func.optim.alias import adam, adamw, lion, sgd
 from fashion_func.optim.base import (
+    Description,
     GradientTransformation,
     Params,
     State,
@@ -70,6 +79,7 @@ from fashion_func.optim.transforms import (
     EmaState,
     ScaleByAdamState,
     ScaleByLearningRateState,
+    ScaleByLionState,
     ScaleByScheduleState,
     TraceState,
     add_decayed_weights,
@@ -80,6 +90,7 @@ from fashion_func.optim.transforms import (
     ema_params,
     scale_by_adam,
     scale_by_learning_rate,
+    scale_by_lion,
     scale_by_schedule,
     set_noise_key,
     set_to_zero,
@@ -98,6 +109,7 @@ __all__ = [
     "AddDecayedWeightsState",
     "AddNoiseState",
     "ClipByGlobalNormState",
+    "Description",
     "EmaState",
     "GradientTransformation",
     "MaskedState",
@@ -107,6 +119,7 @@ __all__ = [
     "Params",
     "ScaleByAdamState",
     "ScaleByLearningRateState",
+    "ScaleByLionState",
     "ScaleByScheduleState",
     "State",
     "TraceState",
@@ -123,11 +136,13 @@ __all__ = [
     "find_states",
     "get_hyperparam",
     "hyperparams",
+    "lion",
     "map_states",
     "masked",
     "multi_transform",
     "scale_by_adam",
     "scale_by_learning_rate",
+    "scale_by_lion",
     "scale_by_schedule",
     "set_hyperparam",
     "set_noise_key",

@@ -1,30 +1,57 @@
-"""The optimizer's contract: `GradientTransformation(init, update)`, `chain`, `apply_updates`,
-and the helpers every transform uses to build its state (hyperparameters as 0-d tensors)."""
+"""The optimizer's contract: `GradientTransformation(init, update, description)`, `chain`,
+`apply_updates`, and the helpers every transform uses to build its state (hyperparameters as
+0-d tensors) and its description."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from fashion_func import tree
+from fashion_func.schedules import Description
 
-__all__ = ["GradientTransformation", "Params", "State", "apply_updates", "chain", "find_states", "map_states"]
+__all__ = [
+    "Description",
+    "GradientTransformation",
+    "Params",
+    "State",
+    "apply_updates",
+    "chain",
+    "find_states",
+    "map_states",
+]
 
 Params = Any  # a tree of tensors; in this library a flat dict[str, Tensor]
 State = Any  # a NamedTuple of tensors / trees, or a tuple of such (chain)
 
 
 class GradientTransformation(NamedTuple):
-    """A pair of pure functions.
+    """A pair of pure functions, and what they are.
 
     `init(params) -> state`; `update(grads, state, params=None) -> (updates, state)`.
+    `description`: a `Description` (name, hyperparameters, children) that every transform
+    `optim` builds carries, read by exports (`interop.optax_optimizer`); `None` for one
+    written by hand, `GradientTransformation(init, update)`.
     """
 
     init: Callable[[Params], State]
     update: Callable[..., tuple[Params, State]]
+    description: Description | None = None
+
+
+def described(
+    init: Callable[[Params], State],
+    update: Callable[..., tuple[Params, State]],
+    name: str,
+    children: Mapping[str, GradientTransformation] | None = None,
+    **hyperparams: Any,
+) -> GradientTransformation:
+    """`GradientTransformation(init, update)` described as `name(**hyperparams)` wrapping `children`."""
+    kids = {role: tx.description for role, tx in (children or {}).items()}
+    return GradientTransformation(init, update, Description(name, hyperparams, kids))
 
 
 # ---------------------------------------------------------------------------
@@ -46,9 +73,12 @@ def widest_float(leaves: list[Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
 
 
-def hyper(value: float, params: Params) -> Tensor:
-    """A settable hyperparameter: a 0-d float tensor on the params' device (`hyper_spec`)."""
+def hyper(value: float | Tensor, params: Params) -> Tensor:
+    """A settable hyperparameter: a 0-d float tensor on the params' device (`hyper_spec`).
+    A tensor `value` keeps its autograd graph (a hyperparameter one differentiates by)."""
     dtype, device = hyper_spec(params)
+    if isinstance(value, Tensor):
+        return value.to(dtype=dtype, device=device).reshape(())
     return torch.tensor(float(value), dtype=dtype, device=device)
 
 
@@ -71,6 +101,11 @@ def need_params(params: Params | None, who: str) -> Params:
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply `transforms` one after the other; the state is the tuple of their states."""
+    return named_chain("chain", transforms)
+
+
+def named_chain(name: str, transforms: Any, **hyperparams: Any) -> GradientTransformation:
+    """`chain(*transforms)` described as `name(**hyperparams)` (a named optimizer: `adam`, `sgd`)."""
     txs = tuple(transforms)
 
     def init(params: Params) -> tuple[State, ...]:
@@ -85,7 +120,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(s)
         return grads, tuple(new_states)
 
-    return GradientTransformation(init, update)
+    return described(init, update, name, {str(i): tx for i, tx in enumerate(txs)}, **hyperparams)
 
 
 def apply_updates(params: Params, updates: Params) -> Params:

@@ -103,7 +103,8 @@ def set_hyperparam(opt_state: State, name: str, value: float | Tensor) -> State:
     device and shape (so compiled steps do not recompile). The old state is untouched.
     `"lr"` sets every lr, `"head/lr"` those of `multi_transform` group `head` only.
     In a stacked state (`[K]` per member) a float sets every member and a `[K]` tensor
-    each its own. KeyError if `name` is absent."""
+    each its own. A tensor keeps its autograd graph (as optax's `inject_hyperparams`): a
+    hypergradient flows through it. KeyError if `name` is absent."""
     matches = _matches(name)
     hits = 0
 
@@ -113,7 +114,8 @@ def set_hyperparam(opt_state: State, name: str, value: float | Tensor) -> State:
             return old
         hits += 1
         if isinstance(value, Tensor):
-            return value.detach().to(dtype=old.dtype, device=old.device).reshape(old.shape).clone()
+            # no detach: the value may be what a hypergradient is taken with respect to
+            return value.to(dtype=old.dtype, device=old.device).reshape(old.shape).clone()
         return torch.full_like(old, float(value))
 
     new_state = _walk(opt_state, replace)

@@ -1,6 +1,7 @@
 """Small gradient transforms, each a `GradientTransformation` with a NamedTuple state: weight
-decay, momentum, Adam's preconditioner, learning rate and schedule, clipping, gradient noise,
-zeroing, and the parameters' moving average."""
+decay, momentum, Adam's and Lion's preconditioners, learning rate and schedule, clipping,
+gradient noise, zeroing, and the parameters' moving average. Each is `described` by its own
+name and the arguments it was built with."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fashion_func.optim.base import (
     Params,
     State,
     counter,
+    described,
     find_states,
     hyper,
     map_states,
@@ -32,6 +34,7 @@ __all__ = [
     "EmaState",
     "ScaleByAdamState",
     "ScaleByLearningRateState",
+    "ScaleByLionState",
     "ScaleByScheduleState",
     "TraceState",
     "add_decayed_weights",
@@ -42,6 +45,7 @@ __all__ = [
     "ema_params",
     "scale_by_adam",
     "scale_by_learning_rate",
+    "scale_by_lion",
     "scale_by_schedule",
     "set_noise_key",
     "set_to_zero",
@@ -64,6 +68,11 @@ class ScaleByAdamState(NamedTuple):
     count: Tensor  # 0-d int64
     mu: Params  # first moment (torch: exp_avg)
     nu: Params  # second moment (torch: exp_avg_sq)
+
+
+class ScaleByLionState(NamedTuple):
+    count: Tensor  # 0-d int64
+    mu: Params  # the momentum, like params
 
 
 class EmaState(NamedTuple):
@@ -105,7 +114,7 @@ def _weight_decay_transform(weight_decay: float, who: str) -> GradientTransforma
         # torch: grad.add(param, alpha=weight_decay)
         return tree.map(lambda u, p: u + wd * p, updates, params), state
 
-    return GradientTransformation(init, update)
+    return described(init, update, who, weight_decay=weight_decay)
 
 
 def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> GradientTransformation:
@@ -159,7 +168,7 @@ def trace(momentum: float = 0.9, nesterov: bool = False, dampening: float = 0.0)
             updates = buf
         return updates, TraceState(state.count + 1, buf, m, d)
 
-    return GradientTransformation(init, update)
+    return described(init, update, "trace", momentum=momentum, nesterov=nesterov, dampening=dampening)
 
 
 def _scalar_dtype(device: torch.device) -> torch.dtype:
@@ -168,9 +177,19 @@ def _scalar_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+def scale_by_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
+) -> GradientTransformation:
     """Adam's preconditioner, `m_hat / (sqrt(v_hat) + eps)`, with torch.optim.Adam's
-    bias correction: `(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)`."""
+    bias correction: `(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)`.
+
+    `eps_root` (optax's): `m_hat / (sqrt(v_hat + eps_root) + eps)`. With `eps_root > 0` the
+    square root's derivative stays finite where a gradient entry is exactly 0, so a
+    meta-gradient through Adam (MAML, hypergradients) is finite there, not NaN; 0 (the
+    default) keeps torch.optim.Adam's formula.
+    """
+    if eps_root < 0:
+        raise ValueError(f"scale_by_adam eps_root must be >= 0, got {eps_root}")
 
     def init(params: Params) -> ScaleByAdamState:
         return ScaleByAdamState(counter(params), tree.zeros_like(params), tree.zeros_like(params))
@@ -185,15 +204,41 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         nu = tree.map(lambda v, g: v * b2 + (1 - b2) * g * g, state.nu, grads)
         t = count.to(_scalar_dtype(count.device))
         bc1 = 1 - b1**t
-        bc2_sqrt = (1 - b2**t).sqrt()
+        bc2 = 1 - b2**t
+        bc2_sqrt = bc2.sqrt()
 
         def precondition(m: Tensor, v: Tensor) -> Tensor:
-            denom = v.sqrt() / bc2_sqrt.to(v.dtype) + eps
+            if eps_root:  # optax: sqrt(nu_hat + eps_root), nu_hat = v / bc2
+                denom = (v / bc2.to(v.dtype) + eps_root).sqrt() + eps
+            else:
+                denom = v.sqrt() / bc2_sqrt.to(v.dtype) + eps
             return (m / bc1.to(m.dtype)) / denom
 
         return tree.map(precondition, mu, nu), ScaleByAdamState(count, mu, nu)
 
-    return GradientTransformation(init, update)
+    return described(init, update, "scale_by_adam", b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+
+
+def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
+    """Lion's direction (optax's `scale_by_lion`, Chen et al., 2023): the update is
+    `sign((1 - b1) * g + b1 * mu)`, then the momentum `mu = (1 - b2) * g + b2 * mu`.
+
+    `sign` has derivative 0 (where it has one), so a meta-gradient through Lion flows
+    only through what is chained after it (weight decay, the learning rate).
+    """
+
+    def init(params: Params) -> ScaleByLionState:
+        return ScaleByLionState(counter(params), tree.zeros_like(params))
+
+    def update(
+        grads: Params, state: ScaleByLionState, params: Params | None = None
+    ) -> tuple[Params, ScaleByLionState]:
+        del params
+        updates = tree.map(lambda g, m: torch.sign((1.0 - b1) * g + b1 * m), grads, state.mu)
+        mu = tree.map(lambda g, m: (1 - b2) * g + b2 * m, grads, state.mu)
+        return updates, ScaleByLionState(state.count + 1, mu)
+
+    return described(init, update, "scale_by_lion", b1=b1, b2=b2)
 
 
 # ---------------------------------------------------------------------------
@@ -213,7 +258,7 @@ def scale_by_learning_rate(lr: float) -> GradientTransformation:
         neg_lr = -state.lr
         return tree.map(lambda u: u * neg_lr, updates), state
 
-    return GradientTransformation(init, update)
+    return described(init, update, "scale_by_learning_rate", lr=lr)
 
 
 def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransformation:
@@ -240,7 +285,7 @@ def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransform
         factor = schedule(state.count.to(widest_float(leaves)))
         return tree.map(lambda u: u * factor.to(u.dtype), updates), ScaleByScheduleState(state.count + 1)
 
-    return GradientTransformation(init, update)
+    return described(init, update, "scale_by_schedule", schedule=schedule)
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
@@ -263,7 +308,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         coef = torch.clamp(state.max_norm.to(total.dtype) / (total + 1e-6), max=1.0)
         return tree.map(lambda t: t * coef.to(t.dtype), updates), state
 
-    return GradientTransformation(init, update)
+    return described(init, update, "clip_by_global_norm", max_norm=max_norm)
 
 
 def set_to_zero() -> GradientTransformation:
@@ -279,7 +324,7 @@ def set_to_zero() -> GradientTransformation:
         del params
         return tree.zeros_like(updates), state
 
-    return GradientTransformation(init, update)
+    return described(init, update, "set_to_zero")
 
 
 # ---------------------------------------------------------------------------
@@ -319,7 +364,7 @@ def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation
         ]
         return pytree.tree_unflatten(noised, spec), next_state
 
-    return GradientTransformation(init, update)
+    return described(init, update, "add_noise", eta=eta, gamma=gamma, seed=seed)
 
 
 def set_noise_key(opt_state: State, key: int | Tensor) -> State:
@@ -350,7 +395,8 @@ def ema(decay: float = 0.999) -> GradientTransformation:
         raise ValueError(f"ema decay must be in [0, 1], got {decay}")
 
     def init(params: Params) -> EmaState:
-        return EmaState(hyper(decay, params), counter(params), tree.map(lambda p: p.detach().clone(), params))
+        # a copy, not detached: the average stays differentiable with respect to the params
+        return EmaState(hyper(decay, params), counter(params), tree.map(lambda p: p.clone(), params))
 
     def update(updates: Params, state: EmaState, params: Params | None = None) -> tuple[Params, EmaState]:
         params = need_params(params, "ema")
@@ -364,7 +410,7 @@ def ema(decay: float = 0.999) -> GradientTransformation:
         averaged = {k: average(state.ema[k], params[k], updates[k]) for k in state.ema}
         return updates, EmaState(state.decay, state.count + 1, averaged)
 
-    return GradientTransformation(init, update)
+    return described(init, update, "ema", decay=decay)
 
 
 def ema_params(opt_state: State) -> Params:

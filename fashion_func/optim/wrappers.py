@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fashion_func import tree
-from fashion_func.optim.base import GradientTransformation, Params, State, counter
+from fashion_func.optim.base import GradientTransformation, Params, State, counter, described
 
 __all__ = [
     "Labels",
@@ -128,7 +128,7 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         new_part, inner_state = inner.update(part, state.inner_state, part_params)
         return _merge(updates, new_part), MaskedState(inner_state)
 
-    return GradientTransformation(init, update)
+    return described(init, update, "masked", {"inner": inner}, mask=mask)
 
 
 def multi_transform(
@@ -173,7 +173,7 @@ def multi_transform(
             updates = _merge(updates, new_part)
         return updates, MultiTransformState(new_states)
 
-    return GradientTransformation(init, update)
+    return described(init, update, "multi_transform", txs, labels=labels)
 
 
 def _accumulator_dtype(p: Tensor) -> torch.dtype:
@@ -221,4 +221,6 @@ def MultiSteps(  # optax's name (a class there) for the same wrapper
         )
         return updates, new_state
 
-    return GradientTransformation(init, update)
+    return described(
+        init, update, "MultiSteps", {"inner": inner}, every_k=every_k, use_grad_mean=use_grad_mean
+    )
