@@ -1,14 +1,15 @@
 """A training run across frameworks: our train state <-> optax / Flax, and back.
 
 - `optax_optimizer(tx, opt_state=None)`: the optax chain that computes our optimizer's update
-  (`optim.sgd` with (Nesterov) momentum, `adam`, `adamw`, `scale_by_schedule` with a
-  `schedules.piecewise_linear` / `triangle` multiplier, chains of them). Hyperparameters held
-  in the state (lr, weight decay, momentum) are read from `opt_state` when given (what the
-  run last set), else from `tx`'s own; the fixed ones (b1, b2, eps, nesterov, the schedule)
-  from `tx`.
+  (`optim.sgd` with (Nesterov) momentum, `adam`, `adamw`, `lion`, `scale_by_schedule` with a
+  `schedules.piecewise_linear` / `triangle` multiplier, chains of them), built from `tx`'s
+  `description` (what it is, as data: nothing here reads code). Hyperparameters held in the
+  state (lr, weight decay, momentum) are read from `opt_state` when given (what the run last
+  set), else from `tx`'s own; the fixed ones (b1, b2, eps, eps_root, nesterov, the schedule's
+  knots) from the description.
 - `to_optax(source, tx)`: `(params, opt_state)`, params as Flax's `params` collection
   (`to_flax` layout), the state as optax's own NamedTuples (`ScaleByAdamState`, `TraceState`,
-  `ScaleByScheduleState`, tuples for chains) of `jax.Array`s.
+  `ScaleByLionState`, `ScaleByScheduleState`, tuples for chains) of `jax.Array`s.
 - `flax_train_state(source, tx)`: a `flax.training.train_state.TrainState` of the model's Flax
   module (`flax_module(name, torch_bn=True)`) with `batch_stats` for batch norm.
 - `from_optax(params, opt_state, like, ...)` / `from_flax_train_state(ts, like)`: our
@@ -18,18 +19,17 @@
 Where optax and torch.optim differ, the chain is chosen to compute the same update: torch's L2
 weight decay (`optim.adam(weight_decay=)`, `optim.sgd`) is `optax.add_decayed_weights` placed
 *before* the preconditioner, AdamW's after it; the bias correction and `eps` outside the square
-root are optax's `scale_by_adam` (`eps_root=0`) up to rounding. What optax cannot compute is
-refused with one line naming the difference (SGD dampening, our gradient clipping's `+ 1e-6`,
-the moving average of the weights). jax, flax and optax are imported only inside functions.
+root are optax's `scale_by_adam` (with the same `eps_root`) up to rounding. What optax cannot
+compute is refused with one line naming the difference (SGD dampening, our gradient clipping's
+`+ 1e-6`, the moving average of the weights, our noise's generator), and so is a transform
+written by hand without a description. jax, flax and optax are imported only inside functions.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,10 @@ from fashion_func.interop.flax_io import flax_variables, from_flax, to_flax
 from fashion_func.interop.flax_modules import flax_module
 from fashion_func.interop.torch_io import identify, merge_state
 from fashion_func.interop.torch_modules import hparams_from_params
+from fashion_func.schedules import DescribedSchedule
 from fashion_func.state import TrainState
 
 __all__ = [
-    "Transform",
-    "describe",
     "flax_train_state",
     "from_flax_train_state",
     "from_optax",
@@ -57,60 +56,51 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Transform:
-    """One of our transforms as read off its closures: `kind` (its function's name), the
-    fixed hyperparameters, and for a chain its parts."""
-
-    kind: str
-    fixed: dict[str, Any] = field(default_factory=dict)
-    parts: tuple[Transform, ...] = ()
-
-
-_SUPPORTED = ("chain", "add_decayed_weights", "add_l2_to_grads", "trace", "scale_by_adam",
-              "scale_by_learning_rate", "scale_by_schedule")  # fmt: skip
+# Our transforms by the name in their description: those whose state is a chain's tuple of
+# their parts' states, those optax computes alike, and those it cannot (with the reason).
+_CHAINS = frozenset({"chain", "sgd", "adam", "adamw", "lion"})
+_SUPPORTED = ("chain", "sgd", "adam", "adamw", "lion", "add_decayed_weights", "add_l2_to_grads", "trace",
+              "scale_by_adam", "scale_by_lion", "scale_by_learning_rate", "scale_by_schedule")  # fmt: skip
 _REFUSED = {
     "clip_by_global_norm": "clip_by_global_norm scales by max_norm / (norm + 1e-6) as torch does, "
     "optax's by max_norm / norm only when the norm exceeds it; no optax transform computes ours",
     "ema": "ema keeps a moving average of the weights, which no optax transform does "
     "(optax.ema averages the updates)",
+    "add_noise": "add_noise draws from this library's keyed generator, not JAX's PRNG",
 }
 
 
-def describe(tx: optim.GradientTransformation) -> Transform:
-    """Our transform `tx` as a `Transform` tree, read off the closures of its `update`.
-
-    ValueError (one line) for a transform optax cannot reproduce or one this module does not know.
-    """
-    fn = tx.update
-    kind = fn.__qualname__.split(".<locals>")[0]
-    names = inspect.getclosurevars(fn).nonlocals
-    if kind == "_weight_decay_transform":
-        kind = names["who"]
-    if kind in _REFUSED:
-        raise ValueError(f"no optax equivalent: {_REFUSED[kind]}")
-    if kind not in _SUPPORTED:
-        raise ValueError(f"no optax equivalent known for transform {kind!r}; known: {', '.join(_SUPPORTED)}")
-    if kind == "chain":
-        return Transform(kind, parts=tuple(describe(t) for t in names["txs"]))
-    if kind == "trace":
-        return Transform(kind, {"nesterov": bool(names["nesterov"])})
-    if kind == "scale_by_adam":
-        return Transform(kind, {k: float(names[k]) for k in ("b1", "b2", "eps")})
-    if kind == "scale_by_schedule":
-        return Transform(kind, {"knots": _knots(names["schedule"])})
-    return Transform(kind)
-
-
-def _knots(schedule: Callable[..., Any]) -> tuple[tuple[float, float], ...]:
-    """The knots of a `schedules.piecewise_linear` (or `triangle`) multiplier."""
-    if getattr(schedule, "__qualname__", "").split(".<locals>")[0] != "piecewise_linear":
+def _description(desc: optim.Description | None) -> optim.Description:
+    """The description of our transform, checked to be one optax computes alike (ValueError, one line,
+    for one it cannot, one this module does not know, or one written without a description)."""
+    if desc is None:
         raise ValueError(
-            "no optax equivalent known for scale_by_schedule with this schedule; "
+            "no optax equivalent known for a transform without a description (one written as "
+            f"GradientTransformation(init, update)); known: {', '.join(_SUPPORTED)}"
+        )
+    if desc.name in _REFUSED:
+        raise ValueError(f"no optax equivalent: {_REFUSED[desc.name]}")
+    if desc.name not in _SUPPORTED:
+        raise ValueError(
+            f"no optax equivalent known for transform {desc.name!r}; known: {', '.join(_SUPPORTED)}"
+        )
+    for child in desc.children.values():
+        _description(child)
+    if desc.name == "scale_by_schedule":
+        _knots(desc.hyperparams["schedule"])
+    return desc
+
+
+def _knots(schedule: Any) -> tuple[tuple[float, float], ...]:
+    """The knots of a `schedules.piecewise_linear` (or `triangle`) multiplier, from its description."""
+    desc = schedule.description if isinstance(schedule, DescribedSchedule) else None
+    if desc is None or desc.name != "piecewise_linear":
+        which = f"schedule {desc.name}" if desc is not None else "a schedule without a description"
+        raise ValueError(
+            f"no optax equivalent known for scale_by_schedule with {which}; "
             "schedules.piecewise_linear and schedules.triangle convert"
         )
-    names = inspect.getclosurevars(schedule).nonlocals
-    return tuple(zip(names["xs"], names["ys"], strict=True))
+    return tuple(desc.hyperparams["knots"])
 
 
 def _jax_piecewise_linear(knots: tuple[tuple[float, float], ...]) -> Callable[[Any], Any]:
@@ -134,26 +124,34 @@ def _hypers(tx: optim.GradientTransformation, opt_state: Any | None) -> Any:
     return tx.init({"_": torch.zeros((), dtype=torch.float64)})  # float64: the values as written
 
 
-def _optax_chain(spec: Transform, state: Any) -> Any:
-    """The optax transform of `spec`, its state-held hyperparameters read from our `state`."""
+def _parts(desc: optim.Description) -> list[optim.Description]:
+    """A chain's parts in order (their roles are "0", "1", ...)."""
+    return [desc.children[str(i)] for i in range(len(desc.children))]  # type: ignore[misc]
+
+
+def _optax_chain(desc: optim.Description, state: Any) -> Any:
+    """The optax transform of `desc`, its state-held hyperparameters read from our `state`."""
     import optax
 
-    if spec.kind == "chain":
-        return optax.chain(*(_optax_chain(p, s) for p, s in zip(spec.parts, state, strict=True)))
-    if spec.kind in ("add_decayed_weights", "add_l2_to_grads"):
+    fixed = desc.hyperparams
+    if desc.name in _CHAINS:
+        return optax.chain(*(_optax_chain(p, s) for p, s in zip(_parts(desc), state, strict=True)))
+    if desc.name in ("add_decayed_weights", "add_l2_to_grads"):
         # either placement is optax's add_decayed_weights at the same place in the chain: first
         # (torch's L2 in the gradient) or after the preconditioner (AdamW's decoupled decay)
         return optax.add_decayed_weights(_scalar(state.weight_decay))
-    if spec.kind == "trace":
+    if desc.name == "trace":
         if _scalar(state.dampening) != 0:
             raise ValueError("no optax equivalent: SGD dampening (optax.trace has none)")
-        return optax.trace(decay=_scalar(state.momentum), nesterov=spec.fixed["nesterov"])
-    if spec.kind == "scale_by_adam":
-        f = spec.fixed
-        return optax.scale_by_adam(b1=f["b1"], b2=f["b2"], eps=f["eps"], eps_root=0.0)
-    if spec.kind == "scale_by_learning_rate":
+        return optax.trace(decay=_scalar(state.momentum), nesterov=bool(fixed["nesterov"]))
+    if desc.name == "scale_by_adam":
+        b1, b2, eps, eps_root = (float(fixed[k]) for k in ("b1", "b2", "eps", "eps_root"))
+        return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+    if desc.name == "scale_by_lion":
+        return optax.scale_by_lion(b1=float(fixed["b1"]), b2=float(fixed["b2"]))
+    if desc.name == "scale_by_learning_rate":
         return optax.scale_by_learning_rate(_scalar(state.lr))
-    return optax.scale_by_schedule(_jax_piecewise_linear(spec.fixed["knots"]))
+    return optax.scale_by_schedule(_jax_piecewise_linear(_knots(fixed["schedule"])))
 
 
 def _scalar(t: Tensor) -> float:
@@ -172,7 +170,7 @@ def optax_optimizer(tx: optim.GradientTransformation, opt_state: Any | None = No
     constants of the optax chain (rebuild it to change one). ValueError (one line) for what
     optax cannot compute the same way.
     """
-    return _optax_chain(describe(tx), _hypers(tx, opt_state))
+    return _optax_chain(_description(tx.description), _hypers(tx, opt_state))
 
 
 # --------------------------------------------------------------------------- our state -> optax
@@ -238,16 +236,19 @@ def _batch_stats(model_state: Mapping[str, Tensor], params: Mapping[str, Tensor]
 
 
 def _fill(ostate: Any, ours: Any, conv: Callable[[Any], Any]) -> Any:
-    """optax's initial state `ostate` with the moments, buffers and counts of our state `ours`."""
+    """optax's initial state `ostate` with the moments, buffers and counts of our state `ours`
+    (a chain's state is a plain tuple, each transform's a NamedTuple of its own type)."""
     import jax.numpy as jnp
 
+    count = lambda c: jnp.asarray(int(c), dtype=jnp.int32)
     if isinstance(ours, optim.ScaleByAdamState):
-        count = jnp.asarray(int(ours.count), dtype=jnp.int32)
-        return ostate._replace(count=count, mu=conv(ours.mu), nu=conv(ours.nu))
+        return ostate._replace(count=count(ours.count), mu=conv(ours.mu), nu=conv(ours.nu))
+    if isinstance(ours, optim.ScaleByLionState):
+        return ostate._replace(count=count(ours.count), mu=conv(ours.mu))
     if isinstance(ours, optim.TraceState):
         return ostate._replace(trace=conv(ours.trace))
     if isinstance(ours, optim.ScaleByScheduleState):
-        return ostate._replace(count=jnp.asarray(int(ours.count), dtype=jnp.int32))
+        return ostate._replace(count=count(ours.count))
     if isinstance(ours, tuple) and not hasattr(ours, "_fields"):
         return tuple(_fill(o, s, conv) for o, s in zip(ostate, ours, strict=True))
     return ostate  # weight decay and lr: optax keeps them in the chain, not the state
@@ -333,32 +334,45 @@ def _torch_tree(
     return {k: back[k].to(t.device) for k, t in like.items()}
 
 
-_EMPTY = (optim.AddDecayedWeightsState, optim.ScaleByLearningRateState)
+def _optax_state_types() -> dict[type, type]:
+    """Our transforms' state types and the optax state type of the transform `optax_optimizer` makes
+    of each (weight decay and lr keep theirs in the chain: optax's state is empty)."""
+    import optax
+
+    return {
+        optim.ScaleByAdamState: optax.ScaleByAdamState,
+        optim.ScaleByLionState: optax.ScaleByLionState,
+        optim.TraceState: optax.TraceState,
+        optim.ScaleByScheduleState: optax.ScaleByScheduleState,
+        optim.AddDecayedWeightsState: optax.EmptyState,
+        optim.ScaleByLearningRateState: optax.EmptyState,
+    }
 
 
 def _unfill(ours: Any, ostate: Any, back: Callable[[Any], Any], step: Tensor, where: str) -> Any:
-    """Our state `ours` (the template) with the moments, buffers and counts of optax's `ostate`."""
-    expected = type(ours).__name__ if hasattr(ours, "_fields") else "a tuple (chain)"
-    got = type(ostate).__name__
-    fields = getattr(ostate, "_fields", None)
+    """Our state `ours` (the template) with the moments, buffers and counts of optax's `ostate`,
+    matched by type; ValueError (one line) for a state of another structure."""
+    chain = isinstance(ours, tuple) and not hasattr(ours, "_fields")
 
     def count(c: Any) -> Tensor:
         return torch.tensor(int(c), dtype=torch.int64, device=ours.count.device)
 
-    if isinstance(ours, tuple) and not hasattr(ours, "_fields"):
-        if isinstance(ostate, (tuple, list)) and fields is None and len(ostate) == len(ours):
-            return tuple(
-                _unfill(s, o, back, step, f"{where}/{i}")
-                for i, (s, o) in enumerate(zip(ours, ostate, strict=True))
-            )
-    elif isinstance(ours, optim.ScaleByAdamState) and got == "ScaleByAdamState":
-        return optim.ScaleByAdamState(count(ostate.count), back(ostate.mu), back(ostate.nu))
-    elif isinstance(ours, optim.TraceState) and got == "TraceState" and fields == ("trace",):
-        return ours._replace(count=step.clone(), trace=back(ostate.trace))
-    elif isinstance(ours, optim.ScaleByScheduleState) and got == "ScaleByScheduleState":
-        return optim.ScaleByScheduleState(count(ostate.count))
-    elif isinstance(ours, _EMPTY) and fields == ():
-        return ours
+    if chain:
+        if isinstance(ostate, (tuple, list)) and not hasattr(ostate, "_fields") and len(ostate) == len(ours):
+            pairs = enumerate(zip(ours, ostate, strict=True))
+            return tuple(_unfill(s, o, back, step, f"{where}/{i}") for i, (s, o) in pairs)
+    elif isinstance(ostate, _optax_state_types().get(type(ours), ())):
+        if isinstance(ours, optim.ScaleByAdamState):
+            return optim.ScaleByAdamState(count(ostate.count), back(ostate.mu), back(ostate.nu))
+        if isinstance(ours, optim.ScaleByLionState):
+            return optim.ScaleByLionState(count(ostate.count), back(ostate.mu))
+        if isinstance(ours, optim.TraceState):
+            return ours._replace(count=step.clone(), trace=back(ostate.trace))
+        if isinstance(ours, optim.ScaleByScheduleState):
+            return optim.ScaleByScheduleState(count(ostate.count))
+        return ours  # weight decay and lr: their values are ours
+    expected = "a tuple (chain)" if chain else type(ours).__name__
+    got = type(ostate).__name__
     shown = f"{got} of length {len(ostate)}" if isinstance(ostate, (tuple, list)) else got
     raise ValueError(
         f"optax state {where}: expected {expected}, got {shown}; it is not the state of optax_optimizer(tx)"
