@@ -39,7 +39,9 @@ def _torchvision_raw(root: Path) -> None:
 @pytest.mark.slow
 def test_readme_python_api_runs_as_written(tmp_path: Path) -> None:
     blocks = _api_blocks()
-    assert len(blocks) == 4, "the README shows two research uses, extra metrics and extending the step"
+    assert len(blocks) == 5, (
+        "the README shows two research uses, extra metrics, extending the step and differentiating through it"
+    )
     _torchvision_raw(tmp_path / "dataset" / "fashion")
     script = tmp_path / "readme_api.py"
     script.write_text("\n".join(blocks))
@@ -52,6 +54,7 @@ def test_readme_python_api_runs_as_written(tmp_path: Path) -> None:
     loss = float(re.search(r"last batch loss ([0-9.]+)", out).group(1))
     assert 0 < loss < 1.0  # two epochs of 4096 images: well below chance (ln 10 = 2.3)
     assert "per-example gradient norms tensor([" in out
+    assert re.search(r"hypergradient -?[0-9.e-]+ finite differences -?[0-9.e-]+", out)
     history = json.loads((tmp_path / "runs" / "research" / "history.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert [r["lr"] for r in history] == pytest.approx([1e-3, 1e-3, 1e-4])  # StepLR(step_size=2)
