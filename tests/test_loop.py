@@ -541,9 +541,9 @@ def test_new_epoch_file_is_written_before_the_evicted_one_is_deleted(tmp_path, m
     present_at_save: list[list[str]] = []
     real_save = checkpoint.save_weights
 
-    def spy(path, params, *, metadata=None):
+    def spy(path, params, *, metadata=None, **kw):
         present_at_save.append(epoch_files(cfg.out_dir))
-        real_save(path, params, metadata=metadata)
+        real_save(path, params, metadata=metadata, **kw)
 
     monkeypatch.setattr(checkpoint, "save_weights", spy)
     app.train(cfg, callbacks=[Scripted(script=script)])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fashion_func import checkpoint, optim
-from fashion_func.loop.artifacts import LAST
+from fashion_func.loop.artifacts import LAST, lstat
 from fashion_func.loop.errors import RunError
 from fashion_func.safeio import describe, display, short_repr
 from fashion_func.state import TrainState
@@ -53,8 +53,19 @@ def resume_path(out: Path, resume: str | Path | None) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
-        p = out / "checkpoints" / LAST
-        return p if p.exists() else None
+        # the run's own resume point: refused before it is read when it (or checkpoints/) is a
+        # link (into another run, say) or not a regular file
+        folder, p = out / "checkpoints", out / "checkpoints" / LAST
+        for path, is_kind in ((folder, stat.S_ISDIR), (p, stat.S_ISREG)):
+            st = lstat(path)
+            if st is None:
+                return None
+            if stat.S_ISLNK(st.st_mode):
+                raise RunError(kind="link", path=path)
+            if not is_kind(st.st_mode):
+                expected = "a folder" if path is folder else "a regular file"
+                raise RunError(kind="wrong_kind", path=path, what=describe(st.st_mode), expected=expected)
+        return p
     p = Path(resume)
     try:
         mode = os.stat(p).st_mode
