@@ -27,7 +27,7 @@ from fashion_func import state as state_lib
 from fashion_func.augment import Augment
 from fashion_func.cli import budget, launch, private, words
 from fashion_func.cli import device as device_lib
-from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError, parse_sweep
+from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError, parse_sweep, same_value
 from fashion_func.cli.summary import summary
 from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, evaluate, fit
 from fashion_func.loop import resume as resume_lib
@@ -198,9 +198,8 @@ def _resume_point(
             f"resume it with --model {saved_model}"
         )
     saved = meta.get("config", {})
-    if isinstance(saved, dict) and (saved.get("ensemble", 1), saved.get("sweep")) != (
-        cfg.ensemble,
-        cfg.sweep,
+    if isinstance(saved, dict) and not (
+        saved.get("ensemble", 1) == cfg.ensemble and same_value("sweep", saved.get("sweep"), cfg.sweep)
     ):
         raise RunError(
             f"checkpoint {path} was trained with --ensemble {saved.get('ensemble', 1)} "

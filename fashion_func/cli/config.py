@@ -42,6 +42,7 @@ __all__ = [
     "parse_sweep",
     "presets",
     "resume_problem",
+    "same_value",
 ]
 
 MODELS = ("simplenet", "simplenet_bn", "alexnet", "mlp", "resnet", "dpcnn")
@@ -543,7 +544,7 @@ def resume_problem(saved: Mapping[str, Any], cfg: Config) -> str | None:
         old, new = saved[name], getattr(cfg, name)
         if name == "dp_max_grad_norm":  # left out is the default norm: giving that is no change
             old, new = (DP_MAX_GRAD_NORM if v is None else v for v in (old, new))
-        if key.resume == REFUSED and not _same(name, old, new):
+        if key.resume == REFUSED and not same_value(name, old, new):
             same = "members" if name in ("ensemble", "sweep") else f"{flag(name)} (or leave it out)"
             return (
                 f"{flag(name)} {short_repr(new)} differs from the resumed run's {short_repr(old)}, "
@@ -561,7 +562,7 @@ def resume_problem(saved: Mapping[str, Any], cfg: Config) -> str | None:
     return None
 
 
-def _same(name: str, old: Any, new: Any) -> bool:
+def same_value(name: str, old: Any, new: Any) -> bool:
     """`old` and `new` are the same setting of `name`, compared as values: a sweep's text
     `lr=1e-3,1e-2` is the same members as `lr=0.001,0.01`."""
     if name == "sweep" and isinstance(old, str) and isinstance(new, str):
