@@ -511,7 +511,10 @@ def test_stop_comes_after_the_epochs_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(
         plots,
         "plot_history",
-        lambda records, out: (drawn.append([r["epoch"] for r in records]), real_plot(records, out)),
+        lambda records, out, **kw: (
+            drawn.append([r["epoch"] for r in records]),
+            real_plot(records, out, **kw),
+        ),
     )
     callbacks = [
         Scripted(script={2: (cbs.Stop("scripted stop"), cbs.LogMessage("scripted message"))}),

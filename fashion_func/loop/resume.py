@@ -54,18 +54,13 @@ def resume_path(out: Path, resume: str | Path | None) -> Path | None:
         return None
     if resume == "auto":
         # the run's own resume point: refused before it is read when it (or checkpoints/) is a
-        # link (into another run, say) or not a regular file
-        folder, p = out / "checkpoints", out / "checkpoints" / LAST
-        for path, is_kind in ((folder, stat.S_ISDIR), (p, stat.S_ISREG)):
+        # link (into another run, say); any other kind of file is the reader's to refuse
+        p = out / "checkpoints" / LAST
+        for path in (p.parent, p):
             st = lstat(path)
-            if st is None:
-                return None
-            if stat.S_ISLNK(st.st_mode):
+            if st is not None and stat.S_ISLNK(st.st_mode):
                 raise RunError(kind="link", path=path)
-            if not is_kind(st.st_mode):
-                expected = "a folder" if path is folder else "a regular file"
-                raise RunError(kind="wrong_kind", path=path, what=describe(st.st_mode), expected=expected)
-        return p
+        return p if p.exists() else None
     p = Path(resume)
     try:
         mode = os.stat(p).st_mode
