@@ -15,19 +15,29 @@ __all__ = ["COMMANDS", "main"]
 def _train(argv: Sequence[str]) -> int:
     from fashion_func.cli.train import finish_rank, main_train
 
-    return finish_rank(main_train(argv))
+    return finish_rank(main_train(argv, prog="fashion-func train"))
 
 
 def _predict(argv: Sequence[str]) -> int:
-    from fashion_func.cli.predict import main as predict_main
+    from fashion_func.cli.args import interruptible
 
-    return predict_main(argv)
+    def run() -> int:  # the import too: SIGINT while torch loads is one line, not a traceback
+        from fashion_func.cli.predict import main as predict_main
+
+        return predict_main(argv, prog="fashion-func predict")
+
+    return interruptible("fashion-func predict", run)
 
 
 def _export(argv: Sequence[str]) -> int:
-    from fashion_func.cli.export import main as export_main
+    from fashion_func.cli.args import interruptible
 
-    return export_main(argv)
+    def run() -> int:
+        from fashion_func.cli.export import main as export_main
+
+        return export_main(argv, prog="fashion-func export")
+
+    return interruptible("fashion-func export", run)
 
 
 def _speedrun(argv: Sequence[str]) -> int:

@@ -20,14 +20,24 @@ from typing import Any
 
 from fashion_func.safeio import describe, one_line, os_reason, strict_json
 
-__all__ = ["WriteError", "write_bytes", "write_figure", "write_json"]
+__all__ = ["FolderId", "WriteError", "folder_id", "write_bytes", "write_figure", "write_json"]
+
+FolderId = tuple[int, int]  # a folder's (st_dev, st_ino): which folder it is, whatever its path
+
+
+def folder_id(path: str | os.PathLike[str]) -> FolderId:
+    """The identity of the folder `path` (links followed): `write_bytes(..., folder=)` checks it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 class WriteError(Exception):
     """A file could not be written (disk full, not writable, ...); the previous file is untouched."""
 
 
-def write_bytes(path: str | os.PathLike[str], data: bytes, *, what: str = "file") -> None:
+def write_bytes(
+    path: str | os.PathLike[str], data: bytes, *, what: str = "file", folder: FolderId | None = None
+) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one.
 
     The bytes go to `.{name}.{pid}.tmp` in the same directory (same filesystem, so the rename is
@@ -36,6 +46,11 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, what: str = "file"
     removed, the old file is left as it was, and `WriteError` ("cannot write {what} {path}:
     reason") is raised: it names `path`, never the temp name, whichever step failed. An
     existing target that is not a regular file (a device, FIFO or link) is never replaced.
+
+    folder: the identity (`folder_id`) `path`'s folder must still have: checked before the temp
+    file is made and again just before the rename, so a folder swapped for a link or another
+    folder since it was recorded (a run directory's `checkpoints/`) is never written into:
+    `WriteError`, and the old file, wherever it is, untouched.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -48,6 +63,7 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, what: str = "file"
         raise WriteError(
             one_line(f"cannot write {what} {path}: it is {describe(target.st_mode)}, not a regular file")
         )
+    _check_folder(path, folder, what)
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # our own name, left by a killed process of the same pid (EROFS: read-only)
@@ -56,6 +72,7 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, what: str = "file"
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _check_folder(path, folder, what)  # swapped while the bytes were written? just before the rename
         os.replace(tmp, path)
     except BaseException as e:
         # Also on KeyboardInterrupt: never leave a half-written temp file behind.
@@ -70,20 +87,33 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, what: str = "file"
     _fsync_dir(path, what)
 
 
-def write_json(path: str | os.PathLike[str], obj: Any, *, what: str = "file", strict: bool = False) -> None:
-    """`obj` as indented JSON plus a newline, written atomically (`write_bytes`).
+def write_json(
+    path: str | os.PathLike[str],
+    obj: Any,
+    *,
+    what: str = "file",
+    strict: bool = False,
+    folder: FolderId | None = None,
+) -> None:
+    """`obj` as indented JSON plus a newline, written atomically (`write_bytes`, `folder` too).
 
     `strict`: strict JSON (`safeio.strict_json`: NaN and infinities become null) for files
     other programs read; otherwise Python's JSON, which writes them as `NaN` / `Infinity`.
     """
     text = strict_json(obj, indent=2) if strict else json.dumps(obj, indent=2, allow_nan=True)
-    write_bytes(path, (text + "\n").encode(), what=what)
+    write_bytes(path, (text + "\n").encode(), what=what, folder=folder)
 
 
-def write_figure(path: str | os.PathLike[str], fig: Any, *, what: str = "plot", **savefig: Any) -> None:
-    """A matplotlib figure as PNG, written atomically (`write_bytes`); the figure is closed.
-
-    `savefig` goes to `fig.savefig` (e.g. `bbox_inches="tight"`).
+def write_figure(
+    path: str | os.PathLike[str],
+    fig: Any,
+    *,
+    what: str = "plot",
+    folder: FolderId | None = None,
+    **savefig: Any,
+) -> None:
+    """A matplotlib figure as PNG, written atomically (`write_bytes`, `folder` too); the figure
+    is closed. `savefig` goes to `fig.savefig` (e.g. `bbox_inches="tight"`).
     """
     import matplotlib.pyplot as plt
 
@@ -92,7 +122,24 @@ def write_figure(path: str | os.PathLike[str], fig: Any, *, what: str = "plot", 
         fig.savefig(buf, format="png", **savefig)
     finally:
         plt.close(fig)
-    write_bytes(path, buf.getvalue(), what=what)
+    write_bytes(path, buf.getvalue(), what=what, folder=folder)
+
+
+def _check_folder(path: Path, folder: FolderId | None, what: str) -> None:
+    """WriteError unless `path`'s folder is still `folder` (None: no check)."""
+    if folder is None:
+        return
+    try:
+        now: FolderId | None = folder_id(path.parent)
+    except OSError:
+        now = None
+    if now != folder:
+        raise WriteError(
+            one_line(
+                f"cannot write {what} {path}: its folder {path.parent} is no longer the one opened for it "
+                "(replaced by a link or another folder); refusing to write outside it"
+            )
+        )
 
 
 def _nofollow(path: str, flags: int) -> int:

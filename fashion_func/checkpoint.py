@@ -110,15 +110,16 @@ class CheckpointInfo:
 # --------------------------------------------------------------------------- writing
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, folder: atomic.FolderId | None = None) -> None:
     """Write the checkpoint bytes `data` to `path` so that a crash leaves the old file or the new one.
 
     `atomic.write_bytes` (temp file beside `path`, fsynced, `os.replace`d, directory fsynced);
     on failure the old file is left as it was and `CheckpointWriteError` ("cannot write
-    checkpoint {path}: reason") is raised.
+    checkpoint {path}: reason") is raised. `folder`: the identity `path`'s folder must still
+    have (`atomic.folder_id`; a run's `checkpoints/` swapped for a link is refused).
     """
     try:
-        atomic.write_bytes(path, data, what="checkpoint")
+        atomic.write_bytes(path, data, what="checkpoint", folder=folder)
     except atomic.WriteError as e:
         raise CheckpointWriteError(str(e)) from e.__cause__
 
@@ -173,26 +174,38 @@ def _flat_state(state: Any, what: str) -> dict[str, Any]:
     return flat
 
 
-def save_state(path: str | os.PathLike[str], state: Any, *, metadata: dict[str, Any] | None = None) -> None:
+def save_state(
+    path: str | os.PathLike[str],
+    state: Any,
+    *,
+    metadata: dict[str, Any] | None = None,
+    folder: atomic.FolderId | None = None,
+) -> None:
     """Save a whole pytree of tensors (a ``TrainState``) to `path` atomically.
 
     Keys are the leaves' paths (``params/conv1.weight``, ``opt_state/1/mu/conv1.weight``,
     ``step``); tensors are copied to contiguous CPU buffers. `metadata` values must be
-    JSON-serialisable. Raises `CheckpointWriteError` if the file cannot be written.
+    JSON-serialisable. Raises `CheckpointWriteError` if the file cannot be written (`folder`:
+    see `atomic_write`).
     """
-    atomic_write(path, _serialize(_flat_state(state, "state"), metadata, STATE_FORMAT))
+    atomic_write(path, _serialize(_flat_state(state, "state"), metadata, STATE_FORMAT), folder=folder)
 
 
 def save_weights(
-    path: str | os.PathLike[str], params: Mapping[str, Tensor], *, metadata: dict[str, Any] | None = None
+    path: str | os.PathLike[str],
+    params: Mapping[str, Tensor],
+    *,
+    metadata: dict[str, Any] | None = None,
+    folder: atomic.FolderId | None = None,
 ) -> None:
-    """Save flat params (``nn.Module`` state-dict names) to `path` atomically.
+    """Save flat params (``nn.Module`` state-dict names) to `path` atomically (`folder`: see
+    `atomic_write`).
 
     The file loads into a plain module with ``load_state_dict(safetensors.torch.load_file(p))``.
     """
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a flat dict of tensors, got {type(params).__name__}")
-    atomic_write(path, _serialize(dict(params), metadata, WEIGHTS_FORMAT))
+    atomic_write(path, _serialize(dict(params), metadata, WEIGHTS_FORMAT), folder=folder)
 
 
 # --------------------------------------------------------------------------- reading

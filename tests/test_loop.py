@@ -511,7 +511,10 @@ def test_stop_comes_after_the_epochs_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(
         plots,
         "plot_history",
-        lambda records, out: (drawn.append([r["epoch"] for r in records]), real_plot(records, out)),
+        lambda records, out, **kw: (
+            drawn.append([r["epoch"] for r in records]),
+            real_plot(records, out, **kw),
+        ),
     )
     callbacks = [
         Scripted(script={2: (cbs.Stop("scripted stop"), cbs.LogMessage("scripted message"))}),
@@ -541,9 +544,9 @@ def test_new_epoch_file_is_written_before_the_evicted_one_is_deleted(tmp_path, m
     present_at_save: list[list[str]] = []
     real_save = checkpoint.save_weights
 
-    def spy(path, params, *, metadata=None):
+    def spy(path, params, *, metadata=None, **kw):
         present_at_save.append(epoch_files(cfg.out_dir))
-        real_save(path, params, metadata=metadata)
+        real_save(path, params, metadata=metadata, **kw)
 
     monkeypatch.setattr(checkpoint, "save_weights", spy)
     app.train(cfg, callbacks=[Scripted(script=script)])

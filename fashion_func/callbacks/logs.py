@@ -120,8 +120,8 @@ class LogEpoch(Callback):
     "epoch 3/10 train_loss 0.3012 train_acc 0.8911 val_loss 0.3304 val_acc 0.8790 lr 1.0e-03 12.3s".
 
     Known metrics come first in that order, any others after them ("key 0.1234"), the
-    epoch time last. Also a line at `TrainBegin` ("training epochs 4..10 of 10") and at
-    `TrainEnd`. State: {"total_epochs": int | None} from `TrainBegin`.
+    epoch time last. Also a line at `TrainBegin` ("training epochs 4..10 of 10"; none when no
+    epoch is left) and at `TrainEnd`. State: {"total_epochs": int | None} from `TrainBegin`.
     """
 
     def init(self) -> CbState:
@@ -129,9 +129,10 @@ class LogEpoch(Callback):
 
     def on_event(self, cb_state: CbState, event: Event) -> tuple[CbState, list[Action]]:
         if isinstance(event, TrainBegin):
-            verb = "resuming at" if event.start_epoch > 1 else "training"
-            text = f"{verb} epochs {event.start_epoch}..{event.total_epochs} of {event.total_epochs}"
-            return {**cb_state, "total_epochs": event.total_epochs}, [LogMessage(text)]
+            start, total = event.start_epoch, event.total_epochs
+            # nothing left to train (fit says so itself): never "resuming at epochs 3..1"
+            text = f"{'resuming at' if start > 1 else 'training'} epochs {start}..{total} of {total}"
+            return {**cb_state, "total_epochs": total}, [LogMessage(text)] if start <= total else []
         if isinstance(event, TrainEnd):
             return cb_state, [LogMessage(f"training ended after epoch {event.epoch}: {event.reason}")]
         if not isinstance(event, EpochEnd):

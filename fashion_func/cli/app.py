@@ -27,7 +27,7 @@ from fashion_func import state as state_lib
 from fashion_func.augment import Augment
 from fashion_func.cli import budget, launch, private, words
 from fashion_func.cli import device as device_lib
-from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError, parse_sweep
+from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError, parse_sweep, same_value
 from fashion_func.cli.summary import summary
 from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, evaluate, fit
 from fashion_func.loop import resume as resume_lib
@@ -198,9 +198,8 @@ def _resume_point(
             f"resume it with --model {saved_model}"
         )
     saved = meta.get("config", {})
-    if isinstance(saved, dict) and (saved.get("ensemble", 1), saved.get("sweep")) != (
-        cfg.ensemble,
-        cfg.sweep,
+    if isinstance(saved, dict) and not (
+        saved.get("ensemble", 1) == cfg.ensemble and same_value("sweep", saved.get("sweep"), cfg.sweep)
     ):
         raise RunError(
             f"checkpoint {path} was trained with --ensemble {saved.get('ensemble', 1)} "
@@ -596,22 +595,23 @@ def _lost_peer(exc: Exception, group: distributed.Group | None) -> str:
     )
 
 
-def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> int:
-    """Run `train` for the CLI: user-facing failures become one line and exit code 2."""
+def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False, prog: str = "train.py") -> int:
+    """Run `train` for the CLI: user-facing failures become one line, starting with `prog` (the
+    command's name), and exit code 2."""
     group: distributed.Group | None = None
     try:
         with launch.process_group(cfg.batch_size, cfg.device) as group:
             result = train(cfg, resume=resume, overwrite=overwrite, group=group)
     except Interrupted as exc:
-        print(f"train.py: {_interrupted(exc, group)}", file=sys.stderr)
+        print(f"{prog}: {_interrupted(exc, group)}", file=sys.stderr)
         return exc.code
     except (RunError, data.DataError, checkpoint.CheckpointError, ConfigError, distributed.WorldError) as exc:
-        print(f"train.py: error: {display(words.message(exc))}", file=sys.stderr)
+        print(f"{prog}: error: {display(words.message(exc))}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         if group is None or not _peer_failure(exc):
             raise
-        print(f"train.py: error: {_lost_peer(exc, group)}", file=sys.stderr)
+        print(f"{prog}: error: {_lost_peer(exc, group)}", file=sys.stderr)
         return 1
     if group is not None and not group.is_main:
         return 0  # rank 0 reports the run
@@ -633,7 +633,7 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> 
     _print(f"done: {result.epochs_run} epoch(s), {result.stop_reason}{tail}; run directory {result.out_dir}")
     if result.diverged:
         print(
-            f"train.py: error: training diverged ({result.stop_reason}); exit {EXIT_DIVERGED}",
+            f"{prog}: error: training diverged ({result.stop_reason}); exit {EXIT_DIVERGED}",
             file=sys.stderr,
         )
         return EXIT_DIVERGED

@@ -10,12 +10,24 @@ step was under way). User mistakes print one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from typing import NoReturn
+import threading
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from fashion_func.safeio import short_repr
 
-__all__ = ["EXIT_USAGE", "Parser", "UsageError", "add_version", "float_arg", "int_arg"]
+__all__ = [
+    "EXIT_USAGE",
+    "Parser",
+    "Signalled",
+    "UsageError",
+    "add_version",
+    "float_arg",
+    "int_arg",
+    "interruptible",
+]
 
 EXIT_USAGE = 2
 
@@ -55,3 +67,48 @@ def float_arg(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {short_repr(text)}") from None
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived in a command that saves nothing to resume (predict, export).
+
+    A KeyboardInterrupt, so what cleans up after one (a temp file of `atomic.write_bytes`)
+    cleans up after SIGTERM too.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def interruptible(prog: str, body: Callable[[], int]) -> int:
+    """`body()`'s exit code, or, when SIGINT / SIGTERM arrives while it runs, one line on stderr
+    and 128 + the signal's number (130 / 143), as `train` ends.
+
+    No traceback and no partial file: every output is written whole or not at all (a temp file
+    renamed into place), and the interrupted write's temp file is removed. A signal the process
+    was started ignoring (`cmd &` in a script) stays ignored.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Signalled(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's
+        return body()
+    kept = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    old = {s: signal.signal(s, handler) for s in kept}
+    try:
+        return body()
+    except Signalled as exc:
+        print(
+            f"{prog}: interrupted by {signal.Signals(exc.signum).name}; nothing partial was written "
+            "(each output file is whole or absent)",
+            file=sys.stderr,
+        )
+        return 128 + exc.signum
+    except KeyboardInterrupt:  # SIGINT through Python's own handler (before ours was set)
+        print(f"{prog}: interrupted by SIGINT; nothing partial was written", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

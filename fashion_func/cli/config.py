@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ __all__ = [
     "parse_sweep",
     "presets",
     "resume_problem",
+    "same_value",
 ]
 
 MODELS = ("simplenet", "simplenet_bn", "alexnet", "mlp", "resnet", "dpcnn")
@@ -542,7 +544,7 @@ def resume_problem(saved: Mapping[str, Any], cfg: Config) -> str | None:
         old, new = saved[name], getattr(cfg, name)
         if name == "dp_max_grad_norm":  # left out is the default norm: giving that is no change
             old, new = (DP_MAX_GRAD_NORM if v is None else v for v in (old, new))
-        if key.resume == REFUSED and old != new:
+        if key.resume == REFUSED and not same_value(name, old, new):
             same = "members" if name in ("ensemble", "sweep") else f"{flag(name)} (or leave it out)"
             return (
                 f"{flag(name)} {short_repr(new)} differs from the resumed run's {short_repr(old)}, "
@@ -558,6 +560,17 @@ def resume_problem(saved: Mapping[str, Any], cfg: Config) -> str | None:
                 "start a new run for that"
             )
     return None
+
+
+def same_value(name: str, old: Any, new: Any) -> bool:
+    """`old` and `new` are the same setting of `name`, compared as values: a sweep's text
+    `lr=1e-3,1e-2` is the same members as `lr=0.001,0.01`."""
+    if name == "sweep" and isinstance(old, str) and isinstance(new, str):
+        try:
+            return parse_sweep(old) == parse_sweep(new)
+        except ConfigError:
+            pass  # a saved text that no longer parses: compared as written
+    return bool(old == new)
 
 
 SWEEPABLE = ("lr", "weight_decay", "dp_noise_multiplier", "dp_max_grad_norm")
@@ -608,7 +621,7 @@ def load_preset(name: str) -> dict[str, Any]:
     if name not in presets():
         raise ConfigError(f"--preset must be one of {', '.join(presets())}, not {name!r}")
     text = (resources.files("fashion_func.cli") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
-    values = {k.replace("-", "_"): v for k, v in tomllib.loads(text).items()}
+    values = _settings(tomllib.loads(text), f"preset {name}")
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(Config)})
     if unknown:  # a packaging mistake, caught by the tests
         raise ConfigError(f"preset {name} has unknown keys: {', '.join(unknown)}")
@@ -617,6 +630,8 @@ def load_preset(name: str) -> dict[str, Any]:
 
 def load_file(path: str | Path) -> dict[str, Any]:
     """The key/value pairs of a JSON or TOML config file (keys may use - or _)."""
+    if not os.fspath(path):  # Path("") is ".", which would be blamed for being a directory
+        raise ConfigError("--config is an empty path; give a JSON or TOML file")
     p = Path(path)
     kind = "TOML" if p.suffix == ".toml" else "JSON"
     try:
@@ -626,7 +641,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"config file {display(p)} is not a text file") from None
     try:
-        raw = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        raw = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text, object_pairs_hook=_no_twice)
+    except _Twice as exc:
+        raise ConfigError(f"config file {display(p)} gives {exc} twice") from None
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {display(p)} is not valid {kind}: {exc}") from None
     except RecursionError:
@@ -638,4 +655,32 @@ def load_file(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {display(p)} must hold a table/object of settings")
-    return {k.replace("-", "_"): v for k, v in raw.items()}
+    return _settings(raw, f"config file {display(p)}")
+
+
+class _Twice(Exception):
+    """A JSON object names a key twice (json.loads would keep the last one silently)."""
+
+
+def _no_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Twice(repr(display(key)))
+        seen[key] = value
+    return seen
+
+
+def _settings(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`raw`'s keys with - made _, refused (ConfigError) when two spellings name one key
+    (`"dp-noise-multiplier"` and `dp_noise_multiplier`): neither silently wins."""
+    values: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name in values:
+            raise ConfigError(
+                f"{where} gives {name} twice (as {spelled[name]!r} and {display(key)!r}); keep one"
+            )
+        values[name], spelled[name] = value, display(key)
+    return values

@@ -48,7 +48,7 @@ from typing import Any
 
 from fashion_func import atomic, checkpoint, interop
 from fashion_func.cli import words
-from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version
+from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, interruptible
 from fashion_func.interop.flax_modules import FLAX_MODELS
 from fashion_func.safeio import FileError, check_output, display
 
@@ -133,8 +133,13 @@ def export(
     return {"model": loaded.name, "format": fmt, "tensors": len(params), "out": str(out)}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `scripts/export.py`; returns the process exit code."""
+def main(argv: Sequence[str] | None = None, *, prog: str = "export.py") -> int:
+    """Entry point of `scripts/export.py` (`prog` names the command in its messages); returns
+    the process exit code. SIGINT / SIGTERM end it in one line, 130 / 143 (`args.interruptible`)."""
+    return interruptible(prog, lambda: _main(argv, prog))
+
+
+def _main(argv: Sequence[str] | None, prog: str) -> int:
     try:
         args = build_parser().parse_args(argv)
         summary = export(
@@ -146,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
     except (UsageError, checkpoint.CheckpointError, atomic.WriteError, ValueError, OSError, ImportError) as e:
-        print(display(" ".join(f"export.py: error: {words.message(e)}".split())), file=sys.stderr)
+        print(display(" ".join(f"{prog}: error: {words.message(e)}".split())), file=sys.stderr)
         return EXIT_USAGE
     line = f"wrote {summary['out']}: {summary['model']} weights ({summary['tensors']} tensors), {args.format}"
     with contextlib.suppress(BrokenPipeError):

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from fashion_func import atomic, checkpoint, data, ensemble, interop, losses, models
 from fashion_func.cli import words
-from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, int_arg
+from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, int_arg, interruptible
 from fashion_func.cli.device import resolve_device
 from fashion_func.cli.images import (
     IMAGE_SUFFIXES,
@@ -240,8 +240,8 @@ def per_example_outputs(
 # -- entry point ------------------------------------------------------------------------------
 
 
-def _fail(message: str) -> int:
-    _err(f"predict.py: error: {message}")
+def _fail(prog: str, message: str) -> int:
+    _err(f"{prog}: error: {message}")
     return EXIT_USAGE
 
 
@@ -299,7 +299,7 @@ def _run_images(args: argparse.Namespace, members: Sequence[Member]) -> dict[str
         except ImageError as e:
             errors.append(str(e))
     for e in errors:
-        _err(f"predict.py: error: {e}")
+        _err(f"{args.prog}: error: {e}")
     results = []
     if images:
         batch = torch.stack(images).to(params_device(members[0].params))
@@ -369,10 +369,16 @@ def _predict(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     return summary, 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `scripts/predict.py`; returns the process exit code."""
+def main(argv: Sequence[str] | None = None, *, prog: str = "predict.py") -> int:
+    """Entry point of `scripts/predict.py` (`prog` names the command in its messages); returns
+    the process exit code. SIGINT / SIGTERM end it in one line, 130 / 143 (`args.interruptible`)."""
+    return interruptible(prog, lambda: _main(argv, prog))
+
+
+def _main(argv: Sequence[str] | None, prog: str) -> int:
     try:
         args = _parse(argv)
+        args.prog = prog
         summary, code = _predict(args)
         if args.json:
             print(strict_json(summary), flush=True)
@@ -391,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ImageError,
         atomic.WriteError,
     ) as e:
-        return _fail(words.message(e))
+        return _fail(prog, words.message(e))
     except OSError as e:  # --out not writable and the like
-        return _fail(f"{type(e).__name__}: {e}")
+        return _fail(prog, f"{type(e).__name__}: {e}")
     return code

@@ -302,6 +302,11 @@ def _checkpoint_config(values: dict[str, Any], resume: str) -> tuple[dict[str, A
 def _run_dir_of(checkpoint_path: Path) -> str:
     """The run directory a `<run>/checkpoints/<file>` belongs to; UsageError for another place."""
     folder = checkpoint_path.absolute().parent
+    if checkpoint_path.is_symlink():  # a link's own folder is not where its run is
+        raise UsageError(
+            f"--resume {display(str(checkpoint_path))} is a symbolic link; pass --out, the run directory "
+            "to continue in (a run never writes through a link into another run)"
+        )
     if folder.name != "checkpoints":
         raise UsageError(
             f"--resume {display(str(checkpoint_path))} is not in a run's checkpoints/ folder; "
@@ -310,25 +315,26 @@ def _run_dir_of(checkpoint_path: Path) -> str:
     return str(folder.parent)
 
 
-def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"train.py: error: {display(message)}", file=sys.stderr)
+def _fail(prog: str, message: str, code: int = EXIT_USAGE) -> int:
+    print(f"{prog}: error: {display(message)}", file=sys.stderr)
     return code
 
 
-def main_train(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `scripts/train.py`; returns the process exit code."""
+def main_train(argv: Sequence[str] | None = None, *, prog: str = "train.py") -> int:
+    """Entry point of `scripts/train.py`; returns the process exit code. `prog` names the
+    command in its messages (`fashion-func train` from the installed command)."""
     try:
         config, run = parse_train_args(argv)
     except (UsageError, ConfigError) as exc:
-        return _fail(str(exc))
+        return _fail(prog, str(exc))
     try:
         from fashion_func.cli import app  # heavy imports only once the arguments are known good
 
-        return app.main(config, resume=run["resume"], overwrite=run["overwrite"])
+        return app.main(config, resume=run["resume"], overwrite=run["overwrite"], prog=prog)
     except KeyboardInterrupt:
         # SIGINT outside the loop's handler (importing, loading data): nothing half-done to save
         print(
-            "train.py: interrupted by SIGINT outside a training step; the run directory keeps "
+            f"{prog}: interrupted by SIGINT outside a training step; the run directory keeps "
             "its last saved checkpoint (continue with --resume auto)",
             file=sys.stderr,
         )

@@ -37,6 +37,8 @@ WORDS: dict[str, str] = {
     "holds_run": "run directory {out} already holds a run; pass --resume auto to continue it or --overwrite",
     "wrong_kind": "{path} is {what}, not {expected} as a run writes there; remove it or use another --out",
     "root": "--out {out} is the root directory; give a run directory of its own",
+    "replaced": "{folder} is no longer the folder the run opened (replaced by a link or another folder "
+    "while it ran); refusing to write outside the run directory (--out)",
     "not_a_directory": "--out {out} exists and is not a directory",
     "no_checkpoint": "--resume {resume}: no such checkpoint file",
     "checkpoint_not_regular": "--resume {resume}: not a regular file ({what})",

@@ -27,9 +27,10 @@ written by hand without a description. jax, flax and optax are imported only ins
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ from fashion_func.interop.flax_io import flax_variables, from_flax, to_flax
 from fashion_func.interop.flax_modules import flax_module
 from fashion_func.interop.torch_io import identify, merge_state
 from fashion_func.interop.torch_modules import hparams_from_params
+from fashion_func.loop.artifacts import MARKER
+from fashion_func.loop.lock import LOCK, Lock
 from fashion_func.schedules import DescribedSchedule
 from fashion_func.state import TrainState
 
@@ -440,23 +443,73 @@ def from_flax_train_state(ts: Any, like: TrainState | str | os.PathLike[str], tx
 
 
 def save_resume(
-    path: str | os.PathLike[str], state: TrainState, like: str | os.PathLike[str], *, epochs: int = 0
+    path: str | os.PathLike[str], state: TrainState, like: str | os.PathLike[str], *, epochs: int
 ) -> None:
     """Write `state` as a `last.safetensors` that `scripts/train.py` resumes from.
 
-    `like` is the checkpoint the run was converted from: its metadata (config, callback states,
-    history) is kept, with `epochs` more epochs counted as done (the whole epochs trained
-    elsewhere) and the state's lr. A checkpoint cut mid-epoch is refused: continue from one
-    written at the end of an epoch.
+    `like` is the checkpoint the run was converted from, a resume point (a `last.safetensors`,
+    not a weights file): its metadata (config, callback states, history) is kept, with `epochs`
+    more epochs counted as done (the whole epochs trained elsewhere, at least 1) and the
+    state's lr. The state must stand where those epochs end: at `like`'s step plus `epochs` x
+    `like`'s steps per epoch (ValueError, one line, otherwise: a resume would count epochs that
+    were not trained, or train some twice). A checkpoint cut mid-epoch is refused: continue
+    from one written at the end of an epoch. A `path` in a run directory (`<run>/checkpoints/`)
+    is written holding the run's lock: a run training there is never overwritten
+    (`loop.RunError`).
     """
-    meta = checkpoint.read_metadata(like)
-    if meta.get("in_epoch") is not None:
-        raise ValueError(f"{like} was cut mid-epoch; convert a checkpoint written at the end of an epoch")
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    meta = _resume_point_of(Path(path), state, like, epochs)
     meta["epoch"] = int(meta.get("epoch", 0)) + epochs
     try:
         meta["lr"] = float(optim.get_hyperparam(state.opt_state, "lr"))
     except KeyError:
         meta.pop("lr", None)
-    checkpoint.save_state(Path(path), state, metadata=meta)
+    with _run_locked(Path(path)):
+        checkpoint.save_state(Path(path), state, metadata=meta)
+
+
+def _resume_point_of(
+    path: Path, state: TrainState, like: str | os.PathLike[str], epochs: Any
+) -> dict[str, Any]:
+    """`like`'s metadata, once `save_resume`'s arguments are checked against it (ValueError)."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(
+            f"epochs must be the whole epochs trained since {like} (an integer >= 1), got {epochs!r}"
+        )
+    info = checkpoint.inspect(like)
+    if info.format != checkpoint.STATE_FORMAT:
+        raise ValueError(
+            f"like={like} is not a resume point (a last.safetensors train state) but a "
+            f"{info.format or 'foreign'} file; pass the last.safetensors the run was converted from"
+        )
+    meta = info.metadata
+    if meta.get("in_epoch") is not None:
+        raise ValueError(f"{like} was cut mid-epoch; convert a checkpoint written at the end of an epoch")
+    step = int(state.step.reshape(-1)[0])  # an ensemble's members stand at the same step
+    done, then = meta.get("epoch"), int(checkpoint.load_state(like, state)[0].step.reshape(-1)[0])
+    if isinstance(done, bool) or not isinstance(done, int) or done < 1 or then % done:
+        raise ValueError(
+            f"{like} does not end an epoch (epoch {done!r} at step {then}); its steps per epoch are unknown"
+        )
+    per_epoch = then // done
+    if step != then + epochs * per_epoch:
+        raise ValueError(
+            f"the state is at step {step}, but {like} ends epoch {done} at step {then} and {epochs} more "
+            f"epoch(s) of {per_epoch} steps end at step {then + epochs * per_epoch}; pass the epochs the "
+            "state trained"
+        )
+    return meta
+
+
+@contextlib.contextmanager
+def _run_locked(path: Path) -> Iterator[None]:
+    """Hold the lock of the run directory `path` is in (`<run>/checkpoints/<file>`), if it is one."""
+    folder = path.absolute().parent
+    run = folder.parent
+    if folder.name != "checkpoints" or not ((run / LOCK).exists() or (run / MARKER).exists()):
+        yield
+        return
+    lock = Lock(run)  # RunError "in use by process N" while a run trains there
+    try:
+        yield
+    finally:
+        lock.release(remove=lock.created)

@@ -13,7 +13,7 @@ from typing import Any
 
 from fashion_func import callbacks as cbs
 from fashion_func import checkpoint, optim
-from fashion_func.loop import artifacts, plots
+from fashion_func.loop import plots
 from fashion_func.loop.artifacts import BEST
 
 __all__ = ["Actions"]
@@ -73,11 +73,12 @@ class Actions:
             return
         weights = self.weights_of(self.state)
         meta = {**self.metadata, **self.run_meta(), "epoch": a.epoch, "monitor": a.monitor, "value": a.value}
+        # the folder (made for a member on first use) checked to be the run's own at this write
+        _, folder_id = self.run.checkpoint_folder(a.member)
         if a.member is not None:  # one member of an ensemble: a plain single-model file
-            artifacts.member_folder(path.parent.parent, a.member)
             weights = {k: v[a.member] for k, v in weights.items()}
             meta["member"] = a.member
-        checkpoint.save_weights(path, weights, metadata=meta)
+        checkpoint.save_weights(path, weights, metadata=meta, folder=folder_id)
         self.log.info(f"saved {path} ({a.monitor} {a.value})")
 
     # -- events and actions --------------------------------------------------------------------
@@ -131,12 +132,18 @@ class Actions:
         writers: dict[type, Callable[[Any], Any]] = {
             cbs.LogScalars: lambda a: run.log_scalars(dict(a.scalars), a.step, purge_step=self.start_epoch),
             cbs.WriteHistory: lambda a: run.write_json("history.json", [dict(r) for r in a.records]),
-            cbs.PlotHistory: lambda a: plots.plot_history(a.records, run.path),
-            cbs.DeleteCheckpoint: lambda a: self._weights_path("epoch", a.epoch, a.member).unlink(
-                missing_ok=True
+            cbs.PlotHistory: lambda a: plots.plot_history(
+                a.records, run.path, folder=run.same_folder(run.path)
             ),
+            cbs.DeleteCheckpoint: self._delete_weights,
         }
         return {**handlers, **{t: _no_reason(w) for t, w in writers.items()}}
+
+    def _delete_weights(self, a: cbs.DeleteCheckpoint) -> None:
+        self.run.checkpoint_folder(a.member)  # never a file reached through a link swapped in
+        path = self._weights_path("epoch", a.epoch, a.member)
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     def _set_hyperparam(self, a: cbs.SetHyperparam) -> None:
         self.state = self.state.replace(opt_state=optim.set_hyperparam(self.state.opt_state, a.name, a.value))

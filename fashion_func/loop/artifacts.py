@@ -183,11 +183,14 @@ def refuse_links(out: Path) -> None:
     members = [] if lstat(checkpoints) is None or checkpoints.is_symlink() or not checkpoints.is_dir() else [
         p for p in checkpoints.iterdir() if _MEMBER_DIR.fullmatch(p.name)
     ]  # fmt: skip
-    for path in [*(out / name for name in RUN_ARTIFACTS), *members]:
+    # the weight files too: a last.safetensors linked into another run is never read or replaced
+    real = [d for d in (checkpoints, *members) if d.is_dir() and not d.is_symlink()]
+    weights = [p for d in real for p in d.iterdir() if _WEIGHT_FILE.fullmatch(p.name)]
+    for path in [*(out / name for name in RUN_ARTIFACTS), *members, *weights]:
         st = lstat(path)
         if st is not None and stat.S_ISLNK(st.st_mode):
             raise RunError(kind="link", path=path)
-        folder = path.name in FOLDERS or path.parent != out
+        folder = path.name in FOLDERS or (path.parent != out and not _WEIGHT_FILE.fullmatch(path.name))
         if st is not None and not (stat.S_ISDIR if folder else stat.S_ISREG)(st.st_mode):
             expected = "a folder" if folder else "a regular file"
             raise RunError(kind="wrong_kind", path=path, what=describe(st.st_mode), expected=expected)

@@ -39,6 +39,8 @@ class RunError(Worded):
         "wrong_kind": "{path} is {what}, not {expected} as a run writes there; "
         "remove it or use another run_dir",
         "root": "run_dir {out} is the root directory; give a run directory of its own",
+        "replaced": "{folder} is no longer the folder the run opened (replaced by a link or another folder "
+        "while it ran); refusing to write outside the run directory",
         "not_a_directory": "run_dir {out} exists and is not a directory",
         "no_checkpoint": "resume={resume}: no such checkpoint file",
         "checkpoint_not_regular": "resume={resume}: not a regular file ({what})",

@@ -144,7 +144,10 @@ class _Driver(Actions):
         if point.in_epoch and int(point.in_epoch["batch"]) > 0 and not done:
             self._check_exact_resume(point.in_epoch)
         if point.start_epoch > self.epochs:
-            self.log.info(f"the checkpoint is past epoch {self.epochs} (epochs); nothing to train")
+            self.log.info(
+                f"the run is already complete: it has trained {point.start_epoch - 1} epoch(s) and "
+                f"epochs={self.epochs} is the total; nothing to train"
+            )
 
     def _check_exact_resume(self, in_epoch: Mapping[str, Any]) -> None:
         """A mid-epoch resume continues exactly (`batches.resume_kind`), or is refused unless
@@ -175,8 +178,9 @@ class _Driver(Actions):
     def save_last(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> Path | None:
         if self.run is None:
             return None
-        path = self.run.checkpoints / LAST
-        checkpoint.save_state(path, self.state, metadata=self._meta(epoch_done, in_epoch))
+        folder, folder_id = self.run.checkpoint_folder()  # still the run's own, not a link swapped in
+        path = folder / LAST
+        checkpoint.save_state(path, self.state, metadata=self._meta(epoch_done, in_epoch), folder=folder_id)
         self.log.info(f"saved {path} (step {_host_step(self.state.step)})")
         return path
 

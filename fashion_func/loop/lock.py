@@ -66,12 +66,20 @@ class Lock:
     def release(self, *, remove: bool = False) -> None:
         """Unlock; a clean exit empties the file (a pid found later was left by a killed run)."""
         try:
-            if remove and self.created:
+            if remove and self.created and self._still_ours():
                 self.path.unlink(missing_ok=True)
             else:
                 os.ftruncate(self.fd, 0)
         finally:
             os.close(self.fd)
+
+    def _still_ours(self) -> bool:
+        """The path still names the file we locked (not one reached through a folder swapped since)."""
+        try:
+            st, ours = os.lstat(self.path), os.fstat(self.fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 @contextlib.contextmanager

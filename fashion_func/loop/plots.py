@@ -14,9 +14,11 @@ from fashion_func.loop.errors import writing
 __all__ = ["plot_history"]
 
 
-def plot_history(records: Sequence[dict[str, Any]], out: Path) -> None:
+def plot_history(
+    records: Sequence[dict[str, Any]], out: Path, *, folder: atomic.FolderId | None = None
+) -> None:
     """loss.png and accuracy.png (train and validation curves per epoch) into `out` (RunError when
-    they cannot be written)."""
+    they cannot be written; `folder`: the identity `out` must still have, `atomic.write_bytes`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,4 +40,6 @@ def plot_history(records: Sequence[dict[str, Any]], out: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
         with writing():
-            atomic.write_figure(out / ("loss.png" if name == "loss" else "accuracy.png"), fig, what="plot")
+            atomic.write_figure(
+                out / ("loss.png" if name == "loss" else "accuracy.png"), fig, what="plot", folder=folder
+            )

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fashion_func import checkpoint, optim
-from fashion_func.loop.artifacts import LAST
+from fashion_func.loop.artifacts import LAST, lstat
 from fashion_func.loop.errors import RunError
 from fashion_func.safeio import describe, display, short_repr
 from fashion_func.state import TrainState
@@ -53,7 +53,13 @@ def resume_path(out: Path, resume: str | Path | None) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
+        # the run's own resume point: refused before it is read when it (or checkpoints/) is a
+        # link (into another run, say); any other kind of file is the reader's to refuse
         p = out / "checkpoints" / LAST
+        for path in (p.parent, p):
+            st = lstat(path)
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                raise RunError(kind="link", path=path)
         return p if p.exists() else None
     p = Path(resume)
     try:

@@ -152,6 +152,9 @@ class RunDir:
     path: Path
     log: logging.Logger
     _writer: Any = field(default=None, repr=False)
+    # the identity of each folder the run writes into, recorded when the run opened it (or
+    # made it): every write checks its folder is still that one, not a link swapped in since
+    _folders: dict[Path, atomic.FolderId] = field(default_factory=dict, repr=False)
 
     @property
     def checkpoints(self) -> Path:
@@ -207,6 +210,9 @@ class RunDir:
     def _opened(cls, out: Path, stale_lock: str | None) -> Iterator[RunDir]:
         run = cls(out, make_logger(out))
         try:
+            run._folders.update(
+                {out: atomic.folder_id(out), run.checkpoints: atomic.folder_id(run.checkpoints)}
+            )
             if stale_lock and stale_lock != str(os.getpid()):
                 run.log.info(
                     f"process {stale_lock} died holding {out / '.lock'} (killed?); taking the lock over"
@@ -218,14 +224,46 @@ class RunDir:
             run.close_tensorboard()
             close_logger(run.log)
 
+    def same_folder(self, folder: Path) -> atomic.FolderId:
+        """The identity `folder` (the run directory, `checkpoints/` or a member's folder) had when
+        the run opened it, after checking it still has it: RunError when it was swapped for a
+        link or another folder since (a run never writes outside its directory). Pass it on to
+        the write (`atomic.write_bytes(..., folder=)`), which checks again just before its rename.
+        """
+        expected = self._folders[folder]
+        st = lstat(folder)
+        try:
+            now = atomic.folder_id(folder)
+        except OSError:
+            now = None
+        if now != expected or (folder != self.path and (st is None or stat.S_ISLNK(st.st_mode))):
+            raise RunError(kind="replaced", folder=folder)
+        return expected
+
+    def checkpoint_folder(self, member: int | None = None) -> tuple[Path, atomic.FolderId]:
+        """(`checkpoints/`, or member `member`'s `checkpoints/member-<kk>/`, made on first use;
+        its identity), checked to be the folder the run opened (`same_folder`)."""
+        checkpoints = self.checkpoints
+        self.same_folder(checkpoints)
+        if member is None:
+            return checkpoints, self.same_folder(checkpoints)
+        folder = member_folder(checkpoints, member)
+        if folder not in self._folders:
+            self.same_folder(checkpoints)  # still ours when the member's folder was made in it
+            self._folders[folder] = atomic.folder_id(folder)
+        return folder, self.same_folder(folder)
+
     def write_json(self, name: str, obj: Any) -> None:
         """`<run>/<name>` as JSON, atomically; `name` is one of `RUN_ARTIFACTS`."""
-        write_json(self._artifact(name), obj)
+        path = self._artifact(name)
+        with writing():
+            atomic.write_json(path, obj, what="run file", folder=self.same_folder(self.path))
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """`<run>/<name>`, atomically (RunError when it cannot be); `name` is one of `RUN_ARTIFACTS`."""
+        path = self._artifact(name)
         with writing():
-            atomic.write_bytes(self._artifact(name), data, what="run file")
+            atomic.write_bytes(path, data, what="run file", folder=self.same_folder(self.path))
 
     def _artifact(self, name: str) -> Path:
         # a name outside the list would be neither checked at start nor removed by overwrite
@@ -243,6 +281,10 @@ class RunDir:
             from torch.utils.tensorboard import SummaryWriter
 
             folder = self.path / "tensorboard"
+            self.same_folder(self.path)
+            st = lstat(folder)  # made on first use, after the check at start: never through a link
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                raise RunError(kind="link", path=folder)
             try:
                 self._writer = SummaryWriter(str(folder), purge_step=purge_step)
             except OSError as exc:  # disk full, a file in the folder's place, ...
