@@ -239,6 +239,22 @@ def test_a_cut_run_resumes_to_the_same_weights_bitwise(tmp_path, cut, torch_nois
     )
 
 
+def test_the_global_generators_round_trip_through_json_and_bad_states_are_named():
+    import json
+
+    from fashion_func.loop import rngs
+
+    saved = json.loads(json.dumps(rngs.capture()))  # what the checkpoint's metadata holds
+    first = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    assert rngs.restore(saved)[:3] == ["torch", "numpy", "random"]
+    again = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+    assert rngs.check(saved) is None
+    assert "malformed" in rngs.check({**saved, "numpy": {**saved["numpy"], "keys": [1, 2]}})
+    assert "malformed" in rngs.check({**saved, "python": {"version": 3}})
+    assert rngs.check([1]) == "is not an object"
+
+
 def test_a_source_that_cannot_resume_mid_epoch_is_named_at_the_start(tmp_path):
     tx = optim.sgd(0.1)
     train_step = step.make_train_step(mlp, tx, preprocess=None, compile=False)
