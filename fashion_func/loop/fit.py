@@ -576,7 +576,8 @@ def fit(
         logged and the batches already seen are drawn again and dropped. last.safetensors also
         records the global random generators (torch's CPU and CUDA ones, numpy's, Python's
         `random`) where the data source stood, and a resume sets them back: a dataset that draws
-        its augmentation from them continues exactly.
+        its augmentation from them continues exactly from a mid-epoch checkpoint (at an epoch's
+        end, torchdata draws one more seed from torch's generator loading a finished epoch).
     privacy: private training (`privacy.Accountant`): the history, the log and TensorBoard get
         `epsilon`, the guarantee (at the accountant's delta) after the steps taken so far (a
         sweep over noise multipliers: each member's `epsilon_m<k>`, `epsilon` the largest); with
