@@ -27,6 +27,7 @@ __all__ = [
     "data",
     "ensemble",
     "fit",
+    "loss_fn",
     "losses",
     "make_eval_step",
     "make_train_step",
@@ -39,21 +40,25 @@ __all__ = [
     "privacy",
     "schedules",
     "state",
+    "step",
+    "streamed_grad_norms",
     "tree",
 ]
 
 _SUBMODULES = {
     "callbacks", "checkpoint", "data", "ensemble", "losses", "metrics", "models", "nn", "optim",
-    "privacy", "schedules", "state", "tree",
+    "privacy", "schedules", "state", "step", "tree",
 }  # fmt: skip
 _NAMES = {
     "FitResult": "fashion_func.loop",
     "TrainState": "fashion_func.state",
     "fit": "fashion_func.loop",
+    "loss_fn": "fashion_func.step",
     "make_eval_step": "fashion_func.step",
     "make_train_step": "fashion_func.step",
     "per_example_grad_norms": "fashion_func.step",
     "per_example_grads": "fashion_func.step",
+    "streamed_grad_norms": "fashion_func.step",
 }
 
 try:  # the installed distribution's version (a checkout run without installing has none)
@@ -75,11 +80,19 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
         privacy,
         schedules,
         state,
+        step,
         tree,
     )  # fmt: skip
     from fashion_func.loop import FitResult, fit
     from fashion_func.state import TrainState
-    from fashion_func.step import make_eval_step, make_train_step, per_example_grad_norms, per_example_grads
+    from fashion_func.step import (
+        loss_fn,
+        make_eval_step,
+        make_train_step,
+        per_example_grad_norms,
+        per_example_grads,
+        streamed_grad_norms,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,10 @@ Nothing in here synchronises with the host.
 
 The model is a `models.Model` or a plain function: `fn(params, x[, train=, key=]) -> logits`,
 or, when the state carries a model state (`state.create(..., model_state=...)`), a stateful
-`fn(params, x, *, train, key, state) -> (logits, new_state)`.
+`fn(params, x, *, train, key, state) -> (logits, new_state)`. Instead of logits a model may
+return several outputs, a dict `{name: tensor}` or a tuple: the loss and `metrics` receive them
+whole, and the accuracy metrics read the class head (`class_output=`: the key "logits" or the
+index 0 unless named), checked against the class count (`num_classes=`, or the `Model`'s).
 
 What a step returns (the sum/count convention, read by `loop.fit`):
 
@@ -25,7 +28,7 @@ What a step returns (the sum/count convention, read by `loop.fit`):
   val_acc, `top{k}_correct` -> val_top{k}, `<name>` -> val_<name>.
 
 Extra outputs come from a loss that returns `(per_example [B], {name: [B]})` instead of
-`per_example [B]`, and from `metrics=`, a function `(logits, targets) -> {name: [B]}`.
+`per_example [B]`, and from `metrics=`, a function `(outputs, targets) -> {name: [B]}`.
 
 Extension point: `stages(model, optimizer, ...)` returns the step's pure, uncompiled pieces
 (`Stages`: `gradients(CoreIn)`, `update`, `evaluate`, `outputs`); `Stages.train_step()` and
@@ -40,7 +43,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -63,11 +66,13 @@ __all__ = [
     "NormalizeImages",
     "Stages",
     "as_model",
+    "loss_fn",
     "make_eval_step",
     "make_train_step",
     "per_example_grad_norms",
     "per_example_grads",
     "stages",
+    "streamed_grad_norms",
 ]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -193,13 +198,59 @@ def _metric_parts(
     return _check_named(got, targets.shape[0], "metrics")
 
 
+def _is_labels(labels: Any) -> bool:
+    return isinstance(labels, Tensor) and labels.dim() == 1 and not labels.is_floating_point()
+
+
 def _is_classification(logits: Tensor, labels: Tensor) -> bool:
-    return logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point()
+    return logits.dim() == 2 and _is_labels(labels)
 
 
-def _class_outputs(logits: Tensor, labels: Tensor, topk: int | None) -> dict[str, Tensor]:
-    """Per-example `correct`, `top{k}_correct` (bool) and `pred` for class labels; {} otherwise."""
-    if not _is_classification(logits, labels):
+# what a model returns: logits `[B, C]`, or several outputs, {name: [B, ...]} or a tuple of them
+Outputs = Tensor | Mapping[str, Tensor] | tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class _Classes:
+    """What the built-in accuracy metrics read: the class head among a model's outputs (a key of
+    a dict, an index of a tuple; None: "logits" / 0), how many classes there are, and top-k."""
+
+    topk: int | None = None
+    output: str | int | None = None
+    num_classes: int | None = None
+
+    def head(self, outputs: Outputs, labels: Tensor) -> Tensor | None:
+        """The class logits among `outputs`, checked against the class count (shapes are static:
+        checked once per trace, a one-line ValueError at the first call); None if there are none."""
+        if isinstance(outputs, Tensor):
+            logits: Tensor | None = outputs
+        elif isinstance(outputs, Mapping):
+            key = "logits" if self.output is None else self.output
+            logits = outputs.get(key) if isinstance(key, str) else None
+            if logits is None and _is_labels(labels):
+                raise ValueError(f"the model returns outputs {sorted(outputs)} and none is the class head "
+                                 f"{key!r}: name it with class_output=")  # fmt: skip
+        else:
+            index = 0 if self.output is None else self.output
+            if not isinstance(index, int) or not -len(outputs) <= index < len(outputs):
+                raise ValueError(f"the model returns a tuple of {len(outputs)} outputs: class_output must "
+                                 f"be the index of the class head, not {index!r}")  # fmt: skip
+            logits = outputs[index]
+        if logits is not None and self.num_classes is not None and _is_classification(logits, labels):
+            if logits.shape[-1] != self.num_classes:
+                raise ValueError(
+                    f"the class head has {logits.shape[-1]} columns but there are {self.num_classes} "
+                    "classes: return the other outputs beside it ({'logits': ..., 'aux': ...}) or pass "
+                    "num_classes="
+                )
+        return logits
+
+
+def _class_outputs(outputs: Outputs, labels: Tensor, classes: _Classes) -> dict[str, Tensor]:
+    """Per-example `correct`, `top{k}_correct` (bool) and `pred` for class labels, read from the
+    class head; {} otherwise."""
+    logits, topk = classes.head(outputs, labels), classes.topk
+    if logits is None or not _is_classification(logits, labels):
         return {}
     pred = logits.argmax(-1)
     out = {"correct": pred == labels}
@@ -292,21 +343,24 @@ def _state_optional(fn: Any) -> bool:
     return param is None or param.default is not inspect.Parameter.empty
 
 
-def _check_logits(out: Any, name: str) -> Tensor:
-    if not isinstance(out, Tensor):
-        raise TypeError(
-            f"model {name} must return logits (a tensor) without a model state, got {_describe(out)}"
-        )
-    return out
+def _is_outputs(out: Any) -> bool:
+    """A tensor, or several: a dict of tensors named by strings, or a tuple of tensors."""
+    if isinstance(out, Mapping):
+        return bool(out) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in out.items())
+    if isinstance(out, tuple):
+        return bool(out) and all(isinstance(v, Tensor) for v in out)
+    return isinstance(out, Tensor)
 
 
-def _check_stateful(out: Any, state: ModelState, form: str) -> tuple[Tensor, ModelState]:
-    if not (
-        isinstance(out, tuple)
-        and len(out) == 2
-        and isinstance(out[0], Tensor)
-        and isinstance(out[1], Mapping)
-    ):
+def _check_logits(out: Any, name: str) -> Outputs:
+    if not _is_outputs(out):
+        raise TypeError(f"model {name} must return logits (a tensor), or a dict or tuple of tensors, without "
+                        f"a model state, got {_describe(out)}")  # fmt: skip
+    return dict(out) if isinstance(out, Mapping) else out
+
+
+def _check_stateful(out: Any, state: ModelState, form: str) -> tuple[Outputs, ModelState]:
+    if not (isinstance(out, tuple) and len(out) == 2 and _is_outputs(out[0]) and isinstance(out[1], Mapping)):
         raise TypeError(f"expected {form}, got {_describe(out)}")
     logits, new_state = out
     if sorted(new_state) != sorted(state):
@@ -320,9 +374,25 @@ def _check_stateful(out: Any, state: ModelState, form: str) -> tuple[Tensor, Mod
 # -- the stages --------------------------------------------------------------------------------
 
 
-def _at_least_float32(t: Tensor) -> Tensor:
+def _at_least_float32(outputs: Any) -> Any:
     # bf16/fp16 outputs (autocast) are raised to float32 for the loss; float64 stays float64
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+    return tree.map(lambda t: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t, outputs)
+
+
+def _detached(outputs: Any) -> Any:
+    return tree.map(torch.Tensor.detach, outputs)
+
+
+def _default_loss(classes: _Classes) -> LossFn:
+    """Cross-entropy of the class head (the whole output when the model returns one tensor)."""
+
+    def cross_entropy(outputs: Outputs, targets: Tensor) -> Tensor:
+        logits = outputs if isinstance(outputs, Tensor) else classes.head(outputs, targets)
+        if logits is None:
+            raise ValueError("the default loss is cross-entropy of class labels: pass a loss= for these")
+        return losses.cross_entropy_per_example(logits, targets)
+
+    return cross_entropy
 
 
 def _preprocess(preprocess: Preprocess | None, x: Tensor, key: Tensor | None = None) -> Tensor:
@@ -442,18 +512,23 @@ def stages(
     topk: int | None = None,
     tta: bool = False,
     per_example: ClipAndNoise | None = None,
+    class_output: str | int | None = None,
+    num_classes: int | None = None,
 ) -> Stages:
     """The pure, uncompiled `Stages` of a step; arguments as `make_train_step` / `make_eval_step`
     (`tta` for the eval stage only)."""
     _check_precision(precision)
     forward = _forward_fn(model)
     private = _check_private(per_example, model)
-    per_example = loss or losses.cross_entropy_per_example
+    classes = _classes(model, topk, class_output, num_classes)
+    per_example = loss or _default_loss(classes)
 
-    def outputs(logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    def outputs(logits: Outputs, targets: Tensor) -> dict[str, Tensor]:
         values, extra = _loss_parts(per_example, logits, targets)
         extra.update(_metric_parts(metrics, logits, targets, extra))
-        return {"loss": values, "logits": logits, **_class_outputs(logits, targets, topk), **extra}
+        head = classes.head(logits, targets)
+        shown = {"logits": head} if head is not None else {}
+        return {"loss": values, **shown, **_class_outputs(logits, targets, classes), **extra}
 
     update = None
     if optimizer is not None:
@@ -464,9 +539,9 @@ def stages(
 
     if private is not None:
         gradients = _private_gradients_fn(forward, per_example, metrics, preprocess, precision,
-                                          device_type, topk, private)  # fmt: skip
+                                          device_type, classes, private)  # fmt: skip
     else:
-        gradients = _gradients_fn(forward, per_example, metrics, preprocess, precision, device_type, topk)
+        gradients = _gradients_fn(forward, per_example, metrics, preprocess, precision, device_type, classes)
     return Stages(
         gradients=gradients,
         update=update,
@@ -479,26 +554,41 @@ def stages(
     )
 
 
+def _classes(
+    model: Any, topk: int | None, class_output: str | int | None, num_classes: int | None
+) -> _Classes:
+    """The class head and count the accuracy metrics read; the count from a `Model`'s
+    `num_classes` hyperparameter unless given."""
+    if isinstance(class_output, bool) or not isinstance(class_output, (str, int, type(None))):
+        raise TypeError(f"class_output must be an output's name or index, not {class_output!r}")
+    if num_classes is None and isinstance(model, Model):
+        num_classes = model.hparams.get("num_classes")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):  # fmt: skip
+        raise ValueError(f"num_classes must be a positive integer, not {num_classes!r}")
+    return _Classes(topk, class_output, num_classes)
+
+
 def _metric_sums(
     values: Tensor,
     extra: Mapping[str, Tensor],
-    logits: Tensor,
+    logits: Outputs,
     y: Tensor,
-    topk: int | None,
+    classes: _Classes,
     mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The train step's metric sums (module docstring) over the examples `mask` keeps (all
     without one): loss_sum, count, correct / top{k}_correct, <name>_sum."""
-    classes = {k: v for k, v in _class_outputs(logits, y, topk).items() if k != "pred"}
+    hits = {k: v for k, v in _class_outputs(logits, y, classes).items() if k != "pred"}
     if mask is None:
         count = torch.full((), y.shape[0], dtype=torch.int64, device=y.device)
-        sums = {"loss_sum": values.sum(), "count": count, **{k: v.sum() for k, v in classes.items()}}
+        sums = {"loss_sum": values.sum(), "count": count, **{k: v.sum() for k, v in hits.items()}}
         return {**sums, **{f"{k}_sum": v.sum() for k, v in extra.items()}}
     keep = mask.to(values.dtype)
     sums = {
         "loss_sum": (values * keep).sum(),
         "count": mask.sum(),
-        **{k: (v & mask).sum() for k, v in classes.items()},
+        **{k: (v & mask).sum() for k, v in hits.items()},
     }
     return {**sums, **{f"{k}_sum": (v * keep.to(v.dtype)).sum() for k, v in extra.items()}}
 
@@ -510,7 +600,7 @@ def _gradients_fn(
     preprocess: Preprocess | None,
     precision: str,
     device_type: str | None,
-    topk: int | None,
+    classes: _Classes,
 ) -> Callable[[CoreIn], tuple[Params, ModelState, dict[str, Tensor]]]:
     """`CoreIn -> (grads, new model state, metric sums)`: the train step before the update."""
     keyed = preprocess is not None and _takes_key(preprocess)  # here: inspect is not traceable
@@ -529,10 +619,10 @@ def _gradients_fn(
         grads, (_, (values, extra, logits, new_state)) = torch.func.grad_and_value(
             loss_and_aux, has_aux=True
         )(inp.params)
-        logits = _at_least_float32(logits.detach())
+        logits = _detached(_at_least_float32(logits))
         extra = {k: v.detach() for k, v in extra.items()}
         extra.update(_metric_parts(metrics, logits, y, extra))
-        sums = _metric_sums(values.detach(), extra, logits, y, topk)
+        sums = _metric_sums(values.detach(), extra, logits, y, classes)
         return grads, {k: v.detach() for k, v in new_state.items()}, sums
 
     return gradients
@@ -580,7 +670,7 @@ def _private_gradients_fn(
     preprocess: Preprocess | None,
     precision: str,
     device_type: str | None,
-    topk: int | None,
+    classes: _Classes,
     dp: ClipAndNoise,
 ) -> Callable[[CoreIn], tuple[Params, ModelState, dict[str, Tensor]]]:
     """`CoreIn -> (sum of the clipped per-example gradients, {}, metric sums over the kept examples)`."""
@@ -590,7 +680,7 @@ def _private_gradients_fn(
         with _autocast(precision, dev):  # one example as a batch of one, its own dropout key
             logits, _ = forward(p, xi[None], {}, train=True, key=ki)
         values, extra = _loss_parts(per_example, _at_least_float32(logits), yi[None])
-        return values[0], (values[0], {k: v[0] for k, v in extra.items()}, logits[0])
+        return values[0], (values[0], {k: v[0] for k, v in extra.items()}, tree.map(lambda t: t[0], logits))
 
     def gradients(inp: CoreIn):
         if inp.model_state:
@@ -614,11 +704,11 @@ def _private_gradients_fn(
             clipped.append(n)
             values.append(v.detach())
             extra.append({k: t.detach() for k, t in e.items()})
-            logits.append(lg.detach())
-        values_all, logits_all = torch.cat(values), torch.cat(logits)
+            logits.append(_detached(lg))
+        values_all, logits_all = torch.cat(values), tree.map(lambda *t: torch.cat(t), *logits)
         extra_all = {k: torch.cat([e[k] for e in extra]) for k in extra[0]}
         extra_all.update(_metric_parts(metrics, logits_all, y, extra_all))
-        sums = _metric_sums(values_all, extra_all, logits_all, y, topk, mask)
+        sums = _metric_sums(values_all, extra_all, logits_all, y, classes, mask)
         return total, {}, {**sums, "clipped_sum": sum(clipped)}
 
     return gradients
@@ -656,10 +746,12 @@ def _evaluate_fn(
     precision: str,
     tta: bool,
 ) -> Callable[[Params, ModelState, Tensor, Tensor], dict[str, Tensor]]:
-    """`(params, model_state, inputs, targets) -> per-example outputs`, in inference mode."""
+    """`(params, model_state, inputs, targets) -> per-example outputs`, in inference mode
+    (running statistics, no dropout). Not under `no_grad`: `torch.func.grad` differentiates
+    through it; called with params that require no gradient it records no graph anyway."""
 
-    def logits_of(params: Params, model_state: ModelState, x: Tensor) -> Tensor:
-        with torch.no_grad(), _autocast(precision, x.device.type):
+    def logits_of(params: Params, model_state: ModelState, x: Tensor) -> Outputs:
+        with _autocast(precision, x.device.type):
             logits, _ = forward(params, x, model_state, train=False, key=None)
         return _at_least_float32(logits)
 
@@ -669,6 +761,8 @@ def _evaluate_fn(
         x = _preprocess(preprocess, inputs)
         logits = logits_of(params, model_state, x)
         if tta:  # the mean of the probabilities of the image and its mirror image
+            if not isinstance(logits, Tensor):
+                raise ValueError("tta=True needs a model that returns one logits tensor")
             mirrored = logits_of(params, model_state, x.flip(-1))
             both = torch.stack([logits.log_softmax(-1), mirrored.log_softmax(-1)])
             logits = torch.logsumexp(both, dim=0) - math.log(2.0)
@@ -690,17 +784,22 @@ def make_train_step(
     topk: int | None = None,
     reduce_grads: Callable[[Params], Params] | None = None,
     per_example: ClipAndNoise | None = None,
+    class_output: str | int | None = None,
+    num_classes: int | None = None,
 ) -> TrainStep:
     """A pure `train_step(state, (inputs, targets)) -> (new_state, metrics)`.
 
     model: a `Model`, or a plain function `(params, x[, train, key]) -> logits`; with a model
         state in the `TrainState`, a plain `(params, x, *, train, key, state) -> (logits,
-        new_state)` (a TypeError naming the expected form at the first call otherwise).
+        new_state)` (a TypeError naming the expected form at the first call otherwise). A
+        model may return several outputs instead of logits: a dict `{name: [B, ...]}` or a
+        tuple of tensors (a multi-task model's heads).
     optimizer: a `GradientTransformation` (`init`, `update`).
     loss: `(outputs [B, ...], targets [B, ...]) -> per-example losses [B]`, or `(losses [B],
-        {name: [B]})` to report more; cross-entropy if None. The step minimises the mean.
-        Another return is a one-line ValueError/TypeError on the first call.
-    metrics: `(logits, targets) -> {name: per-example values [B]}`, computed on the batch.
+        {name: [B]})` to report more; cross-entropy of the class head if None. It receives the
+        model's outputs whole (a dict or tuple as the model returned it). The step minimises
+        the mean. Another return is a one-line ValueError/TypeError on the first call.
+    metrics: `(outputs, targets) -> {name: per-example values [B]}`, computed on the batch.
     preprocess: a pure function of the input tensor, run inside the compiled step; the default
         turns Fashion-MNIST uint8 `[B, 28, 28]` into normalised float (NHWC on CPU) and refuses
         other dtypes; None uses the inputs as given (`[B, C, H, W]`, `[B, D]`, ...). One that
@@ -712,6 +811,12 @@ def make_train_step(
         (forward and backward run eagerly: on CPU the convolutions are oneDNN's either
         way, while the update's dozen elementwise passes fuse into one); False: eager.
     topk: also count `top{k}_correct` (label among the `topk` highest logits).
+    class_output: which of several outputs the accuracy metrics (`correct`, `top{k}_correct`)
+        and the default loss read: a dict's key (default "logits") or a tuple's index
+        (default 0). A dict without it is a one-line ValueError at the first call.
+    num_classes: how many classes the labels have (default: a `Model`'s `num_classes`
+        hyperparameter); class logits with another number of columns (an aux output
+        concatenated to them) are a one-line ValueError at the first call.
     reduce_grads: a pure stage between the gradient and the update, `grads -> grads` (the
         data-parallel all-reduce, `fashion_func.distributed`); compiled with the step.
     per_example: DP-SGD (`privacy.clip_and_noise`): each example's gradient is computed
@@ -729,7 +834,8 @@ def make_train_step(
     convention in the module docstring; `fit` reports train_loss, train_acc, train_<name>).
     """
     built = stages(model, optimizer, loss=loss, metrics=metrics, preprocess=preprocess, precision=precision,
-                   device_type=device_type, topk=topk, per_example=per_example)  # fmt: skip
+                   device_type=device_type, topk=topk, per_example=per_example, class_output=class_output,
+                   num_classes=num_classes)  # fmt: skip
     return built.train_step(compile=compile, reduce_grads=reduce_grads)
 
 
@@ -743,6 +849,8 @@ def make_eval_step(
     compile: bool | str = True,
     topk: int = 5,
     tta: bool = False,
+    class_output: str | int | None = None,
+    num_classes: int | None = None,
 ) -> EvalStep:
     """A pure `eval_step(params_or_state, batch, model_state=None) -> per-example outputs`.
 
@@ -753,17 +861,120 @@ def make_eval_step(
 
     The first argument is a `TrainState` (its params and model state are used) or a params
     dict; a stateful model then needs `model_state` and runs in inference mode (running
-    statistics). Returns `loss` [B] float32 and `logits` [B, C] float32; for class labels
+    statistics). Returns `loss` [B] float32 and `logits` [B, C] float32 (the class head of a
+    model with several outputs, absent where there is none); for class labels
     also `correct` [B] bool, `top{k}_correct` [B] bool (label among the `topk` highest
     logits) and `pred` [B] int64; and `<name>` [B] for each extra output of the loss or
     `metrics` (`fit` averages them into val_loss, val_acc, val_top{k}, val_<name>).
+
+    Not run under `no_grad`: `torch.func.grad` (or autograd) differentiates through it, e.g.
+    `grad(lambda p: eval_step(p, batch)["loss"].mean())(params)`; plain calls with params that
+    need no gradient record no graph, as fast as before.
     """
     built = stages(model, loss=loss, metrics=metrics, preprocess=preprocess, precision=precision,
-                   topk=topk, tta=tta)  # fmt: skip
+                   topk=topk, tta=tta, class_output=class_output, num_classes=num_classes)  # fmt: skip
     return built.eval_step(compile=compile)
 
 
 # -- research helpers -------------------------------------------------------------------------
+
+
+def _is_stateful(model: Any) -> bool:
+    """Whether `model` must be given a model state: a stateful `Model`, or a function whose
+    `state` keyword has no default."""
+    if isinstance(model, Model):
+        return model.stateful
+    return "state" in _keywords(model) and not _state_optional(model)
+
+
+def loss_fn(
+    model: Model | Callable[..., Any],
+    *,
+    loss: LossFn | None = None,
+    preprocess: Preprocess | None = FASHION_MNIST,
+    train: bool = False,
+    class_output: str | int | None = None,
+) -> Callable[..., Any]:
+    """The mean loss as a pure function of the parameters, for `torch.func` to compose over.
+
+    Returns `f(params, batch, *, key=None) -> loss` (0-d), the mean over the batch `(inputs,
+    targets)` of `loss(model(preprocess(inputs)), targets)`; for a stateful model (batch norm)
+    `f(params, batch, model_state, *, key=None) -> (loss, new_model_state)`, the form
+    `grad(f, has_aux=True)` takes. `grad`, `jvp`, `hessian` and `vmap` (over a leading axis
+    of stacked batches) compose over it, as over any function of tensors.
+
+    loss, preprocess, class_output: as `make_train_step` (cross-entropy of the class head if
+    None; the default preprocess normalises uint8 Fashion-MNIST images, None takes the inputs
+    as given). train: False differentiates the inference-mode function (running statistics, no
+    dropout, no augmentation); True the training-mode one, dropout and an augmenting
+    preprocess drawn from `key` exactly as the train step draws them from
+    `nn.fold_in(state.rng, state.step)`, so `f(st.params, batch, key=...)` is the loss the
+    train step takes the gradient of.
+    """
+    forward = _forward_fn(model)
+    per_example = loss or _default_loss(_classes(model, None, class_output, None))
+    keyed = preprocess is not None and _takes_key(preprocess)  # here: inspect is not traceable
+
+    def mean_loss(params: Params, batch: Batch, model_state: ModelState | None, key: Tensor | None):
+        inputs, targets = batch
+        x = _preprocess(preprocess, inputs, key if keyed and train and key is not None else None)
+        outputs, new_state = forward(params, x, dict(model_state or {}), train=train, key=key)
+        values, _ = _loss_parts(per_example, _at_least_float32(outputs), targets)
+        return values.mean(), new_state
+
+    if _is_stateful(model):
+
+        def stateful_loss(
+            params: Params, batch: Batch, model_state: ModelState, *, key: Tensor | None = None
+        ):
+            if not model_state:
+                raise ValueError(f"model {_name(model)} is stateful: pass its model_state")
+            return mean_loss(params, batch, model_state, key)
+
+        return stateful_loss
+
+    def stateless_loss(params: Params, batch: Batch, *, key: Tensor | None = None) -> Tensor:
+        return mean_loss(params, batch, None, key)[0]
+
+    return stateless_loss
+
+
+def _example_grads(
+    model: Any,
+    batch: Batch,
+    loss: LossFn | None,
+    preprocess: Preprocess | None,
+    model_state: ModelState | None,
+    train: bool,
+    key: Tensor | None,
+    class_output: str | int | None,
+) -> tuple[Callable[[Params, Tensor, Tensor], Params], Tensor, Tensor]:
+    """(`vmap(grad)` of one example's loss over `(params, inputs, targets)`, the prepared inputs,
+    the targets): what `per_example_grads` and `streamed_grad_norms` run chunk by chunk."""
+    if isinstance(model, Model) and model.stateful and not model_state:
+        raise ValueError(f"model {model.name} is stateful: pass its model_state")
+    forward = _forward_fn(model)
+    per_example = loss or _default_loss(_classes(model, None, class_output, None))
+    inputs, targets = batch
+    # strided NCHW: vmap's batched convolutions cannot carry the default preprocess's NHWC on CPU
+    # (PyTorch NYI); a one-channel NHWC tensor is "contiguous" too, so .contiguous() would keep it
+    x = _preprocess(preprocess, inputs).clone(memory_format=torch.contiguous_format)
+    state = dict(model_state or {})
+
+    def single(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
+        logits, _ = forward(p, xi[None], state, train=train, key=key)  # a batch of one
+        return _loss_parts(per_example, logits, yi[None])[0][0]
+
+    return torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0)), x, targets
+
+
+def _chunk_of(chunk_size: int | None, size: int, params: Params) -> int:
+    """`chunk_size`, checked, or the DP stage's default (`_auto_chunk`: bounded in bytes)."""
+    if chunk_size is None:
+        return _auto_chunk(size, params)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, not {chunk_size!r}")
+    return chunk_size
 
 
 def per_example_grads(
@@ -776,32 +987,73 @@ def per_example_grads(
     model_state: ModelState | None = None,
     train: bool = False,
     key: Tensor | None = None,
+    class_output: str | int | None = None,
+    chunk_size: int | None = None,
 ) -> Params:
     """The gradient of each example's loss: `{name: [B, *param.shape]}`, by `vmap(grad(...))`.
 
-    loss, preprocess: as `make_train_step` (the default normalises uint8 Fashion-MNIST images;
-    None for inputs already prepared). Each example is run as a batch of one, so a stateful
-    model in `train=True` mode would normalise every example by itself; the default
-    `train=False` differentiates the inference-mode function (running statistics, no dropout).
+    loss, preprocess, class_output: as `make_train_step` (the default normalises uint8
+    Fashion-MNIST images; None for inputs already prepared). Each example is run as a batch of
+    one, so a stateful model in `train=True` mode would normalise every example by itself; the
+    default `train=False` differentiates the inference-mode function (running statistics, no
+    dropout). chunk_size: examples differentiated at once (default: the DP stage's chunks, at
+    most 512 examples and 256 MiB of gradients), so the work memory stays bounded beside the
+    result, which holds every example's gradient; for only their norms, `streamed_grad_norms`.
     """
-    if isinstance(model, Model) and model.stateful and not model_state:
-        raise ValueError(f"model {model.name} is stateful: pass its model_state")
-    forward = _forward_fn(model)
-    per_example = loss or losses.cross_entropy_per_example
-    inputs, targets = batch
-    # strided NCHW: vmap's batched convolutions cannot carry the default preprocess's NHWC on CPU
-    # (PyTorch NYI); a one-channel NHWC tensor is "contiguous" too, so .contiguous() would keep it
-    x = _preprocess(preprocess, inputs).clone(memory_format=torch.contiguous_format)
-    state = dict(model_state or {})
-
-    def single(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
-        logits, _ = forward(p, xi[None], state, train=train, key=key)  # a batch of one
-        return _loss_parts(per_example, logits, yi[None])[0][0]
-
-    return torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0))(params, x, targets)
+    grad, x, targets = _example_grads(model, batch, loss, preprocess, model_state, train, key, class_output)
+    size = targets.shape[0]
+    chunk = _chunk_of(chunk_size, size, params)
+    if chunk >= size:
+        return grad(params, x, targets)
+    out: Params = {}
+    for lo in range(0, size, chunk):  # written into the result chunk by chunk: no second copy
+        part = grad(params, x[lo : lo + chunk], targets[lo : lo + chunk])
+        if not out:
+            out = {k: g.new_empty((size, *g.shape[1:])) for k, g in part.items()}
+        for k, g in part.items():
+            out[k][lo : lo + chunk] = g
+    return out
 
 
 def per_example_grad_norms(grads: Params) -> Tensor:
     """The global L2 norm of each example's gradient `[B]`, over all parameters: `tree.global_norm`
     of each example's slice."""
     return torch.func.vmap(tree.global_norm)(grads)
+
+
+def streamed_grad_norms(
+    model: Model | Callable[..., Any],
+    params: Params,
+    batches: Batch | Iterable[Batch],
+    *,
+    loss: LossFn | None = None,
+    preprocess: Preprocess | None = FASHION_MNIST,
+    model_state: ModelState | None = None,
+    train: bool = False,
+    key: Tensor | None = None,
+    class_output: str | int | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Each example's gradient norm `[N]` (the dtype and device of the gradients),
+    over one batch `(inputs, targets)` or an iterable of batches (a `DataLoader`), in order.
+
+    The gradients of `chunk_size` examples at a time are taken and reduced to their norms
+    (`per_example_grad_norms`), so memory stays bounded however many examples there are: for
+    gradient-norm data valuation over a dataset. Arguments as `per_example_grads`.
+    """
+    one = (
+        isinstance(batches, (tuple, list))
+        and len(batches) == 2
+        and all(isinstance(t, Tensor) for t in batches)
+    )
+    norms = []
+    for batch in [batches] if one else batches:  # type: ignore[list-item]
+        grad, x, targets = _example_grads(model, batch, loss, preprocess, model_state, train, key,
+                                          class_output)  # fmt: skip
+        chunk = _chunk_of(chunk_size, targets.shape[0], params)
+        for lo in range(0, targets.shape[0], chunk):
+            g = grad(params, x[lo : lo + chunk], targets[lo : lo + chunk])
+            norms.append(per_example_grad_norms(g).detach())
+    if not norms:
+        raise ValueError("streamed_grad_norms was given no examples")
+    return torch.cat(norms)

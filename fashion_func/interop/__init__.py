@@ -21,7 +21,8 @@ One module per ecosystem, every public name re-exported here (`interop.to_module
 - `optax_io`: a run continued in optax / Flax and back: `to_optax(state_or_path, tx)` ->
   `(params, opt_state)` as optax's NamedTuples, `optax_optimizer(tx)` the optax chain computing
   our update, `flax_train_state`, `from_optax` / `from_flax_train_state`, and `save_resume`, a
-  `last.safetensors` that the command line's resume continues.
+  `last.safetensors` that the command line's resume continues; `load_train_state(path, tx)`, a
+  run's `TrainState` and metadata read without a template (old name: `load_for_optax`).
 - `orbax_io`: `save_orbax` / `load_orbax`, that state as an Orbax checkpoint directory.
 - `onnx_io`: `save_onnx`, an ONNX model (uint8 images in, normalisation inside, logits out).
 
@@ -50,6 +51,7 @@ from fashion_func.interop.optax_io import (
     from_flax_train_state,
     from_optax,
     load_for_optax,
+    load_train_state,
     optax_optimizer,
     save_resume,
     to_optax,
@@ -92,6 +94,7 @@ __all__ = [
     "load_flax",
     "load_for_optax",
     "load_orbax",
+    "load_train_state",
     "load_weights_file",
     "merge_state",
     "normalization",

@@ -53,6 +53,7 @@ __all__ = [
     "from_flax_train_state",
     "from_optax",
     "load_for_optax",
+    "load_train_state",
     "optax_optimizer",
     "save_resume",
     "to_optax",
@@ -179,8 +180,11 @@ def optax_optimizer(tx: optim.GradientTransformation, opt_state: Any | None = No
 # --------------------------------------------------------------------------- our state -> optax
 
 
-def load_for_optax(path: str | os.PathLike[str], tx: optim.GradientTransformation) -> tuple[TrainState, dict]:
-    """The `TrainState` and metadata of a train state file (`last.safetensors`) whose optimizer is `tx`.
+def load_train_state(
+    path: str | os.PathLike[str], tx: optim.GradientTransformation
+) -> tuple[TrainState, dict]:
+    """The `TrainState` and metadata of a train state file (`last.safetensors`) whose optimizer is `tx`:
+    a run's state read without a template (`load_for_optax` is the same function, by its old name).
 
     The template is built from the file's own names, shapes and dtypes and `tx.init`, so only the
     optimizer must be told; a `tx` of another structure is a `CheckpointError` naming the file.
@@ -200,12 +204,15 @@ def load_for_optax(path: str | os.PathLike[str], tx: optim.GradientTransformatio
     return checkpoint.load_state(path, template)
 
 
+load_for_optax = load_train_state  # the old name, kept working
+
+
 def _source(
     source: TrainState | str | os.PathLike[str], tx: optim.GradientTransformation
 ) -> tuple[TrainState, dict]:
     if isinstance(source, TrainState):
         return source, {}
-    return load_for_optax(source, tx)
+    return load_train_state(source, tx)
 
 
 def _model(state: TrainState, metadata: Mapping[str, Any], model: str | None) -> tuple[str, dict[str, Any]]:

@@ -25,6 +25,7 @@ from fashion_func import checkpoint, ensemble
 from fashion_func.loop import collective as coll
 from fashion_func.loop import members as members_lib
 from fashion_func.loop import resume as resume_lib
+from fashion_func.loop import rngs
 from fashion_func.loop.actions import Actions
 from fashion_func.loop.artifacts import LAST
 from fashion_func.loop.batches import Data, encode_state, epoch_batches, num_batches, resume_kind
@@ -118,6 +119,10 @@ class _Driver(Actions):
         self.lr_schedule: Callable[[Tensor], Tensor] | None = lr_schedule
         self.allow_inexact_resume = allow_inexact_resume
         self.privacy: Accountant | None = privacy
+        # the global generators' states of a resumed checkpoint, set where the uncut run stood,
+        # and a stateful train_data's position saved at an epoch's end (its sampler's generator)
+        self.saved_rngs: dict[str, Any] | None = None
+        self.saved_data_state: Any = None
         # a stack's diverged members (None for one model)
         self.div = members_lib.Diverged(ensemble.size(state)) if members_lib.stacked(state) else None
 
@@ -127,6 +132,8 @@ class _Driver(Actions):
         self.state = point.state
         self.cb_states = {cb.name: point.cb_states.get(cb.name, cb.init()) for cb in self.callbacks}
         self.start_epoch, self.in_epoch = point.start_epoch, point.in_epoch
+        self.saved_rngs = point.metadata.get("rng_states")
+        self.saved_data_state = point.metadata.get("data_state")
         self.history = [r for r in point.history if r["epoch"] < point.start_epoch]
         if self.div is not None:
             try:
@@ -163,24 +170,36 @@ class _Driver(Actions):
             f"gives no position to continue from, so its first {batch} batches are drawn again and dropped"
         )
 
-    def _meta(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _meta(
+        self, epoch_done: int, in_epoch: dict[str, Any] | None = None, rng_states: Any = None
+    ) -> dict[str, Any]:
         m = {**self.metadata, **self.run_meta(), "epoch": epoch_done, "callbacks": self.cb_states,
-             "history": self.history}  # fmt: skip
+             "history": self.history, "rng_states": rng_states or rngs.capture()}  # fmt: skip
         lr = resume_lib.host_lr(self.state.opt_state)  # the base lr, as last set (not a copy)
         if lr is not None:
             m["lr"] = lr
         if in_epoch:
             m["in_epoch"] = in_epoch
+        else:  # at an epoch's end: where a stateful source's next epoch starts (its shuffle)
+            data_state = self._data_state()
+            if data_state is not None:
+                m["data_state"] = data_state
         if self.div is not None and self.div.marks:
             m[members_lib.META_KEY] = self.div.to_meta()
         return m
 
-    def save_last(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> Path | None:
+    def save_last(
+        self, epoch_done: int, in_epoch: dict[str, Any] | None = None, rng_states: Any = None
+    ) -> Path | None:
+        """Write last.safetensors; with the global generators' states `rng_states` (taken where
+        the data source's position was) or, without them, as they are now."""
         if self.run is None:
             return None
         folder, folder_id = self.run.checkpoint_folder()  # still the run's own, not a link swapped in
         path = folder / LAST
-        checkpoint.save_state(path, self.state, metadata=self._meta(epoch_done, in_epoch), folder=folder_id)
+        checkpoint.save_state(
+            path, self.state, metadata=self._meta(epoch_done, in_epoch, rng_states), folder=folder_id
+        )
         self.log.info(f"saved {path} (step {_host_step(self.state.step)})")
         return path
 
@@ -190,6 +209,7 @@ class _Driver(Actions):
         device = self.state.step.device
         ep = _Epoch(epoch, 0, {}, torch.full((), -1, dtype=torch.int64, device=device), 0.0)
         saved, self.in_epoch = self.in_epoch, None
+        ep.data_state, self.saved_data_state = self.saved_data_state, None
         if saved and int(saved["epoch"]) == epoch:
             resume_lib.check_same_batches(saved, getattr(self.train_data, "batching", None))
             if "sums" not in saved:  # written before fit took any step's metrics
@@ -226,7 +246,12 @@ class _Driver(Actions):
             self.state.step
         )  # mirrors state.step on the host, so checking it costs no sync
         ep.t0 = time.perf_counter()
+        mid_epoch = ep.first_batch > 0
+        if not mid_epoch:  # resumed at an epoch's start: before the source draws its epoch's seed
+            self._restore_rngs()
         source = epoch_batches(self.train_data, epoch, ep.first_batch, ep.data_state)
+        if mid_epoch:  # inside an epoch: after, as the uncut run's source had drawn it long before
+            self._restore_rngs()
         batches = enumerate(source, ep.first_batch)
         b = ep.first_batch - 1
         for b, batch in batches:
@@ -261,11 +286,31 @@ class _Driver(Actions):
         if not cut and signum is None:
             return None
         data_state = self._data_state()  # before the look-ahead below draws one more batch
+        rng_states = rngs.capture()  # likewise: the look-ahead may draw augmentation from them
         if cut and signum is None and next(batches, None) is None:
             return "end"
         bar.close()
-        self._stop_mid_epoch(ep, b + 1, cut, data_state)
+        self._stop_mid_epoch(ep, b + 1, cut, data_state, rng_states)
         return "cut"
+
+    def _restore_rngs(self) -> None:
+        """The global generators set as the resumed checkpoint saved them (once)."""
+        if self.saved_rngs is None:
+            return
+        done = rngs.restore(self.saved_rngs)
+        self.saved_rngs = None
+        self.log.info(f"restored the global random generators ({', '.join(done)}) from the checkpoint")
+
+    def warn_inexact_source(self) -> None:
+        """Name, at the start, a `train_data` that a mid-epoch checkpoint could not continue."""
+        if self.run is None or self.allow_inexact_resume or resume_kind(self.train_data) is not None:
+            return
+        self.log.warning(
+            f"train_data ({type(self.train_data).__name__}) cannot continue an epoch from a mid-epoch "
+            "checkpoint: a run cut by a signal or max_steps will refuse to resume inside the epoch (use "
+            "data.EpochBatches, a function epoch -> batches taking start=, or a torchdata "
+            "StatefulDataLoader; or allow_inexact_resume=True)"
+        )
 
     def _data_state(self) -> Any:
         """A stateful `train_data`'s position (its `state_dict()`, as JSON values), else None."""
@@ -276,7 +321,9 @@ class _Driver(Actions):
     def _params_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.state.params.values())
 
-    def _stop_mid_epoch(self, ep: _Epoch, next_batch: int, cut: bool, data_state: Any = None) -> None:
+    def _stop_mid_epoch(
+        self, ep: _Epoch, next_batch: int, cut: bool, data_state: Any = None, rng_states: Any = None
+    ) -> None:
         """Save the state cut inside epoch `ep` (unless it diverged); raise Interrupted on a signal."""
         if self.div is None:
             bad_step = int(self._first_bad(ep))
@@ -303,7 +350,7 @@ class _Driver(Actions):
             self.log.error(f"training became non-finite {where}(epoch {ep.epoch}); "
                            f"not saving, {path} keeps the state from before it")  # fmt: skip
         else:
-            path = self.save_last(ep.epoch - 1, in_epoch)
+            path = self.save_last(ep.epoch - 1, in_epoch, rng_states)
         if cut:
             self.stop_reason = f"max_steps {self.max_steps} reached"
             return
@@ -530,8 +577,13 @@ def fit(
         that can start there: `data.EpochBatches`, a function `epoch -> batches` taking
         `start=`, or an object with `state_dict()` / `load_state_dict()` (torchdata's
         `StatefulDataLoader`: its state is saved in last.safetensors). Anything else (a list, a
-        shuffled `DataLoader`) is refused (RunError) unless this is True: then a warning is
-        logged and the batches already seen are drawn again and dropped.
+        shuffled `DataLoader`) is named in a warning when a run with a run directory starts,
+        and refused (RunError) when resumed mid-epoch, unless this is True: then a warning is
+        logged and the batches already seen are drawn again and dropped. last.safetensors also
+        records the global random generators (torch's CPU and CUDA ones, numpy's, Python's
+        `random`) where the data source stood, and a resume sets them back: a dataset that draws
+        its augmentation from them continues exactly from a mid-epoch checkpoint (at an epoch's
+        end, torchdata draws one more seed from torch's generator loading a finished epoch).
     privacy: private training (`privacy.Accountant`): the history, the log and TensorBoard get
         `epsilon`, the guarantee (at the accountant's delta) after the steps taken so far (a
         sweep over noise multipliers: each member's `epsilon_m<k>`, `epsilon` the largest); with
@@ -550,6 +602,7 @@ def fit(
                          progress=progress, log=logger, weights=weights, group=group,
                          lr_schedule=lr_schedule, allow_inexact_resume=allow_inexact_resume,
                          privacy=privacy)  # fmt: skip
+        driver.warn_inexact_source()
         point = _resume_point(resume, run, state, driver.callbacks, logger)
         if point is not None:
             driver.resume_from(point)

@@ -43,7 +43,8 @@ def evaluate(
     sums: dict[str, Tensor] = {}
     count = 0
     for batch in batches:
-        out = eval_step(state, batch)
+        with torch.no_grad():  # validation takes no gradient, even of params that require one
+            out = eval_step(state, batch)
         count += int(out["loss"].shape[-1])  # a shape: no sync
         for key in _per_example_keys(out):
             part = out[key].double().sum(-1)

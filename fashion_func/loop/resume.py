@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fashion_func import checkpoint, optim
+from fashion_func.loop import rngs
 from fashion_func.loop.artifacts import LAST, lstat
 from fashion_func.loop.errors import RunError
 from fashion_func.safeio import describe, display, short_repr
@@ -176,6 +177,10 @@ def _check_metadata(meta: Mapping[str, Any], callbacks: Sequence[Any]) -> str | 
             return f"in_epoch {problem}"
         if "epoch" in meta and meta["in_epoch"]["epoch"] != meta["epoch"] + 1:
             return "in_epoch.epoch must be the epoch after the last finished one"
+    if meta.get("data_state") is not None and not isinstance(meta["data_state"], dict):
+        return f"data_state must be an object, not {short_repr(meta['data_state'])}"
+    if "rng_states" in meta and rngs.check(meta["rng_states"]):
+        return f"rng_states {rngs.check(meta['rng_states'])}"
     if "history" in meta and not _is_history(meta["history"]):
         return "history must be a list of records with an epoch >= 1"
     saved = meta.get("callbacks", {})
