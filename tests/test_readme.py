@@ -39,8 +39,9 @@ def _torchvision_raw(root: Path) -> None:
 @pytest.mark.slow
 def test_readme_python_api_runs_as_written(tmp_path: Path) -> None:
     blocks = _api_blocks()
-    assert len(blocks) == 5, (
-        "the README shows two research uses, extra metrics, extending the step and differentiating through it"
+    assert len(blocks) == 8, (
+        "the README shows two research uses, extra metrics, extending the step, differentiating through"
+        " it, several outputs, the loss as a function and per-example gradients at scale"
     )
     _torchvision_raw(tmp_path / "dataset" / "fashion")
     script = tmp_path / "readme_api.py"
@@ -55,6 +56,9 @@ def test_readme_python_api_runs_as_written(tmp_path: Path) -> None:
     assert 0 < loss < 1.0  # two epochs of 4096 images: well below chance (ln 10 = 2.3)
     assert "per-example gradient norms tensor([" in out
     assert re.search(r"hypergradient -?[0-9.e-]+ finite differences -?[0-9.e-]+", out)
+    assert float(re.search(r"two heads: val_acc ([0-9.]+)", out).group(1)) > 0.5  # 1 epoch of 2,048 images
+    assert float(re.search(r"top Hessian eigenvalue ([0-9.]+)", out).group(1)) > 0
+    assert "largest gradient norms tensor([" in out
     history = json.loads((tmp_path / "runs" / "research" / "history.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert [r["lr"] for r in history] == pytest.approx([1e-3, 1e-3, 1e-4])  # StepLR(step_size=2)
