@@ -340,9 +340,16 @@ def _time_steps(args, run_step) -> dict:
         run_step()
         _sync(args.device)
         times.append(time.perf_counter() - t)
-    warm, timed = times[: args.dp_warmup], times[args.dp_warmup :]
+    return dp_step_record(times, args.dp_warmup, args.dp_batch)
+
+
+def dp_step_record(times: list[float], warmup: int, batch: int) -> dict:
+    """A --dp row's record from every step's seconds: the first `warmup` are summed as its
+    warm-up, the rest are `times`; its step time is their median and its throughput is
+    `batch` examples per step time."""
+    warm, timed = times[:warmup], times[warmup:]
     step_s = statistics.median(timed)
-    return {"times": timed, "warmup_s": sum(warm), "step_s": step_s, "examples_per_s": args.dp_batch / step_s}
+    return {"times": timed, "warmup_s": sum(warm), "step_s": step_s, "examples_per_s": batch / step_s}
 
 
 def row_dp_ours(args) -> dict:
@@ -500,31 +507,25 @@ def main(argv: list[str] | None = None) -> int:
             continue
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         res["row"], res["precision"] = name, precision
-        if "times" in res:
-            res["steady_s"] = statistics.median(res["times"][1:])
-            res["warmup_s"] = res["times"][0]
         results.append(res)
 
-    base = next((r["steady_s"] for r in results if r["row"] == "tutorial" and "steady_s" in r), None)
     import torch
 
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     n = args.limit_train or 60000
     flops = train_flops_per_image()  # the flop counter runs once
-    _add_roofline(results, n * flops)
-    gemm = {r["precision"]: r for r in results if "gemm_gflops" in r}
-    results = [r for r in results if "gemm_gflops" not in r and not r["row"].startswith("gemm")]
+    rows, gemm = table_rows(results, n * flops)
     print(f"\n{dev_name}, torch {torch.__version__}, {n} training images, {args.epochs} epochs "
           f"({time.strftime('%Y-%m-%d')})")  # fmt: skip
     header = (f"{'row':<22}{'s/epoch':>9}{'vs tutorial':>13}{'warm-up s':>11}{'test acc':>10}{'peak MB':>9}"
               f"{'GFLOP/s':>9}{'% GEMM':>8}")  # fmt: skip
     print(header)
     print("-" * len(header))
-    for r in results:
+    for r in rows:
         if "steady_s" not in r:
             print(f"{r['row']:<22}  skipped: {r['skipped']}")
             continue
-        ratio = f"{base / r['steady_s']:.2f}x" if base else "-"
+        ratio = f"{r['vs_tutorial']:.2f}x" if r["vs_tutorial"] is not None else "-"
         roof = f"{r['gflops']:>9.1f}" + (f"{r['pct_gemm']:>7.0f}%" if "pct_gemm" in r else f"{'-':>8}")
         print(f"{r['row']:<22}{r['steady_s']:>9.2f}{ratio:>13}{r['warmup_s']:>11.1f}{r['acc']:>10.4f}"
               f"{r['peak_mb']:>9.0f}{roof}")  # fmt: skip
@@ -533,15 +534,19 @@ def main(argv: list[str] | None = None) -> int:
             f"GEMM {p}: {g['gemm_gflops']:.0f} GFLOP/s" if "gemm_gflops" in g else f"GEMM {p}: {g['skipped']}"
         )
     print(f"training FLOPs per image (forward + backward): {flops / 1e6:.1f} MFLOP")
-    for r in results:
-        if "eval_s" in r:
+    for r in rows:
+        if "eval_pct" in r:
             n_test = args.limit_val or 10_000
             print(f"{r['row']}: evaluating {n_test:,} test images takes {r['eval_s']:.2f} s "
-                  f"({100 * r['eval_s'] / r['steady_s']:.1f}% of a training epoch)")  # fmt: skip
-    _print_ensemble_throughput(results)
+                  f"({r['eval_pct']:.1f}% of a training epoch)")  # fmt: skip
+    for r in rows:
+        if "per_model_throughput" in r:
+            k, ratio, solo = r["members"], r["per_model_throughput"], r["solo_steady_s"]
+            print(f"{r['row']}: {r['steady_s']:.2f} s/epoch for {k} models against {k} x "
+                  f"{solo:.2f} s solo: per-model throughput {ratio:.2f}x a solo run")  # fmt: skip
     if args.json:
         rates = {p: g.get("gemm_gflops") for p, g in gemm.items()}
-        print(json.dumps({"device": dev_name, "epochs": args.epochs, "train_images": n, "rows": results,
+        print(json.dumps({"device": dev_name, "epochs": args.epochs, "train_images": n, "rows": rows,
                           "gemm_gflops": rates, "train_flops_per_image": flops}))  # fmt: skip
     return 0
 
@@ -578,7 +583,7 @@ def _main_dp(ap: argparse.ArgumentParser, args) -> int:
             continue
         print(f"{r['row']:<22}{1000 * r['step_s']:>10.1f}{r['examples_per_s']:>12.0f}{r['warmup_s']:>11.1f}"
               f"{r['peak_mb']:>9.0f}")  # fmt: skip
-    ratios = _dp_ratios(results)
+    ratios = dp_ratios(results)
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
     if args.json:
@@ -587,7 +592,7 @@ def _main_dp(ap: argparse.ArgumentParser, args) -> int:
     return 0
 
 
-def _dp_ratios(results: list[dict]) -> dict[str, float]:
+def dp_ratios(results: list[dict]) -> dict[str, float]:
     """Throughput ratios of the DP rows present: ours over Opacus's, private over non-private."""
     rate = {r["row"]: r["examples_per_s"] for r in results if "examples_per_s" in r}
     out = {}
@@ -601,32 +606,52 @@ def _dp_ratios(results: list[dict]) -> dict[str, float]:
     return out
 
 
-def _add_roofline(results: list[dict], epoch_flops: float) -> None:
-    """Each timed row's achieved GFLOP/s (models x epoch FLOPs / steady time) and its share of
-    the GEMM rate measured at the row's precision in the same call (tf32 rows on CPU: fp32)."""
-    rates = {r["precision"]: r["gemm_gflops"] for r in results if "gemm_gflops" in r}
-    for r in results:
+def table_rows(record: list[dict], epoch_flops: float) -> tuple[list[dict], dict[str, dict]]:
+    """The benchmark table from its timing record (pure: `record` is left as it was).
+
+    `record` holds one dict per child run, named by `row` and `precision`: a timed row has
+    `times` (seconds per epoch, the first the warm-up; `members` for an ensemble, `eval_s`
+    where evaluation was timed), a `gemm (...)` row has `gemm_gflops`, a failed run `skipped`.
+    `epoch_flops` is one model's training FLOPs over an epoch's images. Returns the training
+    rows, each timed one with
+      steady_s, warmup_s    the median of the epochs after the first; the first
+      vs_tutorial           the tutorial row's steady_s over this row's (None without one)
+      gflops, pct_gemm      members x epoch_flops / steady_s, in GFLOP/s; its percentage of
+                            the GEMM rate at the row's precision (when that was measured)
+      eval_pct              eval_s as a percentage of steady_s (rows that timed evaluation)
+      per_model_throughput  ensemble rows: members x the solo row's steady_s (solo_steady_s)
+                            / this row's
+    and the GEMM rows by precision.
+    """
+    rows, gemm = [], {}
+    for res in record:
+        r = dict(res)
+        if r["row"].startswith("gemm"):
+            gemm[r["precision"]] = r
+            continue
+        if "times" in r:
+            r["steady_s"] = statistics.median(r["times"][1:])
+            r["warmup_s"] = r["times"][0]
+        rows.append(r)
+    rates = {p: g["gemm_gflops"] for p, g in gemm.items() if "gemm_gflops" in g}
+    base = next((r["steady_s"] for r in rows if r["row"] == "tutorial" and "steady_s" in r), None)
+    by_row = {r["row"]: r for r in rows}
+    for r in rows:
         if "steady_s" not in r:
             continue
+        r["vs_tutorial"] = base / r["steady_s"] if base else None
         r["gflops"] = r.get("members", 1) * epoch_flops / r["steady_s"] / 1e9
-        rate = rates.get(r["precision"])
-        if rate:
-            r["pct_gemm"] = 100 * r["gflops"] / rate
-
-
-def _print_ensemble_throughput(results: list[dict]) -> None:
-    """Per-model throughput of each ensemble row against the solo row of its precision."""
-    by_row = {r["row"]: r for r in results}
-    for r in results:
-        if "members" not in r or "steady_s" not in r:
-            continue
-        k = r["members"]
-        solo = by_row.get(r["row"].replace(f"ensemble {k}", "fashion_func"), {})
-        if "steady_s" not in solo:
-            continue
-        ratio = r["per_model_throughput"] = k * solo["steady_s"] / r["steady_s"]
-        print(f"{r['row']}: {r['steady_s']:.2f} s/epoch for {k} models against {k} x "
-              f"{solo['steady_s']:.2f} s solo: per-model throughput {ratio:.2f}x a solo run")  # fmt: skip
+        if r["precision"] in rates:  # not when its GEMM run failed
+            r["pct_gemm"] = 100 * r["gflops"] / rates[r["precision"]]
+        if "eval_s" in r:
+            r["eval_pct"] = 100 * r["eval_s"] / r["steady_s"]
+        if "members" in r:
+            k = r["members"]
+            solo = by_row.get(r["row"].replace(f"ensemble {k}", "fashion_func"), {})
+            if "steady_s" in solo:
+                r["solo_steady_s"] = solo["steady_s"]
+                r["per_model_throughput"] = k * solo["steady_s"] / r["steady_s"]
+    return rows, gemm
 
 
 def _cpu_name() -> str:

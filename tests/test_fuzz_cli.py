@@ -11,11 +11,13 @@ cases every run (at least 200 in all: see the `max_examples` below).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,11 +146,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "data": root / "data", "run": root / "run"}
 
 
-def sandbox(world: dict[str, Path]) -> Path:
-    n = len(list(world["root"].glob("box-*")))
-    box = world["root"] / f"box-{n}"
-    box.mkdir()
-    return box
+@contextlib.contextmanager
+def sandbox(world: dict[str, Path]) -> Iterator[Path]:
+    """A fresh folder under the world's root for one example, removed after it: each example
+    snapshots the whole root twice, which must stay the world's size, not grow by every box
+    so far (a copied run is about 1.3 MB; 220 examples would read hundreds of MB each)."""
+    box = Path(tempfile.mkdtemp(prefix="box-", dir=world["root"]))
+    try:
+        yield box
+    finally:
+        shutil.rmtree(box, ignore_errors=True)
 
 
 FIXED = [
@@ -181,27 +188,27 @@ def test_fuzz_train_flags_and_config_files(
     world: dict[str, Path], capsys: pytest.CaptureFixture[str], flags: dict[str, str], switches: list[str],
     out_kind: str, config: dict[str, Any] | None,
 ) -> None:  # fmt: skip
-    box = sandbox(world)
-    out = make_kind(box, out_kind, world["run"])
-    argv: list[str] = []
-    for flag, value in flags.items():
-        value = (
-            str(make_kind(box, "run", world["run"]) / "checkpoints" / "last.safetensors")
-            if value == "KIND"
-            else value
-        )
-        argv += [flag, value]
-    if config is not None:
-        try:
-            (box / "c.json").write_text(json.dumps(config))
-        except (ValueError, UnicodeEncodeError):
-            (box / "c.json").write_text("{")
-        argv += ["--config", str(box / "c.json")]
-    argv += [*switches, "--out", str(out), "--data-dir", str(world["data"]), "--no-tensorboard", *FIXED]
-    before = snapshot(world["root"], skip=out)
-    code, err = call(main_train, argv, capsys)
-    check_ending("train.py", code, err)
-    assert snapshot(world["root"], skip=out) == before
+    with sandbox(world) as box:
+        out = make_kind(box, out_kind, world["run"])
+        argv: list[str] = []
+        for flag, value in flags.items():
+            value = (
+                str(make_kind(box, "run", world["run"]) / "checkpoints" / "last.safetensors")
+                if value == "KIND"
+                else value
+            )
+            argv += [flag, value]
+        if config is not None:
+            try:
+                (box / "c.json").write_text(json.dumps(config))
+            except (ValueError, UnicodeEncodeError):
+                (box / "c.json").write_text("{")
+            argv += ["--config", str(box / "c.json")]
+        argv += [*switches, "--out", str(out), "--data-dir", str(world["data"]), "--no-tensorboard", *FIXED]
+        before = snapshot(world["root"], skip=out)
+        code, err = call(main_train, argv, capsys)
+        check_ending("train.py", code, err)
+        assert snapshot(world["root"], skip=out) == before
 
 
 def _weights_argv(box: Path, world: dict[str, Path], kind: str) -> Path:
@@ -233,41 +240,41 @@ def test_fuzz_predict_and_export(
 ) -> None:  # fmt: skip
     from PIL import Image
 
-    box = sandbox(world)
-    weights = _weights_argv(box, world, weights_kind)
-    target = make_kind(box, out_kind, world["run"])
-    out = target.with_name(target.name + suffix) if out_kind == "new" else target
-    before = snapshot(world["root"], skip=out)
-    code, err = call(
-        export.main, ["--weights", str(weights), "--format", fmt, "--out", str(out), *extra], capsys
-    )
-    check_ending("export.py", code, err)
-    assert snapshot(world["root"], skip=out) == before
-
-    paths = []
-    for i, kind in enumerate(images):
-        if kind == "png":
-            Image.new("L", (40, 30), 200).save(box / f"{i}.png")
-            paths.append(str(box / f"{i}.png"))
-        else:
-            (box / f"img{i}").mkdir()
-            paths.append(
-                str(make_kind(box / f"img{i}", kind, world["run"])) if kind != "device" else "/dev/zero"
-            )
-    argv = ["--weights", str(weights), "--data-dir", str(world["data"]), "--json"]
-    argv += [x for kv in predict_flags.items() for x in kv] + (["--images", *paths] if paths else [])
-    if out_kind != "new":
-        argv += ["--out", str(out)]
-    before = snapshot(world["root"], skip=out)
-    code, err = call(predict.main, argv, capsys)
-    check_ending("predict.py", code, err) if not paths or code == 0 else None
-    if paths and code != 0:  # one line per unusable image, each naming it
-        assert (
-            "Traceback" not in err
-            and code == 2
-            and all(line.startswith("predict.py: ") for line in err.splitlines())
+    with sandbox(world) as box:
+        weights = _weights_argv(box, world, weights_kind)
+        target = make_kind(box, out_kind, world["run"])
+        out = target.with_name(target.name + suffix) if out_kind == "new" else target
+        before = snapshot(world["root"], skip=out)
+        code, err = call(
+            export.main, ["--weights", str(weights), "--format", fmt, "--out", str(out), *extra], capsys
         )
-    assert snapshot(world["root"], skip=out) == before
+        check_ending("export.py", code, err)
+        assert snapshot(world["root"], skip=out) == before
+
+        paths = []
+        for i, kind in enumerate(images):
+            if kind == "png":
+                Image.new("L", (40, 30), 200).save(box / f"{i}.png")
+                paths.append(str(box / f"{i}.png"))
+            else:
+                (box / f"img{i}").mkdir()
+                paths.append(
+                    str(make_kind(box / f"img{i}", kind, world["run"])) if kind != "device" else "/dev/zero"
+                )
+        argv = ["--weights", str(weights), "--data-dir", str(world["data"]), "--json"]
+        argv += [x for kv in predict_flags.items() for x in kv] + (["--images", *paths] if paths else [])
+        if out_kind != "new":
+            argv += ["--out", str(out)]
+        before = snapshot(world["root"], skip=out)
+        code, err = call(predict.main, argv, capsys)
+        check_ending("predict.py", code, err) if not paths or code == 0 else None
+        if paths and code != 0:  # one line per unusable image, each naming it
+            assert (
+                "Traceback" not in err
+                and code == 2
+                and all(line.startswith("predict.py: ") for line in err.splitlines())
+            )
+        assert snapshot(world["root"], skip=out) == before
 
 
 META_KEYS = [
@@ -299,50 +306,50 @@ def test_fuzz_metadata_of_valid_checkpoints(
     world: dict[str, Path], capsys: pytest.CaptureFixture[str], edits: dict[str, Any],
     config_edits: dict[str, Any], command: str,
 ) -> None:  # fmt: skip
-    box = sandbox(world)
-    run = make_kind(box, "run", world["run"])
-    name = "best.safetensors" if command in ("predict", "export") else "last.safetensors"
-    path = run / "checkpoints" / name
-    meta = checkpoint.read_metadata(path)
-    for key, edit in edits.items():
-        if edit is None:
-            meta.pop(key, None)
+    with sandbox(world) as box:
+        run = make_kind(box, "run", world["run"])
+        name = "best.safetensors" if command in ("predict", "export") else "last.safetensors"
+        path = run / "checkpoints" / name
+        meta = checkpoint.read_metadata(path)
+        for key, edit in edits.items():
+            if edit is None:
+                meta.pop(key, None)
+            else:
+                meta[key] = edit[1]
+        if isinstance(meta.get("config"), dict):
+            meta["config"] = {**meta["config"], **config_edits}
+        try:
+            json.dumps(meta)
+        except (ValueError, TypeError):
+            return  # not storable as metadata: nothing to load
+        if name == "last.safetensors":
+            params = models.get("mlp").init(torch.Generator().manual_seed(0))
+            template = state_lib.create(params, app.build_optimizer(Config(model="mlp")), seed=0)
+            checkpoint.save_state(path, checkpoint.load_state(path, template)[0], metadata=meta)
         else:
-            meta[key] = edit[1]
-    if isinstance(meta.get("config"), dict):
-        meta["config"] = {**meta["config"], **config_edits}
-    try:
-        json.dumps(meta)
-    except (ValueError, TypeError):
-        return  # not storable as metadata: nothing to load
-    if name == "last.safetensors":
-        params = models.get("mlp").init(torch.Generator().manual_seed(0))
-        template = state_lib.create(params, app.build_optimizer(Config(model="mlp")), seed=0)
-        checkpoint.save_state(path, checkpoint.load_state(path, template)[0], metadata=meta)
-    else:
-        checkpoint.save_weights(path, checkpoint.load_weights(path)[0], metadata=meta)
-    if command.startswith("resume"):
-        resume = "auto" if command == "resume-auto" else str(path)
-        prog, main = "train.py", main_train
-        argv = [
-            "--resume",
-            resume,
-            "--out",
-            str(run),
-            "--data-dir",
-            str(world["data"]),
-            "--epochs",
-            "2",
-            "--no-progress",
-        ]
-        out = run
-    elif command == "predict":
-        prog, main, out = "predict.py", predict.main, box / "report"
-        argv = ["--weights", str(path), "--data-dir", str(world["data"]), "--json", "--out", str(out)]
-    else:
-        prog, main, out = "export.py", export.main, box / "e.safetensors"
-        argv = ["--weights", str(path), "--format", "flax", "--out", str(out)]
-    before = snapshot(world["root"], skip=out)
-    code, err = call(main, argv, capsys)
-    check_ending(prog, code, err)
-    assert snapshot(world["root"], skip=out) == before
+            checkpoint.save_weights(path, checkpoint.load_weights(path)[0], metadata=meta)
+        if command.startswith("resume"):
+            resume = "auto" if command == "resume-auto" else str(path)
+            prog, main = "train.py", main_train
+            argv = [
+                "--resume",
+                resume,
+                "--out",
+                str(run),
+                "--data-dir",
+                str(world["data"]),
+                "--epochs",
+                "2",
+                "--no-progress",
+            ]
+            out = run
+        elif command == "predict":
+            prog, main, out = "predict.py", predict.main, box / "report"
+            argv = ["--weights", str(path), "--data-dir", str(world["data"]), "--json", "--out", str(out)]
+        else:
+            prog, main, out = "export.py", export.main, box / "e.safetensors"
+            argv = ["--weights", str(path), "--format", "flax", "--out", str(out)]
+        before = snapshot(world["root"], skip=out)
+        code, err = call(main, argv, capsys)
+        check_ending(prog, code, err)
+        assert snapshot(world["root"], skip=out) == before

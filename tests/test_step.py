@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch._dynamo
@@ -208,17 +213,87 @@ def test_compiling_only_the_update_equals_eager():
         step.make_train_step(model, tx, compile="sometimes")
 
 
-def test_cpu_allocator_tuning_applies_on_glibc_linux():
-    import platform
-    import sys
+# A fresh process (an earlier test's run may have tuned this one already): a 64 MiB block is
+# mmapped by default (glibc's dynamic threshold stops at 32 MiB) and given back when freed; after
+# the tuning it comes from the heap (mallinfo2's mmapped bytes do not grow) and stays there when
+# freed (the heap's free bytes hold it).
+_MALLOC_PROBE = """
+import ctypes, json
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks fsmblks "
+                                               "uordblks fordblks keepcost").split()]
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 64 << 20
+def probe():
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(SIZE)
+    mapped = libc.mallinfo2().hblkhd - before >= SIZE
+    libc.free(block)
+    return {"mmapped": mapped, "kept_after_free": libc.mallinfo2().fordblks >= SIZE}
+default = probe()
+from fashion_func.cli import device
+applied = device.keep_freed_memory_in_heap()
+print(json.dumps({"default": default, "applied": applied, "tuned": probe()}))
+"""
+
+
+def _glibc_version() -> tuple[int, ...]:
+    name, version = platform.libc_ver()
+    return tuple(int(v) for v in version.split(".")[:2]) if name == "glibc" and version else ()
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or _glibc_version() < (2, 33),
+    reason="observes glibc's malloc (mallinfo2: glibc 2.33+)",
+)
+def test_cpu_allocator_tuning_keeps_large_blocks_in_the_heap():
+    proc = subprocess.run([sys.executable, "-c", _MALLOC_PROBE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {
+        "default": {"mmapped": True, "kept_after_free": False},
+        "applied": True,
+        "tuned": {"mmapped": False, "kept_after_free": True},
+    }
+
+
+def test_cpu_allocator_tuning_is_skipped_where_it_cannot_apply(monkeypatch):
+    """Made-up platforms: not Linux, no C library found, a libc without mallopt, or one whose
+    mallopt refuses (musl's returns 0): nothing changed, and False."""
+    import ctypes
+    import ctypes.util
 
     from fashion_func.cli import device as device_lib
 
-    applied = device_lib.keep_freed_memory_in_heap()
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-        assert applied is True
-    else:
-        assert applied is False
+    class NoMallopt:
+        pass
+
+    class Refusing:
+        def mallopt(self, param: int, value: int) -> int:
+            return 0
+
+    calls = []
+
+    class Accepting:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    with monkeypatch.context() as m:
+        m.setattr(sys, "platform", "darwin")
+        assert device_lib.keep_freed_memory_in_heap() is False
+    with monkeypatch.context() as m:
+        m.setattr(ctypes.util, "find_library", lambda name: None)
+        assert device_lib.keep_freed_memory_in_heap() is False
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libc.so.6")
+    for libc, want in ((NoMallopt(), False), (Refusing(), False), (Accepting(), True)):
+        monkeypatch.setattr(ctypes, "CDLL", lambda name, libc=libc: libc)
+        assert device_lib.keep_freed_memory_in_heap(1 << 20) is want
+    # <malloc.h>: M_MMAP_THRESHOLD (-3) to a quarter of the limit, M_TRIM_THRESHOLD (-1) to it
+    assert calls == [(-3, 1 << 18), (-1, 1 << 20)]
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch):
