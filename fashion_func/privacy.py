@@ -90,6 +90,10 @@ MAX_STEPS = 10**9  # RDP's closed form takes milliseconds up to here; the search
 # PRV_RANGE["steps"] steps, and beyond PRV_RANGE["many_steps"] only with q >= PRV_RANGE["q"]
 # (tests/test_privacy_guarantees.py compares it with the PLD at these corners).
 PRV_RANGE = {"steps": 10**5, "many_steps": 10**4, "q": 1e-3}
+# PRV discretises the privacy loss on a grid whose size it derives from the values: for a large
+# epsilon (sigma 0.1 at q = 1) that is 1e12 points (8 TiB) and 21 GiB at sigma 1e-3; 7.5e6
+# points took 19 s. Its size is computed first (Opacus's own formula) and refused above this.
+PRV_MAX_POINTS = 10**7
 SEARCH_SECONDS = 60.0  # noise_multiplier_for gives up (one line) after this long
 
 
@@ -295,6 +299,31 @@ def _check_accounting(sample_rate: float, delta: float) -> None:
     check_delta(delta)
 
 
+class _PRVGridTooLarge(ValueError):
+    """PRV's grid for these values would not fit (`PRV_MAX_POINTS`)."""
+
+
+def _check_prv_grid(sample_rate: float, noise_multiplier: float, steps: int, delta: float) -> None:
+    """Refuse PRV where its grid (Opacus's `PRVAccountant._get_domain`) would exceed `PRV_MAX_POINTS`."""
+    import numpy as np
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    eps_error, delta_error = 0.01, delta / 1000  # Opacus's defaults in get_epsilon
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        prv = PoissonSubsampledGaussianPRV(sample_rate, noise_multiplier)
+        half = compute_safe_domain_size(prvs=[prv], max_self_compositions=[steps], eps_error=eps_error,
+                                        delta_error=delta_error)  # fmt: skip
+    mesh = eps_error / math.sqrt(steps * math.log(12 / delta_error) / 2)
+    points = 2 * half / mesh
+    if not points <= PRV_MAX_POINTS:
+        raise _PRVGridTooLarge(
+            f"the prv accountant would discretise noise_multiplier {noise_multiplier:g} at sample_rate "
+            f"{sample_rate:.3g} over {steps} steps on {points:.3g} points (at most {PRV_MAX_POINTS:.0e}): "
+            "epsilon is too large for it; use the rdp accountant"
+        )
+
+
 def _opacus_epsilon(
     steps: int, sample_rate: float, noise_multiplier: float, delta: float, accountant: str
 ) -> float:
@@ -330,6 +359,7 @@ def epsilon(
         return math.inf
     if accountant == "prv":
         check_prv(q, steps)
+        _check_prv_grid(q, sigma, steps, d)
     return _opacus_epsilon(steps, q, sigma, d, accountant)
 
 
@@ -356,15 +386,21 @@ def noise_multiplier_for(
     lo, hi = NOISE_MULTIPLIER_RANGE
 
     def eps(sigma: float) -> float:
-        return epsilon(steps, sample_rate=q, noise_multiplier=sigma, delta=d, accountant=accountant)
+        try:
+            return epsilon(steps, sample_rate=q, noise_multiplier=sigma, delta=d, accountant=accountant)
+        except _PRVGridTooLarge:  # PRV's grid grows with epsilon: this sigma spends more than any target
+            return math.inf
 
     where = f"{steps} steps at sample_rate {q:.4g}, delta {d:g}"
     if eps(hi) > target_epsilon:  # Opacus: "The privacy budget is too low."
         raise ValueError(f"target_epsilon {target_epsilon:g} is too low for {where}: even noise_multiplier "
                          f"{hi:g}, the largest allowed, spends {eps(hi):.4g}")  # fmt: skip
-    if eps(lo) <= target_epsilon:
+    # RDP's epsilon bounds PRV's from above: a target above RDP's at the least noise is refused
+    # without asking PRV, whose grid there would be huge
+    least = epsilon(steps, sample_rate=q, noise_multiplier=lo, delta=d, accountant="rdp")
+    if least <= target_epsilon:
         raise ValueError(f"target_epsilon {target_epsilon:g} is more than {where} spend with the least noise "
-                         f"allowed (noise_multiplier {lo:g}: epsilon {eps(lo):.4g}); "
+                         f"allowed (noise_multiplier {lo:g}: epsilon {least:.4g} or less); "
                          "give a smaller target")  # fmt: skip
     deadline = time.monotonic() + SEARCH_SECONDS
     if eps(10.0) <= target_epsilon:  # where Opacus starts: most answers lie below it

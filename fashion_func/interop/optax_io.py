@@ -433,9 +433,15 @@ def save_resume(
     `like` is the checkpoint the run was converted from: its metadata (config, callback states,
     history) is kept, with `epochs` more epochs counted as done (the whole epochs trained
     elsewhere) and the state's lr. A checkpoint cut mid-epoch is refused: continue from one
-    written at the end of an epoch.
+    written at the end of an epoch. So is a private run's (`metadata["privacy"]`): its epsilon
+    would not cover the steps trained elsewhere (`privacy.check_record` refuses such a state too).
     """
     meta = checkpoint.read_metadata(like)
+    if meta.get("privacy") is not None:  # epsilon only for steps our per-example stage took
+        raise ValueError(
+            f"{like} is a private run's checkpoint: steps trained outside fashion_func's DP-SGD step "
+            "are neither clipped nor noised, so no epsilon holds for them; it cannot be resumed privately"
+        )
     if meta.get("in_epoch") is not None:
         raise ValueError(f"{like} was cut mid-epoch; convert a checkpoint written at the end of an epoch")
     if epochs < 0:
