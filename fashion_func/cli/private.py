@@ -31,6 +31,7 @@ class Plan:
     kind: str  # the accountant: rdp or prv
     target_epsilon: float | None
     steps_per_epoch: int
+    chosen_for_steps: int | None = None  # with a target: the steps its noise multiplier was chosen for
 
     def batches(self, train: data.Split, seed: int, group: distributed.Group | None) -> data.PoissonBatches:
         """The Poisson batches, padded to a size every rank's slice divides."""
@@ -61,6 +62,7 @@ class Plan:
             "noise_multiplier": _one_or_each(self.noise_multiplier),
             "sample_rate": self.sample_rate, "delta": self.delta, "accountant": self.kind,
             "target_epsilon": self.target_epsilon, "sampling": "poisson",
+            **({"chosen_for_steps": self.chosen_for_steps} if self.chosen_for_steps is not None else {}),
         }  # fmt: skip
 
 
@@ -122,8 +124,8 @@ def plan(cfg: Config, n_train: int, resumed: Path | None = None) -> Plan | None:
             delta=cfg.dp_delta, accountant=cfg.dp_accountant,
             noise_multiplier=_one_or_each(given) if given is not None else None,
         ))  # fmt: skip
-        # a target's sigma: the one the resumed run chose for it, never chosen anew
-        sigmas = given or tuple(_values(record["noise_multiplier"]))
+        # a target's sigma: the one the resumed run chose for it, never chosen anew for this run
+        sigmas = given or _chosen_before(cfg, record, rate, resumed)
     elif given is not None:
         sigmas = given
     else:
@@ -131,7 +133,30 @@ def plan(cfg: Config, n_train: int, resumed: Path | None = None) -> Plan | None:
         sigmas = (_checked(f"--dp-target-epsilon {target:g}", lambda: privacy.noise_multiplier_for(
             target, delta=cfg.dp_delta, sample_rate=rate, steps=total, accountant=cfg.dp_accountant,
         )),)  # fmt: skip
-    return Plan(rate, norms, sigmas, cfg.dp_delta, cfg.dp_accountant, cfg.dp_target_epsilon, steps)
+    chosen_for = None
+    if given is None:  # a target: the steps its sigma was chosen for travel in the record
+        chosen_for = record.get("chosen_for_steps") if resumed is not None else total
+    target = cfg.dp_target_epsilon
+    return Plan(rate, norms, sigmas, cfg.dp_delta, cfg.dp_accountant, target, steps, chosen_for)
+
+
+def _chosen_before(cfg: Config, record: dict[str, Any], rate: float, resumed: Path) -> tuple[float, ...]:
+    """The sigma the resumed target run chose, checked: the record must say for how many steps
+    it was chosen (`chosen_for_steps`), and choosing again for those gives the same sigma (a
+    forged record's larger sigma would report a smaller epsilon for the steps already taken)."""
+    sigma, steps, target = record["noise_multiplier"], record.get("chosen_for_steps"), cfg.dp_target_epsilon
+    flag = f"--resume {resumed}"
+    if isinstance(steps, bool) or not isinstance(steps, int) or not isinstance(sigma, (int, float)):
+        raise RunError(f"{flag}: the checkpoint's privacy record does not say which noise multiplier "
+                       f"--dp-target-epsilon {target:g} chose, for how many steps")  # fmt: skip
+    again = _checked(flag, lambda: privacy.noise_multiplier_for(
+        target, delta=cfg.dp_delta, sample_rate=rate, steps=steps, accountant=cfg.dp_accountant,
+    ))  # fmt: skip
+    if again != sigma:
+        raise RunError(f"{flag}: the checkpoint's privacy record says noise_multiplier {sigma:g} was chosen "
+                       f"for --dp-target-epsilon {target:g} over {steps} steps, where it is {again:g}; "
+                       "its epsilon would not be the one spent, so it is not resumed")  # fmt: skip
+    return (float(sigma),)
 
 
 def check_resumed(dp: Plan, path: Path, metadata: dict[str, Any], step: int) -> None:
