@@ -368,6 +368,29 @@ def test_prv_where_used_is_not_below_dp_accountings_pld(sigma, q, steps) -> None
     assert reference <= ours <= reference + 0.02
 
 
+def test_prv_numpy_warnings_stay_inside() -> None:
+    """Item 16: PRV's numpy warnings (log(0) at q = 1, overflow on its grid) never reach the user."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        privacy.epsilon(10, sample_rate=1.0, noise_multiplier=5.0, delta=1e-5, accountant="prv")
+        privacy.epsilon(8, sample_rate=0.25, noise_multiplier=0.5, delta=1e-5, accountant="prv")
+    assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the")  # Opacus's own search, the reference
+@pytest.mark.parametrize("target, q, steps", [(2.0, 0.01, 1000), (8.0, 0.25, 8), (1.0, 256 / 60000, 2340)])
+def test_the_bounded_search_finds_opacus_noise_multiplier(target, q, steps) -> None:
+    """The search for sigma (bounded, ours) lands where Opacus's `get_noise_multiplier` does."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    ours = privacy.noise_multiplier_for(target, delta=1e-5, sample_rate=q, steps=steps)
+    theirs = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps)
+    assert ours == pytest.approx(theirs, rel=1e-2)
+    assert target - 0.01 <= privacy.epsilon(steps, sample_rate=q, noise_multiplier=ours, delta=1e-5) <= target
+
+
 # -- 2. bad API values: one line, in time ---------------------------------------------------------------
 
 EPS = {"sample_rate": 0.25, "noise_multiplier": 1.0, "delta": 1e-5}
