@@ -561,7 +561,13 @@ def fit(
     privacy: private training (`privacy.Accountant`): the history, the log and TensorBoard get
         `epsilon`, the guarantee (at the accountant's delta) after the steps taken so far (a
         sweep over noise multipliers: each member's `epsilon_m<k>`, `epsilon` the largest); with
-        a `target_epsilon`, the run stops before an epoch whose steps would pass it.
+        a `target_epsilon`, the run stops before an epoch whose steps would pass it. It must
+        describe the run (`privacy.check_accountant`, a ValueError otherwise): `train_step` made
+        with `per_example=` adding its noise multiplier(s), `train_data` Poisson-sampled at its
+        sample rate (`data.PoissonBatches`, not shuffled batches). A resumed checkpoint's record
+        must match it, the step's clipping norm and the state's step count
+        (`privacy.check_record`), else `checkpoint.CheckpointError`: a missing or changed record,
+        or a state trained elsewhere, is refused, never reported with a smaller epsilon.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
