@@ -557,13 +557,18 @@ def poisson_batches(
     `poisson_capacity`) keeps the P whose draws were smallest, an unbiased choice among them.
     """
     # checked here, not when the first batch is asked for (the batches are a generator)
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    if physical_batch_size < 1:
-        raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size}")
+    privacy.check_sample_rate(sample_rate)
+    _check_physical(physical_batch_size)
     if not 0 <= start <= steps:
         raise ValueError(f"start must be in [0, steps], got {start} of {steps}")
     return _poisson_batches(split, sample_rate, physical_batch_size, seed, epoch, range(start, steps))
+
+
+def _check_physical(size: Any) -> None:
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ValueError(f"physical_batch_size must be an integer, got {size!r}")
+    if size < 1:
+        raise ValueError(f"physical_batch_size must be >= 1, got {size}")
 
 
 def _poisson_batches(
@@ -599,10 +604,12 @@ class PoissonBatches:
     physical_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        if not 0 < self.sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
-        if self.physical_batch_size is not None and self.physical_batch_size < 1:
-            raise ValueError(f"physical_batch_size must be >= 1, got {self.physical_batch_size}")
+        # the accountant's own range (a real number, not a bool, of at least SAMPLE_RATE_MIN):
+        # an epoch of round(1 / q) steps must be countable
+        object.__setattr__(self, "sample_rate", privacy.check_sample_rate(self.sample_rate))
+        size = self.physical_batch_size
+        if size is not None:
+            _check_physical(size)
 
     @property
     def size(self) -> int:

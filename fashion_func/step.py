@@ -54,7 +54,7 @@ from fashion_func import losses, nn, optim, tree
 from fashion_func import metrics as metrics_lib
 from fashion_func.models import Model, ModelState, Params, Stage
 from fashion_func.preprocess import FASHION_MNIST, NormalizeImages
-from fashion_func.privacy import NOISE_SALT, ClipAndNoise, add_noise, clipped_sum
+from fashion_func.privacy import NOISE_SALT, ClipAndNoise, add_noise, check_mask, clipped_sum
 from fashion_func.state import TrainState
 
 __all__ = [
@@ -481,6 +481,8 @@ class Stages:
             )
             return new, out.metrics
 
+        # what the step enforces, as data: fit(privacy=) checks its accountant against it
+        train_step.per_example = dp  # type: ignore[attr-defined]
         return train_step
 
     def eval_step(self, *, compile: bool | str = True) -> EvalStep:
@@ -584,13 +586,13 @@ def _metric_sums(
         count = torch.full((), y.shape[0], dtype=torch.int64, device=y.device)
         sums = {"loss_sum": values.sum(), "count": count, **{k: v.sum() for k, v in hits.items()}}
         return {**sums, **{f"{k}_sum": v.sum() for k, v in extra.items()}}
-    keep = mask.to(values.dtype)
+    # selected with where, never multiplied: a masked-out row's NaN loss (0 * NaN) would be NaN
     sums = {
-        "loss_sum": (values * keep).sum(),
+        "loss_sum": torch.where(mask, values, 0).sum(),
         "count": mask.sum(),
         **{k: (v & mask).sum() for k, v in hits.items()},
     }
-    return {**sums, **{f"{k}_sum": (v * keep.to(v.dtype)).sum() for k, v in extra.items()}}
+    return {**sums, **{f"{k}_sum": torch.where(mask, v, 0).sum() for k, v in extra.items()}}
 
 
 def _gradients_fn(
@@ -658,6 +660,7 @@ def _unpack(batch: Any, private: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         if not private:
             raise ValueError("a batch with a mask (inputs, targets, mask) is for a per-example (DP-SGD) "
                              "step: pass per_example=privacy.clip_and_noise(...)")  # fmt: skip
+        check_mask(batch[2])  # bool only: an integer mask of 5 would count an example five times
         return batch[0], batch[1], batch[2]
     inputs, targets = batch
     return inputs, targets, None

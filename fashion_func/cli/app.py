@@ -409,6 +409,8 @@ def train(
         splits = split_identity(train_split, val_split, test_split)
         if from_path is not None:
             point = _resume_point(cfg, from_path, st, callbacks, run.log, splits)
+            if dp is not None:  # the record against the state's own step count, before anything is written
+                private.check_resumed(dp, from_path, point.metadata, int(point.state.step.reshape(-1)[0]))
         elif resume == "auto":
             run.log.info(f"no checkpoint in {run.checkpoints}; starting fresh")
         run.write_json("config.json", cfg.to_dict())

@@ -5,7 +5,7 @@ weights file keeps (`metadata["privacy"]`)."""
 from __future__ import annotations
 
 import importlib.util
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from fashion_func import checkpoint, data, distributed, privacy
 from fashion_func.cli.config import DP_MAX_GRAD_NORM, Config, is_private, parse_sweep
 from fashion_func.loop import RunError
 
-__all__ = ["DEFAULT_MAX_GRAD_NORM", "Plan", "optimizer_grid", "plan"]
+__all__ = ["DEFAULT_MAX_GRAD_NORM", "Plan", "check_resumed", "optimizer_grid", "plan"]
 
 DEFAULT_MAX_GRAD_NORM = DP_MAX_GRAD_NORM
 
@@ -31,6 +31,7 @@ class Plan:
     kind: str  # the accountant: rdp or prv
     target_epsilon: float | None
     steps_per_epoch: int
+    chosen_for_steps: int | None = None  # with a target: the steps its noise multiplier was chosen for
 
     def batches(self, train: data.Split, seed: int, group: distributed.Group | None) -> data.PoissonBatches:
         """The Poisson batches, padded to a size every rank's slice divides."""
@@ -61,6 +62,7 @@ class Plan:
             "noise_multiplier": _one_or_each(self.noise_multiplier),
             "sample_rate": self.sample_rate, "delta": self.delta, "accountant": self.kind,
             "target_epsilon": self.target_epsilon, "sampling": "poisson",
+            **({"chosen_for_steps": self.chosen_for_steps} if self.chosen_for_steps is not None else {}),
         }  # fmt: skip
 
 
@@ -88,7 +90,11 @@ def plan(cfg: Config, n_train: int, resumed: Path | None = None) -> Plan | None:
 
     The sampling rate is `batch_size / n_train`, one epoch `round(1 / rate)` steps. With a
     target epsilon the noise multiplier is chosen for `epochs` epochs, once: a resumed run
-    keeps the one its checkpoint `resumed` records (`metadata["privacy"]`).
+    keeps the one its checkpoint `resumed` records (`metadata["privacy"]`). A resumed
+    checkpoint's record must be what this run enforces (`privacy.check_record`): a record
+    that is missing, out of range or says other sigma, C, q, delta or accountant is refused,
+    never trusted (and never replaced by a sigma chosen anew for a longer run).
+    Every value is checked as the accountant will be asked: a RunError in one line naming the flag.
     """
     if not is_private(cfg.to_dict()):
         return None
@@ -100,18 +106,79 @@ def plan(cfg: Config, n_train: int, resumed: Path | None = None) -> Plan | None:
     if cfg.batch_size > n_train:
         raise RunError(f"--batch-size {cfg.batch_size} is the expected Poisson batch: at most the "
                        f"{n_train} training examples")  # fmt: skip
-    saved = checkpoint.read_metadata(resumed).get("privacy") if resumed is not None else None
     rate = cfg.batch_size / n_train
     steps = max(1, round(1 / rate))
-    sigma = cfg.dp_noise_multiplier
-    if isinstance(saved, dict) and isinstance(saved.get("noise_multiplier"), (int, float)):
-        sigma = float(saved["noise_multiplier"])  # the resumed run's, chosen for its target
-    elif sigma is None and cfg.dp_target_epsilon is not None:
-        sigma = privacy.noise_multiplier_for(
-            cfg.dp_target_epsilon, delta=cfg.dp_delta, sample_rate=rate, steps=cfg.epochs * steps,
-            accountant=cfg.dp_accountant,
-        )  # fmt: skip
+    total = _checked(f"--epochs {cfg.epochs}", lambda: privacy.check_steps(cfg.epochs * steps, "its steps"))
+    if cfg.dp_accountant == "prv":
+        _checked("--dp-accountant prv", lambda: privacy.check_prv(rate, total))
     norm = cfg.dp_max_grad_norm if cfg.dp_max_grad_norm is not None else DEFAULT_MAX_GRAD_NORM
-    sigmas = _per_member(cfg, "dp_noise_multiplier", sigma if sigma is not None else math.nan)
-    return Plan(rate, _per_member(cfg, "dp_max_grad_norm", norm), sigmas, cfg.dp_delta, cfg.dp_accountant,
-                cfg.dp_target_epsilon, steps)  # fmt: skip
+    norms = _per_member(cfg, "dp_max_grad_norm", norm)
+    given = None  # the noise multiplier(s) the config gives, else a target picks one
+    if cfg.dp_noise_multiplier is not None or _swept(cfg, "dp_noise_multiplier"):
+        given = _per_member(cfg, "dp_noise_multiplier", cfg.dp_noise_multiplier or 0.0)
+        for s in given:
+            _checked(f"--dp-noise-multiplier {s:g}", lambda s=s: privacy.check_noise_multiplier(s))
+    if resumed is not None:
+        record = _checked(f"--resume {resumed}", lambda: privacy.check_record(
+            checkpoint.read_metadata(resumed).get("privacy"), sample_rate=rate, max_norm=_one_or_each(norms),
+            delta=cfg.dp_delta, accountant=cfg.dp_accountant,
+            noise_multiplier=_one_or_each(given) if given is not None else None,
+        ))  # fmt: skip
+        # a target's sigma: the one the resumed run chose for it, never chosen anew for this run
+        sigmas = given or _chosen_before(cfg, record, rate, resumed)
+    elif given is not None:
+        sigmas = given
+    else:
+        target = cfg.dp_target_epsilon
+        sigmas = (_checked(f"--dp-target-epsilon {target:g}", lambda: privacy.noise_multiplier_for(
+            target, delta=cfg.dp_delta, sample_rate=rate, steps=total, accountant=cfg.dp_accountant,
+        )),)  # fmt: skip
+    chosen_for = None
+    if given is None:  # a target: the steps its sigma was chosen for travel in the record
+        chosen_for = record.get("chosen_for_steps") if resumed is not None else total
+    target = cfg.dp_target_epsilon
+    return Plan(rate, norms, sigmas, cfg.dp_delta, cfg.dp_accountant, target, steps, chosen_for)
+
+
+def _chosen_before(cfg: Config, record: dict[str, Any], rate: float, resumed: Path) -> tuple[float, ...]:
+    """The sigma the resumed target run chose, checked: the record must say for how many steps
+    it was chosen (`chosen_for_steps`), and choosing again for those gives the same sigma (a
+    forged record's larger sigma would report a smaller epsilon for the steps already taken)."""
+    sigma, steps, target = record["noise_multiplier"], record.get("chosen_for_steps"), cfg.dp_target_epsilon
+    flag = f"--resume {resumed}"
+    if isinstance(steps, bool) or not isinstance(steps, int) or not isinstance(sigma, (int, float)):
+        raise RunError(f"{flag}: the checkpoint's privacy record does not say which noise multiplier "
+                       f"--dp-target-epsilon {target:g} chose, for how many steps")  # fmt: skip
+    again = _checked(flag, lambda: privacy.noise_multiplier_for(
+        target, delta=cfg.dp_delta, sample_rate=rate, steps=steps, accountant=cfg.dp_accountant,
+    ))  # fmt: skip
+    if again != sigma:
+        raise RunError(f"{flag}: the checkpoint's privacy record says noise_multiplier {sigma:g} was chosen "
+                       f"for --dp-target-epsilon {target:g} over {steps} steps, where it is {again:g}; "
+                       "its epsilon would not be the one spent, so it is not resumed")  # fmt: skip
+    return (float(sigma),)
+
+
+def check_resumed(dp: Plan, path: Path, metadata: dict[str, Any], step: int) -> None:
+    """The resumed checkpoint's privacy record against this run and the state's own step count
+    (`privacy.check_record`): a state trained elsewhere (an optax epoch) is refused here."""
+    _checked(f"--resume {path}", lambda: privacy.check_record(
+        metadata.get("privacy"), steps=step, sample_rate=dp.sample_rate, max_norm=_one_or_each(dp.max_norm),
+        noise_multiplier=_one_or_each(dp.noise_multiplier), delta=dp.delta, accountant=dp.kind,
+    ))  # fmt: skip
+
+
+def _checked(flag: str, call: Callable[[], Any]) -> Any:
+    """`call()`, its ValueError worded with the flag that gave the value (a RunError, exit 2)."""
+    try:
+        return call()
+    except ValueError as exc:
+        raise RunError(f"{flag}: {exc}") from None
+
+
+def _swept(cfg: Config, name: str) -> bool:
+    return bool(cfg.sweep) and name in parse_sweep(cfg.sweep)[0]
+
+
+def _values(value: Any) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, list) else [float(value)]

@@ -8,6 +8,7 @@ the Flax and DLPack paths.
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from fashion_func import atomic, checkpoint
 
 __all__ = [
     "BF16_AS",
+    "NPZ_METADATA",
     "Bf16As",
     "bf16_keys",
     "check_bf16_as",
@@ -32,6 +34,7 @@ __all__ = [
 
 Bf16As = Literal["float32", "uint16", "bfloat16"]
 BF16_AS: tuple[str, ...] = ("float32", "uint16", "bfloat16")
+NPZ_METADATA = "__metadata__"  # a .npz file's metadata entry: the safetensors header's strings, as JSON
 
 
 def check_bf16_as(bf16_as: str) -> None:
@@ -103,7 +106,9 @@ def save_numpy(
 ) -> None:
     """Write weights with torch names and layout in dtypes plain numpy reads, atomically.
 
-    A `.npz` path gives `numpy.savez` output (read with `numpy.load(p)`, no pickle needed);
+    A `.npz` path gives `numpy.savez` output (read with `numpy.load(p)`, no pickle needed), the
+    metadata in its `__metadata__` entry (`json.loads(np.load(p)["__metadata__"].item())`, the
+    strings of a safetensors header: `checkpoint.decode_metadata` gives the values back);
     anything else a safetensors file for `safetensors.numpy.load_file(p)`. bf16 tensors become
     float32 or their uint16 bit patterns (`bf16_as`); bfloat16 itself is refused, as numpy has none.
     A stateful model's buffers are kept as they are (`bn1.num_batches_tracked` stays int64).
@@ -114,11 +119,16 @@ def save_numpy(
     if bf16_as not in ("float32", "uint16"):
         raise ValueError(f"numpy has no bfloat16: bf16_as must be float32 or uint16, not {bf16_as!r}")
     arrays = to_numpy(params, bf16_as=bf16_as)
-    if str(path).endswith(".npz"):
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        atomic.write_bytes(path, buf.getvalue(), what="weights file")
-        return
     meta: dict[str, Any] = dict(metadata or {})
     meta.update(layout="torch", bf16_as=bf16_as, bf16_keys=bf16_keys(params, lambda k, t: k))
+    if str(path).endswith(".npz"):
+        if NPZ_METADATA in arrays:
+            raise ValueError(f"a weight named {NPZ_METADATA} would hide the .npz file's metadata")
+        # the metadata (the privacy record, the normalisation) travels as in the other formats: a
+        # 0-d unicode array of its JSON, which np.load reads without pickle
+        text = json.dumps(checkpoint.encode_metadata(meta), sort_keys=True)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays, **{NPZ_METADATA: np.array(text)})
+        atomic.write_bytes(path, buf.getvalue(), what="weights file")
+        return
     save_arrays(path, arrays, meta)

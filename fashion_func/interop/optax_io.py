@@ -460,9 +460,10 @@ def save_resume(
     state's lr. The state must stand where those epochs end: at `like`'s step plus `epochs` x
     `like`'s steps per epoch (ValueError, one line, otherwise: a resume would count epochs that
     were not trained, or train some twice). A checkpoint cut mid-epoch is refused: continue
-    from one written at the end of an epoch. A `path` in a run directory (`<run>/checkpoints/`)
-    is written holding the run's lock: a run training there is never overwritten
-    (`loop.RunError`).
+    from one written at the end of an epoch. So is a private run's (`metadata["privacy"]`): its
+    epsilon would not cover the steps trained elsewhere (`privacy.check_record` refuses such a
+    state too). A `path` in a run directory (`<run>/checkpoints/`) is written holding the run's
+    lock: a run training there is never overwritten (`loop.RunError`).
     """
     meta = _resume_point_of(Path(path), state, like, epochs)
     meta["epoch"] = int(meta.get("epoch", 0)) + epochs
@@ -489,6 +490,11 @@ def _resume_point_of(
             f"{info.format or 'foreign'} file; pass the last.safetensors the run was converted from"
         )
     meta = info.metadata
+    if meta.get("privacy") is not None:  # epsilon only for steps our per-example stage took
+        raise ValueError(
+            f"{like} is a private run's checkpoint: steps trained outside fashion_func's DP-SGD step "
+            "are neither clipped nor noised, so no epsilon holds for them; it cannot be resumed privately"
+        )
     if meta.get("in_epoch") is not None:
         raise ValueError(f"{like} was cut mid-epoch; convert a checkpoint written at the end of an epoch")
     step = int(state.step.reshape(-1)[0])  # an ensemble's members stand at the same step

@@ -47,8 +47,9 @@ class Actions:
     def save_last(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> Path | None:
         raise NotImplementedError
 
-    def run_meta(self) -> dict[str, Any]:
-        """What every file written now records beside `metadata`, from the run so far."""
+    def run_meta(self, member: int | None = None) -> dict[str, Any]:
+        """What every file written now records beside `metadata`, from the run so far (a
+        member's file: that member's own figures)."""
         return {}
 
     def _weights_path(self, kind: str, epoch: int, member: int | None) -> Path | None:
@@ -72,7 +73,8 @@ class Actions:
         if path is None:
             return
         weights = self.weights_of(self.state)
-        meta = {**self.metadata, **self.run_meta(), "epoch": a.epoch, "monitor": a.monitor, "value": a.value}
+        meta = {**self.metadata, **self.run_meta(a.member), "epoch": a.epoch, "monitor": a.monitor,
+                "value": a.value}  # fmt: skip
         # the folder (made for a member on first use) checked to be the run's own at this write
         _, folder_id = self.run.checkpoint_folder(a.member)
         if a.member is not None:  # one member of an ensemble: a plain single-model file

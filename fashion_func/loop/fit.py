@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fashion_func import callbacks as cbs
 from fashion_func import checkpoint, ensemble
+from fashion_func import privacy as privacy_lib
 from fashion_func.loop import collective as coll
 from fashion_func.loop import members as members_lib
 from fashion_func.loop import resume as resume_lib
@@ -123,12 +124,18 @@ class _Driver(Actions):
         # and a stateful train_data's position saved at an epoch's end (its sampler's generator)
         self.saved_rngs: dict[str, Any] | None = None
         self.saved_data_state: Any = None
+        # the per-example stage the step enforces: what the privacy record's sigma and C come from
+        self.per_example: privacy_lib.ClipAndNoise | None = getattr(train_step, "per_example", None)
+        if privacy is not None:  # epsilon from what the run enforces, never from what a caller claims
+            privacy_lib.check_accountant(privacy, self.per_example, getattr(train_data, "batching", None))
         # a stack's diverged members (None for one model)
         self.div = members_lib.Diverged(ensemble.size(state)) if members_lib.stacked(state) else None
 
     # -- resume and files ----------------------------------------------------------------------
 
     def resume_from(self, point: resume_lib.ResumePoint) -> None:
+        if self.privacy is not None:
+            self._check_privacy_record(point)
         self.state = point.state
         self.cb_states = {cb.name: point.cb_states.get(cb.name, cb.init()) for cb in self.callbacks}
         self.start_epoch, self.in_epoch = point.start_epoch, point.in_epoch
@@ -422,6 +429,21 @@ class _Driver(Actions):
 
     # -- privacy: epsilon after each epoch, and no epoch that would pass the budget ------------
 
+    def _check_privacy_record(self, point: resume_lib.ResumePoint) -> None:
+        """A private run resumes only from a checkpoint whose privacy record is what this run
+        enforces (`privacy.check_record`): the same sigma, C, q, delta and accountant, and the
+        state's own step count (a state trained elsewhere, e.g. an optax epoch, is refused)."""
+        acc, dp = self.privacy, self.per_example
+        assert acc is not None and dp is not None
+        try:
+            privacy_lib.check_record(
+                point.metadata.get("privacy"), steps=_host_step(point.state.step),
+                sample_rate=acc.sample_rate, noise_multiplier=acc.noise_multiplier, max_norm=dp.max_norm,
+                delta=acc.delta, accountant=acc.accountant,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise checkpoint.CheckpointError(f"{point.path}: {exc}") from None
+
     def _epsilon(self) -> dict[str, float]:
         assert self.privacy is not None
         eps = self.privacy.epsilon(_host_step(self.state.step))
@@ -429,13 +451,21 @@ class _Driver(Actions):
             return expand_members({"epsilon": eps}, {"epsilon": max(eps)})
         return {"epsilon": eps}
 
-    def run_meta(self) -> dict[str, Any]:
-        """With `privacy`: the guarantee of the steps taken so far (`Accountant.record`), over
-        what `metadata["privacy"]` already says (the clipping norm, a target)."""
-        if self.privacy is None:
+    def run_meta(self, member: int | None = None) -> dict[str, Any]:
+        """With `privacy`: the guarantee of the steps taken so far (`Accountant.record`) and
+        the step's clipping norm, over what `metadata["privacy"]` already says (a target); a
+        member's file gets that member's own noise multiplier, norm and epsilon."""
+        if self.privacy is None or self.per_example is None:
             return {}
-        record = self.privacy.record(_host_step(self.state.step))
-        return {"privacy": {**self.metadata.get("privacy", {}), **record}}
+        record = {**self.metadata.get("privacy", {}), **self.privacy.record(_host_step(self.state.step))}
+        norms = self.per_example.max_norm
+        record["max_grad_norm"] = norms[0] if len(norms) == 1 else list(norms)
+        if member is not None:  # a sweep's lists: this member's entry
+            for key in ("noise_multiplier", "max_grad_norm", "epsilon"):
+                if isinstance(record.get(key), list):
+                    record[key] = record[key][member]
+            record["member"] = member
+        return {"privacy": record}
 
     def _over_budget(self, epoch: int) -> bool:
         """Whether epoch `epoch`'s steps would take epsilon past the privacy budget (then the
@@ -587,7 +617,13 @@ def fit(
     privacy: private training (`privacy.Accountant`): the history, the log and TensorBoard get
         `epsilon`, the guarantee (at the accountant's delta) after the steps taken so far (a
         sweep over noise multipliers: each member's `epsilon_m<k>`, `epsilon` the largest); with
-        a `target_epsilon`, the run stops before an epoch whose steps would pass it.
+        a `target_epsilon`, the run stops before an epoch whose steps would pass it. It must
+        describe the run (`privacy.check_accountant`, a ValueError otherwise): `train_step` made
+        with `per_example=` adding its noise multiplier(s), `train_data` Poisson-sampled at its
+        sample rate (`data.PoissonBatches`, not shuffled batches). A resumed checkpoint's record
+        must match it, the step's clipping norm and the state's step count
+        (`privacy.check_record`), else `checkpoint.CheckpointError`: a missing or changed record,
+        or a state trained elsewhere, is refused, never reported with a smaller epsilon.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
