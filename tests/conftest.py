@@ -11,7 +11,7 @@ import torch
 
 if os.environ.get("FF_TEST_THREADS"):
     # another thread count splits the reductions at other points: the cross_path tests are run
-    # at 1 and at 2 threads (tests/test_summation_order.py). Subprocesses inherit OMP_NUM_THREADS.
+    # at 1 and at 2 threads (scripts/check_summation_order.sh). Subprocesses inherit OMP_NUM_THREADS.
     torch.set_num_threads(int(os.environ["FF_TEST_THREADS"]))
     os.environ["OMP_NUM_THREADS"] = os.environ["FF_TEST_THREADS"]
 elif os.environ.get("PYTEST_XDIST_WORKER"):

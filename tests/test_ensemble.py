@@ -449,7 +449,8 @@ def test_fit_train_metrics_are_each_members_solo_run(fitted):
         # float32: the batched batch-norm kernel rounds apart from the plain one, and Adam's
         # first step (about lr * sign(g)) amplifies that: measured 5.5e-5 on a loss of 2.3
         assert first[f"train_loss_m{k}"] == pytest.approx(loss / count, abs=3e-4)
-        assert first[f"train_acc_m{k}"] == correct / count
+        # the same rounding apart: a near tie may flip one of the 128 predictions
+        assert first[f"train_acc_m{k}"] == pytest.approx(correct / count, abs=1 / count + 1e-12)
 
 
 def test_fit_writes_each_members_best_weights_as_a_plain_model(fitted):

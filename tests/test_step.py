@@ -109,7 +109,7 @@ def test_compiled_equals_eager_over_five_steps():
         a, ma = eager(a, batch)
         b, mb = compiled(b, batch)
         torch.testing.assert_close(ma["loss_sum"], mb["loss_sum"], rtol=1e-4, atol=1e-5)
-        assert int(ma["correct"]) == int(mb["correct"])
+        assert abs(int(ma["correct"]) - int(mb["correct"])) <= 1  # logits 1e-5 apart: a near tie may flip one
     for k in a.params:
         torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-4, atol=1e-5)
     assert int(a.step) == int(b.step) == 5

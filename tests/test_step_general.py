@@ -73,7 +73,7 @@ def test_float_images_train_simplenet_as_a_module_and_torch_adam_do():
     assert set(metrics) == {"loss_sum", "count", "correct"}
     torch.testing.assert_close(metrics["loss_sum"] / 8, loss.detach(), rtol=1e-6, atol=1e-6)
     assert int(metrics["count"]) == 8 and int(new.step) == 1
-    assert int(metrics["correct"]) == int((logits.argmax(-1) == y).sum())
+    assert abs(int(metrics["correct"]) - int((logits.argmax(-1) == y).sum())) <= 1  # float32 paths: one tie
     # Adam's first move is about lr = 1e-3 per weight: 1e-6 is a thousandth of it
     assert_tree_close(new.params, _module_params(module), rtol=0, atol=1e-6)
     adam = new.opt_state[1]
@@ -121,7 +121,7 @@ def test_default_preprocess_on_uint8_equals_preprocess_none_on_normalized_images
         a, ma = default(a, (images, labels))
         b, mb = plain(b, (data.normalize(images), labels))
         torch.testing.assert_close(ma["loss_sum"], mb["loss_sum"], rtol=1e-5, atol=1e-5)
-        assert int(ma["correct"]) == int(mb["correct"])
+        assert abs(int(ma["correct"]) - int(mb["correct"])) <= 1  # logits ulps apart: a near tie may flip one
     assert_tree_close(a.params, b.params, rtol=1e-4, atol=1e-6)
 
     images, labels = _uint8_images(5)
