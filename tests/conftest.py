@@ -1,5 +1,6 @@
 """Shared test settings: tests marked `cuda` run only where a CUDA device is present; under
-pytest-xdist (`pytest -n N`, as `make test` runs) each worker computes on one thread."""
+pytest-xdist (`pytest -n N`, as `make test` runs) each worker computes on one thread, and
+`FF_TEST_THREADS=N` sets the compute threads (of every worker, or of a plain pytest) to N."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import os
 import pytest
 import torch
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if os.environ.get("FF_TEST_THREADS"):
+    # another thread count splits the reductions at other points: the cross_path tests are run
+    # at 1 and at 2 threads (scripts/check_summation_order.sh). Subprocesses inherit OMP_NUM_THREADS.
+    torch.set_num_threads(int(os.environ["FF_TEST_THREADS"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["FF_TEST_THREADS"]
+elif os.environ.get("PYTEST_XDIST_WORKER"):
     # N workers on N cores: one intra-op thread each, or they oversubscribe the cores and each
     # runs slower than alone. Subprocesses the tests start inherit OMP_NUM_THREADS.
     torch.set_num_threads(1)

@@ -46,6 +46,15 @@ def assert_tree_close(a, b, **tol) -> None:
         torch.testing.assert_close(fa[k], fb[k], msg=lambda m, k=k: f"{k}: {m}", **tol)
 
 
+def assert_argmax_agrees(pred, scores, tol: float) -> None:
+    """`pred` is `scores.argmax(-1)` wherever the top two scores differ by more than `tol`: two
+    computations of the scores, each within `tol/2` of the other, may only swap a closer pair."""
+    top2 = scores.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > tol
+    assert float(clear.double().mean()) >= 0.9, "too many near-ties to check the argmax"
+    assert torch.equal(pred[clear], scores.argmax(-1)[clear]), int((pred != scores.argmax(-1))[clear].sum())
+
+
 class TwoLayerNet(tnn.Module):
     def __init__(self, D_in: int, H: int, D_out: int) -> None:
         super().__init__()

@@ -53,6 +53,7 @@ def _assert_state_equal(state: nn.BatchNormState, module: tnn.Module) -> None:
 # -- nn.batch_norm against torch.nn ------------------------------------------------------------------
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("momentum", [0.1, 0.3])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
 def test_batch_norm_equals_torch_batch_norm_float64(layout, momentum):
@@ -78,6 +79,7 @@ def test_batch_norm_equals_torch_batch_norm_float64(layout, momentum):
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
 def test_batch_norm_gradients_equal_autograd(layout, train):
@@ -116,6 +118,7 @@ def test_batch_norm_never_writes_its_inputs(train):
         assert int(new.num_batches_tracked) == 8
 
 
+@pytest.mark.cross_path
 def test_batch_norm_vmaps_over_a_stack_of_states():
     # an ensemble of E batch-norm layers, each with its own batch, parameters and statistics
     E = 3
@@ -146,6 +149,7 @@ def test_batch_norm_vmaps_over_a_stack_of_states():
         assert torch.equal(count, states.num_batches_tracked + (1 if train else 0))
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_batch_norm_compiles_to_one_graph_equal_to_eager(backend):
     x = _input("nchw", seed=1).float()
@@ -196,6 +200,7 @@ def test_simplenet_bn_init_draws_like_the_module(seed):
         assert v.dtype == reference[k].dtype and torch.equal(v, reference[k]), k
 
 
+@pytest.mark.cross_path
 def test_simplenet_bn_equals_the_module_in_train_and_eval_float64():
     model = models.get("simplenet_bn")
     params = model.init(_gen(1), dtype=F64)
@@ -224,6 +229,7 @@ def test_simplenet_bn_equals_the_module_in_train_and_eval_float64():
     torch.testing.assert_close(nhwc, logits, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.cross_path
 def test_simplenet_bn_train_gradients_equal_autograd_float64():
     model = models.get("simplenet_bn")
     params = model.init(_gen(2), dtype=F64)

@@ -474,6 +474,7 @@ def our_epoch_lrs(cb, n_epochs: int, metrics=None) -> list[float]:
     return lrs
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize(("base_lr", "step_size", "gamma"), [(0.1, 3, 0.1), (1e-3, 7, 0.5), (0.05, 1, 0.9)])
 def test_step_lr_matches_torch(base_lr, step_size, gamma):
     n = 20
@@ -485,6 +486,7 @@ def test_step_lr_matches_torch(base_lr, step_size, gamma):
     assert ours[step_size] == pytest.approx(base_lr * gamma)  # epoch step_size + 1 is the first decayed
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize(("base_lr", "t_max", "eta_min"), [(0.1, 20, 0.0), (0.1, 7, 1e-3), (1e-3, 5, 0.0)])
 def test_cosine_lr_matches_torch(base_lr, t_max, eta_min):
     n = 20  # with t_max < 20 this also covers torch's rise after t_max
@@ -872,6 +874,7 @@ def test_actions_and_events_are_frozen():
         DeleteCheckpoint("best", 1)  # type: ignore[arg-type]
 
 
+@pytest.mark.cross_path
 def test_lr_schedule_drives_any_schedule_per_epoch_like_torch_onecycle_stepped_per_epoch():
     """One callback for every schedule: epoch e runs with schedule(e - 1), as a torch scheduler
     stepped once per epoch; StepLR and CosineLR are it with their schedule."""

@@ -33,6 +33,7 @@ def _quality_tx() -> optim.GradientTransformation:
     )
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("precision", ["fp32", "tf32"])
 def test_compiled_quality_step_matches_eager_on_cuda(precision):
     """resnet (batch norm) + augmentation + onecycle + EMA: the fully compiled CUDA step
@@ -56,6 +57,7 @@ def test_compiled_quality_step_matches_eager_on_cuda(precision):
     assert int(b.step) == 4 and b.params["fc.weight"].is_cuda
 
 
+@pytest.mark.cross_path
 def test_ensemble_member_equals_solo_run_on_cuda():
     model, tx = models.simplenet_bn(), optim.adam(1e-3)
     stacked = ensemble.init(model, tx, members=3, seed=5, device=torch.device("cuda"))

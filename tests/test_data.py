@@ -421,6 +421,7 @@ def test_batches(isolated):
 # normalize
 
 
+@pytest.mark.cross_path
 def test_normalize_against_torchvision_style_reference():
     x = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
     y = data.normalize(x)

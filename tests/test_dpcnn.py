@@ -44,6 +44,7 @@ def test_dpcnn_shapes_and_size_follow_the_recipe():
     ]  # fmt: skip
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("groups", GROUPS)
 def test_vmap_over_single_examples_equals_the_module(groups):
     model, params, module = _setup(groups, torch.float64)
@@ -56,6 +57,7 @@ def test_vmap_over_single_examples_equals_the_module(groups):
     torch.testing.assert_close(model.apply(params, x[:1]), expected[:1], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("groups", GROUPS)
 def test_per_example_gradients_by_vmap_equal_autograd_through_the_module(groups):
     model, params, module = _setup(groups, torch.float64)
@@ -77,6 +79,7 @@ def test_per_example_gradients_by_vmap_equal_autograd_through_the_module(groups)
             torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("groups", GROUPS)
 def test_the_default_preprocess_nhwc_input_gives_the_modules_logits(groups):
     model, params, module = _setup(groups)
@@ -99,6 +102,7 @@ def test_the_default_preprocess_nhwc_input_gives_the_modules_logits(groups):
         torch.testing.assert_close(g_nhwc[k], g_nchw[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.cross_path
 def test_interop_dpcnn_is_the_same_network():
     for groups in GROUPS:
         _, params, reference = _setup(groups, torch.float64)
@@ -112,6 +116,7 @@ def test_interop_dpcnn_is_the_same_network():
         assert list(drawn) == list(models.get("dpcnn", groups=groups).init(torch.Generator().manual_seed(9)))
 
 
+@pytest.mark.cross_path
 def test_group_norm_is_f_group_norm_and_keeps_nhwc():
     g = torch.Generator().manual_seed(7)
     x = torch.randn(3, 8, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
@@ -166,6 +171,7 @@ def test_export_keeps_the_group_count_that_the_shapes_do_not_say(tmp_path, capsy
     assert all(torch.equal(weights[k], params[k]) for k in params)
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("groups", [0, 1, 4])
 def test_from_module_reads_the_group_count_off_the_module(groups):
     torch.manual_seed(0)

@@ -18,6 +18,7 @@ def _data(n: int = 64):
     return torch.randn(n, 784, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g)
 
 
+@pytest.mark.cross_path
 def test_ema_equals_averaged_model_updated_after_each_torch_adam_step():
     decay = 0.9
     model = models.get("mlp")

@@ -65,6 +65,7 @@ def test_an_unknown_architecture_is_recorded_as_not_reordered_and_round_trips(tm
     assert all(torch.equal(back[k], params[k]) for k in params)
 
 
+@pytest.mark.cross_path
 def test_flatten_shapes_from_the_caller_make_a_flax_module_compute_our_logits(tmp_path):
     params = _own_params()
     path = tmp_path / "own.safetensors"

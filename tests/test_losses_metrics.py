@@ -25,6 +25,7 @@ def _logits_labels(b: int = 16, c: int = 10, seed: int = 0, dtype=torch.float64)
 # losses
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.35])
 def test_cross_entropy_matches_functional(smoothing):
     logits, labels = _logits_labels(b=33, c=7)
@@ -41,6 +42,7 @@ def test_cross_entropy_matches_functional(smoothing):
     torch.testing.assert_close(one, ref[3], rtol=0, atol=1e-12)
 
 
+@pytest.mark.cross_path
 def test_cross_entropy_extreme_logits_stay_finite():
     logits = torch.tensor([[1000.0, -1000.0, 0.0], [-1000.0, 1000.0, 0.0]], dtype=torch.float64)
     labels = torch.tensor([1, 1])
@@ -49,6 +51,7 @@ def test_cross_entropy_extreme_logits_stay_finite():
     assert torch.isfinite(per).all()
 
 
+@pytest.mark.cross_path
 def test_mse_matches_functional():
     g = _gen(3)
     pred = torch.randn(6, 4, 5, generator=g, dtype=torch.float64)
@@ -71,6 +74,7 @@ def _linear_params(d: int = 5, c: int = 4, seed: int = 1):
     }
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_per_example_gradients_vmap_grad_equals_loops(smoothing):
     params = _linear_params()
@@ -208,6 +212,7 @@ def test_precision_recall_matches_loop_and_handles_zero_division():
 # torch.compile: everything traces as one graph (no .item(), no host branching)
 
 
+@pytest.mark.cross_path
 def test_compile_fullgraph():
     torch._dynamo.reset()
 

@@ -19,6 +19,7 @@ CASES = [
 IDS = [c[0] + "".join(f"-{k}{v}" for k, v in c[1].items()) for c in CASES]
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize(("name", "hparams", "module_fn", "count"), CASES, ids=IDS)
 def test_logits_equal_nn_module_float64(name, hparams, module_fn, count):
     model = models.get(name, **hparams)
@@ -111,6 +112,7 @@ def test_uniform_is_uniform_and_key_dependent():
     assert not torch.equal(nn.fold_in(torch.tensor(1), 2), nn.fold_in(torch.tensor(2), 1))
 
 
+@pytest.mark.cross_path
 def test_one_channel_nhwc_input_keeps_the_network_nhwc():
     # [B, 1, H, W] is NCHW- and NHWC-contiguous at once; an explicit NHWC stride asks for NHWC
     x = torch.randn(2, 28, 28, 1).permute(0, 3, 1, 2)
@@ -121,6 +123,7 @@ def test_one_channel_nhwc_input_keeps_the_network_nhwc():
     assert nn.conv2d(torch.randn(2, 1, 28, 28), w, b).is_contiguous()  # plain input, plain output
 
 
+@pytest.mark.cross_path
 def test_dropout_keeps_the_memory_layout():
     x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
     y = nn.dropout(x, 0.5, key=torch.tensor(3), train=True)

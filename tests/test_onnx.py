@@ -74,6 +74,7 @@ def test_onnx_export_runs_in_onnxruntime_to_our_logits(capsys, tmp_path, name, c
     assert np.abs(expected).max() > 0.5  # trained weights: the comparison is not of near-zero logits
 
 
+@pytest.mark.cross_path
 def test_the_onnx_graph_normalises_images_bitwise_as_training_does(tmp_path):
     """The exported wrapper's normalisation (the model replaced by the identity) run by ONNX
     Runtime gives exactly the float32 inputs the train and eval steps' preprocess gives."""

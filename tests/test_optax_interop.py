@@ -128,6 +128,7 @@ def test_float32_to_1e_5_and_the_optax_state_is_optax_own():
     assert _max_diff(there, _ours(train_step, at20, batches[20:])) < 1e-5
 
 
+@pytest.mark.cross_path
 def test_optax_chain_computes_our_update(x64):
     """One update of each optimizer from the same state: optax's chain against ours."""
     params = {"w": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}

@@ -100,6 +100,7 @@ SGD_CASES = {
 }
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("case", list(SGD_CASES))
 def test_sgd_matches_torch(case: str) -> None:
     ours_kw, torch_kw = SGD_CASES[case]
@@ -124,6 +125,7 @@ def _torch_kw(kw: dict) -> dict:
     return {**kw, "betas": (b1, b2)}
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("case", list(ADAM_CASES))
 def test_adam_family_matches_torch(case: str) -> None:
     ours, ref, kw = ADAM_CASES[case]
@@ -139,6 +141,7 @@ def test_adam_and_adamw_weight_decay_differ() -> None:
     assert not torch.allclose(a["linear1.weight"], w["linear1.weight"], atol=1e-6)
 
 
+@pytest.mark.cross_path
 def test_adam_float32_close_to_torch() -> None:
     params = make_params(torch.float32)
     ours = run_ours(optim.adam(lr=1e-2, weight_decay=1e-2), params)
@@ -160,6 +163,7 @@ def test_hyperparams_are_0d_tensors_in_params_dtype_and_counters_int64() -> None
     assert set(optim.hyperparams(state)) == {"lr", "momentum", "dampening", "weight_decay"}
 
 
+@pytest.mark.cross_path
 def test_set_hyperparam_matches_torch_lr_change_and_is_pure() -> None:
     params = make_params()
     tx = optim.adam(lr=1e-2)
@@ -235,6 +239,7 @@ def test_update_does_not_modify_inputs(tx: optim.GradientTransformation) -> None
         params, state = new_params, new_state
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("max_norm", [0.05, 1.0, 1e3])
 def test_clip_by_global_norm_matches_clip_grad_norm(max_norm: float) -> None:
     params = make_params()
@@ -254,6 +259,7 @@ def test_clip_by_global_norm_matches_clip_grad_norm(max_norm: float) -> None:
             assert torch.equal(clipped[k], grads[k])
 
 
+@pytest.mark.cross_path
 def test_clipped_sgd_trajectory_matches_torch() -> None:
     params = make_params()
     tx = optim.chain(optim.clip_by_global_norm(0.2), optim.sgd(0.1, momentum=0.9))
@@ -306,6 +312,7 @@ def test_compiled_update_does_not_recompile_when_hyperparams_change(tx: optim.Gr
     torch._dynamo.reset()
 
 
+@pytest.mark.cross_path
 def test_compiled_update_equals_eager() -> None:
     # aot_eager traces and functionalizes the update like inductor would, without a C++ build
     tx = optim.adamw(1e-2, weight_decay=0.1)
@@ -328,6 +335,7 @@ def test_compiled_update_equals_eager() -> None:
 # -- a schedule driving the optimizer (the schedules themselves: tests/test_schedules.py) ---
 
 
+@pytest.mark.cross_path
 def test_schedule_drives_set_hyperparam_like_torch_steplr() -> None:
     # the loop's pattern: set lr from the schedule at each epoch start, vs torch StepLR
     params = make_params()

@@ -142,6 +142,7 @@ CASES = {
 }
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_trajectory_equals_optax(case: str) -> None:
     ours, theirs = CASES[case]
@@ -151,6 +152,7 @@ def test_trajectory_equals_optax(case: str) -> None:
     assert not torch.allclose(a[-1]["w1"], params["w1"], atol=1e-3) or case == "set_to_zero_after_adam"
 
 
+@pytest.mark.cross_path
 def test_nested_params_and_a_prefix_mask_equal_optax() -> None:
     flat = _params()
     nested = {"enc": {"w": flat["w1"], "b": flat["b1"]}, "head": {"w": flat["w2"], "b": flat["b2"]}}
@@ -203,6 +205,7 @@ def _std(eta: float, gamma: float, count: int) -> float:
     return math.sqrt(eta / (1 + count) ** gamma)  # optax's add_noise schedule
 
 
+@pytest.mark.cross_path
 def test_add_noise_is_the_gradient_plus_std_times_its_keyed_normal_draws() -> None:
     eta, gamma, seed = 0.3, 0.55, 7
     tx = optim.add_noise(eta, gamma, seed)
@@ -216,6 +219,7 @@ def test_add_noise_is_the_gradient_plus_std_times_its_keyed_normal_draws() -> No
             torch.testing.assert_close(noised[k], expect, rtol=1e-15, atol=1e-15)
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("count", [0, 3, 40])
 def test_add_noise_variance_schedule_equals_optax(count: int) -> None:
     eta, gamma, n = 0.5, 0.55, 200_000
@@ -255,6 +259,7 @@ def test_add_noise_is_deterministic_and_seeded() -> None:
     assert not torch.equal(a[-1]["w1"], c[-1]["w1"])
 
 
+@pytest.mark.cross_path
 def test_add_noise_members_of_a_stacked_state_draw_from_their_own_keys() -> None:
     params, g = _params(), _grads(steps=1)[0]
     tx = optim.add_noise(0.2, 0.55, 0)
@@ -263,9 +268,9 @@ def test_add_noise_members_of_a_stacked_state_draw_from_their_own_keys() -> None
         tree.map(lambda t: torch.stack([t, t]), tx.init(params)), torch.tensor([11, 12])
     )
     batched, _ = torch.func.vmap(tx.update, in_dims=(None, 0))(g, stacked)
-    for k in g:
-        torch.testing.assert_close(batched[k][0], solo[0][k], rtol=0, atol=0)
-        torch.testing.assert_close(batched[k][1], solo[1][k], rtol=0, atol=0)
+    for k in g:  # vmapped vs solo: log1p and cos may take another (vector/scalar) kernel, a few float64 ulps
+        torch.testing.assert_close(batched[k][0], solo[0][k], rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(batched[k][1], solo[1][k], rtol=1e-14, atol=1e-14)
     assert not torch.equal(solo[0]["w1"], solo[1]["w1"])
 
 
@@ -306,6 +311,7 @@ def _train(tx, batches, compile, st=None):
     return st
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("compile", ["update", True])
 def test_every_new_transform_through_a_compiled_train_step(compile) -> None:
     tx, batches = _everything(), _batches(6)
@@ -319,6 +325,7 @@ def test_every_new_transform_through_a_compiled_train_step(compile) -> None:
     assert int(compiled.opt_state.gradient_step) == 3
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("k", [2, 4])
 def test_k_accumulated_micro_batches_make_the_update_of_one_k_times_larger_batch(k: int) -> None:
     micro = _batches(2 * k, size=6)
@@ -359,6 +366,7 @@ def test_checkpoint_round_trip_of_the_new_states_resumes_bitwise(tmp_path: Path)
 # --------------------------------------------------------------------------- hyperparameters by name
 
 
+@pytest.mark.cross_path
 def test_two_learning_rates_under_multi_transform_answer_to_label_slash_name() -> None:
     tx = optim.MultiSteps(
         optim.multi_transform(

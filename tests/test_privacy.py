@@ -85,6 +85,7 @@ def _our_run(model, params, tx, x, y, dp, *, compile=False, masks=None):
 # -- 1. parity with Opacus (noise 0) -----------------------------------------------------------
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("groups", [0, 4])
 @pytest.mark.parametrize("compile", [False, "update"])
 def test_sgd_updates_equal_opacus(groups, compile):
@@ -106,6 +107,7 @@ def test_sgd_updates_equal_opacus(groups, compile):
     assert moved > 1e-3  # the parity is not that of two runs that did nothing
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize(
     "ours_tx, torch_opt",
     [
@@ -124,6 +126,7 @@ def test_stateful_optimizer_is_applied_after_the_clipped_mean(ours_tx, torch_opt
     assert_tree_close(ours.params, theirs, rtol=0, atol=1e-6)
 
 
+@pytest.mark.cross_path
 def test_masked_batches_equal_opacus_on_the_kept_examples_over_the_expected_size():
     model, params = _dpcnn()
     x, y = _images(B * STEPS, seed=4)
@@ -165,6 +168,7 @@ def _assert_gaussian(noise: torch.Tensor, std: float) -> None:
     assert abs(float((z.abs() < std).double().mean()) - 0.6827) < 0.01
 
 
+@pytest.mark.cross_path
 def test_add_noise_on_a_zero_sum_has_the_stated_scale_and_is_a_function_of_the_key():
     zeros = {"a": torch.zeros(300, 200), "b": torch.zeros(N_NOISE - 60_000)}
     c, sigma, size = 0.7, 1.3, 32.0
@@ -193,6 +197,7 @@ def _idle_params():
     return {"w": torch.randn(8, 10, generator=g) * 0.1, "b": torch.zeros(10), "idle": torch.zeros(N_NOISE)}
 
 
+@pytest.mark.cross_path
 def test_step_noise_has_the_stated_scale_and_is_independent_across_steps():
     c, sigma, size = 0.5, 1.1, 8.0
     tx = optim.sgd(1.0)
@@ -245,6 +250,7 @@ def test_ensemble_members_draw_independent_noise_and_a_sweep_the_same_standardiz
 # -- 3. clipping -----------------------------------------------------------------------------------
 
 
+@pytest.mark.cross_path
 @settings(max_examples=60, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
@@ -305,6 +311,7 @@ ACCOUNTING = [  # (sample rate, noise multiplier, steps, delta)
 
 # q = 1 with sigma = 5: the best RDP order is above Opacus's largest (63), which it says; its
 # PRV takes log(0) for q = 1 (log(1 - q)), a numpy warning, and still agrees with the PLD
+@pytest.mark.cross_path
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 @pytest.mark.parametrize("q, sigma, steps, delta", ACCOUNTING)
@@ -375,6 +382,7 @@ def test_bad_accounting_inputs_are_one_line_value_errors(call, match):
 # -- 5. masked examples contribute nothing -----------------------------------------------------------
 
 
+@pytest.mark.cross_path
 def test_masked_out_examples_contribute_nothing():
     model, params = _dpcnn()
     tx = optim.sgd(0.3, momentum=0.9)
@@ -390,7 +398,8 @@ def test_masked_out_examples_contribute_nothing():
     masked, m = run((x, y, mask), 0.0)
     kept, mk = run((x[mask], y[mask]), 0.0)
     assert int(m["count"]) == int(mask.sum()) == int(mk["count"]) == 7
-    assert int(m["clipped_sum"]) == int(mk["clipped_sum"]) and int(m["correct"]) == int(mk["correct"])
+    assert int(m["clipped_sum"]) == int(mk["clipped_sum"])
+    assert abs(int(m["correct"]) - int(mk["correct"])) <= 1  # masked vs sliced batch: a near tie may flip one
     torch.testing.assert_close(m["loss_sum"], mk["loss_sum"], rtol=1e-6, atol=0)
     assert_tree_close(masked.params, kept.params, rtol=0, atol=1e-7)
     # what the masked-out slots hold changes nothing, bitwise, noise on
@@ -441,6 +450,7 @@ def test_noise_is_a_function_of_rng_and_step_so_resume_is_bitwise(tmp_path):
 # -- 7. compile modes (compiling the whole step takes about a minute cold on the CPU) ---------------
 
 
+@pytest.mark.cross_path
 def test_eager_and_compiled_steps_agree():
     model, params = _dpcnn()
     tx = optim.sgd(0.2, momentum=0.9)
@@ -546,6 +556,7 @@ def test_refusals_are_one_line_errors(call, error, match):
 # -- 9. ensembles --------------------------------------------------------------------------------------
 
 
+@pytest.mark.cross_path
 def test_ensemble_members_equal_their_solo_runs_with_their_own_clip_and_noise():
     model = models.get("dpcnn", groups=2)
     tx = optim.sgd(0.2, momentum=0.9)
@@ -569,9 +580,10 @@ def test_ensemble_members_equal_their_solo_runs_with_their_own_clip_and_noise():
         for batch, m in zip(batches, ens_metrics, strict=True):
             s, ms = solo_step(s, batch)
             assert {name: v[k] for name, v in m.items()}.keys() == ms.keys()
-            for name in ms:
-                assert torch.equal(m[name][k], ms[name]), (k, name)
-        assert_tree_equal(ensemble.member(ens, k), s)
+            for name in ms:  # vmapped vs solo sum in another order: a sum of 8 float32 losses, 8 ulps
+                assert_tree_close({name: m[name][k]}, {name: ms[name]}, rtol=1e-6, atol=0)
+        # after 3 steps each float32 path is within 1.6e-7 of float64 (|p| <= 1.2): 1e-6 bounds two
+        assert_tree_close(ensemble.member(ens, k), s, rtol=0, atol=1e-6)
     # the members' clipping differs: the tight bound clips every kept example, the loose one fewer
     assert ens_metrics[0]["clipped_sum"][0] == ens_metrics[0]["count"][0]
     assert ens_metrics[0]["clipped_sum"][2] < ens_metrics[0]["count"][2]

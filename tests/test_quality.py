@@ -126,6 +126,7 @@ KNOTS = [
 POINTS = [*range(-4, 16), *np.linspace(-5.0, 15.0, 161).tolist(), 0.25, 2.999999, 1e-4, 1e7, -1e7]
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("knots", KNOTS, ids=["triangle", "five", "one", "steep"])
 def test_piecewise_linear_equals_numpy_interp_for_floats_ints_and_0d_tensors(knots):
     f = schedules.piecewise_linear(knots)
@@ -254,6 +255,7 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_scale_by_schedule_follows_torch_optim_with_lambda_lr_in_float64(name):
     ours_tx, torch_opt, lr = OPTIMIZERS[name]
@@ -274,6 +276,7 @@ def test_scale_by_schedule_follows_torch_optim_with_lambda_lr_in_float64(name):
     assert (ours[-1]["linear1.weight"] - _params()["linear1.weight"]).abs().max() > 1e-3
 
 
+@pytest.mark.cross_path
 def test_scale_by_schedule_counts_its_own_steps_and_resumes_from_the_count():
     """The multiplier comes from the state's counter: a state carried over continues the
     schedule where it was (what makes onecycle resume exactly)."""
@@ -623,6 +626,7 @@ def _replay(cfg: Config) -> tuple[list[Any], list[list[dict[str, torch.Tensor]]]
     return states, params
 
 
+@pytest.mark.cross_path
 def test_ema_best_and_epoch_files_hold_the_moving_average_and_val_acc_is_its_accuracy(tmp_path):
     cfg = Config(**EMA_CFG, out=str(tmp_path / "run"))
     result = app.train(cfg)

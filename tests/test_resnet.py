@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fashion_func import interop, models
@@ -21,6 +22,7 @@ def _reference(params, state, width: int = 4) -> ResNet:
     return ref
 
 
+@pytest.mark.cross_path
 def test_resnet_train_and_eval_match_the_reference_module_in_float64():
     model, params, state = _model_and_weights()
     ref = _reference(params, state)
@@ -33,6 +35,7 @@ def test_resnet_train_and_eval_match_the_reference_module_in_float64():
     torch.testing.assert_close(eval_logits, ref.eval()(x), atol=1e-10, rtol=0)
 
 
+@pytest.mark.cross_path
 def test_resnet_gradients_match_autograd_through_the_reference():
     model, params, state = _model_and_weights()
     ref = _reference(params, state).train()
@@ -50,6 +53,7 @@ def test_resnet_gradients_match_autograd_through_the_reference():
         torch.testing.assert_close(g, named[ResNet.key(k)].grad, atol=1e-10, rtol=0)
 
 
+@pytest.mark.cross_path
 def test_resnet_weights_load_strictly_into_interop_resnet_with_equal_logits():
     model, params, state = _model_and_weights(width=8)
     module = interop.ResNet(width=8).double()

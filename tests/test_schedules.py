@@ -120,6 +120,7 @@ def test_the_table_covers_every_schedule():
     assert all(r.steps >= STEPS for r in ROWS)
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("row", [r for r in ROWS if r.torch_ref], ids=lambda r: r.id)
 def test_int_steps_give_torch_schedulers_values(row):
     ours = int_values(row)

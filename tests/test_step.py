@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.testing
-from reference import assert_tree_equal, clone_tree
+from reference import assert_argmax_agrees, assert_tree_equal, clone_tree
 
 from fashion_func import data, models, nn, optim, preprocess, step, tree
 from fashion_func import state as state_lib
@@ -50,6 +50,7 @@ def test_input_state_is_unchanged_and_a_new_state_is_returned():
     assert int(metrics["count"]) == 32
 
 
+@pytest.mark.cross_path
 def test_step_equals_a_plain_module_and_torch_optim_step():
     model, tx, st = _fresh("simplenet")
     module = torch.nn.Sequential(
@@ -93,6 +94,7 @@ def _small_cnn_with_dropout(p, x, *, train, key):
     return nn.linear(h, p["fc.weight"], p["fc.bias"])
 
 
+@pytest.mark.cross_path
 def test_compiled_equals_eager_over_five_steps():
     # dropout: the key stream must agree too. SGD, not Adam: Adam's m / sqrt(v) turns 1e-6
     # rounding differences in near-zero gradients into whole updates.
@@ -112,7 +114,7 @@ def test_compiled_equals_eager_over_five_steps():
         a, ma = eager(a, batch)
         b, mb = compiled(b, batch)
         torch.testing.assert_close(ma["loss_sum"], mb["loss_sum"], rtol=1e-4, atol=1e-5)
-        assert int(ma["correct"]) == int(mb["correct"])
+        assert abs(int(ma["correct"]) - int(mb["correct"])) <= 1  # logits 1e-5 apart: a near tie may flip one
     for k in a.params:
         torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-4, atol=1e-5)
     assert int(a.step) == int(b.step) == 5
@@ -135,6 +137,7 @@ def test_changing_the_learning_rate_does_not_recompile():
     assert float(optim.get_hyperparam(st.opt_state, "lr")) == pytest.approx(5e-5)
 
 
+@pytest.mark.cross_path
 def test_eval_step_gives_per_example_metrics():
     model, _, st = _fresh()
     images, labels = _batch(7, n=40)
@@ -143,12 +146,14 @@ def test_eval_step_gives_per_example_metrics():
     torch.testing.assert_close(
         out["loss"], torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     )
-    assert torch.equal(out["correct"], logits.argmax(-1) == labels)
+    assert_argmax_agrees(out["pred"], logits, 1e-5)  # the step's NHWC logits vs NCHW apply's: ulps apart
+    assert torch.equal(out["correct"], out["pred"] == labels)
     top3 = logits.topk(3, -1).indices
     assert torch.equal(out["top3_correct"], (top3 == labels[:, None]).any(-1))
     assert out["loss"].shape == out["correct"].shape == (40,)
 
 
+@pytest.mark.cross_path
 def test_bf16_precision_runs_and_tracks_fp32():
     model, tx, st = _fresh("simplenet")
     fp32 = step.make_train_step(model, tx, compile=False)
@@ -162,6 +167,7 @@ def test_bf16_precision_runs_and_tracks_fp32():
         step.make_train_step(model, tx, precision="fp8")
 
 
+@pytest.mark.cross_path
 def test_channels_last_gives_the_same_step():
     model, tx, st = _fresh("simplenet", optim.sgd(0.05, momentum=0.9))
     plain = step.make_train_step(
@@ -180,6 +186,7 @@ def test_channels_last_gives_the_same_step():
     assert torch.equal(x, preprocess.normalize(_batch(0)[0]))
 
 
+@pytest.mark.cross_path
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_cuda_compiled_step_matches_eager(precision):
@@ -197,6 +204,7 @@ def test_cuda_compiled_step_matches_eager(precision):
         torch.testing.assert_close(a.params[k], b.params[k], rtol=tol, atol=tol)
 
 
+@pytest.mark.cross_path
 def test_compiling_only_the_update_equals_eager():
     model, tx, st = _fresh("simplenet", optim.adam(1e-3, weight_decay=1e-4))
     eager = step.make_train_step(model, tx, compile=False)

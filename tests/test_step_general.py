@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import SimpleNet, SimpleNetBN, assert_tree_close, assert_tree_equal, clone_tree
+from reference import (
+    SimpleNet,
+    SimpleNetBN,
+    assert_argmax_agrees,
+    assert_tree_close,
+    assert_tree_equal,
+    clone_tree,
+)
 from torch import nn as tnn
 
 from fashion_func import data, interop, losses, models, nn, optim, step, tree
@@ -45,6 +52,7 @@ def _module_params(module: tnn.Module) -> dict[str, torch.Tensor]:
 # -- 1. float [B, 1, 28, 28] images with preprocess=None ------------------------------------------
 
 
+@pytest.mark.cross_path
 def test_float_images_train_simplenet_as_a_module_and_torch_adam_do():
     model = models.get("simplenet")
     tx = optim.adam(1e-3)
@@ -65,7 +73,7 @@ def test_float_images_train_simplenet_as_a_module_and_torch_adam_do():
     assert set(metrics) == {"loss_sum", "count", "correct"}
     torch.testing.assert_close(metrics["loss_sum"] / 8, loss.detach(), rtol=1e-6, atol=1e-6)
     assert int(metrics["count"]) == 8 and int(new.step) == 1
-    assert int(metrics["correct"]) == int((logits.argmax(-1) == y).sum())
+    assert abs(int(metrics["correct"]) - int((logits.argmax(-1) == y).sum())) <= 1  # float32 paths: one tie
     # Adam's first move is about lr = 1e-3 per weight: 1e-6 is a thousandth of it
     assert_tree_close(new.params, _module_params(module), rtol=0, atol=1e-6)
     adam = new.opt_state[1]
@@ -74,6 +82,7 @@ def test_float_images_train_simplenet_as_a_module_and_torch_adam_do():
         torch.testing.assert_close(adam.nu[k], opt.state[p]["exp_avg_sq"], rtol=1e-5, atol=1e-14)
 
 
+@pytest.mark.cross_path
 def test_a_float64_model_trains_in_float64_like_torch_adam():
     model = models.get("simplenet")
     tx = optim.adam(1e-3)
@@ -99,6 +108,7 @@ def test_a_float64_model_trains_in_float64_like_torch_adam():
     assert out["loss"].dtype == out["logits"].dtype == torch.float64
 
 
+@pytest.mark.cross_path
 def test_default_preprocess_on_uint8_equals_preprocess_none_on_normalized_images():
     model = models.get("simplenet")
     tx = optim.sgd(0.1, momentum=0.9)  # SGD: a comparison of inputs, not of Adam's rounding gain
@@ -111,7 +121,7 @@ def test_default_preprocess_on_uint8_equals_preprocess_none_on_normalized_images
         a, ma = default(a, (images, labels))
         b, mb = plain(b, (data.normalize(images), labels))
         torch.testing.assert_close(ma["loss_sum"], mb["loss_sum"], rtol=1e-5, atol=1e-5)
-        assert int(ma["correct"]) == int(mb["correct"])
+        assert abs(int(ma["correct"]) - int(mb["correct"])) <= 1  # logits ulps apart: a near tie may flip one
     assert_tree_close(a.params, b.params, rtol=1e-4, atol=1e-6)
 
     images, labels = _uint8_images(5)
@@ -167,6 +177,7 @@ def _reference_run(module: tnn.Module, batches, loss_fn, lr: float = 1e-2):
     return _module_params(module), losses_seen
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("kind", ["function", "hand_built", "functionalize"])
 def test_user_model_on_feature_vectors_trains_like_the_module(kind):
     module = _sequential()
@@ -217,6 +228,7 @@ def test_a_function_model_is_given_train_and_key_only_where_it_takes_them():
     assert seen == [(True, True), (False, False)]
 
 
+@pytest.mark.cross_path
 def test_regression_with_mse_per_example_and_float_targets():
     module = _sequential(out=2)
     params = _module_params(module)
@@ -293,6 +305,7 @@ def _loop_of_single_grads(module: tnn.Module, params, buffers, x, y):
     return {k: torch.stack([g[k] for g in per]) for k in params}
 
 
+@pytest.mark.cross_path
 def test_per_example_grads_of_the_mlp_equal_a_loop_of_single_example_grads():
     model = models.get("mlp", D_in=12, H=7, D_out=4)
     params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -316,6 +329,7 @@ def test_per_example_grads_of_the_mlp_equal_a_loop_of_single_example_grads():
     assert_tree_close(tree.map(lambda t: t.mean(0), grads), batch_grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.cross_path
 def test_per_example_grads_of_simplenet_bn_in_inference_mode_use_the_running_stats():
     model = models.get("simplenet_bn")
     params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -342,6 +356,7 @@ def test_per_example_grads_of_simplenet_bn_in_inference_mode_use_the_running_sta
     assert_tree_equal(ms, before)  # inference mode: the state is read, never written
 
 
+@pytest.mark.cross_path
 def test_per_example_grads_with_the_default_preprocess_on_uint8():
     model = models.get("mlp")
     params = model.init(torch.Generator().manual_seed(0))
@@ -373,6 +388,7 @@ def _bn_state(seed: int = 0, tx=None, dtype=torch.float64):
     return model, tx, state_lib.create(params, tx, seed=seed, model_state=model.init_state(dtype=dtype))
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("opt_name", ["adam", "sgd"])
 def test_simplenet_bn_steps_thread_the_running_stats_like_batchnorm2d_and_torch_optim(opt_name):
     # float64: a conv bias right before batch norm has a true gradient of 0, and in float32 its
@@ -425,7 +441,7 @@ def test_simplenet_bn_steps_thread_the_running_stats_like_batchnorm2d_and_torch_
     with torch.no_grad():
         logits = module(x)
     torch.testing.assert_close(out["logits"], logits, rtol=1e-10, atol=1e-10)
-    assert torch.equal(out["pred"], logits.argmax(-1))
+    assert_argmax_agrees(out["pred"], logits, 2e-10)  # ours vs the module: the 1e-10 above
     assert torch.equal(eval_step(s.params, (x, y), s.model_state)["logits"], out["logits"])
     with pytest.raises(ValueError, match="stateful"):
         eval_step(s.params, (x, y))
@@ -467,6 +483,7 @@ def _tiny_bn_module(d: int = 6, h: int = 5, classes: int = 3) -> tnn.Sequential:
     )
 
 
+@pytest.mark.cross_path
 def test_compiled_stateful_steps_equal_eager_and_batchnorm1d():
     # simplenet_bn takes 20-30 s to compile on a 2-core CPU; this stateful model exercises the
     # same threading of model_state through the compiled graph in a few seconds
@@ -505,6 +522,7 @@ def test_compiled_stateful_steps_equal_eager_and_batchnorm1d():
         torch.testing.assert_close(out["logits"], module(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cross_path
 def test_vmap_of_the_train_step_over_two_stacked_stateful_states_equals_two_runs():
     model, tx, s1 = _bn_state(seed=0)
     _, _, s2 = _bn_state(seed=1, tx=tx)

@@ -41,6 +41,7 @@ def _mlp_state(seed: int = 0, tx=None):
 # -- 1. one vocabulary ------------------------------------------------------------------------------
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("compile", [False, "update"])
 def test_every_step_maker_takes_the_three_compile_modes(compile):
     model, tx, st = _mlp_state()
@@ -124,6 +125,7 @@ def test_the_step_core_is_a_named_tuple_and_private_helpers_are_gone():
 # -- 2. extra per-example outputs, end to end ------------------------------------------------------
 
 
+@pytest.mark.cross_path
 def test_extra_outputs_of_the_loss_and_of_metrics_are_summed_in_the_train_step():
     model, tx, st = _mlp_state()
     images, labels = _uint8(3)
@@ -188,6 +190,7 @@ def test_evaluate_averages_every_per_example_output_of_a_users_eval_step():
     assert evaluate(eval_step, None, batches) == {"val_loss": 2.0, "val_width": 4.0}
 
 
+@pytest.mark.cross_path
 def test_ensemble_steps_report_extra_outputs_per_member():
     model, tx = models.get("mlp"), optim.sgd(0.1)
     ens = ensemble.init(model, tx, members=2, seed=0)
@@ -321,6 +324,7 @@ def test_a_plain_stateful_function_trains_through_fit_and_resumes_mid_epoch_bitw
     assert whole.history[-1]["val_acc"] > 0.5 and "train_margin" in whole.history[-1]
 
 
+@pytest.mark.cross_path
 def test_an_ensemble_of_plain_stateful_functions_is_its_members_solo_runs():
     tx = optim.sgd(0.05, momentum=0.9)
     init = lambda g: _bn_params(g, torch.float64)
@@ -381,6 +385,7 @@ def test_a_plain_function_with_the_wrong_signature_or_return_is_a_one_line_typee
 # -- 4. the default preprocess takes uint8 only; one normalisation everywhere --------------------------
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("compile", [False, True])
 def test_the_default_preprocess_refuses_a_float_batch(compile):
     model, tx, st = _mlp_state()
@@ -413,6 +418,7 @@ def test_one_normalisation_shared_by_data_step_and_onnx_constants():
     assert math.isclose(float(preprocess.normalize(images, 0.5, 0.5)[0, 0, 15, 15]), 1.0)
 
 
+@pytest.mark.cross_path
 def test_per_example_grads_of_a_convnet_with_the_default_preprocess_on_cpu():
     """The default preprocess lays images out NHWC on CPU, which vmap's convolutions refuse:
     per_example_grads takes them NCHW, and equals the float path."""

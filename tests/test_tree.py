@@ -31,12 +31,13 @@ def test_map_add_sub_scale_are_pure_and_keep_structure():
     assert all(not z.any() for z in tree.leaves(zeros))
 
 
+@pytest.mark.cross_path
 def test_global_norm_matches_torch_and_keeps_float64():
     t = {"x": torch.randn(5, dtype=torch.float64), "y": torch.randn(3, 4, dtype=torch.float64)}
     expected = torch.linalg.vector_norm(torch.cat([v.flatten() for v in t.values()]))
     got = tree.global_norm(t)
     assert got.dtype == torch.float64
-    torch.testing.assert_close(got, expected, rtol=1e-15, atol=0)
+    torch.testing.assert_close(got, expected, rtol=4e-15, atol=0)  # 17 squares summed in any order: 17 ulps
     assert tree.global_norm({"h": torch.ones(4, dtype=torch.bfloat16)}).item() == pytest.approx(2.0)
 
 

@@ -94,6 +94,7 @@ def sequential_from(params: dict[str, torch.Tensor]) -> nn.Sequential:
     return seq
 
 
+@pytest.mark.cross_path
 def test_exercise1_sequential_adam_matches_torch() -> None:
     # run_exercise's default reduction is the sum (`--reduction sum`); the tutorial's mean is below
     problem = tutorial.init_problem(0, torch.float64)
@@ -104,6 +105,7 @@ def test_exercise1_sequential_adam_matches_torch() -> None:
     assert ours[-1] < ours[0] / 3  # it trains
 
 
+@pytest.mark.cross_path
 def test_exercise2_two_layer_net_sgd_matches_torch() -> None:
     problem = tutorial.init_problem(0, torch.float64)
     net = TwoLayerNet(1000, 100, 10).to(torch.float64)
@@ -219,6 +221,7 @@ def test_autograd_examples_match_backward() -> None:
     assert results["no_grad outside"].tolist() == [2.0, 4.0, 6.0]  # torch.func.grad ignores an outer no_grad
 
 
+@pytest.mark.cross_path
 def test_exercise1_tutorial_mse_mean_adam_step_for_step() -> None:
     """The tutorial's exercise 1 as written (MSELoss(), mean), float64, against the script's check."""
     result = tutorial.compare_exercise(1, STEPS, torch.float64)
@@ -249,6 +252,7 @@ def test_exercise1_tutorial_mse_mean_adam_step_for_step() -> None:
     assert torch.stack(step_losses).tolist() == pytest.approx(ref[:20], rel=1e-10)
 
 
+@pytest.mark.cross_path
 def test_exercise2_two_layer_net_clamp_sgd_step_for_step() -> None:
     result = tutorial.compare_exercise(2, STEPS, torch.float64)
     problem = tutorial.init_problem(0, torch.float64)
