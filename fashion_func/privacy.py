@@ -17,6 +17,8 @@ Accounting is not ours: `epsilon` and `noise_multiplier_for` ask Opacus's accoun
 or PRV), the optional extra `fashion-func[privacy]`. The guarantee they compute assumes
 Poisson sampling (`data.PoissonBatches`): each example joins each step's batch with
 probability `sample_rate`, independently.
+
+`ACCOUNTANTS` names the accountants `epsilon` and `Accountant` accept.
 """
 
 from __future__ import annotations
@@ -37,14 +39,10 @@ from fashion_func import nn, tree
 
 __all__ = [
     "ACCOUNTANTS",
-    "CLIP_EPS",
     "Accountant",
     "ClipAndNoise",
     "PrivacyUnavailable",
-    "add_noise",
     "clip_and_noise",
-    "clip_factors",
-    "clipped_sum",
     "epsilon",
     "noise_multiplier_for",
 ]
