@@ -77,6 +77,7 @@ from fashion_func.callbacks.protocol import (
     dispatch,
     encode_float,  # noqa: F401  (importable here by module path; not in __all__)
     fold,
+    improved,  # noqa: F401  (importable here by module path; not in __all__)
     init_states,
     scan,
 )
