@@ -10,6 +10,8 @@
 
 Submodules and names load on first use (PEP 562), so `import fashion_func` stays cheap for
 the command line until something needs torch.
+
+`__version__` is the installed distribution's version (`0+unknown` in a checkout not installed).
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ __all__ = [
     "FitResult",
     "TrainState",
     "__version__",
+    "augment",
     "callbacks",
     "checkpoint",
     "data",
+    "distributed",
     "ensemble",
     "fit",
+    "interop",
     "loss_fn",
     "losses",
     "make_eval_step",
@@ -37,6 +42,7 @@ __all__ = [
     "optim",
     "per_example_grad_norms",
     "per_example_grads",
+    "preprocess",
     "privacy",
     "schedules",
     "state",
@@ -46,8 +52,8 @@ __all__ = [
 ]
 
 _SUBMODULES = {
-    "callbacks", "checkpoint", "data", "ensemble", "losses", "metrics", "models", "nn", "optim",
-    "privacy", "schedules", "state", "step", "tree",
+    "augment", "callbacks", "checkpoint", "data", "distributed", "ensemble", "interop", "losses", "metrics",
+    "models", "nn", "optim", "preprocess", "privacy", "schedules", "state", "step", "tree",
 }  # fmt: skip
 _NAMES = {
     "FitResult": "fashion_func.loop",
@@ -68,15 +74,19 @@ except _metadata.PackageNotFoundError:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these
     from fashion_func import (
+        augment,
         callbacks,
         checkpoint,
         data,
+        distributed,
         ensemble,
+        interop,
         losses,
         metrics,
         models,
         nn,
         optim,
+        preprocess,
         privacy,
         schedules,
         state,

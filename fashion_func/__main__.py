@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["main"]
 
 
 def _train(argv: Sequence[str]) -> int:

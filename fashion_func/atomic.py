@@ -20,7 +20,7 @@ from typing import Any
 
 from fashion_func.safeio import describe, one_line, os_reason, strict_json
 
-__all__ = ["FolderId", "WriteError", "folder_id", "write_bytes", "write_figure", "write_json"]
+__all__ = ["WriteError", "write_bytes"]
 
 FolderId = tuple[int, int]  # a folder's (st_dev, st_ino): which folder it is, whatever its path
 

@@ -57,18 +57,9 @@ from fashion_func.safetensors_io import (
 )
 
 __all__ = [
-    "FORMAT_KEY",
-    "FORMAT_VERSION",
-    "FORMAT_VERSION_KEY",
-    "JSON_KEYS_KEY",
-    "STATE_FORMAT",
-    "WEIGHTS_FORMAT",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointWriteError",
-    "atomic_write",
-    "decode_metadata",
-    "encode_metadata",
     "inspect",
     "load_state",
     "load_weights",

@@ -14,6 +14,9 @@ Where the files come from (`locate`), in this order:
 
 Each of the four IDX files may be plain or gzip-compressed. Files are parsed with `struct` and
 `numpy.frombuffer`; nothing is unpickled.
+
+`CLASS_NAMES` are the ten labels' names (`NUM_CLASSES`); `MEAN` and `STD` are the training
+set's pixel statistics that `normalize` uses by default (from `preprocess`).
 """
 
 from __future__ import annotations
@@ -35,35 +38,30 @@ import torch
 from torch import Tensor
 
 from fashion_func import env, privacy
-from fashion_func.preprocess import MEAN, STD, TUTORIAL_MEAN, TUTORIAL_STD, normalize
+from fashion_func.preprocess import (  # TUTORIAL_*: importable here by module path, not in __all__
+    MEAN,
+    STD,
+    TUTORIAL_MEAN,  # noqa: F401
+    TUTORIAL_STD,  # noqa: F401
+    normalize,
+)
 from fashion_func.safeio import FileError, Worded, one_line, open_regular
 
 __all__ = [
     "CLASS_NAMES",
-    "DEBIAN_DIR",
-    "DOWNLOAD_ROOT",
-    "ENV_VAR",
-    "FILES",
-    "MAX_EXAMPLES",
     "MEAN",
     "NUM_CLASSES",
     "STD",
-    "TUTORIAL_MEAN",
-    "TUTORIAL_STD",
     "DataError",
     "EpochBatches",
+    "PoissonBatches",
     "Split",
     "batch_order",
     "batches",
-    "candidates",
-    "dataset_stats",
-    "fetch",
     "hold_out",
     "load",
-    "locate",
     "normalize",
     "num_batches",
-    "read_idx",
 ]
 
 CLASS_NAMES: tuple[str, ...] = (

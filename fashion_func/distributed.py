@@ -27,19 +27,7 @@ from torch import Tensor
 
 from fashion_func import env
 
-__all__ = [
-    "DEFAULT_TIMEOUT_S",
-    "STOP_CHECK_EVERY",
-    "Group",
-    "ShardedBatches",
-    "WorldError",
-    "check_divisible",
-    "env_world",
-    "init",
-    "launched",
-    "shard",
-    "shard_range",
-]
+__all__ = ["Group", "ShardedBatches", "WorldError", "init", "launched"]
 
 # How long a collective waits for a peer before the process group gives up. A killed
 # peer's closed sockets fail a gloo collective at once; this bounds a peer that hangs

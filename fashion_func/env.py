@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fashion_func.safeio import short_repr
 
-__all__ = ["VARIABLES", "directory", "integer", "number", "text"]
+__all__ = ["VARIABLES"]
 
 VARIABLES: dict[str, str] = {
     "FASHION_MNIST_DIR": "directory holding the four Fashion-MNIST IDX files (fashion_func.data)",

@@ -13,6 +13,9 @@ place; in inference mode the state comes back unchanged.
 Each model is also a list of named *stages* (pure `(params, x, train, key) -> x`, or for a
 stateful stage `(params, state, x, train, key) -> (x, state updates)`); `apply` runs them
 in order and the trainer's summary runs them one at a time to report shapes.
+
+`MODELS` maps each model's name to its builder (what `get` takes); `Params` and `ModelState`
+are flat `{name: tensor}` dicts, keyed like the `nn.Module`'s `state_dict`.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ ONNX export share, and the statistics it uses.
 sees bitwise the inputs training saw (tests/test_onnx.py checks it with ONNX Runtime).
 `NormalizeImages` is the train and eval steps' default preprocess; it refuses a batch that
 is not uint8 (already-normalised floats would be normalised twice).
+
+`MEAN` and `STD` are the training set's pixel statistics; `FASHION_MNIST` is
+`NormalizeImages()` over them, the default preprocess.
 """
 
 from __future__ import annotations
@@ -16,15 +19,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-__all__ = [
-    "FASHION_MNIST",
-    "MEAN",
-    "STD",
-    "TUTORIAL_MEAN",
-    "TUTORIAL_STD",
-    "NormalizeImages",
-    "normalize",
-]
+__all__ = ["FASHION_MNIST", "MEAN", "STD", "NormalizeImages", "normalize"]
 
 # Pixel statistics of the 60,000 Fashion-MNIST training images scaled to [0, 1] (checked by
 # tests/test_data.py against `data.dataset_stats` of the real files).

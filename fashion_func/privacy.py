@@ -25,6 +25,8 @@ dp-accounting's PLD, `check_prv`), `check_accountant` holds an `Accountant` to t
 per-example stage and the batches' sampling, and `check_record` holds a checkpoint's privacy
 record to them and to the state's step. A disagreement is refused (one-line ValueError),
 never reported with a smaller epsilon.
+
+`ACCOUNTANTS` names the accountants `epsilon` and `Accountant` accept.
 """
 
 from __future__ import annotations
@@ -47,26 +49,12 @@ from fashion_func import nn, tree
 
 __all__ = [
     "ACCOUNTANTS",
-    "CLIP_EPS",
-    "MAX_STEPS",
-    "NOISE_MULTIPLIER_RANGE",
-    "PRV_RANGE",
-    "SAMPLE_RATE_MIN",
     "Accountant",
     "ClipAndNoise",
     "PrivacyUnavailable",
-    "add_noise",
     "check_accountant",
-    "check_delta",
-    "check_mask",
-    "check_noise_multiplier",
-    "check_prv",
     "check_record",
-    "check_sample_rate",
-    "check_steps",
     "clip_and_noise",
-    "clip_factors",
-    "clipped_sum",
     "epsilon",
     "noise_multiplier_for",
 ]

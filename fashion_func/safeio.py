@@ -27,21 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
-__all__ = [
-    "FileError",
-    "Note",
-    "Worded",
-    "check_output",
-    "describe",
-    "display",
-    "one_line",
-    "open_regular",
-    "os_reason",
-    "read_regular",
-    "short_repr",
-    "strict_json",
-    "word",
-]
+__all__ = ["FileError"]
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)

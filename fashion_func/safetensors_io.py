@@ -29,22 +29,7 @@ from torch import Tensor
 
 from fashion_func.safeio import FileError, Worded, one_line, open_regular, os_reason
 
-__all__ = [
-    "DTYPES",
-    "METADATA",
-    "CheckpointError",
-    "Entry",
-    "Header",
-    "check_template",
-    "decode_tensors",
-    "fail",
-    "host_copies",
-    "name_list",
-    "parse_header",
-    "read",
-    "read_header",
-    "to_bytes",
-]
+__all__ = ["CheckpointError"]
 
 # The safetensors reference implementation refuses headers above 100 MB; so do we, before
 # allocating anything, so a text or pickle file read as a length prefix fails fast.

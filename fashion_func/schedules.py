@@ -17,6 +17,8 @@ Each schedule says what it is: it is a `DescribedSchedule` whose `description` (
 export reads (`interop.optax_optimizer`), never the closure. `Description` is also what
 `optim`'s transforms carry; it is defined here, the lower of the two modules, and public as
 `optim.Description`.
+
+`Schedule` is the type of a schedule: `step -> value` (an int or a 0-d tensor step).
 """
 
 from __future__ import annotations

@@ -53,19 +53,15 @@ from torch import Tensor
 from fashion_func import losses, nn, optim, tree
 from fashion_func import metrics as metrics_lib
 from fashion_func.models import Model, ModelState, Params, Stage
-from fashion_func.preprocess import FASHION_MNIST, NormalizeImages
+from fashion_func.preprocess import (
+    FASHION_MNIST,
+    NormalizeImages,  # noqa: F401  (importable here by module path; not in __all__)
+)
 from fashion_func.privacy import NOISE_SALT, ClipAndNoise, add_noise, check_mask, clipped_sum
 from fashion_func.state import TrainState
 
 __all__ = [
-    "COMPILE_MODES",
-    "FASHION_MNIST",
-    "PRECISIONS",
-    "CoreIn",
-    "CoreOut",
-    "NormalizeImages",
     "Stages",
-    "as_model",
     "loss_fn",
     "make_eval_step",
     "make_train_step",

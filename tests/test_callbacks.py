@@ -157,7 +157,8 @@ def test_module_imports_only_stdlib():
     sched = ast.parse((package_dir.parent / "schedules.py").read_text())
     roots = {a.name.split(".")[0] for n in ast.walk(sched) if isinstance(n, ast.Import) for a in n.names}
     roots |= {(n.module or "").split(".")[0] for n in ast.walk(sched) if isinstance(n, ast.ImportFrom)}
-    assert roots <= {"__future__", "collections", "dataclasses", "itertools", "math", "typing"}, roots  # stdlib
+    stdlib = {"__future__", "collections", "dataclasses", "itertools", "math", "typing"}
+    assert roots <= stdlib, roots
 
 
 # --------------------------------------------------------------------------------------

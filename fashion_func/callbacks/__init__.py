@@ -42,12 +42,19 @@ Contract with the loop (what makes resume exact)
 * Learning-rate callbacks emit `SetHyperparam("lr", ...)` at `TrainBegin` too, so a resumed
   run gets the learning rate its schedule prescribes whatever the checkpointed optimizer
   state holds.
+
+`Event` and `Action` are the unions of the event and the action classes.
 """
 
 from __future__ import annotations
 
 from fashion_func.callbacks.checkpointing import ModelCheckpoint
-from fashion_func.callbacks.logs import TB_TAGS, LogEpoch, TensorBoardLogger, TrainingMonitor, history_record
+from fashion_func.callbacks.logs import (
+    LogEpoch,
+    TensorBoardLogger,
+    TrainingMonitor,
+    history_record,  # noqa: F401  (importable here by module path; not in __all__)
+)
 from fashion_func.callbacks.lr import CosineLR, LRSchedule, ReduceLROnPlateau, StepLR
 from fashion_func.callbacks.protocol import (
     Action,
@@ -66,18 +73,17 @@ from fashion_func.callbacks.protocol import (
     TrainBegin,
     TrainEnd,
     WriteHistory,
-    decode_float,
+    decode_float,  # noqa: F401  (importable here by module path; not in __all__)
     dispatch,
-    encode_float,
+    encode_float,  # noqa: F401  (importable here by module path; not in __all__)
     fold,
-    improved,
+    improved,  # noqa: F401  (importable here by module path; not in __all__)
     init_states,
     scan,
 )
 from fashion_func.callbacks.stopping import EarlyStopping, TerminateOnNaN
 
 __all__ = [
-    "TB_TAGS",
     "Action",
     "Callback",
     "CallbackLike",
@@ -104,12 +110,8 @@ __all__ = [
     "TrainEnd",
     "TrainingMonitor",
     "WriteHistory",
-    "decode_float",
     "dispatch",
-    "encode_float",
     "fold",
-    "history_record",
-    "improved",
     "init_states",
     "scan",
 ]

@@ -22,7 +22,7 @@ from fashion_func.callbacks.protocol import (
     encode_float,
 )
 
-__all__ = ["TB_TAGS", "LogEpoch", "TensorBoardLogger", "TrainingMonitor", "history_record"]
+__all__ = ["LogEpoch", "TensorBoardLogger", "TrainingMonitor"]
 
 
 def history_record(epoch: int, metrics: Mapping[str, float]) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 """The callback protocol: events, actions, the `Callback` base and the pure helpers that
 drive callbacks (`fold`, `scan`, `dispatch`, `init_states`) or keep their state JSON-safe
-(`encode_float`, `decode_float`, `improved`). See the package docstring for the contract."""
+(`encode_float`, `decode_float`, `improved`). See the package docstring for the contract.
+
+An `Event` is one of the event classes below; an `Action` one of the action classes.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +16,12 @@ __all__ = [
     "Action",
     "Callback",
     "CallbackLike",
-    "CbState",
     "DeleteCheckpoint",
     "EpochEnd",
     "Event",
     "KeptBest",
     "LogMessage",
     "LogScalars",
-    "Mode",
     "PlotHistory",
     "SaveCheckpoint",
     "SetHyperparam",
@@ -28,14 +29,9 @@ __all__ = [
     "TrainBegin",
     "TrainEnd",
     "WriteHistory",
-    "check_mode",
-    "decode_float",
     "dispatch",
-    "encode_float",
     "fold",
-    "improved",
     "init_states",
-    "metric",
     "scan",
 ]
 

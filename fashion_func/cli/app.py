@@ -34,20 +34,7 @@ from fashion_func.loop import resume as resume_lib
 from fashion_func.safeio import display
 from fashion_func.step import NormalizeImages, make_eval_step, make_train_step
 
-__all__ = [
-    "EXIT_DIVERGED",
-    "build_callbacks",
-    "build_model",
-    "build_optimizer",
-    "build_steps",
-    "ema_view",
-    "evaluated",
-    "initial_state",
-    "main",
-    "members_table",
-    "split_identity",
-    "train",
-]
+__all__ = ["train"]
 
 EXIT_DIVERGED = 3  # a run stopped by a non-finite loss: a script or scheduler must see it failed
 

@@ -18,16 +18,7 @@ from typing import Any, NoReturn
 
 from fashion_func.safeio import short_repr
 
-__all__ = [
-    "EXIT_USAGE",
-    "Parser",
-    "Signalled",
-    "UsageError",
-    "add_version",
-    "float_arg",
-    "int_arg",
-    "interruptible",
-]
+__all__: list[str] = []
 
 EXIT_USAGE = 2
 

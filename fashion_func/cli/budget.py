@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from fashion_func import data, models
 from fashion_func.cli.config import MAX_MEMBERS, Config, ConfigError
 
-__all__ = ["CAPS", "BudgetError", "Estimate", "available", "check", "check_caps", "estimate"]
+__all__ = ["CAPS"]
 
 # The most a size-like value may be, by Config field: beyond it no run of ours makes sense (a
 # batch larger than the largest split is that split), and the estimate never sees it.

@@ -3,6 +3,8 @@
 Values come from, in rising priority: the defaults here, the config saved in a checkpoint
 being resumed, a `--config FILE` (JSON or TOML), and command-line flags
 (`cli.parse_train_args`).
+
+`KEYS` describes every config key (its check, its resume rule and what depends on it).
 """
 
 from __future__ import annotations
@@ -23,28 +25,10 @@ import tomllib
 
 from fashion_func.safeio import FileError, display, read_regular, short_repr
 
-__all__ = [
-    "APPLIED",
-    "KEYS",
-    "MAX_MEMBERS",
-    "REFUSED",
-    "RUN",
-    "SPLIT",
-    "Config",
-    "ConfigError",
-    "Key",
-    "flag",
-    "infer_mode",
-    "is_private",
-    "layered",
-    "load_file",
-    "load_preset",
-    "parse_sweep",
-    "presets",
-    "resume_problem",
-    "same_value",
-]
+__all__ = ["KEYS", "Config", "ConfigError", "load_file", "load_preset", "presets"]
 
+# MODELS, WIDE_MODELS, PRECISIONS and ACCOUNTANTS copy core facts so that this module imports no
+# torch (a usage error exits before torch loads); tests/test_public_face.py keeps each equal to the core
 MODELS = ("simplenet", "simplenet_bn", "alexnet", "mlp", "resnet", "dpcnn")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
@@ -293,7 +277,13 @@ def _mode(c: Config) -> str | None:
 
 
 WIDE_MODELS = ("resnet", "dpcnn")  # the models with a width hparam
-BATCH_NORM_MODELS = ("simplenet_bn", "resnet")  # batch norm mixes the examples of a batch
+
+
+def has_batch_norm(model: str) -> bool:
+    """Whether the core's model `model` has batch norm (it is stateful), which mixes a batch's examples."""
+    from fashion_func import models  # the core's own record; imported here, as it imports torch
+
+    return model in models.MODELS and models.get(model).stateful
 
 
 def _width(c: Config) -> str | None:
@@ -336,7 +326,7 @@ def _private(c: Config) -> str | None:
     if sigma_given == (c.dp_target_epsilon is not None):
         return ("private training takes --dp-noise-multiplier S or --dp-target-epsilon E "
                 "(which picks S for --epochs), one of them")  # fmt: skip
-    if c.model in BATCH_NORM_MODELS:
+    if has_batch_norm(c.model):
         return (f"--model {c.model} has batch norm, which mixes the examples of a batch: private "
                 "training needs a model without it (--model dpcnn, --groups N for group norm)")  # fmt: skip
     if c.clip_norm is not None:

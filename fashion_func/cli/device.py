@@ -9,14 +9,7 @@ import torch
 
 from fashion_func.loop.rundir import RunError
 
-__all__ = [
-    "configure",
-    "cpu_bf16_supported",
-    "keep_freed_memory_in_heap",
-    "precision_warning",
-    "resolve_compile",
-    "resolve_device",
-]
+__all__: list[str] = []
 
 
 def resolve_device(name: str) -> torch.device:

@@ -52,7 +52,7 @@ from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, i
 from fashion_func.interop.flax_modules import FLAX_MODELS
 from fashion_func.safeio import FileError, check_output, display
 
-__all__ = ["FORMATS", "build_parser", "export", "main"]
+__all__ = ["main"]
 
 FORMATS = ("torch", "flax", "numpy", "onnx")
 

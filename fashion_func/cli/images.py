@@ -17,16 +17,7 @@ from torch import Tensor
 
 from fashion_func.safeio import FileError, describe, one_line, open_regular
 
-__all__ = [
-    "IMAGE_SUFFIXES",
-    "MAX_IMAGE_PIXELS",
-    "SIZE",
-    "TRIM_TOLERANCE",
-    "ImageError",
-    "find_images",
-    "prepare_image",
-    "read_image",
-]
+__all__ = ["prepare_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SIZE = 28

@@ -25,7 +25,7 @@ from fashion_func.cli import device as device_lib
 from fashion_func.cli import words
 from fashion_func.loop import RunDir, RunError
 
-__all__ = ["TIMEOUT_ENV", "RankRun", "open_run", "process_group"]
+__all__: list[str] = []
 
 TIMEOUT_ENV = "FASHION_FUNC_DIST_TIMEOUT"
 

@@ -38,13 +38,10 @@ from fashion_func.cli import words
 from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, int_arg, interruptible
 from fashion_func.cli.device import resolve_device
 from fashion_func.cli.images import (
-    IMAGE_SUFFIXES,
     MAX_IMAGE_PIXELS,
-    SIZE,
-    TRIM_TOLERANCE,
     ImageError,
     find_images,
-    prepare_image,
+    prepare_image,  # noqa: F401  (importable here by module path; not in __all__)
     read_image,
 )
 from fashion_func.cli.report import (
@@ -53,8 +50,6 @@ from fashion_func.cli.report import (
     format_report,
     member_report,
     most_confident_mistakes,
-    plot_confusion_matrix,
-    plot_grid,
     write_outputs,
 )
 from fashion_func.loop import RunError
@@ -62,24 +57,7 @@ from fashion_func.models import Model, ModelState, Params
 from fashion_func.safeio import FileError, check_output, display, short_repr, strict_json
 from fashion_func.step import NormalizeImages, make_eval_step
 
-__all__ = [
-    # the image and report names live in `images` and `report`; re-exported here
-    "IMAGE_SUFFIXES",
-    "MAX_IMAGE_PIXELS",
-    "REPORT_FILES",
-    "SIZE",
-    "TRIM_TOLERANCE",
-    "ImageError",
-    "build_parser",
-    "classify_images",
-    "find_images",
-    "main",
-    "most_confident_mistakes",
-    "per_example_outputs",
-    "plot_confusion_matrix",
-    "plot_grid",
-    "prepare_image",
-]
+__all__ = ["main"]
 
 
 # -- arguments ---------------------------------------------------------------------------------

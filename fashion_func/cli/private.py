@@ -14,7 +14,7 @@ from fashion_func import checkpoint, data, distributed, privacy
 from fashion_func.cli.config import DP_MAX_GRAD_NORM, Config, is_private, parse_sweep
 from fashion_func.loop import RunError
 
-__all__ = ["DEFAULT_MAX_GRAD_NORM", "Plan", "check_resumed", "optimizer_grid", "plan"]
+__all__: list[str] = []
 
 DEFAULT_MAX_GRAD_NORM = DP_MAX_GRAD_NORM
 

@@ -15,16 +15,7 @@ from torch.func import vmap
 
 from fashion_func import atomic, data, metrics
 
-__all__ = [
-    "REPORT_FILES",
-    "build_report",
-    "format_report",
-    "member_report",
-    "most_confident_mistakes",
-    "plot_confusion_matrix",
-    "plot_grid",
-    "write_outputs",
-]
+__all__: list[str] = []
 
 REPORT_FILES = (  # what `write_outputs` may write into --out
     "confusion_matrix.png",

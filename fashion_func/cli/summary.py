@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fashion_func.models import Model, ModelState, Params, num_params
 
-__all__ = ["flops_per_example", "summary", "train_flops_per_example"]
+__all__: list[str] = []
 
 
 def flops_per_example(model: Model, params: Params, model_state: ModelState | None = None) -> int:

@@ -28,7 +28,7 @@ from fashion_func.cli.config import (
 )
 from fashion_func.safeio import display, short_repr
 
-__all__ = ["build_train_parser", "explicit_train_args", "finish_rank", "main_train", "parse_train_args"]
+__all__ = ["finish_rank", "main_train"]
 
 
 def build_train_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from typing import Any
 
 from fashion_func.safeio import word
 
-__all__ = ["REWORD", "WORDS", "message", "reword_log"]
+__all__: list[str] = []
 
 _HOW_TO_GET = (
     "get the data with `apt-get install dataset-fashion-mnist` (as root, on Debian), "

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 from fashion_func.interop.dlpack_io import from_jax, to_jax
 from fashion_func.interop.flax_io import (
-    FLATTEN_ORDERS,
-    FLAX_LAYOUT,
     flax_variables,
     from_flax,
     load_flax,
@@ -44,8 +42,14 @@ from fashion_func.interop.flax_io import (
 )
 from fashion_func.interop.flax_modules import flax_module
 from fashion_func.interop.jax_io import simplenet_jax
-from fashion_func.interop.numpy_io import BF16_AS, save_numpy, to_numpy
-from fashion_func.interop.onnx_io import ONNX_INPUT, ONNX_OUTPUT, save_onnx
+
+# importable here by module path for the app and the tests; not in __all__
+from fashion_func.interop.numpy_io import (
+    BF16_AS,  # noqa: F401
+    save_numpy,
+    to_numpy,
+)
+from fashion_func.interop.onnx_io import save_onnx
 from fashion_func.interop.optax_io import (
     flax_train_state,
     from_flax_train_state,
@@ -57,7 +61,7 @@ from fashion_func.interop.optax_io import (
     to_optax,
 )
 from fashion_func.interop.orbax_io import load_orbax, save_orbax
-from fashion_func.interop.torch_io import (
+from fashion_func.interop.torch_io import (  # noqa: F401
     from_module,
     functionalize,
     identify,
@@ -66,16 +70,11 @@ from fashion_func.interop.torch_io import (
     to_module,
 )
 from fashion_func.interop.torch_modules import DPCNN, MLP, AlexNet, ResNet, SimpleNet, SimpleNetBN
-from fashion_func.interop.weights_file import known_normalization, load_weights_file, normalization
+from fashion_func.interop.weights_file import known_normalization, load_weights_file, normalization  # noqa: F401
 
 __all__ = [
-    "BF16_AS",
     "DPCNN",
-    "FLATTEN_ORDERS",
-    "FLAX_LAYOUT",
     "MLP",
-    "ONNX_INPUT",
-    "ONNX_OUTPUT",
     "AlexNet",
     "ResNet",
     "SimpleNet",
@@ -89,15 +88,11 @@ __all__ = [
     "from_module",
     "from_optax",
     "functionalize",
-    "identify",
-    "known_normalization",
     "load_flax",
     "load_for_optax",
     "load_orbax",
     "load_train_state",
     "load_weights_file",
-    "merge_state",
-    "normalization",
     "optax_optimizer",
     "save_flax",
     "save_numpy",
@@ -105,7 +100,6 @@ __all__ = [
     "save_orbax",
     "save_resume",
     "simplenet_jax",
-    "split_state",
     "to_flax",
     "to_jax",
     "to_module",

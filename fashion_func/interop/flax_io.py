@@ -28,16 +28,7 @@ from fashion_func.interop.torch_io import check_shapes, identify, template
 from fashion_func.interop.torch_modules import build, hparams_from_params
 from fashion_func.models import Params
 
-__all__ = [
-    "FLATTEN_ORDERS",
-    "FLAX_LAYOUT",
-    "Flatten",
-    "flax_variables",
-    "from_flax",
-    "load_flax",
-    "save_flax",
-    "to_flax",
-]
+__all__ = ["flax_variables", "from_flax", "load_flax", "save_flax", "to_flax"]
 
 # row order of the dense layer after a conv stack in Flax layout: (h w c) as an NHWC reshape
 # gives (the default, recorded as `flatten: "hwc"`), or torch's (c h w) of files written before

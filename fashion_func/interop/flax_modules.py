@@ -1,6 +1,8 @@
 """Our models as idiomatic `flax.linen` modules, for the weights `flax_io` writes.
 
 flax is an optional extra (`pip install fashion_func[jax]`): the classes are defined on first use.
+
+`FLAX_MODELS` names the models that have a Flax module.
 """
 
 from __future__ import annotations

@@ -19,18 +19,7 @@ from torch import Tensor
 
 from fashion_func import atomic, checkpoint
 
-__all__ = [
-    "BF16_AS",
-    "NPZ_METADATA",
-    "Bf16As",
-    "bf16_keys",
-    "check_bf16_as",
-    "numpy_to_tensor",
-    "save_arrays",
-    "save_numpy",
-    "tensor_to_numpy",
-    "to_numpy",
-]
+__all__ = ["save_numpy", "to_numpy"]
 
 Bf16As = Literal["float32", "uint16", "bfloat16"]
 BF16_AS: tuple[str, ...] = ("float32", "uint16", "bfloat16")

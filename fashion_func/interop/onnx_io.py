@@ -20,7 +20,7 @@ from fashion_func.interop.torch_io import to_module
 from fashion_func.interop.torch_modules import hparams_from_params
 from fashion_func.interop.weights_file import finite_number
 
-__all__ = ["ONNX_INPUT", "ONNX_OUTPUT", "save_onnx"]
+__all__ = ["save_onnx"]
 
 
 class _ImagesToLogits(tnn.Module):

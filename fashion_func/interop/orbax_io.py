@@ -27,7 +27,7 @@ from fashion_func import atomic, optim, tree
 from fashion_func.interop import optax_io
 from fashion_func.state import TrainState
 
-__all__ = ["MANIFEST", "load_orbax", "save_orbax"]
+__all__ = ["load_orbax", "save_orbax"]
 
 MANIFEST = "fashion_func.sha256.json"  # {"sha256": {relative path: hex digest}} of save_orbax's files
 _CHUNK = 1 << 20

@@ -24,16 +24,7 @@ from fashion_func import models
 from fashion_func.interop.torch_modules import NAMES, build, hparams_from_module, hparams_from_params
 from fashion_func.models import Model, ModelState, Params, Stage
 
-__all__ = [
-    "check_shapes",
-    "from_module",
-    "functionalize",
-    "identify",
-    "merge_state",
-    "split_state",
-    "template",
-    "to_module",
-]
+__all__ = ["from_module", "functionalize", "to_module"]
 
 
 def check_shapes(name: str, module: tnn.Module, params: Mapping[str, Tensor]) -> None:

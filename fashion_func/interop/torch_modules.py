@@ -17,18 +17,7 @@ from torch import nn as tnn
 
 from fashion_func import models
 
-__all__ = [
-    "DPCNN",
-    "MLP",
-    "NAMES",
-    "AlexNet",
-    "ResNet",
-    "SimpleNet",
-    "SimpleNetBN",
-    "build",
-    "hparams_from_module",
-    "hparams_from_params",
-]
+__all__ = ["DPCNN", "MLP", "AlexNet", "ResNet", "SimpleNet", "SimpleNetBN"]
 
 
 class MLP(tnn.Module):

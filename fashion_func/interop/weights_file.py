@@ -14,7 +14,7 @@ from fashion_func import checkpoint, data, models
 from fashion_func.interop import torch_io, torch_modules
 from fashion_func.models import Model, Params
 
-__all__ = ["finite_number", "known_normalization", "load_weights_file", "normalization"]
+__all__ = ["load_weights_file"]
 
 
 def load_weights_file(

@@ -10,24 +10,15 @@ directory and its overwrite policy), `artifacts` (the files a run writes), `lock
 
 from __future__ import annotations
 
-from fashion_func.loop.fit import FitResult, Interrupted, epoch_batches, evaluate, fit
-from fashion_func.loop.resume import ResumePoint, resume_path, saved_config
-from fashion_func.loop.rundir import BEST, LAST, RUN_ARTIFACTS, RunDir, RunError, prepare_out_dir, run_lock
+from fashion_func.loop.artifacts import BEST, LAST, RUN_ARTIFACTS  # noqa: F401
+from fashion_func.loop.fit import FitResult, Interrupted, evaluate, fit
+from fashion_func.loop.lock import run_lock  # noqa: F401
 
-__all__ = [
-    "BEST",
-    "LAST",
-    "RUN_ARTIFACTS",
-    "FitResult",
-    "Interrupted",
-    "ResumePoint",
-    "RunDir",
-    "RunError",
-    "epoch_batches",
-    "evaluate",
-    "fit",
-    "prepare_out_dir",
-    "resume_path",
-    "run_lock",
-    "saved_config",
-]
+# importable here by module path for the app and the tests; not in __all__
+from fashion_func.loop.resume import ResumePoint, resume_path, saved_config  # noqa: F401
+from fashion_func.loop.rundir import (
+    RunDir,  # noqa: F401
+    RunError,
+)
+
+__all__ = ["FitResult", "Interrupted", "RunError", "evaluate", "fit"]

@@ -16,7 +16,7 @@ from fashion_func import checkpoint, optim
 from fashion_func.loop import plots
 from fashion_func.loop.artifacts import BEST
 
-__all__ = ["Actions"]
+__all__: list[str] = []
 
 _FILE_ACTIONS = (cbs.LogScalars, cbs.WriteHistory, cbs.PlotHistory, cbs.DeleteCheckpoint)
 

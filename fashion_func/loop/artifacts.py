@@ -13,22 +13,7 @@ from pathlib import Path
 from fashion_func.loop.errors import RunError
 from fashion_func.safeio import describe, display
 
-__all__ = [
-    "BEST",
-    "FOLDERS",
-    "LAST",
-    "MARKER",
-    "RUN_ARTIFACTS",
-    "Snapshot",
-    "lstat",
-    "member_dirs",
-    "member_folder",
-    "our_temp",
-    "refuse_links",
-    "removable",
-    "remove",
-    "remove_stale_temps",
-]
+__all__: list[str] = []
 
 LAST = "last.safetensors"
 BEST = "best.safetensors"

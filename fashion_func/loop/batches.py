@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Data", "decode_state", "encode_state", "epoch_batches", "num_batches", "resume_kind"]
+__all__: list[str] = []
 
 Data = Iterable[Any] | Callable[..., Iterable[Any]]
 

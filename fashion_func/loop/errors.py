@@ -13,7 +13,7 @@ from typing import ClassVar
 from fashion_func import atomic
 from fashion_func.safeio import Worded
 
-__all__ = ["NOTES", "RunError", "writing"]
+__all__ = ["RunError"]
 
 
 class RunError(Worded):

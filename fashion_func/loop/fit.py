@@ -40,7 +40,7 @@ from fashion_func.privacy import Accountant
 from fashion_func.safeio import Note
 from fashion_func.state import TrainState
 
-__all__ = ["FitResult", "Interrupted", "epoch_batches", "evaluate", "expand_members", "fit"]
+__all__ = ["FitResult", "evaluate", "fit"]
 
 
 @dataclass

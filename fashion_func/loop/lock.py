@@ -13,7 +13,7 @@ from pathlib import Path
 from fashion_func.loop.errors import RunError
 from fashion_func.safeio import describe, display, os_reason
 
-__all__ = ["LOCK", "Lock", "run_lock"]
+__all__: list[str] = []
 
 LOCK = ".lock"
 _OPEN_FLAGS = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC

@@ -11,7 +11,7 @@ from fashion_func.loop.artifacts import lstat
 from fashion_func.loop.errors import RunError
 from fashion_func.safeio import describe, display, os_reason
 
-__all__ = ["close_logger", "make_logger"]
+__all__: list[str] = []
 
 
 class _Escaped(logging.Formatter):

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fashion_func import optim
 
-__all__ = ["applied_lr", "lr_key"]
+__all__: list[str] = []
 
 
 def _schedule_count(opt_state: Any) -> Tensor | None:

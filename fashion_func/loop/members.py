@@ -22,7 +22,7 @@ from torch import Tensor
 from fashion_func import ensemble, tree
 from fashion_func.state import TrainState
 
-__all__ = ["Diverged", "live_state", "mean_std", "note_bad", "quiet", "stacked", "with_dead"]
+__all__: list[str] = []
 
 META_KEY = "diverged_members"
 

@@ -11,7 +11,7 @@ from fashion_func import atomic
 from fashion_func import callbacks as cbs
 from fashion_func.loop.errors import writing
 
-__all__ = ["plot_history"]
+__all__: list[str] = []
 
 
 def plot_history(

@@ -14,7 +14,7 @@ from fashion_func import ensemble
 from fashion_func.loop import members as members_lib
 from fashion_func.loop.collective import Collective
 
-__all__ = ["evaluate", "expand_members", "sum_over_ranks", "to_host", "train_metrics"]
+__all__ = ["evaluate"]
 
 
 def evaluate(

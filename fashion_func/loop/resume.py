@@ -20,7 +20,7 @@ from fashion_func.loop.errors import RunError
 from fashion_func.safeio import describe, display, short_repr
 from fashion_func.state import TrainState
 
-__all__ = ["ResumePoint", "check_same_batches", "host_lr", "load", "resume_path", "saved_config"]
+__all__: list[str] = []
 
 
 @dataclass(frozen=True)

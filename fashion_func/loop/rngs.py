@@ -20,7 +20,7 @@ import torch
 
 from fashion_func.loop.batches import decode_state, encode_state
 
-__all__ = ["capture", "check", "restore"]
+__all__: list[str] = []
 
 
 def capture() -> dict[str, Any]:

@@ -19,7 +19,6 @@ from typing import Any
 
 from fashion_func import atomic, checkpoint
 from fashion_func.loop.artifacts import (
-    BEST,
     FOLDERS,
     LAST,
     MARKER,
@@ -34,24 +33,11 @@ from fashion_func.loop.artifacts import (
     remove_stale_temps,
 )
 from fashion_func.loop.errors import RunError, writing
-from fashion_func.loop.lock import LOCK, Lock, run_lock
+from fashion_func.loop.lock import LOCK, Lock
 from fashion_func.loop.logger import close_logger, make_logger
-from fashion_func.loop.plots import plot_history
 from fashion_func.safeio import describe, display, os_reason
 
-__all__ = [
-    "BEST",
-    "LAST",
-    "MARKER",
-    "RUN_ARTIFACTS",
-    "RunDir",
-    "RunError",
-    "member_folder",
-    "plot_history",
-    "prepare_out_dir",
-    "run_lock",
-    "write_json",
-]
+__all__ = ["RunError"]
 
 
 def write_json(path: Path, obj: Any) -> None:

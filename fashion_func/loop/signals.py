@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Interrupted", "signals_to_flag"]
+__all__ = ["Interrupted"]
 
 
 class Interrupted(Exception):

@@ -54,10 +54,14 @@ __all__ = [
 
 
 class AddDecayedWeightsState(NamedTuple):
+    """The state of `add_decayed_weights`: its weight decay, settable with `set_hyperparam`."""
+
     weight_decay: Tensor  # 0-d, float
 
 
 class TraceState(NamedTuple):
+    """The state of `trace` (momentum): the update count, the momentum buffer and its hyperparameters."""
+
     count: Tensor  # 0-d int64, number of updates done
     trace: Params  # momentum buffer, like params
     momentum: Tensor  # 0-d, float
@@ -65,35 +69,49 @@ class TraceState(NamedTuple):
 
 
 class ScaleByAdamState(NamedTuple):
+    """The state of `scale_by_adam`: the update count and the first and second moments."""
+
     count: Tensor  # 0-d int64
     mu: Params  # first moment (torch: exp_avg)
     nu: Params  # second moment (torch: exp_avg_sq)
 
 
 class ScaleByLionState(NamedTuple):
+    """The state of `scale_by_lion`: the update count and the momentum."""
+
     count: Tensor  # 0-d int64
     mu: Params  # the momentum, like params
 
 
 class EmaState(NamedTuple):
+    """The state of `ema`: the decay, the updates averaged so far and the parameters' moving average."""
+
     decay: Tensor  # 0-d float (settable with set_hyperparam)
     count: Tensor  # 0-d int64, updates averaged so far
     ema: Params  # the moving average of the parameters
 
 
 class ScaleByLearningRateState(NamedTuple):
+    """The state of `scale_by_learning_rate`: the learning rate, settable with `set_hyperparam`."""
+
     lr: Tensor  # 0-d, float
 
 
 class ScaleByScheduleState(NamedTuple):
+    """The state of `scale_by_schedule`: the updates scaled so far (the schedule's step)."""
+
     count: Tensor  # 0-d int64, updates scaled so far
 
 
 class ClipByGlobalNormState(NamedTuple):
+    """The state of `clip_by_global_norm`: the norm the gradients are clipped to."""
+
     max_norm: Tensor  # 0-d, float
 
 
 class AddNoiseState(NamedTuple):
+    """The state of `add_noise`: the updates noised so far and the noise's key."""
+
     count: Tensor  # 0-d int64, updates noised so far
     key: Tensor  # 0-d int64, the noise's key (optax: rng_key); [K] in a stacked state
 

@@ -20,30 +20,27 @@ from torch import Tensor
 from fashion_func import tree
 from fashion_func.optim.base import GradientTransformation, Params, State, counter, described
 
-__all__ = [
-    "Labels",
-    "Mask",
-    "MaskedState",
-    "MultiSteps",
-    "MultiStepsState",
-    "MultiTransformState",
-    "masked",
-    "multi_transform",
-]
+__all__ = ["MaskedState", "MultiSteps", "MultiStepsState", "MultiTransformState", "masked", "multi_transform"]
 
 Mask = Mapping[str, Any] | Callable[[Params], Mapping[str, Any]]  # bools (or sub-dicts) like params
 Labels = Mapping[str, Any] | Callable[[Params], Mapping[str, Any]]  # str labels (or sub-dicts)
 
 
 class MaskedState(NamedTuple):
+    """The state of `masked`: the inner transform's state over the masked parameters."""
+
     inner_state: State  # the inner transform's state, over the masked parameters only
 
 
 class MultiTransformState(NamedTuple):
+    """The state of `multi_transform`: each label's transform state."""
+
     inner_states: dict[str, State]  # label -> that group's transform state (optax: PartitionState)
 
 
 class MultiStepsState(NamedTuple):
+    """The state of `MultiSteps`: micro-batch count, inner state, gradients so far."""
+
     mini_step: Tensor  # 0-d int64, micro-batches accumulated since the last update (0..k-1)
     gradient_step: Tensor  # 0-d int64, updates the inner optimizer has made
     inner_opt_state: State  # the inner optimizer's state, changed only every k-th call
