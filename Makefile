@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # A second `make train` continues the run in output/simplenet instead of refusing it.
 TRAIN_ARGS ?= --resume auto
 
-.PHONY: setup setup-train data train test lint bench
+.PHONY: setup setup-train data train test test-orders lint bench
 setup-train: $(VENV)/.installed-train data
 setup: $(VENV)/.installed-test data
 
@@ -37,6 +37,11 @@ train: setup-train
 TEST_JOBS ?= 2
 test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal $(ARGS)
+
+# The cross-path tests (two computations equal in exact arithmetic, marked cross_path) again at
+# two compute threads and with ATEN_CPU_CAPABILITY=default: each sums in another order.
+test-orders: setup
+	PYTHON=$(BIN)/python bash scripts/check_summation_order.sh -n $(TEST_JOBS)
 
 lint: setup
 	$(BIN)/ruff check fashion_func scripts tests
