@@ -30,7 +30,10 @@ What a step returns (the sum/count convention, read by `loop.fit`):
 Extra outputs come from a loss that returns `(values [B], {name: [B]})` instead of
 `values [B]`, and from `metrics=`, a function `(outputs, targets) -> {name: [B]}`.
 
-Extension point: `stages(model, optimizer, ...)` returns the step's pure, uncompiled pieces
+The builders' keywords (loss, metrics, preprocess, precision, compile, topk, tta, class_output,
+num_classes, device_type, reduce_grads, per_example) are `StepOptions`' fields, written once.
+
+Extension point: `stages(model, optimizer, **options)` returns the step's pure, uncompiled pieces
 (`Stages`: `gradients(CoreIn)`, `update`, `evaluate`, `outputs`); `Stages.train_step()` and
 `Stages.eval_step()` assemble and compile them. A caller may replace a piece first (e.g.
 `dataclasses.replace(s, gradients=torch.func.vmap(s.gradients, ...))`): that is how
