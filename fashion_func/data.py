@@ -28,7 +28,7 @@ import os
 import shutil
 import struct
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Literal, NamedTuple
@@ -617,36 +617,9 @@ class PoissonBatches:
 
     @property
     def expected_batch_size(self) -> float:
-        """`sample_rate * n`: what the clipped sum is divided by (`privacy.clip_and_noise`)."""
+        """`sample_rate * n`: what the clipped sum is divided by (`privacy.clip_and_noise(...,
+        expected_batch_size=)`; `fit(privacy=)` refuses a stage whose size is not this)."""
         return self.sample_rate * int(self.split.labels.shape[0])
-
-    def clip_and_noise(
-        self, max_norm: float | Sequence[float], noise_multiplier: float | Sequence[float], **kwargs: Any
-    ) -> privacy.ClipAndNoise:
-        """`privacy.clip_and_noise` dividing by these batches' expected size (`make_train_step(...,
-        per_example=)`)."""
-        size = self.expected_batch_size
-        return privacy.clip_and_noise(max_norm, noise_multiplier, expected_batch_size=size, **kwargs)
-
-    def noise_multiplier_for(
-        self, target_epsilon: float, *, delta: float, epochs: int, accountant: str = "rdp"
-    ) -> float:
-        """The noise multiplier that spends `target_epsilon` in `epochs` epochs of these batches."""
-        return privacy.noise_multiplier_for(target_epsilon, delta=delta, sample_rate=self.sample_rate,
-                                            steps=epochs * len(self), accountant=accountant)  # fmt: skip
-
-    def accountant(
-        self,
-        noise_multiplier: float | Sequence[float],
-        *,
-        delta: float,
-        target_epsilon: float | None = None,
-        accountant: str = "rdp",
-    ) -> privacy.Accountant:
-        """The `privacy.Accountant` of these batches' sampling rate (`fit(..., privacy=)`)."""
-        sigma = tuple(noise_multiplier) if isinstance(noise_multiplier, (list, tuple)) else noise_multiplier
-        return privacy.Accountant(self.sample_rate, sigma, delta, target_epsilon=target_epsilon,
-                                  accountant=accountant)  # fmt: skip
 
     def __call__(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         return poisson_batches(self.split, self.sample_rate, physical_batch_size=self.size, seed=self.seed,

@@ -29,11 +29,20 @@ from torch import Tensor
 from fashion_func import nn, optim
 from fashion_func.augment import Augment
 from fashion_func.models import Model, ModelState, Params
-from fashion_func.preprocess import FASHION_MNIST, NormalizeImages
-from fashion_func.privacy import ClipAndNoise
+from fashion_func.preprocess import NormalizeImages
 from fashion_func.state import TrainState
 from fashion_func.state import create as create_state
-from fashion_func.step import CoreIn, EvalStep, LossFn, MetricsFn, Preprocess, TrainStep, stages
+from fashion_func.step import (
+    CoreIn,
+    EvalStep,
+    LossFn,
+    MetricsFn,
+    Preprocess,
+    StepOptions,
+    TrainStep,
+    stages,
+    stages_of,
+)
 
 __all__ = [
     "combine",
@@ -170,40 +179,30 @@ def _nchw(preprocess: Preprocess | None) -> Preprocess | None:
 
 
 def make_train_step(
-    model: Model | Callable[..., Any],
-    optimizer: optim.GradientTransformation,
-    *,
-    loss: LossFn | None = None,
-    metrics: MetricsFn | None = None,
-    preprocess: Preprocess | None = FASHION_MNIST,
-    precision: str = "fp32",
-    compile: bool | str = True,
-    device_type: str | None = None,
-    topk: int | None = None,
-    reduce_grads: Callable[[Params], Params] | None = None,
-    per_example: ClipAndNoise | None = None,
+    model: Model | Callable[..., Any], optimizer: optim.GradientTransformation, **options: Any
 ) -> TrainStep:
     """`step(stacked_state, batch) -> (stacked_state, metrics)`: `step.make_train_step` vmapped
-    over the members, the batch shared. Arguments as there (a plain function model too); each
+    over the members, the batch shared. Options as there (`StepOptions`, but class_output and
+    num_classes; a plain function model too); each
     metric is `[K]`, one sum per member, extra outputs' `<name>_sum` included (`fit` reports
     them per member, with their mean and standard deviation). per_example: DP-SGD as there;
     its `max_norm` / `noise_multiplier` may give one value per member (a sweep over them),
     and each member draws its noise from its own `rng` (a sweep's members share one)."""
-    built = stages(model, optimizer, loss=loss, metrics=metrics, preprocess=_nchw(preprocess), topk=topk,
-                   precision=precision, device_type=device_type, per_example=per_example)  # fmt: skip
+    opts = StepOptions.of("ensemble.make_train_step", options, train=True, ensemble=True)
+    built = stages_of(model, optimizer, opts.replace(preprocess=_nchw(opts.preprocess)))
     # each member its own params, model state, step, key and DP hyperparameters; the batch (and
     # its mask) and opt_state as given (the gradients ignore opt_state; vmapping it would need
     # every leaf to be a tensor)
     # (a non-private step's `private` is None: vmap takes no dimension of a None)
     dims = CoreIn(params=0, model_state=0, opt_state=None, step=0, rng=0, inputs=None, targets=None,
-                  mask=None, private=0 if per_example is not None else None)  # fmt: skip
+                  mask=None, private=0 if opts.per_example is not None else None)  # fmt: skip
     built = built.replace(
         gradients=torch.func.vmap(built.gradients, in_dims=(dims,)),
         update=torch.func.vmap(built.update),
         noise=torch.func.vmap(built.noise, in_dims=(0, dims)) if built.noise is not None else None,
     )
     # size(): a clear error for an unstacked state
-    return built.train_step(compile=compile, reduce_grads=reduce_grads, check=size)
+    return built.train_step(compile=opts.compile, reduce_grads=opts.reduce_grads, check=size)
 
 
 def _identity(params: Params, x: Tensor) -> Tensor:
@@ -213,7 +212,7 @@ def _identity(params: Params, x: Tensor) -> Tensor:
 def combine(
     member_out: Mapping[str, Tensor],
     y: Tensor,
-    per_example: LossFn | None = None,
+    loss: LossFn | None = None,
     topk: int = 5,
     metrics: MetricsFn | None = None,
 ) -> dict[str, Tensor]:
@@ -224,37 +223,28 @@ def combine(
     # Python float, so that it takes the logits' dtype: a float32 log K put 4e-9 into float64)
     log_probs = torch.log_softmax(member_out["logits"], dim=-1)
     logits = torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
-    own = stages(_identity, loss=per_example, metrics=metrics, preprocess=None, topk=topk).outputs
+    own = stages(_identity, loss=loss, metrics=metrics, preprocess=None, topk=topk).outputs
     out = own(logits, y)
     out.update({f"member_{name}": v for name, v in member_out.items() if name != "logits"})
     out["member_logits"] = member_out["logits"]
     return out
 
 
-def make_eval_step(
-    model: Model | Callable[..., Any],
-    *,
-    loss: LossFn | None = None,
-    metrics: MetricsFn | None = None,
-    preprocess: Preprocess | None = FASHION_MNIST,
-    precision: str = "fp32",
-    compile: bool | str = True,
-    topk: int = 5,
-    tta: bool = False,
-) -> EvalStep:
+def make_eval_step(model: Model | Callable[..., Any], **options: Any) -> EvalStep:
     """`eval_step(stacked_state_or_params, batch, model_state=None) -> per-example outputs`.
 
-    Arguments as `step.make_eval_step`; tta: each member's prediction averages the image and
-    its mirror image. The ensemble's prediction is the mean of its members' probabilities:
+    Options as `step.make_eval_step` (`StepOptions`, but class_output and num_classes); tta:
+    each member's prediction averages the image and its mirror image. The ensemble's
+    prediction is the mean of its members' probabilities:
     `loss`, `logits` (log of that mean), `correct`, `top{k}_correct`, `pred` and the extra
     outputs are the ensemble's, `[B]` as from `step.make_eval_step`; `member_loss`,
     `member_correct`, `member_<name>`, ... are each member's, `[K, B]`.
     """
-    built = stages(model, loss=loss, metrics=metrics, preprocess=_nchw(preprocess), precision=precision,
-                   topk=topk, tta=tta)  # fmt: skip
+    opts = StepOptions.of("ensemble.make_eval_step", options, train=False, ensemble=True)
+    built = stages_of(model, None, opts.replace(preprocess=_nchw(opts.preprocess)))
     members = torch.func.vmap(built.evaluate, in_dims=(0, 0, None, None))
 
     def evaluate(params: Params, model_state: ModelState, inputs: Tensor, y: Tensor) -> dict[str, Tensor]:
-        return combine(members(params, model_state, inputs, y), y, loss, topk, metrics)
+        return combine(members(params, model_state, inputs, y), y, opts.loss, opts.topk, opts.metrics)
 
-    return built.replace(evaluate=evaluate).eval_step(compile=compile)
+    return built.replace(evaluate=evaluate).eval_step(compile=opts.compile)

@@ -1,9 +1,14 @@
 """Differentially private training (DP-SGD): per-example clipping, Gaussian noise, accounting.
 
-    dp = privacy.clip_and_noise(max_norm=1.0, noise_multiplier=1.1, expected_batch_size=256)
-    step = make_train_step(model, optim.sgd(0.5), per_example=dp)     # clip, sum, noise, update
-    batches = data.PoissonBatches(train, sample_rate=256 / len(train.labels))
-    fit(state, step, batches, epochs=10, privacy=privacy.Accountant(256 / 60000, 1.1, delta=1e-5))
+    batches = data.PoissonBatches(train, sample_rate=256 / len(train.labels))   # Poisson sampling
+    dp = privacy.clip_and_noise(1.0, 1.1, expected_batch_size=batches.expected_batch_size)
+    step = make_train_step(model, optim.sgd(0.5), per_example=dp)       # clip, sum, noise, update
+    fit(state, step, batches, epochs=10, privacy=privacy.Accountant(batches.sample_rate, 1.1, delta=1e-5))
+
+This module is the one way in: `clip_and_noise` (the step's stage), `Accountant` (what `fit`
+reports epsilon with) and `noise_multiplier_for` (a sigma for a target epsilon), each given the
+batches' own `sample_rate` / `expected_batch_size`; `fit(privacy=)` refuses an accountant or a
+stage that does not match the batches it runs (`check_accountant`).
 
 The step computes each example's gradient (`vmap(grad)`, in chunks), clips it to `max_norm`
 (its global L2 norm over all parameters, scaled by `min(1, max_norm / (norm + 1e-6))`, as
@@ -187,15 +192,6 @@ class ClipAndNoise:
             t = torch.tensor(values, dtype=torch.float32, device=step.device)
             out[name] = t.reshape(()) if step.dim() == 0 else t.expand(step.shape).clone()
         return out
-
-    def __call__(self, grads: Params, *, key: Tensor, mask: Tensor | None = None) -> Params:
-        """The whole stage on per-example gradients `{name: [B, ...]}` of one model: clipped,
-        summed over the examples `mask` keeps, noised, divided by the expected batch size."""
-        check_mask(mask)
-        values = self.hyperparams(key.new_zeros((), dtype=torch.int64))
-        total, _ = clipped_sum(grads, values["max_norm"], mask)
-        size = self.expected_batch_size or next(iter(grads.values())).shape[0]
-        return add_noise(total, key, values["max_norm"], values["noise_multiplier"], size)
 
 
 def clip_and_noise(

@@ -27,10 +27,13 @@ What a step returns (the sum/count convention, read by `loop.fit`):
   every `[B]` output but `pred` over the validation set: `loss` -> val_loss, `correct` ->
   val_acc, `top{k}_correct` -> val_top{k}, `<name>` -> val_<name>.
 
-Extra outputs come from a loss that returns `(per_example [B], {name: [B]})` instead of
-`per_example [B]`, and from `metrics=`, a function `(outputs, targets) -> {name: [B]}`.
+Extra outputs come from a loss that returns `(values [B], {name: [B]})` instead of
+`values [B]`, and from `metrics=`, a function `(outputs, targets) -> {name: [B]}`.
 
-Extension point: `stages(model, optimizer, ...)` returns the step's pure, uncompiled pieces
+The builders' keywords (loss, metrics, preprocess, precision, compile, topk, tta, class_output,
+num_classes, device_type, reduce_grads, per_example) are `StepOptions`' fields, written once.
+
+Extension point: `stages(model, optimizer, **options)` returns the step's pure, uncompiled pieces
 (`Stages`: `gradients(CoreIn)`, `update`, `evaluate`, `outputs`); `Stages.train_step()` and
 `Stages.eval_step()` assemble and compile them. A caller may replace a piece first (e.g.
 `dataclasses.replace(s, gradients=torch.func.vmap(s.gradients, ...))`): that is how
@@ -45,7 +48,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -62,6 +65,7 @@ from fashion_func.state import TrainState
 
 __all__ = [
     "Stages",
+    "StepOptions",
     "loss_fn",
     "make_eval_step",
     "make_train_step",
@@ -115,11 +119,6 @@ def _autocast(precision: str, device_type: str) -> contextlib.AbstractContextMan
     if precision == "bf16":
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
 
 
 def _check_compile(compile: Any) -> None:
@@ -254,6 +253,110 @@ def _class_outputs(outputs: Outputs, labels: Tensor, classes: _Classes) -> dict[
         out[f"top{topk}_correct"] = metrics_lib.topk_correct(logits, labels, topk)
     out["pred"] = pred
     return out
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """The keywords of the step builders (`make_train_step`, `make_eval_step`, `stages` and
+    `ensemble.make_train_step` / `make_eval_step`), with their defaults, checked once when a
+    builder makes one (a one-line ValueError/TypeError).
+
+    loss: `(outputs [B, ...], targets [B, ...]) -> per-example losses [B]`, or `(losses [B],
+        {name: [B]})` to report more; cross-entropy of the class head if None. It receives the
+        model's outputs whole (a dict or tuple as the model returned it). The step minimises
+        the mean. Another return is a one-line ValueError/TypeError on the first call.
+    metrics: `(outputs, targets) -> {name: per-example values [B]}`, computed on the batch.
+    preprocess: a pure function of the input tensor, run inside the compiled step; the default
+        turns Fashion-MNIST uint8 `[B, 28, 28]` into normalised float (NHWC on CPU) and refuses
+        other dtypes; None uses the inputs as given (`[B, C, H, W]`, `[B, D]`, ...). One that
+        takes a `key` keyword (`augment.Augment`) is given a key derived from (rng, step):
+        augmentation is then a pure function of the seed and the step, and resume stays exact.
+    precision: "fp32"; "tf32" (the caller enables TF32 matmuls on CUDA); "bf16" autocast.
+        Master weights, the loss and the optimizer stay float32.
+    compile: True compiles the whole step; "update" compiles only the optimizer update
+        (forward and backward run eagerly: on CPU the convolutions are oneDNN's either
+        way, while the update's dozen elementwise passes fuse into one); False: eager. An eval
+        step has no update: "update" runs it eagerly, like False.
+    topk: also count `top{k}_correct` (label among the `topk` highest logits); by default a
+        train step counts none, an eval step the top 5 (`EVAL_DEFAULTS`).
+    tta (eval steps only): test-time augmentation, the prediction is the mean of the
+        probabilities of each image and its left-right mirror image (`logits` is then the log
+        of that mean).
+    class_output: which of several outputs the accuracy metrics (`correct`, `top{k}_correct`)
+        and the default loss read: a dict's key (default "logits") or a tuple's index
+        (default 0). A dict without it is a one-line ValueError at the first call.
+    num_classes: how many classes the labels have (default: a `Model`'s `num_classes`
+        hyperparameter); class logits with another number of columns (an aux output
+        concatenated to them) are a one-line ValueError at the first call.
+    device_type (train steps only): the autocast device type; None: the inputs' device's.
+    reduce_grads (train steps only): a pure stage between the gradient and the update, `grads ->
+        grads` (the data-parallel all-reduce, `fashion_func.distributed`); compiled with the step.
+    per_example (train steps only): DP-SGD's per-example stage (`privacy.clip_and_noise`):
+        each example's gradient is computed (`vmap(grad)`, `chunk_size` examples at a time),
+        clipped and summed over the examples the batch keeps, `reduce_grads` (which must then
+        sum: `group.all_reduce_sum`) adds the ranks' sums, Gaussian noise drawn from (rng,
+        step) is added and the sum divided by the expected batch size; the optimizer applies
+        that. A batch may then be `(inputs, targets, mask)` (`data.PoissonBatches`): examples
+        masked out contribute nothing, to the gradient or the metrics. The metrics add
+        `clipped_sum` (examples whose gradient norm was above `max_norm`; `fit` reports the
+        fraction as train_clipped). A model with a model state (batch norm, which mixes
+        examples) is refused.
+    """
+
+    loss: LossFn | None = None
+    metrics: MetricsFn | None = None
+    preprocess: Preprocess | None = FASHION_MNIST
+    precision: str = "fp32"
+    compile: bool | str = True
+    topk: int | None = None
+    tta: bool = False
+    class_output: str | int | None = None
+    num_classes: int | None = None
+    device_type: str | None = None
+    reduce_grads: Callable[[Params], Params] | None = None
+    per_example: ClipAndNoise | None = None
+
+    # which builders take which options: a builder refuses the others as unknown keywords
+    TRAIN_ONLY: ClassVar[frozenset[str]] = frozenset({"device_type", "reduce_grads", "per_example"})
+    EVAL_ONLY: ClassVar[frozenset[str]] = frozenset({"tta"})
+    NOT_ENSEMBLE: ClassVar[frozenset[str]] = frozenset({"class_output", "num_classes"})
+    ASSEMBLY: ClassVar[frozenset[str]] = frozenset({"compile", "reduce_grads"})  # not `stages`': its steps'
+    EVAL_DEFAULTS: ClassVar[Mapping[str, Any]] = {"topk": 5}
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        _check_compile(self.compile)
+        if isinstance(self.class_output, bool) or not isinstance(self.class_output, (str, int, type(None))):
+            raise TypeError(f"class_output must be an output's name or index, not {self.class_output!r}")
+        n = self.num_classes
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"num_classes must be a positive integer, not {n!r}")
+        if self.per_example is not None and not isinstance(self.per_example, ClipAndNoise):
+            raise TypeError(f"per_example must be a privacy.clip_and_noise(...) stage (DP-SGD), "
+                            f"got {type(self.per_example).__name__}")  # fmt: skip
+
+    @classmethod
+    def of(cls, builder: str, given: Mapping[str, Any], *, train: bool | None = None,
+           ensemble: bool = False) -> StepOptions:  # fmt: skip
+        """The options `builder` was given: a train (`train=True`) or eval (False) step's, or
+        `stages`' (None: both steps' but compile and reduce_grads, which `Stages.train_step` /
+        `eval_step` take); an option the builder does not take is refused as Python refuses an
+        unknown keyword."""
+        refused = cls.NOT_ENSEMBLE if ensemble else frozenset()
+        refused |= cls.ASSEMBLY if train is None else cls.EVAL_ONLY if train else cls.TRAIN_ONLY
+        for name in given:
+            if name in refused or name not in _OPTION_NAMES:
+                raise TypeError(f"{builder}() got an unexpected keyword argument {name!r}")
+        defaults = cls.EVAL_DEFAULTS if train is False else {}
+        return cls(**{**defaults, **given})
+
+    def replace(self, **changes: Any) -> StepOptions:
+        """A copy with `changes` applied (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(StepOptions))
 
 
 # -- models: a Model, or a plain function (stateless, or stateful given a model state) ----------
@@ -499,30 +602,23 @@ class Stages:
 
 
 def stages(
-    model: Model | Callable[..., Any],
-    optimizer: optim.GradientTransformation | None = None,
-    *,
-    loss: LossFn | None = None,
-    metrics: MetricsFn | None = None,
-    preprocess: Preprocess | None = FASHION_MNIST,
-    precision: str = "fp32",
-    device_type: str | None = None,
-    topk: int | None = None,
-    tta: bool = False,
-    per_example: ClipAndNoise | None = None,
-    class_output: str | int | None = None,
-    num_classes: int | None = None,
+    model: Model | Callable[..., Any], optimizer: optim.GradientTransformation | None = None, **options: Any
 ) -> Stages:
-    """The pure, uncompiled `Stages` of a step; arguments as `make_train_step` / `make_eval_step`
-    (`tta` for the eval stage only)."""
-    _check_precision(precision)
+    """The pure, uncompiled `Stages` of a step; options: the keywords of `StepOptions`, as
+    `make_train_step` / `make_eval_step` take them (`tta` for the eval stage only)."""
+    return stages_of(model, optimizer, StepOptions.of("stages", options))
+
+
+def stages_of(model: Model | Callable[..., Any], optimizer: Any, opts: StepOptions) -> Stages:
+    """`stages` of options already made (the builders', `ensemble`'s)."""
     forward = _forward_fn(model)
-    private = _check_private(per_example, model)
-    classes = _classes(model, topk, class_output, num_classes)
-    per_example = loss or _default_loss(classes)
+    private = _check_private(opts.per_example, model)
+    classes = _classes(model, opts)
+    criterion = opts.loss or _default_loss(classes)
+    metrics = opts.metrics
 
     def outputs(logits: Outputs, targets: Tensor) -> dict[str, Tensor]:
-        values, extra = _loss_parts(per_example, logits, targets)
+        values, extra = _loss_parts(criterion, logits, targets)
         extra.update(_metric_parts(metrics, logits, targets, extra))
         head = classes.head(logits, targets)
         shown = {"logits": head} if head is not None else {}
@@ -536,14 +632,13 @@ def stages(
             return optim.apply_updates(params, updates), new_opt_state, step + 1
 
     if private is not None:
-        gradients = _private_gradients_fn(forward, per_example, metrics, preprocess, precision,
-                                          device_type, classes, private)  # fmt: skip
+        gradients = _private_gradients_fn(forward, criterion, opts, classes, private)
     else:
-        gradients = _gradients_fn(forward, per_example, metrics, preprocess, precision, device_type, classes)
+        gradients = _gradients_fn(forward, criterion, opts, classes)
     return Stages(
         gradients=gradients,
         update=update,
-        evaluate=_evaluate_fn(forward, outputs, preprocess, precision, tta),
+        evaluate=_evaluate_fn(forward, outputs, opts.preprocess, opts.precision, opts.tta),
         outputs=outputs,
         name=model.name if isinstance(model, Model) else _name(model),
         needs_state=isinstance(model, Model) and model.stateful,
@@ -552,19 +647,15 @@ def stages(
     )
 
 
-def _classes(
-    model: Any, topk: int | None, class_output: str | int | None, num_classes: int | None
-) -> _Classes:
-    """The class head and count the accuracy metrics read; the count from a `Model`'s
-    `num_classes` hyperparameter unless given."""
-    if isinstance(class_output, bool) or not isinstance(class_output, (str, int, type(None))):
-        raise TypeError(f"class_output must be an output's name or index, not {class_output!r}")
+def _classes(model: Any, opts: StepOptions | None = None, class_output: str | int | None = None) -> _Classes:
+    """The class head and count the accuracy metrics read (`opts`', or `class_output` alone);
+    the count from a `Model`'s `num_classes` hyperparameter unless given."""
+    if opts is None:
+        opts = StepOptions(class_output=class_output)
+    num_classes = opts.num_classes
     if num_classes is None and isinstance(model, Model):
         num_classes = model.hparams.get("num_classes")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                    or num_classes < 1):  # fmt: skip
-        raise ValueError(f"num_classes must be a positive integer, not {num_classes!r}")
-    return _Classes(topk, class_output, num_classes)
+    return _Classes(opts.topk, opts.class_output, num_classes)
 
 
 def _metric_sums(
@@ -592,26 +683,21 @@ def _metric_sums(
 
 
 def _gradients_fn(
-    forward: Forward,
-    per_example: LossFn,
-    metrics: MetricsFn | None,
-    preprocess: Preprocess | None,
-    precision: str,
-    device_type: str | None,
-    classes: _Classes,
+    forward: Forward, criterion: LossFn, opts: StepOptions, classes: _Classes
 ) -> Callable[[CoreIn], tuple[Params, ModelState, dict[str, Tensor]]]:
     """`CoreIn -> (grads, new model state, metric sums)`: the train step before the update."""
+    preprocess, precision, metrics = opts.preprocess, opts.precision, opts.metrics
     keyed = preprocess is not None and _takes_key(preprocess)  # here: inspect is not traceable
 
     def gradients(inp: CoreIn):
         key = nn.fold_in(inp.rng, inp.step)
         x = _preprocess(preprocess, inp.inputs, key if keyed else None)
-        y, dev = inp.targets, device_type or inp.inputs.device.type
+        y, dev = inp.targets, opts.device_type or inp.inputs.device.type
 
         def loss_and_aux(p: Params):
             with _autocast(precision, dev):
                 logits, new_state = forward(p, x, inp.model_state, train=True, key=key)
-            values, extra = _loss_parts(per_example, _at_least_float32(logits), y)
+            values, extra = _loss_parts(criterion, _at_least_float32(logits), y)
             return values.mean(), (values, extra, logits, new_state)
 
         grads, (_, (values, extra, logits, new_state)) = torch.func.grad_and_value(
@@ -629,13 +715,9 @@ def _gradients_fn(
 # -- per-example (DP-SGD) steps ------------------------------------------------------------------
 
 
-def _check_private(per_example: Any, model: Any) -> ClipAndNoise | None:
+def _check_private(per_example: ClipAndNoise | None, model: Any) -> ClipAndNoise | None:
     if per_example is None:
         return None
-    if not isinstance(per_example, ClipAndNoise):
-        raise TypeError(
-            f"per_example must be a privacy.clip_and_noise(...) stage, got {type(per_example).__name__}"
-        )
     if isinstance(model, Model) and model.stateful:
         raise ValueError(
             f"model {model.name} has batch norm, which mixes the examples of a batch: per-example "
@@ -663,22 +745,16 @@ def _unpack(batch: Any, private: bool) -> tuple[Tensor, Tensor, Tensor | None]:
 
 
 def _private_gradients_fn(
-    forward: Forward,
-    per_example: LossFn,
-    metrics: MetricsFn | None,
-    preprocess: Preprocess | None,
-    precision: str,
-    device_type: str | None,
-    classes: _Classes,
-    dp: ClipAndNoise,
+    forward: Forward, criterion: LossFn, opts: StepOptions, classes: _Classes, dp: ClipAndNoise
 ) -> Callable[[CoreIn], tuple[Params, ModelState, dict[str, Tensor]]]:
     """`CoreIn -> (sum of the clipped per-example gradients, {}, metric sums over the kept examples)`."""
+    preprocess, precision, metrics = opts.preprocess, opts.precision, opts.metrics
     keyed = preprocess is not None and _takes_key(preprocess)  # here: inspect is not traceable
 
     def single(p: Params, xi: Tensor, yi: Tensor, ki: Tensor, dev: str):
         with _autocast(precision, dev):  # one example as a batch of one, its own dropout key
             logits, _ = forward(p, xi[None], {}, train=True, key=ki)
-        values, extra = _loss_parts(per_example, _at_least_float32(logits), yi[None])
+        values, extra = _loss_parts(criterion, _at_least_float32(logits), yi[None])
         return values[0], (values[0], {k: v[0] for k, v in extra.items()}, tree.map(lambda t: t[0], logits))
 
     def gradients(inp: CoreIn):
@@ -689,7 +765,7 @@ def _private_gradients_fn(
         x = _preprocess(preprocess, inp.inputs, key if keyed else None)
         # strided NCHW: vmap's batched convolutions cannot carry channels-last (PyTorch NYI)
         x = x.clone(memory_format=torch.contiguous_format)
-        y, dev, size = inp.targets, device_type or inp.inputs.device.type, inp.targets.shape[0]
+        y, dev, size = inp.targets, opts.device_type or inp.inputs.device.type, inp.targets.shape[0]
         mask = inp.mask if inp.mask is not None else torch.ones_like(y, dtype=torch.bool)
         keys = nn.fold_in(key, torch.arange(size, device=y.device))
         grad = torch.func.vmap(torch.func.grad(single, has_aux=True), in_dims=(None, 0, 0, 0, None))
@@ -721,8 +797,8 @@ def _auto_chunk(size: int, params: Params) -> int:
     """The default chunk: bounded in bytes (memory) and in examples. Chunks of a few hundred
     examples ran the dpcnn step about twice as fast as one chunk of 2,320 on the CPU (the
     gradients stay in cache); each chunk is traced again, so fewer keep compile times short."""
-    per_example = sum(p.numel() * p.element_size() for p in params.values())
-    fit = max(1, min(size, CHUNK_EXAMPLES, CHUNK_BYTES // max(1, per_example)))
+    nbytes = sum(p.numel() * p.element_size() for p in params.values())  # one example's gradients
+    fit = max(1, min(size, CHUNK_EXAMPLES, CHUNK_BYTES // max(1, nbytes)))
     return -(-size // -(-size // fit))  # equal chunks: one shape, no short last chunk
 
 
@@ -771,20 +847,7 @@ def _evaluate_fn(
 
 
 def make_train_step(
-    model: Model | Callable[..., Any],
-    optimizer: optim.GradientTransformation,
-    *,
-    loss: LossFn | None = None,
-    metrics: MetricsFn | None = None,
-    preprocess: Preprocess | None = FASHION_MNIST,
-    precision: str = "fp32",
-    compile: bool | str = True,
-    device_type: str | None = None,
-    topk: int | None = None,
-    reduce_grads: Callable[[Params], Params] | None = None,
-    per_example: ClipAndNoise | None = None,
-    class_output: str | int | None = None,
-    num_classes: int | None = None,
+    model: Model | Callable[..., Any], optimizer: optim.GradientTransformation, **options: Any
 ) -> TrainStep:
     """A pure `train_step(state, (inputs, targets)) -> (new_state, metrics)`.
 
@@ -794,69 +857,22 @@ def make_train_step(
         model may return several outputs instead of logits: a dict `{name: [B, ...]}` or a
         tuple of tensors (a multi-task model's heads).
     optimizer: a `GradientTransformation` (`init`, `update`).
-    loss: `(outputs [B, ...], targets [B, ...]) -> per-example losses [B]`, or `(losses [B],
-        {name: [B]})` to report more; cross-entropy of the class head if None. It receives the
-        model's outputs whole (a dict or tuple as the model returned it). The step minimises
-        the mean. Another return is a one-line ValueError/TypeError on the first call.
-    metrics: `(outputs, targets) -> {name: per-example values [B]}`, computed on the batch.
-    preprocess: a pure function of the input tensor, run inside the compiled step; the default
-        turns Fashion-MNIST uint8 `[B, 28, 28]` into normalised float (NHWC on CPU) and refuses
-        other dtypes; None uses the inputs as given (`[B, C, H, W]`, `[B, D]`, ...). One that
-        takes a `key` keyword (`augment.Augment`) is given a key derived from (rng, step):
-        augmentation is then a pure function of the seed and the step, and resume stays exact.
-    precision: "fp32"; "tf32" (the caller enables TF32 matmuls on CUDA); "bf16" autocast.
-        Master weights, the loss and the optimizer stay float32.
-    compile: True compiles the whole step; "update" compiles only the optimizer update
-        (forward and backward run eagerly: on CPU the convolutions are oneDNN's either
-        way, while the update's dozen elementwise passes fuse into one); False: eager.
-    topk: also count `top{k}_correct` (label among the `topk` highest logits).
-    class_output: which of several outputs the accuracy metrics (`correct`, `top{k}_correct`)
-        and the default loss read: a dict's key (default "logits") or a tuple's index
-        (default 0). A dict without it is a one-line ValueError at the first call.
-    num_classes: how many classes the labels have (default: a `Model`'s `num_classes`
-        hyperparameter); class logits with another number of columns (an aux output
-        concatenated to them) are a one-line ValueError at the first call.
-    reduce_grads: a pure stage between the gradient and the update, `grads -> grads` (the
-        data-parallel all-reduce, `fashion_func.distributed`); compiled with the step.
-    per_example: DP-SGD (`privacy.clip_and_noise`): each example's gradient is computed
-        (`vmap(grad)`, `chunk_size` examples at a time), clipped and summed over the examples
-        the batch keeps, `reduce_grads` (which must then sum: `group.all_reduce_sum`) adds the
-        ranks' sums, Gaussian noise drawn from (rng, step) is added and the sum divided by the
-        expected batch size; the optimizer applies that. A batch may then be `(inputs,
-        targets, mask)` (`data.PoissonBatches`): examples masked out contribute nothing, to the
-        gradient or the metrics. The metrics add `clipped_sum` (examples whose gradient norm
-        was above `max_norm`; `fit` reports the fraction as train_clipped). A model with a
-        model state (batch norm, which mixes examples) is refused.
+    options: the keywords of `StepOptions` (loss, metrics, preprocess, precision, compile,
+        topk, class_output, num_classes, device_type, reduce_grads, per_example: DP-SGD).
 
     Returns metrics as 0-d device tensors, sums over the batch: `loss_sum`, `count`,
     `correct` and `top{k}_correct` for class labels, `<name>_sum` for each extra output (the
     convention in the module docstring; `fit` reports train_loss, train_acc, train_<name>).
     """
-    built = stages(model, optimizer, loss=loss, metrics=metrics, preprocess=preprocess, precision=precision,
-                   device_type=device_type, topk=topk, per_example=per_example, class_output=class_output,
-                   num_classes=num_classes)  # fmt: skip
-    return built.train_step(compile=compile, reduce_grads=reduce_grads)
+    opts = StepOptions.of("make_train_step", options, train=True)
+    return stages_of(model, optimizer, opts).train_step(compile=opts.compile, reduce_grads=opts.reduce_grads)
 
 
-def make_eval_step(
-    model: Model | Callable[..., Any],
-    *,
-    loss: LossFn | None = None,
-    metrics: MetricsFn | None = None,
-    preprocess: Preprocess | None = FASHION_MNIST,
-    precision: str = "fp32",
-    compile: bool | str = True,
-    topk: int = 5,
-    tta: bool = False,
-    class_output: str | int | None = None,
-    num_classes: int | None = None,
-) -> EvalStep:
+def make_eval_step(model: Model | Callable[..., Any], **options: Any) -> EvalStep:
     """A pure `eval_step(params_or_state, batch, model_state=None) -> per-example outputs`.
 
-    Arguments as `make_train_step`; compile: True compiles the step, False and "update" (no
-    update to compile) run it eagerly. tta: test-time augmentation, the prediction is the
-    mean of the probabilities of each image and its left-right mirror image (`logits` is then
-    the log of that mean).
+    options: the keywords of `StepOptions` (loss, metrics, preprocess, precision, compile,
+    topk (default 5), tta, class_output, num_classes), as `make_train_step` takes them.
 
     The first argument is a `TrainState` (its params and model state are used) or a params
     dict; a stateful model then needs `model_state` and runs in inference mode (running
@@ -870,9 +886,8 @@ def make_eval_step(
     `grad(lambda p: eval_step(p, batch)["loss"].mean())(params)`; plain calls with params that
     need no gradient record no graph, as fast as before.
     """
-    built = stages(model, loss=loss, metrics=metrics, preprocess=preprocess, precision=precision,
-                   topk=topk, tta=tta, class_output=class_output, num_classes=num_classes)  # fmt: skip
-    return built.eval_step(compile=compile)
+    opts = StepOptions.of("make_eval_step", options, train=False)
+    return stages_of(model, None, opts).eval_step(compile=opts.compile)
 
 
 # -- research helpers -------------------------------------------------------------------------
@@ -902,7 +917,7 @@ def loss_fn(
     `grad(f, has_aux=True)` takes. `grad`, `jvp`, `hessian` and `vmap` (over a leading axis
     of stacked batches) compose over it, as over any function of tensors.
 
-    loss, preprocess, class_output: as `make_train_step` (cross-entropy of the class head if
+    loss, preprocess, class_output: as `StepOptions` (cross-entropy of the class head if
     None; the default preprocess normalises uint8 Fashion-MNIST images, None takes the inputs
     as given). train: False differentiates the inference-mode function (running statistics, no
     dropout, no augmentation); True the training-mode one, dropout and an augmenting
@@ -911,14 +926,14 @@ def loss_fn(
     train step takes the gradient of.
     """
     forward = _forward_fn(model)
-    per_example = loss or _default_loss(_classes(model, None, class_output, None))
+    criterion = loss or _default_loss(_classes(model, class_output=class_output))
     keyed = preprocess is not None and _takes_key(preprocess)  # here: inspect is not traceable
 
     def mean_loss(params: Params, batch: Batch, model_state: ModelState | None, key: Tensor | None):
         inputs, targets = batch
         x = _preprocess(preprocess, inputs, key if keyed and train and key is not None else None)
         outputs, new_state = forward(params, x, dict(model_state or {}), train=train, key=key)
-        values, _ = _loss_parts(per_example, _at_least_float32(outputs), targets)
+        values, _ = _loss_parts(criterion, _at_least_float32(outputs), targets)
         return values.mean(), new_state
 
     if _is_stateful(model):
@@ -953,7 +968,7 @@ def _example_grads(
     if isinstance(model, Model) and model.stateful and not model_state:
         raise ValueError(f"model {model.name} is stateful: pass its model_state")
     forward = _forward_fn(model)
-    per_example = loss or _default_loss(_classes(model, None, class_output, None))
+    criterion = loss or _default_loss(_classes(model, class_output=class_output))
     inputs, targets = batch
     # strided NCHW: vmap's batched convolutions cannot carry the default preprocess's NHWC on CPU
     # (PyTorch NYI); a one-channel NHWC tensor is "contiguous" too, so .contiguous() would keep it
@@ -962,7 +977,7 @@ def _example_grads(
 
     def single(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
         logits, _ = forward(p, xi[None], state, train=train, key=key)  # a batch of one
-        return _loss_parts(per_example, logits, yi[None])[0][0]
+        return _loss_parts(criterion, logits, yi[None])[0][0]
 
     return torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0)), x, targets
 
@@ -991,7 +1006,7 @@ def per_example_grads(
 ) -> Params:
     """The gradient of each example's loss: `{name: [B, *param.shape]}`, by `vmap(grad(...))`.
 
-    loss, preprocess, class_output: as `make_train_step` (the default normalises uint8
+    loss, preprocess, class_output: as `StepOptions` (the default normalises uint8
     Fashion-MNIST images; None for inputs already prepared). Each example is run as a batch of
     one, so a stateful model in `train=True` mode would normalise every example by itself; the
     default `train=False` differentiates the inference-mode function (running statistics, no

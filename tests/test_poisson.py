@@ -20,7 +20,7 @@ import pytest
 import torch
 from scipy import stats
 
-from fashion_func import data
+from fashion_func import data, privacy
 
 SIGMAS = 6.0  # the bounds' width in standard deviations (see above)
 
@@ -286,6 +286,16 @@ def test_the_default_physical_size_is_the_capacity() -> None:
     assert batches.expected_batch_size == pytest.approx(256)
     assert batches.batching == {"n": 2000, "sample_rate": 256 / 2000, "physical_batch_size": batches.size,
                                 "seed": 0}  # fmt: skip
+
+
+def test_private_training_has_one_way_in() -> None:
+    """The batches sample; `privacy` builds the stage and the accountant from their values (issue 33:
+    the batches' own shortcuts and the stage's uncalled `__call__` were a second and third way)."""
+    batches = data.PoissonBatches(split(2000), 256 / 2000)
+    shortcuts = ("clip_and_noise", "accountant", "noise_multiplier_for")
+    assert not any(hasattr(batches, name) for name in shortcuts)
+    dp = privacy.clip_and_noise(1.0, 1.0, expected_batch_size=batches.expected_batch_size)
+    assert not callable(dp) and dp.expected_batch_size == pytest.approx(256)
 
 
 # -- bad arguments ----------------------------------------------------------------------------

@@ -177,18 +177,23 @@ def _optax_epoch_then_save_resume(runs: dict[str, Path], tmp_path: Path, capsys:
     assert rc == 2 and "steps 4 recorded, the state has taken 8" in one_error_line(err), err
 
 
+def _stage(batches: data.PoissonBatches, max_norm: float, sigma: float) -> privacy.ClipAndNoise:
+    """The per-example stage for `batches`, as the README builds it."""
+    return privacy.clip_and_noise(max_norm, sigma, expected_batch_size=batches.expected_batch_size)
+
+
 def _accountant_q_over_other_batches(*_: Any) -> None:
     """Item 4: an accountant with q = 0.001 over PoissonBatches(q = 0.25)."""
     batches = data.PoissonBatches(split(N), 0.25)
     with pytest.raises(ValueError, match=r"sample_rate 0\.001 is not the batches' 0\.25"):
-        fit_with(privacy.Accountant(0.001, 1.0, 1e-5), batches.clip_and_noise(1.0, 1.0), batches)
+        fit_with(privacy.Accountant(0.001, 1.0, 1e-5), _stage(batches, 1.0, 1.0), batches)
 
 
 def _accountant_sigma_over_another_step(*_: Any) -> None:
     """Item 4: accountant sigma 10 over a step adding sigma 0.1."""
     batches = data.PoissonBatches(split(N), 0.25)
     with pytest.raises(ValueError, match=r"noise_multiplier 10\.0 is not the step's 0\.1"):
-        fit_with(batches.accountant(10.0, delta=1e-5), batches.clip_and_noise(1.0, 0.1), batches)
+        fit_with(privacy.Accountant(batches.sample_rate, 10.0, 1e-5), _stage(batches, 1.0, 0.1), batches)
 
 
 def _accountant_over_shuffled_batches(*_: Any) -> None:
@@ -203,14 +208,14 @@ def _accountant_over_a_plain_step(*_: Any) -> None:
     batches = data.PoissonBatches(split(N), 0.25)
     with pytest.raises(ValueError, match="neither clips nor noises"):
         fit(mlp_state(), mlp_step(None), [(torch.zeros(2, 28, 28, dtype=torch.uint8), torch.zeros(2).long())],
-            epochs=1, privacy=batches.accountant(1.0, delta=1e-5))  # fmt: skip
+            epochs=1, privacy=privacy.Accountant(batches.sample_rate, 1.0, 1e-5))  # fmt: skip
 
 
 def _accountant_other_expected_size(*_: Any) -> None:
     batches = data.PoissonBatches(split(N), 0.25)
     dp = privacy.clip_and_noise(1.0, 1.0, expected_batch_size=1e6)  # an almost zero gradient
     with pytest.raises(ValueError, match="expected_batch_size 1e\\+06 is not"):
-        fit_with(batches.accountant(1.0, delta=1e-5), dp, batches)
+        fit_with(privacy.Accountant(batches.sample_rate, 1.0, 1e-5), dp, batches)
 
 
 def _masked_nan_rows_change_nothing(*_: Any) -> None:

@@ -20,7 +20,7 @@ from reference import (
 )
 from torch import nn as tnn
 
-from fashion_func import data, interop, losses, models, nn, optim, step, tree
+from fashion_func import data, ensemble, interop, losses, models, nn, optim, step, tree
 from fashion_func import state as state_lib
 from fashion_func.models import Model, Stage
 
@@ -546,3 +546,52 @@ def test_vmap_of_the_train_step_over_two_stacked_stateful_states_equals_two_runs
         assert_tree_close(member.params, single.params, rtol=0, atol=1e-8)
         assert_tree_close(member.opt_state, single.opt_state, rtol=1e-10, atol=1e-12)
         assert_tree_close(member.model_state, single.model_state, rtol=0, atol=1e-9)
+
+
+# -- the builders' keywords: one StepOptions ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "keyword", "value"),
+    [
+        (lambda **kw: step.make_train_step(_linear, optim.sgd(0.1), **kw), "tta", True),
+        (lambda **kw: step.make_train_step(_linear, optim.sgd(0.1), **kw), "lr", 0.1),
+        (lambda **kw: step.make_eval_step(_linear, **kw), "per_example", None),
+        (lambda **kw: step.make_eval_step(_linear, **kw), "reduce_grads", None),
+        (lambda **kw: step.stages(_linear, **kw), "compile", False),
+        (lambda **kw: ensemble.make_eval_step(_linear, **kw), "class_output", "logits"),
+    ],
+)
+def test_a_builder_refuses_an_option_it_does_not_take_in_one_line(build, keyword, value):
+    """Each builder takes the `StepOptions` meant for it; another is an unknown keyword, as Python says
+    it (an eval step given the DP stage would otherwise ignore it)."""
+    with pytest.raises(TypeError, match=f"got an unexpected keyword argument '{keyword}'$"):
+        build(**{keyword: value})
+
+
+def _linear(params, x):
+    return x @ params["w"]
+
+
+def test_the_options_are_checked_once_and_the_eval_step_counts_the_top_5_by_default():
+    with pytest.raises(ValueError, match=r"^unknown precision 'fp8'; choose from fp32, tf32, bf16$"):
+        step.make_eval_step(_linear, precision="fp8")
+    with pytest.raises(TypeError, match=r"^per_example must be a privacy\.clip_and_noise"):
+        step.make_train_step(_linear, optim.sgd(0.1), per_example=losses.cross_entropy_per_example)
+    with pytest.raises(ValueError, match=r"^num_classes must be a positive integer, not 0$"):
+        step.StepOptions(num_classes=0)
+    assert step.StepOptions.of("make_eval_step", {}, train=False).topk == 5
+    assert step.StepOptions.of("make_train_step", {}, train=True).topk is None
+    x, y = _features(0, d=6, classes=7)
+    out = step.make_eval_step(_linear, preprocess=None, compile=False)({"w": torch.randn(6, 7)}, (x, y))
+    assert "top5_correct" in out and "top3_correct" not in out
+
+
+def test_combine_takes_its_loss_as_loss_not_per_example():
+    """`per_example=` is the DP stage everywhere; `combine`'s loss is `loss=` (the old name refused)."""
+    member_out = {"logits": torch.randn(2, 4, 3)}
+    y = torch.tensor([0, 1, 2, 0])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'per_example'"):
+        ensemble.combine(member_out, y, per_example=losses.cross_entropy_per_example)
+    out = ensemble.combine(member_out, y, loss=lambda logits, t: (logits * 0).sum(-1), topk=2)
+    assert torch.equal(out["loss"], torch.zeros(4))

@@ -42,7 +42,8 @@ class Plan:
         )
 
     def per_example(self, n_train: int) -> privacy.ClipAndNoise:
-        """The step's clip-and-noise stage (one value per member where they differ)."""
+        """The step's clip-and-noise stage (one value per member where they differ), divided by
+        the Poisson batches' expected size (`data.PoissonBatches.expected_batch_size`)."""
         return privacy.clip_and_noise(
             _one_or_each(self.max_norm), _one_or_each(self.noise_multiplier),
             expected_batch_size=self.sample_rate * n_train,
@@ -178,7 +179,3 @@ def _checked(flag: str, call: Callable[[], Any]) -> Any:
 
 def _swept(cfg: Config, name: str) -> bool:
     return bool(cfg.sweep) and name in parse_sweep(cfg.sweep)[0]
-
-
-def _values(value: Any) -> list[float]:
-    return [float(v) for v in value] if isinstance(value, list) else [float(value)]
