@@ -243,8 +243,10 @@ def split_identity(train: data.Split, val: data.Split, test: data.Split | None) 
 
 def _check_same_splits(path: Path, saved: Any, now: dict[str, Any]) -> None:
     """A resume continues on the images its run trained on: another split is a RunError."""
-    if not isinstance(saved, dict) or saved == now:  # checkpoints written before splits were recorded
+    if saved == now:
         return
+    if not isinstance(saved, dict):
+        raise RunError(f"checkpoint {path} records no split of the images; it was not written by train.py")
     was = ", ".join(f"{k} {saved.get(k)}" for k in ("train", "held_out", "test"))
     new = ", ".join(f"{k} {now[k]}" for k in ("train", "held_out", "test"))
     raise RunError(
