@@ -570,7 +570,7 @@ def resume_problem(saved: Mapping[str, Any], cfg: Config) -> str | None:
             "its sampling rate is part of the privacy accounting; resume it with the same --batch-size"
         )
     for name, key in KEYS.items():
-        if name not in saved:  # a checkpoint older than the key
+        if name not in saved:  # a saved config without the key (edited by hand): its default was used
             continue
         old, new = saved[name], getattr(cfg, name)
         if name == "dp_max_grad_norm":  # left out is the default norm: giving that is no change
