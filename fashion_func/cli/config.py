@@ -403,12 +403,10 @@ def _sweep(c: Config) -> str | None:
         return None
     if c.ensemble > 1:
         return "--sweep and --ensemble are exclusive: a sweep's members differ only in hyperparameters"
-    if not isinstance(c.sweep, Sweep):  # a text __post_init__ could not parse: its problem, worded
-        try:
-            parse_sweep(c.sweep)
-        except ConfigError as exc:
-            return str(exc)
-    names = c.sweep.names if isinstance(c.sweep, Sweep) else ()
+    try:  # a Sweep, or a text __post_init__ could not parse: its problem, worded
+        names = c.sweep.names if isinstance(c.sweep, Sweep) else parse_sweep(c.sweep).names
+    except ConfigError as exc:
+        return str(exc)
     given = [n for n in SWEEPABLE if n in names and getattr(c, n) != getattr(Config, n)]
     if given:
         name = given[0]
