@@ -14,9 +14,9 @@ User metadata is a ``dict[str, Any]``; safetensors metadata is ``dict[str, str]`
 any safetensors client), every other value JSON-encoded (numbers as their decimal text,
 ``"epoch": "3"``; dicts and lists as JSON), and the reserved key ``__json__`` holds the JSON
 list of the keys that are JSON, so decoding is unambiguous (``"3"`` the string vs 3 the
-number). Files of format version 1 (every value JSON, no ``__json__``) still load, decoded as
-before. `encode_metadata` / `decode_metadata` are the two directions, for other writers
-(`interop`'s Flax and numpy files follow the same convention).
+number). Only the current format version is read (no release wrote another), checked once,
+when the metadata is decoded. `encode_metadata` / `decode_metadata` are the two directions, for
+other writers (`interop`'s Flax and numpy files follow the same convention).
 
 Files are written to a temp file in the same directory, fsynced and ``os.replace``d
 (`atomic.write_bytes`), so a crash or a full disk leaves either the old file or the new one,
@@ -52,7 +52,6 @@ from fashion_func.safetensors_io import (
     name_list,
     parse_header,
     read,
-    read_header,
     to_bytes,
 )
 
@@ -75,9 +74,7 @@ JSON_KEYS_KEY = "__json__"  # metadata key: JSON list of the keys whose values a
 STATE_FORMAT = "fashion_func.train_state"
 WEIGHTS_FORMAT = "fashion_func.weights"
 _RESERVED = frozenset({FORMAT_KEY, FORMAT_VERSION_KEY, JSON_KEYS_KEY})
-# version 1 stored every metadata value JSON-encoded; version 2 strings as they are (see above)
-_ALL_JSON_VERSIONS = frozenset({"1"})
-_SUPPORTED_VERSIONS = frozenset({"1", FORMAT_VERSION})
+_OURS = frozenset({STATE_FORMAT, WEIGHTS_FORMAT})
 
 
 class CheckpointWriteError(CheckpointError, atomic.WriteError):
@@ -202,27 +199,18 @@ def save_weights(
 # --------------------------------------------------------------------------- reading
 
 
-def _check_format(header: Header, name: str, expected: str, *, allow_foreign: bool) -> bool:
-    """Check the ``format`` metadata (and our files' version); returns whether the file is one of ours."""
+def _check_format(header: Header, name: str, expected: str, *, allow_foreign: bool) -> None:
+    """CheckpointError unless the ``format`` metadata is `expected` (or, `allow_foreign`, not ours)."""
     fmt = header.metadata.get(FORMAT_KEY)
-    ours = fmt in (STATE_FORMAT, WEIGHTS_FORMAT)
-    if fmt != expected:
-        if fmt == STATE_FORMAT:
-            raise fail(name, "is a train state checkpoint, not a weights file; use load_state")
-        if fmt == WEIGHTS_FORMAT:
-            raise fail(name, "is a weights file, not a train state checkpoint; use load_weights")
-        if not allow_foreign:
-            got = "no format in its metadata" if fmt is None else f"format {fmt!r}"
-            raise fail(name, f"not a fashion_func train state: {got}, expected {expected!r}")
-    if ours:
-        version = header.metadata.get(FORMAT_VERSION_KEY)
-        if version not in _SUPPORTED_VERSIONS:
-            raise fail(
-                name,
-                f"format_version {version!r} is not supported (this fashion_func reads "
-                f"{sorted(_SUPPORTED_VERSIONS)})",
-            )
-    return ours
+    if fmt == expected:
+        return
+    if fmt == STATE_FORMAT:
+        raise fail(name, "is a train state checkpoint, not a weights file; use load_state")
+    if fmt == WEIGHTS_FORMAT:
+        raise fail(name, "is a weights file, not a train state checkpoint; use load_weights")
+    if not allow_foreign:
+        got = "no format in its metadata" if fmt is None else f"format {fmt!r}"
+        raise fail(name, f"not a fashion_func train state: {got}, expected {expected!r}")
 
 
 def _json_value(key: str, value: str, name: str) -> Any:
@@ -244,16 +232,14 @@ def _json_keys(raw: Mapping[str, str], name: str) -> set[str]:
 
 
 def _decode_raw(raw: Mapping[str, str], name: str) -> dict[str, Any]:
-    fmt = raw.get(FORMAT_KEY)
-    ours = fmt in (STATE_FORMAT, WEIGHTS_FORMAT)
-    version = raw.get(FORMAT_VERSION_KEY)
-    if ours and version not in _SUPPORTED_VERSIONS:
-        raise fail(name, f"format_version {version!r} is not supported")
-    if ours and version in _ALL_JSON_VERSIONS:
-        # version 1: every value JSON-encoded, no __json__ (a user key of that name is data)
-        return {
-            k: _json_value(k, v, name) for k, v in raw.items() if k not in (FORMAT_KEY, FORMAT_VERSION_KEY)
-        }
+    """The user metadata of `raw`; for our files, the one check of the format version."""
+    ours = raw.get(FORMAT_KEY) in _OURS
+    if ours and raw.get(FORMAT_VERSION_KEY) != FORMAT_VERSION:
+        raise fail(
+            name,
+            f"format_version {raw.get(FORMAT_VERSION_KEY)!r} is not supported (this fashion_func "
+            f"reads {FORMAT_VERSION!r})",
+        )
     if JSON_KEYS_KEY not in raw:
         if ours:
             raise fail(
@@ -271,10 +257,9 @@ def decode_metadata(raw: Mapping[str, str], *, name: str = "<metadata>") -> dict
     """User metadata from a safetensors file's raw metadata strings (`safe_open(p).metadata()`).
 
     The inverse of `encode_metadata`: keys listed in ``__json__`` are JSON-decoded, the others
-    are the strings they are. Our files of format version 1 (every value JSON) are decoded as
-    they were written; a file with neither our ``format`` nor ``__json__`` (another tool's) is
-    returned as it is. The reserved keys are left out. `CheckpointError` (naming `name`) for
-    malformed metadata.
+    are the strings they are; our files must be of the current format version. A file with
+    neither our ``format`` nor ``__json__`` (another tool's) is returned as it is. The reserved
+    keys are left out. `CheckpointError` (naming `name`) for malformed metadata.
     """
     for k, v in raw.items():
         if not isinstance(k, str) or not isinstance(v, str):
@@ -282,26 +267,23 @@ def decode_metadata(raw: Mapping[str, str], *, name: str = "<metadata>") -> dict
     return _decode_raw(raw, name)
 
 
-def _read_file(path: str | os.PathLike[str]) -> tuple[bytes, str]:
-    data, _, name = read(path, header_only=False)
-    return data, name
-
-
 def _decode(
     data: bytes,
     name: str,
     *,
+    header: Header | None = None,
     expected: str,
     allow_foreign: bool,
     template: Mapping[str, Tensor] | None,
     what: str,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    header = parse_header(data, len(data), name)
+    """The tensors and user metadata of the whole file `data` (`header`: already validated by `read`)."""
+    header = header or parse_header(data, len(data), name)
     _check_format(header, name, expected, allow_foreign=allow_foreign)
     metadata = _decode_raw(header.metadata, name)
     if template is not None:
         check_template(header, template, name, what)
-    return decode_tensors(data, header, name), metadata
+    return decode_tensors(data, name), metadata
 
 
 def _target(device: torch.device | str | None, leaf: Tensor) -> torch.device:
@@ -312,12 +294,18 @@ def _target(device: torch.device | str | None, leaf: Tensor) -> torch.device:
 
 
 def _load_state_bytes(
-    data: bytes, template: Any, *, device: torch.device | str | None = None, name: str = "<bytes>"
+    data: bytes,
+    template: Any,
+    *,
+    device: torch.device | str | None = None,
+    name: str = "<bytes>",
+    header: Header | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     flat_template = _flat_state(template, "template")
     tensors, metadata = _decode(
         data,
         name,
+        header=header,
         expected=STATE_FORMAT,
         allow_foreign=False,
         template=flat_template,
@@ -337,8 +325,8 @@ def load_state(
     Leaves go to `device`, by default each template leaf's device. Returns
     ``(state, metadata)`` with the user metadata decoded (`decode_metadata`). Raises `CheckpointError`.
     """
-    data, name = _read_file(path)
-    return _load_state_bytes(data, template, device=device, name=name)
+    header, data, name = read(path, header_only=False)
+    return _load_state_bytes(data, template, device=device, name=name, header=header)
 
 
 def _load_weights_bytes(
@@ -347,10 +335,12 @@ def _load_weights_bytes(
     template: Mapping[str, Tensor] | None = None,
     device: torch.device | str = "cpu",
     name: str = "<bytes>",
+    header: Header | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     tensors, metadata = _decode(
         data,
         name,
+        header=header,
         expected=WEIGHTS_FORMAT,
         allow_foreign=True,
         template=template,
@@ -374,20 +364,18 @@ def load_weights(
     as `interop`'s files do); a train state file is refused. Returns
     ``(params, metadata)``; params are in the template's key order, else sorted by name.
     """
-    data, name = _read_file(path)
-    return _load_weights_bytes(data, template=template, device=device, name=name)
+    header, data, name = read(path, header_only=False)
+    return _load_weights_bytes(data, template=template, device=device, name=name, header=header)
 
 
 def _info(header: Header, name: str) -> CheckpointInfo:
-    fmt = header.metadata.get(FORMAT_KEY)
-    ours = fmt in (STATE_FORMAT, WEIGHTS_FORMAT)
-    if ours:
-        _check_format(header, name, fmt, allow_foreign=False)
+    metadata = _decode_raw(header.metadata, name)  # checks our files' format version
+    ours = header.metadata.get(FORMAT_KEY) in _OURS
     return CheckpointInfo(
-        format=fmt if ours else None,
-        format_version=header.metadata.get(FORMAT_VERSION_KEY) if ours else None,
+        format=header.metadata[FORMAT_KEY] if ours else None,
+        format_version=FORMAT_VERSION if ours else None,
         tensors={k: (e.dtype, e.shape) for k, e in header.entries.items()},
-        metadata=_decode_raw(header.metadata, name),
+        metadata=metadata,
     )
 
 
@@ -398,11 +386,11 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     following their convention, with ``__json__``); raw strings for safetensors files from other
     tools. Tensor data is neither read nor checked.
     """
-    header, name = read_header(path)
+    header, _, name = read(path, header_only=True)
     return _info(header, name).metadata
 
 
 def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
     """Format, tensor names/dtypes/shapes and metadata of a file, from its validated header only."""
-    header, name = read_header(path)
+    header, _, name = read(path, header_only=True)
     return _info(header, name)

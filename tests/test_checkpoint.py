@@ -294,21 +294,21 @@ def test_state_and_weights_files_are_not_interchangeable(tmp_path: Path, ckpt: P
     )
 
 
-def test_unsupported_format_version(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", ["1", "3"])  # no release wrote a version 1 file
+def test_unsupported_format_version(tmp_path: Path, version: str) -> None:
     path = tmp_path / "future.safetensors"
-    meta = {"format": ck.STATE_FORMAT, "format_version": "3", "__json__": "[]"}
+    meta = {"format": ck.STATE_FORMAT, "format_version": version, "__json__": "[]"}
     path.write_bytes(safetensors.torch.save({"a": torch.zeros(2)}, metadata=meta))
-    expect_error(ck.load_state, path, {"a": torch.zeros(2)}, match="format_version '3' is not supported")
-    expect_error(ck.read_metadata, path, match="format_version '3'")
-    with pytest.raises(CheckpointError, match="format_version '3'"):
+    match = f"format_version '{version}' is not supported"
+    expect_error(ck.load_state, path, {"a": torch.zeros(2)}, match=match)
+    expect_error(ck.read_metadata, path, match=match)
+    expect_error(ck.inspect, path, match=match)
+    with pytest.raises(CheckpointError, match=match):
         ck.decode_metadata(meta)
 
 
 def test_metadata_value_that_is_not_json(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
-    meta = {"format": ck.WEIGHTS_FORMAT, "format_version": "1", "epoch": "{not json"}
-    path.write_bytes(safetensors.torch.save({"a": torch.zeros(2)}, metadata=meta))
-    expect_error(ck.load_weights, path, match="metadata value for 'epoch' is not valid JSON")
     v2 = {"format": ck.WEIGHTS_FORMAT, "format_version": "2", "epoch": "{not json", "__json__": '["epoch"]'}
     path.write_bytes(safetensors.torch.save({"a": torch.zeros(2)}, metadata=v2))
     expect_error(ck.load_weights, path, match="metadata value for 'epoch' is not valid JSON")
@@ -353,37 +353,6 @@ def test_metadata_strings_are_plain_and_round_trip(tmp_path: Path) -> None:
     assert ck.decode_metadata(ck.encode_metadata(METADATA)) == METADATA
     with pytest.raises(ValueError, match="reserved"):
         ck.save_weights(path, {"w": torch.zeros(2)}, metadata={"__json__": "[]"})
-
-
-def _old_style_file(path: Path, fmt: str, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
-    """A file as format version 1 wrote it: every metadata value JSON-encoded, no __json__."""
-    raw = {k: json.dumps(v) for k, v in metadata.items()}
-    raw.update(format=fmt, format_version="1")
-    path.write_bytes(safetensors.torch.save(tensors, metadata=raw))
-
-
-def test_format_version_1_files_still_load(tmp_path: Path) -> None:
-    weights = {"w": torch.arange(3.0)}
-    old = tmp_path / "old_best.safetensors"
-    _old_style_file(old, ck.WEIGHTS_FORMAT, weights, {**METADATA, "__json__": "user data in version 1"})
-    expected = {**METADATA, "__json__": "user data in version 1"}
-    assert safetensors.safe_open(str(old), "pt").metadata()["model"] == '"simplenet"'
-    assert ck.read_metadata(old) == expected
-    loaded, meta = ck.load_weights(old, template={"w": torch.zeros(3)})
-    assert meta == expected and torch.equal(loaded["w"], weights["w"])
-    info = ck.inspect(old)
-    assert info.format_version == "1" and info.metadata == expected
-    old_state = tmp_path / "old_last.safetensors"
-    _old_style_file(old_state, ck.STATE_FORMAT, {"a": torch.ones(1)}, {"epoch": 2, "model": "mlp"})
-    assert ck.load_state(old_state, {"a": torch.zeros(1)})[1] == {"epoch": 2, "model": "mlp"}
-    # the same values written now read back the same
-    new = tmp_path / "new.safetensors"
-    ck.save_weights(new, weights, metadata=METADATA)
-    assert (
-        ck.read_metadata(new)
-        == METADATA
-        == {k: v for k, v in ck.read_metadata(old).items() if k != "__json__"}
-    )
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from fashion_func import state as state_lib
 from fashion_func.augment import Augment
 from fashion_func.cli import budget, launch, private, words
 from fashion_func.cli import device as device_lib
-from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError, parse_sweep, same_value
+from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError, same_value
 from fashion_func.cli.summary import summary
 from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, evaluate, fit
 from fashion_func.loop import resume as resume_lib
@@ -243,8 +243,10 @@ def split_identity(train: data.Split, val: data.Split, test: data.Split | None) 
 
 def _check_same_splits(path: Path, saved: Any, now: dict[str, Any]) -> None:
     """A resume continues on the images its run trained on: another split is a RunError."""
-    if not isinstance(saved, dict) or saved == now:  # checkpoints written before splits were recorded
+    if saved == now:
         return
+    if not isinstance(saved, dict):
+        raise RunError(f"checkpoint {path} records no split of the images; it was not written by train.py")
     was = ", ".join(f"{k} {saved.get(k)}" for k in ("train", "held_out", "test"))
     new = ", ".join(f"{k} {now[k]}" for k in ("train", "held_out", "test"))
     raise RunError(
@@ -520,7 +522,7 @@ def _final_test(
 
 def _members_line(cfg: Config) -> str:
     if cfg.sweep:
-        grid = parse_sweep(cfg.sweep)
+        grid = cfg.sweep.members()
         return f"sweep of {len(grid)} members (one init, seed {cfg.seed}): " + "; ".join(
             f"m{k} " + " ".join(f"{n}={v:g}" for n, v in h.items()) for k, h in enumerate(grid)
         )
@@ -532,7 +534,7 @@ def members_table(cfg: Config, result: FitResult) -> list[dict[str, Any]]:
     """One row per member of an ensemble or sweep: its hyperparameters (a sweep) or seed, its
     best `cfg.monitor` with the epoch and the file holding those weights, and whether it
     diverged (`diverged`: null, or the epoch and first non-finite step, -1 for parameters)."""
-    grid = parse_sweep(cfg.sweep) if cfg.sweep else [{} for _ in range(cfg.members)]
+    grid = cfg.sweep.members() if cfg.sweep else [{} for _ in range(cfg.members)]
     best = result.extra.get("member_best", {})
     dead = result.extra.get("diverged_members", {})
     rows = []

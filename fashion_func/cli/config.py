@@ -4,7 +4,9 @@ Values come from, in rising priority: the defaults here, the config saved in a c
 being resumed, a `--config FILE` (JSON or TOML), and command-line flags
 (`cli.parse_train_args`).
 
-`KEYS` describes every config key (its check, its resume rule and what depends on it).
+`KEYS` describes every config key (its check, its resume rule and what depends on it). Values
+are typed when the config is built: `--sweep`'s text becomes a `Sweep` there, once; config.json
+and the command line keep the text.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import json
 import math
 import os
 import sys
+import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ import tomllib
 
 from fashion_func.safeio import FileError, display, read_regular, short_repr
 
-__all__ = ["KEYS", "Config", "ConfigError", "load_file", "load_preset", "presets"]
+__all__ = ["KEYS", "Config", "ConfigError", "Sweep", "load_file", "load_preset", "presets"]
 
 # MODELS, WIDE_MODELS, PRECISIONS and ACCOUNTANTS copy core facts so that this module imports no
 # torch (a usage error exits before torch loads); tests/test_public_face.py keeps each equal to the core
@@ -55,6 +58,37 @@ def infer_mode(monitor: str) -> str | None:
 
 class ConfigError(ValueError):
     """A configuration value is invalid (a usage error: exit code 2)."""
+
+
+@dataclass(frozen=True, repr=False)
+class Sweep:
+    """A parsed `--sweep`: its axes, each a hyperparameter and its values, in the order given.
+
+    Equal when the values are (`lr=1e-3,1e-2` is `lr=0.001,0.01`); `str()` and `repr()` give
+    the text it was parsed from (what config.json records and messages show).
+    """
+
+    axes: tuple[tuple[str, tuple[float, ...]], ...]
+    text: str = field(default="", compare=False)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The swept hyperparameters."""
+        return tuple(name for name, _ in self.axes)
+
+    def members(self) -> list[dict[str, float]]:
+        """One dict of hyperparameters per member, in grid order (the last name varies fastest)."""
+        values = (v for _, v in self.axes)
+        return [dict(zip(self.names, combo, strict=True)) for combo in itertools.product(*values)]
+
+    def __len__(self) -> int:
+        return math.prod(len(v) for _, v in self.axes)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return repr(self.text)
 
 
 @dataclass(frozen=True)
@@ -111,7 +145,7 @@ class Config:
     progress: bool = True
     # many models in one vmapped step (fashion_func.ensemble)
     ensemble: int = 1  # K independently initialised members
-    sweep: str | None = None  # "lr=1e-3,3e-4 weight_decay=0,5e-4": one member per combination
+    sweep: Sweep | None = None  # "lr=1e-3,3e-4 weight_decay=0,5e-4" (parsed): one member per combination
     # private training (DP-SGD, fashion_func.privacy): on when a dp_ key below other than
     # delta / accountant is given (or a sweep over one); Poisson sampling of --batch-size / N
     dp_max_grad_norm: float | None = None  # C: each example's gradient clipped to it (default 1.0)
@@ -123,6 +157,11 @@ class Config:
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):  # compile=True/False (API, JSON files) means on/off
             object.__setattr__(self, "compile", "on" if self.compile else "off")
+        if isinstance(self.sweep, str):  # the one parse; a text that fails stays, and `_sweep` words it
+            try:
+                object.__setattr__(self, "sweep", parse_sweep(self.sweep))
+            except ConfigError:
+                pass
         errors = self.validate()
         if errors:
             raise ConfigError(errors[0])
@@ -148,7 +187,7 @@ class Config:
     @property
     def members(self) -> int:
         """How many models one step trains: the ensemble's size or the sweep's combinations."""
-        return len(parse_sweep(self.sweep)) if self.sweep else self.ensemble
+        return len(self.sweep) if isinstance(self.sweep, Sweep) else self.ensemble
 
     @property
     def out_dir(self) -> Path:
@@ -156,8 +195,9 @@ class Config:
         return Path(self.out) if self.out else Path("output") / self.model
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable values."""
-        return dataclasses.asdict(self)
+        """Plain JSON-serialisable values (a sweep as its text), as config.json holds them."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**values, "sweep": None if self.sweep is None else str(self.sweep)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
@@ -190,7 +230,7 @@ class Key:
     """One config key: its type, its own range or choices, the rule it shares with other keys
     (`needs`, which names `follows`), and what giving it again on `--resume` does."""
 
-    kind: type  # int, float, bool or str; None is allowed where the field's default is None
+    kind: type  # int, float, bool, str or Sweep; None is allowed where the field's default is None
     optional: bool
     check: Problem | None = None  # the value's own rule: what is wrong with it, or None
     needs: Callable[[Config], str | None] | None = None  # a rule involving the keys in `follows`
@@ -210,8 +250,8 @@ class Key:
             ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
         elif self.kind is float:
             ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        else:
-            ok, what = isinstance(value, str), "a string"
+        else:  # a str, or a Sweep (given as its text)
+            ok, what = isinstance(value, (str, self.kind)), "a string"
         return None if ok else f"must be {what}, got {short_repr(value)}"
 
     def value_problem(self, value: Any) -> str | None:
@@ -308,20 +348,21 @@ def _groups(c: Config) -> str | None:
 DP_KEYS = ("dp_max_grad_norm", "dp_noise_multiplier", "dp_target_epsilon")  # any given: private
 
 
-def is_private(values: Mapping[str, Any]) -> bool:
-    """Whether a config (a Config's or a saved config's values) trains privately."""
-    swept = str(values.get("sweep") or "")
-    return any(values.get(k) is not None for k in DP_KEYS) or "dp_" in swept.replace("-", "_")
+def is_private(config: Config | Mapping[str, Any]) -> bool:
+    """Whether a config (a Config, or a saved config's values) trains privately."""
+    values = config if isinstance(config, Mapping) else vars(config)
+    sweep = _as_sweep(values.get("sweep"))
+    swept = sweep.names if isinstance(sweep, Sweep) else ()
+    return any(values.get(k) is not None for k in DP_KEYS) or any(n.startswith("dp_") for n in swept)
 
 
 def _private(c: Config) -> str | None:
-    values = dataclasses.asdict(c)
-    if not is_private(values):
+    if not is_private(c):
         for name in ("dp_delta", "dp_accountant"):
             if getattr(c, name) != getattr(Config, name):
                 return f"{flag(name)} needs private training (--dp-noise-multiplier or --dp-target-epsilon)"
         return None
-    swept = parse_sweep(c.sweep)[0] if c.sweep and not _sweep(c) else {}
+    swept = c.sweep.names if isinstance(c.sweep, Sweep) else ()
     sigma_given = c.dp_noise_multiplier is not None or "dp_noise_multiplier" in swept
     if sigma_given == (c.dp_target_epsilon is not None):
         return ("private training takes --dp-noise-multiplier S or --dp-target-epsilon E "
@@ -362,17 +403,17 @@ def _sweep(c: Config) -> str | None:
         return None
     if c.ensemble > 1:
         return "--sweep and --ensemble are exclusive: a sweep's members differ only in hyperparameters"
-    try:
-        grid = parse_sweep(c.sweep)
+    try:  # a Sweep, or a text __post_init__ could not parse: its problem, worded
+        names = c.sweep.names if isinstance(c.sweep, Sweep) else parse_sweep(c.sweep).names
     except ConfigError as exc:
         return str(exc)
-    given = [n for n in SWEEPABLE if n in grid[0] and getattr(c, n) != getattr(Config, n)]
+    given = [n for n in SWEEPABLE if n in names and getattr(c, n) != getattr(Config, n)]
     if given:
         name = given[0]
         return (
             f"{flag(name)} and --sweep {name}=... contradict each other: the sweep sets each member's {name}"
         )
-    if "lr" in grid[0] and c.lr_schedule not in ("constant", "onecycle"):
+    if "lr" in names and c.lr_schedule not in ("constant", "onecycle"):
         # onecycle multiplies each member's own lr; the others set one lr for all
         return (
             f"--sweep lr needs --lr-schedule constant or onecycle "
@@ -476,13 +517,11 @@ def _keys() -> dict[str, Key]:
     }
     fields = {f.name: f for f in dataclasses.fields(Config)}
     assert list(k) == list(fields), "KEYS must list every Config field, in order"
-    kinds = {"int": int, "float": float, "bool": bool, "str": str}
-    return {
-        name: Key(
-            kind=kinds[fields[name].type.split(" | ")[0]], optional=fields[name].default is None, **spec
-        )
-        for name, spec in k.items()
-    }
+    hints = typing.get_type_hints(Config)  # the real types (`X | None`: X)
+    kinds = {name: next(t for t in (*typing.get_args(hints[name]), hints[name]) if t is not type(None))
+             for name in fields}  # fmt: skip
+    return {name: Key(kind=kinds[name], optional=fields[name].default is None, **spec)
+            for name, spec in k.items()}  # fmt: skip
 
 
 KEYS: dict[str, Key] = _keys()
@@ -529,7 +568,7 @@ def resume_problem(saved: Mapping[str, Any], cfg: Config) -> str | None:
             "its sampling rate is part of the privacy accounting; resume it with the same --batch-size"
         )
     for name, key in KEYS.items():
-        if name not in saved:  # a checkpoint older than the key
+        if name not in saved:  # a saved config without the key (edited by hand): its default was used
             continue
         old, new = saved[name], getattr(cfg, name)
         if name == "dp_max_grad_norm":  # left out is the default norm: giving that is no change
@@ -553,24 +592,31 @@ def resume_problem(saved: Mapping[str, Any], cfg: Config) -> str | None:
 
 
 def same_value(name: str, old: Any, new: Any) -> bool:
-    """`old` and `new` are the same setting of `name`, compared as values: a sweep's text
-    `lr=1e-3,1e-2` is the same members as `lr=0.001,0.01`."""
-    if name == "sweep" and isinstance(old, str) and isinstance(new, str):
-        try:
-            return parse_sweep(old) == parse_sweep(new)
-        except ConfigError:
-            pass  # a saved text that no longer parses: compared as written
+    """`old` and `new` are the same setting of `name`, compared as values: a sweep (a `Sweep`,
+    or a saved config's text) `lr=1e-3,1e-2` is the same members as `lr=0.001,0.01`."""
+    if name == "sweep":
+        old, new = _as_sweep(old), _as_sweep(new)
     return bool(old == new)
+
+
+def _as_sweep(value: Any) -> Any:
+    """A saved config's sweep text as a `Sweep`; anything else (a text that does not parse) as it is."""
+    if isinstance(value, str):
+        try:
+            return parse_sweep(value)
+        except ConfigError:
+            pass
+    return value
 
 
 SWEEPABLE = ("lr", "weight_decay", "dp_noise_multiplier", "dp_max_grad_norm")
 _SWEEP_FLOOR = {"weight_decay": 0.0, "dp_noise_multiplier": 0.0}  # the others must be > 0
 
 
-def parse_sweep(text: str) -> list[dict[str, float]]:
-    """The members of a sweep, one dict of hyperparameters each, in grid order (the last name
-    varies fastest): `"lr=1e-3,3e-4 weight_decay=0,5e-4"` gives four members."""
-    axes: dict[str, list[float]] = {}
+def parse_sweep(text: str) -> Sweep:
+    """The sweep `text` (`"lr=1e-3,3e-4 weight_decay=0,5e-4"`: four members) as a `Sweep`;
+    ConfigError, in one line, for a text that is not one."""
+    axes: dict[str, tuple[float, ...]] = {}
     for part in text.replace(";", " ").split():
         name, eq, values = part.partition("=")
         name = name.replace("-", "_")
@@ -581,7 +627,7 @@ def parse_sweep(text: str) -> list[dict[str, float]]:
         if name in axes:
             raise ConfigError(f"--sweep names {name} twice")
         try:
-            floats = [float(v) for v in values.split(",")]
+            floats = tuple(float(v) for v in values.split(","))
         except ValueError:
             raise ConfigError(f"--sweep {name}: values must be numbers, got {values!r}") from None
         low = _SWEEP_FLOOR.get(name, math.nextafter(0.0, 1.0))
@@ -597,7 +643,7 @@ def parse_sweep(text: str) -> list[dict[str, float]]:
         raise ConfigError(
             f"--sweep has {count} combinations ({sizes}); at most {MAX_MEMBERS} members train at once"
         )
-    return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+    return Sweep(tuple(axes.items()), text)
 
 
 def presets() -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fashion_func import checkpoint, data, distributed, privacy
-from fashion_func.cli.config import DP_MAX_GRAD_NORM, Config, is_private, parse_sweep
+from fashion_func.cli.config import DP_MAX_GRAD_NORM, Config, is_private
 from fashion_func.loop import RunError
 
 __all__: list[str] = []
@@ -76,13 +76,12 @@ def optimizer_grid(cfg: Config) -> list[dict[str, float]] | None:
     """A sweep's members' optimizer hyperparameters (its `dp_` values go to the step instead)."""
     if not cfg.sweep:
         return None
-    return [{k: v for k, v in member.items() if not k.startswith("dp_")} for member in parse_sweep(cfg.sweep)]
+    return [{k: v for k, v in member.items() if not k.startswith("dp_")} for member in cfg.sweep.members()]
 
 
 def _per_member(cfg: Config, name: str, value: float) -> tuple[float, ...]:
-    grid = parse_sweep(cfg.sweep) if cfg.sweep else []
-    if grid and name in grid[0]:
-        return tuple(float(m[name]) for m in grid)
+    if _swept(cfg, name):
+        return tuple(m[name] for m in cfg.sweep.members())
     return (float(value),)
 
 
@@ -97,7 +96,7 @@ def plan(cfg: Config, n_train: int, resumed: Path | None = None) -> Plan | None:
     never trusted (and never replaced by a sigma chosen anew for a longer run).
     Every value is checked as the accountant will be asked: a RunError in one line naming the flag.
     """
-    if not is_private(cfg.to_dict()):
+    if not is_private(cfg):
         return None
     if importlib.util.find_spec("opacus") is None:
         raise RunError(f"private training needs Opacus's accountants: {privacy.PrivacyUnavailable()}")
@@ -178,4 +177,4 @@ def _checked(flag: str, call: Callable[[], Any]) -> Any:
 
 
 def _swept(cfg: Config, name: str) -> bool:
-    return bool(cfg.sweep) and name in parse_sweep(cfg.sweep)[0]
+    return cfg.sweep is not None and name in cfg.sweep.names

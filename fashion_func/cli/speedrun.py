@@ -20,6 +20,7 @@ of the mean and std, and makes the exit status 3; `--json` is strict JSON (null,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -89,7 +90,7 @@ class Recipe:
 
     def run(self, seed: int, *, max_steps: int | None = None) -> dict[str, Any]:
         """Train from `seed` (fresh init) and measure the test set once."""
-        cfg = Config.from_dict({**self.cfg.to_dict(), "seed": seed})
+        cfg = dataclasses.replace(self.cfg, seed=seed)
         st = app.initial_state(cfg, self.model, self.tx, self.device)
         batches = data.EpochBatches(self.train, cfg.batch_size, seed=seed, drop_last=True)
         _sync(self.device)

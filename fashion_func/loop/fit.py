@@ -219,9 +219,6 @@ class _Driver(Actions):
         ep.data_state, self.saved_data_state = self.saved_data_state, None
         if saved and int(saved["epoch"]) == epoch:
             resume_lib.check_same_batches(saved, getattr(self.train_data, "batching", None))
-            if "sums" not in saved:  # written before fit took any step's metrics
-                saved = {**saved, "sums": {k: saved[k] for k in ("loss_sum", "correct", "count")},
-                         "dtypes": {"loss_sum": "float32", "correct": "int64", "count": "int64"}}  # fmt: skip
             ep.first_batch = int(saved["batch"])
             saved = coll.sums_for_rank(self.group, saved)
             ep.sums = {

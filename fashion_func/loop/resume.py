@@ -84,14 +84,8 @@ def saved_config(path: Path) -> dict[str, Any]:
     return values
 
 
-def _history(meta: Mapping[str, Any], cb_states: Mapping[str, Any]) -> list[dict[str, Any]]:
-    if isinstance(meta.get("history"), list):
-        return [dict(r) for r in meta["history"]]
-    # checkpoints written before fit kept its own history: the TrainingMonitor's copy
-    for s in cb_states.values():
-        if isinstance(s, dict) and isinstance(s.get("history"), list):
-            return [dict(r) for r in s["history"]]
-    return []
+def _history(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [dict(r) for r in meta["history"]] if isinstance(meta.get("history"), list) else []
 
 
 def _is_int(x: Any, low: int) -> bool:
@@ -142,11 +136,8 @@ def _is_history(x: Any) -> bool:
 def _in_epoch_problem(x: Any) -> str | None:
     if not isinstance(x, dict):
         return "is not an object"
-    if "sums" not in x:  # written before fit took any step's metrics: the three sums inline
-        if not all(_is_num(x.get(k)) for k in ("loss_sum", "correct", "count")):
-            return "lacks loss_sum, correct or count"
-    elif not (
-        isinstance(x["sums"], dict)
+    if not (
+        isinstance(x.get("sums"), dict)
         and all(_is_nums(v) for v in x["sums"].values())
         and isinstance(x.get("dtypes"), dict)
         and set(x["dtypes"]) == set(x["sums"])
@@ -245,7 +236,7 @@ def load(path: str | Path, template: TrainState, callbacks: Sequence[Any] = ()) 
         start_epoch=int(meta.get("epoch", 0)) + 1,
         in_epoch=meta.get("in_epoch"),
         lr=lr,
-        history=_history(meta, cb_states),
+        history=_history(meta),
         metadata=meta,
     )
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fashion_func import atomic, checkpoint
+from fashion_func import atomic
 from fashion_func.loop.artifacts import (
     FOLDERS,
     LAST,
@@ -46,23 +46,11 @@ def write_json(path: Path, obj: Any) -> None:
         atomic.write_json(path, obj, what="run file")
 
 
-def _looks_like_legacy_run(out: Path) -> bool:
-    """A run directory written before markers existed: its last.safetensors is one of our states."""
-    last = out / "checkpoints" / LAST
-    st = lstat(last)
-    if st is None or not stat.S_ISREG(st.st_mode):
-        return False
-    try:
-        return checkpoint.inspect(last).format == checkpoint.STATE_FORMAT
-    except checkpoint.CheckpointError:
-        return False
-
-
 def _claim_directory(out: Path) -> None:
     """Accept `out` as ours, writing the marker, or refuse it (RunError).
 
-    Ours: a directory with our marker, an empty one (a `.lock` aside), or a run directory
-    written before markers existed. Anything else holds someone else's files.
+    Ours: a directory with our marker, or an empty one (a `.lock` aside). Anything else holds
+    someone else's files.
     """
     marker = out / MARKER
     st = lstat(marker)
@@ -71,7 +59,7 @@ def _claim_directory(out: Path) -> None:
             raise RunError(f"{display(marker)} is {describe(st.st_mode)}, not our marker; remove it")
         return
     others = [p.name for p in out.iterdir() if p.name != LOCK and not our_temp(out, p.name)]
-    if others and not _looks_like_legacy_run(out):
+    if others:
         raise RunError(kind="not_ours", out=out, marker=MARKER)
     identity = {"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(marker, identity)
