@@ -131,5 +131,5 @@ def test_resume_with_a_diverged_member_is_exact(tmp_path):
     assert_tree_equal(res.state, straight.state)
     strip = [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in res.history]
     assert strip == [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in straight.history]
-    assert res.extra["diverged_members"] == straight.extra["diverged_members"]
+    assert res.diverged_members == straight.diverged_members
     assert not res.diverged and Path(res.out_dir).is_dir()

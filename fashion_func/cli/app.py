@@ -29,7 +29,7 @@ from fashion_func.cli import budget, launch, private, words
 from fashion_func.cli import device as device_lib
 from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError, parse_sweep, same_value
 from fashion_func.cli.summary import summary
-from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, evaluate, fit
+from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, StopReason, evaluate, fit
 from fashion_func.loop import resume as resume_lib
 from fashion_func.safeio import display
 from fashion_func.step import NormalizeImages, make_eval_step, make_train_step
@@ -37,6 +37,14 @@ from fashion_func.step import NormalizeImages, make_eval_step, make_train_step
 __all__ = ["train"]
 
 EXIT_DIVERGED = 3  # a run stopped by a non-finite loss: a script or scheduler must see it failed
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult(FitResult):
+    """`fit`'s result, with the held-out test set's measurement at the end (`--val-split`):
+    test.json's report, or None when none was made."""
+
+    test: dict[str, Any] | None = None
 
 
 def build_optimizer(cfg: Config, steps_per_epoch: int | None = None) -> optim.GradientTransformation:
@@ -364,7 +372,7 @@ def train(
     callbacks: list[Any] | None = None,
     max_steps: int | None = None,
     group: distributed.Group | None = None,
-) -> FitResult:
+) -> TrainResult:
     """Train as `cfg` says, writing its run directory; returns the final state and history.
 
     resume: None, "auto" (continue `<out>/checkpoints/last.safetensors` if present) or a path.
@@ -433,9 +441,10 @@ def train(
         if _stacked(cfg):
             _write_members_table(cfg, result, run)
         # a run cut by max_steps is not finished: its test measurement waits for the resumed run
-        if test_split is not None and not result.diverged and not result.stop_reason.startswith("max_steps"):
-            result.extra["test"] = _final_test(cfg, result, eval_step, plain_eval, test_split, run)
-        return result
+        if test_split is None or result.diverged or result.stop is StopReason.MAX_STEPS:
+            return TrainResult(**vars(result))
+        test = _final_test(cfg, result, eval_step, plain_eval, test_split, run)
+        return TrainResult(**vars(result), test=test)
 
 
 def _refuse_under_group(cfg: Config, model: models.Model, group: distributed.Group | None) -> None:
@@ -506,7 +515,7 @@ def _final_test(
         )
         metrics, source = evaluate(plain_eval, chosen, batches), f"best weights (epoch {best['epoch']})"
     else:
-        dead = result.extra.get("diverged_members") or {}
+        dead = result.diverged_members
         live = [k for k in range(cfg.members) if k not in dead] if dead else None
         metrics = evaluate(eval_step, result.state, batches, live=live)
         source = "final weights" + (f" of the {len(live)} members that did not diverge" if live else "")
@@ -533,8 +542,7 @@ def members_table(cfg: Config, result: FitResult) -> list[dict[str, Any]]:
     best `cfg.monitor` with the epoch and the file holding those weights, and whether it
     diverged (`diverged`: null, or the epoch and first non-finite step, -1 for parameters)."""
     grid = parse_sweep(cfg.sweep) if cfg.sweep else [{} for _ in range(cfg.members)]
-    best = result.extra.get("member_best", {})
-    dead = result.extra.get("diverged_members", {})
+    best, dead = result.member_best, result.diverged_members
     rows = []
     for k, hyper in enumerate(grid):
         row: dict[str, Any] = {"member": k, **hyper}
@@ -609,16 +617,15 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False, pro
         if result.best
         else ""
     )
-    members = result.extra.get("member_best")
-    if members:
+    if result.member_best:
         tail += (
             f"; each member's best weights in {result.out_dir}/checkpoints/member-*/, table in members.json"
         )
-    dead = result.extra.get("diverged_members")
+    dead = result.diverged_members
     if dead and not result.diverged:
         tail += f"; {len(dead)} member(s) diverged and left out ({', '.join(f'm{k}' for k in dead)})"
-    if "test" in result.extra:
-        tail += f"; test_acc {result.extra['test']['test_acc']:.4f} ({result.extra['test']['weights']})"
+    if result.test is not None:
+        tail += f"; test_acc {result.test['test_acc']:.4f} ({result.test['weights']})"
     _print(f"done: {result.epochs_run} epoch(s), {result.stop_reason}{tail}; run directory {result.out_dir}")
     if result.diverged:
         print(

@@ -11,7 +11,7 @@ directory and its overwrite policy), `artifacts` (the files a run writes), `lock
 from __future__ import annotations
 
 from fashion_func.loop.artifacts import BEST, LAST, RUN_ARTIFACTS  # noqa: F401
-from fashion_func.loop.fit import FitResult, Interrupted, evaluate, fit
+from fashion_func.loop.fit import FitResult, Interrupted, StopReason, evaluate, fit
 from fashion_func.loop.lock import run_lock  # noqa: F401
 
 # importable here by module path for the app and the tests; not in __all__
@@ -21,4 +21,4 @@ from fashion_func.loop.rundir import (
     RunError,
 )
 
-__all__ = ["FitResult", "Interrupted", "RunError", "evaluate", "fit"]
+__all__ = ["FitResult", "Interrupted", "RunError", "StopReason", "evaluate", "fit"]

@@ -9,6 +9,7 @@ without one it writes nothing.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import sys
 import time
@@ -40,12 +41,29 @@ from fashion_func.privacy import Accountant
 from fashion_func.safeio import Note
 from fashion_func.state import TrainState
 
-__all__ = ["FitResult", "evaluate", "fit"]
+__all__ = ["FitResult", "StopReason", "evaluate", "fit"]
 
 
-@dataclass
+class StopReason(enum.Enum):
+    """Why `fit` ended; `FitResult.stop_reason` words it (with the step, epoch or metric)."""
+
+    COMPLETED = "completed"  # every epoch ran
+    MAX_STEPS = "max_steps"  # the state reached `max_steps` (saved; a resume continues it)
+    CALLBACK = "callback"  # a callback's `Stop` (early stopping, TerminateOnNaN, ...)
+    NON_FINITE = "non_finite"  # a non-finite loss or non-finite parameters
+    MEMBERS_DIVERGED = "members_diverged"  # every member of a stack diverged
+    PRIVACY_BUDGET = "privacy_budget"  # the next epoch would pass the target epsilon
+
+
+@dataclass(frozen=True)
 class FitResult:
-    """What a finished run leaves: the final state, its history and why it ended."""
+    """What a finished run leaves: the final state, its history and why it ended.
+
+    stop: why it ended; stop_reason: the same in words. best: the best weights' record
+    (epoch, monitor, value, path) of a single model; member_best: each member's of a stack.
+    diverged: stopped by a non-finite loss or parameters (every member's, for a stack);
+    diverged_members: a stack's diverged members, member -> {member, epoch, step}.
+    """
 
     state: TrainState
     history: list[dict[str, Any]]
@@ -53,13 +71,21 @@ class FitResult:
     stop_reason: str
     out_dir: Path | None
     best: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    diverged: bool = False  # stopped by a non-finite loss or non-finite parameters
+    stop: StopReason = StopReason.COMPLETED
+    diverged: bool = False
+    member_best: dict[int, dict[str, Any]] = field(default_factory=dict)
+    diverged_members: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 def _host_step(step: Tensor) -> int:
     """The step as an int; an ensemble's members all stand at the same step."""
     return int(step.reshape(-1)[0])
+
+
+class _After(enum.Enum):
+    """What follows a step: the epoch goes on, ends (a cut on its last batch) or is cut."""
+
+    GO_ON, LAST_BATCH, CUT = range(3)
 
 
 class _NoBar:
@@ -112,7 +138,7 @@ class _Driver(Actions):
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.member_best: dict[int, dict[str, Any]] = {}
-        self.stop_reason = "completed"
+        self.stop, self.stop_reason = StopReason.COMPLETED, "completed"
         self.diverged = False
         self.epochs_run = 0
         self.flag: dict[str, int | None] = {"signum": None}
@@ -268,10 +294,10 @@ class _Driver(Actions):
                 ep.first_bad = members_lib.note_bad(ep.first_bad, m["loss_sum"], self.state.step)
             bar.update(1)
             host_step += 1
-            stop = self._check_stop(ep, batches, b, host_step, bar)
-            if stop == "end":
+            after = self._check_stop(ep, batches, b, host_step, bar)
+            if after is _After.LAST_BATCH:
                 break  # the cut fell on the last batch: end the epoch below
-            if stop == "cut":
+            if after is _After.CUT:
                 return False
         bar.close()
         if b < 0:  # not even one batch (resuming at an epoch's very end has b >= first_batch - 1 >= 0)
@@ -280,25 +306,25 @@ class _Driver(Actions):
                 "pass a list, a DataLoader or a function epoch -> batches"
             )
         self._end_epoch(ep, steps=b + 1)
-        if self.max_steps is not None and host_step >= self.max_steps and self.stop_reason == "completed":
-            self.stop_reason = f"max_steps {self.max_steps} reached"
+        if self.max_steps is not None and host_step >= self.max_steps and self.stop is StopReason.COMPLETED:
+            self._stop_at_max_steps()
             return False
         return True
 
-    def _check_stop(self, ep: _Epoch, batches: Any, b: int, host_step: int, bar: Any) -> str | None:
-        """After batch `b`: None (go on), "end" (a cut on the epoch's last batch) or "cut" (the
-        state saved mid-epoch; on a signal `Interrupted` is raised instead)."""
+    def _check_stop(self, ep: _Epoch, batches: Any, b: int, host_step: int, bar: Any) -> _After:
+        """After batch `b`: go on, end the epoch (a cut on its last batch) or cut it (the state
+        saved mid-epoch; on a signal `Interrupted` is raised instead)."""
         cut = self.max_steps is not None and host_step >= self.max_steps
         signum = self._stop_signal(host_step)
         if not cut and signum is None:
-            return None
+            return _After.GO_ON
         data_state = self._data_state()  # before the look-ahead below draws one more batch
         rng_states = rngs.capture()  # likewise: the look-ahead may draw augmentation from them
         if cut and signum is None and next(batches, None) is None:
-            return "end"
+            return _After.LAST_BATCH
         bar.close()
         self._stop_mid_epoch(ep, b + 1, cut, data_state, rng_states)
-        return "cut"
+        return _After.CUT
 
     def _restore_rngs(self) -> None:
         """The global generators set as the resumed checkpoint saved them (once)."""
@@ -359,7 +385,7 @@ class _Driver(Actions):
         else:
             path = self.save_last(ep.epoch - 1, in_epoch, rng_states)
         if cut:
-            self.stop_reason = f"max_steps {self.max_steps} reached"
+            self._stop_at_max_steps()
             return
         if self.run is not None:
             self.log.info(Note(NOTES, "interrupted", out=self.run.path, path=path))
@@ -416,16 +442,23 @@ class _Driver(Actions):
         ]
         reason = self.dispatch(cbs.EpochEnd(epoch=ep.epoch, metrics=metrics), ep.epoch, finite)
         self.epochs_run += 1
+        self.diverged = self.diverged or not finite
         if self.div is not None and not finite:
             reason = f"every member diverged by epoch {ep.epoch} (the first at step {bad})"
+            self._stop_with(StopReason.MEMBERS_DIVERGED, reason)
         elif bad >= 0:  # this reason names the step; TerminateOnNaN's names only the epoch
-            reason = f"non-finite loss at step {bad} (epoch {ep.epoch})"
-        elif not finite and reason is None:
-            reason = "non-finite parameters"
-        self.diverged = self.diverged or not finite
-        if reason:
-            self.stop_reason = reason
-            self.log.info(f"stopping: {reason}")
+            self._stop_with(StopReason.NON_FINITE, f"non-finite loss at step {bad} (epoch {ep.epoch})")
+        elif reason:
+            self._stop_with(StopReason.CALLBACK, reason)
+        elif not finite:
+            self._stop_with(StopReason.NON_FINITE, "non-finite parameters")
+
+    def _stop_with(self, kind: StopReason, reason: str) -> None:
+        self.stop, self.stop_reason = kind, reason
+        self.log.info(f"stopping: {reason}")
+
+    def _stop_at_max_steps(self) -> None:  # not logged: the saved checkpoint's line says it
+        self.stop, self.stop_reason = StopReason.MAX_STEPS, f"max_steps {self.max_steps} reached"
 
     # -- privacy: epsilon after each epoch, and no epoch that would pass the budget ------------
 
@@ -478,9 +511,8 @@ class _Driver(Actions):
         after = self.privacy.exceeds(_host_step(self.state.step) + n)
         if after is None:
             return False
-        self.stop_reason = (f"privacy budget: epoch {epoch} would take epsilon to {after:.3f}, "
-                            f"past the target {self.privacy.target_epsilon}")  # fmt: skip
-        self.log.info(f"stopping: {self.stop_reason}")
+        self._stop_with(StopReason.PRIVACY_BUDGET, f"privacy budget: epoch {epoch} would take epsilon to "
+                        f"{after:.3f}, past the target {self.privacy.target_epsilon}")  # fmt: skip
         return True
 
     # -- data parallel: the host-side collectives (none without a group) ----------------------
@@ -515,31 +547,22 @@ class _Driver(Actions):
         with signals_to_flag(self.run is not None or self.group is not None) as self.flag:
             reason = self.dispatch(cbs.TrainBegin(start_epoch=self.start_epoch, total_epochs=self.epochs), 0)
             if reason:
-                self.stop_reason = reason
+                self.stop, self.stop_reason = StopReason.CALLBACK, reason
             epoch = self.start_epoch
             if self.max_steps is not None and _host_step(self.state.step) >= self.max_steps:
-                self.stop_reason = f"max_steps {self.max_steps} reached"  # already there: no step taken
-            while epoch <= self.epochs and self.stop_reason == "completed":
+                self._stop_at_max_steps()  # already there: no step taken
+            while epoch <= self.epochs and self.stop is StopReason.COMPLETED:
                 if self._over_budget(epoch):
                     break
                 if not self.train_epoch(epoch):
                     break
                 epoch += 1
         self.dispatch(cbs.TrainEnd(epoch=epoch - 1, reason=self.stop_reason), epoch - 1)
-        out = self.run.path if self.run else None
-        extra = {"member_best": dict(sorted(self.member_best.items()))} if self.member_best else {}
-        if self.div is not None:
-            extra["diverged_members"] = {m["member"]: m for m in self.div.to_meta()}
         return FitResult(
-            self.state,
-            self.history,
-            self.epochs_run,
-            self.stop_reason,
-            out,
-            self.best,
-            extra,
-            diverged=self.diverged,
-        )
+            self.state, self.history, self.epochs_run, self.stop_reason, self.run.path if self.run else None,
+            self.best, self.stop, self.diverged, dict(sorted(self.member_best.items())),
+            {m["member"]: m for m in self.div.to_meta()} if self.div is not None else {},
+        )  # fmt: skip
 
 
 def fit(
