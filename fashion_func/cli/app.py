@@ -203,7 +203,7 @@ def _resume_point(
         )
     _check_same_splits(path, meta.get("splits"), splits)
     point = resume_lib.load(path, st, callbacks)
-    saved_config = point.metadata.get("config")
+    saved_config = point.record.settings.get("config")
     return _given_again(cfg, point, saved_config if isinstance(saved_config, dict) else {}, callbacks, log)
 
 
@@ -405,7 +405,8 @@ def train(
         if from_path is not None:
             point = _resume_point(cfg, from_path, st, callbacks, run.log, splits)
             if dp is not None:  # the record against the state's own step count, before anything is written
-                private.check_resumed(dp, from_path, point.metadata, int(point.state.step.reshape(-1)[0]))
+                step = int(point.state.step.reshape(-1)[0])
+                private.check_resumed(dp, from_path, point.record.privacy, step)
         elif resume == "auto":
             run.log.info(f"no checkpoint in {run.checkpoints}; starting fresh")
         run.write_json("config.json", cfg.to_dict())

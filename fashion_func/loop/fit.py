@@ -9,6 +9,7 @@ without one it writes nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import sys
@@ -130,6 +131,10 @@ class _Driver(Actions):
         self.callbacks = list(callbacks)
         self.run: RunDir | None = run
         self.metadata = dict(metadata or {})
+        try:  # what every last.safetensors records before the run adds its own fields
+            self.base = resume_lib.RunRecord.from_meta(self.metadata)
+        except ValueError as exc:
+            raise ValueError(f"metadata: {exc}") from None
         self.max_steps, self.progress = max_steps, progress
         self.weights_of: Callable[[TrainState], dict[str, Tensor]] = weights or _params_and_buffers
         self.log = log
@@ -165,14 +170,12 @@ class _Driver(Actions):
         self.state = point.state
         self.cb_states = {cb.name: point.cb_states.get(cb.name, cb.init()) for cb in self.callbacks}
         self.start_epoch, self.in_epoch = point.start_epoch, point.in_epoch
-        self.saved_rngs = point.metadata.get("rng_states")
-        self.saved_data_state = point.metadata.get("data_state")
+        self.saved_rngs = point.record.rng_states
+        self.saved_data_state = point.record.data_state
         self.history = [r for r in point.history if r["epoch"] < point.start_epoch]
         if self.div is not None:
             try:
-                self.div = members_lib.Diverged.from_meta(
-                    point.metadata.get(members_lib.META_KEY), self.div.k
-                )
+                self.div = members_lib.Diverged.from_meta(point.record.diverged_members, self.div.k)
             except ValueError as exc:
                 raise checkpoint.CheckpointError(f"{point.path}: {exc}") from None
         where = f"epoch {point.start_epoch}" + (
@@ -203,23 +206,20 @@ class _Driver(Actions):
             f"gives no position to continue from, so its first {batch} batches are drawn again and dropped"
         )
 
-    def _meta(
+    def _record(
         self, epoch_done: int, in_epoch: dict[str, Any] | None = None, rng_states: Any = None
-    ) -> dict[str, Any]:
-        m = {**self.metadata, **self.run_meta(), "epoch": epoch_done, "callbacks": self.cb_states,
-             "history": self.history, "rng_states": rng_states or rngs.capture()}  # fmt: skip
-        lr = resume_lib.host_lr(self.state.opt_state)  # the base lr, as last set (not a copy)
-        if lr is not None:
-            m["lr"] = lr
-        if in_epoch:
-            m["in_epoch"] = in_epoch
-        else:  # at an epoch's end: where a stateful source's next epoch starts (its shuffle)
-            data_state = self._data_state()
-            if data_state is not None:
-                m["data_state"] = data_state
-        if self.div is not None and self.div.marks:
-            m[members_lib.META_KEY] = self.div.to_meta()
-        return m
+    ) -> resume_lib.RunRecord:
+        """The run record now: after `epoch_done` epochs, and inside the next at `in_epoch`."""
+        return dataclasses.replace(
+            self.base, epoch=epoch_done, callbacks=self.cb_states, history=self.history,
+            rng_states=rng_states or rngs.capture(),
+            lr=resume_lib.host_lr(self.state.opt_state),  # the base lr, as last set (not a copy)
+            in_epoch=in_epoch or None,
+            # at an epoch's end: where a stateful source's next epoch starts (its shuffle)
+            data_state=None if in_epoch else self._data_state(),
+            diverged_members=self.div.to_meta() if self.div is not None else [],
+            privacy=self.run_meta().get("privacy", self.base.privacy),
+        )  # fmt: skip
 
     def save_last(
         self, epoch_done: int, in_epoch: dict[str, Any] | None = None, rng_states: Any = None
@@ -230,9 +230,8 @@ class _Driver(Actions):
             return None
         folder, folder_id = self.run.checkpoint_folder()  # still the run's own, not a link swapped in
         path = folder / LAST
-        checkpoint.save_state(
-            path, self.state, metadata=self._meta(epoch_done, in_epoch, rng_states), folder=folder_id
-        )
+        record = self._record(epoch_done, in_epoch, rng_states)
+        checkpoint.save_state(path, self.state, metadata=record.to_meta(), folder=folder_id)
         self.log.info(f"saved {path} (step {_host_step(self.state.step)})")
         return path
 
@@ -470,7 +469,7 @@ class _Driver(Actions):
         assert acc is not None and dp is not None
         try:
             privacy_lib.check_record(
-                point.metadata.get("privacy"), steps=_host_step(point.state.step),
+                point.record.privacy, steps=_host_step(point.state.step),
                 sample_rate=acc.sample_rate, noise_multiplier=acc.noise_multiplier, max_norm=dp.max_norm,
                 delta=acc.delta, accountant=acc.accountant,
             )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Resume: where a run continues from, read from a `last.safetensors`."""
+"""Resume: the run record a `last.safetensors` holds (`RunRecord`), and where a run continues from."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,29 +24,110 @@ __all__: list[str] = []
 
 
 @dataclass(frozen=True)
-class ResumePoint:
-    """Everything `fit` needs to continue a run exactly where its checkpoint left it.
+class RunRecord:
+    """What a run's `last.safetensors` records beside its state, read back whole on resume.
 
-    start_epoch: the first epoch still to run (1-based). in_epoch: for a checkpoint cut
-    mid-epoch, the batch to continue from and the epoch's partial sums; else None.
-    lr: the learning rate as last set, read from the state's optimizer, if it has one.
+    The one place that knows the checkpoint's metadata keys (`to_meta` / `from_meta`); the
+    layout is the checkpoint format's (`VERSION`). settings: what the caller's `metadata=`
+    gave (a config, a model name, ...), kept as given. epoch: the epochs finished. splits:
+    which images the run trains, selects and tests on (the command line's). in_epoch: a cut
+    epoch's batch to continue from, its batching (batch size or sample rate), partial sums,
+    first non-finite step and time; else None. data_state: a stateful source's position at
+    an epoch's end. callbacks: each callback's state by name. history: one record per
+    finished epoch. diverged_members: a stack's diverged members ({member, epoch, step}).
+    privacy: the privacy record (`privacy.check_record`). rng_states: the global generators'
+    (`rngs`). lr: the optimizer's lr as last set, a copy for readers (the state is the truth).
     """
+
+    VERSION: ClassVar[str] = checkpoint.FORMAT_VERSION
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    splits: dict[str, Any] | None = None
+    in_epoch: dict[str, Any] | None = None
+    data_state: dict[str, Any] | None = None
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    diverged_members: list[dict[str, int]] = field(default_factory=list)  # as saved: `Diverged` checks it
+    privacy: dict[str, Any] | None = None  # as saved: `privacy.check_record` checks it
+    rng_states: dict[str, Any] | None = None
+    lr: float | list[float] | None = None
+
+    _KEYS: ClassVar[tuple[str, ...]] = ("privacy", "splits", "epoch", "callbacks", "history", "rng_states",
+                                        "lr", "in_epoch", "data_state", "diverged_members")  # fmt: skip
+
+    @property
+    def batching(self) -> dict[str, Any] | None:
+        """How a cut epoch's batches were drawn (batch size or sample rate), or None."""
+        return self.in_epoch.get("batching") if self.in_epoch else None
+
+    def to_meta(self) -> dict[str, Any]:
+        """The checkpoint metadata of this record (JSON values): the settings, then each field
+        under its key; an empty optional field is left out."""
+        values = {"privacy": self.privacy, "splits": self.splits, "epoch": self.epoch,
+                  "callbacks": self.callbacks, "history": self.history, "rng_states": self.rng_states,
+                  "lr": self.lr, "in_epoch": self.in_epoch, "data_state": self.data_state,
+                  "diverged_members": self.diverged_members or None}  # fmt: skip
+        return {**self.settings, **{k: v for k, v in values.items() if v is not None}}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> RunRecord:
+        """The record a checkpoint's metadata holds, each field checked for its type and range
+        (the states of `callbacks` among them); ValueError naming the first problem."""
+        problem = _check_metadata(meta, callbacks)
+        if problem:
+            raise ValueError(problem)
+        cb_states = meta.get("callbacks", {})
+        splits = meta.get("splits")
+        return cls(
+            settings={k: v for k, v in meta.items() if k not in cls._KEYS},
+            epoch=int(meta.get("epoch", 0)),
+            splits=splits if isinstance(splits, dict) else None,
+            in_epoch=meta.get("in_epoch"),
+            data_state=meta.get("data_state"),
+            callbacks=dict(cb_states),
+            history=_history(meta, cb_states),
+            diverged_members=meta.get("diverged_members") or [],
+            privacy=meta.get("privacy"),
+            rng_states=meta.get("rng_states"),
+            lr=meta.get("lr"),
+        )
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Everything `fit` needs to continue a run exactly where its checkpoint left it: the
+    state and the run record it was saved with (`record`), the callbacks' states (saved, or
+    `init()` for a callback without one) and the file it came from."""
 
     path: Path
     state: TrainState
     cb_states: dict[str, Any]
-    start_epoch: int
-    in_epoch: dict[str, Any] | None
-    lr: float | list[float] | None
-    history: list[dict[str, Any]]
-    metadata: dict[str, Any] = field(repr=False)
+    record: RunRecord = field(repr=False)
+
+    @property
+    def start_epoch(self) -> int:
+        """The first epoch still to run (1-based)."""
+        return self.record.epoch + 1
+
+    @property
+    def in_epoch(self) -> dict[str, Any] | None:
+        """For a checkpoint cut mid-epoch: the batch to continue from and the partial sums."""
+        return self.record.in_epoch
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.record.history
+
+    @property
+    def lr(self) -> float | list[float] | None:
+        """The learning rate as last set, read from the state's optimizer, if it has one."""
+        return host_lr(self.state.opt_state)
 
     def replace_lr(self, lr: float, cb_states: Mapping[str, Any] | None = None) -> ResumePoint:
         """This point with the optimizer's learning rate set to `lr`, and with `cb_states`
         (the callbacks' states, which a client may restart from that lr) if given."""
         st = self.state.replace(opt_state=optim.set_hyperparam(self.state.opt_state, "lr", lr))
-        states = dict(self.cb_states if cb_states is None else cb_states)
-        return replace(self, state=st, cb_states=states, lr=lr)
+        return replace(self, state=st, cb_states=dict(self.cb_states if cb_states is None else cb_states))
 
 
 def resume_path(out: Path, resume: str | Path | None) -> Path | None:
@@ -225,29 +306,21 @@ def _check_state(st: TrainState) -> str | None:
 def load(path: str | Path, template: TrainState, callbacks: Sequence[Any] = ()) -> ResumePoint:
     """The resume point stored in `path`, its state validated against `template`.
 
-    Beyond the file's own validation, every metadata field is checked for its type and
-    range (epoch, lr, in_epoch, history, the callbacks' states) and the state's scalars for
-    theirs (step >= 0, optimizer hyperparameters). Callbacks with no saved state start from
-    `init()`. CheckpointError (one line naming the file) for a bad file.
+    Beyond the file's own validation, the run record is checked (`RunRecord.from_meta`) and
+    the state's scalars for their ranges (step >= 0, optimizer hyperparameters). Callbacks with
+    no saved state start from `init()`. CheckpointError (one line naming the file) for a bad file.
     """
     path = Path(path)
     st, meta = checkpoint.load_state(path, template)
-    problem = _check_metadata(meta, callbacks) or _check_state(st)
+    try:
+        record = RunRecord.from_meta(meta, callbacks)
+        problem = _check_state(st)
+    except ValueError as exc:
+        problem = str(exc)
     if problem:
         raise checkpoint.CheckpointError(f"{display(path)}: not a valid resume point: {problem}")
-    saved = meta.get("callbacks", {})
-    cb_states = {cb.name: saved.get(cb.name, cb.init()) for cb in callbacks}
-    lr = host_lr(st.opt_state)  # the state is the truth; the metadata's copy is for reading only
-    return ResumePoint(
-        path=path,
-        state=st,
-        cb_states=cb_states,
-        start_epoch=int(meta.get("epoch", 0)) + 1,
-        in_epoch=meta.get("in_epoch"),
-        lr=lr,
-        history=_history(meta, cb_states),
-        metadata=meta,
-    )
+    cb_states = {cb.name: record.callbacks.get(cb.name, cb.init()) for cb in callbacks}
+    return ResumePoint(path=path, state=st, cb_states=cb_states, record=record)
 
 
 def host_lr(opt_state: Any) -> float | list[float] | None:
