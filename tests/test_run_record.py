@@ -12,7 +12,7 @@ import torch
 
 from fashion_func import checkpoint, optim, state
 from fashion_func.loop import FitResult, StopReason, fit
-from fashion_func.loop.resume import RunRecord, load
+from fashion_func.loop.resume import Problem, ProblemKind, RunRecord, compatible, load
 
 # a last.safetensors's metadata as the current format writes it (keys in the order written)
 SAVED = {
@@ -95,3 +95,48 @@ def test_stop_reasons_are_the_ways_a_run_ends():
     assert {r.value for r in StopReason} == {
         "completed", "max_steps", "callback", "non_finite", "members_diverged", "privacy_budget",
     }  # fmt: skip
+
+
+# (saved, now) -> the kinds of problem `compatible` finds; each row says why
+_PRIV = {"sample_rate": 0.01, "noise_multiplier": 1.1, "max_grad_norm": 1.0, "delta": 1e-5,
+         "accountant": "rdp"}  # fmt: skip
+_REC = {**_PRIV, "epsilon": 0.5, "steps": 30, "sampling": "poisson"}
+_SPLITS = {"train": 96, "held_out": 0, "test": 32, "digest": "0123456789abcdef"}
+COMPATIBLE = {
+    "the same run": (RunRecord({"model": "mlp"}), RunRecord({"model": "mlp"}), []),
+    "another model": (RunRecord({"model": "mlp"}), RunRecord({"model": "simplenet"}), [ProblemKind.MODEL]),
+    "no model named now": (RunRecord({"model": "mlp"}), RunRecord(), []),
+    "other images": (
+        RunRecord(splits=_SPLITS), RunRecord(splits={**_SPLITS, "train": 40}), [ProblemKind.SPLITS],
+    ),
+    "no splits saved": (RunRecord(), RunRecord(splits=_SPLITS), []),
+    "the same privacy record": (RunRecord(privacy=_REC), RunRecord(privacy=_PRIV), []),
+    "a private run from a record-less file": (RunRecord(), RunRecord(privacy=_PRIV), [ProblemKind.PRIVACY]),
+    "another noise multiplier": (
+        RunRecord(privacy=_REC), RunRecord(privacy={**_PRIV, "noise_multiplier": 2.0}), [ProblemKind.PRIVACY],
+    ),
+    "a record on a non-private run is not judged": (RunRecord(privacy=_REC), RunRecord(), []),
+    "two at once": (
+        RunRecord({"model": "mlp"}, splits=_SPLITS),
+        RunRecord({"model": "cnn"}, splits={**_SPLITS, "digest": "x"}),
+        [ProblemKind.MODEL, ProblemKind.SPLITS],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", COMPATIBLE)
+def test_compatible_finds_the_problems_of_each_pair(case):
+    saved, now, kinds = COMPATIBLE[case]
+    problems = compatible(saved, now)
+    assert [p.kind for p in problems] == kinds
+    for p in problems:
+        assert isinstance(p, Problem) and p.now is not None and p.key in ("model", "splits", "privacy")
+
+
+def test_the_steps_a_private_record_counts_are_the_states():
+    assert compatible(RunRecord(privacy=_REC), RunRecord(privacy=_PRIV), steps=30) == []
+    (problem,) = compatible(RunRecord(privacy=_REC), RunRecord(privacy=_PRIV), steps=31)
+    assert problem.kind is ProblemKind.PRIVACY and "31" in problem.detail
+    assert isinstance(problem.error(Path("last.safetensors")), checkpoint.CheckpointError)
+    (model,) = compatible(RunRecord({"model": "mlp"}), RunRecord({"model": "cnn"}))
+    assert "holds a mlp model, not cnn" in str(model.error(Path("x")))

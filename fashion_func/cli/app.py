@@ -14,7 +14,6 @@ import functools
 import hashlib
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,10 +26,11 @@ from fashion_func import state as state_lib
 from fashion_func.augment import Augment
 from fashion_func.cli import budget, launch, private, words
 from fashion_func.cli import device as device_lib
-from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError, parse_sweep, same_value
+from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError, parse_sweep
 from fashion_func.cli.summary import summary
 from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, StopReason, evaluate, fit
 from fashion_func.loop import resume as resume_lib
+from fashion_func.loop.resume import RunRecord
 from fashion_func.safeio import display
 from fashion_func.step import NormalizeImages, make_eval_step, make_train_step
 
@@ -180,39 +180,12 @@ def initial_state(cfg: Config, model: models.Model, tx: Any, device: torch.devic
     return state_lib.create(params, tx, seed=cfg.seed, model_state=model.init_state(device=device))
 
 
-def _resume_point(
-    cfg: Config, path: Path, st: state_lib.TrainState, callbacks: list[Any], log: Any, splits: dict[str, Any]
-) -> ResumePoint:
-    """The checkpoint's resume point, refused for another model, members or splits, with the
-    optimizer hyperparameters given again applied."""
-    meta = checkpoint.read_metadata(path)
-    saved_model = meta.get("model")
-    if saved_model is not None and saved_model != cfg.model:
-        raise RunError(
-            f"checkpoint {path} holds a {saved_model} model, not {cfg.model}; "
-            f"resume it with --model {saved_model}"
-        )
-    saved = meta.get("config", {})
-    if isinstance(saved, dict) and not (
-        saved.get("ensemble", 1) == cfg.ensemble and same_value("sweep", saved.get("sweep"), cfg.sweep)
-    ):
-        raise RunError(
-            f"checkpoint {path} was trained with --ensemble {saved.get('ensemble', 1)} "
-            f"--sweep {saved.get('sweep')}, not --ensemble {cfg.ensemble} --sweep {cfg.sweep}; "
-            "resume it with the same members"
-        )
-    _check_same_splits(path, meta.get("splits"), splits)
-    point = resume_lib.load(path, st, callbacks)
-    saved_config = point.record.settings.get("config")
-    return _given_again(cfg, point, saved_config if isinstance(saved_config, dict) else {}, callbacks, log)
-
-
-def _given_again(
-    cfg: Config, point: ResumePoint, saved: dict[str, Any], callbacks: list[Any], log: Any
-) -> ResumePoint:
+def _given_again(cfg: Config, point: ResumePoint, callbacks: list[Any], log: Any) -> ResumePoint:
     """`point` with each optimizer hyperparameter the config changes written into its state
     (`Key.hyper`: lr, weight_decay, momentum, clip_norm, ema), so config.json records what runs.
     A hyperparameter the state has no part for (adam's momentum) does nothing, as in a new run."""
+    saved = point.record.settings.get("config")
+    saved = saved if isinstance(saved, dict) else {}
     held = optim.hyperparams(point.state.opt_state)
     for name, key in KEYS.items():
         old, new = saved.get(name), getattr(cfg, name)
@@ -247,18 +220,6 @@ def split_identity(train: data.Split, val: data.Split, test: data.Split | None) 
         digest.update(name.encode() + b"\0" + np.arange(lo, hi, dtype="<i8").tobytes())
     counts = {name: hi - lo for name, (lo, hi) in parts.items()}
     return {**counts, "digest": digest.hexdigest()[:16]}
-
-
-def _check_same_splits(path: Path, saved: Any, now: dict[str, Any]) -> None:
-    """A resume continues on the images its run trained on: another split is a RunError."""
-    if not isinstance(saved, dict) or saved == now:  # checkpoints written before splits were recorded
-        return
-    was = ", ".join(f"{k} {saved.get(k)}" for k in ("train", "held_out", "test"))
-    new = ", ".join(f"{k} {now[k]}" for k in ("train", "held_out", "test"))
-    raise RunError(
-        f"checkpoint {path} was trained on other images ({was}; now {new}); resume with the "
-        "same --data-dir, --limit-train, --limit-val and --val-split"
-    )
 
 
 def build_steps(
@@ -401,12 +362,12 @@ def train(
             run.log.info(_members_line(cfg))
         run.log.info(_sizes_line(train_split, val_split, test_split))
         point = None
-        splits = split_identity(train_split, val_split, test_split)
+        metadata = {**_metadata(cfg, model, dp), "splits": split_identity(train_split, val_split, test_split)}
         if from_path is not None:
-            point = _resume_point(cfg, from_path, st, callbacks, run.log, splits)
-            if dp is not None:  # the record against the state's own step count, before anything is written
-                step = int(point.state.step.reshape(-1)[0])
-                private.check_resumed(dp, from_path, point.record.privacy, step)
+            # refused where its run is not this one (`resume.compatible`: another model, other
+            # images, another privacy record; the members are the config's, `resume_problem`)
+            point = resume_lib.load(from_path, st, callbacks, RunRecord.from_meta(metadata))
+            point = _given_again(cfg, point, callbacks, run.log)
         elif resume == "auto":
             run.log.info(f"no checkpoint in {run.checkpoints}; starting fresh")
         run.write_json("config.json", cfg.to_dict())
@@ -433,7 +394,7 @@ def train(
             log=run.log,
             group=group,
             resume=point,
-            metadata={**_metadata(cfg, model, dp), "splits": splits},
+            metadata=metadata,
             max_steps=max_steps,
             progress=cfg.progress,
             lr_schedule=lr_schedule(cfg, steps_per_epoch),

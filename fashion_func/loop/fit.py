@@ -165,8 +165,6 @@ class _Driver(Actions):
     # -- resume and files ----------------------------------------------------------------------
 
     def resume_from(self, point: resume_lib.ResumePoint) -> None:
-        if self.privacy is not None:
-            self._check_privacy_record(point)
         self.state = point.state
         self.cb_states = {cb.name: point.cb_states.get(cb.name, cb.init()) for cb in self.callbacks}
         self.start_epoch, self.in_epoch = point.start_epoch, point.in_epoch
@@ -461,21 +459,6 @@ class _Driver(Actions):
 
     # -- privacy: epsilon after each epoch, and no epoch that would pass the budget ------------
 
-    def _check_privacy_record(self, point: resume_lib.ResumePoint) -> None:
-        """A private run resumes only from a checkpoint whose privacy record is what this run
-        enforces (`privacy.check_record`): the same sigma, C, q, delta and accountant, and the
-        state's own step count (a state trained elsewhere, e.g. an optax epoch, is refused)."""
-        acc, dp = self.privacy, self.per_example
-        assert acc is not None and dp is not None
-        try:
-            privacy_lib.check_record(
-                point.record.privacy, steps=_host_step(point.state.step),
-                sample_rate=acc.sample_rate, noise_multiplier=acc.noise_multiplier, max_norm=dp.max_norm,
-                delta=acc.delta, accountant=acc.accountant,
-            )  # fmt: skip
-        except ValueError as exc:
-            raise checkpoint.CheckpointError(f"{point.path}: {exc}") from None
-
     def _epsilon(self) -> dict[str, float]:
         assert self.privacy is not None
         eps = self.privacy.epsilon(_host_step(self.state.step))
@@ -661,21 +644,11 @@ def fit(
                          lr_schedule=lr_schedule, allow_inexact_resume=allow_inexact_resume,
                          privacy=privacy)  # fmt: skip
         driver.warn_inexact_source()
-        point = _resume_point(resume, run, state, driver.callbacks, logger)
+        # the point checked against this run (`resume.compatible`): its model, images, privacy
+        now = dataclasses.replace(driver.base, privacy=driver.run_meta().get("privacy"))
+        out = run.path if run else None
+        point = resume_lib.resume_point(resume, out, state, driver.callbacks, logger, now)
         if point is not None:
             driver.resume_from(point)
         return driver.run_epochs()
 
-
-def _resume_point(
-    resume: Any, run: RunDir | None, state: TrainState, callbacks: Sequence[Any], log: logging.Logger
-) -> resume_lib.ResumePoint | None:
-    if resume is None or isinstance(resume, resume_lib.ResumePoint):
-        return resume
-    if resume == "auto" and run is None:
-        raise RunError("resume='auto' needs a run_dir to look in")
-    path = resume_lib.resume_path(run.path if run else Path("."), resume)
-    if path is None:
-        log.info(f"no checkpoint in {run.checkpoints if run else '.'}; starting fresh")
-        return None
-    return resume_lib.load(path, state, callbacks)

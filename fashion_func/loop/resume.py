@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import stat
@@ -13,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fashion_func import checkpoint, optim
+from fashion_func import checkpoint, optim, privacy
 from fashion_func.loop import rngs
 from fashion_func.loop.artifacts import LAST, lstat
 from fashion_func.loop.errors import RunError
@@ -128,6 +129,73 @@ class ResumePoint:
         (the callbacks' states, which a client may restart from that lr) if given."""
         st = self.state.replace(opt_state=optim.set_hyperparam(self.state.opt_state, "lr", lr))
         return replace(self, state=st, cb_states=dict(self.cb_states if cb_states is None else cb_states))
+
+
+class ProblemKind(enum.Enum):
+    """Why a checkpoint's run cannot continue as the run now set up (its `RunError` kind)."""
+
+    MODEL = "other_model"  # the settings name another model
+    SPLITS = "other_splits"  # trained on other images
+    PRIVACY = "privacy_record"  # the privacy record is not what the run enforces
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason `compatible` gives: its kind, the key, the saved and the current value, and
+    (the privacy record's) what `privacy.check_record` said."""
+
+    kind: ProblemKind
+    key: str
+    saved: Any
+    now: Any
+    detail: str = ""
+
+    def fields(self, path: Path) -> dict[str, Any]:
+        """The values an error of this kind speaks of (splits as their counts)."""
+        def shown(v: Any) -> Any:
+            if self.kind is not ProblemKind.SPLITS:
+                return v
+            return ", ".join(f"{k} {v.get(k)}" for k in ("train", "held_out", "test"))
+
+        return {"path": path, "saved": shown(self.saved), "now": shown(self.now), "detail": self.detail}
+
+    def error(self, path: Path) -> Exception:
+        """The error of its kind: a bad privacy record is the file's (CheckpointError), the
+        others the run's (RunError); a client words each by its kind and fields."""
+        error = checkpoint.CheckpointError if self.kind is ProblemKind.PRIVACY else RunError
+        return error(kind=self.kind.value, **self.fields(path))
+
+
+def compatible(saved: RunRecord, now: RunRecord, *, steps: int | None = None) -> list[Problem]:
+    """Why the run recorded in `saved` cannot continue as the run `now` (empty: it can).
+
+    The same model (`settings["model"]`, when both name one); the same images (`splits`, when
+    both record them); for a private run (`now.privacy`), a saved privacy record that is what
+    it enforces, and with `steps` (the state's step count) that many steps
+    (`privacy.check_record`, the one rule for it).
+    """
+    problems = []
+    old, new = saved.settings.get("model"), now.settings.get("model")
+    if old is not None and new is not None and old != new:
+        problems.append(Problem(ProblemKind.MODEL, "model", old, new))
+    if isinstance(saved.splits, dict) and now.splits is not None and saved.splits != now.splits:
+        problems.append(Problem(ProblemKind.SPLITS, "splits", saved.splits, now.splits))
+    if now.privacy is not None:
+        p = now.privacy
+        try:
+            privacy.check_record(
+                saved.privacy, steps=steps, sample_rate=p.get("sample_rate"), delta=p.get("delta"),
+                max_norm=p.get("max_grad_norm"), noise_multiplier=p.get("noise_multiplier"),
+                accountant=p.get("accountant"),
+            )  # fmt: skip
+        except ValueError as exc:
+            problems.append(Problem(ProblemKind.PRIVACY, "privacy", saved.privacy, p, str(exc)))
+    return problems
+
+
+def _refuse(path: Path, problems: list[Problem]) -> None:
+    if problems:
+        raise problems[0].error(path)
 
 
 def resume_path(out: Path, resume: str | Path | None) -> Path | None:
@@ -303,14 +371,47 @@ def _check_state(st: TrainState) -> str | None:
     return None
 
 
-def load(path: str | Path, template: TrainState, callbacks: Sequence[Any] = ()) -> ResumePoint:
+def resume_point(
+    resume: str | Path | ResumePoint | None, out: Path | None, template: TrainState,
+    callbacks: Sequence[Any], log: Any, now: RunRecord | None = None,
+) -> ResumePoint | None:  # fmt: skip
+    """Where a run continues: `resume` ("auto": the run directory `out`'s last.safetensors, if
+    any; a path) loaded (`load`, checked against `now`), or None to start fresh. A point
+    already loaded is returned as it is, once checked against `now`."""
+    if isinstance(resume, ResumePoint):
+        if now is not None:
+            _refuse(resume.path, compatible(resume.record, now, steps=int(resume.state.step.reshape(-1)[0])))
+        return resume
+    if resume is None:
+        return None
+    if resume == "auto" and out is None:
+        raise RunError("resume='auto' needs a run_dir to look in")
+    path = resume_path(out or Path("."), resume)
+    if path is None:
+        log.info(f"no checkpoint in {out / 'checkpoints' if out else '.'}; starting fresh")
+        return None
+    return load(path, template, callbacks, now)
+
+
+def load(
+    path: str | Path, template: TrainState, callbacks: Sequence[Any] = (), now: RunRecord | None = None
+) -> ResumePoint:
     """The resume point stored in `path`, its state validated against `template`.
 
     Beyond the file's own validation, the run record is checked (`RunRecord.from_meta`) and
     the state's scalars for their ranges (step >= 0, optimizer hyperparameters). Callbacks with
     no saved state start from `init()`. CheckpointError (one line naming the file) for a bad file.
+    With `now`, the run about to continue: the record must be compatible with it (`compatible`;
+    the first problem raised as its `Problem.error`), the model and images before the state
+    is read (another model's would not load), the privacy record for the state's step count.
     """
     path = Path(path)
+    if now is not None:
+        try:
+            saved = RunRecord.from_meta(checkpoint.read_metadata(path))
+        except ValueError as exc:
+            raise checkpoint.CheckpointError(f"{display(path)}: not a valid resume point: {exc}") from None
+        _refuse(path, compatible(saved, now))
     st, meta = checkpoint.load_state(path, template)
     try:
         record = RunRecord.from_meta(meta, callbacks)
@@ -319,6 +420,8 @@ def load(path: str | Path, template: TrainState, callbacks: Sequence[Any] = ()) 
         problem = str(exc)
     if problem:
         raise checkpoint.CheckpointError(f"{display(path)}: not a valid resume point: {problem}")
+    if now is not None:
+        _refuse(path, compatible(record, now, steps=int(st.step.reshape(-1)[0])))
     cb_states = {cb.name: record.callbacks.get(cb.name, cb.init()) for cb in callbacks}
     return ResumePoint(path=path, state=st, cb_states=cb_states, record=record)
 
