@@ -26,8 +26,13 @@ SAVED = {
     "rng_states": None,
     "lr": 0.001,
     "in_epoch": {
-        "epoch": 2, "batch": 3, "batching": {"batch_size": 8}, "sums": {"loss_sum": 1.5, "count": 24},
-        "dtypes": {"loss_sum": "float32", "count": "int64"}, "first_bad": -1, "elapsed": 0.25,
+        "epoch": 2,
+        "batch": 3,
+        "batching": {"batch_size": 8},
+        "sums": {"loss_sum": 1.5, "count": 24},
+        "dtypes": {"loss_sum": "float32", "count": "int64"},
+        "first_bad": -1,
+        "elapsed": 0.25,
     },
     "diverged_members": [{"member": 1, "epoch": 1, "step": 5}],
 }
@@ -107,13 +112,17 @@ COMPATIBLE = {
     "another model": (RunRecord({"model": "mlp"}), RunRecord({"model": "simplenet"}), [ProblemKind.MODEL]),
     "no model named now": (RunRecord({"model": "mlp"}), RunRecord(), []),
     "other images": (
-        RunRecord(splits=_SPLITS), RunRecord(splits={**_SPLITS, "train": 40}), [ProblemKind.SPLITS],
+        RunRecord(splits=_SPLITS),
+        RunRecord(splits={**_SPLITS, "train": 40}),
+        [ProblemKind.SPLITS],
     ),
     "no splits saved": (RunRecord(), RunRecord(splits=_SPLITS), []),
     "the same privacy record": (RunRecord(privacy=_REC), RunRecord(privacy=_PRIV), []),
     "a private run from a record-less file": (RunRecord(), RunRecord(privacy=_PRIV), [ProblemKind.PRIVACY]),
     "another noise multiplier": (
-        RunRecord(privacy=_REC), RunRecord(privacy={**_PRIV, "noise_multiplier": 2.0}), [ProblemKind.PRIVACY],
+        RunRecord(privacy=_REC),
+        RunRecord(privacy={**_PRIV, "noise_multiplier": 2.0}),
+        [ProblemKind.PRIVACY],
     ),
     "a record on a non-private run is not judged": (RunRecord(privacy=_REC), RunRecord(), []),
     "two at once": (

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fashion_func import callbacks as cbs
-from fashion_func import checkpoint, ensemble
+from fashion_func import checkpoint
 from fashion_func import privacy as privacy_lib
 from fashion_func.loop import collective as coll
 from fashion_func.loop import members as members_lib
@@ -36,6 +36,7 @@ from fashion_func.loop.collective import Collective
 from fashion_func.loop.errors import NOTES, RunError
 from fashion_func.loop.lr import applied_lr, lr_key
 from fashion_func.loop.reduce import evaluate, expand_members, sum_over_ranks, to_host, train_metrics
+from fashion_func.loop.result import FitResult, StopReason
 from fashion_func.loop.rundir import RunDir
 from fashion_func.loop.signals import Interrupted, signals_to_flag
 from fashion_func.privacy import Accountant
@@ -43,39 +44,6 @@ from fashion_func.safeio import Note
 from fashion_func.state import TrainState
 
 __all__ = ["FitResult", "StopReason", "evaluate", "fit"]
-
-
-class StopReason(enum.Enum):
-    """Why `fit` ended; `FitResult.stop_reason` words it (with the step, epoch or metric)."""
-
-    COMPLETED = "completed"  # every epoch ran
-    MAX_STEPS = "max_steps"  # the state reached `max_steps` (saved; a resume continues it)
-    CALLBACK = "callback"  # a callback's `Stop` (early stopping, TerminateOnNaN, ...)
-    NON_FINITE = "non_finite"  # a non-finite loss or non-finite parameters
-    MEMBERS_DIVERGED = "members_diverged"  # every member of a stack diverged
-    PRIVACY_BUDGET = "privacy_budget"  # the next epoch would pass the target epsilon
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """What a finished run leaves: the final state, its history and why it ended.
-
-    stop: why it ended; stop_reason: the same in words. best: the best weights' record
-    (epoch, monitor, value, path) of a single model; member_best: each member's of a stack.
-    diverged: stopped by a non-finite loss or parameters (every member's, for a stack);
-    diverged_members: a stack's diverged members, member -> {member, epoch, step}.
-    """
-
-    state: TrainState
-    history: list[dict[str, Any]]
-    epochs_run: int
-    stop_reason: str
-    out_dir: Path | None
-    best: dict[str, Any] | None = None
-    stop: StopReason = StopReason.COMPLETED
-    diverged: bool = False
-    member_best: dict[int, dict[str, Any]] = field(default_factory=dict)
-    diverged_members: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 def _host_step(step: Tensor) -> int:
@@ -118,9 +86,10 @@ def _params_and_buffers(state: TrainState) -> dict[str, Tensor]:
     return {**state.params, **state.model_state}
 
 
-class _Driver(Actions):
-    """One call of `fit`: the mutable run (state, callback states, lr, history) and the
-    methods that move it on. Small methods over shared fields instead of nested closures."""
+class _Driver:
+    """One call of `fit`: the mutable run (state, lr, history) and the methods that move it on;
+    the callbacks' actions are carried out by the `Actions` it holds, what divergence does by
+    its `members` policy (one model or a stack)."""
 
     def __init__(self, state, train_step, train_data, *, epochs, eval_step, val_data, callbacks,
                  run, metadata, max_steps, progress, log, weights=None, group=None,
@@ -128,7 +97,6 @@ class _Driver(Actions):
         self.state: TrainState = state
         self.train_step, self.train_data = train_step, train_data
         self.epochs, self.eval_step, self.val_data = epochs, eval_step, val_data
-        self.callbacks = list(callbacks)
         self.run: RunDir | None = run
         self.metadata = dict(metadata or {})
         try:  # what every last.safetensors records before the run adds its own fields
@@ -136,13 +104,11 @@ class _Driver(Actions):
         except ValueError as exc:
             raise ValueError(f"metadata: {exc}") from None
         self.max_steps, self.progress = max_steps, progress
-        self.weights_of: Callable[[TrainState], dict[str, Tensor]] = weights or _params_and_buffers
         self.log = log
-        self.cb_states = cbs.init_states(self.callbacks)
+        self.actions = Actions(callbacks, run, log, self.metadata, weights or _params_and_buffers,
+                               self.save_last, self.run_meta)  # fmt: skip
         self.start_epoch, self.in_epoch = 1, None
         self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] | None = None
-        self.member_best: dict[int, dict[str, Any]] = {}
         self.stop, self.stop_reason = StopReason.COMPLETED, "completed"
         self.diverged = False
         self.epochs_run = 0
@@ -159,23 +125,24 @@ class _Driver(Actions):
         self.per_example: privacy_lib.ClipAndNoise | None = getattr(train_step, "per_example", None)
         if privacy is not None:  # epsilon from what the run enforces, never from what a caller claims
             privacy_lib.check_accountant(privacy, self.per_example, getattr(train_data, "batching", None))
-        # a stack's diverged members (None for one model)
-        self.div = members_lib.Diverged(ensemble.size(state)) if members_lib.stacked(state) else None
+        # one model or a stack of members (an ensemble, a sweep): what divergence does to each
+        self.members = members_lib.policy(state)
 
     # -- resume and files ----------------------------------------------------------------------
 
     def resume_from(self, point: resume_lib.ResumePoint) -> None:
         self.state = point.state
-        self.cb_states = {cb.name: point.cb_states.get(cb.name, cb.init()) for cb in self.callbacks}
+        acts = self.actions
+        acts.cb_states = {cb.name: point.cb_states.get(cb.name, cb.init()) for cb in acts.callbacks}
         self.start_epoch, self.in_epoch = point.start_epoch, point.in_epoch
+        acts.start_epoch = point.start_epoch
         self.saved_rngs = point.record.rng_states
         self.saved_data_state = point.record.data_state
         self.history = [r for r in point.history if r["epoch"] < point.start_epoch]
-        if self.div is not None:
-            try:
-                self.div = members_lib.Diverged.from_meta(point.record.diverged_members, self.div.k)
-            except ValueError as exc:
-                raise checkpoint.CheckpointError(f"{point.path}: {exc}") from None
+        try:
+            self.members = self.members.resumed(point.record.diverged_members)
+        except ValueError as exc:
+            raise checkpoint.CheckpointError(f"{point.path}: {exc}") from None
         where = f"epoch {point.start_epoch}" + (
             f", batch {point.in_epoch['batch']}" if point.in_epoch else ""
         )
@@ -205,32 +172,40 @@ class _Driver(Actions):
         )
 
     def _record(
-        self, epoch_done: int, in_epoch: dict[str, Any] | None = None, rng_states: Any = None
+        self,
+        state: TrainState,
+        epoch_done: int,
+        in_epoch: dict[str, Any] | None = None,
+        rng_states: Any = None,
     ) -> resume_lib.RunRecord:
         """The run record now: after `epoch_done` epochs, and inside the next at `in_epoch`."""
         return dataclasses.replace(
-            self.base, epoch=epoch_done, callbacks=self.cb_states, history=self.history,
+            self.base, epoch=epoch_done, callbacks=self.actions.cb_states, history=self.history,
             rng_states=rng_states or rngs.capture(),
-            lr=resume_lib.host_lr(self.state.opt_state),  # the base lr, as last set (not a copy)
+            lr=resume_lib.host_lr(state.opt_state),  # the base lr, as last set (not a copy)
             in_epoch=in_epoch or None,
             # at an epoch's end: where a stateful source's next epoch starts (its shuffle)
             data_state=None if in_epoch else self._data_state(),
-            diverged_members=self.div.to_meta() if self.div is not None else [],
+            diverged_members=self.members.to_meta(),
             privacy=self.run_meta().get("privacy", self.base.privacy),
         )  # fmt: skip
 
     def save_last(
-        self, epoch_done: int, in_epoch: dict[str, Any] | None = None, rng_states: Any = None
+        self,
+        state: TrainState,
+        epoch_done: int,
+        in_epoch: dict[str, Any] | None = None,
+        rng_states: Any = None,
     ) -> Path | None:
-        """Write last.safetensors; with the global generators' states `rng_states` (taken where
-        the data source's position was) or, without them, as they are now."""
+        """Write `state` to last.safetensors; with the global generators' states `rng_states`
+        (taken where the data source's position was) or, without them, as they are now."""
         if self.run is None:
             return None
         folder, folder_id = self.run.checkpoint_folder()  # still the run's own, not a link swapped in
         path = folder / LAST
-        record = self._record(epoch_done, in_epoch, rng_states)
-        checkpoint.save_state(path, self.state, metadata=record.to_meta(), folder=folder_id)
-        self.log.info(f"saved {path} (step {_host_step(self.state.step)})")
+        record = self._record(state, epoch_done, in_epoch, rng_states)
+        checkpoint.save_state(path, state, metadata=record.to_meta(), folder=folder_id)
+        self.log.info(f"saved {path} (step {_host_step(state.step)})")
         return path
 
     # -- epochs --------------------------------------------------------------------------------
@@ -348,18 +323,14 @@ class _Driver(Actions):
             return None
         return encode_state(self.train_data.state_dict())  # type: ignore[union-attr]
 
-    def _params_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.state.params.values())
-
     def _stop_mid_epoch(
         self, ep: _Epoch, next_batch: int, cut: bool, data_state: Any = None, rng_states: Any = None
     ) -> None:
         """Save the state cut inside epoch `ep` (unless it diverged); raise Interrupted on a signal."""
-        if self.div is None:
-            bad_step = int(self._first_bad(ep))
-        else:  # a stack: a member that went non-finite is marked now, the others are saved
-            bad_step, _ = self._member_verdict(ep.epoch, self._first_bad(ep).tolist())
-            ep.sums = members_lib.finite_sums(ep.sums)  # the marked members' NaN sums: never read
+        # a stack's member that went non-finite is marked now, the others are saved
+        bad_steps = self._first_bad(ep).tolist()
+        self.state, bad_step, finite = self.members.verdict(self.state, ep.epoch, bad_steps, self.log)
+        ep.sums = dict(self.members.saved_sums(ep.sums))
         in_epoch = {
             "epoch": ep.epoch,
             "batch": next_batch,
@@ -370,17 +341,13 @@ class _Driver(Actions):
             **({"data_state": data_state} if data_state is not None else {}),
         }
         saved, path = True, (self.run.checkpoints / LAST if self.run else None)
-        if (
-            bad_step >= 0
-            or (self.div is None and not self._params_finite())
-            or (self.div and self.div.all_dead())
-        ):
+        if not finite:
             saved, self.diverged = False, True  # never replace the last good resume point with it
             where = f"at step {bad_step} " if bad_step >= 0 else ""
             self.log.error(f"training became non-finite {where}(epoch {ep.epoch}); "
                            f"not saving, {path} keeps the state from before it")  # fmt: skip
         else:
-            path = self.save_last(ep.epoch - 1, in_epoch, rng_states)
+            path = self.save_last(self.state, ep.epoch - 1, in_epoch, rng_states)
         if cut:
             self._stop_at_max_steps()
             return
@@ -389,36 +356,16 @@ class _Driver(Actions):
             self.run.close_tensorboard()
         raise Interrupted(self.flag["signum"], path or Path("."), saved=saved)
 
-    def _member_verdict(self, epoch: int, bad_steps: list[float]) -> tuple[int, bool]:
-        """A stack's members whose loss or parameters went non-finite marked diverged (logged)
-        and quieted (`members.quiet`); (first non-finite step, finite) of the stack as a whole:
-        (-1, True) while any member is left."""
-        assert self.div is not None
-        k = self.div.k
-        steps = [int(x) for x in bad_steps] if len(bad_steps) == k else [int(bad_steps[0])] * k
-        finite = members_lib.finite_members(self.state.params, k)
-        for i in self.div.mark(epoch, steps, finite):
-            self.log.error(self.div.message(i))
-        if self.div.all_dead():  # kept as it is, like one model's diverged state: never saved
-            return self.div.first_step(), False
-        self.state = members_lib.quiet(self.state, self.div.dead)
-        return -1, True
-
     def _end_epoch(self, ep: _Epoch, steps: int) -> None:
         # the epoch's sums (over all ranks, once per epoch, with a group), in one sync
-        first_bad = self._first_bad(ep).reshape(() if self.div is None else -1)
-        sums = to_host({**sum_over_ranks(self.group, ep.sums), "first_bad": first_bad})
+        sums = to_host({**sum_over_ranks(self.group, ep.sums), "first_bad": self._first_bad(ep)})
         train_time = ep.elapsed()
-        if self.div is None:
-            bad = int(sums.pop("first_bad"))
-            finite = bad < 0 and self._params_finite()
-        else:  # a stack: members that diverged are marked and left out; it stops when all have
-            bad, finite = self._member_verdict(ep.epoch, sums.pop("first_bad"))
-        dead = self.div.dead if self.div is not None else ()
-        metrics: dict[str, Any] = train_metrics(sums, max(steps, 1), dead)
+        # a stack: members that diverged are marked and left out; it stops when all have
+        self.state, bad, finite = self.members.verdict(self.state, ep.epoch, sums.pop("first_bad"), self.log)
+        metrics: dict[str, Any] = train_metrics(sums, max(steps, 1), self.members.dead)
         if self.eval_step is not None and self.val_data is not None:
             batches = epoch_batches(self.val_data, ep.epoch)
-            live = self.div.live if self.div is not None and dead and finite else None
+            live = self.members.evaluated(finite)
             metrics.update(evaluate(self.eval_step, self.state, batches, group=self.group, live=live))
         lr = applied_lr(self.state.opt_state, self.lr_schedule)  # what the last step applied
         key = lr_key(self.state.opt_state, self.lr_schedule)
@@ -429,22 +376,21 @@ class _Driver(Actions):
         if self.privacy is not None:  # the guarantee after the steps taken so far
             metrics.update(self._epsilon())
         metrics["epoch_time_s"] = train_time
-        if self.div is not None:
-            metrics["members_diverged"] = len(dead)
+        metrics.update(self.members.metrics())
         if bad >= 0:
             metrics["first_nonfinite_step"] = bad
             self.log.error(f"loss became non-finite at step {bad} (epoch {ep.epoch}); stopping")
         self.history = [r for r in self.history if r["epoch"] < ep.epoch] + [
             cbs.history_record(ep.epoch, metrics)
         ]
-        reason = self.dispatch(cbs.EpochEnd(epoch=ep.epoch, metrics=metrics), ep.epoch, finite)
+        self.state, reason = self.actions.dispatch(
+            cbs.EpochEnd(epoch=ep.epoch, metrics=metrics), ep.epoch, self.state, finite
+        )
         self.epochs_run += 1
         self.diverged = self.diverged or not finite
-        if self.div is not None and not finite:
-            reason = f"every member diverged by epoch {ep.epoch} (the first at step {bad})"
-            self._stop_with(StopReason.MEMBERS_DIVERGED, reason)
-        elif bad >= 0:  # this reason names the step; TerminateOnNaN's names only the epoch
-            self._stop_with(StopReason.NON_FINITE, f"non-finite loss at step {bad} (epoch {ep.epoch})")
+        divergence = self.members.divergence(ep.epoch, bad, finite)  # names the step (TerminateOnNaN: epoch)
+        if divergence is not None:
+            self._stop_with(*divergence)
         elif reason:
             self._stop_with(StopReason.CALLBACK, reason)
         elif not finite:
@@ -527,7 +473,8 @@ class _Driver(Actions):
         # Handlers go in before TrainBegin logs "training epochs": from that line on, a
         # signal is always honoured after the current step.
         with signals_to_flag(self.run is not None or self.group is not None) as self.flag:
-            reason = self.dispatch(cbs.TrainBegin(start_epoch=self.start_epoch, total_epochs=self.epochs), 0)
+            begin = cbs.TrainBegin(start_epoch=self.start_epoch, total_epochs=self.epochs)
+            self.state, reason = self.actions.dispatch(begin, 0, self.state)
             if reason:
                 self.stop, self.stop_reason = StopReason.CALLBACK, reason
             epoch = self.start_epoch
@@ -539,11 +486,12 @@ class _Driver(Actions):
                 if not self.train_epoch(epoch):
                     break
                 epoch += 1
-        self.dispatch(cbs.TrainEnd(epoch=epoch - 1, reason=self.stop_reason), epoch - 1)
+        end = cbs.TrainEnd(epoch=epoch - 1, reason=self.stop_reason)
+        self.state, _ = self.actions.dispatch(end, epoch - 1, self.state)
         return FitResult(
             self.state, self.history, self.epochs_run, self.stop_reason, self.run.path if self.run else None,
-            self.best, self.stop, self.diverged, dict(sorted(self.member_best.items())),
-            {m["member"]: m for m in self.div.to_meta()} if self.div is not None else {},
+            self.actions.best, self.stop, self.diverged, dict(sorted(self.actions.member_best.items())),
+            {m["member"]: m for m in self.members.to_meta()},
         )  # fmt: skip
 
 
@@ -647,8 +595,7 @@ def fit(
         # the point checked against this run (`resume.compatible`): its model, images, privacy
         now = dataclasses.replace(driver.base, privacy=driver.run_meta().get("privacy"))
         out = run.path if run else None
-        point = resume_lib.resume_point(resume, out, state, driver.callbacks, logger, now)
+        point = resume_lib.resume_point(resume, out, state, driver.actions.callbacks, logger, now)
         if point is not None:
             driver.resume_from(point)
         return driver.run_epochs()
-

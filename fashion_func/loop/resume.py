@@ -152,6 +152,7 @@ class Problem:
 
     def fields(self, path: Path) -> dict[str, Any]:
         """The values an error of this kind speaks of (splits as their counts)."""
+
         def shown(v: Any) -> Any:
             if self.kind is not ProblemKind.SPLITS:
                 return v
