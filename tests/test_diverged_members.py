@@ -59,7 +59,7 @@ def test_no_live_member_gives_nan_not_an_error():
 )  # fmt: skip
 def test_saved_marks_are_validated(meta):
     with pytest.raises(ValueError, match="diverged_members"):
-        members_lib.Diverged.from_meta(meta, 2)
+        members_lib.Stack.from_meta(meta, 2)
 
 
 def test_quiet_zeroes_only_the_dead_members_non_finite_numbers():

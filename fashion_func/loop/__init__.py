@@ -1,11 +1,12 @@
 """The impure driver: `fit` over the user's state, step, data and callbacks.
 
-One job per module: `fit` (the epoch driver), `actions` (the callbacks' actions carried
-out), `reduce` (metric sums -> epoch means over members and ranks), `batches` (an epoch's
-batches from the user's data), `signals`, `resume` (reading a resume point), `rundir` (the run
-directory and its overwrite policy), `artifacts` (the files a run writes), `lock`, `logger`,
-`plots`, `errors` and `collective`. Device and process settings belong to the command line
-(`fashion_func.cli.device`).
+One job per module: `fit` (the epoch driver), `result` (what it returns, why it stopped),
+`actions` (the callbacks' actions carried out), `members` (one model or a stack, and its
+diverged members), `reduce` (metric sums -> epoch means over members and ranks), `batches` (an
+epoch's batches from the user's data), `signals`, `resume` (the run record a checkpoint holds,
+`compatible`, the resume point), `rundir` (the run directory and its overwrite policy),
+`artifacts` (the files a run writes), `lock`, `logger`, `plots`, `errors` and `collective`.
+Device and process settings belong to the command line (`fashion_func.cli.device`).
 """
 
 from __future__ import annotations
