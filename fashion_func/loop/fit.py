@@ -412,6 +412,14 @@ class _Driver:
             return expand_members({"epsilon": eps}, {"epsilon": max(eps)})
         return {"epsilon": eps}
 
+    def enforced(self) -> dict[str, Any] | None:
+        """What a private run enforces, as its privacy record says it (None: not private)."""
+        if self.privacy is None or self.per_example is None:
+            return None
+        acc = self.privacy
+        return {"sample_rate": acc.sample_rate, "noise_multiplier": acc.noise_multiplier, "delta": acc.delta,
+                "max_grad_norm": self.per_example.max_norm, "accountant": acc.accountant}  # fmt: skip
+
     def run_meta(self, member: int | None = None) -> dict[str, Any]:
         """With `privacy`: the guarantee of the steps taken so far (`Accountant.record`) and
         the step's clipping norm, over what `metadata["privacy"]` already says (a target); a
@@ -593,7 +601,7 @@ def fit(
                          privacy=privacy)  # fmt: skip
         driver.warn_inexact_source()
         # the point checked against this run (`resume.compatible`): its model, images, privacy
-        now = dataclasses.replace(driver.base, privacy=driver.run_meta().get("privacy"))
+        now = dataclasses.replace(driver.base, privacy=driver.enforced())
         out = run.path if run else None
         point = resume_lib.resume_point(resume, out, state, driver.actions.callbacks, logger, now)
         if point is not None:
