@@ -73,6 +73,7 @@ class CheckpointError(Worded):
 
     WORDS: ClassVar[Mapping[str, str]] = {
         "no_model_name": "{path}: no model name in the file's metadata; pass model_name=NAME",
+        "privacy_record": "{path}: {detail}",  # a resume point's privacy record (`loop.resume.compatible`)
     }
 
 

@@ -59,7 +59,7 @@ def test_no_live_member_gives_nan_not_an_error():
 )  # fmt: skip
 def test_saved_marks_are_validated(meta):
     with pytest.raises(ValueError, match="diverged_members"):
-        members_lib.Diverged.from_meta(meta, 2)
+        members_lib.Stack.from_meta(meta, 2)
 
 
 def test_quiet_zeroes_only_the_dead_members_non_finite_numbers():
@@ -131,5 +131,5 @@ def test_resume_with_a_diverged_member_is_exact(tmp_path):
     assert_tree_equal(res.state, straight.state)
     strip = [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in res.history]
     assert strip == [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in straight.history]
-    assert res.extra["diverged_members"] == straight.extra["diverged_members"]
+    assert res.diverged_members == straight.diverged_members
     assert not res.diverged and Path(res.out_dir).is_dir()

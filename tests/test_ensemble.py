@@ -455,7 +455,7 @@ def test_fit_train_metrics_are_each_members_solo_run(fitted):
 
 def test_fit_writes_each_members_best_weights_as_a_plain_model(fitted):
     out, res = fitted
-    best = res.extra["member_best"]
+    best = res.member_best
     assert sorted(best) == [0, 1]
     assert not (out / "checkpoints" / "best.safetensors").exists()
     assert (out / "checkpoints" / "last.safetensors").exists()
@@ -581,8 +581,8 @@ def test_cli_resume_with_other_members_is_refused(cli_run, capsys):
 def test_a_resume_that_finds_no_better_epoch_still_reports_every_members_best(tmp_path):
     first = _fit(tmp_path / "run", "mlp", 2, epochs=1)
     again = _fit(tmp_path / "run", "mlp", 2, epochs=1, resume="auto")  # nothing left to train
-    assert first.extra["member_best"] and again.epochs_run == 0
-    assert again.extra["member_best"] == first.extra["member_best"]
+    assert first.member_best and again.epochs_run == 0
+    assert again.member_best == first.member_best
 
 
 def test_overwrite_removes_the_members_files_and_a_linked_member_folder_is_refused(tmp_path, capsys):

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,16 +26,25 @@ from fashion_func import state as state_lib
 from fashion_func.augment import Augment
 from fashion_func.cli import budget, launch, private, words
 from fashion_func.cli import device as device_lib
-from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError, same_value
+from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError
 from fashion_func.cli.summary import summary
-from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, evaluate, fit
+from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, StopReason, evaluate, fit
 from fashion_func.loop import resume as resume_lib
+from fashion_func.loop.resume import RunRecord
 from fashion_func.safeio import display
 from fashion_func.step import NormalizeImages, make_eval_step, make_train_step
 
 __all__ = ["train"]
 
 EXIT_DIVERGED = 3  # a run stopped by a non-finite loss: a script or scheduler must see it failed
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult(FitResult):
+    """`fit`'s result, with the held-out test set's measurement at the end (`--val-split`):
+    test.json's report, or None when none was made."""
+
+    test: dict[str, Any] | None = None
 
 
 def build_optimizer(cfg: Config, steps_per_epoch: int | None = None) -> optim.GradientTransformation:
@@ -172,39 +180,12 @@ def initial_state(cfg: Config, model: models.Model, tx: Any, device: torch.devic
     return state_lib.create(params, tx, seed=cfg.seed, model_state=model.init_state(device=device))
 
 
-def _resume_point(
-    cfg: Config, path: Path, st: state_lib.TrainState, callbacks: list[Any], log: Any, splits: dict[str, Any]
-) -> ResumePoint:
-    """The checkpoint's resume point, refused for another model, members or splits, with the
-    optimizer hyperparameters given again applied."""
-    meta = checkpoint.read_metadata(path)
-    saved_model = meta.get("model")
-    if saved_model is not None and saved_model != cfg.model:
-        raise RunError(
-            f"checkpoint {path} holds a {saved_model} model, not {cfg.model}; "
-            f"resume it with --model {saved_model}"
-        )
-    saved = meta.get("config", {})
-    if isinstance(saved, dict) and not (
-        saved.get("ensemble", 1) == cfg.ensemble and same_value("sweep", saved.get("sweep"), cfg.sweep)
-    ):
-        raise RunError(
-            f"checkpoint {path} was trained with --ensemble {saved.get('ensemble', 1)} "
-            f"--sweep {saved.get('sweep')}, not --ensemble {cfg.ensemble} --sweep {cfg.sweep}; "
-            "resume it with the same members"
-        )
-    _check_same_splits(path, meta.get("splits"), splits)
-    point = resume_lib.load(path, st, callbacks)
-    saved_config = point.metadata.get("config")
-    return _given_again(cfg, point, saved_config if isinstance(saved_config, dict) else {}, callbacks, log)
-
-
-def _given_again(
-    cfg: Config, point: ResumePoint, saved: dict[str, Any], callbacks: list[Any], log: Any
-) -> ResumePoint:
+def _given_again(cfg: Config, point: ResumePoint, callbacks: list[Any], log: Any) -> ResumePoint:
     """`point` with each optimizer hyperparameter the config changes written into its state
     (`Key.hyper`: lr, weight_decay, momentum, clip_norm, ema), so config.json records what runs.
     A hyperparameter the state has no part for (adam's momentum) does nothing, as in a new run."""
+    saved = point.record.settings.get("config")
+    saved = saved if isinstance(saved, dict) else {}
     held = optim.hyperparams(point.state.opt_state)
     for name, key in KEYS.items():
         old, new = saved.get(name), getattr(cfg, name)
@@ -239,20 +220,6 @@ def split_identity(train: data.Split, val: data.Split, test: data.Split | None) 
         digest.update(name.encode() + b"\0" + np.arange(lo, hi, dtype="<i8").tobytes())
     counts = {name: hi - lo for name, (lo, hi) in parts.items()}
     return {**counts, "digest": digest.hexdigest()[:16]}
-
-
-def _check_same_splits(path: Path, saved: Any, now: dict[str, Any]) -> None:
-    """A resume continues on the images its run trained on: another split is a RunError."""
-    if saved == now:
-        return
-    if not isinstance(saved, dict):
-        raise RunError(f"checkpoint {path} records no split of the images; it was not written by train.py")
-    was = ", ".join(f"{k} {saved.get(k)}" for k in ("train", "held_out", "test"))
-    new = ", ".join(f"{k} {now[k]}" for k in ("train", "held_out", "test"))
-    raise RunError(
-        f"checkpoint {path} was trained on other images ({was}; now {new}); resume with the "
-        "same --data-dir, --limit-train, --limit-val and --val-split"
-    )
 
 
 def build_steps(
@@ -366,7 +333,7 @@ def train(
     callbacks: list[Any] | None = None,
     max_steps: int | None = None,
     group: distributed.Group | None = None,
-) -> FitResult:
+) -> TrainResult:
     """Train as `cfg` says, writing its run directory; returns the final state and history.
 
     resume: None, "auto" (continue `<out>/checkpoints/last.safetensors` if present) or a path.
@@ -395,11 +362,12 @@ def train(
             run.log.info(_members_line(cfg))
         run.log.info(_sizes_line(train_split, val_split, test_split))
         point = None
-        splits = split_identity(train_split, val_split, test_split)
+        metadata = {**_metadata(cfg, model, dp), "splits": split_identity(train_split, val_split, test_split)}
         if from_path is not None:
-            point = _resume_point(cfg, from_path, st, callbacks, run.log, splits)
-            if dp is not None:  # the record against the state's own step count, before anything is written
-                private.check_resumed(dp, from_path, point.metadata, int(point.state.step.reshape(-1)[0]))
+            # refused where its run is not this one (`resume.compatible`: another model, other
+            # images, another privacy record; the members are the config's, `resume_problem`)
+            point = resume_lib.load(from_path, st, callbacks, RunRecord.from_meta(metadata))
+            point = _given_again(cfg, point, callbacks, run.log)
         elif resume == "auto":
             run.log.info(f"no checkpoint in {run.checkpoints}; starting fresh")
         run.write_json("config.json", cfg.to_dict())
@@ -426,7 +394,7 @@ def train(
             log=run.log,
             group=group,
             resume=point,
-            metadata={**_metadata(cfg, model, dp), "splits": splits},
+            metadata=metadata,
             max_steps=max_steps,
             progress=cfg.progress,
             lr_schedule=lr_schedule(cfg, steps_per_epoch),
@@ -435,9 +403,10 @@ def train(
         if _stacked(cfg):
             _write_members_table(cfg, result, run)
         # a run cut by max_steps is not finished: its test measurement waits for the resumed run
-        if test_split is not None and not result.diverged and not result.stop_reason.startswith("max_steps"):
-            result.extra["test"] = _final_test(cfg, result, eval_step, plain_eval, test_split, run)
-        return result
+        if test_split is None or result.diverged or result.stop is StopReason.MAX_STEPS:
+            return TrainResult(**vars(result))
+        test = _final_test(cfg, result, eval_step, plain_eval, test_split, run)
+        return TrainResult(**vars(result), test=test)
 
 
 def _refuse_under_group(cfg: Config, model: models.Model, group: distributed.Group | None) -> None:
@@ -508,7 +477,7 @@ def _final_test(
         )
         metrics, source = evaluate(plain_eval, chosen, batches), f"best weights (epoch {best['epoch']})"
     else:
-        dead = result.extra.get("diverged_members") or {}
+        dead = result.diverged_members
         live = [k for k in range(cfg.members) if k not in dead] if dead else None
         metrics = evaluate(eval_step, result.state, batches, live=live)
         source = "final weights" + (f" of the {len(live)} members that did not diverge" if live else "")
@@ -535,8 +504,7 @@ def members_table(cfg: Config, result: FitResult) -> list[dict[str, Any]]:
     best `cfg.monitor` with the epoch and the file holding those weights, and whether it
     diverged (`diverged`: null, or the epoch and first non-finite step, -1 for parameters)."""
     grid = cfg.sweep.members() if cfg.sweep else [{} for _ in range(cfg.members)]
-    best = result.extra.get("member_best", {})
-    dead = result.extra.get("diverged_members", {})
+    best, dead = result.member_best, result.diverged_members
     rows = []
     for k, hyper in enumerate(grid):
         row: dict[str, Any] = {"member": k, **hyper}
@@ -611,16 +579,15 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False, pro
         if result.best
         else ""
     )
-    members = result.extra.get("member_best")
-    if members:
+    if result.member_best:
         tail += (
             f"; each member's best weights in {result.out_dir}/checkpoints/member-*/, table in members.json"
         )
-    dead = result.extra.get("diverged_members")
+    dead = result.diverged_members
     if dead and not result.diverged:
         tail += f"; {len(dead)} member(s) diverged and left out ({', '.join(f'm{k}' for k in dead)})"
-    if "test" in result.extra:
-        tail += f"; test_acc {result.extra['test']['test_acc']:.4f} ({result.extra['test']['weights']})"
+    if result.test is not None:
+        tail += f"; test_acc {result.test['test_acc']:.4f} ({result.test['weights']})"
     _print(f"done: {result.epochs_run} epoch(s), {result.stop_reason}{tail}; run directory {result.out_dir}")
     if result.diverged:
         print(

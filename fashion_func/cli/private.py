@@ -159,15 +159,6 @@ def _chosen_before(cfg: Config, record: dict[str, Any], rate: float, resumed: Pa
     return (float(sigma),)
 
 
-def check_resumed(dp: Plan, path: Path, metadata: dict[str, Any], step: int) -> None:
-    """The resumed checkpoint's privacy record against this run and the state's own step count
-    (`privacy.check_record`): a state trained elsewhere (an optax epoch) is refused here."""
-    _checked(f"--resume {path}", lambda: privacy.check_record(
-        metadata.get("privacy"), steps=step, sample_rate=dp.sample_rate, max_norm=_one_or_each(dp.max_norm),
-        noise_multiplier=_one_or_each(dp.noise_multiplier), delta=dp.delta, accountant=dp.kind,
-    ))  # fmt: skip
-
-
 def _checked(flag: str, call: Callable[[], Any]) -> Any:
     """`call()`, its ValueError worded with the flag that gave the value (a RunError, exit 2)."""
     try:

@@ -26,7 +26,7 @@ from fashion_func.cli.config import (
     load_preset,
     resume_problem,
 )
-from fashion_func.safeio import display, short_repr
+from fashion_func.safeio import display
 
 __all__ = ["finish_rank", "main_train"]
 
@@ -279,6 +279,7 @@ def _checkpoint_config(values: dict[str, Any], resume: str) -> tuple[dict[str, A
     for `auto` before the first checkpoint."""
     # heavy imports (torch) only on this path: reading a checkpoint needs them anyway
     from fashion_func import checkpoint, loop
+    from fashion_func.loop import resume as resume_lib
 
     # where `auto` looks: the --out given, else the default for the model given
     out = Config.from_dict({k: values[k] for k in ("out", "model") if k in values}).out_dir
@@ -289,11 +290,11 @@ def _checkpoint_config(values: dict[str, Any], resume: str) -> tuple[dict[str, A
         saved = loop.saved_config(path)
     except (loop.RunError, checkpoint.CheckpointError) as exc:
         raise UsageError(words.message(exc)) from None
-    if "model" in values and values["model"] != saved.get("model"):
-        raise UsageError(
-            f"--model {values['model']} does not match checkpoint {path}, which holds a "
-            f"{short_repr(saved.get('model'))} model; leave out --model to resume it"
-        )
+    # the core's rule (`resume.compatible`), before anything heavy is built; worded with the flags
+    was, now = ({"model": v} for v in (saved.get("model"), values.get("model")))
+    problems = resume_lib.compatible(resume_lib.RunRecord(was), resume_lib.RunRecord(now))
+    if problems:
+        raise UsageError(words.message(problems[0].error(path)))
     # A run writes only where the user pointed, never where a checkpoint's saved config says
     # (a copied run's checkpoint names the original's directory).
     return saved, str(out) if resume == "auto" or "out" in values else _run_dir_of(path)

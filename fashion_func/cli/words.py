@@ -42,6 +42,11 @@ WORDS: dict[str, str] = {
     "not_a_directory": "--out {out} exists and is not a directory",
     "no_checkpoint": "--resume {resume}: no such checkpoint file",
     "checkpoint_not_regular": "--resume {resume}: not a regular file ({what})",
+    "other_model": "--model {now} does not match checkpoint {path}, which holds a {saved} model; "
+    "leave out --model to resume it",
+    "other_splits": "checkpoint {path} was trained on other images ({saved}; now {now}); resume with the "
+    "same --data-dir, --limit-train, --limit-val and --val-split",
+    "privacy_record": "--resume {path}: {detail}",
     "other_batches": "the checkpoint was cut mid-epoch with {diff}; resume with the same batches "
     "(--batch-size, --limit-train and --seed)",
     "inexact_resume": "the checkpoint was cut mid-epoch (epoch {epoch}, batch {batch}) and {data} cannot "

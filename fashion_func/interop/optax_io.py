@@ -28,6 +28,7 @@ written by hand without a description. jax, flax and optax are imported only ins
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -45,6 +46,7 @@ from fashion_func.interop.torch_io import identify, merge_state
 from fashion_func.interop.torch_modules import hparams_from_params
 from fashion_func.loop.artifacts import MARKER
 from fashion_func.loop.lock import LOCK, Lock
+from fashion_func.loop.resume import RunRecord
 from fashion_func.schedules import DescribedSchedule
 from fashion_func.state import TrainState
 
@@ -465,13 +467,13 @@ def save_resume(
     state too). A `path` in a run directory (`<run>/checkpoints/`) is written holding the run's
     lock: a run training there is never overwritten (`loop.RunError`).
     """
-    meta = _resume_point_of(Path(path), state, like, epochs)
-    meta["epoch"] = int(meta.get("epoch", 0)) + epochs
+    record = RunRecord.from_meta(_resume_point_of(Path(path), state, like, epochs))  # the checked record
     try:
-        meta["lr"] = float(optim.get_hyperparam(state.opt_state, "lr"))
+        lr: float | None = float(optim.get_hyperparam(state.opt_state, "lr"))
     except KeyError:
-        meta.pop("lr", None)
+        lr = None
     with _run_locked(Path(path)):
+        meta = dataclasses.replace(record, epoch=record.epoch + epochs, lr=lr).to_meta()
         checkpoint.save_state(Path(path), state, metadata=meta)
 
 

@@ -1,13 +1,14 @@
 """The actions the callbacks return, carried out: save, set a hyperparameter, write, log, stop.
 
-`Actions` is the part of `fit`'s driver that executes them; it works on the driver's fields
-(state, run, log, metadata, callbacks and their states, best records).
+`Actions` is a part `fit`'s driver holds: the callbacks, their states and the best records;
+it carries out what they return on the state it is given, and saves last.safetensors through
+the driver (`save_last`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,26 +32,26 @@ def _no_reason(write: Callable[[Any], Any]) -> Callable[[Any, int, bool], None]:
 
 
 class Actions:
-    """Carrying out the callbacks' actions, mixed into `fit`'s driver (which owns the fields)."""
+    """The callbacks, their states and the best records, and their actions carried out.
 
-    state: Any
-    run: Any
-    log: Any
-    metadata: dict[str, Any]
-    callbacks: list[Any]
-    cb_states: dict[str, Any]
-    start_epoch: int
-    best: dict[str, Any] | None
-    member_best: dict[int, dict[str, Any]]
-    weights_of: Callable[[Any], dict[str, Any]]
+    run, log, metadata, weights_of: as `fit` was given them. save_last: `(state, epoch) ->
+    path` writes last.safetensors (the driver's). run_meta: `member -> metadata` that every
+    file written now records beside `metadata` (a member's file: its own figures).
+    """
 
-    def save_last(self, epoch_done: int, in_epoch: dict[str, Any] | None = None) -> Path | None:
-        raise NotImplementedError
-
-    def run_meta(self, member: int | None = None) -> dict[str, Any]:
-        """What every file written now records beside `metadata`, from the run so far (a
-        member's file: that member's own figures)."""
-        return {}
+    def __init__(
+        self, callbacks: Sequence[Any], run: Any, log: Any, metadata: dict[str, Any],
+        weights_of: Callable[[Any], dict[str, Any]], save_last: Callable[[Any, int], Path | None],
+        run_meta: Callable[[int | None], dict[str, Any]],
+    ) -> None:  # fmt: skip
+        self.callbacks = list(callbacks)
+        self.cb_states: dict[str, Any] = cbs.init_states(self.callbacks)
+        self.run, self.log, self.metadata, self.weights_of = run, log, metadata, weights_of
+        self.save_last, self.run_meta = save_last, run_meta
+        self.start_epoch = 1  # TensorBoard purges what a resumed run writes again from here
+        self.best: dict[str, Any] | None = None
+        self.member_best: dict[int, dict[str, Any]] = {}
+        self.state: Any = None  # the state the actions apply to, while `dispatch` runs
 
     def _weights_path(self, kind: str, epoch: int, member: int | None) -> Path | None:
         if self.run is None:
@@ -85,8 +86,9 @@ class Actions:
 
     # -- events and actions --------------------------------------------------------------------
 
-    def dispatch(self, event: Any, epoch: int, finite: bool = True) -> str | None:
-        """Send `event` to the callbacks, then carry out their actions; a stop reason or None.
+    def dispatch(self, event: Any, epoch: int, state: Any, finite: bool = True) -> tuple[Any, str | None]:
+        """Send `event` to the callbacks, then carry out their actions on `state`; (the state,
+        with the hyperparameters they set, and a stop reason or None).
 
         With a run directory every finished epoch ends in last.safetensors (exact resume
         whatever the callbacks): written here when no callback asked for it.
@@ -95,7 +97,12 @@ class Actions:
         if self.run is not None and isinstance(event, cbs.EpochEnd):
             if not any(isinstance(a, cbs.SaveCheckpoint) and a.kind == "last" for a in actions):
                 actions = [*actions, cbs.SaveCheckpoint("last", event.epoch)]
-        return self.carry_out(actions, epoch, finite)
+        self.state = state
+        try:
+            reason = self.carry_out(actions, epoch, finite)
+            return self.state, reason
+        finally:
+            self.state = None
 
     def carry_out(self, actions: list[Any], epoch: int, finite: bool) -> str | None:
         """Apply actions in list order, except hyperparameters first and Stop last; each
@@ -154,6 +161,6 @@ class Actions:
         if not finite:
             self.log.warning(f"not saving {a.kind} checkpoint for epoch {epoch}: parameters are not finite")
         elif a.kind == "last":
-            self.save_last(epoch)
+            self.save_last(self.state, epoch)
         else:
             self._save_weights(a)

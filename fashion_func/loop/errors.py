@@ -44,6 +44,9 @@ class RunError(Worded):
         "not_a_directory": "run_dir {out} exists and is not a directory",
         "no_checkpoint": "resume={resume}: no such checkpoint file",
         "checkpoint_not_regular": "resume={resume}: not a regular file ({what})",
+        "other_model": "checkpoint {path} holds a {saved} model, not {now}",
+        "other_splits": "checkpoint {path} was trained on other images ({saved}; now {now}); resume with the "
+        "same train, validation and test images",
         "other_batches": "the checkpoint was cut mid-epoch with {diff}; resume with the same batches "
         "(the same train data, batch size and seed)",
         "inexact_resume": "the checkpoint was cut mid-epoch (epoch {epoch}, batch {batch}) and {data} cannot "

@@ -9,6 +9,8 @@ without one it writes nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import logging
 import sys
 import time
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fashion_func import callbacks as cbs
-from fashion_func import checkpoint, ensemble
+from fashion_func import checkpoint
 from fashion_func import privacy as privacy_lib
 from fashion_func.loop import collective as coll
 from fashion_func.loop import members as members_lib
@@ -34,32 +36,25 @@ from fashion_func.loop.collective import Collective
 from fashion_func.loop.errors import NOTES, RunError
 from fashion_func.loop.lr import applied_lr, lr_key
 from fashion_func.loop.reduce import evaluate, expand_members, sum_over_ranks, to_host, train_metrics
+from fashion_func.loop.result import FitResult, StopReason
 from fashion_func.loop.rundir import RunDir
 from fashion_func.loop.signals import Interrupted, signals_to_flag
 from fashion_func.privacy import Accountant
 from fashion_func.safeio import Note
 from fashion_func.state import TrainState
 
-__all__ = ["FitResult", "evaluate", "fit"]
-
-
-@dataclass
-class FitResult:
-    """What a finished run leaves: the final state, its history and why it ended."""
-
-    state: TrainState
-    history: list[dict[str, Any]]
-    epochs_run: int
-    stop_reason: str
-    out_dir: Path | None
-    best: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    diverged: bool = False  # stopped by a non-finite loss or non-finite parameters
+__all__ = ["FitResult", "StopReason", "evaluate", "fit"]
 
 
 def _host_step(step: Tensor) -> int:
     """The step as an int; an ensemble's members all stand at the same step."""
     return int(step.reshape(-1)[0])
+
+
+class _After(enum.Enum):
+    """What follows a step: the epoch goes on, ends (a cut on its last batch) or is cut."""
+
+    GO_ON, LAST_BATCH, CUT = range(3)
 
 
 class _NoBar:
@@ -91,9 +86,10 @@ def _params_and_buffers(state: TrainState) -> dict[str, Tensor]:
     return {**state.params, **state.model_state}
 
 
-class _Driver(Actions):
-    """One call of `fit`: the mutable run (state, callback states, lr, history) and the
-    methods that move it on. Small methods over shared fields instead of nested closures."""
+class _Driver:
+    """One call of `fit`: the mutable run (state, lr, history) and the methods that move it on;
+    the callbacks' actions are carried out by the `Actions` it holds, what divergence does by
+    its `members` policy (one model or a stack)."""
 
     def __init__(self, state, train_step, train_data, *, epochs, eval_step, val_data, callbacks,
                  run, metadata, max_steps, progress, log, weights=None, group=None,
@@ -101,18 +97,19 @@ class _Driver(Actions):
         self.state: TrainState = state
         self.train_step, self.train_data = train_step, train_data
         self.epochs, self.eval_step, self.val_data = epochs, eval_step, val_data
-        self.callbacks = list(callbacks)
         self.run: RunDir | None = run
         self.metadata = dict(metadata or {})
+        try:  # what every last.safetensors records before the run adds its own fields
+            self.base = resume_lib.RunRecord.from_meta(self.metadata)
+        except ValueError as exc:
+            raise ValueError(f"metadata: {exc}") from None
         self.max_steps, self.progress = max_steps, progress
-        self.weights_of: Callable[[TrainState], dict[str, Tensor]] = weights or _params_and_buffers
         self.log = log
-        self.cb_states = cbs.init_states(self.callbacks)
+        self.actions = Actions(callbacks, run, log, self.metadata, weights or _params_and_buffers,
+                               self.save_last, self.run_meta)  # fmt: skip
         self.start_epoch, self.in_epoch = 1, None
         self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] | None = None
-        self.member_best: dict[int, dict[str, Any]] = {}
-        self.stop_reason = "completed"
+        self.stop, self.stop_reason = StopReason.COMPLETED, "completed"
         self.diverged = False
         self.epochs_run = 0
         self.flag: dict[str, int | None] = {"signum": None}
@@ -128,27 +125,24 @@ class _Driver(Actions):
         self.per_example: privacy_lib.ClipAndNoise | None = getattr(train_step, "per_example", None)
         if privacy is not None:  # epsilon from what the run enforces, never from what a caller claims
             privacy_lib.check_accountant(privacy, self.per_example, getattr(train_data, "batching", None))
-        # a stack's diverged members (None for one model)
-        self.div = members_lib.Diverged(ensemble.size(state)) if members_lib.stacked(state) else None
+        # one model or a stack of members (an ensemble, a sweep): what divergence does to each
+        self.members = members_lib.policy(state)
 
     # -- resume and files ----------------------------------------------------------------------
 
     def resume_from(self, point: resume_lib.ResumePoint) -> None:
-        if self.privacy is not None:
-            self._check_privacy_record(point)
         self.state = point.state
-        self.cb_states = {cb.name: point.cb_states.get(cb.name, cb.init()) for cb in self.callbacks}
+        acts = self.actions
+        acts.cb_states = {cb.name: point.cb_states.get(cb.name, cb.init()) for cb in acts.callbacks}
         self.start_epoch, self.in_epoch = point.start_epoch, point.in_epoch
-        self.saved_rngs = point.metadata.get("rng_states")
-        self.saved_data_state = point.metadata.get("data_state")
+        acts.start_epoch = point.start_epoch
+        self.saved_rngs = point.record.rng_states
+        self.saved_data_state = point.record.data_state
         self.history = [r for r in point.history if r["epoch"] < point.start_epoch]
-        if self.div is not None:
-            try:
-                self.div = members_lib.Diverged.from_meta(
-                    point.metadata.get(members_lib.META_KEY), self.div.k
-                )
-            except ValueError as exc:
-                raise checkpoint.CheckpointError(f"{point.path}: {exc}") from None
+        try:
+            self.members = self.members.resumed(point.record.diverged_members)
+        except ValueError as exc:
+            raise checkpoint.CheckpointError(f"{point.path}: {exc}") from None
         where = f"epoch {point.start_epoch}" + (
             f", batch {point.in_epoch['batch']}" if point.in_epoch else ""
         )
@@ -177,37 +171,41 @@ class _Driver(Actions):
             f"gives no position to continue from, so its first {batch} batches are drawn again and dropped"
         )
 
-    def _meta(
-        self, epoch_done: int, in_epoch: dict[str, Any] | None = None, rng_states: Any = None
-    ) -> dict[str, Any]:
-        m = {**self.metadata, **self.run_meta(), "epoch": epoch_done, "callbacks": self.cb_states,
-             "history": self.history, "rng_states": rng_states or rngs.capture()}  # fmt: skip
-        lr = resume_lib.host_lr(self.state.opt_state)  # the base lr, as last set (not a copy)
-        if lr is not None:
-            m["lr"] = lr
-        if in_epoch:
-            m["in_epoch"] = in_epoch
-        else:  # at an epoch's end: where a stateful source's next epoch starts (its shuffle)
-            data_state = self._data_state()
-            if data_state is not None:
-                m["data_state"] = data_state
-        if self.div is not None and self.div.marks:
-            m[members_lib.META_KEY] = self.div.to_meta()
-        return m
+    def _record(
+        self,
+        state: TrainState,
+        epoch_done: int,
+        in_epoch: dict[str, Any] | None = None,
+        rng_states: Any = None,
+    ) -> resume_lib.RunRecord:
+        """The run record now: after `epoch_done` epochs, and inside the next at `in_epoch`."""
+        return dataclasses.replace(
+            self.base, epoch=epoch_done, callbacks=self.actions.cb_states, history=self.history,
+            rng_states=rng_states or rngs.capture(),
+            lr=resume_lib.host_lr(state.opt_state),  # the base lr, as last set (not a copy)
+            in_epoch=in_epoch or None,
+            # at an epoch's end: where a stateful source's next epoch starts (its shuffle)
+            data_state=None if in_epoch else self._data_state(),
+            diverged_members=self.members.to_meta(),
+            privacy=self.run_meta().get("privacy", self.base.privacy),
+        )  # fmt: skip
 
     def save_last(
-        self, epoch_done: int, in_epoch: dict[str, Any] | None = None, rng_states: Any = None
+        self,
+        state: TrainState,
+        epoch_done: int,
+        in_epoch: dict[str, Any] | None = None,
+        rng_states: Any = None,
     ) -> Path | None:
-        """Write last.safetensors; with the global generators' states `rng_states` (taken where
-        the data source's position was) or, without them, as they are now."""
+        """Write `state` to last.safetensors; with the global generators' states `rng_states`
+        (taken where the data source's position was) or, without them, as they are now."""
         if self.run is None:
             return None
         folder, folder_id = self.run.checkpoint_folder()  # still the run's own, not a link swapped in
         path = folder / LAST
-        checkpoint.save_state(
-            path, self.state, metadata=self._meta(epoch_done, in_epoch, rng_states), folder=folder_id
-        )
-        self.log.info(f"saved {path} (step {_host_step(self.state.step)})")
+        record = self._record(state, epoch_done, in_epoch, rng_states)
+        checkpoint.save_state(path, state, metadata=record.to_meta(), folder=folder_id)
+        self.log.info(f"saved {path} (step {_host_step(state.step)})")
         return path
 
     # -- epochs --------------------------------------------------------------------------------
@@ -265,10 +263,10 @@ class _Driver(Actions):
                 ep.first_bad = members_lib.note_bad(ep.first_bad, m["loss_sum"], self.state.step)
             bar.update(1)
             host_step += 1
-            stop = self._check_stop(ep, batches, b, host_step, bar)
-            if stop == "end":
+            after = self._check_stop(ep, batches, b, host_step, bar)
+            if after is _After.LAST_BATCH:
                 break  # the cut fell on the last batch: end the epoch below
-            if stop == "cut":
+            if after is _After.CUT:
                 return False
         bar.close()
         if b < 0:  # not even one batch (resuming at an epoch's very end has b >= first_batch - 1 >= 0)
@@ -277,25 +275,25 @@ class _Driver(Actions):
                 "pass a list, a DataLoader or a function epoch -> batches"
             )
         self._end_epoch(ep, steps=b + 1)
-        if self.max_steps is not None and host_step >= self.max_steps and self.stop_reason == "completed":
-            self.stop_reason = f"max_steps {self.max_steps} reached"
+        if self.max_steps is not None and host_step >= self.max_steps and self.stop is StopReason.COMPLETED:
+            self._stop_at_max_steps()
             return False
         return True
 
-    def _check_stop(self, ep: _Epoch, batches: Any, b: int, host_step: int, bar: Any) -> str | None:
-        """After batch `b`: None (go on), "end" (a cut on the epoch's last batch) or "cut" (the
-        state saved mid-epoch; on a signal `Interrupted` is raised instead)."""
+    def _check_stop(self, ep: _Epoch, batches: Any, b: int, host_step: int, bar: Any) -> _After:
+        """After batch `b`: go on, end the epoch (a cut on its last batch) or cut it (the state
+        saved mid-epoch; on a signal `Interrupted` is raised instead)."""
         cut = self.max_steps is not None and host_step >= self.max_steps
         signum = self._stop_signal(host_step)
         if not cut and signum is None:
-            return None
+            return _After.GO_ON
         data_state = self._data_state()  # before the look-ahead below draws one more batch
         rng_states = rngs.capture()  # likewise: the look-ahead may draw augmentation from them
         if cut and signum is None and next(batches, None) is None:
-            return "end"
+            return _After.LAST_BATCH
         bar.close()
         self._stop_mid_epoch(ep, b + 1, cut, data_state, rng_states)
-        return "cut"
+        return _After.CUT
 
     def _restore_rngs(self) -> None:
         """The global generators set as the resumed checkpoint saved them (once)."""
@@ -322,18 +320,14 @@ class _Driver(Actions):
             return None
         return encode_state(self.train_data.state_dict())  # type: ignore[union-attr]
 
-    def _params_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.state.params.values())
-
     def _stop_mid_epoch(
         self, ep: _Epoch, next_batch: int, cut: bool, data_state: Any = None, rng_states: Any = None
     ) -> None:
         """Save the state cut inside epoch `ep` (unless it diverged); raise Interrupted on a signal."""
-        if self.div is None:
-            bad_step = int(self._first_bad(ep))
-        else:  # a stack: a member that went non-finite is marked now, the others are saved
-            bad_step, _ = self._member_verdict(ep.epoch, self._first_bad(ep).tolist())
-            ep.sums = members_lib.finite_sums(ep.sums)  # the marked members' NaN sums: never read
+        # a stack's member that went non-finite is marked now, the others are saved
+        bad_steps = self._first_bad(ep).tolist()
+        self.state, bad_step, finite = self.members.verdict(self.state, ep.epoch, bad_steps, self.log)
+        ep.sums = dict(self.members.saved_sums(ep.sums))
         in_epoch = {
             "epoch": ep.epoch,
             "batch": next_batch,
@@ -344,55 +338,31 @@ class _Driver(Actions):
             **({"data_state": data_state} if data_state is not None else {}),
         }
         saved, path = True, (self.run.checkpoints / LAST if self.run else None)
-        if (
-            bad_step >= 0
-            or (self.div is None and not self._params_finite())
-            or (self.div and self.div.all_dead())
-        ):
+        if not finite:
             saved, self.diverged = False, True  # never replace the last good resume point with it
             where = f"at step {bad_step} " if bad_step >= 0 else ""
             self.log.error(f"training became non-finite {where}(epoch {ep.epoch}); "
                            f"not saving, {path} keeps the state from before it")  # fmt: skip
         else:
-            path = self.save_last(ep.epoch - 1, in_epoch, rng_states)
+            path = self.save_last(self.state, ep.epoch - 1, in_epoch, rng_states)
         if cut:
-            self.stop_reason = f"max_steps {self.max_steps} reached"
+            self._stop_at_max_steps()
             return
         if self.run is not None:
             self.log.info(Note(NOTES, "interrupted", out=self.run.path, path=path))
             self.run.close_tensorboard()
         raise Interrupted(self.flag["signum"], path or Path("."), saved=saved)
 
-    def _member_verdict(self, epoch: int, bad_steps: list[float]) -> tuple[int, bool]:
-        """A stack's members whose loss or parameters went non-finite marked diverged (logged)
-        and quieted (`members.quiet`); (first non-finite step, finite) of the stack as a whole:
-        (-1, True) while any member is left."""
-        assert self.div is not None
-        k = self.div.k
-        steps = [int(x) for x in bad_steps] if len(bad_steps) == k else [int(bad_steps[0])] * k
-        finite = members_lib.finite_members(self.state.params, k)
-        for i in self.div.mark(epoch, steps, finite):
-            self.log.error(self.div.message(i))
-        if self.div.all_dead():  # kept as it is, like one model's diverged state: never saved
-            return self.div.first_step(), False
-        self.state = members_lib.quiet(self.state, self.div.dead)
-        return -1, True
-
     def _end_epoch(self, ep: _Epoch, steps: int) -> None:
         # the epoch's sums (over all ranks, once per epoch, with a group), in one sync
-        first_bad = self._first_bad(ep).reshape(() if self.div is None else -1)
-        sums = to_host({**sum_over_ranks(self.group, ep.sums), "first_bad": first_bad})
+        sums = to_host({**sum_over_ranks(self.group, ep.sums), "first_bad": self._first_bad(ep)})
         train_time = ep.elapsed()
-        if self.div is None:
-            bad = int(sums.pop("first_bad"))
-            finite = bad < 0 and self._params_finite()
-        else:  # a stack: members that diverged are marked and left out; it stops when all have
-            bad, finite = self._member_verdict(ep.epoch, sums.pop("first_bad"))
-        dead = self.div.dead if self.div is not None else ()
-        metrics: dict[str, Any] = train_metrics(sums, max(steps, 1), dead)
+        # a stack: members that diverged are marked and left out; it stops when all have
+        self.state, bad, finite = self.members.verdict(self.state, ep.epoch, sums.pop("first_bad"), self.log)
+        metrics: dict[str, Any] = train_metrics(sums, max(steps, 1), self.members.dead)
         if self.eval_step is not None and self.val_data is not None:
             batches = epoch_batches(self.val_data, ep.epoch)
-            live = self.div.live if self.div is not None and dead and finite else None
+            live = self.members.evaluated(finite)
             metrics.update(evaluate(self.eval_step, self.state, batches, group=self.group, live=live))
         lr = applied_lr(self.state.opt_state, self.lr_schedule)  # what the last step applied
         key = lr_key(self.state.opt_state, self.lr_schedule)
@@ -403,43 +373,34 @@ class _Driver(Actions):
         if self.privacy is not None:  # the guarantee after the steps taken so far
             metrics.update(self._epsilon())
         metrics["epoch_time_s"] = train_time
-        if self.div is not None:
-            metrics["members_diverged"] = len(dead)
+        metrics.update(self.members.metrics())
         if bad >= 0:
             metrics["first_nonfinite_step"] = bad
             self.log.error(f"loss became non-finite at step {bad} (epoch {ep.epoch}); stopping")
         self.history = [r for r in self.history if r["epoch"] < ep.epoch] + [
             cbs.history_record(ep.epoch, metrics)
         ]
-        reason = self.dispatch(cbs.EpochEnd(epoch=ep.epoch, metrics=metrics), ep.epoch, finite)
+        self.state, reason = self.actions.dispatch(
+            cbs.EpochEnd(epoch=ep.epoch, metrics=metrics), ep.epoch, self.state, finite
+        )
         self.epochs_run += 1
-        if self.div is not None and not finite:
-            reason = f"every member diverged by epoch {ep.epoch} (the first at step {bad})"
-        elif bad >= 0:  # this reason names the step; TerminateOnNaN's names only the epoch
-            reason = f"non-finite loss at step {bad} (epoch {ep.epoch})"
-        elif not finite and reason is None:
-            reason = "non-finite parameters"
         self.diverged = self.diverged or not finite
-        if reason:
-            self.stop_reason = reason
-            self.log.info(f"stopping: {reason}")
+        divergence = self.members.divergence(ep.epoch, bad, finite)  # names the step (TerminateOnNaN: epoch)
+        if divergence is not None:
+            self._stop_with(*divergence)
+        elif reason:
+            self._stop_with(StopReason.CALLBACK, reason)
+        elif not finite:
+            self._stop_with(StopReason.NON_FINITE, "non-finite parameters")
+
+    def _stop_with(self, kind: StopReason, reason: str) -> None:
+        self.stop, self.stop_reason = kind, reason
+        self.log.info(f"stopping: {reason}")
+
+    def _stop_at_max_steps(self) -> None:  # not logged: the saved checkpoint's line says it
+        self.stop, self.stop_reason = StopReason.MAX_STEPS, f"max_steps {self.max_steps} reached"
 
     # -- privacy: epsilon after each epoch, and no epoch that would pass the budget ------------
-
-    def _check_privacy_record(self, point: resume_lib.ResumePoint) -> None:
-        """A private run resumes only from a checkpoint whose privacy record is what this run
-        enforces (`privacy.check_record`): the same sigma, C, q, delta and accountant, and the
-        state's own step count (a state trained elsewhere, e.g. an optax epoch, is refused)."""
-        acc, dp = self.privacy, self.per_example
-        assert acc is not None and dp is not None
-        try:
-            privacy_lib.check_record(
-                point.metadata.get("privacy"), steps=_host_step(point.state.step),
-                sample_rate=acc.sample_rate, noise_multiplier=acc.noise_multiplier, max_norm=dp.max_norm,
-                delta=acc.delta, accountant=acc.accountant,
-            )  # fmt: skip
-        except ValueError as exc:
-            raise checkpoint.CheckpointError(f"{point.path}: {exc}") from None
 
     def _epsilon(self) -> dict[str, float]:
         assert self.privacy is not None
@@ -447,6 +408,14 @@ class _Driver(Actions):
         if isinstance(eps, list):  # a sweep over noise multipliers: `epsilon` is the largest
             return expand_members({"epsilon": eps}, {"epsilon": max(eps)})
         return {"epsilon": eps}
+
+    def enforced(self) -> dict[str, Any] | None:
+        """What a private run enforces, as its privacy record says it (None: not private)."""
+        if self.privacy is None or self.per_example is None:
+            return None
+        acc = self.privacy
+        return {"sample_rate": acc.sample_rate, "noise_multiplier": acc.noise_multiplier, "delta": acc.delta,
+                "max_grad_norm": self.per_example.max_norm, "accountant": acc.accountant}  # fmt: skip
 
     def run_meta(self, member: int | None = None) -> dict[str, Any]:
         """With `privacy`: the guarantee of the steps taken so far (`Accountant.record`) and
@@ -475,9 +444,8 @@ class _Driver(Actions):
         after = self.privacy.exceeds(_host_step(self.state.step) + n)
         if after is None:
             return False
-        self.stop_reason = (f"privacy budget: epoch {epoch} would take epsilon to {after:.3f}, "
-                            f"past the target {self.privacy.target_epsilon}")  # fmt: skip
-        self.log.info(f"stopping: {self.stop_reason}")
+        self._stop_with(StopReason.PRIVACY_BUDGET, f"privacy budget: epoch {epoch} would take epsilon to "
+                        f"{after:.3f}, past the target {self.privacy.target_epsilon}")  # fmt: skip
         return True
 
     # -- data parallel: the host-side collectives (none without a group) ----------------------
@@ -510,33 +478,26 @@ class _Driver(Actions):
         # Handlers go in before TrainBegin logs "training epochs": from that line on, a
         # signal is always honoured after the current step.
         with signals_to_flag(self.run is not None or self.group is not None) as self.flag:
-            reason = self.dispatch(cbs.TrainBegin(start_epoch=self.start_epoch, total_epochs=self.epochs), 0)
+            begin = cbs.TrainBegin(start_epoch=self.start_epoch, total_epochs=self.epochs)
+            self.state, reason = self.actions.dispatch(begin, 0, self.state)
             if reason:
-                self.stop_reason = reason
+                self.stop, self.stop_reason = StopReason.CALLBACK, reason
             epoch = self.start_epoch
             if self.max_steps is not None and _host_step(self.state.step) >= self.max_steps:
-                self.stop_reason = f"max_steps {self.max_steps} reached"  # already there: no step taken
-            while epoch <= self.epochs and self.stop_reason == "completed":
+                self._stop_at_max_steps()  # already there: no step taken
+            while epoch <= self.epochs and self.stop is StopReason.COMPLETED:
                 if self._over_budget(epoch):
                     break
                 if not self.train_epoch(epoch):
                     break
                 epoch += 1
-        self.dispatch(cbs.TrainEnd(epoch=epoch - 1, reason=self.stop_reason), epoch - 1)
-        out = self.run.path if self.run else None
-        extra = {"member_best": dict(sorted(self.member_best.items()))} if self.member_best else {}
-        if self.div is not None:
-            extra["diverged_members"] = {m["member"]: m for m in self.div.to_meta()}
+        end = cbs.TrainEnd(epoch=epoch - 1, reason=self.stop_reason)
+        self.state, _ = self.actions.dispatch(end, epoch - 1, self.state)
         return FitResult(
-            self.state,
-            self.history,
-            self.epochs_run,
-            self.stop_reason,
-            out,
-            self.best,
-            extra,
-            diverged=self.diverged,
-        )
+            self.state, self.history, self.epochs_run, self.stop_reason, self.run.path if self.run else None,
+            self.actions.best, self.stop, self.diverged, dict(sorted(self.actions.member_best.items())),
+            {m["member"]: m for m in self.members.to_meta()},
+        )  # fmt: skip
 
 
 def fit(
@@ -636,21 +597,10 @@ def fit(
                          lr_schedule=lr_schedule, allow_inexact_resume=allow_inexact_resume,
                          privacy=privacy)  # fmt: skip
         driver.warn_inexact_source()
-        point = _resume_point(resume, run, state, driver.callbacks, logger)
+        # the point checked against this run (`resume.compatible`): its model, images, privacy
+        now = dataclasses.replace(driver.base, privacy=driver.enforced())
+        out = run.path if run else None
+        point = resume_lib.resume_point(resume, out, state, driver.actions.callbacks, logger, now)
         if point is not None:
             driver.resume_from(point)
         return driver.run_epochs()
-
-
-def _resume_point(
-    resume: Any, run: RunDir | None, state: TrainState, callbacks: Sequence[Any], log: logging.Logger
-) -> resume_lib.ResumePoint | None:
-    if resume is None or isinstance(resume, resume_lib.ResumePoint):
-        return resume
-    if resume == "auto" and run is None:
-        raise RunError("resume='auto' needs a run_dir to look in")
-    path = resume_lib.resume_path(run.path if run else Path("."), resume)
-    if path is None:
-        log.info(f"no checkpoint in {run.checkpoints if run else '.'}; starting fresh")
-        return None
-    return resume_lib.load(path, state, callbacks)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fashion_func import ensemble, tree
+from fashion_func.loop.result import StopReason
 from fashion_func.state import TrainState
 
 __all__: list[str] = []
@@ -118,9 +119,10 @@ def quiet(state: TrainState, dead: Collection[int]) -> TrainState:
 
 
 @dataclass
-class Diverged:
-    """The diverged members of a `k`-member stack: member -> {"epoch": e, "step": s} (step -1:
-    the loss stayed finite but the parameters did not)."""
+class Stack:
+    """A stack of `k` members (an ensemble or sweep) and its diverged ones, member -> {"epoch":
+    e, "step": s} (step -1: the loss stayed finite but the parameters did not): a member that
+    diverges is marked and left out; the run stops when every member has (the module's rule)."""
 
     k: int
     marks: dict[int, dict[str, int]] = field(default_factory=dict)
@@ -162,7 +164,7 @@ class Diverged:
         return [{"member": i, **self.marks[i]} for i in self.dead]
 
     @classmethod
-    def from_meta(cls, value: Any, k: int) -> Diverged:
+    def from_meta(cls, value: Any, k: int) -> Stack:
         """The marks a checkpoint saved; ValueError naming what is wrong with them."""
         out = cls(k)
         if value is None:
@@ -178,3 +180,77 @@ class Diverged:
                 raise ValueError(f"{META_KEY}: member {row['member']} is listed twice")
             out.marks[row["member"]] = {"epoch": row["epoch"], "step": row["step"]}
         return out
+
+    def resumed(self, saved: Any) -> Stack:
+        """The marks a checkpoint saved (ValueError naming what is wrong with them)."""
+        return Stack.from_meta(saved, self.k)
+
+    def verdict(self, state: TrainState, epoch: int, bad_steps: Sequence[float], log: Any) -> tuple[
+        TrainState, int, bool]:  # fmt: skip
+        """Members whose loss or parameters went non-finite marked (logged) and the state
+        quieted (`quiet`); (state, first non-finite step, finite) of the stack as a whole:
+        (state, -1, True) while any member is left."""
+        steps = [int(x) for x in bad_steps] if len(bad_steps) == self.k else [int(bad_steps[0])] * self.k
+        for i in self.mark(epoch, steps, finite_members(state.params, self.k)):
+            log.error(self.message(i))
+        if self.all_dead():  # kept as it is, like one model's diverged state: never saved
+            return state, self.first_step(), False
+        return quiet(state, self.dead), -1, True
+
+    def saved_sums(self, sums: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        return finite_sums(sums)  # the marked members' NaN sums: never read
+
+    def metrics(self) -> dict[str, Any]:
+        return {"members_diverged": len(self.marks)}
+
+    def evaluated(self, finite: bool) -> list[int] | None:
+        """The members to evaluate: all (None) until one is marked."""
+        return self.live if self.marks and finite else None
+
+    def divergence(self, epoch: int, bad: int, finite: bool) -> tuple[StopReason, str] | None:
+        if finite:
+            return None
+        reason = f"every member diverged by epoch {epoch} (the first at step {bad})"
+        return StopReason.MEMBERS_DIVERGED, reason
+
+
+# -- the members policy: what `fit` does with one model or with a stack, chosen once ------------
+
+
+class Single:
+    """One model (its step is 0-d): a non-finite loss or non-finite parameters are the run's."""
+
+    @property
+    def dead(self) -> list[int]:
+        return []
+
+    def resumed(self, saved: Any) -> Single:
+        return self
+
+    def verdict(self, state: TrainState, epoch: int, bad_steps: Sequence[float], log: Any) -> tuple[
+        TrainState, int, bool]:  # fmt: skip
+        """(state, first non-finite step or -1, finite) after the steps whose first
+        non-finite one is `bad_steps[0]`."""
+        bad = int(bad_steps[0])
+        return state, bad, bad < 0 and all(bool(torch.isfinite(p).all()) for p in state.params.values())
+
+    def saved_sums(self, sums: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        return sums
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    def evaluated(self, finite: bool) -> list[int] | None:
+        return None
+
+    def divergence(self, epoch: int, bad: int, finite: bool) -> tuple[StopReason, str] | None:
+        """Why the run stops on what `verdict` found, before any callback's reason (it names the step)."""
+        return (StopReason.NON_FINITE, f"non-finite loss at step {bad} (epoch {epoch})") if bad >= 0 else None
+
+    def to_meta(self) -> list[dict[str, int]]:
+        return []
+
+
+def policy(state: TrainState) -> Single | Stack:
+    """What `fit` does with `state`'s members: `Stack` for a stack, else `Single`."""
+    return Stack(ensemble.size(state)) if stacked(state) else Single()

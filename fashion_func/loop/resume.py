@@ -1,19 +1,20 @@
-"""Resume: where a run continues from, read from a `last.safetensors`."""
+"""Resume: the run record a `last.safetensors` holds (`RunRecord`), and where a run continues from."""
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from fashion_func import checkpoint, optim
+from fashion_func import checkpoint, optim, privacy
 from fashion_func.loop import rngs
 from fashion_func.loop.artifacts import LAST, lstat
 from fashion_func.loop.errors import RunError
@@ -24,29 +25,178 @@ __all__: list[str] = []
 
 
 @dataclass(frozen=True)
-class ResumePoint:
-    """Everything `fit` needs to continue a run exactly where its checkpoint left it.
+class RunRecord:
+    """What a run's `last.safetensors` records beside its state, read back whole on resume.
 
-    start_epoch: the first epoch still to run (1-based). in_epoch: for a checkpoint cut
-    mid-epoch, the batch to continue from and the epoch's partial sums; else None.
-    lr: the learning rate as last set, read from the state's optimizer, if it has one.
+    The one place that knows the checkpoint's metadata keys (`to_meta` / `from_meta`); the
+    layout is the checkpoint format's (`VERSION`). settings: what the caller's `metadata=`
+    gave (a config, a model name, ...), kept as given. epoch: the epochs finished. splits:
+    which images the run trains, selects and tests on (the command line's). in_epoch: a cut
+    epoch's batch to continue from, its batching (batch size or sample rate), partial sums,
+    first non-finite step and time; else None. data_state: a stateful source's position at
+    an epoch's end. callbacks: each callback's state by name. history: one record per
+    finished epoch. diverged_members: a stack's diverged members ({member, epoch, step}).
+    privacy: the privacy record (`privacy.check_record`). rng_states: the global generators'
+    (`rngs`). lr: the optimizer's lr as last set, a copy for readers (the state is the truth).
     """
+
+    VERSION: ClassVar[str] = checkpoint.FORMAT_VERSION
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    splits: dict[str, Any] | None = None
+    in_epoch: dict[str, Any] | None = None
+    data_state: dict[str, Any] | None = None
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    diverged_members: list[dict[str, int]] = field(default_factory=list)  # as saved: `Diverged` checks it
+    privacy: dict[str, Any] | None = None  # as saved: `privacy.check_record` checks it
+    rng_states: dict[str, Any] | None = None
+    lr: float | list[float] | None = None
+
+    _KEYS: ClassVar[tuple[str, ...]] = ("privacy", "splits", "epoch", "callbacks", "history", "rng_states",
+                                        "lr", "in_epoch", "data_state", "diverged_members")  # fmt: skip
+
+    @property
+    def batching(self) -> dict[str, Any] | None:
+        """How a cut epoch's batches were drawn (batch size or sample rate), or None."""
+        return self.in_epoch.get("batching") if self.in_epoch else None
+
+    def to_meta(self) -> dict[str, Any]:
+        """The checkpoint metadata of this record (JSON values): the settings, then each field
+        under its key; an empty optional field is left out."""
+        values = {"privacy": self.privacy, "splits": self.splits, "epoch": self.epoch,
+                  "callbacks": self.callbacks, "history": self.history, "rng_states": self.rng_states,
+                  "lr": self.lr, "in_epoch": self.in_epoch, "data_state": self.data_state,
+                  "diverged_members": self.diverged_members or None}  # fmt: skip
+        return {**self.settings, **{k: v for k, v in values.items() if v is not None}}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> RunRecord:
+        """The record a checkpoint's metadata holds, each field checked for its type and range
+        (the states of `callbacks` among them); ValueError naming the first problem."""
+        problem = _check_metadata(meta, callbacks)
+        if problem:
+            raise ValueError(problem)
+        cb_states = meta.get("callbacks", {})
+        splits = meta.get("splits")
+        return cls(
+            settings={k: v for k, v in meta.items() if k not in cls._KEYS},
+            epoch=int(meta.get("epoch", 0)),
+            splits=splits if isinstance(splits, dict) else None,
+            in_epoch=meta.get("in_epoch"),
+            data_state=meta.get("data_state"),
+            callbacks=dict(cb_states),
+            history=_history(meta),
+            diverged_members=meta.get("diverged_members") or [],
+            privacy=meta.get("privacy"),
+            rng_states=meta.get("rng_states"),
+            lr=meta.get("lr"),
+        )
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Everything `fit` needs to continue a run exactly where its checkpoint left it: the
+    state and the run record it was saved with (`record`), the callbacks' states (saved, or
+    `init()` for a callback without one) and the file it came from."""
 
     path: Path
     state: TrainState
     cb_states: dict[str, Any]
-    start_epoch: int
-    in_epoch: dict[str, Any] | None
-    lr: float | list[float] | None
-    history: list[dict[str, Any]]
-    metadata: dict[str, Any] = field(repr=False)
+    record: RunRecord = field(repr=False)
+
+    @property
+    def start_epoch(self) -> int:
+        """The first epoch still to run (1-based)."""
+        return self.record.epoch + 1
+
+    @property
+    def in_epoch(self) -> dict[str, Any] | None:
+        """For a checkpoint cut mid-epoch: the batch to continue from and the partial sums."""
+        return self.record.in_epoch
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.record.history
+
+    @property
+    def lr(self) -> float | list[float] | None:
+        """The learning rate as last set, read from the state's optimizer, if it has one."""
+        return host_lr(self.state.opt_state)
 
     def replace_lr(self, lr: float, cb_states: Mapping[str, Any] | None = None) -> ResumePoint:
         """This point with the optimizer's learning rate set to `lr`, and with `cb_states`
         (the callbacks' states, which a client may restart from that lr) if given."""
         st = self.state.replace(opt_state=optim.set_hyperparam(self.state.opt_state, "lr", lr))
-        states = dict(self.cb_states if cb_states is None else cb_states)
-        return replace(self, state=st, cb_states=states, lr=lr)
+        return replace(self, state=st, cb_states=dict(self.cb_states if cb_states is None else cb_states))
+
+
+class ProblemKind(enum.Enum):
+    """Why a checkpoint's run cannot continue as the run now set up (its `RunError` kind)."""
+
+    MODEL = "other_model"  # the settings name another model
+    SPLITS = "other_splits"  # trained on other images
+    PRIVACY = "privacy_record"  # the privacy record is not what the run enforces
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason `compatible` gives: its kind, the key, the saved and the current value, and
+    (the privacy record's) what `privacy.check_record` said."""
+
+    kind: ProblemKind
+    key: str
+    saved: Any
+    now: Any
+    detail: str = ""
+
+    def fields(self, path: Path) -> dict[str, Any]:
+        """The values an error of this kind speaks of (splits as their counts)."""
+
+        def shown(v: Any) -> Any:
+            if self.kind is not ProblemKind.SPLITS:
+                return v
+            return ", ".join(f"{k} {v.get(k)}" for k in ("train", "held_out", "test"))
+
+        return {"path": path, "saved": shown(self.saved), "now": shown(self.now), "detail": self.detail}
+
+    def error(self, path: Path) -> Exception:
+        """The error of its kind: a bad privacy record is the file's (CheckpointError), the
+        others the run's (RunError); a client words each by its kind and fields."""
+        error = checkpoint.CheckpointError if self.kind is ProblemKind.PRIVACY else RunError
+        return error(kind=self.kind.value, **self.fields(path))
+
+
+def compatible(saved: RunRecord, now: RunRecord, *, steps: int | None = None) -> list[Problem]:
+    """Why the run recorded in `saved` cannot continue as the run `now` (empty: it can).
+
+    The same model (`settings["model"]`, when both name one); the same images (`splits`, when
+    both record them); for a private run (`now.privacy`), a saved privacy record that is what
+    it enforces, and with `steps` (the state's step count) that many steps
+    (`privacy.check_record`, the one rule for it).
+    """
+    problems = []
+    old, new = saved.settings.get("model"), now.settings.get("model")
+    if old is not None and new is not None and old != new:
+        problems.append(Problem(ProblemKind.MODEL, "model", old, new))
+    if isinstance(saved.splits, dict) and now.splits is not None and saved.splits != now.splits:
+        problems.append(Problem(ProblemKind.SPLITS, "splits", saved.splits, now.splits))
+    if now.privacy is not None:
+        p = now.privacy
+        try:
+            privacy.check_record(
+                saved.privacy, steps=steps, sample_rate=p.get("sample_rate"), delta=p.get("delta"),
+                max_norm=p.get("max_grad_norm"), noise_multiplier=p.get("noise_multiplier"),
+                accountant=p.get("accountant"),
+            )  # fmt: skip
+        except ValueError as exc:
+            problems.append(Problem(ProblemKind.PRIVACY, "privacy", saved.privacy, p, str(exc)))
+    return problems
+
+
+def _refuse(path: Path, problems: list[Problem]) -> None:
+    if problems:
+        raise problems[0].error(path)
 
 
 def resume_path(out: Path, resume: str | Path | None) -> Path | None:
@@ -213,32 +363,59 @@ def _check_state(st: TrainState) -> str | None:
     return None
 
 
-def load(path: str | Path, template: TrainState, callbacks: Sequence[Any] = ()) -> ResumePoint:
+def resume_point(
+    resume: str | Path | ResumePoint | None, out: Path | None, template: TrainState,
+    callbacks: Sequence[Any], log: Any, now: RunRecord | None = None,
+) -> ResumePoint | None:  # fmt: skip
+    """Where a run continues: `resume` ("auto": the run directory `out`'s last.safetensors, if
+    any; a path) loaded (`load`, checked against `now`), or None to start fresh. A point
+    already loaded is returned as it is, once checked against `now`."""
+    if isinstance(resume, ResumePoint):
+        if now is not None:
+            _refuse(resume.path, compatible(resume.record, now, steps=int(resume.state.step.reshape(-1)[0])))
+        return resume
+    if resume is None:
+        return None
+    if resume == "auto" and out is None:
+        raise RunError("resume='auto' needs a run_dir to look in")
+    path = resume_path(out or Path("."), resume)
+    if path is None:
+        log.info(f"no checkpoint in {out / 'checkpoints' if out else '.'}; starting fresh")
+        return None
+    return load(path, template, callbacks, now)
+
+
+def load(
+    path: str | Path, template: TrainState, callbacks: Sequence[Any] = (), now: RunRecord | None = None
+) -> ResumePoint:
     """The resume point stored in `path`, its state validated against `template`.
 
-    Beyond the file's own validation, every metadata field is checked for its type and
-    range (epoch, lr, in_epoch, history, the callbacks' states) and the state's scalars for
-    theirs (step >= 0, optimizer hyperparameters). Callbacks with no saved state start from
-    `init()`. CheckpointError (one line naming the file) for a bad file.
+    Beyond the file's own validation, the run record is checked (`RunRecord.from_meta`) and
+    the state's scalars for their ranges (step >= 0, optimizer hyperparameters). Callbacks with
+    no saved state start from `init()`. CheckpointError (one line naming the file) for a bad file.
+    With `now`, the run about to continue: the record must be compatible with it (`compatible`;
+    the first problem raised as its `Problem.error`), the model and images before the state
+    is read (another model's would not load), the privacy record for the state's step count.
     """
     path = Path(path)
+    if now is not None:
+        try:
+            saved = RunRecord.from_meta(checkpoint.read_metadata(path))
+        except ValueError as exc:
+            raise checkpoint.CheckpointError(f"{display(path)}: not a valid resume point: {exc}") from None
+        _refuse(path, compatible(saved, now))
     st, meta = checkpoint.load_state(path, template)
-    problem = _check_metadata(meta, callbacks) or _check_state(st)
+    try:
+        record = RunRecord.from_meta(meta, callbacks)
+        problem = _check_state(st)
+    except ValueError as exc:
+        problem = str(exc)
     if problem:
         raise checkpoint.CheckpointError(f"{display(path)}: not a valid resume point: {problem}")
-    saved = meta.get("callbacks", {})
-    cb_states = {cb.name: saved.get(cb.name, cb.init()) for cb in callbacks}
-    lr = host_lr(st.opt_state)  # the state is the truth; the metadata's copy is for reading only
-    return ResumePoint(
-        path=path,
-        state=st,
-        cb_states=cb_states,
-        start_epoch=int(meta.get("epoch", 0)) + 1,
-        in_epoch=meta.get("in_epoch"),
-        lr=lr,
-        history=_history(meta),
-        metadata=meta,
-    )
+    if now is not None:
+        _refuse(path, compatible(record, now, steps=int(st.step.reshape(-1)[0])))
+    cb_states = {cb.name: record.callbacks.get(cb.name, cb.init()) for cb in callbacks}
+    return ResumePoint(path=path, state=st, cb_states=cb_states, record=record)
 
 
 def host_lr(opt_state: Any) -> float | list[float] | None:
