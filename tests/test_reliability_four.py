@@ -213,7 +213,13 @@ def _signal_during(env: Env, where: tuple[Any, str], signum: int, command: Calla
         return real(*args, **kwargs)
 
     env.mp.setattr(module, name, signalled)
-    return command()
+    # pytest-xdist's workers start with SIGINT ignored, and a command started so keeps ignoring it
+    # (as under nohup); this process stands for one started from a terminal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return command()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _export_interrupted(env: Env, signum: int) -> int:
