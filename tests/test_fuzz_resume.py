@@ -1,5 +1,6 @@
-"""Property-based fuzz of resume pairs: a short first run with config A, then `--resume` with
-config B, two to four keys drawn over every config key, the data keys included.
+"""Property-based fuzz of resume pairs: a short first run with config A (a private run and a
+sweep among them), then `--resume` with config B, two to four keys drawn over every config key,
+the data keys, the `dp_` keys and the sweep's spellings included.
 
 Each pair must end in exit 0 with B's values in effect (config.json, the new checkpoint's
 metadata, and the optimizer state for the hyperparameters it holds) and the split identity
@@ -35,6 +36,10 @@ FIRSTS = [  # the A configs
     {"optimizer": "adam", "val_split": 8},
     {"optimizer": "sgd", "lr": 0.05, "nesterov": True, "lr_schedule": "onecycle", "limit_train": 48,
      "val_split": 8, "monitor": "val_acc"},
+    # a private run: its checkpoint holds a privacy record that every B is held to
+    {"optimizer": "sgd", "lr": 0.1, "dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0, "limit_train": 48},
+    # a sweep: B may spell its values otherwise (compared as values)
+    {"optimizer": "sgd", "sweep": "lr=0.1,0.01", "limit_train": 48},
 ]  # fmt: skip
 # B's values, every key; the data folder: "SAME" or "COPY" (the same files elsewhere)
 VALUES: dict[str, list[Any]] = {
@@ -51,7 +56,7 @@ VALUES: dict[str, list[Any]] = {
     "lr_gamma": [0.1, 0.5],
     "warmup_epochs": [0.0, 0.5], "crop_padding": [0, 2], "flip": [False, True], "cutout": [0, 4],
     "ema": [None, 0.8, 0.9], "tta": [False, True], "tensorboard": [False, True], "progress": [False],
-    "ensemble": [1, 2], "sweep": [None, "lr=0.1,0.01"], "groups": [None, 2],
+    "ensemble": [1, 2], "sweep": [None, "lr=0.1,0.01", "lr=1e-1,1e-2"], "groups": [None, 2],
     "dp_max_grad_norm": [None, 1.0], "dp_noise_multiplier": [None, 1.0], "dp_target_epsilon": [None, 3.0],
     "dp_delta": [1e-5, 1e-3], "dp_accountant": ["rdp", "prv"],
 }  # fmt: skip
@@ -95,14 +100,20 @@ def _check_applied(out: Path, first: Path, values: dict[str, Any]) -> None:
     recorded = json.loads((out / "config.json").read_text())
     meta = checkpoint.read_metadata(out / "checkpoints" / "last.safetensors")
     for key, value in values.items():
+        if key == "sweep" and value is not None:  # a sweep is compared as values, not as its spelling
+            assert Config(sweep=recorded[key]).sweep == Config(sweep=value).sweep, (recorded[key], value)
+            assert Config(sweep=meta["config"][key]).sweep == Config(sweep=value).sweep, key
+            continue
         assert recorded[key] == value, (key, recorded[key], value)
         assert meta["config"][key] == value, key
     held = optim.hyperparams(state_of(out).opt_state)
+    swept = Config(sweep=recorded["sweep"]).sweep.names if recorded.get("sweep") else ()
     for key, value in values.items():
         hyper = KEYS[key].hyper
         if (
             hyper in held
             and value is not None
+            and key not in swept  # each member holds its own value of a swept key
             and not (key == "lr" and recorded["lr_schedule"] != "constant")
         ):
             assert held[hyper].reshape(-1)[0].item() == pytest.approx(value, rel=1e-6), key
