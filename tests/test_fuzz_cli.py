@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,39 @@ def test_fuzz_train_flags_and_config_files(
         code, err = call(main_train, argv, capsys)
         check_ending("train.py", code, err)
         assert snapshot(world["root"], skip=out) == before
+
+
+# private training's flags, alone and together, with the wild values and a few that train: each
+# ends in exit 0 or one line, within a time bound (a search for sigma or PRV's grid never hangs)
+PRIVACY_FLAGS = {
+    "--dp-noise-multiplier": WILD | st.sampled_from(["1.0", "1e-300", "1e308", "0.05"]),
+    "--dp-target-epsilon": WILD | st.sampled_from(["3", "1e-6", "1e9"]),
+    "--dp-max-grad-norm": WILD | st.sampled_from(["1.0", "0.1"]),
+    "--dp-delta": WILD | st.sampled_from(["1e-5", "0.5"]),
+    "--dp-accountant": st.sampled_from(["rdp", "prv", "pld", ""]),
+    "--model": st.sampled_from(["mlp", "dpcnn", "simplenet_bn"]),
+    "--batch-size": st.sampled_from(["1", "8", "0"]),
+}  # fmt: skip
+
+
+@settings(max_examples=25, **FUZZ)
+@given(
+    flags=st.dictionaries(st.sampled_from(sorted(PRIVACY_FLAGS)), st.none(), min_size=1, max_size=4).flatmap(
+        lambda keys: st.fixed_dictionaries({k: PRIVACY_FLAGS[k] for k in keys})
+    ),
+)
+def test_fuzz_privacy_flags(
+    world: dict[str, Path], capsys: pytest.CaptureFixture[str], flags: dict[str, str]
+) -> None:
+    with sandbox(world) as box:
+        argv = [item for flag, value in flags.items() for item in (flag, value)]
+        argv += ["--out", str(box / "run"), "--data-dir", str(world["data"]), "--no-tensorboard", *FIXED]
+        before = snapshot(world["root"], skip=box)
+        start = time.monotonic()
+        code, err = call(main_train, argv, capsys)
+        assert time.monotonic() - start < 60, (argv, "took over a minute")
+        check_ending("train.py", code, err)
+        assert snapshot(world["root"], skip=box) == before
 
 
 def _weights_argv(box: Path, world: dict[str, Path], kind: str) -> Path:
