@@ -357,10 +357,7 @@ def train(
         _refuse_under_group(cfg, model, group)
         st = initial_state(cfg, model, tx, device)
         callbacks = build_callbacks(cfg) if callbacks is None else callbacks
-        run.log.info(f"seed {cfg.seed}, device {device}, data {train_split.source}")
-        if _stacked(cfg):
-            run.log.info(_members_line(cfg))
-        run.log.info(_sizes_line(train_split, val_split, test_split))
+        _log_start(cfg, device, run.log, train_split, val_split, test_split)
         point = None
         metadata = {**_metadata(cfg, model, dp), "splits": split_identity(train_split, val_split, test_split)}
         if from_path is not None:
@@ -372,10 +369,7 @@ def train(
             run.log.info(f"no checkpoint in {run.checkpoints}; starting fresh")
         run.write_json("config.json", cfg.to_dict())
         _write_summary(cfg, run, model, st)
-        device_lib.configure(device, cfg.precision)
-        warning = device_lib.precision_warning(device, cfg.precision)
-        if warning:
-            run.log.warning(warning)
+        _configure(cfg, device, run.log)
         train_data, val_data = _batches(cfg, train_split, val_split, group, run.log, dp)
         per_example = dp.per_example(n_train) if dp else None
         train_step, plain_eval = build_steps(cfg, model, tx, device, group, per_example)
@@ -407,6 +401,24 @@ def train(
             return TrainResult(**vars(result))
         test = _final_test(cfg, result, eval_step, plain_eval, test_split, run)
         return TrainResult(**vars(result), test=test)
+
+
+def _log_start(
+    cfg: Config, device: torch.device, log: Any, train: data.Split, val: data.Split, test: data.Split | None
+) -> None:
+    """The run's first lines: seed, device and data; the members of a stack; the splits' sizes."""
+    log.info(f"seed {cfg.seed}, device {device}, data {train.source}")
+    if _stacked(cfg):
+        log.info(_members_line(cfg))
+    log.info(_sizes_line(train, val, test))
+
+
+def _configure(cfg: Config, device: torch.device, log: Any) -> None:
+    """The device's settings for `cfg.precision`, and the one-line warning where it runs slowly."""
+    device_lib.configure(device, cfg.precision)
+    warning = device_lib.precision_warning(device, cfg.precision)
+    if warning:
+        log.warning(warning)
 
 
 def _refuse_under_group(cfg: Config, model: models.Model, group: distributed.Group | None) -> None:
