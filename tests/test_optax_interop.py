@@ -110,9 +110,12 @@ def test_float64_20_steps_here_20_in_flax_20_here_equal_60_here(case, x64):
     assert ts.params["conv1" if name != "resnet" else "prep"] is not None
     ts = _flax(ts, batches[20:40])
     there = interop.from_flax_train_state(ts, at20)
-    assert _max_diff(there, at40) < 1e-10
+    # two computations (XLA's and ATen's float64 sums) through Adam: 1.1e-10 measured with
+    # ATEN_CPU_CAPABILITY=default's scalar kernels (it passed 1e-10 with the vector ones); a
+    # float32 difference would be about 1e-6
+    assert _max_diff(there, at40) < 1e-9
     back = _ours(train_step, there, batches[40:])
-    assert _max_diff(back, at60) < 1e-10
+    assert _max_diff(back, at60) < 1e-9
     if name != "simplenet":  # batch statistics moved in Flax as here, counter included
         assert int(there.model_state[next(k for k in there.model_state if k.endswith("tracked"))]) == 40
 
