@@ -29,15 +29,6 @@ from fashion_func import state as state_lib
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def x64():
-    """jax in 64-bit mode for one test, restored after (other tests run float32 JAX)."""
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", before)
-
-
 def _run(name: str, tx, dtype: torch.dtype, hparams=None, n: int = 20):
     """(model, ours step, batches, first state): random batches of 8 images, float `dtype`."""
     model = models.get(name, **(hparams or {}))

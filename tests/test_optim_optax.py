@@ -22,14 +22,9 @@ jnp = pytest.importorskip("jax.numpy")
 optax = pytest.importorskip("optax")
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    """JAX in 64-bit mode for each test here, restored after: other files in the same worker
-    run float32 JAX and may switch it off between this file's tests."""
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", before)
+# JAX in 64-bit mode for each test here (conftest's x64): other files in the same worker run
+# float32 JAX and may switch it off between this file's tests
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 STEPS = 20

@@ -17,7 +17,6 @@ from fashion_func import optim, schedules
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before any jax import
 optax = pytest.importorskip("optax", reason="the jax extra is not installed: pip install 'fashion_func[jax]'")
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from fashion_func import interop  # noqa: E402
@@ -99,14 +98,6 @@ def _trajectories(tx: optim.GradientTransformation, otx) -> None:
                 np.asarray(oupdates[n]), updates[n].numpy(), rtol=RTOL, atol=ATOL, err_msg=f"step {k} {n}"
             )
         params, jparams = optim.apply_updates(params, updates), optax.apply_updates(jparams, oupdates)
-
-
-@pytest.fixture
-def x64():
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", before)
 
 
 @pytest.mark.parametrize("name", sorted(EXPORTED))
