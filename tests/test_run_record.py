@@ -149,3 +149,63 @@ def test_the_steps_a_private_record_counts_are_the_states():
     assert isinstance(problem.error(Path("last.safetensors")), checkpoint.CheckpointError)
     (model,) = compatible(RunRecord({"model": "mlp"}), RunRecord({"model": "cnn"}))
     assert "holds a mlp model, not cnn" in str(model.error(Path("x")))
+
+
+# the settings a client compares (held fixed, deciding the members, optimizer parts, a private
+# run's batch size): (saved, now) -> the kinds of problem `compatible` finds
+SETTINGS = {
+    "a held setting": (RunRecord(held={"seed": 0}), RunRecord(held={"seed": 1}), [ProblemKind.SETTING]),
+    "a setting one side lacks": (RunRecord(), RunRecord(held={"seed": 1}), []),
+    "other members": (
+        RunRecord(members={"ensemble": 2}),
+        RunRecord(members={"ensemble": 3}),
+        [ProblemKind.MEMBERS],
+    ),
+    "a part added": (
+        RunRecord(parts={"ema": (None, False)}),
+        RunRecord(parts={"ema": (0.9, True)}),
+        [ProblemKind.PART_ADDED],
+    ),
+    "a part removed": (
+        RunRecord(parts={"ema": (0.9, True)}),
+        RunRecord(parts={"ema": (None, False)}),
+        [ProblemKind.PART_REMOVED],
+    ),
+    "a part's value changed": (
+        RunRecord(parts={"ema": (0.9, True)}),
+        RunRecord(parts={"ema": (0.8, True)}),
+        [],
+    ),
+    "a private run's batch size": (
+        RunRecord(privacy=_REC, batch_size=16),
+        RunRecord(batch_size=8),
+        [ProblemKind.SAMPLING],
+    ),
+    "a batch size without a privacy record": (RunRecord(batch_size=16), RunRecord(batch_size=8), []),
+    "one problem per setting": (
+        RunRecord({"model": "mlp"}, held={"model": "mlp"}),
+        RunRecord({"model": "cnn"}, held={"model": "cnn"}),
+        [ProblemKind.MODEL],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SETTINGS)
+def test_compatible_compares_the_settings_a_client_holds(case):
+    saved, now, kinds = SETTINGS[case]
+    assert [p.kind for p in compatible(saved, now)] == kinds
+
+
+def test_the_command_line_words_each_setting_with_its_flag():
+    from fashion_func.cli import words
+
+    (held,) = compatible(RunRecord(held={"lr_schedule": "step"}), RunRecord(held={"lr_schedule": "cosine"}))
+    err = held.error(Path("last.safetensors"))
+    assert str(err) == (
+        "checkpoint last.safetensors was trained with lr_schedule 'step', not 'cosine'; "
+        "resume it with the same lr_schedule"
+    )
+    assert words.message(err) == (
+        "--lr-schedule 'cosine' differs from the resumed run's 'step', which it was trained with; "
+        "resume it with the same --lr-schedule (or leave it out)"
+    )

@@ -14,6 +14,8 @@ import functools
 import hashlib
 import signal
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +28,7 @@ from fashion_func import state as state_lib
 from fashion_func.augment import Augment
 from fashion_func.cli import budget, launch, private, words
 from fashion_func.cli import device as device_lib
-from fashion_func.cli.config import KEYS, SWEEPABLE, Config, ConfigError
+from fashion_func.cli.config import KEYS, REFUSED, SWEEPABLE, Config, ConfigError
 from fashion_func.cli.summary import summary
 from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, StopReason, evaluate, fit
 from fashion_func.loop import resume as resume_lib
@@ -206,6 +208,34 @@ def _given_again(cfg: Config, point: ResumePoint, callbacks: list[Any], log: Any
     return point
 
 
+def _compared(values: Mapping[str, Any], record: RunRecord) -> RunRecord:
+    """`record` with the settings of `values` (a config's, as config.json holds them) that
+    `resume.compatible` compares, each as `config.KEYS` says: held fixed, deciding the members,
+    giving the optimizer state a part; and the batch size (a private run's sampling rate)."""
+    keys = {n: KEYS[n] for n in values if n in KEYS}
+    held = {n: k.as_run(values[n]) for n, k in keys.items() if k.resume == REFUSED}
+    return dataclasses.replace(
+        record,
+        held={n: v for n, v in held.items() if not keys[n].members},
+        members={n: v for n, v in held.items() if keys[n].members},
+        parts={n: (values[n], k.part(values)) for n, k in keys.items() if k.part is not None},
+        batch_size=values.get("batch_size"),
+    )
+
+
+def _resumable(cfg: Config, path: Path) -> RunRecord:
+    """The run record in checkpoint `path`'s header, refused (`resume.compatible`'s first
+    problem) where that run cannot continue as `cfg` sets it up: another model, a setting it
+    holds fixed, other members, an optimizer part added or removed, a private run's batch size."""
+    saved = resume_lib.read_record(path)
+    config = saved.settings.get("config")
+    now = _compared(cfg.to_dict(), RunRecord({"model": cfg.model}))
+    problems = resume_lib.compatible(_compared(config if isinstance(config, dict) else {}, saved), now)
+    if problems:
+        raise problems[0].error(path)
+    return saved
+
+
 def split_identity(train: data.Split, val: data.Split, test: data.Split | None) -> dict[str, Any]:
     """Which images a run trains on, selects its model on and tests on: the counts, and a
     digest of the indices into the dataset's train and test files of each part (the first N
@@ -349,9 +379,10 @@ def train(
         if group is not None:  # here a refusal on one rank is announced to the others
             budget.check(cfg, device)
         from_path = resume_lib.resume_path(run.path, resume)
+        saved = _resumable(cfg, from_path) if from_path is not None else None
         train_split, val_split, test_split = _splits(cfg, device)
         n_train = len(train_split.labels)
-        dp = private.plan(cfg, n_train, from_path)
+        dp = private.plan(cfg, n_train, from_path, saved)
         steps_per_epoch = dp.steps_per_epoch if dp else data.num_batches(n_train, cfg.batch_size)
         model, tx = build_model(cfg), build_optimizer(cfg, steps_per_epoch)
         _refuse_under_group(cfg, model, group)
@@ -360,10 +391,9 @@ def train(
         _log_start(cfg, device, run.log, train_split, val_split, test_split)
         point = None
         metadata = {**_metadata(cfg, model, dp), "splits": split_identity(train_split, val_split, test_split)}
-        if from_path is not None:
-            # refused where its run is not this one (`resume.compatible`: another model, other
-            # images, another privacy record; the members are the config's, `resume_problem`)
-            point = resume_lib.load(from_path, st, callbacks, RunRecord.from_meta(metadata))
+        if from_path is not None:  # its images and privacy record too, before anything is written
+            now = RunRecord(splits=metadata["splits"], privacy=metadata.get("privacy"))
+            point = resume_lib.load(from_path, st, callbacks, now)
             point = _given_again(cfg, point, callbacks, run.log)
         elif resume == "auto":
             run.log.info(f"no checkpoint in {run.checkpoints}; starting fresh")

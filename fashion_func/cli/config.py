@@ -26,6 +26,7 @@ from typing import Any
 
 import tomllib
 
+from fashion_func.cli.words import flag
 from fashion_func.safeio import FileError, display, read_regular, short_repr
 
 __all__ = ["KEYS", "Config", "ConfigError", "Sweep", "load_file", "load_preset", "presets"]
@@ -157,11 +158,8 @@ class Config:
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):  # compile=True/False (API, JSON files) means on/off
             object.__setattr__(self, "compile", "on" if self.compile else "off")
-        if isinstance(self.sweep, str):  # the one parse; a text that fails stays, and `_sweep` words it
-            try:
-                object.__setattr__(self, "sweep", parse_sweep(self.sweep))
-            except ConfigError:
-                pass
+        # the one parse; a text that fails stays, and `_sweep` words it
+        object.__setattr__(self, "sweep", _as_sweep(self.sweep))
         errors = self.validate()
         if errors:
             raise ConfigError(errors[0])
@@ -208,11 +206,6 @@ class Config:
         return cls(**values)
 
 
-def flag(name: str) -> str:
-    """The command-line flag of config key `name`: `batch_size` -> `--batch-size`."""
-    return f"--{name.replace('_', '-')}"
-
-
 # --------------------------------------------------------------------------- the key table
 
 # What a key given again on `--resume` does (KEYS[name].resume):
@@ -239,6 +232,11 @@ class Key:
     # (None, or DROP returned: the field's default, or what __post_init__ infers from the others)
     resume: str = APPLIED
     hyper: str | None = None  # the optimizer state's hyperparameter an APPLIED key is written to
+    # what `resume.compatible` compares: a REFUSED key's value as the run uses it, and whether it
+    # decides the stack of members; whether a `hyper` key's value gives the state a part for it
+    as_run: Callable[[Any], Any] = lambda v: v
+    members: bool = False
+    part: Callable[[Mapping[str, Any]], bool] | None = None
 
     def type_problem(self, value: Any) -> str | None:
         """What is wrong with the type of `value` (files arrive untyped: 64.0 is no batch size)."""
@@ -348,12 +346,10 @@ def _groups(c: Config) -> str | None:
 DP_KEYS = ("dp_max_grad_norm", "dp_noise_multiplier", "dp_target_epsilon")  # any given: private
 
 
-def is_private(config: Config | Mapping[str, Any]) -> bool:
-    """Whether a config (a Config, or a saved config's values) trains privately."""
-    values = config if isinstance(config, Mapping) else vars(config)
-    sweep = _as_sweep(values.get("sweep"))
-    swept = sweep.names if isinstance(sweep, Sweep) else ()
-    return any(values.get(k) is not None for k in DP_KEYS) or any(n.startswith("dp_") for n in swept)
+def is_private(c: Config) -> bool:
+    """Whether the config trains privately."""
+    swept = c.sweep.names if isinstance(c.sweep, Sweep) else ()
+    return any(getattr(c, k) is not None for k in DP_KEYS) or any(n.startswith("dp_") for n in swept)
 
 
 def _private(c: Config) -> str | None:
@@ -448,6 +444,24 @@ def _is_below(a: Any, b: Any) -> bool:
         return True
 
 
+def _momentum_buffer(v: Mapping[str, Any]) -> bool:
+    return v.get("optimizer", Config.optimizer) == "sgd" and v["momentum"] != 0  # adam keeps none
+
+
+def _norm(v: Any) -> Any:
+    return DP_MAX_GRAD_NORM if v is None else v  # left out is the default norm: giving it is no change
+
+
+def _as_sweep(value: Any) -> Any:
+    """A sweep's text as a `Sweep`; anything else (a text that does not parse) as it is."""
+    if isinstance(value, str):
+        try:
+            return parse_sweep(value)
+        except ConfigError:
+            pass
+    return value
+
+
 _SEED = _rule(lambda v: 0 <= v <= MAX_SEED, "must be in [0, 2**63 - 1]")
 _SAVE_TOP_K = _rule(lambda v: v == -1 or v >= 1, "must be -1 (keep all) or at least 1")
 _GAMMA = _rule(lambda v: 0 < v <= 1, "must be in (0, 1]")
@@ -468,11 +482,11 @@ def _keys() -> dict[str, Key]:
         "lr": dict(check=POSITIVE, hyper="lr"),
         "optimizer": dict(check=_choice(OPTIMIZERS), resume=REFUSED),
         "weight_decay": dict(check=FINITE_NOT_NEGATIVE, hyper="weight_decay"),
-        "momentum": dict(check=FRACTION, hyper="momentum"),
+        "momentum": dict(check=FRACTION, hyper="momentum", part=_momentum_buffer),
         "nesterov": dict(
             needs=_nesterov, follows=("optimizer", "momentum"), derived=_keep_if_momentum, resume=REFUSED
         ),
-        "clip_norm": dict(check=POSITIVE, hyper="max_norm"),
+        "clip_norm": dict(check=POSITIVE, hyper="max_norm", part=lambda v: v["clip_norm"] is not None),
         "label_smoothing": dict(check=FRACTION),
         "seed": dict(check=_SEED, resume=REFUSED),
         "data_dir": dict(check=_path, resume=RUN),
@@ -502,14 +516,14 @@ def _keys() -> dict[str, Key]:
         "crop_padding": dict(check=_pixels(14)),
         "flip": dict(),
         "cutout": dict(check=_pixels(28)),
-        "ema": dict(check=_EMA, hyper="decay"),
+        "ema": dict(check=_EMA, hyper="decay", part=lambda v: v["ema"] is not None),
         "tta": dict(),
         "tensorboard": dict(resume=RUN),
         "progress": dict(resume=RUN),
-        "ensemble": dict(check=AT_LEAST_1, resume=REFUSED),
-        "sweep": dict(needs=_sweep, resume=REFUSED),
+        "ensemble": dict(check=AT_LEAST_1, resume=REFUSED, members=True),
+        "sweep": dict(needs=_sweep, resume=REFUSED, members=True, as_run=_as_sweep),
         # the accountant assumes one sigma, C and sampling rate for the whole run: fixed on resume
-        "dp_max_grad_norm": dict(check=POSITIVE, needs=_private, resume=REFUSED),
+        "dp_max_grad_norm": dict(check=POSITIVE, needs=_private, resume=REFUSED, as_run=_norm),
         "dp_noise_multiplier": dict(check=FINITE_NOT_NEGATIVE, resume=REFUSED),
         "dp_target_epsilon": dict(check=POSITIVE, resume=REFUSED),
         "dp_delta": dict(check=_DELTA, resume=REFUSED),
@@ -552,61 +566,6 @@ def layered(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             values[name] = value
         source[name] = top
     return values
-
-
-def resume_problem(saved: Mapping[str, Any], cfg: Config) -> str | None:
-    """Why `cfg` cannot continue a run saved with config `saved`, in one line, or None.
-
-    A REFUSED key must keep its saved value; an APPLIED key written into the optimizer
-    state (`Key.hyper`) cannot add or remove the state's part for it (a moving average, a
-    clipping stage, sgd's momentum buffer), only change its value. Split keys are checked
-    against the data by `split_identity`.
-    """
-    if is_private(saved) and saved.get("batch_size", cfg.batch_size) != cfg.batch_size:
-        return (
-            f"--batch-size {cfg.batch_size} differs from the resumed private run's {saved['batch_size']}: "
-            "its sampling rate is part of the privacy accounting; resume it with the same --batch-size"
-        )
-    for name, key in KEYS.items():
-        if name not in saved:  # a saved config without the key (edited by hand): its default was used
-            continue
-        old, new = saved[name], getattr(cfg, name)
-        if name == "dp_max_grad_norm":  # left out is the default norm: giving that is no change
-            old, new = (DP_MAX_GRAD_NORM if v is None else v for v in (old, new))
-        if key.resume == REFUSED and not same_value(name, old, new):
-            same = "members" if name in ("ensemble", "sweep") else f"{flag(name)} (or leave it out)"
-            return (
-                f"{flag(name)} {short_repr(new)} differs from the resumed run's {short_repr(old)}, "
-                f"which it was trained with; resume it with the same {same}"
-            )
-        absent = (lambda v: v is None) if name in ("clip_norm", "ema") else None
-        if name == "momentum" and cfg.optimizer == "sgd":
-            absent = lambda v: v == 0  # sgd keeps no momentum buffer then
-        if key.hyper and absent is not None and absent(old) != absent(new):
-            return (
-                f"{flag(name)} {short_repr(new)} cannot replace the resumed run's {short_repr(old)}: "
-                f"the optimizer state {'has no' if absent(old) else 'holds a'} part for it; "
-                "start a new run for that"
-            )
-    return None
-
-
-def same_value(name: str, old: Any, new: Any) -> bool:
-    """`old` and `new` are the same setting of `name`, compared as values: a sweep (a `Sweep`,
-    or a saved config's text) `lr=1e-3,1e-2` is the same members as `lr=0.001,0.01`."""
-    if name == "sweep":
-        old, new = _as_sweep(old), _as_sweep(new)
-    return bool(old == new)
-
-
-def _as_sweep(value: Any) -> Any:
-    """A saved config's sweep text as a `Sweep`; anything else (a text that does not parse) as it is."""
-    if isinstance(value, str):
-        try:
-            return parse_sweep(value)
-        except ConfigError:
-            pass
-    return value
 
 
 SWEEPABLE = ("lr", "weight_decay", "dp_noise_multiplier", "dp_max_grad_norm")

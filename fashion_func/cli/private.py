@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fashion_func import checkpoint, data, distributed, privacy
+from fashion_func import data, distributed, privacy
 from fashion_func.cli.config import DP_MAX_GRAD_NORM, Config, is_private
 from fashion_func.loop import RunError
+from fashion_func.loop.resume import RunRecord
 
 __all__: list[str] = []
-
-DEFAULT_MAX_GRAD_NORM = DP_MAX_GRAD_NORM
 
 
 @dataclass(frozen=True)
@@ -85,16 +84,18 @@ def _per_member(cfg: Config, name: str, value: float) -> tuple[float, ...]:
     return (float(value),)
 
 
-def plan(cfg: Config, n_train: int, resumed: Path | None = None) -> Plan | None:
+def plan(
+    cfg: Config, n_train: int, resumed: Path | None = None, saved: RunRecord | None = None
+) -> Plan | None:
     """The private run `cfg` asks for on `n_train` examples, or None when it is not private.
 
     The sampling rate is `batch_size / n_train`, one epoch `round(1 / rate)` steps. With a
     target epsilon the noise multiplier is chosen for `epochs` epochs, once: a resumed run
-    keeps the one its checkpoint `resumed` records (`metadata["privacy"]`). A resumed
-    checkpoint's record must be what this run enforces (`privacy.check_record`): a record
-    that is missing, out of range or says other sigma, C, q, delta or accountant is refused,
-    never trusted (and never replaced by a sigma chosen anew for a longer run).
-    Every value is checked as the accountant will be asked: a RunError in one line naming the flag.
+    keeps the one its checkpoint `resumed` records (`saved`: its run record). That privacy
+    record must be what this run enforces (`privacy.check_record`): one that is missing, out
+    of range or says other sigma, C, q, delta or accountant is refused, never trusted (and
+    never replaced by a sigma chosen anew for a longer run). Every value is checked as the
+    accountant will be asked: a RunError in one line naming the flag.
     """
     if not is_private(cfg):
         return None
@@ -111,7 +112,7 @@ def plan(cfg: Config, n_train: int, resumed: Path | None = None) -> Plan | None:
     total = _checked(f"--epochs {cfg.epochs}", lambda: privacy.check_steps(cfg.epochs * steps, "its steps"))
     if cfg.dp_accountant == "prv":
         _checked("--dp-accountant prv", lambda: privacy.check_prv(rate, total))
-    norm = cfg.dp_max_grad_norm if cfg.dp_max_grad_norm is not None else DEFAULT_MAX_GRAD_NORM
+    norm = cfg.dp_max_grad_norm if cfg.dp_max_grad_norm is not None else DP_MAX_GRAD_NORM
     norms = _per_member(cfg, "dp_max_grad_norm", norm)
     given = None  # the noise multiplier(s) the config gives, else a target picks one
     if cfg.dp_noise_multiplier is not None or _swept(cfg, "dp_noise_multiplier"):
@@ -120,7 +121,7 @@ def plan(cfg: Config, n_train: int, resumed: Path | None = None) -> Plan | None:
             _checked(f"--dp-noise-multiplier {s:g}", lambda s=s: privacy.check_noise_multiplier(s))
     if resumed is not None:
         record = _checked(f"--resume {resumed}", lambda: privacy.check_record(
-            checkpoint.read_metadata(resumed).get("privacy"), sample_rate=rate, max_norm=_one_or_each(norms),
+            saved.privacy if saved else None, sample_rate=rate, max_norm=_one_or_each(norms),
             delta=cfg.dp_delta, accountant=cfg.dp_accountant,
             noise_multiplier=_one_or_each(given) if given is not None else None,
         ))  # fmt: skip

@@ -24,7 +24,6 @@ from fashion_func.cli.config import (
     layered,
     load_file,
     load_preset,
-    resume_problem,
 )
 from fashion_func.safeio import display
 
@@ -257,8 +256,8 @@ def parse_train_args(argv: Sequence[str] | None = None) -> tuple[Config, dict[st
     being resumed (`--resume`; none for `auto` before the first checkpoint), a `--preset`, a
     `--config` file, the flags given (`config.layered`: a value that depends on a key given
     by a higher source is derived again). So `--resume auto --out X` continues X's run as it
-    was set up, and `--resume auto --out X --epochs 10` only raises its epoch count. A key
-    given on resume that cannot take effect (`config.resume_problem`) is a UsageError.
+    was set up, and `--resume auto --out X --epochs 10` only raises its epoch count. Whether
+    the run can continue so is decided as it starts (`app.train`, `resume.compatible`).
     """
     layers, run = _given_layers(argv)
     saved = _checkpoint_config(layered(layers), run["resume"]) if run["resume"] else None
@@ -267,11 +266,7 @@ def parse_train_args(argv: Sequence[str] | None = None) -> tuple[Config, dict[st
     config, out = saved
     values = layered([config, *layers])
     values["out"] = out
-    cfg = Config.from_dict(values)
-    problem = resume_problem(config, cfg)
-    if problem:
-        raise UsageError(problem)
-    return cfg, run
+    return Config.from_dict(values), run
 
 
 def _checkpoint_config(values: dict[str, Any], resume: str) -> tuple[dict[str, Any], str] | None:
@@ -279,7 +274,6 @@ def _checkpoint_config(values: dict[str, Any], resume: str) -> tuple[dict[str, A
     for `auto` before the first checkpoint."""
     # heavy imports (torch) only on this path: reading a checkpoint needs them anyway
     from fashion_func import checkpoint, loop
-    from fashion_func.loop import resume as resume_lib
 
     # where `auto` looks: the --out given, else the default for the model given
     out = Config.from_dict({k: values[k] for k in ("out", "model") if k in values}).out_dir
@@ -290,11 +284,6 @@ def _checkpoint_config(values: dict[str, Any], resume: str) -> tuple[dict[str, A
         saved = loop.saved_config(path)
     except (loop.RunError, checkpoint.CheckpointError) as exc:
         raise UsageError(words.message(exc)) from None
-    # the core's rule (`resume.compatible`), before anything heavy is built; worded with the flags
-    was, now = ({"model": v} for v in (saved.get("model"), values.get("model")))
-    problems = resume_lib.compatible(resume_lib.RunRecord(was), resume_lib.RunRecord(now))
-    if problems:
-        raise UsageError(words.message(problems[0].error(path)))
     # A run writes only where the user pointed, never where a checkpoint's saved config says
     # (a copied run's checkpoint names the original's directory).
     return saved, str(out) if resume == "auto" or "out" in values else _run_dir_of(path)

@@ -47,6 +47,16 @@ WORDS: dict[str, str] = {
     "other_splits": "checkpoint {path} was trained on other images ({saved}; now {now}); resume with the "
     "same --data-dir, --limit-train, --limit-val and --val-split",
     "privacy_record": "--resume {path}: {detail}",
+    "other_setting": "{setting} {now} differs from the resumed run's {saved}, which it was trained with; "
+    "resume it with the same {setting} (or leave it out)",
+    "other_members": "{setting} {now} differs from the resumed run's {saved}, which it was trained with; "
+    "resume it with the same members",
+    "part_added": "{setting} {now} cannot replace the resumed run's {saved}: the optimizer state has no "
+    "part for it; start a new run for that",
+    "part_removed": "{setting} {now} cannot replace the resumed run's {saved}: the optimizer state holds "
+    "a part for it; start a new run for that",
+    "other_sampling": "--batch-size {now} differs from the resumed private run's {saved}: its sampling "
+    "rate is part of the privacy accounting; resume it with the same --batch-size",
     "other_batches": "the checkpoint was cut mid-epoch with {diff}; resume with the same batches "
     "(--batch-size, --limit-train and --seed)",
     "inexact_resume": "the checkpoint was cut mid-epoch (epoch {epoch}, batch {batch}) and {data} cannot "
@@ -71,12 +81,19 @@ WORDS: dict[str, str] = {
 }
 
 
+def flag(name: str) -> str:
+    """The command-line flag of config key `name`: `batch_size` -> `--batch-size`."""
+    return f"--{name.replace('_', '-')}"
+
+
 def message(item: Any) -> str:
-    """`item` (an error or a log note) in the command line's words: by its kind from `WORDS`,
-    else as the library worded it."""
+    """`item` (an error or a log note) in the command line's words: by its kind from `WORDS`
+    (a `setting` named as its flag), else as the library worded it."""
     kind = getattr(item, "kind", None)
     fields = getattr(item, "fields", None)
     if isinstance(kind, str) and kind in WORDS and isinstance(fields, dict):
+        if isinstance(fields.get("setting"), str):
+            fields = {**fields, "setting": flag(fields["setting"])}
         return word(WORDS[kind], fields)
     return str(item)
 

@@ -52,6 +52,14 @@ class RunRecord:
     privacy: dict[str, Any] | None = None  # as saved: `privacy.check_record` checks it
     rng_states: dict[str, Any] | None = None
     lr: float | list[float] | None = None
+    # a client's settings as `compatible` compares them, by the client's names (not written):
+    # held fixed; deciding the stack of members; (value, whether the optimizer state has a part
+    # for it: a clipping stage, a moving average, a momentum buffer); the batch size, which a
+    # private run's accounting fixes (its sampling rate)
+    held: Mapping[str, Any] = field(default_factory=dict)
+    members: Mapping[str, Any] = field(default_factory=dict)
+    parts: Mapping[str, tuple[Any, bool]] = field(default_factory=dict)
+    batch_size: int | None = None
 
     _KEYS: ClassVar[tuple[str, ...]] = ("privacy", "splits", "epoch", "callbacks", "history", "rng_states",
                                         "lr", "in_epoch", "data_state", "diverged_members")  # fmt: skip
@@ -132,17 +140,22 @@ class ResumePoint:
 
 
 class ProblemKind(enum.Enum):
-    """Why a checkpoint's run cannot continue as the run now set up (its `RunError` kind)."""
+    """Why a checkpoint's run cannot continue as the run now set up (its error's kind)."""
 
     MODEL = "other_model"  # the settings name another model
     SPLITS = "other_splits"  # trained on other images
     PRIVACY = "privacy_record"  # the privacy record is not what the run enforces
+    SETTING = "other_setting"  # a setting held fixed has another value
+    MEMBERS = "other_members"  # the stack of members would change
+    PART_ADDED = "part_added"  # a setting needs a part the optimizer state has not
+    PART_REMOVED = "part_removed"  # ... or leaves a part it holds unused
+    SAMPLING = "other_sampling"  # a private run's batches, whose rate is accounted, would change
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One reason `compatible` gives: its kind, the key, the saved and the current value, and
-    (the privacy record's) what `privacy.check_record` said."""
+    """One reason `compatible` gives: its kind, the setting (`key`), the saved and the current
+    value, and (the privacy record's) what `privacy.check_record` said."""
 
     kind: ProblemKind
     key: str
@@ -150,30 +163,32 @@ class Problem:
     now: Any
     detail: str = ""
 
-    def fields(self, path: Path) -> dict[str, Any]:
-        """The values an error of this kind speaks of (splits as their counts)."""
+    def error(self, path: Path) -> Exception:
+        """The error of its kind, with the values it speaks of (splits as their counts, a
+        setting's values as bounded reprs): a bad privacy record is the file's
+        (CheckpointError), the others the run's (RunError); a client words each by its kind."""
 
         def shown(v: Any) -> Any:
-            if self.kind is not ProblemKind.SPLITS:
-                return v
-            return ", ".join(f"{k} {v.get(k)}" for k in ("train", "held_out", "test"))
+            if self.kind is ProblemKind.SPLITS:
+                return ", ".join(f"{k} {v.get(k)}" for k in ("train", "held_out", "test"))
+            return v if self.kind in (ProblemKind.MODEL, ProblemKind.PRIVACY) else short_repr(v)
 
-        return {"path": path, "saved": shown(self.saved), "now": shown(self.now), "detail": self.detail}
-
-    def error(self, path: Path) -> Exception:
-        """The error of its kind: a bad privacy record is the file's (CheckpointError), the
-        others the run's (RunError); a client words each by its kind and fields."""
         error = checkpoint.CheckpointError if self.kind is ProblemKind.PRIVACY else RunError
-        return error(kind=self.kind.value, **self.fields(path))
+        saved, now = shown(self.saved), shown(self.now)
+        return error(
+            kind=self.kind.value, path=path, setting=self.key, saved=saved, now=now, detail=self.detail
+        )
 
 
 def compatible(saved: RunRecord, now: RunRecord, *, steps: int | None = None) -> list[Problem]:
-    """Why the run recorded in `saved` cannot continue as the run `now` (empty: it can).
+    """Why the run recorded in `saved` cannot continue as the run `now` (empty: it can), at
+    most one problem per setting.
 
     The same model (`settings["model"]`, when both name one); the same images (`splits`, when
     both record them); for a private run (`now.privacy`), a saved privacy record that is what
     it enforces, and with `steps` (the state's step count) that many steps
-    (`privacy.check_record`, the one rule for it).
+    (`privacy.check_record`, the one rule for it); a saved private run's batch size; each
+    setting both hold fixed (`held`, `members`) the same; no optimizer part added or removed.
     """
     problems = []
     old, new = saved.settings.get("model"), now.settings.get("model")
@@ -191,12 +206,30 @@ def compatible(saved: RunRecord, now: RunRecord, *, steps: int | None = None) ->
             )  # fmt: skip
         except ValueError as exc:
             problems.append(Problem(ProblemKind.PRIVACY, "privacy", saved.privacy, p, str(exc)))
-    return problems
+    if saved.privacy is not None and None not in (saved.batch_size, now.batch_size):
+        if saved.batch_size != now.batch_size:
+            problems.append(Problem(ProblemKind.SAMPLING, "batch_size", saved.batch_size, now.batch_size))
+    fixed = {ProblemKind.SETTING: (saved.held, now.held), ProblemKind.MEMBERS: (saved.members, now.members)}
+    for kind, (was, will) in fixed.items():
+        problems += [Problem(kind, k, was[k], v) for k, v in will.items() if k in was and was[k] != v]
+    for k, (value, part) in now.parts.items():
+        if k in saved.parts and saved.parts[k][1] != part:
+            kind = ProblemKind.PART_ADDED if part else ProblemKind.PART_REMOVED
+            problems.append(Problem(kind, k, saved.parts[k][0], value))
+    return [p for i, p in enumerate(problems) if p.key not in {q.key for q in problems[:i]}]
 
 
 def _refuse(path: Path, problems: list[Problem]) -> None:
     if problems:
         raise problems[0].error(path)
+
+
+def read_record(path: Path) -> RunRecord:
+    """The run record in `path`'s header (the state is not read); CheckpointError for a bad one."""
+    try:
+        return RunRecord.from_meta(checkpoint.read_metadata(path))
+    except ValueError as exc:
+        raise checkpoint.CheckpointError(f"{display(path)}: not a valid resume point: {exc}") from None
 
 
 def resume_path(out: Path, resume: str | Path | None) -> Path | None:
@@ -399,11 +432,7 @@ def load(
     """
     path = Path(path)
     if now is not None:
-        try:
-            saved = RunRecord.from_meta(checkpoint.read_metadata(path))
-        except ValueError as exc:
-            raise checkpoint.CheckpointError(f"{display(path)}: not a valid resume point: {exc}") from None
-        _refuse(path, compatible(saved, now))
+        _refuse(path, compatible(read_record(path), now))
     st, meta = checkpoint.load_state(path, template)
     try:
         record = RunRecord.from_meta(meta, callbacks)
