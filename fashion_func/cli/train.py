@@ -30,191 +30,9 @@ from fashion_func.safeio import display
 __all__ = ["finish_rank", "main_train"]
 
 
-def build_train_parser() -> argparse.ArgumentParser:
-    """The parser of `scripts/train.py`; every option defaults to 'not given'."""
-    p = Parser(
-        prog="train.py",
-        description="Train a model on Fashion-MNIST with fashion_func.",
-        argument_default=argparse.SUPPRESS,
-    )
-    add_version(p)
-    _add_training_args(p)
-    _add_run_args(p)
-    _add_checkpoint_args(p)
-    _add_schedule_and_member_args(p)
-    _add_quality_args(p)
-    _add_privacy_args(p)
-    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip TensorBoard")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument(
-        "--resume",
-        metavar="PATH|auto",
-        help="continue from a last.safetensors (auto: <out>'s, if any) with the settings saved in it; "
-        "flags given override them (--epochs is the new total)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    return p
-
-
-def _add_training_args(p: argparse.ArgumentParser) -> None:
-    """Where the settings come from, the model and the optimizer."""
-    p.add_argument(
-        "--preset", help="a config shipped with the package (tutorial); --config and flags override it"
-    )
-    p.add_argument("--config", help="JSON or TOML file of settings; flags override it")
-    p.add_argument("--model", help=f"one of {', '.join(MODELS)} (default simplenet)")
-    p.add_argument(
-        "--width",
-        type=int_arg,
-        help="resnet's / dpcnn's base width, its first conv's channels (default 16)",
-    )
-    p.add_argument("--groups", type=int_arg, help="dpcnn: group norm, N groups (default 0: none)")
-    p.add_argument(
-        "--epochs", type=int_arg, help="total epochs (a resumed run trains what remains; default 4)"
-    )
-    p.add_argument("--batch-size", type=int_arg, help="default 128")
-    p.add_argument("--lr", type=float_arg, help="learning rate (default 1e-3)")
-    p.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default adam)")
-    p.add_argument("--weight-decay", type=float_arg, help="L2 for adam/sgd, decoupled for adamw (default 0)")
-    p.add_argument("--momentum", type=float_arg, help="sgd momentum (default 0.9)")
-    _switch(p, "--nesterov", "sgd with Nesterov momentum")
-    p.add_argument("--clip-norm", type=float_arg, help="clip gradients to this global norm")
-    p.add_argument("--label-smoothing", type=float_arg, help="cross-entropy label smoothing (default 0)")
-    p.add_argument("--seed", type=int_arg, help="seed for init, batch order and dropout (default 0)")
-
-
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    """Data, output, device and speed."""
-    p.add_argument("--data-dir", help="folder holding the four Fashion-MNIST IDX files (.gz or raw)")
-    p.add_argument("--out", help="run directory (default output/<model>)")
-    p.add_argument("--device", help=f"one of {', '.join(DEVICES)} (default auto: CUDA if present)")
-    p.add_argument(
-        "--compile",
-        choices=("auto", "on", "off", "update"),
-        help="torch.compile the step: on, off, update (only the optimizer update; forward and backward "
-        "eager); default auto: on with CUDA, update on the CPU",
-    )
-    p.add_argument(
-        "--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off"
-    )
-    p.add_argument("--precision", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
-    p.add_argument("--normalize", help="dataset (mean/std of the train set, default) or tutorial (0.5/0.5)")
-    p.add_argument("--limit-train", type=int_arg, help="use the first N training examples")
-    p.add_argument("--limit-val", type=int_arg, help="use the first N validation (test-set) examples")
-    p.add_argument("--eval-batch-size", type=int_arg, help="default 1000")
-
-
-def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
-    """The tutorial's monitor, early stopping, metrics and checkpoint retention."""
-    p.add_argument(
-        "--monitor",
-        help="metric for best checkpoint / early stopping: val_loss (default), val_acc, val_topK, ...",
-    )
-    p.add_argument("--mode", help="min or max (default: inferred, min for *_loss, max for accuracies)")
-    p.add_argument("--patience", type=int_arg, help="early-stopping patience in epochs (default: off)")
-    p.add_argument("--min-delta", type=float_arg, help="smallest change that counts as improvement")
-    p.add_argument(
-        "--save-best-only",
-        type=_bool,
-        metavar="{true,false}",
-        help="true (default): only best.safetensors; false: a checkpoint every epoch (or every --save-every)",
-    )
-    p.add_argument(
-        "--topk", type=int_arg, help="K of the top-K accuracy reported as train_topK/val_topK (default 5)"
-    )
-    p.add_argument(
-        "--save-top-k",
-        type=int_arg,
-        help="epoch checkpoints kept, best first (-1: all; default 1, all without best-only)",
-    )
-    p.add_argument(
-        "--save-every",
-        "--every-n-epochs",
-        dest="every_n_epochs",
-        type=int_arg,
-        help="epoch checkpoint interval (default 1)",
-    )
-
-
-def _add_schedule_and_member_args(p: argparse.ArgumentParser) -> None:
-    """The learning-rate schedule, and many models in one step (ensembles, sweeps)."""
-    p.add_argument("--lr-schedule", help=f"one of {', '.join(SCHEDULES)} (default constant)")
-    p.add_argument(
-        "--lr-step-size", type=int_arg, help="StepLR: epochs between decays (sets --lr-schedule step)"
-    )
-    p.add_argument("--lr-gamma", type=float_arg, help="StepLR / plateau decay factor (default 0.1)")
-    p.add_argument(
-        "--warmup-epochs",
-        type=float_arg,
-        help="onecycle: epochs (may be fractional) of linear warm-up from lr/10 to lr, then linear to 0 "
-        "at the last step (default 0)",
-    )
-    p.add_argument(
-        "--ensemble",
-        type=int_arg,
-        help="train K independently initialised models in one vmapped step (default 1)",
-    )
-    p.add_argument(
-        "--sweep",
-        help="train one model per hyperparameter combination in one vmapped step, "
-        "e.g. 'lr=1e-3,3e-4,1e-4' or 'lr=1e-3,3e-4 weight_decay=0,5e-4'",
-    )
-
-
-def _add_quality_args(p: argparse.ArgumentParser) -> None:
-    """Model selection on held-out data, augmentation, weight averaging, test-time flips."""
-    p.add_argument(
-        "--val-split",
-        type=int_arg,
-        help="hold out the last N training images for validation (model selection, early stopping); "
-        "the test set is then measured once, at the end, as test_acc (default 0: validate on the test set)",
-    )
-    p.add_argument(
-        "--crop-padding", type=int_arg, help="random crops after zero padding by N pixels (default 0)"
-    )
-    _switch(p, "--flip", "random horizontal flips in training")
-    p.add_argument(
-        "--cutout", type=int_arg, help="blank a random NxN square of each training image (default 0)"
-    )
-    p.add_argument(
-        "--ema",
-        type=float_arg,
-        help="evaluate and save a moving average of the weights with this decay, e.g. 0.99",
-    )
-    _switch(p, "--tta", "evaluate on the mean of each image's and its mirror image's probabilities")
-
-
-def _add_privacy_args(p: argparse.ArgumentParser) -> None:
-    """Private training (DP-SGD): per-example clipping, noise, Poisson sampling, accounting."""
-    p.add_argument(
-        "--dp-max-grad-norm",
-        type=float_arg,
-        metavar="C",
-        help="private training: clip each example's gradient to this L2 norm (default 1.0)",
-    )
-    p.add_argument(
-        "--dp-noise-multiplier",
-        type=float_arg,
-        metavar="S",
-        help="private training: Gaussian noise of std S*C on the summed clipped gradients",
-    )
-    p.add_argument(
-        "--dp-target-epsilon",
-        type=float_arg,
-        metavar="E",
-        help="private training: pick S so that --epochs end at epsilon E; stop before passing it",
-    )
-    p.add_argument(
-        "--dp-delta", type=float_arg, metavar="D", help="the delta epsilon is computed at (default 1e-5)"
-    )
-    p.add_argument("--dp-accountant", help="Opacus's accountant: rdp (default) or prv")
-
-
-def _switch(p: argparse.ArgumentParser, flag: str, what: str) -> None:
+def _switch(what: str) -> dict[str, Any]:
     """`--flag` (on) or `--flag true|false`: a preset's setting can be turned off again."""
-    p.add_argument(
-        flag, type=_bool, nargs="?", const=True, metavar="{true,false}", help=f"{what} (default off)"
-    )
+    return dict(type=_bool, nargs="?", const=True, metavar="{true,false}", help=f"{what} (default off)")
 
 
 def _bool(text: str) -> bool:
@@ -224,6 +42,132 @@ def _bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# Every option of the train parser, in --help's order: its names (space-separated) -> argparse's keywords.
+OPTIONS: dict[str, dict[str, Any]] = {
+    # where the settings come from, the model and the optimizer
+    "--preset": dict(help="a config shipped with the package (tutorial); --config and flags override it"),
+    "--config": dict(help="JSON or TOML file of settings; flags override it"),
+    "--model": dict(help=f"one of {', '.join(MODELS)} (default simplenet)"),
+    "--width": dict(
+        type=int_arg, help="resnet's / dpcnn's base width, its first conv's channels (default 16)"
+    ),
+    "--groups": dict(type=int_arg, help="dpcnn: group norm, N groups (default 0: none)"),
+    "--epochs": dict(type=int_arg, help="total epochs (a resumed run trains what remains; default 4)"),
+    "--batch-size": dict(type=int_arg, help="default 128"),
+    "--lr": dict(type=float_arg, help="learning rate (default 1e-3)"),
+    "--optimizer": dict(help=f"one of {', '.join(OPTIMIZERS)} (default adam)"),
+    "--weight-decay": dict(type=float_arg, help="L2 for adam/sgd, decoupled for adamw (default 0)"),
+    "--momentum": dict(type=float_arg, help="sgd momentum (default 0.9)"),
+    "--nesterov": _switch("sgd with Nesterov momentum"),
+    "--clip-norm": dict(type=float_arg, help="clip gradients to this global norm"),
+    "--label-smoothing": dict(type=float_arg, help="cross-entropy label smoothing (default 0)"),
+    "--seed": dict(type=int_arg, help="seed for init, batch order and dropout (default 0)"),
+    # data, output, device and speed
+    "--data-dir": dict(help="folder holding the four Fashion-MNIST IDX files (.gz or raw)"),
+    "--out": dict(help="run directory (default output/<model>)"),
+    "--device": dict(help=f"one of {', '.join(DEVICES)} (default auto: CUDA if present)"),
+    "--compile": dict(
+        choices=("auto", "on", "off", "update"),
+        help="torch.compile the step: on, off, update (only the optimizer update; forward and backward "
+        "eager); default auto: on with CUDA, update on the CPU",
+    ),
+    "--no-compile": dict(dest="compile", action="store_const", const="off", help="same as --compile off"),
+    "--precision": dict(help=f"one of {', '.join(PRECISIONS)} (default fp32)"),
+    "--normalize": dict(help="dataset (mean/std of the train set, default) or tutorial (0.5/0.5)"),
+    "--limit-train": dict(type=int_arg, help="use the first N training examples"),
+    "--limit-val": dict(type=int_arg, help="use the first N validation (test-set) examples"),
+    "--eval-batch-size": dict(type=int_arg, help="default 1000"),
+    # the tutorial's monitor, early stopping, metrics and checkpoint retention
+    "--monitor": dict(
+        help="metric for best checkpoint / early stopping: val_loss (default), val_acc, val_topK, ..."
+    ),
+    "--mode": dict(help="min or max (default: inferred, min for *_loss, max for accuracies)"),
+    "--patience": dict(type=int_arg, help="early-stopping patience in epochs (default: off)"),
+    "--min-delta": dict(type=float_arg, help="smallest change that counts as improvement"),
+    "--save-best-only": dict(
+        type=_bool,
+        metavar="{true,false}",
+        help="true (default): only best.safetensors; false: a checkpoint every epoch (or every --save-every)",
+    ),
+    "--topk": dict(type=int_arg, help="K of the top-K accuracy reported as train_topK/val_topK (default 5)"),
+    "--save-top-k": dict(
+        type=int_arg, help="epoch checkpoints kept, best first (-1: all; default 1, all without best-only)"
+    ),
+    "--save-every --every-n-epochs": dict(
+        dest="every_n_epochs", type=int_arg, help="epoch checkpoint interval (default 1)"
+    ),
+    # the learning-rate schedule, and many models in one step (ensembles, sweeps)
+    "--lr-schedule": dict(help=f"one of {', '.join(SCHEDULES)} (default constant)"),
+    "--lr-step-size": dict(type=int_arg, help="StepLR: epochs between decays (sets --lr-schedule step)"),
+    "--lr-gamma": dict(type=float_arg, help="StepLR / plateau decay factor (default 0.1)"),
+    "--warmup-epochs": dict(
+        type=float_arg,
+        help="onecycle: epochs (may be fractional) of linear warm-up from lr/10 to lr, then linear to 0 "
+        "at the last step (default 0)",
+    ),
+    "--ensemble": dict(
+        type=int_arg, help="train K independently initialised models in one vmapped step (default 1)"
+    ),
+    "--sweep": dict(
+        help="train one model per hyperparameter combination in one vmapped step, "
+        "e.g. 'lr=1e-3,3e-4,1e-4' or 'lr=1e-3,3e-4 weight_decay=0,5e-4'"
+    ),
+    # model selection on held-out data, augmentation, weight averaging, test-time flips
+    "--val-split": dict(
+        type=int_arg,
+        help="hold out the last N training images for validation (model selection, early stopping); "
+        "the test set is then measured once, at the end, as test_acc (default 0: validate on the test set)",
+    ),
+    "--crop-padding": dict(type=int_arg, help="random crops after zero padding by N pixels (default 0)"),
+    "--flip": _switch("random horizontal flips in training"),
+    "--cutout": dict(type=int_arg, help="blank a random NxN square of each training image (default 0)"),
+    "--ema": dict(
+        type=float_arg, help="evaluate and save a moving average of the weights with this decay, e.g. 0.99"
+    ),
+    "--tta": _switch("evaluate on the mean of each image's and its mirror image's probabilities"),
+    # private training (DP-SGD): per-example clipping, noise, Poisson sampling, accounting
+    "--dp-max-grad-norm": dict(
+        type=float_arg,
+        metavar="C",
+        help="private training: clip each example's gradient to this L2 norm (default 1.0)",
+    ),
+    "--dp-noise-multiplier": dict(
+        type=float_arg,
+        metavar="S",
+        help="private training: Gaussian noise of std S*C on the summed clipped gradients",
+    ),
+    "--dp-target-epsilon": dict(
+        type=float_arg,
+        metavar="E",
+        help="private training: pick S so that --epochs end at epsilon E; stop before passing it",
+    ),
+    "--dp-delta": dict(type=float_arg, metavar="D", help="the delta epsilon is computed at (default 1e-5)"),
+    "--dp-accountant": dict(help="Opacus's accountant: rdp (default) or prv"),
+    # the run itself
+    "--no-tensorboard": dict(dest="tensorboard", action="store_false", help="skip TensorBoard"),
+    "--no-progress": dict(dest="progress", action="store_false", help="no progress bar"),
+    "--resume": dict(
+        metavar="PATH|auto",
+        help="continue from a last.safetensors (auto: <out>'s, if any) with the settings saved in it; "
+        "flags given override them (--epochs is the new total)",
+    ),
+    "--overwrite": dict(action="store_true", help="replace an existing run directory"),
+}
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    """The parser of `scripts/train.py` (`OPTIONS`); every option defaults to 'not given'."""
+    p = Parser(
+        prog="train.py",
+        description="Train a model on Fashion-MNIST with fashion_func.",
+        argument_default=argparse.SUPPRESS,
+    )
+    add_version(p)
+    for names, keywords in OPTIONS.items():
+        p.add_argument(*names.split(), **keywords)
+    return p
 
 
 RUN_FLAGS = ("preset", "config", "resume", "overwrite")
