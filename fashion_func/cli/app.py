@@ -1,8 +1,7 @@
 """The command line's training job: a `Config` turned into library objects, then `fit`.
 
-`train(cfg)` builds the data (`data.EpochBatches`), the model and its state, the optimizer,
-the compiled steps and the tutorial's callbacks from the config, opens the run directory,
-resumes from a checkpoint when asked, and hands everything to `fashion_func.fit`. It is one
+`train(cfg)` builds the data, the model and its state, the optimizer, the compiled steps and
+the callbacks, opens the run directory, resumes when asked and hands everything to `fit`: one
 client of the library; research code builds the same objects itself.
 """
 
@@ -117,12 +116,7 @@ def build_callbacks(cfg: Config) -> list[Any]:
                 base_lr=cfg.lr,
             )
         )
-    keep = {
-        "mode": cfg.mode,
-        "save_best_only": cfg.save_best_only,
-        "every_n_epochs": cfg.every_n_epochs,
-        "save_top_k": cfg.save_top_k,
-    }
+    keep = {k: getattr(cfg, k) for k in ("mode", "save_best_only", "every_n_epochs", "save_top_k")}
     if not _stacked(cfg):
         out.append(cbs.ModelCheckpoint(monitor=cfg.monitor, save_last=True, **keep))
     else:  # each member's weights kept by its own metric, as plain single-model files
@@ -229,10 +223,9 @@ def _resumable(cfg: Config, path: Path) -> RunRecord:
     holds fixed, other members, an optimizer part added or removed, a private run's batch size."""
     saved = resume_lib.read_record(path)
     config = saved.settings.get("config")
+    was = _compared(config if isinstance(config, dict) else {}, saved)
     now = _compared(cfg.to_dict(), RunRecord({"model": cfg.model}))
-    problems = resume_lib.compatible(_compared(config if isinstance(config, dict) else {}, saved), now)
-    if problems:
-        raise problems[0].error(path)
+    resume_lib.refuse(path, resume_lib.compatible(was, now))
     return saved
 
 
@@ -586,13 +579,11 @@ def _peer_failure(exc: RuntimeError) -> bool:
     return isinstance(exc, torch.distributed.DistError) or any(m in str(exc) for m in _PEER_FAILURES)
 
 
-def _lost_peer(exc: Exception, group: distributed.Group | None) -> str:
-    rank = f"rank {group.rank}" if group is not None else "this process"
-    timeout = group.timeout_s if group is not None else distributed.DEFAULT_TIMEOUT_S
+def _lost_peer(exc: Exception, group: distributed.Group) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (
-        f"{rank} lost the other processes of the job (one died, or did not answer within "
-        f"{timeout:g} s): {first}; the run directory keeps its last checkpoint (--resume auto)"
+        f"rank {group.rank} lost the other processes of the job (one died, or did not answer within "
+        f"{group.timeout_s:g} s): {first}; the run directory keeps its last checkpoint (--resume auto)"
     )
 
 
@@ -616,11 +607,8 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False, pro
         return 1
     if group is not None and not group.is_main:
         return 0  # rank 0 reports the run
-    tail = (
-        f"; best {result.best['monitor']} {result.best['value']:.4f} at epoch {result.best['epoch']}"
-        if result.best
-        else ""
-    )
+    best = result.best
+    tail = f"; best {best['monitor']} {best['value']:.4f} at epoch {best['epoch']}" if best else ""
     if result.member_best:
         tail += (
             f"; each member's best weights in {result.out_dir}/checkpoints/member-*/, table in members.json"
@@ -633,8 +621,7 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False, pro
     _print(f"done: {result.epochs_run} epoch(s), {result.stop_reason}{tail}; run directory {result.out_dir}")
     if result.diverged:
         print(
-            f"{prog}: error: training diverged ({result.stop_reason}); exit {EXIT_DIVERGED}",
-            file=sys.stderr,
+            f"{prog}: error: training diverged ({result.stop_reason}); exit {EXIT_DIVERGED}", file=sys.stderr
         )
         return EXIT_DIVERGED
     return 0

@@ -194,14 +194,10 @@ def _given_layers(argv: Sequence[str] | None) -> tuple[list[dict[str, Any]], dic
 
 
 def parse_train_args(argv: Sequence[str] | None = None) -> tuple[Config, dict[str, Any]]:
-    """(Config, run-control options {resume, overwrite}).
-
-    Values come from, in rising priority: the defaults, the config saved in the checkpoint
-    being resumed (`--resume`; none for `auto` before the first checkpoint), a `--preset`, a
-    `--config` file, the flags given (`config.layered`: a value that depends on a key given
-    by a higher source is derived again). So `--resume auto --out X` continues X's run as it
-    was set up, and `--resume auto --out X --epochs 10` only raises its epoch count. Whether
-    the run can continue so is decided as it starts (`app.train`, `resume.compatible`).
+    """(Config, run-control options {resume, overwrite}), layered (`config.layered`) over the
+    config saved in the checkpoint `--resume` names (none for `auto` before the first one):
+    `--resume auto --out X --epochs 10` continues X's run as it was set up, to 10 epochs.
+    Whether it can continue so is decided as it starts (`app.train`, `resume.compatible`).
     """
     layers, run = _given_layers(argv)
     saved = _checkpoint_config(layered(layers), run["resume"]) if run["resume"] else None
@@ -218,16 +214,19 @@ def _checkpoint_config(values: dict[str, Any], resume: str) -> tuple[dict[str, A
     for `auto` before the first checkpoint."""
     # heavy imports (torch) only on this path: reading a checkpoint needs them anyway
     from fashion_func import checkpoint, loop
+    from fashion_func.loop import resume as resume_lib
 
     # where `auto` looks: the --out given, else the default for the model given
     out = Config.from_dict({k: values[k] for k in ("out", "model") if k in values}).out_dir
     try:
-        path = loop.resume_path(out, resume)
+        path = resume_lib.resume_path(out, resume)
         if path is None:  # `auto` before any checkpoint: a fresh run from the flags
             return None
-        saved = loop.saved_config(path)
+        saved = resume_lib.read_record(path).settings.get("config")
     except (loop.RunError, checkpoint.CheckpointError) as exc:
         raise UsageError(words.message(exc)) from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"checkpoint {path} holds no run config; it was not written by train.py")
     # A run writes only where the user pointed, never where a checkpoint's saved config says
     # (a copied run's checkpoint names the original's directory).
     return saved, str(out) if resume == "auto" or "out" in values else _run_dir_of(path)
@@ -249,18 +248,14 @@ def _run_dir_of(checkpoint_path: Path) -> str:
     return str(folder.parent)
 
 
-def _fail(prog: str, message: str, code: int = EXIT_USAGE) -> int:
-    print(f"{prog}: error: {display(message)}", file=sys.stderr)
-    return code
-
-
 def main_train(argv: Sequence[str] | None = None, *, prog: str = "train.py") -> int:
     """Entry point of `scripts/train.py`; returns the process exit code. `prog` names the
     command in its messages (`fashion-func train` from the installed command)."""
     try:
         config, run = parse_train_args(argv)
     except (UsageError, ConfigError) as exc:
-        return _fail(prog, str(exc))
+        print(f"{prog}: error: {display(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         from fashion_func.cli import app  # heavy imports only once the arguments are known good
 

@@ -1,9 +1,8 @@
 """The command line's words for the library's structured errors and notes: its flags.
 
-The core speaks its own API's words (`run_dir`, `overwrite=True`, `resume="auto"`, `data_dir`);
-each error or log note it raises with a `kind` is worded here, in the one table `WORDS`, with
-the flags a command-line user types. Anything without a kind (or with one not listed) reads as
-the library wrote it.
+Each error or log note the core raises with a `kind` (in its API's words: `run_dir`,
+`overwrite=True`) is worded here, in the one table `WORDS`, with the flags a user types;
+anything else reads as the library wrote it.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from fashion_func.loop.fit import FitResult, Interrupted, StopReason, evaluate, 
 from fashion_func.loop.lock import run_lock  # noqa: F401
 
 # importable here by module path for the app and the tests; not in __all__
-from fashion_func.loop.resume import ResumePoint, resume_path, saved_config  # noqa: F401
+from fashion_func.loop.resume import ResumePoint, resume_path  # noqa: F401
 from fashion_func.loop.rundir import (
     RunDir,  # noqa: F401
     RunError,

@@ -47,15 +47,11 @@ class RunError(Worded):
         "other_model": "checkpoint {path} holds a {saved} model, not {now}",
         "other_splits": "checkpoint {path} was trained on other images ({saved}; now {now}); resume with the "
         "same train, validation and test images",
-        "other_setting": "checkpoint {path} was trained with {setting} {saved}, not {now}; "
-        "resume it with the same {setting}",
-        "other_members": "checkpoint {path} trains other members ({setting} {saved}, not {now}); "
-        "resume it with the same members",
-        "part_added": "{setting} {now} needs a part that the optimizer state of checkpoint {path} has not "
-        "(its run had {saved}); start a new run for that",
-        "part_removed": "{setting} {now} leaves a part of the optimizer state of checkpoint {path} unused "
-        "(its run had {saved}); start a new run for that",
-        "other_sampling": "checkpoint {path} holds a private run with batches of {saved}, not {now}: its "
+        "other_setting": "checkpoint {path} was trained with {setting} {saved}, not {now}",
+        "other_members": "checkpoint {path} trains other members ({setting} {saved}, not {now})",
+        "part_added": "checkpoint {path}'s optimizer state has no part for {setting} {now} (it had {saved})",
+        "part_removed": "checkpoint {path}'s optimizer state holds a part for {setting} {saved}, not {now}",
+        "other_sampling": "checkpoint {path} is a private run with batches of {saved}, not {now}: its "
         "sampling rate is part of the privacy accounting",
         "other_batches": "the checkpoint was cut mid-epoch with {diff}; resume with the same batches "
         "(the same train data, batch size and seed)",

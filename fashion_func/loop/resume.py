@@ -72,10 +72,8 @@ class RunRecord:
     def to_meta(self) -> dict[str, Any]:
         """The checkpoint metadata of this record (JSON values): the settings, then each field
         under its key; an empty optional field is left out."""
-        values = {"privacy": self.privacy, "splits": self.splits, "epoch": self.epoch,
-                  "callbacks": self.callbacks, "history": self.history, "rng_states": self.rng_states,
-                  "lr": self.lr, "in_epoch": self.in_epoch, "data_state": self.data_state,
-                  "diverged_members": self.diverged_members or None}  # fmt: skip
+        values = {k: getattr(self, k) for k in self._KEYS}
+        values["diverged_members"] = self.diverged_members or None
         return {**self.settings, **{k: v for k, v in values.items() if v is not None}}
 
     @classmethod
@@ -85,7 +83,6 @@ class RunRecord:
         problem = _check_metadata(meta, callbacks)
         if problem:
             raise ValueError(problem)
-        cb_states = meta.get("callbacks", {})
         splits = meta.get("splits")
         return cls(
             settings={k: v for k, v in meta.items() if k not in cls._KEYS},
@@ -93,8 +90,8 @@ class RunRecord:
             splits=splits if isinstance(splits, dict) else None,
             in_epoch=meta.get("in_epoch"),
             data_state=meta.get("data_state"),
-            callbacks=dict(cb_states),
-            history=_history(meta),
+            callbacks=dict(meta.get("callbacks", {})),
+            history=[dict(r) for r in meta.get("history", [])],
             diverged_members=meta.get("diverged_members") or [],
             privacy=meta.get("privacy"),
             rng_states=meta.get("rng_states"),
@@ -126,11 +123,6 @@ class ResumePoint:
     @property
     def history(self) -> list[dict[str, Any]]:
         return self.record.history
-
-    @property
-    def lr(self) -> float | list[float] | None:
-        """The learning rate as last set, read from the state's optimizer, if it has one."""
-        return host_lr(self.state.opt_state)
 
     def replace_lr(self, lr: float, cb_states: Mapping[str, Any] | None = None) -> ResumePoint:
         """This point with the optimizer's learning rate set to `lr`, and with `cb_states`
@@ -219,7 +211,8 @@ def compatible(saved: RunRecord, now: RunRecord, *, steps: int | None = None) ->
     return [p for i, p in enumerate(problems) if p.key not in {q.key for q in problems[:i]}]
 
 
-def _refuse(path: Path, problems: list[Problem]) -> None:
+def refuse(path: Path, problems: list[Problem]) -> None:
+    """The first of `problems` raised as its error (`Problem.error`), if any."""
     if problems:
         raise problems[0].error(path)
 
@@ -253,22 +246,6 @@ def resume_path(out: Path, resume: str | Path | None) -> Path | None:
     if not stat.S_ISREG(mode):
         raise RunError(kind="checkpoint_not_regular", resume=str(resume), what=describe(mode))
     return p
-
-
-def saved_config(path: Path) -> dict[str, Any]:
-    """The config values a checkpoint was written with (its metadata 'config').
-
-    Reads only the file's header. CheckpointError for a bad file, RunError when it has
-    no config (not written by the command line).
-    """
-    values = checkpoint.read_metadata(path).get("config")
-    if not isinstance(values, dict):
-        raise RunError(f"checkpoint {path} holds no run config; it was not written by train.py")
-    return values
-
-
-def _history(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [dict(r) for r in meta["history"]] if isinstance(meta.get("history"), list) else []
 
 
 def _is_int(x: Any, low: int) -> bool:
@@ -405,7 +382,7 @@ def resume_point(
     already loaded is returned as it is, once checked against `now`."""
     if isinstance(resume, ResumePoint):
         if now is not None:
-            _refuse(resume.path, compatible(resume.record, now, steps=int(resume.state.step.reshape(-1)[0])))
+            refuse(resume.path, compatible(resume.record, now, steps=int(resume.state.step.reshape(-1)[0])))
         return resume
     if resume is None:
         return None
@@ -421,18 +398,15 @@ def resume_point(
 def load(
     path: str | Path, template: TrainState, callbacks: Sequence[Any] = (), now: RunRecord | None = None
 ) -> ResumePoint:
-    """The resume point stored in `path`, its state validated against `template`.
-
-    Beyond the file's own validation, the run record is checked (`RunRecord.from_meta`) and
-    the state's scalars for their ranges (step >= 0, optimizer hyperparameters). Callbacks with
-    no saved state start from `init()`. CheckpointError (one line naming the file) for a bad file.
-    With `now`, the run about to continue: the record must be compatible with it (`compatible`;
-    the first problem raised as its `Problem.error`), the model and images before the state
-    is read (another model's would not load), the privacy record for the state's step count.
+    """The resume point stored in `path`, its state validated against `template`, its run record
+    (`RunRecord.from_meta`) and the state's scalars (step >= 0, optimizer hyperparameters in
+    range) checked: CheckpointError, one line naming the file. Callbacks with no saved state
+    start from `init()`. With `now`, the run about to continue, `compatible`'s first problem is
+    raised: before the state is read (another model's would not load), then for its step count.
     """
     path = Path(path)
     if now is not None:
-        _refuse(path, compatible(read_record(path), now))
+        refuse(path, compatible(read_record(path), now))
     st, meta = checkpoint.load_state(path, template)
     try:
         record = RunRecord.from_meta(meta, callbacks)
@@ -442,7 +416,7 @@ def load(
     if problem:
         raise checkpoint.CheckpointError(f"{display(path)}: not a valid resume point: {problem}")
     if now is not None:
-        _refuse(path, compatible(record, now, steps=int(st.step.reshape(-1)[0])))
+        refuse(path, compatible(record, now, steps=int(st.step.reshape(-1)[0])))
     cb_states = {cb.name: record.callbacks.get(cb.name, cb.init()) for cb in callbacks}
     return ResumePoint(path=path, state=st, cb_states=cb_states, record=record)
 
@@ -468,10 +442,7 @@ def host_lr(opt_state: Any) -> float | list[float] | None:
 
 def check_same_batches(in_epoch: Mapping[str, Any], batching: Mapping[str, Any] | None) -> None:
     """A mid-epoch checkpoint continues only with the batches it was cut from."""
-    saved = in_epoch.get("batching")
-    if saved is None or batching is None:
-        return
-    now = dict(batching)
-    if saved != now:
+    saved, now = in_epoch.get("batching"), dict(batching or {})
+    if saved is not None and batching is not None and saved != now:
         diff = ", ".join(f"{k} {saved.get(k)} (now {now.get(k)})" for k in now if saved.get(k) != now.get(k))
         raise RunError(kind="other_batches", diff=diff)
