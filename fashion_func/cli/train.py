@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -44,26 +45,27 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+_int = functools.partial(dict, type=int_arg)  # the keywords of an option taking an integer
+_float = functools.partial(dict, type=float_arg)  # ... a number
+
 # Every option of the train parser, in --help's order: its names (space-separated) -> argparse's keywords.
 OPTIONS: dict[str, dict[str, Any]] = {
     # where the settings come from, the model and the optimizer
     "--preset": dict(help="a config shipped with the package (tutorial); --config and flags override it"),
     "--config": dict(help="JSON or TOML file of settings; flags override it"),
     "--model": dict(help=f"one of {', '.join(MODELS)} (default simplenet)"),
-    "--width": dict(
-        type=int_arg, help="resnet's / dpcnn's base width, its first conv's channels (default 16)"
-    ),
-    "--groups": dict(type=int_arg, help="dpcnn: group norm, N groups (default 0: none)"),
-    "--epochs": dict(type=int_arg, help="total epochs (a resumed run trains what remains; default 4)"),
-    "--batch-size": dict(type=int_arg, help="default 128"),
-    "--lr": dict(type=float_arg, help="learning rate (default 1e-3)"),
+    "--width": _int(help="resnet's / dpcnn's base width, its first conv's channels (default 16)"),
+    "--groups": _int(help="dpcnn: group norm, N groups (default 0: none)"),
+    "--epochs": _int(help="total epochs (a resumed run trains what remains; default 4)"),
+    "--batch-size": _int(help="default 128"),
+    "--lr": _float(help="learning rate (default 1e-3)"),
     "--optimizer": dict(help=f"one of {', '.join(OPTIMIZERS)} (default adam)"),
-    "--weight-decay": dict(type=float_arg, help="L2 for adam/sgd, decoupled for adamw (default 0)"),
-    "--momentum": dict(type=float_arg, help="sgd momentum (default 0.9)"),
+    "--weight-decay": _float(help="L2 for adam/sgd, decoupled for adamw (default 0)"),
+    "--momentum": _float(help="sgd momentum (default 0.9)"),
     "--nesterov": _switch("sgd with Nesterov momentum"),
-    "--clip-norm": dict(type=float_arg, help="clip gradients to this global norm"),
-    "--label-smoothing": dict(type=float_arg, help="cross-entropy label smoothing (default 0)"),
-    "--seed": dict(type=int_arg, help="seed for init, batch order and dropout (default 0)"),
+    "--clip-norm": _float(help="clip gradients to this global norm"),
+    "--label-smoothing": _float(help="cross-entropy label smoothing (default 0)"),
+    "--seed": _int(help="seed for init, batch order and dropout (default 0)"),
     # data, output, device and speed
     "--data-dir": dict(help="folder holding the four Fashion-MNIST IDX files (.gz or raw)"),
     "--out": dict(help="run directory (default output/<model>)"),
@@ -76,74 +78,62 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--no-compile": dict(dest="compile", action="store_const", const="off", help="same as --compile off"),
     "--precision": dict(help=f"one of {', '.join(PRECISIONS)} (default fp32)"),
     "--normalize": dict(help="dataset (mean/std of the train set, default) or tutorial (0.5/0.5)"),
-    "--limit-train": dict(type=int_arg, help="use the first N training examples"),
-    "--limit-val": dict(type=int_arg, help="use the first N validation (test-set) examples"),
-    "--eval-batch-size": dict(type=int_arg, help="default 1000"),
+    "--limit-train": _int(help="use the first N training examples"),
+    "--limit-val": _int(help="use the first N validation (test-set) examples"),
+    "--eval-batch-size": _int(help="default 1000"),
     # the tutorial's monitor, early stopping, metrics and checkpoint retention
     "--monitor": dict(
         help="metric for best checkpoint / early stopping: val_loss (default), val_acc, val_topK, ..."
     ),
     "--mode": dict(help="min or max (default: inferred, min for *_loss, max for accuracies)"),
-    "--patience": dict(type=int_arg, help="early-stopping patience in epochs (default: off)"),
-    "--min-delta": dict(type=float_arg, help="smallest change that counts as improvement"),
+    "--patience": _int(help="early-stopping patience in epochs (default: off)"),
+    "--min-delta": _float(help="smallest change that counts as improvement"),
     "--save-best-only": dict(
         type=_bool,
         metavar="{true,false}",
         help="true (default): only best.safetensors; false: a checkpoint every epoch (or every --save-every)",
     ),
-    "--topk": dict(type=int_arg, help="K of the top-K accuracy reported as train_topK/val_topK (default 5)"),
-    "--save-top-k": dict(
-        type=int_arg, help="epoch checkpoints kept, best first (-1: all; default 1, all without best-only)"
+    "--topk": _int(help="K of the top-K accuracy reported as train_topK/val_topK (default 5)"),
+    "--save-top-k": _int(
+        help="epoch checkpoints kept, best first (-1: all; default 1, all without best-only)"
     ),
-    "--save-every --every-n-epochs": dict(
-        dest="every_n_epochs", type=int_arg, help="epoch checkpoint interval (default 1)"
+    "--save-every --every-n-epochs": _int(
+        dest="every_n_epochs", help="epoch checkpoint interval (default 1)"
     ),
     # the learning-rate schedule, and many models in one step (ensembles, sweeps)
     "--lr-schedule": dict(help=f"one of {', '.join(SCHEDULES)} (default constant)"),
-    "--lr-step-size": dict(type=int_arg, help="StepLR: epochs between decays (sets --lr-schedule step)"),
-    "--lr-gamma": dict(type=float_arg, help="StepLR / plateau decay factor (default 0.1)"),
-    "--warmup-epochs": dict(
-        type=float_arg,
+    "--lr-step-size": _int(help="StepLR: epochs between decays (sets --lr-schedule step)"),
+    "--lr-gamma": _float(help="StepLR / plateau decay factor (default 0.1)"),
+    "--warmup-epochs": _float(
         help="onecycle: epochs (may be fractional) of linear warm-up from lr/10 to lr, then linear to 0 "
         "at the last step (default 0)",
     ),
-    "--ensemble": dict(
-        type=int_arg, help="train K independently initialised models in one vmapped step (default 1)"
-    ),
+    "--ensemble": _int(help="train K independently initialised models in one vmapped step (default 1)"),
     "--sweep": dict(
         help="train one model per hyperparameter combination in one vmapped step, "
         "e.g. 'lr=1e-3,3e-4,1e-4' or 'lr=1e-3,3e-4 weight_decay=0,5e-4'"
     ),
     # model selection on held-out data, augmentation, weight averaging, test-time flips
-    "--val-split": dict(
-        type=int_arg,
+    "--val-split": _int(
         help="hold out the last N training images for validation (model selection, early stopping); "
         "the test set is then measured once, at the end, as test_acc (default 0: validate on the test set)",
     ),
-    "--crop-padding": dict(type=int_arg, help="random crops after zero padding by N pixels (default 0)"),
+    "--crop-padding": _int(help="random crops after zero padding by N pixels (default 0)"),
     "--flip": _switch("random horizontal flips in training"),
-    "--cutout": dict(type=int_arg, help="blank a random NxN square of each training image (default 0)"),
-    "--ema": dict(
-        type=float_arg, help="evaluate and save a moving average of the weights with this decay, e.g. 0.99"
-    ),
+    "--cutout": _int(help="blank a random NxN square of each training image (default 0)"),
+    "--ema": _float(help="evaluate and save a moving average of the weights with this decay, e.g. 0.99"),
     "--tta": _switch("evaluate on the mean of each image's and its mirror image's probabilities"),
     # private training (DP-SGD): per-example clipping, noise, Poisson sampling, accounting
-    "--dp-max-grad-norm": dict(
-        type=float_arg,
-        metavar="C",
-        help="private training: clip each example's gradient to this L2 norm (default 1.0)",
+    "--dp-max-grad-norm": _float(
+        metavar="C", help="private training: clip each example's gradient to this L2 norm (default 1.0)"
     ),
-    "--dp-noise-multiplier": dict(
-        type=float_arg,
-        metavar="S",
-        help="private training: Gaussian noise of std S*C on the summed clipped gradients",
+    "--dp-noise-multiplier": _float(
+        metavar="S", help="private training: Gaussian noise of std S*C on the summed clipped gradients"
     ),
-    "--dp-target-epsilon": dict(
-        type=float_arg,
-        metavar="E",
-        help="private training: pick S so that --epochs end at epsilon E; stop before passing it",
+    "--dp-target-epsilon": _float(
+        metavar="E", help="private training: pick S so that --epochs end at epsilon E; stop before passing it"
     ),
-    "--dp-delta": dict(type=float_arg, metavar="D", help="the delta epsilon is computed at (default 1e-5)"),
+    "--dp-delta": _float(metavar="D", help="the delta epsilon is computed at (default 1e-5)"),
     "--dp-accountant": dict(help="Opacus's accountant: rdp (default) or prv"),
     # the run itself
     "--no-tensorboard": dict(dest="tensorboard", action="store_false", help="skip TensorBoard"),
