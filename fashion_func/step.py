@@ -38,7 +38,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -518,7 +518,11 @@ class Stages:
         if self.update is None:
             raise ValueError("these stages were built without an optimizer: pass one to stages()")
         gradients, update, noise, dp = self.gradients, self.update, self.noise, self.per_example
-        _check_sum_over_ranks(dp, reduce_grads)
+        # the clipped sums of the ranks must be added, not averaged: the noise is scaled to a sum
+        if dp is not None and getattr(reduce_grads, "__name__", "") == "all_reduce_mean":
+            raise ValueError(
+                "with per_example, reduce_grads must sum over the ranks: pass group.all_reduce_sum"
+            )
         # "update": forward and backward eager, the optimizer's elementwise passes fused
         fast_update = torch.compile(update) if compile == "update" else update
 
@@ -581,7 +585,12 @@ def stages(
 def stages_of(model: Model | Callable[..., Any], optimizer: Any, opts: StepOptions) -> Stages:
     """`stages` of options already made (the builders', `ensemble`'s)."""
     forward = _forward_fn(model)
-    private = _check_private(opts.per_example, model)
+    private = opts.per_example
+    if private is not None and isinstance(model, Model) and model.stateful:
+        raise ValueError(
+            f"model {model.name} has batch norm, which mixes the examples of a batch: per-example "
+            "clipping (DP-SGD) needs a model without it (group norm: models.dpcnn(groups=...))"
+        )
     classes = _classes(model, opts)
     criterion = opts.loss or _default_loss(classes)
     metrics = opts.metrics
@@ -681,23 +690,6 @@ def _gradients_fn(
 
 
 # -- per-example (DP-SGD) steps ------------------------------------------------------------------
-
-
-def _check_private(per_example: ClipAndNoise | None, model: Any) -> ClipAndNoise | None:
-    if per_example is None:
-        return None
-    if isinstance(model, Model) and model.stateful:
-        raise ValueError(
-            f"model {model.name} has batch norm, which mixes the examples of a batch: per-example "
-            "clipping (DP-SGD) needs a model without it (group norm: models.dpcnn(groups=...))"
-        )
-    return per_example
-
-
-def _check_sum_over_ranks(dp: ClipAndNoise | None, reduce_grads: Any) -> None:
-    # the clipped sums of the ranks must be added, not averaged: the noise is scaled to a sum
-    if dp is not None and getattr(reduce_grads, "__name__", "") == "all_reduce_mean":
-        raise ValueError("with per_example, reduce_grads must sum over the ranks: pass group.all_reduce_sum")
 
 
 def _unpack(batch: Any, private: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -867,13 +859,11 @@ def loss_fn(
     `grad(f, has_aux=True)` takes. `grad`, `jvp`, `hessian` and `vmap` (over a leading axis
     of stacked batches) compose over it, as over any function of tensors.
 
-    loss, preprocess, class_output: as `StepOptions` (cross-entropy of the class head if
-    None; the default preprocess normalises uint8 Fashion-MNIST images, None takes the inputs
-    as given). train: False differentiates the inference-mode function (running statistics, no
-    dropout, no augmentation); True the training-mode one, dropout and an augmenting
-    preprocess drawn from `key` exactly as the train step draws them from
-    `nn.fold_in(state.rng, state.step)`, so `f(st.params, batch, key=...)` is the loss the
-    train step takes the gradient of.
+    loss, preprocess, class_output: as `StepOptions`. train: False differentiates the
+    inference-mode function (running statistics, no dropout, no augmentation); True the
+    training-mode one, dropout and an augmenting preprocess drawn from `key` as the train step
+    draws them from `nn.fold_in(state.rng, state.step)`, so `f(st.params, batch, key=...)` is
+    the loss the train step takes the gradient of.
     """
     forward = _forward_fn(model)
     criterion = loss or _default_loss(_classes(model, class_output=class_output))
@@ -903,42 +893,13 @@ def loss_fn(
     return stateless_loss
 
 
-def _grad_chunks(
-    model: Any,
-    params: Params,
-    batch: Batch,
-    loss: LossFn | None,
-    preprocess: Preprocess | None,
-    model_state: ModelState | None,
-    train: bool,
-    key: Tensor | None,
-    class_output: str | int | None,
-    chunk_size: int | None,
-) -> Iterator[tuple[slice, int, Params]]:
-    """(slice, batch size, each example's gradient) of each chunk of `chunk_size` examples
-    (default: the DP stage's, `_auto_chunk`): what `per_example_grads` and `streamed_grad_norms` run."""
-    if isinstance(model, Model) and model.stateful and not model_state:
-        raise ValueError(f"model {model.name} is stateful: pass its model_state")
-    forward = _forward_fn(model)
-    criterion = loss or _default_loss(_classes(model, class_output=class_output))
-    inputs, targets = batch
-    # strided NCHW: vmap's batched convolutions cannot carry the default preprocess's NHWC on CPU
-    # (PyTorch NYI); a one-channel NHWC tensor is "contiguous" too, so .contiguous() would keep it
-    x = _preprocess(preprocess, inputs).clone(memory_format=torch.contiguous_format)
-    state, size = dict(model_state or {}), targets.shape[0]
-
-    def single(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
-        logits, _ = forward(p, xi[None], state, train=train, key=key)  # a batch of one
-        return _loss_parts(criterion, logits, yi[None])[0][0]
-
-    grad = torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0))
+def _chunk_of(chunk_size: int | None, size: int, params: Params) -> int:
+    """`chunk_size`, checked, or the DP stage's default (`_auto_chunk`: bounded in bytes)."""
     if chunk_size is None:
-        chunk_size = _auto_chunk(size, params)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        return _auto_chunk(size, params)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, not {chunk_size!r}")
-    for lo in range(0, max(size, 1), chunk_size):  # an empty batch: one empty chunk
-        part = slice(lo, lo + chunk_size)
-        yield part, size, grad(params, x[part], targets[part])
+    return chunk_size
 
 
 def per_example_grads(
@@ -956,25 +917,38 @@ def per_example_grads(
 ) -> Params:
     """The gradient of each example's loss: `{name: [B, *param.shape]}`, by `vmap(grad(...))`.
 
-    loss, preprocess, class_output: as `StepOptions` (the default normalises uint8
-    Fashion-MNIST images; None for inputs already prepared). Each example is run as a batch of
-    one, so a stateful model in `train=True` mode would normalise every example by itself; the
-    default `train=False` differentiates the inference-mode function (running statistics, no
-    dropout). chunk_size: examples differentiated at once (default: the DP stage's chunks, at
-    most 512 examples and 256 MiB of gradients), so the work memory stays bounded beside the
-    result, which holds every example's gradient; for only their norms, `streamed_grad_norms`.
+    loss, preprocess, class_output: as `StepOptions`. Each example is run as a batch of one, so
+    a stateful model in `train=True` mode would normalise every example by itself; the default
+    `train=False` differentiates the inference-mode function (running statistics, no dropout).
+    chunk_size: examples differentiated at once (default: the DP stage's chunks, at most 512
+    examples and 256 MiB of gradients), so the work memory stays bounded beside the result,
+    which holds every example's gradient; for only their norms, `streamed_grad_norms`.
     """
+    if isinstance(model, Model) and model.stateful and not model_state:
+        raise ValueError(f"model {model.name} is stateful: pass its model_state")
+    forward = _forward_fn(model)
+    criterion = loss or _default_loss(_classes(model, class_output=class_output))
+    inputs, targets = batch
+    # strided NCHW: vmap's batched convolutions cannot carry the default preprocess's NHWC on CPU
+    # (PyTorch NYI); a one-channel NHWC tensor is "contiguous" too, so .contiguous() would keep it
+    x = _preprocess(preprocess, inputs).clone(memory_format=torch.contiguous_format)
+    state, size = dict(model_state or {}), targets.shape[0]
+
+    def single(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
+        logits, _ = forward(p, xi[None], state, train=train, key=key)  # a batch of one
+        return _loss_parts(criterion, logits, yi[None])[0][0]
+
+    grad = torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0))
+    chunk = _chunk_of(chunk_size, size, params)
+    if chunk >= size:
+        return grad(params, x, targets)
     out: Params = {}
-    chunks = _grad_chunks(
-        model, params, batch, loss, preprocess, model_state, train, key, class_output, chunk_size
-    )
-    for part, size, grads in chunks:  # written into the result chunk by chunk: no second copy
+    for lo in range(0, size, chunk):  # written into the result chunk by chunk: no second copy
+        part = grad(params, x[lo : lo + chunk], targets[lo : lo + chunk])
         if not out:
-            if part.stop >= size:  # one chunk: its gradients are the result
-                return grads
-            out = {k: g.new_empty((size, *g.shape[1:])) for k, g in grads.items()}
-        for k, g in grads.items():
-            out[k][part] = g
+            out = {k: g.new_empty((size, *g.shape[1:])) for k, g in part.items()}
+        for k, g in part.items():
+            out[k][lo : lo + chunk] = g
     return out
 
 
@@ -989,32 +963,28 @@ def streamed_grad_norms(
     params: Params,
     batches: Batch | Iterable[Batch],
     *,
-    loss: LossFn | None = None,
-    preprocess: Preprocess | None = FASHION_MNIST,
-    model_state: ModelState | None = None,
-    train: bool = False,
-    key: Tensor | None = None,
-    class_output: str | int | None = None,
     chunk_size: int | None = None,
+    **options: Any,
 ) -> Tensor:
     """Each example's gradient norm `[N]` (the dtype and device of the gradients),
     over one batch `(inputs, targets)` or an iterable of batches (a `DataLoader`), in order.
 
-    The gradients of `chunk_size` examples at a time are taken and reduced to their norms
-    (`per_example_grad_norms`), so memory stays bounded however many examples there are: for
-    gradient-norm data valuation over a dataset. Arguments as `per_example_grads`.
+    The gradients of `chunk_size` examples at a time are taken (`per_example_grads`, whose
+    keywords `options` are) and reduced to their norms (`per_example_grad_norms`), so memory
+    stays bounded however many examples there are: for gradient-norm data valuation over a dataset.
     """
     one = (
         isinstance(batches, (tuple, list))
         and len(batches) == 2
         and all(isinstance(t, Tensor) for t in batches)
     )
-    norms: list[Tensor] = []
-    for batch in [batches] if one else batches:  # type: ignore[list-item]
-        chunks = _grad_chunks(
-            model, params, batch, loss, preprocess, model_state, train, key, class_output, chunk_size
-        )
-        norms += [per_example_grad_norms(grads).detach() for _, _, grads in chunks]
-    if not sum(n.numel() for n in norms):
+    norms = []
+    for inputs, targets in [batches] if one else batches:  # type: ignore[misc]
+        chunk = _chunk_of(chunk_size, targets.shape[0], params)
+        for lo in range(0, targets.shape[0], chunk):
+            part = (inputs[lo : lo + chunk], targets[lo : lo + chunk])
+            grads = per_example_grads(model, params, part, chunk_size=chunk, **options)
+            norms.append(per_example_grad_norms(grads).detach())
+    if not norms:
         raise ValueError("streamed_grad_norms was given no examples")
     return torch.cat(norms)
