@@ -73,11 +73,6 @@ class _Epoch:
         return self.elapsed_before + time.perf_counter() - self.t0
 
 
-def _params_and_buffers(state: TrainState) -> dict[str, Tensor]:
-    # a stateful model's buffers travel with its weights, under nn.Module's names
-    return {**state.params, **state.model_state}
-
-
 class _Driver:
     """One call of `fit`: the mutable run (state, lr, history) and the methods that move it on;
     the callbacks' actions are carried out by the `Actions` it holds, what divergence does by
@@ -97,7 +92,7 @@ class _Driver:
             raise ValueError(f"metadata: {exc}") from None
         self.max_steps, self.progress = max_steps, progress
         self.log = log
-        self.actions = Actions(callbacks, run, log, self.metadata, weights or _params_and_buffers,
+        self.actions = Actions(callbacks, run, log, self.metadata, weights,
                                self.save_last, self.run_meta)  # fmt: skip
         self.start_epoch, self.in_epoch = 1, None
         self.history: list[dict[str, Any]] = []
