@@ -681,9 +681,8 @@ def _gradients_fn(
         grads, (_, (values, extra, logits, new_state)) = torch.func.grad_and_value(
             loss_and_aux, has_aux=True
         )(inp.params)
-        logits = _detached(_at_least_float32(logits))
-        extra = {k: v.detach() for k, v in extra.items()}
-        sums = _metric_sums(values.detach(), extra, logits, y, classes, metrics)
+        values, extra, logits = _detached((values, extra, _at_least_float32(logits)))
+        sums = _metric_sums(values, extra, logits, y, classes, metrics)
         return grads, {k: v.detach() for k, v in new_state.items()}, sums
 
     return gradients
@@ -730,19 +729,16 @@ def _private_gradients_fn(
         keys = nn.fold_in(key, torch.arange(size, device=y.device))
         grad = torch.func.vmap(torch.func.grad(single, has_aux=True), in_dims=(None, 0, 0, 0, None))
         chunk = dp.chunk_size or _auto_chunk(size, inp.params)
-        total, clipped, values, extra, logits = None, [], [], [], []
+        total, clipped, outs = None, [], []
         for lo in range(0, size, chunk):  # chunks bound the [chunk, *param] gradients held at once
             part = slice(lo, lo + chunk)
-            g, (v, e, lg) = grad(inp.params, x[part], y[part], keys[part], dev)
+            g, out = grad(inp.params, x[part], y[part], keys[part], dev)
             s, n = clipped_sum(g, inp.private["max_norm"], mask[part])
-            total = s if total is None else {k: total[k] + s[k] for k in s}
+            total = s if total is None else tree.add(total, s)
             clipped.append(n)
-            values.append(v.detach())
-            extra.append({k: t.detach() for k, t in e.items()})
-            logits.append(_detached(lg))
-        values_all, logits_all = torch.cat(values), tree.map(lambda *t: torch.cat(t), *logits)
-        extra_all = {k: torch.cat([e[k] for e in extra]) for k in extra[0]}
-        sums = _metric_sums(values_all, extra_all, logits_all, y, classes, metrics, mask)
+            outs.append(_detached(out))  # (values, extra outputs, logits) of the chunk's examples
+        values, extra, logits = tree.map(lambda *t: torch.cat(t), *outs)
+        sums = _metric_sums(values, extra, logits, y, classes, metrics, mask)
         return total, {}, {**sums, "clipped_sum": sum(clipped)}
 
     return gradients
