@@ -181,9 +181,10 @@ class _Driver:
             diverged_members=self.members.to_meta(),
             privacy=self.run_meta().get("privacy", self.base.privacy),
         )  # fmt: skip
-        checkpoint.save_state(folder / LAST, state, metadata=record.to_meta(), folder=folder_id)
-        self.log.info(f"saved {folder / LAST} (step {_host_step(state.step)})")
-        return folder / LAST
+        path = folder / LAST
+        checkpoint.save_state(path, state, metadata=record.to_meta(), folder=folder_id)
+        self.log.info(f"saved {path} (step {_host_step(state.step)})")
+        return path
 
     # -- epochs --------------------------------------------------------------------------------
 
@@ -502,6 +503,7 @@ def fit(
     overwrite: start afresh in a run directory that already holds a run.
     metadata: JSON-serialisable values stored in every checkpoint (e.g. a config, a model name).
     max_steps: stop (after saving last.safetensors) once the state reaches this step.
+    progress: a tqdm progress bar of each epoch's steps on stderr.
     log: where messages go (default: the run's train.log and stdout, else `fashion_func`'s logger).
     weights: what best and per-epoch files hold, from the state (default: params and model
         state); e.g. `lambda st: {**optim.ema_params(st.opt_state), **st.model_state}` keeps
