@@ -127,7 +127,7 @@ class Actions:
                 case cbs.KeptBest:
                     self._record_best(a.epoch, a.monitor, a.value, a.member)
                 case t if t in _FILE_ACTIONS and run is None:
-                    pass
+                    pass  # they only write files: nothing to do without a run directory
                 case cbs.LogScalars:
                     run.log_scalars(dict(a.scalars), a.step, purge_step=self.start_epoch)
                 case cbs.WriteHistory:
