@@ -128,25 +128,6 @@ def init(
         raise ValueError(f"an ensemble needs at least one member, got {members}")
     if hyperparams is not None and len(hyperparams) != members:
         raise ValueError(f"hyperparams has {len(hyperparams)} entries for {members} members")
-    draw, first_state = _initialisers(model, init, init_state, device)
-    states = []
-    for k in range(members):
-        s = seed if same_init else member_seed(seed, k)
-        st = create_state(
-            draw(torch.Generator().manual_seed(s)), optimizer, seed=s, model_state=first_state()
-        )
-        for name, value in (hyperparams[k] if hyperparams else {}).items():
-            st = st.replace(opt_state=optim.set_hyperparam(st.opt_state, name, value))
-        if not same_init:  # gradient noise (`optim.add_noise`) from the member's own stream too
-            st = st.replace(opt_state=optim.set_noise_key(st.opt_state, s))
-        states.append(st)
-    return stack(states)
-
-
-def _initialisers(
-    model: Any, init: Any, init_state: Any, device: torch.device | str | None
-) -> tuple[Callable[[torch.Generator], Params], Callable[[], ModelState]]:
-    """(generator -> params, () -> model state) for a Model or a plain function."""
     if init is None and not isinstance(model, Model):
         raise TypeError(
             f"ensemble.init of a plain function ({getattr(model, '__name__', type(model).__name__)}) "
@@ -165,7 +146,18 @@ def _initialisers(
         st = init_state() if callable(init_state) else init_state
         return {k: v.to(device) if device is not None else v.clone() for k, v in st.items()}
 
-    return draw, first_state
+    states = []
+    for k in range(members):
+        s = seed if same_init else member_seed(seed, k)
+        st = create_state(
+            draw(torch.Generator().manual_seed(s)), optimizer, seed=s, model_state=first_state()
+        )
+        for name, value in (hyperparams[k] if hyperparams else {}).items():
+            st = st.replace(opt_state=optim.set_hyperparam(st.opt_state, name, value))
+        if not same_init:  # gradient noise (`optim.add_noise`) from the member's own stream too
+            st = st.replace(opt_state=optim.set_noise_key(st.opt_state, s))
+        states.append(st)
+    return stack(states)
 
 
 def _nchw(preprocess: Preprocess | None) -> Preprocess | None:
@@ -182,12 +174,10 @@ def make_train_step(
     model: Model | Callable[..., Any], optimizer: optim.GradientTransformation, **options: Any
 ) -> TrainStep:
     """`step(stacked_state, batch) -> (stacked_state, metrics)`: `step.make_train_step` vmapped
-    over the members, the batch shared. Options as there (`StepOptions`, but class_output and
-    num_classes; a plain function model too); each
-    metric is `[K]`, one sum per member, extra outputs' `<name>_sum` included (`fit` reports
-    them per member, with their mean and standard deviation). per_example: DP-SGD as there;
-    its `max_norm` / `noise_multiplier` may give one value per member (a sweep over them),
-    and each member draws its noise from its own `rng` (a sweep's members share one)."""
+    over the members, the batch shared; options as there but class_output and num_classes.
+    Each metric is `[K]`, one sum per member (`fit` reports each member's, their mean and std).
+    per_example: DP-SGD, its `max_norm` / `noise_multiplier` one value or one per member (a
+    sweep over them); each member draws its noise from its own `rng` (a sweep's share one)."""
     opts = StepOptions.of("ensemble.make_train_step", options, train=True, ensemble=True)
     built = stages_of(model, optimizer, opts.replace(preprocess=_nchw(opts.preprocess)))
     # each member its own params, model state, step, key and DP hyperparameters; the batch (and
@@ -205,10 +195,6 @@ def make_train_step(
     return built.train_step(compile=opts.compile, reduce_grads=opts.reduce_grads, check=size)
 
 
-def _identity(params: Params, x: Tensor) -> Tensor:
-    return x
-
-
 def combine(
     member_out: Mapping[str, Tensor],
     y: Tensor,
@@ -216,14 +202,14 @@ def combine(
     topk: int = 5,
     metrics: MetricsFn | None = None,
 ) -> dict[str, Tensor]:
-    """The ensemble's own per-example outputs (its prediction the mean of the members'
-    probabilities; `loss`, `correct`, extra outputs... from the loss and `metrics` as in
-    `step.make_eval_step`) beside each member's (`member_<name>`, `[K, B]`)."""
+    """The ensemble's own per-example outputs, `[B]` as `step.make_eval_step`'s (its `logits` the
+    log of the mean of the members' probabilities; `loss`, `correct`, extra outputs... from the
+    loss and `metrics`), beside each member's `member_<name>` `[K, B]` (`member_out`)."""
     # log of the mean probability, computed stably: logsumexp of log-probs minus log K (a
     # Python float, so that it takes the logits' dtype: a float32 log K put 4e-9 into float64)
     log_probs = torch.log_softmax(member_out["logits"], dim=-1)
     logits = torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
-    own = stages(_identity, loss=loss, metrics=metrics, preprocess=None, topk=topk).outputs
+    own = stages(lambda params, x: x, loss=loss, metrics=metrics, preprocess=None, topk=topk).outputs
     out = own(logits, y)
     out.update({f"member_{name}": v for name, v in member_out.items() if name != "logits"})
     out["member_logits"] = member_out["logits"]
@@ -231,14 +217,11 @@ def combine(
 
 
 def make_eval_step(model: Model | Callable[..., Any], **options: Any) -> EvalStep:
-    """`eval_step(stacked_state_or_params, batch, model_state=None) -> per-example outputs`.
+    """`eval_step(stacked_state_or_params, batch, model_state=None) -> per-example outputs`:
+    `combine`d, the ensemble's prediction the mean of its members' probabilities.
 
-    Options as `step.make_eval_step` (`StepOptions`, but class_output and num_classes); tta:
-    each member's prediction averages the image and its mirror image. The ensemble's
-    prediction is the mean of its members' probabilities:
-    `loss`, `logits` (log of that mean), `correct`, `top{k}_correct`, `pred` and the extra
-    outputs are the ensemble's, `[B]` as from `step.make_eval_step`; `member_loss`,
-    `member_correct`, `member_<name>`, ... are each member's, `[K, B]`.
+    Options as `step.make_eval_step` but class_output and num_classes; with tta each member's
+    prediction averages the image and its mirror image.
     """
     opts = StepOptions.of("ensemble.make_eval_step", options, train=False, ensemble=True)
     built = stages_of(model, None, opts.replace(preprocess=_nchw(opts.preprocess)))

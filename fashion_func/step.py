@@ -1,42 +1,34 @@
 """The pure, compiled training and evaluation steps, and per-example research helpers.
 
 `train_step(state, batch) -> (state, metrics)`: `batch` is `(inputs, targets)` already on
-the device. Preprocessing (by default Fashion-MNIST's uint8 images normalised to float by
-`preprocess.NormalizeImages`, which refuses other dtypes; `preprocess=None` takes the inputs
-as they are, any shape), the forward pass, the loss, the gradient
+the device. Preprocessing, the forward pass, the loss, the gradient
 (`torch.func.grad_and_value`) and the optimizer update all happen inside one compiled
-function. A stateful model (batch norm) has its `TrainState.model_state` threaded through.
-Nothing in here synchronises with the host.
+function, which never synchronises with the host. A stateful model (batch norm) has its
+`TrainState.model_state` threaded through.
 
 The model is a `models.Model` or a plain function: `fn(params, x[, train=, key=]) -> logits`,
 or, when the state carries a model state (`state.create(..., model_state=...)`), a stateful
 `fn(params, x, *, train, key, state) -> (logits, new_state)`. Instead of logits a model may
 return several outputs, a dict `{name: tensor}` or a tuple: the loss and `metrics` receive them
-whole, and the accuracy metrics read the class head (`class_output=`: the key "logits" or the
-index 0 unless named), checked against the class count (`num_classes=`, or the `Model`'s).
+whole, and the accuracy metrics read the class head (`StepOptions.class_output`).
 
-What a step returns (the sum/count convention, read by `loop.fit`):
+What a step returns (the sum/count convention `loop.fit` reduces to train_* and val_* metrics):
 
 - the train step's metrics are 0-d device tensors, sums over the batch: `loss_sum` and
   `count` (the batch size); for class labels `correct` and, with `topk`, `top{k}_correct`;
-  and `<name>_sum` for each extra per-example output of the loss or of `metrics`. `fit` adds
-  them up over the epoch and divides by `count`: `loss_sum` -> train_loss, `correct` ->
-  train_acc, `top{k}_correct` -> train_top{k}, `<name>_sum` -> train_<name>.
-- the eval step's outputs are per example, `[B]`: `loss`, `logits` `[B, C]`; for class labels
-  `correct`, `top{k}_correct`, `pred`; and `<name>` for each extra output. `fit` averages
-  every `[B]` output but `pred` over the validation set: `loss` -> val_loss, `correct` ->
-  val_acc, `top{k}_correct` -> val_top{k}, `<name>` -> val_<name>.
+  and `<name>_sum` for each extra per-example output of the loss or of `metrics`.
+- the eval step's outputs are per example: `loss` `[B]` and `logits` `[B, C]`, float32
+  (`logits`: the class head, absent where there is none); for class labels `correct` and
+  `top{k}_correct` `[B]` bool (label among the `topk` highest logits) and `pred` `[B]` int64;
+  and `<name>` `[B]` for each extra output.
 
 Extra outputs come from a loss that returns `(values [B], {name: [B]})` instead of
 `values [B]`, and from `metrics=`, a function `(outputs, targets) -> {name: [B]}`.
 
-The builders' keywords (loss, metrics, preprocess, precision, compile, topk, tta, class_output,
-num_classes, device_type, reduce_grads, per_example) are `StepOptions`' fields, written once.
-
-Extension point: `stages(model, optimizer, **options)` returns the step's pure, uncompiled pieces
-(`Stages`: `gradients(CoreIn)`, `update`, `evaluate`, `outputs`); `Stages.train_step()` and
-`Stages.eval_step()` assemble and compile them. A caller may replace a piece first (e.g.
-`dataclasses.replace(s, gradients=torch.func.vmap(s.gradients, ...))`): that is how
+The builders' keywords are `StepOptions`' fields, written once. Extension point:
+`stages(model, optimizer, **options)` returns the step's pure, uncompiled pieces (`Stages`);
+`Stages.train_step()` and `Stages.eval_step()` assemble and compile them. A caller may replace
+a piece first (e.g. `s.replace(gradients=torch.func.vmap(s.gradients, ...))`): that is how
 `fashion_func.ensemble` trains a stack of members in one step.
 """
 
@@ -55,7 +47,7 @@ from torch import Tensor
 
 from fashion_func import losses, nn, optim, tree
 from fashion_func import metrics as metrics_lib
-from fashion_func.models import Model, ModelState, Params, Stage
+from fashion_func.models import Model, ModelState, Params
 from fashion_func.preprocess import (
     FASHION_MNIST,
     NormalizeImages,  # noqa: F401  (importable here by module path; not in __all__)
@@ -258,49 +250,45 @@ def _class_outputs(outputs: Outputs, labels: Tensor, classes: _Classes) -> dict[
 @dataclass(frozen=True)
 class StepOptions:
     """The keywords of the step builders (`make_train_step`, `make_eval_step`, `stages` and
-    `ensemble.make_train_step` / `make_eval_step`), with their defaults, checked once when a
-    builder makes one (a one-line ValueError/TypeError).
+    `ensemble.make_train_step` / `make_eval_step`) and their defaults, checked when a builder
+    is called (a one-line ValueError/TypeError).
 
-    loss: `(outputs [B, ...], targets [B, ...]) -> per-example losses [B]`, or `(losses [B],
-        {name: [B]})` to report more; cross-entropy of the class head if None. It receives the
-        model's outputs whole (a dict or tuple as the model returned it). The step minimises
-        the mean. Another return is a one-line ValueError/TypeError on the first call.
+    loss: `(outputs, targets) -> per-example losses [B]`, or `(losses [B], {name: [B]})` to
+        report more; it receives the outputs whole, as the model returned them, and the step
+        minimises the mean. None: cross-entropy of the class head. Another return is a
+        one-line ValueError/TypeError at the first call.
     metrics: `(outputs, targets) -> {name: per-example values [B]}`, computed on the batch.
     preprocess: a pure function of the input tensor, run inside the compiled step; the default
         turns Fashion-MNIST uint8 `[B, 28, 28]` into normalised float (NHWC on CPU) and refuses
         other dtypes; None uses the inputs as given (`[B, C, H, W]`, `[B, D]`, ...). One that
-        takes a `key` keyword (`augment.Augment`) is given a key derived from (rng, step):
-        augmentation is then a pure function of the seed and the step, and resume stays exact.
+        takes a `key` keyword (`augment.Augment`) is given a key derived from (rng, step), so
+        augmentation is a pure function of the seed and the step, and resume stays exact.
     precision: "fp32"; "tf32" (the caller enables TF32 matmuls on CUDA); "bf16" autocast.
         Master weights, the loss and the optimizer stay float32.
-    compile: True compiles the whole step; "update" compiles only the optimizer update
-        (forward and backward run eagerly: on CPU the convolutions are oneDNN's either
-        way, while the update's dozen elementwise passes fuse into one); False: eager. An eval
-        step has no update: "update" runs it eagerly, like False.
-    topk: also count `top{k}_correct` (label among the `topk` highest logits); by default a
-        train step counts none, an eval step the top 5 (`EVAL_DEFAULTS`).
+    compile: True compiles the whole step; "update" only the optimizer update (on CPU the
+        convolutions are oneDNN's either way, while the update's dozen elementwise passes
+        fuse into one); False: eager. An eval step has no update: "update" runs it eagerly.
+    topk: also count `top{k}_correct`; by default a train step counts none, an eval step the
+        top 5 (`EVAL_DEFAULTS`).
     tta (eval steps only): test-time augmentation, the prediction is the mean of the
-        probabilities of each image and its left-right mirror image (`logits` is then the log
-        of that mean).
-    class_output: which of several outputs the accuracy metrics (`correct`, `top{k}_correct`)
-        and the default loss read: a dict's key (default "logits") or a tuple's index
-        (default 0). A dict without it is a one-line ValueError at the first call.
+        probabilities of each image and its left-right mirror image (`logits`: the log of it).
+    class_output: which of several outputs the accuracy metrics and the default loss read: a
+        dict's key (default "logits", a one-line ValueError at the first call if missing) or
+        a tuple's index (default 0).
     num_classes: how many classes the labels have (default: a `Model`'s `num_classes`
         hyperparameter); class logits with another number of columns (an aux output
         concatenated to them) are a one-line ValueError at the first call.
     device_type (train steps only): the autocast device type; None: the inputs' device's.
-    reduce_grads (train steps only): a pure stage between the gradient and the update, `grads ->
-        grads` (the data-parallel all-reduce, `fashion_func.distributed`); compiled with the step.
-    per_example (train steps only): DP-SGD's per-example stage (`privacy.clip_and_noise`):
-        each example's gradient is computed (`vmap(grad)`, `chunk_size` examples at a time),
-        clipped and summed over the examples the batch keeps, `reduce_grads` (which must then
-        sum: `group.all_reduce_sum`) adds the ranks' sums, Gaussian noise drawn from (rng,
-        step) is added and the sum divided by the expected batch size; the optimizer applies
-        that. A batch may then be `(inputs, targets, mask)` (`data.PoissonBatches`): examples
-        masked out contribute nothing, to the gradient or the metrics. The metrics add
-        `clipped_sum` (examples whose gradient norm was above `max_norm`; `fit` reports the
-        fraction as train_clipped). A model with a model state (batch norm, which mixes
-        examples) is refused.
+    reduce_grads (train steps only): a pure `grads -> grads` stage before the update (the
+        data-parallel all-reduce, `fashion_func.distributed`), compiled with the step.
+    per_example (train steps only): DP-SGD's stage (`privacy.clip_and_noise`): each example's
+        gradient (`vmap(grad)`, `chunk_size` examples at a time) is clipped and summed over the
+        examples the batch keeps, `reduce_grads` (which must then sum: `group.all_reduce_sum`)
+        adds the ranks' sums, Gaussian noise drawn from (rng, step) is added and the sum divided
+        by the expected batch size. A batch may then be `(inputs, targets, mask)`
+        (`data.PoissonBatches`): masked-out examples count for nothing, in the gradient or the
+        metrics. The metrics add `clipped_sum` (examples whose gradient norm was above
+        `max_norm`). A model with a model state (batch norm mixes examples) is refused.
     """
 
     loss: LossFn | None = None
@@ -362,25 +350,6 @@ _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(StepOptions))
 # -- models: a Model, or a plain function (stateless, or stateful given a model state) ----------
 
 Forward = Callable[..., tuple[Tensor, ModelState]]
-
-
-def as_model(model: Model | Callable[..., Tensor]) -> Model:
-    """`model` itself, or a plain stateless function `f(params, x[, train=..., key=...]) -> logits`
-    as a `Model` (it is given `train` / `key` only where its signature takes them). A stateful
-    function needs no wrapping: the steps take it as it is."""
-    if isinstance(model, Model):
-        return model
-    wanted = _keywords(model)
-
-    def stage(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
-        given = {"train": train, "key": key}
-        return model(p, x, **{k: given[k] for k in wanted if k != "state"})
-
-    def no_init(*args: Any, **kwargs: Any) -> Params:
-        raise TypeError("a model given as a function has no init: create its params yourself")
-
-    name = _name(model)
-    return Model(name, {}, no_init, (Stage(name, stage),), input_shape=())
 
 
 def _name(fn: Any) -> str:
@@ -549,7 +518,11 @@ class Stages:
         if self.update is None:
             raise ValueError("these stages were built without an optimizer: pass one to stages()")
         gradients, update, noise, dp = self.gradients, self.update, self.noise, self.per_example
-        _check_sum_over_ranks(dp, reduce_grads)
+        # the clipped sums of the ranks must be added, not averaged: the noise is scaled to a sum
+        if dp is not None and getattr(reduce_grads, "__name__", "") == "all_reduce_mean":
+            raise ValueError(
+                "with per_example, reduce_grads must sum over the ranks: pass group.all_reduce_sum"
+            )
         # "update": forward and backward eager, the optimizer's elementwise passes fused
         fast_update = torch.compile(update) if compile == "update" else update
 
@@ -612,7 +585,12 @@ def stages(
 def stages_of(model: Model | Callable[..., Any], optimizer: Any, opts: StepOptions) -> Stages:
     """`stages` of options already made (the builders', `ensemble`'s)."""
     forward = _forward_fn(model)
-    private = _check_private(opts.per_example, model)
+    private = opts.per_example
+    if private is not None and isinstance(model, Model) and model.stateful:
+        raise ValueError(
+            f"model {model.name} has batch norm, which mixes the examples of a batch: per-example "
+            "clipping (DP-SGD) needs a model without it (group norm: models.dpcnn(groups=...))"
+        )
     classes = _classes(model, opts)
     criterion = opts.loss or _default_loss(classes)
     metrics = opts.metrics
@@ -664,22 +642,22 @@ def _metric_sums(
     logits: Outputs,
     y: Tensor,
     classes: _Classes,
+    metrics: MetricsFn | None,
     mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """The train step's metric sums (module docstring) over the examples `mask` keeps (all
-    without one): loss_sum, count, correct / top{k}_correct, <name>_sum."""
+    """The train step's metric sums (module docstring), `metrics`' outputs among them, over the
+    examples `mask` keeps (all without one)."""
+    extra = {**extra, **_metric_parts(metrics, logits, y, extra)}
     hits = {k: v for k, v in _class_outputs(logits, y, classes).items() if k != "pred"}
     if mask is None:
-        count = torch.full((), y.shape[0], dtype=torch.int64, device=y.device)
-        sums = {"loss_sum": values.sum(), "count": count, **{k: v.sum() for k, v in hits.items()}}
-        return {**sums, **{f"{k}_sum": v.sum() for k, v in extra.items()}}
+        mask = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
     # selected with where, never multiplied: a masked-out row's NaN loss (0 * NaN) would be NaN
-    sums = {
+    return {
         "loss_sum": torch.where(mask, values, 0).sum(),
         "count": mask.sum(),
         **{k: (v & mask).sum() for k, v in hits.items()},
+        **{f"{k}_sum": torch.where(mask, v, 0).sum() for k, v in extra.items()},
     }
-    return {**sums, **{f"{k}_sum": torch.where(mask, v, 0).sum() for k, v in extra.items()}}
 
 
 def _gradients_fn(
@@ -703,33 +681,14 @@ def _gradients_fn(
         grads, (_, (values, extra, logits, new_state)) = torch.func.grad_and_value(
             loss_and_aux, has_aux=True
         )(inp.params)
-        logits = _detached(_at_least_float32(logits))
-        extra = {k: v.detach() for k, v in extra.items()}
-        extra.update(_metric_parts(metrics, logits, y, extra))
-        sums = _metric_sums(values.detach(), extra, logits, y, classes)
+        values, extra, logits = _detached((values, extra, _at_least_float32(logits)))
+        sums = _metric_sums(values, extra, logits, y, classes, metrics)
         return grads, {k: v.detach() for k, v in new_state.items()}, sums
 
     return gradients
 
 
 # -- per-example (DP-SGD) steps ------------------------------------------------------------------
-
-
-def _check_private(per_example: ClipAndNoise | None, model: Any) -> ClipAndNoise | None:
-    if per_example is None:
-        return None
-    if isinstance(model, Model) and model.stateful:
-        raise ValueError(
-            f"model {model.name} has batch norm, which mixes the examples of a batch: per-example "
-            "clipping (DP-SGD) needs a model without it (group norm: models.dpcnn(groups=...))"
-        )
-    return per_example
-
-
-def _check_sum_over_ranks(dp: ClipAndNoise | None, reduce_grads: Any) -> None:
-    # the clipped sums of the ranks must be added, not averaged: the noise is scaled to a sum
-    if dp is not None and getattr(reduce_grads, "__name__", "") == "all_reduce_mean":
-        raise ValueError("with per_example, reduce_grads must sum over the ranks: pass group.all_reduce_sum")
 
 
 def _unpack(batch: Any, private: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -770,20 +729,16 @@ def _private_gradients_fn(
         keys = nn.fold_in(key, torch.arange(size, device=y.device))
         grad = torch.func.vmap(torch.func.grad(single, has_aux=True), in_dims=(None, 0, 0, 0, None))
         chunk = dp.chunk_size or _auto_chunk(size, inp.params)
-        total, clipped, values, extra, logits = None, [], [], [], []
+        total, clipped, outs = None, [], []
         for lo in range(0, size, chunk):  # chunks bound the [chunk, *param] gradients held at once
             part = slice(lo, lo + chunk)
-            g, (v, e, lg) = grad(inp.params, x[part], y[part], keys[part], dev)
+            g, out = grad(inp.params, x[part], y[part], keys[part], dev)
             s, n = clipped_sum(g, inp.private["max_norm"], mask[part])
-            total = s if total is None else {k: total[k] + s[k] for k in s}
+            total = s if total is None else tree.add(total, s)
             clipped.append(n)
-            values.append(v.detach())
-            extra.append({k: t.detach() for k, t in e.items()})
-            logits.append(_detached(lg))
-        values_all, logits_all = torch.cat(values), tree.map(lambda *t: torch.cat(t), *logits)
-        extra_all = {k: torch.cat([e[k] for e in extra]) for k in extra[0]}
-        extra_all.update(_metric_parts(metrics, logits_all, y, extra_all))
-        sums = _metric_sums(values_all, extra_all, logits_all, y, classes, mask)
+            outs.append(_detached(out))  # (values, extra outputs, logits) of the chunk's examples
+        values, extra, logits = tree.map(lambda *t: torch.cat(t), *outs)
+        sums = _metric_sums(values, extra, logits, y, classes, metrics, mask)
         return total, {}, {**sums, "clipped_sum": sum(clipped)}
 
     return gradients
@@ -849,42 +804,25 @@ def _evaluate_fn(
 def make_train_step(
     model: Model | Callable[..., Any], optimizer: optim.GradientTransformation, **options: Any
 ) -> TrainStep:
-    """A pure `train_step(state, (inputs, targets)) -> (new_state, metrics)`.
+    """A pure `train_step(state, (inputs, targets)) -> (new_state, metrics)`, the metrics as the
+    module docstring says.
 
-    model: a `Model`, or a plain function `(params, x[, train, key]) -> logits`; with a model
-        state in the `TrainState`, a plain `(params, x, *, train, key, state) -> (logits,
-        new_state)` (a TypeError naming the expected form at the first call otherwise). A
-        model may return several outputs instead of logits: a dict `{name: [B, ...]}` or a
-        tuple of tensors (a multi-task model's heads).
-    optimizer: a `GradientTransformation` (`init`, `update`).
-    options: the keywords of `StepOptions` (loss, metrics, preprocess, precision, compile,
-        topk, class_output, num_classes, device_type, reduce_grads, per_example: DP-SGD).
-
-    Returns metrics as 0-d device tensors, sums over the batch: `loss_sum`, `count`,
-    `correct` and `top{k}_correct` for class labels, `<name>_sum` for each extra output (the
-    convention in the module docstring; `fit` reports train_loss, train_acc, train_<name>).
+    model: a `Model`, or a plain function (module docstring; a TypeError naming the expected
+        form at the first call otherwise). optimizer: a `GradientTransformation`.
+    options: the keywords of `StepOptions` (a DP-SGD step with `per_example=`).
     """
     opts = StepOptions.of("make_train_step", options, train=True)
     return stages_of(model, optimizer, opts).train_step(compile=opts.compile, reduce_grads=opts.reduce_grads)
 
 
 def make_eval_step(model: Model | Callable[..., Any], **options: Any) -> EvalStep:
-    """A pure `eval_step(params_or_state, batch, model_state=None) -> per-example outputs`.
-
-    options: the keywords of `StepOptions` (loss, metrics, preprocess, precision, compile,
-    topk (default 5), tta, class_output, num_classes), as `make_train_step` takes them.
+    """A pure `eval_step(params_or_state, batch, model_state=None) -> per-example outputs`, as
+    the module docstring lists them; options: the keywords of `StepOptions` (topk default 5).
 
     The first argument is a `TrainState` (its params and model state are used) or a params
     dict; a stateful model then needs `model_state` and runs in inference mode (running
-    statistics). Returns `loss` [B] float32 and `logits` [B, C] float32 (the class head of a
-    model with several outputs, absent where there is none); for class labels
-    also `correct` [B] bool, `top{k}_correct` [B] bool (label among the `topk` highest
-    logits) and `pred` [B] int64; and `<name>` [B] for each extra output of the loss or
-    `metrics` (`fit` averages them into val_loss, val_acc, val_top{k}, val_<name>).
-
-    Not run under `no_grad`: `torch.func.grad` (or autograd) differentiates through it, e.g.
-    `grad(lambda p: eval_step(p, batch)["loss"].mean())(params)`; plain calls with params that
-    need no gradient record no graph, as fast as before.
+    statistics). Not run under `no_grad`: `torch.func.grad` differentiates through it, e.g.
+    `grad(lambda p: eval_step(p, batch)["loss"].mean())(params)`.
     """
     opts = StepOptions.of("make_eval_step", options, train=False)
     return stages_of(model, None, opts).eval_step(compile=opts.compile)
@@ -917,13 +855,11 @@ def loss_fn(
     `grad(f, has_aux=True)` takes. `grad`, `jvp`, `hessian` and `vmap` (over a leading axis
     of stacked batches) compose over it, as over any function of tensors.
 
-    loss, preprocess, class_output: as `StepOptions` (cross-entropy of the class head if
-    None; the default preprocess normalises uint8 Fashion-MNIST images, None takes the inputs
-    as given). train: False differentiates the inference-mode function (running statistics, no
-    dropout, no augmentation); True the training-mode one, dropout and an augmenting
-    preprocess drawn from `key` exactly as the train step draws them from
-    `nn.fold_in(state.rng, state.step)`, so `f(st.params, batch, key=...)` is the loss the
-    train step takes the gradient of.
+    loss, preprocess, class_output: as `StepOptions`. train: False differentiates the
+    inference-mode function (running statistics, no dropout, no augmentation); True the
+    training-mode one, dropout and an augmenting preprocess drawn from `key` as the train step
+    draws them from `nn.fold_in(state.rng, state.step)`, so `f(st.params, batch, key=...)` is
+    the loss the train step takes the gradient of.
     """
     forward = _forward_fn(model)
     criterion = loss or _default_loss(_classes(model, class_output=class_output))
@@ -953,35 +889,6 @@ def loss_fn(
     return stateless_loss
 
 
-def _example_grads(
-    model: Any,
-    batch: Batch,
-    loss: LossFn | None,
-    preprocess: Preprocess | None,
-    model_state: ModelState | None,
-    train: bool,
-    key: Tensor | None,
-    class_output: str | int | None,
-) -> tuple[Callable[[Params, Tensor, Tensor], Params], Tensor, Tensor]:
-    """(`vmap(grad)` of one example's loss over `(params, inputs, targets)`, the prepared inputs,
-    the targets): what `per_example_grads` and `streamed_grad_norms` run chunk by chunk."""
-    if isinstance(model, Model) and model.stateful and not model_state:
-        raise ValueError(f"model {model.name} is stateful: pass its model_state")
-    forward = _forward_fn(model)
-    criterion = loss or _default_loss(_classes(model, class_output=class_output))
-    inputs, targets = batch
-    # strided NCHW: vmap's batched convolutions cannot carry the default preprocess's NHWC on CPU
-    # (PyTorch NYI); a one-channel NHWC tensor is "contiguous" too, so .contiguous() would keep it
-    x = _preprocess(preprocess, inputs).clone(memory_format=torch.contiguous_format)
-    state = dict(model_state or {})
-
-    def single(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
-        logits, _ = forward(p, xi[None], state, train=train, key=key)  # a batch of one
-        return _loss_parts(criterion, logits, yi[None])[0][0]
-
-    return torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0)), x, targets
-
-
 def _chunk_of(chunk_size: int | None, size: int, params: Params) -> int:
     """`chunk_size`, checked, or the DP stage's default (`_auto_chunk`: bounded in bytes)."""
     if chunk_size is None:
@@ -1006,16 +913,28 @@ def per_example_grads(
 ) -> Params:
     """The gradient of each example's loss: `{name: [B, *param.shape]}`, by `vmap(grad(...))`.
 
-    loss, preprocess, class_output: as `StepOptions` (the default normalises uint8
-    Fashion-MNIST images; None for inputs already prepared). Each example is run as a batch of
-    one, so a stateful model in `train=True` mode would normalise every example by itself; the
-    default `train=False` differentiates the inference-mode function (running statistics, no
-    dropout). chunk_size: examples differentiated at once (default: the DP stage's chunks, at
-    most 512 examples and 256 MiB of gradients), so the work memory stays bounded beside the
-    result, which holds every example's gradient; for only their norms, `streamed_grad_norms`.
+    loss, preprocess, class_output: as `StepOptions`. Each example is run as a batch of one, so
+    a stateful model in `train=True` mode would normalise every example by itself; the default
+    `train=False` differentiates the inference-mode function (running statistics, no dropout).
+    chunk_size: examples differentiated at once (default: the DP stage's chunks, at most 512
+    examples and 256 MiB of gradients), so the work memory stays bounded beside the result,
+    which holds every example's gradient; for only their norms, `streamed_grad_norms`.
     """
-    grad, x, targets = _example_grads(model, batch, loss, preprocess, model_state, train, key, class_output)
-    size = targets.shape[0]
+    if isinstance(model, Model) and model.stateful and not model_state:
+        raise ValueError(f"model {model.name} is stateful: pass its model_state")
+    forward = _forward_fn(model)
+    criterion = loss or _default_loss(_classes(model, class_output=class_output))
+    inputs, targets = batch
+    # strided NCHW: vmap's batched convolutions cannot carry the default preprocess's NHWC on CPU
+    # (PyTorch NYI); a one-channel NHWC tensor is "contiguous" too, so .contiguous() would keep it
+    x = _preprocess(preprocess, inputs).clone(memory_format=torch.contiguous_format)
+    state, size = dict(model_state or {}), targets.shape[0]
+
+    def single(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
+        logits, _ = forward(p, xi[None], state, train=train, key=key)  # a batch of one
+        return _loss_parts(criterion, logits, yi[None])[0][0]
+
+    grad = torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0))
     chunk = _chunk_of(chunk_size, size, params)
     if chunk >= size:
         return grad(params, x, targets)
@@ -1040,20 +959,15 @@ def streamed_grad_norms(
     params: Params,
     batches: Batch | Iterable[Batch],
     *,
-    loss: LossFn | None = None,
-    preprocess: Preprocess | None = FASHION_MNIST,
-    model_state: ModelState | None = None,
-    train: bool = False,
-    key: Tensor | None = None,
-    class_output: str | int | None = None,
     chunk_size: int | None = None,
+    **options: Any,
 ) -> Tensor:
     """Each example's gradient norm `[N]` (the dtype and device of the gradients),
     over one batch `(inputs, targets)` or an iterable of batches (a `DataLoader`), in order.
 
-    The gradients of `chunk_size` examples at a time are taken and reduced to their norms
-    (`per_example_grad_norms`), so memory stays bounded however many examples there are: for
-    gradient-norm data valuation over a dataset. Arguments as `per_example_grads`.
+    The gradients of `chunk_size` examples at a time are taken (`per_example_grads`, whose
+    keywords `options` are) and reduced to their norms (`per_example_grad_norms`), so memory
+    stays bounded however many examples there are: for gradient-norm data valuation over a dataset.
     """
     one = (
         isinstance(batches, (tuple, list))
@@ -1061,13 +975,12 @@ def streamed_grad_norms(
         and all(isinstance(t, Tensor) for t in batches)
     )
     norms = []
-    for batch in [batches] if one else batches:  # type: ignore[list-item]
-        grad, x, targets = _example_grads(model, batch, loss, preprocess, model_state, train, key,
-                                          class_output)  # fmt: skip
+    for inputs, targets in [batches] if one else batches:  # type: ignore[misc]
         chunk = _chunk_of(chunk_size, targets.shape[0], params)
         for lo in range(0, targets.shape[0], chunk):
-            g = grad(params, x[lo : lo + chunk], targets[lo : lo + chunk])
-            norms.append(per_example_grad_norms(g).detach())
+            part = (inputs[lo : lo + chunk], targets[lo : lo + chunk])
+            grads = per_example_grads(model, params, part, chunk_size=chunk, **options)
+            norms.append(per_example_grad_norms(grads).detach())
     if not norms:
         raise ValueError("streamed_grad_norms was given no examples")
     return torch.cat(norms)

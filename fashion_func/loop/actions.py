@@ -7,7 +7,6 @@ the driver (`save_last`).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,31 +21,24 @@ __all__: list[str] = []
 _FILE_ACTIONS = (cbs.LogScalars, cbs.WriteHistory, cbs.PlotHistory, cbs.DeleteCheckpoint)
 
 
-def _no_reason(write: Callable[[Any], Any]) -> Callable[[Any, int, bool], None]:
-    """A handler that carries out an action and never stops the run, whatever `write` returns."""
-
-    def handler(a: Any, epoch: int, finite: bool) -> None:
-        write(a)
-
-    return handler
-
-
 class Actions:
     """The callbacks, their states and the best records, and their actions carried out.
 
-    run, log, metadata, weights_of: as `fit` was given them. save_last: `(state, epoch) ->
-    path` writes last.safetensors (the driver's). run_meta: `member -> metadata` that every
-    file written now records beside `metadata` (a member's file: its own figures).
+    run, log, metadata, weights_of: as `fit` was given them (`weights`). save_last: `(state,
+    epoch) -> path` writes last.safetensors (the driver's). run_meta: `member -> metadata` that
+    every file written now records beside `metadata` (a member's file: its own figures).
     """
 
     def __init__(
         self, callbacks: Sequence[Any], run: Any, log: Any, metadata: dict[str, Any],
-        weights_of: Callable[[Any], dict[str, Any]], save_last: Callable[[Any, int], Path | None],
+        weights_of: Callable[[Any], dict[str, Any]] | None, save_last: Callable[[Any, int], Path | None],
         run_meta: Callable[[int | None], dict[str, Any]],
     ) -> None:  # fmt: skip
         self.callbacks = list(callbacks)
         self.cb_states: dict[str, Any] = cbs.init_states(self.callbacks)
-        self.run, self.log, self.metadata, self.weights_of = run, log, metadata, weights_of
+        self.run, self.log, self.metadata = run, log, metadata
+        # by default a stateful model's buffers travel with its weights, under nn.Module's names
+        self.weights_of = weights_of or (lambda state: {**state.params, **state.model_state})
         self.save_last, self.run_meta = save_last, run_meta
         self.start_epoch = 1  # TensorBoard purges what a resumed run writes again from here
         self.best: dict[str, Any] | None = None
@@ -105,9 +97,8 @@ class Actions:
             self.state = None
 
     def carry_out(self, actions: list[Any], epoch: int, finite: bool) -> str | None:
-        """Apply actions in list order, except hyperparameters first and Stop last; each
-        action type has one handler (`_handlers`), and file-writing ones run only with a
-        run directory.
+        """Apply actions in list order, except hyperparameters first and Stop last (the last
+        stop reason wins); those that only write files are skipped without a run directory.
 
         List order matters: ModelCheckpoint saves a newcomer before deleting the file it
         evicts and writes "last" after everything else, so a crash in between never loses a
@@ -115,52 +106,44 @@ class Actions:
         written for this event holds the lr its callback states already record.
         """
         order = {cbs.SetHyperparam: 0, cbs.Stop: 2}
-        reason = None
+        reason, run = None, self.run
         for a in sorted(actions, key=lambda a: order.get(type(a), 1)):  # stable: list order kept
-            handler = self._handlers.get(type(a))
-            if handler is None:
-                raise TypeError(
-                    f"fit cannot carry out {a!r}: not one of the actions of fashion_func.callbacks"
-                )
-            reason = handler(a, epoch, finite) or reason
+            match type(a):
+                case cbs.Stop:
+                    reason = a.reason or reason
+                case cbs.SetHyperparam:
+                    opt_state = optim.set_hyperparam(self.state.opt_state, a.name, a.value)
+                    self.state = self.state.replace(opt_state=opt_state)
+                case cbs.LogMessage:
+                    self.log.info(a.text)
+                case cbs.SaveCheckpoint if not finite:
+                    self.log.warning(
+                        f"not saving {a.kind} checkpoint for epoch {epoch}: parameters are not finite"
+                    )
+                case cbs.SaveCheckpoint if a.kind == "last":
+                    self.save_last(self.state, epoch)
+                case cbs.SaveCheckpoint:
+                    self._save_weights(a)
+                case cbs.KeptBest:
+                    self._record_best(a.epoch, a.monitor, a.value, a.member)
+                case t if t in _FILE_ACTIONS and run is None:
+                    pass  # they only write files: nothing to do without a run directory
+                case cbs.LogScalars:
+                    run.log_scalars(dict(a.scalars), a.step, purge_step=self.start_epoch)
+                case cbs.WriteHistory:
+                    run.write_json("history.json", [dict(r) for r in a.records])
+                case cbs.PlotHistory:
+                    plots.plot_history(a.records, run.path, folder=run.same_folder(run.path))
+                case cbs.DeleteCheckpoint:
+                    self._delete_weights(a)
+                case _:
+                    raise TypeError(
+                        f"fit cannot carry out {a!r}: not one of the actions of fashion_func.callbacks"
+                    )
         return reason
-
-    @functools.cached_property
-    def _handlers(self) -> dict[type, Callable[[Any, int, bool], str | None]]:
-        """One handler per action type: `(action, epoch, finite) -> stop reason or None`."""
-        handlers: dict[type, Callable[[Any, int, bool], str | None]] = {
-            cbs.Stop: lambda a, epoch, finite: a.reason,
-            cbs.SetHyperparam: _no_reason(self._set_hyperparam),
-            cbs.LogMessage: _no_reason(lambda a: self.log.info(a.text)),
-            cbs.SaveCheckpoint: self._save,
-            cbs.KeptBest: _no_reason(lambda a: self._record_best(a.epoch, a.monitor, a.value, a.member)),
-        }
-        run = self.run
-        if run is None:  # the actions that only write files: nothing to do without a run directory
-            return {**handlers, **dict.fromkeys(_FILE_ACTIONS, lambda a, epoch, finite: None)}
-        writers: dict[type, Callable[[Any], Any]] = {
-            cbs.LogScalars: lambda a: run.log_scalars(dict(a.scalars), a.step, purge_step=self.start_epoch),
-            cbs.WriteHistory: lambda a: run.write_json("history.json", [dict(r) for r in a.records]),
-            cbs.PlotHistory: lambda a: plots.plot_history(
-                a.records, run.path, folder=run.same_folder(run.path)
-            ),
-            cbs.DeleteCheckpoint: self._delete_weights,
-        }
-        return {**handlers, **{t: _no_reason(w) for t, w in writers.items()}}
 
     def _delete_weights(self, a: cbs.DeleteCheckpoint) -> None:
         self.run.checkpoint_folder(a.member)  # never a file reached through a link swapped in
         path = self._weights_path("epoch", a.epoch, a.member)
         if path is not None:
             path.unlink(missing_ok=True)
-
-    def _set_hyperparam(self, a: cbs.SetHyperparam) -> None:
-        self.state = self.state.replace(opt_state=optim.set_hyperparam(self.state.opt_state, a.name, a.value))
-
-    def _save(self, a: cbs.SaveCheckpoint, epoch: int, finite: bool) -> None:
-        if not finite:
-            self.log.warning(f"not saving {a.kind} checkpoint for epoch {epoch}: parameters are not finite")
-        elif a.kind == "last":
-            self.save_last(self.state, epoch)
-        else:
-            self._save_weights(a)

@@ -30,19 +30,14 @@ def epoch_batches(source: Data, epoch: int, start: int = 0, state: Any = None) -
     or an iterable run through once per epoch (a `DataLoader`, a list of batches). `state`:
     a stateful source's `state_dict()` (`encode_state`d) taken at batch `start`, loaded first.
     """
-    skip = start
-    if state is not None and resume_kind(source) == "state":
+    kind = resume_kind(source)
+    if state is not None and kind == "state":
         source.load_state_dict(decode_state(state))  # type: ignore[union-attr]
         return iter(source)  # type: ignore[call-overload]
-    if callable(source) and not hasattr(source, "__iter__"):
-        if _accepts_start(source):
-            it, skip = source(epoch, start=start), 0
-        else:
-            it = source(epoch)
-    else:
-        it = source
-    it = iter(it)
-    return itertools.islice(it, skip, None) if skip else it
+    if kind == "start":
+        return iter(source(epoch, start=start))  # type: ignore[operator]
+    it = iter(source(epoch) if callable(source) and not hasattr(source, "__iter__") else source)
+    return itertools.islice(it, start, None) if start else it
 
 
 def num_batches(source: Data) -> int | None:

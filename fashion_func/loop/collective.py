@@ -33,8 +33,11 @@ class Collective(Protocol):
     def min(self, values: Tensor) -> Tensor: ...
 
 
-def first_bad_over_ranks(group: Collective, first_bad: Tensor) -> Tensor:
-    """The earliest non-finite step any rank saw (-1: none), float64 `[1]`, the same on all ranks."""
+def first_bad(group: Collective | None, first_bad: Tensor) -> Tensor:
+    """The earliest non-finite step any rank saw (-1: none), float64 `[1]`, the same on all ranks;
+    without a group this process's (`[K]` for a stack)."""
+    if group is None:
+        return first_bad.double().reshape(-1)
     # -1 means "none": lift it above any step so the minimum picks a real one
     mine = first_bad.double().reshape(1)
     never = torch.full_like(mine, float(2**62))
@@ -42,23 +45,28 @@ def first_bad_over_ranks(group: Collective, first_bad: Tensor) -> Tensor:
     return torch.where(low >= 2**62, torch.full_like(low, -1.0), low)
 
 
-def rank_sums(group: Collective, sums: Mapping[str, Tensor]) -> list[dict[str, int | float]]:
-    """Every rank's partial epoch sums, in rank order, on every rank (exact: float64 rows)."""
+def partial_sums(group: Collective | None, sums: Mapping[str, Tensor]) -> dict[str, Any]:
+    """A cut epoch's sums for the checkpoint, as JSON values: global, and with a group every
+    rank's own, in rank order, on every rank (exact: float64 rows)."""
+    dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in sums.items()}
+    if group is None:
+        return {"sums": {k: v.tolist() for k, v in sums.items()}, "dtypes": dtypes}
     keys = list(sums)
     rows = torch.zeros(group.size, len(keys), dtype=torch.float64)
     rows[group.rank] = torch.stack([sums[k].double().cpu() for k in keys])
     table = group.sum(rows).tolist()  # each row holds one rank's values plus zeros
-    out = []
-    for row in table:
-        values = dict(zip(keys, row, strict=True))
-        out.append({k: int(v) if not sums[k].is_floating_point() else v for k, v in values.items()})
-    return out
+    per_rank = [
+        {k: int(v) if not sums[k].is_floating_point() else v for k, v in zip(keys, row, strict=True)}
+        for row in table
+    ]
+    total = {k: sum(r[k] for r in per_rank) for k in keys}
+    return {"sums": total, "rank_sums": per_rank, "dtypes": dtypes}
 
 
 def sums_for_rank(group: Collective | None, saved: Mapping[str, Any]) -> Mapping[str, Any]:
     """The partial sums of a mid-epoch checkpoint that this rank carries on with.
 
-    A checkpoint written by N ranks keeps each rank's own sums (`rank_sums`), so a resume
+    A checkpoint written by N ranks keeps each rank's own sums (`partial_sums`), so a resume
     on N ranks continues each exactly; on another number of ranks rank 0 takes the global
     sums and the others start from zero (the epoch's totals are the same either way).
     """

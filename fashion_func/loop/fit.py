@@ -34,7 +34,7 @@ from fashion_func.loop.artifacts import LAST
 from fashion_func.loop.batches import Data, encode_state, epoch_batches, num_batches, resume_kind
 from fashion_func.loop.collective import Collective
 from fashion_func.loop.errors import NOTES, RunError
-from fashion_func.loop.lr import applied_lr, lr_key
+from fashion_func.loop.lr import lr_metrics
 from fashion_func.loop.reduce import evaluate, expand_members, sum_over_ranks, to_host, train_metrics
 from fashion_func.loop.result import FitResult, StopReason
 from fashion_func.loop.rundir import RunDir
@@ -57,14 +57,6 @@ class _After(enum.Enum):
     GO_ON, LAST_BATCH, CUT = range(3)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 @dataclass
 class _Epoch:
     """The running sums of the epoch in progress (device tensors) and where it started."""
@@ -79,11 +71,6 @@ class _Epoch:
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
-
-
-def _params_and_buffers(state: TrainState) -> dict[str, Tensor]:
-    # a stateful model's buffers travel with its weights, under nn.Module's names
-    return {**state.params, **state.model_state}
 
 
 class _Driver:
@@ -105,7 +92,7 @@ class _Driver:
             raise ValueError(f"metadata: {exc}") from None
         self.max_steps, self.progress = max_steps, progress
         self.log = log
-        self.actions = Actions(callbacks, run, log, self.metadata, weights or _params_and_buffers,
+        self.actions = Actions(callbacks, run, log, self.metadata, weights,
                                self.save_last, self.run_meta)  # fmt: skip
         self.start_epoch, self.in_epoch = 1, None
         self.history: list[dict[str, Any]] = []
@@ -171,15 +158,20 @@ class _Driver:
             f"gives no position to continue from, so its first {batch} batches are drawn again and dropped"
         )
 
-    def _record(
+    def save_last(
         self,
         state: TrainState,
         epoch_done: int,
         in_epoch: dict[str, Any] | None = None,
         rng_states: Any = None,
-    ) -> resume_lib.RunRecord:
-        """The run record now: after `epoch_done` epochs, and inside the next at `in_epoch`."""
-        return dataclasses.replace(
+    ) -> Path | None:
+        """Write `state` to last.safetensors with the run record after `epoch_done` epochs (and
+        inside the next at `in_epoch`); with the global generators' states `rng_states` (taken
+        where the data source's position was) or, without them, as they are now."""
+        if self.run is None:
+            return None
+        folder, folder_id = self.run.checkpoint_folder()  # still the run's own, not a link swapped in
+        record = dataclasses.replace(
             self.base, epoch=epoch_done, callbacks=self.actions.cb_states, history=self.history,
             rng_states=rng_states or rngs.capture(),
             lr=resume_lib.host_lr(state.opt_state),  # the base lr, as last set (not a copy)
@@ -189,21 +181,7 @@ class _Driver:
             diverged_members=self.members.to_meta(),
             privacy=self.run_meta().get("privacy", self.base.privacy),
         )  # fmt: skip
-
-    def save_last(
-        self,
-        state: TrainState,
-        epoch_done: int,
-        in_epoch: dict[str, Any] | None = None,
-        rng_states: Any = None,
-    ) -> Path | None:
-        """Write `state` to last.safetensors; with the global generators' states `rng_states`
-        (taken where the data source's position was) or, without them, as they are now."""
-        if self.run is None:
-            return None
-        folder, folder_id = self.run.checkpoint_folder()  # still the run's own, not a link swapped in
         path = folder / LAST
-        record = self._record(state, epoch_done, in_epoch, rng_states)
         checkpoint.save_state(path, state, metadata=record.to_meta(), folder=folder_id)
         self.log.info(f"saved {path} (step {_host_step(state.step)})")
         return path
@@ -229,12 +207,11 @@ class _Driver:
         return ep
 
     def _bar(self, ep: _Epoch) -> Any:
-        if not self.progress:
-            return _NoBar()
         from tqdm import tqdm
 
         return tqdm(total=num_batches(self.train_data), initial=ep.first_batch, leave=False, unit="step",
-                    desc=f"epoch {ep.epoch}/{self.epochs}", file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+                    desc=f"epoch {ep.epoch}/{self.epochs}", file=sys.stderr, dynamic_ncols=True,
+                    disable=not self.progress)  # fmt: skip
 
     def train_epoch(self, epoch: int) -> bool:
         """Run one epoch; False when it was cut short by `max_steps` (a signal raises).
@@ -244,9 +221,7 @@ class _Driver:
         """
         ep = self._begin_epoch(epoch)
         bar = self._bar(ep)
-        host_step = _host_step(
-            self.state.step
-        )  # mirrors state.step on the host, so checking it costs no sync
+        host_step = _host_step(self.state.step)  # mirrors state.step on the host: checking it costs no sync
         ep.t0 = time.perf_counter()
         mid_epoch = ep.first_batch > 0
         if not mid_epoch:  # resumed at an epoch's start: before the source draws its epoch's seed
@@ -325,14 +300,14 @@ class _Driver:
     ) -> None:
         """Save the state cut inside epoch `ep` (unless it diverged); raise Interrupted on a signal."""
         # a stack's member that went non-finite is marked now, the others are saved
-        bad_steps = self._first_bad(ep).tolist()
+        bad_steps = coll.first_bad(self.group, ep.first_bad).tolist()
         self.state, bad_step, finite = self.members.verdict(self.state, ep.epoch, bad_steps, self.log)
         ep.sums = dict(self.members.saved_sums(ep.sums))
         in_epoch = {
             "epoch": ep.epoch,
             "batch": next_batch,
             "batching": getattr(self.train_data, "batching", None),
-            **self._partial_sums(ep),
+            **coll.partial_sums(self.group, ep.sums),
             "first_bad": bad_step,
             "elapsed": ep.elapsed(),
             **({"data_state": data_state} if data_state is not None else {}),
@@ -355,7 +330,9 @@ class _Driver:
 
     def _end_epoch(self, ep: _Epoch, steps: int) -> None:
         # the epoch's sums (over all ranks, once per epoch, with a group), in one sync
-        sums = to_host({**sum_over_ranks(self.group, ep.sums), "first_bad": self._first_bad(ep)})
+        sums = to_host(
+            {**sum_over_ranks(self.group, ep.sums), "first_bad": coll.first_bad(self.group, ep.first_bad)}
+        )
         train_time = ep.elapsed()
         # a stack: members that diverged are marked and left out; it stops when all have
         self.state, bad, finite = self.members.verdict(self.state, ep.epoch, sums.pop("first_bad"), self.log)
@@ -364,12 +341,7 @@ class _Driver:
             batches = epoch_batches(self.val_data, ep.epoch)
             live = self.members.evaluated(finite)
             metrics.update(evaluate(self.eval_step, self.state, batches, group=self.group, live=live))
-        lr = applied_lr(self.state.opt_state, self.lr_schedule)  # what the last step applied
-        key = lr_key(self.state.opt_state, self.lr_schedule)
-        if isinstance(lr, list):  # a sweep's members each have their own
-            metrics.update(expand_members({key: lr}))
-        elif lr is not None:
-            metrics[key] = lr
+        metrics.update(lr_metrics(self.state.opt_state, self.lr_schedule))  # what the last step applied
         if self.privacy is not None:  # the guarantee after the steps taken so far
             metrics.update(self._epsilon())
         metrics["epoch_time_s"] = train_time
@@ -459,21 +431,6 @@ class _Driver:
             self.flag["signum"] = signum
         return signum
 
-    def _first_bad(self, ep: _Epoch) -> Tensor:
-        """The epoch's first non-finite step (-1: none) over all ranks, as float64 `[1]`."""
-        if self.group is None:
-            return ep.first_bad.double().reshape(-1)  # [1], or [K] for a stack
-        return coll.first_bad_over_ranks(self.group, ep.first_bad)
-
-    def _partial_sums(self, ep: _Epoch) -> dict[str, Any]:
-        """A cut epoch's sums for the checkpoint: global, and with a group each rank's own."""
-        dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in ep.sums.items()}
-        if self.group is None:
-            return {"sums": {k: v.tolist() for k, v in ep.sums.items()}, "dtypes": dtypes}
-        per_rank = coll.rank_sums(self.group, ep.sums)
-        total = {k: sum(r[k] for r in per_rank) for k in ep.sums}
-        return {"sums": total, "rank_sums": per_rank, "dtypes": dtypes}
-
     def run_epochs(self) -> FitResult:
         # Handlers go in before TrainBegin logs "training epochs": from that line on, a
         # signal is always honoured after the current step.
@@ -533,9 +490,8 @@ def fit(
         `<name>_sum` -> train_<name>, any other key -> train_<key>. `[K]` tensors from an
         ensemble step are reported per member (`_m0`, ...), with their mean and std.
     eval_step: `(state, batch) -> per-example tensors` (`make_eval_step`), run on `val_data`
-        after each epoch and averaged over it (`evaluate`): val_loss, val_acc, val_top{k},
-        val_<name> for each other `[B]` output. Every metric goes to the history, the log
-        and TensorBoard alike.
+        after each epoch and averaged over it (`evaluate`: val_loss, val_acc, ...). Every
+        metric goes to the history, the log and TensorBoard alike.
     callbacks: pure event handlers (`fashion_func.callbacks`); `fit` carries out their actions.
     run_dir: None writes nothing. A path (or an opened `RunDir`) is locked for the run and
         receives train.log and checkpoints/last.safetensors (exact resume, every epoch), and
@@ -547,6 +503,7 @@ def fit(
     overwrite: start afresh in a run directory that already holds a run.
     metadata: JSON-serialisable values stored in every checkpoint (e.g. a config, a model name).
     max_steps: stop (after saving last.safetensors) once the state reaches this step.
+    progress: a tqdm progress bar of each epoch's steps on stderr.
     log: where messages go (default: the run's train.log and stdout, else `fashion_func`'s logger).
     weights: what best and per-epoch files hold, from the state (default: params and model
         state); e.g. `lambda st: {**optim.ema_params(st.opt_state), **st.model_state}` keeps
@@ -566,22 +523,18 @@ def fit(
         `start=`, or an object with `state_dict()` / `load_state_dict()` (torchdata's
         `StatefulDataLoader`: its state is saved in last.safetensors). Anything else (a list, a
         shuffled `DataLoader`) is named in a warning when a run with a run directory starts,
-        and refused (RunError) when resumed mid-epoch, unless this is True: then a warning is
-        logged and the batches already seen are drawn again and dropped. last.safetensors also
-        records the global random generators (torch's CPU and CUDA ones, numpy's, Python's
-        `random`) where the data source stood, and a resume sets them back: a dataset that draws
-        its augmentation from them continues exactly from a mid-epoch checkpoint (at an epoch's
-        end, torchdata draws one more seed from torch's generator loading a finished epoch).
-    privacy: private training (`privacy.Accountant`): the history, the log and TensorBoard get
-        `epsilon`, the guarantee (at the accountant's delta) after the steps taken so far (a
-        sweep over noise multipliers: each member's `epsilon_m<k>`, `epsilon` the largest); with
-        a `target_epsilon`, the run stops before an epoch whose steps would pass it. It must
-        describe the run (`privacy.check_accountant`, a ValueError otherwise): `train_step` made
-        with `per_example=` adding its noise multiplier(s), `train_data` Poisson-sampled at its
-        sample rate (`data.PoissonBatches`, not shuffled batches). A resumed checkpoint's record
-        must match it, the step's clipping norm and the state's step count
-        (`privacy.check_record`), else `checkpoint.CheckpointError`: a missing or changed record,
-        or a state trained elsewhere, is refused, never reported with a smaller epsilon.
+        and refused (RunError) when resumed mid-epoch, unless this is True: then the batches
+        already seen are drawn again and dropped. last.safetensors also records the global
+        random generators where the data source stood (`loop.rngs`), and a resume sets them
+        back: a dataset that augments from them continues exactly.
+    privacy: private training (`privacy.Accountant`): the metrics get `epsilon`, the guarantee
+        (at the accountant's delta) after the steps taken so far (a sweep over noise
+        multipliers: each member's `epsilon_m<k>`, `epsilon` the largest); with a
+        `target_epsilon`, the run stops before an epoch whose steps would pass it. It must
+        describe the run (`privacy.check_accountant`: the step's `per_example=` noise, Poisson
+        batches at its sample rate; a ValueError otherwise). A resumed checkpoint's record must
+        match it, the step's clipping norm and the state's step count (`privacy.check_record`),
+        else `checkpoint.CheckpointError`: never reported with a smaller epsilon.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")

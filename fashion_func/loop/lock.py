@@ -16,6 +16,10 @@ from fashion_func.safeio import describe, display, os_reason
 __all__: list[str] = []
 
 LOCK = ".lock"
+_REFUSED = {  # what a failed open found where the lock goes
+    errno.EISDIR: "is a directory, not a lock file of ours; remove it",
+    errno.ELOOP: "is a symbolic link; remove it (it is never followed)",
+}
 _OPEN_FLAGS = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC
 
 
@@ -37,14 +41,8 @@ class Lock:
             except FileExistsError:
                 self.fd = os.open(self.path, _OPEN_FLAGS)
         except OSError as exc:
-            if exc.errno == errno.EISDIR:
-                raise RunError(
-                    f"{display(self.path)} is a directory, not a lock file of ours; remove it"
-                ) from None
-            if exc.errno == errno.ELOOP:
-                raise RunError(
-                    f"{display(self.path)} is a symbolic link; remove it (it is never followed)"
-                ) from None
+            if exc.errno in _REFUSED:
+                raise RunError(f"{display(self.path)} {_REFUSED[exc.errno]}") from None
             raise RunError(f"cannot write to run directory {display(out)}: {os_reason(exc)}") from None
         st = os.fstat(self.fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:

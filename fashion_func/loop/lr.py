@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from fashion_func import optim
+from fashion_func.loop.reduce import expand_members
 
 __all__: list[str] = []
 
@@ -18,13 +19,6 @@ def _schedule_count(opt_state: Any) -> Tensor | None:
     """The update counter of the first `scale_by_schedule` in `opt_state`, or None."""
     found = optim.find_states(opt_state, optim.ScaleByScheduleState)
     return found[0].count if found else None
-
-
-def lr_key(opt_state: Any, schedule: Callable[[Tensor], Tensor] | None) -> str:
-    """The history's name for `applied_lr`'s value: "lr" when it is the rate the last update
-    applied; "base_lr" when the chain scales it per step (`scale_by_schedule`) by a schedule
-    `fit` was not given (`lr_schedule=`), so "lr" never shows a rate that was not applied."""
-    return "base_lr" if schedule is None and _schedule_count(opt_state) is not None else "lr"
 
 
 def applied_lr(
@@ -43,11 +37,21 @@ def applied_lr(
     except KeyError:
         return None
     value = lr.float()
-    count = _schedule_count(opt_state) if schedule is not None else None
-    if schedule is not None and count is not None:
+    if schedule is not None and (count := _schedule_count(opt_state)) is not None:
         last = (count.reshape(-1)[0] - 1).clamp(min=0)  # the counter counts updates done
         value = value * schedule(last.to(torch.float32)).to(torch.float32)
     floats = [float(str(np.float32(x))) for x in value.reshape(-1).tolist()]
     if value.dim() == 0 or len(set(floats)) == 1:
         return floats[0]
     return floats
+
+
+def lr_metrics(opt_state: Any, schedule: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+    """The history's `applied_lr` ({} without one): "lr" if it is the rate the last update applied,
+    "base_lr" if a `scale_by_schedule` that `fit` was not given (`lr_schedule=`) scales it per step
+    (so "lr" never shows a rate that was not applied); a sweep's per member (`expand_members`)."""
+    lr = applied_lr(opt_state, schedule)
+    key = "base_lr" if schedule is None and _schedule_count(opt_state) is not None else "lr"
+    if isinstance(lr, list):
+        return expand_members({key: lr})
+    return {} if lr is None else {key: lr}

@@ -28,11 +28,6 @@ __all__: list[str] = []
 META_KEY = "diverged_members"
 
 
-def stacked(state: TrainState) -> bool:
-    """Whether `state` holds a stack of members (its step is `[K]`, `ensemble.size` counts them)."""
-    return state.step.dim() == 1
-
-
 def note_bad(first_bad: Tensor, loss_sum: Tensor, step: Tensor) -> Tensor:
     """The first step whose loss was not finite, on the device (no sync); -1: none yet.
 
@@ -74,13 +69,6 @@ def with_dead(values: Sequence[float], live: Sequence[int], k: int) -> list[floa
     for i, v in zip(live, values, strict=True):
         out[i] = v
     return out
-
-
-def finite_sums(sums: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Running metric sums with non-finite entries (a diverged member's) set to 0, so that a
-    checkpoint's in-epoch sums are plain JSON numbers; the marked members' are never read."""
-    return {n: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) if v.is_floating_point() else v
-            for n, v in sums.items()}  # fmt: skip
 
 
 def live_state(state: TrainState, live: Sequence[int]) -> TrainState:
@@ -135,17 +123,6 @@ class Stack:
     def live(self) -> list[int]:
         return [i for i in range(self.k) if i not in self.marks]
 
-    def all_dead(self) -> bool:
-        return len(self.marks) == self.k
-
-    def mark(self, epoch: int, bad_steps: Sequence[int], finite: Sequence[bool]) -> list[int]:
-        """Mark the members whose loss (`bad_steps[i] >= 0`) or parameters went non-finite;
-        returns the newly marked ones."""
-        new = [i for i in self.live if bad_steps[i] >= 0 or not finite[i]]
-        for i in new:
-            self.marks[i] = {"epoch": epoch, "step": int(bad_steps[i])}
-        return new
-
     def message(self, i: int) -> str:
         m = self.marks[i]
         what = f"non-finite loss at step {m['step']}" if m["step"] >= 0 else "non-finite parameters"
@@ -154,11 +131,6 @@ class Stack:
         return (
             f"member {i} diverged: {what} (epoch {m['epoch']}); left out of the means and the monitor, {tail}"
         )
-
-    def first_step(self) -> int:
-        """The earliest step at which a member's loss went non-finite (-1: none did)."""
-        steps = [m["step"] for m in self.marks.values() if m["step"] >= 0]
-        return min(steps) if steps else -1
 
     def to_meta(self) -> list[dict[str, int]]:
         return [{"member": i, **self.marks[i]} for i in self.dead]
@@ -191,14 +163,22 @@ class Stack:
         quieted (`quiet`); (state, first non-finite step, finite) of the stack as a whole:
         (state, -1, True) while any member is left."""
         steps = [int(x) for x in bad_steps] if len(bad_steps) == self.k else [int(bad_steps[0])] * self.k
-        for i in self.mark(epoch, steps, finite_members(state.params, self.k)):
+        finite = finite_members(state.params, self.k)
+        new = [i for i in self.live if steps[i] >= 0 or not finite[i]]
+        for i in new:  # all marked before any is logged: each message counts the members left
+            self.marks[i] = {"epoch": epoch, "step": steps[i]}
+        for i in new:
             log.error(self.message(i))
-        if self.all_dead():  # kept as it is, like one model's diverged state: never saved
-            return state, self.first_step(), False
+        if len(self.marks) == self.k:  # kept as it is, like one model's diverged state: never saved
+            steps = [m["step"] for m in self.marks.values() if m["step"] >= 0]
+            return state, min(steps) if steps else -1, False  # the first non-finite loss's step
         return quiet(state, self.dead), -1, True
 
     def saved_sums(self, sums: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-        return finite_sums(sums)  # the marked members' NaN sums: never read
+        """Running metric sums with non-finite entries (a diverged member's, never read) set to 0,
+        so that a checkpoint's in-epoch sums are plain JSON numbers."""
+        return {n: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) if v.is_floating_point() else v
+                for n, v in sums.items()}  # fmt: skip
 
     def metrics(self) -> dict[str, Any]:
         return {"members_diverged": len(self.marks)}
@@ -252,5 +232,5 @@ class Single:
 
 
 def policy(state: TrainState) -> Single | Stack:
-    """What `fit` does with `state`'s members: `Stack` for a stack, else `Single`."""
-    return Stack(ensemble.size(state)) if stacked(state) else Single()
+    """What `fit` does with `state`'s members: `Stack` for a stack (its step is `[K]`), else `Single`."""
+    return Stack(ensemble.size(state)) if state.step.dim() == 1 else Single()

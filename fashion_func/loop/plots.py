@@ -26,7 +26,7 @@ def plot_history(
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in records]
-    for name, ylabel in (("loss", "loss"), ("acc", "accuracy")):
+    for name, label in (("loss", "loss"), ("acc", "accuracy")):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         for split in ("train", "val"):
             key = f"{split}_{name}"
@@ -35,11 +35,9 @@ def plot_history(
                 ax.plot(epochs, [math.nan if v is None else v for v in values], marker="o", label=split)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5 ticks
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{'Loss' if name == 'loss' else 'Accuracy'} per epoch")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label.capitalize()} per epoch")
         ax.grid(True, alpha=0.3)
         ax.legend()
         with writing():
-            atomic.write_figure(
-                out / ("loss.png" if name == "loss" else "accuracy.png"), fig, what="plot", folder=folder
-            )
+            atomic.write_figure(out / f"{label}.png", fig, what="plot", folder=folder)

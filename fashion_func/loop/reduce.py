@@ -27,15 +27,14 @@ def evaluate(
 ) -> dict[str, float]:
     """Validation metrics over `batches`, one host sync at the end.
 
-    `eval_step(state, batch)` returns per-example tensors (as `make_eval_step`'s). Every output
-    of the shape of `loss` (`[B]`) but `pred` is averaged over the examples: `loss` ->
-    val_loss, `correct` -> val_acc, `top{k}_correct` -> val_top{k}, any other `<name>` ->
-    val_<name>; an ensemble's `member_<name>` (`[K, B]`) the same per member. `logits`, `pred`
-    and outputs of other shapes are not reduced. `state` is a TrainState or what the eval
-    step takes. group: each rank evaluated its own part of the data; the sums and counts are
-    added over the ranks, so every rank gets the same numbers (every rank needs a batch).
-    live: of a stacked state, the members to evaluate (the others diverged): the ensemble's
-    own metrics are those of these members, the others' per-member values are NaN.
+    `eval_step(state, batch)` (`state`: a TrainState or what the step takes) returns per-example
+    tensors (as `make_eval_step`'s); each output shaped like `loss` (`[B]`) but `pred` and
+    `logits` is averaged over the examples: `loss` -> val_loss, `correct` -> val_acc,
+    `top{k}_correct` -> val_top{k}, any other `<name>` -> val_<name>; an ensemble's
+    `member_<name>` (`[K, B]`) the same per member. group: each rank evaluated its own part of
+    the data and gets the totals over the ranks (every rank needs a batch). live: of a stacked
+    state, the members to evaluate (the others diverged: their per-member values are NaN, the
+    ensemble's own metrics are those of the live members).
     """
     k = ensemble.size(state) if live is not None else 0
     if live is not None:
@@ -127,10 +126,8 @@ def expand_members(
 
 
 def train_metrics(sums: Mapping[str, Any], steps: int, dead: Collection[int] = ()) -> dict[str, float]:
-    """Epoch means from summed step metrics: `loss_sum` -> train_loss, `correct` -> train_acc,
-    `top5_correct` -> train_top5, `x_sum` -> train_x, anything else -> train_<key>; per
-    example when `count` is given. Per-member sums (lists, from an ensemble step) become
-    per-member means, expanded by `expand_members`."""
+    """Epoch means from summed step metrics, per example when `count` is given, named as `fit`
+    says (train_loss, train_acc, ...); per-member sums (lists) expanded by `expand_members`."""
     count = sums.get("count", steps) or 1
     denom = count[0] if isinstance(count, list) else count  # members see the same batches
     scalars: dict[str, float] = {}
