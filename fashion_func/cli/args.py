@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from fashion_func.safeio import short_repr
+from fashion_func.safeio import display, short_repr
 
 __all__: list[str] = []
 
@@ -25,6 +25,12 @@ EXIT_USAGE = 2
 
 class UsageError(Exception):
     """A mistake in how the program was called (exit 2)."""
+
+
+def fail(prog: str, message: str) -> int:
+    """Print `<prog>: error: <message>` on stderr as one escaped line; returns EXIT_USAGE."""
+    print(display(" ".join(f"{prog}: error: {message}".split())), file=sys.stderr)
+    return EXIT_USAGE
 
 
 class Parser(argparse.ArgumentParser):
