@@ -46,17 +46,9 @@ def most_confident_mistakes(logits: Tensor, labels: Tensor, preds: Tensor, n: in
     k = min(n, scores.shape[0])
     if k == 0:
         return []
-    top = scores.topk(k)
-    rows = torch.stack(
-        [
-            top.indices.double(),
-            top.values.double(),
-            labels[top.indices].double(),
-            preds[top.indices].double(),
-            label_probs[top.indices].double(),
-        ],
-        dim=1,
-    ).tolist()  # the one host sync
+    values, picked = scores.topk(k)
+    columns = (picked, values, labels[picked], preds[picked], label_probs[picked])
+    rows = torch.stack([c.double() for c in columns], dim=1).tolist()  # the one host sync
     out = []
     for index, confidence, label, pred, label_prob in rows:
         if confidence < 0:  # fewer mistakes than asked for
@@ -145,10 +137,6 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save_figure(fig: Any, path: Path) -> None:
-    atomic.write_figure(path, fig, what="plot", bbox_inches="tight")
-
-
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], path: Path) -> None:
     """A heat map of the confusion matrix with counts and class names, as PNG."""
     plt = _pyplot()
@@ -164,16 +152,13 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], path: Path) -> None:
     half = counts.max() / 2 if counts.size else 0
     for i in range(counts.shape[0]):
         for j in range(counts.shape[1]):
-            ax.text(
-                j,
-                i,
-                str(counts[i, j]),
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if counts[i, j] > half else "black",
-            )
-    _save_figure(fig, path)
+            color = "white" if counts[i, j] > half else "black"
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color=color)
+    atomic.write_figure(path, fig, what="plot", bbox_inches="tight")
+
+
+_CAPTION = {"fontsize": 5.5, "va": "top", "ha": "left"}  # plot_grid's captions, on a translucent box
+_BOX = {"facecolor": "white", "alpha": 0.75, "pad": 0.6, "linewidth": 0}
 
 
 def plot_grid(images: Tensor, captions: Sequence[str], colors: Sequence[str], path: Path, title: str) -> None:
@@ -182,28 +167,17 @@ def plot_grid(images: Tensor, captions: Sequence[str], colors: Sequence[str], pa
 
     plt = _pyplot()
     nrow, pad = 8, 2
-    grid = make_grid(
-        images.cpu()[:, None].float() / 255.0, nrow=nrow, padding=pad, pad_value=1.0
-    )  # [3, H, W]
+    grid = make_grid(images.cpu()[:, None].float() / 255.0, nrow=nrow, padding=pad, pad_value=1.0)
     rows = -(-images.shape[0] // nrow)
     fig, ax = plt.subplots(figsize=(1.3 * nrow, 1.45 * rows + 0.4), dpi=150)
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")  # grid: [3, H, W]
     cell = images.shape[-1] + pad  # 28 + pad for Fashion-MNIST images
     for i, (caption, color) in enumerate(zip(captions, colors, strict=True)):
         x, y = (i % nrow) * cell + pad, (i // nrow) * cell + pad
-        ax.text(
-            x + 0.5,
-            y + 0.5,
-            caption,
-            fontsize=5.5,
-            color=color,
-            va="top",
-            ha="left",
-            bbox={"facecolor": "white", "alpha": 0.75, "pad": 0.6, "linewidth": 0},
-        )
+        ax.text(x + 0.5, y + 0.5, caption, color=color, bbox=_BOX, **_CAPTION)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
-    _save_figure(fig, path)
+    atomic.write_figure(path, fig, what="plot", bbox_inches="tight")
 
 
 def write_outputs(
