@@ -19,6 +19,7 @@ A checkpoint's saved config reaches `check` through the same `Config` as the fla
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def estimate(cfg: Config) -> Estimate:
     train_act = per_example * min(cfg.batch_size, n_train) * BACKWARD
     eval_act = per_example * min(cfg.eval_batch_size, n_val) * (2 if cfg.tta else 1)
     k = cfg.members
-    image = 8 + _numel(model.input_shape)  # uint8 pixels and an int64 label
+    image = 8 + math.prod(model.input_shape)  # uint8 pixels and an int64 label
     return Estimate(state=k * per_member, activations=k * max(train_act, eval_act),
                     data=(n_train + n_test) * image)  # fmt: skip
 
@@ -150,13 +151,6 @@ def _flag_text(cfg: Config, flag: str | None) -> str:
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
 
 
 class _OnMeta(TorchFunctionMode):
