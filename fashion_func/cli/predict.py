@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fashion_func import atomic, checkpoint, data, ensemble, interop, losses, models
+from fashion_func import atomic, data, ensemble, interop, losses, models
+from fashion_func.checkpoint import CheckpointError
 from fashion_func.cli import images, words
 from fashion_func.cli import report as report_lib
 from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, fail, int_arg, interruptible
 from fashion_func.cli.device import resolve_device
-from fashion_func.cli.images import prepare_image  # noqa: F401  (importable here by module path; not in __all__)
+from fashion_func.cli.images import ImageError, prepare_image  # noqa: F401  (prepare_image: kept importable here)
 from fashion_func.loop import RunError
 from fashion_func.models import Model, ModelState, Params
 from fashion_func.safeio import FileError, check_output, display, short_repr, strict_json
@@ -157,7 +158,7 @@ def load_member(path: str, model_name: str | None, device: torch.device) -> Memb
     classes = models.num_classes(model)
     if classes != len(data.CLASS_NAMES) or model.input_shape not in ((1, 28, 28), (28 * 28,)):
         shape = "x".join(map(str, model.input_shape))
-        raise checkpoint.CheckpointError(
+        raise CheckpointError(
             f"{path}: a {model.name} of {classes} classes over inputs of {shape}; predict takes a "
             f"{len(data.CLASS_NAMES)}-class classifier of 28x28 images (Fashion-MNIST)"
         )
@@ -194,7 +195,7 @@ def per_example_outputs(m: Member, split: data.Split, batch_size: int, **options
 # -- entry point ------------------------------------------------------------------------------
 
 
-def _run_images(args: argparse.Namespace, members: Sequence[Member], device: torch.device) -> dict[str, Any]:
+def _run_images(args: argparse.Namespace, members: Sequence[Member]) -> dict[str, Any]:
     """Classify every readable image (the members' mean probabilities); each one that cannot
     be read is one line on stderr."""
     errors: list[str] = []
@@ -203,13 +204,13 @@ def _run_images(args: argparse.Namespace, members: Sequence[Member], device: tor
         try:
             pictures.append(images.read_image(f, args.invert, args.max_image_pixels))
             readable.append(f)
-        except images.ImageError as e:
+        except ImageError as e:
             errors.append(str(e))
     for e in errors:
         fail(args.prog, e)
     results = []
     if pictures:
-        batch = torch.stack(pictures).to(device)
+        batch = torch.stack(pictures).to(args.device)
         probs = torch.stack([classify_images(m, batch, tta=args.tta) for m in members]).mean(0)
         top = probs.topk(min(3, probs.shape[-1]), dim=-1)
         for f, ps, cs in zip(readable, top.values.tolist(), top.indices.tolist(), strict=True):
@@ -219,10 +220,8 @@ def _run_images(args: argparse.Namespace, members: Sequence[Member], device: tor
     return {"images": results, "errors": errors}
 
 
-def _evaluate_test_set(
-    args: argparse.Namespace, members: Sequence[Member], device: torch.device
-) -> dict[str, Any]:
-    split = data.load("test", args.data_dir, device=device, limit=args.limit)
+def _evaluate_test_set(args: argparse.Namespace, members: Sequence[Member]) -> dict[str, Any]:
+    split = data.load("test", args.data_dir, device=args.device, limit=args.limit)
     print(display(f"test set: {split.labels.shape[0]} examples from {split.source}"))
     outs = [
         per_example_outputs(m, split, args.batch_size, compile=args.compile, topk=args.topk, tta=args.tta)
@@ -258,18 +257,18 @@ def _evaluate_test_set(
 
 
 def _predict(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    device = resolve_device(args.device)
-    members = [load_member(w, args.model, device) for w in args.weights]
+    args.device = resolve_device(args.device)
+    members = [load_member(w, args.model, args.device) for w in args.weights]
     names = ", ".join(sorted({m.model.name for m in members}))
     summary: dict[str, Any] = {"weights": args.weights[0] if len(members) == 1 else list(args.weights),
                                "model": names, "tta": args.tta}  # fmt: skip
     for m in members:
         epoch = f", epoch {short_repr(m.metadata['epoch'])}" if "epoch" in m.metadata else ""
-        print(display(f"weights {m.path} ({m.model.name}{epoch}), device {device}"))
+        print(display(f"weights {m.path} ({m.model.name}{epoch}), device {args.device}"))
     if args.images:
-        summary.update(_run_images(args, members, device))
+        summary.update(_run_images(args, members))
         return summary, EXIT_USAGE if summary["errors"] else 0
-    summary.update(_evaluate_test_set(args, members, device))
+    summary.update(_evaluate_test_set(args, members))
     return summary, 0
 
 
@@ -293,14 +292,7 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 0
-    except (
-        UsageError,
-        RunError,
-        checkpoint.CheckpointError,
-        data.DataError,
-        images.ImageError,
-        atomic.WriteError,
-    ) as e:
+    except (UsageError, RunError, CheckpointError, data.DataError, ImageError, atomic.WriteError) as e:
         return fail(prog, words.message(e))
     except OSError as e:  # --out not writable and the like
         return fail(prog, f"{type(e).__name__}: {e}")
