@@ -142,16 +142,13 @@ def open_run(
             yield RankRun(run.path, words.reword_log(run.log), run)
         return
     with contextlib.ExitStack() as stack:
-        error: RunError | None = None
         run_dir = None
         if group.is_main:
             try:
                 run_dir = stack.enter_context(RunDir.open(path, resume=resume, overwrite=overwrite))
-            except RunError as exc:
-                error = exc
-        if error is not None:
-            group.first_failed(False)
-            raise error
+            except RunError:
+                group.first_failed(False)  # the others wait to hear that rank 0 opened it
+                raise
         _agree(group, True, f"could not open the run directory {path}")
         log = words.reword_log(run_dir.log if run_dir is not None else _follower_log(group.rank))
         rank_run = RankRun(Path(path), log, run_dir, group)

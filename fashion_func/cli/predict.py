@@ -122,14 +122,11 @@ def _check_creatable(out: Path) -> None:
     """UsageError unless `out` can be created (or written): its nearest existing folder must be
     a directory this process may write in. Checked before the test set is evaluated."""
     existing = next(p for p in (out, *out.absolute().parents) if os.path.lexists(p))
+    shown, folder = display(str(out)), display(str(existing))
     if not existing.is_dir():
-        raise UsageError(
-            f"--out {display(str(out))} cannot be created: {display(str(existing))} is not a directory"
-        )
+        raise UsageError(f"--out {shown} cannot be created: {folder} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(
-            f"--out {display(str(out))} cannot be written: no permission to write in {display(str(existing))}"
-        )
+        raise UsageError(f"--out {shown} cannot be written: no permission to write in {folder}")
 
 
 # -- the weights and the evaluation ------------------------------------------------------------
