@@ -1,19 +1,19 @@
-"""Memory bounded by what the user can see: a run's size is capped and estimated before anything
-is allocated, and refused (one line naming the estimate and the flag behind it, exit 2) when it
-exceeds the memory the device has available.
+"""Memory bounded by what the user can see: a run's size is capped and estimated before anything is
+allocated, and refused (one line naming the estimate and the flag behind it, exit 2) when it exceeds
+the memory the device has available.
 
 The estimate, for all members of an ensemble or sweep together (`estimate`):
 
-- state: parameters and batch-norm buffers, gradients, the optimizer's slots (two for adam and
-  adamw, one for sgd with momentum, one more for `--ema`), and the next step's copy of
-  parameters and slots (a functional update builds the new state before the old one is freed);
-- activations: every tensor the forward pass of one example creates, counted by running the
-  model on the meta device (shapes only, nothing allocated), times the batch, doubled for the
-  backward pass; evaluation's batch (twice with `--tta`) when that is larger;
+- state: parameters and batch-norm buffers, gradients, the optimizer's slots (two for adam and adamw,
+  one for sgd with momentum, one more for `--ema`), and the next step's copy of parameters and slots
+  (a functional update builds the new state before the old one is freed);
+- activations: every tensor the forward pass of one example creates, counted on the meta device
+  (shapes only, nothing allocated), times the batch, doubled for the backward pass; evaluation's
+  batch (twice with `--tta`) when that is larger;
 - data: the uint8 images and labels of the splits, which live on the device.
 
-Size-like values are capped first (`CAPS`), so the arithmetic never meets an absurd number.
-A checkpoint's saved config reaches `check` through the same `Config` as the flags.
+Size-like values are capped first (`CAPS`), so the arithmetic never meets an absurd number. A
+checkpoint's saved config reaches `check` through the same `Config` as the flags.
 """
 
 from __future__ import annotations

@@ -22,13 +22,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def keep_freed_memory_in_heap(limit_bytes: int = 1 << 31) -> bool:
-    """Ask glibc's malloc to keep freed blocks below `limit_bytes` in the heap (CPU runs).
+    """Ask glibc's malloc to keep freed blocks below `limit_bytes` in the heap (CPU runs); False
+    where the C library is not glibc (nothing is changed there).
 
-    By default glibc hands large freed blocks back to the kernel (mmap, heap trimming),
-    so every step page-faults freshly zeroed pages for its activations: about a quarter
-    of a bf16 step on the 2-core CPU this was measured on. Process-wide and harmless:
-    the heap then holds at most the step's peak, which the process needed anyway.
-    Returns False where the C library is not glibc (nothing is changed there).
+    By default glibc hands large freed blocks back to the kernel (mmap, heap trimming), so every
+    step page-faults freshly zeroed pages for its activations: about a quarter of a bf16 step on
+    the 2-core CPU this was measured on. Process-wide and harmless: the heap then holds at most
+    the step's peak, which the process needed anyway.
     """
     import ctypes
     import ctypes.util
@@ -46,13 +46,12 @@ def keep_freed_memory_in_heap(limit_bytes: int = 1 << 31) -> bool:
 
 
 def resolve_compile(setting: str, device: torch.device) -> bool | str:
-    """How to torch.compile the step: `auto` compiles all of it on CUDA, only the
-    optimizer update on CPU. The one place where the config's auto|on|off|update becomes
-    the library's True / "update" / False, which every step maker takes as it is.
+    """The config's compile setting (auto|on|off|update) as every step maker takes it (True /
+    "update" / False): `auto` compiles all of the step on CUDA, only the optimizer update on CPU.
 
-    On CPU a fully compiled step measured several times slower than eager (inductor's
-    CPU convolution backward), while compiling just the update fuses its elementwise
-    passes (about 6x faster than eager) and takes a few seconds to build.
+    On CPU a fully compiled step measured several times slower than eager (inductor's CPU
+    convolution backward), while compiling just the update fuses its elementwise passes (about
+    6x faster than eager) and takes a few seconds to build.
     """
     if setting == "auto":
         return True if device.type == "cuda" else "update"
@@ -62,9 +61,8 @@ def resolve_compile(setting: str, device: torch.device) -> bool | str:
 def cpu_bf16_supported() -> bool:
     """Whether oneDNN runs bf16 convolutions natively on this CPU (AVX512-BF16 or AMX).
 
-    Without it PyTorch sends bf16 convolutions to its slow reference kernels
-    (`_slow_conv2d_forward`/`_backward`, seen in a profile on an AVX2-only EPYC), which made
-    a bf16 step several times slower than fp32's oneDNN convolutions there.
+    Without it PyTorch sends them to its slow reference kernels (`_slow_conv2d_forward`/`_backward`
+    in a profile on an AVX2-only EPYC): a bf16 step several times slower than fp32's there.
     """
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -1,19 +1,15 @@
-"""Export a weights file for use elsewhere: `python scripts/export.py --weights W --format F --out FILE`.
+"""`python scripts/export.py --weights W --format F --out FILE`: a weights file for use elsewhere.
 
-Formats (README "Predict and export"; the writers' docstrings give the layouts):
+Formats (their layouts: README "Predict and export" and each writer's docstring): `torch`,
+safetensors with `nn.Module` names and layout, bf16 kept (`checkpoint.save_weights`); `flax`, Flax
+layout and names (`interop.save_flax`); `numpy`, torch layout in plain numpy dtypes, safetensors or
+`.npz` (`interop.save_numpy`); `onnx`, a graph of uint8 `[B, 28, 28]` images that normalises them
+itself (`interop.save_onnx`, the onnx extra). `--bf16-as` says what bf16 weights become in flax and
+numpy files: `float32` (exact, the default), `uint16` (the bit patterns) or `bfloat16` (flax only).
 
-- `torch`: safetensors with `nn.Module` names and layout (bf16 kept), `checkpoint.save_weights`.
-- `flax`: Flax layout and names as safetensors, `interop.save_flax` (for `interop.flax_module`).
-- `numpy`: torch names and layout in dtypes plain numpy reads, safetensors or, when FILE ends in
-  `.npz`, `numpy.savez` output (`interop.save_numpy`).
-- `onnx`: an ONNX model of uint8 `[B, 28, 28]` images with the normalisation the weights were
-  trained with inside the graph (`interop.save_onnx`); needs the onnx extra.
-
-Metadata: every output records `model`, `model_hparams`, `source`, the input's `epoch`, `config`
-and `privacy`, and, where the weights file says how inputs were normalised, `normalize_mean` /
-`normalize_std` as numbers (`checkpoint.encode_metadata`). A stateful model's buffers travel in
-every format. `--bf16-as` says what bf16 weights become in the flax and numpy formats: `float32`
-(exact, the default), `uint16` (the raw bit patterns), or `bfloat16` (flax only).
+Every output's metadata records `model`, `model_hparams`, `source`, the input's `epoch`, `config`
+and `privacy`, and `normalize_mean` / `normalize_std` (numbers) where the input says how it was
+normalised (`checkpoint.encode_metadata`). A stateful model's buffers travel in every format.
 Exit code 2 with one line on stderr for a missing, bad or mismatched weights file.
 """
 

@@ -28,8 +28,6 @@ from fashion_func.loop import RunDir, RunError
 __all__: list[str] = []
 
 TIMEOUT_ENV = "FASHION_FUNC_DIST_TIMEOUT"
-
-
 # below a second gloo's own timeout fires inside its C++ code (a frame dump, not our message);
 # a week is longer than any collective should wait, and datetime.timedelta takes it
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 7 * 24 * 3600.0
@@ -45,11 +43,9 @@ def _timeout_s() -> float:
 
 @contextlib.contextmanager
 def process_group(batch_size: int, device_name: str) -> Iterator[distributed.Group | None]:
-    """The job's process group when launched by torchrun (None otherwise), left at the end.
-
-    The global batch must split evenly over the processes (checked before any rendezvous,
-    so every rank fails the same way at once).
-    """
+    """The job's process group when launched by torchrun (None otherwise), left at the end. The
+    global batch must split evenly over the processes (checked before any rendezvous, so every
+    rank fails the same way at once)."""
     if not distributed.launched():
         yield None
         return
@@ -105,10 +101,8 @@ class RankRun:
             self.run_dir.write_bytes(name, data)
 
     def ready(self, step: int, config: Mapping[str, Any]) -> None:
-        """Every rank set up: all start from rank 0's step with rank 0's settings, or all stop.
-
-        A collective: the ranks that got here wait for the others; a rank that failed
-        before it has already told them (`open_run`).
+        """Every rank set up: all start from rank 0's step with rank 0's settings, or all stop. A
+        collective: the ranks here wait for the others; one that failed before told them (`open_run`).
         """
         g = self.group
         if g is None:
@@ -133,10 +127,8 @@ def open_run(
     path: Path, *, resume: Any, overwrite: bool, group: distributed.Group | None
 ) -> Iterator[RankRun]:
     """Open the run directory on rank 0 (all of `RunDir.open`'s checks), then release the rest.
-
-    Until `RankRun.ready`, an error on one rank is announced to the others (they stop with
-    a message naming it) before it propagates.
-    """
+    Until `RankRun.ready`, an error on one rank is announced to the others (they stop with a
+    message naming it) before it propagates."""
     if group is None:
         with RunDir.open(path, resume=resume, overwrite=overwrite) as run:
             yield RankRun(run.path, words.reword_log(run.log), run)
