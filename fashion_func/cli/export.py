@@ -67,12 +67,10 @@ def export(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write `weights` to `out` in format `fmt` (a key of `SUFFIXES`); returns a summary (model,
-    format, tensors, path).
-
-    `out` must end in the format's suffix, must not be the input, and an existing file there is
-    replaced only with `overwrite` (never a device, FIFO, directory or link: `safeio.check_output`).
-    Raises `checkpoint.CheckpointError` for a bad input file, ValueError for an impossible request
-    (bfloat16 into a numpy file, an unsafe `out`), ImportError for onnx without the onnx extra.
+    format, tensors, path). `out` is checked by `safeio.check_output` (the format's suffixes; an
+    existing regular file, not the input, replaced only with `overwrite`). Raises CheckpointError
+    for a bad input file, ValueError for an impossible request (bfloat16 into a numpy file, an unsafe
+    `out`, flax for a model no Flax module reads), ImportError for onnx without the onnx extra.
     """
     try:
         check_output(out, overwrite=overwrite, inputs=[weights], suffixes=SUFFIXES[fmt], what="--out")

@@ -128,10 +128,8 @@ def prepare_image(image: Any, *, invert: bool = False) -> Tensor:
 
 def read_image(path: Path, invert: bool, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
     """The image file as a Fashion-MNIST image; ImageError (one line naming it) when it cannot be.
-
-    Only a regular file is opened, and its pixel count is checked from the header before
-    anything is decoded: a 164 KB PNG can declare 13000x13000 pixels.
-    """
+    Only a regular file is opened, and its pixel count is checked from the header before anything
+    is decoded: a 164 KB PNG can declare 13000x13000 pixels."""
     from PIL import Image, UnidentifiedImageError
 
     try:

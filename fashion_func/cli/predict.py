@@ -1,12 +1,11 @@
 """The predictor: evaluate weights files on the test set, or classify image files.
 
-`python scripts/predict.py --weights W [W ...] [--out DIR] [--json] [--tta]` reads each file's
-model and normalisation from its metadata (`--model` overrides), evaluates on the Fashion-MNIST
-test set (several files: their ensemble, the mean of probabilities, and each member) and reports
-accuracy, top-k accuracy, per-class precision/recall and the confusion matrix; `--out DIR` also
-writes `report.REPORT_FILES`; with `--json` the last line on stdout is one JSON object.
-`--images FILE_OR_DIR ...` prints each picture's top-3 classes instead (`images.prepare_image`).
-The report, its text and files live in `report`; reading pictures in `images`.
+`python scripts/predict.py --weights W [W ...] [--out DIR] [--json] [--tta]` reads each file's model
+and normalisation from its metadata (`--model` overrides), evaluates on the Fashion-MNIST test set
+(several files: their ensemble, the mean of probabilities, and each member) and reports what
+`report.build_report` holds; `--out DIR` also writes `report.REPORT_FILES`; with `--json` the last
+line on stdout is one JSON object. `--images FILE_OR_DIR ...` prints each picture's top-3 classes
+instead (`images.read_image`).
 
 Exit codes: 0 success; 2 usage or input error (missing or bad weights file, wrong model,
 missing data, unreadable image), reported in one line on stderr.
@@ -175,11 +174,8 @@ def classify_images(m: Member, images: Tensor, *, tta: bool = False) -> Tensor:
 
 
 def per_example_outputs(m: Member, split: data.Split, batch_size: int, **options: Any) -> dict[str, Tensor]:
-    """Per-example `loss`, `correct`, `top{k}_correct`, `pred`, `logits` over the split, on its device.
-
-    `options`: `make_eval_step`'s `compile`, `topk`, `tta` (test-time augmentation: each
-    prediction the mean of the probabilities of the image and its mirror image, `logits` the
-    log of that mean). A stateful model runs in inference mode (running statistics).
+    """Per-example `loss`, `correct`, `top{k}_correct`, `pred`, `logits` over the split, on its device,
+    in inference mode (running statistics); `options`: `make_eval_step`'s (`compile`, `topk`, `tta`).
     """
     eval_step = m.eval_step(**options)
     parts: list[dict[str, Tensor]] = []

@@ -36,11 +36,9 @@ def _confidence_if_wrong(logits: Tensor, label: Tensor, pred: Tensor) -> tuple[T
 
 
 def most_confident_mistakes(logits: Tensor, labels: Tensor, preds: Tensor, n: int) -> list[dict[str, Any]]:
-    """The up to `n` wrongly predicted examples with the highest predicted-class probability.
-
-    Per-example scores come from `torch.func.vmap` over a single-example function; the results
-    come to the host once. Each entry: index, label, pred (with class names), confidence (the
-    softmax probability of the prediction) and label_prob (that of the true class).
+    """The up to `n` wrongly predicted examples with the highest predicted-class probability, each
+    index, label, pred (with class names), confidence (the softmax probability of the prediction)
+    and label_prob (that of the true class); scored per example by `vmap`, on the host once.
     """
     scores, label_probs = vmap(_confidence_if_wrong)(logits, labels, preds)
     k = min(n, scores.shape[0])
@@ -75,17 +73,9 @@ def build_report(out: dict[str, Tensor], labels: Tensor, topk: int) -> dict[str,
     precision, recall = metrics.precision_recall(cm)
     n = labels.shape[0]
     correct, topk_correct = int(out["correct"].sum()), int(out[f"top{topk}_correct"].sum())
-    support = cm.sum(1)
-    per_class = [
-        {
-            "class": c,
-            "name": data.CLASS_NAMES[c],
-            "precision": float(precision[c]),
-            "recall": float(recall[c]),
-            "support": int(support[c]),
-        }
-        for c in range(num_classes)
-    ]
+    keys = ("class", "name", "precision", "recall", "support")
+    columns = (range(num_classes), data.CLASS_NAMES, precision.tolist(), recall.tolist(), cm.sum(1).tolist())
+    per_class = [dict(zip(keys, row, strict=True)) for row in zip(*columns, strict=False)]
     return {
         "num_examples": n,
         "correct": correct,

@@ -4,15 +4,14 @@ accuracy as mean ± std, and its time.
     python scripts/speedrun.py --runs 10                     # --preset speedrun (a GPU recipe)
     python scripts/speedrun.py --runs 2 --preset quality     # any preset, and any train.py flag
 
-Measured the way airbench reports CIFAR-10: a warm-up run builds and compiles the steps (its
-time reported apart); then run k trains from seed `--seed + k` (its own init, batch order and
-augmentation) and is measured once, at the end, on the test set, outside its training time.
-Nothing is written to disk; `--val-split N` images are left out of training and not used.
-Exit 2 with one line on a usage error: a bad flag, a run too large for the device's memory
-(`cli.budget`), seeds beyond 2**63 - 1, or `--device cuda` (the speedrun and best presets')
-without CUDA: never moved to the CPU behind the user's back (pass `--device cpu` or `auto`).
-A run whose loss or test measurement is not finite is reported as diverged, left out of the
-mean and std, and makes the exit status 3; `--json` is strict JSON (null, never NaN).
+Measured the way airbench reports CIFAR-10: a warm-up run builds and compiles the steps (its time
+reported apart); then run k trains from seed `--seed + k` (its own init, batch order and augmentation)
+and is measured once, at the end, on the test set, outside its training time. Nothing is written to
+disk; `--val-split N` images are left out of training and not used. Exit 2 with one line on a usage
+error: a bad flag, a run too large for the device's memory (`cli.budget`), seeds beyond 2**63 - 1, or
+`--device cuda` (the speedrun and best presets') without CUDA: never moved to the CPU behind the
+user's back (pass `--device cpu` or `auto`). A run whose loss or test measurement is not finite is
+diverged: left out of the mean and std, exit status 3; `--json` is strict JSON (null, never NaN).
 """
 
 from __future__ import annotations
