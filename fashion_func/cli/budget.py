@@ -6,7 +6,7 @@ The estimate, for all members of an ensemble or sweep together (`estimate`):
 
 - state: parameters and batch-norm buffers, gradients, the optimizer's slots (two for adam and adamw,
   one for sgd with momentum, one more for `--ema`), and the next step's copy of parameters and slots
-  (a functional update builds the new state before the old one is freed);
+  (a functional update builds the new state before freeing the old);
 - activations: every tensor the forward pass of one example creates, counted on the meta device
   (shapes only, nothing allocated), times the batch, doubled for the backward pass; evaluation's
   batch (twice with `--tta`) when that is larger;
@@ -132,12 +132,10 @@ _DEFAULTS: dict[str, Callable[[Config], dict[str, Any]]] = {
 def _culprit(cfg: Config, total: int) -> tuple[str | None, int]:
     """The flag whose default value shrinks the estimate most, and the estimate without it."""
     best: tuple[str | None, int] = (None, total)
-    for flag, undo in _DEFAULTS.items():
-        changes = undo(cfg)
-        if changes:
-            smaller = estimate(dataclasses.replace(cfg, **changes)).total
-            if smaller < best[1]:
-                best = (flag, smaller)
+    for flag, undo in _DEFAULTS.items():  # a flag at its default already changes nothing
+        smaller = estimate(dataclasses.replace(cfg, **undo(cfg))).total
+        if smaller < best[1]:
+            best = (flag, smaller)
     return best
 
 

@@ -37,8 +37,7 @@ def keep_freed_memory_in_heap(limit_bytes: int = 1 << 31) -> bool:
     if not name or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
@@ -84,11 +83,10 @@ def configure(device: torch.device, precision: str) -> None:
     """Process-wide settings for a run on `device` (the run owns the process)."""
     if device.type == "cpu":
         keep_freed_memory_in_heap()
-        # inductor's CPU backend imports cpp_extension, which warns that there is no CUDA
-        # runtime on a CPU-only machine: true, expected, and noise in every run's output
+        # inductor's CPU backend imports cpp_extension, which warns that a CPU-only machine has no
+        # CUDA runtime: true, expected, and noise in every run's output
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     if device.type == "cuda":
-        # TF32 exactly when asked for: cuDNN allows it by default, which would make
-        # "fp32" convolutions TF32
+        # TF32 exactly when asked for: cuDNN allows it by default ("fp32" convolutions in TF32)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         torch.backends.cudnn.allow_tf32 = precision == "tf32"

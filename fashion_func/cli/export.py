@@ -86,8 +86,7 @@ def export(
     # count) and a private run's privacy guarantee
     meta: dict[str, Any] = {"model": loaded.name, "model_hparams": loaded.hparams, "source": str(weights)}
     meta.update({key: metadata[key] for key in ("epoch", "config", "privacy") if key in metadata})
-    known = interop.known_normalization(metadata)
-    if known is not None:
+    if (known := interop.known_normalization(metadata)) is not None:
         meta["normalize_mean"], meta["normalize_std"] = known
     if fmt == "onnx":
         mean, std = interop.normalization(metadata)

@@ -49,8 +49,7 @@ def process_group(batch_size: int, device_name: str) -> Iterator[distributed.Gro
     if not distributed.launched():
         yield None
         return
-    _, _, size = distributed.env_world()
-    distributed.check_divisible(batch_size, size, what="--batch-size")
+    distributed.check_divisible(batch_size, distributed.env_world()[2], what="--batch-size")
     device = device_lib.resolve_device(device_name)
     try:
         group = distributed.init(device=device, timeout_s=_timeout_s())

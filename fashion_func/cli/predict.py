@@ -165,14 +165,6 @@ def load_member(path: str, model_name: str | None, device: torch.device) -> Memb
     return Member(str(path), model, params, model_state, mean, std, metadata)
 
 
-def classify_images(m: Member, images: Tensor, *, tta: bool = False) -> Tensor:
-    """Class probabilities [N, C] of uint8 images [N, 28, 28]; `tta`: each the mean of the
-    image's and its mirror image's."""
-    labels = torch.zeros(images.shape[0], dtype=torch.int64, device=images.device)  # unused
-    logits = m.eval_step(compile=False, tta=tta)(m.params, (images, labels), m.model_state)["logits"]
-    return torch.softmax(logits, dim=-1)
-
-
 def per_example_outputs(m: Member, split: data.Split, batch_size: int, **options: Any) -> dict[str, Tensor]:
     """Per-example `loss`, `correct`, `top{k}_correct`, `pred`, `logits` over the split, on its device,
     in inference mode (running statistics); `options`: `make_eval_step`'s (`compile`, `topk`, `tta`).
@@ -203,8 +195,10 @@ def _run_images(args: argparse.Namespace, members: Sequence[Member]) -> dict[str
         fail(args.prog, e)
     results = []
     if pictures:
-        batch = torch.stack(pictures).to(args.device)
-        probs = torch.stack([classify_images(m, batch, tta=args.tta) for m in members]).mean(0)
+        labels = torch.zeros(len(pictures), dtype=torch.int64, device=args.device)  # unused
+        split = data.Split(torch.stack(pictures).to(args.device), labels, "--images")
+        outs = [per_example_outputs(m, split, len(pictures), compile=False, tta=args.tta) for m in members]
+        probs = torch.stack([torch.softmax(o["logits"], dim=-1) for o in outs]).mean(0)
         top = probs.topk(min(3, probs.shape[-1]), dim=-1)
         for f, ps, cs in zip(readable, top.values.tolist(), top.indices.tolist(), strict=True):
             top3 = [{"class": c, "name": data.CLASS_NAMES[c], "prob": p} for p, c in zip(ps, cs, strict=True)]

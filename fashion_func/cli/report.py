@@ -41,10 +41,7 @@ def most_confident_mistakes(logits: Tensor, labels: Tensor, preds: Tensor, n: in
     and label_prob (that of the true class); scored per example by `vmap`, on the host once.
     """
     scores, label_probs = vmap(_confidence_if_wrong)(logits, labels, preds)
-    k = min(n, scores.shape[0])
-    if k == 0:
-        return []
-    values, picked = scores.topk(k)
+    values, picked = scores.topk(min(n, scores.shape[0]))  # n = 0: no rows
     columns = (picked, values, labels[picked], preds[picked], label_probs[picked])
     rows = torch.stack([c.double() for c in columns], dim=1).tolist()  # the one host sync
     out = []
@@ -91,9 +88,8 @@ def build_report(out: dict[str, Tensor], labels: Tensor, topk: int) -> dict[str,
 
 def format_report(r: dict[str, Any]) -> str:
     """The report as text: the headline numbers, a per-class table and the confusion matrix."""
-    n = r["num_examples"]
     lines = [
-        f"accuracy {r['accuracy']:.4f} ({r['correct']}/{n}), "
+        f"accuracy {r['accuracy']:.4f} ({r['correct']}/{r['num_examples']}), "
         f"top-{r['topk']} accuracy {r['topk_accuracy']:.4f}, loss {r['loss']:.4f}",
         "",
         f"{'class':<14}{'precision':>10}{'recall':>8}{'support':>9}",
@@ -101,8 +97,7 @@ def format_report(r: dict[str, Any]) -> str:
     for c in r["per_class"]:
         lines.append(f"{c['name']:<14}{c['precision']:>10.4f}{c['recall']:>8.4f}{c['support']:>9d}")
     lines += ["", "confusion matrix (rows: true class, columns: predicted class)"]
-    short = [name[:7] for name in r["class_names"]]
-    lines.append(" " * 12 + "".join(f"{s:>8}" for s in short))
+    lines.append(" " * 12 + "".join(f"{name[:7]:>8}" for name in r["class_names"]))
     for name, row in zip(r["class_names"], r["confusion_matrix"], strict=True):
         lines.append(f"{name[:12]:<12}" + "".join(f"{v:>8d}" for v in row))
     return "\n".join(lines)
@@ -136,9 +131,7 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], path: Path) -> None:
     names = data.CLASS_NAMES[: counts.shape[0]]
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title("Confusion matrix")
+    ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix")
     half = counts.max() / 2 if counts.size else 0
     for i in range(counts.shape[0]):
         for j in range(counts.shape[1]):
