@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,10 +143,6 @@ class Member:
     std: float
     metadata: dict[str, Any]
 
-    def eval_step(self, **options: Any) -> Callable[..., dict[str, Tensor]]:
-        """`step.make_eval_step` of the model with its normalisation (`options`: its keywords)."""
-        return make_eval_step(self.model, preprocess=NormalizeImages(self.mean, self.std), **options)
-
 
 def load_member(path: str, model_name: str | None, device: torch.device) -> Member:
     """A weights file ready to predict with (CheckpointError, one line, for a bad file)."""
@@ -169,7 +165,7 @@ def per_example_outputs(m: Member, split: data.Split, batch_size: int, **options
     """Per-example `loss`, `correct`, `top{k}_correct`, `pred`, `logits` over the split, on its device,
     in inference mode (running statistics); `options`: `make_eval_step`'s (`compile`, `topk`, `tta`).
     """
-    eval_step = m.eval_step(**options)
+    eval_step = make_eval_step(m.model, preprocess=NormalizeImages(m.mean, m.std), **options)
     parts: list[dict[str, Tensor]] = []
     for start in range(0, split.labels.shape[0], batch_size):
         batch = (split.images[start : start + batch_size], split.labels[start : start + batch_size])
