@@ -30,7 +30,7 @@ from fashion_func.cli import images, words
 from fashion_func.cli import report as report_lib
 from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, fail, int_arg, interruptible
 from fashion_func.cli.device import resolve_device
-from fashion_func.cli.images import ImageError, prepare_image  # noqa: F401  (prepare_image: kept importable here)
+from fashion_func.cli.images import ImageError, prepare_image  # noqa: F401  (prepare_image: importable here)
 from fashion_func.loop import RunError
 from fashion_func.models import Model, ModelState, Params
 from fashion_func.safeio import FileError, check_output, display, short_repr, strict_json
