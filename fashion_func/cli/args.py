@@ -1,10 +1,10 @@
 """What every command shares: one-line usage errors, `--version`, typed number arguments.
 
-Exit codes of the commands: 0 success (also a run stopped early by early stopping); 2 usage
-or input error (bad flag, bad config, missing data, bad checkpoint, a run directory in use,
-a file that cannot be written: disk full, no permission); 3 a run stopped by a non-finite
-loss (diverged); 130 / 143 interrupted by SIGINT / SIGTERM (after saving, when a training
-step was under way). User mistakes print one line on stderr, never a traceback.
+Exit codes of the commands: 0 success (also a run stopped early by early stopping); 2 usage or input
+error (bad flag, bad config, missing data, bad checkpoint, a run directory in use, a file that cannot
+be written: disk full, no permission); 3 a run stopped by a non-finite loss (diverged); 130 / 143
+interrupted by SIGINT / SIGTERM (after saving, when a training step was under way). User mistakes
+print one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from fashion_func.safeio import short_repr
+from fashion_func.safeio import display, short_repr
 
 __all__: list[str] = []
 
@@ -25,6 +25,12 @@ EXIT_USAGE = 2
 
 class UsageError(Exception):
     """A mistake in how the program was called (exit 2)."""
+
+
+def fail(prog: str, message: str) -> int:
+    """Print `<prog>: error: <message>` on stderr as one escaped line; returns EXIT_USAGE."""
+    print(display(" ".join(f"{prog}: error: {message}".split())), file=sys.stderr)
+    return EXIT_USAGE
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,10 +67,8 @@ def float_arg(text: str) -> float:
 
 
 class Signalled(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived in a command that saves nothing to resume (predict, export).
-
-    A KeyboardInterrupt, so what cleans up after one (a temp file of `atomic.write_bytes`)
-    cleans up after SIGTERM too.
+    """SIGINT or SIGTERM arrived in a command that saves nothing to resume (predict, export); a
+    KeyboardInterrupt, so what cleans up after one (`atomic.write_bytes`'s temp file) does after both.
     """
 
     def __init__(self, signum: int) -> None:
@@ -73,12 +77,10 @@ class Signalled(KeyboardInterrupt):
 
 
 def interruptible(prog: str, body: Callable[[], int]) -> int:
-    """`body()`'s exit code, or, when SIGINT / SIGTERM arrives while it runs, one line on stderr
-    and 128 + the signal's number (130 / 143), as `train` ends.
-
-    No traceback and no partial file: every output is written whole or not at all (a temp file
-    renamed into place), and the interrupted write's temp file is removed. A signal the process
-    was started ignoring (`cmd &` in a script) stays ignored.
+    """`body()`'s exit code, or, when SIGINT / SIGTERM arrives while it runs, one line on stderr and
+    128 + the signal's number (130 / 143), as `train` ends. No traceback and no partial file: every
+    output is written whole or not at all, the interrupted write's temp file removed. A signal the
+    process was started ignoring (`cmd &` in a script) stays ignored.
     """
 
     def handler(signum: int, frame: Any) -> None:

@@ -1,24 +1,25 @@
-"""Memory bounded by what the user can see: a run's size is capped and estimated before anything
-is allocated, and refused (one line naming the estimate and the flag behind it, exit 2) when it
-exceeds the memory the device has available.
+"""Memory bounded by what the user can see: a run's size is capped and estimated before anything is
+allocated, and refused (one line naming the estimate and the flag behind it, exit 2) when it exceeds
+the memory the device has available.
 
 The estimate, for all members of an ensemble or sweep together (`estimate`):
 
-- state: parameters and batch-norm buffers, gradients, the optimizer's slots (two for adam and
-  adamw, one for sgd with momentum, one more for `--ema`), and the next step's copy of
-  parameters and slots (a functional update builds the new state before the old one is freed);
-- activations: every tensor the forward pass of one example creates, counted by running the
-  model on the meta device (shapes only, nothing allocated), times the batch, doubled for the
-  backward pass; evaluation's batch (twice with `--tta`) when that is larger;
+- state: parameters and batch-norm buffers, gradients, the optimizer's slots (two for adam and adamw,
+  one for sgd with momentum, one more for `--ema`), and the next step's copy of parameters and slots
+  (a functional update builds the new state before freeing the old);
+- activations: every tensor the forward pass of one example creates, counted on the meta device
+  (shapes only, nothing allocated), times the batch, doubled for the backward pass; evaluation's
+  batch (twice with `--tta`) when that is larger;
 - data: the uint8 images and labels of the splits, which live on the device.
 
-Size-like values are capped first (`CAPS`), so the arithmetic never meets an absurd number.
-A checkpoint's saved config reaches `check` through the same `Config` as the flags.
+Size-like values are capped first (`CAPS`), so the arithmetic never meets an absurd number. A
+checkpoint's saved config reaches `check` through the same `Config` as the flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def estimate(cfg: Config) -> Estimate:
     train_act = per_example * min(cfg.batch_size, n_train) * BACKWARD
     eval_act = per_example * min(cfg.eval_batch_size, n_val) * (2 if cfg.tta else 1)
     k = cfg.members
-    image = 8 + _numel(model.input_shape)  # uint8 pixels and an int64 label
+    image = 8 + math.prod(model.input_shape)  # uint8 pixels and an int64 label
     return Estimate(state=k * per_member, activations=k * max(train_act, eval_act),
                     data=(n_train + n_test) * image)  # fmt: skip
 
@@ -131,12 +132,10 @@ _DEFAULTS: dict[str, Callable[[Config], dict[str, Any]]] = {
 def _culprit(cfg: Config, total: int) -> tuple[str | None, int]:
     """The flag whose default value shrinks the estimate most, and the estimate without it."""
     best: tuple[str | None, int] = (None, total)
-    for flag, undo in _DEFAULTS.items():
-        changes = undo(cfg)
-        if changes:
-            smaller = estimate(dataclasses.replace(cfg, **changes)).total
-            if smaller < best[1]:
-                best = (flag, smaller)
+    for flag, undo in _DEFAULTS.items():  # a flag at its default already changes nothing
+        smaller = estimate(dataclasses.replace(cfg, **undo(cfg))).total
+        if smaller < best[1]:
+            best = (flag, smaller)
     return best
 
 
@@ -150,13 +149,6 @@ def _flag_text(cfg: Config, flag: str | None) -> str:
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
 
 
 class _OnMeta(TorchFunctionMode):

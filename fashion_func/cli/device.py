@@ -22,13 +22,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def keep_freed_memory_in_heap(limit_bytes: int = 1 << 31) -> bool:
-    """Ask glibc's malloc to keep freed blocks below `limit_bytes` in the heap (CPU runs).
+    """Ask glibc's malloc to keep freed blocks below `limit_bytes` in the heap (CPU runs); False
+    where the C library is not glibc (nothing is changed there).
 
-    By default glibc hands large freed blocks back to the kernel (mmap, heap trimming),
-    so every step page-faults freshly zeroed pages for its activations: about a quarter
-    of a bf16 step on the 2-core CPU this was measured on. Process-wide and harmless:
-    the heap then holds at most the step's peak, which the process needed anyway.
-    Returns False where the C library is not glibc (nothing is changed there).
+    By default glibc hands large freed blocks back to the kernel (mmap, heap trimming), so every
+    step page-faults freshly zeroed pages for its activations: about a quarter of a bf16 step on
+    the 2-core CPU this was measured on. Process-wide and harmless: the heap then holds at most
+    the step's peak, which the process needed anyway.
     """
     import ctypes
     import ctypes.util
@@ -37,8 +37,7 @@ def keep_freed_memory_in_heap(limit_bytes: int = 1 << 31) -> bool:
     if not name or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
@@ -46,13 +45,12 @@ def keep_freed_memory_in_heap(limit_bytes: int = 1 << 31) -> bool:
 
 
 def resolve_compile(setting: str, device: torch.device) -> bool | str:
-    """How to torch.compile the step: `auto` compiles all of it on CUDA, only the
-    optimizer update on CPU. The one place where the config's auto|on|off|update becomes
-    the library's True / "update" / False, which every step maker takes as it is.
+    """The config's compile setting (auto|on|off|update) as every step maker takes it (True /
+    "update" / False): `auto` compiles all of the step on CUDA, only the optimizer update on CPU.
 
-    On CPU a fully compiled step measured several times slower than eager (inductor's
-    CPU convolution backward), while compiling just the update fuses its elementwise
-    passes (about 6x faster than eager) and takes a few seconds to build.
+    On CPU a fully compiled step measured several times slower than eager (inductor's CPU
+    convolution backward), while compiling just the update fuses its elementwise passes (about
+    6x faster than eager) and takes a few seconds to build.
     """
     if setting == "auto":
         return True if device.type == "cuda" else "update"
@@ -62,9 +60,8 @@ def resolve_compile(setting: str, device: torch.device) -> bool | str:
 def cpu_bf16_supported() -> bool:
     """Whether oneDNN runs bf16 convolutions natively on this CPU (AVX512-BF16 or AMX).
 
-    Without it PyTorch sends bf16 convolutions to its slow reference kernels
-    (`_slow_conv2d_forward`/`_backward`, seen in a profile on an AVX2-only EPYC), which made
-    a bf16 step several times slower than fp32's oneDNN convolutions there.
+    Without it PyTorch sends them to its slow reference kernels (`_slow_conv2d_forward`/`_backward`
+    in a profile on an AVX2-only EPYC): a bf16 step several times slower than fp32's there.
     """
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -86,11 +83,10 @@ def configure(device: torch.device, precision: str) -> None:
     """Process-wide settings for a run on `device` (the run owns the process)."""
     if device.type == "cpu":
         keep_freed_memory_in_heap()
-        # inductor's CPU backend imports cpp_extension, which warns that there is no CUDA
-        # runtime on a CPU-only machine: true, expected, and noise in every run's output
+        # inductor's CPU backend imports cpp_extension, which warns that a CPU-only machine has no
+        # CUDA runtime: true, expected, and noise in every run's output
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     if device.type == "cuda":
-        # TF32 exactly when asked for: cuDNN allows it by default, which would make
-        # "fp32" convolutions TF32
+        # TF32 exactly when asked for: cuDNN allows it by default ("fp32" convolutions in TF32)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         torch.backends.cudnn.allow_tf32 = precision == "tf32"

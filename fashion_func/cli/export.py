@@ -1,39 +1,15 @@
-"""Export a weights file for use elsewhere: `python scripts/export.py --weights W --format F --out FILE`.
+"""`python scripts/export.py --weights W --format F --out FILE`: a weights file for use elsewhere.
 
-Formats:
+Formats (their layouts: README "Predict and export" and each writer's docstring): `torch`,
+safetensors with `nn.Module` names and layout, bf16 kept (`checkpoint.save_weights`); `flax`, Flax
+layout and names (`interop.save_flax`); `numpy`, torch layout in plain numpy dtypes, safetensors or
+`.npz` (`interop.save_numpy`); `onnx`, a graph of uint8 `[B, 28, 28]` images that normalises them
+itself (`interop.save_onnx`, the onnx extra). `--bf16-as` says what bf16 weights become in flax and
+numpy files: `float32` (exact, the default), `uint16` (the bit patterns) or `bfloat16` (flax only).
 
-- `torch`: safetensors with `nn.Module` names and layout (bf16 kept), for
-  `module.load_state_dict(safetensors.torch.load_file(FILE))` or `interop.to_module`.
-- `flax`: Flax layout and naming (`conv1.kernel` HWIO, dense kernels `[in, out]`) as
-  safetensors; `flax.traverse_util.unflatten_dict(safetensors.flax.load_file(FILE), sep=".")`
-  gives `{"conv1": {"kernel", "bias"}, ...}` for `interop.flax_module(name)` (or your own
-  `flax.linen` module with the same layer names), or `interop.simplenet_jax`. The dense layer
-  after the conv stack (fc1) has its rows in the (h w c) order of an NHWC `x.reshape((B, -1))`
-  (metadata `flatten: "hwc"`). Batch norm becomes `bn1.scale`, `bn1.bias`, `bn1.mean`,
-  `bn1.var` (`interop.flax_variables` splits them into Flax's `params` and `batch_stats`);
-  `num_batches_tracked` is left out of the arrays (Flax has none) and kept in the metadata.
-- `numpy`: torch names and layout in dtypes plain numpy reads: safetensors for
-  `safetensors.numpy.load_file(FILE)`, or `numpy.savez` output when FILE ends in `.npz`.
-- `onnx`: an ONNX model for `onnxruntime.InferenceSession(FILE)`. Input `images`: **uint8
-  `[B, 28, 28]`**, raw pixels, any batch size; the normalisation `(x / 255 - mean) / std` is
-  inside the graph, with the mean/std the weights were trained with (the weights file's
-  `normalize_mean`/`normalize_std`, else its config's `normalize`: "dataset" 0.2860/0.3530,
-  "tutorial" 0.5/0.5; the dataset's when the file says nothing). Output `logits`: float32
-  `[B, classes]`, eval mode (batch norm's running statistics, no dropout), float32 weights.
-  The model's `metadata_props` record `model`, `input` ("uint8 [B,28,28]"), `normalize_mean`,
-  `normalize_std`, `classes`. Needs the onnx extra (`pip install 'fashion_func[onnx]'`).
-
-Metadata: safetensors outputs record `model`, `source`, the input's `epoch` and `config`, and,
-where the weights file says how inputs were normalised, `normalize_mean` / `normalize_std` as
-numbers. String values are stored as they are (`"model": "simplenet"`), others as JSON, with
-`__json__` naming those keys (`checkpoint.encode_metadata`).
-
-A stateful model's weights file (simplenet_bn) holds its buffers beside its parameters; every
-format carries them (the running statistics decide the model's eval-mode output).
-
-numpy has no bfloat16, so `--bf16-as` says what bf16 weights become in the flax and numpy
-formats: `float32` (exact upcast, the default), `uint16` (the raw bit patterns, half the size;
-the file's metadata lists the keys), or `bfloat16` (flax only; needs ml_dtypes to read).
+Every output's metadata records `model`, `model_hparams`, `source`, the input's `epoch`, `config`
+and `privacy`, and `normalize_mean` / `normalize_std` (numbers) where the input says how it was
+normalised (`checkpoint.encode_metadata`). A stateful model's buffers travel in every format.
 Exit code 2 with one line on stderr for a missing, bad or mismatched weights file.
 """
 
@@ -41,20 +17,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fashion_func import atomic, checkpoint, interop
 from fashion_func.cli import words
-from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, interruptible
+from fashion_func.cli.args import Parser, UsageError, add_version, fail, interruptible
 from fashion_func.interop.flax_modules import FLAX_MODELS
 from fashion_func.safeio import FileError, check_output, display
 
 __all__ = ["main"]
 
-FORMATS = ("torch", "flax", "numpy", "onnx")
+# each --format, with the suffixes its --out may end in
+SUFFIXES = dict(
+    torch=(".safetensors",), flax=(".safetensors",), numpy=(".safetensors", ".npz"), onnx=(".onnx",)
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_version(p)
     p.add_argument("--weights", required=True, help="weights file (best.safetensors)")
-    p.add_argument("--format", required=True, choices=FORMATS, help="torch, flax, numpy or onnx")
+    p.add_argument("--format", required=True, choices=tuple(SUFFIXES), help="torch, flax, numpy or onnx")
     p.add_argument(
         "--out", required=True, help="file to write (.safetensors; .npz also for numpy; .onnx for onnx)"
     )
@@ -79,10 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SUFFIXES = {"torch": (".safetensors",), "flax": (".safetensors",), "numpy": (".safetensors", ".npz"),
-            "onnx": (".onnx",)}  # fmt: skip
-
-
 def export(
     weights: str | Path,
     fmt: str,
@@ -92,17 +66,12 @@ def export(
     bf16_as: str = "float32",
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write `weights` to `out` in format `fmt`; returns a summary (model, format, tensors, path).
-
-    `out` must end in the format's suffix, must not be the input, and an existing file there is
-    replaced only with `overwrite` (never a device, FIFO, directory or link: `safeio.check_output`).
-    Raises `checkpoint.CheckpointError` for a bad input file, ValueError for an impossible request
-    (bfloat16 into a numpy file, an unsafe `out`), ImportError for onnx without the onnx extra.
+    """Write `weights` to `out` in format `fmt` (a key of `SUFFIXES`); returns a summary (model,
+    format, tensors, path). `out` is checked by `safeio.check_output` (the format's suffixes; an
+    existing regular file, not the input, replaced only with `overwrite`). Raises CheckpointError
+    for a bad input file, ValueError for an impossible request (bfloat16 into a numpy file, an unsafe
+    `out`, flax for a model no Flax module reads), ImportError for onnx without the onnx extra.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if not str(out):  # Path("") reads as ".", which would name the wrong thing
-        raise ValueError("--out is empty; give a file name")
     try:
         check_output(out, overwrite=overwrite, inputs=[weights], suffixes=SUFFIXES[fmt], what="--out")
     except FileError as e:
@@ -113,13 +82,11 @@ def export(
             f"--format flax: no Flax module reads a {loaded.name} yet (those of {', '.join(FLAX_MODELS)}); "
             "export it as torch, numpy or onnx"
         )
-    # model_hparams: what the shapes do not say (dpcnn's group count) travels with the weights
+    # what travels with the weights: model_hparams (what the shapes do not say: dpcnn's group
+    # count) and a private run's privacy guarantee
     meta: dict[str, Any] = {"model": loaded.name, "model_hparams": loaded.hparams, "source": str(weights)}
-    for key in ("epoch", "config", "privacy"):  # privacy: the guarantee travels with the weights
-        if key in metadata:
-            meta[key] = metadata[key]
-    known = interop.known_normalization(metadata)
-    if known is not None:
+    meta.update({key: metadata[key] for key in ("epoch", "config", "privacy") if key in metadata})
+    if (known := interop.known_normalization(metadata)) is not None:
         meta["normalize_mean"], meta["normalize_std"] = known
     if fmt == "onnx":
         mean, std = interop.normalization(metadata)
@@ -151,8 +118,7 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
             overwrite=args.overwrite,
         )
     except (UsageError, checkpoint.CheckpointError, atomic.WriteError, ValueError, OSError, ImportError) as e:
-        print(display(" ".join(f"{prog}: error: {words.message(e)}".split())), file=sys.stderr)
-        return EXIT_USAGE
+        return fail(prog, words.message(e))
     line = f"wrote {summary['out']}: {summary['model']} weights ({summary['tensors']} tensors), {args.format}"
     with contextlib.suppress(BrokenPipeError):
         print(display(line), flush=True)

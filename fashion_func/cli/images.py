@@ -33,20 +33,15 @@ class ImageError(Exception):
     """An image file could not be found or read (one line naming the file)."""
 
 
-def find_images(paths: Sequence[str], errors: list[str] | None = None) -> list[Path]:
-    """The image files named, with directories expanded to their PNG/JPEG files (sorted).
-
-    A path that cannot be used (missing, a device, a FIFO, an empty directory) raises
-    ImageError, or, with `errors` given, is described there and skipped.
-    """
+def find_images(paths: Sequence[str], errors: list[str]) -> list[Path]:
+    """The image files named, with directories expanded to their PNG/JPEG files (sorted); a path
+    that cannot be used (missing, a device, a FIFO, an empty directory) is described in `errors`
+    and skipped."""
     found: list[Path] = []
     for text in paths:
-        path = Path(text)
         try:
-            found.extend(_images_at(path))
+            found.extend(_images_at(Path(text)))
         except ImageError as e:
-            if errors is None:
-                raise
             errors.append(str(e))
     return found
 
@@ -112,8 +107,7 @@ def prepare_image(image: Any, *, invert: bool = False) -> Tensor:
         gray = 255 - gray
     if gray.shape == (SIZE, SIZE):
         return torch.from_numpy(gray)
-    h, w = gray.shape
-    corners = np.array([gray[0, 0], gray[0, w - 1], gray[h - 1, 0], gray[h - 1, w - 1]], dtype=np.float64)
+    corners = gray[[0, 0, -1, -1], [0, -1, 0, -1]].astype(np.float64)
     background = float(np.median(corners))
     rows, cols = np.nonzero(np.abs(gray.astype(np.float64) - background) > TRIM_TOLERANCE)
     if rows.size:  # a blank picture keeps its frame
@@ -134,10 +128,8 @@ def prepare_image(image: Any, *, invert: bool = False) -> Tensor:
 
 def read_image(path: Path, invert: bool, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
     """The image file as a Fashion-MNIST image; ImageError (one line naming it) when it cannot be.
-
-    Only a regular file is opened, and its pixel count is checked from the header before
-    anything is decoded: a 164 KB PNG can declare 13000x13000 pixels.
-    """
+    Only a regular file is opened, and its pixel count is checked from the header before anything
+    is decoded: a 164 KB PNG can declare 13000x13000 pixels."""
     from PIL import Image, UnidentifiedImageError
 
     try:

@@ -28,8 +28,6 @@ from fashion_func.loop import RunDir, RunError
 __all__: list[str] = []
 
 TIMEOUT_ENV = "FASHION_FUNC_DIST_TIMEOUT"
-
-
 # below a second gloo's own timeout fires inside its C++ code (a frame dump, not our message);
 # a week is longer than any collective should wait, and datetime.timedelta takes it
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 7 * 24 * 3600.0
@@ -45,16 +43,13 @@ def _timeout_s() -> float:
 
 @contextlib.contextmanager
 def process_group(batch_size: int, device_name: str) -> Iterator[distributed.Group | None]:
-    """The job's process group when launched by torchrun (None otherwise), left at the end.
-
-    The global batch must split evenly over the processes (checked before any rendezvous,
-    so every rank fails the same way at once).
-    """
+    """The job's process group when launched by torchrun (None otherwise), left at the end. The
+    global batch must split evenly over the processes (checked before any rendezvous, so every
+    rank fails the same way at once)."""
     if not distributed.launched():
         yield None
         return
-    _, _, size = distributed.env_world()
-    distributed.check_divisible(batch_size, size, what="--batch-size")
+    distributed.check_divisible(batch_size, distributed.env_world()[2], what="--batch-size")
     device = device_lib.resolve_device(device_name)
     try:
         group = distributed.init(device=device, timeout_s=_timeout_s())
@@ -105,10 +100,8 @@ class RankRun:
             self.run_dir.write_bytes(name, data)
 
     def ready(self, step: int, config: Mapping[str, Any]) -> None:
-        """Every rank set up: all start from rank 0's step with rank 0's settings, or all stop.
-
-        A collective: the ranks that got here wait for the others; a rank that failed
-        before it has already told them (`open_run`).
+        """Every rank set up: all start from rank 0's step with rank 0's settings, or all stop. A
+        collective: the ranks here wait for the others; one that failed before told them (`open_run`).
         """
         g = self.group
         if g is None:
@@ -133,25 +126,20 @@ def open_run(
     path: Path, *, resume: Any, overwrite: bool, group: distributed.Group | None
 ) -> Iterator[RankRun]:
     """Open the run directory on rank 0 (all of `RunDir.open`'s checks), then release the rest.
-
-    Until `RankRun.ready`, an error on one rank is announced to the others (they stop with
-    a message naming it) before it propagates.
-    """
+    Until `RankRun.ready`, an error on one rank is announced to the others (they stop with a
+    message naming it) before it propagates."""
     if group is None:
         with RunDir.open(path, resume=resume, overwrite=overwrite) as run:
             yield RankRun(run.path, words.reword_log(run.log), run)
         return
     with contextlib.ExitStack() as stack:
-        error: RunError | None = None
         run_dir = None
         if group.is_main:
             try:
                 run_dir = stack.enter_context(RunDir.open(path, resume=resume, overwrite=overwrite))
-            except RunError as exc:
-                error = exc
-        if error is not None:
-            group.first_failed(False)
-            raise error
+            except RunError:
+                group.first_failed(False)  # the others wait to hear that rank 0 opened it
+                raise
         _agree(group, True, f"could not open the run directory {path}")
         log = words.reword_log(run_dir.log if run_dir is not None else _follower_log(group.rank))
         rank_run = RankRun(Path(path), log, run_dir, group)

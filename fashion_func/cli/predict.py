@@ -1,20 +1,11 @@
-"""The predictor: evaluate a weights file on the test set, or classify image files.
+"""The predictor: evaluate weights files on the test set, or classify image files.
 
-`python scripts/predict.py --weights runs/a/checkpoints/best.safetensors [--out DIR] [--json]`
-reads the model name and config from the file's metadata (`--model` overrides), evaluates on
-the Fashion-MNIST test set and reports accuracy, top-k accuracy, per-class precision/recall and
-the confusion matrix. With `--out DIR` it also writes `confusion_matrix.png`, `samples.png` (a
-grid of test images with true and predicted classes), `most_confused.png` and
-`most_confused.json` (the test examples the model gets most confidently wrong: candidates for
-label noise), and `report.json`. With `--json` the last line on stdout is one JSON object.
-`--tta` predicts from the mean of the probabilities of each image and its mirror image (for
-several weights files, within each member before the ensemble's mean).
-
-`--images FILE_OR_DIR ...` classifies PNG/JPEG files instead (see `images.prepare_image` for how
-a picture becomes a 28x28 Fashion-MNIST image) and prints each one's top-3 classes.
-
-This module is the command line and the evaluation; reading pictures lives in `images`, the
-report, its text and its files in `report` (their public names are re-exported here).
+`python scripts/predict.py --weights W [W ...] [--out DIR] [--json] [--tta]` reads each file's model
+and normalisation from its metadata (`--model` overrides), evaluates on the Fashion-MNIST test set
+(several files: their ensemble, the mean of probabilities, and each member) and reports what
+`report.build_report` holds; `--out DIR` also writes `report.REPORT_FILES`; with `--json` the last
+line on stdout is one JSON object. `--images FILE_OR_DIR ...` prints each picture's top-3 classes
+instead (`images.read_image`).
 
 Exit codes: 0 success; 2 usage or input error (missing or bad weights file, wrong model,
 missing data, unreadable image), reported in one line on stderr.
@@ -33,25 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fashion_func import atomic, checkpoint, data, ensemble, interop, losses, models
-from fashion_func.cli import words
-from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, int_arg, interruptible
+from fashion_func import atomic, data, ensemble, interop, losses, models
+from fashion_func.checkpoint import CheckpointError
+from fashion_func.cli import images, words
+from fashion_func.cli import report as report_lib
+from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, fail, int_arg, interruptible
 from fashion_func.cli.device import resolve_device
-from fashion_func.cli.images import (
-    MAX_IMAGE_PIXELS,
-    ImageError,
-    find_images,
-    prepare_image,  # noqa: F401  (importable here by module path; not in __all__)
-    read_image,
-)
-from fashion_func.cli.report import (
-    REPORT_FILES,
-    build_report,
-    format_report,
-    member_report,
-    most_confident_mistakes,
-    write_outputs,
-)
+from fashion_func.cli.images import ImageError, prepare_image  # noqa: F401  (prepare_image: importable here)
 from fashion_func.loop import RunError
 from fashion_func.models import Model, ModelState, Params
 from fashion_func.safeio import FileError, check_output, display, short_repr, strict_json
@@ -88,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-image-pixels",
         type=int_arg,
-        default=MAX_IMAGE_PIXELS,
-        help=f"refuse images with more pixels than this before decoding them (default {MAX_IMAGE_PIXELS})",
+        default=images.MAX_IMAGE_PIXELS,
+        help="refuse images with more pixels than this before decoding them (default %(default)s)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace report files already in --out")
     p.add_argument(
@@ -114,117 +93,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the least value of each number flag (None: not given)
+_LEAST = {"batch_size": 1, "topk": 1, "num_samples": 1, "num_confused": 0, "limit": 1, "max_image_pixels": 1}
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    for name in ("batch_size", "topk", "num_samples"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.num_confused < 0:
-        raise UsageError(f"--num-confused must not be negative, got {args.num_confused}")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {args.limit}")
-    if args.max_image_pixels < 1:
-        raise UsageError(f"--max-image-pixels must be at least 1, got {args.max_image_pixels}")
-    if args.out is not None:
-        _check_out_dir(Path(args.out), args)
+    for name, least in _LEAST.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            bound = f"must be at least {least}" if least else "must not be negative"
+            raise UsageError(f"--{name.replace('_', '-')} {bound}, got {value}")
+    if args.out is not None:  # --out must be (or become) a directory, each report file a safe target
+        out = Path(args.out)
+        if out.is_symlink() or (out.exists() and not out.is_dir()):
+            raise UsageError(f"--out {out} exists and is not a directory")
+        _check_creatable(out)
+        for name in report_lib.REPORT_FILES:
+            try:
+                check_output(out / name, overwrite=args.overwrite, inputs=args.weights, what="--out file")
+            except FileError as e:
+                raise UsageError(words.message(e)) from None
     return args
-
-
-def _check_out_dir(out: Path, args: argparse.Namespace) -> None:
-    """--out must be (or become) a directory, and each report file in it a safe target."""
-    if not str(out):
-        raise UsageError("--out must not be empty")
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise UsageError(f"--out {out} exists and is not a directory")
-    _check_creatable(out)
-    for name in REPORT_FILES:
-        try:
-            check_output(out / name, overwrite=args.overwrite, inputs=args.weights, what="--out file")
-        except FileError as e:
-            raise UsageError(words.message(e)) from None
 
 
 def _check_creatable(out: Path) -> None:
     """UsageError unless `out` can be created (or written): its nearest existing folder must be
     a directory this process may write in. Checked before the test set is evaluated."""
     existing = next(p for p in (out, *out.absolute().parents) if os.path.lexists(p))
+    shown, folder = display(str(out)), display(str(existing))
     if not existing.is_dir():
-        raise UsageError(
-            f"--out {display(str(out))} cannot be created: {display(str(existing))} is not a directory"
-        )
+        raise UsageError(f"--out {shown} cannot be created: {folder} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(
-            f"--out {display(str(out))} cannot be written: no permission to write in {display(str(existing))}"
-        )
+        raise UsageError(f"--out {shown} cannot be written: no permission to write in {folder}")
 
 
-# -- evaluation ----------------------------------------------------------------------------------
-
-
-def classify_images(
-    model: Model,
-    params: Params,
-    images: Tensor,
-    *,
-    mean: float = data.MEAN,
-    std: float = data.STD,
-    k: int = 3,
-    model_state: ModelState | None = None,
-    sort: bool = True,
-    tta: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """(top-k probabilities [N, k], classes [N, k]) for uint8 images [N, 28, 28], best first;
-    `sort=False`: all probabilities [N, C] in class order (and the class indices).
-
-    `tta`: each image's probabilities are the mean of its own and its mirror image's.
-    """
-    eval_step = make_eval_step(model, compile=False, preprocess=NormalizeImages(mean, std), tta=tta)
-    labels = torch.zeros(images.shape[0], dtype=torch.int64, device=images.device)  # unused
-    probs = torch.softmax(eval_step(params, (images, labels), model_state)["logits"], dim=-1)
-    if not sort:
-        return probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
-    top = probs.topk(min(k, probs.shape[-1]), dim=-1)
-    return top.values, top.indices
-
-
-def per_example_outputs(
-    model: Model,
-    params: Params,
-    split: data.Split,
-    *,
-    batch_size: int = 1000,
-    topk: int = 5,
-    mean: float = data.MEAN,
-    std: float = data.STD,
-    compile: bool = False,
-    model_state: ModelState | None = None,
-    tta: bool = False,
-) -> dict[str, Tensor]:
-    """Per-example `loss`, `correct`, `top{k}_correct`, `pred`, `logits` over the split, on its device.
-
-    A stateful model (batch norm) needs its `model_state` (inference mode: running statistics).
-    `tta`: test-time augmentation, each prediction the mean of the probabilities of the image
-    and its left-right mirror image (`logits` the log of that mean; `step.make_eval_step`).
-    """
-    preprocess = NormalizeImages(mean, std)
-    eval_step = make_eval_step(model, compile=compile, preprocess=preprocess, topk=topk, tta=tta)
-    parts: list[dict[str, Tensor]] = []
-    for start in range(0, split.labels.shape[0], batch_size):
-        batch = (split.images[start : start + batch_size], split.labels[start : start + batch_size])
-        parts.append(eval_step(params, batch, model_state))
-    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-
-
-# -- entry point ------------------------------------------------------------------------------
-
-
-def _fail(prog: str, message: str) -> int:
-    _err(f"{prog}: error: {message}")
-    return EXIT_USAGE
-
-
-def _err(line: str) -> None:
-    print(display(" ".join(line.split())), file=sys.stderr)
+# -- the weights and the evaluation ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -246,7 +150,7 @@ def load_member(path: str, model_name: str | None, device: torch.device) -> Memb
     classes = models.num_classes(model)
     if classes != len(data.CLASS_NAMES) or model.input_shape not in ((1, 28, 28), (28 * 28,)):
         shape = "x".join(map(str, model.input_shape))
-        raise checkpoint.CheckpointError(
+        raise CheckpointError(
             f"{path}: a {model.name} of {classes} classes over inputs of {shape}; predict takes a "
             f"{len(data.CLASS_NAMES)}-class classifier of 28x28 images (Fashion-MNIST)"
         )
@@ -257,35 +161,40 @@ def load_member(path: str, model_name: str | None, device: torch.device) -> Memb
     return Member(str(path), model, params, model_state, mean, std, metadata)
 
 
-def ensemble_outputs(outs: Sequence[dict[str, Tensor]], labels: Tensor, topk: int) -> dict[str, Tensor]:
-    """The per-example outputs of the ensemble of several models' outputs (`evaluate`'s), its
-    prediction the mean of their probabilities, beside each one's (`member_*`, `[K, N]`)."""
-    stacked = {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
-    return ensemble.combine(stacked, labels, losses.cross_entropy_per_example, topk)
+def per_example_outputs(m: Member, split: data.Split, batch_size: int, **options: Any) -> dict[str, Tensor]:
+    """Per-example `loss`, `correct`, `top{k}_correct`, `pred`, `logits` over the split, on its device,
+    in inference mode (running statistics); `options`: `make_eval_step`'s (`compile`, `topk`, `tta`).
+    """
+    eval_step = make_eval_step(m.model, preprocess=NormalizeImages(m.mean, m.std), **options)
+    parts: list[dict[str, Tensor]] = []
+    for start in range(0, split.labels.shape[0], batch_size):
+        batch = (split.images[start : start + batch_size], split.labels[start : start + batch_size])
+        parts.append(eval_step(m.params, batch, m.model_state))
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+# -- entry point ------------------------------------------------------------------------------
 
 
 def _run_images(args: argparse.Namespace, members: Sequence[Member]) -> dict[str, Any]:
     """Classify every readable image (the members' mean probabilities); each one that cannot
     be read is one line on stderr."""
     errors: list[str] = []
-    files = find_images(args.images, errors)
-    images, readable = [], []
-    for f in files:
+    pictures, readable = [], []
+    for f in images.find_images(args.images, errors):
         try:
-            images.append(read_image(f, args.invert, args.max_image_pixels))
+            pictures.append(images.read_image(f, args.invert, args.max_image_pixels))
             readable.append(f)
         except ImageError as e:
             errors.append(str(e))
     for e in errors:
-        _err(f"{args.prog}: error: {e}")
+        fail(args.prog, e)
     results = []
-    if images:
-        batch = torch.stack(images).to(params_device(members[0].params))
-        probs = torch.stack([
-            classify_images(m.model, m.params, batch, mean=m.mean, std=m.std, model_state=m.model_state,
-                            sort=False, tta=args.tta)[0]
-            for m in members
-        ]).mean(0)  # fmt: skip
+    if pictures:
+        labels = torch.zeros(len(pictures), dtype=torch.int64, device=args.device)  # unused
+        split = data.Split(torch.stack(pictures).to(args.device), labels, "--images")
+        outs = [per_example_outputs(m, split, len(pictures), compile=False, tta=args.tta) for m in members]
+        probs = torch.stack([torch.softmax(o["logits"], dim=-1) for o in outs]).mean(0)
         top = probs.topk(min(3, probs.shape[-1]), dim=-1)
         for f, ps, cs in zip(readable, top.values.tolist(), top.indices.tolist(), strict=True):
             top3 = [{"class": c, "name": data.CLASS_NAMES[c], "prob": p} for p, c in zip(ps, cs, strict=True)]
@@ -295,51 +204,50 @@ def _run_images(args: argparse.Namespace, members: Sequence[Member]) -> dict[str
 
 
 def _evaluate_test_set(args: argparse.Namespace, members: Sequence[Member]) -> dict[str, Any]:
-    split = data.load("test", args.data_dir, device=params_device(members[0].params), limit=args.limit)
+    split = data.load("test", args.data_dir, device=args.device, limit=args.limit)
     print(display(f"test set: {split.labels.shape[0]} examples from {split.source}"))
     outs = [
-        per_example_outputs(m.model, m.params, split, batch_size=args.batch_size, topk=args.topk,
-                            mean=m.mean, std=m.std, compile=args.compile, model_state=m.model_state,
-                            tta=args.tta)
+        per_example_outputs(m, split, args.batch_size, compile=args.compile, topk=args.topk, tta=args.tta)
         for m in members
-    ]  # fmt: skip
-    result = outs[0] if len(outs) == 1 else ensemble_outputs(outs, split.labels, args.topk)
-    report = {**build_report(result, split.labels, args.topk), "tta": args.tta}
-    report["most_confused"] = most_confident_mistakes(
+    ]
+    if len(outs) == 1:
+        result = outs[0]
+    else:  # the ensemble: the mean of the members' probabilities, beside each one's (`member_*`)
+        stacked = {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+        result = ensemble.combine(stacked, split.labels, losses.cross_entropy_per_example, args.topk)
+    report = {**report_lib.build_report(result, split.labels, args.topk), "tta": args.tta}
+    report["most_confused"] = report_lib.most_confident_mistakes(
         result["logits"], split.labels, result["pred"], args.num_confused
     )
     if len(members) > 1:
-        report["members"] = [member_report(m.path, o, args.topk) for m, o in zip(members, outs, strict=True)]
+        report["members"] = [
+            report_lib.member_report(m.path, o, args.topk) for m, o in zip(members, outs, strict=True)
+        ]
         for r in report["members"]:
             print(display(f"member {r['weights']}: accuracy {r['accuracy']:.4f}, loss {r['loss']:.4f}"))
         print(f"ensemble of {len(members)} (mean of probabilities):")
     if args.tta:
         print("test-time augmentation: each image and its mirror image, probabilities averaged")
-    print(format_report(report))
+    print(report_lib.format_report(report))
     if report["most_confused"]:
         print("\nmost confidently wrong (index: true -> predicted, confidence):")
         for c in report["most_confused"][:5]:
             print(f"  {c['index']}: {c['label_name']} -> {c['pred_name']} ({c['confidence']:.3f})")
     if args.out:
-        written = write_outputs(Path(args.out), split, result, report, args.num_samples)
+        written = report_lib.write_outputs(Path(args.out), split, result, report, args.num_samples)
         print(display("wrote " + ", ".join(str(p) for p in written)))
     return report
 
 
-def params_device(params: Params) -> torch.device:
-    """The device the weights are on."""
-    return next(iter(params.values())).device
-
-
 def _predict(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    device = resolve_device(args.device)
-    members = [load_member(w, args.model, device) for w in args.weights]
+    args.device = resolve_device(args.device)
+    members = [load_member(w, args.model, args.device) for w in args.weights]
     names = ", ".join(sorted({m.model.name for m in members}))
     summary: dict[str, Any] = {"weights": args.weights[0] if len(members) == 1 else list(args.weights),
                                "model": names, "tta": args.tta}  # fmt: skip
     for m in members:
         epoch = f", epoch {short_repr(m.metadata['epoch'])}" if "epoch" in m.metadata else ""
-        print(display(f"weights {m.path} ({m.model.name}{epoch}), device {device}"))
+        print(display(f"weights {m.path} ({m.model.name}{epoch}), device {args.device}"))
     if args.images:
         summary.update(_run_images(args, members))
         return summary, EXIT_USAGE if summary["errors"] else 0
@@ -367,15 +275,8 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 0
-    except (
-        UsageError,
-        RunError,
-        checkpoint.CheckpointError,
-        data.DataError,
-        ImageError,
-        atomic.WriteError,
-    ) as e:
-        return _fail(prog, words.message(e))
+    except (UsageError, RunError, CheckpointError, data.DataError, ImageError, atomic.WriteError) as e:
+        return fail(prog, words.message(e))
     except OSError as e:  # --out not writable and the like
-        return _fail(prog, f"{type(e).__name__}: {e}")
+        return fail(prog, f"{type(e).__name__}: {e}")
     return code

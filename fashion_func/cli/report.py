@@ -36,27 +36,14 @@ def _confidence_if_wrong(logits: Tensor, label: Tensor, pred: Tensor) -> tuple[T
 
 
 def most_confident_mistakes(logits: Tensor, labels: Tensor, preds: Tensor, n: int) -> list[dict[str, Any]]:
-    """The up to `n` wrongly predicted examples with the highest predicted-class probability.
-
-    Per-example scores come from `torch.func.vmap` over a single-example function; the results
-    come to the host once. Each entry: index, label, pred (with class names), confidence (the
-    softmax probability of the prediction) and label_prob (that of the true class).
+    """The up to `n` wrongly predicted examples with the highest predicted-class probability, each
+    index, label, pred (with class names), confidence (the softmax probability of the prediction)
+    and label_prob (that of the true class); scored per example by `vmap`, on the host once.
     """
     scores, label_probs = vmap(_confidence_if_wrong)(logits, labels, preds)
-    k = min(n, scores.shape[0])
-    if k == 0:
-        return []
-    top = scores.topk(k)
-    rows = torch.stack(
-        [
-            top.indices.double(),
-            top.values.double(),
-            labels[top.indices].double(),
-            preds[top.indices].double(),
-            label_probs[top.indices].double(),
-        ],
-        dim=1,
-    ).tolist()  # the one host sync
+    values, picked = scores.topk(min(n, scores.shape[0]))  # n = 0: no rows
+    columns = (picked, values, labels[picked], preds[picked], label_probs[picked])
+    rows = torch.stack([c.double() for c in columns], dim=1).tolist()  # the one host sync
     out = []
     for index, confidence, label, pred, label_prob in rows:
         if confidence < 0:  # fewer mistakes than asked for
@@ -83,17 +70,9 @@ def build_report(out: dict[str, Tensor], labels: Tensor, topk: int) -> dict[str,
     precision, recall = metrics.precision_recall(cm)
     n = labels.shape[0]
     correct, topk_correct = int(out["correct"].sum()), int(out[f"top{topk}_correct"].sum())
-    support = cm.sum(1)
-    per_class = [
-        {
-            "class": c,
-            "name": data.CLASS_NAMES[c],
-            "precision": float(precision[c]),
-            "recall": float(recall[c]),
-            "support": int(support[c]),
-        }
-        for c in range(num_classes)
-    ]
+    keys = ("class", "name", "precision", "recall", "support")
+    columns = (range(num_classes), data.CLASS_NAMES, precision.tolist(), recall.tolist(), cm.sum(1).tolist())
+    per_class = [dict(zip(keys, row, strict=True)) for row in zip(*columns, strict=False)]
     return {
         "num_examples": n,
         "correct": correct,
@@ -109,9 +88,8 @@ def build_report(out: dict[str, Tensor], labels: Tensor, topk: int) -> dict[str,
 
 def format_report(r: dict[str, Any]) -> str:
     """The report as text: the headline numbers, a per-class table and the confusion matrix."""
-    n = r["num_examples"]
     lines = [
-        f"accuracy {r['accuracy']:.4f} ({r['correct']}/{n}), "
+        f"accuracy {r['accuracy']:.4f} ({r['correct']}/{r['num_examples']}), "
         f"top-{r['topk']} accuracy {r['topk_accuracy']:.4f}, loss {r['loss']:.4f}",
         "",
         f"{'class':<14}{'precision':>10}{'recall':>8}{'support':>9}",
@@ -119,8 +97,7 @@ def format_report(r: dict[str, Any]) -> str:
     for c in r["per_class"]:
         lines.append(f"{c['name']:<14}{c['precision']:>10.4f}{c['recall']:>8.4f}{c['support']:>9d}")
     lines += ["", "confusion matrix (rows: true class, columns: predicted class)"]
-    short = [name[:7] for name in r["class_names"]]
-    lines.append(" " * 12 + "".join(f"{s:>8}" for s in short))
+    lines.append(" " * 12 + "".join(f"{name[:7]:>8}" for name in r["class_names"]))
     for name, row in zip(r["class_names"], r["confusion_matrix"], strict=True):
         lines.append(f"{name[:12]:<12}" + "".join(f"{v:>8d}" for v in row))
     return "\n".join(lines)
@@ -145,10 +122,6 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save_figure(fig: Any, path: Path) -> None:
-    atomic.write_figure(path, fig, what="plot", bbox_inches="tight")
-
-
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], path: Path) -> None:
     """A heat map of the confusion matrix with counts and class names, as PNG."""
     plt = _pyplot()
@@ -158,22 +131,17 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], path: Path) -> None:
     names = data.CLASS_NAMES[: counts.shape[0]]
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title("Confusion matrix")
+    ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix")
     half = counts.max() / 2 if counts.size else 0
     for i in range(counts.shape[0]):
         for j in range(counts.shape[1]):
-            ax.text(
-                j,
-                i,
-                str(counts[i, j]),
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if counts[i, j] > half else "black",
-            )
-    _save_figure(fig, path)
+            color = "white" if counts[i, j] > half else "black"
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color=color)
+    atomic.write_figure(path, fig, what="plot", bbox_inches="tight")
+
+
+_CAPTION = {"fontsize": 5.5, "va": "top", "ha": "left"}  # plot_grid's captions, on a translucent box
+_BOX = {"facecolor": "white", "alpha": 0.75, "pad": 0.6, "linewidth": 0}
 
 
 def plot_grid(images: Tensor, captions: Sequence[str], colors: Sequence[str], path: Path, title: str) -> None:
@@ -182,28 +150,17 @@ def plot_grid(images: Tensor, captions: Sequence[str], colors: Sequence[str], pa
 
     plt = _pyplot()
     nrow, pad = 8, 2
-    grid = make_grid(
-        images.cpu()[:, None].float() / 255.0, nrow=nrow, padding=pad, pad_value=1.0
-    )  # [3, H, W]
+    grid = make_grid(images.cpu()[:, None].float() / 255.0, nrow=nrow, padding=pad, pad_value=1.0)
     rows = -(-images.shape[0] // nrow)
     fig, ax = plt.subplots(figsize=(1.3 * nrow, 1.45 * rows + 0.4), dpi=150)
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")  # grid: [3, H, W]
     cell = images.shape[-1] + pad  # 28 + pad for Fashion-MNIST images
     for i, (caption, color) in enumerate(zip(captions, colors, strict=True)):
         x, y = (i % nrow) * cell + pad, (i // nrow) * cell + pad
-        ax.text(
-            x + 0.5,
-            y + 0.5,
-            caption,
-            fontsize=5.5,
-            color=color,
-            va="top",
-            ha="left",
-            bbox={"facecolor": "white", "alpha": 0.75, "pad": 0.6, "linewidth": 0},
-        )
+        ax.text(x + 0.5, y + 0.5, caption, color=color, bbox=_BOX, **_CAPTION)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
-    _save_figure(fig, path)
+    atomic.write_figure(path, fig, what="plot", bbox_inches="tight")
 
 
 def write_outputs(

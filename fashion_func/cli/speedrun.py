@@ -4,17 +4,14 @@ accuracy as mean ± std, and its time.
     python scripts/speedrun.py --runs 10                     # --preset speedrun (a GPU recipe)
     python scripts/speedrun.py --runs 2 --preset quality     # any preset, and any train.py flag
 
-Measured the way airbench reports CIFAR-10: the steps are built and compiled once, by a
-warm-up run whose time is reported separately; then run k trains from seed `--seed + k` (its
-own init, batch order and augmentation) on the training set and is measured once, at the end,
-on the test set. Training time excludes that measurement. Nothing is written to disk. With
-`--val-split N` the held-out images are left out of training (and not used: a speedrun has no
-model selection). Exit 2 with one line on a usage error: a bad flag, a run too large for the
-device's memory (`cli.budget`), seeds `--seed .. --seed + N - 1` beyond 2**63 - 1, or
-`--device cuda` (the speedrun and best presets' setting) without a CUDA device: such a recipe is
-refused, never moved to the CPU behind the user's back; pass `--device cpu` (or `auto`) to run
-it here. A run whose loss or test measurement is not finite is reported as diverged, left out
-of the mean and std, and makes the exit status 3; `--json` is strict JSON (null, never NaN).
+Measured the way airbench reports CIFAR-10: a warm-up run builds and compiles the steps (its time
+reported apart); then run k trains from seed `--seed + k` (its own init, batch order and augmentation)
+and is measured once, at the end, on the test set, outside its training time. Nothing is written to
+disk; `--val-split N` images are left out of training and not used. Exit 2 with one line on a usage
+error: a bad flag, a run too large for the device's memory (`cli.budget`), seeds beyond 2**63 - 1, or
+`--device cuda` (the speedrun and best presets') without CUDA: never moved to the CPU behind the
+user's back (pass `--device cpu` or `auto`). A run whose loss or test measurement is not finite is
+diverged: left out of the mean and std, exit status 3; `--json` is strict JSON (null, never NaN).
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ from fashion_func.cli import device as device_lib
 from fashion_func.cli.config import MAX_SEED, Config, ConfigError
 from fashion_func.cli.train import parse_train_args
 from fashion_func.loop import RunError, evaluate, fit
-from fashion_func.safeio import display, strict_json
+from fashion_func.safeio import strict_json
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,12 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         recipe = Recipe(cfg)
     except (cli.UsageError, ConfigError, data.DataError) as exc:
-        print(f"speedrun.py: error: {display(words.message(exc))}", file=sys.stderr)
-        return 2
+        return cli.fail("speedrun.py", words.message(exc))
     t0 = time.perf_counter()
     recipe.run(cfg.seed, max_steps=3)  # compiles the train step (3 steps) and the eval step
     warmup_s = time.perf_counter() - t0
-    print(f"{args.preset}: {cfg.model} on {recipe.device} ({_device_name(recipe.device)}), "
+    device_name = torch.cuda.get_device_name(recipe.device) if recipe.device.type == "cuda" else "CPU"
+    print(f"{args.preset}: {cfg.model} on {recipe.device} ({device_name}), "
           f"{len(recipe.train.labels)} training images, {cfg.epochs} epochs; "
           f"warm-up/compile {warmup_s:.1f} s", flush=True)  # fmt: skip
     runs = []
@@ -142,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = _summary(runs)
     print(_summary_line(summary, len(runs), warmup_s))
     if args.json:
-        print(strict_json({"preset": args.preset, "device": _device_name(recipe.device), "warmup_s": warmup_s,
+        print(strict_json({"preset": args.preset, "device": device_name, "warmup_s": warmup_s,
                            "config": cfg.to_dict(), "runs": runs, **summary}))  # fmt: skip
     if summary["diverged"]:
         print(f"speedrun.py: error: {summary['diverged']} of {len(runs)} runs diverged (seeds "
@@ -173,9 +170,3 @@ def _summary_line(s: dict[str, Any], n: int, warmup_s: float) -> str:
     return (f"test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over {live} runs{gone}; "
             f"train {s['train_s_mean']:.2f} s per run (max {s['train_s_max']:.2f}); "
             f"warm-up {warmup_s:.1f} s")  # fmt: skip
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "CPU"

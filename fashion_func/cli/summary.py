@@ -10,21 +10,12 @@ from fashion_func.models import Model, ModelState, Params, num_params
 __all__: list[str] = []
 
 
-def flops_per_example(model: Model, params: Params, model_state: ModelState | None = None) -> int:
-    """Forward FLOPs for one example, counted by `torch.utils.flop_counter` (a multiply-add is 2)."""
-    x = torch.zeros((1, *model.input_shape), device=next(iter(params.values())).device)
-    kwargs = {"state": model_state or model.init_state(device=x.device)} if model.stateful else {}
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.apply(params, x, **kwargs)
-    return int(counter.get_total_flops())
-
-
 def train_flops_per_example(
     model: Model, params: Params, model_state: ModelState | None = None, *, batch_size: int = 8
 ) -> float:
     """FLOPs of one training step per example: the forward pass and the backward pass that
     `torch.func.grad` runs (no input gradient for the first layer), counted by
-    `torch.utils.flop_counter` on a batch of `batch_size` and divided by it."""
+    `torch.utils.flop_counter` (a multiply-add is 2) on a batch of `batch_size` and divided by it."""
     x = torch.zeros((batch_size, *model.input_shape), device=next(iter(params.values())).device)
     y = torch.zeros(batch_size, dtype=torch.int64, device=x.device)
     state = model_state or model.init_state(device=x.device)
@@ -41,12 +32,14 @@ def train_flops_per_example(
 
 
 def summary(model: Model, params: Params, model_state: ModelState | None = None) -> str:
-    """A text table of parameter names/shapes/counts, each stage's output shape, totals.
-
-    A stateful model's buffers are listed after the parameters (not counted as parameters).
-    """
+    """A text table of parameter names/shapes/counts, each stage's output shape, totals (forward
+    FLOPs per example by `torch.utils.flop_counter`); a stateful model's buffers are listed after
+    the parameters (not counted as parameters)."""
     x = torch.zeros((1, *model.input_shape), device=next(iter(params.values())).device)
     state = dict(model_state or model.init_state(device=x.device))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.apply(params, x, **({"state": state} if model.stateful else {}))
+    flops = int(counter.get_total_flops())
     # the name column fits the longest name (resnet's run past 20 characters)
     w = max(20, *(len(n) + 2 for n in (*params, *state, *(st.name for st in model.stages))))
     rule = "-" * (w + 36)
@@ -63,7 +56,6 @@ def summary(model: Model, params: Params, model_state: ModelState | None = None)
         for stage in model.stages:
             x, _ = stage.run(params, state, x, False, None)
             lines.append(f"{stage.name:<{w}}{['B', *x.shape[1:]]!s:<36}")
-    flops = flops_per_example(model, params, state)
     lines += [
         rule,
         f"total parameters: {num_params(params):,}",
