@@ -54,18 +54,13 @@ def described(
     return GradientTransformation(init, update, Description(name, hyperparams, kids))
 
 
-# ---------------------------------------------------------------------------
-# helpers for the transforms' states
-
-
 def hyper_spec(params: Params) -> tuple[torch.dtype, torch.device]:
     """Dtype and device for hyperparameter tensors: the params' device, float64 if
     any param is float64 else float32 (half-precision params still get a float32 lr)."""
     floats = [t for t in tree.leaves(params) if isinstance(t, Tensor) and t.is_floating_point()]
     if not floats:
         return torch.float32, torch.device("cpu")
-    dtype = widest_float(floats)
-    return dtype, floats[0].device
+    return widest_float(floats), floats[0].device
 
 
 def widest_float(leaves: list[Tensor]) -> torch.dtype:
@@ -93,10 +88,6 @@ def need_params(params: Params | None, who: str) -> Params:
     if params is None:
         raise ValueError(f"{who} needs `params`: call update(grads, state, params)")
     return params
-
-
-# ---------------------------------------------------------------------------
-# composition
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:

@@ -36,23 +36,15 @@ def _walk(state: Any, fn: Visit, groups: tuple[str, ...] = ()) -> Any:
 
     Recurses through plain tuples/lists (chain states), NamedTuple fields that are themselves
     tuples (wrapping transforms), and `multi_transform`'s groups (adding their label to
-    `groups`); other dicts (param-shaped trees) are left alone.
+    `groups`); anything else (param-shaped dicts, counters) is left alone.
     """
     if isinstance(state, MultiTransformState):
         return MultiTransformState(
             {label: _walk(s, fn, (*groups, label)) for label, s in state.inner_states.items()}
         )
     if isinstance(state, tuple) and hasattr(state, "_fields"):
-        values = {}
-        for name in state._fields:
-            value = getattr(state, name)
-            if _is_hyper(value):
-                values[name] = fn(groups, name, value)
-            elif isinstance(value, (tuple, list)):
-                values[name] = _walk(value, fn, groups)
-            else:
-                values[name] = value
-        return type(state)(**values)
+        fields = zip(state._fields, state, strict=True)
+        return type(state)(*(fn(groups, n, v) if _is_hyper(v) else _walk(v, fn, groups) for n, v in fields))
     if isinstance(state, (tuple, list)):
         return type(state)(_walk(s, fn, groups) for s in state)
     return state

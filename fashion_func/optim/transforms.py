@@ -116,23 +116,27 @@ class AddNoiseState(NamedTuple):
     key: Tensor  # 0-d int64, the noise's key (optax: rng_key); [K] in a stacked state
 
 
-# ---------------------------------------------------------------------------
-# weight decay
+def _one_hyper(
+    name: str, state_cls: type, value: float, fn: Callable[[Params, Tensor, Params | None], Params]
+) -> GradientTransformation:
+    """A transform `name` whose state `state_cls` is one settable hyperparameter, `value` at init
+    (described under its field's name), and whose update is `fn(updates, hyperparameter, params)`."""
+
+    def init(params: Params) -> State:
+        return state_cls(hyper(value, params))
+
+    def update(updates: Params, state: State, params: Params | None = None) -> tuple[Params, State]:
+        return fn(updates, state[0], params), state
+
+    return described(init, update, name, **{state_cls._fields[0]: value})
 
 
 def _weight_decay_transform(weight_decay: float, who: str) -> GradientTransformation:
-    def init(params: Params) -> AddDecayedWeightsState:
-        return AddDecayedWeightsState(hyper(weight_decay, params))
-
-    def update(
-        updates: Params, state: AddDecayedWeightsState, params: Params | None = None
-    ) -> tuple[Params, AddDecayedWeightsState]:
-        params = need_params(params, who)
-        wd = state.weight_decay
+    def decay(updates: Params, wd: Tensor, params: Params | None) -> Params:
         # torch: grad.add(param, alpha=weight_decay)
-        return tree.map(lambda u, p: u + wd * p, updates, params), state
+        return tree.map(lambda u, p: u + wd * p, updates, need_params(params, who))
 
-    return described(init, update, who, weight_decay=weight_decay)
+    return _one_hyper(who, AddDecayedWeightsState, weight_decay, decay)
 
 
 def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> GradientTransformation:
@@ -153,10 +157,6 @@ def add_l2_to_grads(weight_decay: float = 0.0) -> GradientTransformation:
     The arithmetic is that of `add_decayed_weights`; the name records where it sits.
     """
     return _weight_decay_transform(weight_decay, "add_l2_to_grads")
-
-
-# ---------------------------------------------------------------------------
-# momentum and preconditioners
 
 
 def trace(momentum: float = 0.9, nesterov: bool = False, dampening: float = 0.0) -> GradientTransformation:
@@ -180,10 +180,7 @@ def trace(momentum: float = 0.9, nesterov: bool = False, dampening: float = 0.0)
         # torch special-cases the first step (buffer = clone(grad)); a where keeps it branch-free
         first = state.count == 0
         buf = tree.map(lambda b, g: torch.where(first, g, b * m + (1 - d) * g), state.trace, grads)
-        if nesterov:
-            updates = tree.map(lambda g, b: g + m * b, grads, buf)
-        else:
-            updates = buf
+        updates = tree.map(lambda g, b: g + m * b, grads, buf) if nesterov else buf
         return updates, TraceState(state.count + 1, buf, m, d)
 
     return described(init, update, "trace", momentum=momentum, nesterov=nesterov, dampening=dampening)
@@ -259,24 +256,14 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     return described(init, update, "scale_by_lion", b1=b1, b2=b2)
 
 
-# ---------------------------------------------------------------------------
-# scaling
-
-
 def scale_by_learning_rate(lr: float) -> GradientTransformation:
     """`updates * -lr` (descent); `lr` lives in the state as a 0-d tensor."""
 
-    def init(params: Params) -> ScaleByLearningRateState:
-        return ScaleByLearningRateState(hyper(lr, params))
+    def descend(updates: Params, lr: Tensor, params: Params | None) -> Params:
+        neg_lr = -lr
+        return tree.map(lambda u: u * neg_lr, updates)
 
-    def update(
-        updates: Params, state: ScaleByLearningRateState, params: Params | None = None
-    ) -> tuple[Params, ScaleByLearningRateState]:
-        del params
-        neg_lr = -state.lr
-        return tree.map(lambda u: u * neg_lr, updates), state
-
-    return described(init, update, "scale_by_learning_rate", lr=lr)
+    return _one_hyper("scale_by_learning_rate", ScaleByLearningRateState, lr, descend)
 
 
 def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransformation:
@@ -313,20 +300,14 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     at least float32); the scaling is a clamp, never a branch, so nothing syncs the host.
     """
 
-    def init(params: Params) -> ClipByGlobalNormState:
-        return ClipByGlobalNormState(hyper(max_norm, params))
-
-    def update(
-        updates: Params, state: ClipByGlobalNormState, params: Params | None = None
-    ) -> tuple[Params, ClipByGlobalNormState]:
-        del params
+    def clip(updates: Params, max_norm: Tensor, params: Params | None) -> Params:
         if not tree.leaves(updates):
-            return updates, state
+            return updates
         total = tree.global_norm(updates)
-        coef = torch.clamp(state.max_norm.to(total.dtype) / (total + 1e-6), max=1.0)
-        return tree.map(lambda t: t * coef.to(t.dtype), updates), state
+        coef = torch.clamp(max_norm.to(total.dtype) / (total + 1e-6), max=1.0)
+        return tree.map(lambda t: t * coef.to(t.dtype), updates)
 
-    return described(init, update, "clip_by_global_norm", max_norm=max_norm)
+    return _one_hyper("clip_by_global_norm", ClipByGlobalNormState, max_norm, clip)
 
 
 def set_to_zero() -> GradientTransformation:
@@ -343,10 +324,6 @@ def set_to_zero() -> GradientTransformation:
         return tree.zeros_like(updates), state
 
     return described(init, update, "set_to_zero")
-
-
-# ---------------------------------------------------------------------------
-# gradient noise
 
 
 def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation:
@@ -395,10 +372,6 @@ def set_noise_key(opt_state: State, key: int | Tensor) -> State:
         return AddNoiseState(state.count, (new & 0xFFFFFFFF).expand(state.key.shape).clone())
 
     return map_states(opt_state, AddNoiseState, rekeyed)
-
-
-# ---------------------------------------------------------------------------
-# moving average of the parameters
 
 
 def ema(decay: float = 0.999) -> GradientTransformation:

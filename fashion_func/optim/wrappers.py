@@ -47,10 +47,6 @@ class MultiStepsState(NamedTuple):
     acc_grads: Params  # the running mean (or sum) of this cycle's gradients
 
 
-# ---------------------------------------------------------------------------
-# selecting parts of a dict of params
-
-
 def _resolve(spec: Any, values: Params) -> Any:
     return spec(values) if callable(spec) else spec
 
@@ -99,10 +95,6 @@ def _label_leaves(labels: Any) -> set[Any]:
     if isinstance(labels, Mapping):
         return set().union(*(_label_leaves(v) for v in labels.values()))
     return {labels}
-
-
-# ---------------------------------------------------------------------------
-# wrappers
 
 
 def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
