@@ -214,10 +214,14 @@ def _layout_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _fan_in_uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator, dtype, device) -> Tensor:
+def _fan_in(generator: torch.Generator, shape: tuple[int, ...], dtype, device) -> tuple[Tensor, Tensor]:
+    """(weight of `shape`, bias), drawn in that order from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) on
+    the generator's device (fan_in = prod(shape[1:])), then moved to `device`."""
+    fan_in = math.prod(shape[1:])
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-    t = torch.empty(shape, dtype=dtype, device=device)
-    return t.uniform_(-bound, bound, generator=generator)
+    w, b = (torch.empty(size, dtype=dtype, device=generator.device) for size in (shape, shape[:1]))
+    w, b = w.uniform_(-bound, bound, generator=generator), b.uniform_(-bound, bound, generator=generator)
+    return w.to(device or generator.device), b.to(device or generator.device)
 
 
 def init_linear(
@@ -228,10 +232,7 @@ def init_linear(
     kaiming_uniform with a=sqrt(5) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)); drawn on the
     generator's device, in the order `nn.Linear.reset_parameters` draws.
     """
-    gen_device = generator.device
-    w = _fan_in_uniform((out_features, in_features), in_features, generator, dtype, gen_device)
-    b = _fan_in_uniform((out_features,), in_features, generator, dtype, gen_device)
-    return w.to(device or gen_device), b.to(device or gen_device)
+    return _fan_in(generator, (out_features, in_features), dtype, device)
 
 
 def init_conv2d(
@@ -244,10 +245,4 @@ def init_conv2d(
     device=None,
 ) -> tuple[Tensor, Tensor]:
     """`nn.Conv2d`'s default init (same rule as Linear, fan_in = in_channels * k * k)."""
-    fan_in = in_channels * kernel_size * kernel_size
-    gen_device = generator.device
-    w = _fan_in_uniform(
-        (out_channels, in_channels, kernel_size, kernel_size), fan_in, generator, dtype, gen_device
-    )
-    b = _fan_in_uniform((out_channels,), fan_in, generator, dtype, gen_device)
-    return w.to(device or gen_device), b.to(device or gen_device)
+    return _fan_in(generator, (out_channels, in_channels, kernel_size, kernel_size), dtype, device)
