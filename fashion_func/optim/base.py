@@ -29,13 +29,10 @@ State = Any  # a NamedTuple of tensors / trees, or a tuple of such (chain)
 
 
 class GradientTransformation(NamedTuple):
-    """A pair of pure functions, and what they are.
-
-    `init(params) -> state`; `update(grads, state, params=None) -> (updates, state)`.
-    `description`: a `Description` (name, hyperparameters, children) that every transform
-    `optim` builds carries, read by exports (`interop.optax_optimizer`); `None` for one
-    written by hand, `GradientTransformation(init, update)`.
-    """
+    """A pair of pure functions, and what they are: `init(params) -> state`; `update(grads,
+    state, params=None) -> (updates, state)`; `description`, the `Description` that every
+    transform `optim` builds carries (`None` for one written by hand,
+    `GradientTransformation(init, update)`)."""
 
     init: Callable[[Params], State]
     update: Callable[..., tuple[Params, State]]

@@ -141,21 +141,16 @@ def _weight_decay_transform(weight_decay: float, who: str) -> GradientTransforma
 
 def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> GradientTransformation:
     """`updates + weight_decay * params`, placed after the preconditioner (decoupled, AdamW-style).
-
-    The state holds `weight_decay` as a 0-d tensor (settable with `set_hyperparam`). `mask`
-    (optax's): decay only the parameters it marks True (a dict of bools like the params, or a
-    function `params -> dict`); the state is then a `MaskedState`.
-    """
+    `mask` (optax's): decay only the parameters it marks True (a dict of bools like the params,
+    or a function `params -> dict`); the state is then a `MaskedState`."""
     tx = _weight_decay_transform(weight_decay, "add_decayed_weights")
     return tx if mask is None else masked(tx, mask)
 
 
 def add_l2_to_grads(weight_decay: float = 0.0) -> GradientTransformation:
     """`grads + weight_decay * params`, placed first in a chain: the L2 form used by
-    `torch.optim.SGD` and `torch.optim.Adam`'s `weight_decay`.
-
-    The arithmetic is that of `add_decayed_weights`; the name records where it sits.
-    """
+    `torch.optim.SGD` and `torch.optim.Adam`'s `weight_decay` (the arithmetic of
+    `add_decayed_weights`; the name records where it sits)."""
     return _weight_decay_transform(weight_decay, "add_l2_to_grads")
 
 
@@ -195,14 +190,11 @@ def _scalar_dtype(device: torch.device) -> torch.dtype:
 def scale_by_adam(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
 ) -> GradientTransformation:
-    """Adam's preconditioner, `m_hat / (sqrt(v_hat) + eps)`, with torch.optim.Adam's
-    bias correction: `(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)`.
-
-    `eps_root` (optax's): `m_hat / (sqrt(v_hat + eps_root) + eps)`. With `eps_root > 0` the
-    square root's derivative stays finite where a gradient entry is exactly 0, so a
-    meta-gradient through Adam (MAML, hypergradients) is finite there, not NaN; 0 (the
-    default) keeps torch.optim.Adam's formula.
-    """
+    """Adam's preconditioner, `m_hat / (sqrt(v_hat) + eps)`, with torch.optim.Adam's bias
+    correction: `(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)`. `eps_root` (optax's): `m_hat /
+    (sqrt(v_hat + eps_root) + eps)`; > 0 keeps the square root's derivative finite where a
+    gradient entry is exactly 0, so a meta-gradient through Adam (MAML, hypergradients) is
+    finite there, not NaN; 0 (the default) keeps torch.optim.Adam's formula."""
     if eps_root < 0:
         raise ValueError(f"scale_by_adam eps_root must be >= 0, got {eps_root}")
 
@@ -236,11 +228,9 @@ def scale_by_adam(
 
 def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     """Lion's direction (optax's `scale_by_lion`, Chen et al., 2023): the update is
-    `sign((1 - b1) * g + b1 * mu)`, then the momentum `mu = (1 - b2) * g + b2 * mu`.
-
-    `sign` has derivative 0 (where it has one), so a meta-gradient through Lion flows
-    only through what is chained after it (weight decay, the learning rate).
-    """
+    `sign((1 - b1) * g + b1 * mu)`, then the momentum `mu = (1 - b2) * g + b2 * mu`. `sign` has
+    derivative 0 (where it has one), so a meta-gradient through Lion flows only through what is
+    chained after it (weight decay, the learning rate)."""
 
     def init(params: Params) -> ScaleByLionState:
         return ScaleByLionState(counter(params), tree.zeros_like(params))
@@ -267,15 +257,12 @@ def scale_by_learning_rate(lr: float) -> GradientTransformation:
 
 
 def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransformation:
-    """`updates * schedule(count)`, count the updates done before this one (0 first).
-
-    A per-step learning-rate multiplier computed inside the step from the state's counter
-    (optax's `scale_by_schedule`): no host work per step, exact on resume, and the base lr
-    stays a settable hyperparameter (sweeps). `schedule`: any of `fashion_func.schedules`
-    (they take the 0-d float counter and never branch on its value), e.g.
-    `schedules.triangle(total, warm)` or `schedules.warmup_cosine(1.0, warm, total)`.
-    Put it after the optimizer in a `chain` (before `ema`).
-    """
+    """`updates * schedule(count)`, count the updates done before this one (0 first): a per-step
+    learning-rate multiplier computed inside the step from the state's counter (optax's
+    `scale_by_schedule`), so no host work per step, exact on resume, and the base lr stays a
+    settable hyperparameter (sweeps). `schedule`: any of `fashion_func.schedules` (they take the
+    0-d float counter and never branch on its value), e.g. `schedules.triangle(total, warm)`.
+    Put it after the optimizer in a `chain` (before `ema`)."""
 
     def init(params: Params) -> ScaleByScheduleState:
         return ScaleByScheduleState(counter(params))
@@ -294,11 +281,8 @@ def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransform
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
-    """Scale all updates by `min(1, max_norm / (norm + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`.
-
-    The norm is `tree.global_norm` (that of the per-leaf L2 norms, in the widest leaf dtype,
-    at least float32); the scaling is a clamp, never a branch, so nothing syncs the host.
-    """
+    """Scale all updates by `min(1, max_norm / (norm + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`,
+    the norm `tree.global_norm`'s; the scaling is a clamp, never a branch, so nothing syncs the host."""
 
     def clip(updates: Params, max_norm: Tensor, params: Params | None) -> Params:
         if not tree.leaves(updates):
@@ -328,13 +312,11 @@ def set_to_zero() -> GradientTransformation:
 
 def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation:
     """`updates + std * N(0, 1)` with optax's schedule `std = sqrt(eta / (1 + count)**gamma)`,
-    count the updates noised before this one (Neelakantan et al., 2015).
-
-    The draws are a pure function of the state's `key` (`seed` at init), the count and the
-    leaf's position (`nn.normal(fold_in(fold_in(key, count), i), ...)`): a resumed run draws the
-    same noise bitwise, and the members of a stacked (ensemble) state each draw from their own
-    key (give them distinct keys with `set_noise_key`). They cannot equal JAX's PRNG draws.
-    """
+    count the updates noised before this one (Neelakantan et al., 2015). The draws are a pure
+    function of the state's `key` (`seed` at init), the count and the leaf's position
+    (`nn.normal(fold_in(fold_in(key, count), i), ...)`): a resumed run draws the same noise
+    bitwise, and the members of a stacked (ensemble) state each draw from their own key (give
+    them distinct keys with `set_noise_key`). They cannot equal JAX's PRNG draws."""
     if eta < 0:
         raise ValueError(f"add_noise eta (the noise's variance) must be >= 0, got {eta}")
 
@@ -380,8 +362,7 @@ def ema(decay: float = 0.999) -> GradientTransformation:
     each step produces: the first step copies them, then `ema.lerp_(new, 1 - decay)`, as
     `torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))`
     with `update_parameters` after every step. `ema_params(opt_state)` reads it; it is saved
-    with the state, so resume stays exact.
-    """
+    with the state, so resume stays exact."""
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"ema decay must be in [0, 1], got {decay}")
 
