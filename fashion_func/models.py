@@ -6,13 +6,12 @@ those of the equivalent `nn.Module`'s `state_dict`, so weights move between the 
 with `load_state_dict` / `state_dict()` and nothing else.
 
 A *stateful* model (batch norm) says so (`model.stateful`): `init_state()` gives its
-buffers under `nn.Module`'s buffer names (`bn1.running_mean`), and
-`apply(params, x, *, train, key, state) -> (logits, new_state)`. Nothing is written in
-place; in inference mode the state comes back unchanged.
+buffers under `nn.Module`'s buffer names (`bn1.running_mean`), and `apply` takes `state=` and
+returns `(logits, new_state)`. Nothing is written in place; in inference mode the state comes
+back unchanged.
 
-Each model is also a list of named *stages* (pure `(params, x, train, key) -> x`, or for a
-stateful stage `(params, state, x, train, key) -> (x, state updates)`); `apply` runs them
-in order and the trainer's summary runs them one at a time to report shapes.
+Each model is also a list of named `Stage`s; `apply` runs them in order and the trainer's
+summary runs them one at a time to report shapes.
 
 `MODELS` maps each model's name to its builder (what `get` takes); `Params` and `ModelState`
 are flat `{name: tensor}` dicts, keyed like the `nn.Module`'s `state_dict`.
@@ -41,11 +40,8 @@ StageFn = Callable[..., Any]
 
 @dataclass(frozen=True)
 class Stage:
-    """One named step of a model's forward pass.
-
-    fn: `(params, x, train, key) -> x`; with `stateful=True`
-    `(params, state, x, train, key) -> (x, {buffer name: new value})`.
-    """
+    """One named step of a model's forward pass. fn: `(params, x, train, key) -> x`; with
+    `stateful=True` `(params, state, x, train, key) -> (x, {buffer name: new value})`."""
 
     name: str
     fn: StageFn
@@ -83,9 +79,7 @@ class Model:
 
     def init_state(self, *, dtype: torch.dtype = torch.float32, device=None) -> ModelState:
         """The initial model state (the `nn.Module`'s buffers); `{}` for a stateless model."""
-        if self.init_state_fn is None:
-            return {}
-        return self.init_state_fn(dtype=dtype, device=device)
+        return {} if self.init_state_fn is None else self.init_state_fn(dtype=dtype, device=device)
 
     def apply(
         self,
@@ -96,11 +90,9 @@ class Model:
         key: Tensor | None = None,
         state: ModelState | None = None,
     ) -> Any:
-        """Logits `[B, classes]` for inputs `x` (`[B, *input_shape]`).
-
-        A stateful model needs `state` and returns `(logits, new_state)`; `new_state` holds
-        every entry of `state`, the ones the forward pass changed (train mode) replaced.
-        """
+        """Logits `[B, classes]` for inputs `x` (`[B, *input_shape]`). A stateful model needs
+        `state` and returns `(logits, new_state)`; `new_state` holds every entry of `state`, the
+        ones the forward pass changed (train mode) replaced."""
         if not self.stateful and state:
             raise ValueError(f"model {self.name} is stateless; it takes no state")
         if self.stateful and state is None:
@@ -164,30 +156,22 @@ def _group_norm(name: str, num_groups: int) -> Stage:
     return Stage(name, fn)
 
 
-def _dense(name: str, *, relu: bool) -> Stage:
-    def fn(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
-        y = nn.linear(x, p[f"{name}.weight"], p[f"{name}.bias"])
-        return nn.relu(y) if relu else y
-
-    return Stage(name, fn)
-
-
-def _flatten_dense(name: str, *, relu: bool) -> Stage:
-    """Flatten `[B, C, H, W]` in C-major order (as `torch.flatten(x, 1)`), then a dense layer.
-
-    One stage, so that NHWC activations never need a transposing copy: for a channels-last
-    input the weight's columns are reordered to (h w c) instead, a view of the activation
-    meets a small weight copy, and the gradient flows back NHWC as well.
-    """
+def _dense(name: str, *, relu: bool, flatten: bool = False) -> Stage:
+    """A dense layer; with `flatten`, of `[B, C, H, W]` flattened in C-major order (as
+    `torch.flatten(x, 1)`) in the same stage, so that NHWC activations never need a transposing
+    copy: for a channels-last input the weight's columns are reordered to (h w c) instead, a
+    view of the activation meets a small weight copy, and the gradient flows back NHWC as well."""
 
     def fn(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
         weight, bias = p[f"{name}.weight"], p[f"{name}.bias"]
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        if flatten and nhwc:
             _, c, h, w = x.shape
             weight = rearrange(weight, "o (c h w) -> o (h w c)", c=c, h=h, w=w)
-            y = nn.linear(rearrange(x, "b c h w -> b (h w c)"), weight, bias)
-        else:
-            y = nn.linear(rearrange(x, "b ... -> b (...)"), weight, bias)
+            x = rearrange(x, "b c h w -> b (h w c)")
+        elif flatten:
+            x = rearrange(x, "b ... -> b (...)")
+        y = nn.linear(x, weight, bias)
         return nn.relu(y) if relu else y
 
     return Stage(name, fn)
@@ -236,10 +220,8 @@ def _init_bn_state(layers: Mapping[str, int]) -> Callable[..., ModelState]:
 
 
 def mlp(D_in: int = 784, H: int = 100, D_out: int = 10) -> Model:
-    """The tutorial's TwoLayerNet: `linear1` (D_in->H), ReLU, `linear2` (H->D_out).
-
-    Images are flattened first, so it also takes `[B, 1, 28, 28]` with D_in=784.
-    """
+    """The tutorial's TwoLayerNet: `linear1` (D_in->H), ReLU, `linear2` (H->D_out). Images are
+    flattened first, so it also takes `[B, 1, 28, 28]` with D_in=784."""
     # [B, C, H, W] -> [B, C*H*W] in C-major order, as torch.flatten(x, 1) does
     flatten = _map("flatten", lambda x: rearrange(x, "b ... -> b (...)"))
     stages = (flatten, _dense("linear1", relu=True), _dense("linear2", relu=False))
@@ -257,7 +239,7 @@ def simplenet(num_classes: int = 10) -> Model:
     stages = (
         _conv("conv1"),
         *_conv_pool_relu("conv2", "pool"),
-        _flatten_dense("fc1", relu=True),
+        _dense("fc1", relu=True, flatten=True),
         _dense("fc2", relu=False),
     )
     layers = {"conv1": (1, 32, 3), "conv2": (32, 64, 3), "fc1": (9216, 128), "fc2": (128, num_classes)}
@@ -280,7 +262,7 @@ def simplenet_bn(num_classes: int = 10) -> Model:
         _batch_norm("bn2"),
         _pool("pool"),
         _map("pool.relu", nn.relu),
-        _flatten_dense("fc1", relu=True),
+        _dense("fc1", relu=True, flatten=True),
         _dense("fc2", relu=False),
     )
     convs = {"conv1": (1, 32, 3), "bn1": (32,), "conv2": (32, 64, 3), "bn2": (64,)}
@@ -305,7 +287,7 @@ def alexnet(num_classes: int = 10, dropout: float = 0.5) -> Model:
         *_conv_pool_relu("conv5", "pool3", padding=1),
         # dropout before the flatten is the same elementwise mask (logical index order)
         _dropout("dropout1", dropout, salt=1),
-        _flatten_dense("fc1", relu=True),
+        _dense("fc1", relu=True, flatten=True),
         _dropout("dropout2", dropout, salt=2),
         _dense("fc2", relu=True),
         _dense("fc3", relu=False),
@@ -385,7 +367,7 @@ def dpcnn(num_classes: int = 10, width: int = 16, groups: int = 0) -> Model:
     stages = (
         _conv("conv1", 3, relu=False, stride=2), *gn1, _map("conv1.tanh", nn.tanh), _pool("pool1", 2, 1),
         _conv("conv2", relu=False, stride=2), *gn2, _map("conv2.tanh", nn.tanh), _pool("pool2", 2, 1),
-        _flatten_dense("fc1", relu=False), _map("fc1.tanh", nn.tanh),
+        _dense("fc1", relu=False, flatten=True), _map("fc1.tanh", nn.tanh),
         _dense("fc2", relu=False),
     )  # fmt: skip
     layers = {"conv1": (1, w, 8), "gn1": (w,), "conv2": (w, 2 * w, 4), "gn2": (2 * w,)}
@@ -405,11 +387,9 @@ MODELS: dict[str, Callable[..., Model]] = {
 }
 
 
-# Each model's hyperparameters by name and kind: "size" an integer from 1 to MAX_SIZE,
-# "classes" an integer from 2 to MAX_SIZE (one class is no classifier), "rate" a number in
-# [0, 1) (a dropout of 1 drops everything), "groups" an integer from 0 (none) to MAX_SIZE that
-# divides the model's width (group norm's group count). What a file or a caller passes is
-# checked here.
+# Each model's hyperparameters by name and kind (`check_hparams` holds what a file or a caller
+# passes to it): a "classes" count is at least 2 (one class is no classifier), a dropout "rate"
+# below 1 (a rate of 1 drops everything), a group norm's "groups" count divides the width.
 HPARAMS: dict[str, dict[str, str]] = {
     "mlp": {"D_in": "size", "H": "size", "D_out": "classes"},
     "simplenet": {"num_classes": "classes"},
