@@ -2,12 +2,8 @@
 
 A hyperparameter is a float field of one of the states' NamedTuples, 0-d (or `[K]` in a
 stacked ensemble state). Inside `multi_transform` a group's hyperparameters also answer to
-`"label/name"` (`"head/lr"`, `"outer/inner/lr"` for nested groups):
-
-- `set_hyperparam(s, "lr", v)` sets every `lr` in the state, all groups included;
-  `set_hyperparam(s, "head/lr", v)` only those in group `head` (and groups nested in it).
-- `hyperparams(s)` lists each bare name once (its first occurrence, as `get_hyperparam(s,
-  "lr")` reads it) and every grouped one under its full `"label/name"`.
+`"label/name"` (`"head/lr"`, `"outer/inner/lr"` for nested groups): `"lr"` names every `lr`,
+all groups included, `"head/lr"` only those in group `head` (and groups nested in it).
 """
 
 from __future__ import annotations
@@ -32,12 +28,10 @@ def _is_hyper(value: Any) -> bool:
 
 
 def _walk(state: Any, fn: Visit, groups: tuple[str, ...] = ()) -> Any:
-    """Rebuild `state` with every 0-d float field of a NamedTuple passed through `fn(groups, name, value)`.
-
-    Recurses through plain tuples/lists (chain states), NamedTuple fields that are themselves
-    tuples (wrapping transforms), and `multi_transform`'s groups (adding their label to
-    `groups`); anything else (param-shaped dicts, counters) is left alone.
-    """
+    """Rebuild `state` with every 0-d float field of a NamedTuple passed through `fn(groups, name,
+    value)`. Recurses through plain tuples/lists (chain states), NamedTuple fields that are
+    themselves tuples (wrapping transforms), and `multi_transform`'s groups (adding their label to
+    `groups`); anything else (param-shaped dicts, counters) is left alone."""
     if isinstance(state, MultiTransformState):
         return MultiTransformState(
             {label: _walk(s, fn, (*groups, label)) for label, s in state.inner_states.items()}

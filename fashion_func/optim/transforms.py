@@ -181,12 +181,6 @@ def trace(momentum: float = 0.9, nesterov: bool = False, dampening: float = 0.0)
     return described(init, update, "trace", momentum=momentum, nesterov=nesterov, dampening=dampening)
 
 
-def _scalar_dtype(device: torch.device) -> torch.dtype:
-    # Bias corrections are scalars; torch.optim computes them in Python doubles.
-    # float64 everywhere it exists (MPS has none) keeps float32 runs close to torch too.
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 def scale_by_adam(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
 ) -> GradientTransformation:
@@ -209,7 +203,9 @@ def scale_by_adam(
         # torch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         mu = tree.map(lambda m, g: torch.lerp(m, g, 1 - b1), state.mu, grads)
         nu = tree.map(lambda v, g: v * b2 + (1 - b2) * g * g, state.nu, grads)
-        t = count.to(_scalar_dtype(count.device))
+        # Bias corrections are scalars; torch.optim computes them in Python doubles.
+        # float64 everywhere it exists (MPS has none) keeps float32 runs close to torch too.
+        t = count.to(torch.float32 if count.device.type == "mps" else torch.float64)
         bc1 = 1 - b1**t
         bc2 = 1 - b2**t
         bc2_sqrt = bc2.sqrt()
