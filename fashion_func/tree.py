@@ -63,13 +63,10 @@ def scale(tree: Any, s: float | Tensor) -> Any:
 
 
 def global_norm(tree: Any) -> Tensor:
-    """The L2 norm of all leaves taken together, as a 0-d tensor (no host sync).
-
-    The norm of the per-leaf norms (as `torch.nn.utils.clip_grad_norm_` takes it), computed in
-    the widest leaf dtype, at least float32 (bf16 leaves are upcast first); 0 for no leaves.
-    The library's one global norm: `optim.clip_by_global_norm` and, vmapped over the batch,
-    `step.per_example_grad_norms` use it.
-    """
+    """The L2 norm of all leaves taken together, as a 0-d tensor (no host sync): the norm of the
+    per-leaf norms (as `torch.nn.utils.clip_grad_norm_` takes it), computed in the widest leaf
+    dtype, at least float32 (bf16 leaves are upcast first); 0 for no leaves. The library's one
+    global norm (clipping, per-example norms, DP-SGD)."""
     ts = leaves(tree)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
     if not ts:
@@ -126,10 +123,8 @@ def flatten_with_paths(tree: Any) -> dict[str, Any]:
 
 
 def unflatten_like(template: Any, flat: Mapping[str, Any]) -> Any:
-    """Rebuild a tree with `template`'s structure from `flatten_with_paths`-style keys.
-
-    Raises KeyError naming missing or unexpected keys; shapes are the caller's to check.
-    """
+    """Rebuild a tree with `template`'s structure from `flatten_with_paths`-style keys; KeyError
+    naming missing or unexpected keys (shapes are the caller's to check)."""
     pairs, spec = pytree.tree_flatten_with_path(template)
     names = [SEP.join(_key_name(k) for k in path) for path, _ in pairs]
     missing = [n for n in names if n not in flat]
