@@ -57,12 +57,7 @@ def hyper_spec(params: Params) -> tuple[torch.dtype, torch.device]:
     floats = [t for t in tree.leaves(params) if isinstance(t, Tensor) and t.is_floating_point()]
     if not floats:
         return torch.float32, torch.device("cpu")
-    return widest_float(floats), floats[0].device
-
-
-def widest_float(leaves: list[Tensor]) -> torch.dtype:
-    """float64 if any leaf is, else float32: the dtype scalar factors over `leaves` use."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
+    return tree.widest_float(floats), floats[0].device
 
 
 def hyper(value: float | Tensor, params: Params) -> Tensor:

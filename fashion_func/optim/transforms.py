@@ -23,7 +23,6 @@ from fashion_func.optim.base import (
     hyper,
     map_states,
     need_params,
-    widest_float,
 )
 from fashion_func.optim.wrappers import Mask, masked
 
@@ -270,7 +269,7 @@ def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransform
         leaves = tree.leaves(updates)
         if not leaves:
             return updates, ScaleByScheduleState(state.count + 1)
-        factor = schedule(state.count.to(widest_float(leaves)))
+        factor = schedule(state.count.to(tree.widest_float(leaves)))
         return tree.map(lambda u: u * factor.to(u.dtype), updates), ScaleByScheduleState(state.count + 1)
 
     return described(init, update, "scale_by_schedule", schedule=schedule)
@@ -327,7 +326,7 @@ def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation
         next_state = AddNoiseState(state.count + 1, state.key)
         if not leaves:
             return updates, next_state
-        dtype = widest_float(leaves)
+        dtype = tree.widest_float(leaves)
         std = torch.sqrt(eta / (state.count.to(dtype) + 1) ** gamma)
         step_key = nn.fold_in(state.key, state.count)
         flat, spec = pytree.tree_flatten(updates)
