@@ -9,13 +9,10 @@ This module is the one way in: `clip_and_noise` (the step's stage), `Accountant`
 reports epsilon with) and `noise_multiplier_for` (a sigma for a target epsilon), each given the
 batches' own `sample_rate` / `expected_batch_size`.
 
-The step computes each example's gradient (`vmap(grad)`, in chunks), clips it to `max_norm`
-(its global L2 norm over all parameters, scaled by `min(1, max_norm / (norm + 1e-6))`, as
-Opacus does), sums the clipped gradients of the examples the batch's mask keeps, adds
-Gaussian noise of std `noise_multiplier * max_norm` and divides by the expected batch size;
-the optimizer then applies that one gradient. The noise is a pure function of the state's
-`rng` and `step` (`nn.normal`), so a resumed run draws the same noise bitwise and ensemble
-members (each with its own `rng`) draw independent noise.
+The step runs that stage (`clip_and_noise` says what it computes) on each example's gradient
+(`vmap(grad)`, in chunks) and the optimizer applies the one noised gradient. The noise is a
+pure function of the state's `rng` and `step` (`nn.normal`), so a resumed run draws the same
+noise bitwise and ensemble members (each with its own `rng`) draw independent noise.
 
 Accounting is not ours: `epsilon` and `noise_multiplier_for` ask Opacus's accountants
 (`ACCOUNTANTS`: RDP, or PRV), the optional extra `fashion-func[privacy]`. The guarantee they
