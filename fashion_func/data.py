@@ -105,9 +105,8 @@ _HOW_TO_GET = (
 
 
 class DataError(Worded):
-    """The data could not be found, read or trusted. The message is one line naming the file or places.
-
-    Where the data was not found, `kind` says why (`WORDS`) for a client that words it itself."""
+    """The data could not be found, read or trusted. The message is one line naming the file or
+    places; where the data was not found, `kind` says why (`WORDS`) for a client that words it itself."""
 
     WORDS: ClassVar[Mapping[str, str]] = {
         "data_dir_missing": "data_dir {dir} does not exist or is not a directory; " + _HOW_TO_GET,
@@ -157,16 +156,14 @@ def candidates(data_dir: str | os.PathLike[str] | None = None) -> list[tuple[Pat
     `data_dir` (else a set $FASHION_MNIST_DIR) lists only itself and torchvision's layout under
     it: an explicit choice is never silently replaced by another place."""
     if data_dir is not None:
-        base = Path(data_dir).expanduser()
-        return [(base, "data_dir"), (base / TORCHVISION_SUBDIR, "data_dir, torchvision layout")]
-    env_dir = _env_dir()
-    if env_dir is not None:
-        return [(env_dir, f"${ENV_VAR}"), (env_dir / TORCHVISION_SUBDIR, f"${ENV_VAR}, torchvision layout")]
-    found: list[tuple[Path, str]] = []
-    local = Path.cwd() / DOWNLOAD_ROOT
-    found.append((local, "./dataset/fashion"))
-    found.append((local / TORCHVISION_SUBDIR, "./dataset/fashion, torchvision layout"))
-    found.append((Path(DEBIAN_DIR), "Debian package dataset-fashion-mnist"))
+        base, what = Path(data_dir).expanduser(), "data_dir"
+    elif (env_dir := _env_dir()) is not None:
+        base, what = env_dir, f"${ENV_VAR}"
+    else:
+        base, what = Path.cwd() / DOWNLOAD_ROOT, "./dataset/fashion"
+    found = [(base, what), (base / TORCHVISION_SUBDIR, f"{what}, torchvision layout")]
+    if what == "./dataset/fashion":  # no explicit choice: the Debian package's place too
+        found.append((Path(DEBIAN_DIR), "Debian package dataset-fashion-mnist"))
     return found
 
 
