@@ -82,9 +82,8 @@ def cutout(key: Tensor, images: Tensor, size: int, fill: float = 0.0) -> Tensor:
 class Augment:
     """A preprocess that augments in training: crop with `crop_padding`, flip, Cutout of
     `cutout` pixels (filled with 0: Fashion-MNIST's black background), then `base` (e.g.
-    `NormalizeImages()`; None: none). Without a key (evaluation) it is `base` alone.
-
-    Augmenting the raw images before `base` keeps `base`'s memory layout (NHWC on CPU)."""
+    `NormalizeImages()`; None: none). Without a key (evaluation) it is `base` alone. Augmenting
+    the raw images before `base` keeps `base`'s memory layout (NHWC on CPU)."""
 
     base: Callable[[Tensor], Tensor] | None = None
     crop_padding: int = 0

@@ -78,8 +78,6 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (28, 28)
-# MEAN, STD (the training images' pixel statistics), TUTORIAL_MEAN/STD (0.5, 0.5) and
-# `normalize` are `fashion_func.preprocess`'s, re-exported here.
 
 ENV_VAR = "FASHION_MNIST_DIR"
 # Module-level so tests can point them elsewhere with monkeypatch.
@@ -107,9 +105,8 @@ _HOW_TO_GET = (
 
 
 class DataError(Worded):
-    """The data could not be found, read or trusted. The message is one line naming the file or places.
-
-    Where the data was not found, `kind` says why (`WORDS`) for a client that words it itself."""
+    """The data could not be found, read or trusted. The message is one line naming the file or
+    places; where the data was not found, `kind` says why (`WORDS`) for a client that words it itself."""
 
     WORDS: ClassVar[Mapping[str, str]] = {
         "data_dir_missing": "data_dir {dir} does not exist or is not a directory; " + _HOW_TO_GET,
@@ -142,10 +139,6 @@ def hold_out(split: Split, n: int) -> tuple[Split, Split]:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Locating the files
-
-
 def _find(directory: Path, name: str) -> Path | None:
     """`directory/name` or `directory/name.gz`; the plain file wins (no decompression needed)."""
     for candidate in (directory / name, directory / f"{name}.gz"):
@@ -159,22 +152,18 @@ def _missing(directory: Path) -> list[str]:
 
 
 def candidates(data_dir: str | os.PathLike[str] | None = None) -> list[tuple[Path, str]]:
-    """The directories `locate` tries, in order, as (path, description) pairs.
-
-    With `data_dir` given only that directory (and torchvision's layout under it) is listed:
-    an explicit choice is never silently replaced by another place.
-    """
+    """The directories `locate` tries, in order, as (path, description) pairs. An explicit
+    `data_dir` (else a set $FASHION_MNIST_DIR) lists only itself and torchvision's layout under
+    it: an explicit choice is never silently replaced by another place."""
     if data_dir is not None:
-        base = Path(data_dir).expanduser()
-        return [(base, "data_dir"), (base / TORCHVISION_SUBDIR, "data_dir, torchvision layout")]
-    env_dir = _env_dir()
-    if env_dir is not None:  # an explicit choice too: never silently replaced by another place
-        return [(env_dir, f"${ENV_VAR}"), (env_dir / TORCHVISION_SUBDIR, f"${ENV_VAR}, torchvision layout")]
-    found: list[tuple[Path, str]] = []
-    local = Path.cwd() / DOWNLOAD_ROOT
-    found.append((local, "./dataset/fashion"))
-    found.append((local / TORCHVISION_SUBDIR, "./dataset/fashion, torchvision layout"))
-    found.append((Path(DEBIAN_DIR), "Debian package dataset-fashion-mnist"))
+        base, what = Path(data_dir).expanduser(), "data_dir"
+    elif (env_dir := _env_dir()) is not None:
+        base, what = env_dir, f"${ENV_VAR}"
+    else:
+        base, what = Path.cwd() / DOWNLOAD_ROOT, "./dataset/fashion"
+    found = [(base, what), (base / TORCHVISION_SUBDIR, f"{what}, torchvision layout")]
+    if what == "./dataset/fashion":  # no explicit choice: the Debian package's place too
+        found.append((Path(DEBIAN_DIR), "Debian package dataset-fashion-mnist"))
     return found
 
 
@@ -187,10 +176,8 @@ def _env_dir() -> Path | None:
 
 
 def fetch(root: Path) -> None:
-    """Download Fashion-MNIST with torchvision into `root/FashionMNIST/raw` (network needed).
-
-    Module-level so tests replace it and never touch the network.
-    """
+    """Download Fashion-MNIST with torchvision into `root/FashionMNIST/raw` (network needed);
+    module-level so tests replace it and never touch the network."""
     from torchvision.datasets import FashionMNIST  # imported here: only the download needs it
 
     # train=False: after downloading all four files torchvision parses one split; take the small one.
@@ -209,12 +196,10 @@ def _first_missing(base: Path, relative: Path) -> Path | None:
 
 
 def locate(data_dir: str | os.PathLike[str] | None = None, *, download: bool = True) -> tuple[Path, str]:
-    """The directory holding the four Fashion-MNIST files, and a description of where it came from.
-
-    Raises DataError (one line) when an explicit `data_dir` lacks the files, or when no place has
-    them and downloading is disabled or fails; the message lists the places searched and how to
-    get the data.
-    """
+    """The directory holding the four Fashion-MNIST files, and a description of where it came
+    from. DataError (one line, naming the places searched and how to get the data) when an
+    explicit `data_dir` lacks the files, or when no place has them and downloading is disabled
+    or fails."""
     places = candidates(data_dir)
     for path, description in places:
         if not _missing(path):
@@ -243,10 +228,6 @@ def locate(data_dir: str | os.PathLike[str] | None = None, *, download: bool = T
         missing = ", ".join(_missing(raw))
         raise DataError(kind="data_download_incomplete", root=root, raw=raw, missing=missing)
     return raw, f"{raw} (downloaded by torchvision)"
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing
 
 
 # The most examples a split may declare: Fashion-MNIST's own counts (MNIST-format sets share them).
@@ -280,13 +261,11 @@ def _open_idx(path: Path) -> Iterator[BinaryIO]:
             yield raw
 
 
-def _idx_stream(path: Path, max_count: int) -> tuple[bytes, bytes]:
-    """(header, body) of an IDX file, the body read only up to what the header declares.
-
-    The declared size is checked against `max_count` examples before anything else is read,
-    and a stream that goes on past it is refused after one byte more: a gzip bomb costs no
-    more memory than a valid file.
-    """
+def _idx_stream(path: Path, max_count: int) -> tuple[bytes, tuple[int, ...], bytes]:
+    """(header, its dimensions, body) of an IDX file, the body read only up to what the header
+    declares: that size is checked against `max_count` examples before anything else is read,
+    and a stream that goes on past it is refused after one byte more (a gzip bomb costs no more
+    memory than a valid file)."""
     with _open_idx(path) as f:
         head = _read_exact(f, 4)
         if len(head) < 4:
@@ -305,7 +284,7 @@ def _idx_stream(path: Path, max_count: int) -> tuple[bytes, bytes]:
             raise DataError(f"file {path} declares dimensions {dims}, more data than a split holds")
         body = _read_exact(f, count)
         extra = len(_read_exact(f, 1)) if len(body) == count else 0
-    return head, body + b"\0" * extra
+    return head, dims, body + b"\0" * extra
 
 
 def read_idx(
@@ -315,14 +294,12 @@ def read_idx(
     max_count: int = MAX_EXAMPLES["train"],
 ) -> Tensor:
     """The uint8 tensor stored in an IDX file (plain or .gz): [N, 28, 28] images or [N] labels.
-
     Checks the magic number (2051 images, 2049 labels; `expect` pins which), the dimensions, and
     that the file is exactly as long as its header says, at most `max_count` examples, reading
-    no more than that. Raises DataError naming the file.
-    """
+    no more than that; DataError naming the file otherwise."""
     path = Path(path)
     try:
-        head, body = _idx_stream(path, max_count)
+        head, dims, body = _idx_stream(path, max_count)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"file {path} is not a valid gzip file or is truncated ({one_line(e)})") from e
     except OSError as e:
@@ -338,8 +315,6 @@ def read_idx(
         raise DataError(
             f"file {path} holds {kind} (magic {magic}), expected {expect} (magic {_MAGIC[expect]})"
         )
-    ndim = magic & 0xFF  # the low byte of the magic number is the number of dimensions
-    dims = struct.unpack_from(f">{ndim}I", head, 4)
     if kind == "images" and tuple(dims[1:]) != IMAGE_SHAPE:
         raise DataError(f"file {path} holds images of shape {tuple(dims[1:])}, expected {IMAGE_SHAPE}")
     count = int(np.prod(dims, dtype=np.int64))
@@ -361,11 +336,9 @@ def load(
     limit: int | None = None,
     download: bool = True,
 ) -> Split:
-    """One split as uint8 images [N,28,28] and int64 labels [N] on `device` (the first `limit` examples).
-
-    Raises DataError when the files are missing or inconsistent (image/label counts differ, a label
-    outside 0..9) or when `limit` exceeds the examples available.
-    """
+    """One split as uint8 images [N,28,28] and int64 labels [N] on `device` (the first `limit`
+    examples). DataError when the files are missing or inconsistent (image/label counts differ,
+    a label outside 0..9) or when `limit` exceeds the examples available."""
     if split not in FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -400,9 +373,6 @@ def load(
     return Split(images.to(device), labels.to(torch.int64).to(device), source)
 
 
-# ---------------------------------------------------------------------------------------------
-# Batching and normalisation
-
 _MASK64 = (1 << 64) - 1
 
 
@@ -415,24 +385,19 @@ def _splitmix64(x: int) -> int:
 
 
 def _order_seed(seed: int, epoch: int) -> int:
-    """The generator seed for (seed, epoch): splitmix64(splitmix64(seed) ^ epoch), both taken mod 2**64.
-
-    Mixing through a bijective hash (rather than, say, seed + epoch) keeps (seed=1, epoch=0) and
-    (seed=0, epoch=1) apart, and gives unrelated orders for consecutive epochs.
-    """
+    """The generator seed for (seed, epoch): splitmix64(splitmix64(seed) ^ epoch), both taken
+    mod 2**64. Mixing through a bijective hash (rather than, say, seed + epoch) keeps (seed=1,
+    epoch=0) and (seed=0, epoch=1) apart, and gives unrelated orders for consecutive epochs."""
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (epoch & _MASK64))
 
 
 def batch_order(n: int, seed: int, epoch: int) -> Tensor:
-    """A permutation of range(n) (int64, on the CPU) that is a pure function of (n, seed, epoch).
-
-    Drawn with a local torch.Generator seeded by `_order_seed(seed, epoch)`; the global RNG is
-    neither read nor advanced, so resuming at `epoch` reproduces the order exactly.
-    """
+    """A permutation of range(n) (int64, on the CPU) that is a pure function of (n, seed, epoch):
+    drawn with a local torch.Generator seeded by `_order_seed(seed, epoch)`, the global RNG
+    neither read nor advanced, so resuming at `epoch` reproduces the order exactly."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(_order_seed(int(seed), int(epoch)))
+    generator = torch.Generator(device="cpu").manual_seed(_order_seed(int(seed), int(epoch)))
     return torch.randperm(n, generator=generator, dtype=torch.int64)
 
 
@@ -452,10 +417,8 @@ def batches(
     start: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """(uint8 images [B,28,28], int64 labels [B]) batches on the split's device, in `batch_order`.
-
     With drop_last=False the final batch may be smaller (a compiled step sees one more shape).
-    start: the first batch to yield (a run resumed mid-epoch continues where it was cut).
-    """
+    start: the first batch to yield (a run resumed mid-epoch continues where it was cut)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = split.images.shape[0]
@@ -470,11 +433,9 @@ def batches(
 @dataclass(frozen=True)
 class EpochBatches:
     """A split's batches for `fit`: called as `(epoch, start=0)` it yields that epoch's
-    batches from batch `start` on (`batches` in `batch_order(seed, epoch)`).
-
-    `len()` is the number of batches per epoch; `batching` identifies the order, so that a
-    checkpoint cut mid-epoch is only continued with the same batches.
-    """
+    batches from batch `start` on (`batches` in `batch_order(seed, epoch)`). `len()` is the
+    number of batches per epoch; `batching` identifies the order, so that a checkpoint cut
+    mid-epoch is only continued with the same batches."""
 
     split: Split
     batch_size: int
@@ -501,9 +462,6 @@ class EpochBatches:
         """What fixes the batches: example count, batch size and seed."""
         return {"n": int(self.split.labels.shape[0]), "batch_size": self.batch_size, "seed": self.seed}
 
-
-# ---------------------------------------------------------------------------------------------
-# Poisson sampling (private training)
 
 _POISSON_SALT = 0x50_4F_49_53  # the inclusion draws have their own stream, apart from batch_order
 
@@ -532,12 +490,6 @@ def poisson_capacity(n: int, sample_rate: float, overflow: float = 1e-9) -> int:
     return max(int(mean), 1)
 
 
-def _step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(_splitmix64(_order_seed(int(seed) ^ _POISSON_SALT, int(epoch)) ^ (step & _MASK64)))
-    return generator
-
-
 def poisson_batches(
     split: Split,
     sample_rate: float,
@@ -552,14 +504,26 @@ def poisson_batches(
     example joins each batch independently with probability `sample_rate`, a pure function of
     (seed, epoch, step). The batch is padded to the fixed `physical_batch_size` P (so a compiled
     step sees one shape); padding has mask False. A batch of more than P examples (see
-    `poisson_capacity`) keeps the P whose draws were smallest, an unbiased choice among them.
-    """
+    `poisson_capacity`) keeps the P whose draws were smallest, an unbiased choice among them."""
     # checked here, not when the first batch is asked for (the batches are a generator)
     privacy.check_sample_rate(sample_rate)
     _check_physical(physical_batch_size)
     if not 0 <= start <= steps:
         raise ValueError(f"start must be in [0, steps], got {start} of {steps}")
-    return _poisson_batches(split, sample_rate, physical_batch_size, seed, epoch, range(start, steps))
+    n, size, device = split.images.shape[0], physical_batch_size, split.images.device
+    epoch_seed = _order_seed(int(seed) ^ _POISSON_SALT, int(epoch))
+
+    def draw(b: int) -> tuple[Tensor, Tensor, Tensor]:
+        u = torch.rand(n, generator=torch.Generator().manual_seed(_splitmix64(epoch_seed ^ (b & _MASK64))))
+        chosen = (u < sample_rate).nonzero().squeeze(1)
+        if chosen.numel() > size:
+            chosen = chosen[u[chosen].argsort()[:size]].sort().values
+        idx = torch.zeros(size, dtype=torch.int64)
+        idx[: chosen.numel()] = chosen
+        idx, mask = idx.to(device), (torch.arange(size) < chosen.numel()).to(device)
+        return split.images[idx], split.labels[idx], mask
+
+    return (draw(b) for b in range(start, steps))
 
 
 def _check_physical(size: Any) -> None:
@@ -569,32 +533,13 @@ def _check_physical(size: Any) -> None:
         raise ValueError(f"physical_batch_size must be >= 1, got {size}")
 
 
-def _poisson_batches(
-    split: Split, sample_rate: float, physical_batch_size: int, seed: int, epoch: int, steps: range
-) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    n, device = split.images.shape[0], split.images.device
-    for b in steps:
-        u = torch.rand(n, generator=_step_generator(seed, epoch, b))
-        chosen = (u < sample_rate).nonzero().squeeze(1)
-        if chosen.numel() > physical_batch_size:
-            chosen = chosen[u[chosen].argsort()[:physical_batch_size]].sort().values
-        k = chosen.numel()
-        idx = torch.zeros(physical_batch_size, dtype=torch.int64)
-        idx[:k] = chosen
-        mask = torch.arange(physical_batch_size) < k
-        idx, mask = idx.to(device), mask.to(device)
-        yield split.images[idx], split.labels[idx], mask
-
-
 @dataclass(frozen=True)
 class PoissonBatches:
     """A split's Poisson-sampled batches for `fit` (private training): called as `(epoch,
     start=0)` it yields that epoch's `poisson_batches` from step `start` on, `len()` =
     `round(1 / sample_rate)` steps per epoch (one pass in expectation, as Opacus counts).
-
     physical_batch_size: the padded size P; None: `poisson_capacity(n, sample_rate)`, which a
-    batch exceeds with probability at most 1e-9 per step.
-    """
+    batch exceeds with probability at most 1e-9 per step."""
 
     split: Split
     sample_rate: float
@@ -605,15 +550,13 @@ class PoissonBatches:
         # the accountant's own range (a real number, not a bool, of at least SAMPLE_RATE_MIN):
         # an epoch of round(1 / q) steps must be countable
         object.__setattr__(self, "sample_rate", privacy.check_sample_rate(self.sample_rate))
-        size = self.physical_batch_size
-        if size is not None:
-            _check_physical(size)
+        if self.physical_batch_size is not None:
+            _check_physical(self.physical_batch_size)
 
     @property
     def size(self) -> int:
         """The physical (padded) batch size."""
-        n = int(self.split.labels.shape[0])
-        return self.physical_batch_size or poisson_capacity(n, self.sample_rate)
+        return self.physical_batch_size or poisson_capacity(int(self.split.labels.shape[0]), self.sample_rate)
 
     @property
     def expected_batch_size(self) -> float:
@@ -636,10 +579,8 @@ class PoissonBatches:
 
 
 def dataset_stats(images: Tensor) -> tuple[float, float]:
-    """(mean, std) of uint8 images scaled to [0, 1], over all pixels (population std).
-
-    Exact and cheap: computed from the 256-bin histogram in float64, never a float copy of the data.
-    """
+    """(mean, std) of uint8 images scaled to [0, 1], over all pixels (population std): exact and
+    cheap, from the 256-bin histogram in float64, never a float copy of the data."""
     counts = torch.bincount(images.reshape(-1).cpu(), minlength=256).to(torch.float64)
     values = torch.arange(256, dtype=torch.float64) / 255.0
     total = counts.sum()

@@ -77,11 +77,9 @@ def check_divisible(batch_size: int, size: int, what: str = "batch_size") -> Non
 
 
 def init(*, device: torch.device | str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Group:
-    """Join the process group torchrun describes: `nccl` for a CUDA `device`, else `gloo`.
-
-    A CUDA device becomes `cuda:LOCAL_RANK` (one GPU per process); `group.device` says which.
-    Already initialised (by the caller): that group is used as it is.
-    """
+    """Join the process group torchrun describes: `nccl` for a CUDA `device` (which becomes
+    `cuda:LOCAL_RANK`, one GPU per process: `group.device`), else `gloo`. One the caller already
+    initialised is used as it is."""
     r, local, size = env_world()
     dev = torch.device(device or "cpu")
     if dev.type == "cuda":
@@ -98,11 +96,9 @@ def init(*, device: torch.device | str | None = None, timeout_s: float = DEFAULT
 
 @dataclass(frozen=True)
 class Group:
-    """A handle on the initialised default process group and what `fit` needs from it.
-
-    `all_reduce_mean` is the train step's `reduce_grads` stage; `sum` / `max` / `min` are
-    the once-per-epoch reductions and stop agreement `fit` runs on the host side.
-    """
+    """A handle on the initialised default process group and what `fit` needs from it:
+    `all_reduce_mean` is the train step's `reduce_grads` stage; `sum` / `max` / `min` are the
+    once-per-epoch reductions and stop agreement `fit` runs on the host side."""
 
     rank: int
     local_rank: int
@@ -118,12 +114,10 @@ class Group:
 
     def all_reduce_sum(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The sum of `grads` over all ranks: a pure `grads -> grads` stage (a per-example
-        DP-SGD step's, whose ranks each give the sum of their clipped gradients).
-
-        One functional all-reduce (`torch.distributed._functional_collectives`) of all
-        gradients flattened into one buffer, so `torch.compile` traces it into the step;
-        run eagerly it works the same way (an async tensor, waited for on first use).
-        """
+        DP-SGD step's, whose ranks each give the sum of their clipped gradients): one functional
+        all-reduce (`torch.distributed._functional_collectives`) of all gradients flattened into
+        one buffer, so `torch.compile` traces it into the step; run eagerly it works the same
+        way (an async tensor, waited for on first use)."""
         import torch.distributed._functional_collectives as funcol
 
         names = list(grads)
@@ -138,46 +132,39 @@ class Group:
         step's `reduce_grads` stage."""
         return {k: v / self.size for k, v in self.all_reduce_sum(grads).items()}
 
-    def _reduce(self, values: Tensor, op: Any) -> Tensor:
+    def _collective(self, values: Tensor, fn: Callable[[Tensor], Any]) -> Tensor:
         out = values.to(self.device).clone()  # never in place on the caller's tensor
-        dist.all_reduce(out, op=op)
+        fn(out)
         return out.to(values.device)
 
     def sum(self, values: Tensor) -> Tensor:
         """`values` summed elementwise over all ranks (the same result on every rank)."""
-        return self._reduce(values, dist.ReduceOp.SUM)
+        return self._collective(values, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
 
     def max(self, values: Tensor) -> Tensor:
         """Elementwise maximum over all ranks."""
-        return self._reduce(values, dist.ReduceOp.MAX)
+        return self._collective(values, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX))
 
     def min(self, values: Tensor) -> Tensor:
         """Elementwise minimum over all ranks."""
-        return self._reduce(values, dist.ReduceOp.MIN)
+        return self._collective(values, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MIN))
 
     def first_failed(self, ok: bool) -> int | None:
-        """The lowest rank that reports `ok=False`, agreed by all ranks; None if all are ok.
-
-        Every rank must call it at the same point (a collective): a setup that failed on
-        one rank then stops all of them with a message instead of leaving them waiting.
-        """
+        """The lowest rank that reports `ok=False`, agreed by all ranks; None if all are ok. Every
+        rank must call it at the same point (a collective): a setup that failed on one rank then
+        stops all of them with a message instead of leaving them waiting."""
         mine = torch.tensor([self.size if ok else self.rank], dtype=torch.int64)
         first = int(self.min(mine))
         return None if first == self.size else first
 
     def broadcast_values(self, values: Tensor) -> Tensor:
         """Rank 0's `values` on every rank (a tensor of the same shape and dtype everywhere)."""
-        out = values.to(self.device).clone()
-        dist.broadcast(out, src=0)
-        return out.to(values.device)
+        return self._collective(values, lambda t: dist.broadcast(t, src=0))
 
     def close(self) -> None:
         """Leave the process group (at the end of the job)."""
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-# -- data ------------------------------------------------------------------------------------
 
 
 def shard_range(n: int, r: int, size: int) -> tuple[int, int]:
@@ -197,12 +184,10 @@ def shard(batch: Iterable[Tensor], r: int, size: int) -> tuple[Tensor, ...]:
 
 @dataclass(frozen=True)
 class ShardedBatches:
-    """This rank's slices of a global batch source, for `fit`.
-
-    `source` is called as `(epoch, start=0)` (e.g. `data.EpochBatches`): every rank draws
-    the same global batches and keeps its slice of each, so the batch order, `len()` and
-    `batching` (which a mid-epoch checkpoint records) are those of the global batches.
-    """
+    """This rank's slices of a global batch source, for `fit`. `source` is called as `(epoch,
+    start=0)` (e.g. `data.EpochBatches`): every rank draws the same global batches and keeps
+    its slice of each, so the batch order, `len()` and `batching` (which a mid-epoch checkpoint
+    records) are those of the global batches."""
 
     source: Callable[..., Iterable[Any]]
     group: Group

@@ -41,8 +41,7 @@ def _raw(name: str) -> str | None:
 
 def number(name: str, *, lo: float, hi: float) -> float | None:
     """A finite number of `name` in [lo, hi], or None when unset."""
-    text = _raw(name)
-    if text is None:
+    if (text := _raw(name)) is None:
         return None
     try:
         value = float(text.strip()) if _PRINTABLE.fullmatch(text.strip() or "x") else math.nan
@@ -55,8 +54,7 @@ def number(name: str, *, lo: float, hi: float) -> float | None:
 
 def integer(name: str, *, lo: int, hi: int) -> int | None:
     """An integer (plain ASCII digits) of `name` in [lo, hi], or None when unset."""
-    text = _raw(name)
-    if text is None:
+    if (text := _raw(name)) is None:
         return None
     value = int(text) if _INT.fullmatch(text) else None
     if value is None or not lo <= value <= hi:
@@ -66,8 +64,7 @@ def integer(name: str, *, lo: int, hi: int) -> int | None:
 
 def text(name: str, *, limit: int = 255) -> str | None:
     """A printable ASCII word (no spaces or control characters) of at most `limit` characters."""
-    value = _raw(name)
-    if value is None:
+    if (value := _raw(name)) is None:
         return None
     if len(value) > limit or not _PRINTABLE.fullmatch(value):
         raise ValueError(
@@ -78,8 +75,7 @@ def text(name: str, *, limit: int = 255) -> str | None:
 
 def directory(name: str) -> Path | None:
     """An existing directory named by `name`, or None when unset."""
-    value = _raw(name)
-    if value is None:
+    if (value := _raw(name)) is None:
         return None
     if "\x00" in value:
         raise ValueError(f"{name} must name a directory, got {short_repr(value)}")

@@ -23,11 +23,8 @@ __all__ = [
 
 
 def cross_entropy_single(logits: Tensor, label: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
-    """Cross-entropy of one example: logits [C], label 0-d int -> 0-d.
-
-    With smoothing s the target is (1 - s) * one_hot(label) + s / C, as in
-    torch.nn.functional.cross_entropy(label_smoothing=s).
-    """
+    """Cross-entropy of one example: logits [C], label 0-d int -> 0-d. With smoothing s the
+    target is (1 - s) * one_hot(label) + s / C, as in F.cross_entropy(label_smoothing=s)."""
     log_probs = torch.log_softmax(logits, dim=-1)  # [C]
     # gather (not log_probs[label]) so the index may be a vmapped tensor
     nll = -log_probs.gather(-1, label.to(torch.int64).reshape(1)).squeeze(-1)
@@ -39,11 +36,8 @@ def cross_entropy_single(logits: Tensor, label: Tensor, *, label_smoothing: floa
 
 def cross_entropy_per_example(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
     """Per-example cross-entropy: logits [B,C], labels [B] int64 -> [B] (the steps' default loss).
-
-    The same values as `vmap(cross_entropy_single)` (a test checks), computed by
-    `F.cross_entropy(reduction="none")`: one fused kernel instead of a gather and a mean per
-    example, and it still composes with `vmap` and `grad`.
-    """
+    The values of `vmap(cross_entropy_single)`, computed by `F.cross_entropy(reduction="none")`:
+    one fused kernel instead of a gather and a mean per example; it composes with `vmap` and `grad`."""
     return F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
 
 

@@ -36,18 +36,12 @@ def rank_of_label(logits: Tensor, labels: Tensor) -> Tensor:
     return vmap(_rank_single)(logits, labels)
 
 
-def _topk_correct_single(logits: Tensor, label: Tensor, k: int) -> Tensor:
-    return (_rank_single(logits, label) < k) & ~torch.isnan(logits).any()
-
-
 def topk_correct(logits: Tensor, labels: Tensor, k: int = 1) -> Tensor:
-    """Whether the true class is among the k highest logits: [B,C], [B] -> [B] bool.
-
-    Computed by vmap over a single-example function; k >= C makes every finite row correct.
-    """
+    """Whether the true class is among the k highest logits: [B,C], [B] -> [B] bool (vmap over
+    single examples); k >= C makes every finite row correct."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    return vmap(lambda z, y: _topk_correct_single(z, y, k))(logits, labels)
+    return vmap(lambda z, y: (_rank_single(z, y) < k) & ~torch.isnan(z).any())(logits, labels)
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> Tensor:
@@ -61,11 +55,9 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def confusion_matrix(preds: Tensor, labels: Tensor, num_classes: int = 10) -> Tensor:
-    """Counts [C,C] int64: row = true class, column = predicted class.
-
-    `preds` is [B] class indices or [B,C] logits (argmax taken). Values must lie in 0..C-1.
-    Uses scatter_add into a fixed-size buffer (not bincount, whose output size depends on the data).
-    """
+    """Counts [C,C] int64: row = true class, column = predicted class. `preds` is [B] class
+    indices or [B,C] logits (argmax taken); values must lie in 0..C-1. A scatter_add into a
+    fixed-size buffer (not bincount, whose output size depends on the data)."""
     if preds.ndim == 2:  # a shape, known at trace time
         preds = preds.argmax(-1)
     index = labels.to(torch.int64) * num_classes + preds.to(torch.int64)
@@ -75,10 +67,8 @@ def confusion_matrix(preds: Tensor, labels: Tensor, num_classes: int = 10) -> Te
 
 
 def precision_recall(cm: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-class (precision [C], recall [C]) from a confusion matrix (rows true, columns predicted).
-
-    A class never predicted has precision 0; a class absent from the labels has recall 0 (no NaN).
-    """
+    """Per-class (precision [C], recall [C]) from a confusion matrix (rows true, columns
+    predicted); a class never predicted has precision 0, one absent from the labels recall 0."""
     cm = cm.to(torch.float32)
     hits = torch.diagonal(cm)
     predicted = cm.sum(0)  # column sums: how often each class was predicted

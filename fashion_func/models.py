@@ -6,13 +6,12 @@ those of the equivalent `nn.Module`'s `state_dict`, so weights move between the 
 with `load_state_dict` / `state_dict()` and nothing else.
 
 A *stateful* model (batch norm) says so (`model.stateful`): `init_state()` gives its
-buffers under `nn.Module`'s buffer names (`bn1.running_mean`), and
-`apply(params, x, *, train, key, state) -> (logits, new_state)`. Nothing is written in
-place; in inference mode the state comes back unchanged.
+buffers under `nn.Module`'s buffer names (`bn1.running_mean`), and `apply` takes `state=` and
+returns `(logits, new_state)`. Nothing is written in place; in inference mode the state comes
+back unchanged.
 
-Each model is also a list of named *stages* (pure `(params, x, train, key) -> x`, or for a
-stateful stage `(params, state, x, train, key) -> (x, state updates)`); `apply` runs them
-in order and the trainer's summary runs them one at a time to report shapes.
+Each model is also a list of named `Stage`s; `apply` runs them in order and the trainer's
+summary runs them one at a time to report shapes.
 
 `MODELS` maps each model's name to its builder (what `get` takes); `Params` and `ModelState`
 are flat `{name: tensor}` dicts, keyed like the `nn.Module`'s `state_dict`.
@@ -41,11 +40,8 @@ StageFn = Callable[..., Any]
 
 @dataclass(frozen=True)
 class Stage:
-    """One named step of a model's forward pass.
-
-    fn: `(params, x, train, key) -> x`; with `stateful=True`
-    `(params, state, x, train, key) -> (x, {buffer name: new value})`.
-    """
+    """One named step of a model's forward pass. fn: `(params, x, train, key) -> x`; with
+    `stateful=True` `(params, state, x, train, key) -> (x, {buffer name: new value})`."""
 
     name: str
     fn: StageFn
@@ -83,9 +79,7 @@ class Model:
 
     def init_state(self, *, dtype: torch.dtype = torch.float32, device=None) -> ModelState:
         """The initial model state (the `nn.Module`'s buffers); `{}` for a stateless model."""
-        if self.init_state_fn is None:
-            return {}
-        return self.init_state_fn(dtype=dtype, device=device)
+        return {} if self.init_state_fn is None else self.init_state_fn(dtype=dtype, device=device)
 
     def apply(
         self,
@@ -96,24 +90,18 @@ class Model:
         key: Tensor | None = None,
         state: ModelState | None = None,
     ) -> Any:
-        """Logits `[B, classes]` for inputs `x` (`[B, *input_shape]`).
-
-        A stateful model needs `state` and returns `(logits, new_state)`; `new_state` holds
-        every entry of `state`, the ones the forward pass changed (train mode) replaced.
-        """
-        if not self.stateful:
-            if state:
-                raise ValueError(f"model {self.name} is stateless; it takes no state")
-            for stage in self.stages:
-                x = stage.fn(params, x, train, key)
-            return x
-        if state is None:
+        """Logits `[B, classes]` for inputs `x` (`[B, *input_shape]`). A stateful model needs
+        `state` and returns `(logits, new_state)`; `new_state` holds every entry of `state`, the
+        ones the forward pass changed (train mode) replaced."""
+        if not self.stateful and state:
+            raise ValueError(f"model {self.name} is stateless; it takes no state")
+        if self.stateful and state is None:
             raise ValueError(f"model {self.name} is stateful: pass state= (from model.init_state())")
-        new_state = dict(state)
+        new_state = dict(state or {})
         for stage in self.stages:
             x, updates = stage.run(params, new_state, x, train, key)
             new_state.update(updates)
-        return x, new_state
+        return (x, new_state) if self.stateful else x
 
     def __call__(self, params: Params, x: Tensor, **kwargs: Any) -> Any:
         return self.apply(params, x, **kwargs)
@@ -124,25 +112,27 @@ def num_params(params: Params) -> int:
     return sum(p.numel() for p in params.values())
 
 
-# -- small stage builders ------------------------------------------------------------
+def _map(name: str, fn: Callable[[Tensor], Tensor]) -> Stage:
+    """A stage without parameters: `x -> fn(x)`."""
+    return Stage(name, lambda p, x, train, key: fn(x))
 
 
-def _conv(name: str, padding: int = 0, *, relu: bool = True) -> Stage:
+def _conv(name: str, padding: int = 0, *, relu: bool = True, stride: int = 1) -> Stage:
     def fn(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
-        y = nn.conv2d(x, p[f"{name}.weight"], p[f"{name}.bias"], padding=padding)
+        y = nn.conv2d(x, p[f"{name}.weight"], p[f"{name}.bias"], stride=stride, padding=padding)
         return nn.relu(y) if relu else y
 
     return Stage(name, fn)
 
 
-def _relu(name: str) -> Stage:
-    return Stage(name, lambda p, x, train, key: nn.relu(x))
+def _pool(name: str, k: int = 2, stride: int | None = None) -> Stage:
+    return _map(name, lambda x: nn.max_pool(x, k, stride))
 
 
 def _conv_pool_relu(name: str, pool: str, padding: int = 0) -> tuple[Stage, ...]:
     # relu(max_pool(x)) == max_pool(relu(x)) exactly (both are monotone), so pool first:
     # the ReLU and its backward then touch a 4x smaller tensor.
-    return (_conv(name, padding, relu=False), _pool(pool), _relu(f"{name}.relu"))
+    return (_conv(name, padding, relu=False), _pool(pool), _map(f"{name}.relu", nn.relu))
 
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -159,42 +149,32 @@ def _batch_norm(name: str, *, momentum: float = 0.1, eps: float = 1e-5) -> Stage
     return Stage(name, fn, stateful=True)
 
 
-def _dense(name: str, *, relu: bool) -> Stage:
+def _group_norm(name: str, num_groups: int) -> Stage:
     def fn(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
-        y = nn.linear(x, p[f"{name}.weight"], p[f"{name}.bias"])
-        return nn.relu(y) if relu else y
+        return nn.group_norm(x, num_groups, p[f"{name}.weight"], p[f"{name}.bias"])
 
     return Stage(name, fn)
 
 
-def _pool(name: str, k: int = 2) -> Stage:
-    return Stage(name, lambda p, x, train, key: nn.max_pool(x, k))
-
-
-def _flatten_dense(name: str, *, relu: bool) -> Stage:
-    """Flatten `[B, C, H, W]` in C-major order (as `torch.flatten(x, 1)`), then a dense layer.
-
-    One stage, so that NHWC activations never need a transposing copy: for a channels-last
-    input the weight's columns are reordered to (h w c) instead, a view of the activation
-    meets a small weight copy, and the gradient flows back NHWC as well.
-    """
+def _dense(name: str, *, relu: bool, flatten: bool = False) -> Stage:
+    """A dense layer; with `flatten`, of `[B, C, H, W]` flattened in C-major order (as
+    `torch.flatten(x, 1)`) in the same stage, so that NHWC activations never need a transposing
+    copy: for a channels-last input the weight's columns are reordered to (h w c) instead, a
+    view of the activation meets a small weight copy, and the gradient flows back NHWC as well."""
 
     def fn(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
         weight, bias = p[f"{name}.weight"], p[f"{name}.bias"]
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        if flatten and nhwc:
             _, c, h, w = x.shape
             weight = rearrange(weight, "o (c h w) -> o (h w c)", c=c, h=h, w=w)
-            y = nn.linear(rearrange(x, "b c h w -> b (h w c)"), weight, bias)
-        else:
-            y = nn.linear(rearrange(x, "b ... -> b (...)"), weight, bias)
+            x = rearrange(x, "b c h w -> b (h w c)")
+        elif flatten:
+            x = rearrange(x, "b ... -> b (...)")
+        y = nn.linear(x, weight, bias)
         return nn.relu(y) if relu else y
 
     return Stage(name, fn)
-
-
-def _flatten(name: str = "flatten") -> Stage:
-    # [B, C, H, W] -> [B, C*H*W] in C-major order, as torch.flatten(x, 1) does
-    return Stage(name, lambda p, x, train, key: rearrange(x, "b ... -> b (...)"))
 
 
 def _dropout(name: str, rate: float, salt: int) -> Stage:
@@ -206,15 +186,17 @@ def _dropout(name: str, rate: float, salt: int) -> Stage:
     return Stage(name, fn)
 
 
-def _init_layers(layers: Sequence[tuple[str, str, tuple[int, ...]]]) -> Callable[..., Params]:
-    """An init drawing each layer in order, as `nn.Module.__init__` builds them."""
+def _init_layers(layers: Mapping[str, tuple[int, ...]]) -> Callable[..., Params]:
+    """An init drawing each layer in order, as `nn.Module.__init__` builds them. A layer's
+    dims say what it is: `(in, out, k)` a k x k conv, `(in, out)` a linear layer, `(channels,)`
+    a norm (weight 1, bias 0, no draws: `nn.BatchNorm2d`, `nn.GroupNorm`)."""
 
     def init(generator: torch.Generator, *, dtype: torch.dtype = torch.float32, device=None) -> Params:
         params: Params = {}
-        for name, kind, dims in layers:
-            if kind == "conv":
+        for name, dims in layers.items():
+            if len(dims) == 3:
                 w, b = nn.init_conv2d(generator, *dims, dtype=dtype, device=device)
-            elif kind in ("bn", "gn"):  # weight 1, bias 0, no draws: nn.BatchNorm2d, nn.GroupNorm
+            elif len(dims) == 1:
                 w, b, _ = nn.init_batch_norm(*dims, dtype=dtype, device=device or generator.device)
             else:
                 w, b = nn.init_linear(generator, *dims, dtype=dtype, device=device)
@@ -224,16 +206,26 @@ def _init_layers(layers: Sequence[tuple[str, str, tuple[int, ...]]]) -> Callable
     return init
 
 
-# -- the models ----------------------------------------------------------------------
+def _init_bn_state(layers: Mapping[str, int]) -> Callable[..., ModelState]:
+    """The buffers of the batch norms `{name: channels}`, as `nn.BatchNorm2d` initialises them."""
+
+    def init_state(*, dtype: torch.dtype = torch.float32, device=None) -> ModelState:
+        out: ModelState = {}
+        for name, channels in layers.items():
+            _, _, buffers = nn.init_batch_norm(channels, dtype=dtype, device=device)
+            out.update({f"{name}.{b}": v for b, v in zip(BN_BUFFERS, buffers, strict=True)})
+        return out
+
+    return init_state
 
 
 def mlp(D_in: int = 784, H: int = 100, D_out: int = 10) -> Model:
-    """The tutorial's TwoLayerNet: `linear1` (D_in->H), ReLU, `linear2` (H->D_out).
-
-    Images are flattened first, so it also takes `[B, 1, 28, 28]` with D_in=784.
-    """
-    stages = (_flatten(), _dense("linear1", relu=True), _dense("linear2", relu=False))
-    init = _init_layers([("linear1", "linear", (D_in, H)), ("linear2", "linear", (H, D_out))])
+    """The tutorial's TwoLayerNet: `linear1` (D_in->H), ReLU, `linear2` (H->D_out). Images are
+    flattened first, so it also takes `[B, 1, 28, 28]` with D_in=784."""
+    # [B, C, H, W] -> [B, C*H*W] in C-major order, as torch.flatten(x, 1) does
+    flatten = _map("flatten", lambda x: rearrange(x, "b ... -> b (...)"))
+    stages = (flatten, _dense("linear1", relu=True), _dense("linear2", relu=False))
+    init = _init_layers({"linear1": (D_in, H), "linear2": (H, D_out)})
     return Model("mlp", {"D_in": D_in, "H": H, "D_out": D_out}, init, stages, input_shape=(D_in,))
 
 
@@ -247,29 +239,11 @@ def simplenet(num_classes: int = 10) -> Model:
     stages = (
         _conv("conv1"),
         *_conv_pool_relu("conv2", "pool"),
-        _flatten_dense("fc1", relu=True),
+        _dense("fc1", relu=True, flatten=True),
         _dense("fc2", relu=False),
     )
-    init = _init_layers(
-        [
-            ("conv1", "conv", (1, 32, 3)),
-            ("conv2", "conv", (32, 64, 3)),
-            ("fc1", "linear", (9216, 128)),
-            ("fc2", "linear", (128, num_classes)),
-        ]
-    )
-    return Model("simplenet", {"num_classes": num_classes}, init, stages)
-
-
-def _init_bn_state(layers: Sequence[tuple[str, int]]) -> Callable[..., ModelState]:
-    def init_state(*, dtype: torch.dtype = torch.float32, device=None) -> ModelState:
-        out: ModelState = {}
-        for name, channels in layers:
-            _, _, buffers = nn.init_batch_norm(channels, dtype=dtype, device=device)
-            out.update({f"{name}.{b}": v for b, v in zip(BN_BUFFERS, buffers, strict=True)})
-        return out
-
-    return init_state
+    layers = {"conv1": (1, 32, 3), "conv2": (32, 64, 3), "fc1": (9216, 128), "fc2": (128, num_classes)}
+    return Model("simplenet", {"num_classes": num_classes}, _init_layers(layers), stages)
 
 
 def simplenet_bn(num_classes: int = 10) -> Model:
@@ -283,31 +257,18 @@ def simplenet_bn(num_classes: int = 10) -> Model:
     stages = (
         _conv("conv1", relu=False),
         _batch_norm("bn1"),
-        _relu("bn1.relu"),
+        _map("bn1.relu", nn.relu),
         _conv("conv2", relu=False),
         _batch_norm("bn2"),
         _pool("pool"),
-        _relu("pool.relu"),
-        _flatten_dense("fc1", relu=True),
+        _map("pool.relu", nn.relu),
+        _dense("fc1", relu=True, flatten=True),
         _dense("fc2", relu=False),
     )
-    init = _init_layers(
-        [
-            ("conv1", "conv", (1, 32, 3)),
-            ("bn1", "bn", (32,)),
-            ("conv2", "conv", (32, 64, 3)),
-            ("bn2", "bn", (64,)),
-            ("fc1", "linear", (9216, 128)),
-            ("fc2", "linear", (128, num_classes)),
-        ]
-    )
-    return Model(
-        "simplenet_bn",
-        {"num_classes": num_classes},
-        init,
-        stages,
-        init_state_fn=_init_bn_state([("bn1", 32), ("bn2", 64)]),
-    )
+    convs = {"conv1": (1, 32, 3), "bn1": (32,), "conv2": (32, 64, 3), "bn2": (64,)}
+    init = _init_layers({**convs, "fc1": (9216, 128), "fc2": (128, num_classes)})
+    bn_state = _init_bn_state({"bn1": 32, "bn2": 64})
+    return Model("simplenet_bn", {"num_classes": num_classes}, init, stages, init_state_fn=bn_state)
 
 
 def alexnet(num_classes: int = 10, dropout: float = 0.5) -> Model:
@@ -326,23 +287,14 @@ def alexnet(num_classes: int = 10, dropout: float = 0.5) -> Model:
         *_conv_pool_relu("conv5", "pool3", padding=1),
         # dropout before the flatten is the same elementwise mask (logical index order)
         _dropout("dropout1", dropout, salt=1),
-        _flatten_dense("fc1", relu=True),
+        _dense("fc1", relu=True, flatten=True),
         _dropout("dropout2", dropout, salt=2),
         _dense("fc2", relu=True),
         _dense("fc3", relu=False),
     )
-    init = _init_layers(
-        [
-            ("conv1", "conv", (1, 64, 3)),
-            ("conv2", "conv", (64, 192, 3)),
-            ("conv3", "conv", (192, 384, 3)),
-            ("conv4", "conv", (384, 256, 3)),
-            ("conv5", "conv", (256, 256, 3)),
-            ("fc1", "linear", (2304, 1024)),
-            ("fc2", "linear", (1024, 1024)),
-            ("fc3", "linear", (1024, num_classes)),
-        ]
-    )
+    layers = {"conv1": (1, 64, 3), "conv2": (64, 192, 3), "conv3": (192, 384, 3), "conv4": (384, 256, 3)}
+    layers |= {"conv5": (256, 256, 3), "fc1": (2304, 1024), "fc2": (1024, 1024), "fc3": (1024, num_classes)}
+    init = _init_layers(layers)
     return Model("alexnet", {"num_classes": num_classes, "dropout": dropout}, init, stages)
 
 
@@ -362,11 +314,8 @@ def _residual(name: str, blocks: Sequence[Stage]) -> Stage:
 def _conv_bn_relu(name: str, *, pool: bool = False) -> tuple[Stage, ...]:
     """conv 3x3 (padding 1), [max-pool 2], batch norm, ReLU; named `<name>.conv`, `<name>.bn`."""
     pooled = (_pool(f"{name}.pool"),) if pool else ()
-    return (_conv(f"{name}.conv", 1, relu=False), *pooled, _batch_norm(f"{name}.bn"), _relu(f"{name}.relu"))
-
-
-def _global_max_pool(name: str) -> Stage:
-    return Stage(name, lambda p, x, train, key: x.amax(dim=(-2, -1)))
+    conv, relu = _conv(f"{name}.conv", 1, relu=False), _map(f"{name}.relu", nn.relu)
+    return (conv, *pooled, _batch_norm(f"{name}.bn"), relu)
 
 
 def resnet(num_classes: int = 10, width: int = 16) -> Model:
@@ -389,40 +338,15 @@ def resnet(num_classes: int = 10, width: int = 16) -> Model:
         *_conv_bn_relu("layer2", pool=True),
         *_conv_bn_relu("layer3", pool=True),
         _residual("layer3.res", (*_conv_bn_relu("layer3.res1"), *_conv_bn_relu("layer3.res2"))),
-        _global_max_pool("pool"),
+        _map("pool", lambda x: x.amax(dim=(-2, -1))),  # global max-pool
         _dense("fc", relu=False),
     )
-    layers: list[tuple[str, str, tuple[int, ...]]] = []
+    layers: dict[str, tuple[int, ...]] = {}
     for name, c_in, c_out in convs:  # as the module builds them: each conv, then its bn
-        layers += [(f"{name}.conv", "conv", (c_in, c_out, 3)), (f"{name}.bn", "bn", (c_out,))]
-    layers.append(("fc", "linear", (8 * w, num_classes)))
-    bns = [(f"{name}.bn", c_out) for name, _, c_out in convs]
-    return Model(
-        "resnet", {"num_classes": num_classes, "width": width}, _init_layers(layers), stages,
-        init_state_fn=_init_bn_state(bns),
-    )  # fmt: skip
-
-
-def _strided_conv(name: str, stride: int, padding: int = 0) -> Stage:
-    def fn(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
-        return nn.conv2d(x, p[f"{name}.weight"], p[f"{name}.bias"], stride=stride, padding=padding)
-
-    return Stage(name, fn)
-
-
-def _group_norm(name: str, num_groups: int) -> Stage:
-    def fn(p: Params, x: Tensor, train: bool, key: Tensor | None) -> Tensor:
-        return nn.group_norm(x, num_groups, p[f"{name}.weight"], p[f"{name}.bias"])
-
-    return Stage(name, fn)
-
-
-def _tanh(name: str) -> Stage:
-    return Stage(name, lambda p, x, train, key: nn.tanh(x))
-
-
-def _strided_pool(name: str, k: int, stride: int) -> Stage:
-    return Stage(name, lambda p, x, train, key: nn.max_pool(x, k, stride))
+        layers |= {f"{name}.conv": (c_in, c_out, 3), f"{name}.bn": (c_out,)}
+    init = _init_layers({**layers, "fc": (8 * w, num_classes)})
+    bn_state = _init_bn_state({f"{name}.bn": c_out for name, _, c_out in convs})
+    return Model("resnet", {"num_classes": num_classes, "width": width}, init, stages, init_state_fn=bn_state)
 
 
 def dpcnn(num_classes: int = 10, width: int = 16, groups: int = 0) -> Model:
@@ -441,18 +365,16 @@ def dpcnn(num_classes: int = 10, width: int = 16, groups: int = 0) -> Model:
     gn1 = (_group_norm("gn1", groups),) if groups else ()
     gn2 = (_group_norm("gn2", groups),) if groups else ()
     stages = (
-        _strided_conv("conv1", stride=2, padding=3), *gn1, _tanh("conv1.tanh"), _strided_pool("pool1", 2, 1),
-        _strided_conv("conv2", stride=2), *gn2, _tanh("conv2.tanh"), _strided_pool("pool2", 2, 1),
-        _flatten_dense("fc1", relu=False), _tanh("fc1.tanh"),
+        _conv("conv1", 3, relu=False, stride=2), *gn1, _map("conv1.tanh", nn.tanh), _pool("pool1", 2, 1),
+        _conv("conv2", relu=False, stride=2), *gn2, _map("conv2.tanh", nn.tanh), _pool("pool2", 2, 1),
+        _dense("fc1", relu=False, flatten=True), _map("fc1.tanh", nn.tanh),
         _dense("fc2", relu=False),
     )  # fmt: skip
-    layers: list[tuple[str, str, tuple[int, ...]]] = [("conv1", "conv", (1, w, 8))]
-    layers += [("gn1", "gn", (w,))] if groups else []
-    layers += [("conv2", "conv", (w, 2 * w, 4))]
-    layers += [("gn2", "gn", (2 * w,))] if groups else []
-    layers += [("fc1", "linear", (2 * w * 4 * 4, 32)), ("fc2", "linear", (32, num_classes))]
+    layers = {"conv1": (1, w, 8), "gn1": (w,), "conv2": (w, 2 * w, 4), "gn2": (2 * w,)}
+    layers |= {"fc1": (2 * w * 4 * 4, 32), "fc2": (32, num_classes)}
+    init = _init_layers({k: v for k, v in layers.items() if groups or not k.startswith("gn")})
     hparams = {"num_classes": num_classes, "width": width, "groups": groups}
-    return Model("dpcnn", hparams, _init_layers(layers), stages)
+    return Model("dpcnn", hparams, init, stages)
 
 
 MODELS: dict[str, Callable[..., Model]] = {
@@ -465,11 +387,9 @@ MODELS: dict[str, Callable[..., Model]] = {
 }
 
 
-# Each model's hyperparameters by name and kind: "size" an integer from 1 to MAX_SIZE,
-# "classes" an integer from 2 to MAX_SIZE (one class is no classifier), "rate" a number in
-# [0, 1) (a dropout of 1 drops everything), "groups" an integer from 0 (none) to MAX_SIZE that
-# divides the model's width (group norm's group count). What a file or a caller passes is
-# checked here.
+# Each model's hyperparameters by name and kind (`check_hparams` holds what a file or a caller
+# passes to it): a "classes" count is at least 2 (one class is no classifier), a dropout "rate"
+# below 1 (a rate of 1 drops everything), a group norm's "groups" count divides the width.
 HPARAMS: dict[str, dict[str, str]] = {
     "mlp": {"D_in": "size", "H": "size", "D_out": "classes"},
     "simplenet": {"num_classes": "classes"},
@@ -508,12 +428,9 @@ def check_hparams(name: str, hparams: Mapping[str, Any]) -> None:
 
 def _check_groups(name: str, kinds: Mapping[str, str], hparams: Mapping[str, Any]) -> None:
     """ValueError unless a group count divides the width (and so 2*width: both convs' channels)."""
-    for key, kind in kinds.items():
-        if kind != "groups":
-            continue
-        defaults = inspect.signature(MODELS[name]).parameters
-        groups = hparams.get(key, defaults[key].default)
-        width = hparams.get("width", defaults["width"].default)
+    defaults = inspect.signature(MODELS[name]).parameters
+    for key in (k for k, kind in kinds.items() if kind == "groups"):
+        groups, width = (hparams.get(k, defaults[k].default) for k in (key, "width"))
         if groups and width % groups:
             raise ValueError(
                 f"model {name}: {key} must divide width ({width}) and 2*width, got {short_repr(groups)}"
@@ -528,9 +445,5 @@ def num_classes(model: Model) -> int:
 def get(name: str, **hparams: Any) -> Model:
     """The model called `name` built with `hparams`; ValueError naming the choices, or the
     hyperparameter that is not of its kind (`check_hparams`), otherwise."""
-    try:
-        builder = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}") from None
-    check_hparams(name, hparams)
-    return builder(**hparams)
+    check_hparams(name, hparams)  # an unknown name too: HPARAMS has a row for each model
+    return MODELS[name](**hparams)

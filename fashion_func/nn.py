@@ -40,11 +40,9 @@ _M32 = 0xFFFFFFFF
 
 
 def _mix32(h: Tensor) -> Tensor:
-    """murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2**32).
-
-    int64 products may wrap past 2**63; masking keeps the exact low 32 bits, which is
-    all the finaliser needs, on CPU and CUDA alike.
-    """
+    """murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2**32). int64 products may
+    wrap past 2**63; masking keeps the exact low 32 bits, which is all the finaliser needs, on CPU
+    and CUDA alike."""
     h = h ^ (h >> 16)
     h = (h * 0x85EBCA6B) & _M32
     h = h ^ (h >> 13)
@@ -74,11 +72,9 @@ def uniform(
 
 
 def normal(key: Tensor, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal draws, a pure function of `key` (0-d int64) and the element index.
-
+    """Standard normal draws, a pure function of `key` (0-d int64) and the element index:
     Box-Muller over the two halves of one `uniform` stream of 2n 24-bit uniforms (computed in
-    float64 for float64, else float32, then cast to `dtype`); the tails end near 5.8 sigma.
-    """
+    float64 for float64, else float32, then cast to `dtype`); the tails end near 5.8 sigma."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     n = math.prod(shape)
     # one stream of 2n uniforms, split: two separate streams fused into one kernel made
@@ -122,14 +118,10 @@ def tanh(x: Tensor) -> Tensor:
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
-    """Group normalisation of `[B, C, ...]`, as `F.group_norm` / `nn.GroupNorm`.
-
-    The C channels are split into `num_groups` consecutive groups; each example's group is
-    normalised by its own mean and biased variance, then scaled by `weight` and shifted by
-    `bias` (`[C]` each). No batch statistics and no state: an example's output does not depend
-    on the rest of the batch (what per-example gradients need). NHWC inputs give NHWC outputs.
-    Statistics are computed in at least float32 (bf16 activations under autocast).
-    """
+    """Group normalisation of `[B, C, ...]` (`weight`, `bias`: `[C]`), as `F.group_norm` /
+    `nn.GroupNorm`: no batch statistics and no state, so an example's output does not depend on
+    the rest of the batch (what per-example gradients need). NHWC inputs give NHWC outputs.
+    Statistics are computed in at least float32 (bf16 activations under autocast)."""
     xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
     y = F.group_norm(xf, num_groups, weight.to(xf.dtype), bias.to(xf.dtype), eps)
     return y.to(x.dtype)
@@ -153,14 +145,12 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> tuple[Tensor, BatchNormState]:
-    """Batch normalisation over all axes but the channel axis 1: `(y, new_state)`.
-
-    Training: normalise with the batch's mean and biased variance, and return running
-    statistics moved by `momentum` towards the batch's mean and *unbiased* variance, with
-    `num_batches_tracked + 1` (as `nn.BatchNorm2d` does in place). Inference: normalise with
-    the running statistics; the state comes back unchanged. Pure: nothing is written.
-    Statistics are computed in at least float32 (bf16 activations under autocast).
-    """
+    """Batch normalisation over all axes but the channel axis 1: `(y, new_state)`. Training:
+    normalise with the batch's mean and biased variance, and return running statistics moved by
+    `momentum` towards the batch's mean and *unbiased* variance, with `num_batches_tracked + 1` (as
+    `nn.BatchNorm2d` does in place). Inference: normalise with the running statistics; the state
+    comes back unchanged. Pure: nothing is written. Statistics are computed in at least float32
+    (bf16 activations under autocast)."""
     xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
     w, b = weight.to(xf.dtype), bias.to(xf.dtype)
     if not train:  # native: one fused pass over x; with training=False it writes nothing
@@ -193,10 +183,8 @@ def init_batch_norm(
 
 
 def dropout(x: Tensor, rate: float, *, key: Tensor | None, train: bool) -> Tensor:
-    """Inverted dropout: zero each element with probability `rate`, scale the rest.
-
-    Identity when not training or `rate == 0`; training with `rate > 0` needs a key.
-    """
+    """Inverted dropout: zero each element with probability `rate`, scale the rest. Identity
+    when not training or `rate == 0`; training with `rate > 0` needs a key."""
     if not train or rate == 0.0:
         return x
     if key is None:
@@ -214,24 +202,22 @@ def _layout_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _fan_in_uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator, dtype, device) -> Tensor:
+def _fan_in(generator: torch.Generator, shape: tuple[int, ...], dtype, device) -> tuple[Tensor, Tensor]:
+    """(weight of `shape`, bias), drawn in that order from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) on
+    the generator's device (fan_in = prod(shape[1:])), then moved to `device`."""
+    fan_in = math.prod(shape[1:])
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-    t = torch.empty(shape, dtype=dtype, device=device)
-    return t.uniform_(-bound, bound, generator=generator)
+    w, b = (torch.empty(size, dtype=dtype, device=generator.device) for size in (shape, shape[:1]))
+    w, b = w.uniform_(-bound, bound, generator=generator), b.uniform_(-bound, bound, generator=generator)
+    return w.to(device or generator.device), b.to(device or generator.device)
 
 
 def init_linear(
     generator: torch.Generator, in_features: int, out_features: int, *, dtype=torch.float32, device=None
 ) -> tuple[Tensor, Tensor]:
-    """`nn.Linear`'s default init: kaiming_uniform(a=sqrt(5)) weight, then the bias.
-
-    kaiming_uniform with a=sqrt(5) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)); drawn on the
-    generator's device, in the order `nn.Linear.reset_parameters` draws.
-    """
-    gen_device = generator.device
-    w = _fan_in_uniform((out_features, in_features), in_features, generator, dtype, gen_device)
-    b = _fan_in_uniform((out_features,), in_features, generator, dtype, gen_device)
-    return w.to(device or gen_device), b.to(device or gen_device)
+    """`nn.Linear`'s default init: kaiming_uniform(a=sqrt(5)) weight, i.e. U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)), then the bias, drawn as `nn.Linear.reset_parameters` draws."""
+    return _fan_in(generator, (out_features, in_features), dtype, device)
 
 
 def init_conv2d(
@@ -244,10 +230,4 @@ def init_conv2d(
     device=None,
 ) -> tuple[Tensor, Tensor]:
     """`nn.Conv2d`'s default init (same rule as Linear, fan_in = in_channels * k * k)."""
-    fan_in = in_channels * kernel_size * kernel_size
-    gen_device = generator.device
-    w = _fan_in_uniform(
-        (out_channels, in_channels, kernel_size, kernel_size), fan_in, generator, dtype, gen_device
-    )
-    b = _fan_in_uniform((out_channels,), fan_in, generator, dtype, gen_device)
-    return w.to(device or gen_device), b.to(device or gen_device)
+    return _fan_in(generator, (out_channels, in_channels, kernel_size, kernel_size), dtype, device)

@@ -38,12 +38,10 @@ def normalize(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
 ) -> Tensor:
-    """uint8 `[B, H, W]` (or `[B, 1, H, W]`) -> `dtype` `[B, 1, H, W]`, `(x / 255 - mean) / std`.
-
-    Pure tensor ops, so it runs inside a compiled step on the device. channels_last: lay the
-    result out NHWC in memory (same shape and values); the convolutions then keep that
-    layout, which oneDNN runs faster on CPU.
-    """
+    """uint8 `[B, H, W]` (or `[B, 1, H, W]`) -> `dtype` `[B, 1, H, W]`, `(x / 255 - mean) / std`,
+    in pure tensor ops (it runs inside a compiled step). channels_last: lay the result out NHWC
+    in memory (same shape and values); the convolutions then keep that layout, which oneDNN
+    runs faster on CPU."""
     if images.dim() == 4:  # already [B, 1, H, W]: drop the channel axis, add it back below
         images = rearrange(images, "b 1 h w -> b h w")
     # NHWC: [B, H, W, 1] in memory viewed as [B, 1, H, W], stride 1 along C, which
@@ -58,13 +56,11 @@ def normalize(
 
 @dataclass(frozen=True)
 class NormalizeImages:
-    """The default preprocess: uint8 grayscale images -> normalised float32 `[B, 1, H, W]`.
-
-    A batch of another dtype is a TypeError (floats are taken to be normalised already: pass
-    `preprocess=None`); the check reads only the dtype, which is static under torch.compile.
-    channels_last: None (auto) lays activations out NHWC when the images are on the CPU,
-    where oneDNN's convolutions run faster that way; on CUDA it measured no different.
-    """
+    """The default preprocess: uint8 grayscale images -> normalised float32 `[B, 1, H, W]`. A
+    batch of another dtype is a TypeError (floats are taken to be normalised already: pass
+    `preprocess=None`); the check reads only the dtype, static under torch.compile.
+    channels_last: None (auto) lays activations out NHWC when the images are on the CPU, where
+    oneDNN's convolutions run faster that way; on CUDA it measured no different."""
 
     mean: float = MEAN
     std: float = STD

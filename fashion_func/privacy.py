@@ -7,31 +7,25 @@
 
 This module is the one way in: `clip_and_noise` (the step's stage), `Accountant` (what `fit`
 reports epsilon with) and `noise_multiplier_for` (a sigma for a target epsilon), each given the
-batches' own `sample_rate` / `expected_batch_size`; `fit(privacy=)` refuses an accountant or a
-stage that does not match the batches it runs (`check_accountant`).
+batches' own `sample_rate` / `expected_batch_size`.
 
-The step computes each example's gradient (`vmap(grad)`, in chunks), clips it to `max_norm`
-(its global L2 norm over all parameters, scaled by `min(1, max_norm / (norm + 1e-6))`, as
-Opacus does), sums the clipped gradients of the examples the batch's mask keeps, adds
-Gaussian noise of std `noise_multiplier * max_norm` and divides by the expected batch size;
-the optimizer then applies that one gradient. The noise is a pure function of the state's
-`rng` and `step` (`nn.normal`), so a resumed run draws the same noise bitwise and ensemble
-members (each with its own `rng`) draw independent noise.
+The step runs that stage (`clip_and_noise` says what it computes) on each example's gradient
+(`vmap(grad)`, in chunks) and the optimizer applies the one noised gradient. The noise is a
+pure function of the state's `rng` and `step` (`nn.normal`), so a resumed run draws the same
+noise bitwise and ensemble members (each with its own `rng`) draw independent noise.
 
-Accounting is not ours: `epsilon` and `noise_multiplier_for` ask Opacus's accountants (RDP,
-or PRV), the optional extra `fashion-func[privacy]`. The guarantee they compute assumes
-Poisson sampling (`data.PoissonBatches`): each example joins each step's batch with
-probability `sample_rate`, independently.
+Accounting is not ours: `epsilon` and `noise_multiplier_for` ask Opacus's accountants
+(`ACCOUNTANTS`: RDP, or PRV), the optional extra `fashion-func[privacy]`. The guarantee they
+compute assumes Poisson sampling (`data.PoissonBatches`): each example joins each step's batch
+with probability `sample_rate`, independently.
 
 epsilon is computed from what the run enforces, never from what a file or a caller claims:
 every value is range-checked before an accountant sees it (`check_noise_multiplier`,
 `check_sample_rate`, `check_delta`, `check_steps`; PRV only where it agrees with
-dp-accounting's PLD, `check_prv`), `check_accountant` holds an `Accountant` to the step's
-per-example stage and the batches' sampling, and `check_record` holds a checkpoint's privacy
-record to them and to the state's step. A disagreement is refused (one-line ValueError),
-never reported with a smaller epsilon.
-
-`ACCOUNTANTS` names the accountants `epsilon` and `Accountant` accept.
+dp-accounting's PLD, `check_prv`), `check_accountant` (what `fit(privacy=)` calls) holds an
+`Accountant` to the step's per-example stage and the batches' sampling, and `check_record`
+holds a checkpoint's privacy record to them and to the state's step. A disagreement is
+refused (one-line ValueError), never reported with a smaller epsilon.
 """
 
 from __future__ import annotations
@@ -109,12 +103,10 @@ def _values(value: float | Sequence[float], name: str) -> tuple[float, ...]:
     items = tuple(value) if isinstance(value, (list, tuple)) else (value,)
     if not items:
         raise ValueError(f"{name} needs at least one value")
-    out = []
-    for v in items:
-        if not _real(v) or not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v!r}")
-        out.append(float(v))
-    return tuple(out)
+    bad = [v for v in items if not _real(v) or not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{name} must be a finite number, got {bad[0]!r}")
+    return tuple(float(v) for v in items)
 
 
 def check_noise_multiplier(value: Any, name: str = "noise_multiplier") -> float:
@@ -223,11 +215,6 @@ def clip_and_noise(
     return ClipAndNoise(norms, sigmas, expected_batch_size, chunk_size)
 
 
-def clip_factors(norms: Tensor, max_norm: Tensor | float) -> Tensor:
-    """Each example's scale `min(1, max_norm / (norm + 1e-6))` (Opacus's formula)."""
-    return (max_norm / (norms + CLIP_EPS)).clamp(max=1.0)
-
-
 def clipped_sum(grads: Params, max_norm: Tensor | float, mask: Tensor | None = None) -> tuple[Params, Tensor]:
     """(the sum over the examples of `grads` `{name: [B, ...]}` each clipped to `max_norm`,
     the number of examples whose norm was above it); examples `mask` (`[B]` bool) drops
@@ -235,7 +222,7 @@ def clipped_sum(grads: Params, max_norm: Tensor | float, mask: Tensor | None = N
     with `where`, never multiplied by 0: 0 * NaN is NaN)."""
     check_mask(mask)
     norms = torch.func.vmap(tree.global_norm)(grads)
-    scale = clip_factors(norms, max_norm)
+    scale = (max_norm / (norms + CLIP_EPS)).clamp(max=1.0)  # Opacus's min(1, max_norm / (norm + 1e-6))
     over = norms > max_norm
     if mask is not None:
         scale = torch.where(mask, scale, 0.0)
@@ -265,9 +252,6 @@ def add_noise(
     return pytree.tree_unflatten(noised, spec)
 
 
-# -- accounting (Opacus's accountants) ---------------------------------------------------------
-
-
 def _accountant(name: str) -> Any:
     if name not in ACCOUNTANTS:
         raise ValueError(f"unknown accountant {name!r}; choose from {', '.join(ACCOUNTANTS)}")
@@ -276,11 +260,6 @@ def _accountant(name: str) -> Any:
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     return RDPAccountant() if name == "rdp" else PRVAccountant()
-
-
-def _check_accounting(sample_rate: float, delta: float) -> None:
-    check_sample_rate(sample_rate)
-    check_delta(delta)
 
 
 class _PRVGridTooLarge(ValueError):
@@ -421,7 +400,8 @@ class Accountant:
     accountant: str = "rdp"
 
     def __post_init__(self) -> None:
-        _check_accounting(self.sample_rate, self.delta)
+        check_sample_rate(self.sample_rate)
+        check_delta(self.delta)
         for s in _values(self.noise_multiplier, "noise_multiplier"):
             check_noise_multiplier(s)
         if self.target_epsilon is not None and (
@@ -516,22 +496,17 @@ def check_record(
         got_norm = None if norm is None else _values(norm, "its max_grad_norm")
         if got_norm is not None and not all(c > 0 for c in got_norm):
             raise ValueError(f"its max_grad_norm must be > 0, got {norm!r}")
-        if record.get("accountant") not in ACCOUNTANTS:
-            kind = record.get("accountant")
+        if (kind := record.get("accountant")) not in ACCOUNTANTS:
             raise ValueError(f"its accountant must be one of {', '.join(ACCOUNTANTS)}, got {kind!r}")
         if record.get("sampling", "poisson") != "poisson":
             raise ValueError(f"its sampling must be poisson, got {record.get('sampling')!r}")
     except ValueError as exc:
         raise ValueError(f"the checkpoint's privacy record is invalid: {exc}") from None
-    differs = []
+    now = {"sample_rate": sample_rate, "delta": delta, "accountant": accountant}
+    got = {"sample_rate": got_rate, "delta": got_delta, "accountant": record["accountant"]}
+    differs = [f"{k} {got[k]} recorded, {v} now" for k, v in now.items() if v is not None and v != got[k]]
     if steps is not None and steps != got_steps:
-        differs.append(f"steps {got_steps} recorded, the state has taken {steps}")
-    if sample_rate is not None and sample_rate != got_rate:
-        differs.append(f"sample_rate {got_rate} recorded, {sample_rate} now")
-    if delta is not None and delta != got_delta:
-        differs.append(f"delta {got_delta} recorded, {delta} now")
-    if accountant is not None and accountant != record["accountant"]:
-        differs.append(f"accountant {record['accountant']} recorded, {accountant} now")
+        differs.insert(0, f"steps {got_steps} recorded, the state has taken {steps}")
     if noise_multiplier is not None and not _same(got_sigma, _values(noise_multiplier, "noise_multiplier")):
         differs.append(f"noise_multiplier {_one(got_sigma)} recorded, {noise_multiplier} now")
     if max_norm is not None and not _same(got_norm or (), _values(max_norm, "max_norm")):

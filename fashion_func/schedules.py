@@ -12,13 +12,10 @@ past its end) is a ValueError on ints; tensors are not checked (that would sync 
 The module is plain Python: tensors are handled through their own methods (`cos`, `clamp`,
 `where`), never by importing torch.
 
-Each schedule says what it is: it is a `DescribedSchedule` whose `description` (a
-`Description`: the function's name and the arguments it was built with) is data that an
-export reads (`interop.optax_optimizer`), never the closure. `Description` is also what
-`optim`'s transforms carry; it is defined here, the lower of the two modules, and public as
-`optim.Description`.
-
-`Schedule` is the type of a schedule: `step -> value` (an int or a 0-d tensor step).
+Each schedule (of type `Schedule`: `step -> value`) says what it is: a `DescribedSchedule`
+whose `description` is data that an export reads (`interop.optax_optimizer`), never the
+closure. `Description` is also what `optim`'s transforms carry; it is defined here, the lower
+of the two modules, and public as `optim.Description`.
 """
 
 from __future__ import annotations
@@ -47,14 +44,12 @@ Schedule = Callable[[Step], Any]  # int -> float; 0-d tensor -> 0-d tensor of it
 
 @dataclass(frozen=True)
 class Description:
-    """What a schedule or an optimizer transform is, as data.
-
-    `name`: the public function that built it (`"piecewise_linear"`, `"scale_by_adam"`, `"adam"`);
-    `hyperparams`: the arguments it was built with, by parameter name (a transform's state may
-    hold later values of some: `optim.set_hyperparam`); `children`: the descriptions of the
-    transforms it wraps, by role (`"0"`, `"1"`, ... in a chain, `"inner"` in a wrapper, the
-    group's label in `multi_transform`), `None` for one written by hand without a description.
-    """
+    """What a schedule or an optimizer transform is, as data. `name`: the public function that
+    built it (`"piecewise_linear"`, `"scale_by_adam"`, `"adam"`); `hyperparams`: the arguments it
+    was built with, by parameter name (a transform's state may hold later values of some:
+    `optim.set_hyperparam`); `children`: the descriptions of the transforms it wraps, by role
+    (`"0"`, `"1"`, ... in a chain, `"inner"` in a wrapper, the group's label in
+    `multi_transform`), `None` for one written by hand without a description."""
 
     name: str
     hyperparams: Mapping[str, Any] = field(default_factory=dict)
@@ -140,15 +135,10 @@ def _onecycle_phases(
 ) -> list[tuple[float, float, float, float]]:
     """torch's OneCycleLR phase table as (start_step, end_step, start_lr, end_lr)."""
     initial_lr = max_lr / div_factor
-    min_lr = initial_lr / final_div_factor
+    ends = [(float(pct_start * total_steps) - 1, initial_lr, max_lr)]
     if three:
-        ends = [
-            (float(pct_start * total_steps) - 1, initial_lr, max_lr),
-            (float(2 * pct_start * total_steps) - 2, max_lr, initial_lr),
-            (total_steps - 1, initial_lr, min_lr),
-        ]
-    else:
-        ends = [(float(pct_start * total_steps) - 1, initial_lr, max_lr), (total_steps - 1, max_lr, min_lr)]
+        ends.append((float(2 * pct_start * total_steps) - 2, max_lr, initial_lr))
+    ends.append((total_steps - 1, ends[-1][2], initial_lr / final_div_factor))
     starts = [0.0] + [end for end, _, _ in ends[:-1]]
     return [(s, e, a, b) for s, (e, a, b) in zip(starts, ends, strict=True)]
 
@@ -162,12 +152,10 @@ def onecycle(
     final_div_factor: float = 1e4,
     three_phase: bool = False,
 ) -> Schedule:
-    """The learning rates of `torch.optim.lr_scheduler.OneCycleLR` (per step, 0..total_steps).
-
-    Warm up from `max_lr / div_factor` to `max_lr` over `pct_start` of the steps, then anneal
+    """The learning rates of `torch.optim.lr_scheduler.OneCycleLR` (per step, 0..total_steps):
+    warm up from `max_lr / div_factor` to `max_lr` over `pct_start` of the steps, then anneal
     to `max_lr / div_factor / final_div_factor` (`three_phase`: back to the start first). A
-    phase of no steps (where torch divides by zero) counts as done.
-    """
+    phase of no steps (where torch divides by zero) counts as done."""
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     if not 0 <= pct_start <= 1:
@@ -256,9 +244,5 @@ def triangle(total_steps: int, warmup_steps: int, start: float = 0.1, end: float
     `piecewise_linear`, and described as the one it is (its knots)."""
     if total_steps <= 0 or not 0 <= warmup_steps < total_steps:
         raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps}, {total_steps}")
-    knots = (
-        [(0, start), (warmup_steps, 1.0), (total_steps, end)]
-        if warmup_steps
-        else [(0, 1.0), (total_steps, end)]
-    )
-    return piecewise_linear(knots)
+    knots = [(0, start), (warmup_steps, 1.0)] if warmup_steps else [(0, 1.0)]
+    return piecewise_linear([*knots, (total_steps, end)])

@@ -62,16 +62,18 @@ def scale(tree: Any, s: float | Tensor) -> Any:
     return map(lambda t: t * s, tree)
 
 
-def global_norm(tree: Any) -> Tensor:
-    """The L2 norm of all leaves taken together, as a 0-d tensor (no host sync).
+def widest_float(leaves: list[Tensor]) -> torch.dtype:
+    """float64 if any leaf is, else float32: the dtype scalar factors over `leaves` use."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
 
-    The norm of the per-leaf norms (as `torch.nn.utils.clip_grad_norm_` takes it), computed in
-    the widest leaf dtype, at least float32 (bf16 leaves are upcast first); 0 for no leaves.
-    The library's one global norm: `optim.clip_by_global_norm` and, vmapped over the batch,
-    `step.per_example_grad_norms` use it.
-    """
+
+def global_norm(tree: Any) -> Tensor:
+    """The L2 norm of all leaves taken together, as a 0-d tensor (no host sync): the norm of the
+    per-leaf norms (as `torch.nn.utils.clip_grad_norm_` takes it), computed in the widest leaf
+    dtype, at least float32 (bf16 leaves are upcast first); 0 for no leaves. The library's one
+    global norm (clipping, per-example norms, DP-SGD)."""
     ts = leaves(tree)
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+    dtype = widest_float(ts)
     if not ts:
         return torch.zeros((), dtype=dtype)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.to(dtype)) for t in ts]))
@@ -126,10 +128,8 @@ def flatten_with_paths(tree: Any) -> dict[str, Any]:
 
 
 def unflatten_like(template: Any, flat: Mapping[str, Any]) -> Any:
-    """Rebuild a tree with `template`'s structure from `flatten_with_paths`-style keys.
-
-    Raises KeyError naming missing or unexpected keys; shapes are the caller's to check.
-    """
+    """Rebuild a tree with `template`'s structure from `flatten_with_paths`-style keys; KeyError
+    naming missing or unexpected keys (shapes are the caller's to check)."""
     pairs, spec = pytree.tree_flatten_with_path(template)
     names = [SEP.join(_key_name(k) for k in path) for path, _ in pairs]
     missing = [n for n in names if n not in flat]

@@ -25,11 +25,9 @@ def sgd(
     weight_decay: float = 0.0,
     dampening: float = 0.0,
 ) -> GradientTransformation:
-    """`torch.optim.SGD`: L2 weight decay, optional (Nesterov) momentum, then `-lr`.
-
-    The weight-decay transform is always present (so `weight_decay` can be set later);
-    the momentum buffer only when `momentum != 0`, as torch.optim keeps none then.
-    """
+    """`torch.optim.SGD`: L2 weight decay, optional (Nesterov) momentum, then `-lr`. The
+    weight-decay transform is always present (so `weight_decay` can be set later); the momentum
+    buffer only when `momentum != 0`, as torch.optim keeps none then."""
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov momentum requires a momentum and zero dampening (as torch.optim.SGD)")
     parts = [add_l2_to_grads(weight_decay)]
@@ -68,11 +66,9 @@ def adamw(
     eps_root: float = 0.0,
 ) -> GradientTransformation:
     """`torch.optim.AdamW`: decoupled weight decay, `p -= lr * (adam_update + weight_decay * p)`.
-
-    `mask` (optax's): decay only the parameters it marks True, e.g. not biases and norms:
-    `mask=lambda p: {k: v.dim() > 1 for k, v in p.items()}`; their weight-decay state is then
-    a `MaskedState`. `eps_root`: optax's (see `scale_by_adam`).
-    """
+    `mask` (as `add_decayed_weights`'s): decay only the parameters it marks True, e.g. not
+    biases and norms: `mask=lambda p: {k: v.dim() > 1 for k, v in p.items()}`. `eps_root`:
+    optax's (see `scale_by_adam`)."""
     adam_part = scale_by_adam(b1, b2, eps, eps_root)
     parts = (adam_part, add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))
     return named_chain(

@@ -29,13 +29,10 @@ State = Any  # a NamedTuple of tensors / trees, or a tuple of such (chain)
 
 
 class GradientTransformation(NamedTuple):
-    """A pair of pure functions, and what they are.
-
-    `init(params) -> state`; `update(grads, state, params=None) -> (updates, state)`.
-    `description`: a `Description` (name, hyperparameters, children) that every transform
-    `optim` builds carries, read by exports (`interop.optax_optimizer`); `None` for one
-    written by hand, `GradientTransformation(init, update)`.
-    """
+    """A pair of pure functions, and what they are: `init(params) -> state`; `update(grads,
+    state, params=None) -> (updates, state)`; `description`, the `Description` that every
+    transform `optim` builds carries (`None` for one written by hand,
+    `GradientTransformation(init, update)`)."""
 
     init: Callable[[Params], State]
     update: Callable[..., tuple[Params, State]]
@@ -54,23 +51,13 @@ def described(
     return GradientTransformation(init, update, Description(name, hyperparams, kids))
 
 
-# ---------------------------------------------------------------------------
-# helpers for the transforms' states
-
-
 def hyper_spec(params: Params) -> tuple[torch.dtype, torch.device]:
     """Dtype and device for hyperparameter tensors: the params' device, float64 if
     any param is float64 else float32 (half-precision params still get a float32 lr)."""
     floats = [t for t in tree.leaves(params) if isinstance(t, Tensor) and t.is_floating_point()]
     if not floats:
         return torch.float32, torch.device("cpu")
-    dtype = widest_float(floats)
-    return dtype, floats[0].device
-
-
-def widest_float(leaves: list[Tensor]) -> torch.dtype:
-    """float64 if any leaf is, else float32: the dtype scalar factors over `leaves` use."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
+    return tree.widest_float(floats), floats[0].device
 
 
 def hyper(value: float | Tensor, params: Params) -> Tensor:
@@ -93,10 +80,6 @@ def need_params(params: Params | None, who: str) -> Params:
     if params is None:
         raise ValueError(f"{who} needs `params`: call update(grads, state, params)")
     return params
-
-
-# ---------------------------------------------------------------------------
-# composition
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:

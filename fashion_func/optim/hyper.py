@@ -2,12 +2,8 @@
 
 A hyperparameter is a float field of one of the states' NamedTuples, 0-d (or `[K]` in a
 stacked ensemble state). Inside `multi_transform` a group's hyperparameters also answer to
-`"label/name"` (`"head/lr"`, `"outer/inner/lr"` for nested groups):
-
-- `set_hyperparam(s, "lr", v)` sets every `lr` in the state, all groups included;
-  `set_hyperparam(s, "head/lr", v)` only those in group `head` (and groups nested in it).
-- `hyperparams(s)` lists each bare name once (its first occurrence, as `get_hyperparam(s,
-  "lr")` reads it) and every grouped one under its full `"label/name"`.
+`"label/name"` (`"head/lr"`, `"outer/inner/lr"` for nested groups): `"lr"` names every `lr`,
+all groups included, `"head/lr"` only those in group `head` (and groups nested in it).
 """
 
 from __future__ import annotations
@@ -32,27 +28,17 @@ def _is_hyper(value: Any) -> bool:
 
 
 def _walk(state: Any, fn: Visit, groups: tuple[str, ...] = ()) -> Any:
-    """Rebuild `state` with every 0-d float field of a NamedTuple passed through `fn(groups, name, value)`.
-
-    Recurses through plain tuples/lists (chain states), NamedTuple fields that are themselves
-    tuples (wrapping transforms), and `multi_transform`'s groups (adding their label to
-    `groups`); other dicts (param-shaped trees) are left alone.
-    """
+    """Rebuild `state` with every 0-d float field of a NamedTuple passed through `fn(groups, name,
+    value)`. Recurses through plain tuples/lists (chain states), NamedTuple fields that are
+    themselves tuples (wrapping transforms), and `multi_transform`'s groups (adding their label to
+    `groups`); anything else (param-shaped dicts, counters) is left alone."""
     if isinstance(state, MultiTransformState):
         return MultiTransformState(
             {label: _walk(s, fn, (*groups, label)) for label, s in state.inner_states.items()}
         )
     if isinstance(state, tuple) and hasattr(state, "_fields"):
-        values = {}
-        for name in state._fields:
-            value = getattr(state, name)
-            if _is_hyper(value):
-                values[name] = fn(groups, name, value)
-            elif isinstance(value, (tuple, list)):
-                values[name] = _walk(value, fn, groups)
-            else:
-                values[name] = value
-        return type(state)(**values)
+        fields = zip(state._fields, state, strict=True)
+        return type(state)(*(fn(groups, n, v) if _is_hyper(v) else _walk(v, fn, groups) for n, v in fields))
     if isinstance(state, (tuple, list)):
         return type(state)(_walk(s, fn, groups) for s in state)
     return state

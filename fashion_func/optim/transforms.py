@@ -23,7 +23,6 @@ from fashion_func.optim.base import (
     hyper,
     map_states,
     need_params,
-    widest_float,
 )
 from fashion_func.optim.wrappers import Mask, masked
 
@@ -116,47 +115,42 @@ class AddNoiseState(NamedTuple):
     key: Tensor  # 0-d int64, the noise's key (optax: rng_key); [K] in a stacked state
 
 
-# ---------------------------------------------------------------------------
-# weight decay
+def _one_hyper(
+    name: str, state_cls: type, value: float, fn: Callable[[Params, Tensor, Params | None], Params]
+) -> GradientTransformation:
+    """A transform `name` whose state `state_cls` is one settable hyperparameter, `value` at init
+    (described under its field's name), and whose update is `fn(updates, hyperparameter, params)`."""
+
+    def init(params: Params) -> State:
+        return state_cls(hyper(value, params))
+
+    def update(updates: Params, state: State, params: Params | None = None) -> tuple[Params, State]:
+        return fn(updates, state[0], params), state
+
+    return described(init, update, name, **{state_cls._fields[0]: value})
 
 
 def _weight_decay_transform(weight_decay: float, who: str) -> GradientTransformation:
-    def init(params: Params) -> AddDecayedWeightsState:
-        return AddDecayedWeightsState(hyper(weight_decay, params))
-
-    def update(
-        updates: Params, state: AddDecayedWeightsState, params: Params | None = None
-    ) -> tuple[Params, AddDecayedWeightsState]:
-        params = need_params(params, who)
-        wd = state.weight_decay
+    def decay(updates: Params, wd: Tensor, params: Params | None) -> Params:
         # torch: grad.add(param, alpha=weight_decay)
-        return tree.map(lambda u, p: u + wd * p, updates, params), state
+        return tree.map(lambda u, p: u + wd * p, updates, need_params(params, who))
 
-    return described(init, update, who, weight_decay=weight_decay)
+    return _one_hyper(who, AddDecayedWeightsState, weight_decay, decay)
 
 
 def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> GradientTransformation:
     """`updates + weight_decay * params`, placed after the preconditioner (decoupled, AdamW-style).
-
-    The state holds `weight_decay` as a 0-d tensor (settable with `set_hyperparam`). `mask`
-    (optax's): decay only the parameters it marks True (a dict of bools like the params, or a
-    function `params -> dict`); the state is then a `MaskedState`.
-    """
+    `mask` (optax's): decay only the parameters it marks True (a dict of bools like the params,
+    or a function `params -> dict`); the state is then a `MaskedState`."""
     tx = _weight_decay_transform(weight_decay, "add_decayed_weights")
     return tx if mask is None else masked(tx, mask)
 
 
 def add_l2_to_grads(weight_decay: float = 0.0) -> GradientTransformation:
     """`grads + weight_decay * params`, placed first in a chain: the L2 form used by
-    `torch.optim.SGD` and `torch.optim.Adam`'s `weight_decay`.
-
-    The arithmetic is that of `add_decayed_weights`; the name records where it sits.
-    """
+    `torch.optim.SGD` and `torch.optim.Adam`'s `weight_decay` (the arithmetic of
+    `add_decayed_weights`; the name records where it sits)."""
     return _weight_decay_transform(weight_decay, "add_l2_to_grads")
-
-
-# ---------------------------------------------------------------------------
-# momentum and preconditioners
 
 
 def trace(momentum: float = 0.9, nesterov: bool = False, dampening: float = 0.0) -> GradientTransformation:
@@ -180,32 +174,20 @@ def trace(momentum: float = 0.9, nesterov: bool = False, dampening: float = 0.0)
         # torch special-cases the first step (buffer = clone(grad)); a where keeps it branch-free
         first = state.count == 0
         buf = tree.map(lambda b, g: torch.where(first, g, b * m + (1 - d) * g), state.trace, grads)
-        if nesterov:
-            updates = tree.map(lambda g, b: g + m * b, grads, buf)
-        else:
-            updates = buf
+        updates = tree.map(lambda g, b: g + m * b, grads, buf) if nesterov else buf
         return updates, TraceState(state.count + 1, buf, m, d)
 
     return described(init, update, "trace", momentum=momentum, nesterov=nesterov, dampening=dampening)
 
 
-def _scalar_dtype(device: torch.device) -> torch.dtype:
-    # Bias corrections are scalars; torch.optim computes them in Python doubles.
-    # float64 everywhere it exists (MPS has none) keeps float32 runs close to torch too.
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 def scale_by_adam(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
 ) -> GradientTransformation:
-    """Adam's preconditioner, `m_hat / (sqrt(v_hat) + eps)`, with torch.optim.Adam's
-    bias correction: `(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)`.
-
-    `eps_root` (optax's): `m_hat / (sqrt(v_hat + eps_root) + eps)`. With `eps_root > 0` the
-    square root's derivative stays finite where a gradient entry is exactly 0, so a
-    meta-gradient through Adam (MAML, hypergradients) is finite there, not NaN; 0 (the
-    default) keeps torch.optim.Adam's formula.
-    """
+    """Adam's preconditioner, `m_hat / (sqrt(v_hat) + eps)`, with torch.optim.Adam's bias
+    correction: `(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)`. `eps_root` (optax's): `m_hat /
+    (sqrt(v_hat + eps_root) + eps)`; > 0 keeps the square root's derivative finite where a
+    gradient entry is exactly 0, so a meta-gradient through Adam (MAML, hypergradients) is
+    finite there, not NaN; 0 (the default) keeps torch.optim.Adam's formula."""
     if eps_root < 0:
         raise ValueError(f"scale_by_adam eps_root must be >= 0, got {eps_root}")
 
@@ -220,7 +202,9 @@ def scale_by_adam(
         # torch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         mu = tree.map(lambda m, g: torch.lerp(m, g, 1 - b1), state.mu, grads)
         nu = tree.map(lambda v, g: v * b2 + (1 - b2) * g * g, state.nu, grads)
-        t = count.to(_scalar_dtype(count.device))
+        # Bias corrections are scalars; torch.optim computes them in Python doubles.
+        # float64 everywhere it exists (MPS has none) keeps float32 runs close to torch too.
+        t = count.to(torch.float32 if count.device.type == "mps" else torch.float64)
         bc1 = 1 - b1**t
         bc2 = 1 - b2**t
         bc2_sqrt = bc2.sqrt()
@@ -239,11 +223,9 @@ def scale_by_adam(
 
 def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     """Lion's direction (optax's `scale_by_lion`, Chen et al., 2023): the update is
-    `sign((1 - b1) * g + b1 * mu)`, then the momentum `mu = (1 - b2) * g + b2 * mu`.
-
-    `sign` has derivative 0 (where it has one), so a meta-gradient through Lion flows
-    only through what is chained after it (weight decay, the learning rate).
-    """
+    `sign((1 - b1) * g + b1 * mu)`, then the momentum `mu = (1 - b2) * g + b2 * mu`. `sign` has
+    derivative 0 (where it has one), so a meta-gradient through Lion flows only through what is
+    chained after it (weight decay, the learning rate)."""
 
     def init(params: Params) -> ScaleByLionState:
         return ScaleByLionState(counter(params), tree.zeros_like(params))
@@ -259,36 +241,23 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     return described(init, update, "scale_by_lion", b1=b1, b2=b2)
 
 
-# ---------------------------------------------------------------------------
-# scaling
-
-
 def scale_by_learning_rate(lr: float) -> GradientTransformation:
     """`updates * -lr` (descent); `lr` lives in the state as a 0-d tensor."""
 
-    def init(params: Params) -> ScaleByLearningRateState:
-        return ScaleByLearningRateState(hyper(lr, params))
+    def descend(updates: Params, lr: Tensor, params: Params | None) -> Params:
+        neg_lr = -lr
+        return tree.map(lambda u: u * neg_lr, updates)
 
-    def update(
-        updates: Params, state: ScaleByLearningRateState, params: Params | None = None
-    ) -> tuple[Params, ScaleByLearningRateState]:
-        del params
-        neg_lr = -state.lr
-        return tree.map(lambda u: u * neg_lr, updates), state
-
-    return described(init, update, "scale_by_learning_rate", lr=lr)
+    return _one_hyper("scale_by_learning_rate", ScaleByLearningRateState, lr, descend)
 
 
 def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransformation:
-    """`updates * schedule(count)`, count the updates done before this one (0 first).
-
-    A per-step learning-rate multiplier computed inside the step from the state's counter
-    (optax's `scale_by_schedule`): no host work per step, exact on resume, and the base lr
-    stays a settable hyperparameter (sweeps). `schedule`: any of `fashion_func.schedules`
-    (they take the 0-d float counter and never branch on its value), e.g.
-    `schedules.triangle(total, warm)` or `schedules.warmup_cosine(1.0, warm, total)`.
-    Put it after the optimizer in a `chain` (before `ema`).
-    """
+    """`updates * schedule(count)`, count the updates done before this one (0 first): a per-step
+    learning-rate multiplier computed inside the step from the state's counter (optax's
+    `scale_by_schedule`), so no host work per step, exact on resume, and the base lr stays a
+    settable hyperparameter (sweeps). `schedule`: any of `fashion_func.schedules` (they take the
+    0-d float counter and never branch on its value), e.g. `schedules.triangle(total, warm)`.
+    Put it after the optimizer in a `chain` (before `ema`)."""
 
     def init(params: Params) -> ScaleByScheduleState:
         return ScaleByScheduleState(counter(params))
@@ -300,33 +269,24 @@ def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransform
         leaves = tree.leaves(updates)
         if not leaves:
             return updates, ScaleByScheduleState(state.count + 1)
-        factor = schedule(state.count.to(widest_float(leaves)))
+        factor = schedule(state.count.to(tree.widest_float(leaves)))
         return tree.map(lambda u: u * factor.to(u.dtype), updates), ScaleByScheduleState(state.count + 1)
 
     return described(init, update, "scale_by_schedule", schedule=schedule)
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
-    """Scale all updates by `min(1, max_norm / (norm + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`.
+    """Scale all updates by `min(1, max_norm / (norm + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`,
+    the norm `tree.global_norm`'s; the scaling is a clamp, never a branch, so nothing syncs the host."""
 
-    The norm is `tree.global_norm` (that of the per-leaf L2 norms, in the widest leaf dtype,
-    at least float32); the scaling is a clamp, never a branch, so nothing syncs the host.
-    """
-
-    def init(params: Params) -> ClipByGlobalNormState:
-        return ClipByGlobalNormState(hyper(max_norm, params))
-
-    def update(
-        updates: Params, state: ClipByGlobalNormState, params: Params | None = None
-    ) -> tuple[Params, ClipByGlobalNormState]:
-        del params
+    def clip(updates: Params, max_norm: Tensor, params: Params | None) -> Params:
         if not tree.leaves(updates):
-            return updates, state
+            return updates
         total = tree.global_norm(updates)
-        coef = torch.clamp(state.max_norm.to(total.dtype) / (total + 1e-6), max=1.0)
-        return tree.map(lambda t: t * coef.to(t.dtype), updates), state
+        coef = torch.clamp(max_norm.to(total.dtype) / (total + 1e-6), max=1.0)
+        return tree.map(lambda t: t * coef.to(t.dtype), updates)
 
-    return described(init, update, "clip_by_global_norm", max_norm=max_norm)
+    return _one_hyper("clip_by_global_norm", ClipByGlobalNormState, max_norm, clip)
 
 
 def set_to_zero() -> GradientTransformation:
@@ -345,19 +305,13 @@ def set_to_zero() -> GradientTransformation:
     return described(init, update, "set_to_zero")
 
 
-# ---------------------------------------------------------------------------
-# gradient noise
-
-
 def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation:
     """`updates + std * N(0, 1)` with optax's schedule `std = sqrt(eta / (1 + count)**gamma)`,
-    count the updates noised before this one (Neelakantan et al., 2015).
-
-    The draws are a pure function of the state's `key` (`seed` at init), the count and the
-    leaf's position (`nn.normal(fold_in(fold_in(key, count), i), ...)`): a resumed run draws the
-    same noise bitwise, and the members of a stacked (ensemble) state each draw from their own
-    key (give them distinct keys with `set_noise_key`). They cannot equal JAX's PRNG draws.
-    """
+    count the updates noised before this one (Neelakantan et al., 2015). The draws are a pure
+    function of the state's `key` (`seed` at init), the count and the leaf's position
+    (`nn.normal(fold_in(fold_in(key, count), i), ...)`): a resumed run draws the same noise
+    bitwise, and the members of a stacked (ensemble) state each draw from their own key (give
+    them distinct keys with `set_noise_key`). They cannot equal JAX's PRNG draws."""
     if eta < 0:
         raise ValueError(f"add_noise eta (the noise's variance) must be >= 0, got {eta}")
 
@@ -372,7 +326,7 @@ def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation
         next_state = AddNoiseState(state.count + 1, state.key)
         if not leaves:
             return updates, next_state
-        dtype = widest_float(leaves)
+        dtype = tree.widest_float(leaves)
         std = torch.sqrt(eta / (state.count.to(dtype) + 1) ** gamma)
         step_key = nn.fold_in(state.key, state.count)
         flat, spec = pytree.tree_flatten(updates)
@@ -397,18 +351,13 @@ def set_noise_key(opt_state: State, key: int | Tensor) -> State:
     return map_states(opt_state, AddNoiseState, rekeyed)
 
 
-# ---------------------------------------------------------------------------
-# moving average of the parameters
-
-
 def ema(decay: float = 0.999) -> GradientTransformation:
     """Keep an exponential moving average of the parameters in the optimizer state; the
     updates pass through unchanged. Put it last in a `chain`, so it averages the parameters
     each step produces: the first step copies them, then `ema.lerp_(new, 1 - decay)`, as
     `torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))`
     with `update_parameters` after every step. `ema_params(opt_state)` reads it; it is saved
-    with the state, so resume stays exact.
-    """
+    with the state, so resume stays exact."""
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"ema decay must be in [0, 1], got {decay}")
 

@@ -47,10 +47,6 @@ class MultiStepsState(NamedTuple):
     acc_grads: Params  # the running mean (or sum) of this cycle's gradients
 
 
-# ---------------------------------------------------------------------------
-# selecting parts of a dict of params
-
-
 def _resolve(spec: Any, values: Params) -> Any:
     return spec(values) if callable(spec) else spec
 
@@ -101,17 +97,11 @@ def _label_leaves(labels: Any) -> set[Any]:
     return {labels}
 
 
-# ---------------------------------------------------------------------------
-# wrappers
-
-
 def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     """`inner` applied to the parameters `mask` marks True; the others' updates pass through
     unchanged (optax's `masked`). E.g. weight decay on matrices only:
-    `masked(add_decayed_weights(1e-4), lambda p: {k: v.dim() > 1 for k, v in p.items()})`.
-
-    To freeze parameters, zero their updates: `chain(adam(...), masked(set_to_zero(), frozen))`.
-    """
+    `masked(add_decayed_weights(1e-4), lambda p: {k: v.dim() > 1 for k, v in p.items()})`. To
+    freeze parameters, zero their updates: `chain(adam(...), masked(set_to_zero(), frozen))`."""
 
     def init(params: Params) -> MaskedState:
         return MaskedState(inner.init(_select(params, _resolve(mask, params), _is_true)))
@@ -133,14 +123,11 @@ def multi_transform(
 ) -> GradientTransformation:
     """One transform per group of parameters (optax's `multi_transform` / `partition`):
     `labels` gives each parameter the name of its group (a dict like the params, or a function
-    `params -> dict`), and `transforms[label]` updates that group only.
-
-    E.g. frozen features and a faster head:
-    `multi_transform({"body": set_to_zero(), "head": adam(1e-2)},
-    lambda p: {k: "head" if k.startswith("fc2.") else "body" for k in p})`.
-    Labels are str without "/" (they name the groups' hyperparameters: "head/lr", see
-    `set_hyperparam`); every label used must have a transform (ValueError at `init`).
-    """
+    `params -> dict`), and `transforms[label]` updates that group only. E.g. frozen features
+    and a faster head: `multi_transform({"body": set_to_zero(), "head": adam(1e-2)}, lambda p:
+    {k: "head" if k.startswith("fc2.") else "body" for k in p})`. Labels are str without "/"
+    (they name the groups' hyperparameters: "head/lr", see `set_hyperparam`); every label used
+    must have a transform (ValueError at `init`)."""
     txs = dict(transforms)
     for label in txs:
         if not isinstance(label, str) or not label or "/" in label:
@@ -184,14 +171,12 @@ def MultiSteps(  # optax's name (a class there) for the same wrapper
     """Gradient accumulation (optax's `MultiSteps(opt, every_k_schedule=k).gradient_transformation()`):
     each call adds the gradients to a running mean (`acc + (g - acc) / (n + 1)`, or a sum with
     `use_grad_mean=False`) and returns zero updates, except every `every_k`-th call, which
-    feeds the accumulated gradients to `inner`, returns its updates and starts a new mean.
-
-    With a mean loss, k micro-batches then make the update of one k-times-larger batch. The
-    choice is a `torch.where`, not a branch, so the step compiles: `inner.update` runs on every
-    call and its result is kept only on the k-th (an elementwise optimizer is cheap beside the
-    forward and backward passes). `TrainState.step` counts micro-batches; the inner optimizer's
-    counters (and `scale_by_schedule`) count updates.
-    """
+    feeds the accumulated gradients to `inner`, returns its updates and starts a new mean. With
+    a mean loss, k micro-batches then make the update of one k-times-larger batch. The choice is
+    a `torch.where`, not a branch, so the step compiles: `inner.update` runs on every call and
+    its result is kept only on the k-th (an elementwise optimizer is cheap beside the forward
+    and backward passes). `TrainState.step` counts micro-batches; the inner optimizer's counters
+    (and `scale_by_schedule`) count updates."""
     if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
         raise ValueError(f"MultiSteps every_k must be an int >= 1, got {every_k!r}")
 
