@@ -302,7 +302,11 @@ def _opacus_epsilon(
         warnings.filterwarnings("ignore", message="Optimal order is the")
         warnings.filterwarnings("ignore", category=RuntimeWarning)
         eps = float(acc.get_epsilon(delta=delta))
-    return eps if not math.isnan(eps) else math.inf  # never a NaN that compares below a target
+    if math.isnan(eps):
+        return math.inf  # never a NaN that compares below a target
+    # Both accountants give an upper bound; one below 0 (a large delta, a tiny sample rate) means
+    # the steps are (0, delta)-DP, and a negative epsilon would read as less than nothing spent.
+    return max(eps, 0.0)
 
 
 @functools.lru_cache(maxsize=1024)  # fit asks for the same steps at the epoch's end and each save
