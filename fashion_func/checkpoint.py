@@ -1,33 +1,17 @@
 """Train states and weights <-> safetensors files, written atomically and validated on load.
 
-Two kinds of file, told apart by the ``format`` key of the safetensors metadata:
+Two kinds of file, told apart by the ``format`` metadata key: ``fashion_func.train_state``, a
+whole pytree (``TrainState``) under its leaves' paths (``params/conv1.weight``,
+``opt_state/1/mu/conv1.weight``), read back with `load_state` against a template of the same
+structure for exact resume; ``fashion_func.weights``, a flat dict under plain ``nn.Module`` names,
+so ``module.load_state_dict(safetensors.torch.load_file(p))`` works without this library.
 
-- ``fashion_func.train_state``: a whole pytree (``TrainState``: step, params, opt_state,
-  model_state, rng) flattened to keys such as ``params/conv1.weight`` or
-  ``opt_state/1/mu/conv1.weight``; read back with `load_state` against a template of the
-  same structure (a freshly initialised state) for exact resume.
-- ``fashion_func.weights``: a flat ``dict[str, Tensor]`` with plain ``nn.Module`` names, so
-  ``module.load_state_dict(safetensors.torch.load_file(p))`` works without this library.
-
-User metadata is a ``dict[str, Any]``; safetensors metadata is ``dict[str, str]``, so
-(format version 2) a string value is stored as it is (``"model": "simplenet"``, readable by
-any safetensors client), every other value JSON-encoded (numbers as their decimal text,
-``"epoch": "3"``; dicts and lists as JSON), and the reserved key ``__json__`` holds the JSON
-list of the keys that are JSON, so decoding is unambiguous (``"3"`` the string vs 3 the
-number). Only the current format version is read (no release wrote another), checked once,
-when the metadata is decoded. `encode_metadata` / `decode_metadata` are the two directions, for
-other writers (`interop`'s Flax and numpy files follow the same convention).
-
-Files are written to a temp file in the same directory, fsynced and ``os.replace``d
-(`atomic.write_bytes`), so a crash or a full disk leaves either the old file or the new one,
-never a torn one. Loading checks everything (header layout, offsets, dtypes: `safetensors_io`;
-format, keys, shapes, dtypes against the template, finiteness) before returning anything, and
-every problem with a file is raised as a `CheckpointError` with a one-line message naming the
-file. Nothing here unpickles.
-
-This module is the public face: the format (metadata convention, format keys) and the mapping
-between a pytree (``TrainState``) or flat weights and a file's tensors live here; the file I/O
-in `atomic` and `safetensors_io`.
+Metadata (format version 2, the only one read): a string value is stored as it is, any other
+JSON-encoded (``"epoch": "3"``), and ``__json__`` lists the JSON-encoded keys, so ``"3"`` the
+string and 3 the number stay apart (`encode_metadata` / `decode_metadata`; `interop`'s files
+follow it too). Writes go through `atomic.write_bytes`, so a crash leaves the old file or the new
+one; loading checks everything (`safetensors_io`; format, template, finiteness) before returning
+anything, every problem a one-line `CheckpointError` naming the file. Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -99,13 +83,8 @@ class CheckpointInfo:
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, *, folder: atomic.FolderId | None = None) -> None:
-    """Write the checkpoint bytes `data` to `path` so that a crash leaves the old file or the new one.
-
-    `atomic.write_bytes` (temp file beside `path`, fsynced, `os.replace`d, directory fsynced);
-    on failure the old file is left as it was and `CheckpointWriteError` ("cannot write
-    checkpoint {path}: reason") is raised. `folder`: the identity `path`'s folder must still
-    have (`atomic.folder_id`; a run's `checkpoints/` swapped for a link is refused).
-    """
+    """Write checkpoint bytes with `atomic.write_bytes` (`folder`: the identity `path`'s folder must
+    still have); a failure is `CheckpointWriteError` and leaves the old file as it was."""
     try:
         atomic.write_bytes(path, data, what="checkpoint", folder=folder)
     except atomic.WriteError as e:
@@ -140,16 +119,11 @@ def encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
-def _encode_metadata(metadata: Mapping[str, Any] | None, fmt: str) -> dict[str, str]:
-    out = encode_metadata(metadata)
-    out[FORMAT_KEY] = fmt
-    out[FORMAT_VERSION_KEY] = FORMAT_VERSION
-    return out
-
-
 def _serialize(flat: Mapping[str, Any], metadata: Mapping[str, Any] | None, fmt: str) -> bytes:
     tensors = host_copies(flat)
-    return to_bytes(tensors, _encode_metadata(metadata, fmt))
+    return to_bytes(
+        tensors, {**encode_metadata(metadata), FORMAT_KEY: fmt, FORMAT_VERSION_KEY: FORMAT_VERSION}
+    )
 
 
 def _flat_state(state: Any, what: str) -> dict[str, Any]:
@@ -199,8 +173,8 @@ def save_weights(
 # --------------------------------------------------------------------------- reading
 
 
-def _check_format(header: Header, name: str, expected: str, *, allow_foreign: bool) -> None:
-    """CheckpointError unless the ``format`` metadata is `expected` (or, `allow_foreign`, not ours)."""
+def _check_format(header: Header, name: str, expected: str) -> None:
+    """CheckpointError unless the ``format`` metadata is `expected` (a weights file's: or not ours)."""
     fmt = header.metadata.get(FORMAT_KEY)
     if fmt == expected:
         return
@@ -208,7 +182,7 @@ def _check_format(header: Header, name: str, expected: str, *, allow_foreign: bo
         raise fail(name, "is a train state checkpoint, not a weights file; use load_state")
     if fmt == WEIGHTS_FORMAT:
         raise fail(name, "is a weights file, not a train state checkpoint; use load_weights")
-    if not allow_foreign:
+    if expected == STATE_FORMAT:
         got = "no format in its metadata" if fmt is None else f"format {fmt!r}"
         raise fail(name, f"not a fashion_func train state: {got}, expected {expected!r}")
 
@@ -270,16 +244,14 @@ def decode_metadata(raw: Mapping[str, str], *, name: str = "<metadata>") -> dict
 def _decode(
     data: bytes,
     name: str,
-    *,
-    header: Header | None = None,
+    header: Header | None,
     expected: str,
-    allow_foreign: bool,
     template: Mapping[str, Tensor] | None,
     what: str,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors and user metadata of the whole file `data` (`header`: already validated by `read`)."""
     header = header or parse_header(data, len(data), name)
-    _check_format(header, name, expected, allow_foreign=allow_foreign)
+    _check_format(header, name, expected)
     metadata = _decode_raw(header.metadata, name)
     if template is not None:
         check_template(header, template, name, what)
@@ -303,13 +275,7 @@ def _load_state_bytes(
 ) -> tuple[Any, dict[str, Any]]:
     flat_template = _flat_state(template, "template")
     tensors, metadata = _decode(
-        data,
-        name,
-        header=header,
-        expected=STATE_FORMAT,
-        allow_foreign=False,
-        template=flat_template,
-        what="checkpoint does not match the train state",
+        data, name, header, STATE_FORMAT, flat_template, "checkpoint does not match the train state"
     )
     flat = {k: tensors[k].to(_target(device, leaf)) for k, leaf in flat_template.items()}
     return tree.unflatten_like(template, flat), metadata
@@ -337,15 +303,7 @@ def _load_weights_bytes(
     name: str = "<bytes>",
     header: Header | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors, metadata = _decode(
-        data,
-        name,
-        header=header,
-        expected=WEIGHTS_FORMAT,
-        allow_foreign=True,
-        template=template,
-        what="weights do not match model",
-    )
+    tensors, metadata = _decode(data, name, header, WEIGHTS_FORMAT, template, "weights do not match model")
     order = list(template) if template is not None else sorted(tensors)
     target = torch.device(device)
     return {k: tensors[k].to(target) for k in order}, metadata

@@ -1,18 +1,13 @@
 """safetensors files read defensively and written from tensors; nothing here knows a TrainState.
 
-Reading: `read` takes a regular file only, its 8-byte length prefix checked before anything
-else is read (a multi-gigabyte file that is not safetensors fails without being read);
-`parse_header` (which `read` applies) validates the header once, the way the safetensors
-reference implementation requires (a JSON object without duplicate keys, string metadata, known
-dtypes, shapes, offsets that match the shapes and tile the data region exactly), so a file read
-for its header only (`checkpoint.inspect`) is checked as fully as one that is loaded;
-`decode_tensors` decodes the data with safetensors and adds what it does not refuse (non-finite
-values); `check_template` compares a header with the names, shapes and dtypes expected.
-
-Writing: `host_copies` copies tensors to fresh contiguous CPU buffers, `to_bytes` makes the file's bytes.
-
-Every problem with a file is a `CheckpointError` with a one-line message naming the file.
-Nothing here unpickles.
+`read` takes a regular file only and checks its 8-byte length prefix before reading on (a
+multi-gigabyte file that is not safetensors fails unread); `parse_header` validates the header
+once, as the safetensors reference implementation requires (strict JSON without duplicate keys,
+string metadata, known dtypes, shapes, offsets that match the shapes and tile the data region),
+so a file read for its header only (`checkpoint.inspect`) is checked as fully as one loaded;
+`decode_tensors` adds what safetensors does not refuse (non-finite values); `check_template`
+compares a header with the names, shapes and dtypes expected. `host_copies` and `to_bytes`
+write. Every problem with a file is a one-line `CheckpointError` naming it; nothing unpickles.
 """
 
 from __future__ import annotations
@@ -270,12 +265,8 @@ def _check_tiling(entries: Mapping[str, Entry], data_size: int, name: str) -> No
 
 
 def parse_header(prefix: bytes, file_size: int, name: str) -> Header:
-    """Validate the header at the start of `prefix` against a file of `file_size` bytes.
-
-    Checks layout only (it needs the header bytes, not the data): JSON object, metadata
-    str->str, known dtypes, shapes, offsets consistent with shapes and covering the data
-    region exactly, in the way the safetensors reference implementation requires.
-    """
+    """The header at the start of `prefix`, validated against a file of `file_size` bytes (its
+    layout only: the data is not needed)."""
     return _parse(prefix, _header_length(prefix, file_size, name), file_size, name)
 
 
@@ -318,11 +309,8 @@ def check_template(header: Header, template: Mapping[str, Tensor], name: str, wh
 
 
 def decode_tensors(data: bytes, name: str) -> dict[str, Tensor]:
-    """The tensors of the whole file `data`, whose header `parse_header` validated, all finite.
-
-    safetensors decodes exactly what that header describes (its own validation is the one
-    `parse_header` mirrors), so only what it does not refuse is checked here: non-finite values.
-    """
+    """The tensors of the whole file `data`, whose header `parse_header` validated, all finite
+    (safetensors refuses what `parse_header` does, so only non-finite values are checked here)."""
     try:
         tensors = _st_load(data)
     except Exception as e:  # the decoder is a foreign library: any failure is a bad file
@@ -339,11 +327,7 @@ def decode_tensors(data: bytes, name: str) -> dict[str, Tensor]:
 
 def read(path: str | os.PathLike[str], *, header_only: bool) -> tuple[Header, bytes, str]:
     """(validated header, bytes, name): the bytes are the whole file, or only its length prefix
-    and header.
-
-    The length prefix is checked before anything else is read: a multi-gigabyte file
-    that is not a safetensors file fails without being read.
-    """
+    and header; the prefix is checked before anything else is read."""
     name = str(path)
     try:
         # a regular file only, checked before opening and opened without blocking: a FIFO
