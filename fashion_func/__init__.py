@@ -51,10 +51,6 @@ __all__ = [
     "tree",
 ]
 
-_SUBMODULES = {
-    "augment", "callbacks", "checkpoint", "data", "distributed", "ensemble", "interop", "losses", "metrics",
-    "models", "nn", "optim", "preprocess", "privacy", "schedules", "state", "step", "tree",
-}  # fmt: skip
 _NAMES = {
     "FitResult": "fashion_func.loop",
     "TrainState": "fashion_func.state",
@@ -66,6 +62,7 @@ _NAMES = {
     "per_example_grads": "fashion_func.step",
     "streamed_grad_norms": "fashion_func.step",
 }
+_SUBMODULES = set(__all__) - set(_NAMES) - {"__version__"}  # the rest of the face is modules
 
 try:  # the installed distribution's version (a checkout run without installing has none)
     __version__: str = _metadata.version("fashion_func")

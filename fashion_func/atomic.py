@@ -40,17 +40,13 @@ def write_bytes(
 ) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one.
 
-    The bytes go to `.{name}.{pid}.tmp` in the same directory (same filesystem, so the rename is
-    atomic), are flushed and fsynced, then `os.replace`d over `path`, and the directory is
-    fsynced so the rename itself survives a power cut. On any OSError the temp file is
-    removed, the old file is left as it was, and `WriteError` ("cannot write {what} {path}:
-    reason") is raised: it names `path`, never the temp name, whichever step failed. An
+    The bytes go to `.{name}.{pid}.tmp` in the same directory (same filesystem: the rename is
+    atomic), are fsynced, `os.replace`d over `path`, and the directory is fsynced so the rename
+    survives a power cut. On any OSError the temp file is removed, the old file left as it was,
+    and `WriteError` ("cannot write {what} {path}: reason", never the temp name) raised. An
     existing target that is not a regular file (a device, FIFO or link) is never replaced.
-
-    folder: the identity (`folder_id`) `path`'s folder must still have: checked before the temp
-    file is made and again just before the rename, so a folder swapped for a link or another
-    folder since it was recorded (a run directory's `checkpoints/`) is never written into:
-    `WriteError`, and the old file, wherever it is, untouched.
+    `folder`: the identity (`folder_id`) `path`'s folder must still have, checked before the
+    temp file is made and just before the rename (a folder swapped for a link is never written into).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

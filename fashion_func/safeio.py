@@ -29,7 +29,6 @@ from typing import Any, BinaryIO, ClassVar
 
 __all__ = ["FileError"]
 
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 

@@ -7,11 +7,8 @@ data), and the loop (`fashion_func.loop`) carries the actions out (writes files,
 changes the learning rate in the optimizer state). This package therefore touches no files,
 no clock, no device and no tensors, and it imports neither `checkpoint` nor `loop`.
 
-Modules, one job each (every public name is re-exported here): `protocol` (events, actions,
-the `Callback` base, `fold`/`scan`/`dispatch`/`init_states`, `encode_float`/`decode_float`,
-`improved`); `stopping` (EarlyStopping, TerminateOnNaN); `checkpointing` (ModelCheckpoint);
-`lr` (LRSchedule with StepLR and CosineLR, ReduceLROnPlateau); `logs` (TrainingMonitor,
-TensorBoardLogger, LogEpoch, history_record).
+Every public name of the modules (`protocol`, `stopping`, `checkpointing`, `lr`, `logs`) is
+re-exported here.
 
 Protocol
 --------

@@ -89,13 +89,8 @@ def _tb_tag(key: str) -> str:
 
 @dataclass(frozen=True)
 class TensorBoardLogger(Callback):
-    """On `EpochEnd(e)` emit `LogScalars(e, {tag: value})` for every metric.
-
-    Tags (`TB_TAGS`): train_loss -> "train/loss", train_acc -> "train/acc",
-    val_loss -> "val/loss", val_acc -> "val/acc", lr -> "lr", epoch_time_s -> "epoch_time_s";
-    other "train_*"/"val_*"/"test_*" keys become "train/*" etc., the rest keep their name.
-    Grouping by "train/" and "val/" puts the curves in TensorBoard sections. Stateless.
-    """
+    """On `EpochEnd(e)` emit `LogScalars(e, {tag: value})` for every metric, tagged as `TB_TAGS`
+    says ("train/loss", "val/acc", ...: TensorBoard groups the curves by section). Stateless."""
 
     def on_event(self, cb_state: CbState, event: Event) -> tuple[CbState, list[Action]]:
         if not isinstance(event, EpochEnd):

@@ -39,9 +39,7 @@ CbState = dict[str, Any]
 Mode = Literal["min", "max"]
 
 
-# --------------------------------------------------------------------------------------
-# Events
-# --------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------- events
 
 
 @dataclass(frozen=True)
@@ -72,9 +70,7 @@ class TrainEnd:
 Event = TrainBegin | EpochEnd | TrainEnd
 
 
-# --------------------------------------------------------------------------------------
-# Actions
-# --------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------- actions
 
 
 @dataclass(frozen=True)
@@ -183,9 +179,7 @@ Action = (
 )
 
 
-# --------------------------------------------------------------------------------------
-# Small pure helpers
-# --------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------- small pure helpers
 
 
 def encode_float(x: float | None) -> float | str | None:
@@ -215,8 +209,7 @@ def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0
     any value except NaN and the worst infinity improves on it. NaN never improves, and a
     NaN best is beaten by nothing (comparisons with NaN are false).
     """
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    check_mode(mode)
     value = float(value)
     if math.isnan(value):
         return False
@@ -245,9 +238,7 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
 
 
-# --------------------------------------------------------------------------------------
-# Callback base and driving helpers
-# --------------------------------------------------------------------------------------
+# ----------------------------------------------------------------- callback base and driving helpers
 
 
 @runtime_checkable

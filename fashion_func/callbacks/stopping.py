@@ -80,12 +80,8 @@ class EarlyStopping(Callback):
                 why = f"did not beat baseline {self.baseline} for {wait} epochs"
             else:
                 why = f"did not improve for {wait} epochs"
-            best_epoch = state["best_epoch"]
-            return state, [
-                Stop(
-                    f"{self.monitor} {why} (best {state['best']} at epoch {best_epoch}), epoch {event.epoch}"
-                )
-            ]
+            best = f"best {state['best']} at epoch {state['best_epoch']}"
+            return state, [Stop(f"{self.monitor} {why} ({best}), epoch {event.epoch}")]
         return state, []
 
 
@@ -103,7 +99,6 @@ class TerminateOnNaN(Callback):
         if not isinstance(event, EpochEnd):
             return cb_state, []
         value = metric(self, event.metrics, self.monitor)
-        where = f"epoch {event.epoch}"
         if math.isfinite(value):
             return cb_state, []
-        return cb_state, [Stop(f"{self.monitor} is {value} at {where}")]
+        return cb_state, [Stop(f"{self.monitor} is {value} at epoch {event.epoch}")]

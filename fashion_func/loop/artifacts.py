@@ -117,16 +117,10 @@ def removable(out: Path) -> list[Path]:
                 raise RunError(
                     kind="overwrite_refused", path=p, what=f"{describe(st.st_mode)}, not the run's folder"
                 )
-            pattern = _WEIGHT_FILE if name == "checkpoints" else _EVENTS_FILE
             if name == "checkpoints":
                 found += _removable_members(p)
-            for child in sorted(p.iterdir()):
-                if pattern.fullmatch(child.name) or our_temp(p, child.name):
-                    cst = child.lstat()
-                    if not stat.S_ISREG(cst.st_mode):
-                        raise RunError(kind="overwrite_refused", path=child, what=describe(cst.st_mode))
-                    found.append(child)
-            found.append(p)  # removed at the end if nothing of the user's is left in it
+            # the folder itself is removed at the end if nothing of the user's is left in it
+            found += [*_our_files(p, _WEIGHT_FILE if name == "checkpoints" else _EVENTS_FILE), p]
         elif stat.S_ISREG(st.st_mode):
             found.append(p)
         else:
@@ -143,12 +137,20 @@ def _removable_members(checkpoints: Path) -> list[Path]:
         st = folder.lstat()
         if not stat.S_ISDIR(st.st_mode):
             raise RunError(kind="overwrite_refused", path=folder, what=describe(st.st_mode))
-        for child in sorted(folder.iterdir()):
-            if _WEIGHT_FILE.fullmatch(child.name) or our_temp(folder, child.name):
-                if not stat.S_ISREG(child.lstat().st_mode):
-                    raise RunError(kind="overwrite_refused", path=child, what=describe(child.lstat().st_mode))
-                found.append(child)
-        found.append(folder)  # removed if nothing of the user's is left in it
+        found += [*_our_files(folder, _WEIGHT_FILE), folder]  # the folder: removed if left empty
+    return found
+
+
+def _our_files(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
+    """The files in `folder` a run writes (named by `pattern`, or our temp names); RunError for
+    one that is not a regular file."""
+    found = []
+    for child in sorted(folder.iterdir()):
+        if pattern.fullmatch(child.name) or our_temp(folder, child.name):
+            mode = child.lstat().st_mode
+            if not stat.S_ISREG(mode):
+                raise RunError(kind="overwrite_refused", path=child, what=describe(mode))
+            found.append(child)
     return found
 
 

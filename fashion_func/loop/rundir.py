@@ -40,12 +40,6 @@ from fashion_func.safeio import describe, display, os_reason
 __all__ = ["RunError"]
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """`obj` as indented JSON, written atomically (RunError when it cannot be)."""
-    with writing():
-        atomic.write_json(path, obj, what="run file")
-
-
 def _claim_directory(out: Path) -> None:
     """Accept `out` as ours, writing the marker, or refuse it (RunError).
 
@@ -62,7 +56,8 @@ def _claim_directory(out: Path) -> None:
     if others:
         raise RunError(kind="not_ours", out=out, marker=MARKER)
     identity = {"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    write_json(marker, identity)
+    with writing():
+        atomic.write_json(marker, identity, what="run file")
 
 
 def _resumes_elsewhere(out: Path, resume: Any) -> bool:
