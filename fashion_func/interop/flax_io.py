@@ -4,8 +4,7 @@
 dense kernels `[in, out]`, batch norm `scale`, `bias`, `mean`, `var`, stored as safetensors with
 dotted keys (`conv1.kernel`) that `safetensors.flax` and `safetensors.numpy` read;
 `flax_variables` splits a tree into Flax's `params` and `batch_stats` collections. The dense
-layer after a conv stack gets its rows in the (h w c) order of an NHWC `x.reshape((B, -1))`
-(metadata `flatten: "hwc"`; older files: torch's "chw").
+layer after a conv stack gets its rows in the (h w c) order of an NHWC `x.reshape((B, -1))`.
 """
 
 from __future__ import annotations
@@ -30,11 +29,9 @@ from fashion_func.models import Params
 
 __all__ = ["flax_variables", "from_flax", "load_flax", "save_flax", "to_flax"]
 
-# row order of the dense layer after a conv stack in Flax layout: (h w c) as an NHWC reshape
-# gives (the default, recorded as `flatten: "hwc"`), or torch's (c h w) of files written before
-# torch's (c h w) of files written before; "none": no layer was known to follow a flatten (an
-# architecture we do not recognise, given no shapes), nothing was reordered. A mapping
-# `{layer: (c, h, w)}` names the layers to reorder for an architecture of the caller's own.
+# row order of the dense layer after a conv stack in Flax layout: "hwc" as an NHWC reshape gives
+# (the default), or torch's "chw"; recorded "none": no layer was known to follow a flatten. A
+# mapping `{layer: (c, h, w)}` names the layers to reorder for an architecture of the caller's own.
 Flatten = Literal["hwc", "chw"] | Mapping[str, tuple[int, int, int]]
 FLATTEN_ORDERS: tuple[str, ...] = ("hwc", "chw", "none")
 FLAX_LAYOUT = "flax"  # the `layout` metadata value of files written by `save_flax`
@@ -97,18 +94,6 @@ def _permutation(
     return _flatten_layers(params, model) if flatten == "hwc" else {}
 
 
-def flatten_recorded(
-    params: Mapping[str, Tensor], flatten: Flatten, model: str | None = None
-) -> dict[str, Any]:
-    """What `save_flax` records of the row order: `flatten` ("hwc" when some layer was reordered,
-    "chw" when asked to keep torch's, "none" when no layer was known to need it) and, for "hwc",
-    `flatten_layers` `{layer: [c, h, w]}`, so the file says exactly what was done."""
-    permute = _permutation(params, flatten, model)
-    if permute:
-        return {"flatten": "hwc", "flatten_layers": {k: list(v) for k, v in permute.items()}}
-    return {"flatten": "chw" if flatten == "chw" else "none"}
-
-
 @functools.lru_cache(maxsize=32)
 def _flatten_inputs(name: str, hparams: tuple[tuple[str, Any], ...]) -> dict[str, tuple[int, int, int]]:
     """`{dense layer: (c, h, w)}` of the model's dense layers that take a flattened conv feature map.
@@ -157,33 +142,23 @@ def to_flax(
     `{"fc1": {"kernel": [in, out]}}`, biases unchanged.
 
     The first dense layer after a conv stack (fc1 of simplenet, simplenet_bn, alexnet) takes a
-    flattened feature map. Torch flattens `[B, C, H, W]` channel-major, (c h w); a Flax module
-    flattens NHWC with `x.reshape((B, -1))`, (h w c). With `flatten="hwc"` (the default) that
-    kernel's rows are written in (h w c) order, so the idiomatic Flax module (`flax_module`)
-    computes the torch logits; `flatten="chw"` keeps torch's order (files written before this
-    option), for code that flattens with `rearrange(x, "b h w c -> b (c h w)")`. The feature
-    map's (c, h, w) comes from the architecture, `model` or else recognised from the names and
-    shapes (`identify`); weights of an unknown architecture are converted layer by layer with
-    no row reordering, unless `flatten={layer: (c, h, w)}` names the dense layers that follow a
-    flattened `[B, C, H, W]` map (their rows are then written in (h w c) order).
+    flattened feature map: torch's `[B, C, H, W]` flattens as (c h w), a Flax module's NHWC
+    `x.reshape((B, -1))` as (h w c). `flatten="hwc"` (the default) writes that kernel's rows in
+    (h w c) order, so the idiomatic Flax module (`flax_module`) computes the torch logits;
+    `flatten="chw"` keeps torch's order. The feature map's (c, h, w) comes from the architecture,
+    `model` or else recognised from the names and shapes (`identify`); an unknown architecture
+    is converted layer by layer without reordering, unless `flatten={layer: (c, h, w)}` names
+    the dense layers that follow a flattened `[B, C, H, W]` map.
 
     Batch norm (a stateful model's weights, buffers included) maps to `flax.linen.BatchNorm`'s
-    names, all under the layer's key in this one tree:
+    names under the layer's key: `weight` -> `scale`, `bias`, `running_mean` -> `mean`,
+    `running_var` -> `var`; `num_batches_tracked` is dropped (Flax has no step counter).
+    `flax_variables(tree)` splits `params` from `batch_stats`; in eval mode (epsilon 1e-5) the
+    layer computes what `nn.BatchNorm2d.eval()` does (training: see `flax_module`).
 
-        bn1.weight -> bn1.scale    bn1.running_mean -> bn1.mean    bn1.num_batches_tracked: dropped
-        bn1.bias   -> bn1.bias     bn1.running_var  -> bn1.var     (Flax has no step counter)
-
-    Flax keeps `scale`/`bias` in the `params` collection and `mean`/`var` in `batch_stats`;
-    `flax_variables(tree)` makes that split. In eval mode (`use_running_average=True`, epsilon
-    1e-5 as torch) the layer then computes what `nn.BatchNorm2d.eval()` does. To keep training
-    in Flax as torch did, use `momentum=0.9` (Flax's is the weight of the old statistics, torch's
-    0.1 that of the new batch); Flax updates `var` with the biased batch variance, torch with the
-    unbiased one.
-
-    numpy has no bfloat16, so bf16 tensors become, by `bf16_as`: "float32" (exact upcast, loads
-    everywhere; the default), "uint16" (the raw bit patterns, half the size; reinterpret with
-    `a.view(ml_dtypes.bfloat16)` or `jax.lax.bitcast_convert_type(a, jnp.bfloat16)`), or
-    "bfloat16" (ml_dtypes' numpy bfloat16, which needs ml_dtypes wherever it is read).
+    numpy has no bfloat16, so bf16 tensors become, by `bf16_as`: "float32" (exact upcast; the
+    default), "uint16" (the raw bit patterns: `a.view(ml_dtypes.bfloat16)` or
+    `jax.lax.bitcast_convert_type(a, jnp.bfloat16)`), or "bfloat16" (ml_dtypes' numpy bfloat16).
     """
     check_bf16_as(bf16_as)
     permute = _permutation(params, flatten, model)
@@ -243,21 +218,14 @@ def from_flax(
 ) -> Params:
     """Torch-layout weights from Flax-layout arrays (numpy or JAX), the inverse of `to_flax`.
 
-    `tree` is nested (`{"conv1": {"kernel": ...}}`) or flat with dotted keys (`conv1.kernel`, as
-    `safetensors.flax.load_file` returns); not split into collections (merge `params` and
-    `batch_stats` of a Flax model first). `bf16_keys` lists dotted keys holding bf16 bit
-    patterns as uint16 (`bf16_as="uint16"`); they come back as bfloat16.
+    `tree` is nested or flat with dotted keys (as `safetensors.flax.load_file` returns), one tree
+    (merge a Flax model's `params` and `batch_stats` first). `bf16_keys`: dotted keys holding
+    bf16 bit patterns as uint16, returned as bfloat16. `flatten` and `model` as in `to_flax`:
+    "hwc" rows are put back into torch's (c h w), "chw" ones taken as they are.
 
-    `flatten` is the row order of the dense layer after the conv stack in `tree`: "hwc" (what
-    `to_flax` writes and a Flax module's `x.reshape((B, -1))` implies; the default) is put back
-    into torch's (c h w); "chw" is taken as it is. The architecture is `model` or recognised
-    from the result's names and shapes, as in `to_flax`.
-
-    A batch-norm layer (`scale`, `bias`, `mean`, `var`) comes back as `weight`, `bias`,
-    `running_mean`, `running_var` plus `num_batches_tracked` (0-d int64, right after
-    `running_var`), so the result loads strictly into the `nn.Module`. Flax does not count
-    batches: the count is `num_batches_tracked[layer]` if given (`load_flax` reads it from the
-    file's metadata), else 0. It matters only to `nn.BatchNorm2d(momentum=None)`.
+    A batch-norm layer comes back with `num_batches_tracked` (0-d int64, right after
+    `running_var`), so the result loads strictly into the `nn.Module`: `num_batches_tracked[layer]`
+    if given (`load_flax` reads it from the file's metadata), else 0 (Flax does not count batches).
     """
     counts = dict(num_batches_tracked or {})
     params: Params = {}
@@ -280,11 +248,9 @@ def from_flax(
         if leaf == "var":  # var is the last of a Flax BatchNorm's leaves in to_flax's and sorted order
             layer = ".".join(path)
             params[f"{layer}.{_COUNTER}"] = torch.tensor(int(counts.get(layer, 0)), dtype=torch.int64)
-    _check_flatten(flatten)
-    if flatten == "hwc" or isinstance(flatten, Mapping):
-        for layer, (c, h, w) in _permutation(params, flatten, model).items():
-            key = f"{layer}.weight"  # [out, (h w c)] after the transpose above -> torch's (c h w)
-            params[key] = rearrange(params[key], "o (h w c) -> o (c h w)", c=c, h=h, w=w).contiguous()
+    for layer, (c, h, w) in _permutation(params, flatten, model).items():
+        key = f"{layer}.weight"  # [out, (h w c)] after the transpose above -> torch's (c h w)
+        params[key] = rearrange(params[key], "o (h w c) -> o (c h w)", c=c, h=h, w=w).contiguous()
     return params
 
 
@@ -302,13 +268,10 @@ def save_flax(
     Read it with `flax.traverse_util.unflatten_dict(safetensors.flax.load_file(p), sep=".")`
     (then `flax_variables(...)` for a model with batch norm) and run it with `flax_module(name)`,
     with `safetensors.numpy.load_file(p)`, or back into torch layout with `load_flax`. The
-    metadata records `layout` ("flax"), `flatten` (the dense-after-conv row order: "hwc" with
-    `flatten_layers` `{layer: [c, h, w]}` naming the reordered layers, "chw" when asked to keep
-    torch's, "none" when no layer was known to follow a flatten; see `to_flax`), `bf16_as` and
-    which keys were bf16 (`bf16_keys`), for batch
-    norm the dropped `num_batches_tracked` counts (`{layer: count}`), plus `metadata`'s entries.
-    Strings are stored as they are, other values as JSON, as `checkpoint.encode_metadata` does
-    (`checkpoint.read_metadata(p)` decodes them).
+    metadata (`checkpoint.encode_metadata`'s convention) records `layout` ("flax"), `flatten`
+    ("hwc" with `flatten_layers` `{layer: [c, h, w]}` naming the reordered layers, "chw" when
+    asked to keep torch's, "none" when no layer was known to follow a flatten), `bf16_as`,
+    `bf16_keys`, batch norm's dropped `num_batches_tracked` (`{layer: count}`) and `metadata`.
     """
     flat = _flatten_dotted(to_flax(params, bf16_as=bf16_as, flatten=flatten, model=model))
 
@@ -318,7 +281,11 @@ def save_flax(
 
     meta: dict[str, Any] = dict(metadata or {})
     meta.update(layout=FLAX_LAYOUT, bf16_as=bf16_as, bf16_keys=numpy_io.bf16_keys(params, dotted))
-    meta.update(flatten_recorded(params, flatten, model))
+    permute = _permutation(params, flatten, model)
+    if permute:
+        meta.update(flatten="hwc", flatten_layers={k: list(v) for k, v in permute.items()})
+    else:
+        meta["flatten"] = "chw" if flatten == "chw" else "none"
     counts = {k.rsplit(".", 1)[0]: int(t) for k, t in params.items() if k.rsplit(".", 1)[-1] == _COUNTER}
     if counts:  # the file is for Flax, which has no counter: keep it beside, not in, the arrays
         meta["num_batches_tracked"] = counts
@@ -329,9 +296,8 @@ def load_flax(path: str | os.PathLike[str]) -> Params:
     """Torch-layout weights from a file written by `save_flax` (uint16 bf16 bits restored).
 
     Batch-norm layers get back their `num_batches_tracked` from the file's metadata (0 where
-    the file has none, e.g. one written by Flax code), so the result equals what was saved.
-    The dense-after-conv row order is the file's `flatten` metadata; files written before it
-    was recorded have none and hold torch's (c h w) order, so a missing `flatten` means "chw".
+    the file has none), so the result equals what was saved. The dense-after-conv row order is
+    the file's `flatten` metadata; a file without one holds torch's (c h w) order.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -342,8 +308,7 @@ def load_flax(path: str | os.PathLike[str]) -> Params:
         raise ValueError(
             f"{path}: not a Flax-layout file written by save_flax (layout {meta.get('layout')!r})"
         )
-    # bf16_keys and num_batches_tracked are JSON in files of either metadata convention (old
-    # files JSON-encoded every value; new ones all but strings), layout and bf16_as plain in both
+    # bf16_keys and num_batches_tracked are JSON-encoded, layout and bf16_as plain strings
     bf16_keys = json.loads(meta.get("bf16_keys", "[]")) if meta.get("bf16_as") == "uint16" else []
     counts = json.loads(meta.get("num_batches_tracked", "{}"))
     flatten: Any = meta.get("flatten", "chw")
