@@ -35,37 +35,31 @@ class MLP(tnn.Module):
 class SimpleNet(tnn.Module):
     """The reference network: conv 1->32, conv 32->64, max-pool 2, fc 9216->128, fc 128->classes."""
 
+    _batch_norm = False
+
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
+        # registered in this order: the `state_dict` names come conv1, bn1, conv2, bn2, fc1, fc2
         self.conv1 = tnn.Conv2d(1, 32, 3)
+        self.bn1 = tnn.BatchNorm2d(32) if self._batch_norm else None
         self.conv2 = tnn.Conv2d(32, 64, 3)
+        self.bn2 = tnn.BatchNorm2d(64) if self._batch_norm else None
         self.fc1 = tnn.Linear(9216, 128)
         self.fc2 = tnn.Linear(128, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.conv1(x))  # [B, 32, 26, 26]
-        x = F.relu(self.conv2(x))  # [B, 64, 24, 24]
+        x = self.conv1(x)
+        x = F.relu(x if self.bn1 is None else self.bn1(x))  # [B, 32, 26, 26]
+        x = self.conv2(x)
+        x = F.relu(x if self.bn2 is None else self.bn2(x))  # [B, 64, 24, 24]
         x = torch.flatten(F.max_pool2d(x, 2), 1)  # [B, 64*12*12], (c h w) order
         return self.fc2(F.relu(self.fc1(x)))
 
 
-class SimpleNetBN(tnn.Module):
+class SimpleNetBN(SimpleNet):
     """SimpleNet with batch norm after each convolution, before its ReLU, as `models.simplenet_bn`."""
 
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = tnn.Conv2d(1, 32, 3)
-        self.bn1 = tnn.BatchNorm2d(32)
-        self.conv2 = tnn.Conv2d(32, 64, 3)
-        self.bn2 = tnn.BatchNorm2d(64)
-        self.fc1 = tnn.Linear(9216, 128)
-        self.fc2 = tnn.Linear(128, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))  # [B, 32, 26, 26]
-        x = F.relu(self.bn2(self.conv2(x)))  # [B, 64, 24, 24]
-        x = torch.flatten(F.max_pool2d(x, 2), 1)  # [B, 64*12*12], (c h w) order
-        return self.fc2(F.relu(self.fc1(x)))
+    _batch_norm = True
 
 
 class AlexNet(tnn.Module):
