@@ -1,14 +1,9 @@
-"""Our params <-> plain PyTorch modules, and any research `nn.Module` as a `Model`.
+"""Our params <-> plain PyTorch modules (`to_module` / `from_module`, `identify`), a stateful
+model's weights <-> `(params, model_state)` (`split_state` / `merge_state`), and any research
+`nn.Module` as a `Model` (`functionalize`).
 
-- `to_module(name, params)` / `from_module(module)`: our params <-> a plain module of a known
-  architecture (`torch_modules`: same `state_dict` keys, forward equal to `Model.apply`).
-- Stateful models (batch norm: `simplenet_bn`): their *weights* are params and buffers in one
-  flat dict under the module's `state_dict` names (`bn1.weight`, `bn1.running_mean`,
-  `bn1.num_batches_tracked`), as `best.safetensors` holds them. `split_state` / `merge_state`
-  go between that dict and `(params, model_state)` for `Model.apply`.
-- `identify(params)`: the known architecture whose names and shapes the weights have.
-- `functionalize(module)`: any `nn.Module` as a `Model` (through `torch.func.functional_call`),
-  so `make_train_step` / `make_eval_step` drive it.
+A stateful model's *weights* (batch norm: `simplenet_bn`) are its params and buffers in one flat
+dict under the module's `state_dict` names (`bn1.running_mean`), as `best.safetensors` holds them.
 """
 
 from __future__ import annotations
