@@ -38,12 +38,10 @@ def history_record(epoch: int, metrics: Mapping[str, float]) -> dict[str, Any]:
 class TrainingMonitor(Callback):
     """Keep the per-epoch history; ask the loop to write history.json and draw the plots.
 
-    Each `EpochEnd` appends {"epoch": e, train_loss, train_acc, val_loss, val_acc, lr,
-    epoch_time_s, ...every other metric given} (non-finite values encoded, see
-    `encode_float`) and emits `WriteHistory` and `PlotHistory` with the whole history. The
-    state is checkpointed, so a resumed run continues the list; records for an epoch that
-    is run again (a re-run after a crash, or `TrainBegin` at an earlier epoch) and all later
-    ones are dropped first, so the history never holds an epoch twice.
+    Each `EpochEnd` appends `history_record(epoch, metrics)` and emits `WriteHistory` and
+    `PlotHistory` with the whole history. The state is checkpointed, so a resumed run continues
+    the list; the records of an epoch run again (after a crash, or `TrainBegin` at an earlier
+    epoch) and of all later ones are dropped first: the history never holds an epoch twice.
 
     State: {"history": [record, ...]}.
     """
