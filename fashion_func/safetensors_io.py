@@ -33,30 +33,27 @@ _MAX_HEADER = 100_000_000
 METADATA = "__metadata__"  # the header's metadata entry (never a tensor name)
 _TENSOR_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 
-# safetensors dtype names that safetensors.torch can decode on this torch build.
+# safetensors dtype names and the torch dtypes safetensors.torch decodes them to (all of them
+# exist from torch 2.4, the oldest this package supports).
 DTYPES: dict[str, torch.dtype] = {
-    name: dtype
-    for name, dtype in {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-        "C64": torch.complex64,
-        "U64": getattr(torch, "uint64", None),
-        "U32": getattr(torch, "uint32", None),
-        "U16": getattr(torch, "uint16", None),
-        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
-        "F8_E5M2": getattr(torch, "float8_e5m2", None),
-        "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
-    }.items()
-    if dtype is not None
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
 }
 _SAVABLE = frozenset(DTYPES.values())
 
