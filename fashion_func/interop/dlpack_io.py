@@ -17,13 +17,9 @@ __all__ = ["from_jax", "to_jax"]
 
 
 def to_jax(tensor: Tensor) -> Any:
-    """A JAX array of `tensor`'s values, sharing its memory through DLPack where both sides allow.
-
-    Sharing needs the tensor's device to be one JAX runs on (CPU, or a GPU that jax was built
-    for); otherwise, and for dtypes DLPack cannot carry, the values are copied through the host.
-    A tensor that requires grad is detached first (DLPack carries no autograd). Do not write to
-    the tensor while the array is in use: JAX assumes its arrays never change.
-    """
+    """A JAX array of `tensor`'s (detached) values, sharing its memory through DLPack where the
+    device is one JAX runs on and DLPack carries the dtype, else copied through the host. Do not
+    write to the tensor while the array is in use: JAX assumes its arrays never change."""
     import jax.numpy as jnp
 
     t = tensor.detach()
@@ -40,11 +36,8 @@ def to_jax(tensor: Tensor) -> Any:
 
 
 def from_jax(array: Any) -> Tensor:
-    """A torch tensor of a JAX array's values, sharing its memory through DLPack where possible.
-
-    JAX arrays are immutable: writing to the returned tensor in place is undefined behaviour
-    (clone it first if you must).
-    """
+    """A torch tensor of a JAX array's values, sharing its memory through DLPack where possible
+    (JAX arrays are immutable: clone it before writing to it in place)."""
     try:
         return torch.from_dlpack(array)
     except (BufferError, RuntimeError, TypeError, ValueError):

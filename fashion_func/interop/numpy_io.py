@@ -1,8 +1,7 @@
 """Weights as numpy arrays (torch names and layout), and numpy-readable files of them.
 
 numpy has no bfloat16: bf16 tensors become float32 (exact), their uint16 bit patterns, or
-ml_dtypes' bfloat16, as `bf16_as` says. The helpers here also carry arrays back to torch for
-the Flax and DLPack paths.
+ml_dtypes' bfloat16, as `bf16_as` says.
 """
 
 from __future__ import annotations
@@ -95,15 +94,13 @@ def save_numpy(
 ) -> None:
     """Write weights with torch names and layout in dtypes plain numpy reads, atomically.
 
-    A `.npz` path gives `numpy.savez` output (read with `numpy.load(p)`, no pickle needed), the
-    metadata in its `__metadata__` entry (`json.loads(np.load(p)["__metadata__"].item())`, the
-    strings of a safetensors header: `checkpoint.decode_metadata` gives the values back);
-    anything else a safetensors file for `safetensors.numpy.load_file(p)`. bf16 tensors become
-    float32 or their uint16 bit patterns (`bf16_as`); bfloat16 itself is refused, as numpy has none.
-    A stateful model's buffers are kept as they are (`bn1.num_batches_tracked` stays int64).
-    The metadata (safetensors only) records `layout` ("torch"), `bf16_as`, `bf16_keys` and
-    `metadata`'s entries, strings as they are and other values as JSON (`checkpoint.encode_metadata`).
-    A failed write is `atomic.WriteError` ("cannot write weights file PATH: reason").
+    A `.npz` path gives `numpy.savez` output (`numpy.load(p)`, no pickle needed); anything else a
+    safetensors file for `safetensors.numpy.load_file(p)`. bf16 tensors become float32 or their
+    uint16 bit patterns (`bf16_as`; numpy has no bfloat16); buffers keep their dtype
+    (`bn1.num_batches_tracked` stays int64). The metadata (`layout` "torch", `bf16_as`, `bf16_keys`
+    and `metadata`'s entries, as `checkpoint.encode_metadata` encodes them) is the safetensors
+    header's, or a `.npz` file's `__metadata__` entry: the JSON of those strings
+    (`checkpoint.decode_metadata` gives the values back). A failed write is `atomic.WriteError`.
     """
     if bf16_as not in ("float32", "uint16"):
         raise ValueError(f"numpy has no bfloat16: bf16_as must be float32 or uint16, not {bf16_as!r}")

@@ -53,12 +53,9 @@ def template(
     dtype: torch.dtype = torch.float32,
     buffer_dtype: torch.dtype | None = None,
 ) -> Params:
-    """Meta tensors with the names, order, shapes and dtypes of the model's weights (nothing drawn).
-
-    Weights are the module's `state_dict`: parameters, then for a stateful model its buffers too.
-    Floating parameters get `dtype`, floating buffers (running statistics) `buffer_dtype`
-    (default `dtype`); integer buffers (`num_batches_tracked`, int64) keep their own dtype.
-    """
+    """Meta tensors with the names, order, shapes and dtypes of the model's weights (its module's
+    `state_dict`): floating params in `dtype`, floating buffers in `buffer_dtype` (default
+    `dtype`), integer buffers (`num_batches_tracked`) in their own."""
     module = build(name, hparams)
     buffers = {k for k, _ in module.named_buffers()}
 
@@ -103,12 +100,8 @@ def merge_state(params: Mapping[str, Tensor], model_state: Mapping[str, Tensor])
 
 
 def identify(params: Mapping[str, Tensor]) -> str:
-    """The name of the known architecture whose weight names and shapes `params` has.
-
-    For a stateful model `params` are its weights, buffers included (`bn1.running_mean`, as the
-    module's `state_dict`), which also tells `simplenet_bn` from `simplenet`. Raises ValueError
-    when no model in `models.MODELS` matches.
-    """
+    """The name of the known architecture whose weight names and shapes `params` (a stateful
+    model's with its buffers) has; ValueError when no model in `models.MODELS` matches."""
     for name in NAMES:
         try:
             check_shapes(name, build(name, hparams_from_params(name, params)), params)
@@ -123,13 +116,9 @@ def identify(params: Mapping[str, Tensor]) -> str:
 
 
 def to_module(model_name: str, params: Mapping[str, Tensor], **hparams: Any) -> tnn.Module:
-    """A plain PyTorch module (eval mode) holding copies of `params`, whose forward equals `apply`.
-
-    For a stateful model `params` are its weights: params and buffers in one dict (`merge_state`),
-    loaded strictly, so the module's eval-mode forward equals `apply(..., state=)`.
-    Hyperparameters (class count, widths) are read off the parameter shapes unless given.
-    The module owns its tensors: training it never changes `params`.
-    """
+    """A plain PyTorch module (eval mode) holding copies of `params` (a stateful model's with its
+    buffers: `merge_state`), loaded strictly, whose forward equals `apply`. Hyperparameters
+    (class count, widths) are read off the shapes unless given."""
     hp = {**hparams_from_params(model_name, params), **hparams}
     module = build(model_name, hp)
     check_shapes(model_name, module, params)
@@ -140,15 +129,9 @@ def to_module(model_name: str, params: Mapping[str, Tensor], **hparams: Any) -> 
 
 
 def from_module(module: tnn.Module, *, check: bool = True) -> Params:
-    """Weights (detached copies) of a module whose architecture is known (see `identify`).
-
-    For a stateless model these are its params; for a stateful one (batch norm) params and
-    buffers together, under the module's `state_dict` names (`split_state` separates them).
-    The architecture is recognised by weight names and shapes; with `check` the module's
-    forward is also compared with `Model.apply` on a fixed input (in eval mode, so with the
-    running statistics), and a module with the same names but another computation is refused
-    (ValueError).
-    """
+    """Weights (detached copies, a stateful model's with its buffers) of a module whose
+    architecture `identify` knows. With `check` its eval-mode forward is also compared with
+    `Model.apply` on a fixed input: the same names computing something else is a ValueError."""
     sd = module.state_dict()
     name = identify(sd)
     hparams = hparams_from_module(name, module)  # the shapes', and a group count off the layers
@@ -203,13 +186,11 @@ def _check_forward(module: tnn.Module, name: str, model: Model, weights: Params)
 def functionalize(module: tnn.Module, *, name: str | None = None) -> tuple[Model, Params]:
     """Any `nn.Module` as a `Model` plus copies of its parameters, via `torch.func.functional_call`.
 
-    For research code that keeps its own module: `make_train_step(model, ...)` then trains the
-    returned params functionally. `apply(params, x, train=...)` runs the module's own forward
-    with `params` swapped in and the module in train/eval mode for the call. Buffers are read from
-    the module as constants (not trained); a module that writes its buffers in training (batch
-    norm's running statistics) writes into its own, so use eval mode or a `models` model for those.
-    Randomness inside the module (dropout) draws from torch's global RNG, not from `key`.
-    `init` ignores its generator and returns copies of the module's current parameters.
+    `apply(params, x, train=...)` runs the module's forward with `params` swapped in, in
+    train/eval mode for the call, so `make_train_step(model, ...)` trains them functionally.
+    Buffers are the module's, constants (batch norm's running statistics, written in training,
+    land in the module: use eval mode or a `models` model); dropout inside draws from torch's
+    global RNG, not `key`. `init` ignores its generator: copies of the current parameters.
     """
     params = {k: p.detach().clone() for k, p in module.named_parameters()}
     buffers = dict(module.named_buffers())

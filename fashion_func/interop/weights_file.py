@@ -22,13 +22,11 @@ def load_weights_file(
 ) -> tuple[Model, Params, dict[str, Any]]:
     """(model, weights, metadata) of a weights file, validated against the model's weights.
 
-    The model is `model_name` if given, else the `model` entry of the file's metadata (as
-    `fit` writes into best.safetensors). The weights are the model's params, and for a stateful
-    model its buffers too (one dict, as the file holds them; `split_state` separates them).
-    Weights stored in another floating dtype (bf16, fp16) are accepted and returned as stored;
-    a stateful model's floating buffers may be stored in a dtype of their own (float32 running
-    statistics beside bf16 params). Raises `checkpoint.CheckpointError` (one line) for a
-    missing or bad file, a train-state file, an unknown model or weights of another model.
+    The model is `model_name` if given, else the file's `model` metadata (as `fit` writes it).
+    The weights are its params, and a stateful model's buffers too (one dict: `split_state`
+    separates them), returned in the floating dtype stored (bf16, fp16; buffers may have their
+    own). `checkpoint.CheckpointError` (one line) for a missing or bad file, a train-state
+    file, an unknown model or weights of another model.
     """
     info = checkpoint.inspect(path)  # validates the header; CheckpointError if missing or bad
     if info.format == checkpoint.STATE_FORMAT:
@@ -59,13 +57,9 @@ def load_weights_file(
     return model, params, metadata
 
 
-MAX_HPARAM = models.MAX_SIZE  # a width or class count beyond any model of ours: refused, never allocated
-
-
 def _file_hparams(info: checkpoint.CheckpointInfo, name: str) -> dict[str, int]:
     """The model's constructor arguments: the `model_hparams` a file of this model records
-    (each checked by name and kind, `models.check_hparams`), else what its tensor shapes
-    imply (older files; `models.get` checks those)."""
+    (checked by `models.check_hparams`), else what its tensor shapes imply (`models.get` checks those)."""
     recorded = info.metadata.get("model_hparams")
     if info.metadata.get("model") == name and recorded is not None:
         if not isinstance(recorded, dict):
