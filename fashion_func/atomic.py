@@ -1,10 +1,7 @@
-"""Files written whole or not at all: bytes, JSON and figures, each to a temp file that is
-fsynced and `os.replace`d over the target, so a crash or a full disk leaves either the old file
-or the new one, never a torn one.
-
-Every failure is a `WriteError` whose one-line message names what was being written
-("cannot write plot runs/x/loss.png: No space left on device"); `checkpoint` raises its own
-subclass for checkpoints. This module imports only `safeio`, so every layer may use it.
+"""Files written whole or not at all (bytes, JSON, figures): a crash or a full disk leaves either
+the old file or the new one, never a torn one. Every failure is a `WriteError` whose one-line
+message names what was being written ("cannot write plot runs/x/loss.png: No space left on
+device"). This module imports only `safeio`, so every layer may use it.
 """
 
 from __future__ import annotations

@@ -143,13 +143,9 @@ def save_state(
     metadata: dict[str, Any] | None = None,
     folder: atomic.FolderId | None = None,
 ) -> None:
-    """Save a whole pytree of tensors (a ``TrainState``) to `path` atomically.
-
-    Keys are the leaves' paths (``params/conv1.weight``, ``opt_state/1/mu/conv1.weight``,
-    ``step``); tensors are copied to contiguous CPU buffers. `metadata` values must be
-    JSON-serialisable. Raises `CheckpointWriteError` if the file cannot be written (`folder`:
-    see `atomic_write`).
-    """
+    """Save a whole pytree of tensors (a ``TrainState``) to `path` atomically, under its leaves'
+    paths; `metadata` values must be JSON-serialisable. `CheckpointWriteError` if the file cannot
+    be written (`folder`: see `atomic_write`)."""
     atomic_write(path, _serialize(_flat_state(state, "state"), metadata, STATE_FORMAT), folder=folder)
 
 
@@ -160,11 +156,8 @@ def save_weights(
     metadata: dict[str, Any] | None = None,
     folder: atomic.FolderId | None = None,
 ) -> None:
-    """Save flat params (``nn.Module`` state-dict names) to `path` atomically (`folder`: see
-    `atomic_write`).
-
-    The file loads into a plain module with ``load_state_dict(safetensors.torch.load_file(p))``.
-    """
+    """Save flat params (``nn.Module`` state-dict names) to `path` atomically, a file for
+    ``load_state_dict(safetensors.torch.load_file(p))`` (`folder`: see `atomic_write`)."""
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a flat dict of tensors, got {type(params).__name__}")
     atomic_write(path, _serialize(dict(params), metadata, WEIGHTS_FORMAT), folder=folder)
@@ -208,11 +201,10 @@ def _json_keys(raw: Mapping[str, str], name: str) -> set[str]:
 def _decode_raw(raw: Mapping[str, str], name: str) -> dict[str, Any]:
     """The user metadata of `raw`; for our files, the one check of the format version."""
     ours = raw.get(FORMAT_KEY) in _OURS
-    if ours and raw.get(FORMAT_VERSION_KEY) != FORMAT_VERSION:
+    version = raw.get(FORMAT_VERSION_KEY)
+    if ours and version != FORMAT_VERSION:
         raise fail(
-            name,
-            f"format_version {raw.get(FORMAT_VERSION_KEY)!r} is not supported (this fashion_func "
-            f"reads {FORMAT_VERSION!r})",
+            name, f"format_version {version!r} is not supported (this fashion_func reads {FORMAT_VERSION!r})"
         )
     if JSON_KEYS_KEY not in raw:
         if ours:
@@ -228,13 +220,10 @@ def _decode_raw(raw: Mapping[str, str], name: str) -> dict[str, Any]:
 
 
 def decode_metadata(raw: Mapping[str, str], *, name: str = "<metadata>") -> dict[str, Any]:
-    """User metadata from a safetensors file's raw metadata strings (`safe_open(p).metadata()`).
-
-    The inverse of `encode_metadata`: keys listed in ``__json__`` are JSON-decoded, the others
-    are the strings they are; our files must be of the current format version. A file with
-    neither our ``format`` nor ``__json__`` (another tool's) is returned as it is. The reserved
-    keys are left out. `CheckpointError` (naming `name`) for malformed metadata.
-    """
+    """User metadata from a safetensors file's raw metadata strings (`safe_open(p).metadata()`),
+    the inverse of `encode_metadata`, without the reserved keys. Our files must be of the current
+    format version; another tool's (neither our ``format`` nor ``__json__``) is returned as it is.
+    `CheckpointError` (naming `name`) for malformed metadata."""
     for k, v in raw.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise fail(name, f"metadata entry {k!r} is not a string")
@@ -284,13 +273,10 @@ def _load_state_bytes(
 def load_state(
     path: str | os.PathLike[str], template: Any, *, device: torch.device | str | None = None
 ) -> tuple[Any, dict[str, Any]]:
-    """Load a train state saved by `save_state`, validated against `template`.
-
-    `template` is a pytree of the same structure (e.g. a freshly initialised ``TrainState``);
-    keys, shapes and dtypes must match it exactly and floating tensors must be finite.
-    Leaves go to `device`, by default each template leaf's device. Returns
-    ``(state, metadata)`` with the user metadata decoded (`decode_metadata`). Raises `CheckpointError`.
-    """
+    """``(state, metadata)`` of a file `save_state` wrote, validated against `template`, a pytree
+    of the same structure (a freshly initialised ``TrainState``): keys, shapes and dtypes must
+    match it exactly, floating tensors be finite. Leaves go to `device`, by default each template
+    leaf's. `CheckpointError` for any problem with the file."""
     header, data, name = read(path, header_only=False)
     return _load_state_bytes(data, template, device=device, name=name, header=header)
 
@@ -305,8 +291,7 @@ def _load_weights_bytes(
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     tensors, metadata = _decode(data, name, header, WEIGHTS_FORMAT, template, "weights do not match model")
     order = list(template) if template is not None else sorted(tensors)
-    target = torch.device(device)
-    return {k: tensors[k].to(target) for k in order}, metadata
+    return {k: tensors[k].to(torch.device(device)) for k in order}, metadata
 
 
 def load_weights(
@@ -315,13 +300,9 @@ def load_weights(
     template: Mapping[str, Tensor] | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Load flat params from a weights file, validated (against `template` when given).
-
-    Plain safetensors files from other tools (no fashion_func ``format``) are accepted and
-    their metadata is returned as the raw strings (decoded where the file has ``__json__``,
-    as `interop`'s files do); a train state file is refused. Returns
-    ``(params, metadata)``; params are in the template's key order, else sorted by name.
-    """
+    """``(params, metadata)`` of a weights file, validated (against `template` when given), params
+    in the template's key order, else sorted by name. Another tool's safetensors file is accepted
+    (its metadata as `decode_metadata` gives it); a train state file is refused."""
     header, data, name = read(path, header_only=False)
     return _load_weights_bytes(data, template=template, device=device, name=name, header=header)
 
@@ -338,12 +319,8 @@ def _info(header: Header, name: str) -> CheckpointInfo:
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The user metadata of a checkpoint or weights file, reading and validating only its header.
-
-    Decoded (`decode_metadata`) and without the reserved keys for fashion_func files (and files
-    following their convention, with ``__json__``); raw strings for safetensors files from other
-    tools. Tensor data is neither read nor checked.
-    """
+    """The user metadata (as `decode_metadata` gives it) of a checkpoint or weights file, reading
+    and validating only its header: tensor data is neither read nor checked."""
     header, _, name = read(path, header_only=True)
     return _info(header, name).metadata
 

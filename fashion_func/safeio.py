@@ -1,20 +1,11 @@
 """Safe handling of user paths and user-visible text, in one place for every command.
 
-Inputs: `open_regular` / `read_regular` refuse anything but a regular file before opening it
-(a FIFO would block, `/dev/zero` never ends), open without blocking and check again on the
-open descriptor (the path may change in between), and bound how much is read.
-
-Outputs: `check_output` is the rule for a file a command writes on the user's behalf (export's
-and predict's outputs): never a non-regular target (a device, a FIFO, a directory, a symbolic
-link), never one of the inputs, the suffix the format promises, and an existing regular file
-replaced only when the caller says so (`overwrite`).
-
-Text: `display` makes a path or metadata string safe to print (terminal control characters and
-undecodable bytes escaped, so it can neither drive the terminal nor fail on a strict encoding);
-`strict_json` makes a value strict JSON (no NaN/Infinity, no lone surrogates); `one_line` and
-`os_reason` make an error message one bounded line that says why.
-
-This module imports nothing from the package, so every layer may use it.
+Inputs: `open_regular` / `read_regular` refuse anything but a regular file (a FIFO would
+block, `/dev/zero` never ends). Outputs: `check_output` is the rule for a file a command writes
+on the user's behalf (export's and predict's). Text: `display` makes a path or metadata string
+safe to print, `strict_json` a value strict JSON, `one_line` and `os_reason` an error message
+one bounded line that says why. This module imports nothing from the package, so every layer
+may use it.
 """
 
 from __future__ import annotations
