@@ -16,13 +16,7 @@ they are imported only inside the functions that need them. Nothing in the core 
 from __future__ import annotations
 
 from fashion_func.interop.dlpack_io import from_jax, to_jax
-from fashion_func.interop.flax_io import (
-    flax_variables,
-    from_flax,
-    load_flax,
-    save_flax,
-    to_flax,
-)
+from fashion_func.interop.flax_io import flax_variables, from_flax, load_flax, save_flax, to_flax
 from fashion_func.interop.flax_modules import flax_module
 from fashion_func.interop.jax_io import simplenet_jax
 

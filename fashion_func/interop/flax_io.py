@@ -36,62 +36,59 @@ Flatten = Literal["hwc", "chw"] | Mapping[str, tuple[int, int, int]]
 FLATTEN_ORDERS: tuple[str, ...] = ("hwc", "chw", "none")
 FLAX_LAYOUT = "flax"  # the `layout` metadata value of files written by `save_flax`
 
-# torch buffer / Flax leaf names of a batch-norm layer's running statistics (Flax keeps them in
-# the `batch_stats` collection, the affine `scale` and `bias` in `params`)
-_BN_STATS = {"running_mean": "mean", "running_var": "var"}
-_BN_STATS_BACK = {v: k for k, v in _BN_STATS.items()}
-_COUNTER = "num_batches_tracked"  # nn.BatchNorm's step counter: no Flax counterpart
+# (torch leaf, rank, Flax leaf, torch's layout, Flax's): a norm layer's affine weight is Flax's
+# `scale`; batch norm's running statistics its `mean` and `var`, in the `batch_stats` collection;
+# nn.Conv2d's OIHW kernel is Flax/lax's HWIO; nn.Linear computes x @ W.T with W [out, in],
+# flax.linen.Dense x @ kernel with [in, out]. nn.BatchNorm's step counter has no counterpart.
+_LEAVES = (
+    ("bias", 1, "bias", "", ""),
+    ("weight", 1, "scale", "", ""),
+    ("running_mean", 1, "mean", "", ""),
+    ("running_var", 1, "var", "", ""),
+    ("weight", 4, "kernel", "o i h w", "h w i o"),
+    ("weight", 2, "kernel", "o i", "i o"),
+)
+_BN_STATS = ("mean", "var")
+_COUNTER = "num_batches_tracked"
+
+
+def _convert(key: str, t: Tensor, *, to_flax: bool) -> tuple[list[str], Tensor]:
+    """(path, tensor) of one leaf in the other layout: `conv1.weight` OIHW <-> (["conv1", "kernel"], HWIO)."""
+    *path, leaf = key.split(".")
+    for torch_leaf, rank, flax_leaf, torch_axes, flax_axes in _LEAVES:
+        if leaf == (torch_leaf if to_flax else flax_leaf) and t.ndim == rank:
+            src, dst = (torch_axes, flax_axes) if to_flax else (flax_axes, torch_axes)
+            name = flax_leaf if to_flax else torch_leaf
+            return [*path, name], rearrange(t, f"{src} -> {dst}") if src else t
+    which = "Flax equivalent known for parameter" if to_flax else "torch equivalent known for Flax parameter"
+    raise ValueError(f"no {which} {key!r} of shape {list(t.shape)}")
 
 
 def _flax_leaf(key: str, t: Tensor) -> tuple[list[str], Tensor] | None:
-    """(Flax path, array) of one torch tensor: `conv1.weight` -> (["conv1", "kernel"], HWIO).
-
-    None for `num_batches_tracked`, which Flax's BatchNorm does not have.
-    """
-    *path, leaf = key.split(".")
-    if leaf == _COUNTER and t.ndim == 0:
-        return None
-    if leaf == "bias" and t.ndim == 1:
-        return [*path, "bias"], t
-    if leaf == "weight" and t.ndim == 1:
-        # a norm layer's affine weight: flax.linen.BatchNorm / LayerNorm call it `scale`
-        return [*path, "scale"], t
-    if leaf in _BN_STATS and t.ndim == 1:
-        return [*path, _BN_STATS[leaf]], t
-    if leaf == "weight" and t.ndim == 4:
-        # nn.Conv2d's OIHW -> Flax/lax HWIO (used with dimension_numbers NHWC, HWIO, NHWC)
-        return [*path, "kernel"], rearrange(t, "o i h w -> h w i o")
-    if leaf == "weight" and t.ndim == 2:
-        # nn.Linear computes x @ W.T with W [out, in]; flax.linen.Dense computes x @ kernel, [in, out]
-        return [*path, "kernel"], rearrange(t, "o i -> i o")
-    raise ValueError(f"no Flax equivalent known for parameter {key!r} of shape {list(t.shape)}")
-
-
-def _check_flatten(flatten: Any) -> None:
-    if isinstance(flatten, Mapping):
-        for layer, chw in flatten.items():
-            ok = isinstance(chw, (tuple, list)) and len(chw) == 3
-            if not (isinstance(layer, str) and ok and all(isinstance(n, int) and n >= 1 for n in chw)):
-                raise ValueError(
-                    f"flatten: expected {{layer: (c, h, w)}} of positive ints, got {layer!r}: {chw!r}"
-                )
-        return
-    if flatten not in ("hwc", "chw"):
-        raise ValueError(f"flatten must be 'hwc', 'chw' or {{layer: (c, h, w)}}, not {flatten!r}")
+    """(Flax path, array) of one torch tensor; None for `num_batches_tracked` (Flax has none)."""
+    return None if key.rsplit(".", 1)[-1] == _COUNTER and t.ndim == 0 else _convert(key, t, to_flax=True)
 
 
 def _permutation(
     params: Mapping[str, Tensor], flatten: Flatten, model: str | None
 ) -> dict[str, tuple[int, int, int]]:
-    """The dense layers whose rows go between torch's (c h w) and Flax's (h w c) order."""
-    _check_flatten(flatten)
-    if isinstance(flatten, Mapping):
-        for layer, (c, h, w) in flatten.items():
-            weight = params.get(f"{layer}.weight")
-            if weight is None or weight.dim() != 2 or weight.shape[1] != c * h * w:
-                raise ValueError(f"flatten: {layer}.weight is not a dense kernel over {c}*{h}*{w} inputs")
-        return {k: (int(c), int(h), int(w)) for k, (c, h, w) in flatten.items()}
-    return _flatten_layers(params, model) if flatten == "hwc" else {}
+    """The dense layers whose rows go between torch's (c h w) and Flax's (h w c) order; ValueError
+    for a `flatten` other than "hwc", "chw" or `{layer: (c, h, w)}` of the dense kernels there."""
+    if not isinstance(flatten, Mapping):
+        if flatten not in ("hwc", "chw"):
+            raise ValueError(f"flatten must be 'hwc', 'chw' or {{layer: (c, h, w)}}, not {flatten!r}")
+        return _flatten_layers(params, model) if flatten == "hwc" else {}
+    for layer, chw in flatten.items():
+        ok = isinstance(chw, (tuple, list)) and len(chw) == 3
+        if not (isinstance(layer, str) and ok and all(isinstance(n, int) and n >= 1 for n in chw)):
+            raise ValueError(
+                f"flatten: expected {{layer: (c, h, w)}} of positive ints, got {layer!r}: {chw!r}"
+            )
+        c, h, w = chw
+        weight = params.get(f"{layer}.weight")
+        if weight is None or weight.dim() != 2 or weight.shape[1] != c * h * w:
+            raise ValueError(f"flatten: {layer}.weight is not a dense kernel over {c}*{h}*{w} inputs")
+    return {k: (int(c), int(h), int(w)) for k, (c, h, w) in flatten.items()}
 
 
 @functools.lru_cache(maxsize=32)
@@ -191,7 +188,7 @@ def flax_variables(tree: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for key, a in _flatten_dotted(tree).items():
         *path, leaf = key.split(".")
-        node = out.setdefault("batch_stats" if leaf in _BN_STATS_BACK else "params", {})
+        node = out.setdefault("batch_stats" if leaf in _BN_STATS else "params", {})
         for p in path:
             node = node.setdefault(p, {})
         node[leaf] = a
@@ -230,23 +227,10 @@ def from_flax(
     counts = dict(num_batches_tracked or {})
     params: Params = {}
     for key, a in _flatten_dotted(tree).items():
-        *path, leaf = key.split(".")
-        t = numpy_to_tensor(a, bf16_bits=key in bf16_keys)
-        if leaf == "bias" and t.ndim == 1:
-            name = "bias"
-        elif leaf == "scale" and t.ndim == 1:
-            name = "weight"
-        elif leaf in _BN_STATS_BACK and t.ndim == 1:
-            name = _BN_STATS_BACK[leaf]
-        elif leaf == "kernel" and t.ndim == 4:
-            name, t = "weight", rearrange(t, "h w i o -> o i h w")
-        elif leaf == "kernel" and t.ndim == 2:
-            name, t = "weight", rearrange(t, "i o -> o i")
-        else:
-            raise ValueError(f"no torch equivalent known for Flax parameter {key!r} of shape {list(t.shape)}")
-        params[".".join([*path, name])] = t.contiguous()
-        if leaf == "var":  # var is the last of a Flax BatchNorm's leaves in to_flax's and sorted order
-            layer = ".".join(path)
+        path, t = _convert(key, numpy_to_tensor(a, bf16_bits=key in bf16_keys), to_flax=False)
+        params[".".join(path)] = t.contiguous()
+        if path[-1] == "running_var":  # the last of a BatchNorm's leaves in to_flax's and sorted order
+            layer = ".".join(path[:-1])
             params[f"{layer}.{_COUNTER}"] = torch.tensor(int(counts.get(layer, 0)), dtype=torch.int64)
     for layer, (c, h, w) in _permutation(params, flatten, model).items():
         key = f"{layer}.weight"  # [out, (h w c)] after the transpose above -> torch's (c h w)
