@@ -149,13 +149,10 @@ def _scalar(t: Tensor) -> float:
 
 
 def optax_optimizer(tx: optim.GradientTransformation, opt_state: Any | None = None) -> Any:
-    """The `optax.GradientTransformation` that computes `tx`'s updates.
-
-    Hyperparameters our state holds (lr, weight_decay, momentum) come from `opt_state` when given
-    (the values a run last set: a plateau schedule's lr), else `tx`'s initial ones; they are
-    constants of the optax chain (rebuild it to change one). ValueError (one line) for what
-    optax cannot compute the same way.
-    """
+    """The `optax.GradientTransformation` that computes `tx`'s updates, with the hyperparameters
+    our state holds (lr, weight_decay, momentum) taken from `opt_state` (what a run last set),
+    else `tx`'s initial ones, as constants of the chain. ValueError (one line) for what optax
+    cannot compute the same way."""
     if opt_state is None:
         opt_state = tx.init({"_": torch.zeros((), dtype=torch.float64)})  # float64: the values as written
     return _optax_chain(_description(tx.description), opt_state)
@@ -167,12 +164,9 @@ def optax_optimizer(tx: optim.GradientTransformation, opt_state: Any | None = No
 def load_train_state(
     path: str | os.PathLike[str], tx: optim.GradientTransformation
 ) -> tuple[TrainState, dict]:
-    """The `TrainState` and metadata of a train state file (`last.safetensors`) whose optimizer is `tx`:
-    a run's state read without a template (`load_for_optax` is the same function).
-
-    The template is built from the file's own names, shapes and dtypes and `tx.init`, so only the
-    optimizer must be told; a `tx` of another structure is a `CheckpointError` naming the file.
-    """
+    """The `TrainState` and metadata of a train state file (`last.safetensors`) whose optimizer is
+    `tx`, read against a template of the file's own names, shapes and dtypes and `tx.init` (a
+    `tx` of another structure: `CheckpointError`). `load_for_optax` is the same function."""
     info = checkpoint.inspect(path)
 
     def part(prefix: str) -> dict[str, Tensor]:
@@ -257,15 +251,12 @@ def _fill(ostate: Any, ours: Any, conv: Callable[[Any], Any]) -> Any:
 def to_optax(
     source: TrainState | str | os.PathLike[str], tx: optim.GradientTransformation, *, model: str | None = None
 ) -> tuple[Any, Any]:
-    """`(params, opt_state)` for optax: our state (a `TrainState`, or a `last.safetensors` path)
-    whose optimizer is `tx`.
-
-    `params` is Flax's `params` collection (`to_flax` layout); `opt_state` is what
+    """`(params, opt_state)` for optax of our state (a `TrainState`, or a `last.safetensors` path)
+    whose optimizer is `tx`: Flax's `params` collection (`to_flax` layout) and what
     `optax_optimizer(tx, ...).init` makes, holding our moments and counters (optax's
-    `ScaleByAdamState`, `TraceState`, ...; tuples for chains). Continue with
-    `optax_optimizer(tx, state.opt_state)` (or `flax_train_state`). The model is `model`, the
-    file's metadata, else recognised from the weights. float64 states need `jax_enable_x64`.
-    """
+    `ScaleByAdamState`, `TraceState`, ...; tuples for chains); continue with `optax_optimizer(tx,
+    state.opt_state)` or `flax_train_state`. The model is `model`, the file's metadata, else
+    recognised from the weights. float64 states need `jax_enable_x64`."""
     state, meta = _source(source, tx)
     if state.step.dim() != 0:
         raise ValueError("a stacked (ensemble or sweep) state does not convert to optax; convert one member")
@@ -376,13 +367,10 @@ def from_optax(
     model: str | None = None,
 ) -> TrainState:
     """Our `TrainState` from optax's `(params, opt_state)` (as `to_optax` made them, trained on).
-
-    `like` is the state (or `last.safetensors`, then with its optimizer `tx`) the run was
-    converted from: it gives the names, dtypes, hyperparameters and rng. `step` defaults to
-    the optax state's update count; `batch_stats` (Flax's collection) becomes the model state,
-    `num_batches_tracked` advanced by the steps taken. ValueError (one line) for a tree or
-    state of another structure.
-    """
+    `like` is the state (or `last.safetensors`, then with its optimizer `tx`) the run was converted
+    from: names, dtypes, hyperparameters and rng. `step` defaults to the optax state's update count;
+    `batch_stats` (Flax's) becomes the model state, `num_batches_tracked` advanced by the steps
+    taken. ValueError (one line) for a tree or state of another structure."""
     if not isinstance(like, TrainState) and tx is None:
         raise ValueError("from_optax with a checkpoint path as `like` needs its optimizer `tx`")
     base, meta = _source(like, tx)  # type: ignore[arg-type]
@@ -419,20 +407,14 @@ def from_flax_train_state(ts: Any, like: TrainState | str | os.PathLike[str], tx
 def save_resume(
     path: str | os.PathLike[str], state: TrainState, like: str | os.PathLike[str], *, epochs: int
 ) -> None:
-    """Write `state` as a `last.safetensors` that `scripts/train.py` resumes from.
-
-    `like` is the checkpoint the run was converted from, a resume point (a `last.safetensors`,
-    not a weights file): its metadata (config, callback states, history) is kept, with `epochs`
-    more epochs counted as done (the whole epochs trained elsewhere, at least 1) and the
-    state's lr. The state must stand where those epochs end: at `like`'s step plus `epochs` x
-    `like`'s steps per epoch (ValueError, one line, otherwise: a resume would count epochs that
-    were not trained, or train some twice). A checkpoint cut mid-epoch is refused: continue
-    from one written at the end of an epoch. So is a private run's (`metadata["privacy"]`): its
-    epsilon would not cover the steps trained elsewhere (`privacy.check_record` refuses such a
-    state too). A `path` in a run directory (`<run>/checkpoints/`) is written holding the run's
-    lock: a run training there is never overwritten (`loop.RunError`).
-    """
-    record = RunRecord.from_meta(_resume_point_of(Path(path), state, like, epochs))  # the checked record
+    """Write `state` as a `last.safetensors` that `scripts/train.py` resumes from. `like` is the resume
+    point the run was converted from: its metadata is kept, with `epochs` (the whole epochs trained
+    elsewhere, >= 1) more counted as done and the state's lr. ValueError (one line) unless the state
+    stands where those epochs end (`like`'s step plus `epochs` x its steps per epoch), for a
+    checkpoint cut mid-epoch, and for a private run's (its epsilon would not cover steps trained
+    elsewhere). In a run directory (`<run>/checkpoints/`) `path` is written holding the run's lock
+    (`loop.RunError` while a run trains there)."""
+    record = RunRecord.from_meta(_resume_point_of(state, like, epochs))  # the checked record
     try:
         lr: float | None = float(optim.get_hyperparam(state.opt_state, "lr"))
     except KeyError:
@@ -442,9 +424,7 @@ def save_resume(
         checkpoint.save_state(Path(path), state, metadata=meta)
 
 
-def _resume_point_of(
-    path: Path, state: TrainState, like: str | os.PathLike[str], epochs: Any
-) -> dict[str, Any]:
+def _resume_point_of(state: TrainState, like: str | os.PathLike[str], epochs: Any) -> dict[str, Any]:
     """`like`'s metadata, once `save_resume`'s arguments are checked against it (ValueError)."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(
