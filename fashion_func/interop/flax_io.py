@@ -1,10 +1,7 @@
-"""Weights in Flax layout and naming, and safetensors files of them.
-
-`to_flax` / `from_flax` / `save_flax` / `load_flax`: `{"conv1": {"kernel": HWIO, "bias"}}`,
-dense kernels `[in, out]`, batch norm `scale`, `bias`, `mean`, `var`, stored as safetensors with
-dotted keys (`conv1.kernel`) that `safetensors.flax` and `safetensors.numpy` read;
-`flax_variables` splits a tree into Flax's `params` and `batch_stats` collections. The dense
-layer after a conv stack gets its rows in the (h w c) order of an NHWC `x.reshape((B, -1))`.
+"""Weights in Flax layout and naming (`{"conv1": {"kernel": HWIO, "bias"}}`, dense kernels
+`[in, out]`, batch norm `scale`, `bias`, `mean`, `var`), and safetensors files of them with dotted
+keys (`conv1.kernel`) that `safetensors.flax` and `safetensors.numpy` read. The dense layer after
+a conv stack gets its rows in the (h w c) order of an NHWC `x.reshape((B, -1))`.
 """
 
 from __future__ import annotations
@@ -93,13 +90,9 @@ def _permutation(
 
 @functools.lru_cache(maxsize=32)
 def _flatten_inputs(name: str, hparams: tuple[tuple[str, Any], ...]) -> dict[str, tuple[int, int, int]]:
-    """`{dense layer: (c, h, w)}` of the model's dense layers that take a flattened conv feature map.
-
-    Read off the model itself: its stages run on meta tensors (shapes only, nothing computed),
-    and a stage named like a dense layer (`fc1.weight` 2-D) that receives a `[B, C, H, W]`
-    input flattens it. simplenet and simplenet_bn: `{"fc1": (64, 12, 12)}`; alexnet:
-    `{"fc1": (256, 3, 3)}`; mlp: `{}` (no conv).
-    """
+    """`{dense layer: (c, h, w)}` of the model's dense layers that take a flattened conv feature map,
+    read off the model's stages run on meta tensors (a 2-D `.weight` stage receiving `[B, C, H, W]`):
+    simplenet's `{"fc1": (64, 12, 12)}`, alexnet's `{"fc1": (256, 3, 3)}`, mlp's `{}`."""
     model = models.get(name, **dict(hparams))
     weights = template(name, dict(hparams))
     state = model.init_state(device="meta")
@@ -133,29 +126,23 @@ def to_flax(
     flatten: Flatten = "hwc",
     model: str | None = None,
 ) -> dict[str, Any]:
-    """Weights in Flax layout and naming, as nested dicts of numpy arrays.
+    """Weights in Flax layout and naming, as nested dicts of numpy arrays: `conv1.weight` OIHW ->
+    `{"conv1": {"kernel": HWIO}}`, `fc1.weight` [out, in] -> `{"fc1": {"kernel": [in, out]}}`,
+    biases unchanged; batch norm under `flax.linen.BatchNorm`'s names (`scale`, `bias`, `mean`,
+    `var`: in eval mode, epsilon 1e-5, it computes `nn.BatchNorm2d.eval()`'s), its
+    `num_batches_tracked` dropped (Flax has no step counter), `flax_variables` splitting `params`
+    from `batch_stats`.
 
-    `conv1.weight` OIHW -> `{"conv1": {"kernel": HWIO}}`, `fc1.weight` [out, in] ->
-    `{"fc1": {"kernel": [in, out]}}`, biases unchanged.
+    The first dense layer after a conv stack takes a flattened feature map: torch's `[B, C, H, W]`
+    as (c h w), a Flax module's NHWC `x.reshape((B, -1))` as (h w c). `flatten="hwc"` (the
+    default) writes that kernel's rows in (h w c) order, so `flax_module` computes the torch
+    logits; "chw" keeps torch's. The map's (c, h, w) comes from the architecture (`model`, else
+    `identify`); an unknown one is converted without reordering, unless `flatten={layer: (c, h,
+    w)}` names the dense layers that follow a flattened map.
 
-    The first dense layer after a conv stack (fc1 of simplenet, simplenet_bn, alexnet) takes a
-    flattened feature map: torch's `[B, C, H, W]` flattens as (c h w), a Flax module's NHWC
-    `x.reshape((B, -1))` as (h w c). `flatten="hwc"` (the default) writes that kernel's rows in
-    (h w c) order, so the idiomatic Flax module (`flax_module`) computes the torch logits;
-    `flatten="chw"` keeps torch's order. The feature map's (c, h, w) comes from the architecture,
-    `model` or else recognised from the names and shapes (`identify`); an unknown architecture
-    is converted layer by layer without reordering, unless `flatten={layer: (c, h, w)}` names
-    the dense layers that follow a flattened `[B, C, H, W]` map.
-
-    Batch norm (a stateful model's weights, buffers included) maps to `flax.linen.BatchNorm`'s
-    names under the layer's key: `weight` -> `scale`, `bias`, `running_mean` -> `mean`,
-    `running_var` -> `var`; `num_batches_tracked` is dropped (Flax has no step counter).
-    `flax_variables(tree)` splits `params` from `batch_stats`; in eval mode (epsilon 1e-5) the
-    layer computes what `nn.BatchNorm2d.eval()` does (training: see `flax_module`).
-
-    numpy has no bfloat16, so bf16 tensors become, by `bf16_as`: "float32" (exact upcast; the
-    default), "uint16" (the raw bit patterns: `a.view(ml_dtypes.bfloat16)` or
-    `jax.lax.bitcast_convert_type(a, jnp.bfloat16)`), or "bfloat16" (ml_dtypes' numpy bfloat16).
+    numpy has no bfloat16: bf16 tensors become, by `bf16_as`, "float32" (exact; the default),
+    "uint16" (the bit patterns: `a.view(ml_dtypes.bfloat16)`, `jax.lax.bitcast_convert_type(a,
+    jnp.bfloat16)`) or "bfloat16" (ml_dtypes' numpy bfloat16).
     """
     check_bf16_as(bf16_as)
     permute = _permutation(params, flatten, model)
@@ -178,13 +165,9 @@ def to_flax(
 
 
 def flax_variables(tree: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Flax's variable collections from a `to_flax` tree: `{"params": ..., "batch_stats": ...}`.
-
-    `tree` is nested or flat with dotted keys (as `safetensors.flax.load_file` returns). Batch-norm
-    statistics (`mean`, `var` leaves) go to `batch_stats`, everything else to `params`; a model
-    without batch norm gets `{"params": ...}` only. The result is what `module.apply(variables, x)`
-    of the matching `flax.linen` module takes. The arrays are not copied.
-    """
+    """Flax's variable collections of a `to_flax` tree, nested or flat with dotted keys (as
+    `safetensors.flax.load_file` returns), for `module.apply(variables, x)`: batch norm's `mean`
+    and `var` in `batch_stats` (only with batch norm), the rest in `params`. Nothing is copied."""
     out: dict[str, dict[str, Any]] = {}
     for key, a in _flatten_dotted(tree).items():
         *path, leaf = key.split(".")
@@ -213,17 +196,12 @@ def from_flax(
     flatten: Flatten = "hwc",
     model: str | None = None,
 ) -> Params:
-    """Torch-layout weights from Flax-layout arrays (numpy or JAX), the inverse of `to_flax`.
-
-    `tree` is nested or flat with dotted keys (as `safetensors.flax.load_file` returns), one tree
-    (merge a Flax model's `params` and `batch_stats` first). `bf16_keys`: dotted keys holding
-    bf16 bit patterns as uint16, returned as bfloat16. `flatten` and `model` as in `to_flax`:
-    "hwc" rows are put back into torch's (c h w), "chw" ones taken as they are.
-
-    A batch-norm layer comes back with `num_batches_tracked` (0-d int64, right after
-    `running_var`), so the result loads strictly into the `nn.Module`: `num_batches_tracked[layer]`
-    if given (`load_flax` reads it from the file's metadata), else 0 (Flax does not count batches).
-    """
+    """Torch-layout weights from Flax-layout arrays (numpy or JAX), the inverse of `to_flax`. `tree` is
+    nested or flat with dotted keys (as `safetensors.flax.load_file` returns), one tree (merge a Flax
+    model's `params` and `batch_stats` first); `bf16_keys`: dotted keys of bf16 bit patterns as
+    uint16, returned as bfloat16; `flatten` and `model` as in `to_flax` ("hwc" rows go back to
+    torch's (c h w)). Batch norm gets back `num_batches_tracked` (0-d int64, right after
+    `running_var`, so the result loads strictly): `num_batches_tracked[layer]` if given, else 0."""
     counts = dict(num_batches_tracked or {})
     params: Params = {}
     for key, a in _flatten_dotted(tree).items():
@@ -247,16 +225,13 @@ def save_flax(
     model: str | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write `to_flax(params)` as safetensors with dotted keys (`conv1.kernel`), atomically.
-
-    Read it with `flax.traverse_util.unflatten_dict(safetensors.flax.load_file(p), sep=".")`
-    (then `flax_variables(...)` for a model with batch norm) and run it with `flax_module(name)`,
-    with `safetensors.numpy.load_file(p)`, or back into torch layout with `load_flax`. The
-    metadata (`checkpoint.encode_metadata`'s convention) records `layout` ("flax"), `flatten`
-    ("hwc" with `flatten_layers` `{layer: [c, h, w]}` naming the reordered layers, "chw" when
-    asked to keep torch's, "none" when no layer was known to follow a flatten), `bf16_as`,
-    `bf16_keys`, batch norm's dropped `num_batches_tracked` (`{layer: count}`) and `metadata`.
-    """
+    """Write `to_flax(params)` as safetensors with dotted keys (`conv1.kernel`), atomically: for
+    `flax.traverse_util.unflatten_dict(safetensors.flax.load_file(p), sep=".")` (then
+    `flax_variables`) and `flax_module(name)`, `safetensors.numpy.load_file(p)`, or `load_flax`.
+    The metadata (`checkpoint.encode_metadata`'s convention) records `layout` ("flax"), `flatten`
+    ("hwc" with `flatten_layers` `{layer: [c, h, w]}` naming the reordered layers, "chw" when asked
+    to keep torch's, "none" when no layer was known to follow a flatten), `bf16_as`, `bf16_keys`,
+    batch norm's dropped `num_batches_tracked` (`{layer: count}`) and `metadata`."""
     flat = _flatten_dotted(to_flax(params, bf16_as=bf16_as, flatten=flatten, model=model))
 
     def dotted(k: str, t: Tensor) -> str | None:
@@ -277,12 +252,9 @@ def save_flax(
 
 
 def load_flax(path: str | os.PathLike[str]) -> Params:
-    """Torch-layout weights from a file written by `save_flax` (uint16 bf16 bits restored).
-
-    Batch-norm layers get back their `num_batches_tracked` from the file's metadata (0 where
-    the file has none), so the result equals what was saved. The dense-after-conv row order is
-    the file's `flatten` metadata; a file without one holds torch's (c h w) order.
-    """
+    """Torch-layout weights from a file written by `save_flax`: uint16 bf16 bits restored, batch
+    norm's `num_batches_tracked` from the metadata (0 where it has none), the rows in the file's
+    `flatten` order (without one: torch's (c h w))."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 

@@ -1,8 +1,6 @@
-"""Our models as idiomatic `flax.linen` modules, for the weights `flax_io` writes.
-
-flax is an optional extra (`pip install fashion_func[jax]`): the classes are defined on first use.
-
-`FLAX_MODELS` names the models that have a Flax module.
+"""Our models as idiomatic `flax.linen` modules, for the weights `flax_io` writes; `FLAX_MODELS`
+names the models that have one. flax is an optional extra (`pip install fashion_func[jax]`): the
+classes are defined on first use.
 """
 
 from __future__ import annotations
@@ -218,24 +216,19 @@ def _dpcnn(fnn: Any) -> type:
 
 
 def flax_module(name: str, *, torch_bn: bool = False, **hparams: Any) -> Any:
-    """The `flax.linen.Module` of model `name`, written the Flax way, for weights from `to_flax`.
-
-    NHWC inputs (`[B, 28, 28, 1]`, normalised as for `Model.apply`; mlp also takes `[B, 784]`),
-    `nn.Conv` / `nn.Dense` / `nn.BatchNorm` under our layer names, the conv features flattened
-    with `x.reshape((B, -1))`; called as `module.apply(variables, x, train=False)`, where
-    `variables = flax_variables(unflatten_dict(safetensors.flax.load_file(p), sep="."))` for a
-    file from `save_flax` (or `flax_variables(to_flax(weights))`). Its eval-mode logits equal
-    `models.get(name).apply`'s. simplenet_bn keeps its running statistics in Flax's
-    `batch_stats` collection: `nn.BatchNorm(use_running_average=not train, momentum=0.9,
-    epsilon=1e-5)`, so train with `mutable=["batch_stats"]`; alexnet's dropout is active when
-    `train=True` and then needs `rngs={"dropout": key}`. `hparams` are the model's
-    (`num_classes`; mlp `D_in`, `H`, `D_out`; alexnet `dropout`; resnet `width`; dpcnn `width`,
-    `groups`, with group norm as `nn.GroupNorm(num_groups=groups, epsilon=1e-5)`).
+    """The `flax.linen.Module` of model `name`, written the Flax way, for weights from `to_flax`:
+    NHWC inputs (`[B, 28, 28, 1]`, normalised as for `Model.apply`; mlp also `[B, 784]`), our layer
+    names, the conv features flattened with `x.reshape((B, -1))`: its eval-mode logits equal
+    `models.get(name).apply`'s, as `module.apply(variables, x, train=False)` with `variables =
+    flax_variables(unflatten_dict(safetensors.flax.load_file(p), sep="."))` for a `save_flax` file.
+    Batch norm keeps its statistics in `batch_stats` (`nn.BatchNorm(momentum=0.9, epsilon=1e-5)`:
+    train with `mutable=["batch_stats"]`); alexnet's dropout is active when `train=True`, with
+    `rngs={"dropout": key}`. `hparams` are `models.get`'s (dpcnn's group norm is
+    `nn.GroupNorm(num_groups=groups, epsilon=1e-5)`).
 
     `torch_bn=True` (simplenet_bn, resnet): training moves the running variance towards the
-    unbiased batch variance, as `nn.BatchNorm2d` and our models do (Flax's `BatchNorm` uses the
-    biased one), with the same variables; for a run continued in Flax and resumed here
-    (`interop.flax_train_state`). Needs the optional `jax` extra.
+    unbiased batch variance, as `nn.BatchNorm2d` does (Flax's uses the biased one), for a run
+    continued in Flax and resumed here (`interop.flax_train_state`). Needs the `jax` extra.
     """
     model = models.get(name, **hparams)  # ValueError naming the choices, TypeError for a bad hparam
     classes = _flax_classes()
