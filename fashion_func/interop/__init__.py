@@ -6,11 +6,9 @@ One module per ecosystem, every public name re-exported here (`interop.to_module
 `weights_file` (a validated weights file and its model), `numpy_io`, `flax_io` (Flax layout and
 naming), `flax_modules` (our models as `flax.linen` modules), `jax_io` (a pure-JAX SimpleNet),
 `dlpack_io` (zero-copy tensor exchange), `optax_io` (a run continued in optax / Flax and back),
-`orbax_io` (that state as an Orbax checkpoint) and `onnx_io` (an ONNX model of uint8 images in,
-logits out).
-
-JAX/Flax and ONNX are optional extras (`pip install fashion_func[jax]`, `fashion_func[onnx]`):
-they are imported only inside the functions that need them. Nothing in the core imports this package.
+`orbax_io` (that state as an Orbax checkpoint) and `onnx_io` (an ONNX model of images to logits).
+JAX/Flax and ONNX are optional extras (`pip install fashion_func[jax]`, `fashion_func[onnx]`),
+imported only inside the functions that need them. Nothing in the core imports this package.
 """
 
 from __future__ import annotations
@@ -21,11 +19,7 @@ from fashion_func.interop.flax_modules import flax_module
 from fashion_func.interop.jax_io import simplenet_jax
 
 # importable here by module path for the app and the tests; not in __all__
-from fashion_func.interop.numpy_io import (
-    BF16_AS,  # noqa: F401
-    save_numpy,
-    to_numpy,
-)
+from fashion_func.interop.numpy_io import BF16_AS, save_numpy, to_numpy  # noqa: F401
 from fashion_func.interop.onnx_io import save_onnx
 from fashion_func.interop.optax_io import (
     flax_train_state,

@@ -1,6 +1,5 @@
-"""Tensors between torch and JAX through DLPack: zero-copy where both sides allow, else a host copy.
-
-jax is an optional extra (`pip install fashion_func[jax]`), imported only when called.
+"""Tensors between torch and JAX through DLPack: zero-copy where both sides allow, else a host
+copy. jax is an optional extra (`pip install fashion_func[jax]`), imported only when called.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fashion_func.interop.numpy_io import numpy_to_tensor
+from fashion_func.interop.numpy_io import numpy_to_tensor, tensor_to_numpy
 
 __all__ = ["from_jax", "to_jax"]
 
@@ -26,13 +25,9 @@ def to_jax(tensor: Tensor) -> Any:
     try:
         return jnp.from_dlpack(t)
     except (BufferError, RuntimeError, TypeError, ValueError):
-        # e.g. a CUDA tensor with a CPU-only jax: go through host memory
-        if t.dtype == torch.bfloat16:
-            import jax
-
-            bits = jnp.asarray(t.cpu().view(torch.int16).numpy().view(np.uint16))
-            return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
-        return jnp.asarray(t.cpu().numpy())
+        # e.g. a CUDA tensor with a CPU-only jax: through host memory (bf16 as ml_dtypes' bfloat16,
+        # which is jax's own)
+        return jnp.asarray(tensor_to_numpy(t, "bfloat16"))
 
 
 def from_jax(array: Any) -> Tensor:

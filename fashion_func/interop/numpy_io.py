@@ -1,7 +1,5 @@
-"""Weights as numpy arrays (torch names and layout), and numpy-readable files of them.
-
-numpy has no bfloat16: bf16 tensors become float32 (exact), their uint16 bit patterns, or
-ml_dtypes' bfloat16, as `bf16_as` says.
+"""Weights as numpy arrays (torch names and layout), and numpy-readable files of them; numpy has
+no bfloat16, so bf16 tensors become float32 (exact), their uint16 bits or ml_dtypes' bfloat16.
 """
 
 from __future__ import annotations
@@ -31,14 +29,6 @@ def check_bf16_as(bf16_as: str) -> None:
         raise ValueError(f"bf16_as must be one of {', '.join(BF16_AS)}, not {bf16_as!r}")
 
 
-def _ml_bfloat16() -> Any:
-    try:
-        import ml_dtypes  # comes with jax; numpy itself has no bfloat16
-    except ImportError:
-        raise ValueError("bf16_as='bfloat16' needs the ml_dtypes package (installed with jax)") from None
-    return ml_dtypes.bfloat16
-
-
 def tensor_to_numpy(t: Tensor, bf16_as: str) -> np.ndarray:
     """A C-contiguous host copy; bfloat16 becomes float32 (exact), its uint16 bits, or ml_dtypes bf16."""
     t = t.detach().to("cpu").contiguous()
@@ -47,7 +37,13 @@ def tensor_to_numpy(t: Tensor, bf16_as: str) -> np.ndarray:
     if bf16_as == "float32":
         return t.float().numpy()
     bits = t.view(torch.int16).numpy().view(np.uint16).copy()  # the raw bf16 bit patterns
-    return bits if bf16_as == "uint16" else bits.view(_ml_bfloat16())
+    if bf16_as == "uint16":
+        return bits
+    try:
+        import ml_dtypes  # comes with jax; numpy itself has no bfloat16
+    except ImportError:
+        raise ValueError("bf16_as='bfloat16' needs the ml_dtypes package (installed with jax)") from None
+    return bits.view(ml_dtypes.bfloat16)
 
 
 def numpy_to_tensor(a: Any, *, bf16_bits: bool = False) -> Tensor:
@@ -92,16 +88,14 @@ def save_numpy(
     bf16_as: Literal["float32", "uint16"] = "float32",
     metadata: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write weights with torch names and layout in dtypes plain numpy reads, atomically.
-
-    A `.npz` path gives `numpy.savez` output (`numpy.load(p)`, no pickle needed); anything else a
-    safetensors file for `safetensors.numpy.load_file(p)`. bf16 tensors become float32 or their
-    uint16 bit patterns (`bf16_as`; numpy has no bfloat16); buffers keep their dtype
-    (`bn1.num_batches_tracked` stays int64). The metadata (`layout` "torch", `bf16_as`, `bf16_keys`
-    and `metadata`'s entries, as `checkpoint.encode_metadata` encodes them) is the safetensors
-    header's, or a `.npz` file's `__metadata__` entry: the JSON of those strings
-    (`checkpoint.decode_metadata` gives the values back). A failed write is `atomic.WriteError`.
-    """
+    """Write weights with torch names and layout in dtypes plain numpy reads, atomically: a `.npz`
+    path gives `numpy.savez` output (`numpy.load(p)`, no pickle needed), anything else a safetensors
+    file for `safetensors.numpy.load_file(p)`. bf16 tensors become float32 or their uint16 bit
+    patterns (`bf16_as`); buffers keep their dtype (`bn1.num_batches_tracked` stays int64). The
+    metadata (`layout` "torch", `bf16_as`, `bf16_keys` and `metadata`'s entries, encoded as
+    `checkpoint.encode_metadata` does) is the safetensors header's, or in a `.npz` file the JSON of
+    those strings in its `__metadata__` entry (`checkpoint.decode_metadata` gives the values back).
+    A failed write is `atomic.WriteError`."""
     if bf16_as not in ("float32", "uint16"):
         raise ValueError(f"numpy has no bfloat16: bf16_as must be float32 or uint16, not {bf16_as!r}")
     arrays = to_numpy(params, bf16_as=bf16_as)

@@ -1,7 +1,6 @@
-"""An ONNX model of a weights file for ONNX Runtime: uint8 images in, normalisation inside, logits out.
-
-onnx and onnxscript are an optional extra (`pip install fashion_func[onnx]`), imported only when
-called.
+"""An ONNX model of a weights file for ONNX Runtime: uint8 images in, normalisation inside, logits
+out. onnx and onnxscript are an optional extra (`pip install fashion_func[onnx]`), imported only
+when called.
 """
 
 from __future__ import annotations

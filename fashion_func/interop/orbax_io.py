@@ -2,10 +2,10 @@
 
 `save_orbax` writes `{"params", "opt_state", "batch_stats", "step"}` as `flax_train_state` makes
 them, so `orbax.checkpoint.StandardCheckpointer().restore(directory, target)` gives back optax's
-own NamedTuples, and a manifest (`MANIFEST`: the SHA-256 of every file it wrote). `load_orbax`
-refuses files that differ from it (one flipped byte is a one-line ValueError naming the file);
-ours and a checkpoint of JAX code (no manifest) alike must restore to `like`'s shapes and dtypes,
-every float finite. orbax-checkpoint (the optional `jax` extra) is imported only when called.
+own NamedTuples, and a manifest (`MANIFEST`: the SHA-256 of every file it wrote) that
+`load_orbax` checks (one flipped byte is a one-line ValueError naming the file); a checkpoint of
+JAX code (no manifest) and ours must restore to `like`'s shapes and dtypes, every float finite.
+orbax-checkpoint (the optional `jax` extra) is imported only when called.
 """
 
 from __future__ import annotations

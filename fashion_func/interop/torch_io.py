@@ -1,9 +1,7 @@
 """Our params <-> plain PyTorch modules (`to_module` / `from_module`, `identify`), a stateful
 model's weights <-> `(params, model_state)` (`split_state` / `merge_state`), and any research
-`nn.Module` as a `Model` (`functionalize`).
-
-A stateful model's *weights* (batch norm: `simplenet_bn`) are its params and buffers in one flat
-dict under the module's `state_dict` names (`bn1.running_mean`), as `best.safetensors` holds them.
+`nn.Module` as a `Model` (`functionalize`). A stateful model's *weights* are its params and
+buffers in one flat dict under the module's `state_dict` names, as `best.safetensors` holds them.
 """
 
 from __future__ import annotations
@@ -70,12 +68,10 @@ def template(
 
 
 def split_state(model: Model, weights: Mapping[str, Tensor]) -> tuple[Params, ModelState]:
-    """`(params, model_state)` of a weights dict holding both (a stateful model's weights file).
-
-    The state is the entries named like `model.init_state()`'s keys (`bn1.running_mean`, ...),
-    the params everything else, each in `weights`' order; nothing is copied. A stateless model
-    gives `(dict(weights), {})`. ValueError when a buffer of a stateful model is missing.
-    """
+    """`(params, model_state)` of a weights dict holding both (a stateful model's weights file): the
+    state is the entries named like `model.init_state()`'s keys, the params the rest, each in
+    `weights`' order, nothing copied (a stateless model: `(dict(weights), {})`). ValueError when a
+    stateful model's buffer is missing."""
     state_keys = model.init_state(device="meta").keys()  # names only: nothing allocated
     missing = [k for k in state_keys if k not in weights]
     if missing:
@@ -88,11 +84,8 @@ def split_state(model: Model, weights: Mapping[str, Tensor]) -> tuple[Params, Mo
 
 
 def merge_state(params: Mapping[str, Tensor], model_state: Mapping[str, Tensor]) -> Params:
-    """One weights dict `{**params, **model_state}`, as a weights file holds it.
-
-    The inverse of `split_state`. ValueError when a name is in both (a buffer would silently
-    replace a param).
-    """
+    """One weights dict `{**params, **model_state}`, as a weights file holds it (the inverse of
+    `split_state`); ValueError when a name is in both (a buffer would silently replace a param)."""
     both = sorted(set(params) & set(model_state))
     if both:
         raise ValueError(f"names both in params and model_state: {both[:5]}")
@@ -143,13 +136,10 @@ def from_module(module: tnn.Module, *, check: bool = True) -> Params:
 
 
 def _check_forward(module: tnn.Module, name: str, model: Model, weights: Params) -> None:
-    """ValueError unless the module's eval-mode forward equals `model.apply` on a fixed input.
-
-    A stateful model is compared with its own buffers and again with perturbed running statistics
-    (through `functional_call`, so the module is not written): freshly initialised statistics
-    (mean 0, var 1) make eval-mode batch norm nearly the identity, which would hide a module that
-    normalises in another place.
-    """
+    """ValueError unless the module's eval-mode forward equals `model.apply` on a fixed input. A
+    stateful model is compared again with perturbed running statistics (through `functional_call`,
+    the module untouched): fresh ones (mean 0, var 1) make eval-mode batch norm nearly the identity,
+    which would hide a module that normalises in another place."""
     params, state = split_state(model, weights)
     p0 = next(iter(params.values()))
     g = torch.Generator().manual_seed(0)
@@ -184,14 +174,12 @@ def _check_forward(module: tnn.Module, name: str, model: Model, weights: Params)
 
 
 def functionalize(module: tnn.Module, *, name: str | None = None) -> tuple[Model, Params]:
-    """Any `nn.Module` as a `Model` plus copies of its parameters, via `torch.func.functional_call`.
-
-    `apply(params, x, train=...)` runs the module's forward with `params` swapped in, in
-    train/eval mode for the call, so `make_train_step(model, ...)` trains them functionally.
-    Buffers are the module's, constants (batch norm's running statistics, written in training,
-    land in the module: use eval mode or a `models` model); dropout inside draws from torch's
-    global RNG, not `key`. `init` ignores its generator: copies of the current parameters.
-    """
+    """Any `nn.Module` as a `Model` plus copies of its parameters, via `torch.func.functional_call`:
+    `apply(params, x, train=...)` runs the module's forward with `params` swapped in, in train/eval
+    mode for the call, so `make_train_step(model, ...)` trains them functionally. Buffers are the
+    module's, constants (batch norm's running statistics, written in training, land in the module:
+    use eval mode or a `models` model); dropout inside draws from torch's global RNG, not `key`.
+    `init` ignores its generator: copies of the current parameters."""
     params = {k: p.detach().clone() for k, p in module.named_parameters()}
     buffers = dict(module.named_buffers())
 

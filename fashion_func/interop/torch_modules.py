@@ -1,8 +1,7 @@
-"""Plain `torch.nn.Module`s with our parameter names, one per architecture of `models`.
-
-Their `state_dict` keys, shapes and eval-mode forward equal our weights and `Model.apply`, so a
-weights file loads with `module.load_state_dict(safetensors.torch.load_file(p))`. `build` makes
-one on the meta device, `hparams_from_params` reads its constructor arguments off a weights dict.
+"""Plain `torch.nn.Module`s with our parameter names, one per architecture of `models`: their
+`state_dict` and eval-mode forward equal our weights and `Model.apply`, so a weights file loads
+with `module.load_state_dict(safetensors.torch.load_file(p))`. `build` makes one on the meta
+device, `hparams_from_params` reads its constructor arguments off a weights dict.
 """
 
 from __future__ import annotations
@@ -168,12 +167,9 @@ NAMES: tuple[str, ...] = tuple(_MODULES)  # the architectures with a plain modul
 
 
 def hparams_from_params(name: str, params: Mapping[str, Tensor]) -> dict[str, Any]:
-    """The constructor arguments a params dict implies (class counts, widths), read off its shapes.
-
-    dpcnn's group count is not in the shapes (`gn1.weight` is `[width]` for any count): weights
-    with group norm read as `groups=1`, which gives the right shapes; pass the recorded `groups`
-    (a weights file's `model_hparams`) wherever the forward matters (`to_module(..., groups=)`).
-    """
+    """The constructor arguments (class counts, widths) a params dict's shapes imply. dpcnn's group
+    count is not among them: group-norm weights read as `groups=1`, which gives the right shapes;
+    pass the recorded `groups` (a file's `model_hparams`) where the forward matters."""
     try:
         if name == "mlp":
             h, d_in = params["linear1.weight"].shape
