@@ -25,10 +25,8 @@ Contract with the loop (what makes resume exact)
 ------------------------------------------------
 * The loop calls `dispatch`, then executes the actions in list order; a `SaveCheckpoint`
   saves the *new* states `dispatch` returned for that same event.
-* Actions of several callbacks come in callback order; when two set the same hyperparameter
-  the later one wins.
-* `DeleteCheckpoint` of a file that does not exist is a no-op (after a crash an eviction can
-  be replayed, see `ModelCheckpoint`).
+* Actions of several callbacks come in callback order; of two setting one hyperparameter, the
+  later wins. `DeleteCheckpoint` of a missing file is a no-op (a crash can replay an eviction).
 * Learning-rate callbacks emit `SetHyperparam("lr", ...)` at `TrainBegin` too, so a resumed
   run gets the learning rate its schedule prescribes whatever the optimizer state holds.
 """
