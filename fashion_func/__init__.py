@@ -8,10 +8,9 @@
     train_step = ff.make_train_step(model, tx)            # (state, batch) -> (state, metrics)
     result = ff.fit(st, train_step, batches, epochs=3)    # the one impure driver
 
-Submodules and names load on first use (PEP 562), so `import fashion_func` stays cheap for
-the command line until something needs torch.
-
-`__version__` is the installed distribution's version (`0+unknown` in a checkout not installed).
+Submodules and names load on first use (PEP 562), so `import fashion_func` stays cheap for the
+command line until something needs torch. `__version__` is the installed distribution's version
+(`0+unknown` in a checkout not installed).
 """
 
 from __future__ import annotations

@@ -35,16 +35,13 @@ class WriteError(Exception):
 def write_bytes(
     path: str | os.PathLike[str], data: bytes, *, what: str = "file", folder: FolderId | None = None
 ) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one.
-
-    The bytes go to `.{name}.{pid}.tmp` in the same directory (same filesystem: the rename is
-    atomic), are fsynced, `os.replace`d over `path`, and the directory is fsynced so the rename
-    survives a power cut. On any OSError the temp file is removed, the old file left as it was,
-    and `WriteError` ("cannot write {what} {path}: reason", never the temp name) raised. An
-    existing target that is not a regular file (a device, FIFO or link) is never replaced.
-    `folder`: the identity (`folder_id`) `path`'s folder must still have, checked before the
-    temp file is made and just before the rename (a folder swapped for a link is never written into).
-    """
+    """Write `data` to `path` so that a crash leaves either the old file or the new one: to
+    `.{name}.{pid}.tmp` beside it (the same filesystem: the rename is atomic), fsynced, `os.replace`d
+    over `path`, the directory fsynced so the rename survives a power cut. On any OSError the temp
+    file is removed, the old file left as it was, and `WriteError` ("cannot write {what} {path}:
+    reason", never the temp name) raised. A target that is not a regular file is never replaced.
+    `folder`: the identity (`folder_id`) `path`'s folder must still have, checked before the temp
+    file is made and just before the rename (a folder swapped for a link is never written into)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -88,11 +85,9 @@ def write_json(
     strict: bool = False,
     folder: FolderId | None = None,
 ) -> None:
-    """`obj` as indented JSON plus a newline, written atomically (`write_bytes`, `folder` too).
-
-    `strict`: strict JSON (`safeio.strict_json`: NaN and infinities become null) for files
-    other programs read; otherwise Python's JSON, which writes them as `NaN` / `Infinity`.
-    """
+    """`obj` as indented JSON plus a newline, written atomically (`write_bytes`, `folder` too):
+    `strict`, strict JSON (`safeio.strict_json`) for files other programs read; otherwise Python's,
+    which writes NaN and infinities as `NaN` / `Infinity`."""
     text = strict_json(obj, indent=2) if strict else json.dumps(obj, indent=2, allow_nan=True)
     write_bytes(path, (text + "\n").encode(), what=what, folder=folder)
 

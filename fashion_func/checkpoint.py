@@ -67,11 +67,8 @@ class CheckpointWriteError(CheckpointError, atomic.WriteError):
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What a file's header says, without reading tensor data (see `inspect`).
-
-    ``format``/``format_version`` are None for safetensors files written by other tools;
-    ``tensors`` maps each name to ``(dtype, shape)``; ``metadata`` is as `read_metadata` returns it.
-    """
+    """What a file's header says (`inspect`): ``format``/``format_version`` (None for other tools'
+    files), ``tensors`` (name -> ``(dtype, shape)``) and ``metadata`` (as `read_metadata` gives it)."""
 
     format: str | None
     format_version: str | None
@@ -92,14 +89,10 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, folder: atomic.Fo
 
 
 def encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
-    """User metadata as safetensors metadata strings (format version 2's convention).
-
-    A `str` value is stored as it is; any other value (numbers, booleans, None, dicts, lists)
-    JSON-encoded, and ``__json__`` lists those keys as a JSON array (always present, ``[]``
-    when none), so `decode_metadata` gives back exactly `metadata`. TypeError for a non-str
-    key or a value JSON cannot encode; ValueError for a reserved key (``format``,
-    ``format_version``, ``__json__``).
-    """
+    """User metadata as safetensors metadata strings (format version 2's convention): a `str` value as
+    it is, any other JSON-encoded, and ``__json__`` (always present) the JSON list of those keys, so
+    `decode_metadata` gives back exactly `metadata`. TypeError for a non-str key or a value JSON
+    cannot encode; ValueError for a reserved key (``format``, ``format_version``, ``__json__``)."""
     out: dict[str, str] = {}
     json_keys: list[str] = []
     for key, value in (metadata or {}).items():

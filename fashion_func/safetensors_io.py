@@ -4,10 +4,10 @@
 multi-gigabyte file that is not safetensors fails unread); `parse_header` validates the header
 once, as the safetensors reference implementation requires (strict JSON without duplicate keys,
 string metadata, known dtypes, shapes, offsets that match the shapes and tile the data region),
-so a file read for its header only (`checkpoint.inspect`) is checked as fully as one loaded;
+so a header read alone (`checkpoint.inspect`) is checked as fully as a file loaded;
 `decode_tensors` adds what safetensors does not refuse (non-finite values); `check_template`
-compares a header with the names, shapes and dtypes expected. `host_copies` and `to_bytes`
-write. Every problem with a file is a one-line `CheckpointError` naming it; nothing unpickles.
+compares a header with the names, shapes and dtypes expected. `host_copies` and `to_bytes` write.
+Every problem with a file is a one-line `CheckpointError` naming it; nothing unpickles.
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ _SAVABLE = frozenset(DTYPES.values())
 
 class CheckpointError(Worded):
     """A checkpoint file could not be read, validated or written; the message is one line naming it.
-
     `kind` (most have none: a plain message) marks the ones a client words itself (`WORDS`)."""
 
     WORDS: ClassVar[Mapping[str, str]] = {
@@ -117,11 +116,8 @@ def _to_host(name: str, leaf: Any) -> Tensor:
 
 
 def host_copies(flat: Mapping[str, Any]) -> dict[str, Tensor]:
-    """Fresh contiguous CPU copies of the tensors `flat`, checked to be savable.
-
-    TypeError for a leaf that is not a dense tensor of a dtype safetensors encodes, ValueError
-    for a meta tensor or a tensor named `__metadata__`.
-    """
+    """Fresh contiguous CPU copies of the tensors `flat`: TypeError for a leaf that is not a dense
+    tensor of a dtype safetensors encodes, ValueError for a meta tensor or one named `__metadata__`."""
     if METADATA in flat:
         raise ValueError(f"{METADATA!r} cannot be a tensor name")
     return {name: _to_host(name, leaf) for name, leaf in flat.items()}
