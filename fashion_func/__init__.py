@@ -8,10 +8,9 @@
     train_step = ff.make_train_step(model, tx)            # (state, batch) -> (state, metrics)
     result = ff.fit(st, train_step, batches, epochs=3)    # the one impure driver
 
-Submodules and names load on first use (PEP 562), so `import fashion_func` stays cheap for
-the command line until something needs torch.
-
-`__version__` is the installed distribution's version (`0+unknown` in a checkout not installed).
+Submodules and names load on first use (PEP 562), so `import fashion_func` stays cheap for the
+command line until something needs torch. `__version__` is the installed distribution's version
+(`0+unknown` in a checkout not installed).
 """
 
 from __future__ import annotations
@@ -51,10 +50,6 @@ __all__ = [
     "tree",
 ]
 
-_SUBMODULES = {
-    "augment", "callbacks", "checkpoint", "data", "distributed", "ensemble", "interop", "losses", "metrics",
-    "models", "nn", "optim", "preprocess", "privacy", "schedules", "state", "step", "tree",
-}  # fmt: skip
 _NAMES = {
     "FitResult": "fashion_func.loop",
     "TrainState": "fashion_func.state",
@@ -66,6 +61,7 @@ _NAMES = {
     "per_example_grads": "fashion_func.step",
     "streamed_grad_norms": "fashion_func.step",
 }
+_SUBMODULES = set(__all__) - set(_NAMES) - {"__version__"}  # the rest of the face is modules
 
 try:  # the installed distribution's version (a checkout run without installing has none)
     __version__: str = _metadata.version("fashion_func")

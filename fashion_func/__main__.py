@@ -1,7 +1,6 @@
 """The installed command: `fashion-func train|predict|export|speedrun ...` (also `python -m fashion_func`).
-
-Each subcommand is the same parser and entry point as the repository's `scripts/*.py`;
-`fashion-func COMMAND --help` lists its flags. Exit codes are those of the command.
+Each subcommand is the parser and entry point of the repository's `scripts/*.py` (`fashion-func
+COMMAND --help` lists its flags); exit codes are the command's.
 """
 
 from __future__ import annotations

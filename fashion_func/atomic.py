@@ -1,10 +1,7 @@
-"""Files written whole or not at all: bytes, JSON and figures, each to a temp file that is
-fsynced and `os.replace`d over the target, so a crash or a full disk leaves either the old file
-or the new one, never a torn one.
-
-Every failure is a `WriteError` whose one-line message names what was being written
-("cannot write plot runs/x/loss.png: No space left on device"); `checkpoint` raises its own
-subclass for checkpoints. This module imports only `safeio`, so every layer may use it.
+"""Files written whole or not at all (bytes, JSON, figures): a crash or a full disk leaves either
+the old file or the new one, never a torn one. Every failure is a `WriteError` whose one-line
+message names what was being written ("cannot write plot runs/x/loss.png: No space left on
+device"). This module imports only `safeio`, so every layer may use it.
 """
 
 from __future__ import annotations
@@ -38,20 +35,13 @@ class WriteError(Exception):
 def write_bytes(
     path: str | os.PathLike[str], data: bytes, *, what: str = "file", folder: FolderId | None = None
 ) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one.
-
-    The bytes go to `.{name}.{pid}.tmp` in the same directory (same filesystem, so the rename is
-    atomic), are flushed and fsynced, then `os.replace`d over `path`, and the directory is
-    fsynced so the rename itself survives a power cut. On any OSError the temp file is
-    removed, the old file is left as it was, and `WriteError` ("cannot write {what} {path}:
-    reason") is raised: it names `path`, never the temp name, whichever step failed. An
-    existing target that is not a regular file (a device, FIFO or link) is never replaced.
-
-    folder: the identity (`folder_id`) `path`'s folder must still have: checked before the temp
-    file is made and again just before the rename, so a folder swapped for a link or another
-    folder since it was recorded (a run directory's `checkpoints/`) is never written into:
-    `WriteError`, and the old file, wherever it is, untouched.
-    """
+    """Write `data` to `path` so that a crash leaves either the old file or the new one: to
+    `.{name}.{pid}.tmp` beside it (the same filesystem: the rename is atomic), fsynced, `os.replace`d
+    over `path`, the directory fsynced so the rename survives a power cut. On any OSError the temp
+    file is removed, the old file left as it was, and `WriteError` ("cannot write {what} {path}:
+    reason", never the temp name) raised. A target that is not a regular file is never replaced.
+    `folder`: the identity (`folder_id`) `path`'s folder must still have, checked before the temp
+    file is made and just before the rename (a folder swapped for a link is never written into)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -95,11 +85,9 @@ def write_json(
     strict: bool = False,
     folder: FolderId | None = None,
 ) -> None:
-    """`obj` as indented JSON plus a newline, written atomically (`write_bytes`, `folder` too).
-
-    `strict`: strict JSON (`safeio.strict_json`: NaN and infinities become null) for files
-    other programs read; otherwise Python's JSON, which writes them as `NaN` / `Infinity`.
-    """
+    """`obj` as indented JSON plus a newline, written atomically (`write_bytes`, `folder` too):
+    `strict`, strict JSON (`safeio.strict_json`) for files other programs read; otherwise Python's,
+    which writes NaN and infinities as `NaN` / `Infinity`."""
     text = strict_json(obj, indent=2) if strict else json.dumps(obj, indent=2, allow_nan=True)
     write_bytes(path, (text + "\n").encode(), what=what, folder=folder)
 

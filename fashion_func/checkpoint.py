@@ -1,33 +1,17 @@
 """Train states and weights <-> safetensors files, written atomically and validated on load.
 
-Two kinds of file, told apart by the ``format`` key of the safetensors metadata:
+Two kinds of file, told apart by the ``format`` metadata key: ``fashion_func.train_state``, a
+whole pytree (``TrainState``) under its leaves' paths (``params/conv1.weight``,
+``opt_state/1/mu/conv1.weight``), read back with `load_state` against a template of the same
+structure for exact resume; ``fashion_func.weights``, a flat dict under plain ``nn.Module`` names,
+so ``module.load_state_dict(safetensors.torch.load_file(p))`` works without this library.
 
-- ``fashion_func.train_state``: a whole pytree (``TrainState``: step, params, opt_state,
-  model_state, rng) flattened to keys such as ``params/conv1.weight`` or
-  ``opt_state/1/mu/conv1.weight``; read back with `load_state` against a template of the
-  same structure (a freshly initialised state) for exact resume.
-- ``fashion_func.weights``: a flat ``dict[str, Tensor]`` with plain ``nn.Module`` names, so
-  ``module.load_state_dict(safetensors.torch.load_file(p))`` works without this library.
-
-User metadata is a ``dict[str, Any]``; safetensors metadata is ``dict[str, str]``, so
-(format version 2) a string value is stored as it is (``"model": "simplenet"``, readable by
-any safetensors client), every other value JSON-encoded (numbers as their decimal text,
-``"epoch": "3"``; dicts and lists as JSON), and the reserved key ``__json__`` holds the JSON
-list of the keys that are JSON, so decoding is unambiguous (``"3"`` the string vs 3 the
-number). Only the current format version is read (no release wrote another), checked once,
-when the metadata is decoded. `encode_metadata` / `decode_metadata` are the two directions, for
-other writers (`interop`'s Flax and numpy files follow the same convention).
-
-Files are written to a temp file in the same directory, fsynced and ``os.replace``d
-(`atomic.write_bytes`), so a crash or a full disk leaves either the old file or the new one,
-never a torn one. Loading checks everything (header layout, offsets, dtypes: `safetensors_io`;
-format, keys, shapes, dtypes against the template, finiteness) before returning anything, and
-every problem with a file is raised as a `CheckpointError` with a one-line message naming the
-file. Nothing here unpickles.
-
-This module is the public face: the format (metadata convention, format keys) and the mapping
-between a pytree (``TrainState``) or flat weights and a file's tensors live here; the file I/O
-in `atomic` and `safetensors_io`.
+Metadata (format version 2, the only one read): a string value is stored as it is, any other
+JSON-encoded (``"epoch": "3"``), and ``__json__`` lists the JSON-encoded keys, so ``"3"`` the
+string and 3 the number stay apart (`encode_metadata` / `decode_metadata`; `interop`'s files
+follow it too). Writes go through `atomic.write_bytes`, so a crash leaves the old file or the new
+one; loading checks everything (`safetensors_io`; format, template, finiteness) before returning
+anything, every problem a one-line `CheckpointError` naming the file. Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -83,11 +67,8 @@ class CheckpointWriteError(CheckpointError, atomic.WriteError):
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What a file's header says, without reading tensor data (see `inspect`).
-
-    ``format``/``format_version`` are None for safetensors files written by other tools;
-    ``tensors`` maps each name to ``(dtype, shape)``; ``metadata`` is as `read_metadata` returns it.
-    """
+    """What a file's header says (`inspect`): ``format``/``format_version`` (None for other tools'
+    files), ``tensors`` (name -> ``(dtype, shape)``) and ``metadata`` (as `read_metadata` gives it)."""
 
     format: str | None
     format_version: str | None
@@ -99,13 +80,8 @@ class CheckpointInfo:
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, *, folder: atomic.FolderId | None = None) -> None:
-    """Write the checkpoint bytes `data` to `path` so that a crash leaves the old file or the new one.
-
-    `atomic.write_bytes` (temp file beside `path`, fsynced, `os.replace`d, directory fsynced);
-    on failure the old file is left as it was and `CheckpointWriteError` ("cannot write
-    checkpoint {path}: reason") is raised. `folder`: the identity `path`'s folder must still
-    have (`atomic.folder_id`; a run's `checkpoints/` swapped for a link is refused).
-    """
+    """Write checkpoint bytes with `atomic.write_bytes` (`folder`: the identity `path`'s folder must
+    still have); a failure is `CheckpointWriteError` and leaves the old file as it was."""
     try:
         atomic.write_bytes(path, data, what="checkpoint", folder=folder)
     except atomic.WriteError as e:
@@ -113,14 +89,10 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, folder: atomic.Fo
 
 
 def encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
-    """User metadata as safetensors metadata strings (format version 2's convention).
-
-    A `str` value is stored as it is; any other value (numbers, booleans, None, dicts, lists)
-    JSON-encoded, and ``__json__`` lists those keys as a JSON array (always present, ``[]``
-    when none), so `decode_metadata` gives back exactly `metadata`. TypeError for a non-str
-    key or a value JSON cannot encode; ValueError for a reserved key (``format``,
-    ``format_version``, ``__json__``).
-    """
+    """User metadata as safetensors metadata strings (format version 2's convention): a `str` value as
+    it is, any other JSON-encoded, and ``__json__`` (always present) the JSON list of those keys, so
+    `decode_metadata` gives back exactly `metadata`. TypeError for a non-str key or a value JSON
+    cannot encode; ValueError for a reserved key (``format``, ``format_version``, ``__json__``)."""
     out: dict[str, str] = {}
     json_keys: list[str] = []
     for key, value in (metadata or {}).items():
@@ -140,16 +112,11 @@ def encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
-def _encode_metadata(metadata: Mapping[str, Any] | None, fmt: str) -> dict[str, str]:
-    out = encode_metadata(metadata)
-    out[FORMAT_KEY] = fmt
-    out[FORMAT_VERSION_KEY] = FORMAT_VERSION
-    return out
-
-
 def _serialize(flat: Mapping[str, Any], metadata: Mapping[str, Any] | None, fmt: str) -> bytes:
     tensors = host_copies(flat)
-    return to_bytes(tensors, _encode_metadata(metadata, fmt))
+    return to_bytes(
+        tensors, {**encode_metadata(metadata), FORMAT_KEY: fmt, FORMAT_VERSION_KEY: FORMAT_VERSION}
+    )
 
 
 def _flat_state(state: Any, what: str) -> dict[str, Any]:
@@ -169,13 +136,9 @@ def save_state(
     metadata: dict[str, Any] | None = None,
     folder: atomic.FolderId | None = None,
 ) -> None:
-    """Save a whole pytree of tensors (a ``TrainState``) to `path` atomically.
-
-    Keys are the leaves' paths (``params/conv1.weight``, ``opt_state/1/mu/conv1.weight``,
-    ``step``); tensors are copied to contiguous CPU buffers. `metadata` values must be
-    JSON-serialisable. Raises `CheckpointWriteError` if the file cannot be written (`folder`:
-    see `atomic_write`).
-    """
+    """Save a whole pytree of tensors (a ``TrainState``) to `path` atomically, under its leaves'
+    paths; `metadata` values must be JSON-serialisable. `CheckpointWriteError` if the file cannot
+    be written (`folder`: see `atomic_write`)."""
     atomic_write(path, _serialize(_flat_state(state, "state"), metadata, STATE_FORMAT), folder=folder)
 
 
@@ -186,11 +149,8 @@ def save_weights(
     metadata: dict[str, Any] | None = None,
     folder: atomic.FolderId | None = None,
 ) -> None:
-    """Save flat params (``nn.Module`` state-dict names) to `path` atomically (`folder`: see
-    `atomic_write`).
-
-    The file loads into a plain module with ``load_state_dict(safetensors.torch.load_file(p))``.
-    """
+    """Save flat params (``nn.Module`` state-dict names) to `path` atomically, a file for
+    ``load_state_dict(safetensors.torch.load_file(p))`` (`folder`: see `atomic_write`)."""
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a flat dict of tensors, got {type(params).__name__}")
     atomic_write(path, _serialize(dict(params), metadata, WEIGHTS_FORMAT), folder=folder)
@@ -199,8 +159,8 @@ def save_weights(
 # --------------------------------------------------------------------------- reading
 
 
-def _check_format(header: Header, name: str, expected: str, *, allow_foreign: bool) -> None:
-    """CheckpointError unless the ``format`` metadata is `expected` (or, `allow_foreign`, not ours)."""
+def _check_format(header: Header, name: str, expected: str) -> None:
+    """CheckpointError unless the ``format`` metadata is `expected` (a weights file's: or not ours)."""
     fmt = header.metadata.get(FORMAT_KEY)
     if fmt == expected:
         return
@@ -208,7 +168,7 @@ def _check_format(header: Header, name: str, expected: str, *, allow_foreign: bo
         raise fail(name, "is a train state checkpoint, not a weights file; use load_state")
     if fmt == WEIGHTS_FORMAT:
         raise fail(name, "is a weights file, not a train state checkpoint; use load_weights")
-    if not allow_foreign:
+    if expected == STATE_FORMAT:
         got = "no format in its metadata" if fmt is None else f"format {fmt!r}"
         raise fail(name, f"not a fashion_func train state: {got}, expected {expected!r}")
 
@@ -234,11 +194,10 @@ def _json_keys(raw: Mapping[str, str], name: str) -> set[str]:
 def _decode_raw(raw: Mapping[str, str], name: str) -> dict[str, Any]:
     """The user metadata of `raw`; for our files, the one check of the format version."""
     ours = raw.get(FORMAT_KEY) in _OURS
-    if ours and raw.get(FORMAT_VERSION_KEY) != FORMAT_VERSION:
+    version = raw.get(FORMAT_VERSION_KEY)
+    if ours and version != FORMAT_VERSION:
         raise fail(
-            name,
-            f"format_version {raw.get(FORMAT_VERSION_KEY)!r} is not supported (this fashion_func "
-            f"reads {FORMAT_VERSION!r})",
+            name, f"format_version {version!r} is not supported (this fashion_func reads {FORMAT_VERSION!r})"
         )
     if JSON_KEYS_KEY not in raw:
         if ours:
@@ -254,13 +213,10 @@ def _decode_raw(raw: Mapping[str, str], name: str) -> dict[str, Any]:
 
 
 def decode_metadata(raw: Mapping[str, str], *, name: str = "<metadata>") -> dict[str, Any]:
-    """User metadata from a safetensors file's raw metadata strings (`safe_open(p).metadata()`).
-
-    The inverse of `encode_metadata`: keys listed in ``__json__`` are JSON-decoded, the others
-    are the strings they are; our files must be of the current format version. A file with
-    neither our ``format`` nor ``__json__`` (another tool's) is returned as it is. The reserved
-    keys are left out. `CheckpointError` (naming `name`) for malformed metadata.
-    """
+    """User metadata from a safetensors file's raw metadata strings (`safe_open(p).metadata()`),
+    the inverse of `encode_metadata`, without the reserved keys. Our files must be of the current
+    format version; another tool's (neither our ``format`` nor ``__json__``) is returned as it is.
+    `CheckpointError` (naming `name`) for malformed metadata."""
     for k, v in raw.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise fail(name, f"metadata entry {k!r} is not a string")
@@ -270,16 +226,14 @@ def decode_metadata(raw: Mapping[str, str], *, name: str = "<metadata>") -> dict
 def _decode(
     data: bytes,
     name: str,
-    *,
-    header: Header | None = None,
+    header: Header | None,
     expected: str,
-    allow_foreign: bool,
     template: Mapping[str, Tensor] | None,
     what: str,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors and user metadata of the whole file `data` (`header`: already validated by `read`)."""
     header = header or parse_header(data, len(data), name)
-    _check_format(header, name, expected, allow_foreign=allow_foreign)
+    _check_format(header, name, expected)
     metadata = _decode_raw(header.metadata, name)
     if template is not None:
         check_template(header, template, name, what)
@@ -303,13 +257,7 @@ def _load_state_bytes(
 ) -> tuple[Any, dict[str, Any]]:
     flat_template = _flat_state(template, "template")
     tensors, metadata = _decode(
-        data,
-        name,
-        header=header,
-        expected=STATE_FORMAT,
-        allow_foreign=False,
-        template=flat_template,
-        what="checkpoint does not match the train state",
+        data, name, header, STATE_FORMAT, flat_template, "checkpoint does not match the train state"
     )
     flat = {k: tensors[k].to(_target(device, leaf)) for k, leaf in flat_template.items()}
     return tree.unflatten_like(template, flat), metadata
@@ -318,13 +266,10 @@ def _load_state_bytes(
 def load_state(
     path: str | os.PathLike[str], template: Any, *, device: torch.device | str | None = None
 ) -> tuple[Any, dict[str, Any]]:
-    """Load a train state saved by `save_state`, validated against `template`.
-
-    `template` is a pytree of the same structure (e.g. a freshly initialised ``TrainState``);
-    keys, shapes and dtypes must match it exactly and floating tensors must be finite.
-    Leaves go to `device`, by default each template leaf's device. Returns
-    ``(state, metadata)`` with the user metadata decoded (`decode_metadata`). Raises `CheckpointError`.
-    """
+    """``(state, metadata)`` of a file `save_state` wrote, validated against `template`, a pytree
+    of the same structure (a freshly initialised ``TrainState``): keys, shapes and dtypes must
+    match it exactly, floating tensors be finite. Leaves go to `device`, by default each template
+    leaf's. `CheckpointError` for any problem with the file."""
     header, data, name = read(path, header_only=False)
     return _load_state_bytes(data, template, device=device, name=name, header=header)
 
@@ -337,18 +282,9 @@ def _load_weights_bytes(
     name: str = "<bytes>",
     header: Header | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors, metadata = _decode(
-        data,
-        name,
-        header=header,
-        expected=WEIGHTS_FORMAT,
-        allow_foreign=True,
-        template=template,
-        what="weights do not match model",
-    )
+    tensors, metadata = _decode(data, name, header, WEIGHTS_FORMAT, template, "weights do not match model")
     order = list(template) if template is not None else sorted(tensors)
-    target = torch.device(device)
-    return {k: tensors[k].to(target) for k in order}, metadata
+    return {k: tensors[k].to(torch.device(device)) for k in order}, metadata
 
 
 def load_weights(
@@ -357,13 +293,9 @@ def load_weights(
     template: Mapping[str, Tensor] | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Load flat params from a weights file, validated (against `template` when given).
-
-    Plain safetensors files from other tools (no fashion_func ``format``) are accepted and
-    their metadata is returned as the raw strings (decoded where the file has ``__json__``,
-    as `interop`'s files do); a train state file is refused. Returns
-    ``(params, metadata)``; params are in the template's key order, else sorted by name.
-    """
+    """``(params, metadata)`` of a weights file, validated (against `template` when given), params
+    in the template's key order, else sorted by name. Another tool's safetensors file is accepted
+    (its metadata as `decode_metadata` gives it); a train state file is refused."""
     header, data, name = read(path, header_only=False)
     return _load_weights_bytes(data, template=template, device=device, name=name, header=header)
 
@@ -380,12 +312,8 @@ def _info(header: Header, name: str) -> CheckpointInfo:
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The user metadata of a checkpoint or weights file, reading and validating only its header.
-
-    Decoded (`decode_metadata`) and without the reserved keys for fashion_func files (and files
-    following their convention, with ``__json__``); raw strings for safetensors files from other
-    tools. Tensor data is neither read nor checked.
-    """
+    """The user metadata (as `decode_metadata` gives it) of a checkpoint or weights file, reading
+    and validating only its header: tensor data is neither read nor checked."""
     header, _, name = read(path, header_only=True)
     return _info(header, name).metadata
 

@@ -1,20 +1,11 @@
 """Safe handling of user paths and user-visible text, in one place for every command.
 
-Inputs: `open_regular` / `read_regular` refuse anything but a regular file before opening it
-(a FIFO would block, `/dev/zero` never ends), open without blocking and check again on the
-open descriptor (the path may change in between), and bound how much is read.
-
-Outputs: `check_output` is the rule for a file a command writes on the user's behalf (export's
-and predict's outputs): never a non-regular target (a device, a FIFO, a directory, a symbolic
-link), never one of the inputs, the suffix the format promises, and an existing regular file
-replaced only when the caller says so (`overwrite`).
-
-Text: `display` makes a path or metadata string safe to print (terminal control characters and
-undecodable bytes escaped, so it can neither drive the terminal nor fail on a strict encoding);
-`strict_json` makes a value strict JSON (no NaN/Infinity, no lone surrogates); `one_line` and
-`os_reason` make an error message one bounded line that says why.
-
-This module imports nothing from the package, so every layer may use it.
+Inputs: `open_regular` / `read_regular` refuse anything but a regular file (a FIFO would
+block, `/dev/zero` never ends). Outputs: `check_output` is the rule for a file a command writes
+on the user's behalf (export's and predict's). Text: `display` makes a path or metadata string
+safe to print, `strict_json` a value strict JSON, `one_line` and `os_reason` an error message
+one bounded line that says why. This module imports nothing from the package, so every layer
+may use it.
 """
 
 from __future__ import annotations
@@ -29,7 +20,6 @@ from typing import Any, BinaryIO, ClassVar
 
 __all__ = ["FileError"]
 
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
@@ -41,13 +31,10 @@ def word(template: str, fields: Mapping[str, Any]) -> str:
 
 
 class Worded(Exception):
-    """A user-facing error with a `kind` and the values it speaks of (`fields`).
-
-    `str()` words it in the library's terms (`WORDS[kind]`: `run_dir`, `overwrite=True`), for a
-    Python caller; a client with words of its own (the command line's flags) words each kind
-    from `kind` and `fields`. Raised with a plain message instead, it has no kind and reads the
-    same to every client. Kinds are unique across the library's errors.
-    """
+    """A user-facing error with a `kind` and the values it speaks of (`fields`). `str()` words it in
+    the library's terms (`WORDS[kind]`: `run_dir`, `overwrite=True`); a client with words of its own
+    (the command line's flags) words each kind from `kind` and `fields`. Raised with a plain
+    message instead, it has no kind. Kinds are unique across the library's errors."""
 
     WORDS: ClassVar[Mapping[str, str]] = {}
 
@@ -93,12 +80,9 @@ def describe(mode: int) -> str:
 
 
 def display(text: str | os.PathLike[str]) -> str:
-    """`text` safe to print on any terminal and any stdout encoding.
-
-    Undecodable bytes of a file name (lone surrogates from `os.fsdecode`) become `\\xNN`;
-    control characters (ESC, CR, BEL, C1, DEL, bidirectional overrides) become `\\xNN` /
-    `\\uNNNN` escapes, so metadata cannot move the cursor or recolour the terminal.
-    """
+    """`text` safe to print on any terminal and stdout encoding: undecodable bytes of a file name
+    (lone surrogates from `os.fsdecode`) and control characters (ESC, CR, BEL, C1, DEL,
+    bidirectional overrides) become `\\xNN` / `\\uNNNN` escapes, so metadata cannot drive the terminal."""
     s = os.fspath(text) if isinstance(text, os.PathLike) else str(text)
     if any("\udc80" <= c <= "\udcff" for c in s):  # surrogateescape'd bytes: back to bytes, escaped
         s = s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -133,11 +117,8 @@ def os_reason(e: OSError) -> str:
 
 
 def short_repr(value: Any, limit: int = 80) -> str:
-    """A bounded, one-line repr of a user value for an error message.
-
-    Never fails: integers of thousands of digits (which `repr` refuses) and deeply nested
-    lists (which overflow the stack) are described instead of printed.
-    """
+    """A bounded, one-line repr of a user value for an error message; never fails (integers of
+    thousands of digits and deeply nested lists are described instead of printed)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
         return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
     if isinstance(value, (list, dict, tuple)):
@@ -163,12 +144,9 @@ def _stat_regular(path: Path, what: str) -> os.stat_result:
 
 
 def open_regular(path: str | os.PathLike[str], *, what: str = "file") -> BinaryIO:
-    """`path` opened for reading in binary, refused (`FileError`) unless it is a regular file.
-
-    The type is checked before opening (opening a device can have effects of its own) and
-    again on the descriptor, which is opened non-blocking so a FIFO swapped in between cannot
-    hang the process.
-    """
+    """`path` opened for reading in binary, refused (`FileError`) unless it is a regular file: checked
+    before opening (opening a device can have effects) and again on the descriptor, opened
+    non-blocking so a FIFO swapped in between cannot hang the process."""
     p = Path(path)
     _stat_regular(p, what)
     try:
@@ -210,12 +188,9 @@ def check_output(
     suffixes: Sequence[str] | None = None,
     what: str = "output",
 ) -> None:
-    """Refuse (`FileError`) to write `path` unless it is safe and what the user asked for.
-
-    Refused: a suffix outside `suffixes`; an existing target that is not a regular file (a
-    device, FIFO, socket, directory or symbolic link: never replaced, never followed); an
-    existing file that is one of `inputs`; an existing regular file without `overwrite`.
-    """
+    """Refuse (`FileError`) to write `path` unless it is safe and what the user asked for: a suffix
+    outside `suffixes`, an existing target that is not a regular file (never replaced, never
+    followed), one of `inputs`, or an existing regular file without `overwrite` is refused."""
     if not os.fspath(path):  # Path("") is "."
         raise FileError(f"{what} is empty; give a file name")
     p = Path(path)

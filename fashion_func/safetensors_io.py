@@ -1,18 +1,13 @@
 """safetensors files read defensively and written from tensors; nothing here knows a TrainState.
 
-Reading: `read` takes a regular file only, its 8-byte length prefix checked before anything
-else is read (a multi-gigabyte file that is not safetensors fails without being read);
-`parse_header` (which `read` applies) validates the header once, the way the safetensors
-reference implementation requires (a JSON object without duplicate keys, string metadata, known
-dtypes, shapes, offsets that match the shapes and tile the data region exactly), so a file read
-for its header only (`checkpoint.inspect`) is checked as fully as one that is loaded;
-`decode_tensors` decodes the data with safetensors and adds what it does not refuse (non-finite
-values); `check_template` compares a header with the names, shapes and dtypes expected.
-
-Writing: `host_copies` copies tensors to fresh contiguous CPU buffers, `to_bytes` makes the file's bytes.
-
-Every problem with a file is a `CheckpointError` with a one-line message naming the file.
-Nothing here unpickles.
+`read` takes a regular file only and checks its 8-byte length prefix before reading on (a
+multi-gigabyte file that is not safetensors fails unread); `parse_header` validates the header
+once, as the safetensors reference implementation requires (strict JSON without duplicate keys,
+string metadata, known dtypes, shapes, offsets that match the shapes and tile the data region),
+so a header read alone (`checkpoint.inspect`) is checked as fully as a file loaded;
+`decode_tensors` adds what safetensors does not refuse (non-finite values); `check_template`
+compares a header with the names, shapes and dtypes expected. `host_copies` and `to_bytes` write.
+Every problem with a file is a one-line `CheckpointError` naming it; nothing unpickles.
 """
 
 from __future__ import annotations
@@ -38,37 +33,33 @@ _MAX_HEADER = 100_000_000
 METADATA = "__metadata__"  # the header's metadata entry (never a tensor name)
 _TENSOR_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 
-# safetensors dtype names that safetensors.torch can decode on this torch build.
+# safetensors dtype names and the torch dtypes safetensors.torch decodes them to (all of them
+# exist from torch 2.4, the oldest this package supports).
 DTYPES: dict[str, torch.dtype] = {
-    name: dtype
-    for name, dtype in {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-        "C64": torch.complex64,
-        "U64": getattr(torch, "uint64", None),
-        "U32": getattr(torch, "uint32", None),
-        "U16": getattr(torch, "uint16", None),
-        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
-        "F8_E5M2": getattr(torch, "float8_e5m2", None),
-        "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
-    }.items()
-    if dtype is not None
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
 }
 _SAVABLE = frozenset(DTYPES.values())
 
 
 class CheckpointError(Worded):
     """A checkpoint file could not be read, validated or written; the message is one line naming it.
-
     `kind` (most have none: a plain message) marks the ones a client words itself (`WORDS`)."""
 
     WORDS: ClassVar[Mapping[str, str]] = {
@@ -125,11 +116,8 @@ def _to_host(name: str, leaf: Any) -> Tensor:
 
 
 def host_copies(flat: Mapping[str, Any]) -> dict[str, Tensor]:
-    """Fresh contiguous CPU copies of the tensors `flat`, checked to be savable.
-
-    TypeError for a leaf that is not a dense tensor of a dtype safetensors encodes, ValueError
-    for a meta tensor or a tensor named `__metadata__`.
-    """
+    """Fresh contiguous CPU copies of the tensors `flat`: TypeError for a leaf that is not a dense
+    tensor of a dtype safetensors encodes, ValueError for a meta tensor or one named `__metadata__`."""
     if METADATA in flat:
         raise ValueError(f"{METADATA!r} cannot be a tensor name")
     return {name: _to_host(name, leaf) for name, leaf in flat.items()}
@@ -270,12 +258,8 @@ def _check_tiling(entries: Mapping[str, Entry], data_size: int, name: str) -> No
 
 
 def parse_header(prefix: bytes, file_size: int, name: str) -> Header:
-    """Validate the header at the start of `prefix` against a file of `file_size` bytes.
-
-    Checks layout only (it needs the header bytes, not the data): JSON object, metadata
-    str->str, known dtypes, shapes, offsets consistent with shapes and covering the data
-    region exactly, in the way the safetensors reference implementation requires.
-    """
+    """The header at the start of `prefix`, validated against a file of `file_size` bytes (its
+    layout only: the data is not needed)."""
     return _parse(prefix, _header_length(prefix, file_size, name), file_size, name)
 
 
@@ -318,11 +302,8 @@ def check_template(header: Header, template: Mapping[str, Tensor], name: str, wh
 
 
 def decode_tensors(data: bytes, name: str) -> dict[str, Tensor]:
-    """The tensors of the whole file `data`, whose header `parse_header` validated, all finite.
-
-    safetensors decodes exactly what that header describes (its own validation is the one
-    `parse_header` mirrors), so only what it does not refuse is checked here: non-finite values.
-    """
+    """The tensors of the whole file `data`, whose header `parse_header` validated, all finite
+    (safetensors refuses what `parse_header` does, so only non-finite values are checked here)."""
     try:
         tensors = _st_load(data)
     except Exception as e:  # the decoder is a foreign library: any failure is a bad file
@@ -339,11 +320,7 @@ def decode_tensors(data: bytes, name: str) -> dict[str, Tensor]:
 
 def read(path: str | os.PathLike[str], *, header_only: bool) -> tuple[Header, bytes, str]:
     """(validated header, bytes, name): the bytes are the whole file, or only its length prefix
-    and header.
-
-    The length prefix is checked before anything else is read: a multi-gigabyte file
-    that is not a safetensors file fails without being read.
-    """
+    and header; the prefix is checked before anything else is read."""
     name = str(path)
     try:
         # a regular file only, checked before opening and opened without blocking: a FIFO

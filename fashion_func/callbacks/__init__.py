@@ -1,49 +1,34 @@
 """Callbacks as pure event handlers: `(cb_state, event) -> (cb_state, actions)`.
 
 The tutorial's stateful callbacks (TensorBoard writer, ModelCheckpoint, EarlyStopping,
-TrainingMonitor, StepLR) are rebuilt here so that they *describe* what should happen and
-never do it: a callback reads an event, returns a new state and a list of actions (plain
-data), and the loop (`fashion_func.loop`) carries the actions out (writes files, stops,
-changes the learning rate in the optimizer state). This package therefore touches no files,
-no clock, no device and no tensors, and it imports neither `checkpoint` nor `loop`.
-
-Modules, one job each (every public name is re-exported here): `protocol` (events, actions,
-the `Callback` base, `fold`/`scan`/`dispatch`/`init_states`, `encode_float`/`decode_float`,
-`improved`); `stopping` (EarlyStopping, TerminateOnNaN); `checkpointing` (ModelCheckpoint);
-`lr` (LRSchedule with StepLR and CosineLR, ReduceLROnPlateau); `logs` (TrainingMonitor,
-TensorBoardLogger, LogEpoch, history_record).
+TrainingMonitor, StepLR), rebuilt to *describe* what should happen and never do it: the loop
+(`fashion_func.loop`) carries out the actions they return (writes files, stops, sets the
+learning rate). This package touches no files, clock, device or tensors and imports neither
+`checkpoint` nor `loop`; every public name of its modules is re-exported here.
 
 Protocol
 --------
-* Events: `TrainBegin`, `EpochEnd`, `TrainEnd` (frozen dataclasses). Epochs are 1-based;
+* Events: `TrainBegin`, `EpochEnd`, `TrainEnd`; actions: `Stop`, `SaveCheckpoint`,
+  `DeleteCheckpoint`, `KeptBest`, `SetHyperparam`, `LogScalars`, `WriteHistory`, `PlotHistory`,
+  `LogMessage` (frozen dataclasses; `Event` and `Action` are their unions). Epochs are 1-based;
   `TrainBegin.start_epoch` is the first epoch about to run (> 1 after a resume). There is no
-  per-step event: the step runs compiled on the device with no host sync, and a non-finite
-  loss is caught there, at its step, by the loop itself.
-* Actions: `Stop`, `SaveCheckpoint`, `DeleteCheckpoint`, `KeptBest`, `SetHyperparam`,
-  `LogScalars`, `WriteHistory`, `PlotHistory`, `LogMessage` (frozen dataclasses).
-* A callback is a frozen dataclass whose fields are its hyperparameters, with
-  `init() -> cb_state` and `on_event(cb_state, event) -> (cb_state, list[Action])`.
-  `cb_state` is a JSON-serialisable dict (finite floats only, so
-  `json.dumps(state, allow_nan=False)` works; non-finite floats are stored as the strings
-  "nan", "inf", "-inf", see `encode_float`). The incoming state is never mutated.
-  `callback.name` keys its state in the checkpoint; it defaults to the class name and can be
-  overridden (`EarlyStopping(monitor="val_acc", mode="max", name="es_acc")`) when one class
-  is used twice.
+  per-step event: the step runs compiled with no host sync, and the loop itself catches a
+  non-finite loss at its step.
+* A callback is a frozen dataclass of hyperparameters with `init() -> cb_state` and
+  `on_event(cb_state, event) -> (cb_state, list[Action])`; the incoming state is never mutated.
+  `cb_state` is a JSON-serialisable dict (finite floats only, so `json.dumps(state,
+  allow_nan=False)` works; non-finite ones stored as "nan", "inf", "-inf": `encode_float`).
+  `callback.name` keys its state in the checkpoint: the class name, unless `name=` is given
+  (`EarlyStopping(monitor="val_acc", mode="max", name="es_acc")`) when one class is used twice.
 
 Contract with the loop (what makes resume exact)
 ------------------------------------------------
-* The loop calls `dispatch` and only then executes the actions, in list order. The
-  callback states that go into a checkpoint requested by `SaveCheckpoint` are the *new*
-  states `dispatch` returned for that same event.
-* Actions from several callbacks are concatenated in callback order; when two set the same
-  hyperparameter the later one wins.
-* `DeleteCheckpoint` of a file that does not exist is a no-op (after a crash an eviction
-  can be replayed, see `ModelCheckpoint`).
+* The loop calls `dispatch`, then executes the actions in list order; a `SaveCheckpoint`
+  saves the *new* states `dispatch` returned for that same event.
+* Actions of several callbacks come in callback order; of two setting one hyperparameter, the
+  later wins. `DeleteCheckpoint` of a missing file is a no-op (a crash can replay an eviction).
 * Learning-rate callbacks emit `SetHyperparam("lr", ...)` at `TrainBegin` too, so a resumed
-  run gets the learning rate its schedule prescribes whatever the checkpointed optimizer
-  state holds.
-
-`Event` and `Action` are the unions of the event and the action classes.
+  run gets the learning rate its schedule prescribes whatever the optimizer state holds.
 """
 
 from __future__ import annotations

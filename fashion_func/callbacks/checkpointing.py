@@ -29,38 +29,26 @@ __all__ = ["ModelCheckpoint"]
 
 @dataclass(frozen=True)
 class ModelCheckpoint(Callback):
-    """Decide which checkpoints to write after each epoch.
+    """Decide which checkpoints to write after each epoch: on `EpochEnd(epoch)`, in this order,
 
-    On `EpochEnd(epoch)` the actions come in this order:
-
-    1. `SaveCheckpoint("best", epoch, monitor, value)` when `monitor` improved on the best so
-       far (strictly; NaN never improves): best.safetensors, the weights to keep.
+    1. `SaveCheckpoint("best", epoch, monitor, value)` when `monitor` improved on the best so far
+       (strictly; NaN never improves): best.safetensors, the weights to keep.
     2. Per-epoch files, when `save_best_only=False` or `save_top_k > 1` (or -1), every
-       `every_n_epochs` epochs: `SaveCheckpoint("epoch", epoch, monitor, value)` if the
-       epoch ranks among the `save_top_k` best by `monitor` (all if -1), then
-       `DeleteCheckpoint("epoch", e)` for the epoch it pushed out. Ranking: NaN is worst; a
-       newcomer must be strictly better than the worst kept to enter a full list; among
-       equal worst the older epoch is evicted. `save_best_only=False, save_top_k=-1` is the
-       tutorial's save-every-epoch.
-    3. `SaveCheckpoint("last", epoch)` when `save_last`.
+       `every_n_epochs` epochs: `SaveCheckpoint("epoch", ...)` if the epoch ranks among the
+       `save_top_k` best (all if -1), then `DeleteCheckpoint("epoch", e)` for the epoch it pushed
+       out. NaN ranks worst; a newcomer must beat the worst kept to enter a full list; of equal
+       worst the older epoch goes. `save_best_only=False, save_top_k=-1` saves every epoch.
+    3. `SaveCheckpoint("last", epoch)` when `save_last`: last, because last.safetensors carries this
+       callback's state and is where a resumed run starts, so it must never record an effect that
+       had not reached the disk. A crash in between leaves the previous "last"; the resumed run
+       redoes the epoch deterministically and rewrites the same files (a replayed deletion of a
+       file already gone is a no-op).
 
-    Why "last" goes last: last.safetensors carries this callback's state (best value, kept
-    epochs) and is where a resumed run starts. Writing it only after the best/epoch files
-    (and deletions) means it never records an effect that had not reached the disk. If the
-    process dies in between, "last" still holds the previous epoch; the resumed run redoes
-    this epoch deterministically, from the old state reaches the same decisions and rewrites
-    the same files (a replayed deletion of a file already gone is a no-op for the loop).
-    The other order could leave a "last" claiming a best.safetensors that was never written.
-
-    On `TrainBegin` of a resumed run whose state records a best epoch: `KeptBest`, so the
-    loop reports the best file already on disk.
-
-    member: in an ensemble, keep member k's weights (monitor its own metric, e.g.
-    `val_loss_m{k}`, and give each member's callback its own name); its files go to
-    `checkpoints/member-<k>/` as plain single-model weights.
-
-    State: {"best": encoded float | None, "best_epoch": int | None,
-    "kept": [[epoch, encoded value], ...]} (the per-epoch files on disk).
+    On `TrainBegin` of a resumed run whose state records a best epoch: `KeptBest`, so the loop
+    reports the best file already on disk. `member`: in an ensemble, member k's weights (monitor
+    its own metric, e.g. `val_loss_m{k}`, under a name of its own), written to
+    `checkpoints/member-<k>/` as plain single-model weights. State: {"best": encoded float | None,
+    "best_epoch": int | None, "kept": [[epoch, encoded value], ...]} (the epoch files on disk).
     """
 
     monitor: str = "val_loss"

@@ -27,26 +27,15 @@ __all__ = ["LogEpoch", "TensorBoardLogger", "TrainingMonitor"]
 
 def history_record(epoch: int, metrics: Mapping[str, float]) -> dict[str, Any]:
     """One history row: epoch first, then the metrics in the order given, JSON-safe."""
-    rec: dict[str, Any] = {"epoch": epoch}
-    for k, v in metrics.items():
-        if k != "epoch":
-            rec[k] = encode_float(v)
-    return rec
+    return {"epoch": epoch, **{k: encode_float(v) for k, v in metrics.items() if k != "epoch"}}
 
 
 @dataclass(frozen=True)
 class TrainingMonitor(Callback):
-    """Keep the per-epoch history; ask the loop to write history.json and draw the plots.
-
-    Each `EpochEnd` appends {"epoch": e, train_loss, train_acc, val_loss, val_acc, lr,
-    epoch_time_s, ...every other metric given} (non-finite values encoded, see
-    `encode_float`) and emits `WriteHistory` and `PlotHistory` with the whole history. The
-    state is checkpointed, so a resumed run continues the list; records for an epoch that
-    is run again (a re-run after a crash, or `TrainBegin` at an earlier epoch) and all later
-    ones are dropped first, so the history never holds an epoch twice.
-
-    State: {"history": [record, ...]}.
-    """
+    """Keep the per-epoch history: each `EpochEnd` appends `history_record(epoch, metrics)` and emits
+    `WriteHistory` and `PlotHistory` with the whole history. A resumed run continues the list (the
+    state is checkpointed); the records of an epoch run again (after a crash, or `TrainBegin` at an
+    earlier epoch) and of later ones are dropped first. State: {"history": [record, ...]}."""
 
     def init(self) -> CbState:
         return {"history": []}
@@ -89,13 +78,8 @@ def _tb_tag(key: str) -> str:
 
 @dataclass(frozen=True)
 class TensorBoardLogger(Callback):
-    """On `EpochEnd(e)` emit `LogScalars(e, {tag: value})` for every metric.
-
-    Tags (`TB_TAGS`): train_loss -> "train/loss", train_acc -> "train/acc",
-    val_loss -> "val/loss", val_acc -> "val/acc", lr -> "lr", epoch_time_s -> "epoch_time_s";
-    other "train_*"/"val_*"/"test_*" keys become "train/*" etc., the rest keep their name.
-    Grouping by "train/" and "val/" puts the curves in TensorBoard sections. Stateless.
-    """
+    """On `EpochEnd(e)` emit `LogScalars(e, {tag: value})` for every metric, tagged as `TB_TAGS`
+    says ("train/loss", "val/acc", ...: TensorBoard groups the curves by section). Stateless."""
 
     def on_event(self, cb_state: CbState, event: Event) -> tuple[CbState, list[Action]]:
         if not isinstance(event, EpochEnd):
@@ -116,13 +100,10 @@ _LOG_FORMATS: Mapping[str, str] = {
 
 @dataclass(frozen=True)
 class LogEpoch(Callback):
-    """One human line per epoch, e.g.
-    "epoch 3/10 train_loss 0.3012 train_acc 0.8911 val_loss 0.3304 val_acc 0.8790 lr 1.0e-03 12.3s".
-
-    Known metrics come first in that order, any others after them ("key 0.1234"), the
-    epoch time last. Also a line at `TrainBegin` ("training epochs 4..10 of 10"; none when no
-    epoch is left) and at `TrainEnd`. State: {"total_epochs": int | None} from `TrainBegin`.
-    """
+    """One human line per epoch: "epoch 3/10 train_loss 0.3012 train_acc 0.8911 val_loss 0.3304
+    val_acc 0.8790 lr 1.0e-03 12.3s", other metrics after the known ones ("key 0.1234"), the time
+    last; a line at `TrainBegin` ("training epochs 4..10 of 10"; none when no epoch is left) and at
+    `TrainEnd`. State: {"total_epochs": int | None} from `TrainBegin`."""
 
     def init(self) -> CbState:
         return {"total_epochs": None}

@@ -30,15 +30,11 @@ __all__ = ["CosineLR", "LRSchedule", "ReduceLROnPlateau", "StepLR"]
 
 @dataclass(frozen=True)
 class LRSchedule(Callback):
-    """Drive the learning rate from any schedule of `fashion_func.schedules`, once per epoch:
-    epoch e (1-based) runs with `schedule(e - 1)`, as a torch scheduler stepped once per
-    epoch gives (`LRSchedule(schedule=schedules.onecycle(0.1, total_steps=epochs))`).
-
-    Emits `SetHyperparam("lr", ...)` at `TrainBegin` for the start epoch (so a resumed run
-    gets its lr back) and at `EpochEnd(e)` for epoch e + 1. The value depends on the epoch
-    alone (closed forms, not torch's recursive updates), so resume is exact.
-    State: {"lr": last value set}.
-    """
+    """Drive the learning rate from any schedule of `fashion_func.schedules`, once per epoch: epoch e
+    (1-based) runs with `schedule(e - 1)`, as a torch scheduler stepped once per epoch gives
+    (`LRSchedule(schedule=schedules.onecycle(0.1, total_steps=epochs))`). Emits `SetHyperparam("lr",
+    ...)` at `TrainBegin` for the start epoch (a resumed run gets its lr back) and at `EpochEnd(e)`
+    for epoch e + 1; the value depends on the epoch alone, so resume is exact. State: {"lr": last set}."""
 
     schedule: schedules.Schedule | None = field(default=None, kw_only=True)
 
@@ -85,10 +81,9 @@ class StepLR(LRSchedule):
 
 @dataclass(frozen=True)
 class CosineLR(LRSchedule):
-    """A named `LRSchedule(schedule=schedules.cosine(base_lr, t_max, eta_min))`: lr = eta_min +
-    (base_lr - eta_min) * (1 + cos(pi * (epoch - 1) / t_max)) / 2, equal to
-    torch.optim.lr_scheduler.CosineAnnealingLR(T_max=t_max) stepped once per epoch (including
-    its rise again after t_max)."""
+    """A named `LRSchedule(schedule=schedules.cosine(base_lr, t_max, eta_min))`: lr = eta_min + (base_lr
+    - eta_min) * (1 + cos(pi * (epoch - 1) / t_max)) / 2, torch's CosineAnnealingLR(T_max=t_max)
+    stepped once per epoch (its rise again after t_max included)."""
 
     base_lr: float
     t_max: int
@@ -100,21 +95,16 @@ class CosineLR(LRSchedule):
 
 @dataclass(frozen=True)
 class ReduceLROnPlateau(Callback):
-    """Multiply the lr by `factor` when `monitor` stops improving; torch semantics exactly.
+    """Multiply the lr by `factor` when `monitor` stops improving, with the arithmetic of
+    torch.optim.lr_scheduler.ReduceLROnPlateau (one param group): an epoch is better when value <
+    best * (1 - threshold) (mode min, threshold_mode rel), value < best - threshold (min, abs),
+    value > best * (1 + threshold) (max, rel) or value > best + threshold (max, abs); NaN never is.
+    After more than `patience` bad epochs lr becomes max(lr * factor, min_lr), unless that changes
+    it by <= eps; then `cooldown` epochs ignore bad epochs.
 
-    Same arithmetic as torch.optim.lr_scheduler.ReduceLROnPlateau (single param group): an
-    epoch is better when value < best * (1 - threshold) (mode min, threshold_mode rel),
-    value < best - threshold (min, abs), value > best * (1 + threshold) (max, rel) or
-    value > best + threshold (max, abs); NaN is never better. After more than `patience`
-    bad epochs lr becomes max(lr * factor, min_lr), unless that changes it by <= eps; then
-    `cooldown` epochs ignore bad epochs.
-
-    `base_lr` (keyword-only, required) is the optimizer's starting lr. Emits
-    `SetHyperparam("lr", lr)` at `TrainBegin` (restoring the reduced lr on resume) and
-    whenever the lr changes, with a `LogMessage`.
-
-    State: {"lr": float, "best": encoded float | None (None = no best yet),
-    "num_bad_epochs": int, "cooldown_counter": int}.
+    `base_lr` (keyword-only, required) is the optimizer's starting lr. Emits `SetHyperparam("lr",
+    lr)` at `TrainBegin` (restoring a reduced lr on resume) and, with a `LogMessage`, whenever the lr
+    changes. State: {"lr", "best" (encoded, None: no best yet), "num_bad_epochs", "cooldown_counter"}.
     """
 
     monitor: str = "val_loss"
@@ -173,12 +163,8 @@ class ReduceLROnPlateau(Callback):
             new_lr = max(old_lr * self.factor, self.min_lr)
             if old_lr - new_lr > self.eps:
                 state["lr"] = encode_float(new_lr)
-                actions.append(SetHyperparam("lr", new_lr))
-                actions.append(
-                    LogMessage(
-                        f"epoch {event.epoch}: {self.monitor} plateaued, lr {old_lr:.3e} -> {new_lr:.3e}"
-                    )
-                )
+                text = f"epoch {event.epoch}: {self.monitor} plateaued, lr {old_lr:.3e} -> {new_lr:.3e}"
+                actions += [SetHyperparam("lr", new_lr), LogMessage(text)]
             state["cooldown_counter"] = self.cooldown
             state["num_bad_epochs"] = 0
         return state, actions

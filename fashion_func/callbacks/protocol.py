@@ -1,8 +1,7 @@
-"""The callback protocol: events, actions, the `Callback` base and the pure helpers that
-drive callbacks (`fold`, `scan`, `dispatch`, `init_states`) or keep their state JSON-safe
-(`encode_float`, `decode_float`, `improved`). See the package docstring for the contract.
-
-An `Event` is one of the event classes below; an `Action` one of the action classes.
+"""The callback protocol (the package docstring says the contract): events, actions (an `Event`
+is one of the event classes, an `Action` one of the action classes), the `Callback` base, and
+the pure helpers that drive callbacks (`fold`, `scan`, `dispatch`, `init_states`) or keep their
+state JSON-safe (`encode_float`, `decode_float`, `improved`).
 """
 
 from __future__ import annotations
@@ -39,11 +38,6 @@ CbState = dict[str, Any]
 Mode = Literal["min", "max"]
 
 
-# --------------------------------------------------------------------------------------
-# Events
-# --------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class TrainBegin:
     """Training is about to run epochs `start_epoch..total_epochs` (1-based, inclusive)."""
@@ -72,11 +66,6 @@ class TrainEnd:
 Event = TrainBegin | EpochEnd | TrainEnd
 
 
-# --------------------------------------------------------------------------------------
-# Actions
-# --------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Stop:
     """Stop training after the current epoch (or step)."""
@@ -86,14 +75,11 @@ class Stop:
 
 @dataclass(frozen=True)
 class SaveCheckpoint:
-    """Write a checkpoint of the current state.
-
-    kind "last": last.safetensors (full TrainState + callback states, the resume point);
-    kind "best": best.safetensors (weights only, metadata epoch/monitor/value);
-    kind "epoch": a per-epoch file kept by `ModelCheckpoint`'s top-k retention.
-    member: for "best" and "epoch" in an ensemble, the member whose weights to write (as a
-    plain single-model file under `checkpoints/member-<k>/`); None: the whole state.
-    """
+    """Write a checkpoint of the current state: kind "last", last.safetensors (the whole TrainState and
+    callback states, the resume point); "best", best.safetensors (weights only, metadata
+    epoch/monitor/value); "epoch", a per-epoch file of `ModelCheckpoint`'s top-k. member: for "best"
+    and "epoch" in an ensemble, the member whose weights to write (a plain single-model file under
+    `checkpoints/member-<k>/`); None: the whole state."""
 
     kind: Literal["last", "best", "epoch"]
     epoch: int
@@ -183,40 +169,25 @@ Action = (
 )
 
 
-# --------------------------------------------------------------------------------------
-# Small pure helpers
-# --------------------------------------------------------------------------------------
-
-
 def encode_float(x: float | None) -> float | str | None:
     """A float as JSON-safe data: finite floats stay floats, non-finite become "nan"/"inf"/"-inf"."""
     if x is None:
         return None
     x = float(x)
-    if math.isfinite(x):
-        return x
-    if math.isnan(x):
-        return "nan"
-    return "inf" if x > 0 else "-inf"
+    return x if math.isfinite(x) else repr(x)  # repr: "nan", "inf" or "-inf"
 
 
 def decode_float(x: float | str | None) -> float | None:
     """Inverse of `encode_float` (None stays None)."""
-    if x is None:
-        return None
-    return float(x)  # float("nan"), float("inf"), float("-inf") all parse
+    return None if x is None else float(x)  # float("nan"), float("inf"), float("-inf") all parse
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
-    """Whether `value` beats `best` by more than `min_delta` (Keras semantics).
-
-    mode "min": value < best - min_delta; mode "max": value > best + min_delta.
-    `best=None` means no best yet (the worst possible value, +inf for min, -inf for max), so
-    any value except NaN and the worst infinity improves on it. NaN never improves, and a
-    NaN best is beaten by nothing (comparisons with NaN are false).
-    """
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    """Whether `value` beats `best` by more than `min_delta` (Keras semantics): mode "min", value <
+    best - min_delta; "max", value > best + min_delta. `best=None` (no best yet) is the worst
+    value, so anything but NaN and the worst infinity beats it; NaN never improves, and a NaN best
+    is beaten by nothing."""
+    check_mode(mode)
     value = float(value)
     if math.isnan(value):
         return False
@@ -245,11 +216,6 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
 
 
-# --------------------------------------------------------------------------------------
-# Callback base and driving helpers
-# --------------------------------------------------------------------------------------
-
-
 @runtime_checkable
 class CallbackLike(Protocol):
     """What `dispatch` and `fold` need: a name and two pure methods."""
@@ -263,11 +229,8 @@ class CallbackLike(Protocol):
 
 @dataclass(frozen=True)
 class Callback:
-    """Base class: a frozen dataclass of hyperparameters with a `name` (keyword-only).
-
-    `name` defaults to the class name; it keys the callback's state in checkpoints, so give
-    two instances of one class different names.
-    """
+    """Base class: a frozen dataclass of hyperparameters with a keyword-only `name`, by default the
+    class name; it keys the callback's state in checkpoints (give two instances of a class two)."""
 
     name: str = field(default="", kw_only=True)
 
@@ -288,10 +251,8 @@ class Callback:
 def fold(
     callback: CallbackLike, events: Iterable[Event], state: CbState | None = None
 ) -> tuple[CbState, list[Action]]:
-    """Replay `events` through `callback` from `state` (default `callback.init()`).
-
-    Returns the final state and all actions, concatenated in order.
-    """
+    """Replay `events` through `callback` from `state` (default `callback.init()`): the final state
+    and all actions, in order."""
     state, per_event = scan(callback, events, state)
     return state, [a for acts in per_event for a in acts]
 
@@ -327,12 +288,9 @@ def _check_unique(callbacks: Sequence[CallbackLike]) -> None:
 def dispatch(
     callbacks: Sequence[CallbackLike], states: Mapping[str, CbState], event: Event
 ) -> tuple[dict[str, CbState], list[Action]]:
-    """Send `event` to every callback in order; return the new states and all actions.
-
-    A callback with no entry in `states` starts from its `init()` (e.g. one added on
-    resume). States of names not in `callbacks` pass through unchanged. `states` itself is
-    not modified.
-    """
+    """Send `event` to every callback in order: the new states and all actions. A callback without an
+    entry in `states` starts from its `init()` (one added on resume); others' states pass through
+    unchanged; `states` itself is not modified."""
     _check_unique(callbacks)
     new_states = dict(states)
     actions: list[Action] = []

@@ -26,17 +26,15 @@ __all__ = ["EarlyStopping", "TerminateOnNaN"]
 
 @dataclass(frozen=True)
 class EarlyStopping(Callback):
-    """Stop when `monitor` has not improved for `patience` epochs (Keras semantics).
+    """Stop when `monitor` has not improved for `patience` epochs (Keras semantics):
 
     * An epoch improves when `improved(value, best, mode, min_delta)`; NaN never improves.
-    * `wait` counts epochs since the last improvement; Stop when a non-improving epoch
-      brings it to `patience` (patience 0 and 1 both stop at the first bad epoch).
-    * `baseline`: an epoch only resets `wait` if it also beats the baseline (by
-      `min_delta`), so training stops after `patience` epochs that never beat it, even
-      while the monitored value is improving.
+    * `wait` counts epochs since the last improvement; Stop when a non-improving epoch brings it
+      to `patience` (patience 0 and 1 both stop at the first bad epoch).
+    * `baseline`: an epoch resets `wait` only if it also beats the baseline (by `min_delta`), so
+      training stops after `patience` epochs that never beat it, even while improving.
     * `check_finite`: Stop at once when the monitored value is NaN or infinite.
-
-    State: {"best": encoded float | None, "best_epoch": int | None, "wait": int}.
+    * State: {"best": encoded float | None, "best_epoch": int | None, "wait": int}.
     """
 
     monitor: str = "val_loss"
@@ -80,22 +78,15 @@ class EarlyStopping(Callback):
                 why = f"did not beat baseline {self.baseline} for {wait} epochs"
             else:
                 why = f"did not improve for {wait} epochs"
-            best_epoch = state["best_epoch"]
-            return state, [
-                Stop(
-                    f"{self.monitor} {why} (best {state['best']} at epoch {best_epoch}), epoch {event.epoch}"
-                )
-            ]
+            best = f"best {state['best']} at epoch {state['best_epoch']}"
+            return state, [Stop(f"{self.monitor} {why} ({best}), epoch {event.epoch}")]
         return state, []
 
 
 @dataclass(frozen=True)
 class TerminateOnNaN(Callback):
-    """Stop as soon as `monitor` is NaN or infinite.
-
-    Checked on `EpochEnd` (the message names the epoch; a missing key is an error). The
-    loop itself stops at a non-finite step loss and names the step. Stateless.
-    """
+    """Stop as soon as `monitor` is NaN or infinite, checked on `EpochEnd` (a missing key is an error;
+    the loop itself stops at a non-finite step loss). Stateless."""
 
     monitor: str = "train_loss"
 
@@ -103,7 +94,6 @@ class TerminateOnNaN(Callback):
         if not isinstance(event, EpochEnd):
             return cb_state, []
         value = metric(self, event.metrics, self.monitor)
-        where = f"epoch {event.epoch}"
         if math.isfinite(value):
             return cb_state, []
-        return cb_state, [Stop(f"{self.monitor} is {value} at {where}")]
+        return cb_state, [Stop(f"{self.monitor} is {value} at epoch {event.epoch}")]

@@ -1,6 +1,5 @@
-"""Tensors between torch and JAX through DLPack: zero-copy where both sides allow, else a host copy.
-
-jax is an optional extra (`pip install fashion_func[jax]`), imported only when called.
+"""Tensors between torch and JAX through DLPack: zero-copy where both sides allow, else a host
+copy. jax is an optional extra (`pip install fashion_func[jax]`), imported only when called.
 """
 
 from __future__ import annotations
@@ -11,40 +10,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fashion_func.interop.numpy_io import numpy_to_tensor
+from fashion_func.interop.numpy_io import numpy_to_tensor, tensor_to_numpy
 
 __all__ = ["from_jax", "to_jax"]
 
 
 def to_jax(tensor: Tensor) -> Any:
-    """A JAX array of `tensor`'s values, sharing its memory through DLPack where both sides allow.
-
-    Sharing needs the tensor's device to be one JAX runs on (CPU, or a GPU that jax was built
-    for); otherwise, and for dtypes DLPack cannot carry, the values are copied through the host.
-    A tensor that requires grad is detached first (DLPack carries no autograd). Do not write to
-    the tensor while the array is in use: JAX assumes its arrays never change.
-    """
+    """A JAX array of `tensor`'s (detached) values, sharing its memory through DLPack where the
+    device is one JAX runs on and DLPack carries the dtype, else copied through the host. Do not
+    write to the tensor while the array is in use: JAX assumes its arrays never change."""
     import jax.numpy as jnp
 
     t = tensor.detach()
     try:
         return jnp.from_dlpack(t)
     except (BufferError, RuntimeError, TypeError, ValueError):
-        # e.g. a CUDA tensor with a CPU-only jax: go through host memory
-        if t.dtype == torch.bfloat16:
-            import jax
-
-            bits = jnp.asarray(t.cpu().view(torch.int16).numpy().view(np.uint16))
-            return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
-        return jnp.asarray(t.cpu().numpy())
+        # e.g. a CUDA tensor with a CPU-only jax: through host memory (bf16 as ml_dtypes' bfloat16,
+        # which is jax's own)
+        return jnp.asarray(tensor_to_numpy(t, "bfloat16"))
 
 
 def from_jax(array: Any) -> Tensor:
-    """A torch tensor of a JAX array's values, sharing its memory through DLPack where possible.
-
-    JAX arrays are immutable: writing to the returned tensor in place is undefined behaviour
-    (clone it first if you must).
-    """
+    """A torch tensor of a JAX array's values, sharing its memory through DLPack where possible
+    (JAX arrays are immutable: clone it before writing to it in place)."""
     try:
         return torch.from_dlpack(array)
     except (BufferError, RuntimeError, TypeError, ValueError):

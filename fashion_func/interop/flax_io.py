@@ -1,11 +1,7 @@
-"""Weights in Flax layout and naming, and safetensors files of them.
-
-`to_flax` / `from_flax` / `save_flax` / `load_flax`: `{"conv1": {"kernel": HWIO, "bias"}}`,
-dense kernels `[in, out]`, batch norm `scale`, `bias`, `mean`, `var`, stored as safetensors with
-dotted keys (`conv1.kernel`) that `safetensors.flax` and `safetensors.numpy` read;
-`flax_variables` splits a tree into Flax's `params` and `batch_stats` collections. The dense
-layer after a conv stack gets its rows in the (h w c) order of an NHWC `x.reshape((B, -1))`
-(metadata `flatten: "hwc"`; older files: torch's "chw").
+"""Weights in Flax layout and naming (`{"conv1": {"kernel": HWIO, "bias"}}`, dense kernels
+`[in, out]`, batch norm `scale`, `bias`, `mean`, `var`), and safetensors files of them with dotted
+keys (`conv1.kernel`) that `safetensors.flax` and `safetensors.numpy` read. The dense layer after
+a conv stack gets its rows in the (h w c) order of an NHWC `x.reshape((B, -1))`.
 """
 
 from __future__ import annotations
@@ -30,94 +26,73 @@ from fashion_func.models import Params
 
 __all__ = ["flax_variables", "from_flax", "load_flax", "save_flax", "to_flax"]
 
-# row order of the dense layer after a conv stack in Flax layout: (h w c) as an NHWC reshape
-# gives (the default, recorded as `flatten: "hwc"`), or torch's (c h w) of files written before
-# torch's (c h w) of files written before; "none": no layer was known to follow a flatten (an
-# architecture we do not recognise, given no shapes), nothing was reordered. A mapping
-# `{layer: (c, h, w)}` names the layers to reorder for an architecture of the caller's own.
+# row order of the dense layer after a conv stack in Flax layout: "hwc" as an NHWC reshape gives
+# (the default), or torch's "chw"; recorded "none": no layer was known to follow a flatten. A
+# mapping `{layer: (c, h, w)}` names the layers to reorder for an architecture of the caller's own.
 Flatten = Literal["hwc", "chw"] | Mapping[str, tuple[int, int, int]]
 FLATTEN_ORDERS: tuple[str, ...] = ("hwc", "chw", "none")
 FLAX_LAYOUT = "flax"  # the `layout` metadata value of files written by `save_flax`
 
-# torch buffer / Flax leaf names of a batch-norm layer's running statistics (Flax keeps them in
-# the `batch_stats` collection, the affine `scale` and `bias` in `params`)
-_BN_STATS = {"running_mean": "mean", "running_var": "var"}
-_BN_STATS_BACK = {v: k for k, v in _BN_STATS.items()}
-_COUNTER = "num_batches_tracked"  # nn.BatchNorm's step counter: no Flax counterpart
+# (torch leaf, rank, Flax leaf, torch's layout, Flax's): a norm layer's affine weight is Flax's
+# `scale`; batch norm's running statistics its `mean` and `var`, in the `batch_stats` collection;
+# nn.Conv2d's OIHW kernel is Flax/lax's HWIO; nn.Linear computes x @ W.T with W [out, in],
+# flax.linen.Dense x @ kernel with [in, out]. nn.BatchNorm's step counter has no counterpart.
+_LEAVES = (
+    ("bias", 1, "bias", "", ""),
+    ("weight", 1, "scale", "", ""),
+    ("running_mean", 1, "mean", "", ""),
+    ("running_var", 1, "var", "", ""),
+    ("weight", 4, "kernel", "o i h w", "h w i o"),
+    ("weight", 2, "kernel", "o i", "i o"),
+)
+_BN_STATS = ("mean", "var")
+_COUNTER = "num_batches_tracked"
+
+
+def _convert(key: str, t: Tensor, *, to_flax: bool) -> tuple[list[str], Tensor]:
+    """(path, tensor) of one leaf in the other layout: `conv1.weight` OIHW <-> (["conv1", "kernel"], HWIO)."""
+    *path, leaf = key.split(".")
+    for torch_leaf, rank, flax_leaf, torch_axes, flax_axes in _LEAVES:
+        if leaf == (torch_leaf if to_flax else flax_leaf) and t.ndim == rank:
+            src, dst = (torch_axes, flax_axes) if to_flax else (flax_axes, torch_axes)
+            name = flax_leaf if to_flax else torch_leaf
+            return [*path, name], rearrange(t, f"{src} -> {dst}") if src else t
+    which = "Flax equivalent known for parameter" if to_flax else "torch equivalent known for Flax parameter"
+    raise ValueError(f"no {which} {key!r} of shape {list(t.shape)}")
 
 
 def _flax_leaf(key: str, t: Tensor) -> tuple[list[str], Tensor] | None:
-    """(Flax path, array) of one torch tensor: `conv1.weight` -> (["conv1", "kernel"], HWIO).
-
-    None for `num_batches_tracked`, which Flax's BatchNorm does not have.
-    """
-    *path, leaf = key.split(".")
-    if leaf == _COUNTER and t.ndim == 0:
-        return None
-    if leaf == "bias" and t.ndim == 1:
-        return [*path, "bias"], t
-    if leaf == "weight" and t.ndim == 1:
-        # a norm layer's affine weight: flax.linen.BatchNorm / LayerNorm call it `scale`
-        return [*path, "scale"], t
-    if leaf in _BN_STATS and t.ndim == 1:
-        return [*path, _BN_STATS[leaf]], t
-    if leaf == "weight" and t.ndim == 4:
-        # nn.Conv2d's OIHW -> Flax/lax HWIO (used with dimension_numbers NHWC, HWIO, NHWC)
-        return [*path, "kernel"], rearrange(t, "o i h w -> h w i o")
-    if leaf == "weight" and t.ndim == 2:
-        # nn.Linear computes x @ W.T with W [out, in]; flax.linen.Dense computes x @ kernel, [in, out]
-        return [*path, "kernel"], rearrange(t, "o i -> i o")
-    raise ValueError(f"no Flax equivalent known for parameter {key!r} of shape {list(t.shape)}")
-
-
-def _check_flatten(flatten: Any) -> None:
-    if isinstance(flatten, Mapping):
-        for layer, chw in flatten.items():
-            ok = isinstance(chw, (tuple, list)) and len(chw) == 3
-            if not (isinstance(layer, str) and ok and all(isinstance(n, int) and n >= 1 for n in chw)):
-                raise ValueError(
-                    f"flatten: expected {{layer: (c, h, w)}} of positive ints, got {layer!r}: {chw!r}"
-                )
-        return
-    if flatten not in ("hwc", "chw"):
-        raise ValueError(f"flatten must be 'hwc', 'chw' or {{layer: (c, h, w)}}, not {flatten!r}")
+    """(Flax path, array) of one torch tensor; None for `num_batches_tracked` (Flax has none)."""
+    return None if key.rsplit(".", 1)[-1] == _COUNTER and t.ndim == 0 else _convert(key, t, to_flax=True)
 
 
 def _permutation(
     params: Mapping[str, Tensor], flatten: Flatten, model: str | None
 ) -> dict[str, tuple[int, int, int]]:
-    """The dense layers whose rows go between torch's (c h w) and Flax's (h w c) order."""
-    _check_flatten(flatten)
-    if isinstance(flatten, Mapping):
-        for layer, (c, h, w) in flatten.items():
-            weight = params.get(f"{layer}.weight")
-            if weight is None or weight.dim() != 2 or weight.shape[1] != c * h * w:
-                raise ValueError(f"flatten: {layer}.weight is not a dense kernel over {c}*{h}*{w} inputs")
-        return {k: (int(c), int(h), int(w)) for k, (c, h, w) in flatten.items()}
-    return _flatten_layers(params, model) if flatten == "hwc" else {}
-
-
-def flatten_recorded(
-    params: Mapping[str, Tensor], flatten: Flatten, model: str | None = None
-) -> dict[str, Any]:
-    """What `save_flax` records of the row order: `flatten` ("hwc" when some layer was reordered,
-    "chw" when asked to keep torch's, "none" when no layer was known to need it) and, for "hwc",
-    `flatten_layers` `{layer: [c, h, w]}`, so the file says exactly what was done."""
-    permute = _permutation(params, flatten, model)
-    if permute:
-        return {"flatten": "hwc", "flatten_layers": {k: list(v) for k, v in permute.items()}}
-    return {"flatten": "chw" if flatten == "chw" else "none"}
+    """The dense layers whose rows go between torch's (c h w) and Flax's (h w c) order; ValueError
+    for a `flatten` other than "hwc", "chw" or `{layer: (c, h, w)}` of the dense kernels there."""
+    if not isinstance(flatten, Mapping):
+        if flatten not in ("hwc", "chw"):
+            raise ValueError(f"flatten must be 'hwc', 'chw' or {{layer: (c, h, w)}}, not {flatten!r}")
+        return _flatten_layers(params, model) if flatten == "hwc" else {}
+    for layer, chw in flatten.items():
+        ok = isinstance(chw, (tuple, list)) and len(chw) == 3
+        if not (isinstance(layer, str) and ok and all(isinstance(n, int) and n >= 1 for n in chw)):
+            raise ValueError(
+                f"flatten: expected {{layer: (c, h, w)}} of positive ints, got {layer!r}: {chw!r}"
+            )
+        c, h, w = chw
+        weight = params.get(f"{layer}.weight")
+        if weight is None or weight.dim() != 2 or weight.shape[1] != c * h * w:
+            raise ValueError(f"flatten: {layer}.weight is not a dense kernel over {c}*{h}*{w} inputs")
+    return {k: (int(c), int(h), int(w)) for k, (c, h, w) in flatten.items()}
 
 
 @functools.lru_cache(maxsize=32)
 def _flatten_inputs(name: str, hparams: tuple[tuple[str, Any], ...]) -> dict[str, tuple[int, int, int]]:
-    """`{dense layer: (c, h, w)}` of the model's dense layers that take a flattened conv feature map.
-
-    Read off the model itself: its stages run on meta tensors (shapes only, nothing computed),
-    and a stage named like a dense layer (`fc1.weight` 2-D) that receives a `[B, C, H, W]`
-    input flattens it. simplenet and simplenet_bn: `{"fc1": (64, 12, 12)}`; alexnet:
-    `{"fc1": (256, 3, 3)}`; mlp: `{}` (no conv).
-    """
+    """`{dense layer: (c, h, w)}` of the model's dense layers that take a flattened conv feature map,
+    read off the model's stages run on meta tensors (a 2-D `.weight` stage receiving `[B, C, H, W]`):
+    simplenet's `{"fc1": (64, 12, 12)}`, alexnet's `{"fc1": (256, 3, 3)}`, mlp's `{}`."""
     model = models.get(name, **dict(hparams))
     weights = template(name, dict(hparams))
     state = model.init_state(device="meta")
@@ -151,39 +126,23 @@ def to_flax(
     flatten: Flatten = "hwc",
     model: str | None = None,
 ) -> dict[str, Any]:
-    """Weights in Flax layout and naming, as nested dicts of numpy arrays.
+    """Weights in Flax layout and naming, as nested dicts of numpy arrays: `conv1.weight` OIHW ->
+    `{"conv1": {"kernel": HWIO}}`, `fc1.weight` [out, in] -> `{"fc1": {"kernel": [in, out]}}`,
+    biases unchanged; batch norm under `flax.linen.BatchNorm`'s names (`scale`, `bias`, `mean`,
+    `var`: in eval mode, epsilon 1e-5, it computes `nn.BatchNorm2d.eval()`'s), its
+    `num_batches_tracked` dropped (Flax has no step counter), `flax_variables` splitting `params`
+    from `batch_stats`.
 
-    `conv1.weight` OIHW -> `{"conv1": {"kernel": HWIO}}`, `fc1.weight` [out, in] ->
-    `{"fc1": {"kernel": [in, out]}}`, biases unchanged.
+    The first dense layer after a conv stack takes a flattened feature map: torch's `[B, C, H, W]`
+    as (c h w), a Flax module's NHWC `x.reshape((B, -1))` as (h w c). `flatten="hwc"` (the
+    default) writes that kernel's rows in (h w c) order, so `flax_module` computes the torch
+    logits; "chw" keeps torch's. The map's (c, h, w) comes from the architecture (`model`, else
+    `identify`); an unknown one is converted without reordering, unless `flatten={layer: (c, h,
+    w)}` names the dense layers that follow a flattened map.
 
-    The first dense layer after a conv stack (fc1 of simplenet, simplenet_bn, alexnet) takes a
-    flattened feature map. Torch flattens `[B, C, H, W]` channel-major, (c h w); a Flax module
-    flattens NHWC with `x.reshape((B, -1))`, (h w c). With `flatten="hwc"` (the default) that
-    kernel's rows are written in (h w c) order, so the idiomatic Flax module (`flax_module`)
-    computes the torch logits; `flatten="chw"` keeps torch's order (files written before this
-    option), for code that flattens with `rearrange(x, "b h w c -> b (c h w)")`. The feature
-    map's (c, h, w) comes from the architecture, `model` or else recognised from the names and
-    shapes (`identify`); weights of an unknown architecture are converted layer by layer with
-    no row reordering, unless `flatten={layer: (c, h, w)}` names the dense layers that follow a
-    flattened `[B, C, H, W]` map (their rows are then written in (h w c) order).
-
-    Batch norm (a stateful model's weights, buffers included) maps to `flax.linen.BatchNorm`'s
-    names, all under the layer's key in this one tree:
-
-        bn1.weight -> bn1.scale    bn1.running_mean -> bn1.mean    bn1.num_batches_tracked: dropped
-        bn1.bias   -> bn1.bias     bn1.running_var  -> bn1.var     (Flax has no step counter)
-
-    Flax keeps `scale`/`bias` in the `params` collection and `mean`/`var` in `batch_stats`;
-    `flax_variables(tree)` makes that split. In eval mode (`use_running_average=True`, epsilon
-    1e-5 as torch) the layer then computes what `nn.BatchNorm2d.eval()` does. To keep training
-    in Flax as torch did, use `momentum=0.9` (Flax's is the weight of the old statistics, torch's
-    0.1 that of the new batch); Flax updates `var` with the biased batch variance, torch with the
-    unbiased one.
-
-    numpy has no bfloat16, so bf16 tensors become, by `bf16_as`: "float32" (exact upcast, loads
-    everywhere; the default), "uint16" (the raw bit patterns, half the size; reinterpret with
-    `a.view(ml_dtypes.bfloat16)` or `jax.lax.bitcast_convert_type(a, jnp.bfloat16)`), or
-    "bfloat16" (ml_dtypes' numpy bfloat16, which needs ml_dtypes wherever it is read).
+    numpy has no bfloat16: bf16 tensors become, by `bf16_as`, "float32" (exact; the default),
+    "uint16" (the bit patterns: `a.view(ml_dtypes.bfloat16)`, `jax.lax.bitcast_convert_type(a,
+    jnp.bfloat16)`) or "bfloat16" (ml_dtypes' numpy bfloat16).
     """
     check_bf16_as(bf16_as)
     permute = _permutation(params, flatten, model)
@@ -206,17 +165,13 @@ def to_flax(
 
 
 def flax_variables(tree: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Flax's variable collections from a `to_flax` tree: `{"params": ..., "batch_stats": ...}`.
-
-    `tree` is nested or flat with dotted keys (as `safetensors.flax.load_file` returns). Batch-norm
-    statistics (`mean`, `var` leaves) go to `batch_stats`, everything else to `params`; a model
-    without batch norm gets `{"params": ...}` only. The result is what `module.apply(variables, x)`
-    of the matching `flax.linen` module takes. The arrays are not copied.
-    """
+    """Flax's variable collections of a `to_flax` tree, nested or flat with dotted keys (as
+    `safetensors.flax.load_file` returns), for `module.apply(variables, x)`: batch norm's `mean`
+    and `var` in `batch_stats` (only with batch norm), the rest in `params`. Nothing is copied."""
     out: dict[str, dict[str, Any]] = {}
     for key, a in _flatten_dotted(tree).items():
         *path, leaf = key.split(".")
-        node = out.setdefault("batch_stats" if leaf in _BN_STATS_BACK else "params", {})
+        node = out.setdefault("batch_stats" if leaf in _BN_STATS else "params", {})
         for p in path:
             node = node.setdefault(p, {})
         node[leaf] = a
@@ -241,50 +196,23 @@ def from_flax(
     flatten: Flatten = "hwc",
     model: str | None = None,
 ) -> Params:
-    """Torch-layout weights from Flax-layout arrays (numpy or JAX), the inverse of `to_flax`.
-
-    `tree` is nested (`{"conv1": {"kernel": ...}}`) or flat with dotted keys (`conv1.kernel`, as
-    `safetensors.flax.load_file` returns); not split into collections (merge `params` and
-    `batch_stats` of a Flax model first). `bf16_keys` lists dotted keys holding bf16 bit
-    patterns as uint16 (`bf16_as="uint16"`); they come back as bfloat16.
-
-    `flatten` is the row order of the dense layer after the conv stack in `tree`: "hwc" (what
-    `to_flax` writes and a Flax module's `x.reshape((B, -1))` implies; the default) is put back
-    into torch's (c h w); "chw" is taken as it is. The architecture is `model` or recognised
-    from the result's names and shapes, as in `to_flax`.
-
-    A batch-norm layer (`scale`, `bias`, `mean`, `var`) comes back as `weight`, `bias`,
-    `running_mean`, `running_var` plus `num_batches_tracked` (0-d int64, right after
-    `running_var`), so the result loads strictly into the `nn.Module`. Flax does not count
-    batches: the count is `num_batches_tracked[layer]` if given (`load_flax` reads it from the
-    file's metadata), else 0. It matters only to `nn.BatchNorm2d(momentum=None)`.
-    """
+    """Torch-layout weights from Flax-layout arrays (numpy or JAX), the inverse of `to_flax`. `tree` is
+    nested or flat with dotted keys (as `safetensors.flax.load_file` returns), one tree (merge a Flax
+    model's `params` and `batch_stats` first); `bf16_keys`: dotted keys of bf16 bit patterns as
+    uint16, returned as bfloat16; `flatten` and `model` as in `to_flax` ("hwc" rows go back to
+    torch's (c h w)). Batch norm gets back `num_batches_tracked` (0-d int64, right after
+    `running_var`, so the result loads strictly): `num_batches_tracked[layer]` if given, else 0."""
     counts = dict(num_batches_tracked or {})
     params: Params = {}
     for key, a in _flatten_dotted(tree).items():
-        *path, leaf = key.split(".")
-        t = numpy_to_tensor(a, bf16_bits=key in bf16_keys)
-        if leaf == "bias" and t.ndim == 1:
-            name = "bias"
-        elif leaf == "scale" and t.ndim == 1:
-            name = "weight"
-        elif leaf in _BN_STATS_BACK and t.ndim == 1:
-            name = _BN_STATS_BACK[leaf]
-        elif leaf == "kernel" and t.ndim == 4:
-            name, t = "weight", rearrange(t, "h w i o -> o i h w")
-        elif leaf == "kernel" and t.ndim == 2:
-            name, t = "weight", rearrange(t, "i o -> o i")
-        else:
-            raise ValueError(f"no torch equivalent known for Flax parameter {key!r} of shape {list(t.shape)}")
-        params[".".join([*path, name])] = t.contiguous()
-        if leaf == "var":  # var is the last of a Flax BatchNorm's leaves in to_flax's and sorted order
-            layer = ".".join(path)
+        path, t = _convert(key, numpy_to_tensor(a, bf16_bits=key in bf16_keys), to_flax=False)
+        params[".".join(path)] = t.contiguous()
+        if path[-1] == "running_var":  # the last of a BatchNorm's leaves in to_flax's and sorted order
+            layer = ".".join(path[:-1])
             params[f"{layer}.{_COUNTER}"] = torch.tensor(int(counts.get(layer, 0)), dtype=torch.int64)
-    _check_flatten(flatten)
-    if flatten == "hwc" or isinstance(flatten, Mapping):
-        for layer, (c, h, w) in _permutation(params, flatten, model).items():
-            key = f"{layer}.weight"  # [out, (h w c)] after the transpose above -> torch's (c h w)
-            params[key] = rearrange(params[key], "o (h w c) -> o (c h w)", c=c, h=h, w=w).contiguous()
+    for layer, (c, h, w) in _permutation(params, flatten, model).items():
+        key = f"{layer}.weight"  # [out, (h w c)] after the transpose above -> torch's (c h w)
+        params[key] = rearrange(params[key], "o (h w c) -> o (c h w)", c=c, h=h, w=w).contiguous()
     return params
 
 
@@ -297,19 +225,13 @@ def save_flax(
     model: str | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write `to_flax(params)` as safetensors with dotted keys (`conv1.kernel`), atomically.
-
-    Read it with `flax.traverse_util.unflatten_dict(safetensors.flax.load_file(p), sep=".")`
-    (then `flax_variables(...)` for a model with batch norm) and run it with `flax_module(name)`,
-    with `safetensors.numpy.load_file(p)`, or back into torch layout with `load_flax`. The
-    metadata records `layout` ("flax"), `flatten` (the dense-after-conv row order: "hwc" with
-    `flatten_layers` `{layer: [c, h, w]}` naming the reordered layers, "chw" when asked to keep
-    torch's, "none" when no layer was known to follow a flatten; see `to_flax`), `bf16_as` and
-    which keys were bf16 (`bf16_keys`), for batch
-    norm the dropped `num_batches_tracked` counts (`{layer: count}`), plus `metadata`'s entries.
-    Strings are stored as they are, other values as JSON, as `checkpoint.encode_metadata` does
-    (`checkpoint.read_metadata(p)` decodes them).
-    """
+    """Write `to_flax(params)` as safetensors with dotted keys (`conv1.kernel`), atomically: for
+    `flax.traverse_util.unflatten_dict(safetensors.flax.load_file(p), sep=".")` (then
+    `flax_variables`) and `flax_module(name)`, `safetensors.numpy.load_file(p)`, or `load_flax`.
+    The metadata (`checkpoint.encode_metadata`'s convention) records `layout` ("flax"), `flatten`
+    ("hwc" with `flatten_layers` `{layer: [c, h, w]}` naming the reordered layers, "chw" when asked
+    to keep torch's, "none" when no layer was known to follow a flatten), `bf16_as`, `bf16_keys`,
+    batch norm's dropped `num_batches_tracked` (`{layer: count}`) and `metadata`."""
     flat = _flatten_dotted(to_flax(params, bf16_as=bf16_as, flatten=flatten, model=model))
 
     def dotted(k: str, t: Tensor) -> str | None:
@@ -318,7 +240,11 @@ def save_flax(
 
     meta: dict[str, Any] = dict(metadata or {})
     meta.update(layout=FLAX_LAYOUT, bf16_as=bf16_as, bf16_keys=numpy_io.bf16_keys(params, dotted))
-    meta.update(flatten_recorded(params, flatten, model))
+    permute = _permutation(params, flatten, model)
+    if permute:
+        meta.update(flatten="hwc", flatten_layers={k: list(v) for k, v in permute.items()})
+    else:
+        meta["flatten"] = "chw" if flatten == "chw" else "none"
     counts = {k.rsplit(".", 1)[0]: int(t) for k, t in params.items() if k.rsplit(".", 1)[-1] == _COUNTER}
     if counts:  # the file is for Flax, which has no counter: keep it beside, not in, the arrays
         meta["num_batches_tracked"] = counts
@@ -326,13 +252,9 @@ def save_flax(
 
 
 def load_flax(path: str | os.PathLike[str]) -> Params:
-    """Torch-layout weights from a file written by `save_flax` (uint16 bf16 bits restored).
-
-    Batch-norm layers get back their `num_batches_tracked` from the file's metadata (0 where
-    the file has none, e.g. one written by Flax code), so the result equals what was saved.
-    The dense-after-conv row order is the file's `flatten` metadata; files written before it
-    was recorded have none and hold torch's (c h w) order, so a missing `flatten` means "chw".
-    """
+    """Torch-layout weights from a file written by `save_flax`: uint16 bf16 bits restored, batch
+    norm's `num_batches_tracked` from the metadata (0 where it has none), the rows in the file's
+    `flatten` order (without one: torch's (c h w))."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -342,8 +264,7 @@ def load_flax(path: str | os.PathLike[str]) -> Params:
         raise ValueError(
             f"{path}: not a Flax-layout file written by save_flax (layout {meta.get('layout')!r})"
         )
-    # bf16_keys and num_batches_tracked are JSON in files of either metadata convention (old
-    # files JSON-encoded every value; new ones all but strings), layout and bf16_as plain in both
+    # bf16_keys and num_batches_tracked are JSON-encoded, layout and bf16_as plain strings
     bf16_keys = json.loads(meta.get("bf16_keys", "[]")) if meta.get("bf16_as") == "uint16" else []
     counts = json.loads(meta.get("num_batches_tracked", "{}"))
     flatten: Any = meta.get("flatten", "chw")

@@ -1,8 +1,6 @@
-"""Our models as idiomatic `flax.linen` modules, for the weights `flax_io` writes.
-
-flax is an optional extra (`pip install fashion_func[jax]`): the classes are defined on first use.
-
-`FLAX_MODELS` names the models that have a Flax module.
+"""Our models as idiomatic `flax.linen` modules, for the weights `flax_io` writes; `FLAX_MODELS`
+names the models that have one. flax is an optional extra (`pip install fashion_func[jax]`): the
+classes are defined on first use.
 """
 
 from __future__ import annotations
@@ -24,7 +22,8 @@ def _flax_classes() -> dict[str, Any]:
     import flax.linen as fnn
 
     norm = _torch_batch_norm(fnn)
-    return {"mlp": _mlp(fnn), "simplenet": _simplenet(fnn), "simplenet_bn": _simplenet_bn(fnn, norm),
+    simplenet, simplenet_bn = _simplenet(fnn, norm)
+    return {"mlp": _mlp(fnn), "simplenet": simplenet, "simplenet_bn": simplenet_bn,
             "alexnet": _alexnet(fnn), "resnet": _resnet(fnn, norm), "dpcnn": _dpcnn(fnn)}  # fmt: skip
 
 
@@ -66,10 +65,9 @@ def _torch_batch_norm(fnn: Any) -> type:
 def _norm(fnn: Any, torch_norm: type, torch_bn: bool, train: bool, name: str) -> Any:
     """A batch-norm layer as torch's defaults (momentum 0.1 of the new batch, epsilon 1e-5):
     Flax's own, or with `torch_bn` the one whose running variance follows torch's."""
-    if torch_bn:
-        return torch_norm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
     # Flax's momentum is the weight of the old statistics: torch's 0.1 of the new is 0.9 here
-    return fnn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+    layer = torch_norm if torch_bn else fnn.BatchNorm
+    return layer(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def _flat(x: Any) -> Any:
@@ -99,42 +97,31 @@ def _mlp(fnn: Any) -> type:
     return MLP
 
 
-def _simplenet(fnn: Any) -> type:
+def _simplenet(fnn: Any, torch_norm: type) -> tuple[type, type]:
     class SimpleNet(fnn.Module):
         """The reference network, NHWC: conv 1->32, conv 32->64, max-pool 2, fc 9216->128, fc."""
 
         num_classes: int = 10
+        batch_norm = False  # a class constant, not a field: SimpleNetBN's is True
 
         @fnn.compact
         def __call__(self, x: Any, train: bool = False) -> Any:  # [B, 28, 28, 1]
-            x = fnn.relu(fnn.Conv(32, (3, 3), padding="VALID", name="conv1")(x))  # [B, 26, 26, 32]
-            x = fnn.relu(fnn.Conv(64, (3, 3), padding="VALID", name="conv2")(x))  # [B, 24, 24, 64]
+            for i, features in ((1, 32), (2, 64)):  # [B, 26, 26, 32], then [B, 24, 24, 64]
+                x = fnn.Conv(features, (3, 3), padding="VALID", name=f"conv{i}")(x)
+                if self.batch_norm:
+                    x = _norm(fnn, torch_norm, self.torch_bn, train, f"bn{i}")(x)
+                x = fnn.relu(x)
             x = _flat(_pool(fnn, x))  # [B, 9216]
             x = fnn.relu(fnn.Dense(128, name="fc1")(x))
             return fnn.Dense(self.num_classes, name="fc2")(x)
 
-    return SimpleNet
-
-
-def _simplenet_bn(fnn: Any, torch_norm: type) -> type:
-    class SimpleNetBN(fnn.Module):
+    class SimpleNetBN(SimpleNet):
         """SimpleNet with batch norm after each convolution, before its ReLU (`batch_stats`)."""
 
-        num_classes: int = 10
         torch_bn: bool = False
+        batch_norm = True
 
-        @fnn.compact
-        def __call__(self, x: Any, train: bool = False) -> Any:  # [B, 28, 28, 1]
-            def norm(name: str) -> Any:
-                return _norm(fnn, torch_norm, self.torch_bn, train, name)
-
-            x = fnn.relu(norm("bn1")(fnn.Conv(32, (3, 3), padding="VALID", name="conv1")(x)))
-            x = fnn.relu(norm("bn2")(fnn.Conv(64, (3, 3), padding="VALID", name="conv2")(x)))
-            x = _flat(_pool(fnn, x))  # [B, 9216]
-            x = fnn.relu(fnn.Dense(128, name="fc1")(x))
-            return fnn.Dense(self.num_classes, name="fc2")(x)
-
-    return SimpleNetBN
+    return SimpleNet, SimpleNetBN
 
 
 def _alexnet(fnn: Any) -> type:
@@ -229,24 +216,19 @@ def _dpcnn(fnn: Any) -> type:
 
 
 def flax_module(name: str, *, torch_bn: bool = False, **hparams: Any) -> Any:
-    """The `flax.linen.Module` of model `name`, written the Flax way, for weights from `to_flax`.
-
-    NHWC inputs (`[B, 28, 28, 1]`, normalised as for `Model.apply`; mlp also takes `[B, 784]`),
-    `nn.Conv` / `nn.Dense` / `nn.BatchNorm` under our layer names, the conv features flattened
-    with `x.reshape((B, -1))`; called as `module.apply(variables, x, train=False)`, where
-    `variables = flax_variables(unflatten_dict(safetensors.flax.load_file(p), sep="."))` for a
-    file from `save_flax` (or `flax_variables(to_flax(weights))`). Its eval-mode logits equal
-    `models.get(name).apply`'s. simplenet_bn keeps its running statistics in Flax's
-    `batch_stats` collection: `nn.BatchNorm(use_running_average=not train, momentum=0.9,
-    epsilon=1e-5)`, so train with `mutable=["batch_stats"]`; alexnet's dropout is active when
-    `train=True` and then needs `rngs={"dropout": key}`. `hparams` are the model's
-    (`num_classes`; mlp `D_in`, `H`, `D_out`; alexnet `dropout`; resnet `width`; dpcnn `width`,
-    `groups`, with group norm as `nn.GroupNorm(num_groups=groups, epsilon=1e-5)`).
+    """The `flax.linen.Module` of model `name`, written the Flax way, for weights from `to_flax`:
+    NHWC inputs (`[B, 28, 28, 1]`, normalised as for `Model.apply`; mlp also `[B, 784]`), our layer
+    names, the conv features flattened with `x.reshape((B, -1))`: its eval-mode logits equal
+    `models.get(name).apply`'s, as `module.apply(variables, x, train=False)` with `variables =
+    flax_variables(unflatten_dict(safetensors.flax.load_file(p), sep="."))` for a `save_flax` file.
+    Batch norm keeps its statistics in `batch_stats` (`nn.BatchNorm(momentum=0.9, epsilon=1e-5)`:
+    train with `mutable=["batch_stats"]`); alexnet's dropout is active when `train=True`, with
+    `rngs={"dropout": key}`. `hparams` are `models.get`'s (dpcnn's group norm is
+    `nn.GroupNorm(num_groups=groups, epsilon=1e-5)`).
 
     `torch_bn=True` (simplenet_bn, resnet): training moves the running variance towards the
-    unbiased batch variance, as `nn.BatchNorm2d` and our models do (Flax's `BatchNorm` uses the
-    biased one), with the same variables; for a run continued in Flax and resumed here
-    (`interop.flax_train_state`). Needs the optional `jax` extra.
+    unbiased batch variance, as `nn.BatchNorm2d` does (Flax's uses the biased one), for a run
+    continued in Flax and resumed here (`interop.flax_train_state`). Needs the `jax` extra.
     """
     model = models.get(name, **hparams)  # ValueError naming the choices, TypeError for a bad hparam
     classes = _flax_classes()

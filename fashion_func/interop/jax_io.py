@@ -1,6 +1,5 @@
-"""A pure-JAX SimpleNet forward on Flax-layout weights (`flax_io.to_flax`).
-
-jax is an optional extra (`pip install fashion_func[jax]`), imported only when called.
+"""A pure-JAX SimpleNet forward on Flax-layout weights (`flax_io.to_flax`); jax is an optional
+extra (`pip install fashion_func[jax]`), imported only when called.
 """
 
 from __future__ import annotations
@@ -39,13 +38,10 @@ def _simplenet_forward(params: Mapping[str, Any], x: Any) -> Any:
 
 
 def simplenet_jax(params: Mapping[str, Any], x: Any) -> Any:
-    """SimpleNet logits [B, classes] in pure JAX (jitted) from Flax-layout params (`to_flax`).
-
-    `params` have fc1's rows in (h w c) order (`to_flax`'s default, files with `flatten: "hwc"`);
-    a file written with the old (c h w) order converts with `to_flax(load_flax(p))`. `x` is
-    float32 NHWC `[B, 28, 28, 1]`, normalised as for `Model.apply`; from our NCHW input use
-    `rearrange(x, "b c h w -> b h w c")`. Needs the optional `jax` extra.
-    """
+    """SimpleNet logits [B, classes] in pure JAX (jitted) from Flax-layout params whose fc1 rows are in
+    (h w c) order (`to_flax`'s default; a file of (c h w) rows converts with `to_flax(load_flax(p))`),
+    for float32 NHWC `x` `[B, 28, 28, 1]` normalised as for `Model.apply` (from our NCHW:
+    `rearrange(x, "b c h w -> b h w c")`). Needs the optional `jax` extra."""
     return _simplenet_jit()(params, x)
 
 

@@ -1,8 +1,5 @@
-"""Weights as numpy arrays (torch names and layout), and numpy-readable files of them.
-
-numpy has no bfloat16: bf16 tensors become float32 (exact), their uint16 bit patterns, or
-ml_dtypes' bfloat16, as `bf16_as` says. The helpers here also carry arrays back to torch for
-the Flax and DLPack paths.
+"""Weights as numpy arrays (torch names and layout), and numpy-readable files of them; numpy has
+no bfloat16, so bf16 tensors become float32 (exact), their uint16 bits or ml_dtypes' bfloat16.
 """
 
 from __future__ import annotations
@@ -32,14 +29,6 @@ def check_bf16_as(bf16_as: str) -> None:
         raise ValueError(f"bf16_as must be one of {', '.join(BF16_AS)}, not {bf16_as!r}")
 
 
-def _ml_bfloat16() -> Any:
-    try:
-        import ml_dtypes  # comes with jax; numpy itself has no bfloat16
-    except ImportError:
-        raise ValueError("bf16_as='bfloat16' needs the ml_dtypes package (installed with jax)") from None
-    return ml_dtypes.bfloat16
-
-
 def tensor_to_numpy(t: Tensor, bf16_as: str) -> np.ndarray:
     """A C-contiguous host copy; bfloat16 becomes float32 (exact), its uint16 bits, or ml_dtypes bf16."""
     t = t.detach().to("cpu").contiguous()
@@ -48,7 +37,13 @@ def tensor_to_numpy(t: Tensor, bf16_as: str) -> np.ndarray:
     if bf16_as == "float32":
         return t.float().numpy()
     bits = t.view(torch.int16).numpy().view(np.uint16).copy()  # the raw bf16 bit patterns
-    return bits if bf16_as == "uint16" else bits.view(_ml_bfloat16())
+    if bf16_as == "uint16":
+        return bits
+    try:
+        import ml_dtypes  # comes with jax; numpy itself has no bfloat16
+    except ImportError:
+        raise ValueError("bf16_as='bfloat16' needs the ml_dtypes package (installed with jax)") from None
+    return bits.view(ml_dtypes.bfloat16)
 
 
 def numpy_to_tensor(a: Any, *, bf16_bits: bool = False) -> Tensor:
@@ -93,18 +88,14 @@ def save_numpy(
     bf16_as: Literal["float32", "uint16"] = "float32",
     metadata: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write weights with torch names and layout in dtypes plain numpy reads, atomically.
-
-    A `.npz` path gives `numpy.savez` output (read with `numpy.load(p)`, no pickle needed), the
-    metadata in its `__metadata__` entry (`json.loads(np.load(p)["__metadata__"].item())`, the
-    strings of a safetensors header: `checkpoint.decode_metadata` gives the values back);
-    anything else a safetensors file for `safetensors.numpy.load_file(p)`. bf16 tensors become
-    float32 or their uint16 bit patterns (`bf16_as`); bfloat16 itself is refused, as numpy has none.
-    A stateful model's buffers are kept as they are (`bn1.num_batches_tracked` stays int64).
-    The metadata (safetensors only) records `layout` ("torch"), `bf16_as`, `bf16_keys` and
-    `metadata`'s entries, strings as they are and other values as JSON (`checkpoint.encode_metadata`).
-    A failed write is `atomic.WriteError` ("cannot write weights file PATH: reason").
-    """
+    """Write weights with torch names and layout in dtypes plain numpy reads, atomically: a `.npz`
+    path gives `numpy.savez` output (`numpy.load(p)`, no pickle needed), anything else a safetensors
+    file for `safetensors.numpy.load_file(p)`. bf16 tensors become float32 or their uint16 bit
+    patterns (`bf16_as`); buffers keep their dtype (`bn1.num_batches_tracked` stays int64). The
+    metadata (`layout` "torch", `bf16_as`, `bf16_keys` and `metadata`'s entries, encoded as
+    `checkpoint.encode_metadata` does) is the safetensors header's, or in a `.npz` file the JSON of
+    those strings in its `__metadata__` entry (`checkpoint.decode_metadata` gives the values back).
+    A failed write is `atomic.WriteError`."""
     if bf16_as not in ("float32", "uint16"):
         raise ValueError(f"numpy has no bfloat16: bf16_as must be float32 or uint16, not {bf16_as!r}")
     arrays = to_numpy(params, bf16_as=bf16_as)

@@ -1,7 +1,6 @@
-"""An ONNX model of a weights file for ONNX Runtime: uint8 images in, normalisation inside, logits out.
-
-onnx and onnxscript are an optional extra (`pip install fashion_func[onnx]`), imported only when
-called.
+"""An ONNX model of a weights file for ONNX Runtime: uint8 images in, normalisation inside, logits
+out. onnx and onnxscript are an optional extra (`pip install fashion_func[onnx]`), imported only
+when called.
 """
 
 from __future__ import annotations
@@ -52,18 +51,15 @@ def save_onnx(
 ) -> None:
     """Write the model with `weights` as an ONNX file that ONNX Runtime runs, atomically.
 
-    Input `images`: uint8 `[B, 28, 28]`, raw Fashion-MNIST pixels (batch size free); the graph
-    normalises them itself, `(x / 255 - mean) / std` as `preprocess.normalize` (pass the `mean`, `std`
-    the weights were trained with: `normalization(metadata)`). Output `logits`: float32
-    `[B, classes]`. The model is `to_module(model_name, weights, **hparams)` (`hparams`: what the
-    shapes do not say, dpcnn's `groups`; a file's `model_hparams`) in eval mode (batch norm with
-    its running statistics, dropout off), exported by `torch.onnx.export(dynamo=True)`; weights
-    in bf16/fp16 are upcast to float32 (exact). The ONNX model's `metadata_props` say so:
-    `model`, `input` ("uint8 [B,28,28]"), `output`, `normalize_mean`, `normalize_std`,
-    `normalization`, `classes` (JSON list of class names, for 10 classes), plus `metadata`'s
-    entries (strings as they are, others JSON, as `checkpoint.encode_metadata`). Needs the
-    optional `onnx` extra (onnx, onnxscript; onnxruntime to run it): ImportError otherwise.
-    A failed write is `atomic.WriteError` ("cannot write ONNX model PATH: reason").
+    Input `images`: uint8 `[B, 28, 28]`, raw pixels (batch size free), normalised in the graph as
+    `preprocess.normalize` does with `mean`, `std` (the weights' own: `normalization(metadata)`).
+    Output `logits`: float32 `[B, classes]`. The model is `to_module(model_name, weights,
+    **hparams)` (`hparams`: what the shapes do not say, dpcnn's `groups`) in eval mode, exported
+    by `torch.onnx.export(dynamo=True)`, bf16/fp16 weights upcast to float32 (exact). The
+    `metadata_props` say so (`model`, `input`, `output`, `normalize_mean`, `normalize_std`,
+    `normalization`, `classes` for 10 classes) beside `metadata`'s entries (encoded as
+    `checkpoint.encode_metadata` does). ImportError without the optional `onnx` extra; a failed
+    write is `atomic.WriteError`.
 
         session = onnxruntime.InferenceSession(path)
         logits = session.run(None, {"images": uint8_images})[0]

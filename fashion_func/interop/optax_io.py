@@ -1,20 +1,11 @@
 """A training run across frameworks: our train state <-> optax / Flax, and back.
 
-- `optax_optimizer(tx, opt_state=None)`: the optax chain that computes our optimizer's update
-  (`optim.sgd` with (Nesterov) momentum, `adam`, `adamw`, `lion`, `scale_by_schedule` with a
-  `schedules.piecewise_linear` / `triangle` multiplier, chains of them), built from `tx`'s
-  `description` (what it is, as data: nothing here reads code). Hyperparameters held in the
-  state (lr, weight decay, momentum) are read from `opt_state` when given (what the run last
-  set), else from `tx`'s own; the fixed ones (b1, b2, eps, eps_root, nesterov, the schedule's
-  knots) from the description.
-- `to_optax(source, tx)`: `(params, opt_state)`, params as Flax's `params` collection
-  (`to_flax` layout), the state as optax's own NamedTuples (`ScaleByAdamState`, `TraceState`,
-  `ScaleByLionState`, `ScaleByScheduleState`, tuples for chains) of `jax.Array`s.
-- `flax_train_state(source, tx)`: a `flax.training.train_state.TrainState` of the model's Flax
-  module (`flax_module(name, torch_bn=True)`) with `batch_stats` for batch norm.
-- `from_optax(params, opt_state, like, ...)` / `from_flax_train_state(ts, like)`: our
-  `TrainState` again; `save_resume(path, state, like)`: a `last.safetensors` that
-  `scripts/train.py` resumes.
+`optax_optimizer(tx)` is the optax chain computing our optimizer's update (`sgd` with (Nesterov)
+momentum, `adam`, `adamw`, `lion`, `scale_by_schedule` with a `piecewise_linear` / `triangle`
+multiplier, chains of them), built from `tx`'s `description` (data: nothing here reads code).
+`to_optax` / `flax_train_state` carry a state over as Flax's collections and optax's own
+NamedTuples; `from_optax` / `from_flax_train_state` bring it back, and `save_resume` writes a
+`last.safetensors` that `scripts/train.py` resumes.
 
 Where optax and torch.optim differ, the chain is chosen to compute the same update: torch's L2
 weight decay (`optim.adam(weight_decay=)`, `optim.sgd`) is `optax.add_decayed_weights` placed
@@ -123,25 +114,14 @@ def _jax_piecewise_linear(knots: tuple[tuple[float, float], ...]) -> Callable[[A
     return schedule
 
 
-def _hypers(tx: optim.GradientTransformation, opt_state: Any | None) -> Any:
-    """The state whose hyperparameters the optax chain takes: `opt_state`, else `tx`'s initial one."""
-    if opt_state is not None:
-        return opt_state
-    return tx.init({"_": torch.zeros((), dtype=torch.float64)})  # float64: the values as written
-
-
-def _parts(desc: optim.Description) -> list[optim.Description]:
-    """A chain's parts in order (their roles are "0", "1", ...)."""
-    return [desc.children[str(i)] for i in range(len(desc.children))]  # type: ignore[misc]
-
-
 def _optax_chain(desc: optim.Description, state: Any) -> Any:
     """The optax transform of `desc`, its state-held hyperparameters read from our `state`."""
     import optax
 
     fixed = desc.hyperparams
-    if desc.name in _CHAINS:
-        return optax.chain(*(_optax_chain(p, s) for p, s in zip(_parts(desc), state, strict=True)))
+    if desc.name in _CHAINS:  # the parts' roles are "0", "1", ...
+        parts = [desc.children[str(i)] for i in range(len(desc.children))]
+        return optax.chain(*(_optax_chain(p, s) for p, s in zip(parts, state, strict=True)))
     if desc.name in ("add_decayed_weights", "add_l2_to_grads"):
         # either placement is optax's add_decayed_weights at the same place in the chain: first
         # (torch's L2 in the gradient) or after the preconditioner (AdamW's decoupled decay)
@@ -169,14 +149,13 @@ def _scalar(t: Tensor) -> float:
 
 
 def optax_optimizer(tx: optim.GradientTransformation, opt_state: Any | None = None) -> Any:
-    """The `optax.GradientTransformation` that computes `tx`'s updates.
-
-    Hyperparameters our state holds (lr, weight_decay, momentum) come from `opt_state` when given
-    (the values a run last set: a plateau schedule's lr), else `tx`'s initial ones; they are
-    constants of the optax chain (rebuild it to change one). ValueError (one line) for what
-    optax cannot compute the same way.
-    """
-    return _optax_chain(_description(tx.description), _hypers(tx, opt_state))
+    """The `optax.GradientTransformation` that computes `tx`'s updates, with the hyperparameters
+    our state holds (lr, weight_decay, momentum) taken from `opt_state` (what a run last set),
+    else `tx`'s initial ones, as constants of the chain. ValueError (one line) for what optax
+    cannot compute the same way."""
+    if opt_state is None:
+        opt_state = tx.init({"_": torch.zeros((), dtype=torch.float64)})  # float64: the values as written
+    return _optax_chain(_description(tx.description), opt_state)
 
 
 # --------------------------------------------------------------------------- our state -> optax
@@ -185,12 +164,9 @@ def optax_optimizer(tx: optim.GradientTransformation, opt_state: Any | None = No
 def load_train_state(
     path: str | os.PathLike[str], tx: optim.GradientTransformation
 ) -> tuple[TrainState, dict]:
-    """The `TrainState` and metadata of a train state file (`last.safetensors`) whose optimizer is `tx`:
-    a run's state read without a template (`load_for_optax` is the same function, by its old name).
-
-    The template is built from the file's own names, shapes and dtypes and `tx.init`, so only the
-    optimizer must be told; a `tx` of another structure is a `CheckpointError` naming the file.
-    """
+    """The `TrainState` and metadata of a train state file (`last.safetensors`) whose optimizer is
+    `tx`, read against a template of the file's own names, shapes and dtypes and `tx.init` (a
+    `tx` of another structure: `CheckpointError`). `load_for_optax` is the same function."""
     info = checkpoint.inspect(path)
 
     def part(prefix: str) -> dict[str, Tensor]:
@@ -206,7 +182,7 @@ def load_train_state(
     return checkpoint.load_state(path, template)
 
 
-load_for_optax = load_train_state  # the old name, kept working
+load_for_optax = load_train_state
 
 
 def _source(
@@ -225,68 +201,69 @@ def _model(state: TrainState, metadata: Mapping[str, Any], model: str | None) ->
     return name, dict(hparams or hparams_from_params(name, weights))
 
 
-def _jax_tree(tree: Any) -> Any:
+def _flax(
+    tree: Mapping[str, Tensor], model_state: Mapping[str, Tensor], name: str, collection: str = "params"
+) -> Any:
+    """A param-shaped tree (params, a moment, a momentum buffer) and the model state as one of
+    Flax's collections of `jax.Array`s (`params`, `batch_stats`: {} without batch norm)."""
     import jax
     import jax.numpy as jnp
 
-    if not jax.config.jax_enable_x64 and any(a.dtype == np.float64 for a in jax.tree.leaves(tree)):
+    out = flax_variables(to_flax(merge_state(tree, model_state), model=name)).get(collection, {})
+    if not jax.config.jax_enable_x64 and any(a.dtype == np.float64 for a in jax.tree.leaves(out)):
         raise ValueError(
             "a float64 state needs jax in 64-bit mode: jax.config.update('jax_enable_x64', True)"
         )
-    return jax.tree.map(jnp.asarray, tree)
+    return jax.tree.map(jnp.asarray, out)
 
 
-def _flax_params(tree: Mapping[str, Tensor], model_state: Mapping[str, Tensor], name: str) -> Any:
-    """A param-shaped tree (params, a moment, a momentum buffer) as Flax's `params` collection."""
-    return _jax_tree(flax_variables(to_flax(merge_state(tree, model_state), model=name))["params"])
+# our state types -> optax's state type (of the transform `optax_optimizer` makes) and the fields
+# carried across; weight decay and lr keep their values in the optax chain, not its state
+_CARRIED: dict[type, tuple[str, tuple[str, ...]]] = {
+    optim.ScaleByAdamState: ("ScaleByAdamState", ("count", "mu", "nu")),
+    optim.ScaleByLionState: ("ScaleByLionState", ("count", "mu")),
+    optim.TraceState: ("TraceState", ("trace",)),
+    optim.ScaleByScheduleState: ("ScaleByScheduleState", ("count",)),
+    optim.AddDecayedWeightsState: ("EmptyState", ()),
+    optim.ScaleByLearningRateState: ("EmptyState", ()),
+}
 
 
-def _batch_stats(model_state: Mapping[str, Tensor], params: Mapping[str, Tensor], name: str) -> Any:
-    return _jax_tree(
-        flax_variables(to_flax(merge_state(params, model_state), model=name)).get("batch_stats", {})
-    )
+def _is_chain(state: Any) -> bool:
+    return isinstance(state, (tuple, list)) and not hasattr(state, "_fields")
+
+
+def _carry(dst: Any, src: Any, fields: tuple[str, ...], count: Callable[[Any], Any], tree: Callable) -> Any:
+    """The NamedTuple `dst` with `src`'s `fields`, counts through `count`, trees through `tree`."""
+    return dst._replace(**{f: (count if f == "count" else tree)(getattr(src, f)) for f in fields})
 
 
 def _fill(ostate: Any, ours: Any, conv: Callable[[Any], Any]) -> Any:
-    """optax's initial state `ostate` with the moments, buffers and counts of our state `ours`
-    (a chain's state is a plain tuple, each transform's a NamedTuple of its own type)."""
+    """optax's initial state `ostate` with the moments, buffers and counts of our state `ours`."""
     import jax.numpy as jnp
 
-    count = lambda c: jnp.asarray(int(c), dtype=jnp.int32)
-    if isinstance(ours, optim.ScaleByAdamState):
-        return ostate._replace(count=count(ours.count), mu=conv(ours.mu), nu=conv(ours.nu))
-    if isinstance(ours, optim.ScaleByLionState):
-        return ostate._replace(count=count(ours.count), mu=conv(ours.mu))
-    if isinstance(ours, optim.TraceState):
-        return ostate._replace(trace=conv(ours.trace))
-    if isinstance(ours, optim.ScaleByScheduleState):
-        return ostate._replace(count=count(ours.count))
-    if isinstance(ours, tuple) and not hasattr(ours, "_fields"):
+    if _is_chain(ours):
         return tuple(_fill(o, s, conv) for o, s in zip(ostate, ours, strict=True))
-    return ostate  # weight decay and lr: optax keeps them in the chain, not the state
+    fields = _CARRIED.get(type(ours), ("", ()))[1]
+    return _carry(ostate, ours, fields, lambda c: jnp.asarray(int(c), dtype=jnp.int32), conv)
 
 
 def to_optax(
     source: TrainState | str | os.PathLike[str], tx: optim.GradientTransformation, *, model: str | None = None
 ) -> tuple[Any, Any]:
-    """`(params, opt_state)` for optax: our state (a `TrainState`, or a `last.safetensors` path)
-    whose optimizer is `tx`.
-
-    `params` is Flax's `params` collection of the model (`to_flax` layout: HWIO kernels, dense
-    `[in, out]`, batch-norm `scale`/`bias`); `opt_state` is what `optax_optimizer(tx, ...).init`
-    makes, holding our moments and counters (`ScaleByAdamState(count, mu, nu)`, `TraceState`,
-    `ScaleByScheduleState`; tuples for chains). Continue with
-    `optax_optimizer(tx, state.opt_state)` (or `flax_train_state`). The model is `model`, the
-    file's metadata, else recognised from the weights' names and shapes. float64 states need
-    `jax_enable_x64`.
-    """
+    """`(params, opt_state)` for optax of our state (a `TrainState`, or a `last.safetensors` path)
+    whose optimizer is `tx`: Flax's `params` collection (`to_flax` layout) and what
+    `optax_optimizer(tx, ...).init` makes, holding our moments and counters (optax's
+    `ScaleByAdamState`, `TraceState`, ...; tuples for chains); continue with `optax_optimizer(tx,
+    state.opt_state)` or `flax_train_state`. The model is `model`, the file's metadata, else
+    recognised from the weights. float64 states need `jax_enable_x64`."""
     state, meta = _source(source, tx)
     if state.step.dim() != 0:
         raise ValueError("a stacked (ensemble or sweep) state does not convert to optax; convert one member")
     name, _ = _model(state, meta, model)
-    params = _flax_params(state.params, state.model_state, name)
+    params = _flax(state.params, state.model_state, name)
     opt = optax_optimizer(tx, state.opt_state)
-    conv = lambda tree: _flax_params(tree, state.model_state, name)
+    conv = lambda tree: _flax(tree, state.model_state, name)
     return params, _fill(opt.init(params), state.opt_state, conv)
 
 
@@ -308,7 +285,7 @@ def flax_train_state(
     module = flax_module(name, torch_bn=models.get(name, **hparams).stateful, **hparams)
     return FlaxTrainState(
         step=int(state.step), apply_fn=module.apply, params=params, tx=optax_optimizer(tx, state.opt_state),
-        opt_state=opt_state, batch_stats=_batch_stats(state.model_state, state.params, name),
+        opt_state=opt_state, batch_stats=_flax(state.params, state.model_state, name, "batch_stats"),
     )  # fmt: skip
 
 
@@ -346,43 +323,22 @@ def _torch_tree(
     return {k: back[k].to(t.device) for k, t in like.items()}
 
 
-def _optax_state_types() -> dict[type, type]:
-    """Our transforms' state types and the optax state type of the transform `optax_optimizer` makes
-    of each (weight decay and lr keep theirs in the chain: optax's state is empty)."""
-    import optax
-
-    return {
-        optim.ScaleByAdamState: optax.ScaleByAdamState,
-        optim.ScaleByLionState: optax.ScaleByLionState,
-        optim.TraceState: optax.TraceState,
-        optim.ScaleByScheduleState: optax.ScaleByScheduleState,
-        optim.AddDecayedWeightsState: optax.EmptyState,
-        optim.ScaleByLearningRateState: optax.EmptyState,
-    }
-
-
 def _unfill(ours: Any, ostate: Any, back: Callable[[Any], Any], step: Tensor, where: str) -> Any:
     """Our state `ours` (the template) with the moments, buffers and counts of optax's `ostate`,
     matched by type; ValueError (one line) for a state of another structure."""
-    chain = isinstance(ours, tuple) and not hasattr(ours, "_fields")
+    import optax
 
-    def count(c: Any) -> Tensor:
-        return torch.tensor(int(c), dtype=torch.int64, device=ours.count.device)
-
+    chain = _is_chain(ours)
+    optax_type, fields = _CARRIED.get(type(ours), ("", ()))
     if chain:
-        if isinstance(ostate, (tuple, list)) and not hasattr(ostate, "_fields") and len(ostate) == len(ours):
+        if _is_chain(ostate) and len(ostate) == len(ours):
             pairs = enumerate(zip(ours, ostate, strict=True))
             return tuple(_unfill(s, o, back, step, f"{where}/{i}") for i, (s, o) in pairs)
-    elif isinstance(ostate, _optax_state_types().get(type(ours), ())):
-        if isinstance(ours, optim.ScaleByAdamState):
-            return optim.ScaleByAdamState(count(ostate.count), back(ostate.mu), back(ostate.nu))
-        if isinstance(ours, optim.ScaleByLionState):
-            return optim.ScaleByLionState(count(ostate.count), back(ostate.mu))
-        if isinstance(ours, optim.TraceState):
-            return ours._replace(count=step.clone(), trace=back(ostate.trace))
-        if isinstance(ours, optim.ScaleByScheduleState):
-            return optim.ScaleByScheduleState(count(ostate.count))
-        return ours  # weight decay and lr: their values are ours
+    elif optax_type and isinstance(ostate, getattr(optax, optax_type)):
+        count = lambda c: torch.tensor(int(c), dtype=torch.int64, device=ours.count.device)
+        new = _carry(ours, ostate, fields, count, back)
+        # optax's trace counts nothing: ours counts the steps taken
+        return new._replace(count=step.clone()) if isinstance(ours, optim.TraceState) else new
     expected = "a tuple (chain)" if chain else type(ours).__name__
     got = type(ostate).__name__
     shown = f"{got} of length {len(ostate)}" if isinstance(ostate, (tuple, list)) else got
@@ -395,7 +351,7 @@ def _counts(ostate: Any) -> list[int]:
     """The update counters an optax state holds (Adam's, the schedule's)."""
     if getattr(ostate, "_fields", None) and "count" in ostate._fields:
         return [int(ostate.count)]
-    if isinstance(ostate, (tuple, list)) and not hasattr(ostate, "_fields"):
+    if _is_chain(ostate):
         return [c for s in ostate for c in _counts(s)]
     return []
 
@@ -411,13 +367,10 @@ def from_optax(
     model: str | None = None,
 ) -> TrainState:
     """Our `TrainState` from optax's `(params, opt_state)` (as `to_optax` made them, trained on).
-
-    `like` is the state (or `last.safetensors`, then with its optimizer `tx`) the run was
-    converted from: it gives the names, dtypes, hyperparameters and rng. `step` defaults to
-    the optax state's update count; `batch_stats` (Flax's collection) becomes the model state,
-    `num_batches_tracked` advanced by the steps taken. ValueError (one line) for a tree or
-    state of another structure.
-    """
+    `like` is the state (or `last.safetensors`, then with its optimizer `tx`) the run was converted
+    from: names, dtypes, hyperparameters and rng. `step` defaults to the optax state's update count;
+    `batch_stats` (Flax's) becomes the model state, `num_batches_tracked` advanced by the steps
+    taken. ValueError (one line) for a tree or state of another structure."""
     if not isinstance(like, TrainState) and tx is None:
         raise ValueError("from_optax with a checkpoint path as `like` needs its optimizer `tx`")
     base, meta = _source(like, tx)  # type: ignore[arg-type]
@@ -433,7 +386,7 @@ def from_optax(
         for k, v in base.model_state.items()
         if k.endswith(".num_batches_tracked")
     }
-    stats = _batch_stats(base.model_state, base.params, name) if batch_stats is None else batch_stats
+    stats = _flax(base.params, base.model_state, name, "batch_stats") if batch_stats is None else batch_stats
     back = lambda tree: _torch_tree(tree, stats, base.params, name, counts)
     new_params = back(params)
     model_state = base.model_state
@@ -454,20 +407,14 @@ def from_flax_train_state(ts: Any, like: TrainState | str | os.PathLike[str], tx
 def save_resume(
     path: str | os.PathLike[str], state: TrainState, like: str | os.PathLike[str], *, epochs: int
 ) -> None:
-    """Write `state` as a `last.safetensors` that `scripts/train.py` resumes from.
-
-    `like` is the checkpoint the run was converted from, a resume point (a `last.safetensors`,
-    not a weights file): its metadata (config, callback states, history) is kept, with `epochs`
-    more epochs counted as done (the whole epochs trained elsewhere, at least 1) and the
-    state's lr. The state must stand where those epochs end: at `like`'s step plus `epochs` x
-    `like`'s steps per epoch (ValueError, one line, otherwise: a resume would count epochs that
-    were not trained, or train some twice). A checkpoint cut mid-epoch is refused: continue
-    from one written at the end of an epoch. So is a private run's (`metadata["privacy"]`): its
-    epsilon would not cover the steps trained elsewhere (`privacy.check_record` refuses such a
-    state too). A `path` in a run directory (`<run>/checkpoints/`) is written holding the run's
-    lock: a run training there is never overwritten (`loop.RunError`).
-    """
-    record = RunRecord.from_meta(_resume_point_of(Path(path), state, like, epochs))  # the checked record
+    """Write `state` as a `last.safetensors` that `scripts/train.py` resumes from. `like` is the resume
+    point the run was converted from: its metadata is kept, with `epochs` (the whole epochs trained
+    elsewhere, >= 1) more counted as done and the state's lr. ValueError (one line) unless the state
+    stands where those epochs end (`like`'s step plus `epochs` x its steps per epoch), for a
+    checkpoint cut mid-epoch, and for a private run's (its epsilon would not cover steps trained
+    elsewhere). In a run directory (`<run>/checkpoints/`) `path` is written holding the run's lock
+    (`loop.RunError` while a run trains there)."""
+    record = RunRecord.from_meta(_resume_point_of(state, like, epochs))  # the checked record
     try:
         lr: float | None = float(optim.get_hyperparam(state.opt_state, "lr"))
     except KeyError:
@@ -477,9 +424,7 @@ def save_resume(
         checkpoint.save_state(Path(path), state, metadata=meta)
 
 
-def _resume_point_of(
-    path: Path, state: TrainState, like: str | os.PathLike[str], epochs: Any
-) -> dict[str, Any]:
+def _resume_point_of(state: TrainState, like: str | os.PathLike[str], epochs: Any) -> dict[str, Any]:
     """`like`'s metadata, once `save_resume`'s arguments are checked against it (ValueError)."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(

@@ -1,16 +1,11 @@
 """Our train state as an Orbax checkpoint directory of optax / Flax structures, and back.
 
-`save_orbax(directory, source, tx)` writes `{"params", "opt_state", "batch_stats", "step"}` as
-`to_optax` / `flax_train_state` make them with `orbax.checkpoint.StandardCheckpointer`, so
-`StandardCheckpointer().restore(directory, target)` with a target of that structure gives back
-optax's own NamedTuples; `load_orbax(directory, like, tx)` restores one into our `TrainState`.
-orbax-checkpoint is imported only inside the functions (the optional `jax` extra).
-
-What is read back is checked like our safetensors reader checks a file: `save_orbax` writes a
-manifest (`MANIFEST`: the SHA-256 of every file it wrote), and `load_orbax` refuses a directory
-whose files differ from it (one flipped byte is a one-line ValueError naming the file); a
-checkpoint written by JAX code (no manifest) and ours alike must restore to the shapes and
-dtypes of `like` with every floating value finite.
+`save_orbax` writes `{"params", "opt_state", "batch_stats", "step"}` as `flax_train_state` makes
+them, so `orbax.checkpoint.StandardCheckpointer().restore(directory, target)` gives back optax's
+own NamedTuples, and a manifest (`MANIFEST`: the SHA-256 of every file it wrote) that
+`load_orbax` checks (one flipped byte is a one-line ValueError naming the file); a checkpoint of
+JAX code (no manifest) and ours must restore to `like`'s shapes and dtypes, every float finite.
+orbax-checkpoint (the optional `jax` extra) is imported only when called.
 """
 
 from __future__ import annotations

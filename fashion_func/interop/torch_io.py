@@ -1,14 +1,7 @@
-"""Our params <-> plain PyTorch modules, and any research `nn.Module` as a `Model`.
-
-- `to_module(name, params)` / `from_module(module)`: our params <-> a plain module of a known
-  architecture (`torch_modules`: same `state_dict` keys, forward equal to `Model.apply`).
-- Stateful models (batch norm: `simplenet_bn`): their *weights* are params and buffers in one
-  flat dict under the module's `state_dict` names (`bn1.weight`, `bn1.running_mean`,
-  `bn1.num_batches_tracked`), as `best.safetensors` holds them. `split_state` / `merge_state`
-  go between that dict and `(params, model_state)` for `Model.apply`.
-- `identify(params)`: the known architecture whose names and shapes the weights have.
-- `functionalize(module)`: any `nn.Module` as a `Model` (through `torch.func.functional_call`),
-  so `make_train_step` / `make_eval_step` drive it.
+"""Our params <-> plain PyTorch modules (`to_module` / `from_module`, `identify`), a stateful
+model's weights <-> `(params, model_state)` (`split_state` / `merge_state`), and any research
+`nn.Module` as a `Model` (`functionalize`). A stateful model's *weights* are its params and
+buffers in one flat dict under the module's `state_dict` names, as `best.safetensors` holds them.
 """
 
 from __future__ import annotations
@@ -58,12 +51,9 @@ def template(
     dtype: torch.dtype = torch.float32,
     buffer_dtype: torch.dtype | None = None,
 ) -> Params:
-    """Meta tensors with the names, order, shapes and dtypes of the model's weights (nothing drawn).
-
-    Weights are the module's `state_dict`: parameters, then for a stateful model its buffers too.
-    Floating parameters get `dtype`, floating buffers (running statistics) `buffer_dtype`
-    (default `dtype`); integer buffers (`num_batches_tracked`, int64) keep their own dtype.
-    """
+    """Meta tensors with the names, order, shapes and dtypes of the model's weights (its module's
+    `state_dict`): floating params in `dtype`, floating buffers in `buffer_dtype` (default
+    `dtype`), integer buffers (`num_batches_tracked`) in their own."""
     module = build(name, hparams)
     buffers = {k for k, _ in module.named_buffers()}
 
@@ -78,12 +68,10 @@ def template(
 
 
 def split_state(model: Model, weights: Mapping[str, Tensor]) -> tuple[Params, ModelState]:
-    """`(params, model_state)` of a weights dict holding both (a stateful model's weights file).
-
-    The state is the entries named like `model.init_state()`'s keys (`bn1.running_mean`, ...),
-    the params everything else, each in `weights`' order; nothing is copied. A stateless model
-    gives `(dict(weights), {})`. ValueError when a buffer of a stateful model is missing.
-    """
+    """`(params, model_state)` of a weights dict holding both (a stateful model's weights file): the
+    state is the entries named like `model.init_state()`'s keys, the params the rest, each in
+    `weights`' order, nothing copied (a stateless model: `(dict(weights), {})`). ValueError when a
+    stateful model's buffer is missing."""
     state_keys = model.init_state(device="meta").keys()  # names only: nothing allocated
     missing = [k for k in state_keys if k not in weights]
     if missing:
@@ -96,11 +84,8 @@ def split_state(model: Model, weights: Mapping[str, Tensor]) -> tuple[Params, Mo
 
 
 def merge_state(params: Mapping[str, Tensor], model_state: Mapping[str, Tensor]) -> Params:
-    """One weights dict `{**params, **model_state}`, as a weights file holds it.
-
-    The inverse of `split_state`. ValueError when a name is in both (a buffer would silently
-    replace a param).
-    """
+    """One weights dict `{**params, **model_state}`, as a weights file holds it (the inverse of
+    `split_state`); ValueError when a name is in both (a buffer would silently replace a param)."""
     both = sorted(set(params) & set(model_state))
     if both:
         raise ValueError(f"names both in params and model_state: {both[:5]}")
@@ -108,12 +93,8 @@ def merge_state(params: Mapping[str, Tensor], model_state: Mapping[str, Tensor])
 
 
 def identify(params: Mapping[str, Tensor]) -> str:
-    """The name of the known architecture whose weight names and shapes `params` has.
-
-    For a stateful model `params` are its weights, buffers included (`bn1.running_mean`, as the
-    module's `state_dict`), which also tells `simplenet_bn` from `simplenet`. Raises ValueError
-    when no model in `models.MODELS` matches.
-    """
+    """The name of the known architecture whose weight names and shapes `params` (a stateful
+    model's with its buffers) has; ValueError when no model in `models.MODELS` matches."""
     for name in NAMES:
         try:
             check_shapes(name, build(name, hparams_from_params(name, params)), params)
@@ -128,13 +109,9 @@ def identify(params: Mapping[str, Tensor]) -> str:
 
 
 def to_module(model_name: str, params: Mapping[str, Tensor], **hparams: Any) -> tnn.Module:
-    """A plain PyTorch module (eval mode) holding copies of `params`, whose forward equals `apply`.
-
-    For a stateful model `params` are its weights: params and buffers in one dict (`merge_state`),
-    loaded strictly, so the module's eval-mode forward equals `apply(..., state=)`.
-    Hyperparameters (class count, widths) are read off the parameter shapes unless given.
-    The module owns its tensors: training it never changes `params`.
-    """
+    """A plain PyTorch module (eval mode) holding copies of `params` (a stateful model's with its
+    buffers: `merge_state`), loaded strictly, whose forward equals `apply`. Hyperparameters
+    (class count, widths) are read off the shapes unless given."""
     hp = {**hparams_from_params(model_name, params), **hparams}
     module = build(model_name, hp)
     check_shapes(model_name, module, params)
@@ -145,15 +122,9 @@ def to_module(model_name: str, params: Mapping[str, Tensor], **hparams: Any) -> 
 
 
 def from_module(module: tnn.Module, *, check: bool = True) -> Params:
-    """Weights (detached copies) of a module whose architecture is known (see `identify`).
-
-    For a stateless model these are its params; for a stateful one (batch norm) params and
-    buffers together, under the module's `state_dict` names (`split_state` separates them).
-    The architecture is recognised by weight names and shapes; with `check` the module's
-    forward is also compared with `Model.apply` on a fixed input (in eval mode, so with the
-    running statistics), and a module with the same names but another computation is refused
-    (ValueError).
-    """
+    """Weights (detached copies, a stateful model's with its buffers) of a module whose
+    architecture `identify` knows. With `check` its eval-mode forward is also compared with
+    `Model.apply` on a fixed input: the same names computing something else is a ValueError."""
     sd = module.state_dict()
     name = identify(sd)
     hparams = hparams_from_module(name, module)  # the shapes', and a group count off the layers
@@ -165,13 +136,10 @@ def from_module(module: tnn.Module, *, check: bool = True) -> Params:
 
 
 def _check_forward(module: tnn.Module, name: str, model: Model, weights: Params) -> None:
-    """ValueError unless the module's eval-mode forward equals `model.apply` on a fixed input.
-
-    A stateful model is compared with its own buffers and again with perturbed running statistics
-    (through `functional_call`, so the module is not written): freshly initialised statistics
-    (mean 0, var 1) make eval-mode batch norm nearly the identity, which would hide a module that
-    normalises in another place.
-    """
+    """ValueError unless the module's eval-mode forward equals `model.apply` on a fixed input. A
+    stateful model is compared again with perturbed running statistics (through `functional_call`,
+    the module untouched): fresh ones (mean 0, var 1) make eval-mode batch norm nearly the identity,
+    which would hide a module that normalises in another place."""
     params, state = split_state(model, weights)
     p0 = next(iter(params.values()))
     g = torch.Generator().manual_seed(0)
@@ -206,16 +174,12 @@ def _check_forward(module: tnn.Module, name: str, model: Model, weights: Params)
 
 
 def functionalize(module: tnn.Module, *, name: str | None = None) -> tuple[Model, Params]:
-    """Any `nn.Module` as a `Model` plus copies of its parameters, via `torch.func.functional_call`.
-
-    For research code that keeps its own module: `make_train_step(model, ...)` then trains the
-    returned params functionally. `apply(params, x, train=...)` runs the module's own forward
-    with `params` swapped in and the module in train/eval mode for the call. Buffers are read from
-    the module as constants (not trained); a module that writes its buffers in training (batch
-    norm's running statistics) writes into its own, so use eval mode or a `models` model for those.
-    Randomness inside the module (dropout) draws from torch's global RNG, not from `key`.
-    `init` ignores its generator and returns copies of the module's current parameters.
-    """
+    """Any `nn.Module` as a `Model` plus copies of its parameters, via `torch.func.functional_call`:
+    `apply(params, x, train=...)` runs the module's forward with `params` swapped in, in train/eval
+    mode for the call, so `make_train_step(model, ...)` trains them functionally. Buffers are the
+    module's, constants (batch norm's running statistics, written in training, land in the module:
+    use eval mode or a `models` model); dropout inside draws from torch's global RNG, not `key`.
+    `init` ignores its generator: copies of the current parameters."""
     params = {k: p.detach().clone() for k, p in module.named_parameters()}
     buffers = dict(module.named_buffers())
 

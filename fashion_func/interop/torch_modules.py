@@ -1,8 +1,7 @@
-"""Plain `torch.nn.Module`s with our parameter names, one per architecture of `models`.
-
-Their `state_dict` keys, shapes and eval-mode forward equal our weights and `Model.apply`, so a
-weights file loads with `module.load_state_dict(safetensors.torch.load_file(p))`. `build` makes
-one on the meta device, `hparams_from_params` reads its constructor arguments off a weights dict.
+"""Plain `torch.nn.Module`s with our parameter names, one per architecture of `models`: their
+`state_dict` and eval-mode forward equal our weights and `Model.apply`, so a weights file loads
+with `module.load_state_dict(safetensors.torch.load_file(p))`. `build` makes one on the meta
+device, `hparams_from_params` reads its constructor arguments off a weights dict.
 """
 
 from __future__ import annotations
@@ -35,37 +34,31 @@ class MLP(tnn.Module):
 class SimpleNet(tnn.Module):
     """The reference network: conv 1->32, conv 32->64, max-pool 2, fc 9216->128, fc 128->classes."""
 
+    _batch_norm = False
+
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
+        # registered in this order: the `state_dict` names come conv1, bn1, conv2, bn2, fc1, fc2
         self.conv1 = tnn.Conv2d(1, 32, 3)
+        self.bn1 = tnn.BatchNorm2d(32) if self._batch_norm else None
         self.conv2 = tnn.Conv2d(32, 64, 3)
+        self.bn2 = tnn.BatchNorm2d(64) if self._batch_norm else None
         self.fc1 = tnn.Linear(9216, 128)
         self.fc2 = tnn.Linear(128, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.conv1(x))  # [B, 32, 26, 26]
-        x = F.relu(self.conv2(x))  # [B, 64, 24, 24]
+        x = self.conv1(x)
+        x = F.relu(x if self.bn1 is None else self.bn1(x))  # [B, 32, 26, 26]
+        x = self.conv2(x)
+        x = F.relu(x if self.bn2 is None else self.bn2(x))  # [B, 64, 24, 24]
         x = torch.flatten(F.max_pool2d(x, 2), 1)  # [B, 64*12*12], (c h w) order
         return self.fc2(F.relu(self.fc1(x)))
 
 
-class SimpleNetBN(tnn.Module):
+class SimpleNetBN(SimpleNet):
     """SimpleNet with batch norm after each convolution, before its ReLU, as `models.simplenet_bn`."""
 
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = tnn.Conv2d(1, 32, 3)
-        self.bn1 = tnn.BatchNorm2d(32)
-        self.conv2 = tnn.Conv2d(32, 64, 3)
-        self.bn2 = tnn.BatchNorm2d(64)
-        self.fc1 = tnn.Linear(9216, 128)
-        self.fc2 = tnn.Linear(128, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))  # [B, 32, 26, 26]
-        x = F.relu(self.bn2(self.conv2(x)))  # [B, 64, 24, 24]
-        x = torch.flatten(F.max_pool2d(x, 2), 1)  # [B, 64*12*12], (c h w) order
-        return self.fc2(F.relu(self.fc1(x)))
+    _batch_norm = True
 
 
 class AlexNet(tnn.Module):
@@ -174,12 +167,9 @@ NAMES: tuple[str, ...] = tuple(_MODULES)  # the architectures with a plain modul
 
 
 def hparams_from_params(name: str, params: Mapping[str, Tensor]) -> dict[str, Any]:
-    """The constructor arguments a params dict implies (class counts, widths), read off its shapes.
-
-    dpcnn's group count is not in the shapes (`gn1.weight` is `[width]` for any count): weights
-    with group norm read as `groups=1`, which gives the right shapes; pass the recorded `groups`
-    (a weights file's `model_hparams`) wherever the forward matters (`to_module(..., groups=)`).
-    """
+    """The constructor arguments (class counts, widths) a params dict's shapes imply. dpcnn's group
+    count is not among them: group-norm weights read as `groups=1`, which gives the right shapes;
+    pass the recorded `groups` (a file's `model_hparams`) where the forward matters."""
     try:
         if name == "mlp":
             h, d_in = params["linear1.weight"].shape

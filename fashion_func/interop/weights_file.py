@@ -20,16 +20,11 @@ __all__ = ["load_weights_file"]
 def load_weights_file(
     path: str | os.PathLike[str], model_name: str | None = None, *, device: torch.device | str = "cpu"
 ) -> tuple[Model, Params, dict[str, Any]]:
-    """(model, weights, metadata) of a weights file, validated against the model's weights.
-
-    The model is `model_name` if given, else the `model` entry of the file's metadata (as
-    `fit` writes into best.safetensors). The weights are the model's params, and for a stateful
-    model its buffers too (one dict, as the file holds them; `split_state` separates them).
-    Weights stored in another floating dtype (bf16, fp16) are accepted and returned as stored;
-    a stateful model's floating buffers may be stored in a dtype of their own (float32 running
-    statistics beside bf16 params). Raises `checkpoint.CheckpointError` (one line) for a
-    missing or bad file, a train-state file, an unknown model or weights of another model.
-    """
+    """(model, weights, metadata) of a weights file, validated against the model's weights. The model
+    is `model_name` if given, else the file's `model` metadata (as `fit` writes it); the weights are
+    its params, a stateful model's buffers too (one dict: `split_state` separates them), in the
+    floating dtype stored (bf16, fp16; buffers may have their own). `checkpoint.CheckpointError`
+    (one line) for a missing or bad file, a train-state file, an unknown model or another's weights."""
     info = checkpoint.inspect(path)  # validates the header; CheckpointError if missing or bad
     if info.format == checkpoint.STATE_FORMAT:
         raise checkpoint.CheckpointError(
@@ -59,13 +54,9 @@ def load_weights_file(
     return model, params, metadata
 
 
-MAX_HPARAM = models.MAX_SIZE  # a width or class count beyond any model of ours: refused, never allocated
-
-
 def _file_hparams(info: checkpoint.CheckpointInfo, name: str) -> dict[str, int]:
     """The model's constructor arguments: the `model_hparams` a file of this model records
-    (each checked by name and kind, `models.check_hparams`), else what its tensor shapes
-    imply (older files; `models.get` checks those)."""
+    (checked by `models.check_hparams`), else what its tensor shapes imply (`models.get` checks those)."""
     recorded = info.metadata.get("model_hparams")
     if info.metadata.get("model") == name and recorded is not None:
         if not isinstance(recorded, dict):
@@ -85,12 +76,9 @@ def finite_number(v: Any) -> bool:
 
 
 def known_normalization(metadata: Mapping[str, Any]) -> tuple[float, float] | None:
-    """(mean, std) a weights file's (decoded) metadata says its model was trained with, or None.
-
-    The numbers `normalize_mean` / `normalize_std` where the file records them; else the run
-    config's `normalize` ("tutorial": `data.TUTORIAL_MEAN/STD`, "dataset": `data.MEAN/STD`);
-    None when the metadata says nothing (no numbers, no config).
-    """
+    """(mean, std) a weights file's decoded metadata says its model was trained with: the numbers
+    `normalize_mean` / `normalize_std` where recorded, else the run config's `normalize`
+    ("tutorial": `data.TUTORIAL_MEAN/STD`, else `data.MEAN/STD`); None without numbers or config."""
     mean, std = metadata.get("normalize_mean"), metadata.get("normalize_std")
     if finite_number(mean) and finite_number(std) and std > 0:
         return float(mean), float(std)

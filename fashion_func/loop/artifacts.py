@@ -52,11 +52,8 @@ def our_temp(directory: Path, name: str) -> bool:
 
 
 def remove_stale_temps(out: Path) -> list[Path]:
-    """Delete temp files a killed run left mid-write; we hold the lock.
-
-    Only the names our writer makes (`.<file>.<pid>.tmp` for a file a run writes) and only
-    regular files: a user's own `.notes.tmp` is not ours to delete.
-    """
+    """Delete the temp files a killed run left mid-write (we hold the lock): only our writer's names
+    (`.<file>.<pid>.tmp` for a file a run writes) and only regular files (a user's `.notes.tmp` stays)."""
     stale = []
     for d in (out, out / "checkpoints", *member_dirs(out / "checkpoints")):
         if not d.is_dir() or d.is_symlink():
@@ -72,11 +69,8 @@ def member_dirs(checkpoints: Path) -> list[Path]:
     """The ensemble members' folders in `checkpoints` that are real folders (links excluded)."""
     if not checkpoints.is_dir() or checkpoints.is_symlink():
         return []
-    return sorted(
-        p
-        for p in checkpoints.iterdir()
-        if _MEMBER_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
-    )
+    found = [p for p in checkpoints.iterdir() if _MEMBER_DIR.fullmatch(p.name)]
+    return sorted(p for p in found if p.is_dir() and not p.is_symlink())
 
 
 def member_folder(checkpoints: Path, member: int) -> Path:
@@ -101,11 +95,8 @@ def lstat(path: Path) -> os.stat_result | None:
 
 
 def removable(out: Path) -> list[Path]:
-    """What `overwrite=True` deletes: the files a run writes, found without following any link.
-
-    RunError, before anything is deleted, for a symbolic link or a file of another kind
-    under a name a run writes.
-    """
+    """What `overwrite=True` deletes: the files a run writes, found without following any link;
+    RunError, before anything is deleted, for a link or a file of another kind under such a name."""
     found: list[Path] = []
     for name in RUN_ARTIFACTS:
         p = out / name
@@ -117,16 +108,10 @@ def removable(out: Path) -> list[Path]:
                 raise RunError(
                     kind="overwrite_refused", path=p, what=f"{describe(st.st_mode)}, not the run's folder"
                 )
-            pattern = _WEIGHT_FILE if name == "checkpoints" else _EVENTS_FILE
             if name == "checkpoints":
                 found += _removable_members(p)
-            for child in sorted(p.iterdir()):
-                if pattern.fullmatch(child.name) or our_temp(p, child.name):
-                    cst = child.lstat()
-                    if not stat.S_ISREG(cst.st_mode):
-                        raise RunError(kind="overwrite_refused", path=child, what=describe(cst.st_mode))
-                    found.append(child)
-            found.append(p)  # removed at the end if nothing of the user's is left in it
+            # the folder itself is removed at the end if nothing of the user's is left in it
+            found += [*_our_files(p, _WEIGHT_FILE if name == "checkpoints" else _EVENTS_FILE), p]
         elif stat.S_ISREG(st.st_mode):
             found.append(p)
         else:
@@ -143,12 +128,20 @@ def _removable_members(checkpoints: Path) -> list[Path]:
         st = folder.lstat()
         if not stat.S_ISDIR(st.st_mode):
             raise RunError(kind="overwrite_refused", path=folder, what=describe(st.st_mode))
-        for child in sorted(folder.iterdir()):
-            if _WEIGHT_FILE.fullmatch(child.name) or our_temp(folder, child.name):
-                if not stat.S_ISREG(child.lstat().st_mode):
-                    raise RunError(kind="overwrite_refused", path=child, what=describe(child.lstat().st_mode))
-                found.append(child)
-        found.append(folder)  # removed if nothing of the user's is left in it
+        found += [*_our_files(folder, _WEIGHT_FILE), folder]  # the folder: removed if left empty
+    return found
+
+
+def _our_files(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
+    """The files in `folder` a run writes (named by `pattern`, or our temp names); RunError for
+    one that is not a regular file."""
+    found = []
+    for child in sorted(folder.iterdir()):
+        if pattern.fullmatch(child.name) or our_temp(folder, child.name):
+            mode = child.lstat().st_mode
+            if not stat.S_ISREG(mode):
+                raise RunError(kind="overwrite_refused", path=child, what=describe(mode))
+            found.append(child)
     return found
 
 
@@ -203,7 +196,7 @@ class Snapshot:
         if _identity(out / "checkpoints" / LAST) != self.last:
             return  # a resume point was saved: keep everything that goes with it
         with contextlib.suppress(OSError, RunError):
-            new = [p for p in removable(out) if _rel(out, p) not in self.names]
+            new = [p for p in removable(out) if p.relative_to(out).as_posix() not in self.names]
             marker = out / MARKER
             remove([*new, *([marker] if MARKER not in self.names else [])])
 
@@ -211,7 +204,3 @@ class Snapshot:
 def _identity(path: Path) -> tuple[int, int] | None:
     st = lstat(path)
     return None if st is None else (st.st_ino, st.st_mtime_ns)
-
-
-def _rel(out: Path, p: Path) -> str:
-    return p.relative_to(out).as_posix()

@@ -1,7 +1,6 @@
 """The run directory: claiming it, the overwrite policy, and `RunDir` (files, logger, TensorBoard).
-
-Everything `fit` writes goes through a `RunDir`; without one it writes nothing. The files a
-run writes are listed in `artifacts.RUN_ARTIFACTS`; the lock is `lock`, the logger `logger`.
+Everything `fit` writes goes through a `RunDir`; without one it writes nothing. The files a run
+writes are listed in `artifacts.RUN_ARTIFACTS`; the lock is `lock`, the logger `logger`.
 """
 
 from __future__ import annotations
@@ -40,18 +39,9 @@ from fashion_func.safeio import describe, display, os_reason
 __all__ = ["RunError"]
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """`obj` as indented JSON, written atomically (RunError when it cannot be)."""
-    with writing():
-        atomic.write_json(path, obj, what="run file")
-
-
 def _claim_directory(out: Path) -> None:
-    """Accept `out` as ours, writing the marker, or refuse it (RunError).
-
-    Ours: a directory with our marker, or an empty one (a `.lock` aside). Anything else holds
-    someone else's files.
-    """
+    """Accept `out` as ours, writing the marker, or refuse it (RunError): ours is a directory with our
+    marker, or an empty one (a `.lock` aside); anything else holds someone else's files."""
     marker = out / MARKER
     st = lstat(marker)
     if st is not None:
@@ -62,27 +52,25 @@ def _claim_directory(out: Path) -> None:
     if others:
         raise RunError(kind="not_ours", out=out, marker=MARKER)
     identity = {"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    write_json(marker, identity)
+    with writing():
+        atomic.write_json(marker, identity, what="run file")
 
 
 def _resumes_elsewhere(out: Path, resume: Any) -> bool:
     """`resume` names a checkpoint other than `out`'s own last.safetensors."""
     if not resume or resume == "auto":
         return False
-    own = out / "checkpoints" / LAST
     try:
-        return not os.path.samefile(resume, own)
+        return not os.path.samefile(resume, out / "checkpoints" / LAST)
     except OSError:
         return True
 
 
 def prepare_out_dir(out: Path, *, resume: Any, overwrite: bool) -> None:
-    """Claim the run directory; refuse to reuse one unless resuming it or overwriting.
-
-    `resume` "auto" continues `out`'s own run; a checkpoint path continues in `out` only when
-    it is `out`'s own last.safetensors or `out` holds no run (`overwrite` clears it first, a
-    checkpoint inside it excepted). `overwrite` deletes only the files a run writes.
-    """
+    """Claim the run directory; refuse to reuse one unless resuming it or overwriting. `resume`
+    "auto" continues `out`'s own run; a checkpoint path continues in `out` only when it is `out`'s
+    own last.safetensors or `out` holds no run (`overwrite` clears it first, a checkpoint inside it
+    excepted). `overwrite` deletes only the files a run writes."""
     _claim_directory(out)
     refuse_links(out)
     existing = [name for name in RUN_ARTIFACTS if (out / name).exists()]
@@ -117,11 +105,8 @@ def _missing_parents(out: Path) -> list[Path]:
 
 @dataclass
 class RunDir:
-    """An opened, locked run directory: where `fit` writes its files, and its logger.
-
-    Open it with `RunDir.open(path, resume=..., overwrite=...)` (a context manager); `fit`
-    does so itself when handed a path.
-    """
+    """An opened, locked run directory: where `fit` writes its files, and its logger. Open it with
+    `RunDir.open(path, resume=..., overwrite=...)` (a context manager); `fit` does so when handed a path."""
 
     path: Path
     log: logging.Logger
@@ -140,11 +125,9 @@ class RunDir:
     def open(
         cls, path: str | os.PathLike[str], *, resume: Any = None, overwrite: bool = False
     ) -> Iterator[RunDir]:
-        """Create and lock `path`, clean what a killed run left, and log to `train.log`.
-
-        A directory holding a run is refused unless `resume` (continue it) or `overwrite`
-        (delete its files first) is given; a directory locked by a live run is refused always.
-        """
+        """Create and lock `path`, clean what a killed run left, and log to `train.log`. A directory
+        holding a run is refused unless `resume` (continue it) or `overwrite` (delete its files first)
+        is given; one locked by a live run is refused always."""
         out = Path(path)
         if out.resolve() == Path(out.anchor or "/").resolve():
             raise RunError(kind="root", out=out)
@@ -199,11 +182,9 @@ class RunDir:
             close_logger(run.log)
 
     def same_folder(self, folder: Path) -> atomic.FolderId:
-        """The identity `folder` (the run directory, `checkpoints/` or a member's folder) had when
-        the run opened it, after checking it still has it: RunError when it was swapped for a
-        link or another folder since (a run never writes outside its directory). Pass it on to
-        the write (`atomic.write_bytes(..., folder=)`), which checks again just before its rename.
-        """
+        """The identity `folder` (the run directory, `checkpoints/`, a member's) had when the run opened
+        it, checked to be its identity still (RunError for one swapped for a link or another folder):
+        pass it on to the write (`atomic.write_bytes(..., folder=)`), which checks again before its rename."""
         expected = self._folders[folder]
         st = lstat(folder)
         try:
@@ -246,11 +227,8 @@ class RunDir:
         return self.path / name
 
     def tensorboard(self, purge_step: int) -> Any:
-        """The run's TensorBoard `SummaryWriter` (`<run>/tensorboard`), made on first use.
-
-        purge_step: events at steps >= it, left by an earlier attempt (one that died after
-        logging an epoch but before its last.safetensors), are dropped, not shown twice.
-        """
+        """The run's TensorBoard `SummaryWriter` (`<run>/tensorboard`), made on first use; events at
+        steps >= `purge_step`, left by an attempt that died before its last.safetensors, are dropped."""
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
