@@ -121,17 +121,22 @@ def tanh(x: Tensor) -> Tensor:
     return torch.tanh(x)
 
 
-def group_norm(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+def group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> Tensor:
     """Group normalisation of `[B, C, ...]`, as `F.group_norm` / `nn.GroupNorm`.
 
     The C channels are split into `num_groups` consecutive groups; each example's group is
     normalised by its own mean and biased variance, then scaled by `weight` and shifted by
-    `bias` (`[C]` each). No batch statistics and no state: an example's output does not depend
-    on the rest of the batch (what per-example gradients need). NHWC inputs give NHWC outputs.
+    `bias` (`[C]` each; None, as `nn.GroupNorm(affine=False)`: neither). No batch statistics and
+    no state: an example's output does not depend on the rest of the batch (what per-example
+    gradients need). NHWC inputs give NHWC outputs.
     Statistics are computed in at least float32 (bf16 activations under autocast).
     """
     xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-    y = F.group_norm(xf, num_groups, weight.to(xf.dtype), bias.to(xf.dtype), eps)
+    w = None if weight is None else weight.to(xf.dtype)
+    b = None if bias is None else bias.to(xf.dtype)
+    y = F.group_norm(xf, num_groups, w, b, eps)
     return y.to(x.dtype)
 
 
