@@ -55,6 +55,7 @@ from fashion_func.cli.report import (
 from fashion_func.loop import RunError
 from fashion_func.models import Model, ModelState, Params
 from fashion_func.safeio import FileError, check_output, display, short_repr, strict_json
+from fashion_func.scattering import FEATURE_MODELS, Scattering, ScatteringUnavailable
 from fashion_func.step import NormalizeImages, make_eval_step
 
 __all__ = ["main"]
@@ -178,7 +179,7 @@ def classify_images(
 
     `tta`: each image's probabilities are the mean of its own and its mirror image's.
     """
-    eval_step = make_eval_step(model, compile=False, preprocess=NormalizeImages(mean, std), tta=tta)
+    eval_step = make_eval_step(model, compile=False, preprocess=_inputs(model, mean, std, images), tta=tta)
     labels = torch.zeros(images.shape[0], dtype=torch.int64, device=images.device)  # unused
     probs = torch.softmax(eval_step(params, (images, labels), model_state)["logits"], dim=-1)
     if not sort:
@@ -206,13 +207,21 @@ def per_example_outputs(
     `tta`: test-time augmentation, each prediction the mean of the probabilities of the image
     and its left-right mirror image (`logits` the log of that mean; `step.make_eval_step`).
     """
-    preprocess = NormalizeImages(mean, std)
+    preprocess = _inputs(model, mean, std, split.images)
     eval_step = make_eval_step(model, compile=compile, preprocess=preprocess, topk=topk, tta=tta)
     parts: list[dict[str, Tensor]] = []
     for start in range(0, split.labels.shape[0], batch_size):
         batch = (split.images[start : start + batch_size], split.labels[start : start + batch_size])
         parts.append(eval_step(params, batch, model_state))
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def _inputs(model: Model, mean: float, std: float, images: Tensor) -> Any:
+    """How uint8 `images` become `model`'s inputs: the normalisation it was trained with, or the
+    fixed ScatterNet features (on the images' device) for a model of them (`FEATURE_MODELS`)."""
+    if model.name in FEATURE_MODELS:
+        return Scattering().to(images.device)
+    return NormalizeImages(mean, std)
 
 
 # -- entry point ------------------------------------------------------------------------------
@@ -244,7 +253,8 @@ def load_member(path: str, model_name: str | None, device: torch.device) -> Memb
     """A weights file ready to predict with (CheckpointError, one line, for a bad file)."""
     model, weights, metadata = interop.load_weights_file(path, model_name, device=device)
     classes = models.num_classes(model)
-    if classes != len(data.CLASS_NAMES) or model.input_shape not in ((1, 28, 28), (28 * 28,)):
+    images = model.input_shape in ((1, 28, 28), (28 * 28,)) or model.name in FEATURE_MODELS
+    if classes != len(data.CLASS_NAMES) or not images:
         shape = "x".join(map(str, model.input_shape))
         raise checkpoint.CheckpointError(
             f"{path}: a {model.name} of {classes} classes over inputs of {shape}; predict takes a "
@@ -334,6 +344,8 @@ def params_device(params: Params) -> torch.device:
 def _predict(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     device = resolve_device(args.device)
     members = [load_member(w, args.model, device) for w in args.weights]
+    if args.tta and any(m.model.name in FEATURE_MODELS for m in members):  # it would mirror the features
+        raise UsageError("--tta mirrors the model's inputs: a model of ScatterNet features takes no images")
     names = ", ".join(sorted({m.model.name for m in members}))
     summary: dict[str, Any] = {"weights": args.weights[0] if len(members) == 1 else list(args.weights),
                                "model": names, "tta": args.tta}  # fmt: skip
@@ -374,6 +386,7 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
         data.DataError,
         ImageError,
         atomic.WriteError,
+        ScatteringUnavailable,
     ) as e:
         return _fail(prog, words.message(e))
     except OSError as e:  # --out not writable and the like
