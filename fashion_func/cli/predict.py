@@ -345,7 +345,7 @@ def _predict(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     device = resolve_device(args.device)
     members = [load_member(w, args.model, device) for w in args.weights]
     if args.tta and any(m.model.name in FEATURE_MODELS for m in members):  # it would mirror the features
-        raise UsageError("--tta mirrors the model's inputs: a model of ScatterNet features takes no images")
+        raise UsageError("--tta mirrors the model's inputs, which for a scatternet are features, not images")
     names = ", ".join(sorted({m.model.name for m in members}))
     summary: dict[str, Any] = {"weights": args.weights[0] if len(members) == 1 else list(args.weights),
                                "model": names, "tta": args.tta}  # fmt: skip
