@@ -377,6 +377,16 @@ def dpcnn(num_classes: int = 10, width: int = 16, groups: int = 0) -> Model:
     return Model("dpcnn", hparams, init, stages)
 
 
+def scatternet(num_classes: int = 10) -> Model:
+    """A linear classifier on ScatterNet features (Tramèr & Boneh 2021; `scattering.features`),
+    stateless and per-example. Takes `[B, 81, 7, 7]`: group norm (27 groups of 3 channels, each
+    example by itself, no affine parameters, no running statistics), flatten [B, 3969], `fc`
+    3969->classes. 39,700 parameters for 10 classes; the plain module is `interop.ScatterNet`."""
+    init = _init_layers({"fc": (81 * 7 * 7, num_classes)})
+    stages = (_map("gn", lambda x: nn.group_norm(x, 27)), _dense("fc", relu=False, flatten=True))
+    return Model("scatternet", {"num_classes": num_classes}, init, stages, input_shape=(81, 7, 7))
+
+
 MODELS: dict[str, Callable[..., Model]] = {
     "mlp": mlp,
     "simplenet": simplenet,
@@ -384,6 +394,7 @@ MODELS: dict[str, Callable[..., Model]] = {
     "alexnet": alexnet,
     "resnet": resnet,
     "dpcnn": dpcnn,
+    "scatternet": scatternet,
 }
 
 
@@ -397,6 +408,7 @@ HPARAMS: dict[str, dict[str, str]] = {
     "alexnet": {"num_classes": "classes", "dropout": "rate"},
     "resnet": {"num_classes": "classes", "width": "size"},
     "dpcnn": {"num_classes": "classes", "width": "size", "groups": "groups"},
+    "scatternet": {"num_classes": "classes"},
 }
 MAX_SIZE = 1 << 16  # a width or class count beyond any model of ours: refused, never allocated
 NUM_CLASSES = {"mlp": "D_out"}  # the hparam that counts the classes, where it is not num_classes

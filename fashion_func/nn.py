@@ -117,13 +117,17 @@ def tanh(x: Tensor) -> Tensor:
     return torch.tanh(x)
 
 
-def group_norm(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
-    """Group normalisation of `[B, C, ...]` (`weight`, `bias`: `[C]`), as `F.group_norm` /
-    `nn.GroupNorm`: no batch statistics and no state, so an example's output does not depend on
-    the rest of the batch (what per-example gradients need). NHWC inputs give NHWC outputs.
-    Statistics are computed in at least float32 (bf16 activations under autocast)."""
+def group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> Tensor:
+    """Group normalisation of `[B, C, ...]` (`weight`, `bias`: `[C]`, or None for neither, as
+    `nn.GroupNorm(affine=False)`), as `F.group_norm`: no batch statistics and no state, so an
+    example's output does not depend on the rest of the batch (what per-example gradients need).
+    NHWC inputs give NHWC outputs. Statistics are computed in at least float32 (bf16 under autocast)."""
     xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-    y = F.group_norm(xf, num_groups, weight.to(xf.dtype), bias.to(xf.dtype), eps)
+    w = None if weight is None else weight.to(xf.dtype)
+    b = None if bias is None else bias.to(xf.dtype)
+    y = F.group_norm(xf, num_groups, w, b, eps)
     return y.to(x.dtype)
 
 

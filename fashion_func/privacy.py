@@ -486,7 +486,10 @@ def check_record(
     """A checkpoint's privacy record (`metadata["privacy"]`), its values range-checked and held
     to what the resumed run enforces: each keyword given (None: not known to the caller) must
     equal the record's (`steps`: the state's step count). Returns the record; a missing
-    record, a value out of range or a disagreement is a one-line ValueError."""
+    record, a value out of range or a disagreement is a one-line ValueError. `data_statistics`
+    (which statistics of the training data the model uses, outside epsilon) is descriptive: a
+    record without it (written before it was recorded) is accepted, since epsilon rests on
+    sigma, q, steps and delta alone and the model a run resumes is its own (`loop.resume`)."""
     if not isinstance(record, Mapping):
         raise ValueError("the checkpoint has no privacy record (metadata \"privacy\"): a private run "
                          "cannot be resumed from it, since the privacy of its steps is unknown")  # fmt: skip
@@ -504,6 +507,8 @@ def check_record(
             raise ValueError(f"its accountant must be one of {', '.join(ACCOUNTANTS)}, got {kind!r}")
         if record.get("sampling", "poisson") != "poisson":
             raise ValueError(f"its sampling must be poisson, got {record.get('sampling')!r}")
+        if not isinstance(record.get("data_statistics", ""), str):
+            raise ValueError(f"its data_statistics must be a text, got {record['data_statistics']!r}")
     except ValueError as exc:
         raise ValueError(f"the checkpoint's privacy record is invalid: {exc}") from None
     now = {"sample_rate": sample_rate, "delta": delta, "accountant": accountant}

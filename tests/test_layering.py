@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("distributed",),  # torch.distributed; its torchrun environment through env
     ("atomic", "safetensors_io"),  # writing files whole, reading safetensors defensively
     ("nn",),
-    ("models", "augment", "preprocess"),  # preprocess: the one normalisation and its statistics
+    ("models", "augment", "preprocess", "scattering"),  # the one normalisation; ScatterNet features
     ("losses", "metrics", "privacy"),  # privacy: DP-SGD's clip-and-noise, the accountants
     ("schedules", "optim"),
     # data and the step are siblings: neither imports the other (nothing about Fashion-MNIST

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import signal
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, Sto
 from fashion_func.loop import resume as resume_lib
 from fashion_func.loop.resume import RunRecord
 from fashion_func.safeio import display
+from fashion_func.scattering import DESCRIPTION, FEATURE_MODELS, PRIVACY_NOTE, ScatteringUnavailable, features
 from fashion_func.step import NormalizeImages, make_eval_step, make_train_step
 
 __all__ = ["train"]
@@ -257,7 +259,8 @@ def build_steps(
     averaging in the eval step (which evaluates the params it is given: see `evaluated`);
     private training's per-example stage (the ranks' clipped sums are added, not averaged)."""
     use_compile = device_lib.resolve_compile(cfg.compile, device)
-    pre = _preprocess(cfg)
+    fixed = model.name in FEATURE_MODELS  # its inputs: features computed once (`_features`)
+    pre = None if fixed else _preprocess(cfg)
     train_loss = None
     if cfg.label_smoothing > 0:  # training loss only: validation reports plain cross-entropy
         train_loss = functools.partial(losses.cross_entropy_per_example, label_smoothing=cfg.label_smoothing)
@@ -270,7 +273,7 @@ def build_steps(
         model,
         tx,
         loss=train_loss,
-        preprocess=_train_preprocess(cfg),
+        preprocess=None if fixed else _train_preprocess(cfg),
         precision=cfg.precision,
         compile=use_compile,
         topk=cfg.topk,
@@ -373,7 +376,7 @@ def train(
             budget.check(cfg, device)
         from_path = resume_lib.resume_path(run.path, resume)
         saved = _resumable(cfg, from_path) if from_path is not None else None
-        train_split, val_split, test_split = _splits(cfg, device)
+        train_split, val_split, test_split = _features(cfg, run.log, *_splits(cfg, device))
         n_train = len(train_split.labels)
         dp = private.plan(cfg, n_train, from_path, saved)
         steps_per_epoch = dp.steps_per_epoch if dp else data.num_batches(n_train, cfg.batch_size)
@@ -469,7 +472,43 @@ def _metadata(cfg: Config, model: models.Model, dp: private.Plan | None = None) 
     # and the model's constructor arguments: a reader builds it without guessing from shapes
     out = {"config": cfg.to_dict(), "model": cfg.model, "model_hparams": model.hparams,
            "normalize_mean": pre.mean, "normalize_std": pre.std}  # fmt: skip
-    return {**out, "privacy": dp.record()} if dp is not None else out
+    if model.name in FEATURE_MODELS:  # no mean or std: fixed features of images / 255
+        out = {k: v for k, v in out.items() if not k.startswith("normalize_")}
+        out["features"] = DESCRIPTION
+    return {**out, "privacy": {**dp.record(), **_data_statistics(cfg, model)}} if dp is not None else out
+
+
+def _data_statistics(cfg: Config, model: models.Model) -> dict[str, str]:
+    """What a private run records of the training data's statistics its model uses: epsilon
+    covers the steps only, so a statistic the model uses is named here (the dataset's mean and
+    std are constants computed from the training images without noise)."""
+    if model.name in FEATURE_MODELS:
+        return PRIVACY_NOTE
+    pre = _preprocess(cfg)
+    if cfg.normalize == "tutorial":  # 0.5 and 0.5: no statistic of the data
+        return {"data_statistics": "none", "normalisation": f"(images / 255 - {pre.mean}) / {pre.std}"}
+    return {"data_statistics": f"normalize_mean {pre.mean}, normalize_std {pre.std}: the training "
+            "images' pixel mean and std, constants not noised and not counted in epsilon"}  # fmt: skip
+
+
+def _features(cfg: Config, log: Any, *splits: data.Split | None) -> tuple[Any, ...]:
+    """The splits as the model takes them: for a model of ScatterNet features
+    (`FEATURE_MODELS`) each image's features, computed here once for the whole run
+    (the steps take them as they are); the images, for the other models."""
+    if cfg.model not in FEATURE_MODELS:
+        return splits
+    if cfg.crop_padding or cfg.flip or cfg.cutout or cfg.tta:
+        raise RunError(f"--model {cfg.model} trains on features of the images computed once: --crop-padding, "
+                       "--flip, --cutout and --tta, which change the images, do not apply")  # fmt: skip
+    start = time.perf_counter()
+    try:
+        out = tuple(None if s is None else data.Split(features(s.images), s.labels, s.source)
+                    for s in splits)  # fmt: skip
+    except ScatteringUnavailable as exc:
+        raise RunError(str(exc)) from None
+    n = sum(len(s.labels) for s in splits if s is not None)
+    log.info(f"features of {n} images ({DESCRIPTION}) in {time.perf_counter() - start:.1f} s")
+    return out
 
 
 def _splits(cfg: Config, device: torch.device) -> tuple[data.Split, data.Split, data.Split | None]:

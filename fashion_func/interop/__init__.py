@@ -40,7 +40,7 @@ from fashion_func.interop.torch_io import (  # noqa: F401
     split_state,
     to_module,
 )
-from fashion_func.interop.torch_modules import DPCNN, MLP, AlexNet, ResNet, SimpleNet, SimpleNetBN
+from fashion_func.interop.torch_modules import DPCNN, MLP, AlexNet, ResNet, ScatterNet, SimpleNet, SimpleNetBN
 from fashion_func.interop.weights_file import known_normalization, load_weights_file, normalization  # noqa: F401
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "MLP",
     "AlexNet",
     "ResNet",
+    "ScatterNet",
     "SimpleNet",
     "SimpleNetBN",
     "flax_module",

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch import nn as tnn
 
-from fashion_func import atomic, checkpoint, data, models, preprocess
+from fashion_func import atomic, checkpoint, data, models, preprocess, scattering
 from fashion_func.interop.torch_io import to_module
 from fashion_func.interop.torch_modules import hparams_from_params
 from fashion_func.interop.weights_file import finite_number
@@ -35,6 +35,17 @@ class _ImagesToLogits(tnn.Module):
         return self.module(preprocess.normalize(images, self.mean, self.std))  # [B, 1, 28, 28] float32
 
 
+class _FeaturesToLogits(tnn.Module):
+    """uint8 images `[B, 28, 28]` -> logits: `scattering.Scattering`'s features, then the model."""
+
+    def __init__(self, module: tnn.Module) -> None:
+        super().__init__()
+        self.features, self.module = scattering.Scattering(), module
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.module(self.features(images))  # [B, 81, 7, 7] float32
+
+
 ONNX_INPUT = "images"  # uint8 [B, 28, 28], raw pixel values 0..255
 ONNX_OUTPUT = "logits"  # float32 [B, classes]
 
@@ -52,7 +63,8 @@ def save_onnx(
     """Write the model with `weights` as an ONNX file that ONNX Runtime runs, atomically.
 
     Input `images`: uint8 `[B, 28, 28]`, raw pixels (batch size free), normalised in the graph as
-    `preprocess.normalize` does with `mean`, `std` (the weights' own: `normalization(metadata)`).
+    `preprocess.normalize` does with `mean`, `std` (the weights' own: `normalization(metadata)`;
+    a model of ScatterNet features, `scattering.FEATURE_MODELS`, has `scattering.Scattering` there).
     Output `logits`: float32 `[B, classes]`. The model is `to_module(model_name, weights,
     **hparams)` (`hparams`: what the shapes do not say, dpcnn's `groups`) in eval mode, exported
     by `torch.onnx.export(dynamo=True)`, bf16/fp16 weights upcast to float32 (exact). The
@@ -83,6 +95,9 @@ def save_onnx(
             dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
             dynamo=True,
             verbose=False,
+            # kymatio's scattering is about 10,000 nodes: onnxscript's rewriter took 2 minutes more over
+            # them (measured), and ONNX Runtime, which optimises at load, ran the result no faster
+            optimize=model_name not in scattering.FEATURE_MODELS,
         )
     proto = program.model_proto
     props = _props(model_name, num_classes, mean, std)
@@ -106,6 +121,8 @@ def _images_to_logits(
         for k, v in weights.items()
     }
     module = to_module(model_name, cpu32, **hparams)
+    if model_name in scattering.FEATURE_MODELS:  # its inputs are fixed features of the images
+        return _FeaturesToLogits(module).eval()
     model = models.get(model_name, **{**hparams_from_params(model_name, cpu32), **hparams})
     if model.input_shape not in ((1, 28, 28), (28 * 28,)):
         raise ValueError(f"{model_name} takes inputs {list(model.input_shape)}, not 28x28 images")
@@ -124,6 +141,8 @@ def _props(model_name: str, num_classes: int, mean: float, std: float) -> dict[s
         "normalize_std": repr(float(std)),
         "normalization": "in the graph: x = (images / 255 - normalize_mean) / normalize_std, [B,1,28,28]",
     }
+    if model_name in scattering.FEATURE_MODELS:  # no mean or std: the features of images / 255
+        props.update(normalize_mean="none", normalize_std="none", normalization=scattering.DESCRIPTION)
     if num_classes == len(data.CLASS_NAMES):
         props["classes"] = json.dumps(list(data.CLASS_NAMES))
     return props

@@ -16,7 +16,7 @@ from torch import nn as tnn
 
 from fashion_func import models
 
-__all__ = ["DPCNN", "MLP", "AlexNet", "ResNet", "SimpleNet", "SimpleNetBN"]
+__all__ = ["DPCNN", "MLP", "AlexNet", "ResNet", "ScatterNet", "SimpleNet", "SimpleNetBN"]
 
 
 class MLP(tnn.Module):
@@ -155,6 +155,19 @@ class DPCNN(tnn.Module):
         return self.fc2(torch.tanh(self.fc1(torch.flatten(x, 1))))  # (c h w) order
 
 
+class ScatterNet(tnn.Module):
+    """The linear classifier on ScatterNet features of `models.scatternet`: `[B, 81, 7, 7]` ->
+    `nn.GroupNorm(27, 81, affine=False)`, flatten, `fc` (`scattering.Scattering` makes the inputs)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.gn = tnn.GroupNorm(27, 81, affine=False)
+        self.fc = tnn.Linear(81 * 7 * 7, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.gn(x), 1))  # (c h w) order
+
+
 _MODULES: dict[str, type[tnn.Module]] = {
     "mlp": MLP,
     "simplenet": SimpleNet,
@@ -162,6 +175,7 @@ _MODULES: dict[str, type[tnn.Module]] = {
     "alexnet": AlexNet,
     "resnet": ResNet,
     "dpcnn": DPCNN,
+    "scatternet": ScatterNet,
 }
 NAMES: tuple[str, ...] = tuple(_MODULES)  # the architectures with a plain module, in matching order
 
@@ -176,6 +190,8 @@ def hparams_from_params(name: str, params: Mapping[str, Tensor]) -> dict[str, An
             return {"D_in": d_in, "H": h, "D_out": params["linear2.weight"].shape[0]}
         if name in ("simplenet", "simplenet_bn"):
             return {"num_classes": params["fc2.weight"].shape[0]}
+        if name == "scatternet":
+            return {"num_classes": params["fc.weight"].shape[0]}
         if name == "alexnet":
             return {"num_classes": params["fc3.weight"].shape[0]}
         if name == "resnet":
