@@ -244,9 +244,8 @@ def _class_outputs(outputs: Outputs, labels: Tensor, classes: _Classes) -> dict[
 
 @dataclass(frozen=True)
 class StepOptions:
-    """The keywords of the step builders (`make_train_step`, `make_eval_step`, `stages` and
-    `ensemble.make_train_step` / `make_eval_step`) and their defaults, checked when a builder
-    is called (a one-line ValueError/TypeError).
+    """The step builders' keywords and defaults, checked when a builder is called (a one-line
+    ValueError/TypeError).
 
     loss: `(outputs, targets) -> per-example losses [B]` or `(losses [B], {name: [B]})`, given
         the model's outputs whole; the step minimises the mean. None: cross-entropy of the
@@ -260,10 +259,8 @@ class StepOptions:
         Master weights, the loss and the optimizer stay float32.
     compile: True compiles the whole step; "update" only the optimizer update (its elementwise
         passes fuse into one); False: eager. An eval step runs "update" eagerly.
-    topk: also count `top{k}_correct`; by default a train step counts none, an eval step the
-        top 5 (`EVAL_DEFAULTS`).
-    tta (eval steps only): test-time augmentation, the prediction is the mean of the
-        probabilities of each image and its left-right mirror image (`logits`: the log of it).
+    topk: also count `top{k}_correct` (default: none in a train step, 5 in an eval step).
+    tta (eval steps only): predict the mean probabilities of each image and its mirror image.
     class_output: the output the accuracy metrics and the default loss read: a dict's key
         (default "logits"; missing: a one-line ValueError at the first call) or a tuple's index
         (default 0).
@@ -271,7 +268,7 @@ class StepOptions:
         class logits with another column count are a one-line ValueError at the first call.
     device_type (train steps only): the autocast device type; None: the inputs' device's.
     reduce_grads (train steps only): a pure `grads -> grads` stage before the update (the
-        data-parallel all-reduce, `fashion_func.distributed`), compiled with the step.
+        data-parallel all-reduce), compiled with the step.
     per_example (train steps only): DP-SGD's stage (`privacy.clip_and_noise`): each kept
         example's gradient is clipped and summed, `reduce_grads` (then a sum:
         `group.all_reduce_sum`) adds the ranks' sums, noise from (rng, step) is added and the sum
@@ -475,9 +472,8 @@ class Stages:
 
     gradients: `CoreIn -> (grads, new model state, metric sums)`, everything before the update.
     update: `(params, grads, opt_state, step) -> (params, opt_state, step)`; None without an optimizer.
-    evaluate: `(params, model_state, inputs, targets) -> per-example outputs` (the eval step's).
-    outputs: `(logits, targets) -> per-example outputs` of given logits (loss, extras, correct, ...).
-    name, needs_state: the model's name; whether it is a `Model` that must be given a model state.
+    evaluate: `(params, model_state, inputs, targets) -> per-example outputs`; outputs: the same
+    of given logits. name, needs_state: the model's name; whether it needs a model state.
     """
 
     gradients: Callable[[CoreIn], tuple[Params, ModelState, dict[str, Tensor]]]
@@ -764,9 +760,8 @@ def _evaluate_fn(
     precision: str,
     tta: bool,
 ) -> Callable[[Params, ModelState, Tensor, Tensor], dict[str, Tensor]]:
-    """`(params, model_state, inputs, targets) -> per-example outputs`, in inference mode
-    (running statistics, no dropout). Not under `no_grad`: `torch.func.grad` differentiates
-    through it; called with params that require no gradient it records no graph anyway."""
+    """`(params, model_state, inputs, targets) -> per-example outputs`, in inference mode; not
+    under `no_grad`, so `torch.func.grad` differentiates through it."""
 
     def logits_of(params: Params, model_state: ModelState, x: Tensor) -> Outputs:
         with _autocast(precision, x.device.type):
