@@ -74,9 +74,8 @@ class _Epoch:
 
 
 class _Driver:
-    """One call of `fit`: the mutable run (state, lr, history) and the methods that move it on;
-    the callbacks' actions are carried out by the `Actions` it holds, what divergence does by
-    its `members` policy (one model or a stack)."""
+    """One call of `fit`: the mutable run (state, lr, history) and the methods that move it on,
+    with its `Actions` (the callbacks') and `members` policy (divergence)."""
 
     def __init__(self, state, train_step, train_data, *, epochs, eval_step, val_data, callbacks,
                  run, metadata, max_steps, progress, log, weights=None, group=None,
@@ -214,11 +213,8 @@ class _Driver:
                     disable=not self.progress)  # fmt: skip
 
     def train_epoch(self, epoch: int) -> bool:
-        """Run one epoch; False when it was cut short by `max_steps` (a signal raises).
-
-        A cut that falls on the epoch's last batch still ends the epoch (evaluation, history,
-        callbacks), so it is never left finished but unrecorded.
-        """
+        """Run one epoch; False when `max_steps` cut it short (a signal raises). A cut on the
+        epoch's last batch still ends (records) the epoch."""
         ep = self._begin_epoch(epoch)
         bar = self._bar(ep)
         host_step = _host_step(self.state.step)  # mirrors state.step on the host: checking it costs no sync
