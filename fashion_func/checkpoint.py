@@ -6,12 +6,10 @@ whole pytree (``TrainState``) under its leaves' paths (``params/conv1.weight``,
 structure for exact resume; ``fashion_func.weights``, a flat dict under plain ``nn.Module`` names,
 so ``module.load_state_dict(safetensors.torch.load_file(p))`` works without this library.
 
-Metadata (format version 2, the only one read): a string value is stored as it is, any other
-JSON-encoded (``"epoch": "3"``), and ``__json__`` lists the JSON-encoded keys, so ``"3"`` the
-string and 3 the number stay apart (`encode_metadata` / `decode_metadata`; `interop`'s files
-follow it too). Writes go through `atomic.write_bytes`, so a crash leaves the old file or the new
-one; loading checks everything (`safetensors_io`; format, template, finiteness) before returning
-anything, every problem a one-line `CheckpointError` naming the file. Nothing here unpickles.
+Metadata (format version 2, the only one read): `encode_metadata` / `decode_metadata`. Writes
+are atomic (`atomic.write_bytes`); loading checks format, template and finiteness before
+returning anything, every problem a one-line `CheckpointError` naming the file. Nothing here
+unpickles.
 """
 
 from __future__ import annotations

@@ -4,16 +4,9 @@
     for x, y in batches(split, 128, seed=0, epoch=3):
         logits = model.apply(params, normalize(x))  # normalize runs inside the (compiled) step
 
-Where the files come from (`locate`), in this order:
-
-1. an explicit `data_dir`; if it lacks the files that is an error, never a fall-back;
-2. `$FASHION_MNIST_DIR`;
-3. `./dataset/fashion` under the current directory (also torchvision's `./dataset/fashion/FashionMNIST/raw`);
-4. `/usr/share/datasets/fashion-mnist` (Debian package `dataset-fashion-mnist`);
-5. with `download=True`, torchvision's downloader into `./dataset/fashion`.
-
-Each of the four IDX files may be plain or gzip-compressed. Files are parsed with `struct` and
-`numpy.frombuffer`; nothing is unpickled.
+`locate` tries an explicit `data_dir` (never falling back), else `$FASHION_MNIST_DIR`, else
+`./dataset/fashion` and `/usr/share/datasets/fashion-mnist`, then downloads with torchvision.
+The four IDX files may be plain or gzipped; they are parsed with `struct`, nothing unpickled.
 
 `CLASS_NAMES` are the ten labels' names (`NUM_CLASSES`); `MEAN` and `STD` are the training
 set's pixel statistics that `normalize` uses by default (from `preprocess`).
@@ -262,10 +255,9 @@ def _open_idx(path: Path) -> Iterator[BinaryIO]:
 
 
 def _idx_stream(path: Path, max_count: int) -> tuple[bytes, tuple[int, ...], bytes]:
-    """(header, its dimensions, body) of an IDX file, the body read only up to what the header
-    declares: that size is checked against `max_count` examples before anything else is read,
-    and a stream that goes on past it is refused after one byte more (a gzip bomb costs no more
-    memory than a valid file)."""
+    """(header, its dimensions, body) of an IDX file, the declared size checked against
+    `max_count` before the body is read, and never more than one byte past it read (a gzip
+    bomb costs no more memory than a valid file)."""
     with _open_idx(path) as f:
         head = _read_exact(f, 4)
         if len(head) < 4:
@@ -385,16 +377,14 @@ def _splitmix64(x: int) -> int:
 
 
 def _order_seed(seed: int, epoch: int) -> int:
-    """The generator seed for (seed, epoch): splitmix64(splitmix64(seed) ^ epoch), both taken
-    mod 2**64. Mixing through a bijective hash (rather than, say, seed + epoch) keeps (seed=1,
-    epoch=0) and (seed=0, epoch=1) apart, and gives unrelated orders for consecutive epochs."""
+    """splitmix64(splitmix64(seed) ^ epoch), both mod 2**64: unlike seed + epoch, (1, 0) and
+    (0, 1) stay apart and consecutive epochs get unrelated orders."""
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (epoch & _MASK64))
 
 
 def batch_order(n: int, seed: int, epoch: int) -> Tensor:
-    """A permutation of range(n) (int64, on the CPU) that is a pure function of (n, seed, epoch):
-    drawn with a local torch.Generator seeded by `_order_seed(seed, epoch)`, the global RNG
-    neither read nor advanced, so resuming at `epoch` reproduces the order exactly."""
+    """A permutation of range(n) (int64, CPU), a pure function of (n, seed, epoch) drawn with a
+    local generator: the global RNG is neither read nor advanced."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     generator = torch.Generator(device="cpu").manual_seed(_order_seed(int(seed), int(epoch)))
@@ -501,10 +491,9 @@ def poisson_batches(
     start: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """`steps` Poisson-sampled batches `(images [P, 28, 28], labels [P], mask [P] bool)`: each
-    example joins each batch independently with probability `sample_rate`, a pure function of
-    (seed, epoch, step). The batch is padded to the fixed `physical_batch_size` P (so a compiled
-    step sees one shape); padding has mask False. A batch of more than P examples (see
-    `poisson_capacity`) keeps the P whose draws were smallest, an unbiased choice among them."""
+    example joins each batch with probability `sample_rate`, a pure function of (seed, epoch,
+    step), padded (mask False) to `physical_batch_size` P; a batch of more than P keeps the P
+    whose draws were smallest, an unbiased choice."""
     # checked here, not when the first batch is asked for (the batches are a generator)
     privacy.check_sample_rate(sample_rate)
     _check_physical(physical_batch_size)

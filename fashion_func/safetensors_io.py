@@ -1,13 +1,10 @@
 """safetensors files read defensively and written from tensors; nothing here knows a TrainState.
 
-`read` takes a regular file only and checks its 8-byte length prefix before reading on (a
-multi-gigabyte file that is not safetensors fails unread); `parse_header` validates the header
-once, as the safetensors reference implementation requires (strict JSON without duplicate keys,
-string metadata, known dtypes, shapes, offsets that match the shapes and tile the data region),
-so a header read alone (`checkpoint.inspect`) is checked as fully as a file loaded;
-`decode_tensors` adds what safetensors does not refuse (non-finite values); `check_template`
-compares a header with the names, shapes and dtypes expected. `host_copies` and `to_bytes` write.
-Every problem with a file is a one-line `CheckpointError` naming it; nothing unpickles.
+`read` (a regular file, its length prefix checked before reading on) and `parse_header` (as
+strict as the reference implementation) check a header as fully alone as in a file loaded;
+`decode_tensors` also refuses non-finite values; `check_template` compares a header with what is
+expected. `host_copies` and `to_bytes` write. Every problem is a one-line `CheckpointError`
+naming the file; nothing unpickles.
 """
 
 from __future__ import annotations

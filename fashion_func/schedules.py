@@ -6,16 +6,12 @@
   built from arithmetic, `cos`, clamps and selections alone: no branch on the tensor's value,
   no host sync, so it runs inside a compiled step (`optim.scale_by_schedule`).
 
-Both ways compute one formula, the closed form of torch's scheduler where there is one, so a
-value depends on the step alone (exact resume). A negative step (and for `onecycle` a step
-past its end) is a ValueError on ints; tensors are not checked (that would sync the host).
-The module is plain Python: tensors are handled through their own methods (`cos`, `clamp`,
-`where`), never by importing torch.
+Both ways compute one formula (torch's closed form where there is one), so a value depends on
+the step alone. A negative step (for `onecycle` also one past its end) is a ValueError on ints;
+tensors are not checked (that would sync the host). The module never imports torch.
 
-Each schedule (of type `Schedule`: `step -> value`) says what it is: a `DescribedSchedule`
-whose `description` is data that an export reads (`interop.optax_optimizer`), never the
-closure. `Description` is also what `optim`'s transforms carry; it is defined here, the lower
-of the two modules, and public as `optim.Description`.
+Each schedule (of type `Schedule`) is a `DescribedSchedule` whose `description` is data an export
+reads (`interop.optax_optimizer`); `Description` is public as `optim.Description`.
 """
 
 from __future__ import annotations

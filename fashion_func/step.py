@@ -1,16 +1,13 @@
 """The pure, compiled training and evaluation steps, and per-example research helpers.
 
-`train_step(state, batch) -> (state, metrics)`: `batch` is `(inputs, targets)` already on
-the device. Preprocessing, the forward pass, the loss, the gradient
-(`torch.func.grad_and_value`) and the optimizer update all happen inside one compiled
-function, which never synchronises with the host. A stateful model (batch norm) has its
-`TrainState.model_state` threaded through.
+`train_step(state, batch) -> (state, metrics)`, `batch` `(inputs, targets)` on the device:
+preprocessing, forward, loss, gradient and optimizer update run in one compiled function that
+never synchronises with the host; a stateful model's `TrainState.model_state` is threaded through.
 
-The model is a `models.Model` or a plain function: `fn(params, x[, train=, key=]) -> logits`,
-or, when the state carries a model state (`state.create(..., model_state=...)`), a stateful
-`fn(params, x, *, train, key, state) -> (logits, new_state)`. Instead of logits a model may
-return several outputs, a dict `{name: tensor}` or a tuple: the loss and `metrics` receive them
-whole, and the accuracy metrics read the class head (`StepOptions.class_output`).
+The model is a `models.Model` or a plain function `fn(params, x[, train=, key=]) -> logits`, or,
+given a model state, `fn(params, x, *, train, key, state) -> (logits, new_state)`. It may return
+several outputs (a dict `{name: tensor}` or a tuple): the loss and `metrics` receive them whole,
+the accuracy metrics read the class head (`StepOptions.class_output`).
 
 What a step returns (the sum/count convention `loop.fit` reduces to train_* and val_* metrics):
 
@@ -25,11 +22,9 @@ What a step returns (the sum/count convention `loop.fit` reduces to train_* and 
 Extra outputs come from a loss that returns `(values [B], {name: [B]})` instead of
 `values [B]`, and from `metrics=`, a function `(outputs, targets) -> {name: [B]}`.
 
-The builders' keywords are `StepOptions`' fields, written once. Extension point:
-`stages(model, optimizer, **options)` returns the step's pure, uncompiled pieces (`Stages`);
-`Stages.train_step()` and `Stages.eval_step()` assemble and compile them. A caller may replace
-a piece first (e.g. `s.replace(gradients=torch.func.vmap(s.gradients, ...))`): that is how
-`fashion_func.ensemble` trains a stack of members in one step.
+The builders' keywords are `StepOptions`' fields. Extension point: `stages(model, optimizer,
+**options)` returns the pure, uncompiled `Stages`, which a caller may replace a piece of (as
+`fashion_func.ensemble` vmaps `gradients`) before `train_step()` / `eval_step()` compile them.
 """
 
 from __future__ import annotations
@@ -249,46 +244,37 @@ def _class_outputs(outputs: Outputs, labels: Tensor, classes: _Classes) -> dict[
 
 @dataclass(frozen=True)
 class StepOptions:
-    """The keywords of the step builders (`make_train_step`, `make_eval_step`, `stages` and
-    `ensemble.make_train_step` / `make_eval_step`) and their defaults, checked when a builder
-    is called (a one-line ValueError/TypeError).
+    """The step builders' keywords and defaults, checked when a builder is called (a one-line
+    ValueError/TypeError).
 
-    loss: `(outputs, targets) -> per-example losses [B]`, or `(losses [B], {name: [B]})` to
-        report more; it receives the outputs whole, as the model returned them, and the step
-        minimises the mean. None: cross-entropy of the class head. Another return is a
-        one-line ValueError/TypeError at the first call.
+    loss: `(outputs, targets) -> per-example losses [B]` or `(losses [B], {name: [B]})`, given
+        the model's outputs whole; the step minimises the mean. None: cross-entropy of the
+        class head. Another return is a one-line ValueError/TypeError at the first call.
     metrics: `(outputs, targets) -> {name: per-example values [B]}`, computed on the batch.
-    preprocess: a pure function of the input tensor, run inside the compiled step; the default
-        turns Fashion-MNIST uint8 `[B, 28, 28]` into normalised float (NHWC on CPU) and refuses
-        other dtypes; None uses the inputs as given (`[B, C, H, W]`, `[B, D]`, ...). One that
-        takes a `key` keyword (`augment.Augment`) is given a key derived from (rng, step), so
-        augmentation is a pure function of the seed and the step, and resume stays exact.
+    preprocess: a pure function of the inputs, run inside the compiled step; the default turns
+        Fashion-MNIST uint8 `[B, 28, 28]` into normalised float (NHWC on CPU) and refuses other
+        dtypes; None: the inputs as given. One taking a `key` keyword (`augment.Augment`) gets a
+        key derived from (rng, step), so augmentation is a function of seed and step.
     precision: "fp32"; "tf32" (the caller enables TF32 matmuls on CUDA); "bf16" autocast.
         Master weights, the loss and the optimizer stay float32.
-    compile: True compiles the whole step; "update" only the optimizer update (on CPU the
-        convolutions are oneDNN's either way, while the update's dozen elementwise passes
-        fuse into one); False: eager. An eval step has no update: "update" runs it eagerly.
-    topk: also count `top{k}_correct`; by default a train step counts none, an eval step the
-        top 5 (`EVAL_DEFAULTS`).
-    tta (eval steps only): test-time augmentation, the prediction is the mean of the
-        probabilities of each image and its left-right mirror image (`logits`: the log of it).
-    class_output: which of several outputs the accuracy metrics and the default loss read: a
-        dict's key (default "logits", a one-line ValueError at the first call if missing) or
-        a tuple's index (default 0).
-    num_classes: how many classes the labels have (default: a `Model`'s `num_classes`
-        hyperparameter); class logits with another number of columns (an aux output
-        concatenated to them) are a one-line ValueError at the first call.
+    compile: True compiles the whole step; "update" only the optimizer update (its elementwise
+        passes fuse into one); False: eager. An eval step runs "update" eagerly.
+    topk: also count `top{k}_correct` (default: none in a train step, 5 in an eval step).
+    tta (eval steps only): predict the mean probabilities of each image and its mirror image.
+    class_output: the output the accuracy metrics and the default loss read: a dict's key
+        (default "logits"; missing: a one-line ValueError at the first call) or a tuple's index
+        (default 0).
+    num_classes: the labels' class count (default: a `Model`'s `num_classes` hyperparameter);
+        class logits with another column count are a one-line ValueError at the first call.
     device_type (train steps only): the autocast device type; None: the inputs' device's.
     reduce_grads (train steps only): a pure `grads -> grads` stage before the update (the
-        data-parallel all-reduce, `fashion_func.distributed`), compiled with the step.
-    per_example (train steps only): DP-SGD's stage (`privacy.clip_and_noise`): each example's
-        gradient (`vmap(grad)`, `chunk_size` examples at a time) is clipped and summed over the
-        examples the batch keeps, `reduce_grads` (which must then sum: `group.all_reduce_sum`)
-        adds the ranks' sums, Gaussian noise drawn from (rng, step) is added and the sum divided
-        by the expected batch size. A batch may then be `(inputs, targets, mask)`
-        (`data.PoissonBatches`): masked-out examples count for nothing, in the gradient or the
-        metrics. The metrics add `clipped_sum` (examples whose gradient norm was above
-        `max_norm`). A model with a model state (batch norm mixes examples) is refused.
+        data-parallel all-reduce), compiled with the step.
+    per_example (train steps only): DP-SGD's stage (`privacy.clip_and_noise`): each kept
+        example's gradient is clipped and summed, `reduce_grads` (then a sum:
+        `group.all_reduce_sum`) adds the ranks' sums, noise from (rng, step) is added and the sum
+        divided by the expected batch size. A batch may be `(inputs, targets, mask)`
+        (`data.PoissonBatches`): masked-out examples count for nothing. The metrics add
+        `clipped_sum` (examples clipped). A model with a model state is refused.
     """
 
     loss: LossFn | None = None
@@ -482,13 +468,12 @@ def _takes_key(fn: Callable[..., Any]) -> bool:
 
 @dataclass(frozen=True)
 class Stages:
-    """The pure, uncompiled pieces a step is assembled from (the extension point: module docstring).
+    """The pure, uncompiled pieces a step is assembled from (module docstring).
 
     gradients: `CoreIn -> (grads, new model state, metric sums)`, everything before the update.
     update: `(params, grads, opt_state, step) -> (params, opt_state, step)`; None without an optimizer.
-    evaluate: `(params, model_state, inputs, targets) -> per-example outputs` (the eval step's).
-    outputs: `(logits, targets) -> per-example outputs` of given logits (loss, extras, correct, ...).
-    name, needs_state: the model's name; whether it is a `Model` that must be given a model state.
+    evaluate: `(params, model_state, inputs, targets) -> per-example outputs`; outputs: the same
+    of given logits. name, needs_state: the model's name; whether it needs a model state.
     """
 
     gradients: Callable[[CoreIn], tuple[Params, ModelState, dict[str, Tensor]]]
@@ -749,9 +734,8 @@ CHUNK_BYTES = 256 << 20  # and of at most this many bytes of gradients
 
 
 def _auto_chunk(size: int, params: Params) -> int:
-    """The default chunk: bounded in bytes (memory) and in examples. Chunks of a few hundred
-    examples ran the dpcnn step about twice as fast as one chunk of 2,320 on the CPU (the
-    gradients stay in cache); each chunk is traced again, so fewer keep compile times short."""
+    """The default chunk: bounded in bytes and in examples (a few hundred ran dpcnn twice as fast
+    as one chunk of 2,320 on CPU: the gradients stay in cache)."""
     nbytes = sum(p.numel() * p.element_size() for p in params.values())  # one example's gradients
     fit = max(1, min(size, CHUNK_EXAMPLES, CHUNK_BYTES // max(1, nbytes)))
     return -(-size // -(-size // fit))  # equal chunks: one shape, no short last chunk
@@ -776,9 +760,8 @@ def _evaluate_fn(
     precision: str,
     tta: bool,
 ) -> Callable[[Params, ModelState, Tensor, Tensor], dict[str, Tensor]]:
-    """`(params, model_state, inputs, targets) -> per-example outputs`, in inference mode
-    (running statistics, no dropout). Not under `no_grad`: `torch.func.grad` differentiates
-    through it; called with params that require no gradient it records no graph anyway."""
+    """`(params, model_state, inputs, targets) -> per-example outputs`, in inference mode; not
+    under `no_grad`, so `torch.func.grad` differentiates through it."""
 
     def logits_of(params: Params, model_state: ModelState, x: Tensor) -> Outputs:
         with _autocast(precision, x.device.type):
@@ -804,25 +787,21 @@ def _evaluate_fn(
 def make_train_step(
     model: Model | Callable[..., Any], optimizer: optim.GradientTransformation, **options: Any
 ) -> TrainStep:
-    """A pure `train_step(state, (inputs, targets)) -> (new_state, metrics)`, the metrics as the
-    module docstring says.
+    """A pure `train_step(state, (inputs, targets)) -> (new_state, metrics)` (module docstring).
 
-    model: a `Model`, or a plain function (module docstring; a TypeError naming the expected
-        form at the first call otherwise). optimizer: a `GradientTransformation`.
-    options: the keywords of `StepOptions` (a DP-SGD step with `per_example=`).
+    model: a `Model` or a plain function (otherwise a TypeError at the first call).
+    options: the keywords of `StepOptions`.
     """
     opts = StepOptions.of("make_train_step", options, train=True)
     return stages_of(model, optimizer, opts).train_step(compile=opts.compile, reduce_grads=opts.reduce_grads)
 
 
 def make_eval_step(model: Model | Callable[..., Any], **options: Any) -> EvalStep:
-    """A pure `eval_step(params_or_state, batch, model_state=None) -> per-example outputs`, as
-    the module docstring lists them; options: the keywords of `StepOptions` (topk default 5).
+    """A pure `eval_step(params_or_state, batch, model_state=None) -> per-example outputs`
+    (module docstring); options: the keywords of `StepOptions` (topk default 5).
 
-    The first argument is a `TrainState` (its params and model state are used) or a params
-    dict; a stateful model then needs `model_state` and runs in inference mode (running
-    statistics). Not run under `no_grad`: `torch.func.grad` differentiates through it, e.g.
-    `grad(lambda p: eval_step(p, batch)["loss"].mean())(params)`.
+    Given a params dict, a stateful model needs `model_state`; it runs in inference mode. Not
+    under `no_grad`: `torch.func.grad` differentiates through it.
     """
     opts = StepOptions.of("make_eval_step", options, train=False)
     return stages_of(model, None, opts).eval_step(compile=opts.compile)
@@ -849,17 +828,13 @@ def loss_fn(
 ) -> Callable[..., Any]:
     """The mean loss as a pure function of the parameters, for `torch.func` to compose over.
 
-    Returns `f(params, batch, *, key=None) -> loss` (0-d), the mean over the batch `(inputs,
-    targets)` of `loss(model(preprocess(inputs)), targets)`; for a stateful model (batch norm)
-    `f(params, batch, model_state, *, key=None) -> (loss, new_model_state)`, the form
-    `grad(f, has_aux=True)` takes. `grad`, `jvp`, `hessian` and `vmap` (over a leading axis
-    of stacked batches) compose over it, as over any function of tensors.
+    Returns `f(params, batch, *, key=None) -> loss` (0-d), the batch mean of
+    `loss(model(preprocess(inputs)), targets)`; for a stateful model
+    `f(params, batch, model_state, *, key=None) -> (loss, new_model_state)` (for `has_aux=True`).
 
-    loss, preprocess, class_output: as `StepOptions`. train: False differentiates the
-    inference-mode function (running statistics, no dropout, no augmentation); True the
-    training-mode one, dropout and an augmenting preprocess drawn from `key` as the train step
-    draws them from `nn.fold_in(state.rng, state.step)`, so `f(st.params, batch, key=...)` is
-    the loss the train step takes the gradient of.
+    loss, preprocess, class_output: as `StepOptions`. train: False is the inference-mode function
+    (no dropout, no augmentation); True the training-mode one, drawing from `key` as the train
+    step does from `nn.fold_in(state.rng, state.step)`.
     """
     forward = _forward_fn(model)
     criterion = loss or _default_loss(_classes(model, class_output=class_output))
@@ -913,12 +888,9 @@ def per_example_grads(
 ) -> Params:
     """The gradient of each example's loss: `{name: [B, *param.shape]}`, by `vmap(grad(...))`.
 
-    loss, preprocess, class_output: as `StepOptions`. Each example is run as a batch of one, so
-    a stateful model in `train=True` mode would normalise every example by itself; the default
-    `train=False` differentiates the inference-mode function (running statistics, no dropout).
-    chunk_size: examples differentiated at once (default: the DP stage's chunks, at most 512
-    examples and 256 MiB of gradients), so the work memory stays bounded beside the result,
-    which holds every example's gradient; for only their norms, `streamed_grad_norms`.
+    loss, preprocess, class_output, train: as `loss_fn` (each example runs as a batch of one, so
+    batch norm with `train=True` would normalise it by itself). chunk_size: examples
+    differentiated at once (default: at most 512 examples and 256 MiB of gradients).
     """
     if isinstance(model, Model) and model.stateful and not model_state:
         raise ValueError(f"model {model.name} is stateful: pass its model_state")
@@ -962,12 +934,9 @@ def streamed_grad_norms(
     chunk_size: int | None = None,
     **options: Any,
 ) -> Tensor:
-    """Each example's gradient norm `[N]` (the dtype and device of the gradients),
-    over one batch `(inputs, targets)` or an iterable of batches (a `DataLoader`), in order.
-
-    The gradients of `chunk_size` examples at a time are taken (`per_example_grads`, whose
-    keywords `options` are) and reduced to their norms (`per_example_grad_norms`), so memory
-    stays bounded however many examples there are: for gradient-norm data valuation over a dataset.
+    """Each example's gradient norm `[N]`, over one batch `(inputs, targets)` or an iterable of
+    batches, in order; `chunk_size` examples' gradients at a time (`per_example_grads`, whose
+    keywords `options` are), so memory stays bounded however many examples there are.
     """
     one = (
         isinstance(batches, (tuple, list))

@@ -75,10 +75,9 @@ class Stop:
 
 @dataclass(frozen=True)
 class SaveCheckpoint:
-    """Write a checkpoint of the current state: kind "last", last.safetensors (the whole TrainState and
-    callback states, the resume point); "best", best.safetensors (weights only, metadata
-    epoch/monitor/value); "epoch", a per-epoch file of `ModelCheckpoint`'s top-k. member: for "best"
-    and "epoch" in an ensemble, the member whose weights to write (a plain single-model file under
+    """Write a checkpoint: kind "last", last.safetensors (the resume point); "best",
+    best.safetensors (weights, metadata epoch/monitor/value); "epoch", a per-epoch file of
+    `ModelCheckpoint`'s top-k. member: an ensemble member's weights alone (under
     `checkpoints/member-<k>/`); None: the whole state."""
 
     kind: Literal["last", "best", "epoch"]

@@ -128,21 +128,14 @@ def to_flax(
 ) -> dict[str, Any]:
     """Weights in Flax layout and naming, as nested dicts of numpy arrays: `conv1.weight` OIHW ->
     `{"conv1": {"kernel": HWIO}}`, `fc1.weight` [out, in] -> `{"fc1": {"kernel": [in, out]}}`,
-    biases unchanged; batch norm under `flax.linen.BatchNorm`'s names (`scale`, `bias`, `mean`,
-    `var`: in eval mode, epsilon 1e-5, it computes `nn.BatchNorm2d.eval()`'s), its
-    `num_batches_tracked` dropped (Flax has no step counter), `flax_variables` splitting `params`
-    from `batch_stats`.
+    biases unchanged; batch norm as `flax.linen.BatchNorm`'s `scale`, `bias`, `mean`, `var`,
+    without `num_batches_tracked`.
 
-    The first dense layer after a conv stack takes a flattened feature map: torch's `[B, C, H, W]`
-    as (c h w), a Flax module's NHWC `x.reshape((B, -1))` as (h w c). `flatten="hwc"` (the
-    default) writes that kernel's rows in (h w c) order, so `flax_module` computes the torch
-    logits; "chw" keeps torch's. The map's (c, h, w) comes from the architecture (`model`, else
-    `identify`); an unknown one is converted without reordering, unless `flatten={layer: (c, h,
-    w)}` names the dense layers that follow a flattened map.
-
-    numpy has no bfloat16: bf16 tensors become, by `bf16_as`, "float32" (exact; the default),
-    "uint16" (the bit patterns: `a.view(ml_dtypes.bfloat16)`, `jax.lax.bitcast_convert_type(a,
-    jnp.bfloat16)`) or "bfloat16" (ml_dtypes' numpy bfloat16).
+    flatten: "hwc" (default) reorders the rows of the first dense layer after a conv stack to
+    a Flax NHWC flatten's (h w c), so `flax_module` computes the torch logits; "chw" keeps
+    torch's; `{layer: (c, h, w)}` names them for an architecture neither `model` nor `identify`
+    knows (otherwise not reordered). bf16_as: "float32" (exact, default), "uint16" (the bit
+    patterns) or "bfloat16" (ml_dtypes').
     """
     check_bf16_as(bf16_as)
     permute = _permutation(params, flatten, model)

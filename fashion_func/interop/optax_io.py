@@ -1,19 +1,15 @@
 """A training run across frameworks: our train state <-> optax / Flax, and back.
 
-`optax_optimizer(tx)` is the optax chain computing our optimizer's update (`sgd` with (Nesterov)
-momentum, `adam`, `adamw`, `lion`, `scale_by_schedule` with a `piecewise_linear` / `triangle`
-multiplier, chains of them), built from `tx`'s `description` (data: nothing here reads code).
-`to_optax` / `flax_train_state` carry a state over as Flax's collections and optax's own
-NamedTuples; `from_optax` / `from_flax_train_state` bring it back, and `save_resume` writes a
-`last.safetensors` that `scripts/train.py` resumes.
+`optax_optimizer(tx)` is the optax chain computing our optimizer's update, built from `tx`'s
+`description` (data, never code); `to_optax` / `flax_train_state` carry a state over,
+`from_optax` / `from_flax_train_state` bring it back, `save_resume` writes a resumable
+`last.safetensors`.
 
-Where optax and torch.optim differ, the chain is chosen to compute the same update: torch's L2
-weight decay (`optim.adam(weight_decay=)`, `optim.sgd`) is `optax.add_decayed_weights` placed
-*before* the preconditioner, AdamW's after it; the bias correction and `eps` outside the square
-root are optax's `scale_by_adam` (with the same `eps_root`) up to rounding. What optax cannot
-compute is refused with one line naming the difference (SGD dampening, our gradient clipping's
-`+ 1e-6`, the moving average of the weights, our noise's generator), and so is a transform
-written by hand without a description. jax, flax and optax are imported only inside functions.
+Where optax and torch.optim differ, the chain computes the same update: torch's L2 weight decay
+is `optax.add_decayed_weights` *before* the preconditioner, AdamW's after it. What optax cannot
+compute (SGD dampening, our clipping's `+ 1e-6`, the weights' moving average, our noise's
+generator, a transform without a description) is refused in one line naming the difference.
+jax, flax and optax are imported only inside functions.
 """
 
 from __future__ import annotations
@@ -252,11 +248,10 @@ def to_optax(
     source: TrainState | str | os.PathLike[str], tx: optim.GradientTransformation, *, model: str | None = None
 ) -> tuple[Any, Any]:
     """`(params, opt_state)` for optax of our state (a `TrainState`, or a `last.safetensors` path)
-    whose optimizer is `tx`: Flax's `params` collection (`to_flax` layout) and what
-    `optax_optimizer(tx, ...).init` makes, holding our moments and counters (optax's
-    `ScaleByAdamState`, `TraceState`, ...; tuples for chains); continue with `optax_optimizer(tx,
-    state.opt_state)` or `flax_train_state`. The model is `model`, the file's metadata, else
-    recognised from the weights. float64 states need `jax_enable_x64`."""
+    whose optimizer is `tx`: Flax's `params` collection (`to_flax` layout) and the state
+    `optax_optimizer(tx, ...).init` makes, holding our moments and counters. The model is
+    `model`, the file's metadata's, else recognised from the weights. float64 needs
+    `jax_enable_x64`."""
     state, meta = _source(source, tx)
     if state.step.dim() != 0:
         raise ValueError("a stacked (ensemble or sweep) state does not convert to optax; convert one member")
@@ -407,12 +402,10 @@ def from_flax_train_state(ts: Any, like: TrainState | str | os.PathLike[str], tx
 def save_resume(
     path: str | os.PathLike[str], state: TrainState, like: str | os.PathLike[str], *, epochs: int
 ) -> None:
-    """Write `state` as a `last.safetensors` that `scripts/train.py` resumes from. `like` is the resume
-    point the run was converted from: its metadata is kept, with `epochs` (the whole epochs trained
-    elsewhere, >= 1) more counted as done and the state's lr. ValueError (one line) unless the state
-    stands where those epochs end (`like`'s step plus `epochs` x its steps per epoch), for a
-    checkpoint cut mid-epoch, and for a private run's (its epsilon would not cover steps trained
-    elsewhere). In a run directory (`<run>/checkpoints/`) `path` is written holding the run's lock
+    """Write `state` as a `last.safetensors` that `scripts/train.py` resumes from: `like`'s (the
+    resume point converted from) metadata, with `epochs` (>= 1, trained elsewhere) more done and
+    the state's lr. ValueError (one line) unless the state stands where those epochs end, and for
+    a mid-epoch or private `like`. In a run directory `path` is written holding the run's lock
     (`loop.RunError` while a run trains there)."""
     record = RunRecord.from_meta(_resume_point_of(state, like, epochs))  # the checked record
     try:

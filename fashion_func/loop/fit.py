@@ -74,9 +74,8 @@ class _Epoch:
 
 
 class _Driver:
-    """One call of `fit`: the mutable run (state, lr, history) and the methods that move it on;
-    the callbacks' actions are carried out by the `Actions` it holds, what divergence does by
-    its `members` policy (one model or a stack)."""
+    """One call of `fit`: the mutable run (state, lr, history) and the methods that move it on,
+    with its `Actions` (the callbacks') and `members` policy (divergence)."""
 
     def __init__(self, state, train_step, train_data, *, epochs, eval_step, val_data, callbacks,
                  run, metadata, max_steps, progress, log, weights=None, group=None,
@@ -214,11 +213,8 @@ class _Driver:
                     disable=not self.progress)  # fmt: skip
 
     def train_epoch(self, epoch: int) -> bool:
-        """Run one epoch; False when it was cut short by `max_steps` (a signal raises).
-
-        A cut that falls on the epoch's last batch still ends the epoch (evaluation, history,
-        callbacks), so it is never left finished but unrecorded.
-        """
+        """Run one epoch; False when `max_steps` cut it short (a signal raises). A cut on the
+        epoch's last batch still ends (records) the epoch."""
         ep = self._begin_epoch(epoch)
         bar = self._bar(ep)
         host_step = _host_step(self.state.step)  # mirrors state.step on the host: checking it costs no sync
@@ -483,58 +479,44 @@ def fit(
 
     train_data, val_data: a function `epoch -> iterable of batches` (e.g. `data.EpochBatches`)
         or an iterable run through once per epoch (a `DataLoader`, a list of batches).
-    train_step: `(state, batch) -> (state, metrics)`; metrics are 0-d device tensors, sums
-        over the batch, added up over the epoch on the device (and over the ranks with a
-        group) and divided by the summed `count` (by the number of steps without one):
-        `loss_sum` -> train_loss, `correct` -> train_acc, `top{k}_correct` -> train_top{k},
-        `<name>_sum` -> train_<name>, any other key -> train_<key>. `[K]` tensors from an
-        ensemble step are reported per member (`_m0`, ...), with their mean and std.
-    eval_step: `(state, batch) -> per-example tensors` (`make_eval_step`), run on `val_data`
-        after each epoch and averaged over it (`evaluate`: val_loss, val_acc, ...). Every
-        metric goes to the history, the log and TensorBoard alike.
+    train_step: `(state, batch) -> (state, metrics)`; metrics are 0-d device tensors, sums over
+        the batch, added up over the epoch (and the ranks) and divided by the summed `count`
+        (else the step count): `loss_sum` -> train_loss, `correct` -> train_acc,
+        `top{k}_correct` -> train_top{k}, `<name>_sum` -> train_<name>, other keys ->
+        train_<key>. An ensemble's `[K]` tensors are reported per member (`_m0`, ...), with
+        their mean and std.
+    eval_step: `(state, batch) -> per-example tensors` (`make_eval_step`), averaged over
+        `val_data` after each epoch (`evaluate`: val_loss, val_acc, ...).
     callbacks: pure event handlers (`fashion_func.callbacks`); `fit` carries out their actions.
-    run_dir: None writes nothing. A path (or an opened `RunDir`) is locked for the run and
-        receives train.log and checkpoints/last.safetensors (exact resume, every epoch), and
-        what the callbacks ask for: history.json and the plots (TrainingMonitor),
-        tensorboard/ (TensorBoardLogger), best and per-epoch weights (ModelCheckpoint);
+    run_dir: None writes nothing. A path (or an opened `RunDir`) is locked for the run and gets
+        train.log, checkpoints/last.safetensors (every epoch) and what the callbacks ask for;
         SIGINT/SIGTERM then save mid-epoch and raise `Interrupted`.
     resume: "auto" (the run directory's last.safetensors, if any), a checkpoint path, or a
-        `ResumePoint` already loaded; the run continues exactly where it stopped.
+        loaded `ResumePoint`; the run continues exactly where it stopped.
     overwrite: start afresh in a run directory that already holds a run.
-    metadata: JSON-serialisable values stored in every checkpoint (e.g. a config, a model name).
+    metadata: JSON-serialisable values stored in every checkpoint.
     max_steps: stop (after saving last.safetensors) once the state reaches this step.
     progress: a tqdm progress bar of each epoch's steps on stderr.
     log: where messages go (default: the run's train.log and stdout, else `fashion_func`'s logger).
     weights: what best and per-epoch files hold, from the state (default: params and model
-        state); e.g. `lambda st: {**optim.ema_params(st.opt_state), **st.model_state}` keeps
-        the moving average of an `optim.ema` transform.
-    group: data parallel (`fashion_func.distributed.Group`): this process is one of the ranks
-        training one model; `train_step` all-reduces the gradients and `train_data` /
-        `val_data` give this rank's part. The epoch's metric sums are added over the ranks
-        once per epoch, a signal on any rank stops all of them after the same step (checked
-        every `group.stop_check_every` steps), and only the rank given a `run_dir` (rank 0)
-        writes: the others pass None.
-    lr_schedule: the schedule of a `optim.scale_by_schedule` in the optimizer's chain; the
-        history's `lr` is then the one the epoch's last step applied (the `lr` hyperparameter
-        times the schedule there), read from the state. Without it such a chain's `lr`
-        hyperparameter is logged as `base_lr` (never as `lr`: it is not the rate applied).
-    allow_inexact_resume: a checkpoint cut mid-epoch continues exactly only with `train_data`
-        that can start there: `data.EpochBatches`, a function `epoch -> batches` taking
-        `start=`, or an object with `state_dict()` / `load_state_dict()` (torchdata's
-        `StatefulDataLoader`: its state is saved in last.safetensors). Anything else (a list, a
-        shuffled `DataLoader`) is named in a warning when a run with a run directory starts,
-        and refused (RunError) when resumed mid-epoch, unless this is True: then the batches
-        already seen are drawn again and dropped. last.safetensors also records the global
-        random generators where the data source stood (`loop.rngs`), and a resume sets them
-        back: a dataset that augments from them continues exactly.
-    privacy: private training (`privacy.Accountant`): the metrics get `epsilon`, the guarantee
-        (at the accountant's delta) after the steps taken so far (a sweep over noise
-        multipliers: each member's `epsilon_m<k>`, `epsilon` the largest); with a
-        `target_epsilon`, the run stops before an epoch whose steps would pass it. It must
-        describe the run (`privacy.check_accountant`: the step's `per_example=` noise, Poisson
-        batches at its sample rate; a ValueError otherwise). A resumed checkpoint's record must
-        match it, the step's clipping norm and the state's step count (`privacy.check_record`),
-        else `checkpoint.CheckpointError`: never reported with a smaller epsilon.
+        state), e.g. `lambda st: {**optim.ema_params(st.opt_state), **st.model_state}`.
+    group: data parallel (`fashion_func.distributed.Group`): `train_step` all-reduces the
+        gradients and the data gives this rank's part; metric sums are added over the ranks
+        once per epoch, a signal on any rank stops all after the same step, and only the rank
+        given a `run_dir` (rank 0) writes.
+    lr_schedule: the schedule of an `optim.scale_by_schedule` in the chain: the history's `lr`
+        is then the one the epoch's last step applied; without it such a chain's `lr`
+        hyperparameter is logged as `base_lr`.
+    allow_inexact_resume: a mid-epoch checkpoint continues exactly only with `train_data` that
+        can start there (`data.EpochBatches`, a function taking `start=`, or an object with
+        `state_dict()` / `load_state_dict()`). Other data is warned about at the start and
+        refused (RunError) on a mid-epoch resume unless this is True: then the batches already
+        seen are drawn again and dropped. The global generators are saved and restored too.
+    privacy: private training (`privacy.Accountant`): the metrics get `epsilon` after the steps
+        so far (a sweep: `epsilon_m<k>`, `epsilon` the largest); with a `target_epsilon`, the
+        run stops before an epoch that would pass it. It must describe the run
+        (`privacy.check_accountant`, else ValueError), and a resumed checkpoint's record must
+        match it (`privacy.check_record`, else `checkpoint.CheckpointError`).
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")

@@ -28,16 +28,13 @@ __all__: list[str] = []
 class RunRecord:
     """What a run's `last.safetensors` records beside its state, read back whole on resume.
 
-    The one place that knows the checkpoint's metadata keys (`to_meta` / `from_meta`); the
-    layout is the checkpoint format's (`VERSION`). settings: what the caller's `metadata=`
-    gave (a config, a model name, ...), kept as given. epoch: the epochs finished. splits:
-    which images the run trains, selects and tests on (the command line's). in_epoch: a cut
-    epoch's batch to continue from, its batching (batch size or sample rate), partial sums,
-    first non-finite step and time; else None. data_state: a stateful source's position at
-    an epoch's end. callbacks: each callback's state by name. history: one record per
-    finished epoch. diverged_members: a stack's diverged members ({member, epoch, step}).
-    privacy: the privacy record (`privacy.check_record`). rng_states: the global generators'
-    (`rngs`). lr: the optimizer's lr as last set, a copy for readers (the state is the truth).
+    The one place that knows the metadata keys (`to_meta` / `from_meta`; layout `VERSION`).
+    settings: the caller's `metadata=`, as given. epoch: the epochs finished. splits: the images
+    trained, selected and tested on. in_epoch: a cut epoch's batch to continue from, batching,
+    partial sums, first non-finite step and time. data_state: a stateful source's position at
+    an epoch's end. callbacks: states by name. history: one record per finished epoch.
+    diverged_members: {member, epoch, step} each. privacy: `privacy.check_record`'s record.
+    rng_states: the global generators' (`rngs`). lr: a copy for readers (the state is the truth).
     """
 
     VERSION: ClassVar[str] = checkpoint.FORMAT_VERSION
@@ -174,13 +171,10 @@ class Problem:
 
 def compatible(saved: RunRecord, now: RunRecord, *, steps: int | None = None) -> list[Problem]:
     """Why the run recorded in `saved` cannot continue as the run `now` (empty: it can), at
-    most one problem per setting.
-
-    The same model (`settings["model"]`, when both name one); the same images (`splits`, when
-    both record them); for a private run (`now.privacy`), a saved privacy record that is what
-    it enforces, and with `steps` (the state's step count) that many steps
-    (`privacy.check_record`, the one rule for it); a saved private run's batch size; each
-    setting both hold fixed (`held`, `members`) the same; no optimizer part added or removed.
+    most one problem per setting: another model or splits (where both record one), a privacy
+    record that is not what `now` enforces (over `steps` steps: `privacy.check_record`), a
+    private run's batch size, a `held` or `members` setting changed, an optimizer part added
+    or removed.
     """
     problems = []
     old, new = saved.settings.get("model"), now.settings.get("model")
@@ -398,11 +392,10 @@ def resume_point(
 def load(
     path: str | Path, template: TrainState, callbacks: Sequence[Any] = (), now: RunRecord | None = None
 ) -> ResumePoint:
-    """The resume point stored in `path`, its state validated against `template`, its run record
-    (`RunRecord.from_meta`) and the state's scalars (step >= 0, optimizer hyperparameters in
-    range) checked: CheckpointError, one line naming the file. Callbacks with no saved state
-    start from `init()`. With `now`, the run about to continue, `compatible`'s first problem is
-    raised: before the state is read (another model's would not load), then for its step count.
+    """The resume point stored in `path`: its state validated against `template`, its record
+    and scalars checked (else a one-line CheckpointError); callbacks without a saved state get
+    `init()`. With `now`, `compatible`'s first problem is raised, before the state is read and
+    again with its step count.
     """
     path = Path(path)
     if now is not None:
@@ -422,12 +415,9 @@ def load(
 
 
 def host_lr(opt_state: Any) -> float | list[float] | None:
-    """The optimizer's learning rate as the float it was set from, or None if it has none.
-
-    The state holds it as a float32 tensor (0.0010000000474974513); its shortest float32
-    repr is what the user wrote (0.001), which is what logs and history should show. A
-    stacked state (ensemble, sweep) gives one float when all members share it, else a list.
-    """
+    """The optimizer's learning rate as the float it was set from (float32 0.00100000004 ->
+    0.001), None if it has none; a stacked state's one float when all members share it, else
+    a list."""
     try:
         value = optim.get_hyperparam(opt_state, "lr")
     except KeyError:

@@ -184,10 +184,8 @@ def scale_by_adam(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
 ) -> GradientTransformation:
     """Adam's preconditioner, `m_hat / (sqrt(v_hat) + eps)`, with torch.optim.Adam's bias
-    correction: `(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)`. `eps_root` (optax's): `m_hat /
-    (sqrt(v_hat + eps_root) + eps)`; > 0 keeps the square root's derivative finite where a
-    gradient entry is exactly 0, so a meta-gradient through Adam (MAML, hypergradients) is
-    finite there, not NaN; 0 (the default) keeps torch.optim.Adam's formula."""
+    correction. `eps_root` (optax's): `m_hat / (sqrt(v_hat + eps_root) + eps)`; > 0 keeps a
+    meta-gradient through Adam finite where a gradient entry is 0; 0 (default) is torch's."""
     if eps_root < 0:
         raise ValueError(f"scale_by_adam eps_root must be >= 0, got {eps_root}")
 
@@ -252,12 +250,10 @@ def scale_by_learning_rate(lr: float) -> GradientTransformation:
 
 
 def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransformation:
-    """`updates * schedule(count)`, count the updates done before this one (0 first): a per-step
-    learning-rate multiplier computed inside the step from the state's counter (optax's
-    `scale_by_schedule`), so no host work per step, exact on resume, and the base lr stays a
-    settable hyperparameter (sweeps). `schedule`: any of `fashion_func.schedules` (they take the
-    0-d float counter and never branch on its value), e.g. `schedules.triangle(total, warm)`.
-    Put it after the optimizer in a `chain` (before `ema`)."""
+    """`updates * schedule(count)`, count the updates before this one (0 first): optax's per-step
+    lr multiplier, computed in the step from the state's counter (exact on resume; the base lr
+    stays settable). `schedule`: any of `fashion_func.schedules`. Chain it after the optimizer
+    (before `ema`)."""
 
     def init(params: Params) -> ScaleByScheduleState:
         return ScaleByScheduleState(counter(params))
@@ -308,10 +304,9 @@ def set_to_zero() -> GradientTransformation:
 def add_noise(eta: float, gamma: float, seed: int = 0) -> GradientTransformation:
     """`updates + std * N(0, 1)` with optax's schedule `std = sqrt(eta / (1 + count)**gamma)`,
     count the updates noised before this one (Neelakantan et al., 2015). The draws are a pure
-    function of the state's `key` (`seed` at init), the count and the leaf's position
-    (`nn.normal(fold_in(fold_in(key, count), i), ...)`): a resumed run draws the same noise
-    bitwise, and the members of a stacked (ensemble) state each draw from their own key (give
-    them distinct keys with `set_noise_key`). They cannot equal JAX's PRNG draws."""
+    function of the state's `key` (`seed` at init), the count and the leaf's position, so a
+    resumed run draws the same noise; a stack's members draw from their own keys
+    (`set_noise_key`). They cannot equal JAX's PRNG draws."""
     if eta < 0:
         raise ValueError(f"add_noise eta (the noise's variance) must be >= 0, got {eta}")
 
@@ -352,12 +347,10 @@ def set_noise_key(opt_state: State, key: int | Tensor) -> State:
 
 
 def ema(decay: float = 0.999) -> GradientTransformation:
-    """Keep an exponential moving average of the parameters in the optimizer state; the
-    updates pass through unchanged. Put it last in a `chain`, so it averages the parameters
-    each step produces: the first step copies them, then `ema.lerp_(new, 1 - decay)`, as
-    `torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))`
-    with `update_parameters` after every step. `ema_params(opt_state)` reads it; it is saved
-    with the state, so resume stays exact."""
+    """Keep an exponential moving average of the parameters in the optimizer state, the updates
+    unchanged. Last in a `chain`: the first step copies the new parameters, then
+    `ema.lerp_(new, 1 - decay)`, as torch's `AveragedModel` with `get_ema_multi_avg_fn(decay)`.
+    `ema_params(opt_state)` reads it."""
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"ema decay must be in [0, 1], got {decay}")
 
