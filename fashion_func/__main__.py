@@ -5,6 +5,7 @@ COMMAND --help` lists its flags); exit codes are the command's.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -17,26 +18,18 @@ def _train(argv: Sequence[str]) -> int:
     return finish_rank(main_train(argv, prog="fashion-func train"))
 
 
-def _predict(argv: Sequence[str]) -> int:
-    from fashion_func.cli.args import interruptible
+def _interruptible(name: str) -> Callable[[Sequence[str]], int]:
+    """The subcommand `fashion_func.cli.<name>`'s `main`, run by `interruptible`."""
 
-    def run() -> int:  # the import too: SIGINT while torch loads is one line, not a traceback
-        from fashion_func.cli.predict import main as predict_main
+    def command(argv: Sequence[str]) -> int:
+        from fashion_func.cli.args import interruptible
 
-        return predict_main(argv, prog="fashion-func predict")
+        def run() -> int:  # the import too: SIGINT while torch loads is one line, not a traceback
+            return importlib.import_module(f"fashion_func.cli.{name}").main(argv, prog=f"fashion-func {name}")
 
-    return interruptible("fashion-func predict", run)
+        return interruptible(f"fashion-func {name}", run)
 
-
-def _export(argv: Sequence[str]) -> int:
-    from fashion_func.cli.args import interruptible
-
-    def run() -> int:
-        from fashion_func.cli.export import main as export_main
-
-        return export_main(argv, prog="fashion-func export")
-
-    return interruptible("fashion-func export", run)
+    return command
 
 
 def _speedrun(argv: Sequence[str]) -> int:
@@ -47,8 +40,8 @@ def _speedrun(argv: Sequence[str]) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "train": (_train, "train a model on Fashion-MNIST (scripts/train.py)"),
-    "predict": (_predict, "evaluate a weights file or classify images (scripts/predict.py)"),
-    "export": (_export, "export weights for PyTorch, JAX/Flax or numpy (scripts/export.py)"),
+    "predict": (_interruptible("predict"), "evaluate a weights file or classify images (scripts/predict.py)"),
+    "export": (_interruptible("export"), "export weights for PyTorch, JAX/Flax or numpy (scripts/export.py)"),
     "speedrun": (_speedrun, "train a preset N times, report accuracy mean ± std (scripts/speedrun.py)"),
 }
 
