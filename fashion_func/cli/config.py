@@ -209,6 +209,7 @@ REFUSED = "refused"  # fixed by what was trained (model, optimizer, seed, ...): 
 SPLIT = "split"  # chooses the images: refused when it would change the split identity
 
 Problem = Callable[[Any], "str | None"]
+_KINDS = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number")}
 DROP = object()  # Key.derived's answer for "back to the default"
 
 
@@ -236,14 +237,9 @@ class Key:
         """What is wrong with the type of `value` (files arrive untyped: 64.0 is no batch size)."""
         if value is None and self.optional:
             return None
-        if self.kind is bool:
-            ok, what = isinstance(value, bool), "true or false"
-        elif self.kind is int:
-            ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
-        elif self.kind is float:
-            ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        else:  # a str, or a Sweep (given as its text)
-            ok, what = isinstance(value, (str, self.kind)), "a string"
+        # a str, or a Sweep (given as its text), else the kind's own; a bool is no number
+        accepted, what = _KINDS.get(self.kind, ((str, self.kind), "a string"))
+        ok = isinstance(value, accepted) and (self.kind is bool or not isinstance(value, bool))
         return None if ok else f"must be {what}, got {short_repr(value)}"
 
     def value_problem(self, value: Any) -> str | None:
