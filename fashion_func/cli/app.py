@@ -384,7 +384,10 @@ def train(
         _refuse_under_group(cfg, model, group)
         st = initial_state(cfg, model, tx, device)
         callbacks = build_callbacks(cfg) if callbacks is None else callbacks
-        _log_start(cfg, device, run.log, train_split, val_split, test_split)
+        run.log.info(f"seed {cfg.seed}, device {device}, data {train_split.source}")
+        if _stacked(cfg):
+            run.log.info(_members_line(cfg))
+        run.log.info(_sizes_line(train_split, val_split, test_split))
         point = None
         metadata = {**_metadata(cfg, model, dp), "splits": split_identity(train_split, val_split, test_split)}
         if from_path is not None:  # its images and privacy record too, before anything is written
@@ -395,7 +398,9 @@ def train(
             run.log.info(f"no checkpoint in {run.checkpoints}; starting fresh")
         run.write_json("config.json", cfg.to_dict())
         _write_summary(cfg, run, model, st)
-        _configure(cfg, device, run.log)
+        device_lib.configure(device, cfg.precision)
+        if warning := device_lib.precision_warning(device, cfg.precision):
+            run.log.warning(warning)
         train_data, val_data = _batches(cfg, train_split, val_split, group, run.log, dp)
         per_example = dp.per_example(n_train) if dp else None
         train_step, plain_eval = build_steps(cfg, model, tx, device, group, per_example)
@@ -427,24 +432,6 @@ def train(
             return TrainResult(**vars(result))
         test = _final_test(cfg, result, eval_step, plain_eval, test_split, run)
         return TrainResult(**vars(result), test=test)
-
-
-def _log_start(
-    cfg: Config, device: torch.device, log: Any, train: data.Split, val: data.Split, test: data.Split | None
-) -> None:
-    """The run's first lines: seed, device and data; the members of a stack; the splits' sizes."""
-    log.info(f"seed {cfg.seed}, device {device}, data {train.source}")
-    if _stacked(cfg):
-        log.info(_members_line(cfg))
-    log.info(_sizes_line(train, val, test))
-
-
-def _configure(cfg: Config, device: torch.device, log: Any) -> None:
-    """The device's settings for `cfg.precision`, and the one-line warning where it runs slowly."""
-    device_lib.configure(device, cfg.precision)
-    warning = device_lib.precision_warning(device, cfg.precision)
-    if warning:
-        log.warning(warning)
 
 
 def _refuse_under_group(cfg: Config, model: models.Model, group: distributed.Group | None) -> None:
@@ -618,14 +605,6 @@ def _peer_failure(exc: RuntimeError) -> bool:
     return isinstance(exc, torch.distributed.DistError) or any(m in str(exc) for m in _PEER_FAILURES)
 
 
-def _lost_peer(exc: Exception, group: distributed.Group) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return (
-        f"rank {group.rank} lost the other processes of the job (one died, or did not answer within "
-        f"{group.timeout_s:g} s): {first}; the run directory keeps its last checkpoint (--resume auto)"
-    )
-
-
 def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False, prog: str = "train.py") -> int:
     """Run `train` for the CLI: user-facing failures become one line, starting with `prog` (the
     command's name), and exit code 2."""
@@ -642,7 +621,13 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False, pro
     except RuntimeError as exc:
         if group is None or not _peer_failure(exc):
             raise
-        print(f"{prog}: error: {_lost_peer(exc, group)}", file=sys.stderr)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(
+            f"{prog}: error: rank {group.rank} lost the other processes of the job (one died, or did not "
+            f"answer within {group.timeout_s:g} s): {first}; the run directory keeps its last checkpoint "
+            "(--resume auto)",
+            file=sys.stderr,
+        )
         return 1
     if group is not None and not group.is_main:
         return 0  # rank 0 reports the run
@@ -657,16 +642,12 @@ def main(cfg: Config, *, resume: str | None = None, overwrite: bool = False, pro
         tail += f"; {len(dead)} member(s) diverged and left out ({', '.join(f'm{k}' for k in dead)})"
     if result.test is not None:
         tail += f"; test_acc {result.test['test_acc']:.4f} ({result.test['weights']})"
-    _print(f"done: {result.epochs_run} epoch(s), {result.stop_reason}{tail}; run directory {result.out_dir}")
+    done = f"done: {result.epochs_run} epoch(s), {result.stop_reason}{tail}; run directory {result.out_dir}"
+    with contextlib.suppress(BrokenPipeError):  # a reader that went away (`| head`) is no error
+        print(display(done), flush=True)
     if result.diverged:
         print(
             f"{prog}: error: training diverged ({result.stop_reason}); exit {EXIT_DIVERGED}", file=sys.stderr
         )
         return EXIT_DIVERGED
     return 0
-
-
-def _print(line: str) -> None:
-    """A line on stdout, escaped; a reader that went away (`| head`) is no error."""
-    with contextlib.suppress(BrokenPipeError):
-        print(display(line), flush=True)
