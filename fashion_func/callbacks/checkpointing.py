@@ -103,17 +103,14 @@ class ModelCheckpoint(Callback):
         if self.saves_epoch_files and epoch % self.every_n_epochs == 0:
             # a re-run epoch (resume after a crash) replaces its own entry
             kept = [list(e) for e in cb_state["kept"] if e[0] != epoch]
-            if self.save_top_k == -1 or len(kept) < self.save_top_k:
-                kept.append([epoch, encode_float(value)])
+            full = self.save_top_k != -1 and len(kept) >= self.save_top_k
+            # worst = largest rank key; ties -> the older epoch (smaller number) goes
+            worst = max(kept, key=lambda e: (self._rank_key(decode_float(e[1])), -e[0])) if full else None
+            if worst is None or self._rank_key(value) < self._rank_key(decode_float(worst[1])):
+                kept = [e for e in kept if e is not worst] + [[epoch, encode_float(value)]]
+                # save the newcomer before deleting, so a crash leaves k + 1 files, never k - 1
                 actions.append(SaveCheckpoint("epoch", epoch, self.monitor, value, self.member))
-            else:
-                # worst = largest rank key; ties -> the older epoch (smaller number) goes
-                worst = max(kept, key=lambda e: (self._rank_key(decode_float(e[1])), -e[0]))
-                if self._rank_key(value) < self._rank_key(decode_float(worst[1])):
-                    kept = [e for e in kept if e is not worst]
-                    kept.append([epoch, encode_float(value)])
-                    # save the newcomer before deleting, so a crash leaves k + 1 files, never k - 1
-                    actions.append(SaveCheckpoint("epoch", epoch, self.monitor, value, self.member))
+                if worst is not None:
                     actions.append(DeleteCheckpoint("epoch", worst[0], self.member))
             state["kept"] = kept
 

@@ -178,6 +178,7 @@ _MODULES: dict[str, type[tnn.Module]] = {
     "scatternet": ScatterNet,
 }
 NAMES: tuple[str, ...] = tuple(_MODULES)  # the architectures with a plain module, in matching order
+_HEADS = {"simplenet": "fc2", "simplenet_bn": "fc2", "scatternet": "fc", "alexnet": "fc3"}  # output layer
 
 
 def hparams_from_params(name: str, params: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -188,12 +189,8 @@ def hparams_from_params(name: str, params: Mapping[str, Tensor]) -> dict[str, An
         if name == "mlp":
             h, d_in = params["linear1.weight"].shape
             return {"D_in": d_in, "H": h, "D_out": params["linear2.weight"].shape[0]}
-        if name in ("simplenet", "simplenet_bn"):
-            return {"num_classes": params["fc2.weight"].shape[0]}
-        if name == "scatternet":
-            return {"num_classes": params["fc.weight"].shape[0]}
-        if name == "alexnet":
-            return {"num_classes": params["fc3.weight"].shape[0]}
+        if name in _HEADS:
+            return {"num_classes": params[f"{_HEADS[name]}.weight"].shape[0]}
         if name == "resnet":
             return {"num_classes": params["fc.weight"].shape[0], "width": params["prep.conv.weight"].shape[0]}
         if name == "dpcnn":
