@@ -64,6 +64,6 @@ def test_the_tutorial_preset_is_package_data_and_flags_override_it():
     assert (cfg.seed, cfg.normalize, cfg.topk, cfg.epochs) == (1024, "tutorial", 3, 2)
     assert (cfg.patience, cfg.lr_schedule, cfg.save_best_only) == (values["patience"], "step", True)
     assert cfg.weight_decay == values["weight_decay"] > 0
-    choices = "best, private, quality, speedrun, tutorial"
+    choices = "best, private, private_features, quality, speedrun, tutorial"
     with pytest.raises(ConfigError, match=f"--preset must be one of {choices}"):
         load_preset("nope")
