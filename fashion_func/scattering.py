@@ -1,20 +1,11 @@
-"""ScatterNet features (Tramèr & Boneh, ICLR 2021): a fixed wavelet scattering transform of each image.
+"""ScatterNet features (Tramèr & Boneh, ICLR 2021): kymatio's 2-D wavelet scattering (J=2, L=8:
+81 channels of 7x7) of each image scaled by 1/255: a fixed function of the image alone, so
+private training on them spends nothing on the features. `FEATURE_MODELS` take these features
+instead of images: training computes them once per split (`features`); `predict` and the ONNX
+export put `Scattering` in front. `PRIVACY_NOTE` is what such a private run records.
 
-    transform = scattering.Scattering()        # uint8 [B, 28, 28] -> float32 [B, 81, 7, 7]
-    x = scattering.features(split.images)      # a whole split at once, in chunks
-
-The features are kymatio's 2-D scattering (J=2, L=8 orientations, second order: 1 + 16 + 64 =
-81 channels of 7x7) of the images scaled by 1/255 and nothing else: a fixed function of each
-image alone, no statistic of any data set, so private training on them spends nothing on the
-features. `FEATURE_MODELS` names the models that take these features instead of images
-(`models.scatternet`); training computes them once per split (`features`), `predict` and the
-ONNX export put `Scattering` in front of the model. `PRIVACY_NOTE` is what a private run of
-such a model records about the data statistics it uses (none).
-
-kymatio is optional (the `privacy` extra); without it `Scattering()` raises
-`ScatteringUnavailable`, one line naming the pip command. It is imported from its torch
-frontend's module: kymatio 0.3.0's `kymatio.torch` fails with SciPy >= 1.15 (its 3-D part
-imports the removed `scipy.special.sph_harm`).
+kymatio is optional (the `privacy` extra; else `ScatteringUnavailable`, one line). It is
+imported from its torch frontend: kymatio 0.3.0's `kymatio.torch` fails with SciPy >= 1.15.
 """
 
 from __future__ import annotations
