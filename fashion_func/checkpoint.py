@@ -74,9 +74,6 @@ class CheckpointInfo:
     metadata: dict[str, Any]
 
 
-# --------------------------------------------------------------------------- writing
-
-
 def atomic_write(path: str | os.PathLike[str], data: bytes, *, folder: atomic.FolderId | None = None) -> None:
     """Write checkpoint bytes with `atomic.write_bytes` (`folder`: the identity `path`'s folder must
     still have); a failure is `CheckpointWriteError` and leaves the old file as it was."""
@@ -152,9 +149,6 @@ def save_weights(
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a flat dict of tensors, got {type(params).__name__}")
     atomic_write(path, _serialize(dict(params), metadata, WEIGHTS_FORMAT), folder=folder)
-
-
-# --------------------------------------------------------------------------- reading
 
 
 def _check_format(header: Header, name: str, expected: str) -> None:

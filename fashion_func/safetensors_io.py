@@ -95,9 +95,6 @@ def name_list(keys: list[str], limit: int = 5) -> str:
     return f"[{shown}{more}]"
 
 
-# --------------------------------------------------------------------------- writing
-
-
 def _to_host(name: str, leaf: Any) -> Tensor:
     if not isinstance(leaf, Tensor):
         raise TypeError(f"cannot save {name!r}: leaves must be tensors, got {type(leaf).__name__}")
@@ -123,9 +120,6 @@ def host_copies(flat: Mapping[str, Any]) -> dict[str, Tensor]:
 def to_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
     """The bytes of a safetensors file of `host_copies` and the metadata strings."""
     return _st_save(dict(tensors), metadata=dict(metadata))
-
-
-# --------------------------------------------------------------------------- the header
 
 
 def _is_int(x: Any) -> bool:
@@ -293,9 +287,6 @@ def check_template(header: Header, template: Mapping[str, Tensor], name: str, wh
             )
         if e.dtype != leaf.dtype:
             raise fail(name, f"{what}: {key!r} has dtype {e.dtype} in the file, {leaf.dtype} expected")
-
-
-# --------------------------------------------------------------------------- reading
 
 
 def decode_tensors(data: bytes, name: str) -> dict[str, Tensor]:

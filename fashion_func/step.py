@@ -121,9 +121,7 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-# -- what a loss and a metrics function may return (checked once per trace: shapes are static) ---
-
-
+# What a loss and a metrics function may return (checked once per trace: shapes are static).
 def _is_topk_name(name: str) -> bool:
     # `top{k}_correct`, without `re`, which torch.compile would not trace
     return name.startswith("top") and name.endswith("_correct") and name[3:-8].isdigit()
@@ -333,8 +331,7 @@ class StepOptions:
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(StepOptions))
 
 
-# -- models: a Model, or a plain function (stateless, or stateful given a model state) ----------
-
+# Models: a Model, or a plain function (stateless, or stateful given a model state).
 Forward = Callable[..., tuple[Tensor, ModelState]]
 
 
@@ -423,9 +420,6 @@ def _check_stateful(out: Any, state: ModelState, form: str) -> tuple[Outputs, Mo
         raise TypeError(f"expected {form} with new_state keeping the state's keys; "
                         f"missing {missing}, unexpected {extra}")  # fmt: skip
     return logits, dict(new_state)
-
-
-# -- the stages --------------------------------------------------------------------------------
 
 
 def _at_least_float32(outputs: Any) -> Any:
@@ -673,9 +667,6 @@ def _gradients_fn(
     return gradients
 
 
-# -- per-example (DP-SGD) steps ------------------------------------------------------------------
-
-
 def _unpack(batch: Any, private: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """(inputs, targets, mask or None) of a batch `(inputs, targets[, mask])`."""
     if isinstance(batch, (tuple, list)) and len(batch) == 3:
@@ -805,9 +796,6 @@ def make_eval_step(model: Model | Callable[..., Any], **options: Any) -> EvalSte
     """
     opts = StepOptions.of("make_eval_step", options, train=False)
     return stages_of(model, None, opts).eval_step(compile=opts.compile)
-
-
-# -- research helpers -------------------------------------------------------------------------
 
 
 def _is_stateful(model: Any) -> bool:

@@ -200,8 +200,6 @@ class Config:
         return cls(**values)
 
 
-# --------------------------------------------------------------------------- the key table
-
 # What a key given again on `--resume` does (KEYS[name].resume):
 RUN = "run"  # run control: where and how this process runs (out, device, epochs, ...); takes effect
 APPLIED = "applied"  # built again from the config on every start, or written into the state (Key.hyper)

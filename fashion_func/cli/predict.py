@@ -40,9 +40,6 @@ from fashion_func.step import NormalizeImages, make_eval_step
 __all__ = ["main"]
 
 
-# -- arguments ---------------------------------------------------------------------------------
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `scripts/predict.py`."""
     p = Parser(
@@ -129,9 +126,6 @@ def _check_creatable(out: Path) -> None:
         raise UsageError(f"--out {shown} cannot be written: no permission to write in {folder}")
 
 
-# -- the weights and the evaluation ------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Member:
     """One weights file loaded for prediction: its model, weights and normalisation."""
@@ -178,9 +172,6 @@ def per_example_outputs(m: Member, split: data.Split, batch_size: int, **options
         batch = (split.images[start : start + batch_size], split.labels[start : start + batch_size])
         parts.append(eval_step(m.params, batch, m.model_state))
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-
-
-# -- entry point ------------------------------------------------------------------------------
 
 
 def _run_images(args: argparse.Namespace, members: Sequence[Member]) -> dict[str, Any]:

@@ -154,9 +154,6 @@ def optax_optimizer(tx: optim.GradientTransformation, opt_state: Any | None = No
     return _optax_chain(_description(tx.description), opt_state)
 
 
-# --------------------------------------------------------------------------- our state -> optax
-
-
 def load_train_state(
     path: str | os.PathLike[str], tx: optim.GradientTransformation
 ) -> tuple[TrainState, dict]:
@@ -282,9 +279,6 @@ def flax_train_state(
         step=int(state.step), apply_fn=module.apply, params=params, tx=optax_optimizer(tx, state.opt_state),
         opt_state=opt_state, batch_stats=_flax(state.params, state.model_state, name, "batch_stats"),
     )  # fmt: skip
-
-
-# --------------------------------------------------------------------------- optax -> our state
 
 
 def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:

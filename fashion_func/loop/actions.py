@@ -76,8 +76,6 @@ class Actions:
         checkpoint.save_weights(path, weights, metadata=meta, folder=folder_id)
         self.log.info(f"saved {path} ({a.monitor} {a.value})")
 
-    # -- events and actions --------------------------------------------------------------------
-
     def dispatch(self, event: Any, epoch: int, state: Any, finite: bool = True) -> tuple[Any, str | None]:
         """Send `event` to the callbacks, then carry out their actions on `state`; (the state,
         with the hyperparameters they set, and a stop reason or None).

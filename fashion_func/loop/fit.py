@@ -114,8 +114,6 @@ class _Driver:
         # one model or a stack of members (an ensemble, a sweep): what divergence does to each
         self.members = members_lib.policy(state)
 
-    # -- resume and files ----------------------------------------------------------------------
-
     def resume_from(self, point: resume_lib.ResumePoint) -> None:
         self.state = point.state
         acts = self.actions
@@ -184,8 +182,6 @@ class _Driver:
         checkpoint.save_state(path, state, metadata=record.to_meta(), folder=folder_id)
         self.log.info(f"saved {path} (step {_host_step(state.step)})")
         return path
-
-    # -- epochs --------------------------------------------------------------------------------
 
     def _begin_epoch(self, epoch: int) -> _Epoch:
         device = self.state.step.device
@@ -368,8 +364,6 @@ class _Driver:
     def _stop_at_max_steps(self) -> None:  # not logged: the saved checkpoint's line says it
         self.stop, self.stop_reason = StopReason.MAX_STEPS, f"max_steps {self.max_steps} reached"
 
-    # -- privacy: epsilon after each epoch, and no epoch that would pass the budget ------------
-
     def _epsilon(self) -> dict[str, float]:
         assert self.privacy is not None
         eps = self.privacy.epsilon(_host_step(self.state.step))
@@ -415,8 +409,6 @@ class _Driver:
         self._stop_with(StopReason.PRIVACY_BUDGET, f"privacy budget: epoch {epoch} would take epsilon to "
                         f"{after:.3f}, past the target {self.privacy.target_epsilon}")  # fmt: skip
         return True
-
-    # -- data parallel: the host-side collectives (none without a group) ----------------------
 
     def _stop_signal(self, host_step: int) -> int | None:
         """The signal to stop on after this step: this process's, or the one the ranks agreed."""

@@ -194,9 +194,7 @@ class Stack:
         return StopReason.MEMBERS_DIVERGED, reason
 
 
-# -- the members policy: what `fit` does with one model or with a stack, chosen once ------------
-
-
+# The members policy: what `fit` does with one model or with a stack, chosen once.
 class Single:
     """One model (its step is 0-d): a non-finite loss or non-finite parameters are the run's."""
 
