@@ -361,13 +361,9 @@ def train(
     group: distributed.Group | None = None,
 ) -> TrainResult:
     """Train as `cfg` says, writing its run directory; returns the final state and history.
-
     resume: None, "auto" (continue `<out>/checkpoints/last.safetensors` if present) or a path.
-    callbacks: replace the config's callbacks. max_steps: stop (after saving last.safetensors)
-    once the state reaches this step; used by tests to cut a run mid-epoch as a crash would.
-    group: data parallel under torchrun (`launch.process_group`): rank 0 writes the run
-    directory, every rank trains on its slice of each global batch.
-    """
+    callbacks: replace the config's. max_steps: stop (after saving last.safetensors) at this
+    step, as a crash would. group: data parallel under torchrun (`launch.process_group`)."""
     device = group.device if group is not None else device_lib.resolve_device(cfg.device)
     if group is None:  # before anything is allocated or written: caps, then the estimate
         budget.check(cfg, device)
