@@ -628,14 +628,18 @@ def _metric_sums(
     examples `mask` keeps (all without one)."""
     extra = {**extra, **_metric_parts(metrics, logits, y, extra)}
     hits = {k: v for k, v in _class_outputs(logits, y, classes).items() if k != "pred"}
-    if mask is None:
-        mask = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
-    # selected with where, never multiplied: a masked-out row's NaN loss (0 * NaN) would be NaN
+
+    def kept(v: Tensor) -> Tensor:
+        # selected with where, never multiplied: a masked-out row's NaN loss (0 * NaN) would be
+        # NaN; without a mask (every ordinary step) nothing is added to the compiled step
+        return v if mask is None else torch.where(mask, v, 0)
+
+    count = torch.full((), y.shape[0], dtype=torch.int64, device=y.device) if mask is None else mask.sum()
     return {
-        "loss_sum": torch.where(mask, values, 0).sum(),
-        "count": mask.sum(),
-        **{k: (v & mask).sum() for k, v in hits.items()},
-        **{f"{k}_sum": torch.where(mask, v, 0).sum() for k, v in extra.items()},
+        "loss_sum": kept(values).sum(),
+        "count": count,
+        **{k: kept(v).sum() for k, v in hits.items()},
+        **{f"{k}_sum": kept(v).sum() for k, v in extra.items()},
     }
 
 
