@@ -228,12 +228,27 @@ def clipped_sum(grads: Params, max_norm: Tensor | float, mask: Tensor | None = N
         scale = torch.where(mask, scale, 0.0)
         over = over & mask
 
+    # A dropped row is multiplied by a scale of 0, exact unless it holds an inf or NaN (0 * NaN is
+    # NaN): only then is it selected out with a copy of each leaf. A plain eager step checks (a
+    # dropped row's norm is finite iff all of it is); a compiled or vmapped one (an ensemble)
+    # always selects: its graph has no data-dependent branch.
+    select = mask is not None and (_traced(norms) or bool((~mask & ~torch.isfinite(norms)).any()))
+
     def kept(g: Tensor) -> Tensor:  # one leaf's masked-out rows zeroed (a copy of one leaf at a time)
-        return g if mask is None else torch.where(mask.view(-1, *([1] * (g.dim() - 1))), g, 0.0)
+        return torch.where(mask.view(-1, *([1] * (g.dim() - 1))), g, 0.0) if select else g
 
     # one contraction per parameter: sum_b scale[b] * g[b, ...], no [B, ...] product kept
     total = {k: torch.tensordot(scale.to(g.dtype), kept(g), dims=1) for k, g in grads.items()}
     return total, over.sum()
+
+
+def _traced(t: Tensor) -> bool:
+    """Whether `t` is being compiled or is under a functorch transform (vmap, grad), where a
+    Python branch on its values is impossible or would be traced once."""
+    if torch.compiler.is_compiling():
+        return True
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return wrapped is None or wrapped(t)
 
 
 def add_noise(

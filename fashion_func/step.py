@@ -502,16 +502,21 @@ class Stages:
             raise ValueError(
                 "with per_example, reduce_grads must sum over the ranks: pass group.all_reduce_sum"
             )
-        # "update": forward and backward eager, the optimizer's elementwise passes fused
-        fast_update = torch.compile(update) if compile == "update" else update
+
+        def finish(inp: CoreIn, grads: Params) -> tuple[Params, Any, Tensor]:
+            if noise is not None:  # after the sum over ranks: the noise is added once
+                grads = noise(grads, inp)
+            return update(inp.params, grads, inp.opt_state, inp.step)
+
+        # "update": forward and backward eager; the noise's draw and the optimizer's elementwise
+        # passes fused
+        fast_finish = torch.compile(finish) if compile == "update" else finish
 
         def core(inp: CoreIn) -> CoreOut:
             grads, model_state, metrics = gradients(inp)
             if reduce_grads is not None:
                 grads = reduce_grads(grads)
-            if noise is not None:  # after the sum over ranks: the noise is added once
-                grads = noise(grads, inp)
-            params, opt_state, step = fast_update(inp.params, grads, inp.opt_state, inp.step)
+            params, opt_state, step = fast_finish(inp, grads)
             return CoreOut(params, model_state, opt_state, step, metrics)
 
         compiled = torch.compile(core) if compile is True else core

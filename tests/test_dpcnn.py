@@ -184,3 +184,39 @@ def test_from_module_reads_the_group_count_off_the_module(groups):
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(models.get("dpcnn", groups=groups).apply(params, x), module(x))
+
+
+# Every pooling kind nn.max_pool routes: overlapping windows (stride < kernel) on a contiguous
+# NCHW CPU tensor take the channels-last kernel; the rest call F.max_pool2d as they are.
+POOLS = [(2, 1), (3, 1), (3, 2), (2, 2), (3, 3)]
+POOL_INPUTS = ["random", "ties", "nan", "channels_last", "one_channel"]
+
+
+def _pool_input(kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 1 if kind == "one_channel" else 5, 9, 8, generator=g)
+    if kind == "ties":  # quantised: most windows hold their maximum twice or more
+        x = (x * 2).round() / 2
+    if kind == "nan":
+        x[0, 1, 2, 3] = float("nan")
+    if kind == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@pytest.mark.parametrize("kind", POOL_INPUTS)
+@pytest.mark.parametrize("kernel,stride", POOLS)
+def test_max_pool_equals_f_max_pool2d_in_values_and_gradients(kernel, stride, kind):
+    x = _pool_input(kind)
+    upstream = torch.randn(F.max_pool2d(x, kernel, stride).shape, generator=torch.Generator().manual_seed(2))
+    ours_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, ref = nn.max_pool(ours_in, kernel, stride), F.max_pool2d(ref_in, kernel, stride)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0, equal_nan=True)  # the same maxima, bitwise
+    (ours * upstream).nansum().backward()
+    (ref * upstream).nansum().backward()
+    # the same element chosen in each window (ties: the first, in row-major order); overlapping
+    # windows add their gradients in each kernel's own order
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-6, atol=1e-6, equal_nan=True)
+    # and per example, under vmap(grad) as the DP-SGD step differentiates it
+    per = vmap(grad(lambda xi, ui: (nn.max_pool(xi[None], kernel, stride)[0] * ui).nansum()))(x, upstream)
+    torch.testing.assert_close(per, ref_in.grad, rtol=1e-6, atol=1e-6, equal_nan=True)

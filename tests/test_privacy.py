@@ -413,6 +413,33 @@ def test_masked_out_examples_contribute_nothing():
     assert_tree_equal(ma, mb)
 
 
+# A dropped row is left out by its clip scale of 0 when it is finite and selected out (a copy)
+# when it is not: every kind of row a dropped slot can hold, eager and under vmap (an ensemble).
+DROPPED_ROWS = {"finite": 3.0, "huge": 3e38, "inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+@pytest.mark.parametrize("under_vmap", [False, True])
+@pytest.mark.parametrize("row", sorted(DROPPED_ROWS))
+def test_a_dropped_row_of_any_value_adds_nothing(row, under_vmap):
+    g = torch.Generator().manual_seed(5)
+    grads = {"w": torch.randn(6, 3, 4, generator=g), "b": torch.randn(6, 4, generator=g)}
+    mask = torch.tensor([True, False, True, True, False, True])
+    poisoned = {k: v.clone() for k, v in grads.items()}
+    for v in poisoned.values():
+        v[~mask] = DROPPED_ROWS[row]
+    zeroed = {k: torch.where(mask.view(-1, *[1] * (v.dim() - 1)), v, 0.0) for k, v in grads.items()}
+
+    def total(gr):
+        if under_vmap:  # two members, as ensemble steps vmap the stage
+            stacked = {k: torch.stack([v, v]) for k, v in gr.items()}
+            return {k: v[1] for k, v in torch.func.vmap(lambda t: privacy.clipped_sum(t, 0.5, mask)[0])(
+                stacked).items()}  # fmt: skip
+        return privacy.clipped_sum(gr, 0.5, mask)[0]
+
+    assert_tree_equal(total(poisoned), total(zeroed))
+    assert all(bool(torch.isfinite(v).all()) for v in total(poisoned).values())
+
+
 # -- 6. determinism and resume -----------------------------------------------------------------------
 
 
