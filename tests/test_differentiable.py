@@ -143,6 +143,7 @@ def test_meta_gradient_through_three_steps(name):
     tx = CASES[name].make()  # type: ignore[union-attr]
     got = torch.func.grad(lambda p: _objective(tx, p, None))(P0)
     for k in P0:
+
         def along(v: Tensor, k: str = k) -> Tensor:
             return _objective(tx, {**P0, k: v}, None)
 

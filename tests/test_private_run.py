@@ -123,7 +123,6 @@ def test_every_weights_file_records_the_guarantee_of_its_steps(straight) -> None
         assert record["target_epsilon"] == TARGET and record["sampling"] == "poisson"
 
 
-
 def test_an_exported_weights_file_keeps_the_guarantee(straight, tmp_path) -> None:
     from fashion_func.cli.export import main as export_main
 

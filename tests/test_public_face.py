@@ -96,9 +96,14 @@ def _readme_uses() -> list[tuple[str, str]]:
 def test_the_readme_parser_sees_the_documented_names():
     # the parser itself: if it found nothing, (a) would pass vacuously
     uses = _readme_uses()
-    for expected in [("fashion_func", "make_train_step"), ("fashion_func.data", "PoissonBatches"),
-                     ("fashion_func.optim", "adam"), ("fashion_func", "interop"),
-                     ("fashion_func.interop", "flax_train_state"), ("fashion_func.ensemble", "member")]:
+    for expected in [
+        ("fashion_func", "make_train_step"),
+        ("fashion_func.data", "PoissonBatches"),
+        ("fashion_func.optim", "adam"),
+        ("fashion_func", "interop"),
+        ("fashion_func.interop", "flax_train_state"),
+        ("fashion_func.ensemble", "member"),
+    ]:
         assert expected in uses, expected
     assert len(uses) > 40
 
