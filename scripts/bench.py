@@ -4,7 +4,8 @@
     python scripts/bench.py [--device cpu|cuda] [--epochs 3] [--limit-train N] [--limit-val N] [--json]
                             [--rows fashion_func,tutorial,eager,flax] [--precisions fp32,bf16]
                             [--ensemble K]
-    python scripts/bench.py --dp [--dp-batch 256] [--dp-steps 20] [--rows private,opacus,...] [--json]
+    python scripts/bench.py --dp [--dp-batch 256] [--dp-steps 20] [--dp-rounds 1] [--json]
+                            [--rows private,opacus,...]
 
 Rows (batch 128, Adam lr 1e-3, same data):
   fashion_func  our training path exactly as scripts/train.py runs it (`app.train` -> `fit`)
@@ -28,7 +29,10 @@ noise multiplier 1.0 where private), all on dpcnn:
   nonprivate_compiled  the same, compile=True
 The first --dp-warmup steps are warm-up (they absorb compilation); a row's step time is the
 median of the next --dp-steps. Prints each row's examples/s and the ratios: our private
-step's throughput over Opacus's, and private over non-private (the cost of privacy).
+step's throughput over Opacus's, and private over non-private (the cost of privacy). With
+--dp-rounds R the rows run R times, interleaved in alternating order, a row's step time is
+its median over the rounds, and each ratio shows its range over the rounds: on a shared
+machine a slow spell then lands on every row, not on one.
 
 Each row runs in its own subprocess (clean peak memory, no shared thread pools). The
 first epoch is the warm-up (it absorbs compilation); seconds per epoch is the median of
@@ -467,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dp-batch", type=int, default=256, help="--dp: the fixed batch's size")
     ap.add_argument("--dp-steps", type=int, default=20, help="--dp: timed steps per row (the median is kept)")
     ap.add_argument("--dp-warmup", type=int, default=2, help="--dp: untimed steps first (compilation)")
+    ap.add_argument("--dp-rounds", type=int, default=1,
+                    help="--dp: run the rows this many times, interleaved (a shared machine's slow spell "
+                         "then hits every row); a row's step time is its median over the rounds")  # fmt: skip
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--members", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -553,22 +560,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main_dp(ap: argparse.ArgumentParser, args) -> int:
     """--dp: the DP rows (each in its own subprocess), their table and ratios."""
-    if args.dp_batch < 1 or args.dp_steps < 1 or args.dp_warmup < 1:
-        ap.error("--dp-batch, --dp-steps and --dp-warmup must be at least 1")
+    if min(args.dp_batch, args.dp_steps, args.dp_warmup, args.dp_rounds) < 1:
+        ap.error("--dp-batch, --dp-steps, --dp-warmup and --dp-rounds must be at least 1")
     given = args.rows if args.rows != ",".join(ROWS) else ",".join(DP_ROWS)
     rows = [r.strip() for r in given.split(",") if r.strip()]
     unknown = set(rows) - set(DP_ROWS)
     if unknown:
         ap.error(f"unknown --dp rows: {', '.join(sorted(unknown))}; choose from {', '.join(DP_ROWS)}")
-    results = []
-    for row in rows:
-        print(f"running {row} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(_child_cmd(args, row, "fp32"), capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
-            results.append({"row": row, "skipped": f"failed: {tail[0]}"})
-            continue
-        results.append({"row": row, **json.loads(proc.stdout.strip().splitlines()[-1])})
+    rounds = []
+    for k in range(args.dp_rounds):
+        done = {}
+        for row in rows if k % 2 == 0 else rows[::-1]:  # alternate the order: no row always first
+            print(f"running {row} (round {k + 1} of {args.dp_rounds}) ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(_child_cmd(args, row, "fp32"), capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
+                done[row] = {"row": row, "skipped": f"failed: {tail[0]}"}
+                continue
+            done[row] = {"row": row, **json.loads(proc.stdout.strip().splitlines()[-1])}
+        rounds.append([done[r] for r in rows])
+    results = dp_merge_rounds(rounds, args.dp_batch)
     import torch
 
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
@@ -585,11 +596,33 @@ def _main_dp(ap: argparse.ArgumentParser, args) -> int:
               f"{r['peak_mb']:>9.0f}")  # fmt: skip
     ratios = dp_ratios(results)
     for name, value in ratios.items():
-        print(f"{name}: {value:.2f}x")
+        each = [dp_ratios(r).get(name) for r in rounds]
+        spread = (f" (rounds: {min(each):.2f}x to {max(each):.2f}x)"
+                  if len(rounds) > 1 and None not in each else "")  # fmt: skip
+        print(f"{name}: {value:.2f}x{spread}")
     if args.json:
         print(json.dumps({"device": dev_name, "batch": args.dp_batch, "steps": args.dp_steps,
                           "rows": results, "ratios": ratios}))  # fmt: skip
     return 0
+
+
+def dp_merge_rounds(rounds: list[list[dict]], batch: int) -> list[dict]:
+    """One record per row from --dp-rounds rounds of the same rows (each round a list of row
+    records in the same order): a row timed in every round gets the median of its rounds' step
+    times (and warm-ups), its throughput from that, its largest peak and every timed step; a
+    row skipped in any round is skipped, with the first reason."""
+    merged = []
+    for records in zip(*rounds, strict=True):
+        skipped = [r for r in records if "step_s" not in r]
+        if skipped:
+            merged.append(skipped[0])
+            continue
+        step_s = statistics.median(r["step_s"] for r in records)
+        merged.append({**records[0], "step_s": step_s, "examples_per_s": batch / step_s,
+                       "warmup_s": statistics.median(r["warmup_s"] for r in records),
+                       "peak_mb": max(r.get("peak_mb", 0.0) for r in records),
+                       "times": [t for r in records for t in r["times"]]})  # fmt: skip
+    return merged
 
 
 def dp_ratios(results: list[dict]) -> dict[str, float]:

@@ -111,3 +111,22 @@ def test_dp_ratios_from_made_up_throughputs() -> None:
         "ours/opacus throughput (private, compiled)": 6.0,  # 300 / 50; no compiled non-private rate
     }
     assert bench.dp_ratios([{"row": "private", "examples_per_s": 1.0}]) == {}  # nothing to compare with
+
+
+def test_dp_merge_rounds_takes_each_rows_median_over_the_rounds() -> None:
+    def rec(row, step_s, warm=1.0, peak=10.0):
+        return {"row": row, "step_s": step_s, "examples_per_s": 100 / step_s, "warmup_s": warm,
+                "peak_mb": peak, "times": [step_s]}  # fmt: skip
+
+    rounds = [
+        [rec("private", 0.5, peak=12.0), rec("opacus", 1.0), {"row": "nonprivate", "skipped": "failed: a"}],
+        [rec("private", 0.1), rec("opacus", 2.0, warm=3.0), rec("nonprivate", 0.2)],
+        [rec("private", 0.3), rec("opacus", 1.5), {"row": "nonprivate", "skipped": "failed: c"}],
+    ]
+    private, opacus, plain = bench.dp_merge_rounds(rounds, batch=100)
+    assert private["step_s"] == 0.3 and private["examples_per_s"] == pytest.approx(100 / 0.3)  # median
+    assert private["peak_mb"] == 12.0 and private["times"] == [0.5, 0.1, 0.3]
+    assert opacus["step_s"] == 1.5 and opacus["warmup_s"] == 1.0
+    assert plain == {"row": "nonprivate", "skipped": "failed: a"}  # skipped in a round: skipped
+    # one round: the record as it was
+    assert bench.dp_merge_rounds([rounds[1]], batch=100)[0]["step_s"] == 0.1
