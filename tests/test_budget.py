@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 
 from fashion_func import checkpoint, data, models, optim
 from fashion_func import state as state_lib
+from fashion_func import step as step_lib
 from fashion_func.cli import budget
 from fashion_func.cli.config import MAX_MEMBERS, Config, ConfigError, load_preset, parse_sweep
 from fashion_func.cli.train import main_train
@@ -217,3 +219,34 @@ def test_the_refusal_names_the_flag_whose_default_shrinks_it_most(values: dict, 
         budget.check(cfg, CPU, limit=4 * GIB)
     assert str(info.value).startswith(f"{flag} needs about ") and "\n" not in str(info.value)
     assert f"lower {flag.split()[0]} (without it: about " in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_the_data_estimate_counts_what_each_model_keeps_per_example(name: str) -> None:
+    """Every model keeps the uint8 images and int64 labels of both splits; a model of ScatterNet
+    features also keeps their float32 features (81x7x7 per image for scatternet)."""
+    from fashion_func.scattering import FEATURE_MODELS
+
+    model = models.get(name, **({"width": 4} if name == "resnet" else {}))
+    cfg = Config(model=name, **({"width": 4} if name == "resnet" else {}), limit_train=300, limit_val=200)
+    per_image = 8 + math.prod(model.input_shape)
+    if name in FEATURE_MODELS:
+        per_image = 8 + 28 * 28 + 4 * math.prod(model.input_shape)
+    assert budget.estimate(cfg).data == 500 * per_image
+    assert (name == "scatternet") == (name in FEATURE_MODELS)  # the one features model, counted above
+
+
+@pytest.mark.parametrize("batch", [1, 256, 2048])
+@pytest.mark.parametrize("name", ["dpcnn", "scatternet", "simplenet"])
+def test_a_private_run_counts_one_chunk_of_per_example_gradients(name: str, batch: int) -> None:
+    """A private step holds `[chunk, parameters]` float32 gradients at once (step's chunking:
+    at most 512 examples and 256 MiB); the same run without DP-SGD does not."""
+    base = {"model": name, "batch_size": batch, "eval_batch_size": 1, "limit_train": 4096}
+    plain, private = Config(**base), Config(**base, dp_max_grad_norm=1.0, dp_noise_multiplier=1.0)
+    n = budget._model_sizes(models.get(name))[0]
+    chunk = max(1, min(batch, 512, (256 << 20) // (4 * n)))
+    extra = budget.estimate(private).activations - budget.estimate(plain).activations
+    assert extra == chunk * n * 4
+    # the estimate bounds the chunk the step really takes for this batch and these parameters
+    params = models.get(name).init(torch.Generator().manual_seed(0))
+    assert step_lib._auto_chunk(batch, params) <= chunk

@@ -10,7 +10,10 @@ The estimate, for all members of an ensemble or sweep together (`estimate`):
 - activations: every tensor the forward pass of one example creates, counted on the meta device
   (shapes only, nothing allocated), times the batch, doubled for the backward pass; evaluation's
   batch (twice with `--tta`) when that is larger;
-- data: the uint8 images and labels of the splits, which live on the device.
+- per-example gradients (private runs): one chunk of them, `[chunk, parameters]` as the step
+  holds them (`step.CHUNK_EXAMPLES` examples, `step.CHUNK_BYTES` at most);
+- data: the uint8 images and labels of the splits, which live on the device, and for a model of
+  ScatterNet features (`scattering.FEATURE_MODELS`) their float32 features too.
 
 Size-like values are capped first (`CAPS`), so the arithmetic never meets an absurd number. A
 checkpoint's saved config reaches `check` through the same `Config` as the flags.
@@ -29,8 +32,9 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from fashion_func import data, models
-from fashion_func.cli.config import MAX_MEMBERS, Config, ConfigError
+from fashion_func import data, models, step
+from fashion_func.cli.config import MAX_MEMBERS, Config, ConfigError, is_private
+from fashion_func.scattering import FEATURE_MODELS
 
 __all__ = ["CAPS"]
 
@@ -56,8 +60,9 @@ class Estimate:
     """Bytes a run needs at its peak, by kind, for all members together."""
 
     state: int  # parameters, buffers, gradients, optimizer slots, the next step's copy
-    activations: int  # the larger of a training batch's (with backward) and an eval batch's
-    data: int  # the splits' uint8 images and labels on the device
+    activations: int  # the larger of a training batch's (with backward, and a private run's
+    # chunk of per-example gradients) and an eval batch's
+    data: int  # the splits' uint8 images and labels on the device (and features, float32)
 
     @property
     def total(self) -> int:
@@ -82,10 +87,16 @@ def estimate(cfg: Config) -> Estimate:
     n_train = min(cfg.limit_train or data.MAX_EXAMPLES["train"], data.MAX_EXAMPLES["train"])
     n_test = min(cfg.limit_val or data.MAX_EXAMPLES["test"], data.MAX_EXAMPLES["test"])
     n_val = max(n_test, cfg.val_split)
-    train_act = per_example * min(cfg.batch_size, n_train) * BACKWARD
+    batch = min(cfg.batch_size, n_train)
+    train_act = per_example * batch * BACKWARD
+    if is_private(cfg):  # as step._auto_chunk sizes the chunk
+        chunk = max(1, min(batch, step.CHUNK_EXAMPLES, step.CHUNK_BYTES // (BYTES * n_params)))
+        train_act += chunk * n_params * BYTES
     eval_act = per_example * min(cfg.eval_batch_size, n_val) * (2 if cfg.tta else 1)
     k = cfg.members
     image = 8 + math.prod(model.input_shape)  # uint8 pixels and an int64 label
+    if cfg.model in FEATURE_MODELS:  # the images (28x28 uint8) and their float32 features
+        image = 8 + 28 * 28 + BYTES * math.prod(model.input_shape)
     return Estimate(state=k * per_member, activations=k * max(train_act, eval_act),
                     data=(n_train + n_test) * image)  # fmt: skip
 
