@@ -204,6 +204,7 @@ def _pool_input(kind: str) -> torch.Tensor:
     return x
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("kind", POOL_INPUTS)
 @pytest.mark.parametrize("kernel,stride", POOLS)
 def test_max_pool_equals_f_max_pool2d_in_values_and_gradients(kernel, stride, kind):
