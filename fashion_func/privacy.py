@@ -229,10 +229,9 @@ def clipped_sum(grads: Params, max_norm: Tensor | float, mask: Tensor | None = N
         over = over & mask
 
     # A dropped row is multiplied by a scale of 0, exact unless it holds an inf or NaN (0 * NaN is
-    # NaN): only then is it selected out with a copy of each leaf. A plain eager step checks (a
-    # dropped row's norm is finite iff all of it is); a compiled or vmapped one (an ensemble)
-    # always selects: its graph has no data-dependent branch.
-    select = mask is not None and (_traced(norms) or bool((~mask & ~torch.isfinite(norms)).any()))
+    # NaN): only then is it selected out with a copy of each leaf. An eager CPU step checks (a
+    # dropped row's norm is finite iff all of it is); elsewhere every dropped row is selected out.
+    select = mask is not None and (not _branchable(norms) or bool((~mask & ~torch.isfinite(norms)).any()))
 
     def kept(g: Tensor) -> Tensor:  # one leaf's masked-out rows zeroed (a copy of one leaf at a time)
         return torch.where(mask.view(-1, *([1] * (g.dim() - 1))), g, 0.0) if select else g
@@ -242,13 +241,14 @@ def clipped_sum(grads: Params, max_norm: Tensor | float, mask: Tensor | None = N
     return total, over.sum()
 
 
-def _traced(t: Tensor) -> bool:
-    """Whether `t` is being compiled or is under a functorch transform (vmap, grad), where a
-    Python branch on its values is impossible or would be traced once."""
-    if torch.compiler.is_compiling():
-        return True
+def _branchable(t: Tensor) -> bool:
+    """Whether a Python branch on `t`'s values is right and cheap: an eager CPU tensor. Compiled
+    or under a functorch transform (an ensemble's vmap, grad through the step) the branch would
+    be impossible or traced once; on an accelerator it would make the host wait."""
+    if torch.compiler.is_compiling() or t.device.type != "cpu":
+        return False
     wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return wrapped is None or wrapped(t)
+    return wrapped is not None and not wrapped(t)
 
 
 def add_noise(
