@@ -67,6 +67,14 @@ class Model:
     input_shape: tuple[int, ...] = (1, 28, 28)
     # `(dtype=, device=) -> ModelState` for a stateful model; None: the model has no state
     init_state_fn: Callable[..., ModelState] | None = field(default=None, repr=False)
+    # what its inputs are: "images" (pixels, normalised by the step's preprocess), or the name of a
+    # fixed transform of the images computed once, outside the step ("scattering": `scattering.features`)
+    inputs: str = "images"
+
+    @property
+    def takes_features(self) -> bool:
+        """Whether its inputs are a fixed transform of the images (`inputs`), not the images."""
+        return self.inputs != "images"
 
     @property
     def stateful(self) -> bool:
@@ -384,7 +392,8 @@ def scatternet(num_classes: int = 10) -> Model:
     3969->classes. 39,700 parameters for 10 classes; the plain module is `interop.ScatterNet`."""
     init = _init_layers({"fc": (81 * 7 * 7, num_classes)})
     stages = (_map("gn", lambda x: nn.group_norm(x, 27)), _dense("fc", relu=False, flatten=True))
-    return Model("scatternet", {"num_classes": num_classes}, init, stages, input_shape=(81, 7, 7))
+    hparams = {"num_classes": num_classes}
+    return Model("scatternet", hparams, init, stages, input_shape=(81, 7, 7), inputs="scattering")
 
 
 MODELS: dict[str, Callable[..., Model]] = {

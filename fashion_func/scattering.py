@@ -1,8 +1,9 @@
 """ScatterNet features (Tramèr & Boneh, ICLR 2021): kymatio's 2-D wavelet scattering (J=2, L=8:
 81 channels of 7x7) of each image scaled by 1/255: a fixed function of the image alone, so
-private training on them spends nothing on the features. `FEATURE_MODELS` take these features
-instead of images: training computes them once per split (`features`); `predict` and the ONNX
-export put `Scattering` in front. `PRIVACY_NOTE` is what such a private run records.
+private training on them spends nothing on the features. A model whose `inputs` are
+"scattering" (`models.scatternet`) takes these features instead of images: training computes
+them once per split (`features`); `predict` and the ONNX export put `Scattering` in front.
+`PRIVACY_NOTE` is what such a private run records.
 
 kymatio is optional (the `privacy` extra; else `ScatteringUnavailable`, one line). It is
 imported from its torch frontend: kymatio 0.3.0's `kymatio.torch` fails with SciPy >= 1.15.
@@ -15,10 +16,9 @@ from einops import rearrange
 from torch import Tensor
 from torch import nn as tnn
 
-__all__ = ["FEATURE_MODELS", "PRIVACY_NOTE", "Scattering", "ScatteringUnavailable", "features"]
+__all__ = ["PRIVACY_NOTE", "Scattering", "ScatteringUnavailable", "features"]
 
 J, L, SHAPE = 2, 8, (28, 28)  # 1 + J L + L^2 J (J - 1) / 2 = 81 channels of 28 / 2^J = 7 x 7
-FEATURE_MODELS = ("scatternet",)
 DESCRIPTION = f"kymatio scattering J={J} L={L} of images / 255 -> float32 [B,81,7,7]"
 PRIVACY_NOTE = {
     "data_statistics": "none",

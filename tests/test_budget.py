@@ -225,15 +225,13 @@ def test_the_refusal_names_the_flag_whose_default_shrinks_it_most(values: dict, 
 def test_the_data_estimate_counts_what_each_model_keeps_per_example(name: str) -> None:
     """Every model keeps the uint8 images and int64 labels of both splits; a model of ScatterNet
     features also keeps their float32 features (81x7x7 per image for scatternet)."""
-    from fashion_func.scattering import FEATURE_MODELS
-
     model = models.get(name, **({"width": 4} if name == "resnet" else {}))
     cfg = Config(model=name, **({"width": 4} if name == "resnet" else {}), limit_train=300, limit_val=200)
     per_image = 8 + math.prod(model.input_shape)
-    if name in FEATURE_MODELS:
+    if model.takes_features:
         per_image = 8 + 28 * 28 + 4 * math.prod(model.input_shape)
     assert budget.estimate(cfg).data == 500 * per_image
-    assert (name == "scatternet") == (name in FEATURE_MODELS)  # the one features model, counted above
+    assert model.takes_features == (name == "scatternet")  # the one features model, counted above
 
 
 @pytest.mark.parametrize("batch", [1, 256, 2048])

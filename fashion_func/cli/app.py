@@ -34,7 +34,7 @@ from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, Sto
 from fashion_func.loop import resume as resume_lib
 from fashion_func.loop.resume import RunRecord
 from fashion_func.safeio import display
-from fashion_func.scattering import DESCRIPTION, FEATURE_MODELS, PRIVACY_NOTE, ScatteringUnavailable, features
+from fashion_func.scattering import DESCRIPTION, PRIVACY_NOTE, ScatteringUnavailable, features
 from fashion_func.step import NormalizeImages, make_eval_step, make_train_step
 
 __all__ = ["train"]
@@ -259,7 +259,7 @@ def build_steps(
     averaging in the eval step (which evaluates the params it is given: see `evaluated`);
     private training's per-example stage (the ranks' clipped sums are added, not averaged)."""
     use_compile = device_lib.resolve_compile(cfg.compile, device)
-    fixed = model.name in FEATURE_MODELS  # its inputs: features computed once (`_features`)
+    fixed = model.takes_features  # its inputs: features computed once (`_features`)
     pre = None if fixed else _preprocess(cfg)
     train_loss = None
     if cfg.label_smoothing > 0:  # training loss only: validation reports plain cross-entropy
@@ -372,11 +372,12 @@ def train(
             budget.check(cfg, device)
         from_path = resume_lib.resume_path(run.path, resume)
         saved = _resumable(cfg, from_path) if from_path is not None else None
-        train_split, val_split, test_split = _features(cfg, run.log, *_splits(cfg, device))
+        model = build_model(cfg)
+        train_split, val_split, test_split = _features(cfg, model, run.log, *_splits(cfg, device))
         n_train = len(train_split.labels)
         dp = private.plan(cfg, n_train, from_path, saved)
         steps_per_epoch = dp.steps_per_epoch if dp else data.num_batches(n_train, cfg.batch_size)
-        model, tx = build_model(cfg), build_optimizer(cfg, steps_per_epoch)
+        tx = build_optimizer(cfg, steps_per_epoch)
         _refuse_under_group(cfg, model, group)
         st = initial_state(cfg, model, tx, device)
         callbacks = build_callbacks(cfg) if callbacks is None else callbacks
@@ -455,7 +456,7 @@ def _metadata(cfg: Config, model: models.Model, dp: private.Plan | None = None) 
     # and the model's constructor arguments: a reader builds it without guessing from shapes
     out = {"config": cfg.to_dict(), "model": cfg.model, "model_hparams": model.hparams,
            "normalize_mean": pre.mean, "normalize_std": pre.std}  # fmt: skip
-    if model.name in FEATURE_MODELS:  # no mean or std: fixed features of images / 255
+    if model.takes_features:  # no mean or std: fixed features of images / 255
         out = {k: v for k, v in out.items() if not k.startswith("normalize_")}
         out["features"] = DESCRIPTION
     return {**out, "privacy": {**dp.record(), **_data_statistics(cfg, model)}} if dp is not None else out
@@ -465,7 +466,7 @@ def _data_statistics(cfg: Config, model: models.Model) -> dict[str, str]:
     """What a private run records of the training data's statistics its model uses: epsilon
     covers the steps only, so a statistic the model uses is named here (the dataset's mean and
     std are constants computed from the training images without noise)."""
-    if model.name in FEATURE_MODELS:
+    if model.takes_features:
         return PRIVACY_NOTE
     pre = _preprocess(cfg)
     if cfg.normalize == "tutorial":  # 0.5 and 0.5: no statistic of the data
@@ -474,11 +475,11 @@ def _data_statistics(cfg: Config, model: models.Model) -> dict[str, str]:
             "images' pixel mean and std, constants not noised and not counted in epsilon"}  # fmt: skip
 
 
-def _features(cfg: Config, log: Any, *splits: data.Split | None) -> tuple[Any, ...]:
-    """The splits as the model takes them: for a model of ScatterNet features
-    (`FEATURE_MODELS`) each image's features, computed here once for the whole run
-    (the steps take them as they are); the images, for the other models."""
-    if cfg.model not in FEATURE_MODELS:
+def _features(cfg: Config, model: models.Model, log: Any, *splits: data.Split | None) -> tuple[Any, ...]:
+    """The splits as `model` takes them: for a model of ScatterNet features (`inputs`
+    "scattering") each image's features, computed here once for the whole run (the steps take
+    them as they are); the images, for the other models."""
+    if not model.takes_features:
         return splits
     if cfg.crop_padding or cfg.flip or cfg.cutout or cfg.tta:
         raise RunError(f"--model {cfg.model} trains on features of the images computed once: --crop-padding, "

@@ -13,7 +13,7 @@ The estimate, for all members of an ensemble or sweep together (`estimate`):
 - per-example gradients (private runs): one chunk of them, `[chunk, parameters]` as the step
   holds them (`step.CHUNK_EXAMPLES` examples, `step.CHUNK_BYTES` at most);
 - data: the uint8 images and labels of the splits, which live on the device, and for a model of
-  ScatterNet features (`scattering.FEATURE_MODELS`) their float32 features too.
+  ScatterNet features (`Model.takes_features`) their float32 features too.
 
 Size-like values are capped first (`CAPS`), so the arithmetic never meets an absurd number. A
 checkpoint's saved config reaches `check` through the same `Config` as the flags.
@@ -34,7 +34,6 @@ from torch.overrides import TorchFunctionMode
 
 from fashion_func import data, models, step
 from fashion_func.cli.config import MAX_MEMBERS, Config, ConfigError, is_private
-from fashion_func.scattering import FEATURE_MODELS
 
 __all__ = ["CAPS"]
 
@@ -95,7 +94,7 @@ def estimate(cfg: Config) -> Estimate:
     eval_act = per_example * min(cfg.eval_batch_size, n_val) * (2 if cfg.tta else 1)
     k = cfg.members
     image = 8 + math.prod(model.input_shape)  # uint8 pixels and an int64 label
-    if cfg.model in FEATURE_MODELS:  # the images (28x28 uint8) and their float32 features
+    if model.takes_features:  # the images (28x28 uint8) and their float32 features
         image = 8 + 28 * 28 + BYTES * math.prod(model.input_shape)
     return Estimate(state=k * per_member, activations=k * max(train_act, eval_act),
                     data=(n_train + n_test) * image)  # fmt: skip

@@ -34,7 +34,7 @@ from fashion_func.cli.images import ImageError, prepare_image  # noqa: F401  (pr
 from fashion_func.loop import RunError
 from fashion_func.models import Model, ModelState, Params
 from fashion_func.safeio import FileError, check_output, display, short_repr, strict_json
-from fashion_func.scattering import FEATURE_MODELS, Scattering, ScatteringUnavailable
+from fashion_func.scattering import Scattering, ScatteringUnavailable
 from fashion_func.step import NormalizeImages, make_eval_step
 
 __all__ = ["main"]
@@ -143,7 +143,7 @@ def load_member(path: str, model_name: str | None, device: torch.device) -> Memb
     """A weights file ready to predict with (CheckpointError, one line, for a bad file)."""
     model, weights, metadata = interop.load_weights_file(path, model_name, device=device)
     classes = models.num_classes(model)
-    images = model.input_shape in ((1, 28, 28), (28 * 28,)) or model.name in FEATURE_MODELS
+    images = model.input_shape in ((1, 28, 28), (28 * 28,)) or model.takes_features
     if classes != len(data.CLASS_NAMES) or not images:
         shape = "x".join(map(str, model.input_shape))
         raise CheckpointError(
@@ -161,8 +161,8 @@ def per_example_outputs(m: Member, split: data.Split, batch_size: int, **options
     """Per-example `loss`, `correct`, `top{k}_correct`, `pred`, `logits` over the split, on its device,
     in inference mode (running statistics); `options`: `make_eval_step`'s (`compile`, `topk`, `tta`).
     """
-    # a model of ScatterNet features (`FEATURE_MODELS`) takes the fixed features, not normalised pixels
-    if m.model.name in FEATURE_MODELS:
+    # a model of ScatterNet features (`inputs` "scattering") takes them, not normalised pixels
+    if m.model.takes_features:
         preprocess: Any = Scattering().to(split.images.device)
     else:
         preprocess = NormalizeImages(m.mean, m.std)
@@ -240,7 +240,7 @@ def _evaluate_test_set(args: argparse.Namespace, members: Sequence[Member]) -> d
 def _predict(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     args.device = resolve_device(args.device)
     members = [load_member(w, args.model, args.device) for w in args.weights]
-    if args.tta and any(m.model.name in FEATURE_MODELS for m in members):  # it would mirror the features
+    if args.tta and any(m.model.takes_features for m in members):  # it would mirror the features
         raise UsageError("--tta mirrors the model's inputs, which for a scatternet are features, not images")
     names = ", ".join(sorted({m.model.name for m in members}))
     summary: dict[str, Any] = {"weights": args.weights[0] if len(members) == 1 else list(args.weights),

@@ -64,7 +64,7 @@ def save_onnx(
 
     Input `images`: uint8 `[B, 28, 28]`, raw pixels (batch size free), normalised in the graph as
     `preprocess.normalize` does with `mean`, `std` (the weights' own: `normalization(metadata)`;
-    a model of ScatterNet features, `scattering.FEATURE_MODELS`, has `scattering.Scattering` there).
+    a model of ScatterNet features, `inputs` "scattering", has `scattering.Scattering` there).
     Output `logits`: float32 `[B, classes]`. The model is `to_module(model_name, weights,
     **hparams)` (`hparams`: what the shapes do not say, dpcnn's `groups`) in eval mode, exported
     by `torch.onnx.export(dynamo=True)`, bf16/fp16 weights upcast to float32 (exact). The
@@ -97,7 +97,7 @@ def save_onnx(
             verbose=False,
             # kymatio's scattering is about 10,000 nodes: onnxscript's rewriter took 2 minutes more over
             # them (measured), and ONNX Runtime, which optimises at load, ran the result no faster
-            optimize=model_name not in scattering.FEATURE_MODELS,
+            optimize=not models.get(model_name).takes_features,
         )
     proto = program.model_proto
     props = _props(model_name, num_classes, mean, std)
@@ -121,9 +121,9 @@ def _images_to_logits(
         for k, v in weights.items()
     }
     module = to_module(model_name, cpu32, **hparams)
-    if model_name in scattering.FEATURE_MODELS:  # its inputs are fixed features of the images
-        return _FeaturesToLogits(module).eval()
     model = models.get(model_name, **{**hparams_from_params(model_name, cpu32), **hparams})
+    if model.takes_features:  # its inputs are fixed features of the images
+        return _FeaturesToLogits(module).eval()
     if model.input_shape not in ((1, 28, 28), (28 * 28,)):
         raise ValueError(f"{model_name} takes inputs {list(model.input_shape)}, not 28x28 images")
     return _ImagesToLogits(module, mean, std).eval()
@@ -141,7 +141,7 @@ def _props(model_name: str, num_classes: int, mean: float, std: float) -> dict[s
         "normalize_std": repr(float(std)),
         "normalization": "in the graph: x = (images / 255 - normalize_mean) / normalize_std, [B,1,28,28]",
     }
-    if model_name in scattering.FEATURE_MODELS:  # no mean or std: the features of images / 255
+    if models.get(model_name).takes_features:  # no mean or std: the features of images / 255
         props.update(normalize_mean="none", normalize_std="none", normalization=scattering.DESCRIPTION)
     if num_classes == len(data.CLASS_NAMES):
         props["classes"] = json.dumps(list(data.CLASS_NAMES))
