@@ -107,7 +107,8 @@ def max_pool(x: Tensor, kernel_size: int, stride: int | None = None) -> Tensor:
     stride = kernel_size if stride is None else stride
     # PyTorch's CPU kernel for overlapping windows on NCHW is 2-3x slower than on NHWC (dpcnn's
     # 2x2 stride-1 pools under the per-example vmap, which holds NCHW): pool a channels-last
-    # copy there and return NCHW. Same maxima, same first-index choice on ties, same gradients.
+    # copy there and return NCHW. Same maxima, same first-index choice on ties; the gradients
+    # the same up to summation order (overlapping windows add theirs in the kernel's order).
     if (
         not torch.compiler.is_compiling()
         and stride < kernel_size

@@ -218,8 +218,8 @@ def clip_and_noise(
 def clipped_sum(grads: Params, max_norm: Tensor | float, mask: Tensor | None = None) -> tuple[Params, Tensor]:
     """(the sum over the examples of `grads` `{name: [B, ...]}` each clipped to `max_norm`,
     the number of examples whose norm was above it); examples `mask` (`[B]` bool) drops
-    contribute nothing, even when their gradient is NaN or infinite (they are selected out
-    with `where`, never multiplied by 0: 0 * NaN is NaN)."""
+    contribute nothing, even when their gradient is NaN or infinite (such rows are selected out
+    with `where`, never multiplied by 0: 0 * NaN is NaN; finite ones get a scale of 0)."""
     check_mask(mask)
     norms = torch.func.vmap(tree.global_norm)(grads)
     scale = (max_norm / (norms + CLIP_EPS)).clamp(max=1.0)  # Opacus's min(1, max_norm / (norm + 1e-6))

@@ -247,6 +247,29 @@ def test_ensemble_members_draw_independent_noise_and_a_sweep_the_same_standardiz
     assert torch.equal(sweep[0], members[0])
 
 
+@pytest.mark.cross_path
+def test_an_ensembles_private_step_with_the_update_compiled_equals_eager():
+    """compile="update" (the CPU's default) compiles the noise's draw with the update, inside the
+    ensemble's vmap: the same members' steps as eager, to float32 rounding."""
+    tx = optim.sgd(1.0, momentum=0.9)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+    mask = torch.rand(8, generator=g) < 0.7
+    dp = privacy.clip_and_noise(0.5, (1.0, 2.0), expected_batch_size=6.0)
+    start = ensemble.stack([state_lib.create(_idle_params(), tx, seed=s) for s in (0, 1)])
+    ends = {}
+    for mode in (False, "update"):
+        ens_step = ensemble.make_train_step(
+            _linear_with_idle, tx, preprocess=None, compile=mode, per_example=dp
+        )
+        st, m = start, None
+        for _ in range(2):
+            st, m = ens_step(st, (x, y, mask))
+        ends[mode] = (st, m)
+    assert_tree_close(ends["update"][0].params, ends[False][0].params, rtol=1e-5, atol=1e-6)
+    assert int(ends["update"][1]["count"].sum()) == int(ends[False][1]["count"].sum()) == 2 * int(mask.sum())
+
+
 # -- 3. clipping -----------------------------------------------------------------------------------
 
 
@@ -415,7 +438,9 @@ def test_masked_out_examples_contribute_nothing():
 
 # A dropped row is left out by its clip scale of 0 when it is finite and selected out (a copy)
 # when it is not: every kind of row a dropped slot can hold, eager and under vmap (an ensemble).
-DROPPED_ROWS = {"finite": 3.0, "huge": 3e38, "inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+# "large": finite with a finite norm (no copy); "overflow": finite values whose norm is inf (a copy)
+DROPPED_ROWS = {"finite": 3.0, "large": 1e18, "overflow": 3e38, "inf": math.inf, "-inf": -math.inf,
+                "nan": math.nan}  # fmt: skip
 
 
 @pytest.mark.parametrize("under_vmap", [False, True])
@@ -488,8 +513,8 @@ def test_eager_and_compiled_steps_agree():
         (x[i * 8 : (i + 1) * 8], y[i * 8 : (i + 1) * 8], torch.rand(8, generator=g) < 0.8) for i in range(3)
     ]
     results = {}
-    # "update" compiles only the optimizer, as in the Opacus parity tests above
-    for mode in (False, True):
+    # "update" compiles the noise's draw and the optimizer's update; True, the whole step
+    for mode in (False, "update", True):
         train_step = step.make_train_step(model, tx, preprocess=None, compile=mode, per_example=dp)
         s, history = state_lib.create(params, tx, seed=1), []
         for batch in batches:
@@ -497,7 +522,7 @@ def test_eager_and_compiled_steps_agree():
             history.append(m)
         results[mode] = (s, history)
     eager, eager_history = results[False]
-    for mode in (True,):
+    for mode in ("update", True):
         s, history = results[mode]
         assert_tree_close(s.params, eager.params, rtol=1e-5, atol=1e-5)
         assert_tree_close(s.opt_state, eager.opt_state, rtol=1e-5, atol=1e-5)
