@@ -237,14 +237,17 @@ def test_the_data_estimate_counts_what_each_model_keeps_per_example(name: str) -
 @pytest.mark.parametrize("batch", [1, 256, 2048])
 @pytest.mark.parametrize("name", ["dpcnn", "scatternet", "simplenet"])
 def test_a_private_run_counts_one_chunk_of_per_example_gradients(name: str, batch: int) -> None:
-    """A private step holds `[chunk, parameters]` float32 gradients at once (step's chunking:
-    at most 512 examples and 256 MiB); the same run without DP-SGD does not."""
+    """A private run's batches are Poisson batches padded to their capacity, and its step holds
+    `[chunk, parameters]` float32 gradients at once (step's chunking: at most 512 examples and
+    256 MiB); the same run without DP-SGD has neither."""
     base = {"model": name, "batch_size": batch, "eval_batch_size": 1, "limit_train": 4096}
     plain, private = Config(**base), Config(**base, dp_max_grad_norm=1.0, dp_noise_multiplier=1.0)
-    n = budget._model_sizes(models.get(name))[0]
-    chunk = max(1, min(batch, 512, (256 << 20) // (4 * n)))
+    n, _, per_example = budget._model_sizes(models.get(name))
+    padded = data.poisson_capacity(4096, batch / 4096)
+    assert batch <= padded <= 4096
+    chunk = max(1, min(padded, 512, (256 << 20) // (4 * n)))
     extra = budget.estimate(private).activations - budget.estimate(plain).activations
-    assert extra == chunk * n * 4
-    # the estimate bounds the chunk the step really takes for this batch and these parameters
+    assert extra == per_example * (padded - batch) * budget.BACKWARD + chunk * n * 4
+    # the estimate bounds the chunk the step really takes for a padded batch and these parameters
     params = models.get(name).init(torch.Generator().manual_seed(0))
-    assert step_lib._auto_chunk(batch, params) <= chunk
+    assert step_lib._auto_chunk(padded, params) <= chunk

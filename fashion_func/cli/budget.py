@@ -11,7 +11,8 @@ The estimate, for all members of an ensemble or sweep together (`estimate`):
   (shapes only, nothing allocated), times the batch, doubled for the backward pass; evaluation's
   batch (twice with `--tta`) when that is larger;
 - per-example gradients (private runs): one chunk of them, `[chunk, parameters]` as the step
-  holds them (`step.CHUNK_EXAMPLES` examples, `step.CHUNK_BYTES` at most);
+  holds them (`step.CHUNK_EXAMPLES` examples, `step.CHUNK_BYTES` at most); a private run's batch
+  is the Poisson batches' padded size (`data.poisson_capacity`);
 - data: the uint8 images and labels of the splits, which live on the device, and for a model of
   ScatterNet features (`Model.takes_features`) their float32 features too.
 
@@ -87,6 +88,8 @@ def estimate(cfg: Config) -> Estimate:
     n_test = min(cfg.limit_val or data.MAX_EXAMPLES["test"], data.MAX_EXAMPLES["test"])
     n_val = max(n_test, cfg.val_split)
     batch = min(cfg.batch_size, n_train)
+    if is_private(cfg):  # Poisson batches are padded to their capacity (a few sigma above the mean)
+        batch = data.poisson_capacity(n_train, batch / n_train)
     train_act = per_example * batch * BACKWARD
     if is_private(cfg):  # as step._auto_chunk sizes the chunk
         chunk = max(1, min(batch, step.CHUNK_EXAMPLES, step.CHUNK_BYTES // (BYTES * n_params)))
