@@ -602,7 +602,7 @@ def _main_dp(ap: argparse.ArgumentParser, args) -> int:
         print(f"{name}: {value:.2f}x{spread}")
     if args.json:
         print(json.dumps({"device": dev_name, "batch": args.dp_batch, "steps": args.dp_steps,
-                          "rows": results, "ratios": ratios}))  # fmt: skip
+                          "rounds": args.dp_rounds, "rows": results, "ratios": ratios}))  # fmt: skip
     return 0
 
 
