@@ -77,9 +77,8 @@ def test_bench_dp_quick_run_prints_the_table():
     """One short real --dp run: the table's shape and finite positive numbers (the arithmetic:
     tests/test_bench_bookkeeping.py). Tiny settings, and torch.compile off (TORCHDYNAMO_DISABLE):
     compiling is seconds per row and its speed is not what this checks."""
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--dp", "--dp-batch", "16", "--dp-steps", "2",
-           "--dp-warmup", "1", "--dp-rounds", "2", "--rows", "private,opacus,nonprivate",
-           "--json"]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--dp", "--dp-batch", "16", "--dp-steps", "3",
+           "--dp-warmup", "1", "--rows", "private,opacus,nonprivate", "--json"]  # fmt: skip
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -87,9 +86,9 @@ def test_bench_dp_quick_run_prints_the_table():
     report = json.loads(lines[-1])
     rows = {r["row"]: r for r in report["rows"]}
     assert list(rows) == ["private", "opacus", "nonprivate"]
-    assert report["rounds"] == 2
+    assert report["rounds"] == 1  # rounds are merged by dp_merge_rounds (test_bench_bookkeeping.py)
     for r in rows.values():
-        assert len(r["times"]) == 4  # 2 steps in each of 2 rounds
+        assert len(r["times"]) == 3
         assert all(math.isfinite(v) and v > 0 for v in _numbers(r, ("step_s", "examples_per_s", "warmup_s",
                                                                     "peak_mb"))), r  # fmt: skip
     assert list(report["ratios"]) == [
@@ -102,7 +101,6 @@ def test_bench_dp_quick_run_prints_the_table():
     table = [line.split() for line in lines[header + 2 : header + 5]]
     assert [line[0] for line in table] == list(rows) and all(len(line) == 5 for line in table)
     assert [line.split(": ")[0] for line in lines[header + 5 : header + 7]] == list(report["ratios"])
-    assert all(" (rounds: " in line for line in lines[header + 5 : header + 7])  # each ratio's range
     assert report["device"] == _bench()._cpu_name() and report["device"] in lines[header - 1]
 
 
