@@ -256,7 +256,8 @@ class StepOptions:
     precision: "fp32"; "tf32" (the caller enables TF32 matmuls on CUDA); "bf16" autocast.
         Master weights, the loss and the optimizer stay float32.
     compile: True compiles the whole step; "update" only the optimizer update (its elementwise
-        passes fuse into one); False: eager. An eval step runs "update" eagerly.
+        passes fuse into one), with a per-example stage's noise draw; False: eager. An eval step
+        runs "update" eagerly.
     topk: also count `top{k}_correct` (default: none in a train step, 5 in an eval step).
     tta (eval steps only): predict the mean probabilities of each image and its mirror image.
     class_output: the output the accuracy metrics and the default loss read: a dict's key
