@@ -87,13 +87,12 @@ def estimate(cfg: Config) -> Estimate:
     n_train = min(cfg.limit_train or data.MAX_EXAMPLES["train"], data.MAX_EXAMPLES["train"])
     n_test = min(cfg.limit_val or data.MAX_EXAMPLES["test"], data.MAX_EXAMPLES["test"])
     n_val = max(n_test, cfg.val_split)
-    batch = min(cfg.batch_size, n_train)
-    if is_private(cfg):  # Poisson batches are padded to their capacity (a few sigma above the mean)
+    batch, grads = min(cfg.batch_size, n_train), 0
+    if is_private(cfg):  # Poisson batches padded to their capacity; a chunk as step._auto_chunk sizes it
         batch = data.poisson_capacity(n_train, batch / n_train)
-    train_act = per_example * batch * BACKWARD
-    if is_private(cfg):  # as step._auto_chunk sizes the chunk
         chunk = max(1, min(batch, step.CHUNK_EXAMPLES, step.CHUNK_BYTES // (BYTES * n_params)))
-        train_act += chunk * n_params * BYTES
+        grads = chunk * n_params * BYTES
+    train_act = per_example * batch * BACKWARD + grads
     eval_act = per_example * min(cfg.eval_batch_size, n_val) * (2 if cfg.tta else 1)
     k = cfg.members
     image = 8 + math.prod(model.input_shape)  # uint8 pixels and an int64 label
