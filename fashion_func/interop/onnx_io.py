@@ -84,6 +84,7 @@ def save_onnx(
             f"ONNX export needs the onnx extra: pip install 'fashion_func[onnx]' ({e})"
         ) from None
     wrapped = _images_to_logits(model_name, weights, mean, std, hparams or {})
+    features = isinstance(wrapped, _FeaturesToLogits)  # the scattering is in the graph
     example = torch.zeros((2, 28, 28), dtype=torch.uint8)  # 2, not 1: export would fix a size-1 axis
     with torch.no_grad():
         num_classes = int(wrapped(example).shape[-1])
@@ -97,10 +98,10 @@ def save_onnx(
             verbose=False,
             # kymatio's scattering is about 10,000 nodes: onnxscript's rewriter took 2 minutes more over
             # them (measured), and ONNX Runtime, which optimises at load, ran the result no faster
-            optimize=not models.get(model_name).takes_features,
+            optimize=not features,
         )
     proto = program.model_proto
-    props = _props(model_name, num_classes, mean, std)
+    props = _props(model_name, num_classes, mean, std, features)
     user = checkpoint.encode_metadata({k: v for k, v in (metadata or {}).items() if k not in props})
     existing = {p.key: p.value for p in proto.metadata_props}
     onnx.helper.set_model_props(proto, {**existing, **user, **props})
@@ -129,7 +130,7 @@ def _images_to_logits(
     return _ImagesToLogits(module, mean, std).eval()
 
 
-def _props(model_name: str, num_classes: int, mean: float, std: float) -> dict[str, str]:
+def _props(model_name: str, num_classes: int, mean: float, std: float, features: bool) -> dict[str, str]:
     """The `metadata_props` that say what the ONNX model takes and gives."""
     props = {
         "model": model_name,
@@ -141,7 +142,7 @@ def _props(model_name: str, num_classes: int, mean: float, std: float) -> dict[s
         "normalize_std": repr(float(std)),
         "normalization": "in the graph: x = (images / 255 - normalize_mean) / normalize_std, [B,1,28,28]",
     }
-    if models.get(model_name).takes_features:  # no mean or std: the features of images / 255
+    if features:  # no mean or std: the features of images / 255
         props.update(normalize_mean="none", normalize_std="none", normalization=scattering.DESCRIPTION)
     if num_classes == len(data.CLASS_NAMES):
         props["classes"] = json.dumps(list(data.CLASS_NAMES))
