@@ -150,9 +150,11 @@ def test_the_preset_is_private_training_on_features(run):
     steps = round(N_TRAIN / 256)
     eps = [r["epsilon"] for r in history]
     assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 3.0 and record["steps"] == 2 * steps
-    assert eps[1] == record["epsilon"] == privacy.epsilon(2 * steps, sample_rate=record["sample_rate"],
-                                                         noise_multiplier=record["noise_multiplier"],
-                                                         delta=1e-5)  # fmt: skip
+    assert record["accountant"] == preset["dp_accountant"]  # the preset's accountant counted the run
+    sigma, kind = record["noise_multiplier"], preset["dp_accountant"]
+    counted = privacy.epsilon(2 * steps, sample_rate=record["sample_rate"], noise_multiplier=sigma,
+                              delta=1e-5, accountant=kind)  # fmt: skip
+    assert eps[1] == record["epsilon"] == counted
     assert all(0 < r["train_clipped"] <= 1 for r in history)  # the per-example stage clipped
     assert history[-1]["val_acc"] > 0.5  # two noisy epochs on 2,500 images: well above chance
 
