@@ -97,7 +97,7 @@ def estimate(cfg: Config) -> Estimate:
     k = cfg.members
     image = 8 + math.prod(model.input_shape)  # uint8 pixels and an int64 label
     if model.takes_features:  # the images (28x28 uint8) and their float32 features
-        image = 8 + 28 * 28 + BYTES * math.prod(model.input_shape)
+        image = 8 + math.prod(data.IMAGE_SHAPE) + BYTES * math.prod(model.input_shape)
     return Estimate(state=k * per_member, activations=k * max(train_act, eval_act),
                     data=(n_train + n_test) * image)  # fmt: skip
 
