@@ -68,7 +68,8 @@ class Model:
     # `(dtype=, device=) -> ModelState` for a stateful model; None: the model has no state
     init_state_fn: Callable[..., ModelState] | None = field(default=None, repr=False)
     # what its inputs are: "images" (pixels, normalised by the step's preprocess), or the name of a
-    # fixed transform of the images computed once, outside the step ("scattering": `scattering.features`)
+    # fixed transform of the images computed once, outside the step (`scattering.TRANSFORMS`: "scattering",
+    # "scattering_ms"; `scattering.features`)
     inputs: str = "images"
 
     @property
@@ -396,6 +397,24 @@ def scatternet(num_classes: int = 10) -> Model:
     return Model("scatternet", hparams, init, stages, input_shape=(81, 7, 7), inputs="scattering")
 
 
+def _multiscale_group_norm(x: Tensor) -> Tensor:
+    """`scattering_ms` features `[B, 117, 7, 7]`, each example by itself: the 81 J=2 channels in 27
+    groups of 3 (as `scatternet`), the 36 J=1 channels in 3 groups of 12 (3 of its 14x14 channels each)."""
+    return torch.cat([nn.group_norm(x[:, :81], 27), nn.group_norm(x[:, 81:], 3)], dim=1)
+
+
+def scatternet_ms(num_classes: int = 10) -> Model:
+    """`scatternet` on multi-scale ScatterNet features (`scattering.features(..., "scattering_ms")`):
+    the J=2 scattering's 81 channels of 7x7 and the J=1 scattering's 9 channels of 14x14 (as 36 of
+    7x7). Takes `[B, 117, 7, 7]`: per-example group norm of each scale (`_multiscale_group_norm`),
+    flatten [B, 5733], `fc` 5733->classes. 57,340 parameters for 10 classes; the plain module is
+    `interop.ScatterNetMS`."""
+    init = _init_layers({"fc": (117 * 7 * 7, num_classes)})
+    stages = (_map("gn", _multiscale_group_norm), _dense("fc", relu=False, flatten=True))
+    hparams = {"num_classes": num_classes}
+    return Model("scatternet_ms", hparams, init, stages, input_shape=(117, 7, 7), inputs="scattering_ms")
+
+
 MODELS: dict[str, Callable[..., Model]] = {
     "mlp": mlp,
     "simplenet": simplenet,
@@ -404,6 +423,7 @@ MODELS: dict[str, Callable[..., Model]] = {
     "resnet": resnet,
     "dpcnn": dpcnn,
     "scatternet": scatternet,
+    "scatternet_ms": scatternet_ms,
 }
 
 
@@ -418,6 +438,7 @@ HPARAMS: dict[str, dict[str, str]] = {
     "resnet": {"num_classes": "classes", "width": "size"},
     "dpcnn": {"num_classes": "classes", "width": "size", "groups": "groups"},
     "scatternet": {"num_classes": "classes"},
+    "scatternet_ms": {"num_classes": "classes"},
 }
 MAX_SIZE = 1 << 16  # a width or class count beyond any model of ours: refused, never allocated
 NUM_CLASSES = {"mlp": "D_out"}  # the hparam that counts the classes, where it is not num_classes

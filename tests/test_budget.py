@@ -224,18 +224,19 @@ def test_the_refusal_names_the_flag_whose_default_shrinks_it_most(values: dict, 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_the_data_estimate_counts_what_each_model_keeps_per_example(name: str) -> None:
     """Every model keeps the uint8 images and int64 labels of both splits; a model of ScatterNet
-    features also keeps their float32 features (81x7x7 per image for scatternet)."""
+    features also keeps their float32 features (81x7x7 per image for scatternet, 117x7x7 for
+    scatternet_ms)."""
     model = models.get(name, **({"width": 4} if name == "resnet" else {}))
     cfg = Config(model=name, **({"width": 4} if name == "resnet" else {}), limit_train=300, limit_val=200)
     per_image = 8 + math.prod(model.input_shape)
     if model.takes_features:
         per_image = 8 + 28 * 28 + 4 * math.prod(model.input_shape)
     assert budget.estimate(cfg).data == 500 * per_image
-    assert model.takes_features == (name == "scatternet")  # the one features model, counted above
+    assert model.takes_features == name.startswith("scatternet")  # the features models, counted above
 
 
 @pytest.mark.parametrize("batch", [1, 256, 2048])
-@pytest.mark.parametrize("name", ["dpcnn", "scatternet", "simplenet"])
+@pytest.mark.parametrize("name", ["dpcnn", "scatternet", "scatternet_ms", "simplenet"])
 def test_a_private_run_counts_one_chunk_of_per_example_gradients(name: str, batch: int) -> None:
     """A private run's batches are Poisson batches padded to their capacity, and its step holds
     `[chunk, parameters]` float32 gradients at once (step's chunking: at most 512 examples and

@@ -1,8 +1,9 @@
 """`--preset private_features`: DP-SGD on fixed ScatterNet features (Tramèr & Boneh 2021).
 
-The features against kymatio called directly; the head (`scatternet`) against its plain module
-and torch's own layers; privacy is whole (an image's features and logits are a function of that
-image alone, and the record says no data statistic is used); one short run of the preset
+The features against kymatio called directly; the heads (`scatternet`, and the preset's
+`scatternet_ms`) against their plain modules and torch's own layers; privacy is whole (an
+image's features and logits are a function of that image alone, and the record says no data
+statistic is used); one short run of the preset
 (2,500 training images, batch 256, 2 epochs, compile off): Poisson sampling and the per-example
 stage, epsilon within the target, each image's features computed once; `predict` on its weights
 reproduces its test accuracy; the ONNX export takes images and matches the torch model; without
@@ -51,29 +52,52 @@ def _images(n: int = 12) -> torch.Tensor:
 # -- the features -------------------------------------------------------------------------------------
 
 
-def test_the_features_are_kymatios_scattering_of_images_over_255():
+# (model, its transform): Tramèr & Boneh's J=2 features, and the preset's two scales
+HEADS = [("scatternet", "scattering"), ("scatternet_ms", "scattering_ms")]
+
+
+def _kymatio(images: torch.Tensor, kind: str) -> torch.Tensor:
+    """The features of `kind` from kymatio called directly: J=2, then (scattering_ms) J=1 with each
+    2x2 block of its 14x14 grid moved into channels by torch's `pixel_unshuffle`."""
     from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 
+    x = images.float() / 255
+    j2 = ScatteringTorch2D(J=2, shape=(28, 28), L=8)(x)
+    if kind == "scattering":
+        return j2
+    return torch.cat([j2, F.pixel_unshuffle(ScatteringTorch2D(J=1, shape=(28, 28), L=8)(x), 2)], dim=1)
+
+
+@pytest.mark.parametrize("kind, channels", [("scattering", 81), ("scattering_ms", 117)])
+def test_the_features_are_kymatios_scattering_of_images_over_255(kind: str, channels: int):
     images = _images()
-    expected = ScatteringTorch2D(J=2, shape=(28, 28), L=8)(images.float() / 255)
-    got = scattering.features(images, chunk=5)  # chunks of 5, 5, 2: the same features
-    assert got.shape == (12, 81, 7, 7) and got.dtype == torch.float32
+    expected = _kymatio(images, kind)
+    got = scattering.features(images, kind, chunk=5)  # chunks of 5, 5, 2: the same features
+    assert got.shape == (12, channels, 7, 7) and got.dtype == torch.float32
+    assert scattering.channels(kind) == channels and f"[B,{channels},7,7]" in scattering.describe(kind)
     assert torch.equal(got, expected)
-    assert torch.equal(scattering.Scattering()(images[:, None]), expected)  # [B, 1, 28, 28] too
+    assert torch.equal(scattering.Scattering(kind)(images[:, None]), expected)  # [B, 1, 28, 28] too
     with pytest.raises(TypeError, match="uint8"):  # floats would be scaled twice
-        scattering.Scattering()(images.float())
+        scattering.Scattering(kind)(images.float())
 
 
-def test_an_images_features_and_logits_ignore_every_other_image():
+def test_an_unknown_transform_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="choose from scattering, scattering_ms"):
+        scattering.Scattering("scattering_j3")
+
+
+@pytest.mark.parametrize("name, kind", HEADS)
+def test_an_images_features_and_logits_ignore_every_other_image(name: str, kind: str):
     """Privacy is whole: no statistic of the data enters the features or the group norm, so
     changing every other image changes neither image 0's features nor its logits (bitwise)."""
     images = _images()
     others = images.clone()
     noise = torch.Generator().manual_seed(0)
     others[1:] = torch.randint(0, 256, others[1:].shape, dtype=torch.uint8, generator=noise)
-    a, b = scattering.features(images), scattering.features(others)
+    a, b = scattering.features(images, kind), scattering.features(others, kind)
     assert torch.equal(a[0], b[0]) and not torch.equal(a[1:], b[1:])
-    model = models.get("scatternet")
+    model = models.get(name)
+    assert model.inputs == kind
     params = model.init(torch.Generator().manual_seed(0))
     assert torch.equal(model.apply(params, a)[0], model.apply(params, b)[0])
     norm = model.stages[0].fn  # the group norm: each example by itself, whatever the batch
@@ -83,22 +107,42 @@ def test_an_images_features_and_logits_ignore_every_other_image():
 # -- the head -------------------------------------------------------------------------------------------
 
 
+class _Reference(tnn.Module):
+    """The head from torch's own layers: scatternet_ms's J=1 channels are put back on their 14x14
+    grid (`pixel_shuffle`) and normalised there in 3 groups of 3 channels, as the prototype did."""
+
+    def __init__(self, multiscale: bool) -> None:
+        super().__init__()
+        self.multiscale = multiscale
+        self.gn2, self.gn1 = tnn.GroupNorm(27, 81, affine=False), tnn.GroupNorm(3, 9, affine=False)
+        self.fc = tnn.Linear(117 * 49 if multiscale else 81 * 49, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.multiscale:
+            return self.fc(torch.flatten(self.gn2(x), 1))
+        j1 = F.pixel_unshuffle(self.gn1(F.pixel_shuffle(x[:, 81:], 2)), 2)
+        return self.fc(torch.flatten(torch.cat([self.gn2(x[:, :81]), j1], dim=1), 1))
+
+
 @pytest.mark.cross_path
-def test_the_head_equals_its_module_and_torchs_own_layers():
-    model = models.get("scatternet")
+@pytest.mark.parametrize("name, kind", HEADS)
+def test_the_head_equals_its_module_and_torchs_own_layers(name: str, kind: str):
+    model = models.get(name)
+    c = scattering.channels(kind)
     params = model.init(torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert {k: tuple(v.shape) for k, v in params.items()} == {"fc.weight": (10, 3969), "fc.bias": (10,)}
-    assert models.num_params(params) == 39_700 and not model.stateful and model.input_shape == (81, 7, 7)
-    module = interop.ScatterNet().double().eval()
-    module.load_state_dict(params)  # strict: the same names and shapes
-    reference = tnn.Sequential(tnn.GroupNorm(27, 81, affine=False), tnn.Flatten(), tnn.Linear(3969, 10))
-    reference.double().load_state_dict({"2.weight": params["fc.weight"], "2.bias": params["fc.bias"]})
+    assert {k: tuple(v.shape) for k, v in params.items()} == {"fc.weight": (10, c * 49), "fc.bias": (10,)}
+    assert models.num_params(params) == 10 * c * 49 + 10 and not model.stateful
+    assert model.input_shape == (c, 7, 7)
+    module = interop.to_module(name, params).double().eval()
+    assert type(module) is (interop.ScatterNet if name == "scatternet" else interop.ScatterNetMS)
+    reference = _Reference(name == "scatternet_ms").double()
+    reference.fc.load_state_dict({"weight": params["fc.weight"], "bias": params["fc.bias"]})
     torch.manual_seed(123)  # nn.Linear draws from the global RNG; ours from a generator, the same way
-    drawn = tnn.Linear(3969, 10).state_dict()
+    drawn = tnn.Linear(c * 49, 10).state_dict()
     fresh = model.init(torch.Generator().manual_seed(123))
     assert all(torch.equal(fresh[f"fc.{k}"], drawn[k]) for k in ("weight", "bias"))
     g = torch.Generator().manual_seed(2)
-    x = torch.rand(6, 81, 7, 7, dtype=torch.float64, generator=g) * 3
+    x = torch.rand(6, c, 7, 7, dtype=torch.float64, generator=g) * 3
     y = torch.randint(0, 10, (6,), generator=g)
     with torch.no_grad():
         expected = reference(x)
@@ -109,8 +153,8 @@ def test_the_head_equals_its_module_and_torchs_own_layers():
     for i in range(6):
         reference.zero_grad()
         F.cross_entropy(reference(x[i : i + 1]), y[i : i + 1]).backward()
-        torch.testing.assert_close(grads["fc.weight"][i], reference[2].weight.grad, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(grads["fc.bias"][i], reference[2].bias.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grads["fc.weight"][i], reference.fc.weight.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grads["fc.bias"][i], reference.fc.bias.grad, rtol=1e-10, atol=1e-12)
 
 
 # -- the preset, end to end -----------------------------------------------------------------------------
@@ -122,9 +166,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("private_features") / "run"
     calls: list[int] = []
 
-    def counted(images: torch.Tensor, **kw: Any) -> torch.Tensor:
+    def counted(images: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
         calls.append(len(images))
-        return scattering.features(images, **kw)
+        return scattering.features(images, *args, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(app, "features", counted)
@@ -137,7 +181,8 @@ def test_the_preset_is_private_training_on_features(run):
     # what makes the preset (its tuned numbers may change): the paper's budget, model selection
     # on held-out training images, and no normalisation statistic given
     preset = load_preset("private_features")
-    assert preset["model"] == "scatternet" and preset["dp_target_epsilon"] <= 3 and preset["dp_delta"] == 1e-5
+    assert preset["model"] == "scatternet_ms" and preset["ema"] > 0  # two scales, a weight average
+    assert preset["dp_target_epsilon"] <= 3 and preset["dp_delta"] == 1e-5
     assert preset["val_split"] > 0 and preset["monitor"] == "val_acc" and "normalize" not in preset
     out = run["out"]
     assert run["result"].stop_reason == "completed"
@@ -164,13 +209,14 @@ def test_the_record_says_no_data_statistic_is_used(run):
     statistic of the training data; the weights file keeps no normalisation mean or std."""
     for name in ("last", "best"):
         meta = checkpoint.read_metadata(run["out"] / "checkpoints" / f"{name}.safetensors")
-        assert {k: meta["privacy"][k] for k in scattering.PRIVACY_NOTE} == scattering.PRIVACY_NOTE
-        assert meta["privacy"]["data_statistics"] == "none"
-        assert "normalize_mean" not in meta and "scattering J=2 L=8" in meta["features"]
+        note = scattering.privacy_note("scattering_ms")
+        assert {k: meta["privacy"][k] for k in note} == note
+        assert meta["privacy"]["data_statistics"] == "none" and "J=1 channels" in note["normalisation"]
+        assert "normalize_mean" not in meta and "scattering J=2 L=8 + J=1 L=8" in meta["features"]
         privacy.check_record(meta["privacy"])  # a record of this run is a valid record
     with pytest.raises(ValueError, match="data_statistics must be a text"):
         privacy.check_record({**meta["privacy"], "data_statistics": 3})
-    old = {k: v for k, v in meta["privacy"].items() if k not in scattering.PRIVACY_NOTE}
+    old = {k: v for k, v in meta["privacy"].items() if k not in note}
     assert privacy.check_record(old) == old  # a record written before the field: accepted
 
 
@@ -209,7 +255,7 @@ def test_the_onnx_export_takes_images_and_matches_the_torch_model(run, tmp_path,
     images = _images(8)  # ONNX Runtime's DFTs: about 20 ms of CPU an image, 7x torch's (measured)
     logits = ort.InferenceSession(str(path)).run(None, {"images": images.numpy()})[0]
     model, weights, _ = interop.load_weights_file(best)
-    expected = model.apply(weights, scattering.Scattering()(images))
+    expected = model.apply(weights, scattering.Scattering(model.inputs)(images))
     # float32 FFTs of two runtimes: a few ulp of the features, scaled by the group norm and fc
     torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
 

@@ -34,7 +34,7 @@ from fashion_func.loop import FitResult, Interrupted, ResumePoint, RunError, Sto
 from fashion_func.loop import resume as resume_lib
 from fashion_func.loop.resume import RunRecord
 from fashion_func.safeio import display
-from fashion_func.scattering import DESCRIPTION, PRIVACY_NOTE, ScatteringUnavailable, features
+from fashion_func.scattering import ScatteringUnavailable, describe, features, privacy_note
 from fashion_func.step import NormalizeImages, make_eval_step, make_train_step
 
 __all__ = ["train"]
@@ -458,7 +458,7 @@ def _metadata(cfg: Config, model: models.Model, dp: private.Plan | None = None) 
            "normalize_mean": pre.mean, "normalize_std": pre.std}  # fmt: skip
     if model.takes_features:  # no mean or std: fixed features of images / 255
         out = {k: v for k, v in out.items() if not k.startswith("normalize_")}
-        out["features"] = DESCRIPTION
+        out["features"] = describe(model.inputs)
     return {**out, "privacy": {**dp.record(), **_data_statistics(cfg, model)}} if dp is not None else out
 
 
@@ -467,7 +467,7 @@ def _data_statistics(cfg: Config, model: models.Model) -> dict[str, str]:
     covers the steps only, so a statistic the model uses is named here (the dataset's mean and
     std are constants computed from the training images without noise)."""
     if model.takes_features:
-        return PRIVACY_NOTE
+        return privacy_note(model.inputs)
     pre = _preprocess(cfg)
     if cfg.normalize == "tutorial":  # 0.5 and 0.5: no statistic of the data
         return {"data_statistics": "none", "normalisation": f"(images / 255 - {pre.mean}) / {pre.std}"}
@@ -476,8 +476,8 @@ def _data_statistics(cfg: Config, model: models.Model) -> dict[str, str]:
 
 
 def _features(cfg: Config, model: models.Model, log: Any, *splits: data.Split | None) -> tuple[Any, ...]:
-    """The splits as `model` takes them: for a model of ScatterNet features (`inputs`
-    "scattering") each image's features, computed here once for the whole run (the steps take
+    """The splits as `model` takes them: for a model of ScatterNet features (`inputs` a
+    `scattering.TRANSFORMS` name) each image's features, computed here once for the run (the steps take
     them as they are); the images, for the other models."""
     if not model.takes_features:
         return splits
@@ -486,12 +486,12 @@ def _features(cfg: Config, model: models.Model, log: Any, *splits: data.Split | 
                        "--flip, --cutout and --tta, which change the images, do not apply")  # fmt: skip
     start = time.perf_counter()
     try:
-        out = tuple(None if s is None else data.Split(features(s.images), s.labels, s.source)
+        out = tuple(None if s is None else data.Split(features(s.images, model.inputs), s.labels, s.source)
                     for s in splits)  # fmt: skip
     except ScatteringUnavailable as exc:
         raise RunError(str(exc)) from None
     n = sum(len(s.labels) for s in splits if s is not None)
-    log.info(f"features of {n} images ({DESCRIPTION}) in {time.perf_counter() - start:.1f} s")
+    log.info(f"features of {n} images ({describe(model.inputs)}) in {time.perf_counter() - start:.1f} s")
     return out
 
 

@@ -161,9 +161,9 @@ def per_example_outputs(m: Member, split: data.Split, batch_size: int, **options
     """Per-example `loss`, `correct`, `top{k}_correct`, `pred`, `logits` over the split, on its device,
     in inference mode (running statistics); `options`: `make_eval_step`'s (`compile`, `topk`, `tta`).
     """
-    # a model of ScatterNet features (`inputs` "scattering") takes them, not normalised pixels
+    # a model of ScatterNet features (`inputs` a `scattering.TRANSFORMS` name) takes them, not pixels
     if m.model.takes_features:
-        preprocess: Any = Scattering().to(split.images.device)
+        preprocess: Any = Scattering(m.model.inputs).to(split.images.device)
     else:
         preprocess = NormalizeImages(m.mean, m.std)
     eval_step = make_eval_step(m.model, preprocess=preprocess, **options)

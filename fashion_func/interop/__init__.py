@@ -40,7 +40,16 @@ from fashion_func.interop.torch_io import (  # noqa: F401
     split_state,
     to_module,
 )
-from fashion_func.interop.torch_modules import DPCNN, MLP, AlexNet, ResNet, ScatterNet, SimpleNet, SimpleNetBN
+from fashion_func.interop.torch_modules import (
+    DPCNN,
+    MLP,
+    AlexNet,
+    ResNet,
+    ScatterNet,
+    ScatterNetMS,
+    SimpleNet,
+    SimpleNetBN,
+)
 from fashion_func.interop.weights_file import known_normalization, load_weights_file, normalization  # noqa: F401
 
 __all__ = [
@@ -49,6 +58,7 @@ __all__ = [
     "AlexNet",
     "ResNet",
     "ScatterNet",
+    "ScatterNetMS",
     "SimpleNet",
     "SimpleNetBN",
     "flax_module",

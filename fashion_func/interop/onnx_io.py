@@ -38,12 +38,12 @@ class _ImagesToLogits(tnn.Module):
 class _FeaturesToLogits(tnn.Module):
     """uint8 images `[B, 28, 28]` -> logits: `scattering.Scattering`'s features, then the model."""
 
-    def __init__(self, module: tnn.Module) -> None:
+    def __init__(self, module: tnn.Module, kind: str) -> None:
         super().__init__()
-        self.features, self.module = scattering.Scattering(), module
+        self.features, self.module, self.kind = scattering.Scattering(kind), module, kind
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.module(self.features(images))  # [B, 81, 7, 7] float32
+        return self.module(self.features(images))  # [B, C, 7, 7] float32
 
 
 ONNX_INPUT = "images"  # uint8 [B, 28, 28], raw pixel values 0..255
@@ -64,7 +64,8 @@ def save_onnx(
 
     Input `images`: uint8 `[B, 28, 28]`, raw pixels (batch size free), normalised in the graph as
     `preprocess.normalize` does with `mean`, `std` (the weights' own: `normalization(metadata)`;
-    a model of ScatterNet features, `inputs` "scattering", has `scattering.Scattering` there).
+    a model of ScatterNet features, `inputs` a `scattering.TRANSFORMS` name, has
+    `scattering.Scattering` there).
     Output `logits`: float32 `[B, classes]`. The model is `to_module(model_name, weights,
     **hparams)` (`hparams`: what the shapes do not say, dpcnn's `groups`) in eval mode, exported
     by `torch.onnx.export(dynamo=True)`, bf16/fp16 weights upcast to float32 (exact). The
@@ -84,7 +85,8 @@ def save_onnx(
             f"ONNX export needs the onnx extra: pip install 'fashion_func[onnx]' ({e})"
         ) from None
     wrapped = _images_to_logits(model_name, weights, mean, std, hparams or {})
-    features = isinstance(wrapped, _FeaturesToLogits)  # the scattering is in the graph
+    # the scattering is in the graph: the name of its transform, else None
+    features = wrapped.kind if isinstance(wrapped, _FeaturesToLogits) else None
     example = torch.zeros((2, 28, 28), dtype=torch.uint8)  # 2, not 1: export would fix a size-1 axis
     with torch.no_grad():
         num_classes = int(wrapped(example).shape[-1])
@@ -98,7 +100,7 @@ def save_onnx(
             verbose=False,
             # kymatio's scattering is about 10,000 nodes: onnxscript's rewriter took 2 minutes more over
             # them (measured), and ONNX Runtime, which optimises at load, ran the result no faster
-            optimize=not features,
+            optimize=features is None,
         )
     proto = program.model_proto
     props = _props(model_name, num_classes, mean, std, features)
@@ -124,13 +126,15 @@ def _images_to_logits(
     module = to_module(model_name, cpu32, **hparams)
     model = models.get(model_name, **{**hparams_from_params(model_name, cpu32), **hparams})
     if model.takes_features:  # its inputs are fixed features of the images
-        return _FeaturesToLogits(module).eval()
+        return _FeaturesToLogits(module, model.inputs).eval()
     if model.input_shape not in ((1, 28, 28), (28 * 28,)):
         raise ValueError(f"{model_name} takes inputs {list(model.input_shape)}, not 28x28 images")
     return _ImagesToLogits(module, mean, std).eval()
 
 
-def _props(model_name: str, num_classes: int, mean: float, std: float, features: bool) -> dict[str, str]:
+def _props(
+    model_name: str, num_classes: int, mean: float, std: float, features: str | None
+) -> dict[str, str]:
     """The `metadata_props` that say what the ONNX model takes and gives."""
     props = {
         "model": model_name,
@@ -142,8 +146,8 @@ def _props(model_name: str, num_classes: int, mean: float, std: float, features:
         "normalize_std": repr(float(std)),
         "normalization": "in the graph: x = (images / 255 - normalize_mean) / normalize_std, [B,1,28,28]",
     }
-    if features:  # no mean or std: the features of images / 255
-        props.update(normalize_mean="none", normalize_std="none", normalization=scattering.DESCRIPTION)
+    if features is not None:  # no mean or std: the features of images / 255
+        props.update(normalize_mean="none", normalize_std="none", normalization=scattering.describe(features))
     if num_classes == len(data.CLASS_NAMES):
         props["classes"] = json.dumps(list(data.CLASS_NAMES))
     return props

@@ -16,7 +16,7 @@ from torch import nn as tnn
 
 from fashion_func import models
 
-__all__ = ["DPCNN", "MLP", "AlexNet", "ResNet", "ScatterNet", "SimpleNet", "SimpleNetBN"]
+__all__ = ["DPCNN", "MLP", "AlexNet", "ResNet", "ScatterNet", "ScatterNetMS", "SimpleNet", "SimpleNetBN"]
 
 
 class MLP(tnn.Module):
@@ -168,6 +168,22 @@ class ScatterNet(tnn.Module):
         return self.fc(torch.flatten(self.gn(x), 1))  # (c h w) order
 
 
+class ScatterNetMS(tnn.Module):
+    """The linear classifier on multi-scale ScatterNet features of `models.scatternet_ms`:
+    `[B, 117, 7, 7]` -> `nn.GroupNorm(27, 81, affine=False)` of the first 81 channels (J=2) and
+    `nn.GroupNorm(3, 36, affine=False)` of the other 36 (J=1), flatten, `fc`."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.gn2 = tnn.GroupNorm(27, 81, affine=False)
+        self.gn1 = tnn.GroupNorm(3, 36, affine=False)
+        self.fc = tnn.Linear(117 * 7 * 7, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.cat([self.gn2(x[:, :81]), self.gn1(x[:, 81:])], dim=1)
+        return self.fc(torch.flatten(x, 1))  # (c h w) order
+
+
 _MODULES: dict[str, type[tnn.Module]] = {
     "mlp": MLP,
     "simplenet": SimpleNet,
@@ -176,9 +192,16 @@ _MODULES: dict[str, type[tnn.Module]] = {
     "resnet": ResNet,
     "dpcnn": DPCNN,
     "scatternet": ScatterNet,
+    "scatternet_ms": ScatterNetMS,
 }
 NAMES: tuple[str, ...] = tuple(_MODULES)  # the architectures with a plain module, in matching order
-_HEADS = {"simplenet": "fc2", "simplenet_bn": "fc2", "scatternet": "fc", "alexnet": "fc3"}  # output layer
+_HEADS = {
+    "simplenet": "fc2",
+    "simplenet_bn": "fc2",
+    "scatternet": "fc",
+    "scatternet_ms": "fc",
+    "alexnet": "fc3",
+}  # output layer
 
 
 def hparams_from_params(name: str, params: Mapping[str, Tensor]) -> dict[str, Any]:
