@@ -21,7 +21,15 @@ from einops import rearrange
 from torch import Tensor
 from torch import nn as tnn
 
-__all__ = ["TRANSFORMS", "Scattering", "ScatteringUnavailable", "describe", "features", "privacy_note"]
+__all__ = [
+    "TRANSFORMS",
+    "Scattering",
+    "ScatteringUnavailable",
+    "channels",
+    "describe",
+    "features",
+    "privacy_note",
+]
 
 L, SHAPE = 8, (28, 28)
 # the scales J of each transform: J=2 gives 1 + J L + L^2 J (J - 1) / 2 = 81 channels of 28 / 2^J = 7 x 7,
@@ -80,7 +88,7 @@ class Scattering(tnn.Module):
         except ImportError:
             raise ScatteringUnavailable() from None
         self.transforms = tnn.ModuleList(ScatteringTorch2D(J=j, shape=SHAPE, L=L) for j in scales)
-        self.scales = scales
+        self.kind = kind
 
     def forward(self, images: Tensor) -> Tensor:
         if images.dtype != torch.uint8:  # floats would be scaled twice
@@ -89,11 +97,11 @@ class Scattering(tnn.Module):
             images = rearrange(images, "b 1 h w -> b h w")
         x = images.to(torch.float32) / 255.0
         out = []
-        for j, transform in zip(self.scales, self.transforms, strict=True):
+        for j, transform in zip(TRANSFORMS[self.kind], self.transforms, strict=True):
             f = transform(x)  # [B, C_j, 28 / 2^j, 28 / 2^j]
             k = 2 ** (2 - j)  # each k x k block of a finer grid becomes k^2 channels of the 7 x 7 one
             out.append(rearrange(f, "b c (h i) (w j) -> b (c i j) h w", i=k, j=k))
-        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+        return torch.cat(out, dim=1)
 
 
 def features(images: Tensor, kind: str = "scattering", *, chunk: int = CHUNK) -> Tensor:

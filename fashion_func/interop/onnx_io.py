@@ -40,7 +40,7 @@ class _FeaturesToLogits(tnn.Module):
 
     def __init__(self, module: tnn.Module, kind: str) -> None:
         super().__init__()
-        self.features, self.module, self.kind = scattering.Scattering(kind), module, kind
+        self.features, self.module = scattering.Scattering(kind), module
 
     def forward(self, images: Tensor) -> Tensor:
         return self.module(self.features(images))  # [B, C, 7, 7] float32
@@ -86,7 +86,7 @@ def save_onnx(
         ) from None
     wrapped = _images_to_logits(model_name, weights, mean, std, hparams or {})
     # the scattering is in the graph: the name of its transform, else None
-    features = wrapped.kind if isinstance(wrapped, _FeaturesToLogits) else None
+    features = wrapped.features.kind if isinstance(wrapped, _FeaturesToLogits) else None
     example = torch.zeros((2, 28, 28), dtype=torch.uint8)  # 2, not 1: export would fix a size-1 axis
     with torch.no_grad():
         num_classes = int(wrapped(example).shape[-1])
