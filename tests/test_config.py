@@ -67,3 +67,62 @@ def test_the_tutorial_preset_is_package_data_and_flags_override_it():
     choices = "best, private, private_features, quality, speedrun, tutorial"
     with pytest.raises(ConfigError, match=f"--preset must be one of {choices}"):
         load_preset("nope")
+
+
+# One valid value for every optional setting (`Key.optional`), with what it needs beside it.
+_SET = {
+    "width": ({"width": 32}, {"model": "resnet"}),
+    "groups": ({"groups": 4}, {"model": "dpcnn"}),
+    "clip_norm": ({"clip_norm": 1.0}, {}),
+    "limit_train": ({"limit_train": 100}, {}),
+    "limit_val": ({"limit_val": 100}, {}),
+    "mode": ({"mode": "max"}, {"monitor": "val_acc"}),
+    "patience": ({"patience": 3}, {}),
+    "save_top_k": ({"save_top_k": 2}, {}),
+    "sweep": ({"sweep": "lr=1e-3,3e-4"}, {}),
+    "ema": ({"ema": 0.99}, {}),
+    "dp_max_grad_norm": ({"dp_max_grad_norm": 0.5}, {"dp_noise_multiplier": 1.0}),
+    "dp_noise_multiplier": ({"dp_noise_multiplier": 1.0}, {}),
+    "dp_target_epsilon": ({"dp_target_epsilon": 3.0}, {}),
+}
+
+
+def _unsettable_flags() -> dict[str, str]:
+    """{setting: its flag} for every optional setting the train parser takes, paths aside."""
+    from fashion_func.cli import train as cli
+    from fashion_func.cli.config import KEYS
+
+    return {
+        a.dest: a.option_strings[0]
+        for a in cli.build_train_parser()._actions
+        if a.dest in KEYS and KEYS[a.dest].optional and a.dest not in ("data_dir", "out")
+    }
+
+
+def test_every_optional_setting_is_in_the_unset_table():
+    assert set(_unsettable_flags()) == set(_SET)
+
+
+@pytest.mark.parametrize("name", sorted(_SET))
+def test_none_on_the_command_line_undoes_what_a_config_file_set(name, tmp_path):
+    import json
+
+    from fashion_func.cli import train as cli
+
+    value, beside = _SET[name]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**value, **beside}))
+    flag = _unsettable_flags()[name]
+    set_, _ = cli.parse_train_args(["--config", str(path)])
+    unset, _ = cli.parse_train_args(["--config", str(path), flag, "None"])
+    default = Config.from_dict(dict(beside))
+    if name != "mode":  # a mode given must agree with the one inferred, so only it looks the same
+        assert getattr(set_, name) != getattr(default, name)  # the file's value took effect
+    assert getattr(unset, name) == getattr(default, name)  # and `none` gave the default back
+
+
+def test_none_turns_off_the_private_features_weight_average():
+    from fashion_func.cli import train as cli
+
+    assert cli.parse_train_args(["--preset", "private_features"])[0].ema == 0.99
+    assert cli.parse_train_args(["--preset", "private_features", "--ema", "none"])[0].ema is None

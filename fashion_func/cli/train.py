@@ -16,6 +16,7 @@ from fashion_func.cli import words
 from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, float_arg, int_arg
 from fashion_func.cli.config import (
     DEVICES,
+    KEYS,
     MODELS,
     OPTIMIZERS,
     PRECISIONS,
@@ -156,8 +157,28 @@ def build_train_parser() -> argparse.ArgumentParser:
     )
     add_version(p)
     for names, keywords in OPTIONS.items():
-        p.add_argument(*names.split(), **keywords)
+        p.add_argument(*names.split(), **_unsettable(names, keywords))
     return p
+
+
+_PATHS = ("data_dir", "out")  # a folder may be called "none": these are never unset by name
+
+
+def _unsettable(names: str, keywords: dict[str, Any]) -> dict[str, Any]:
+    """`keywords`, taking `none` as well where the option's setting is optional (`Key.optional`:
+    off, inferred or the built-in default when absent), so a flag can undo what a preset or a
+    config file set (`--preset private_features --ema none`). Paths keep their text."""
+    dest = keywords.get("dest", names.split()[0].lstrip("-").replace("-", "_"))
+    key = KEYS.get(dest)
+    if key is None or not key.optional or dest in _PATHS or "action" in keywords:
+        return keywords
+    parse = keywords.get("type", str)
+
+    def value(text: str) -> Any:
+        return None if text.lower() == "none" else parse(text)
+
+    value.__name__ = getattr(parse, "__name__", "value")  # argparse names the type in its errors
+    return {**keywords, "type": value, "help": f"{keywords.get('help', '')} (none: unset)".lstrip()}
 
 
 RUN_FLAGS = ("preset", "config", "resume", "overwrite")
