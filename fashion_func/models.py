@@ -28,7 +28,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from fashion_func import nn
+from fashion_func import nn, scattering
 from fashion_func.safeio import short_repr
 
 __all__ = ["MODELS", "Model", "ModelState", "Params", "Stage", "get", "num_params"]
@@ -69,7 +69,7 @@ class Model:
     init_state_fn: Callable[..., ModelState] | None = field(default=None, repr=False)
     # what its inputs are: "images" (pixels, normalised by the step's preprocess), or the name of a
     # fixed transform of the images computed once, outside the step (`scattering.TRANSFORMS`: "scattering",
-    # "scattering_ms"; `scattering.features`)
+    # "scattering_ms", "scattering_ms3"; `scattering.features`)
     inputs: str = "images"
 
     @property
@@ -386,33 +386,57 @@ def dpcnn(num_classes: int = 10, width: int = 16, groups: int = 0) -> Model:
     return Model("dpcnn", hparams, init, stages)
 
 
+def _scattering_norm(kind: str) -> Callable[[Tensor], Tensor]:
+    """Per-example group norm of each scale's block of transform `kind`'s features
+    (`scattering.blocks`: the J=2 channels in groups of 3, J=1's in groups of 3 of its 14x14
+    channels, J=3's in groups of 31), no affine parameters, no running statistics: `[B, *shape]` ->
+    `[B, features]`. A group is contiguous in the flattened features, so each block is viewed
+    `[B, groups, features / groups]` and normalised with one channel per group."""
+    sizes = [size for size, _ in scattering.blocks(kind)]
+    groups = [g for _, g in scattering.blocks(kind)]
+
+    def norm(x: Tensor) -> Tensor:
+        parts = torch.flatten(x, 1).split(sizes, dim=1)
+        normed = [
+            nn.group_norm(rearrange(p, "b (g f) -> b g f", g=g), g)
+            for p, g in zip(parts, groups, strict=True)
+        ]
+        return torch.cat([n.flatten(1) for n in normed], dim=1)
+
+    return norm
+
+
+def _scatternet(name: str, kind: str, num_classes: int) -> Model:
+    """The linear classifier of transform `kind`'s features: `_scattering_norm`, then `fc`."""
+    init = _init_layers({"fc": (sum(size for size, _ in scattering.blocks(kind)), num_classes)})
+    stages = (_map("gn", _scattering_norm(kind)), _dense("fc", relu=False, flatten=True))
+    hparams = {"num_classes": num_classes}
+    return Model(name, hparams, init, stages, input_shape=scattering.shape(kind), inputs=kind)
+
+
 def scatternet(num_classes: int = 10) -> Model:
     """A linear classifier on ScatterNet features (Tramèr & Boneh 2021; `scattering.features`),
     stateless and per-example. Takes `[B, 81, 7, 7]`: group norm (27 groups of 3 channels, each
     example by itself, no affine parameters, no running statistics), flatten [B, 3969], `fc`
     3969->classes. 39,700 parameters for 10 classes; the plain module is `interop.ScatterNet`."""
-    init = _init_layers({"fc": (81 * 7 * 7, num_classes)})
-    stages = (_map("gn", lambda x: nn.group_norm(x, 27)), _dense("fc", relu=False, flatten=True))
-    hparams = {"num_classes": num_classes}
-    return Model("scatternet", hparams, init, stages, input_shape=(81, 7, 7), inputs="scattering")
-
-
-def _multiscale_group_norm(x: Tensor) -> Tensor:
-    """`scattering_ms` features `[B, 117, 7, 7]`, each example by itself: the 81 J=2 channels in 27
-    groups of 3 (as `scatternet`), the 36 J=1 channels in 3 groups of 12 (3 of its 14x14 channels each)."""
-    return torch.cat([nn.group_norm(x[:, :81], 27), nn.group_norm(x[:, 81:], 3)], dim=1)
+    return _scatternet("scatternet", "scattering", num_classes)
 
 
 def scatternet_ms(num_classes: int = 10) -> Model:
     """`scatternet` on multi-scale ScatterNet features (`scattering.features(..., "scattering_ms")`):
     the J=2 scattering's 81 channels of 7x7 and the J=1 scattering's 9 channels of 14x14 (as 36 of
-    7x7). Takes `[B, 117, 7, 7]`: per-example group norm of each scale (`_multiscale_group_norm`),
-    flatten [B, 5733], `fc` 5733->classes. 57,340 parameters for 10 classes; the plain module is
-    `interop.ScatterNetMS`."""
-    init = _init_layers({"fc": (117 * 7 * 7, num_classes)})
-    stages = (_map("gn", _multiscale_group_norm), _dense("fc", relu=False, flatten=True))
-    hparams = {"num_classes": num_classes}
-    return Model("scatternet_ms", hparams, init, stages, input_shape=(117, 7, 7), inputs="scattering_ms")
+    7x7). Takes `[B, 117, 7, 7]`: per-example group norm of each scale (the 81 J=2 channels in 27
+    groups, the 36 J=1 ones in 3), flatten [B, 5733], `fc` 5733->classes. 57,340 parameters for 10
+    classes; the plain module is `interop.ScatterNetMS`."""
+    return _scatternet("scatternet_ms", "scattering_ms", num_classes)
+
+
+def scatternet_ms3(num_classes: int = 10) -> Model:
+    """`scatternet_ms` with the coarser J=3 scale too (`"scattering_ms3"`: its 217 channels of 3x3).
+    Takes the flat `[B, 7686]` (J=2's 3969, J=1's 1764, J=3's 1953 features): per-example group
+    norm of each scale (27, 3 and 7 groups), `fc` 7686->classes. 76,870 parameters for 10 classes;
+    the plain module is `interop.ScatterNetMS` with `kind="scattering_ms3"`."""
+    return _scatternet("scatternet_ms3", "scattering_ms3", num_classes)
 
 
 MODELS: dict[str, Callable[..., Model]] = {
@@ -424,6 +448,7 @@ MODELS: dict[str, Callable[..., Model]] = {
     "dpcnn": dpcnn,
     "scatternet": scatternet,
     "scatternet_ms": scatternet_ms,
+    "scatternet_ms3": scatternet_ms3,
 }
 
 
@@ -439,6 +464,7 @@ HPARAMS: dict[str, dict[str, str]] = {
     "dpcnn": {"num_classes": "classes", "width": "size", "groups": "groups"},
     "scatternet": {"num_classes": "classes"},
     "scatternet_ms": {"num_classes": "classes"},
+    "scatternet_ms3": {"num_classes": "classes"},
 }
 MAX_SIZE = 1 << 16  # a width or class count beyond any model of ours: refused, never allocated
 NUM_CLASSES = {"mlp": "D_out"}  # the hparam that counts the classes, where it is not num_classes

@@ -236,7 +236,7 @@ def test_the_data_estimate_counts_what_each_model_keeps_per_example(name: str) -
 
 
 @pytest.mark.parametrize("batch", [1, 256, 2048])
-@pytest.mark.parametrize("name", ["dpcnn", "scatternet", "scatternet_ms", "simplenet"])
+@pytest.mark.parametrize("name", ["dpcnn", "scatternet", "scatternet_ms", "scatternet_ms3", "simplenet"])
 def test_a_private_run_counts_one_chunk_of_per_example_gradients(name: str, batch: int) -> None:
     """A private run's batches are Poisson batches padded to their capacity, and its step holds
     `[chunk, parameters]` float32 gradients at once (step's chunking: at most 512 examples and

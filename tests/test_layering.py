@@ -43,7 +43,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("__main__",),
 )
 CORE_TOP = LAYERS.index(("__init__",))  # layers up to this one are the library core
-SAME_LAYER: dict[str, set[str]] = {"step": {"state"}, "optim": {"schedules"}}
+SAME_LAYER: dict[str, set[str]] = {"step": {"state"}, "optim": {"schedules"}, "models": {"scattering"}}
 APP = "cli"  # the one subpackage whose modules are layered one by one
 
 LAYER_OF = {module: i for i, layer in enumerate(LAYERS) for module in layer}

@@ -54,7 +54,9 @@ def test_init_does_not_touch_global_rng():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ValueError, match="alexnet, dpcnn, mlp, resnet, scatternet, scatternet_ms, simplenet"):
+    with pytest.raises(
+        ValueError, match="alexnet, dpcnn, mlp, resnet, scatternet, scatternet_ms, scatternet_ms3, simplenet"
+    ):
         models.get("resnet9000")
 
 

@@ -13,6 +13,7 @@ kymatio, one line naming the pip command.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -52,37 +53,56 @@ def _images(n: int = 12) -> torch.Tensor:
 # -- the features -------------------------------------------------------------------------------------
 
 
-# (model, its transform): Tramèr & Boneh's J=2 features, and the preset's two scales
-HEADS = [("scatternet", "scattering"), ("scatternet_ms", "scattering_ms")]
+# (model, its transform): Tramèr & Boneh's J=2 features, two scales, and the preset's three
+HEADS = [
+    ("scatternet", "scattering"),
+    ("scatternet_ms", "scattering_ms"),
+    ("scatternet_ms3", "scattering_ms3"),
+]
+MODULES = {"scatternet": interop.ScatterNet, "scatternet_ms": interop.ScatterNetMS}
+MODULES["scatternet_ms3"] = interop.ScatterNetMS3
 
 
 def _kymatio(images: torch.Tensor, kind: str) -> torch.Tensor:
-    """The features of `kind` from kymatio called directly: J=2, then (scattering_ms) J=1 with each
-    2x2 block of its 14x14 grid moved into channels by torch's `pixel_unshuffle`."""
+    """The features of `kind` from kymatio called directly: J=2, then J=1 with each 2x2 block of
+    its 14x14 grid moved into channels by torch's `pixel_unshuffle` (scattering_ms), then J=3's
+    3x3 grid, each block flattened (scattering_ms3)."""
     from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 
     x = images.float() / 255
     j2 = ScatteringTorch2D(J=2, shape=(28, 28), L=8)(x)
     if kind == "scattering":
         return j2
-    return torch.cat([j2, F.pixel_unshuffle(ScatteringTorch2D(J=1, shape=(28, 28), L=8)(x), 2)], dim=1)
+    j1 = F.pixel_unshuffle(ScatteringTorch2D(J=1, shape=(28, 28), L=8)(x), 2)
+    if kind == "scattering_ms":
+        return torch.cat([j2, j1], dim=1)
+    j3 = ScatteringTorch2D(J=3, shape=(28, 28), L=8)(x)
+    assert j3.shape[1:] == (217, 3, 3)
+    return torch.cat([j2.flatten(1), j1.flatten(1), j3.flatten(1)], dim=1)
 
 
-@pytest.mark.parametrize("kind, channels", [("scattering", 81), ("scattering_ms", 117)])
-def test_the_features_are_kymatios_scattering_of_images_over_255(kind: str, channels: int):
+@pytest.mark.parametrize(
+    "kind, shape", [("scattering", (81, 7, 7)), ("scattering_ms", (117, 7, 7)), ("scattering_ms3", (7686,))]
+)
+def test_the_features_are_kymatios_scattering_of_images_over_255(kind: str, shape: tuple[int, ...]):
     images = _images()
     expected = _kymatio(images, kind)
     got = scattering.features(images, kind, chunk=5)  # chunks of 5, 5, 2: the same features
-    assert got.shape == (12, channels, 7, 7) and got.dtype == torch.float32
-    assert scattering.channels(kind) == channels and f"[B,{channels},7,7]" in scattering.describe(kind)
+    assert got.shape == (12, *shape) and got.dtype == torch.float32
+    assert scattering.shape(kind) == shape and f"[B,{','.join(map(str, shape))}]" in scattering.describe(kind)
+    assert sum(size for size, _ in scattering.blocks(kind)) == math.prod(shape)
     assert torch.equal(got, expected)
     assert torch.equal(scattering.Scattering(kind)(images[:, None]), expected)  # [B, 1, 28, 28] too
+    # the ONNX graph's: the same equations, orientations batched; equal in exact arithmetic, so
+    # float32 rounding apart (bitwise on the CPUs measured: its FFTs and means run op for op)
+    batched = scattering.Scattering(kind, batched=True)
+    torch.testing.assert_close(batched(images), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="uint8"):  # floats would be scaled twice
         scattering.Scattering(kind)(images.float())
 
 
 def test_an_unknown_transform_is_refused_naming_the_choices():
-    with pytest.raises(ValueError, match="choose from scattering, scattering_ms"):
+    with pytest.raises(ValueError, match="choose from scattering, scattering_ms, scattering_ms3"):
         scattering.Scattering("scattering_j3")
 
 
@@ -108,41 +128,48 @@ def test_an_images_features_and_logits_ignore_every_other_image(name: str, kind:
 
 
 class _Reference(tnn.Module):
-    """The head from torch's own layers: scatternet_ms's J=1 channels are put back on their 14x14
-    grid (`pixel_shuffle`) and normalised there in 3 groups of 3 channels, as the prototype did."""
+    """The head from torch's own layers, each scale normalised on its own grid: J=2's 81 channels
+    of 7x7 in 27 groups; J=1's channels put back on their 14x14 grid (`pixel_shuffle`) in 3 groups
+    of 3; J=3's 217 channels of 3x3 in 7 groups of 31, as the prototype did."""
 
-    def __init__(self, multiscale: bool) -> None:
+    def __init__(self, kind: str) -> None:
         super().__init__()
-        self.multiscale = multiscale
+        self.kind = kind
         self.gn2, self.gn1 = tnn.GroupNorm(27, 81, affine=False), tnn.GroupNorm(3, 9, affine=False)
-        self.fc = tnn.Linear(117 * 49 if multiscale else 81 * 49, 10)
+        self.gn3 = tnn.GroupNorm(7, 217, affine=False)
+        self.fc = tnn.Linear(math.prod(scattering.shape(kind)), 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.multiscale:
-            return self.fc(torch.flatten(self.gn2(x), 1))
-        j1 = F.pixel_unshuffle(self.gn1(F.pixel_shuffle(x[:, 81:], 2)), 2)
-        return self.fc(torch.flatten(torch.cat([self.gn2(x[:, :81]), j1], dim=1), 1))
+        x = torch.flatten(x, 1)
+        parts = [self.gn2(x[:, :3969].reshape(-1, 81, 7, 7))]
+        if self.kind != "scattering":
+            j1 = x[:, 3969 : 3969 + 1764].reshape(-1, 36, 7, 7)
+            parts.append(F.pixel_unshuffle(self.gn1(F.pixel_shuffle(j1, 2)), 2))
+        if self.kind == "scattering_ms3":
+            parts.append(self.gn3(x[:, 3969 + 1764 :].reshape(-1, 217, 3, 3)))
+        return self.fc(torch.cat([p.flatten(1) for p in parts], dim=1))
 
 
 @pytest.mark.cross_path
 @pytest.mark.parametrize("name, kind", HEADS)
 def test_the_head_equals_its_module_and_torchs_own_layers(name: str, kind: str):
     model = models.get(name)
-    c = scattering.channels(kind)
+    shape = scattering.shape(kind)
+    d = math.prod(shape)
     params = model.init(torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert {k: tuple(v.shape) for k, v in params.items()} == {"fc.weight": (10, c * 49), "fc.bias": (10,)}
-    assert models.num_params(params) == 10 * c * 49 + 10 and not model.stateful
-    assert model.input_shape == (c, 7, 7)
+    assert {k: tuple(v.shape) for k, v in params.items()} == {"fc.weight": (10, d), "fc.bias": (10,)}
+    assert models.num_params(params) == 10 * d + 10 and not model.stateful
+    assert model.input_shape == shape
     module = interop.to_module(name, params).double().eval()
-    assert type(module) is (interop.ScatterNet if name == "scatternet" else interop.ScatterNetMS)
-    reference = _Reference(name == "scatternet_ms").double()
+    assert type(module) is MODULES[name] and interop.identify(params) == name
+    reference = _Reference(kind).double()
     reference.fc.load_state_dict({"weight": params["fc.weight"], "bias": params["fc.bias"]})
     torch.manual_seed(123)  # nn.Linear draws from the global RNG; ours from a generator, the same way
-    drawn = tnn.Linear(c * 49, 10).state_dict()
+    drawn = tnn.Linear(d, 10).state_dict()
     fresh = model.init(torch.Generator().manual_seed(123))
     assert all(torch.equal(fresh[f"fc.{k}"], drawn[k]) for k in ("weight", "bias"))
     g = torch.Generator().manual_seed(2)
-    x = torch.rand(6, c, 7, 7, dtype=torch.float64, generator=g) * 3
+    x = torch.rand(6, *shape, dtype=torch.float64, generator=g) * 3
     y = torch.randint(0, 10, (6,), generator=g)
     with torch.no_grad():
         expected = reference(x)
@@ -181,7 +208,7 @@ def test_the_preset_is_private_training_on_features(run):
     # what makes the preset (its tuned numbers may change): the paper's budget, model selection
     # on held-out training images, and no normalisation statistic given
     preset = load_preset("private_features")
-    assert preset["model"] == "scatternet_ms" and preset["ema"] > 0  # two scales, a weight average
+    assert preset["model"] == "scatternet_ms3" and preset["ema"] > 0  # three scales, a weight average
     assert preset["dp_target_epsilon"] <= 3 and preset["dp_delta"] == 1e-5
     assert preset["val_split"] > 0 and preset["monitor"] == "val_acc" and "normalize" not in preset
     out = run["out"]
@@ -209,10 +236,10 @@ def test_the_record_says_no_data_statistic_is_used(run):
     statistic of the training data; the weights file keeps no normalisation mean or std."""
     for name in ("last", "best"):
         meta = checkpoint.read_metadata(run["out"] / "checkpoints" / f"{name}.safetensors")
-        note = scattering.privacy_note("scattering_ms")
+        note = scattering.privacy_note("scattering_ms3")
         assert {k: meta["privacy"][k] for k in note} == note
-        assert meta["privacy"]["data_statistics"] == "none" and "J=1 channels" in note["normalisation"]
-        assert "normalize_mean" not in meta and "scattering J=2 L=8 + J=1 L=8" in meta["features"]
+        assert meta["privacy"]["data_statistics"] == "none" and "J=3 channels" in note["normalisation"]
+        assert "normalize_mean" not in meta and "scattering J=2 L=8 + J=1 L=8 + J=3 L=8" in meta["features"]
         privacy.check_record(meta["privacy"])  # a record of this run is a valid record
     with pytest.raises(ValueError, match="data_statistics must be a text"):
         privacy.check_record({**meta["privacy"], "data_statistics": 3})

@@ -19,7 +19,7 @@ from test_reliability import one_error_line  # tests/ is on sys.path under pytes
 from fashion_func.cli.config import Config, ConfigError
 from fashion_func.cli.train import main_train
 
-MODELS = "simplenet, simplenet_bn, alexnet, mlp, resnet, dpcnn, scatternet, scatternet_ms"
+MODELS = "simplenet, simplenet_bn, alexnet, mlp, resnet, dpcnn, scatternet, scatternet_ms, scatternet_ms3"
 DEEP = "[" * 100_000 + "]" * 100_000
 ONE_OF_THEM = ("private training takes --dp-noise-multiplier S or --dp-target-epsilon E (which picks S for "
                "--epochs), one of them")  # fmt: skip

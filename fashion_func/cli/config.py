@@ -27,7 +27,17 @@ __all__ = ["KEYS", "Config", "ConfigError", "Sweep", "load_file", "load_preset",
 
 # MODELS, WIDE_MODELS, PRECISIONS and ACCOUNTANTS copy core facts so that this module imports no
 # torch (a usage error exits before torch loads); tests/test_public_face.py keeps each equal to the core
-MODELS = ("simplenet", "simplenet_bn", "alexnet", "mlp", "resnet", "dpcnn", "scatternet", "scatternet_ms")
+MODELS = (
+    "simplenet",
+    "simplenet_bn",
+    "alexnet",
+    "mlp",
+    "resnet",
+    "dpcnn",
+    "scatternet",
+    "scatternet_ms",
+    "scatternet_ms3",
+)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16")

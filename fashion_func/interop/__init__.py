@@ -47,6 +47,7 @@ from fashion_func.interop.torch_modules import (
     ResNet,
     ScatterNet,
     ScatterNetMS,
+    ScatterNetMS3,
     SimpleNet,
     SimpleNetBN,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "ResNet",
     "ScatterNet",
     "ScatterNetMS",
+    "ScatterNetMS3",
     "SimpleNet",
     "SimpleNetBN",
     "flax_module",

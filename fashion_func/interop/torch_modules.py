@@ -14,9 +14,19 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch import nn as tnn
 
-from fashion_func import models
+from fashion_func import models, scattering
 
-__all__ = ["DPCNN", "MLP", "AlexNet", "ResNet", "ScatterNet", "ScatterNetMS", "SimpleNet", "SimpleNetBN"]
+__all__ = [
+    "DPCNN",
+    "MLP",
+    "AlexNet",
+    "ResNet",
+    "ScatterNet",
+    "ScatterNetMS",
+    "ScatterNetMS3",
+    "SimpleNet",
+    "SimpleNetBN",
+]
 
 
 class MLP(tnn.Module):
@@ -170,18 +180,30 @@ class ScatterNet(tnn.Module):
 
 class ScatterNetMS(tnn.Module):
     """The linear classifier on multi-scale ScatterNet features of `models.scatternet_ms`:
-    `[B, 117, 7, 7]` -> `nn.GroupNorm(27, 81, affine=False)` of the first 81 channels (J=2) and
-    `nn.GroupNorm(3, 36, affine=False)` of the other 36 (J=1), flatten, `fc`."""
+    `[B, 117, 7, 7]` flattened (`c h w` order), each scale's block (`scattering.blocks`: J=2's
+    3969 features, J=1's 1764) viewed as `[B, groups, -1]` and normalised by
+    `nn.GroupNorm(groups, groups, affine=False)` (27 and 3 groups), then `fc`."""
+
+    kind = "scattering_ms"
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        self.gn2 = tnn.GroupNorm(27, 81, affine=False)
-        self.gn1 = tnn.GroupNorm(3, 36, affine=False)
-        self.fc = tnn.Linear(117 * 7 * 7, num_classes)
+        self.sizes = [size for size, _ in scattering.blocks(self.kind)]
+        groups = [g for _, g in scattering.blocks(self.kind)]
+        self.norms = tnn.ModuleList(tnn.GroupNorm(g, g, affine=False) for g in groups)
+        self.fc = tnn.Linear(sum(self.sizes), num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = torch.cat([self.gn2(x[:, :81]), self.gn1(x[:, 81:])], dim=1)
-        return self.fc(torch.flatten(x, 1))  # (c h w) order
+        parts = torch.flatten(x, 1).split(self.sizes, dim=1)
+        normed = [gn(p.unflatten(1, (gn.num_groups, -1))) for gn, p in zip(self.norms, parts, strict=True)]
+        return self.fc(torch.cat([n.flatten(1) for n in normed], dim=1))
+
+
+class ScatterNetMS3(ScatterNetMS):
+    """`ScatterNetMS` for `models.scatternet_ms3`: the flat `[B, 7686]` features of three scales
+    (J=2, J=1, J=3: 27, 3 and 7 groups)."""
+
+    kind = "scattering_ms3"
 
 
 _MODULES: dict[str, type[tnn.Module]] = {
@@ -193,6 +215,7 @@ _MODULES: dict[str, type[tnn.Module]] = {
     "dpcnn": DPCNN,
     "scatternet": ScatterNet,
     "scatternet_ms": ScatterNetMS,
+    "scatternet_ms3": ScatterNetMS3,
 }
 NAMES: tuple[str, ...] = tuple(_MODULES)  # the architectures with a plain module, in matching order
 _HEADS = {
@@ -200,6 +223,7 @@ _HEADS = {
     "simplenet_bn": "fc2",
     "scatternet": "fc",
     "scatternet_ms": "fc",
+    "scatternet_ms3": "fc",
     "alexnet": "fc3",
 }  # output layer
 
