@@ -435,7 +435,7 @@ def scatternet_ms3(num_classes: int = 10) -> Model:
     """`scatternet_ms` with the coarser J=3 scale too (`"scattering_ms3"`: its 217 channels of 3x3).
     Takes the flat `[B, 7686]` (J=2's 3969, J=1's 1764, J=3's 1953 features): per-example group
     norm of each scale (27, 3 and 7 groups), `fc` 7686->classes. 76,870 parameters for 10 classes;
-    the plain module is `interop.ScatterNetMS` with `kind="scattering_ms3"`."""
+    the plain module is `interop.ScatterNetMS3`."""
     return _scatternet("scatternet_ms3", "scattering_ms3", num_classes)
 
 

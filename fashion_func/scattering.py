@@ -112,8 +112,8 @@ class Scattering(tnn.Module):
     operation per scale and order over all orientations (`_batched`) instead of kymatio's one
     per path: what the ONNX export traces, since kymatio's J=3 graph is about 35,000 nodes and
     took 2.5 minutes to export (this one: 500 nodes, seconds). Equal to kymatio's in exact
-    arithmetic (bitwise on the CPUs measured); on the CPU it runs slower (larger intermediates),
-    so training keeps kymatio's."""
+    arithmetic (bitwise on the CPU measured, Zen 4); on the CPU it runs slower (larger
+    intermediates), so training keeps kymatio's."""
 
     def __init__(self, kind: str = "scattering", *, batched: bool = False) -> None:
         super().__init__()

@@ -94,7 +94,7 @@ def test_the_features_are_kymatios_scattering_of_images_over_255(kind: str, shap
     assert torch.equal(got, expected)
     assert torch.equal(scattering.Scattering(kind)(images[:, None]), expected)  # [B, 1, 28, 28] too
     # the ONNX graph's: the same equations, orientations batched; equal in exact arithmetic, so
-    # float32 rounding apart (bitwise on the CPUs measured: its FFTs and means run op for op)
+    # float32 rounding apart (bitwise on the CPU measured: its FFTs and means run op for op)
     batched = scattering.Scattering(kind, batched=True)
     torch.testing.assert_close(batched(images), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="uint8"):  # floats would be scaled twice
