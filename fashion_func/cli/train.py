@@ -177,7 +177,6 @@ def _unsettable(names: str, keywords: dict[str, Any]) -> dict[str, Any]:
     def value(text: str) -> Any:
         return None if text.lower() == "none" else parse(text)
 
-    value.__name__ = getattr(parse, "__name__", "value")  # argparse names the type in its errors
     return {**keywords, "type": value, "help": f"{keywords.get('help', '')} (none: unset)".lstrip()}
 
 
