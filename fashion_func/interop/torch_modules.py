@@ -165,32 +165,19 @@ class DPCNN(tnn.Module):
         return self.fc2(torch.tanh(self.fc1(torch.flatten(x, 1))))  # (c h w) order
 
 
-class ScatterNet(tnn.Module):
-    """The linear classifier on ScatterNet features of `models.scatternet`: `[B, 81, 7, 7]` ->
-    `nn.GroupNorm(27, 81, affine=False)`, flatten, `fc` (`scattering.Scattering` makes the inputs)."""
+class _ScatterNetHead(tnn.Module):
+    """A linear classifier on the ScatterNet features of transform `kind` (`scattering.TRANSFORMS`),
+    as `models.scatternet*` computes it: the features flattened (`c h w` order), each scale's block
+    (`scattering.blocks`) viewed as `[B, groups, -1]` and normalised by
+    `nn.GroupNorm(groups, groups, affine=False)` (each group of channels as one), then `fc`."""
 
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.gn = tnn.GroupNorm(27, 81, affine=False)
-        self.fc = tnn.Linear(81 * 7 * 7, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(self.gn(x), 1))  # (c h w) order
-
-
-class ScatterNetMS(tnn.Module):
-    """The linear classifier on multi-scale ScatterNet features of `models.scatternet_ms`:
-    `[B, 117, 7, 7]` flattened (`c h w` order), each scale's block (`scattering.blocks`: J=2's
-    3969 features, J=1's 1764) viewed as `[B, groups, -1]` and normalised by
-    `nn.GroupNorm(groups, groups, affine=False)` (27 and 3 groups), then `fc`."""
-
-    kind = "scattering_ms"
+    kind = "scattering"
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.sizes = [size for size, _ in scattering.blocks(self.kind)]
         groups = [g for _, g in scattering.blocks(self.kind)]
-        self.norms = tnn.ModuleList(tnn.GroupNorm(g, g, affine=False) for g in groups)
+        self.norms = tnn.ModuleList(tnn.GroupNorm(g, g, affine=False) for g in groups)  # no weights
         self.fc = tnn.Linear(sum(self.sizes), num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -199,9 +186,22 @@ class ScatterNetMS(tnn.Module):
         return self.fc(torch.cat([n.flatten(1) for n in normed], dim=1))
 
 
-class ScatterNetMS3(ScatterNetMS):
-    """`ScatterNetMS` for `models.scatternet_ms3`: the flat `[B, 7686]` features of three scales
-    (J=2, J=1, J=3: 27, 3 and 7 groups)."""
+class ScatterNet(_ScatterNetHead):
+    """`models.scatternet`: `[B, 81, 7, 7]` (J=2), the group norm in 27 groups of 3 channels, `fc`
+    (`scattering.Scattering` makes the inputs)."""
+
+    kind = "scattering"
+
+
+class ScatterNetMS(_ScatterNetHead):
+    """`models.scatternet_ms`: `[B, 117, 7, 7]` (J=2's 81 channels, J=1's 36), 27 and 3 groups."""
+
+    kind = "scattering_ms"
+
+
+class ScatterNetMS3(_ScatterNetHead):
+    """`models.scatternet_ms3`: the flat `[B, 7686]` features of three scales (J=2, J=1, J=3: 27, 3
+    and 7 groups)."""
 
     kind = "scattering_ms3"
 
