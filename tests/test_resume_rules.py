@@ -314,3 +314,31 @@ def test_a_private_run_keeps_its_batch_size_and_takes_its_default_norm_given(
     assert main_train(argv) == 0, capsys.readouterr().err
     meta = checkpoint.read_metadata(out / "checkpoints" / "last.safetensors")
     assert meta["epoch"] == 2 and meta["privacy"]["max_grad_norm"] == 1.0
+
+
+# the optional settings that give the optimizer state a part (`Key.part`): unset on the command
+# line (`none`, tests/test_config.py) or set where the first run had none, each is refused in the
+# command line's words, the unset side named `none`
+PARTS = {"clip_norm": 2.0, "ema": 0.5}
+
+
+def test_every_optional_part_has_a_case() -> None:
+    assert {k for k, key in KEYS.items() if key.part and key.optional} == set(PARTS)
+
+
+@pytest.mark.parametrize("key", sorted(PARTS))
+@pytest.mark.parametrize("direction", ["unset", "set"])
+def test_a_part_given_or_taken_on_resume_is_refused_naming_none(
+    world: dict[str, Any], key: str, direction: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = first_run(world, {} if direction == "unset" else {key: None})
+    out = tmp_path / "run"
+    shutil.copytree(first, out)
+    given = "none" if direction == "unset" else str(PARTS[key])
+    saved = json.loads((first / "config.json").read_text())[key]
+    argv = ["--resume", str(out / "checkpoints" / "last.safetensors"), "--epochs", "2", flag(key), given]
+    assert main_train(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "None" not in lines[0], lines
+    shown = "none" if saved is None else str(saved)
+    assert f"{flag(key)} {given} cannot replace the resumed run's {shown}" in lines[0], lines[0]

@@ -87,10 +87,12 @@ def flag(name: str) -> str:
 
 def message(item: Any) -> str:
     """`item` (an error or a log note) in the command line's words: by its kind from `WORDS`
-    (a `setting` named as its flag), else as the library worded it."""
+    (a `setting` named as its flag, an unset value as `none`), else as the library worded it."""
     kind = getattr(item, "kind", None)
     fields = getattr(item, "fields", None)
     if isinstance(kind, str) and kind in WORDS and isinstance(fields, dict):
+        # an unset value reads as the command line writes it (`--ema none`), not as Python's None
+        fields = {k: "none" if v is None else v for k, v in fields.items()}
         if isinstance(fields.get("setting"), str):
             fields = {**fields, "setting": flag(fields["setting"])}
         return word(WORDS[kind], fields)

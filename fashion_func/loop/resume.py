@@ -154,13 +154,15 @@ class Problem:
 
     def error(self, path: Path) -> Exception:
         """The error of its kind, with the values it speaks of (splits as their counts, a
-        setting's values as bounded reprs): a bad privacy record is the file's
+        setting's values as bounded reprs, an unset one as None): a bad privacy record is the file's
         (CheckpointError), the others the run's (RunError); a client words each by its kind."""
 
         def shown(v: Any) -> Any:
             if self.kind is ProblemKind.SPLITS:
                 return ", ".join(f"{k} {v.get(k)}" for k in ("train", "held_out", "test"))
-            return v if self.kind in (ProblemKind.MODEL, ProblemKind.PRIVACY) else short_repr(v)
+            if v is None or self.kind in (ProblemKind.MODEL, ProblemKind.PRIVACY):
+                return v  # None as itself: a client words "not set" its own way (the CLI: none)
+            return short_repr(v)
 
         error = checkpoint.CheckpointError if self.kind is ProblemKind.PRIVACY else RunError
         saved, now = shown(self.saved), shown(self.now)
