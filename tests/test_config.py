@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fashion_func.cli.config import Config, ConfigError, load_file
+from fashion_func.cli.config import Config, ConfigError, layered, load_file
 
 
 def test_good_values_pass_and_compile_booleans_mean_on_off():
@@ -100,7 +100,38 @@ def _unsettable_flags() -> dict[str, str]:
 
 
 def test_every_optional_setting_is_in_the_unset_table():
-    assert set(_unsettable_flags()) == set(_SET)
+    from fashion_func.cli.config import UNSETTABLE
+
+    assert set(_unsettable_flags()) == set(_SET) == UNSETTABLE
+
+
+@pytest.mark.parametrize("name", sorted(_SET))
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_none_in_a_config_file_undoes_what_the_preset_set(name, suffix, tmp_path):
+    """TOML has no null: the text "none" unsets there, as on the command line (JSON's null too)."""
+    import json
+
+    from fashion_func.cli import train as cli
+
+    value, beside = _SET[name]
+    below = tmp_path / "below.json"
+    below.write_text(json.dumps({**value, **beside}))
+    above = tmp_path / f"above{suffix}"
+    above.write_text(f'{name} = "none"\n' if suffix == ".toml" else json.dumps({name: None}))
+    base = cli._given_layers(["--config", str(below)])[0]
+    unset = cli._given_layers(["--config", str(above)])[0][1]
+    assert unset == {name: None}
+    values = layered([base[1], unset])
+    assert Config.from_dict(values) == Config.from_dict(dict(beside))
+
+
+def test_a_path_named_none_stays_a_path(tmp_path):
+    from fashion_func.cli import train as cli
+
+    config = tmp_path / "c.toml"
+    config.write_text('out = "none"\ndata_dir = "None"\n')
+    cfg, _ = cli.parse_train_args(["--config", str(config), "--data-dir", "none"])
+    assert (cfg.out, cfg.data_dir) == ("none", "none")
 
 
 @pytest.mark.parametrize("name", sorted(_SET))

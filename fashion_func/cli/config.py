@@ -537,6 +537,15 @@ def _keys() -> dict[str, Key]:
 
 
 KEYS: dict[str, Key] = _keys()
+# the settings a flag or a config file may unset with `none` (back to off, inferred or the built-in
+# default), undoing a lower source: every optional one except the paths, since a folder may be
+# called "none" (TOML has no null; JSON's null unsets any optional setting)
+UNSETTABLE = frozenset(name for name, key in KEYS.items() if key.optional) - {"data_dir", "out"}
+
+
+def unset(name: str, value: Any) -> Any:
+    """None where setting `name` is `UNSETTABLE` and `value` is the text `none` (any case), else `value`."""
+    return None if name in UNSETTABLE and isinstance(value, str) and value.lower() == "none" else value
 
 
 def layered(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -662,7 +671,8 @@ def _no_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _settings(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     """`raw`'s keys with - made _, refused (ConfigError) when two spellings name one key
-    (`"dp-noise-multiplier"` and `dp_noise_multiplier`): neither silently wins."""
+    (`"dp-noise-multiplier"` and `dp_noise_multiplier`): neither silently wins. `"none"` unsets an
+    `UNSETTABLE` setting (`unset`)."""
     values: dict[str, Any] = {}
     spelled: dict[str, str] = {}
     for key, value in raw.items():
@@ -671,5 +681,5 @@ def _settings(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(
                 f"{where} gives {name} twice (as {spelled[name]!r} and {display(key)!r}); keep one"
             )
-        values[name], spelled[name] = value, display(key)
+        values[name], spelled[name] = unset(name, value), display(key)
     return values

@@ -16,11 +16,11 @@ from fashion_func.cli import words
 from fashion_func.cli.args import EXIT_USAGE, Parser, UsageError, add_version, float_arg, int_arg
 from fashion_func.cli.config import (
     DEVICES,
-    KEYS,
     MODELS,
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULES,
+    UNSETTABLE,
     Config,
     ConfigError,
     layered,
@@ -161,16 +161,12 @@ def build_train_parser() -> argparse.ArgumentParser:
     return p
 
 
-_PATHS = ("data_dir", "out")  # a folder may be called "none": these are never unset by name
-
-
 def _unsettable(names: str, keywords: dict[str, Any]) -> dict[str, Any]:
-    """`keywords`, taking `none` as well where the option's setting is optional (`Key.optional`:
-    off, inferred or the built-in default when absent), so a flag can undo what a preset or a
-    config file set (`--preset private_features --ema none`). Paths keep their text."""
+    """`keywords`, taking `none` as well where the option's setting is `UNSETTABLE` (optional:
+    off, inferred or the built-in default when absent; paths keep their text), so a flag can undo
+    what a preset or a config file set (`--preset private_features --ema none`)."""
     dest = keywords.get("dest", names.split()[0].lstrip("-").replace("-", "_"))
-    key = KEYS.get(dest)
-    if key is None or not key.optional or dest in _PATHS or "action" in keywords:
+    if dest not in UNSETTABLE or "action" in keywords:
         return keywords
     parse = keywords.get("type", str)
 
