@@ -392,11 +392,10 @@ def _scattering_norm(kind: str) -> Callable[[Tensor], Tensor]:
     channels, J=3's in groups of 31), no affine parameters, no running statistics: `[B, *shape]` ->
     `[B, features]`. A group is contiguous in the flattened features, so each block is viewed
     `[B, groups, features / groups]` and normalised with one channel per group."""
-    sizes = [size for size, _ in scattering.blocks(kind)]
-    groups = [g for _, g in scattering.blocks(kind)]
+    sizes, groups = zip(*scattering.blocks(kind), strict=True)
 
     def norm(x: Tensor) -> Tensor:
-        parts = torch.flatten(x, 1).split(sizes, dim=1)
+        parts = torch.flatten(x, 1).split(list(sizes), dim=1)
         normed = [
             nn.group_norm(rearrange(p, "b (g f) -> b g f", g=g), g)
             for p, g in zip(parts, groups, strict=True)

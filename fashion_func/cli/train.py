@@ -26,6 +26,7 @@ from fashion_func.cli.config import (
     layered,
     load_file,
     load_preset,
+    unset,
 )
 from fashion_func.safeio import display
 
@@ -171,7 +172,7 @@ def _unsettable(names: str, keywords: dict[str, Any]) -> dict[str, Any]:
     parse = keywords.get("type", str)
 
     def value(text: str) -> Any:
-        return None if text.lower() == "none" else parse(text)
+        return None if unset(dest, text) is None else parse(text)  # config's one spelling of "unset"
 
     return {**keywords, "type": value, "help": f"{keywords.get('help', '')} (none: unset)".lstrip()}
 

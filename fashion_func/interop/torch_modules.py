@@ -175,8 +175,8 @@ class _ScatterNetHead(tnn.Module):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        self.sizes = [size for size, _ in scattering.blocks(self.kind)]
-        groups = [g for _, g in scattering.blocks(self.kind)]
+        sizes, groups = zip(*scattering.blocks(self.kind), strict=True)
+        self.sizes = list(sizes)
         self.norms = tnn.ModuleList(tnn.GroupNorm(g, g, affine=False) for g in groups)  # no weights
         self.fc = tnn.Linear(sum(self.sizes), num_classes)
 
